@@ -1,0 +1,2 @@
+"""The chunk server daemon: shard RPCs, heartbeats, garbage collection.
+"""

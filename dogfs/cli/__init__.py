@@ -1,0 +1,2 @@
+"""The dogfs command line.
+"""

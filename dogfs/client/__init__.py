@@ -1,0 +1,2 @@
+"""The Twisted client API: metadata calls and parallel shard transfers.
+"""

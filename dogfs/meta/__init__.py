@@ -1,0 +1,2 @@
+"""The metadata node: namespace state machine, placement, chunk-server registry and the service.
+"""

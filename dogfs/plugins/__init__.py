@@ -1,0 +1,2 @@
+"""Service makers for twistd: the only modules that touch the global reactor.
+"""

@@ -1,0 +1,1 @@
+"""twistd dogfs-chunk: placeholder until the chunk service lands."""

@@ -1,0 +1,1 @@
+"""twistd dogfs-meta: placeholder until the metadata service lands."""

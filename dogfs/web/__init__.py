@@ -1,0 +1,2 @@
+"""HTTP side of a metadata node: dashboard, WebSocket feed, /metrics and /healthz.
+"""
