@@ -1,0 +1,766 @@
+# -*- test-case-name: tests.test_shards -*-
+"""The chunk server's shard files: one file per shard, every cell checksummed.
+
+Layout under the data directory ``DATA``::
+
+    DATA/shards/<last 2 hex digits of the block-group id>/<shard_id>.shard
+    DATA/tmp/<shard_id>.<random>.tmp        files being written
+
+A shard id is ``"%016x-%02d" % (block_group_id, index)``, e.g. ``000000000000002a-03``; ids are
+checked against a strict pattern before they touch a path, so no id can escape ``DATA``.
+
+File format (little-endian)::
+
+    header, HEADER_SIZE (128) bytes:
+        magic b"DOGSHARD", format version u16, header size u16, flags u32,
+        fragment size u64, cells u64, last fragment size u64, shard index u16,
+        policy name (16 bytes, NUL padded), shard id (32 bytes, NUL padded),
+        zero padding, CRC32C of the bytes before it (u32, the last 4 bytes)
+    then one record per cell: [u32 CRC32C of the fragment][fragment bytes]
+
+Every fragment has the header's fragment size except the last, which may be shorter, so cell
+``i`` starts at ``HEADER_SIZE + i * (4 + fragment_size)``: a range read needs no index. The
+header is rewritten with the cell count at commit, so a truncated file is detected too.
+
+Writes are durable and atomic: records go to a temporary file with ``os.writev`` (no
+concatenation copies), then the header, one ``fsync``, a ``rename`` over the final name and an
+``fsync`` of the directory. A crash leaves either the old shard or the new one, plus perhaps a
+temporary file that L{ShardStore.clean_tmp} removes at start-up.
+
+All methods block (disk I/O, fsync): the chunk server calls them from a thread pool. This module
+uses no Twisted and depends on nothing else in DogFS.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import secrets
+import stat as stat_module
+import struct
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from types import TracebackType
+
+import crc32c as _crc32c
+from attrs import frozen
+
+__all__ = [
+    "HEADER_SIZE",
+    "RECORD_OVERHEAD",
+    "InvalidShardId",
+    "ShardCorrupt",
+    "ShardInfo",
+    "ShardNotFound",
+    "ShardReader",
+    "ShardStat",
+    "ShardStore",
+    "ShardStoreError",
+    "ShardStoreFull",
+    "ShardWriter",
+    "CellOutOfRange",
+    "make_shard_id",
+    "parse_shard_id",
+    "validate_shard_id",
+]
+
+MAGIC = b"DOGSHARD"
+FORMAT_VERSION = 1
+HEADER_SIZE = 128
+#: Bytes each record adds to its fragment: the CRC32C.
+RECORD_OVERHEAD = 4
+#: Header flag: the writer committed the file (a temporary file never has it).
+FLAG_COMPLETE = 1
+
+_HEADER = struct.Struct("<8sHHIQQQH16s32s")
+_HEADER_CRC_OFFSET = HEADER_SIZE - 4
+_CRC = struct.Struct("<I")
+_SHARD_ID_RE = re.compile(r"[0-9a-f]{16}-[0-9]{2}", re.ASCII)
+_POLICY_RE = re.compile(r"[A-Za-z0-9-]{1,16}", re.ASCII)
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+_MAX_FRAGMENT_SIZE = 1 << 32
+
+
+def _crc(data: bytes | bytearray | memoryview, value: int = 0) -> int:
+    return int(_crc32c.crc32c(data, value))
+
+
+class ShardStoreError(Exception):
+    """Something went wrong in the shard store."""
+
+
+class InvalidShardId(ShardStoreError, ValueError):
+    """A shard id that is not ``<16 lowercase hex digits>-<2 decimal digits>``."""
+
+
+class ShardNotFound(ShardStoreError, KeyError):
+    """No shard with this id is stored here."""
+
+    def __str__(self) -> str:
+        # KeyError would quote the message; keep it a plain sentence.
+        return str(self.args[0]) if self.args else ""
+
+
+class CellOutOfRange(ShardStoreError, IndexError):
+    """A cell index outside ``0 .. cells - 1`` of a shard."""
+
+
+class ShardCorrupt(ShardStoreError):
+    """A shard failed its checksums.
+
+    ``cell`` is the index of the bad cell, or ``None`` when the header (or the file as a whole,
+    e.g. its length) is bad.
+    """
+
+    def __init__(self, shard_id: str, cell: int | None, detail: str) -> None:
+        where = "its header" if cell is None else f"cell {cell}"
+        super().__init__(f"shard {shard_id} is corrupt: {where} {detail}")
+        self.shard_id = shard_id
+        self.cell = cell
+        self.detail = detail
+
+
+class ShardStoreFull(ShardStoreError):
+    """The disk or quota is full (ENOSPC, EDQUOT, EFBIG); the partial file was removed."""
+
+
+def validate_shard_id(shard_id: object) -> str:
+    """Return ``shard_id`` if it is a well-formed shard id.
+
+    @raise InvalidShardId: anything else, including ids that could form another path.
+    """
+    if not isinstance(shard_id, str) or _SHARD_ID_RE.fullmatch(shard_id) is None:
+        raise InvalidShardId(
+            f"invalid shard id {shard_id!r}; expected 16 lowercase hex digits, '-', "
+            f"and a 2-digit index, such as 000000000000002a-03"
+        )
+    return shard_id
+
+
+def make_shard_id(block_group_id: int, index: int) -> str:
+    """The id of shard ``index`` of block group ``block_group_id``."""
+    if not 0 <= block_group_id < 1 << 64 or not 0 <= index < 100:
+        raise InvalidShardId(
+            f"no shard id for block group {block_group_id} index {index}; expected a "
+            f"64-bit block-group id and an index from 0 to 99"
+        )
+    return f"{block_group_id:016x}-{index:02d}"
+
+
+def parse_shard_id(shard_id: str) -> tuple[int, int]:
+    """Split a shard id into ``(block_group_id, index)``."""
+    validate_shard_id(shard_id)
+    return int(shard_id[:16], 16), int(shard_id[17:])
+
+
+@frozen
+class ShardInfo:
+    """What a shard is: its id, policy name, index in the stripe and full fragment size.
+
+    ``fragment_size`` is the size of every stored fragment (codec header included) except
+    possibly the last, which may be shorter.
+    """
+
+    shard_id: str
+    policy: str
+    index: int
+    fragment_size: int
+
+
+@frozen
+class ShardStat:
+    """A stored shard as the chunk server reports it.
+
+    ``size`` is the file's length in bytes; ``corrupt`` is set by L{ShardStore.list} for a file
+    whose header is unreadable (its ``cells`` is then 0).
+    """
+
+    shard_id: str
+    size: int
+    cells: int
+    mtime: float
+    corrupt: bool = False
+
+
+def _check_info(info: ShardInfo) -> None:
+    validate_shard_id(info.shard_id)
+    if not isinstance(info.policy, str) or _POLICY_RE.fullmatch(info.policy) is None:
+        raise ValueError(f"invalid policy name {info.policy!r} for shard {info.shard_id}")
+    if not isinstance(info.index, int) or info.index != int(info.shard_id[17:]):
+        raise ValueError(
+            f"shard index {info.index!r} does not match shard id {info.shard_id}"
+        )
+    if not isinstance(info.fragment_size, int) or not 0 < info.fragment_size < _MAX_FRAGMENT_SIZE:
+        raise ValueError(
+            f"invalid fragment size {info.fragment_size!r} for shard {info.shard_id}"
+        )
+
+
+def _pack_header(info: ShardInfo, flags: int, cells: int, last_size: int) -> bytes:
+    body = _HEADER.pack(
+        MAGIC,
+        FORMAT_VERSION,
+        HEADER_SIZE,
+        flags,
+        info.fragment_size,
+        cells,
+        last_size,
+        info.index,
+        info.policy.encode("ascii"),
+        info.shard_id.encode("ascii"),
+    ).ljust(_HEADER_CRC_OFFSET, b"\0")
+    return body + _CRC.pack(_crc(body))
+
+
+def _unpack_header(shard_id: str, data: bytes) -> tuple[ShardInfo, int, int]:
+    """Parse and check a header; return ``(info, cells, last_fragment_size)``."""
+    if len(data) < HEADER_SIZE:
+        raise ShardCorrupt(shard_id, None, f"is truncated ({len(data)} of {HEADER_SIZE} bytes)")
+    (stored,) = _CRC.unpack_from(data, _HEADER_CRC_OFFSET)
+    if _crc(memoryview(data)[:_HEADER_CRC_OFFSET]) != stored:
+        raise ShardCorrupt(shard_id, None, "fails its CRC32C check")
+    (magic, version, header_size, flags, fragment_size, cells, last_size, index, policy,
+     stored_id) = _HEADER.unpack_from(data, 0)
+    # The CRC matched, so anything odd below is a bug or a foreign file, not bit rot.
+    if magic != MAGIC or header_size != HEADER_SIZE:
+        raise ShardCorrupt(shard_id, None, "is not a DogFS shard header")
+    if version != FORMAT_VERSION:
+        raise ShardCorrupt(shard_id, None, f"has unsupported format version {version}")
+    if not flags & FLAG_COMPLETE:
+        raise ShardCorrupt(shard_id, None, "marks a write that never committed")
+    name = stored_id.rstrip(b"\0").decode("ascii", "replace")
+    if name != shard_id:
+        raise ShardCorrupt(shard_id, None, f"names another shard ({name})")
+    if fragment_size == 0 or (cells and not 0 < last_size <= fragment_size):
+        raise ShardCorrupt(shard_id, None, "has inconsistent sizes")
+    info = ShardInfo(
+        shard_id=shard_id,
+        policy=policy.rstrip(b"\0").decode("ascii", "replace"),
+        index=index,
+        fragment_size=fragment_size,
+    )
+    return info, cells, last_size
+
+
+def _expected_size(fragment_size: int, cells: int, last_size: int) -> int:
+    if cells == 0:
+        return HEADER_SIZE
+    return (
+        HEADER_SIZE
+        + (cells - 1) * (RECORD_OVERHEAD + fragment_size)
+        + RECORD_OVERHEAD
+        + last_size
+    )
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ShardReader:
+    """An open, header-checked shard; reads and verifies cells by index.
+
+    Thread-safe (``pread`` only). Use as a context manager, or call L{close}.
+    """
+
+    def __init__(self, shard_id: str, fd: int) -> None:
+        """Take ownership of ``fd`` and check the header; closes ``fd`` if that fails."""
+        self._fd = fd
+        try:
+            header = os.pread(fd, HEADER_SIZE, 0)
+            info, cells, last_size = _unpack_header(shard_id, header)
+            size = os.fstat(fd).st_size
+            expected = _expected_size(info.fragment_size, cells, last_size)
+            if size > expected:
+                raise ShardCorrupt(
+                    shard_id, None,
+                    f"says the file is {expected} bytes, but it is {size}",
+                )
+        except BaseException:
+            os.close(fd)
+            raise
+        #: What the shard is.
+        self.info: ShardInfo = info
+        #: How many cells the shard holds.
+        self.cells: int = cells
+        #: Length of the last cell's fragment (the others are C{info.fragment_size}).
+        self.last_fragment_size: int = last_size
+        #: The file's length when opened; shorter than the header says means truncation.
+        self.file_size: int = size
+        self._closed = False
+
+    @property
+    def shard_id(self) -> str:
+        """The shard's id."""
+        return self.info.shard_id
+
+    def cell_size(self, i: int) -> int:
+        """Length of cell ``i``'s fragment."""
+        self._check_index(i)
+        return self.last_fragment_size if i == self.cells - 1 else self.info.fragment_size
+
+    def cell_offset(self, i: int) -> int:
+        """File offset of cell ``i``'s record (its CRC, then the fragment)."""
+        return HEADER_SIZE + i * (RECORD_OVERHEAD + self.info.fragment_size)
+
+    def _check_index(self, i: int) -> None:
+        if not 0 <= i < self.cells:
+            raise CellOutOfRange(
+                f"cell {i} is out of range for shard {self.shard_id}, "
+                f"which has {self.cells} cells"
+            )
+
+    def read_record(self, i: int) -> tuple[int, bytes]:
+        """Return cell ``i`` as ``(crc32c, fragment)`` after checking one against the other.
+
+        The CRC can travel with the fragment so the client checks it end to end.
+
+        @raise ShardCorrupt: the cell is missing (truncated file) or fails its CRC.
+        """
+        size = self.cell_size(i)
+        offset = self.cell_offset(i)
+        # Two preads rather than one: slicing a CRC off a 1 MiB read would copy the fragment.
+        crc_bytes = os.pread(self._fd, RECORD_OVERHEAD, offset)
+        fragment = os.pread(self._fd, size, offset + RECORD_OVERHEAD)
+        if len(crc_bytes) != RECORD_OVERHEAD or len(fragment) != size:
+            raise ShardCorrupt(self.shard_id, i, "is cut short: the file is truncated")
+        (stored,) = _CRC.unpack(crc_bytes)
+        if _crc(fragment) != stored:
+            raise ShardCorrupt(self.shard_id, i, "fails its CRC32C check")
+        return stored, fragment
+
+    def read_cell(self, i: int) -> bytes:
+        """Return cell ``i``'s fragment, verified against its CRC32C.
+
+        @raise ShardCorrupt: the cell is missing (truncated file) or fails its CRC.
+        @raise CellOutOfRange: no such cell.
+        """
+        return self.read_record(i)[1]
+
+    def read_cells(self, first: int, count: int) -> list[bytes]:
+        """Return cells ``first .. first + count - 1``, each verified."""
+        if count < 0 or first < 0 or first + count > self.cells:
+            raise CellOutOfRange(
+                f"cells {first} to {first + count - 1} are out of range for shard "
+                f"{self.shard_id}, which has {self.cells} cells"
+            )
+        return [self.read_cell(i) for i in range(first, first + count)]
+
+    def bad_cells(self) -> list[int]:
+        """Read every cell; return the indexes of those that are missing or corrupt."""
+        bad = []
+        for i in range(self.cells):
+            try:
+                self.read_record(i)
+            except ShardCorrupt:
+                bad.append(i)
+        return bad
+
+    def close(self) -> None:
+        """Release the file descriptor; idempotent."""
+        if not self._closed:
+            self._closed = True
+            os.close(self._fd)
+
+    def __enter__(self) -> ShardReader:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+WritevFunction = Callable[[int, Sequence[bytes | bytearray | memoryview]], int]
+
+
+class ShardWriter:
+    """Writes one shard into a temporary file; L{commit} makes it durable and visible.
+
+    Not thread-safe: one writer is fed by one caller at a time. Usable as a context manager:
+    leaving the block without committing aborts.
+    """
+
+    def __init__(self, store: ShardStore, info: ShardInfo, tmp_path: str, fd: int) -> None:
+        self._store = store
+        #: The shard being written.
+        self.info = info
+        self._tmp_path = tmp_path
+        self._fd: int | None = fd
+        self._offset = HEADER_SIZE
+        #: Cells appended so far.
+        self.cells = 0
+        self._last_size = 0
+        self._closed = False
+
+    @property
+    def shard_id(self) -> str:
+        """The id of the shard being written."""
+        return self.info.shard_id
+
+    def _fail(self, what: str, e: OSError) -> ShardStoreError:
+        """Abort and turn ``e`` into the exception the caller should see."""
+        self.abort()
+        if e.errno in _FULL_ERRNOS:
+            return ShardStoreFull(
+                f"cannot {what} shard {self.shard_id} under {self._store.root}: "
+                f"{e.strerror or e}"
+            )
+        return ShardStoreError(
+            f"cannot {what} shard {self.shard_id} under {self._store.root}: {e.strerror or e}"
+        )
+
+    def _live_fd(self) -> int:
+        if self._fd is None:
+            raise ShardStoreError(f"the writer of shard {self.shard_id} is already closed")
+        return self._fd
+
+    def append(
+        self, fragment: bytes | bytearray | memoryview, crc: int | None = None
+    ) -> None:
+        """Append the next cell's fragment.
+
+        Every fragment but the last must be exactly C{info.fragment_size} bytes. If ``crc`` is
+        given (the CRC32C the client sent), it is checked against the fragment.
+
+        @raise ValueError: wrong fragment size, or ``crc`` does not match.
+        @raise ShardStoreFull: the disk is full; the writer is aborted.
+        """
+        fd = self._live_fd()
+        view = memoryview(fragment).cast("B")
+        size = len(view)
+        if self._last_size and self._last_size != self.info.fragment_size:
+            raise ValueError(
+                f"shard {self.shard_id} already has its short last cell; cannot append more"
+            )
+        if not 0 < size <= self.info.fragment_size:
+            raise ValueError(
+                f"fragment of {size} bytes does not fit shard {self.shard_id}, whose "
+                f"fragments are {self.info.fragment_size} bytes"
+            )
+        value = _crc(view)
+        if crc is not None and crc != value:
+            raise ValueError(
+                f"cell {self.cells} of shard {self.shard_id} does not match the CRC32C sent "
+                f"with it ({crc:#010x} given, {value:#010x} computed)"
+            )
+        pieces: list[bytes | memoryview] = [_CRC.pack(value), view]
+        total = RECORD_OVERHEAD + size
+        written = 0
+        try:
+            while written < total:
+                n = self._store._writev(fd, pieces)
+                if n <= 0:
+                    raise OSError(errno.EIO, "write made no progress")
+                written += n
+                # A short write (a signal, a file-size limit): resume where it stopped.
+                while pieces and n >= len(pieces[0]):
+                    n -= len(pieces[0])
+                    pieces.pop(0)
+                if n:
+                    pieces[0] = memoryview(pieces[0])[n:]
+        except OSError as e:
+            raise self._fail("write", e) from e
+        self._offset += total
+        self.cells += 1
+        self._last_size = size
+
+    def commit(self) -> ShardStat:
+        """Make the shard durable and visible under its id, replacing any older copy atomically.
+
+        @raise ShardStoreFull: the disk filled up; nothing was left behind.
+        """
+        fd = self._live_fd()
+        header = _pack_header(self.info, FLAG_COMPLETE, self.cells, self._last_size)
+        store = self._store
+        final = store._path(self.shard_id)
+        try:
+            if os.pwrite(fd, header, 0) != HEADER_SIZE:
+                raise OSError(errno.EIO, "short header write")
+            store._fsync(fd)
+            st = os.fstat(fd)
+            directory = store._bucket(self.shard_id)
+            old_size = store._file_size(final)
+            os.rename(self._tmp_path, final)
+        except OSError as e:
+            raise self._fail("commit", e) from e
+        self._fd = None
+        self._closed = True
+        os.close(fd)
+        # The rename is durable only once the directory entry is on disk.
+        _fsync_dir(directory)
+        store._account(st.st_size - old_size)
+        return ShardStat(self.shard_id, st.st_size, self.cells, st.st_mtime)
+
+    def abort(self) -> None:
+        """Drop the partial shard: close and delete the temporary file; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+        try:
+            os.unlink(self._tmp_path)
+        except FileNotFoundError:
+            pass
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if not self._closed:
+            self.abort()
+
+
+class ShardStore:
+    """The shards of one chunk-server data directory."""
+
+    def __init__(
+        self,
+        root: str,
+        *,
+        writev: WritevFunction = os.writev,
+        fsync: Callable[[int], None] = os.fsync,
+    ) -> None:
+        """Use (and create if needed) ``root/shards`` and ``root/tmp``.
+
+        ``writev`` and ``fsync`` are injectable so tests can simulate a full disk.
+        """
+        self.root = os.path.abspath(root)
+        self.shards_dir = os.path.join(self.root, "shards")
+        self.tmp_dir = os.path.join(self.root, "tmp")
+        os.makedirs(self.shards_dir, exist_ok=True)
+        os.makedirs(self.tmp_dir, exist_ok=True)
+        self._writev = writev
+        self._fsync = fsync
+        self._buckets: set[str] = set()
+        self._lock = threading.Lock()
+        self._used: int | None = None
+
+    def __repr__(self) -> str:
+        return f"<ShardStore {self.root}>"
+
+    # -- paths ---------------------------------------------------------------------------
+
+    def _bucket_path(self, shard_id: str) -> str:
+        # The block-group id's last two hex digits: 256 evenly filled directories.
+        return os.path.join(self.shards_dir, shard_id[14:16])
+
+    def _path(self, shard_id: str) -> str:
+        return os.path.join(self._bucket_path(shard_id), shard_id + ".shard")
+
+    def path(self, shard_id: str) -> str:
+        """The file a shard lives in (whether or not it exists)."""
+        return self._path(validate_shard_id(shard_id))
+
+    def _bucket(self, shard_id: str) -> str:
+        """Return the shard's directory, creating it durably the first time."""
+        path = self._bucket_path(shard_id)
+        if path not in self._buckets:
+            try:
+                os.mkdir(path)
+            except FileExistsError:
+                pass
+            else:
+                _fsync_dir(self.shards_dir)
+            self._buckets.add(path)
+        return path
+
+    @staticmethod
+    def _file_size(path: str) -> int:
+        try:
+            return os.stat(path).st_size
+        except FileNotFoundError:
+            return 0
+
+    def _account(self, delta: int) -> None:
+        with self._lock:
+            if self._used is not None:
+                self._used += delta
+
+    # -- writing -------------------------------------------------------------------------
+
+    def begin(self, info: ShardInfo) -> ShardWriter:
+        """Start writing a shard; nothing is visible until L{ShardWriter.commit}.
+
+        @raise InvalidShardId: a malformed id.
+        @raise ValueError: the info is inconsistent (index not matching the id, ...).
+        @raise ShardStoreFull: no space even for the temporary file.
+        """
+        _check_info(info)
+        tmp_path = os.path.join(
+            self.tmp_dir, f"{info.shard_id}.{secrets.token_hex(8)}.tmp"
+        )
+        try:
+            fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            cls = ShardStoreFull if e.errno in _FULL_ERRNOS else ShardStoreError
+            raise cls(
+                f"cannot create shard {info.shard_id} under {self.root}: {e.strerror or e}"
+            ) from e
+        writer = ShardWriter(self, info, tmp_path, fd)
+        # A placeholder header (not marked complete) until commit writes the real one.
+        placeholder = _pack_header(info, 0, 0, 0)
+        try:
+            written = self._writev(fd, [placeholder])
+            if written != HEADER_SIZE:
+                raise OSError(errno.ENOSPC, "short header write")
+        except OSError as e:
+            raise writer._fail("write", e) from e
+        return writer
+
+    def write(self, info: ShardInfo, fragments: Sequence[bytes | memoryview]) -> ShardStat:
+        """Write a whole shard in one call: L{begin}, every fragment, L{ShardWriter.commit}."""
+        with self.begin(info) as writer:
+            for fragment in fragments:
+                writer.append(fragment)
+            return writer.commit()
+
+    # -- reading -------------------------------------------------------------------------
+
+    def open(self, shard_id: str) -> ShardReader:
+        """Open a shard for reading (checks its header).
+
+        @raise ShardNotFound: no such shard.
+        @raise ShardCorrupt: its header is damaged (C{cell} is None).
+        """
+        path = self.path(shard_id)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise ShardNotFound(f"shard {shard_id} is not stored in {self.root}") from None
+        return ShardReader(shard_id, fd)
+
+    def read_cells(self, shard_id: str, first: int, count: int) -> list[bytes]:
+        """Return cells ``first .. first + count - 1`` of a shard, each verified.
+
+        @raise ShardCorrupt: a cell (or the header) fails its check.
+        @raise CellOutOfRange: the range goes past the shard's cells.
+        """
+        with self.open(shard_id) as reader:
+            return reader.read_cells(first, count)
+
+    def info(self, shard_id: str) -> ShardInfo:
+        """What a stored shard is (from its checked header)."""
+        with self.open(shard_id) as reader:
+            return reader.info
+
+    def verify(self, shard_id: str) -> list[int]:
+        """Scrub a shard: return the indexes of its bad cells (empty when healthy).
+
+        @raise ShardCorrupt: the header itself is bad.
+        @raise ShardNotFound: no such shard.
+        """
+        with self.open(shard_id) as reader:
+            bad = reader.bad_cells()
+            try:
+                # A scrub reads everything once: keep it from evicting hot data.
+                os.posix_fadvise(reader._fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            except (AttributeError, OSError):
+                pass
+            return bad
+
+    # -- management ----------------------------------------------------------------------
+
+    def delete(self, shard_id: str) -> bool:
+        """Remove a shard; return whether it existed.
+
+        The directory is not fsynced: a delete lost in a crash only brings back garbage that
+        the next collection removes again.
+        """
+        path = self.path(shard_id)
+        try:
+            size = os.stat(path).st_size
+            os.unlink(path)
+        except FileNotFoundError:
+            return False
+        self._account(-size)
+        return True
+
+    def stat(self, shard_id: str) -> ShardStat:
+        """Size, cell count and mtime of a stored shard.
+
+        @raise ShardNotFound: no such shard.
+        @raise ShardCorrupt: its header is damaged.
+        """
+        with self.open(shard_id) as reader:
+            st = os.fstat(reader._fd)
+            return ShardStat(shard_id, st.st_size, reader.cells, st.st_mtime)
+
+    def list(self) -> Iterator[ShardStat]:
+        """Every shard stored here (in no particular order); damaged headers are flagged."""
+        for shard_id, path in self._scan():
+            try:
+                yield self.stat(shard_id)
+            except ShardNotFound:
+                continue  # deleted while we looked
+            except ShardCorrupt:
+                try:
+                    st = os.stat(path)
+                except FileNotFoundError:
+                    continue
+                yield ShardStat(shard_id, st.st_size, 0, st.st_mtime, corrupt=True)
+
+    def _scan(self) -> Iterator[tuple[str, str]]:
+        """``(shard_id, path)`` of every well-named shard file."""
+        with os.scandir(self.shards_dir) as buckets:
+            bucket_paths = [b.path for b in buckets if b.is_dir(follow_symlinks=False)]
+        for bucket in bucket_paths:
+            try:
+                entries = list(os.scandir(bucket))
+            except FileNotFoundError:
+                continue
+            for entry in entries:
+                name = entry.name
+                if not name.endswith(".shard"):
+                    continue
+                shard_id = name[: -len(".shard")]
+                if _SHARD_ID_RE.fullmatch(shard_id) and entry.is_file(follow_symlinks=False):
+                    yield shard_id, entry.path
+
+    def usage(self) -> tuple[int, int]:
+        """Return ``(capacity of the filesystem, bytes used by shard files)``.
+
+        The first call scans the store; later ones use a running total.
+        """
+        vfs = os.statvfs(self.root)
+        with self._lock:
+            if self._used is None:
+                self._used = sum(self._file_size(path) for _, path in self._scan())
+            used = self._used
+        return vfs.f_blocks * vfs.f_frsize, used
+
+    def free_bytes(self) -> int:
+        """Bytes still available to this (unprivileged) process on the filesystem."""
+        vfs = os.statvfs(self.root)
+        return vfs.f_bavail * vfs.f_frsize
+
+    def clean_tmp(self) -> int:
+        """Remove leftovers of interrupted writes; return how many. Call at start-up only."""
+        removed = 0
+        with os.scandir(self.tmp_dir) as entries:
+            names = [
+                e.name for e in entries
+                if stat_module.S_ISREG(e.stat(follow_symlinks=False).st_mode)
+            ]
+        for name in names:
+            try:
+                os.unlink(os.path.join(self.tmp_dir, name))
+            except FileNotFoundError:
+                continue
+            removed += 1
+        return removed
