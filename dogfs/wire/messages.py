@@ -1,0 +1,306 @@
+# -*- test-case-name: tests.test_wire_messages -*-
+"""Every DogFS message type, declared once.
+
+A message is a frozen attrs class registered with `@message(TYPE_ID)`. Its header on the wire
+is the msgpack array of its fields in declaration order; bulk bytes travel in the frame's
+payload, never in the header. Decoding checks the field count and every field's type against
+the class's annotations, so a malformed header becomes `MalformedMessage`, never a crash
+deeper in the daemon.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import attrs
+import msgpack
+from attrs import field, frozen
+
+PROTOCOL_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+
+
+class MalformedMessage(ValueError):
+    """A frame's header does not decode to the message its type announces."""
+
+
+class UnknownMessageType(MalformedMessage):
+    """A frame announces a message type this side does not know."""
+
+
+_M = TypeVar("_M")
+_REGISTRY: dict[int, type] = {}
+_CHECKERS: dict[type, list[tuple[str, Callable[[Any], bool]]]] = {}
+
+
+def message(type_id: int) -> Callable[[type[_M]], type[_M]]:
+    """Register an attrs class as the message with wire type `type_id`."""
+
+    def register(cls: type[_M]) -> type[_M]:
+        if type_id in _REGISTRY:
+            raise RuntimeError(f"message type {type_id} is declared twice")
+        _REGISTRY[type_id] = cls
+        cls.TYPE = type_id  # type: ignore[attr-defined]
+        return cls
+
+    return register
+
+
+def type_of(msg: object) -> int:
+    """The wire type id of a message instance."""
+    return type(msg).TYPE  # type: ignore[attr-defined,no-any-return]
+
+
+def encode(msg: object) -> bytes:
+    """The msgpack header of a message."""
+    values = [getattr(msg, a.name) for a in attrs.fields(type(msg))]  # type: ignore[arg-type]
+    return msgpack.packb(values, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def decode(type_id: int, header: bytes) -> Any:
+    """Rebuild the message of type `type_id` from its header, checking every field."""
+    cls = _REGISTRY.get(type_id)
+    if cls is None:
+        raise UnknownMessageType(f"unknown message type {type_id}")
+    try:
+        values = msgpack.unpackb(header, raw=False, use_list=False, strict_map_key=True)
+    except Exception as e:  # msgpack raises several unrelated types on garbage
+        raise MalformedMessage(f"{cls.__name__}: header is not valid msgpack ({e})") from None
+    checkers = _checkers(cls)
+    if not isinstance(values, tuple) or len(values) != len(checkers):
+        raise MalformedMessage(f"{cls.__name__}: expected {len(checkers)} fields")
+    for (name, check), value in zip(checkers, values, strict=True):
+        if not check(value):
+            raise MalformedMessage(f"{cls.__name__}: field {name!r} has the wrong type")
+    try:
+        return cls(*values)
+    except (TypeError, ValueError) as e:
+        raise MalformedMessage(f"{cls.__name__}: {e}") from None
+
+
+def _checkers(cls: type) -> list[tuple[str, Callable[[Any], bool]]]:
+    found = _CHECKERS.get(cls)
+    if found is None:
+        hints = typing.get_type_hints(cls)
+        found = [(a.name, _checker(hints[a.name])) for a in attrs.fields(cls)]
+        _CHECKERS[cls] = found
+    return found
+
+
+def _checker(tp: Any) -> Callable[[Any], bool]:
+    """A predicate for values of annotation `tp` as msgpack decodes them."""
+    if tp is Any:
+        return lambda v: True
+    if tp is type(None):
+        return lambda v: v is None
+    if tp is bool:
+        return lambda v: isinstance(v, bool)
+    if tp is int:
+        return lambda v: isinstance(v, int) and not isinstance(v, bool)
+    if tp is float:
+        return lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    if tp in (str, bytes):
+        return lambda v: isinstance(v, tp)
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = [_checker(a) for a in args]
+        return lambda v: any(c(v) for c in options)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            item = _checker(args[0])
+            return lambda v: isinstance(v, tuple) and all(item(x) for x in v)
+        items = [_checker(a) for a in args]
+        return lambda v: (
+            isinstance(v, tuple)
+            and len(v) == len(items)
+            and all(c(x) for c, x in zip(items, v, strict=True))
+        )
+    if origin is dict:
+        key, val = (_checker(a) for a in args)
+        return lambda v: isinstance(v, dict) and all(key(k) and val(x) for k, x in v.items())
+    raise TypeError(f"unsupported message field type {tp!r}")
+
+
+def _tuple(value: Any) -> tuple[Any, ...]:
+    return tuple(value)
+
+
+# --- connection --------------------------------------------------------------------------
+
+
+@message(1)
+@frozen
+class Hello:
+    """First frame each side sends: the protocol versions it speaks and who it is."""
+
+    versions: tuple[int, ...] = field(converter=_tuple, default=SUPPORTED_VERSIONS)
+    agent: str = "dogfs"
+    node_id: str | None = None
+
+
+@message(2)
+@frozen
+class Error:
+    """Ends a request with a failure. `code` is stable; `message` is one sentence for people."""
+
+    code: str
+    message: str
+    details: dict[str, Any] = field(factory=dict)
+
+
+@message(3)
+@frozen
+class Ok:
+    """An empty successful reply."""
+
+
+@message(4)
+@frozen
+class Cell:
+    """One cell of a shard in a streamed transfer; the bytes are the frame's payload."""
+
+    index: int
+
+
+# --- client and chunk server to metadata -------------------------------------------------
+
+
+@message(10)
+@frozen
+class MetaCommand:
+    """A namespace mutation; the payload is a command encoded by dogfs.meta.commands.
+
+    `client_id` and `seq` make a retried command take effect once (Raft client sessions).
+    """
+
+    client_id: str
+    seq: int
+
+
+@message(11)
+@frozen
+class MetaQuery:
+    """A read of metadata: `op` is stat, list, status, ...; args depend on the op."""
+
+    op: str
+    path: str = ""
+    args: dict[str, Any] = field(factory=dict)
+
+
+@message(12)
+@frozen
+class MetaReply:
+    """The result of a MetaCommand or MetaQuery, encoded in the payload by dogfs.meta."""
+
+    leader_hint: str | None = None
+
+
+@message(20)
+@frozen
+class Heartbeat:
+    """A chunk server's periodic report of itself to the metadata leader."""
+
+    node_id: str
+    address: str
+    capacity_bytes: int
+    used_bytes: int
+    shards: int
+    load: dict[str, float] = field(factory=dict)
+    domain: str | None = None
+
+
+@message(21)
+@frozen
+class HeartbeatReply:
+    """Sent back to a heartbeat: who leads, and whether a full shard report is wanted."""
+
+    leader_hint: str | None = None
+    want_report: bool = False
+
+
+@message(22)
+@frozen
+class ShardReport:
+    """Part of a chunk server's list of held shards; the payload is newline-separated ids."""
+
+    node_id: str
+    batch: int
+    last: bool
+
+
+@message(23)
+@frozen
+class ShardReportReply:
+    """Shard ids (newline-separated, in the payload) that the metadata no longer references."""
+
+
+# --- client to chunk server -------------------------------------------------------------
+
+
+@message(30)
+@frozen
+class PutShard:
+    """Opens a streamed shard upload; Cell frames follow, then PutShardEnd."""
+
+    shard_id: str
+    policy: str
+    index: int
+    fragment_size: int
+
+
+@message(31)
+@frozen
+class PutShardEnd:
+    """Last frame of an upload: the chunk server fsyncs and then acknowledges."""
+
+    cells: int
+
+
+@message(32)
+@frozen
+class ShardStored:
+    """The shard is durable on the chunk server."""
+
+    shard_id: str
+    size: int
+
+
+@message(33)
+@frozen
+class GetShard:
+    """Read `count` cells of a shard from `first`; answered by Cell frames then GetShardEnd."""
+
+    shard_id: str
+    first: int = 0
+    count: int = -1
+
+
+@message(34)
+@frozen
+class GetShardEnd:
+    """Last frame of a shard read."""
+
+    cells: int
+
+
+@message(35)
+@frozen
+class DeleteShards:
+    """Remove these shards if present (garbage collection, tests)."""
+
+    shard_ids: tuple[str, ...] = field(converter=_tuple)
+
+
+# --- Raft peers ---------------------------------------------------------------------------
+
+
+@message(40)
+@frozen
+class RaftEnvelope:
+    """A Raft message for group `group`; the payload is dogfs.raft's own encoding."""
+
+    group: str

@@ -1,0 +1,572 @@
+# -*- test-case-name: tests.test_wire_protocol -*-
+"""A DogFS connection: negotiated version, multiplexed requests, streams, flow control.
+
+Both ends of a connection are the same `Connection` class: either may send requests and
+answer them. A request is one frame, or several frames (flag MORE on all but the last) for
+streamed uploads; a response is likewise one frame or a stream. An `Error` frame ends a
+request in either direction.
+
+Flow control: the connection registers itself as the transport's streaming producer, so it
+knows when the kernel's send buffer is full; senders of bulk data await `wait_writable()`
+between frames. Inbound streams queue a bounded number of frames, and past that the
+connection stops reading its socket until the handler catches up, so TCP pushes back on the
+sender. Nothing here buffers without bound.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from attrs import define, field, frozen
+from twisted.internet import defer
+from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from dogfs.wire import messages
+from dogfs.wire.frame import Flags, FrameDecoder, FrameError, FrameLimits, encode_frame
+from dogfs.wire.messages import SUPPORTED_VERSIONS, Error, Hello, MalformedMessage
+
+log = Logger()
+
+# Bulk connections want bigger socket reads and writes than Twisted's defaults
+# (64 KiB / 128 KiB): PERFORMANCE.md measured about 2x on loopback.
+RECV_BUFFER = 1 << 20
+SEND_LIMIT = 4 << 20
+# Frames an inbound stream may queue before we stop reading the socket.
+INBOUND_QUEUE_FRAMES = 8
+
+
+class WireError(Exception):
+    """A request failed; raised by handlers to answer with an Error frame, and by callers
+    when the peer answered with one."""
+
+    def __init__(self, code: str, message: str, details: Mapping[str, Any] | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.details = dict(details or {})
+
+    def __repr__(self) -> str:
+        return f"WireError({self.code!r}, {self.message!r})"
+
+
+class ConnectionClosed(WireError):
+    """The connection closed before the request completed; its outcome is unknown."""
+
+    def __init__(self, message: str = "connection closed") -> None:
+        super().__init__("connection_closed", message)
+
+
+class RequestTimeout(WireError):
+    """No response within the request's timeout; its outcome is unknown."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("timeout", message)
+
+
+@frozen
+class Reply:
+    """A response: the message and its payload (a memoryview into the receive buffer)."""
+
+    msg: Any
+    payload: bytes | memoryview = b""
+
+
+Handler = Callable[["Request"], Any]  # returns a message, a Reply, or a Deferred of either
+
+
+@define(eq=False)
+class Request:
+    """An inbound request as its handler sees it."""
+
+    connection: Connection
+    request_id: int
+    msg: Any
+    payload: bytes | memoryview
+    oneway: bool
+    streamed: bool
+    _parts: deque[tuple[Any, memoryview] | None] = field(factory=deque, init=False)
+    _waiting: defer.Deferred[Any] | None = field(default=None, init=False)
+    _failed: WireError | None = field(default=None, init=False)
+    _reading_paused: bool = field(default=False, init=False)
+
+    def next_part(self) -> defer.Deferred[tuple[Any, memoryview] | None]:
+        """The next frame of a streamed request, or None after its last frame."""
+        if self._failed is not None:
+            return defer.fail(self._failed)
+        if self._parts:
+            part = self._parts.popleft()
+            if self._reading_paused and len(self._parts) < INBOUND_QUEUE_FRAMES // 2:
+                self._reading_paused = False
+                self.connection._resume_reading()
+            return defer.succeed(part)
+        if not self.streamed:
+            return defer.succeed(None)
+        self._waiting = defer.Deferred()
+        return self._waiting
+
+    def send_part(self, msg: Any, payload: bytes | memoryview = b"") -> defer.Deferred[None]:
+        """Send one frame of a streamed response; fires when the connection can take more."""
+        self.connection._send(msg, payload, self.request_id, Flags.RESPONSE | Flags.MORE)
+        return self.connection.wait_writable()
+
+    def _deliver(self, part: tuple[Any, memoryview] | None) -> None:
+        if self._failed is not None:
+            return  # answered or aborted: the rest of the stream is discarded
+        if self._waiting is not None:
+            waiting, self._waiting = self._waiting, None
+            waiting.callback(part)
+            return
+        self._parts.append(part)
+        if not self._reading_paused and len(self._parts) >= INBOUND_QUEUE_FRAMES:
+            self._reading_paused = True
+            self.connection._pause_reading()
+
+    def _fail(self, error: WireError) -> None:
+        self._failed = error
+        self._parts.clear()
+        if self._reading_paused:
+            self._reading_paused = False
+            self.connection._resume_reading()
+        if self._waiting is not None:
+            waiting, self._waiting = self._waiting, None
+            waiting.errback(error)
+
+
+@define(eq=False)
+class _Pending:
+    deferred: defer.Deferred[Reply]
+    description: str
+    on_part: Callable[[Any, memoryview], None] | None = None
+    timer: Any = None
+
+
+@define(eq=False)
+class Upload:
+    """The sending side of a streamed request (see `Connection.open_stream`)."""
+
+    connection: Connection
+    request_id: int
+    _result: defer.Deferred[Reply]
+    _aborted: str | None = field(default=None, init=False)
+
+    @property
+    def done(self) -> bool:
+        """True once the peer has answered (usually an early error) or the upload ended."""
+        return self._result.called
+
+    def send(self, msg: Any, payload: bytes | memoryview = b"") -> defer.Deferred[None]:
+        """Send a middle frame; fires when the connection can take more.
+
+        Once the peer has answered early (an error), frames are no longer sent; `finish`
+        then gives that answer.
+        """
+        if self._result.called:
+            return defer.succeed(None)
+        self.connection._send(msg, payload, self.request_id, Flags.MORE)
+        return self.connection.wait_writable()
+
+    def finish(
+        self, msg: Any, payload: bytes | memoryview = b"", timeout: float | None = None
+    ) -> defer.Deferred[Reply]:
+        """Send the last frame and wait for the response."""
+        if self._aborted is not None:
+            return defer.fail(WireError("aborted", self._aborted))
+        if not self._result.called:
+            self.connection._send(msg, payload, self.request_id, Flags.NONE)
+            self.connection._arm_timeout(self.request_id, timeout)
+        return self._result
+
+    def abort(self, reason: str) -> None:
+        """Give up on the request: the peer discards what it received."""
+        if self._aborted is None and not self._result.called:
+            self._aborted = reason
+            self.connection._send(Error("aborted", reason), b"", self.request_id, Flags.ERROR)
+            self.connection._complete(self.request_id, failure=Failure(WireError("aborted", reason)))
+            self._result.addErrback(lambda _: None)  # finish() reports the abort instead
+
+
+@implementer(IPushProducer)
+class Connection(Protocol):
+    """One DogFS connection. `handlers` maps a message class to the function serving it."""
+
+    # A TCP or TLS transport; typed loosely because we use ITCPTransport and IProducer parts.
+    transport: Any
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        handlers: Mapping[type, Handler] | None = None,
+        *,
+        node_id: str | None = None,
+        limits: FrameLimits = FrameLimits(),
+        max_inflight: int = 1024,
+        default_timeout: float | None = None,
+    ) -> None:
+        # zope interfaces confuse mypy's view of callLater's signature.
+        self.clock: Any = clock
+        self.handlers: Mapping[type, Handler] = handlers or {}
+        self.node_id = node_id
+        self.peer_node_id: str | None = None
+        self.max_inflight = max_inflight
+        self.default_timeout = default_timeout
+        self.version: int | None = None
+        self.ready: defer.Deferred[Connection] = defer.Deferred()
+        self.closed: defer.Deferred[None] = defer.Deferred()
+        self.on_close: list[Callable[[Connection], None]] = []
+        self._decoder = FrameDecoder(limits)
+        self._ids = itertools.count(1)
+        self._pending: dict[int, _Pending] = {}
+        self._inbound: dict[int, Request] = {}
+        self._writable: list[defer.Deferred[None]] = []
+        self._paused = False
+        self._reading_pauses = 0
+        self._lost = False
+        self._closing_reason: str | None = None
+
+    # --- Protocol --------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        tcp = getattr(self.transport, "transport", None) or self.transport
+        if hasattr(tcp, "bufferSize"):
+            tcp.bufferSize = RECV_BUFFER
+        if hasattr(tcp, "SEND_LIMIT"):
+            tcp.SEND_LIMIT = SEND_LIMIT
+        self.transport.registerProducer(self, True)
+        self._send(Hello(SUPPORTED_VERSIONS, "dogfs", self.node_id), b"", 0, Flags.NONE, version=1)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._lost or self._closing_reason is not None:
+            return
+        try:
+            frames = self._decoder.feed(data)
+        except FrameError as e:
+            self.protocol_error("frame_error", str(e))
+            return
+        for frame in frames:
+            try:
+                self._frame(frame.version, frame.flags, frame.type, frame.request_id,
+                            frame.header, frame.payload)
+            except MalformedMessage as e:
+                self.protocol_error("malformed_message", str(e))
+            if self._lost or self._closing_reason is not None:
+                return
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        if self._lost:
+            return
+        self._lost = True
+        error = ConnectionClosed(self._closing_reason or f"connection to {self.peer_description()} closed")
+        for request_id in list(self._pending):
+            self._complete(request_id, failure=Failure(error))
+        for request in self._inbound.values():
+            request._fail(error)
+        self._inbound.clear()
+        waiters, self._writable = self._writable, []
+        for waiter in waiters:
+            waiter.errback(error)
+        if not self.ready.called:
+            self.ready.errback(error)
+        for callback in self.on_close:
+            callback(self)
+        self.closed.callback(None)
+
+    # --- IPushProducer: the transport tells us when its buffer is full ----------------
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        waiters, self._writable = self._writable, []
+        for waiter in waiters:
+            if self._paused:
+                self._writable.append(waiter)
+            else:
+                waiter.callback(None)
+
+    def stopProducing(self) -> None:
+        self._paused = True
+
+    # --- public API ------------------------------------------------------------------
+
+    @property
+    def is_open(self) -> bool:
+        """True until the connection is lost or closing."""
+        return not self._lost and self._closing_reason is None
+
+    def peer_description(self) -> str:
+        """The peer's node id, else its address, for error messages."""
+        if self.peer_node_id:
+            return self.peer_node_id
+        try:
+            peer = self.transport.getPeer()
+            return f"{peer.host}:{peer.port}"
+        except Exception:
+            return "peer"
+
+    def wait_writable(self) -> defer.Deferred[None]:
+        """Fires when the transport can take more data (at once if it can now)."""
+        if self._lost:
+            return defer.fail(ConnectionClosed(f"connection to {self.peer_description()} closed"))
+        if not self._paused:
+            return defer.succeed(None)
+        waiter: defer.Deferred[None] = defer.Deferred()
+        self._writable.append(waiter)
+        return waiter
+
+    def call(
+        self,
+        msg: Any,
+        payload: bytes | memoryview = b"",
+        timeout: float | None = None,
+        on_part: Callable[[Any, memoryview], None] | None = None,
+    ) -> defer.Deferred[Reply]:
+        """Send a request; fires with the final Reply, or fails with a WireError.
+
+        With `on_part`, intermediate frames of a streamed response are passed to it as
+        (message, payload) in order, before the final Reply fires.
+        """
+        request_id = self._new_request(msg, on_part)
+        result = self._pending[request_id].deferred
+        self._send(msg, payload, request_id, Flags.NONE)
+        self._arm_timeout(request_id, timeout)
+        return result
+
+    def open_stream(
+        self, msg: Any, payload: bytes | memoryview = b""
+    ) -> Upload:
+        """Start a streamed request: send more frames with `Upload.send`, then `finish`."""
+        request_id = self._new_request(msg, None)
+        upload = Upload(self, request_id, self._pending[request_id].deferred)
+        self._send(msg, payload, request_id, Flags.MORE)
+        return upload
+
+    def send_oneway(self, msg: Any, payload: bytes | memoryview = b"") -> None:
+        """Send a request that gets no response (Raft messages)."""
+        if self.is_open:
+            self._send(msg, payload, next(self._ids) & 0xFFFFFFFF, Flags.ONEWAY)
+
+    def pause_reading(self) -> None:
+        """Stop reading the socket until `resume_reading` (a slow consumer of a response)."""
+        self._pause_reading()
+
+    def resume_reading(self) -> None:
+        """Undo one `pause_reading`."""
+        self._resume_reading()
+
+    def protocol_error(self, code: str, message: str) -> None:
+        """Tell the peer what was wrong with its bytes, then close this connection."""
+        if self._closing_reason is not None or self._lost:
+            return
+        log.warn("closing connection to {peer}: {message}", peer=self.peer_description(), message=message)
+        self._send(Error(code, message), b"", 0, Flags.ERROR)
+        self._closing_reason = f"connection to {self.peer_description()} closed: {message}"
+        self.transport.loseConnection()
+
+    def close(self) -> None:
+        """Close the connection once queued data is written."""
+        if self.is_open:
+            self._closing_reason = f"connection to {self.peer_description()} closed locally"
+            self.transport.loseConnection()
+
+    # --- internals -------------------------------------------------------------------
+
+    def _new_request(self, msg: Any, on_part: Callable[[Any, memoryview], None] | None) -> int:
+        if not self.is_open:
+            raise ConnectionClosed(f"connection to {self.peer_description()} is closed")
+        request_id = next(self._ids) & 0xFFFFFFFF
+        self._pending[request_id] = _Pending(
+            defer.Deferred(), f"{type(msg).__name__} to {self.peer_description()}", on_part
+        )
+        return request_id
+
+    def _arm_timeout(self, request_id: int, timeout: float | None) -> None:
+        timeout = self.default_timeout if timeout is None else timeout
+        pending = self._pending.get(request_id)
+        if pending is None or timeout is None:
+            return
+
+        def expire() -> None:
+            pending.timer = None
+            self._complete(
+                request_id,
+                failure=Failure(RequestTimeout(f"{pending.description} timed out after {timeout:g}s")),
+            )
+
+        pending.timer = self.clock.callLater(timeout, expire)
+
+    def _complete(
+        self, request_id: int, reply: Reply | None = None, failure: Failure | None = None
+    ) -> None:
+        pending = self._pending.pop(request_id, None)
+        if pending is None:
+            return
+        if pending.timer is not None and pending.timer.active():
+            pending.timer.cancel()
+        if failure is not None:
+            pending.deferred.errback(failure)
+        else:
+            assert reply is not None
+            pending.deferred.callback(reply)
+
+    def _send(
+        self,
+        msg: Any,
+        payload: bytes | memoryview,
+        request_id: int,
+        flags: int,
+        version: int | None = None,
+    ) -> None:
+        if self._lost:
+            return
+        header = messages.encode(msg)
+        prefix = encode_frame(
+            version or self.version or 1, flags, messages.type_of(msg), request_id, header, len(payload)
+        )
+        if payload:
+            self.transport.writeSequence([prefix, header, payload])
+        else:
+            self.transport.write(prefix + header)
+
+    def _pause_reading(self) -> None:
+        self._reading_pauses += 1
+        if self._reading_pauses == 1 and not self._lost:
+            self.transport.pauseProducing()
+
+    def _resume_reading(self) -> None:
+        self._reading_pauses -= 1
+        if self._reading_pauses == 0 and not self._lost:
+            self.transport.resumeProducing()
+
+    def _frame(
+        self, version: int, flags: Flags, type_: int, request_id: int, header: bytes, payload: memoryview
+    ) -> None:
+        if self.version is None:
+            self._negotiate(type_, header)
+            return
+        if version != self.version:
+            self.protocol_error("bad_version", f"frame in protocol version {version}, agreed {self.version}")
+            return
+        if flags & Flags.RESPONSE:
+            self._response(flags, type_, request_id, header, payload)
+            return
+        inbound = self._inbound.get(request_id)
+        if inbound is not None:
+            if flags & Flags.ERROR:
+                error = messages.decode(type_, header)
+                del self._inbound[request_id]
+                inbound._fail(WireError(getattr(error, "code", "aborted"), getattr(error, "message", "aborted")))
+                return
+            msg = messages.decode(type_, header)
+            inbound._deliver((msg, payload))
+            if not flags & Flags.MORE:
+                del self._inbound[request_id]
+                inbound._deliver(None)
+            return
+        if flags & Flags.ERROR:
+            # An error about the connection as a whole (request id 0), or a late abort.
+            error = messages.decode(type_, header)
+            if request_id == 0:
+                self._closing_reason = (
+                    f"{self.peer_description()} closed the connection: {getattr(error, 'message', '')}"
+                )
+                self.transport.loseConnection()
+            return
+        self._request(flags, type_, request_id, header, payload)
+
+    def _negotiate(self, type_: int, header: bytes) -> None:
+        if type_ != Hello.TYPE:  # type: ignore[attr-defined]
+            self.protocol_error("handshake", "the first frame must be Hello")
+            return
+        hello = messages.decode(type_, header)
+        common = set(hello.versions) & set(SUPPORTED_VERSIONS)
+        if not common:
+            self.protocol_error(
+                "unsupported_version",
+                f"no common protocol version: peer speaks {sorted(hello.versions)}, "
+                f"we speak {list(SUPPORTED_VERSIONS)}",
+            )
+            return
+        self.version = max(common)
+        self.peer_node_id = hello.node_id
+        self.ready.callback(self)
+
+    def _response(
+        self, flags: Flags, type_: int, request_id: int, header: bytes, payload: memoryview
+    ) -> None:
+        pending = self._pending.get(request_id)
+        if pending is None:
+            return  # the request timed out or was aborted: drop the late answer
+        msg = messages.decode(type_, header)
+        if flags & Flags.ERROR:
+            self._complete(request_id, failure=Failure(WireError(msg.code, msg.message, msg.details)))
+        elif flags & Flags.MORE:
+            if pending.on_part is None:
+                self.protocol_error("unexpected_stream", f"unrequested streamed response to request {request_id}")
+                return
+            try:
+                pending.on_part(msg, payload)
+            except Exception:
+                self._complete(request_id, failure=Failure())
+        else:
+            self._complete(request_id, reply=Reply(msg, payload))
+
+    def _request(
+        self, flags: Flags, type_: int, request_id: int, header: bytes, payload: memoryview
+    ) -> None:
+        oneway = bool(flags & Flags.ONEWAY)
+        streamed = bool(flags & Flags.MORE)
+        try:
+            msg = messages.decode(type_, header)
+        except messages.UnknownMessageType as e:
+            if oneway:
+                return
+            if streamed:
+                # Swallow the rest of the stream, then answer once.
+                sink = Request(self, request_id, None, b"", oneway, streamed)
+                sink._fail(WireError("unsupported", str(e)))
+                self._inbound[request_id] = sink
+            self._send(Error("unsupported", str(e)), b"", request_id, Flags.RESPONSE | Flags.ERROR)
+            return
+        if len(self._inbound) + 1 > self.max_inflight:
+            self.protocol_error("too_many_requests", f"more than {self.max_inflight} requests in flight")
+            return
+        handler = self.handlers.get(type(msg))
+        request = Request(self, request_id, msg, payload, oneway, streamed)
+        if streamed:
+            self._inbound[request_id] = request
+        if handler is None:
+            self._answer(request, Failure(WireError("unsupported", f"{type(msg).__name__} is not served here")))
+            return
+        d = defer.maybeDeferred(handler, request)
+        d.addBoth(lambda result: self._answer(request, result))
+
+    def _answer(self, request: Request, result: Any) -> None:
+        if request.streamed and self._inbound.get(request.request_id) is request:
+            # Answered before the stream ended: discard its remaining frames as they come.
+            request._fail(WireError("answered", "the request was already answered"))
+        if request.oneway or self._lost:
+            if isinstance(result, Failure) and not result.check(WireError):
+                log.failure("oneway handler for {msg} failed", result, msg=type(request.msg).__name__)
+            return
+        flags = Flags.RESPONSE
+        if isinstance(result, Failure):
+            if result.check(WireError):
+                error: Any = result.value
+                reply = Reply(Error(error.code, error.message, error.details))
+            else:
+                log.failure("handler for {msg} failed", result, msg=type(request.msg).__name__)
+                reply = Reply(Error("internal", f"{type(request.msg).__name__} failed: {result.getErrorMessage()}"))
+            flags |= Flags.ERROR
+        elif isinstance(result, Reply):
+            reply = result
+        else:
+            reply = Reply(messages.Ok() if result is None else result)
+        self._send(reply.msg, reply.payload, request.request_id, flags)

@@ -1,0 +1,327 @@
+# -*- test-case-name: tests.test_wire_protocol -*-
+"""Tests for dogfs.wire.protocol: requests, streams, errors, limits and flow control."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.test.iosim import FakeTransport, connect
+from twisted.trial.unittest import SynchronousTestCase
+
+from dogfs.wire import messages
+from dogfs.wire.frame import PREFIX, Flags, FrameDecoder, FrameLimits, encode_frame
+from dogfs.wire.messages import (
+    Cell,
+    Error,
+    GetShard,
+    GetShardEnd,
+    Hello,
+    Ok,
+    PutShard,
+    PutShardEnd,
+    ShardStored,
+)
+from dogfs.wire.pool import split_address
+from dogfs.wire.protocol import (
+    Connection,
+    ConnectionClosed,
+    Reply,
+    Request,
+    RequestTimeout,
+    WireError,
+)
+
+
+def pair(handlers: dict[type, Any], clock: Clock | None = None, limits: FrameLimits = FrameLimits()):
+    clock = clock or Clock()
+    server = Connection(clock, handlers, node_id="server", limits=limits)
+    client = Connection(clock, {}, node_id="client")
+    pump = connect(server, FakeTransport(server, True), client, FakeTransport(client, False), clock=None)
+    return server, client, pump
+
+
+class RequestResponseTests(SynchronousTestCase):
+    """Single-frame requests and their answers."""
+
+    def test_handshake(self) -> None:
+        """Both sides agree on a version and learn each other's node id."""
+        server, client, pump = pair({})
+        self.assertEqual(server.version, 1)
+        self.assertEqual(client.version, 1)
+        self.assertEqual(client.peer_node_id, "server")
+        self.assertEqual(self.successResultOf(client.ready), client)
+
+    def test_call_and_reply(self) -> None:
+        """A handler's returned Reply reaches the caller with its payload."""
+
+        def handle(request: Request) -> Reply:
+            return Reply(ShardStored(request.msg.shard_id, len(request.payload)), b"echo:" + bytes(request.payload))
+
+        server, client, pump = pair({GetShard: handle})
+        d = client.call(GetShard("s1"), b"abc")
+        pump.flush()
+        reply = self.successResultOf(d)
+        self.assertEqual(reply.msg, ShardStored("s1", 3))
+        self.assertEqual(bytes(reply.payload), b"echo:abc")
+
+    def test_none_means_ok(self) -> None:
+        """A handler returning None answers Ok."""
+        server, client, pump = pair({GetShard: lambda r: None})
+        d = client.call(GetShard("s1"))
+        pump.flush()
+        self.assertEqual(self.successResultOf(d).msg, Ok())
+
+    def test_multiplexed_out_of_order(self) -> None:
+        """Answers may come in any order; each reaches its own caller."""
+        waiting: dict[str, defer.Deferred[Any]] = {}
+
+        def handle(request: Request) -> defer.Deferred[Any]:
+            waiting[request.msg.shard_id] = d = defer.Deferred()
+            return d
+
+        server, client, pump = pair({GetShard: handle})
+        d1 = client.call(GetShard("one"))
+        d2 = client.call(GetShard("two"))
+        pump.flush()
+        waiting["two"].callback(GetShardEnd(2))
+        waiting["one"].callback(GetShardEnd(1))
+        pump.flush()
+        self.assertEqual(self.successResultOf(d1).msg, GetShardEnd(1))
+        self.assertEqual(self.successResultOf(d2).msg, GetShardEnd(2))
+
+    def test_handler_error(self) -> None:
+        """A WireError raised by a handler arrives as that WireError, code and message."""
+
+        def handle(request: Request) -> None:
+            raise WireError("not_found", "shard s1 not found", {"shard": "s1"})
+
+        server, client, pump = pair({GetShard: handle})
+        d = client.call(GetShard("s1"))
+        pump.flush()
+        error = self.failureResultOf(d, WireError).value
+        self.assertEqual((error.code, error.message, error.details), ("not_found", "shard s1 not found", {"shard": "s1"}))
+        self.assertTrue(server.is_open)
+
+    def test_handler_crash_is_internal_error(self) -> None:
+        """An unexpected exception becomes an 'internal' error; the connection stays up."""
+
+        def handle(request: Request) -> None:
+            raise ZeroDivisionError("oops")
+
+        server, client, pump = pair({GetShard: handle})
+        d = client.call(GetShard("s1"))
+        pump.flush()
+        self.assertEqual(self.failureResultOf(d, WireError).value.code, "internal")
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        d = client.call(GetShard("s2"))
+        pump.flush()
+        self.failureResultOf(d, WireError)
+        self.flushLoggedErrors(ZeroDivisionError)
+
+    def test_unserved_message(self) -> None:
+        """A known message with no handler is answered 'unsupported'."""
+        server, client, pump = pair({})
+        d = client.call(GetShard("s1"))
+        pump.flush()
+        self.assertEqual(self.failureResultOf(d, WireError).value.code, "unsupported")
+
+    def test_timeout(self) -> None:
+        """A call with a timeout fails with RequestTimeout when no answer comes in time."""
+        clock = Clock()
+        server, client, pump = pair({GetShard: lambda r: defer.Deferred()}, clock)
+        d = client.call(GetShard("s1"), timeout=2.0)
+        pump.flush()
+        clock.advance(1.9)
+        self.assertNoResult(d)
+        clock.advance(0.2)
+        self.assertIn("timed out", self.failureResultOf(d, RequestTimeout).value.message)
+
+    def test_connection_lost_fails_pending(self) -> None:
+        """Pending calls fail with ConnectionClosed when the connection drops."""
+        server, client, pump = pair({GetShard: lambda r: defer.Deferred()})
+        d = client.call(GetShard("s1"))
+        pump.flush()
+        client.connectionLost()
+        self.failureResultOf(d, ConnectionClosed)
+
+
+class StreamTests(SynchronousTestCase):
+    """Streamed uploads and streamed responses."""
+
+    def test_upload_stream(self) -> None:
+        """A handler reads every Cell of an upload in order, then answers."""
+        received: list[tuple[int, bytes]] = []
+
+        async def handle(request: Request) -> Reply:
+            while (part := await request.next_part()) is not None:
+                msg, payload = part
+                if isinstance(msg, Cell):
+                    received.append((msg.index, bytes(payload)))
+            return Reply(ShardStored(request.msg.shard_id, sum(len(p) for _, p in received)))
+
+        server, client, pump = pair({PutShard: lambda r: defer.Deferred.fromCoroutine(handle(r))})
+        upload = client.open_stream(PutShard("s1", "RS-4-2", 0, 4))
+        for i in range(20):
+            upload.send(Cell(i), bytes([i]) * 4)
+            pump.flush()
+        d = upload.finish(PutShardEnd(20))
+        pump.flush()
+        self.assertEqual(self.successResultOf(d).msg, ShardStored("s1", 80))
+        self.assertEqual(received, [(i, bytes([i]) * 4) for i in range(20)])
+
+    def test_early_error_discards_rest(self) -> None:
+        """A handler that refuses an upload at once answers; later frames are discarded."""
+
+        def handle(request: Request) -> None:
+            raise WireError("full", "disk full")
+
+        server, client, pump = pair({PutShard: handle, GetShard: lambda r: GetShardEnd(7)})
+        upload = client.open_stream(PutShard("s1", "RS-4-2", 0, 4))
+        pump.flush()
+        self.assertTrue(upload.done)
+        upload.send(Cell(0), b"xxxx")
+        d = upload.finish(PutShardEnd(1))
+        pump.flush()
+        self.assertEqual(self.failureResultOf(d, WireError).value.code, "full")
+        # The connection still serves other requests.
+        d2 = client.call(GetShard("x"))
+        pump.flush()
+        self.assertEqual(self.successResultOf(d2).msg, GetShardEnd(7))
+
+    def test_abort_fails_handler(self) -> None:
+        """An aborted upload makes the handler's next_part fail."""
+        failures: list[WireError] = []
+
+        async def handle(request: Request) -> None:
+            try:
+                while await request.next_part() is not None:
+                    pass
+            except WireError as e:
+                failures.append(e)
+
+        server, client, pump = pair({PutShard: lambda r: defer.Deferred.fromCoroutine(handle(r))})
+        upload = client.open_stream(PutShard("s1", "RS-4-2", 0, 4))
+        upload.send(Cell(0), b"1234")
+        pump.flush()
+        upload.abort("client gave up")
+        pump.flush()
+        self.assertEqual([f.code for f in failures], ["aborted"])
+
+    def test_streamed_response(self) -> None:
+        """Parts of a streamed response reach on_part in order before the final reply."""
+
+        async def handle(request: Request) -> GetShardEnd:
+            for i in range(5):
+                await request.send_part(Cell(i), bytes([65 + i]) * 3)
+            return GetShardEnd(5)
+
+        server, client, pump = pair({GetShard: lambda r: defer.Deferred.fromCoroutine(handle(r))})
+        parts: list[tuple[int, bytes]] = []
+        d = client.call(GetShard("s"), on_part=lambda m, p: parts.append((m.index, bytes(p))))
+        pump.flush()
+        self.assertEqual(self.successResultOf(d).msg, GetShardEnd(5))
+        self.assertEqual(parts, [(i, bytes([65 + i]) * 3) for i in range(5)])
+
+
+class FlowControlTests(SynchronousTestCase):
+    """Back-pressure in both directions."""
+
+    def connected(self, handlers: dict[type, Any]) -> tuple[Connection, StringTransport]:
+        connection = Connection(Clock(), handlers)
+        transport = StringTransport()
+        connection.makeConnection(transport)
+        hello = messages.encode(Hello())
+        connection.dataReceived(encode_frame(1, 0, Hello.TYPE, 0, hello, 0) + hello)  # type: ignore[attr-defined]
+        return connection, transport
+
+    def test_wait_writable_follows_transport(self) -> None:
+        """wait_writable waits while the transport has paused us and fires on resume."""
+        connection, transport = self.connected({})
+        self.assertIs(transport.producer, connection)
+        connection.pauseProducing()
+        d = connection.wait_writable()
+        self.assertNoResult(d)
+        connection.resumeProducing()
+        self.successResultOf(d)
+
+    def test_slow_handler_pauses_reading(self) -> None:
+        """Frames of an upload that its handler does not consume stop the socket being read."""
+        connection, transport = self.connected({PutShard: lambda r: defer.Deferred()})
+        frames = []
+        header = messages.encode(PutShard("s", "RS-4-2", 0, 1))
+        frames.append(encode_frame(1, Flags.MORE, PutShard.TYPE, 5, header, 0) + header)  # type: ignore[attr-defined]
+        for i in range(20):
+            h = messages.encode(Cell(i))
+            frames.append(encode_frame(1, Flags.MORE, Cell.TYPE, 5, h, 1) + h + b"x")  # type: ignore[attr-defined]
+        connection.dataReceived(b"".join(frames))
+        self.assertEqual(transport.producerState, "paused")
+
+
+class HostileInputTests(SynchronousTestCase):
+    """Bad bytes close one connection with an error frame, and nothing else."""
+
+    def answered_error(self, transport: StringTransport) -> Error:
+        frames = FrameDecoder().feed(transport.value())
+        errors = [messages.decode(f.type, f.header) for f in frames if f.flags & Flags.ERROR]
+        self.assertEqual(len(errors), 1)
+        return errors[0]
+
+    def test_first_frame_must_be_hello(self) -> None:
+        """A peer that skips the handshake gets an error frame and a closed connection."""
+        connection = Connection(Clock(), {})
+        transport = StringTransport()
+        connection.makeConnection(transport)
+        header = messages.encode(GetShard("x"))
+        connection.dataReceived(encode_frame(1, 0, GetShard.TYPE, 1, header, 0) + header)  # type: ignore[attr-defined]
+        self.assertEqual(self.answered_error(transport).code, "handshake")
+        self.assertTrue(transport.disconnecting)
+
+    def test_no_common_version(self) -> None:
+        """A peer speaking only other versions is told which versions we speak."""
+        connection = Connection(Clock(), {})
+        transport = StringTransport()
+        connection.makeConnection(transport)
+        header = messages.encode(Hello((7, 8)))
+        connection.dataReceived(encode_frame(7, 0, Hello.TYPE, 0, header, 0) + header)  # type: ignore[attr-defined]
+        error = self.answered_error(transport)
+        self.assertEqual(error.code, "unsupported_version")
+        self.assertIn("[7, 8]", error.message)
+
+    def test_oversized_frame(self) -> None:
+        """A frame over the limit is refused from its prefix, before any allocation."""
+        connection = Connection(Clock(), {}, limits=FrameLimits(max_header=64, max_payload=1024))
+        transport = StringTransport()
+        connection.makeConnection(transport)
+        connection.dataReceived(PREFIX.pack(10**9, 1, 0, 3, 1, 0))
+        self.assertEqual(self.answered_error(transport).code, "frame_error")
+        self.assertTrue(transport.disconnecting)
+
+    def test_malformed_header(self) -> None:
+        """A frame whose header does not match its type closes the connection."""
+        server, client, pump = pair({})
+        client.transport.write(encode_frame(1, 0, GetShard.TYPE, 9, b"\x01", 0) + b"\x01")  # type: ignore[attr-defined]
+        pump.flush()
+        self.assertFalse(server.is_open)
+
+    def test_peer_error_frame_closes_with_reason(self) -> None:
+        """When the peer reports a connection-level error, pending calls fail naming it."""
+        server, client, pump = pair({GetShard: lambda r: defer.Deferred()})
+        d = client.call(GetShard("x"))
+        pump.flush()
+        server.protocol_error("too_many_requests", "slow down")
+        pump.flush()
+        self.assertIn("slow down", self.failureResultOf(d, ConnectionClosed).value.message)
+
+
+class AddressTests(SynchronousTestCase):
+    """Parsing host:port addresses."""
+
+    def test_split(self) -> None:
+        """host:port and [v6]:port parse; anything else is a clear ValueError."""
+        self.assertEqual(split_address("127.0.0.1:7000"), ("127.0.0.1", 7000))
+        self.assertEqual(split_address("[::1]:80"), ("::1", 80))
+        for bad in ["nohost", "h:", ":1", "h:99999", "h:x"]:
+            self.assertRaises(ValueError, split_address, bad)
