@@ -30,7 +30,8 @@ def tcp_endpoints(reactor: IReactorTCP, timeout: float = 5.0) -> EndpointMaker:
 
     def make(address: str) -> IStreamClientEndpoint:
         host, port = split_address(address)
-        return TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
+        endpoint: IStreamClientEndpoint = TCP4ClientEndpoint(reactor, host, port, timeout=timeout)  # type: ignore[assignment]
+        return endpoint
 
     return make
 
