@@ -1,0 +1,575 @@
+# -*- test-case-name: tests.test_meta_state -*-
+"""Commands of the namespace state machine, their results, and their msgpack codec.
+
+Commands are what the leader proposes to Raft and every replica applies; results are what
+C{NamespaceState.apply} returns and what crosses the wire back to clients. Both are frozen
+attrs values. Errors are results too (L{MetaError}): apply is total and deterministic.
+
+Every value is encoded as a msgpack array C{[tag, field, field, ...]}; nested values are
+encoded the same way. Decoding checks every type and never raises anything but
+C{ValueError}. Fields added later go at the end with a default, so an older encoding (a
+shorter array) still decodes.
+
+This module imports nothing of ours but L{dogfs.meta.paths}'s siblings' conventions.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import re
+from collections.abc import Callable
+from typing import Any, Union
+
+import attrs
+import msgpack
+from attrs import field, frozen
+
+DEFAULT_POLICY = "RS-4-2"
+MAX_WIDTH = 64
+
+_POLICY_RE = re.compile(r"RS-([1-9][0-9]{0,2})-([1-9][0-9]{0,2})")
+
+
+def parse_policy(name: str) -> tuple[int, int]:
+    """Return (k, m) of an erasure-coding policy name such as C{"RS-4-2"}.
+
+    Raise C{ValueError} with a one-sentence message for a malformed name, or one whose width
+    k + m exceeds 64.
+    """
+    if not isinstance(name, str):
+        raise ValueError(f"EC policy {name!r} is not a string.")
+    match = _POLICY_RE.fullmatch(name)
+    if match is None:
+        raise ValueError(f"EC policy {name!r} is not of the form RS-K-M (for example RS-4-2).")
+    k, m = int(match.group(1)), int(match.group(2))
+    if k + m > MAX_WIDTH:
+        raise ValueError(f"EC policy {name!r} has {k + m} shards, more than {MAX_WIDTH}.")
+    return k, m
+
+
+def shard_id(bg_id: int, index: int) -> str:
+    """The id of shard C{index} of block group C{bg_id}, as chunk servers name their files."""
+    return f"{bg_id:016x}-{index:02d}"
+
+
+_SHARD_ID_RE = re.compile(r"([0-9a-f]{16})-([0-9]{2})")
+
+
+def parse_shard_id(sid: str) -> tuple[int, int] | None:
+    """Return (block group id, index) of a shard id, or None when it is malformed."""
+    if not isinstance(sid, str):
+        return None
+    match = _SHARD_ID_RE.fullmatch(sid)
+    if match is None:
+        return None
+    return int(match.group(1), 16), int(match.group(2))
+
+
+class ErrorCode(enum.IntEnum):
+    """Why a command or a read failed; stable numbers, they cross the wire."""
+
+    NOT_FOUND = 1
+    EXISTS = 2
+    NOT_A_DIRECTORY = 3
+    IS_A_DIRECTORY = 4
+    NOT_EMPTY = 5
+    INVALID_PATH = 6
+    INVALID_ARGUMENT = 7
+    STALE_ALLOCATION = 8
+    UNKNOWN_CHUNK_SERVER = 9
+    VERSION_MISMATCH = 10
+
+
+# --- commands -------------------------------------------------------------------------------
+
+
+@frozen
+class Mkdir:
+    """Create a directory; with C{parents}, create missing ancestors and accept an existing one.
+
+    C{ec} sets the directory's policy (inherited by what is created under it); C{now} is its
+    mtime, chosen by the proposer. Result: L{DirInfo}.
+    """
+
+    path: str
+    parents: bool = False
+    ec: str | None = None
+    now: float = 0.0
+
+
+@frozen
+class SetDefaultPolicy:
+    """Set the cluster-wide default EC policy (the root's, unless the root has its own).
+
+    Result: L{Ok}.
+    """
+
+    ec: str
+
+
+@frozen
+class RegisterChunkServer:
+    """Record a chunk server in the persistent registry (re-registering updates it).
+
+    Result: L{Ok}.
+    """
+
+    node_id: str
+    address: str
+    domain: str | None = None
+
+
+@frozen
+class Allocate:
+    """Reserve a new pending block group for an upload to C{path}.
+
+    C{placement} lists the k + m distinct registered chunk servers (shard i goes to
+    placement[i]); the leader computes it with the placement planner before proposing, so that
+    apply stays deterministic. C{now} is the allocation time used by L{ExpireAllocations}.
+    Result: L{Allocation}.
+    """
+
+    path: str
+    ec: str | None
+    placement: tuple[str, ...] = field(converter=tuple)
+    now: float = 0.0
+
+
+@frozen
+class CommitFile:
+    """Atomically create or replace the file at C{path} with the given pending block groups.
+
+    C{block_groups} is a tuple of (block group id, size in bytes) in file order; the sizes
+    must add up to C{size}. C{ec}, when given, must match every block group's policy (and is
+    the policy of an empty file). C{expected_version}, when given, makes the commit
+    conditional: the current file must have that version, 0 meaning "must not exist".
+    Result: L{FileInfo}.
+    """
+
+    path: str
+    size: int
+    block_groups: tuple[tuple[int, int], ...] = field(
+        converter=lambda groups: tuple((int(b), int(s)) for b, s in groups)
+    )
+    now: float = 0.0
+    ec: str | None = None
+    expected_version: int | None = None
+
+
+@frozen
+class Delete:
+    """Delete a file, an empty directory, or with C{recursive} a whole subtree.
+
+    Result: L{Ok}.
+    """
+
+    path: str
+    recursive: bool = False
+
+
+@frozen
+class Rename:
+    """Move C{src} to C{dst}; C{dst} must not exist (no silent replacement).
+
+    Result: L{Ok}.
+    """
+
+    src: str
+    dst: str
+
+
+@frozen
+class ExpireAllocations:
+    """Drop pending block groups allocated strictly before C{before}. Result: L{Count}."""
+
+    before: float
+
+
+@frozen
+class MoveShard:
+    """Record that shard C{index} of block group C{bg_id} moved from C{from_node} to C{to_node}.
+
+    Result: L{Ok}; L{ErrorCode.STALE_ALLOCATION} when the shard is no longer on C{from_node}.
+    """
+
+    bg_id: int
+    index: int
+    from_node: str
+    to_node: str
+
+
+Command = Union[
+    Mkdir,
+    SetDefaultPolicy,
+    RegisterChunkServer,
+    Allocate,
+    CommitFile,
+    Delete,
+    Rename,
+    ExpireAllocations,
+    MoveShard,
+]
+
+
+# --- results --------------------------------------------------------------------------------
+
+
+@frozen
+class Ok:
+    """A command succeeded and has nothing to say."""
+
+
+@frozen
+class Count:
+    """A command succeeded and affected C{count} things."""
+
+    count: int
+
+
+@frozen
+class MetaError:
+    """A command or a read failed; C{message} is one sentence naming the path or node."""
+
+    code: ErrorCode
+    message: str
+
+
+@frozen
+class ShardLocation:
+    """Where shard C{index} (data shards first) of a block group lives."""
+
+    index: int
+    shard_id: str
+    node_id: str
+    address: str
+
+
+@frozen
+class BlockGroupInfo:
+    """One block group of a file: its id, byte size, policy and k + m shards."""
+
+    id: int
+    size: int
+    ec: str
+    shards: tuple[ShardLocation, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        """The block group as C{dogfs stat --json} prints it."""
+        return {
+            "id": self.id,
+            "size": self.size,
+            "ec": self.ec,
+            "shards": [
+                {
+                    "index": s.index,
+                    "shard_id": s.shard_id,
+                    "chunk_server": s.node_id,
+                    "address": s.address,
+                }
+                for s in self.shards
+            ],
+        }
+
+
+@frozen
+class FileInfo:
+    """A committed file. C{version} is the Raft index of the commit that made it."""
+
+    path: str
+    size: int
+    ec: str
+    mtime: float
+    version: int
+    block_groups: tuple[BlockGroupInfo, ...]
+    type: str = "file"
+
+    def to_json(self) -> dict[str, Any]:
+        """The file as C{dogfs stat --json} prints it."""
+        return {
+            "path": self.path,
+            "type": self.type,
+            "size": self.size,
+            "ec": self.ec,
+            "mtime": self.mtime,
+            "version": self.version,
+            "block_groups": [bg.to_json() for bg in self.block_groups],
+        }
+
+
+@frozen
+class DirInfo:
+    """A directory; C{ec} is its effective (possibly inherited) policy."""
+
+    path: str
+    ec: str
+    mtime: float
+    type: str = "dir"
+
+    def to_json(self) -> dict[str, Any]:
+        """The directory as C{dogfs stat --json} prints it (size is always 0)."""
+        return {"path": self.path, "type": self.type, "size": 0, "ec": self.ec, "mtime": self.mtime}
+
+
+@frozen
+class EntryInfo:
+    """One entry of a directory listing; size and version are 0 for a directory."""
+
+    name: str
+    path: str
+    type: str
+    size: int
+    ec: str
+    mtime: float
+    version: int
+
+    def to_json(self) -> dict[str, Any]:
+        """The entry as C{dogfs ls --json} prints it."""
+        return attrs.asdict(self)
+
+
+@frozen
+class Listing:
+    """A page of a directory listing; C{more} says whether entries follow the last one."""
+
+    path: str
+    entries: tuple[EntryInfo, ...]
+    more: bool = False
+
+
+@frozen
+class Allocation:
+    """A pending block group reserved by L{Allocate}: write shard i to C{shards[i]}."""
+
+    bg_id: int
+    ec: str
+    shards: tuple[ShardLocation, ...]
+
+
+@frozen
+class ChunkServerRecord:
+    """A chunk server in the persistent registry."""
+
+    node_id: str
+    address: str
+    domain: str | None = None
+
+
+@frozen
+class Summary:
+    """Namespace totals for the dashboard.
+
+    C{block_groups_by_width} maps k + m to the number of committed block groups of that
+    width, as sorted (width, count) pairs.
+    """
+
+    files: int
+    dirs: int
+    bytes_stored: int
+    bytes_on_disk: int
+    block_groups: int
+    pending_block_groups: int
+    block_groups_by_width: tuple[tuple[int, int], ...]
+
+
+Result = Union[
+    Ok,
+    Count,
+    MetaError,
+    DirInfo,
+    FileInfo,
+    Allocation,
+    Listing,
+    EntryInfo,
+    ChunkServerRecord,
+    Summary,
+    BlockGroupInfo,
+    ShardLocation,
+]
+
+
+# --- codec ----------------------------------------------------------------------------------
+
+_Check = Callable[[Any], Any]
+
+
+def _bad(what: str, value: Any) -> ValueError:
+    text = repr(value)
+    if len(text) > 80:
+        text = text[:77] + "..."
+    return ValueError(f"Malformed {what}: {text}.")
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise _bad("string", value)
+    return value
+
+
+def _int(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _bad("integer", value)
+    return value
+
+
+def _float(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _bad("number", value)
+    result = float(value)
+    if not math.isfinite(result):
+        raise _bad("finite number", value)
+    return result
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _bad("boolean", value)
+    return value
+
+
+def _opt(check: _Check) -> _Check:
+    def checked(value: Any) -> Any:
+        return None if value is None else check(value)
+
+    return checked
+
+
+def _seq(check: _Check) -> _Check:
+    def checked(value: Any) -> tuple[Any, ...]:
+        if not isinstance(value, list | tuple):
+            raise _bad("array", value)
+        return tuple(check(item) for item in value)
+
+    return checked
+
+
+def _pair(first: _Check, second: _Check) -> _Check:
+    def checked(value: Any) -> tuple[Any, Any]:
+        if not isinstance(value, list | tuple) or len(value) != 2:
+            raise _bad("pair", value)
+        return (first(value[0]), second(value[1]))
+
+    return checked
+
+
+def _code(value: Any) -> ErrorCode:
+    try:
+        return ErrorCode(_int(value))
+    except ValueError:
+        raise _bad("error code", value) from None
+
+
+def _obj(cls: type) -> _Check:
+    def checked(value: Any) -> Any:
+        decoded = _decode_value(value)
+        if not isinstance(decoded, cls):
+            raise _bad(cls.__name__, value)
+        return decoded
+
+    return checked
+
+
+# tag -> (class, checks of its fields in attrs order). Tags are part of the log format:
+# never reuse or renumber one.
+_SCHEMAS: dict[int, tuple[type, tuple[_Check, ...]]] = {
+    1: (Mkdir, (_str, _bool, _opt(_str), _float)),
+    2: (SetDefaultPolicy, (_str,)),
+    3: (RegisterChunkServer, (_str, _str, _opt(_str))),
+    4: (Allocate, (_str, _opt(_str), _seq(_str), _float)),
+    5: (CommitFile, (_str, _int, _seq(_pair(_int, _int)), _float, _opt(_str), _opt(_int))),
+    6: (Delete, (_str, _bool)),
+    7: (Rename, (_str, _str)),
+    8: (ExpireAllocations, (_float,)),
+    9: (MoveShard, (_int, _int, _str, _str)),
+    64: (Ok, ()),
+    65: (Count, (_int,)),
+    66: (MetaError, (_code, _str)),
+    67: (ShardLocation, (_int, _str, _str, _str)),
+    68: (BlockGroupInfo, (_int, _int, _str, _seq(_obj(ShardLocation)))),
+    69: (FileInfo, (_str, _int, _str, _float, _int, _seq(_obj(BlockGroupInfo)), _str)),
+    70: (DirInfo, (_str, _str, _float, _str)),
+    71: (EntryInfo, (_str, _str, _str, _int, _str, _float, _int)),
+    72: (Listing, (_str, _seq(_obj(EntryInfo)), _bool)),
+    73: (Allocation, (_int, _str, _seq(_obj(ShardLocation)))),
+    74: (ChunkServerRecord, (_str, _str, _opt(_str))),
+    75: (Summary, (_int, _int, _int, _int, _int, _int, _seq(_pair(_int, _int)))),
+}
+_TAGS: dict[type, int] = {cls: tag for tag, (cls, _) in _SCHEMAS.items()}
+_COMMAND_TAGS = frozenset(range(1, 64))
+
+
+def _required(cls: type) -> int:
+    return sum(1 for a in attrs.fields(cls) if a.default is attrs.NOTHING)
+
+
+def _encode_value(value: Any) -> Any:
+    tag = _TAGS.get(type(value))
+    if tag is not None:
+        return [tag, *(_encode_value(getattr(value, a.name)) for a in attrs.fields(type(value)))]
+    if isinstance(value, tuple | list):
+        return [_encode_value(item) for item in value]
+    if isinstance(value, ErrorCode):
+        return int(value)
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    raise TypeError(f"Cannot encode {type(value).__name__} as a metadata value.")
+
+
+def _decode_value(raw: Any, allowed: frozenset[int] | None = None) -> Any:
+    if not isinstance(raw, list) or not raw:
+        raise _bad("value", raw)
+    tag = raw[0]
+    if not isinstance(tag, int) or isinstance(tag, bool) or tag not in _SCHEMAS:
+        raise _bad("tag", tag)
+    if allowed is not None and tag not in allowed:
+        raise _bad("tag", tag)
+    cls, checks = _SCHEMAS[tag]
+    values = raw[1:]
+    if not _required(cls) <= len(values) <= len(checks):
+        raise ValueError(f"Malformed {cls.__name__}: {len(values)} fields.")
+    try:
+        return cls(*(check(v) for check, v in zip(checks, values, strict=False)))
+    except ValueError:
+        raise
+    except Exception as e:
+        # attrs converters may raise TypeError and friends: the contract is ValueError only.
+        raise ValueError(f"Malformed {cls.__name__}: {e}.") from None
+
+
+def _unpack(data: bytes) -> Any:
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise ValueError("Metadata message is not bytes.")
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
+    except Exception as e:
+        raise ValueError(f"Metadata message is not valid msgpack: {e}.") from None
+
+
+def encode_command(cmd: Command) -> bytes:
+    """Encode a command for the Raft log (deterministic bytes for equal commands)."""
+    if _TAGS.get(type(cmd), 0) not in _COMMAND_TAGS:
+        raise TypeError(f"{type(cmd).__name__} is not a metadata command.")
+    return msgpack.packb(_encode_value(cmd), use_bin_type=True)
+
+
+def decode_command(data: bytes) -> Command:
+    """Decode a command; raise C{ValueError} (only) for anything malformed."""
+    try:
+        result: Command = _decode_value(_unpack(data), _COMMAND_TAGS)
+    except RecursionError:
+        raise ValueError("Metadata command is nested too deeply.") from None
+    return result
+
+
+def encode_result(result: Result) -> bytes:
+    """Encode a result (or any metadata value above) for the wire."""
+    return msgpack.packb(_encode_value(result), use_bin_type=True)
+
+
+def decode_result(data: bytes) -> Result:
+    """Decode a result; raise C{ValueError} (only) for anything malformed."""
+    try:
+        result: Result = _decode_value(_unpack(data))
+    except RecursionError:
+        raise ValueError("Metadata result is nested too deeply.") from None
+    return result

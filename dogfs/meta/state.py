@@ -1,0 +1,1012 @@
+# -*- test-case-name: tests.test_meta_state -*-
+"""The namespace state machine: C{apply(index, command) -> result} over LMDB.
+
+Owns the persistent metadata of one Raft group: the directory tree (inodes and dirents), the
+block groups of files and of uploads in progress, the persistent chunk-server registry, and
+the counters. Any replica that applies the same log gets the same bytes: nothing here reads
+the clock, randomness or the network (times come inside the commands, from the proposer).
+
+Layout (named LMDB databases, all keys big-endian so byte order is numeric order):
+
+  - C{inodes}: u64 inode -> msgpack C{[0, parent, name, ec|None, mtime]} for a directory or
+    C{[1, parent, name, ec, mtime, size, version, [bg ids]]} for a file. The root is inode 1.
+  - C{dirents}: u64 parent + UTF-8 name -> u64 child. C{mv} touches one dirent and one
+    inode; C{ls} is a range scan over one parent's prefix, sorted by name.
+  - C{bgroups}: u64 block group -> C{[committed, ec, size, allocated_at, [node per shard]]}.
+  - C{pending}: u64 block group -> b"" for uncommitted allocations (so expiry scans only them).
+  - C{servers}: UTF-8 node id -> C{[address, domain|None]}.
+  - C{meta}: counters, the cluster default policy, totals and the applied Raft index, which is
+    written in the same transaction as the effects of the command at that index.
+
+Every command runs in a nested transaction: a command that fails leaves no trace, while the
+batch around it (and the applied index) still commits.
+
+Imports: lmdb, msgpack and L{dogfs.meta.commands}, L{dogfs.meta.paths}.
+"""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import os
+import shutil
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import lmdb
+import msgpack
+from twisted.logger import Logger
+
+from dogfs.meta import paths
+from dogfs.meta.commands import (
+    DEFAULT_POLICY,
+    Allocate,
+    Allocation,
+    BlockGroupInfo,
+    ChunkServerRecord,
+    Command,
+    CommitFile,
+    Count,
+    Delete,
+    DirInfo,
+    EntryInfo,
+    ErrorCode,
+    ExpireAllocations,
+    FileInfo,
+    Listing,
+    MetaError,
+    Mkdir,
+    MoveShard,
+    Ok,
+    RegisterChunkServer,
+    Rename,
+    Result,
+    SetDefaultPolicy,
+    ShardLocation,
+    Summary,
+    decode_command,
+    parse_policy,
+    parse_shard_id,
+    shard_id,
+)
+
+log = Logger()
+
+ROOT = 1
+_DIR = 0
+_FILE = 1
+
+_DB_NAMES = (b"inodes", b"dirents", b"bgroups", b"pending", b"servers", b"meta")
+
+_APPLIED = b"applied"
+_NEXT_INO = b"next_ino"
+_NEXT_BG = b"next_bg"
+_DEFAULT_EC = b"default_ec"
+_STATS = b"stats"
+_FORMAT = b"format"
+_FORMAT_VERSION = 1
+
+_DUMP_MAGIC = "dogfs-meta-dump"
+
+
+def _u64(n: int) -> bytes:
+    return n.to_bytes(8, "big")
+
+
+def _from_u64(b: bytes | memoryview) -> int:
+    return int.from_bytes(b, "big")
+
+
+def _pack(value: Any) -> bytes:
+    return msgpack.packb(value, use_bin_type=True)
+
+
+def _unpack(data: bytes | memoryview) -> Any:
+    return msgpack.unpackb(data, raw=False)
+
+
+class _Abort(Exception):
+    """Raised inside a command to abandon it and return C{error}."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.error = MetaError(code, message)
+
+
+def _q(path: str) -> str:
+    return repr(path)
+
+
+def _bg_name(bg_id: int) -> str:
+    return f"{bg_id:016x}"
+
+
+class _Ctx:
+    """One transaction's view of the namespace, with the helpers commands and reads share."""
+
+    def __init__(self, txn: lmdb.Transaction, dbs: dict[bytes, Any]) -> None:
+        self.txn = txn
+        self.inodes = dbs[b"inodes"]
+        self.dirents = dbs[b"dirents"]
+        self.bgroups = dbs[b"bgroups"]
+        self.pending = dbs[b"pending"]
+        self.servers = dbs[b"servers"]
+        self.meta = dbs[b"meta"]
+        self._addresses: dict[str, str] = {}
+
+    # --- raw records ---
+
+    def inode(self, ino: int) -> list[Any]:
+        raw = self.txn.get(_u64(ino), db=self.inodes)
+        if raw is None:
+            raise RuntimeError(f"Inode {ino} is missing: the namespace is corrupt.")
+        rec: list[Any] = _unpack(raw)
+        return rec
+
+    def put_inode(self, ino: int, rec: list[Any]) -> None:
+        self.txn.put(_u64(ino), _pack(rec), db=self.inodes)
+
+    def child(self, parent: int, name: str) -> int | None:
+        raw = self.txn.get(_u64(parent) + name.encode("utf-8"), db=self.dirents)
+        return None if raw is None else _from_u64(raw)
+
+    def put_child(self, parent: int, name: str, ino: int) -> None:
+        self.txn.put(_u64(parent) + name.encode("utf-8"), _u64(ino), db=self.dirents)
+
+    def delete_child(self, parent: int, name: str) -> None:
+        self.txn.delete(_u64(parent) + name.encode("utf-8"), db=self.dirents)
+
+    def children(self, parent: int, start_after: str | None = None) -> Iterator[tuple[str, int]]:
+        prefix = _u64(parent)
+        cursor = self.txn.cursor(db=self.dirents)
+        start = prefix if start_after is None else prefix + start_after.encode("utf-8") + b"\x00"
+        if not cursor.set_range(start):
+            return
+        for raw_key, value in cursor:
+            key = bytes(raw_key)
+            if not key.startswith(prefix):
+                return
+            yield key[8:].decode("utf-8"), _from_u64(value)
+
+    def has_children(self, parent: int) -> bool:
+        return next(self.children(parent), None) is not None
+
+    def meta_int(self, key: bytes) -> int:
+        raw = self.txn.get(key, db=self.meta)
+        return 0 if raw is None else _from_u64(raw)
+
+    def put_meta_int(self, key: bytes, value: int) -> None:
+        self.txn.put(key, _u64(value), db=self.meta)
+
+    def next_id(self, key: bytes) -> int:
+        value = self.meta_int(key)
+        self.put_meta_int(key, value + 1)
+        return value
+
+    def default_ec(self) -> str:
+        raw = self.txn.get(_DEFAULT_EC, db=self.meta)
+        return DEFAULT_POLICY if raw is None else bytes(raw).decode("utf-8")
+
+    def bgroup(self, bg_id: int) -> list[Any] | None:
+        if not 0 <= bg_id < 1 << 64:
+            return None
+        raw = self.txn.get(_u64(bg_id), db=self.bgroups)
+        return None if raw is None else _unpack(raw)
+
+    def put_bgroup(self, bg_id: int, rec: list[Any]) -> None:
+        self.txn.put(_u64(bg_id), _pack(rec), db=self.bgroups)
+
+    def server(self, node_id: str) -> list[Any] | None:
+        raw = self.txn.get(node_id.encode("utf-8"), db=self.servers)
+        return None if raw is None else _unpack(raw)
+
+    def address(self, node_id: str) -> str:
+        if node_id not in self._addresses:
+            rec = self.server(node_id)
+            self._addresses[node_id] = "" if rec is None else rec[0]
+        return self._addresses[node_id]
+
+    # --- totals ---
+
+    def stats(self) -> dict[str, Any]:
+        raw = self.txn.get(_STATS, db=self.meta)
+        if raw is None:
+            return {"files": 0, "dirs": 0, "bytes": 0, "disk": 0, "bgs": 0, "widths": []}
+        stats: dict[str, Any] = _unpack(raw)
+        return stats
+
+    def adjust(
+        self,
+        files: int = 0,
+        dirs: int = 0,
+        bgs: Sequence[tuple[str, int]] = (),
+        sign: int = 1,
+    ) -> None:
+        """Add files and dirs, and add (sign 1) or remove (sign -1) committed block groups."""
+        stats = self.stats()
+        stats["files"] += files
+        stats["dirs"] += dirs
+        widths = dict(stats["widths"])
+        for ec, size in bgs:
+            k, m = parse_policy(ec)
+            stats["bytes"] += sign * size
+            stats["disk"] += sign * (-(-size // k)) * (k + m)
+            stats["bgs"] += sign
+            widths[k + m] = widths.get(k + m, 0) + sign
+        stats["widths"] = sorted([w, c] for w, c in widths.items() if c)
+        self.txn.put(_STATS, _pack(stats), db=self.meta)
+
+    # --- paths ---
+
+    def parts(self, path: str) -> tuple[str, ...]:
+        try:
+            return paths.split(path)
+        except paths.InvalidPath as e:
+            raise _Abort(ErrorCode.INVALID_PATH, str(e)) from None
+
+    def resolve(self, path: str, parts: tuple[str, ...]) -> tuple[int, list[Any]]:
+        """Return (inode, record) of an existing path, or abort with NOT_FOUND/NOT_A_DIRECTORY."""
+        ino = ROOT
+        rec = self.inode(ROOT)
+        for i, name in enumerate(parts):
+            if rec[0] != _DIR:
+                raise _Abort(
+                    ErrorCode.NOT_A_DIRECTORY,
+                    f"{_q(paths.join(parts[:i]))} is a file, not a directory, in {_q(path)}.",
+                )
+            child = self.child(ino, name)
+            if child is None:
+                raise _Abort(ErrorCode.NOT_FOUND, f"{_q(path)} does not exist.")
+            ino, rec = child, self.inode(child)
+        return ino, rec
+
+    def resolve_parent(self, path: str, parts: tuple[str, ...]) -> tuple[int, list[Any]]:
+        """Return (inode, record) of the parent directory of a non-root path."""
+        parent = paths.join(parts[:-1])
+        try:
+            ino, rec = self.resolve(parent, parts[:-1])
+        except _Abort as e:
+            if e.error.code == ErrorCode.NOT_FOUND:
+                raise _Abort(
+                    ErrorCode.NOT_FOUND,
+                    f"The parent directory {_q(parent)} of {_q(path)} does not exist.",
+                ) from None
+            raise
+        if rec[0] != _DIR:
+            raise _Abort(
+                ErrorCode.NOT_A_DIRECTORY,
+                f"The parent {_q(parent)} of {_q(path)} is a file, not a directory.",
+            )
+        return ino, rec
+
+    def path_of(self, ino: int) -> str:
+        names: list[str] = []
+        while ino != ROOT:
+            rec = self.inode(ino)
+            names.append(rec[2])
+            ino = rec[1]
+        return paths.join(names[::-1])
+
+    def effective_ec(self, ino: int) -> str:
+        """The policy of a directory: its own, else its nearest ancestor's, else the default."""
+        while True:
+            rec = self.inode(ino)
+            if rec[0] == _DIR and rec[3] is not None:
+                return str(rec[3])
+            if ino == ROOT:
+                return self.default_ec()
+            ino = rec[1]
+
+    # --- views ---
+
+    def shards(self, bg_id: int, nodes: Sequence[str]) -> tuple[ShardLocation, ...]:
+        return tuple(
+            ShardLocation(i, shard_id(bg_id, i), node, self.address(node))
+            for i, node in enumerate(nodes)
+        )
+
+    def bg_info(self, bg_id: int, rec: list[Any]) -> BlockGroupInfo:
+        return BlockGroupInfo(bg_id, rec[2], rec[1], self.shards(bg_id, rec[4]))
+
+    def info(self, path: str, ino: int, rec: list[Any]) -> FileInfo | DirInfo:
+        if rec[0] == _DIR:
+            return DirInfo(path, self.effective_ec(ino), float(rec[4]))
+        groups = []
+        for bg_id in rec[7]:
+            bg = self.bgroup(bg_id)
+            if bg is None:
+                raise RuntimeError(f"Block group {bg_id} of {path!r} is missing.")
+            groups.append(self.bg_info(bg_id, bg))
+        return FileInfo(path, rec[5], rec[3], float(rec[4]), rec[6], tuple(groups))
+
+    def entry(self, path: str, ino: int, rec: list[Any]) -> EntryInfo:
+        name = rec[2]
+        if rec[0] == _DIR:
+            return EntryInfo(name, path, "dir", 0, self.effective_ec(ino), float(rec[4]), 0)
+        return EntryInfo(name, path, "file", rec[5], rec[3], float(rec[4]), rec[6])
+
+    # --- removal ---
+
+    def drop_bgroups(self, bg_ids: Iterable[int]) -> None:
+        """Forget committed block groups: their shards become garbage on the chunk servers."""
+        dropped = []
+        for bg_id in bg_ids:
+            rec = self.bgroup(bg_id)
+            if rec is None:
+                continue
+            self.txn.delete(_u64(bg_id), db=self.bgroups)
+            dropped.append((rec[1], rec[2]))
+        self.adjust(bgs=dropped, sign=-1)
+
+    def remove_tree(self, ino: int, rec: list[Any]) -> None:
+        """Delete an inode and, for a directory, everything under it (not its own dirent)."""
+        stack = [(ino, rec)]
+        files = dirs = 0
+        while stack:
+            cur, cur_rec = stack.pop()
+            if cur_rec[0] == _FILE:
+                self.drop_bgroups(cur_rec[7])
+                files += 1
+            else:
+                dirs += 1
+                for name, child in list(self.children(cur)):
+                    stack.append((child, self.inode(child)))
+                    self.delete_child(cur, name)
+            self.txn.delete(_u64(cur), db=self.inodes)
+        self.adjust(files=-files, dirs=-dirs)
+
+
+def _check_policy(ec: Any) -> tuple[int, int]:
+    try:
+        return parse_policy(ec)
+    except ValueError as e:
+        raise _Abort(ErrorCode.INVALID_ARGUMENT, str(e)) from None
+
+
+def _check_number(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        raise _Abort(ErrorCode.INVALID_ARGUMENT, f"{what} {value!r} is not a number.")
+    return float(value)
+
+
+def _check_count(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 63:
+        raise _Abort(ErrorCode.INVALID_ARGUMENT, f"{what} {value!r} is not a valid count.")
+    return value
+
+
+def _check_text(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not value or len(value) > 1024:
+        raise _Abort(ErrorCode.INVALID_ARGUMENT, f"{what} {value!r} is not a valid name.")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _Abort(ErrorCode.INVALID_ARGUMENT, f"{what} {value!r} is not valid UTF-8.") from None
+    return value
+
+
+class NamespaceState:
+    """The metadata namespace of one Raft group, stored in an LMDB environment at C{path}.
+
+    Call L{open} before use (not done in C{__init__}: twistd forks after building services,
+    and an LMDB environment must not cross a fork) and L{close} after. Writes go through
+    L{apply} / L{apply_batch} only; reads (L{stat}, L{list}, ...) use read transactions and
+    may run while writes happen. With C{durable=False} commits are not fsynced (tests).
+    """
+
+    def __init__(self, path: str, *, durable: bool = True, map_size: int = 1 << 34) -> None:
+        self.path = path
+        self.durable = durable
+        self.map_size = map_size
+        self._env: lmdb.Environment | None = None
+        self._dbs: dict[bytes, Any] = {}
+
+    # --- lifecycle ---
+
+    def open(self) -> None:
+        """Open (creating if needed) the environment and initialise an empty namespace."""
+        if self._env is not None:
+            return
+        os.makedirs(self.path, exist_ok=True)
+        env = lmdb.open(
+            self.path,
+            map_size=self.map_size,
+            max_dbs=len(_DB_NAMES) + 2,
+            sync=self.durable,
+            metasync=self.durable,
+            readahead=False,
+        )
+        self._env = env
+        with env.begin(write=True) as txn:
+            self._dbs = {name: env.open_db(name, txn=txn) for name in _DB_NAMES}
+            self._initialise(txn)
+
+    def _initialise(self, txn: lmdb.Transaction) -> None:
+        meta = self._dbs[b"meta"]
+        if txn.get(_FORMAT, db=meta) is not None:
+            return
+        # Every replica writes exactly these bytes, so fresh states have equal digests.
+        txn.put(_FORMAT, _u64(_FORMAT_VERSION), db=meta)
+        txn.put(_u64(ROOT), _pack([_DIR, 0, "", None, 0.0]), db=self._dbs[b"inodes"])
+        txn.put(_NEXT_INO, _u64(ROOT + 1), db=meta)
+        txn.put(_NEXT_BG, _u64(1), db=meta)
+        txn.put(_APPLIED, _u64(0), db=meta)
+        _Ctx(txn, self._dbs).adjust(dirs=1)
+
+    def close(self) -> None:
+        """Close the environment; the state can be opened again."""
+        if self._env is not None:
+            self._env.close()
+            self._env = None
+            self._dbs = {}
+
+    @property
+    def env(self) -> lmdb.Environment:
+        """The open LMDB environment (raise C{RuntimeError} when closed)."""
+        if self._env is None:
+            raise RuntimeError(f"The namespace state at {self.path!r} is not open.")
+        return self._env
+
+    def _read(self) -> lmdb.Transaction:
+        return self.env.begin(write=False, buffers=False)
+
+    # --- writes ---
+
+    @property
+    def applied_index(self) -> int:
+        """The Raft index of the last command applied (0 for a fresh state)."""
+        with self._read() as txn:
+            return _Ctx(txn, self._dbs).meta_int(_APPLIED)
+
+    def apply(self, index: int, command: Command | bytes | None) -> Result | None:
+        """Apply the command at Raft index C{index} and return its result.
+
+        C{command} may be a command, its encoding, or None (a no-op entry that only advances
+        the applied index, result L{Ok}). An index not above L{applied_index} is a replay and
+        returns None without touching anything. Failures are L{MetaError} results, never
+        exceptions; only LMDB errors (a full map, a broken disk) propagate, since carrying on
+        would let this replica diverge.
+        """
+        return self.apply_batch([(index, command)])[0]
+
+    def apply_batch(
+        self, entries: Sequence[tuple[int, Command | bytes | None]]
+    ) -> builtins.list[Result | None]:
+        """Apply several (index, command) entries in one write transaction (one fsync).
+
+        Equivalent to applying them one by one with L{apply}.
+        """
+        results: builtins.list[Result | None] = []
+        env = self.env
+        with env.begin(write=True) as txn:
+            meta = self._dbs[b"meta"]
+            raw = txn.get(_APPLIED, db=meta)
+            applied = 0 if raw is None else _from_u64(raw)
+            start = applied
+            for index, command in entries:
+                if index <= applied:
+                    results.append(None)
+                    continue
+                results.append(self._apply_one(txn, index, command))
+                applied = index
+            if applied != start:
+                txn.put(_APPLIED, _u64(applied), db=meta)
+        return results
+
+    def _apply_one(
+        self, parent: lmdb.Transaction, index: int, command: Command | bytes | None
+    ) -> Result:
+        if command is None:
+            return Ok()
+        if isinstance(command, bytes | bytearray | memoryview):
+            try:
+                command = decode_command(bytes(command))
+            except ValueError as e:
+                return MetaError(ErrorCode.INVALID_ARGUMENT, f"Undecodable command: {e}")
+        handler = _HANDLERS.get(type(command))
+        if handler is None:
+            return MetaError(
+                ErrorCode.INVALID_ARGUMENT, f"{type(command).__name__} is not a metadata command."
+            )
+        child = self.env.begin(write=True, parent=parent)
+        try:
+            result = handler(_Ctx(child, self._dbs), index, command)
+        except _Abort as e:
+            child.abort()
+            return e.error
+        except lmdb.Error:
+            child.abort()
+            raise
+        except Exception as e:
+            # A command built in-process with ill-typed fields; deterministic, so a result.
+            child.abort()
+            log.failure("Command {command!r} failed", command=command)
+            return MetaError(
+                ErrorCode.INVALID_ARGUMENT, f"{type(command).__name__} is malformed: {e}."
+            )
+        child.commit()
+        return result
+
+    # --- reads ---
+
+    def stat(self, path: str) -> FileInfo | DirInfo | MetaError:
+        """Describe the file or directory at C{path}."""
+        with self._read() as txn:
+            ctx = _Ctx(txn, self._dbs)
+            try:
+                parts = ctx.parts(path)
+                ino, rec = ctx.resolve(path, parts)
+                return ctx.info(paths.join(parts), ino, rec)
+            except _Abort as e:
+                return e.error
+
+    def listing(
+        self, path: str, *, start_after: str | None = None, limit: int | None = None
+    ) -> Listing | MetaError:
+        """List a directory by name, C{limit} entries at most after the name C{start_after}.
+
+        Listing a file gives that one entry, as C{ls} does.
+        """
+        with self._read() as txn:
+            ctx = _Ctx(txn, self._dbs)
+            try:
+                parts = ctx.parts(path)
+                ino, rec = ctx.resolve(path, parts)
+            except _Abort as e:
+                return e.error
+            base = paths.join(parts)
+            if rec[0] == _FILE:
+                return Listing(base, (ctx.entry(base, ino, rec),), False)
+            entries: builtins.list[EntryInfo] = []
+            more = False
+            for name, child in ctx.children(ino, start_after):
+                if limit is not None and len(entries) >= limit:
+                    more = True
+                    break
+                child_path = base.rstrip("/") + "/" + name
+                entries.append(ctx.entry(child_path, child, ctx.inode(child)))
+            return Listing(base, tuple(entries), more)
+
+    def list(
+        self, path: str, *, start_after: str | None = None, limit: int | None = None
+    ) -> builtins.list[EntryInfo] | MetaError:
+        """The entries of L{listing} as a list (sorted by name), or the error."""
+        result = self.listing(path, start_after=start_after, limit=limit)
+        if isinstance(result, MetaError):
+            return result
+        return list(result.entries)
+
+    def block_groups(self, path: str) -> tuple[BlockGroupInfo, ...] | MetaError:
+        """The block groups of the file at C{path}, in file order."""
+        info = self.stat(path)
+        if isinstance(info, MetaError):
+            return info
+        if isinstance(info, DirInfo):
+            return MetaError(ErrorCode.IS_A_DIRECTORY, f"{_q(info.path)} is a directory.")
+        return info.block_groups
+
+    def block_group(self, bg_id: int) -> tuple[BlockGroupInfo, bool] | None:
+        """A block group by id and whether it is committed, or None when unknown."""
+        with self._read() as txn:
+            ctx = _Ctx(txn, self._dbs)
+            rec = ctx.bgroup(bg_id)
+            return None if rec is None else (ctx.bg_info(bg_id, rec), bool(rec[0]))
+
+    def all_block_groups(
+        self, *, start_after: int | None = None, limit: int | None = None
+    ) -> builtins.list[BlockGroupInfo]:
+        """Committed block groups in id order, a page at a time (for repair and rebalance)."""
+        out: builtins.list[BlockGroupInfo] = []
+        with self._read() as txn:
+            ctx = _Ctx(txn, self._dbs)
+            cursor = txn.cursor(db=ctx.bgroups)
+            start = b"" if start_after is None else _u64(start_after + 1)
+            if not cursor.set_range(start):
+                return out
+            for key, raw in cursor:
+                rec = _unpack(raw)
+                if not rec[0]:
+                    continue
+                out.append(ctx.bg_info(_from_u64(key), rec))
+                if limit is not None and len(out) >= limit:
+                    break
+        return out
+
+    def chunk_servers(self) -> builtins.list[ChunkServerRecord]:
+        """Every registered chunk server, sorted by node id."""
+        with self._read() as txn:
+            ctx = _Ctx(txn, self._dbs)
+            return [
+                ChunkServerRecord(bytes(key).decode("utf-8"), *_unpack(raw))
+                for key, raw in txn.cursor(db=ctx.servers)
+            ]
+
+    def default_policy(self) -> str:
+        """The cluster default EC policy."""
+        with self._read() as txn:
+            return _Ctx(txn, self._dbs).default_ec()
+
+    def shard_status(self, shard_ids: Iterable[str], node_id: str) -> dict[str, str]:
+        """Classify shards that C{node_id} reports holding.
+
+        "live" (its block group is committed and places that shard on this node), "pending"
+        (an upload not yet committed or expired), or "garbage" (anything else: delete it).
+        """
+        out: dict[str, str] = {}
+        with self._read() as txn:
+            ctx = _Ctx(txn, self._dbs)
+            for sid in shard_ids:
+                parsed = parse_shard_id(sid)
+                status = "garbage"
+                if parsed is not None:
+                    bg_id, index = parsed
+                    rec = ctx.bgroup(bg_id)
+                    if rec is not None and index < len(rec[4]) and rec[4][index] == node_id:
+                        status = "live" if rec[0] else "pending"
+                out[sid] = status
+        return out
+
+    def summary(self) -> Summary:
+        """Totals: files, directories (root included), bytes stored and on disk, groups."""
+        with self._read() as txn:
+            ctx = _Ctx(txn, self._dbs)
+            stats = ctx.stats()
+            pending = txn.stat(ctx.pending)["entries"]
+            return Summary(
+                stats["files"],
+                stats["dirs"],
+                stats["bytes"],
+                stats["disk"],
+                stats["bgs"],
+                pending,
+                tuple((w, c) for w, c in stats["widths"]),
+            )
+
+    # --- snapshots ---
+
+    def digest(self) -> str:
+        """A SHA-256 over every key and value of every database (hex)."""
+        h = hashlib.sha256()
+        with self._read() as txn:
+            for name in _DB_NAMES:
+                h.update(len(name).to_bytes(4, "big") + name)
+                for key, value in txn.cursor(db=self._dbs[name]):
+                    h.update(len(key).to_bytes(4, "big") + key)
+                    h.update(len(value).to_bytes(4, "big") + value)
+        return h.hexdigest()
+
+    def snapshot(self, to_path: str) -> None:
+        """Write a consistent compacted copy of the environment into the directory C{to_path}."""
+        os.makedirs(to_path, exist_ok=True)
+        self.env.copy(to_path, compact=True)
+
+    def restore(self, from_path: str) -> None:
+        """Replace the whole state with a copy made by L{snapshot} (the state is reopened)."""
+        source = os.path.join(from_path, "data.mdb")
+        if not os.path.exists(source):
+            raise FileNotFoundError(f"No snapshot at {from_path!r} (data.mdb is missing).")
+        was_open = self._env is not None
+        self.close()
+        os.makedirs(self.path, exist_ok=True)
+        for name in ("data.mdb", "lock.mdb"):
+            target = os.path.join(self.path, name)
+            if os.path.exists(target):
+                os.remove(target)
+        temp = os.path.join(self.path, "data.mdb.restoring")
+        shutil.copyfile(source, temp)
+        if self.durable:
+            with open(temp, "rb") as f:
+                os.fsync(f.fileno())
+        os.replace(temp, os.path.join(self.path, "data.mdb"))
+        if was_open:
+            self.open()
+
+    def dump(self) -> bytes:
+        """Every database as canonical bytes: the Raft snapshot payload (see L{load})."""
+        dbs = []
+        with self._read() as txn:
+            for name in _DB_NAMES:
+                items = [[bytes(k), bytes(v)] for k, v in txn.cursor(db=self._dbs[name])]
+                dbs.append([name.decode(), items])
+        return _pack([_DUMP_MAGIC, _FORMAT_VERSION, dbs])
+
+    def load(self, data: bytes) -> None:
+        """Replace the whole state with a L{dump} in one transaction (C{ValueError} if bad)."""
+        try:
+            magic, version, dbs = _unpack(data)
+            if magic != _DUMP_MAGIC or version != _FORMAT_VERSION:
+                raise ValueError("not a DogFS metadata dump of a known format")
+            tables = {str(name).encode(): items for name, items in dbs}
+            if set(tables) != set(_DB_NAMES):
+                raise ValueError("the dump's databases do not match")
+        except Exception as e:
+            raise ValueError(f"Cannot load the metadata snapshot: {e}.") from None
+        with self.env.begin(write=True) as txn:
+            for name in _DB_NAMES:
+                db = self._dbs[name]
+                txn.drop(db, delete=False)
+                for key, value in tables[name]:
+                    txn.put(bytes(key), bytes(value), db=db)
+
+
+# --- command handlers -------------------------------------------------------------------------
+
+
+def _mkdir(ctx: _Ctx, index: int, cmd: Mkdir) -> DirInfo:
+    parts = ctx.parts(cmd.path)
+    path = paths.join(parts)
+    if cmd.ec is not None:
+        _check_policy(cmd.ec)
+    now = _check_number(cmd.now, "Time")
+    if not parts:
+        if cmd.parents:
+            return DirInfo("/", ctx.effective_ec(ROOT), float(ctx.inode(ROOT)[4]))
+        raise _Abort(ErrorCode.EXISTS, "'/' already exists.")
+    cur = ROOT
+    for i, name in enumerate(parts):
+        last = i == len(parts) - 1
+        here = paths.join(parts[: i + 1])
+        child = ctx.child(cur, name)
+        if child is not None:
+            rec = ctx.inode(child)
+            if rec[0] != _DIR:
+                if last:
+                    raise _Abort(ErrorCode.EXISTS, f"{_q(here)} already exists as a file.")
+                raise _Abort(
+                    ErrorCode.NOT_A_DIRECTORY,
+                    f"{_q(here)} is a file, not a directory, in {_q(path)}.",
+                )
+            if last:
+                if cmd.parents:
+                    return DirInfo(path, ctx.effective_ec(child), float(rec[4]))
+                raise _Abort(ErrorCode.EXISTS, f"{_q(path)} already exists.")
+            cur = child
+            continue
+        if not last and not cmd.parents:
+            raise _Abort(
+                ErrorCode.NOT_FOUND,
+                f"The parent directory {_q(paths.join(parts[:-1]))} of {_q(path)} does not exist.",
+            )
+        ino = ctx.next_id(_NEXT_INO)
+        ctx.put_inode(ino, [_DIR, cur, name, cmd.ec if last else None, now])
+        ctx.put_child(cur, name, ino)
+        ctx.adjust(dirs=1)
+        cur = ino
+    return DirInfo(path, ctx.effective_ec(cur), now)
+
+
+def _set_default(ctx: _Ctx, index: int, cmd: SetDefaultPolicy) -> Ok:
+    _check_policy(cmd.ec)
+    ctx.txn.put(_DEFAULT_EC, cmd.ec.encode("utf-8"), db=ctx.meta)
+    return Ok()
+
+
+def _register(ctx: _Ctx, index: int, cmd: RegisterChunkServer) -> Ok:
+    node = _check_text(cmd.node_id, "Chunk server id")
+    address = _check_text(cmd.address, "Address")
+    domain = None if cmd.domain is None else _check_text(cmd.domain, "Failure domain")
+    ctx.txn.put(node.encode("utf-8"), _pack([address, domain]), db=ctx.servers)
+    return Ok()
+
+
+def _allocate(ctx: _Ctx, index: int, cmd: Allocate) -> Allocation:
+    parts = ctx.parts(cmd.path)
+    path = paths.join(parts)
+    if not parts:
+        raise _Abort(ErrorCode.IS_A_DIRECTORY, "'/' is a directory.")
+    parent, _ = ctx.resolve_parent(path, parts)
+    existing = ctx.child(parent, parts[-1])
+    if existing is not None and ctx.inode(existing)[0] == _DIR:
+        raise _Abort(ErrorCode.IS_A_DIRECTORY, f"{_q(path)} is a directory.")
+    ec = ctx.effective_ec(parent) if cmd.ec is None else cmd.ec
+    k, m = _check_policy(ec)
+    now = _check_number(cmd.now, "Allocation time")
+    placement = tuple(cmd.placement)
+    if len(placement) != k + m:
+        raise _Abort(
+            ErrorCode.INVALID_ARGUMENT,
+            f"{ec} needs {k + m} chunk servers but the placement for {_q(path)} names "
+            f"{len(placement)}.",
+        )
+    if len(set(placement)) != len(placement):
+        raise _Abort(
+            ErrorCode.INVALID_ARGUMENT,
+            f"The placement for {_q(path)} names a chunk server twice.",
+        )
+    for node in placement:
+        if not isinstance(node, str) or ctx.server(node) is None:
+            raise _Abort(
+                ErrorCode.UNKNOWN_CHUNK_SERVER,
+                f"Chunk server {node!r} in the placement for {_q(path)} is not registered.",
+            )
+    bg_id = ctx.next_id(_NEXT_BG)
+    ctx.put_bgroup(bg_id, [False, ec, 0, now, list(placement)])
+    ctx.txn.put(_u64(bg_id), b"", db=ctx.pending)
+    return Allocation(bg_id, ec, ctx.shards(bg_id, placement))
+
+
+def _commit(ctx: _Ctx, index: int, cmd: CommitFile) -> FileInfo:
+    parts = ctx.parts(cmd.path)
+    path = paths.join(parts)
+    if not parts:
+        raise _Abort(ErrorCode.IS_A_DIRECTORY, "'/' is a directory.")
+    parent, _ = ctx.resolve_parent(path, parts)
+    name = parts[-1]
+    existing = ctx.child(parent, name)
+    old = None if existing is None else ctx.inode(existing)
+    if old is not None and old[0] == _DIR:
+        raise _Abort(ErrorCode.IS_A_DIRECTORY, f"{_q(path)} is a directory.")
+    if cmd.expected_version is not None:
+        current = 0 if old is None else old[6]
+        if current != cmd.expected_version:
+            raise _Abort(
+                ErrorCode.VERSION_MISMATCH,
+                f"{_q(path)} is at version {current}, not {cmd.expected_version}.",
+            )
+    size = _check_count(cmd.size, "File size")
+    now = _check_number(cmd.now, "Commit time")
+    if cmd.ec is not None:
+        _check_policy(cmd.ec)
+    ec = cmd.ec
+    seen: set[int] = set()
+    total = 0
+    new_groups: list[tuple[int, int, list[Any]]] = []
+    for bg_id, bg_size in cmd.block_groups:
+        _check_count(bg_id, "Block group id")
+        if _check_count(bg_size, "Block group size") == 0:
+            raise _Abort(
+                ErrorCode.INVALID_ARGUMENT,
+                f"Block group {_bg_name(bg_id)} of {_q(path)} has size 0.",
+            )
+        if bg_id in seen:
+            raise _Abort(
+                ErrorCode.INVALID_ARGUMENT,
+                f"Block group {_bg_name(bg_id)} is named twice in the commit of {_q(path)}.",
+            )
+        seen.add(bg_id)
+        rec = ctx.bgroup(bg_id)
+        if rec is None or rec[0]:
+            raise _Abort(
+                ErrorCode.STALE_ALLOCATION,
+                f"Block group {_bg_name(bg_id)} for {_q(path)} is not a pending allocation "
+                f"(it expired or was already committed).",
+            )
+        if ec is None:
+            ec = rec[1]
+        elif rec[1] != ec:
+            raise _Abort(
+                ErrorCode.INVALID_ARGUMENT,
+                f"Block group {_bg_name(bg_id)} of {_q(path)} uses {rec[1]}, not {ec}.",
+            )
+        total += bg_size
+        new_groups.append((bg_id, bg_size, rec))
+    if total != size:
+        raise _Abort(
+            ErrorCode.INVALID_ARGUMENT,
+            f"The block groups of {_q(path)} hold {total} bytes, not the {size} committed.",
+        )
+    if ec is None:
+        ec = ctx.effective_ec(parent)
+    if old is not None:
+        ctx.drop_bgroups(old[7])
+    for bg_id, bg_size, rec in new_groups:
+        rec[0] = True
+        rec[2] = bg_size
+        ctx.put_bgroup(bg_id, rec)
+        ctx.txn.delete(_u64(bg_id), db=ctx.pending)
+    ctx.adjust(bgs=[(rec[1], bg_size) for _, bg_size, rec in new_groups])
+    if existing is None:
+        ino = ctx.next_id(_NEXT_INO)
+        ctx.put_child(parent, name, ino)
+        ctx.adjust(files=1)
+    else:
+        ino = existing
+    rec = [_FILE, parent, name, ec, now, size, index, [bg for bg, _, _ in new_groups]]
+    ctx.put_inode(ino, rec)
+    info = ctx.info(path, ino, rec)
+    assert isinstance(info, FileInfo)
+    return info
+
+
+def _delete(ctx: _Ctx, index: int, cmd: Delete) -> Ok:
+    parts = ctx.parts(cmd.path)
+    path = paths.join(parts)
+    if not parts:
+        raise _Abort(ErrorCode.INVALID_ARGUMENT, "The root directory '/' cannot be deleted.")
+    ino, rec = ctx.resolve(path, parts)
+    if rec[0] == _DIR and not cmd.recursive and ctx.has_children(ino):
+        raise _Abort(ErrorCode.NOT_EMPTY, f"Directory {_q(path)} is not empty.")
+    ctx.remove_tree(ino, rec)
+    ctx.delete_child(rec[1], rec[2])
+    return Ok()
+
+
+def _rename(ctx: _Ctx, index: int, cmd: Rename) -> Ok:
+    src_parts = ctx.parts(cmd.src)
+    dst_parts = ctx.parts(cmd.dst)
+    src, dst = paths.join(src_parts), paths.join(dst_parts)
+    if not src_parts:
+        raise _Abort(ErrorCode.INVALID_ARGUMENT, "The root directory '/' cannot be moved.")
+    ino, rec = ctx.resolve(src, src_parts)
+    if not dst_parts:
+        raise _Abort(ErrorCode.EXISTS, "'/' already exists.")
+    parent, _ = ctx.resolve_parent(dst, dst_parts)
+    if ctx.child(parent, dst_parts[-1]) is not None:
+        raise _Abort(ErrorCode.EXISTS, f"{_q(dst)} already exists; DogFS does not replace it.")
+    if rec[0] == _DIR:
+        cur = parent
+        while True:
+            if cur == ino:
+                raise _Abort(
+                    ErrorCode.INVALID_ARGUMENT,
+                    f"Cannot move directory {_q(src)} into its own subtree at {_q(dst)}.",
+                )
+            if cur == ROOT:
+                break
+            cur = ctx.inode(cur)[1]
+    ctx.delete_child(rec[1], rec[2])
+    ctx.put_child(parent, dst_parts[-1], ino)
+    rec[1] = parent
+    rec[2] = dst_parts[-1]
+    ctx.put_inode(ino, rec)
+    return Ok()
+
+
+def _expire(ctx: _Ctx, index: int, cmd: ExpireAllocations) -> Count:
+    before = _check_number(cmd.before, "Expiry time")
+    expired = []
+    for key, _ in ctx.txn.cursor(db=ctx.pending):
+        rec = ctx.bgroup(_from_u64(key))
+        if rec is None or rec[3] < before:
+            expired.append(bytes(key))
+    for key in expired:
+        ctx.txn.delete(key, db=ctx.pending)
+        ctx.txn.delete(key, db=ctx.bgroups)
+    return Count(len(expired))
+
+
+def _move_shard(ctx: _Ctx, index: int, cmd: MoveShard) -> Ok:
+    bg_id = _check_count(cmd.bg_id, "Block group id")
+    rec = ctx.bgroup(bg_id)
+    if rec is None:
+        raise _Abort(ErrorCode.NOT_FOUND, f"Block group {_bg_name(bg_id)} does not exist.")
+    nodes: list[str] = rec[4]
+    shard = _check_count(cmd.index, "Shard index")
+    if shard >= len(nodes):
+        raise _Abort(
+            ErrorCode.INVALID_ARGUMENT,
+            f"Block group {_bg_name(bg_id)} has no shard {shard} (it has {len(nodes)}).",
+        )
+    sid = shard_id(bg_id, shard)
+    if nodes[shard] != cmd.from_node:
+        raise _Abort(
+            ErrorCode.STALE_ALLOCATION,
+            f"Shard {sid} is on {nodes[shard]!r}, not on {cmd.from_node!r}.",
+        )
+    if not isinstance(cmd.to_node, str) or ctx.server(cmd.to_node) is None:
+        raise _Abort(
+            ErrorCode.UNKNOWN_CHUNK_SERVER, f"Chunk server {cmd.to_node!r} is not registered."
+        )
+    if cmd.to_node in nodes:
+        raise _Abort(
+            ErrorCode.INVALID_ARGUMENT,
+            f"Chunk server {cmd.to_node!r} already holds a shard of block group {_bg_name(bg_id)}.",
+        )
+    nodes[shard] = cmd.to_node
+    ctx.put_bgroup(bg_id, rec)
+    return Ok()
+
+
+_HANDLERS: dict[type, Any] = {
+    Mkdir: _mkdir,
+    SetDefaultPolicy: _set_default,
+    RegisterChunkServer: _register,
+    Allocate: _allocate,
+    CommitFile: _commit,
+    Delete: _delete,
+    Rename: _rename,
+    ExpireAllocations: _expire,
+    MoveShard: _move_shard,
+}
+
+__all__ = ["NamespaceState", "ROOT"]
