@@ -1,0 +1,544 @@
+# -*- test-case-name: tests.test_security_tls -*-
+"""Mutually authenticated TLS for DogFS's Twisted endpoints.
+
+What this module owns:
+
+- :class:`ServerTLS`: the server side of every DogFS listener. It requires a client certificate
+  signed by the cluster CA (a peer without one gets a handshake alert and nothing else), speaks
+  TLS 1.2 or 1.3 only, refuses identities without a role and revoked identities during the
+  handshake, and can :meth:`ServerTLS.reload` its certificate, key and CA from disk for new
+  connections while open ones carry on (what a daemon's SIGHUP handler calls).
+- :class:`ClientTLS` / :func:`client_tls`: the client side. It trusts only the cluster CA,
+  presents our certificate, and checks that the server's certificate names the host we dialled
+  (an IP address against IP subjectAltNames, a name against DNS ones).
+- :func:`server_endpoint` / :func:`client_endpoint`: endpoints from DogFS's address strings
+  (``tcp:7000:interface=127.0.0.1`` to listen, ``host:port`` to dial), with TLS or, when
+  ``tls`` is ``None``, plaintext.
+- :func:`peer_identity`: the :class:`~dogfs.security.roles.Identity` at the other end.
+- :class:`RevocationSet` and :class:`ConnectionRegistry`: revocation consulted at every
+  handshake, and the way to cut connections a revoked identity already holds.
+
+How a protocol learns who its peer is: the TLS layer calls the application protocol's
+``handshakeCompleted()`` if the protocol provides
+:class:`twisted.internet.interfaces.IHandshakeListener`; from then on
+``peer_identity(self.transport)`` returns the peer's Identity. No application data is delivered
+before the handshake completes, so reading the identity at the first ``dataReceived`` works too.
+``connectionMade`` runs *before* the handshake: the identity is not known there.
+
+Session resumption is disabled on the server: a resumed session skips certificate
+verification, and so would skip the revocation check.
+
+Depends on ``roles`` only (and Twisted, pyOpenSSL, cryptography, service_identity).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Iterable
+from typing import Any, cast
+
+from attrs import frozen
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from OpenSSL import SSL
+from twisted.internet import ssl
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import (
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    serverFromString,
+)
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IOpenSSLClientConnectionCreator,
+    IOpenSSLServerConnectionCreator,
+    IProtocol,
+    IProtocolFactory,
+    IReactorTCP,
+    IReactorTime,
+    IStreamClientEndpoint,
+    IStreamServerEndpoint,
+)
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from zope.interface import implementer
+
+from dogfs.security.roles import Identity, InvalidIdentity, identity_from_certificate
+
+__all__ = [
+    "ClientTLS",
+    "ConnectionRegistry",
+    "RevocationSet",
+    "ServerTLS",
+    "TLSConfig",
+    "client_endpoint",
+    "client_tls",
+    "parse_address",
+    "peer_identity",
+    "server_endpoint",
+]
+
+_log = Logger()
+
+# OpenSSL's X509_V_ERR_* codes a DogFS operator is likely to meet, so that a refused handshake
+# is logged as a sentence instead of a number.
+_VERIFY_ERRORS: dict[int, str] = {
+    2: "its issuer's certificate is unavailable",
+    7: "its signature does not verify",
+    9: "it is not valid yet",
+    10: "it has expired",
+    18: "it is self-signed",
+    19: "its chain ends in a CA we do not trust",
+    20: "it was not issued by the cluster CA",
+    21: "it was not issued by the cluster CA",
+    26: "it may not be used for this purpose",
+}
+
+# Forward-secret AEAD suites only, for TLS 1.2 (TLS 1.3 suites are all of that kind).
+_TLS12_CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20"
+
+
+@frozen
+class TLSConfig:
+    """Where a process finds its TLS material: absolute paths of PEM files.
+
+    :ivar ca_cert: the cluster CA's certificate (``ca.pem``), the only root trusted.
+    :ivar cert: this process's certificate (``cert.pem``).
+    :ivar key: its private key (``key.pem``).
+    """
+
+    ca_cert: str
+    cert: str
+    key: str
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def peer_identity(transport: object) -> Identity | None:
+    """Return the Identity whose certificate the peer presented on ``transport``.
+
+    ``transport`` is a protocol's ``self.transport`` on a TLS connection made by this module.
+    Returns ``None`` when the transport is not TLS, the handshake has not completed yet, or the
+    connection is gone.
+
+    :raises InvalidIdentity: if the peer's certificate carries no DogFS role. (A server made by
+        :class:`ServerTLS` already refused such a peer during the handshake.)
+    """
+    get = getattr(transport, "getPeerCertificate", None)
+    if get is None:
+        return None
+    try:
+        cert = get()
+    except AttributeError:
+        # TLSMemoryBIOProtocol drops its OpenSSL connection once the connection is lost.
+        return None
+    if cert is None:
+        return None
+    crypto_cert: x509.Certificate = (
+        cert if isinstance(cert, x509.Certificate) else cert.to_cryptography()
+    )
+    return identity_from_certificate(crypto_cert)
+
+
+class RevocationSet:
+    """Identities no longer allowed in: by name (every certificate of it) or by serial.
+
+    Mutable at runtime; the metadata service feeds it (e.g. with :meth:`replace` whenever its
+    committed revocation list changes). A :class:`ServerTLS` consults it at each handshake;
+    connections already open are cut with :meth:`ServerTLS.enforce_revocations` or
+    :meth:`ConnectionRegistry.drop`.
+    """
+
+    def __init__(self, names: Iterable[str] = (), serials: Iterable[int] = ()) -> None:
+        self._names: set[str] = set(names)
+        self._serials: set[int] = set(serials)
+
+    @property
+    def names(self) -> frozenset[str]:
+        """The revoked names."""
+        return frozenset(self._names)
+
+    @property
+    def serials(self) -> frozenset[int]:
+        """The revoked certificate serial numbers."""
+        return frozenset(self._serials)
+
+    def revoke_name(self, name: str) -> None:
+        """Revoke every certificate whose CN is ``name``."""
+        self._names.add(name)
+
+    def revoke_serial(self, serial: int) -> None:
+        """Revoke the one certificate with this serial number (e.g. a rotated-out one)."""
+        self._serials.add(serial)
+
+    def reinstate_name(self, name: str) -> None:
+        """Undo :meth:`revoke_name` (no error if ``name`` was not revoked)."""
+        self._names.discard(name)
+
+    def replace(self, names: Iterable[str], serials: Iterable[int]) -> None:
+        """Make the set exactly ``names`` and ``serials`` (a fresh list from the metadata)."""
+        self._names = set(names)
+        self._serials = set(serials)
+
+    def is_revoked(self, identity: Identity) -> bool:
+        """Return whether ``identity`` is revoked by its name or by its serial."""
+        return identity.name in self._names or identity.serial in self._serials
+
+
+class ConnectionRegistry:
+    """The open TLS connections of a server, by the Identity that authenticated them.
+
+    :class:`ServerTLS` registers each connection once its client certificate is verified, and
+    the factories made by :meth:`ServerTLS.wrap_factory` unregister it when it closes. It exists
+    so that revoking an identity can cut the connections it already holds.
+    """
+
+    def __init__(self) -> None:
+        self._by_transport: dict[object, Identity] = {}
+
+    def register(self, identity: Identity, transport: object) -> None:
+        """Record that ``transport`` is authenticated as ``identity``."""
+        self._by_transport[transport] = identity
+
+    def unregister(self, transport: object) -> None:
+        """Forget ``transport`` (it closed); no error if it was never registered."""
+        self._by_transport.pop(transport, None)
+
+    def identity_of(self, transport: object) -> Identity | None:
+        """Return the Identity ``transport`` authenticated as, if it is registered."""
+        return self._by_transport.get(transport)
+
+    def identities(self) -> list[Identity]:
+        """Return the Identity of each open connection (one entry per connection)."""
+        return list(self._by_transport.values())
+
+    def _drop_where(self, doomed: Callable[[Identity], bool]) -> int:
+        victims = [t for t, ident in self._by_transport.items() if doomed(ident)]
+        for transport in victims:
+            self.unregister(transport)
+            # abortConnection, not loseConnection: a revoked peer gets no more bytes, not even
+            # the rest of a response already queued.
+            transport.abortConnection()  # type: ignore[attr-defined]
+        return len(victims)
+
+    def drop(self, identity_name: str) -> int:
+        """Abort every open connection of ``identity_name``; return how many there were."""
+        return self._drop_where(lambda ident: ident.name == identity_name)
+
+    def drop_revoked(self, revocations: RevocationSet) -> int:
+        """Abort every open connection whose identity ``revocations`` revokes; return the count."""
+        return self._drop_where(revocations.is_revoked)
+
+
+def _describe_peer(tls_protocol: TLSMemoryBIOProtocol) -> str:
+    transport = getattr(tls_protocol, "transport", None)
+    peer = transport.getPeer() if transport is not None else None
+    host = getattr(peer, "host", None)
+    port = getattr(peer, "port", None)
+    return f"{host}:{port}" if host is not None else "an unknown peer"
+
+
+def _build_server_context(config: TLSConfig) -> SSL.Context:
+    """Build a server Context from ``config``'s files, checking they belong together."""
+    ca_pem = _read(config.ca_cert)
+    cert_pem = _read(config.cert)
+    ca = x509.load_pem_x509_certificate(ca_pem)
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature) as e:
+        raise ValueError(f"{config.cert} was not issued by the CA in {config.ca_cert}: {e}") from e
+    ctx = SSL.Context(SSL.TLS_METHOD)
+    ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+    ctx.set_options(
+        SSL.OP_NO_COMPRESSION
+        | SSL.OP_CIPHER_SERVER_PREFERENCE
+        | SSL.OP_NO_TICKET
+        | SSL.OP_NO_RENEGOTIATION
+    )
+    ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    ctx.set_cipher_list(_TLS12_CIPHERS)
+    ctx.use_certificate_chain_file(config.cert)
+    ctx.use_privatekey_file(config.key)
+    ctx.check_privatekey()
+    ctx.load_verify_locations(config.ca_cert)
+    # Tell clients which CA we want their certificate from.
+    ctx.load_client_ca(config.ca_cert.encode())
+    # The real verification callback is set per connection (it needs the connection's
+    # protocol); this one only keeps a Context built here safe if used on its own.
+    ctx.set_verify(
+        SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT | SSL.VERIFY_CLIENT_ONCE,
+        lambda conn, cert, errno, depth, ok: bool(ok),
+    )
+    return ctx
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ServerTLS:
+    """The TLS server side of a DogFS listener, reloadable from disk.
+
+    Every connection must present a certificate issued by the cluster CA, carrying a known
+    role and not revoked by ``revocations``; otherwise the handshake fails with an alert and
+    the application protocol never sees a byte. Accepted connections are registered in
+    ``registry`` under their Identity until they close.
+
+    Use it through :func:`server_endpoint`, or wrap a factory with :meth:`wrap_factory`. It also
+    provides ``IOpenSSLServerConnectionCreator``, so ``TLSMemoryBIOFactory(server_tls, False,
+    factory)`` works too, but then the registry is not told when connections close.
+
+    :raises OSError, ValueError, OpenSSL.SSL.Error: when the files are missing, unreadable or
+        do not belong together (the certificate not issued by the CA, the key not matching).
+    """
+
+    def __init__(
+        self,
+        config: TLSConfig,
+        *,
+        revocations: RevocationSet | None = None,
+        registry: ConnectionRegistry | None = None,
+    ) -> None:
+        self.revocations = revocations if revocations is not None else RevocationSet()
+        self.registry = registry if registry is not None else ConnectionRegistry()
+        self.config = config
+        self._context = _build_server_context(config)
+
+    def reload(self, config: TLSConfig | None = None) -> None:
+        """Re-read the certificate, key and CA (from ``config`` if given, else the same paths).
+
+        New connections use the new files; open connections keep the session they have. All or
+        nothing: if the new files are missing or do not belong together, this raises and the
+        old ones stay in use.
+        """
+        config = config if config is not None else self.config
+        context = _build_server_context(config)
+        self._context = context
+        self.config = config
+
+    def enforce_revocations(self) -> int:
+        """Abort the open connections of every identity now revoked; return how many."""
+        return self.registry.drop_revoked(self.revocations)
+
+    def wrap_factory(
+        self, factory: IProtocolFactory, clock: IReactorTime | None = None
+    ) -> IProtocolFactory:
+        """Return a factory that runs ``factory``'s protocols over this server's TLS."""
+        return cast(IProtocolFactory, _RegisteringTLSFactory(self, factory, clock))
+
+    def serverConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
+        """Create the OpenSSL connection for one accepted TCP connection (Twisted calls this)."""
+        connection = SSL.Connection(self._context, None)
+        connection.set_verify(
+            SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT | SSL.VERIFY_CLIENT_ONCE,
+            self._verifier(tlsProtocol),
+        )
+        return connection
+
+    def _verifier(
+        self, tls_protocol: TLSMemoryBIOProtocol
+    ) -> Callable[[SSL.Connection, object, int, int, int], bool]:
+        def verify(conn: SSL.Connection, cert: object, errno: int, depth: int, ok: int) -> bool:
+            # An exception escaping an OpenSSL callback is lost or worse: catch everything.
+            try:
+                if not ok:
+                    reason = _VERIFY_ERRORS.get(errno, f"OpenSSL verify error {errno}")
+                    _log.info(
+                        "refused TLS client {peer}: its certificate is not acceptable: {reason}",
+                        peer=_describe_peer(tls_protocol),
+                        reason=reason,
+                    )
+                    return False
+                if depth != 0:
+                    return True
+                identity = identity_from_certificate(cert.to_cryptography())  # type: ignore[attr-defined]
+                if self.revocations.is_revoked(identity):
+                    _log.info(
+                        "refused TLS client {peer}: identity {name!r} (serial {serial}) is revoked",
+                        peer=_describe_peer(tls_protocol),
+                        name=identity.name,
+                        serial=identity.serial,
+                    )
+                    return False
+                self.registry.register(identity, tls_protocol)
+                return True
+            except InvalidIdentity as e:
+                _log.info(
+                    "refused TLS client {peer}: {reason}",
+                    peer=_describe_peer(tls_protocol),
+                    reason=str(e),
+                )
+                return False
+            except BaseException:
+                _log.failure("while verifying a TLS client certificate")
+                return False
+
+        return verify
+
+
+class _RegisteringTLSFactory(TLSMemoryBIOFactory):
+    """A server TLS factory that takes connections out of the registry when they close."""
+
+    def __init__(
+        self, server: ServerTLS, wrapped: IProtocolFactory, clock: IReactorTime | None
+    ) -> None:
+        super().__init__(cast(IOpenSSLServerConnectionCreator, server), False, wrapped, clock)
+        self._server = server
+
+    def unregisterProtocol(self, p: object) -> None:
+        """Called by the TLS protocol's connectionLost: forget the connection."""
+        self._server.registry.unregister(p)
+        super().unregisterProtocol(p)
+
+
+class ClientTLS:
+    """The client side of DogFS TLS: trust the cluster CA, present our certificate.
+
+    Loads the three files once; :meth:`creator` then makes a connection creator per host
+    dialled. Build a new one (or call :meth:`reload`) after the certificate is rotated.
+    """
+
+    def __init__(self, config: TLSConfig) -> None:
+        self.config = config
+        self._trust_root, self._client_cert = self._load(config)
+
+    @staticmethod
+    def _load(config: TLSConfig) -> tuple[ssl.Certificate, ssl.PrivateCertificate]:
+        trust_root = ssl.Certificate.loadPEM(_read(config.ca_cert))
+        client_cert = ssl.PrivateCertificate.loadPEM(_read(config.cert) + b"\n" + _read(config.key))
+        return trust_root, client_cert
+
+    def reload(self, config: TLSConfig | None = None) -> None:
+        """Re-read the files (all or nothing); connections made later use the new ones."""
+        config = config if config is not None else self.config
+        self._trust_root, self._client_cert = self._load(config)
+        self.config = config
+
+    def creator(self, host: str) -> IOpenSSLClientConnectionCreator:
+        """A connection creator that checks the server's certificate names ``host``."""
+        return ssl.optionsForClientTLS(
+            host,
+            trustRoot=self._trust_root,
+            clientCertificate=self._client_cert,
+            extraCertificateOptions={"raiseMinimumTo": ssl.TLSVersion.TLSv1_2},
+        )
+
+
+def client_tls(config: TLSConfig, host: str) -> IOpenSSLClientConnectionCreator:
+    """Return a client connection creator for dialling ``host`` (an IP address or a name).
+
+    The server must present a certificate issued by the cluster CA whose subjectAltNames
+    include ``host``; we present ``config``'s certificate.
+    """
+    return ClientTLS(config).creator(host)
+
+
+@implementer(IStreamServerEndpoint)
+class _TLSServerEndpoint:
+    """A stream server endpoint with :class:`ServerTLS` layered over it."""
+
+    def __init__(
+        self, wrapped: IStreamServerEndpoint, tls: ServerTLS, clock: IReactorTime | None
+    ) -> None:
+        # Any: zope interfaces are not understood by mypy without a plugin.
+        self._wrapped: Any = wrapped
+        self._tls = tls
+        self._clock = clock
+
+    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
+        """Listen on the wrapped endpoint, every connection running TLS."""
+        return self._wrapped.listen(self._tls.wrap_factory(protocolFactory, self._clock))
+
+
+@implementer(IStreamClientEndpoint)
+class _TLSClientEndpoint:
+    """A stream client endpoint with client TLS layered over it (like ``wrapClientTLS``)."""
+
+    def __init__(
+        self,
+        wrapped: IStreamClientEndpoint,
+        creator: IOpenSSLClientConnectionCreator,
+        clock: IReactorTime | None,
+    ) -> None:
+        self._wrapped: Any = wrapped
+        self._creator = creator
+        self._clock = clock
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
+        """Connect; fires with the application protocol once TCP is up (before the handshake)."""
+        factory = TLSMemoryBIOFactory(self._creator, True, protocolFactory, self._clock)
+        d = self._wrapped.connect(factory)
+        return d.addCallback(lambda proto: proto.wrappedProtocol)
+
+
+def server_endpoint(
+    reactor: object, description: str, tls: ServerTLS | None
+) -> IStreamServerEndpoint:
+    """Return a listening endpoint for ``description``, with TLS unless ``tls`` is None.
+
+    ``description`` is a Twisted server endpoint string for a plain stream, e.g.
+    ``tcp:7000:interface=127.0.0.1`` (``unix:`` works too). TLS comes from ``tls``, so an
+    ``ssl:`` description together with ``tls`` is refused. ``reactor`` also serves as the TLS
+    layer's clock.
+    """
+    kind = description.split(":", 1)[0].strip().lower()
+    if tls is not None and kind in ("ssl", "tls", "txtorcon"):
+        raise ValueError(
+            f"listen address {description!r} already names a TLS endpoint; give a plain "
+            "'tcp:PORT:interface=HOST' address and DogFS adds its own TLS"
+        )
+    wrapped = serverFromString(reactor, description)
+    if tls is None:
+        return wrapped
+    clock = reactor if IReactorTime.providedBy(reactor) else None
+    return cast(IStreamServerEndpoint, _TLSServerEndpoint(wrapped, tls, cast(Any, clock)))
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """Split ``host:port`` (``[v6]:port`` for IPv6 literals) into a host and a port number.
+
+    :raises ValueError: with a sentence naming the address when it is malformed.
+    """
+    host, sep, port_text = address.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise ValueError(f"address {address!r} is not of the form HOST:PORT")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    port = int(port_text)
+    if not 0 < port < 65536:
+        raise ValueError(f"address {address!r} has port {port} outside 1-65535")
+    return host, port
+
+
+def client_endpoint(
+    reactor: IReactorTCP,
+    address: str,
+    tls: TLSConfig | ClientTLS | None,
+    timeout: float = 10.0,
+) -> IStreamClientEndpoint:
+    """Return an endpoint dialling ``address`` (``host:port``), with TLS unless ``tls`` is None.
+
+    ``timeout`` bounds the TCP connection attempt. The endpoint's ``connect`` Deferred fires
+    once TCP is up; the handshake completes later (see the module docstring), and a failed one
+    (the server's certificate not from our CA, or not naming ``host``) arrives as the
+    protocol's ``connectionLost`` reason. Pass a :class:`ClientTLS` to avoid re-reading the
+    files on every connection.
+    """
+    host, port = parse_address(address)
+    endpoint: IStreamClientEndpoint
+    try:
+        is_v6 = ipaddress.ip_address(host).version == 6
+    except ValueError:
+        is_v6 = False
+    if is_v6:
+        endpoint = cast(IStreamClientEndpoint, TCP6ClientEndpoint(reactor, host, port, timeout))
+    else:
+        endpoint = cast(IStreamClientEndpoint, TCP4ClientEndpoint(reactor, host, port, timeout))
+    if tls is None:
+        return endpoint
+    client = tls if isinstance(tls, ClientTLS) else ClientTLS(tls)
+    clock = reactor if IReactorTime.providedBy(reactor) else None
+    return cast(
+        IStreamClientEndpoint, _TLSClientEndpoint(endpoint, client.creator(host), cast(Any, clock))
+    )
