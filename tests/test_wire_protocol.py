@@ -165,7 +165,7 @@ class StreamTests(SynchronousTestCase):
         server, client, pump = pair({PutShard: lambda r: defer.Deferred.fromCoroutine(handle(r))})
         upload = client.open_stream(PutShard("s1", "RS-4-2", 0, 4))
         for i in range(20):
-            upload.send(Cell(i), bytes([i]) * 4)
+            upload.send(Cell(i, 0), bytes([i]) * 4)
             pump.flush()
         d = upload.finish(PutShardEnd(20))
         pump.flush()
@@ -182,7 +182,7 @@ class StreamTests(SynchronousTestCase):
         upload = client.open_stream(PutShard("s1", "RS-4-2", 0, 4))
         pump.flush()
         self.assertTrue(upload.done)
-        upload.send(Cell(0), b"xxxx")
+        upload.send(Cell(0, 0), b"xxxx")
         d = upload.finish(PutShardEnd(1))
         pump.flush()
         self.assertEqual(self.failureResultOf(d, WireError).value.code, "full")
@@ -204,7 +204,7 @@ class StreamTests(SynchronousTestCase):
 
         server, client, pump = pair({PutShard: lambda r: defer.Deferred.fromCoroutine(handle(r))})
         upload = client.open_stream(PutShard("s1", "RS-4-2", 0, 4))
-        upload.send(Cell(0), b"1234")
+        upload.send(Cell(0, 0), b"1234")
         pump.flush()
         upload.abort("client gave up")
         pump.flush()
@@ -215,7 +215,7 @@ class StreamTests(SynchronousTestCase):
 
         async def handle(request: Request) -> GetShardEnd:
             for i in range(5):
-                await request.send_part(Cell(i), bytes([65 + i]) * 3)
+                await request.send_part(Cell(i, 0), bytes([65 + i]) * 3)
             return GetShardEnd(5)
 
         server, client, pump = pair({GetShard: lambda r: defer.Deferred.fromCoroutine(handle(r))})
@@ -254,7 +254,7 @@ class FlowControlTests(SynchronousTestCase):
         header = messages.encode(PutShard("s", "RS-4-2", 0, 1))
         frames.append(encode_frame(1, Flags.MORE, PutShard.TYPE, 5, header, 0) + header)  # type: ignore[attr-defined]
         for i in range(20):
-            h = messages.encode(Cell(i))
+            h = messages.encode(Cell(i, 0))
             frames.append(encode_frame(1, Flags.MORE, Cell.TYPE, 5, h, 1) + h + b"x")  # type: ignore[attr-defined]
         connection.dataReceived(b"".join(frames))
         self.assertEqual(transport.producerState, "paused")

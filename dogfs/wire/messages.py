@@ -161,9 +161,14 @@ class Ok:
 @message(4)
 @frozen
 class Cell:
-    """One cell of a shard in a streamed transfer; the bytes are the frame's payload."""
+    """One cell of a shard in a streamed transfer; the bytes are the frame's payload.
+
+    `crc` is the CRC32C of the payload, computed by the writer when it encoded the cell and
+    checked by every reader, so corruption on disk or on the wire never goes unnoticed.
+    """
 
     index: int
+    crc: int
 
 
 # --- client and chunk server to metadata -------------------------------------------------

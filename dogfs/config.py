@@ -1,0 +1,223 @@
+# -*- test-case-name: tests.test_config -*-
+"""The TOML configuration files of the daemons and the client.
+
+`etc/meta.toml`, `etc/chunk.toml` and `client.toml` are contracts with operators: every key
+is read here, with its default, and a bad file is refused with one sentence naming the file
+and the key.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from typing import Any
+
+from attrs import field, frozen
+
+DEFAULT_HOME_ENV = "DOGFS_HOME"
+
+
+class ConfigError(ValueError):
+    """A configuration file is missing, unreadable or has a bad value."""
+
+
+@frozen
+class TLSFiles:
+    """Paths of the cluster CA certificate and this party's certificate and key."""
+
+    ca: str
+    cert: str
+    key: str
+
+
+@frozen
+class MetaConfig:
+    """A metadata node's configuration (`[meta]`, `[raft]`, `[tls]`)."""
+
+    id: str
+    listen: str  # Twisted endpoint string of the binary protocol
+    address: str  # host:port others dial
+    data_dir: str
+    http: str = ""  # endpoint string of the dashboard/metrics; empty disables
+    http_address: str = ""
+    default_ec: str = "RS-4-2"
+    block_size: int = 64 << 20  # bytes of each shard of a block group
+    cell_size: int = 1 << 20
+    chunk_dead_after: float = 10.0
+    allocation_ttl: float = 3600.0
+    peers: Mapping[str, str] = field(factory=dict)  # Raft members: id -> address (self included)
+    tick_interval: float = 0.05
+    election_ticks: int = 10
+    log_format: str = "text"
+    tls: TLSFiles | None = None
+
+
+@frozen
+class ChunkConfig:
+    """A chunk server's configuration (`[chunk]`, `[tls]`)."""
+
+    id: str
+    listen: str
+    address: str
+    data_dir: str
+    meta: tuple[str, ...]  # metadata node addresses
+    heartbeat_interval: float = 1.0
+    report_interval: float = 30.0
+    gc_grace: float = 600.0  # never delete a shard younger than this (uploads in flight)
+    capacity_bytes: int = 0  # 0: the filesystem's size
+    domain: str = ""
+    log_format: str = "text"
+    tls: TLSFiles | None = None
+
+
+@frozen
+class ClientConfig:
+    """The client's configuration (`client.toml`)."""
+
+    meta: tuple[str, ...]
+    timeout: float = 30.0
+    tls: TLSFiles | None = None
+    source: str = ""  # the file it was read from, for messages
+
+
+def default_home() -> str:
+    """`$DOGFS_HOME`, else `~/.dogfs`."""
+    return os.environ.get(DEFAULT_HOME_ENV) or os.path.expanduser("~/.dogfs")
+
+
+def _read(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file {path} does not exist") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read configuration file {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"configuration file {path} is not valid TOML: {e}") from None
+
+
+class _Section:
+    """Typed access to one table of a config file, with errors naming file and key."""
+
+    def __init__(self, path: str, name: str, table: Any) -> None:
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: [{name}] must be a table")
+        self.path, self.name, self.table = path, name, table
+
+    def _fail(self, key: str, what: str) -> ConfigError:
+        return ConfigError(f"{self.path}: [{self.name}] {key} {what}")
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+        if key not in self.table:
+            if default is ...:
+                raise self._fail(key, "is required")
+            return default
+        value = self.table[key]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+            raise self._fail(key, f"must be a {names}, not {value!r}")
+        return value
+
+    def positive(self, key: str, kind: type, default: Any) -> Any:
+        value = self.get(key, kind, default)
+        if value <= 0:
+            raise self._fail(key, f"must be positive, not {value!r}")
+        return value
+
+    def strings(self, key: str, default: Any = ...) -> tuple[str, ...]:
+        value = self.get(key, list, default)
+        if not all(isinstance(v, str) for v in value):
+            raise self._fail(key, "must be a list of strings")
+        return tuple(value)
+
+
+def _tls(path: str, data: dict[str, Any]) -> TLSFiles | None:
+    if "tls" not in data:
+        return None
+    section = _Section(path, "tls", data["tls"])
+    base = os.path.dirname(os.path.abspath(path))
+
+    def resolve(key: str) -> str:
+        return os.path.join(base, section.get(key, str))
+
+    return TLSFiles(ca=resolve("ca"), cert=resolve("cert"), key=resolve("key"))
+
+
+def _data_dir(path: str, section: _Section) -> str:
+    value = section.get("data_dir", str)
+    return os.path.join(os.path.dirname(os.path.abspath(path)), value)
+
+
+def load_meta(path: str) -> MetaConfig:
+    """Read a metadata node's config file."""
+    data = _read(path)
+    s = _Section(path, "meta", data.get("meta", {}))
+    raft = _Section(path, "raft", data.get("raft", {}))
+    peers = raft.get("peers", dict, {})
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in peers.items()):
+        raise ConfigError(f"{path}: [raft] peers must map node ids to host:port strings")
+    log_format = s.get("log_format", str, "text")
+    if log_format not in ("text", "json"):
+        raise ConfigError(f"{path}: [meta] log_format must be text or json, not {log_format!r}")
+    node_id = s.get("id", str)
+    address = s.get("address", str)
+    return MetaConfig(
+        id=node_id,
+        listen=s.get("listen", str),
+        address=address,
+        data_dir=_data_dir(path, s),
+        http=s.get("http", str, ""),
+        http_address=s.get("http_address", str, ""),
+        default_ec=s.get("default_ec", str, "RS-4-2"),
+        block_size=s.positive("block_size", int, 64 << 20),
+        cell_size=s.positive("cell_size", int, 1 << 20),
+        chunk_dead_after=s.positive("chunk_dead_after", float, 10.0),
+        allocation_ttl=s.positive("allocation_ttl", float, 3600.0),
+        peers=peers or {node_id: address},
+        tick_interval=raft.positive("tick_interval", float, 0.05),
+        election_ticks=raft.positive("election_ticks", int, 10),
+        log_format=log_format,
+        tls=_tls(path, data),
+    )
+
+
+def load_chunk(path: str) -> ChunkConfig:
+    """Read a chunk server's config file."""
+    data = _read(path)
+    s = _Section(path, "chunk", data.get("chunk", {}))
+    meta = s.strings("meta")
+    if not meta:
+        raise ConfigError(f"{path}: [chunk] meta must name at least one metadata node")
+    log_format = s.get("log_format", str, "text")
+    if log_format not in ("text", "json"):
+        raise ConfigError(f"{path}: [chunk] log_format must be text or json, not {log_format!r}")
+    return ChunkConfig(
+        id=s.get("id", str),
+        listen=s.get("listen", str),
+        address=s.get("address", str),
+        data_dir=_data_dir(path, s),
+        meta=meta,
+        heartbeat_interval=s.positive("heartbeat_interval", float, 1.0),
+        report_interval=s.positive("report_interval", float, 30.0),
+        gc_grace=s.get("gc_grace", float, 600.0),
+        capacity_bytes=s.get("capacity_bytes", int, 0),
+        domain=s.get("domain", str, ""),
+        log_format=log_format,
+        tls=_tls(path, data),
+    )
+
+
+def load_client(path: str) -> ClientConfig:
+    """Read a client config file (`HOME/client.toml` or `--config`)."""
+    data = _read(path)
+    s = _Section(path, "client", data.get("client", {}))
+    meta = s.strings("meta")
+    if not meta:
+        raise ConfigError(f"{path}: [client] meta must name at least one metadata node")
+    return ClientConfig(
+        meta=meta, timeout=s.positive("timeout", float, 30.0), tls=_tls(path, data), source=path
+    )

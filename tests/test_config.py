@@ -1,0 +1,68 @@
+# -*- test-case-name: tests.test_config -*-
+"""Tests for dogfs.config: the example files load, and bad files fail with clear sentences."""
+
+from __future__ import annotations
+
+import os
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from dogfs import config
+
+ETC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "etc")
+
+
+class ConfigTests(SynchronousTestCase):
+    """Loading and validating configuration files."""
+
+    def write(self, text: str) -> str:
+        path = self.mktemp() + ".toml"
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def test_examples_load(self) -> None:
+        """The shipped etc/ examples are valid and carry their documented defaults."""
+        meta = config.load_meta(os.path.join(ETC, "meta.toml"))
+        self.assertEqual((meta.id, meta.address, meta.default_ec), ("meta-1", "127.0.0.1:7000", "RS-4-2"))
+        self.assertEqual(dict(meta.peers), {"meta-1": "127.0.0.1:7000"})
+        self.assertTrue(os.path.isabs(meta.data_dir))
+        chunk = config.load_chunk(os.path.join(ETC, "chunk.toml"))
+        self.assertEqual(chunk.meta, ("127.0.0.1:7000",))
+        self.assertIsNone(chunk.tls)
+        client = config.load_client(os.path.join(ETC, "client.toml"))
+        self.assertEqual(client.timeout, 30.0)
+
+    def test_missing_file(self) -> None:
+        """A missing file names its path."""
+        e = self.assertRaises(config.ConfigError, config.load_client, "/nonexistent/client.toml")
+        self.assertIn("/nonexistent/client.toml does not exist", str(e))
+
+    def test_bad_toml(self) -> None:
+        """Invalid TOML is reported as such."""
+        path = self.write("[client\n")
+        self.assertIn("not valid TOML", str(self.assertRaises(config.ConfigError, config.load_client, path)))
+
+    def test_wrong_type_names_key(self) -> None:
+        """A value of the wrong type names the table, the key and the value."""
+        path = self.write('[client]\nmeta = ["a:1"]\ntimeout = "soon"\n')
+        e = self.assertRaises(config.ConfigError, config.load_client, path)
+        self.assertIn("[client] timeout must be a float", str(e))
+
+    def test_required_key(self) -> None:
+        """A missing required key is named."""
+        path = self.write('[chunk]\nid = "c"\n')
+        e = self.assertRaises(config.ConfigError, config.load_chunk, path)
+        self.assertIn("[chunk] listen is required", str(e))
+
+    def test_non_positive(self) -> None:
+        """Durations and sizes must be positive."""
+        path = self.write('[client]\nmeta = ["a:1"]\ntimeout = 0\n')
+        self.assertIn("must be positive", str(self.assertRaises(config.ConfigError, config.load_client, path)))
+
+    def test_tls_paths_relative_to_file(self) -> None:
+        """TLS paths resolve against the config file's directory."""
+        path = self.write('[client]\nmeta = ["a:1"]\n[tls]\nca = "ca.pem"\ncert = "c.pem"\nkey = "k.pem"\n')
+        tls = config.load_client(path).tls
+        assert tls is not None
+        self.assertEqual(tls.ca, os.path.join(os.path.dirname(os.path.abspath(path)), "ca.pem"))
