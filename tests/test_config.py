@@ -53,7 +53,7 @@ class ConfigTests(SynchronousTestCase):
         """A missing required key is named."""
         path = self.write('[chunk]\nid = "c"\n')
         e = self.assertRaises(config.ConfigError, config.load_chunk, path)
-        self.assertIn("[chunk] listen is required", str(e))
+        self.assertIn("[chunk] meta is required", str(e))
 
     def test_non_positive(self) -> None:
         """Durations and sizes must be positive."""
