@@ -1,0 +1,312 @@
+# -*- test-case-name: tests.test_raft_storage -*-
+"""Tests for dogfs.raft.storage: the LMDB log, hard state and snapshot store."""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import lmdb
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.logger import LogLevel, capturedLogs, formatEvent
+from twisted.python.filepath import FilePath
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+from dogfs.raft.core import Configuration, Entry, EntryKind, HardState, Snapshot, SnapshotMeta
+from dogfs.raft.storage import (
+    IRaftStorage,
+    LMDBRaftStorage,
+    MemoryRaftStorage,
+    RaftStorageCorruption,
+    RaftStorageError,
+)
+
+CONFIG = Configuration(voters=frozenset({"a", "b", "c"}), learners=frozenset({"d"}))
+
+
+def entries(lo: int, hi: int, term: int = 1) -> list[Entry]:
+    """Entries lo..hi inclusive in ``term``."""
+    return [
+        Entry(term=term, index=i, kind=EntryKind.NORMAL, data=b"cmd-%d" % i) for i in range(lo, hi + 1)
+    ]
+
+
+class CountingEnv:
+    """Wraps an LMDB environment and counts durable write transactions and explicit syncs."""
+
+    def __init__(self, env: Any) -> None:
+        self.env = env
+        self.write_txns = 0
+        self.syncs = 0
+
+    def begin(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("write"):
+            self.write_txns += 1
+        return self.env.begin(*args, **kwargs)
+
+    def sync(self, force: bool = False) -> None:
+        self.syncs += 1
+        self.env.sync(force)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.env, name)
+
+
+class LMDBRaftStorageTests(SynchronousTestCase):
+    """The LMDB storage keeps what it was given, checks it, and repairs only a torn tail."""
+
+    def setUp(self) -> None:
+        self.dir = FilePath(self.mktemp())
+        self.envs: list[CountingEnv] = []
+
+    def open(self) -> LMDBRaftStorage:
+        """A storage on ``self.dir`` whose environment is counted."""
+
+        def factory(path: str, map_size: int) -> CountingEnv:
+            env = CountingEnv(lmdb.open(path, map_size=map_size, max_dbs=4, sync=True))
+            self.envs.append(env)
+            return env
+
+        storage = LMDBRaftStorage(self.dir, map_size=1 << 24, env_factory=factory)
+        self.addCleanup(storage.close)
+        return storage
+
+    def raw_put(self, db: bytes, key: bytes, value: bytes) -> None:
+        """Write bytes into the environment directly, behind the storage's back."""
+        env = lmdb.open(self.dir.path, max_dbs=4, map_size=1 << 24)
+        try:
+            handle = env.open_db(db)
+            with env.begin(write=True, db=handle) as txn:
+                txn.put(key, value)
+        finally:
+            env.close()
+
+    def raw_get(self, db: bytes, key: bytes) -> bytes:
+        """Read bytes from the environment directly."""
+        env = lmdb.open(self.dir.path, max_dbs=4, map_size=1 << 24)
+        try:
+            handle = env.open_db(db)
+            with env.begin(db=handle) as txn:
+                value = txn.get(key)
+                assert value is not None
+                return bytes(value)
+        finally:
+            env.close()
+
+    def test_interface(self) -> None:
+        """Both implementations provide IRaftStorage."""
+        self.assertTrue(verifyObject(IRaftStorage, LMDBRaftStorage(self.dir)))
+        self.assertTrue(verifyObject(IRaftStorage, MemoryRaftStorage()))
+
+    def test_no_env_until_load(self) -> None:
+        """Constructing the storage does not open LMDB (it must not cross twistd's fork)."""
+        LMDBRaftStorage(self.dir)
+        self.assertFalse(self.dir.exists())
+
+    def test_empty(self) -> None:
+        """A fresh directory loads as term 0, no vote, no log, no snapshot."""
+        state = self.open().load()
+        self.assertEqual(state.hard_state, HardState(term=0, vote=None, commit=0))
+        self.assertEqual((state.entries, state.snapshot, state.config), ([], None, None))
+
+    def test_roundtrip_and_restart(self) -> None:
+        """Hard state and entries survive closing and reopening the environment."""
+        s = self.open()
+        s.load()
+        s.save(HardState(term=3, vote="b", commit=2), entries(1, 5, term=3), None)
+        s.close()
+        state = self.open().load()
+        self.assertEqual(state.hard_state, HardState(term=3, vote="b", commit=2))
+        self.assertEqual(state.entries, entries(1, 5, term=3))
+
+    def test_one_write_transaction_per_save(self) -> None:
+        """A batch of hard state plus many entries is one LMDB write transaction (one sync)."""
+        s = self.open()
+        s.load()
+        env = self.envs[-1]
+        before = env.write_txns
+        s.save(HardState(term=1, vote="a", commit=0), entries(1, 200), None)
+        s.save(HardState(term=1, vote="a", commit=200), [], None)
+        self.assertEqual(env.write_txns - before, 2)
+        self.assertEqual(env.syncs, 0)  # the sync is the commit's own (sync=True)
+        self.assertEqual(s.commits, 2)
+
+    def test_truncate_conflicting_suffix(self) -> None:
+        """Entries starting at or below the last index replace the stored suffix."""
+        s = self.open()
+        s.load()
+        s.save(None, entries(1, 10, term=1), None)
+        s.save(None, entries(6, 7, term=2), None)
+        s.close()
+        self.assertEqual(self.open().load().entries, entries(1, 5) + entries(6, 7, term=2))
+
+    def test_gap_refused(self) -> None:
+        """Entries that would leave a hole in the log are refused and nothing is written."""
+        s = self.open()
+        s.load()
+        s.save(None, entries(1, 3), None)
+        self.assertRaises(RaftStorageError, s.save, HardState(5, "a", 0), entries(5, 6), None)
+        s.close()
+        state = self.open().load()
+        self.assertEqual(state.entries, entries(1, 3))
+        self.assertEqual(state.hard_state.term, 0)
+
+    def test_snapshot_compacts(self) -> None:
+        """A snapshot matching the log drops entries up to it and keeps the rest."""
+        s = self.open()
+        s.load()
+        s.save(HardState(2, "a", 8), entries(1, 10, term=2), None)
+        snap = Snapshot(meta=SnapshotMeta(index=6, term=2, config=CONFIG), data=b"state@6")
+        s.save(None, [], snap)
+        s.close()
+        s = self.open()
+        state = s.load()
+        self.assertEqual(state.snapshot, snap.meta)
+        self.assertEqual(state.config, CONFIG)
+        self.assertEqual(state.entries, entries(7, 10, term=2))
+        self.assertEqual(s.snapshot_data(), snap)
+
+    def test_snapshot_replaces_divergent_log(self) -> None:
+        """A snapshot that disagrees with the log (a follower catching up) replaces it all."""
+        s = self.open()
+        s.load()
+        s.save(HardState(1, "a", 0), entries(1, 10, term=1), None)
+        snap = Snapshot(meta=SnapshotMeta(index=20, term=4, config=CONFIG), data=b"s")
+        s.save(HardState(4, None, 20), entries(21, 22, term=4), snap)
+        s.close()
+        state = self.open().load()
+        self.assertEqual(state.entries, entries(21, 22, term=4))
+        self.assertEqual(state.hard_state, HardState(4, None, 20))
+
+    def test_corrupt_tail_truncated(self) -> None:
+        """A corrupt last entry past the commit index is dropped with a warning, not replayed."""
+        s = self.open()
+        s.load()
+        s.save(HardState(1, "a", 3), entries(1, 5), None)
+        s.close()
+        key = struct.pack(">Q", 5)
+        value = bytearray(self.raw_get(b"log", key))
+        value[-1] ^= 0xFF
+        self.raw_put(b"log", key, bytes(value))
+        s = self.open()
+        with capturedLogs() as events:
+            state = s.load()
+        self.assertEqual(state.entries, entries(1, 4))
+        warnings = [e for e in events if e["log_level"] == LogLevel.warn]
+        self.assertEqual(len(warnings), 1)
+        self.assertIn("truncating corrupt tail entry 5", formatEvent(warnings[0]))
+        # The truncation is durable and later appends continue from index 5.
+        s.save(None, entries(5, 5, term=2), None)
+        s.close()
+        self.assertEqual(self.open().load().entries, entries(1, 4) + entries(5, 5, term=2))
+
+    def test_corrupt_committed_tail_refused(self) -> None:
+        """A corrupt last entry at or below the commit index refuses to start."""
+        s = self.open()
+        s.load()
+        s.save(HardState(1, "a", 5), entries(1, 5), None)
+        s.close()
+        self.raw_put(b"log", struct.pack(">Q", 5), b"\x00\x01garbage")
+        e = self.assertRaises(RaftStorageCorruption, self.open().load)
+        self.assertIn("log entry 5", str(e))
+
+    def test_corrupt_middle_refused(self) -> None:
+        """Corruption before the tail is a hard error naming the entry."""
+        s = self.open()
+        s.load()
+        s.save(HardState(1, "a", 0), entries(1, 5), None)
+        s.close()
+        key = struct.pack(">Q", 3)
+        value = bytearray(self.raw_get(b"log", key))
+        value[6] ^= 0x01
+        self.raw_put(b"log", key, bytes(value))
+        e = self.assertRaises(RaftStorageCorruption, self.open().load)
+        self.assertIn("log entry 3", str(e))
+        self.assertIn("refusing to start", str(e))
+
+    def test_corrupt_hard_state_refused(self) -> None:
+        """A corrupt hard state (term and vote) refuses to start rather than forget a vote."""
+        s = self.open()
+        s.load()
+        s.save(HardState(7, "c", 0), [], None)
+        s.close()
+        value = bytearray(self.raw_get(b"meta", b"hard_state"))
+        value[-1] ^= 0x10
+        self.raw_put(b"meta", b"hard_state", bytes(value))
+        e = self.assertRaises(RaftStorageCorruption, self.open().load)
+        self.assertIn("hard state", str(e))
+
+    def test_corrupt_snapshot_refused(self) -> None:
+        """Corrupt snapshot data is detected at load."""
+        s = self.open()
+        s.load()
+        s.save(HardState(1, "a", 1), entries(1, 1), None)
+        s.save(None, [], Snapshot(meta=SnapshotMeta(1, 1, CONFIG), data=b"abcdef"))
+        s.close()
+        value = bytearray(self.raw_get(b"snap", b"data"))
+        value[-2] ^= 0x01
+        self.raw_put(b"snap", b"data", bytes(value))
+        self.assertRaises(RaftStorageCorruption, self.open().load)
+
+    def test_index_mismatch_detected(self) -> None:
+        """A valid record stored under the wrong key (a misdirected write) is corruption."""
+        s = self.open()
+        s.load()
+        s.save(HardState(1, "a", 0), entries(1, 4), None)
+        s.close()
+        self.raw_put(b"log", struct.pack(">Q", 2), self.raw_get(b"log", struct.pack(">Q", 3)))
+        self.assertRaises(RaftStorageCorruption, self.open().load)
+
+
+class ModelTests(SynchronousTestCase):
+    """LMDB storage and the in-memory storage agree on any sequence of batches."""
+
+    @settings(deadline=None, max_examples=25)
+    @given(
+        st.lists(
+            st.tuples(st.integers(0, 3), st.integers(0, 4), st.booleans()),
+            min_size=1,
+            max_size=12,
+        )
+    )
+    def test_same_as_memory(self, ops: list[tuple[int, int, bool]]) -> None:
+        """Appends that overwrite a suffix and snapshots give the same state in both stores."""
+        lmdb_store = LMDBRaftStorage(self.mktemp(), map_size=1 << 22)
+        memory = MemoryRaftStorage()
+        lmdb_store.load()
+        term = 1
+        last = 0
+        snap_index = 0
+        try:
+            for back, count, snapshot in ops:
+                term += 1
+                if snapshot and last > snap_index:
+                    snap = Snapshot(SnapshotMeta(last, self._term_at(memory, last), CONFIG), b"x")
+                    snap_index = last
+                    for store in (lmdb_store, memory):
+                        store.save(None, [], snap)
+                    continue
+                start = max(snap_index + 1, last + 1 - back)
+                batch = entries(start, start + count - 1, term=term) if count else []
+                hs = HardState(term, "a", snap_index)
+                for store in (lmdb_store, memory):
+                    store.save(hs, batch, None)
+                if batch:
+                    last = batch[-1].index
+            lmdb_store.close()
+            again = LMDBRaftStorage(lmdb_store.path)
+            try:
+                self.assertEqual(again.load(), memory.load())
+            finally:
+                again.close()
+        finally:
+            lmdb_store.close()
+
+    @staticmethod
+    def _term_at(store: MemoryRaftStorage, index: int) -> int:
+        for e in store.entries:
+            if e.index == index:
+                return e.term
+        raise AssertionError(index)
