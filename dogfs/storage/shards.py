@@ -452,24 +452,11 @@ class ShardWriter:
                 f"cell {self.cells} of shard {self.shard_id} does not match the CRC32C sent "
                 f"with it ({crc:#010x} given, {value:#010x} computed)"
             )
-        pieces: list[bytes | memoryview] = [_CRC.pack(value), view]
-        total = RECORD_OVERHEAD + size
-        written = 0
         try:
-            while written < total:
-                n = self._store._writev(fd, pieces)
-                if n <= 0:
-                    raise OSError(errno.EIO, "write made no progress")
-                written += n
-                # A short write (a signal, a file-size limit): resume where it stopped.
-                while pieces and n >= len(pieces[0]):
-                    n -= len(pieces[0])
-                    pieces.pop(0)
-                if n:
-                    pieces[0] = memoryview(pieces[0])[n:]
+            self._store._write_all(fd, [_CRC.pack(value), view])
         except OSError as e:
             raise self._fail("write", e) from e
-        self._offset += total
+        self._offset += RECORD_OVERHEAD + size
         self.cells += 1
         self._last_size = size
 
@@ -594,6 +581,19 @@ class ShardStore:
 
     # -- writing -------------------------------------------------------------------------
 
+    def _write_all(self, fd: int, pieces: list[bytes | memoryview]) -> None:
+        """``writev`` every piece, resuming after short writes; raises OSError."""
+        while pieces:
+            n = self._writev(fd, pieces)
+            if n <= 0:
+                raise OSError(errno.EIO, "write made no progress")
+            # A short write (a signal, a file-size limit): resume where it stopped.
+            while pieces and n >= len(pieces[0]):
+                n -= len(pieces[0])
+                pieces.pop(0)
+            if n:
+                pieces[0] = memoryview(pieces[0])[n:]
+
     def begin(self, info: ShardInfo) -> ShardWriter:
         """Start writing a shard; nothing is visible until L{ShardWriter.commit}.
 
@@ -616,9 +616,7 @@ class ShardStore:
         # A placeholder header (not marked complete) until commit writes the real one.
         placeholder = _pack_header(info, 0, 0, 0)
         try:
-            written = self._writev(fd, [placeholder])
-            if written != HEADER_SIZE:
-                raise OSError(errno.ENOSPC, "short header write")
+            self._write_all(fd, [placeholder])
         except OSError as e:
             raise writer._fail("write", e) from e
         return writer

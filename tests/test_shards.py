@@ -1,0 +1,483 @@
+# -*- test-case-name: tests.test_shards -*-
+"""Tests for dogfs.storage.shards: durable, checksummed shard files."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import subprocess
+import sys
+from collections.abc import Sequence
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from dogfs.storage.shards import (
+    HEADER_SIZE,
+    RECORD_OVERHEAD,
+    CellOutOfRange,
+    InvalidShardId,
+    ShardCorrupt,
+    ShardInfo,
+    ShardNotFound,
+    ShardStat,
+    ShardStore,
+    ShardStoreError,
+    ShardStoreFull,
+    make_shard_id,
+    parse_shard_id,
+    validate_shard_id,
+)
+
+FRAGMENT = 300
+SHARD_ID = "000000000000002a-03"
+INFO = ShardInfo(shard_id=SHARD_ID, policy="RS-4-2", index=3, fragment_size=FRAGMENT)
+
+BAD_IDS: list[object] = [
+    "", "000000000000002a", "000000000000002A-03", "000000000000002a-3", "00000000000002a-03",
+    "000000000000002a-003", "../../../etc/passwd", "000000000000002a-03/../x",
+    "000000000000002a-03\n", " 000000000000002a-03", "000000000000002g-03",
+    "000000000000002a_03", "ｆ00000000000002a-03", b"000000000000002a-03", None, 42,
+    "000000000000002a-0٣",
+]
+
+
+def fragments_for(seed: int, cells: int, last: int = FRAGMENT) -> list[bytes]:
+    """``cells`` deterministic fragments, the last one ``last`` bytes long."""
+    rng = random.Random(seed)
+    out = [rng.randbytes(FRAGMENT) for _ in range(cells - 1)]
+    out.append(rng.randbytes(last))
+    return out
+
+
+class FullDisk:
+    """A writev that accepts ``room`` bytes, the last of them as a short write, then fails."""
+
+    def __init__(self, room: int, error: int = errno.ENOSPC) -> None:
+        self.room = room
+        self.error = error
+
+    def __call__(self, fd: int, buffers: Sequence[bytes | bytearray | memoryview]) -> int:
+        if self.room <= 0:
+            raise OSError(self.error, os.strerror(self.error))
+        data = b"".join(bytes(b) for b in buffers)[: self.room]
+        written = os.write(fd, data)
+        self.room -= written
+        return written
+
+
+def trickle_writev(fd: int, buffers: Sequence[bytes | bytearray | memoryview]) -> int:
+    """A writev that writes at most 7 bytes per call, as a signal-interrupted one might."""
+    return os.write(fd, b"".join(bytes(b) for b in buffers)[:7])
+
+
+class StoreTestCase(SynchronousTestCase):
+    """Gives each test a fresh store in its own directory."""
+
+    def setUp(self) -> None:
+        self.root = self.mktemp()
+        self.store = ShardStore(self.root)
+
+    def write(self, fragments: Sequence[bytes], info: ShardInfo = INFO) -> ShardStat:
+        """Write a whole shard through begin/append/commit."""
+        writer = self.store.begin(info)
+        for fragment in fragments:
+            writer.append(fragment)
+        return writer.commit()
+
+    def leftovers(self) -> list[str]:
+        """Files under tmp/."""
+        return os.listdir(os.path.join(self.root, "tmp"))
+
+
+class ShardIdTests(SynchronousTestCase):
+    """Shard ids are strict, so they can never name a path outside the store."""
+
+    def test_make_and_parse(self) -> None:
+        """make_shard_id and parse_shard_id are inverses."""
+        self.assertEqual(make_shard_id(42, 3), SHARD_ID)
+        self.assertEqual(parse_shard_id(SHARD_ID), (42, 3))
+        self.assertEqual(parse_shard_id(make_shard_id(2**64 - 1, 99)), (2**64 - 1, 99))
+        self.assertRaises(InvalidShardId, make_shard_id, 2**64, 0)
+        self.assertRaises(InvalidShardId, make_shard_id, 1, 100)
+
+    def test_bad_ids_refused(self) -> None:
+        """Every malformed id raises InvalidShardId, from every store method."""
+        store = ShardStore(self.mktemp())
+        for bad in BAD_IDS:
+            self.assertRaises(InvalidShardId, validate_shard_id, bad)
+            for method in (store.open, store.delete, store.stat, store.verify, store.path):
+                self.assertRaises(InvalidShardId, method, bad)
+            self.assertRaises(InvalidShardId, store.read_cells, bad, 0, 1)
+            self.assertRaises(InvalidShardId, store.begin,
+                              ShardInfo(bad, "RS-4-2", 3, FRAGMENT))  # type: ignore[arg-type]
+        self.assertEqual(os.listdir(os.path.join(store.root, "tmp")), [])
+
+    def test_bad_info_refused(self) -> None:
+        """begin refuses an index that disagrees with the id, bad policies and sizes."""
+        store = ShardStore(self.mktemp())
+        for info in [ShardInfo(SHARD_ID, "RS-4-2", 4, FRAGMENT),
+                     ShardInfo(SHARD_ID, "RS/4-2", 3, FRAGMENT),
+                     ShardInfo(SHARD_ID, "RS-4-2", 3, 0)]:
+            self.assertRaises(ValueError, store.begin, info)
+
+    def test_layout(self) -> None:
+        """Shards live in shards/<last 2 hex digits>/<id>.shard under the root."""
+        store = ShardStore(self.mktemp())
+        self.assertEqual(
+            store.path(SHARD_ID),
+            os.path.join(store.root, "shards", "2a", SHARD_ID + ".shard"),
+        )
+
+
+class RoundTripTests(StoreTestCase):
+    """What is written is what is read, with sizes and offsets as documented."""
+
+    def test_round_trip(self) -> None:
+        """Cells come back verified and in order; the short last cell keeps its length."""
+        fragments = fragments_for(1, 5, last=123)
+        stat = self.write(fragments)
+        expected_size = HEADER_SIZE + 5 * RECORD_OVERHEAD + 4 * FRAGMENT + 123
+        self.assertEqual((stat.shard_id, stat.cells, stat.size), (SHARD_ID, 5, expected_size))
+        self.assertEqual(os.path.getsize(self.store.path(SHARD_ID)), expected_size)
+        self.assertEqual(self.store.read_cells(SHARD_ID, 0, 5), fragments)
+        self.assertEqual(self.store.read_cells(SHARD_ID, 2, 2), fragments[2:4])
+        self.assertEqual(self.store.read_cells(SHARD_ID, 5, 0), [])
+        with self.store.open(SHARD_ID) as reader:
+            self.assertEqual(reader.info, INFO)
+            self.assertEqual(reader.cells, 5)
+            self.assertEqual(reader.read_cell(4), fragments[4])
+            crc, fragment = reader.read_record(1)
+            self.assertEqual(fragment, fragments[1])
+            self.assertEqual(crc, __import__("crc32c").crc32c(fragments[1]))
+        self.assertEqual(self.store.info(SHARD_ID), INFO)
+        self.assertEqual(self.store.verify(SHARD_ID), [])
+        self.assertEqual(self.leftovers(), [])
+
+    def test_memoryview_fragments(self) -> None:
+        """Fragments given as memoryviews or bytearrays are stored byte for byte."""
+        fragments = fragments_for(2, 3)
+        writer = self.store.begin(INFO)
+        writer.append(memoryview(fragments[0]))
+        writer.append(bytearray(fragments[1]))
+        writer.append(memoryview(fragments[2]), crc=__import__("crc32c").crc32c(fragments[2]))
+        writer.commit()
+        self.assertEqual(self.store.read_cells(SHARD_ID, 0, 3), fragments)
+
+    def test_short_writes_resumed(self) -> None:
+        """A writev that writes a few bytes at a time still produces the exact file."""
+        store = ShardStore(self.mktemp(), writev=trickle_writev)
+        fragments = fragments_for(3, 3, last=50)
+        store.write(INFO, fragments)
+        self.assertEqual(store.read_cells(SHARD_ID, 0, 3), fragments)
+
+    def test_empty_shard(self) -> None:
+        """A shard with no cells is valid and has only a header."""
+        stat = self.write([])
+        self.assertEqual((stat.cells, stat.size), (0, HEADER_SIZE))
+        self.assertEqual(self.store.verify(SHARD_ID), [])
+
+    def test_append_rules(self) -> None:
+        """Oversized fragments, cells after a short one, and wrong CRCs are refused."""
+        with self.store.begin(INFO) as writer:
+            self.assertRaises(ValueError, writer.append, b"x" * (FRAGMENT + 1))
+            self.assertRaises(ValueError, writer.append, b"")
+            self.assertRaises(ValueError, writer.append, b"x" * 10, crc=1234)
+            writer.append(b"x" * 10)
+            self.assertRaises(ValueError, writer.append, b"x" * 10)
+        self.assertEqual(self.leftovers(), [])
+        self.assertRaises(ShardNotFound, self.store.open, SHARD_ID)
+
+    def test_out_of_range(self) -> None:
+        """Reading past the last cell raises CellOutOfRange."""
+        self.write(fragments_for(4, 2))
+        self.assertRaises(CellOutOfRange, self.store.read_cells, SHARD_ID, 1, 2)
+        self.assertRaises(CellOutOfRange, self.store.read_cells, SHARD_ID, -1, 1)
+        with self.store.open(SHARD_ID) as reader:
+            self.assertRaises(CellOutOfRange, reader.read_cell, 2)
+
+    def test_replace_atomically(self) -> None:
+        """Committing a shard id again replaces the old copy; usage follows."""
+        self.write(fragments_for(5, 4))
+        newer = fragments_for(6, 2, last=7)
+        stat = self.write(newer)
+        self.assertEqual(self.store.read_cells(SHARD_ID, 0, 2), newer)
+        self.assertEqual(self.store.usage()[1], stat.size)
+        self.assertEqual(len(list(self.store.list())), 1)
+
+
+class InterruptedWriteTests(StoreTestCase):
+    """Writes that never commit are invisible and cleaned up."""
+
+    def test_uncommitted_invisible(self) -> None:
+        """A writer left open shows no shard; clean_tmp removes its file."""
+        writer = self.store.begin(INFO)
+        writer.append(fragments_for(7, 1)[0])
+        self.assertRaises(ShardNotFound, self.store.open, SHARD_ID)
+        self.assertEqual(list(self.store.list()), [])
+        self.assertEqual(self.store.usage()[1], 0)
+        self.assertEqual(len(self.leftovers()), 1)
+        # A restarted chunk server finds the leftover.
+        self.assertEqual(ShardStore(self.root).clean_tmp(), 1)
+        self.assertEqual(self.leftovers(), [])
+        self.assertEqual(self.store.clean_tmp(), 0)
+
+    def test_abort(self) -> None:
+        """abort removes the temporary file, keeps an older copy, and is idempotent."""
+        old = fragments_for(8, 2)
+        self.write(old)
+        writer = self.store.begin(INFO)
+        writer.append(fragments_for(9, 1)[0])
+        writer.abort()
+        writer.abort()
+        self.assertEqual(self.leftovers(), [])
+        self.assertEqual(self.store.read_cells(SHARD_ID, 0, 2), old)
+
+    def test_context_manager_aborts(self) -> None:
+        """Leaving a writer's block by an exception aborts it."""
+        with self.assertRaises(ZeroDivisionError):
+            with self.store.begin(INFO) as writer:
+                writer.append(b"x")
+                raise ZeroDivisionError("the client went away")
+        self.assertEqual(self.leftovers(), [])
+        self.assertRaises(ShardNotFound, self.store.stat, SHARD_ID)
+
+    def test_tmp_file_never_valid(self) -> None:
+        """A temporary file moved into place by hand is refused: it was never committed."""
+        writer = self.store.begin(INFO)
+        writer.append(b"x" * FRAGMENT)
+        (name,) = self.leftovers()
+        os.makedirs(os.path.dirname(self.store.path(SHARD_ID)), exist_ok=True)
+        os.rename(os.path.join(self.root, "tmp", name), self.store.path(SHARD_ID))
+        with self.assertRaises(ShardCorrupt) as caught:
+            self.store.open(SHARD_ID)
+        self.assertIsNone(caught.exception.cell)
+
+
+class FullDiskTests(StoreTestCase):
+    """ENOSPC, EDQUOT and EFBIG abort the write and leave nothing behind."""
+
+    def check_nothing_left(self, store: ShardStore) -> None:
+        """No temporary file, no shard."""
+        self.assertEqual(os.listdir(store.tmp_dir), [])
+        self.assertRaises(ShardNotFound, store.open, SHARD_ID)
+
+    def test_full_during_append(self) -> None:
+        """Running out of space mid-cell raises ShardStoreFull and removes the partial file."""
+        for error in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            for room in (HEADER_SIZE + 1, HEADER_SIZE + 2 * (FRAGMENT + 4) + 3):
+                store = ShardStore(self.mktemp(), writev=FullDisk(room, error))
+                writer = store.begin(INFO)
+                with self.assertRaises(ShardStoreFull) as caught:
+                    for fragment in fragments_for(10, 5):
+                        writer.append(fragment)
+                self.assertIn(SHARD_ID, str(caught.exception))
+                self.check_nothing_left(store)
+                self.assertRaises(ShardStoreError, writer.append, b"x")
+                writer.abort()
+
+    def test_full_at_begin(self) -> None:
+        """No room even for the header: ShardStoreFull from begin, no file left."""
+        store = ShardStore(self.mktemp(), writev=FullDisk(0, errno.EDQUOT))
+        self.assertRaises(ShardStoreFull, store.begin, INFO)
+        self.check_nothing_left(store)
+        store = ShardStore(self.mktemp(), writev=FullDisk(10))
+        self.assertRaises(ShardStoreFull, store.begin, INFO)
+        self.check_nothing_left(store)
+
+    def test_full_at_fsync(self) -> None:
+        """fsync reporting ENOSPC (delayed allocation) fails the commit cleanly."""
+
+        def fsync(fd: int) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        store = ShardStore(self.mktemp(), fsync=fsync)
+        writer = store.begin(INFO)
+        writer.append(b"x" * FRAGMENT)
+        self.assertRaises(ShardStoreFull, writer.commit)
+        self.check_nothing_left(store)
+
+    def test_file_size_limit(self) -> None:
+        """With a real RLIMIT_FSIZE (in a child process), the write fails as ShardStoreFull."""
+        root = os.path.abspath(self.mktemp())
+        script = f"""
+import json, os, resource, sys
+from dogfs.storage.shards import ShardInfo, ShardStore, ShardStoreFull
+store = ShardStore({root!r})
+resource.setrlimit(resource.RLIMIT_FSIZE, (1000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+writer = store.begin(ShardInfo({SHARD_ID!r}, "RS-4-2", 3, {FRAGMENT}))
+try:
+    for _ in range(10):
+        writer.append(b"x" * {FRAGMENT})
+    writer.commit()
+    print(json.dumps("committed"))
+except ShardStoreFull as e:
+    print(json.dumps(str(e)))
+"""
+        result = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, check=True,
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        )
+        message = json.loads(result.stdout)
+        self.assertIn(SHARD_ID, message)
+        self.assertIn("too large", message)
+        self.check_nothing_left(ShardStore(root))
+
+
+class CorruptionTests(StoreTestCase):
+    """Every damaged byte is caught and blamed on the right cell (or the header)."""
+
+    CELLS = 4
+    LAST = 77
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.fragments = fragments_for(11, self.CELLS, last=self.LAST)
+        self.write(self.fragments)
+        self.path = self.store.path(SHARD_ID)
+        with open(self.path, "rb") as f:
+            self.pristine = f.read()
+
+    def damage(self, position: int, flip: int = 0x01) -> None:
+        """Flip bits of one byte of the shard file."""
+        data = bytearray(self.pristine)
+        data[position] ^= flip
+        with open(self.path, "wb") as f:
+            f.write(data)
+
+    def cell_at(self, position: int) -> int | None:
+        """The cell a file position belongs to; None for the header."""
+        if position < HEADER_SIZE:
+            return None
+        return (position - HEADER_SIZE) // (RECORD_OVERHEAD + FRAGMENT)
+
+    def assert_detected(self, position: int) -> None:
+        """Reading everything raises ShardCorrupt naming the damaged cell; verify agrees."""
+        cell = self.cell_at(position)
+        with self.assertRaises(ShardCorrupt) as caught:
+            self.store.read_cells(SHARD_ID, 0, self.CELLS)
+        self.assertEqual(caught.exception.cell, cell)
+        self.assertEqual(caught.exception.shard_id, SHARD_ID)
+        self.assertIn(SHARD_ID, str(caught.exception))
+        self.assertIn("header" if cell is None else f"cell {cell}", str(caught.exception))
+        if cell is None:
+            self.assertRaises(ShardCorrupt, self.store.verify, SHARD_ID)
+            self.assertRaises(ShardCorrupt, self.store.stat, SHARD_ID)
+            (stat,) = self.store.list()
+            self.assertTrue(stat.corrupt)
+        else:
+            self.assertEqual(self.store.verify(SHARD_ID), [cell])
+            healthy = [i for i in range(self.CELLS) if i != cell]
+            with self.store.open(SHARD_ID) as reader:
+                for i in healthy:
+                    self.assertEqual(reader.read_cell(i), self.fragments[i])
+
+    def test_every_region(self) -> None:
+        """Header fields, header padding and CRC, each cell's CRC and data: all detected."""
+        cell0 = HEADER_SIZE
+        last = HEADER_SIZE + (self.CELLS - 1) * (RECORD_OVERHEAD + FRAGMENT)
+        positions = [0, 7, 8, 12, 16, 40, 60, 90, 100, HEADER_SIZE - 5, HEADER_SIZE - 1,
+                     cell0, cell0 + 3, cell0 + 4, cell0 + 4 + FRAGMENT - 1,
+                     last, last + 4, len(self.pristine) - 1]
+        for position in positions:
+            self.damage(position)
+            self.assert_detected(position)
+
+    @settings(deadline=None, max_examples=80)
+    @given(st.data())
+    def test_any_byte(self, data: st.DataObject) -> None:
+        """A corrupted byte anywhere in the file is detected as ShardCorrupt for its cell."""
+        position = data.draw(st.integers(0, len(self.pristine) - 1), "position")
+        flip = data.draw(st.integers(1, 255), "flip")
+        self.damage(position, flip)
+        self.assert_detected(position)
+
+    def test_truncated(self) -> None:
+        """A truncated file: header damage, or the cut cells reported as bad."""
+        record = RECORD_OVERHEAD + FRAGMENT
+        for length in [0, 10, HEADER_SIZE - 1]:
+            with open(self.path, "wb") as f:
+                f.write(self.pristine[:length])
+            with self.assertRaises(ShardCorrupt) as caught:
+                self.store.open(SHARD_ID)
+            self.assertIsNone(caught.exception.cell)
+        for length, first_bad in [(HEADER_SIZE, 0), (HEADER_SIZE + 2, 0),
+                                  (HEADER_SIZE + record, 1), (HEADER_SIZE + 2 * record + 5, 2),
+                                  (len(self.pristine) - 1, 3)]:
+            with open(self.path, "wb") as f:
+                f.write(self.pristine[:length])
+            self.assertEqual(self.store.verify(SHARD_ID), list(range(first_bad, self.CELLS)))
+            with self.assertRaises(ShardCorrupt) as caught:
+                self.store.read_cells(SHARD_ID, 0, self.CELLS)
+            self.assertEqual(caught.exception.cell, first_bad)
+            self.assertIn("truncated", str(caught.exception))
+
+    def test_extended(self) -> None:
+        """Bytes appended after the last cell make the header's length claim false."""
+        with open(self.path, "ab") as f:
+            f.write(b"junk")
+        with self.assertRaises(ShardCorrupt) as caught:
+            self.store.open(SHARD_ID)
+        self.assertIsNone(caught.exception.cell)
+
+    def test_misplaced_file(self) -> None:
+        """A valid shard file renamed to another id is refused: the header names its id."""
+        other = make_shard_id(0x2a, 4)
+        os.rename(self.path, self.store.path(other))
+        with self.assertRaises(ShardCorrupt) as caught:
+            self.store.open(other)
+        self.assertIn("another shard", str(caught.exception))
+
+
+class ManagementTests(StoreTestCase):
+    """delete, list, stat, usage and clean_tmp."""
+
+    def test_delete(self) -> None:
+        """delete removes a shard and says whether there was one."""
+        self.write(fragments_for(12, 2))
+        self.assertTrue(self.store.delete(SHARD_ID))
+        self.assertFalse(self.store.delete(SHARD_ID))
+        self.assertRaises(ShardNotFound, self.store.open, SHARD_ID)
+        self.assertRaises(ShardNotFound, self.store.read_cells, SHARD_ID, 0, 1)
+
+    def test_list_stat_usage(self) -> None:
+        """list and stat agree with the files; usage tracks commits and deletes."""
+        capacity, used = self.store.usage()
+        self.assertGreater(capacity, 0)
+        self.assertEqual(used, 0)
+        stats = {}
+        for group, cells in [(1, 1), (0x2a, 3), (0x12a, 2), (2**64 - 1, 5)]:
+            info = ShardInfo(make_shard_id(group, 7), "RS-6-3", 7, FRAGMENT)
+            stats[info.shard_id] = self.write(fragments_for(group % 1000, cells), info)
+        listed = {s.shard_id: s for s in self.store.list()}
+        self.assertEqual(listed, stats)
+        for shard_id, stat in stats.items():
+            self.assertEqual(self.store.stat(shard_id), stat)
+            self.assertEqual(stat.size, os.path.getsize(self.store.path(shard_id)))
+        total = sum(s.size for s in stats.values())
+        self.assertEqual(self.store.usage()[1], total)
+        # A fresh store (a restarted server) computes the same by scanning.
+        self.assertEqual(ShardStore(self.root).usage()[1], total)
+        gone = make_shard_id(0x2a, 7)
+        self.store.delete(gone)
+        self.assertEqual(self.store.usage()[1], total - stats[gone].size)
+        self.assertGreater(self.store.free_bytes(), 0)
+
+    def test_list_ignores_strangers(self) -> None:
+        """Files that are not well-named shards are not listed."""
+        self.write(fragments_for(13, 1))
+        bucket = os.path.dirname(self.store.path(SHARD_ID))
+        for name in ["notes.txt", "000000000000002A-03.shard", SHARD_ID + ".shard.bak"]:
+            with open(os.path.join(bucket, name), "wb") as f:
+                f.write(b"x")
+        self.assertEqual([s.shard_id for s in self.store.list()], [SHARD_ID])
+
+    def test_missing(self) -> None:
+        """stat, verify and open of an absent shard raise ShardNotFound naming it."""
+        for method in (self.store.stat, self.store.verify, self.store.open):
+            with self.assertRaises(ShardNotFound) as caught:
+                method(SHARD_ID)
+            self.assertIn(SHARD_ID, str(caught.exception))
