@@ -1,0 +1,622 @@
+# -*- test-case-name: tests.test_raft_driver -*-
+"""The Twisted driver of one Raft member: the thin I/O layer around the pure core.
+
+Owns the Ready loop (persist in a worker thread, then send, then apply, then advance), the
+tick timer, the state machine callbacks, and the Deferred-returning API that daemons use:
+``propose``, ``read_index``, leadership transfer, membership changes and introspection.
+May import ``dogfs.raft`` only.
+
+One Ready is in flight at a time. While its batch is being made durable, new proposals and
+messages keep flowing into the core and form the next batch: this is the group commit, one
+durable write (one LMDB transaction, one sync) per Ready however many entries it holds.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from functools import partial
+from typing import Any, TypeVar
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorFromThreads, IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+from zope.interface import Interface
+
+from dogfs.raft.core import (
+    ConfigChange,
+    ConfigChangeKind,
+    Configuration,
+    Entry,
+    EntryKind,
+    Message,
+    NotLeader,
+    ProposalRejected,
+    RaftNode,
+    RaftOptions,
+    Ready,
+    Role,
+    Snapshot,
+    SnapshotMeta,
+)
+from dogfs.raft.storage import IRaftStorage
+from dogfs.raft.transport import IRaftTransport
+
+__all__ = [
+    "IRaftStateMachine",
+    "LeadershipLostError",
+    "NotLeaderError",
+    "ProposalDroppedError",
+    "RaftDriver",
+    "RaftError",
+    "RaftStoppedError",
+    "RaftTimeoutError",
+]
+
+_log = Logger()
+T = TypeVar("T")
+Executor = Callable[[Callable[[], Any]], "Deferred[Any]"]
+
+
+class RaftError(Exception):
+    """Base of the errors the driver's Deferreds fail with."""
+
+
+class NotLeaderError(RaftError):
+    """This member is not the leader; ``leader_hint`` names the one it knows of, if any."""
+
+    def __init__(self, leader_hint: str | None) -> None:
+        super().__init__(
+            f"not the Raft leader (leader: {leader_hint})" if leader_hint else "no Raft leader known"
+        )
+        self.leader_hint = leader_hint
+
+
+class LeadershipLostError(RaftError):
+    """Leadership was lost before the proposal was applied: its outcome is unknown."""
+
+
+class ProposalDroppedError(RaftError):
+    """Another entry was committed at the proposal's index: it will never be applied."""
+
+
+class RaftTimeoutError(RaftError):
+    """The operation did not complete in time: its outcome is unknown."""
+
+
+class RaftStoppedError(RaftError):
+    """The driver stopped (or its storage failed) before the operation completed."""
+
+
+class IRaftStateMachine(Interface):
+    """The replicated state machine a driver applies committed entries to.
+
+    Every method runs on the reactor thread, in log order, and must be deterministic.
+    """
+
+    def apply(entry: Entry) -> object:
+        """Apply a committed NORMAL entry and return the proposer's result."""
+
+    def snapshot() -> bytes:  # type: ignore[misc,empty-body]
+        """Serialise the state as of the last applied entry."""
+
+    def restore(snapshot: Snapshot) -> None:
+        """Replace the state by ``snapshot.data`` (state as of ``snapshot.meta.index``)."""
+
+    def applied_index() -> int:  # type: ignore[misc,empty-body]
+        """The last index whose effect the state machine has kept durably (0 if in memory)."""
+
+
+class RaftDriver(Service):
+    """Runs one ``RaftNode`` on a reactor: storage, transport, timer and state machine.
+
+    ``clock`` drives ticks (every ``tick_interval`` seconds) and timeouts. Storage writes run on
+    the driver's own one-thread pool through ``reactor`` (an ``IReactorFromThreads``), unless an
+    ``executor`` is given (tests pass one that runs the write synchronously).
+    """
+
+    def __init__(
+        self,
+        node_id: str,
+        *,
+        storage: IRaftStorage,
+        transport: IRaftTransport,
+        state_machine: IRaftStateMachine,
+        clock: IReactorTime,
+        bootstrap: Configuration,
+        options: RaftOptions | None = None,
+        tick_interval: float = 0.1,
+        rng: random.Random | None = None,
+        reactor: IReactorFromThreads | None = None,
+        executor: Executor | None = None,
+        operation_timeout: float = 10.0,
+        snapshot_every: int | None = 10_000,
+    ) -> None:
+        if executor is None and reactor is None:
+            raise ValueError("RaftDriver needs a reactor for its thread pool, or an executor")
+        self.node_id = node_id
+        # Held as Any: mypy has no zope plugin here, so interface-typed calls would not check.
+        self._storage: Any = storage
+        self._transport: Any = transport
+        self._sm: Any = state_machine
+        self._clock: Any = clock
+        self._bootstrap = bootstrap
+        self._options = options or RaftOptions()
+        self._tick_interval = tick_interval
+        self._rng = rng or random.Random()
+        self._reactor: Any = reactor
+        self._executor_arg = executor
+        self._executor: Executor | None = executor
+        self._pool: ThreadPool | None = None
+        self._timeout = operation_timeout
+        self._snapshot_every = snapshot_every
+        self._node: RaftNode | None = None
+        self._ticker: LoopingCall | None = None
+        self._kick_call: Any = None
+        self._busy = False
+        self._failure: Failure | None = None
+        self._applied = 0
+        self._snapshot_index = 0
+        self._was_leader = False
+        self._leader_term = 0
+        # index -> (term it was proposed in, Deferred, timeout call)
+        self._proposals: dict[int, tuple[int, Deferred[Any], IDelayedCall]] = {}
+        self._reads: dict[bytes, tuple[Deferred[None], IDelayedCall]] = {}
+        self._reads_waiting: list[tuple[int, Deferred[None], IDelayedCall]] = []
+        self._read_counter = 0
+        self._transfers: list[tuple[str, Deferred[None], IDelayedCall]] = []
+        self._loop_done: Deferred[None] | None = None
+        #: Number of Ready batches persisted (each is one durable storage write).
+        self.batches = 0
+
+    # --- service ----------------------------------------------------------------------
+
+    def startService(self) -> None:
+        """Load storage, restore the state machine, build the node, start ticking."""
+        super().startService()
+        if self._executor_arg is None:
+            assert self._reactor is not None
+            self._pool = ThreadPool(minthreads=1, maxthreads=1, name=f"raft-{self.node_id}")
+            self._pool.start()
+            self._executor = partial(deferToThreadPool, self._reactor, self._pool)
+        loaded = self._storage.load()
+        # Hand the core the whole snapshot so it can send it to followers that fall behind.
+        snapshot = self._storage.snapshot_data() if loaded.snapshot is not None else None
+        applied = self._sm.applied_index()
+        if snapshot is not None:
+            self._snapshot_index = snapshot.meta.index
+            if snapshot.meta.index > applied:
+                self._sm.restore(snapshot)
+                applied = snapshot.meta.index
+        self._applied = applied
+        self._node = RaftNode(
+            self.node_id,
+            self._options,
+            hard_state=loaded.hard_state,
+            snapshot=snapshot if snapshot is not None else loaded.snapshot,
+            entries=loaded.entries,
+            config=loaded.config if loaded.config is not None else self._bootstrap,
+            applied=applied,
+            rng=self._rng,
+        )
+        self._failure = None
+        self._transport.start(self._receive)
+        self._ticker = LoopingCall(self._tick)
+        self._ticker.clock = self._clock
+        self._ticker.start(self._tick_interval, now=False).addErrback(
+            lambda f: _log.failure("Raft {id}: ticker failed", f, id=self.node_id)
+        )
+        self._kick()
+
+    def stopService(self) -> Deferred[None]:
+        """Stop ticking and receiving, fail pending operations, wait for the write in flight."""
+        super().stopService()
+        self._transport.stop()
+        if self._ticker is not None and self._ticker.running:
+            self._ticker.stop()
+        self._ticker = None
+        if self._kick_call is not None and self._kick_call.active():
+            self._kick_call.cancel()
+        self._kick_call = None
+        self._fail_all(RaftStoppedError(f"Raft member {self.node_id} stopped"))
+        done: Deferred[None] = Deferred()
+        if self._busy:
+            self._loop_done = done
+        else:
+            done.callback(None)
+
+        def _release(_: object) -> None:
+            if self._pool is not None:
+                self._pool.stop()
+                self._pool = None
+            self._executor = self._executor_arg
+            close = getattr(self._storage, "close", None)
+            if close is not None:
+                close()
+
+        return done.addCallback(_release)
+
+    # --- introspection ----------------------------------------------------------------
+
+    @property
+    def node(self) -> RaftNode:
+        """The core (only while running)."""
+        if self._node is None:
+            raise RaftStoppedError(f"Raft member {self.node_id} is not running")
+        return self._node
+
+    @property
+    def role(self) -> str:
+        """``leader``, ``follower``, ``candidate``, ``pre-candidate``, ``learner`` or ``stopped``."""
+        if self._node is None or not self.running:
+            return "stopped"
+        return self._node.role.value
+
+    @property
+    def is_leader(self) -> bool:
+        """True while this member leads."""
+        return bool(self._node is not None and self.running and self._node.role == Role.LEADER)
+
+    @property
+    def term(self) -> int:
+        """The current term."""
+        return 0 if self._node is None else self._node.term
+
+    @property
+    def commit_index(self) -> int:
+        """The highest index known committed."""
+        return 0 if self._node is None else self._node.commit_index
+
+    @property
+    def applied_index(self) -> int:
+        """The highest index applied to the state machine."""
+        return self._applied
+
+    @property
+    def leader_hint(self) -> str | None:
+        """The member this one believes leads, if any."""
+        return None if self._node is None else self._node.leader_id
+
+    @property
+    def config(self) -> Configuration | None:
+        """The membership the core currently uses."""
+        return None if self._node is None else self._node.config
+
+    def status(self) -> dict[str, object]:
+        """A JSON-ready summary for status pages and ``dogfs cluster status``."""
+        cfg = self.config
+        return {
+            "id": self.node_id,
+            "role": self.role,
+            "term": self.term,
+            "leader": self.leader_hint,
+            "commit_index": self.commit_index,
+            "applied_index": self.applied_index,
+            "last_index": 0 if self._node is None else self._node.last_index,
+            "snapshot_index": self._snapshot_index,
+            "voters": sorted(cfg.voters) if cfg else [],
+            "learners": sorted(cfg.learners) if cfg else [],
+            "pending_proposals": len(self._proposals),
+        }
+
+    # --- public operations ------------------------------------------------------------
+
+    def propose(self, data: bytes) -> Deferred[Any]:
+        """Replicate ``data``; fires with ``state_machine.apply``'s result once applied here.
+
+        Fails with ``NotLeaderError`` (carrying the leader hint) if this member cannot accept
+        it, ``LeadershipLostError`` or ``RaftTimeoutError`` when the outcome is unknown, and
+        ``ProposalDroppedError`` when it is known to have been lost.
+        """
+        return self._start_proposal(lambda node: node.propose(data))
+
+    def add_learner(self, member: str) -> Deferred[Any]:
+        """Add ``member`` as a non-voting learner; fires once the change is applied here."""
+        return self._config_change(ConfigChange(ConfigChangeKind.ADD_LEARNER, member))
+
+    def promote(self, member: str) -> Deferred[Any]:
+        """Make learner ``member`` a voter; fires once the change is applied here."""
+        return self._config_change(ConfigChange(ConfigChangeKind.ADD_VOTER, member))
+
+    def remove(self, member: str) -> Deferred[Any]:
+        """Remove ``member`` (voter or learner); fires once the change is applied here."""
+        return self._config_change(ConfigChange(ConfigChangeKind.REMOVE, member))
+
+    def _config_change(self, change: ConfigChange) -> Deferred[Any]:
+        return self._start_proposal(lambda node: node.propose_config_change(change))
+
+    def read_index(self) -> Deferred[None]:
+        """Fires when a linearizable read may be served from the local state machine."""
+        failed = self._check_running()
+        if failed is not None:
+            return failed
+        self._read_counter += 1
+        ctx = b"%s/%d" % (self.node_id.encode(), self._read_counter)
+        outcome = self.node.read_index(ctx)
+        if isinstance(outcome, NotLeader):
+            return defer.fail(NotLeaderError(outcome.leader_hint))
+        d: Deferred[None] = Deferred()
+        timer = self._clock.callLater(
+            self._timeout, self._expire_read, ctx, d
+        )
+        self._reads[ctx] = (d, timer)
+        self._kick()
+        return d
+
+    def transfer_leadership(self, to: str) -> Deferred[None]:
+        """Hand leadership to ``to``; fires once this member sees ``to`` lead."""
+        failed = self._check_running()
+        if failed is not None:
+            return failed
+        outcome = self.node.transfer_leadership(to)
+        if isinstance(outcome, NotLeader):
+            return defer.fail(NotLeaderError(outcome.leader_hint))
+        d: Deferred[None] = Deferred()
+        record: list[tuple[str, Deferred[None], IDelayedCall]] = []
+
+        def expire() -> None:
+            if record and record[0] in self._transfers:
+                self._transfers.remove(record[0])
+                d.errback(RaftTimeoutError(f"leadership transfer to {to} timed out"))
+
+        record.append((to, d, self._clock.callLater(self._timeout, expire)))
+        self._transfers.append(record[0])
+        self._kick()
+        return d
+
+    # --- internals: operations --------------------------------------------------------
+
+    def _check_running(self) -> Deferred[Any] | None:
+        if self._failure is not None:
+            return defer.fail(RaftStoppedError(f"Raft member {self.node_id} failed: {self._failure.value}"))
+        if self._node is None or not self.running:
+            return defer.fail(RaftStoppedError(f"Raft member {self.node_id} is not running"))
+        return None
+
+    def _start_proposal(self, submit: Callable[[RaftNode], int | NotLeader]) -> Deferred[Any]:
+        failed = self._check_running()
+        if failed is not None:
+            return failed
+        try:
+            outcome = submit(self.node)
+        except ProposalRejected as e:
+            return defer.fail(e)
+        if isinstance(outcome, NotLeader):
+            return defer.fail(NotLeaderError(outcome.leader_hint))
+        index = outcome
+        d: Deferred[Any] = Deferred()
+        timer = self._clock.callLater(self._timeout, self._expire_proposal, index, d)
+        self._proposals[index] = (self.node.term, d, timer)
+        self._kick()
+        return d
+
+    def _expire_proposal(self, index: int, d: Deferred[Any]) -> None:
+        pending = self._proposals.get(index)
+        if pending is not None and pending[1] is d:
+            del self._proposals[index]
+            d.errback(RaftTimeoutError(f"proposal at index {index} timed out; outcome unknown"))
+
+    def _expire_read(self, ctx: bytes, d: Deferred[None]) -> None:
+        if self._reads.pop(ctx, None) is not None:
+            d.errback(RaftTimeoutError("read index timed out"))
+            return
+        for item in self._reads_waiting:
+            if item[1] is d:
+                self._reads_waiting.remove(item)
+                d.errback(RaftTimeoutError("read index timed out waiting for apply"))
+                return
+
+    def _fail_all(self, error: Exception) -> None:
+        proposals, self._proposals = self._proposals, {}
+        for _term, d, timer in proposals.values():
+            _cancel(timer)
+            d.errback(error)
+        reads, self._reads = self._reads, {}
+        for d, timer in reads.values():
+            _cancel(timer)
+            d.errback(error)
+        waiting, self._reads_waiting = self._reads_waiting, []
+        for _index, d, timer in waiting:
+            _cancel(timer)
+            d.errback(error)
+        transfers, self._transfers = self._transfers, []
+        for _to, d, timer in transfers:
+            _cancel(timer)
+            d.errback(error)
+
+    # --- internals: the loop ----------------------------------------------------------
+
+    def _tick(self) -> None:
+        if self._node is not None and self._failure is None:
+            self._node.tick()
+            self._kick()
+
+    def _receive(self, message: Message) -> None:
+        if self._node is None or not self.running or self._failure is not None:
+            return
+        try:
+            self._node.step(message)
+        except Exception:
+            _log.failure("Raft {id}: stepping {msg!r} failed", id=self.node_id, msg=message)
+        self._kick()
+
+    def _kick(self) -> None:
+        """Process the core's output soon (once per reactor turn, to batch proposals)."""
+        if self._kick_call is None and not self._busy and self.running:
+            self._kick_call = self._clock.callLater(0, self._process)
+
+    def _process(self) -> None:
+        self._kick_call = None
+        if self._busy or self._node is None or not self.running or self._failure is not None:
+            return
+        ready = self._node.ready()
+        if not ready.contains_updates():
+            return
+        self._busy = True
+        if ready.hard_state is not None or ready.entries or ready.snapshot is not None:
+            assert self._executor is not None
+            d = self._executor(
+                partial(self._storage.save, ready.hard_state, ready.entries, ready.snapshot)
+            )
+        else:
+            d = defer.succeed(None)
+        d.addCallback(lambda _: self._after_persist(ready))
+        d.addErrback(self._loop_failed)
+        d.addBoth(self._loop_finished)
+
+    def _after_persist(self, ready: Ready) -> Deferred[None] | None:
+        node = self.node
+        if ready.hard_state is not None or ready.entries or ready.snapshot is not None:
+            self.batches += 1
+        if ready.snapshot is not None:
+            self._install_snapshot(ready.snapshot)
+        for message in ready.messages:
+            self._transport.send(message)
+        for entry in ready.committed:
+            self._apply(entry)
+        for read_state in ready.read_states:
+            self._read_ready(read_state.request_ctx, read_state.index)
+        node.advance(ready)
+        self._serve_reads()
+        self._watch_leadership()
+        return self._maybe_snapshot()
+
+    def _loop_failed(self, failure: Failure) -> None:
+        # Storage failing (disk full, I/O error) or a core bug: this member can no longer keep
+        # its promises, so it stops taking part rather than acknowledge what it may not keep.
+        _log.failure("Raft {id}: the Ready loop failed; member halted", failure, id=self.node_id)
+        self._failure = failure
+        self._fail_all(RaftStoppedError(f"Raft member {self.node_id} failed: {failure.value}"))
+        if self._ticker is not None and self._ticker.running:
+            self._ticker.stop()
+
+    def _loop_finished(self, _: object) -> None:
+        self._busy = False
+        if self._loop_done is not None:
+            done, self._loop_done = self._loop_done, None
+            done.callback(None)
+            return
+        if self.running and self._failure is None and self._node is not None:
+            # More input may have arrived while the batch was being written.
+            self._kick()
+
+    def _install_snapshot(self, snapshot: Snapshot) -> None:
+        if snapshot.meta.index <= self._applied:
+            return
+        self._sm.restore(snapshot)
+        self._applied = snapshot.meta.index
+        self._snapshot_index = snapshot.meta.index
+        for index in [i for i in self._proposals if i <= snapshot.meta.index]:
+            _term, d, timer = self._proposals.pop(index)
+            _cancel(timer)
+            d.errback(LeadershipLostError(f"proposal at {index} was superseded by a snapshot"))
+
+    def _apply(self, entry: Entry) -> None:
+        if entry.index <= self._applied:
+            return
+        result: object = None
+        error: BaseException | None = None
+        if entry.kind == EntryKind.NORMAL:
+            try:
+                result = self._sm.apply(entry)
+            except Exception as e:
+                _log.failure("Raft {id}: applying entry {index} failed", id=self.node_id, index=entry.index)
+                error = e
+        self._applied = entry.index
+        pending = self._proposals.pop(entry.index, None)
+        if pending is None:
+            return
+        term, d, timer = pending
+        _cancel(timer)
+        if entry.term != term:
+            d.errback(ProposalDroppedError(f"entry {entry.index} was replaced by a later leader"))
+        elif error is not None:
+            d.errback(error)
+        else:
+            d.callback(result)
+
+    def _read_ready(self, ctx: bytes, index: int) -> None:
+        pending = self._reads.pop(ctx, None)
+        if pending is not None:
+            self._reads_waiting.append((index, pending[0], pending[1]))
+
+    def _serve_reads(self) -> None:
+        if not self._reads_waiting:
+            return
+        still: list[tuple[int, Deferred[None], IDelayedCall]] = []
+        for index, d, timer in self._reads_waiting:
+            if index <= self._applied:
+                _cancel(timer)
+                d.callback(None)
+            else:
+                still.append((index, d, timer))
+        self._reads_waiting = still
+
+    def _watch_leadership(self) -> None:
+        node = self.node
+        leading = node.role == Role.LEADER
+        if self._was_leader and (not leading or node.term != self._leader_term):
+            # Entries we proposed may still commit under the next leader, or may not: the
+            # proposer must retry through its session to learn which.
+            lost = LeadershipLostError(
+                f"{self.node_id} lost leadership in term {self._leader_term}; outcome unknown"
+            )
+            proposals, self._proposals = self._proposals, {}
+            for _t, d, timer in proposals.values():
+                _cancel(timer)
+                d.errback(lost)
+            reads, self._reads = self._reads, {}
+            for d, timer in reads.values():
+                _cancel(timer)
+                d.errback(lost)
+        self._was_leader, self._leader_term = leading, node.term
+        if self._transfers:
+            for item in list(self._transfers):
+                to, d, timer = item
+                if node.leader_id == to:
+                    self._transfers.remove(item)
+                    _cancel(timer)
+                    d.callback(None)
+
+    def _maybe_snapshot(self) -> Deferred[None] | None:
+        """Every ``snapshot_every`` applied entries: snapshot, store it, then compact the core.
+
+        Runs inside the Ready loop's busy window, so the snapshot write is ordered with the
+        batches around it; the core drops its log prefix only once the snapshot is durable.
+        """
+        if self._snapshot_every is None:
+            return None
+        if self._applied - self._snapshot_index < self._snapshot_every:
+            return None
+        node = self.node
+        index = self._applied
+        term = node.term_at(index)
+        if term is None:
+            return None
+        meta = SnapshotMeta(index=index, term=term, config=node.config)
+        snapshot = Snapshot(meta=meta, data=self._sm.snapshot())
+        assert self._executor is not None
+        d: Deferred[None] = self._executor(partial(self._storage.save, None, [], snapshot))
+
+        def stored(_: object) -> None:
+            self._snapshot_index = max(self._snapshot_index, index)
+            if self._node is node:
+                try:
+                    node.compact(snapshot)
+                except ValueError as e:
+                    # The log moved under us (a leader's snapshot replaced it): nothing to do.
+                    _log.info("Raft {id}: compaction at {index} skipped: {why}",
+                              id=self.node_id, index=index, why=str(e))
+
+        return d.addCallback(stored)
+
+
+def _cancel(call: Any) -> None:
+    if call.active():
+        call.cancel()

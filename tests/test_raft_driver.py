@@ -1,0 +1,572 @@
+# -*- test-case-name: tests.test_raft_driver -*-
+"""Tests for dogfs.raft.driver and dogfs.raft.transport: Raft groups on a simulated clock."""
+
+from __future__ import annotations
+
+import random
+import struct
+from collections.abc import Callable
+from typing import Any
+
+import lmdb
+import msgpack
+from twisted.internet import defer, task
+from twisted.internet.defer import Deferred
+from twisted.logger import LogLevel, capturedLogs
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from dogfs.raft.core import (
+    AppendEntries,
+    Configuration,
+    Entry,
+    HardState,
+    Heartbeat,
+    RaftOptions,
+    Snapshot,
+)
+from dogfs.raft.driver import (
+    IRaftStateMachine,
+    LeadershipLostError,
+    NotLeaderError,
+    RaftDriver,
+    RaftStoppedError,
+)
+from dogfs.raft.storage import (
+    IRaftStorage,
+    LMDBRaftStorage,
+    MemoryRaftStorage,
+    RaftStorageCorruption,
+)
+from dogfs.raft.transport import FramedRaftTransport, IRaftTransport, MemoryRaftNetwork
+
+IDS = ("a", "b", "c")
+
+
+@implementer(IRaftStateMachine)
+class KVMachine:
+    """A key-value state machine: ``key=value`` sets, and returns the previous value."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, str] = {}
+        self.applied: list[int] = []
+
+    def apply(self, entry: Entry) -> object:
+        key, _, value = entry.data.decode().partition("=")
+        previous = self.data.get(key)
+        self.data[key] = value
+        self.applied.append(entry.index)
+        return previous
+
+    def snapshot(self) -> bytes:
+        return msgpack.packb(self.data)
+
+    def restore(self, snapshot: Snapshot) -> None:
+        self.data = dict(msgpack.unpackb(snapshot.data))
+
+    def applied_index(self) -> int:
+        return 0
+
+
+@implementer(IRaftStorage)
+class RecordingStorage:
+    """Wraps a storage and records each batch in a shared event list."""
+
+    def __init__(self, inner: Any, events: list[tuple[str, Any]]) -> None:
+        self.inner = inner
+        self.events = events
+        self.saves: list[tuple[HardState | None, list[Entry], Snapshot | None]] = []
+
+    def load(self) -> Any:
+        return self.inner.load()
+
+    def save(self, hard_state: Any, entries: Any, snapshot: Any) -> None:
+        self.inner.save(hard_state, entries, snapshot)
+        self.saves.append((hard_state, list(entries), snapshot))
+        self.events.append(("save", [e.index for e in entries]))
+
+    def snapshot_data(self) -> Snapshot | None:
+        return self.inner.snapshot_data()  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        close = getattr(self.inner, "close", None)
+        if close is not None:
+            close()
+
+
+def run_now(f: Callable[[], Any]) -> Deferred[Any]:
+    """An executor that performs the storage write synchronously (tests only)."""
+    return defer.maybeDeferred(f)
+
+
+class Group:
+    """Drivers on one task.Clock joined by a MemoryRaftNetwork."""
+
+    def __init__(
+        self,
+        case: SynchronousTestCase,
+        ids: tuple[str, ...] = IDS,
+        *,
+        lmdb_dirs: dict[str, str] | None = None,
+        snapshot_every: int | None = None,
+        seed: int = 1,
+    ) -> None:
+        self.case = case
+        self.clock = task.Clock()
+        self.network = MemoryRaftNetwork(self.clock)
+        self.ids = ids
+        self.lmdb_dirs = lmdb_dirs
+        self.snapshot_every = snapshot_every
+        self.seed = seed
+        self.events: list[tuple[str, Any]] = []
+        self.memory = {i: MemoryRaftStorage() for i in ids}
+        self.drivers: dict[str, RaftDriver] = {}
+        self.machines: dict[str, KVMachine] = {}
+        self.storages: dict[str, RecordingStorage] = {}
+        for i in ids:
+            self.start(i)
+        case.addCleanup(self.stop_all)
+
+    def start(self, node_id: str, bootstrap: Configuration | None = None) -> RaftDriver:
+        """(Re)start ``node_id`` with a fresh state machine on its existing storage."""
+        inner: Any
+        if self.lmdb_dirs is not None:
+            inner = LMDBRaftStorage(self.lmdb_dirs[node_id], map_size=1 << 24)
+        else:
+            inner = self.memory.setdefault(node_id, MemoryRaftStorage())
+        storage = RecordingStorage(inner, self.events)
+        machine = KVMachine()
+        driver = RaftDriver(
+            node_id,
+            storage=storage,
+            transport=self.network.transport(node_id),
+            state_machine=machine,
+            clock=self.clock,
+            bootstrap=bootstrap or Configuration(voters=frozenset(self.ids)),
+            options=RaftOptions(),
+            tick_interval=0.1,
+            rng=random.Random(f"{self.seed}-{node_id}-{len(self.drivers)}"),
+            executor=run_now,
+            snapshot_every=self.snapshot_every,
+        )
+        driver.startService()
+        self.drivers[node_id], self.machines[node_id], self.storages[node_id] = (
+            driver,
+            machine,
+            storage,
+        )
+        return driver
+
+    def stop(self, node_id: str) -> None:
+        """Stop ``node_id`` (its storage is closed, its data kept)."""
+        driver = self.drivers[node_id]
+        if driver.running:
+            self.case.successResultOf(driver.stopService())
+
+    def stop_all(self) -> None:
+        """Stop every running driver."""
+        for i in list(self.drivers):
+            self.stop(i)
+
+    def run(self, seconds: float) -> None:
+        """Let ``seconds`` of simulated time pass."""
+        for _ in range(round(seconds / 0.05)):
+            self.clock.advance(0.05)
+
+    def leader(self, within: float = 10.0) -> RaftDriver:
+        """Run until exactly one running member leads, and return it."""
+        for _ in range(round(within / 0.1)):
+            leaders = [d for d in self.drivers.values() if d.running and d.is_leader]
+            if len(leaders) == 1:
+                return leaders[0]
+            self.run(0.1)
+        raise AssertionError("no single leader elected")
+
+    def followers(self) -> list[RaftDriver]:
+        """Running members that do not lead."""
+        return [d for d in self.drivers.values() if d.running and not d.is_leader]
+
+
+class DriverTests(SynchronousTestCase):
+    """A three-member group of drivers on a simulated clock."""
+
+    def test_interfaces(self) -> None:
+        """The in-memory and framed transports provide IRaftTransport."""
+        network = MemoryRaftNetwork(task.Clock())
+        self.assertTrue(verifyObject(IRaftTransport, network.transport("a")))
+        self.assertTrue(verifyObject(IRaftTransport, FramedRaftTransport(lambda p, b: None)))
+        self.assertTrue(verifyObject(IRaftStateMachine, KVMachine()))
+
+    def test_election(self) -> None:
+        """One leader is elected and every member agrees on it and on the term."""
+        group = Group(self)
+        leader = group.leader()
+        group.run(1)
+        self.assertEqual({d.leader_hint for d in group.drivers.values()}, {leader.node_id})
+        self.assertEqual(len({d.term for d in group.drivers.values()}), 1)
+        self.assertEqual(leader.role, "leader")
+        self.assertEqual({d.role for d in group.followers()}, {"follower"})
+
+    def test_propose_returns_result_and_replicates(self) -> None:
+        """propose fires with apply's result on the leader; every member applies the entry."""
+        group = Group(self)
+        leader = group.leader()
+        first = leader.propose(b"x=1")
+        second = leader.propose(b"x=2")
+        group.run(0.5)
+        self.assertIsNone(self.successResultOf(first))
+        self.assertEqual(self.successResultOf(second), "1")
+        for machine in group.machines.values():
+            self.assertEqual(machine.data, {"x": "2"})
+        self.assertEqual(len({d.commit_index for d in group.drivers.values()}), 1)
+        self.assertEqual(leader.applied_index, leader.commit_index)
+
+    def test_follower_redirects(self) -> None:
+        """A follower refuses a proposal with NotLeaderError naming the leader."""
+        group = Group(self)
+        leader = group.leader()
+        group.run(0.5)
+        failure = self.failureResultOf(group.followers()[0].propose(b"y=1"), NotLeaderError)
+        self.assertEqual(failure.value.leader_hint, leader.node_id)
+
+    def test_read_index(self) -> None:
+        """read_index fires on the leader and (forwarded) on a follower once safe to read."""
+        group = Group(self)
+        leader = group.leader()
+        write = leader.propose(b"k=v")
+        on_leader = leader.read_index()
+        follower = group.followers()[0]
+        group.run(0.2)
+        on_follower = follower.read_index()
+        group.run(0.5)
+        self.successResultOf(write)
+        self.assertIsNone(self.successResultOf(on_leader))
+        self.assertIsNone(self.successResultOf(on_follower))
+        self.assertEqual(group.machines[follower.node_id].data, {"k": "v"})
+
+    def test_leadership_loss_fails_pending(self) -> None:
+        """An isolated leader steps down and its pending proposal fails as outcome-unknown."""
+        group = Group(self)
+        leader = group.leader()
+        group.run(0.5)
+        group.network.isolate(leader.node_id)
+        pending = leader.propose(b"lost=1")
+        group.run(5)
+        self.failureResultOf(pending, LeadershipLostError)
+        self.assertFalse(leader.is_leader)
+        group.network.heal()
+        new_leader = group.leader()
+        self.assertNotEqual(new_leader.node_id, leader.node_id)
+        d = new_leader.propose(b"after=1")
+        group.run(1)
+        self.successResultOf(d)
+
+    def test_minority_cannot_commit(self) -> None:
+        """Without a majority no proposal is acknowledged (it times out or fails)."""
+        group = Group(self)
+        leader = group.leader()
+        group.run(0.5)
+        for f in group.followers():
+            group.stop(f.node_id)
+        pending = leader.propose(b"nope=1")
+        group.run(15)
+        failure = self.failureResultOf(pending)
+        self.assertIsInstance(failure.value, LeadershipLostError | Exception)
+        self.assertNotIn("nope", group.machines[leader.node_id].data)
+
+    def test_transfer_leadership(self) -> None:
+        """transfer_leadership hands over to the named voter and fires when it leads."""
+        group = Group(self)
+        leader = group.leader()
+        group.run(0.5)
+        target = group.followers()[0].node_id
+        d = leader.transfer_leadership(target)
+        group.run(2)
+        self.successResultOf(d)
+        self.assertTrue(group.drivers[target].is_leader)
+
+    def test_membership(self) -> None:
+        """A learner is added, catches up, is promoted to voter, then removed."""
+        group = Group(self)
+        leader = group.leader()
+        self.successResultOf(_settle(group, leader.propose(b"before=1")))
+        group.start("d", bootstrap=Configuration(voters=frozenset(IDS)))
+        self.successResultOf(_settle(group, leader.add_learner("d")))
+        group.run(1)
+        self.assertEqual(group.drivers["d"].role, "learner")
+        self.assertEqual(group.machines["d"].data, {"before": "1"})
+        self.successResultOf(_settle(group, leader.promote("d")))
+        group.run(1)
+        self.assertIn("d", group.drivers["d"].config.voters)  # type: ignore[union-attr]
+        self.assertEqual(group.drivers["d"].role, "follower")
+        self.successResultOf(_settle(group, leader.remove("d")))
+        self.assertNotIn("d", leader.config.members())  # type: ignore[union-attr]
+
+    def test_durable_before_send_and_one_write_per_batch(self) -> None:
+        """Proposals made together are one storage write, and no AppendEntries carrying an
+        entry leaves before the write holding that entry returned."""
+        group = Group(self)
+        leader = group.leader()
+        group.run(0.5)
+        sent = group.network.transport(leader.node_id)
+        original_send = sent.send
+
+        def record_send(message: Any) -> None:
+            if isinstance(message, AppendEntries) and message.entries:
+                group.events.append(("send", [e.index for e in message.entries]))
+            original_send(message)
+
+        sent.send = record_send  # type: ignore[method-assign]
+        storage = group.storages[leader.node_id]
+        before = len(storage.saves)
+        proposals = [leader.propose(b"n=%d" % i) for i in range(50)]
+        group.clock.advance(0)
+        batches = [s for s in storage.saves[before:] if s[1]]
+        self.assertEqual(len(batches), 1)
+        self.assertEqual(len(batches[0][1]), 50)
+        group.run(0.5)
+        for d in proposals:
+            self.successResultOf(d)
+        durable: set[int] = set()
+        leader_events = [e for e in group.events if e[0] == "send" or e[1]]
+        for kind, indexes in leader_events:
+            if kind == "save":
+                durable.update(indexes)
+            else:
+                self.assertTrue(set(indexes) <= durable, f"sent {indexes} before saving them")
+
+    def test_follower_persists_before_acknowledging(self) -> None:
+        """A follower's acknowledgement of entries follows the durable write of those entries."""
+        group = Group(self)
+        leader = group.leader()
+        group.run(0.5)
+        follower = group.followers()[0]
+        order: list[str] = []
+        storage = group.storages[follower.node_id]
+        inner_save = storage.save
+
+        def save(hs: Any, entries: Any, snap: Any) -> None:
+            if entries:
+                order.append("save")
+            inner_save(hs, entries, snap)
+
+        storage.save = save  # type: ignore[method-assign]
+        transport = group.network.transport(follower.node_id)
+        inner_send = transport.send
+
+        def send(message: Any) -> None:
+            if type(message).__name__ == "AppendEntriesResponse" and message.success:
+                order.append("ack")
+            inner_send(message)
+
+        transport.send = send  # type: ignore[method-assign]
+        leader.propose(b"z=1")
+        group.run(0.5)
+        self.assertIn("ack", order)
+        self.assertEqual(order[0], "save")
+
+    def test_stop_fails_pending(self) -> None:
+        """Stopping the driver fails pending proposals with RaftStoppedError."""
+        group = Group(self)
+        leader = group.leader()
+        pending = leader.propose(b"a=1")
+        group.stop(leader.node_id)
+        self.failureResultOf(pending, RaftStoppedError)
+        self.failureResultOf(leader.propose(b"b=1"), RaftStoppedError)
+        self.assertEqual(leader.role, "stopped")
+
+    def test_status(self) -> None:
+        """status() reports role, term, indexes and membership for status pages."""
+        group = Group(self)
+        leader = group.leader()
+        group.run(0.5)
+        status = leader.status()
+        self.assertEqual(status["role"], "leader")
+        self.assertEqual(status["leader"], leader.node_id)
+        self.assertEqual(status["voters"], list(IDS))
+        self.assertEqual(status["commit_index"], leader.commit_index)
+        self.assertGreaterEqual(int(status["term"]), 1)  # type: ignore[call-overload]
+
+    def test_snapshot_and_catch_up(self) -> None:
+        """Members snapshot every N entries; a member that missed them catches up by snapshot."""
+        group = Group(self, snapshot_every=10)
+        leader = group.leader()
+        group.run(0.5)
+        lagging = group.followers()[0].node_id
+        group.network.isolate(lagging)
+        for i in range(30):
+            leader.propose(b"k%d=%d" % (i, i))
+            group.run(0.1)
+        self.assertGreater(leader.node.snapshot_index, 10)
+        group.network.heal()
+        group.run(3)
+        self.assertEqual(group.machines[lagging].data, group.machines[leader.node_id].data)
+        self.assertEqual(len(group.machines[lagging].data), 30)
+        self.assertIsNotNone(group.memory[lagging].snapshot)
+
+
+class DurableGroupTests(SynchronousTestCase):
+    """Groups on real LMDB storage: restarts, and damaged storage."""
+
+    def setUp(self) -> None:
+        base = self.mktemp()
+        self.dirs = {i: f"{base}/{i}" for i in IDS}
+
+    def test_restart_keeps_log_and_vote(self) -> None:
+        """After every member restarts from LMDB, term, vote and log are back, the state
+        machines replay to the same state, and the group goes on committing."""
+        group = Group(self, lmdb_dirs=self.dirs)
+        leader = group.leader()
+        for i in range(10):
+            leader.propose(b"k=%d" % i)
+        group.run(1)
+        before = {i: (d.term, d.node.vote, d.node.last_index) for i, d in group.drivers.items()}
+        group.stop_all()
+        for i in IDS:
+            group.start(i)
+        for i, d in group.drivers.items():
+            self.assertEqual((d.term, d.node.vote, d.node.last_index), before[i])
+        leader = group.leader()
+        d = leader.propose(b"k=after")
+        group.run(1)
+        self.assertEqual(self.successResultOf(d), "9")
+        for machine in group.machines.values():
+            self.assertEqual(machine.data, {"k": "after"})
+
+    def test_restart_from_snapshot(self) -> None:
+        """A member restarts from its LMDB snapshot plus the log after it."""
+        group = Group(self, lmdb_dirs=self.dirs, snapshot_every=5)
+        leader = group.leader()
+        for i in range(12):
+            leader.propose(b"k%d=%d" % (i, i))
+            group.run(0.1)
+        group.run(1)
+        name = leader.node_id
+        group.stop(name)
+        restarted = group.start(name)
+        self.assertGreaterEqual(restarted.node.snapshot_index, 5)
+        # Restored from the snapshot at once; the entries after it are applied on the first turn.
+        self.assertGreaterEqual(len(group.machines[name].data), 5)
+        group.clock.advance(0)
+        self.assertEqual(len(group.machines[name].data), 12)
+
+    def _damage(self, node_id: str, index: int, value: bytes) -> None:
+        env = lmdb.open(self.dirs[node_id], max_dbs=4, map_size=1 << 24)
+        try:
+            with env.begin(write=True, db=env.open_db(b"log")) as txn:
+                txn.put(struct.pack(">Q", index), value)
+        finally:
+            env.close()
+
+    def test_torn_tail_truncated_on_restart(self) -> None:
+        """A torn record after the last entry is dropped with a warning; the member rejoins."""
+        group = Group(self, lmdb_dirs=self.dirs)
+        leader = group.leader()
+        self.successResultOf(_settle(group, leader.propose(b"k=1")))
+        victim = group.followers()[0].node_id
+        last = group.drivers[victim].node.last_index
+        group.stop(victim)
+        self._damage(victim, last + 1, b"\x12\x34\x56\x78torn")
+        with capturedLogs() as events:
+            restarted = group.start(victim)
+        self.assertTrue(any(e["log_level"] == LogLevel.warn for e in events))
+        self.assertEqual(restarted.node.last_index, last)
+        d = leader.propose(b"k=2")
+        group.run(1)
+        self.successResultOf(d)
+        self.assertEqual(group.machines[victim].data, {"k": "2"})
+
+    def test_corrupt_middle_refuses_to_start(self) -> None:
+        """A corrupt entry inside the log stops the member from starting, naming the entry."""
+        group = Group(self, lmdb_dirs=self.dirs)
+        leader = group.leader()
+        for i in range(5):
+            leader.propose(b"k=%d" % i)
+        group.run(1)
+        victim = group.followers()[0].node_id
+        group.stop(victim)
+        self._damage(victim, 2, b"\x00\x00\x00\x00garbage")
+        e = self.assertRaises(RaftStorageCorruption, group.start, victim)
+        self.assertIn("log entry 2", str(e))
+
+    def test_lmdb_one_transaction_per_ready(self) -> None:
+        """On LMDB, the number of durable write transactions equals the number of batches."""
+        group = Group(self, lmdb_dirs=self.dirs)
+        leader = group.leader()
+        for _ in range(5):
+            for i in range(20):
+                leader.propose(b"k=%d" % i)
+            group.run(0.2)
+        for node_id, driver in group.drivers.items():
+            inner = group.storages[node_id].inner
+            self.assertEqual(inner.commits, len(group.storages[node_id].saves))
+            self.assertEqual(inner.commits, driver.batches)
+        self.assertLess(group.storages[leader.node_id].inner.commits, 100)
+
+
+class FramedTransportTests(SynchronousTestCase):
+    """FramedRaftTransport encodes for any byte carrier and drops what it cannot decode."""
+
+    def test_roundtrip(self) -> None:
+        """A message sent on one side arrives, equal, on the other."""
+        received: list[Any] = []
+        b = FramedRaftTransport(lambda peer, payload: None)
+        b.start(received.append)
+        a = FramedRaftTransport(lambda peer, payload: b.deliver(payload))
+        a.start(lambda m: None)
+        message = Heartbeat(term=3, src="a", dst="b", commit=7, ctx=b"r1")
+        a.send(message)
+        self.assertEqual(received, [message])
+
+    def test_malformed_dropped(self) -> None:
+        """Garbage is logged and dropped, never raised into the carrier."""
+        received: list[Any] = []
+        t = FramedRaftTransport(lambda peer, payload: None)
+        t.start(received.append)
+        with capturedLogs() as events:
+            t.deliver(b"\xc1garbage")
+        self.assertEqual(received, [])
+        self.assertEqual(len(events), 1)
+
+
+class ThreadPoolTests(TestCase):
+    """The driver's own thread pool on the real reactor (the production path)."""
+
+    def test_single_member_on_threads(self) -> Deferred[None]:
+        """A one-member group on LMDB with the default thread pool elects itself and commits."""
+        from twisted.internet import reactor
+
+        network = MemoryRaftNetwork(reactor)  # type: ignore[arg-type]
+        machine = KVMachine()
+        driver = RaftDriver(
+            "solo",
+            storage=LMDBRaftStorage(self.mktemp(), map_size=1 << 24),
+            transport=network.transport("solo"),
+            state_machine=machine,
+            clock=reactor,
+            reactor=reactor,
+            bootstrap=Configuration(voters=frozenset({"solo"})),
+            tick_interval=0.01,
+            rng=random.Random(7),
+        )
+        driver.startService()
+
+        async def scenario() -> None:
+            for _ in range(300):
+                if driver.is_leader:
+                    break
+                await task.deferLater(reactor, 0.01, lambda: None)  # type: ignore[arg-type]
+            result = await driver.propose(b"a=1")
+            self.assertIsNone(result)
+            self.assertEqual(machine.data, {"a": "1"})
+            await driver.stopService()
+
+        return Deferred.fromCoroutine(scenario())
+
+
+def _settle(group: Group, d: Deferred[Any], seconds: float = 2.0) -> Deferred[Any]:
+    """Run the group for a while and hand back ``d`` (fired by then)."""
+    group.run(seconds)
+    return d
+
