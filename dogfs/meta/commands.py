@@ -18,7 +18,7 @@ from __future__ import annotations
 import enum
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Union
 
 import attrs
@@ -81,6 +81,14 @@ class ErrorCode(enum.IntEnum):
     VERSION_MISMATCH = 10
 
 
+def _str_tuple(value: Iterable[str]) -> tuple[str, ...]:
+    return tuple(value)
+
+
+def _group_tuple(value: Iterable[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    return tuple((int(bg), int(size)) for bg, size in value)
+
+
 # --- commands -------------------------------------------------------------------------------
 
 
@@ -132,7 +140,7 @@ class Allocate:
 
     path: str
     ec: str | None
-    placement: tuple[str, ...] = field(converter=tuple)
+    placement: tuple[str, ...] = field(converter=_str_tuple)
     now: float = 0.0
 
 
@@ -149,9 +157,7 @@ class CommitFile:
 
     path: str
     size: int
-    block_groups: tuple[tuple[int, int], ...] = field(
-        converter=lambda groups: tuple((int(b), int(s)) for b, s in groups)
-    )
+    block_groups: tuple[tuple[int, int], ...] = field(converter=_group_tuple)
     now: float = 0.0
     ec: str | None = None
     expected_version: int | None = None
