@@ -73,6 +73,7 @@ __all__ = [
     "TLSConfig",
     "client_endpoint",
     "client_tls",
+    "endpoint_maker",
     "parse_address",
     "peer_identity",
     "server_endpoint",
@@ -93,6 +94,9 @@ _VERIFY_ERRORS: dict[int, str] = {
     21: "it was not issued by the cluster CA",
     26: "it may not be used for this purpose",
 }
+
+#: Seconds a server gives a new connection to present a valid certificate before aborting it.
+HANDSHAKE_TIMEOUT = 10.0
 
 # Forward-secret AEAD suites only, for TLS 1.2 (TLS 1.3 suites are all of that kind).
 _TLS12_CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20"
@@ -283,11 +287,13 @@ class ServerTLS:
     Every connection must present a certificate issued by the cluster CA, carrying a known
     role and not revoked by ``revocations``; otherwise the handshake fails with an alert and
     the application protocol never sees a byte. Accepted connections are registered in
-    ``registry`` under their Identity until they close.
+    ``registry`` under their Identity until they close. A connection that has not presented
+    a valid certificate within ``handshake_timeout`` seconds is aborted (``None``: no limit).
 
     Use it through :func:`server_endpoint`, or wrap a factory with :meth:`wrap_factory`. It also
     provides ``IOpenSSLServerConnectionCreator``, so ``TLSMemoryBIOFactory(server_tls, False,
-    factory)`` works too, but then the registry is not told when connections close.
+    factory)`` works too, but then the registry is not told when connections close and the
+    handshake timeout does not apply.
 
     :raises OSError, ValueError, OpenSSL.SSL.Error: when the files are missing, unreadable or
         do not belong together (the certificate not issued by the CA, the key not matching).
@@ -299,9 +305,11 @@ class ServerTLS:
         *,
         revocations: RevocationSet | None = None,
         registry: ConnectionRegistry | None = None,
+        handshake_timeout: float | None = HANDSHAKE_TIMEOUT,
     ) -> None:
         self.revocations = revocations if revocations is not None else RevocationSet()
         self.registry = registry if registry is not None else ConnectionRegistry()
+        self.handshake_timeout = handshake_timeout
         self.config = config
         self._context = _build_server_context(config)
 
@@ -378,16 +386,46 @@ class ServerTLS:
 
 
 class _RegisteringTLSFactory(TLSMemoryBIOFactory):
-    """A server TLS factory that takes connections out of the registry when they close."""
+    """A server TLS factory that bounds the handshake and keeps the registry up to date.
+
+    A connection whose client certificate is not verified within the server's
+    ``handshake_timeout`` is aborted (a peer that opens TCP and stalls would otherwise hold a
+    socket forever); a closed connection leaves the registry.
+    """
 
     def __init__(
         self, server: ServerTLS, wrapped: IProtocolFactory, clock: IReactorTime | None
     ) -> None:
         super().__init__(cast(IOpenSSLServerConnectionCreator, server), False, wrapped, clock)
         self._server = server
+        self._timer_clock: Any = clock
+        self._timers: dict[object, Any] = {}
+
+    def buildProtocol(self, addr: Any) -> Any:
+        """Build the TLS protocol and start its handshake timer."""
+        protocol = super().buildProtocol(addr)
+        timeout = self._server.handshake_timeout
+        if protocol is not None and timeout is not None and self._timer_clock is not None:
+            self._timers[protocol] = self._timer_clock.callLater(
+                timeout, self._handshake_expired, protocol, timeout
+            )
+        return protocol
+
+    def _handshake_expired(self, protocol: TLSMemoryBIOProtocol, timeout: float) -> None:
+        self._timers.pop(protocol, None)
+        if self._server.registry.identity_of(protocol) is None:
+            _log.info(
+                "refused TLS client {peer}: no valid certificate within {timeout:g}s",
+                peer=_describe_peer(protocol),
+                timeout=timeout,
+            )
+            protocol.abortConnection()
 
     def unregisterProtocol(self, p: object) -> None:
         """Called by the TLS protocol's connectionLost: forget the connection."""
+        timer = self._timers.pop(p, None)
+        if timer is not None and timer.active():
+            timer.cancel()
         self._server.registry.unregister(p)
         super().unregisterProtocol(p)
 
@@ -542,3 +580,15 @@ def client_endpoint(
     return cast(
         IStreamClientEndpoint, _TLSClientEndpoint(endpoint, client.creator(host), cast(Any, clock))
     )
+
+
+def endpoint_maker(
+    reactor: IReactorTCP, tls: TLSConfig | ClientTLS | None, timeout: float = 10.0
+) -> Callable[[str], IStreamClientEndpoint]:
+    """Return ``address -> endpoint`` (what ``dogfs.wire.pool`` takes), TLS files read once."""
+    client = ClientTLS(tls) if isinstance(tls, TLSConfig) else tls
+
+    def make(address: str) -> IStreamClientEndpoint:
+        return client_endpoint(reactor, address, client, timeout)
+
+    return make

@@ -1,0 +1,441 @@
+"""Tests for dogfs.security.tls: mutual TLS over real loopback sockets, reload and revocation.
+
+These run on the real reactor (trial's TestCase) with servers on 127.0.0.1 port 0. Nothing
+sleeps: every wait is on a Deferred with a timeout.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+from typing import Any
+
+from OpenSSL import SSL
+from service_identity import VerificationError
+from twisted.internet import reactor as _reactor
+from twisted.internet import ssl
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.protocol import Factory, Protocol
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
+
+from dogfs.security.ca import CertificateAuthority, IssuedIdentity, init_ca
+from dogfs.security.roles import Identity, Role
+from dogfs.security.tls import (
+    ClientTLS,
+    ConnectionRegistry,
+    RevocationSet,
+    ServerTLS,
+    TLSConfig,
+    client_endpoint,
+    client_tls,
+    endpoint_maker,
+    parse_address,
+    peer_identity,
+    server_endpoint,
+)
+
+reactor: Any = _reactor
+WAIT = 10.0  # seconds any single step may take before the test fails
+
+
+def _config(ca: CertificateAuthority, issued: IssuedIdentity) -> TLSConfig:
+    return TLSConfig(ca_cert=ca.cert_path, cert=issued.cert_path, key=issued.key_path)
+
+
+@implementer(IHandshakeListener)
+class EchoServer(Protocol):
+    """Echoes bytes back; records the peer's Identity once the handshake completes.
+
+    This is the recipe for DogFS protocols: provide IHandshakeListener and read
+    peer_identity(self.transport) in handshakeCompleted.
+    """
+
+    factory: EchoFactory
+    identity: Identity | None = None
+
+    def handshakeCompleted(self) -> None:
+        """Record who connected."""
+        self.identity = peer_identity(self.transport)
+        self.factory.identities.append(self.identity)
+
+    def dataReceived(self, data: bytes) -> None:
+        """Echo."""
+        self.transport.write(data)  # type: ignore[union-attr]
+
+
+class EchoFactory(Factory):
+    """Builds EchoServers and keeps the identities they saw."""
+
+    protocol = EchoServer
+
+    def __init__(self) -> None:
+        self.identities: list[Identity | None] = []
+
+
+@implementer(IHandshakeListener)
+class Client(Protocol):
+    """A client that exposes Deferreds for handshake, echo and loss."""
+
+    def __init__(self) -> None:
+        self.handshake: Deferred[Identity | None] = Deferred()
+        # Fired with the exception (a Failure would make the Deferred fail).
+        self.lost: Deferred[BaseException] = Deferred()
+        self.buffer = b""
+        self.server_identity: Identity | None = None
+        self._want: tuple[bytes, Deferred[bytes]] | None = None
+
+    def handshakeCompleted(self) -> None:
+        """Fire `handshake` with the server's Identity (also kept in `server_identity`)."""
+        self.server_identity = peer_identity(self.transport)
+        self.handshake.callback(self.server_identity)
+
+    def dataReceived(self, data: bytes) -> None:
+        """Collect bytes; fire a pending `echo` when its bytes are all back."""
+        self.buffer += data
+        if self._want is not None and self.buffer.endswith(self._want[0]):
+            d = self._want[1]
+            self._want = None
+            d.callback(self.buffer)
+
+    def echo(self, data: bytes) -> Deferred[bytes]:
+        """Send data, fire when it has come back."""
+        d: Deferred[bytes] = Deferred()
+        self._want = (data, d)
+        self.transport.write(data)  # type: ignore[union-attr]
+        return d.addTimeout(WAIT, reactor)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: B008
+        """Fire `lost` with the reason's exception."""
+        self.lost.callback(reason.value)
+
+
+class MutualTLSTests(TestCase):
+    """A TLS server made by ServerTLS and server_endpoint, against good and bad clients."""
+
+    timeout = 60
+
+    def setUp(self) -> Deferred[None]:
+        self.base = os.path.abspath(self.mktemp())
+        self.ca = init_ca(os.path.join(self.base, "ca"))
+        self.node = self.ca.issue(
+            "meta-1", Role.NODE, os.path.join(self.base, "meta-1"), hosts=["127.0.0.1", "localhost"]
+        )
+        self.alice = self.ca.issue("alice", Role.USER, os.path.join(self.base, "alice"))
+        self.revocations = RevocationSet()
+        self.registry = ConnectionRegistry()
+        self.server_tls = ServerTLS(
+            _config(self.ca, self.node), revocations=self.revocations, registry=self.registry
+        )
+        self.factory = EchoFactory()
+        endpoint = server_endpoint(reactor, "tcp:0:interface=127.0.0.1", self.server_tls)
+
+        def listening(port: Any) -> None:
+            self.port = port
+            self.address = f"127.0.0.1:{port.getHost().port}"
+            self.addCleanup(port.stopListening)
+
+        return endpoint.listen(self.factory).addCallback(listening)
+
+    async def connect(
+        self, tls: TLSConfig | ClientTLS | None, address: str | None = None
+    ) -> Client:
+        """Connect a Client to the server (or `address`) and return it, TCP up."""
+        client = Client()
+        endpoint = client_endpoint(reactor, address or self.address, tls, timeout=WAIT)
+        await connectProtocol(endpoint, client).addTimeout(WAIT, reactor)
+        self.addCleanup(self._close, client)
+        return client
+
+    async def _close(self, client: Client) -> None:
+        if not client.lost.called:
+            client.transport.loseConnection()  # type: ignore[union-attr]
+            await client.lost.addTimeout(WAIT, reactor)
+
+    async def good_client(self, issued: IssuedIdentity | None = None) -> Client:
+        """Connect a good client, check the mutual handshake and an echo, and return it."""
+        issued = issued or self.alice
+        seen = len(self.factory.identities)
+        client = await self.connect(_config(self.ca, issued))
+        server_identity = await client.handshake.addTimeout(WAIT, reactor)
+        self.assertEqual(server_identity, Identity("meta-1", Role.NODE, self.current_node_serial()))
+        self.assertEqual(await client.echo(b"ping"), b"ping")
+        self.assertEqual(
+            self.factory.identities[seen:], [Identity(issued.name, issued.role, issued.serial)]
+        )
+        return client
+
+    def current_node_serial(self) -> int:
+        return self.node.serial
+
+    async def refused(self, client: Client) -> BaseException:
+        """Wait for `client` to be cut off; check the server gave it no identity, no echo."""
+        seen = len(self.factory.identities)
+        reason = await client.lost.addTimeout(WAIT, reactor)
+        self.assertEqual(client.buffer, b"")
+        self.assertEqual(self.factory.identities[seen:], [])
+        return reason
+
+    async def test_good_identity(self) -> None:
+        """A user certificate from the cluster CA connects; the server sees its Identity and role."""
+        client = await self.good_client()
+        self.assertEqual(
+            self.registry.identities(), [Identity("alice", Role.USER, self.alice.serial)]
+        )
+        await self._close(client)
+        # The registry forgets closed connections.
+        self.assertEqual(self.registry.identities(), [])
+
+    async def test_plaintext_bytes(self) -> None:
+        """Plaintext sent to the TLS port gets the connection closed; the next client is served."""
+        client = await self.connect(None)
+        client.transport.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # type: ignore[union-attr]
+        await self.refused(client)
+        await self.good_client()
+
+    async def test_random_garbage(self) -> None:
+        """Random bytes get the connection closed; the next client is served."""
+        client = await self.connect(None)
+        client.transport.write(random.Random(5).randbytes(8192))  # type: ignore[union-attr]
+        await self.refused(client)
+        await self.good_client()
+
+    async def test_client_without_certificate(self) -> None:
+        """A TLS client presenting no certificate is refused; the next client is served."""
+        trust = ssl.Certificate.loadPEM(open(self.ca.cert_path, "rb").read())
+        endpoint = wrapClientTLS(
+            ssl.optionsForClientTLS("127.0.0.1", trustRoot=trust),
+            TCP4ClientEndpoint(reactor, "127.0.0.1", self.port.getHost().port),
+        )
+        client = Client()
+        await connectProtocol(endpoint, client).addTimeout(WAIT, reactor)
+        client.transport.write(b"hello")  # type: ignore[union-attr]
+        await self.refused(client)
+        self.assertEqual(self.registry.identities(), [])
+        await self.good_client()
+
+    async def test_certificate_from_another_ca(self) -> None:
+        """A certificate issued by a different CA is refused; the next client is served."""
+        other = init_ca(os.path.join(self.base, "other-ca"), "Mallory CA")
+        forged = other.issue("alice", Role.ADMIN, os.path.join(self.base, "forged"))
+        # The client trusts our CA (so it accepts the server) but presents the foreign cert.
+        client = await self.connect(
+            TLSConfig(ca_cert=self.ca.cert_path, cert=forged.cert_path, key=forged.key_path)
+        )
+        client.transport.write(b"hello")  # type: ignore[union-attr]
+        await self.refused(client)
+        await self.good_client()
+
+    async def test_expired_certificate(self) -> None:
+        """A certificate that expired is refused; the next client is served."""
+        past = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=10)
+        expired = self.ca.issue("old", Role.USER, os.path.join(self.base, "old"), days=1, now=past)
+        client = await self.connect(_config(self.ca, expired))
+        client.transport.write(b"hello")  # type: ignore[union-attr]
+        await self.refused(client)
+        await self.good_client()
+
+    async def test_certificate_without_role(self) -> None:
+        """A certificate of our CA whose OU is no role is refused at the handshake."""
+        bad = self.ca.issue("nobody", Role.USER, os.path.join(self.base, "nobody"))
+        # Re-sign the same key with an OU that is not a role.
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.x509.oid import NameOID
+
+        cert = x509.load_pem_x509_certificate(open(bad.cert_path, "rb").read())
+        name = x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "superuser"),
+                x509.NameAttribute(NameOID.COMMON_NAME, "nobody"),
+            ]
+        )
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(self.ca.certificate.subject)
+            .public_key(cert.public_key())  # type: ignore[arg-type]
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(cert.not_valid_before_utc)
+            .not_valid_after(cert.not_valid_after_utc)
+        )
+        for ext in cert.extensions:
+            builder = builder.add_extension(ext.value, ext.critical)
+        rogue = builder.sign(self.ca.key, hashes.SHA256())
+        with open(bad.cert_path, "wb") as f:
+            f.write(rogue.public_bytes(serialization.Encoding.PEM))
+        client = await self.connect(_config(self.ca, bad))
+        client.transport.write(b"hello")  # type: ignore[union-attr]
+        await self.refused(client)
+        await self.good_client()
+
+    async def test_server_name_mismatch(self) -> None:
+        """A server whose certificate does not name the dialled host is rejected by the client."""
+        elsewhere = self.ca.issue(
+            "meta-2",
+            Role.NODE,
+            os.path.join(self.base, "meta-2"),
+            hosts=["10.1.2.3", "elsewhere.example"],
+        )
+        other_factory = EchoFactory()
+        endpoint = server_endpoint(
+            reactor, "tcp:0:interface=127.0.0.1", ServerTLS(_config(self.ca, elsewhere))
+        )
+        port = await endpoint.listen(other_factory)
+        self.addCleanup(port.stopListening)
+        client = await self.connect(
+            _config(self.ca, self.alice), f"127.0.0.1:{port.getHost().port}"
+        )
+        reason = await client.lost.addTimeout(WAIT, reactor)
+        self.assertIsInstance(reason, VerificationError)
+        self.assertFalse(client.handshake.called)
+        self.assertEqual(other_factory.identities, [])
+        await self.good_client()
+
+    async def test_plaintext_endpoints(self) -> None:
+        """With tls=None both endpoints speak plaintext and peer_identity is None."""
+        factory = EchoFactory()
+        port = await server_endpoint(reactor, "tcp:0:interface=127.0.0.1", None).listen(factory)
+        self.addCleanup(port.stopListening)
+        client = await self.connect(None, f"127.0.0.1:{port.getHost().port}")
+        self.assertEqual(await client.echo(b"plain"), b"plain")
+        self.assertIsNone(peer_identity(client.transport))
+
+    async def test_reload_keeps_open_connections(self) -> None:
+        """reload() serves a rotated certificate to new connections; an open one stays up."""
+        first = await self.good_client()
+        old_serial = self.node.serial
+        # Rotate: a new certificate and key in the same files, then reload (what SIGHUP does).
+        self.node = self.ca.issue(
+            "meta-1", Role.NODE, os.path.dirname(self.node.cert_path), hosts=["127.0.0.1"]
+        )
+        self.assertNotEqual(self.node.serial, old_serial)
+        self.server_tls.reload()
+        second = await self.good_client()
+        assert second.server_identity is not None and first.server_identity is not None
+        self.assertEqual(second.server_identity.serial, self.node.serial)
+        self.assertEqual(first.server_identity.serial, old_serial)
+        self.assertEqual(await first.echo(b"still here"), b"pingstill here")
+        self.assertFalse(first.lost.called)
+
+    async def test_reload_failure_keeps_old_files(self) -> None:
+        """A reload from a broken key file raises and the server keeps its working certificate."""
+        with open(self.node.key_path, "wb") as f:
+            f.write(b"-----BEGIN PRIVATE KEY-----\nbroken\n-----END PRIVATE KEY-----\n")
+        self.assertRaises(SSL.Error, self.server_tls.reload)
+        other = self.ca.issue("meta-x", Role.NODE, os.path.join(self.base, "x"), hosts=["::1"])
+        mismatched = TLSConfig(self.ca.cert_path, self.node.cert_path, other.key_path)
+        self.assertRaises(SSL.Error, self.server_tls.reload, mismatched)
+        await self.good_client()
+
+    async def test_revocation_drops_open_connection(self) -> None:
+        """Revoking a name cuts its open connection, refuses its next one, spares others."""
+        bob = self.ca.issue("bob", Role.READER, os.path.join(self.base, "bob"))
+        alice_conn = await self.good_client()
+        bob_conn = await self.good_client(bob)
+        self.revocations.revoke_name("alice")
+        self.assertEqual(self.server_tls.enforce_revocations(), 1)
+        await alice_conn.lost.addTimeout(WAIT, reactor)
+        self.assertEqual(await bob_conn.echo(b"!"), b"ping!")
+        again = await self.connect(_config(self.ca, self.alice))
+        again.transport.write(b"hello")  # type: ignore[union-attr]
+        await self.refused(again)
+        # Revoking by serial: bob's one certificate.
+        self.revocations.revoke_serial(bob.serial)
+        self.assertEqual(self.registry.drop_revoked(self.revocations), 1)
+        await bob_conn.lost.addTimeout(WAIT, reactor)
+        self.revocations.replace(names=[], serials=[])
+        await self.good_client()
+
+    async def test_registry_drop_by_name(self) -> None:
+        """ConnectionRegistry.drop aborts every connection of a name and counts them."""
+        a = await self.good_client()
+        b = await self.good_client()
+        self.assertEqual(self.registry.drop("alice"), 2)
+        await a.lost.addTimeout(WAIT, reactor)
+        await b.lost.addTimeout(WAIT, reactor)
+        self.assertEqual(self.registry.drop("alice"), 0)
+
+    async def test_client_tls_creator(self) -> None:
+        """client_tls() gives a creator usable with plain wrapClientTLS."""
+        endpoint = wrapClientTLS(
+            client_tls(_config(self.ca, self.alice), "127.0.0.1"),
+            TCP4ClientEndpoint(reactor, "127.0.0.1", self.port.getHost().port),
+        )
+        client = Client()
+        await connectProtocol(endpoint, client).addTimeout(WAIT, reactor)
+        self.addCleanup(self._close, client)
+        self.assertEqual((await client.handshake.addTimeout(WAIT, reactor)).name, "meta-1")  # type: ignore[union-attr]
+
+    async def test_handshake_timeout(self) -> None:
+        """A peer that opens TCP and stays silent is aborted; authenticated peers are not."""
+        self.server_tls.handshake_timeout = 0.5
+        good = await self.good_client()
+        silent = await self.connect(None)
+        await self.refused(silent)
+        # The good connection outlived the timeout and still works.
+        self.assertEqual(await good.echo(b"!"), b"ping!")
+
+    async def test_endpoint_maker(self) -> None:
+        """endpoint_maker gives the address -> endpoint callable the wire pool wants, TLS on."""
+        make = endpoint_maker(reactor, _config(self.ca, self.alice), timeout=WAIT)
+        client = Client()
+        await connectProtocol(make(self.address), client).addTimeout(WAIT, reactor)
+        self.addCleanup(self._close, client)
+        self.assertEqual(await client.echo(b"x"), b"x")
+        self.assertEqual(
+            self.factory.identities[-1], Identity("alice", Role.USER, self.alice.serial)
+        )
+
+
+class ServerTLSConstructionTests(SynchronousTestCase):
+    """ServerTLS refuses material that does not belong together."""
+
+    def test_certificate_from_other_ca(self) -> None:
+        """A server certificate not issued by the configured CA is refused at construction."""
+        base = self.mktemp()
+        ours = init_ca(os.path.join(base, "ours"))
+        theirs = init_ca(os.path.join(base, "theirs"))
+        node = theirs.issue("n", Role.NODE, os.path.join(base, "n"), hosts=["127.0.0.1"])
+        e = self.assertRaises(ValueError, ServerTLS, _config(ours, node))
+        self.assertIn("was not issued by the CA", str(e))
+
+    def test_ssl_description_refused(self) -> None:
+        """An ssl: listen address with DogFS TLS is refused (it would be TLS twice)."""
+        base = self.mktemp()
+        ca = init_ca(os.path.join(base, "ca"))
+        node = ca.issue("n", Role.NODE, os.path.join(base, "n"), hosts=["127.0.0.1"])
+        self.assertRaises(
+            ValueError, server_endpoint, reactor, "ssl:7000", ServerTLS(_config(ca, node))
+        )
+
+
+class AddressTests(SynchronousTestCase):
+    """parse_address and the bits of RevocationSet that need no network."""
+
+    def test_parse(self) -> None:
+        """host:port, [v6]:port and names parse; malformed addresses raise ValueError."""
+        self.assertEqual(parse_address("127.0.0.1:7000"), ("127.0.0.1", 7000))
+        self.assertEqual(parse_address("[::1]:7000"), ("::1", 7000))
+        self.assertEqual(parse_address("meta.example:1"), ("meta.example", 1))
+        for bad in ("7000", ":7000", "h:", "h:x", "h:0", "h:70000"):
+            self.assertRaises(ValueError, parse_address, bad)
+
+    def test_revocation_set(self) -> None:
+        """is_revoked matches by name or by serial; replace and reinstate undo revocations."""
+        alice = Identity("alice", Role.USER, 11)
+        revocations = RevocationSet()
+        self.assertFalse(revocations.is_revoked(alice))
+        revocations.revoke_serial(11)
+        self.assertTrue(revocations.is_revoked(alice))
+        self.assertFalse(revocations.is_revoked(Identity("alice", Role.USER, 12)))
+        revocations.replace(names=["alice"], serials=[])
+        self.assertTrue(revocations.is_revoked(Identity("alice", Role.USER, 12)))
+        revocations.reinstate_name("alice")
+        self.assertFalse(revocations.is_revoked(alice))
+        self.assertEqual((revocations.names, revocations.serials), (frozenset(), frozenset()))
