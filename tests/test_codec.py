@@ -18,6 +18,7 @@ from dogfs.codec.stripe import (
     EC_TYPE,
     FRAGMENT_HEADER_SIZE,
     BadFragment,
+    CellSlice,
     NotEnoughFragments,
     StripeCodec,
     tune_malloc,
@@ -220,6 +221,34 @@ class StripeCodecTests(SynchronousTestCase):
         self.assertEqual(codec.stripe_lengths(s), [s])
         self.assertEqual(codec.stripe_lengths(3 * s + 7), [s, s, s, 7])
         self.assertRaises(ValueError, codec.stripe_lengths, -1)
+
+    @settings(deadline=None, max_examples=100)
+    @given(st.data())
+    def test_plan_read(self, data: st.DataObject) -> None:
+        """Slices planned for any byte range of a block group reassemble exactly that range."""
+        policy = data.draw(st.sampled_from(POLICIES[:5]), "policy")
+        codec = StripeCodec(policy, data.draw(st.sampled_from([1, 5, 64]), "cell"))
+        group_size = data.draw(st.integers(1, 4 * codec.stripe_size), "group size")
+        group = seeded_bytes(group_size, group_size)
+        offset = data.draw(st.integers(0, group_size), "offset")
+        length = data.draw(st.integers(0, group_size - offset), "length")
+        stripes = [codec.encode(s) for s in codec.stripes(group)]
+        self.assertEqual(len(stripes), len(codec.stripe_lengths(group_size)))
+        slices = codec.plan_read(group_size, offset, length)
+        got = b"".join(
+            codec.data_payload(stripes[c.stripe][c.index])[c.start : c.stop] for c in slices
+        )
+        self.assertEqual(got, group[offset : offset + length])
+        self.assertTrue(all(c.start < c.stop for c in slices))
+
+    def test_plan_read_bounds(self) -> None:
+        """Ranges outside the block group are refused; an empty range needs no cells."""
+        codec = StripeCodec(ECPolicy(4, 2), CELL)
+        self.assertRaises(ValueError, codec.plan_read, 100, 50, 51)
+        self.assertRaises(ValueError, codec.plan_read, 100, -1, 1)
+        self.assertEqual(codec.plan_read(100, 100, 0), [])
+        self.assertEqual(codec.plan_read(10 * CELL, 4 * CELL + 5, 10),
+                         [CellSlice(stripe=1, index=0, start=5, stop=15)])
 
     def test_not_enough_fragments(self) -> None:
         """Fewer than k fragments raise NotEnoughFragments saying how many of each."""

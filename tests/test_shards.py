@@ -164,7 +164,8 @@ class RoundTripTests(StoreTestCase):
         writer.append(memoryview(fragments[0]))
         writer.append(bytearray(fragments[1]))
         writer.append(memoryview(fragments[2]), crc=__import__("crc32c").crc32c(fragments[2]))
-        writer.commit()
+        size = writer.size
+        self.assertEqual(writer.commit().size, size)
         self.assertEqual(self.store.read_cells(SHARD_ID, 0, 3), fragments)
 
     def test_short_writes_resumed(self) -> None:

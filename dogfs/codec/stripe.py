@@ -25,8 +25,9 @@ import ctypes.util
 import struct
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
+from attrs import frozen
 from pyeclib.ec_iface import (
     ECDriver,
     ECDriverError,
@@ -40,6 +41,7 @@ __all__ = [
     "EC_TYPE",
     "FRAGMENT_HEADER_SIZE",
     "BadFragment",
+    "CellSlice",
     "NotEnoughFragments",
     "StripeCodec",
     "tune_malloc",
@@ -77,6 +79,20 @@ class NotEnoughFragments(Exception):
 
 class BadFragment(ValueError):
     """A fragment that is not a well-formed fragment of this codec's stripes."""
+
+
+@frozen
+class CellSlice:
+    """Bytes ``[start, stop)`` of the user data in data fragment ``index`` of stripe ``stripe``.
+
+    Stripe ``s`` of a block group is cell ``s`` of every shard, so this names the cell to read
+    from shard ``index`` and the part of its L{StripeCodec.data_payload} to keep.
+    """
+
+    stripe: int
+    index: int
+    start: int
+    stop: int
 
 
 _drivers: dict[tuple[int, int], ECDriver] = {}
@@ -167,6 +183,40 @@ class StripeCodec:
         if rest:
             lengths.append(rest)
         return lengths
+
+    def stripes(self, group: bytes | bytearray | memoryview) -> Iterator[memoryview]:
+        """Cut a block group's bytes into its stripes (views, no copies)."""
+        view = memoryview(group).cast("B")
+        offset = 0
+        for length in self.stripe_lengths(len(view)):
+            yield view[offset : offset + length]
+            offset += length
+
+    def plan_read(self, group_size: int, offset: int, length: int) -> list[CellSlice]:
+        """Which data-fragment bytes make up ``[offset, offset + length)`` of a block group.
+
+        Concatenating C{data_payload(fragment)[start:stop]} for each slice, in order, gives
+        exactly the requested bytes; a read never needs more than these cells when every data
+        shard answers.
+        """
+        end = offset + length
+        if offset < 0 or length < 0 or end > group_size:
+            raise ValueError(
+                f"range of {length} bytes at {offset} is outside a {group_size}-byte block group"
+            )
+        slices = []
+        position = offset
+        while position < end:
+            stripe = position // self.stripe_size
+            base = stripe * self.stripe_size
+            stripe_len = min(self.stripe_size, group_size - base)
+            payload = -(-stripe_len // self.k)
+            index = (position - base) // payload
+            first = base + index * payload
+            stop = min(payload, end - first)
+            slices.append(CellSlice(stripe, index, position - first, stop))
+            position = first + stop
+        return slices
 
     # -- fragment headers ----------------------------------------------------------------
 

@@ -406,6 +406,11 @@ class ShardWriter:
         """The id of the shard being written."""
         return self.info.shard_id
 
+    @property
+    def size(self) -> int:
+        """Bytes written so far, header included: the file's size once committed."""
+        return self._offset
+
     def _fail(self, what: str, e: OSError) -> ShardStoreError:
         """Abort and turn ``e`` into the exception the caller should see."""
         self.abort()
@@ -562,8 +567,8 @@ class ShardStore:
                 os.mkdir(path)
             except FileExistsError:
                 pass
-            else:
-                _fsync_dir(self.shards_dir)
+            # Even when another thread won the mkdir race, its entry may not be durable yet.
+            _fsync_dir(self.shards_dir)
             self._buckets.add(path)
         return path
 
