@@ -199,6 +199,7 @@ class RoundTripTests(StoreTestCase):
         self.assertRaises(CellOutOfRange, self.store.read_cells, SHARD_ID, -1, 1)
         with self.store.open(SHARD_ID) as reader:
             self.assertRaises(CellOutOfRange, reader.read_cell, 2)
+        self.assertRaises(ShardStoreError, reader.read_cell, 0)
 
     def test_replace_atomically(self) -> None:
         """Committing a shard id again replaces the old copy; usage follows."""

@@ -265,7 +265,8 @@ def _fsync_dir(path: str) -> None:
 class ShardReader:
     """An open, header-checked shard; reads and verifies cells by index.
 
-    Thread-safe (``pread`` only). Use as a context manager, or call L{close}.
+    Thread-safe (``pread`` only), but close it only once no read is in flight. Use as a
+    context manager, or call L{close}.
     """
 
     def __init__(self, shard_id: str, fd: int) -> None:
@@ -322,6 +323,8 @@ class ShardReader:
 
         @raise ShardCorrupt: the cell is missing (truncated file) or fails its CRC.
         """
+        if self._closed:
+            raise ShardStoreError(f"the reader of shard {self.shard_id} is closed")
         size = self.cell_size(i)
         offset = self.cell_offset(i)
         # Two preads rather than one: slicing a CRC off a 1 MiB read would copy the fragment.
@@ -738,7 +741,9 @@ class ShardStore:
     def usage(self) -> tuple[int, int]:
         """Return ``(capacity of the filesystem, bytes used by shard files)``.
 
-        The first call scans the store; later ones use a running total.
+        The first call scans the store; later ones use a running total kept by commits and
+        deletes (a commit racing that first scan may be counted twice: a heartbeat figure,
+        not an invariant).
         """
         vfs = os.statvfs(self.root)
         with self._lock:
