@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import itertools
+import pickle
 import random
 
 from hypothesis import given, settings
@@ -300,6 +301,14 @@ class StripeCodecTests(SynchronousTestCase):
         available = dict(enumerate(fragments))
         self.assertEqual(codec.reconstruct(available, [2]), {2: fragments[2]})
         self.assertRaises(ValueError, codec.reconstruct, available, [6])
+
+    def test_pickle(self) -> None:
+        """A codec pickles (for worker processes) into an equivalent codec."""
+        codec = StripeCodec(ECPolicy(6, 3), CELL)
+        copy = pickle.loads(pickle.dumps(codec))
+        self.assertEqual((copy.policy, copy.cell_size), (codec.policy, codec.cell_size))
+        data = seeded_bytes(10, 777)
+        self.assertEqual(copy.decode(dict(list(enumerate(codec.encode(data)))[3:])), data)
 
     def test_bytearray_and_memoryview_inputs(self) -> None:
         """Non-bytes buffers are accepted everywhere (pyeclib itself only takes bytes)."""

@@ -217,6 +217,7 @@ class InterruptedWriteTests(StoreTestCase):
     def test_uncommitted_invisible(self) -> None:
         """A writer left open shows no shard; clean_tmp removes its file."""
         writer = self.store.begin(INFO)
+        self.addCleanup(writer.abort)  # close the descriptor
         writer.append(fragments_for(7, 1)[0])
         self.assertRaises(ShardNotFound, self.store.open, SHARD_ID)
         self.assertEqual(list(self.store.list()), [])
@@ -250,6 +251,7 @@ class InterruptedWriteTests(StoreTestCase):
     def test_tmp_file_never_valid(self) -> None:
         """A temporary file moved into place by hand is refused: it was never committed."""
         writer = self.store.begin(INFO)
+        self.addCleanup(writer.abort)
         writer.append(b"x" * FRAGMENT)
         (name,) = self.leftovers()
         os.makedirs(os.path.dirname(self.store.path(SHARD_ID)), exist_ok=True)

@@ -144,6 +144,10 @@ class StripeCodec:
     def __repr__(self) -> str:
         return f"<StripeCodec {self.policy.name} cell={self.cell_size}>"
 
+    def __reduce__(self) -> tuple[type[StripeCodec], tuple[ECPolicy, int]]:
+        """Pickle as (policy, cell size), so a codec can be sent to a worker process."""
+        return (StripeCodec, (self.policy, self.cell_size))
+
     # -- sizes ---------------------------------------------------------------------------
 
     def _check_stripe_len(self, stripe_len: int) -> None:
