@@ -18,12 +18,13 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from dogfs.raft.core import (
-    AppendEntries,
     Configuration,
     Entry,
     HardState,
     Heartbeat,
     RaftOptions,
+    RequestVote,
+    RequestVoteResponse,
     Snapshot,
 )
 from dogfs.raft.driver import (
@@ -303,21 +304,11 @@ class DriverTests(SynchronousTestCase):
         self.successResultOf(_settle(group, leader.remove("d")))
         self.assertNotIn("d", leader.config.members())  # type: ignore[union-attr]
 
-    def test_durable_before_send_and_one_write_per_batch(self) -> None:
-        """Proposals made together are one storage write, and no AppendEntries carrying an
-        entry leaves before the write holding that entry returned."""
+    def test_one_write_per_batch(self) -> None:
+        """Proposals made in the same reactor turn reach storage as one write."""
         group = Group(self)
         leader = group.leader()
         group.run(0.5)
-        sent = group.network.transport(leader.node_id)
-        original_send = sent.send
-
-        def record_send(message: Any) -> None:
-            if isinstance(message, AppendEntries) and message.entries:
-                group.events.append(("send", [e.index for e in message.entries]))
-            original_send(message)
-
-        sent.send = record_send  # type: ignore[method-assign]
         storage = group.storages[leader.node_id]
         before = len(storage.saves)
         proposals = [leader.propose(b"n=%d" % i) for i in range(50)]
@@ -328,13 +319,45 @@ class DriverTests(SynchronousTestCase):
         group.run(0.5)
         for d in proposals:
             self.successResultOf(d)
-        durable: set[int] = set()
-        leader_events = [e for e in group.events if e[0] == "send" or e[1]]
-        for kind, indexes in leader_events:
+
+    def test_vote_durable_before_vote_messages(self) -> None:
+        """No member asks for or grants a vote before that term and vote are durable."""
+        group = Group(self)
+        trace: list[tuple[str, str, Any]] = []
+        for node_id in IDS:
+            storage = group.storages[node_id]
+            transport = group.network.transport(node_id)
+
+            def save(hs: Any, entries: Any, snap: Any, inner: Any = storage.save,
+                     node_id: str = node_id) -> None:
+                inner(hs, entries, snap)
+                if hs is not None:
+                    trace.append(("save", node_id, (hs.term, hs.vote)))
+
+            def send(message: Any, inner: Any = transport.send, node_id: str = node_id) -> None:
+                trace.append(("send", node_id, message))
+                inner(message)
+
+            storage.save = save  # type: ignore[method-assign]
+            transport.send = send  # type: ignore[method-assign]
+        leader = group.leader()
+        # Force a second election too.
+        group.network.isolate(leader.node_id)
+        group.run(5)
+        group.network.heal()
+        group.leader()
+        durable: dict[str, tuple[int, str | None]] = {}
+        checked = 0
+        for kind, node_id, item in trace:
             if kind == "save":
-                durable.update(indexes)
-            else:
-                self.assertTrue(set(indexes) <= durable, f"sent {indexes} before saving them")
+                durable[node_id] = item
+            elif isinstance(item, RequestVote) and not item.pre_vote:
+                self.assertEqual(durable.get(node_id), (item.term, node_id))
+                checked += 1
+            elif isinstance(item, RequestVoteResponse) and item.granted and not item.pre_vote:
+                self.assertEqual(durable.get(node_id), (item.term, item.dst))
+                checked += 1
+        self.assertGreater(checked, 2)
 
     def test_follower_persists_before_acknowledging(self) -> None:
         """A follower's acknowledgement of entries follows the durable write of those entries."""

@@ -35,6 +35,7 @@ from dogfs.raft.core import (
     Configuration,
     Entry,
     EntryKind,
+    HardState,
     Message,
     NotLeader,
     ProposalRejected,
@@ -163,6 +164,10 @@ class RaftDriver(Service):
         self._failure: Failure | None = None
         self._applied = 0
         self._snapshot_index = 0
+        # (term, vote) as last made durable: a leader sends early only when these are on disk.
+        self._durable_vote: tuple[int, str | None] = (0, None)
+        # A commit-only hard state not written yet (see _process).
+        self._unsaved_commit: HardState | None = None
         self._was_leader = False
         self._leader_term = 0
         # index -> (term it was proposed in, Deferred, timeout call)
@@ -195,6 +200,8 @@ class RaftDriver(Service):
                 self._sm.restore(snapshot)
                 applied = snapshot.meta.index
         self._applied = applied
+        self._durable_vote = (loaded.hard_state.term, loaded.hard_state.vote)
+        self._unsaved_commit = None
         self._node = RaftNode(
             self.node_id,
             self._options,
@@ -232,6 +239,10 @@ class RaftDriver(Service):
             done.callback(None)
 
         def _release(_: object) -> None:
+            if self._unsaved_commit is not None and self._failure is None:
+                # Keep the commit index we learnt, so a restart re-applies less.
+                self._storage.save(self._unsaved_commit, [], None)
+                self._unsaved_commit = None
             if self._pool is not None:
                 self._pool.stop()
                 self._pool = None
@@ -455,30 +466,75 @@ class RaftDriver(Service):
         self._kick_call = None
         if self._busy or self._node is None or not self.running or self._failure is not None:
             return
-        ready = self._node.ready()
+        node = self._node
+        ready = node.ready()
         if not ready.contains_updates():
             return
         self._busy = True
-        if ready.hard_state is not None or ready.entries or ready.snapshot is not None:
+        hs = ready.hard_state
+        if (
+            hs is not None
+            and not ready.entries
+            and ready.snapshot is None
+            and (hs.term, hs.vote) == self._durable_vote
+        ):
+            # Only the commit index moved. Raft does not need it durable (a restart learns it
+            # again), so it rides along with the next write instead of costing an fsync now.
+            self._unsaved_commit = hs
+            hs = None
+        elif hs is None and self._unsaved_commit is not None and (
+            ready.entries or ready.snapshot is not None
+        ):
+            hs = self._unsaved_commit
+        writes = hs is not None or bool(ready.entries) or ready.snapshot is not None
+        # A leader may send its appends while it writes the same entries (Raft thesis 10.2.1):
+        # it counts itself towards a commit only once ``advance`` says they are durable. Only
+        # when its term and vote are already durable, so no message can promise them early.
+        send_early = not writes or (
+            node.role == Role.LEADER
+            and ready.snapshot is None
+            and (hs is None or (hs.term, hs.vote) == self._durable_vote)
+        )
+        if send_early:
+            self._send(ready)
+        # Committed entries that were durable here before this batch can be applied while the
+        # batch is written: only the commit index is new, and it need not be durable first.
+        applied_early = 0
+        if ready.snapshot is None:
+            limit = ready.entries[0].index if ready.entries else None
+            for entry in ready.committed:
+                if limit is not None and entry.index >= limit:
+                    break
+                self._apply(entry)
+                applied_early += 1
+        if writes:
             assert self._executor is not None
-            d = self._executor(
-                partial(self._storage.save, ready.hard_state, ready.entries, ready.snapshot)
-            )
+            d = self._executor(partial(self._storage.save, hs, ready.entries, ready.snapshot))
         else:
             d = defer.succeed(None)
-        d.addCallback(lambda _: self._after_persist(ready))
+        d.addCallback(lambda _: self._after_persist(ready, hs, not send_early, applied_early))
         d.addErrback(self._loop_failed)
         d.addBoth(self._loop_finished)
 
-    def _after_persist(self, ready: Ready) -> Deferred[None] | None:
-        node = self.node
-        if ready.hard_state is not None or ready.entries or ready.snapshot is not None:
-            self.batches += 1
-        if ready.snapshot is not None:
-            self._install_snapshot(ready.snapshot)
+    def _send(self, ready: Ready) -> None:
         for message in ready.messages:
             self._transport.send(message)
-        for entry in ready.committed:
+
+    def _after_persist(
+        self, ready: Ready, saved: HardState | None, send: bool, applied_early: int
+    ) -> Deferred[None] | None:
+        node = self.node
+        if saved is not None or ready.entries or ready.snapshot is not None:
+            self.batches += 1
+        if saved is not None:
+            self._durable_vote = (saved.term, saved.vote)
+            if self._unsaved_commit is not None and saved.commit >= self._unsaved_commit.commit:
+                self._unsaved_commit = None
+        if ready.snapshot is not None:
+            self._install_snapshot(ready.snapshot)
+        if send:
+            self._send(ready)
+        for entry in ready.committed[applied_early:]:
             self._apply(entry)
         for read_state in ready.read_states:
             self._read_ready(read_state.request_ctx, read_state.index)
