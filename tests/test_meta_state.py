@@ -32,6 +32,7 @@ from dogfs.meta.commands import (
     Ok,
     RegisterChunkServer,
     Rename,
+    Sessioned,
     SetDefaultPolicy,
     ShardLocation,
     Summary,
@@ -138,6 +139,7 @@ _commands = st.one_of(
     st.builds(ExpireAllocations, _floats),
     st.builds(MoveShard, _u64, _u64, _names, _names),
 )
+_commands = _commands | st.builds(Sessioned, _names, _u64, _commands)
 _shards = st.lists(st.builds(ShardLocation, _u64, _names, _names, _names), max_size=3).map(tuple)
 _bgs = st.lists(st.builds(BlockGroupInfo, _u64, _u64, _names, _shards), max_size=2).map(tuple)
 _results = st.one_of(
@@ -624,6 +626,8 @@ class NamespaceTests(StateTestCase):
     def test_failed_command_leaves_no_trace(self) -> None:
         """A state where commands failed equals one where those entries were no-ops."""
         log = random_commands(random.Random(11), 200, self.make_state())
+        # Sessions remember failures on purpose: leave them out here.
+        log = [c.command if isinstance(c, Sessioned) else c for c in log]
         failing = self.make_state()
         results = [failing.apply(i, command) for i, command in enumerate(log, 1)]
         self.assertIn(MetaError, {type(r) for r in results})
@@ -642,6 +646,72 @@ class NamespaceTests(StateTestCase):
         self.error(object(), ErrorCode.INVALID_ARGUMENT)
         self.assertEqual(self.run_(None), Ok())
         self.assertEqual(self.state.applied_index, self.index)
+
+    def test_sessions(self) -> None:
+        """A retried session command answers as the first time without running again."""
+        self.register()
+        alloc = self.ok(Sessioned("cli-1", 1, Allocate("/f", "RS-2-1", SERVERS[:3], 1.0)))
+        commit = Sessioned("cli-1", 2, CommitFile("/f", 5, ((alloc.bg_id, 5),), 2.0))
+        first = self.ok(commit)
+        # Without the session the retry would be STALE_ALLOCATION; with it, the same answer.
+        self.assertEqual(self.run_(commit), first)
+        self.assertEqual(self.run_(encode_command(commit)), first)
+        self.error(CommitFile("/f", 5, ((alloc.bg_id, 5),)), ErrorCode.STALE_ALLOCATION)
+        self.error(Sessioned("cli-1", 1, Mkdir("/x")), ErrorCode.SESSION_EXPIRED)
+        self.assertEqual(self.state.stat("/x").code, ErrorCode.NOT_FOUND)  # type: ignore[union-attr]
+        # Failures are remembered too, and other clients are independent.
+        self.error(Sessioned("cli-1", 3, Mkdir("/f")), ErrorCode.EXISTS)
+        self.error(Sessioned("cli-1", 3, Mkdir("/f")), ErrorCode.EXISTS)
+        self.ok(Sessioned("cli-2", 3, Mkdir("/y")))
+        self.error(Sessioned("", 1, Mkdir("/z")), ErrorCode.INVALID_ARGUMENT)
+        self.error(Sessioned("c", 0, Mkdir("/z")), ErrorCode.INVALID_ARGUMENT)
+        self.error(Sessioned("c", 1, Sessioned("c", 1, Mkdir("/z"))), ErrorCode.INVALID_ARGUMENT)
+        self.assertRaises(
+            ValueError,
+            decode_command,
+            encode_command(Sessioned("c", 1, Sessioned("c", 1, Mkdir("/z")))),
+        )
+
+    def test_session_eviction(self) -> None:
+        """Beyond max_sessions the least recently seen client is forgotten, identically."""
+        states = [self.state, self.make_state()]
+        for state in states:
+            state.max_sessions = 2
+        log = [
+            Sessioned("a", 1, Mkdir("/a")),
+            Sessioned("b", 1, Mkdir("/b")),
+            Sessioned("a", 1, Mkdir("/a")),  # a retry refreshes "a"
+            Sessioned("c", 1, Mkdir("/c")),  # evicts "b"
+            Sessioned("b", 1, Mkdir("/b")),  # "b" forgotten: runs again, EXISTS
+            Sessioned("a", 1, Mkdir("/a")),
+        ]
+        for state in states:
+            results = [state.apply(i, c) for i, c in enumerate(log, 1)]
+            self.assertEqual(results[4].code, ErrorCode.EXISTS)  # type: ignore[union-attr]
+            self.assertIsInstance(results[2], DirInfo)
+        self.assertEqual(states[0].digest(), states[1].digest())
+
+    def test_shards_on(self) -> None:
+        """shards_on lists a node's pending and committed shards and follows moves and drops."""
+        self.register(7)
+        committed = self.upload("/f", [4]).block_groups[0].id
+        pending = self.ok(Allocate("/g", "RS-2-1", ("chunk-1", "chunk-0", "chunk-6"), 1.0)).bg_id
+        self.assertEqual(
+            self.state.shards_on("chunk-0"), [(committed, 0, True), (pending, 1, False)]
+        )
+        self.assertEqual(self.state.shards_on("chunk-0", limit=1), [(committed, 0, True)])
+        self.assertEqual(
+            self.state.shards_on("chunk-0", start_after=(committed, 0)), [(pending, 1, False)]
+        )
+        self.assertEqual(self.state.shards_on("chunk-"), [])
+        self.ok(MoveShard(committed, 0, "chunk-0", "chunk-5"))
+        self.assertEqual(self.state.shards_on("chunk-0"), [(pending, 1, False)])
+        self.assertEqual(self.state.shards_on("chunk-5"), [(committed, 0, True)])
+        self.ok(ExpireAllocations(100.0))
+        self.ok(Delete("/f"))
+        for node in SERVERS:
+            self.assertEqual(self.state.shards_on(node), [])
+        self.error(RegisterChunkServer("bad\x00id", "h:1"), ErrorCode.INVALID_ARGUMENT)
 
     def test_idempotent_replay(self) -> None:
         """Re-applying indexes already applied returns None and changes nothing."""
@@ -689,9 +759,21 @@ def random_commands(rng: random.Random, count: int, scratch: NamespaceState) -> 
     def path() -> str:
         return "/" + "/".join(rng.choice(names) for _ in range(rng.randint(1, 3)))
 
+    seqs = {"cli-a": 0, "cli-b": 0}
+
     def emit(command: Any) -> Any:
+        # Some commands go through client sessions, some of them retried.
+        if rng.random() < 0.25:
+            client = rng.choice(sorted(seqs))
+            if rng.random() < 0.8 or seqs[client] == 0:
+                seqs[client] += 1
+            command = Sessioned(client, seqs[client], command)
         log.append(command)
-        return scratch.apply(len(log), command)
+        result = scratch.apply(len(log), command)
+        if isinstance(command, Sessioned) and rng.random() < 0.2:
+            log.append(command)
+            scratch.apply(len(log), command)
+        return result
 
     for node in SERVERS[:6]:
         emit(RegisterChunkServer(node, f"h:{node}"))
@@ -798,7 +880,17 @@ class ReplicaTests(StateTestCase):
                     size += entry.size
         summary = state.summary()
         self.assertEqual((summary.files, summary.dirs, summary.bytes_stored), (files, dirs, size))
-        self.assertEqual(summary.block_groups, len(state.all_block_groups()))
+        groups = state.all_block_groups()
+        self.assertEqual(summary.block_groups, len(groups))
+        # The node index agrees with the block groups' own shard lists.
+        placed = {(s.node_id, g.id, s.index) for g in groups for s in g.shards}
+        indexed = {
+            (node, bg, i)
+            for node in SERVERS
+            for bg, i, committed in state.shards_on(node)
+            if committed
+        }
+        self.assertEqual(indexed, placed)
 
     def test_snapshot_restore(self) -> None:
         """A snapshot restored into another replica is identical and carries on identically."""

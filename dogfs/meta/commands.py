@@ -79,6 +79,7 @@ class ErrorCode(enum.IntEnum):
     STALE_ALLOCATION = 8
     UNKNOWN_CHUNK_SERVER = 9
     VERSION_MISMATCH = 10
+    SESSION_EXPIRED = 11
 
 
 def _str_tuple(value: Iterable[str]) -> tuple[str, ...]:
@@ -205,7 +206,24 @@ class MoveShard:
     to_node: str
 
 
+@frozen
+class Sessioned:
+    """Run C{command} at most once for (C{client_id}, C{seq}): exactly-once over retries.
+
+    A client numbers its commands 1, 2, 3...; a retry reuses the number. The state machine
+    remembers each client's last number and result: a duplicate gets the remembered result
+    without running again, an older number gets L{ErrorCode.SESSION_EXPIRED}. The memory is
+    part of the replicated state (and of snapshots), bounded by evicting the clients least
+    recently seen in the log.
+    """
+
+    client_id: str
+    seq: int
+    command: Command
+
+
 Command = Union[
+    Sessioned,
     Mkdir,
     SetDefaultPolicy,
     RegisterChunkServer,
@@ -475,6 +493,11 @@ def _obj(cls: type) -> _Check:
     return checked
 
 
+def _plain_command(value: Any) -> Any:
+    # A session wraps one ordinary command, never another session.
+    return _decode_value(value, _PLAIN_COMMAND_TAGS)
+
+
 # tag -> (class, checks of its fields in attrs order). Tags are part of the log format:
 # never reuse or renumber one.
 _SCHEMAS: dict[int, tuple[type, tuple[_Check, ...]]] = {
@@ -487,6 +510,7 @@ _SCHEMAS: dict[int, tuple[type, tuple[_Check, ...]]] = {
     7: (Rename, (_str, _str)),
     8: (ExpireAllocations, (_float,)),
     9: (MoveShard, (_int, _int, _str, _str)),
+    10: (Sessioned, (_str, _int, _plain_command)),
     64: (Ok, ()),
     65: (Count, (_int,)),
     66: (MetaError, (_code, _str)),
@@ -502,6 +526,7 @@ _SCHEMAS: dict[int, tuple[type, tuple[_Check, ...]]] = {
 }
 _TAGS: dict[type, int] = {cls: tag for tag, (cls, _) in _SCHEMAS.items()}
 _COMMAND_TAGS = frozenset(range(1, 64))
+_PLAIN_COMMAND_TAGS = _COMMAND_TAGS - {_TAGS[Sessioned]}
 
 
 def _required(cls: type) -> int:

@@ -15,6 +15,11 @@ Layout (named LMDB databases, all keys big-endian so byte order is numeric order
   - C{bgroups}: u64 block group -> C{[committed, ec, size, allocated_at, [node per shard]]}.
   - C{pending}: u64 block group -> b"" for uncommitted allocations (so expiry scans only them).
   - C{servers}: UTF-8 node id -> C{[address, domain|None]}.
+  - C{nodeshards}: node id + NUL + u64 block group + u8 index -> b"": which shards each chunk
+    server should hold (pending or committed), so repair finds a dead server's shards without
+    scanning every block group.
+  - C{sessions}: client id -> C{[last seq, last index, encoded result]}; C{sessionlru}: u64
+    last index + client id -> b"", to evict the least recently seen client deterministically.
   - C{meta}: counters, the cluster default policy, totals and the applied Raft index, which is
     written in the same transaction as the effects of the command at that index.
 
@@ -61,10 +66,13 @@ from dogfs.meta.commands import (
     RegisterChunkServer,
     Rename,
     Result,
+    Sessioned,
     SetDefaultPolicy,
     ShardLocation,
     Summary,
     decode_command,
+    decode_result,
+    encode_result,
     parse_policy,
     parse_shard_id,
     shard_id,
@@ -76,7 +84,21 @@ ROOT = 1
 _DIR = 0
 _FILE = 1
 
-_DB_NAMES = (b"inodes", b"dirents", b"bgroups", b"pending", b"servers", b"meta")
+_DB_NAMES = (
+    b"inodes",
+    b"dirents",
+    b"bgroups",
+    b"pending",
+    b"servers",
+    b"nodeshards",
+    b"sessions",
+    b"sessionlru",
+    b"meta",
+)
+
+#: Clients whose last command and result the state remembers (see L{Sessioned}); the same on
+#: every replica, since eviction must be decided by the log alone.
+MAX_SESSIONS = 10_000
 
 _APPLIED = b"applied"
 _NEXT_INO = b"next_ino"
@@ -113,6 +135,10 @@ class _Abort(Exception):
         self.error = MetaError(code, message)
 
 
+def _node_key(node: str, bg_id: int, index: int) -> bytes:
+    return node.encode("utf-8") + b"\x00" + _u64(bg_id) + bytes([index])
+
+
 def _q(path: str) -> str:
     return repr(path)
 
@@ -131,6 +157,7 @@ class _Ctx:
         self.bgroups = dbs[b"bgroups"]
         self.pending = dbs[b"pending"]
         self.servers = dbs[b"servers"]
+        self.nodeshards = dbs[b"nodeshards"]
         self.meta = dbs[b"meta"]
         self._addresses: dict[str, str] = {}
 
@@ -195,6 +222,21 @@ class _Ctx:
 
     def put_bgroup(self, bg_id: int, rec: list[Any]) -> None:
         self.txn.put(_u64(bg_id), _pack(rec), db=self.bgroups)
+
+    def index_shards(self, bg_id: int, nodes: Sequence[str], add: bool) -> None:
+        """Add or remove the (node -> shard) index entries of a block group."""
+        for index, node in enumerate(nodes):
+            key = _node_key(node, bg_id, index)
+            if add:
+                self.txn.put(key, b"", db=self.nodeshards)
+            else:
+                self.txn.delete(key, db=self.nodeshards)
+
+    def delete_bgroup(self, bg_id: int, rec: list[Any]) -> None:
+        """Forget a block group (pending or committed) and its index entries."""
+        self.txn.delete(_u64(bg_id), db=self.bgroups)
+        self.txn.delete(_u64(bg_id), db=self.pending)
+        self.index_shards(bg_id, rec[4], add=False)
 
     def server(self, node_id: str) -> list[Any] | None:
         raw = self.txn.get(node_id.encode("utf-8"), db=self.servers)
@@ -334,7 +376,7 @@ class _Ctx:
             rec = self.bgroup(bg_id)
             if rec is None:
                 continue
-            self.txn.delete(_u64(bg_id), db=self.bgroups)
+            self.delete_bgroup(bg_id, rec)
             dropped.append((rec[1], rec[2]))
         self.adjust(bgs=dropped, sign=-1)
 
@@ -391,11 +433,23 @@ class NamespaceState:
     Call L{open} before use (not done in C{__init__}: twistd forks after building services,
     and an LMDB environment must not cross a fork) and L{close} after. Writes go through
     L{apply} / L{apply_batch} only; reads (L{stat}, L{list}, ...) use read transactions and
-    may run while writes happen. With C{durable=False} commits are not fsynced (tests).
+    may run while writes happen.
+
+    With C{durable=False} commits are not fsynced: right behind Raft, whose log is durable
+    and replays whatever a crash undid (LMDB stays consistent and the applied index moves with
+    the effects), and for tests. C{max_sessions} must be the same on every replica.
     """
 
-    def __init__(self, path: str, *, durable: bool = True, map_size: int = 1 << 34) -> None:
+    def __init__(
+        self,
+        path: str,
+        *,
+        durable: bool = True,
+        map_size: int = 1 << 34,
+        max_sessions: int = MAX_SESSIONS,
+    ) -> None:
         self.path = path
+        self.max_sessions = max_sessions
         self.durable = durable
         self.map_size = map_size
         self._env: lmdb.Environment | None = None
@@ -503,14 +557,20 @@ class NamespaceState:
                 command = decode_command(bytes(command))
             except ValueError as e:
                 return MetaError(ErrorCode.INVALID_ARGUMENT, f"Undecodable command: {e}")
+        if isinstance(command, Sessioned):
+            return self._apply_sessioned(parent, index, command)
+        return self._execute(parent, index, command)
+
+    def _execute(self, parent: lmdb.Transaction, index: int, command: Any) -> Result:
         handler = _HANDLERS.get(type(command))
         if handler is None:
             return MetaError(
                 ErrorCode.INVALID_ARGUMENT, f"{type(command).__name__} is not a metadata command."
             )
+        # A nested transaction: a command that fails half-way leaves nothing behind.
         child = self.env.begin(write=True, parent=parent)
         try:
-            result = handler(_Ctx(child, self._dbs), index, command)
+            result: Result = handler(_Ctx(child, self._dbs), index, command)
         except _Abort as e:
             child.abort()
             return e.error
@@ -525,6 +585,46 @@ class NamespaceState:
                 ErrorCode.INVALID_ARGUMENT, f"{type(command).__name__} is malformed: {e}."
             )
         child.commit()
+        return result
+
+    def _apply_sessioned(self, txn: lmdb.Transaction, index: int, cmd: Sessioned) -> Result:
+        client, seq = cmd.client_id, cmd.seq
+        if not isinstance(client, str) or not client or len(client) > 256:
+            return MetaError(ErrorCode.INVALID_ARGUMENT, f"Client id {client!r} is not valid.")
+        if isinstance(seq, bool) or not isinstance(seq, int) or not 0 < seq < 1 << 63:
+            return MetaError(ErrorCode.INVALID_ARGUMENT, f"Sequence number {seq!r} is not valid.")
+        if isinstance(cmd.command, Sessioned):
+            return MetaError(ErrorCode.INVALID_ARGUMENT, "A session cannot wrap another session.")
+        try:
+            key = client.encode("utf-8")
+        except UnicodeEncodeError:
+            return MetaError(ErrorCode.INVALID_ARGUMENT, f"Client id {client!r} is not UTF-8.")
+        sessions, lru = self._dbs[b"sessions"], self._dbs[b"sessionlru"]
+        raw = txn.get(key, db=sessions)
+        if raw is not None:
+            last_seq, last_index, cached = _unpack(raw)
+            if seq < last_seq:
+                return MetaError(
+                    ErrorCode.SESSION_EXPIRED,
+                    f"Command {seq} of client {client!r} was superseded by command {last_seq}.",
+                )
+            txn.delete(_u64(last_index) + key, db=lru)
+            if seq == last_seq:
+                # A retry of a command that already ran: answer as the first time.
+                txn.put(key, _pack([seq, index, cached]), db=sessions)
+                txn.put(_u64(index) + key, b"", db=lru)
+                return decode_result(cached)
+        result = self._execute(txn, index, cmd.command)
+        txn.put(key, _pack([seq, index, encode_result(result)]), db=sessions)
+        txn.put(_u64(index) + key, b"", db=lru)
+        if raw is None:
+            while txn.stat(sessions)["entries"] > self.max_sessions:
+                cursor = txn.cursor(db=lru)
+                if not cursor.first():
+                    break
+                oldest = bytes(cursor.key())
+                cursor.delete()
+                txn.delete(oldest[8:], db=sessions)
         return result
 
     # --- reads ---
@@ -612,6 +712,37 @@ class NamespaceState:
                     break
         return out
 
+    def shards_on(
+        self,
+        node_id: str,
+        *,
+        start_after: tuple[int, int] | None = None,
+        limit: int | None = None,
+    ) -> builtins.list[tuple[int, int, bool]]:
+        """The shards placed on C{node_id}: (block group id, index, committed), in id order.
+
+        Covers pending uploads too (committed False). Page with C{start_after} = the last
+        (id, index) seen. This is how repair finds what a dead chunk server held.
+        """
+        prefix = node_id.encode("utf-8") + b"\x00"
+        start = prefix if start_after is None else _node_key(node_id, *start_after) + b"\x00"
+        out: builtins.list[tuple[int, int, bool]] = []
+        with self._read() as txn:
+            ctx = _Ctx(txn, self._dbs)
+            cursor = txn.cursor(db=ctx.nodeshards)
+            if not cursor.set_range(start):
+                return out
+            for raw_key in cursor.iternext(keys=True, values=False):
+                key = bytes(raw_key)
+                if not key.startswith(prefix) or len(key) != len(prefix) + 9:
+                    break
+                bg_id, index = _from_u64(key[-9:-1]), key[-1]
+                rec = ctx.bgroup(bg_id)
+                out.append((bg_id, index, bool(rec is not None and rec[0])))
+                if limit is not None and len(out) >= limit:
+                    break
+        return out
+
     def chunk_servers(self) -> builtins.list[ChunkServerRecord]:
         """Every registered chunk server, sorted by node id."""
         with self._read() as txn:
@@ -674,6 +805,10 @@ class NamespaceState:
                     h.update(len(key).to_bytes(4, "big") + key)
                     h.update(len(value).to_bytes(4, "big") + value)
         return h.hexdigest()
+
+    def sync(self) -> None:
+        """Force everything committed so far to disk (for C{durable=False} states)."""
+        self.env.sync(True)
 
     def snapshot(self, to_path: str) -> None:
         """Write a consistent compacted copy of the environment into the directory C{to_path}."""
@@ -783,6 +918,8 @@ def _set_default(ctx: _Ctx, index: int, cmd: SetDefaultPolicy) -> Ok:
 
 def _register(ctx: _Ctx, index: int, cmd: RegisterChunkServer) -> Ok:
     node = _check_text(cmd.node_id, "Chunk server id")
+    if "\x00" in node:
+        raise _Abort(ErrorCode.INVALID_ARGUMENT, f"Chunk server id {node!r} contains a NUL.")
     address = _check_text(cmd.address, "Address")
     domain = None if cmd.domain is None else _check_text(cmd.domain, "Failure domain")
     ctx.txn.put(node.encode("utf-8"), _pack([address, domain]), db=ctx.servers)
@@ -822,6 +959,7 @@ def _allocate(ctx: _Ctx, index: int, cmd: Allocate) -> Allocation:
     bg_id = ctx.next_id(_NEXT_BG)
     ctx.put_bgroup(bg_id, [False, ec, 0, now, list(placement)])
     ctx.txn.put(_u64(bg_id), b"", db=ctx.pending)
+    ctx.index_shards(bg_id, placement, add=True)
     return Allocation(bg_id, ec, ctx.shards(bg_id, placement))
 
 
@@ -956,12 +1094,14 @@ def _expire(ctx: _Ctx, index: int, cmd: ExpireAllocations) -> Count:
     before = _check_number(cmd.before, "Expiry time")
     expired = []
     for key, _ in ctx.txn.cursor(db=ctx.pending):
-        rec = ctx.bgroup(_from_u64(key))
-        if rec is None or rec[3] < before:
-            expired.append(bytes(key))
-    for key in expired:
-        ctx.txn.delete(key, db=ctx.pending)
-        ctx.txn.delete(key, db=ctx.bgroups)
+        bg_id = _from_u64(key)
+        rec = ctx.bgroup(bg_id)
+        if rec is None:
+            expired.append((bg_id, [False, "", 0, 0.0, []]))
+        elif rec[3] < before:
+            expired.append((bg_id, rec))
+    for bg_id, rec in expired:
+        ctx.delete_bgroup(bg_id, rec)
     return Count(len(expired))
 
 
@@ -992,6 +1132,8 @@ def _move_shard(ctx: _Ctx, index: int, cmd: MoveShard) -> Ok:
             ErrorCode.INVALID_ARGUMENT,
             f"Chunk server {cmd.to_node!r} already holds a shard of block group {_bg_name(bg_id)}.",
         )
+    ctx.txn.delete(_node_key(cmd.from_node, bg_id, shard), db=ctx.nodeshards)
+    ctx.txn.put(_node_key(cmd.to_node, bg_id, shard), b"", db=ctx.nodeshards)
     nodes[shard] = cmd.to_node
     ctx.put_bgroup(bg_id, rec)
     return Ok()
