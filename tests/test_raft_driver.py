@@ -22,6 +22,7 @@ from dogfs.raft.core import (
     Entry,
     HardState,
     Heartbeat,
+    ProposalRejected,
     RaftOptions,
     RequestVote,
     RequestVoteResponse,
@@ -33,6 +34,7 @@ from dogfs.raft.driver import (
     NotLeaderError,
     RaftDriver,
     RaftStoppedError,
+    RaftTimeoutError,
 )
 from dogfs.raft.storage import (
     IRaftStorage,
@@ -272,9 +274,41 @@ class DriverTests(SynchronousTestCase):
             group.stop(f.node_id)
         pending = leader.propose(b"nope=1")
         group.run(15)
-        failure = self.failureResultOf(pending)
-        self.assertIsInstance(failure.value, LeadershipLostError | Exception)
+        # check-quorum makes the leader step down: the outcome is reported as unknown.
+        self.failureResultOf(pending, LeadershipLostError)
         self.assertNotIn("nope", group.machines[leader.node_id].data)
+
+    def test_read_times_out(self) -> None:
+        """A read whose forwarded request is lost fails with RaftTimeoutError, not silence."""
+        group = Group(self)
+        leader = group.leader()
+        group.run(0.5)
+        follower = group.followers()[0]
+        group.network.cut(leader.node_id, follower.node_id)
+        d = follower.read_index()
+        group.run(11)
+        self.failureResultOf(d, RaftTimeoutError)
+
+    def test_apply_error_fails_proposal(self) -> None:
+        """An exception from the state machine fails that proposal and the group goes on."""
+        group = Group(self)
+        leader = group.leader()
+        d = leader.propose(b"\xff")
+        later = leader.propose(b"ok=1")
+        group.run(0.5)
+        self.failureResultOf(d, UnicodeDecodeError)
+        self.successResultOf(later)
+        self.assertEqual(len(self.flushLoggedErrors(UnicodeDecodeError)), 3)
+
+    def test_second_config_change_rejected(self) -> None:
+        """Only one membership change may be pending: a second fails with ProposalRejected."""
+        group = Group(self)
+        leader = group.leader()
+        group.run(0.5)
+        first = leader.add_learner("d")
+        self.failureResultOf(leader.add_learner("e"), ProposalRejected)
+        group.run(1)
+        self.successResultOf(first)
 
     def test_transfer_leadership(self) -> None:
         """transfer_leadership hands over to the named voter and fires when it leads."""
@@ -586,6 +620,32 @@ class ThreadPoolTests(TestCase):
             await driver.stopService()
 
         return Deferred.fromCoroutine(scenario())
+
+    def test_corrupt_storage_stops_nothing_running(self) -> None:
+        """A member whose storage is corrupt refuses to start and leaves no thread behind."""
+        from twisted.internet import reactor
+
+        path = self.mktemp()
+        storage = LMDBRaftStorage(path, map_size=1 << 24)
+        storage.load()
+        storage.save(HardState(1, "solo", 0), [], None)
+        storage.close()
+        env = lmdb.open(path, max_dbs=4, map_size=1 << 24)
+        with env.begin(write=True, db=env.open_db(b"meta")) as txn:
+            txn.put(b"hard_state", b"\x00\x00\x00\x00bad")
+        env.close()
+        driver = RaftDriver(
+            "solo",
+            storage=LMDBRaftStorage(path, map_size=1 << 24),
+            transport=MemoryRaftNetwork(reactor).transport("solo"),  # type: ignore[arg-type]
+            state_machine=KVMachine(),
+            clock=reactor,
+            reactor=reactor,
+            bootstrap=Configuration(voters=frozenset({"solo"})),
+        )
+        self.assertRaises(RaftStorageCorruption, driver.startService)
+        self.assertFalse(driver.running)
+        self.assertIsNone(driver._pool)
 
 
 def _settle(group: Group, d: Deferred[Any], seconds: float = 2.0) -> Deferred[Any]:

@@ -102,7 +102,12 @@ class IRaftStateMachine(Interface):
     """
 
     def apply(entry: Entry) -> object:
-        """Apply a committed NORMAL entry and return the proposer's result."""
+        """Apply a committed NORMAL entry and return the proposer's result.
+
+        NOOP and CONFIG entries are not passed here (the core applies configurations). An
+        exception fails the proposer's Deferred with it and the driver goes on: it must be
+        deterministic, like any other result, or replicas diverge.
+        """
 
     def snapshot() -> bytes:  # type: ignore[misc,empty-body]
         """Serialise the state as of the last applied entry."""
@@ -190,6 +195,29 @@ class RaftDriver(Service):
             self._pool = ThreadPool(minthreads=1, maxthreads=1, name=f"raft-{self.node_id}")
             self._pool.start()
             self._executor = partial(deferToThreadPool, self._reactor, self._pool)
+        try:
+            self._restore()
+        except BaseException:
+            # Corrupt or unreadable storage: refuse to run, leaving nothing behind.
+            self.running = False
+            if self._pool is not None:
+                self._pool.stop()
+                self._pool = None
+            self._executor = self._executor_arg
+            raise
+        self._failure = None
+        self._busy = False
+        self._was_leader = False
+        self._transport.start(self._receive)
+        self._ticker = LoopingCall(self._tick)
+        self._ticker.clock = self._clock
+        self._ticker.start(self._tick_interval, now=False).addErrback(
+            lambda f: _log.failure("Raft {id}: ticker failed", f, id=self.node_id)
+        )
+        self._kick()
+
+    def _restore(self) -> None:
+        """Load storage, bring the state machine up to its snapshot, build the core."""
         loaded = self._storage.load()
         # Hand the core the whole snapshot so it can send it to followers that fall behind.
         snapshot = self._storage.snapshot_data() if loaded.snapshot is not None else None
@@ -212,14 +240,6 @@ class RaftDriver(Service):
             applied=applied,
             rng=self._rng,
         )
-        self._failure = None
-        self._transport.start(self._receive)
-        self._ticker = LoopingCall(self._tick)
-        self._ticker.clock = self._clock
-        self._ticker.start(self._tick_interval, now=False).addErrback(
-            lambda f: _log.failure("Raft {id}: ticker failed", f, id=self.node_id)
-        )
-        self._kick()
 
     def stopService(self) -> Deferred[None]:
         """Stop ticking and receiving, fail pending operations, wait for the write in flight."""
@@ -646,7 +666,7 @@ class RaftDriver(Service):
         Runs inside the Ready loop's busy window, so the snapshot write is ordered with the
         batches around it; the core drops its log prefix only once the snapshot is durable.
         """
-        if self._snapshot_every is None:
+        if self._snapshot_every is None or not self.running:
             return None
         if self._applied - self._snapshot_index < self._snapshot_every:
             return None
