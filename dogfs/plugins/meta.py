@@ -1,1 +1,52 @@
-"""twistd dogfs-meta: placeholder until the metadata service lands."""
+# -*- test-case-name: tests.test_meta_process -*-
+"""twistd dogfs-meta: a DogFS metadata node.
+
+Only this module (and its sibling for the chunk server) touches the global reactor; it
+builds the service tree and does no I/O besides reading the config file, because twistd
+forks after makeService.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import IService
+from twisted.internet import endpoints
+from twisted.python import usage
+
+from dogfs.config import ConfigError, load_meta
+
+
+class Options(usage.Options):
+    """Command-line options of `twistd dogfs-meta`."""
+
+    synopsis = "[--config FILE]"
+    longdesc = (
+        "Run a DogFS metadata node: the namespace, block placement, the chunk-server "
+        "registry and (with peers configured) a member of the metadata Raft group. "
+        "Everything else, listen addresses, data directory, peers, TLS, is in the config "
+        "file; see etc/meta.toml for every key with its default."
+    )
+    optParameters = [["config", "c", "etc/meta.toml", "The node's TOML configuration file."]]
+
+    def postOptions(self) -> None:
+        try:
+            self["parsed"] = load_meta(self["config"])
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+
+
+def makeService(options: Options) -> IService:
+    """The service tree of one metadata node."""
+    from twisted.internet import reactor
+
+    from dogfs.meta.service import MetaService
+    from dogfs.wire.pool import ConnectionFactory
+
+    config = options["parsed"]
+
+    def listen(handlers: Any) -> Any:
+        factory = ConnectionFactory(reactor, handlers.handlers(), node_id=config.id)
+        return endpoints.serverFromString(reactor, config.listen).listen(factory)
+
+    return MetaService(reactor, config, listen=listen)

@@ -1,0 +1,231 @@
+# -*- test-case-name: tests.test_client -*-
+"""The DogFS client API: every method returns a Deferred.
+
+Metadata calls go to any metadata node and follow "not_leader" redirects; calls whose outcome
+is unknown are retried within the client's timeout with the same session sequence number, so
+a retried commit, mv or rm takes effect once. Data moves directly between this client and the
+chunk servers (dogfs.client.transfer).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable
+from typing import IO, Any
+
+import msgpack
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from dogfs.config import ClientConfig
+from dogfs.meta import commands as c
+from dogfs.wire import messages as m
+from dogfs.wire.pool import ConnectionPool, EndpointMaker
+from dogfs.wire.protocol import Reply, WireError
+
+log = Logger()
+
+# Error codes after which the same request may be sent again (elsewhere, or later).
+RETRYABLE = {"not_leader", "unreachable", "connection_closed", "timeout", "no_quorum"}
+Progress = Callable[[int], None]
+
+
+class DogFSError(WireError):
+    """A client operation failed. `code` is stable (not_found, exists, timeout, ...)."""
+
+
+def _error(e: WireError, what: str | None = None) -> DogFSError:
+    message = e.message if what is None else f"{what}: {e.message}"
+    return DogFSError(e.code, message, e.details)
+
+
+class DogFSClient:
+    """A connection to a DogFS cluster."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        config: ClientConfig,
+        *,
+        endpoints: EndpointMaker | None = None,
+        timeout: float | None = None,
+        client_id: str | None = None,
+    ) -> None:
+        from dogfs.wire.pool import tcp_endpoints
+
+        self.reactor = reactor
+        self.clock: IReactorTime = reactor
+        self.config = config
+        self.timeout = timeout if timeout is not None else config.timeout
+        self.pool = ConnectionPool(reactor, endpoints or tcp_endpoints(reactor, timeout=min(5.0, self.timeout)))
+        self.client_id = client_id or uuid.uuid4().hex
+        self._seq = 0
+        self._leader: str | None = None
+        self._info: dict[str, Any] | None = None
+
+    # --- metadata plumbing --------------------------------------------------------------
+
+    def _addresses(self) -> list[str]:
+        ordered = list(self.config.meta)
+        if self._leader is not None:
+            ordered = [self._leader] + [a for a in ordered if a != self._leader]
+        return ordered
+
+    async def _meta(self, msg: Any, payload: bytes = b"") -> Reply:
+        """Send to the leader (found by redirects), retrying within the timeout.
+
+        Retrying is safe for commands too: they carry this client's session and sequence
+        number, so the metadata applies a retried command once and answers the retry with
+        the first result.
+        """
+        deadline = self.clock.seconds() + self.timeout
+        last: WireError | None = None
+        delay = 0.05
+        while True:
+            for address in self._addresses():
+                remaining = deadline - self.clock.seconds()
+                if remaining <= 0:
+                    break
+                try:
+                    connection = await self.pool.get(address)
+                    reply = await connection.call(msg, payload, timeout=min(remaining, 10.0))
+                except WireError as e:
+                    last = e
+                    if e.code not in RETRYABLE:
+                        raise _error(e) from None
+                    if e.code == "not_leader" and e.details.get("leader"):
+                        hinted = e.details["leader"]
+                        if hinted != address:
+                            self._leader = hinted
+                            break  # retry at once at the hinted leader
+                    if e.code in ("connection_closed", "timeout"):
+                        self.pool.drop(address)
+                    continue
+                if isinstance(reply.msg, m.MetaReply) and reply.msg.leader_hint:
+                    self._leader = reply.msg.leader_hint
+                return reply
+            if self.clock.seconds() + delay >= deadline:
+                break
+            await _sleep(self.clock, delay)
+            delay = min(delay * 2, 1.0)
+        where = ", ".join(self.config.meta)
+        if last is None:
+            raise DogFSError("timeout", f"no metadata node answered within {self.timeout:g}s ({where})")
+        if last.code == "no_quorum":
+            raise DogFSError("no_quorum", last.message)
+        if last.code == "unreachable":
+            raise DogFSError("unreachable", f"no metadata node is reachable ({where}): {last.message}")
+        raise DogFSError(last.code, f"the metadata service did not answer within {self.timeout:g}s: {last.message}")
+
+    async def _command(self, command: Any) -> Any:
+        self._seq += 1
+        reply = await self._meta(
+            m.MetaCommand(self.client_id, self._seq), c.encode_command(command)
+        )
+        return _result(reply)
+
+    async def _query(self, op: str, path: str = "", args: dict[str, Any] | None = None) -> Reply:
+        return await self._meta(m.MetaQuery(op, path, args or {}))
+
+    async def cluster_info(self) -> dict[str, Any]:
+        """Default policy, cell and block sizes (cached)."""
+        if self._info is None:
+            reply = await self._query("cluster_info")
+            self._info = msgpack.unpackb(bytes(reply.payload), raw=False)
+        return self._info
+
+    # --- namespace ----------------------------------------------------------------------
+
+    def stat(self, path: str) -> defer.Deferred[c.FileInfo | c.DirInfo]:
+        """A file's or directory's metadata (FileInfo or DirInfo)."""
+        return defer.Deferred.fromCoroutine(self._stat(path))
+
+    async def _stat(self, path: str) -> Any:
+        reply = await self._query("stat", path)
+        return _result(reply)
+
+    def ls(self, path: str) -> defer.Deferred[list[c.EntryInfo]]:
+        """Every entry of a directory (or the file itself), sorted by name."""
+        return defer.Deferred.fromCoroutine(self._ls(path))
+
+    async def _ls(self, path: str) -> list[c.EntryInfo]:
+        entries: list[c.EntryInfo] = []
+        start_after: str | None = None
+        while True:
+            args: dict[str, Any] = {"limit": 1000}
+            if start_after is not None:
+                args["start_after"] = start_after
+            reply = await self._query("list", path, args)
+            listing = _result(reply)
+            entries.extend(listing.entries)
+            if not listing.more or not listing.entries:
+                return entries
+            start_after = listing.entries[-1].name
+
+    def mkdir(self, path: str, parents: bool = False, ec: str | None = None) -> defer.Deferred[c.DirInfo]:
+        """Create a directory (with `parents`, its missing ancestors too)."""
+        return defer.Deferred.fromCoroutine(self._command(c.Mkdir(path, parents, ec)))
+
+    def rm(self, path: str, recursive: bool = False) -> defer.Deferred[Any]:
+        """Delete a file or an empty directory (with `recursive`, a whole tree)."""
+        return defer.Deferred.fromCoroutine(self._command(c.Delete(path, recursive)))
+
+    def mv(self, src: str, dst: str) -> defer.Deferred[Any]:
+        """Rename `src` to `dst` (which must not exist)."""
+        return defer.Deferred.fromCoroutine(self._command(c.Rename(src, dst)))
+
+    def status(self) -> defer.Deferred[dict[str, Any]]:
+        """The cluster as a metadata node sees it."""
+
+        async def run() -> dict[str, Any]:
+            reply = await self._query("status")
+            return msgpack.unpackb(bytes(reply.payload), raw=False)  # type: ignore[no-any-return]
+
+        return defer.Deferred.fromCoroutine(run())
+
+    # --- data -----------------------------------------------------------------------------
+
+    def put(
+        self, path: str, source: IO[bytes], ec: str | None = None, progress: Progress | None = None
+    ) -> defer.Deferred[c.FileInfo]:
+        """Upload `source` (a binary file object, read to its end) as the file `path`.
+
+        The new version becomes visible atomically when every shard is durable.
+        """
+        from dogfs.client.transfer import put
+
+        return defer.Deferred.fromCoroutine(put(self, path, source, ec, progress))
+
+    def get(self, path: str, sink: IO[bytes], progress: Progress | None = None) -> defer.Deferred[c.FileInfo]:
+        """Download the file `path` into `sink` (a binary file object)."""
+        from dogfs.client.transfer import get
+
+        return defer.Deferred.fromCoroutine(get(self, path, sink, progress))
+
+    def close(self) -> defer.Deferred[None]:
+        """Close every connection."""
+        return self.pool.close_all()
+
+
+def _result(reply: Reply) -> Any:
+    """The metadata result in a reply (its type depends on the request)."""
+    return c.decode_result(bytes(reply.payload))
+
+
+def _sleep(clock: IReactorTime, seconds: float) -> defer.Deferred[None]:
+    d: defer.Deferred[None] = defer.Deferred()
+    clock.callLater(seconds, d.callback, None)
+    return d
+
+
+def sleep(clock: IReactorTime, seconds: float) -> defer.Deferred[None]:
+    """Fire after `seconds` on `clock`."""
+    return _sleep(clock, seconds)
+
+
+def unique_temp_name(path: str) -> str:
+    """A sibling name for a partial download: renamed over `path` only on success."""
+    directory, name = os.path.split(os.path.abspath(path))
+    return os.path.join(directory, f".{name}.dogfs-{uuid.uuid4().hex[:8]}.part")

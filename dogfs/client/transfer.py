@@ -1,0 +1,395 @@
+# -*- test-case-name: tests.test_client -*-
+"""Moving file data between a client and the chunk servers.
+
+PUT: the file is cut into block groups (k x block_size bytes at most) and each group into
+stripes of k cells. Each stripe is encoded into k + m fragments, one per shard, sent to the
+k + m chunk servers of the group's placement in parallel; the next stripe is read only when
+every connection can take more (flow control), so memory stays at a few stripes whatever
+the file size. When every shard of every group is durable, one metadata commit makes the new
+version visible.
+
+GET: each block group is read from its k data shards in parallel (no decoding needed). A
+shard whose server is down, answers an error, sends a cell that fails its CRC32C, or goes
+quiet for `shard_timeout` is replaced by the next parity shard from the stripe where it
+failed, and those stripes are decoded. A bounded number of stripes is buffered; streams that
+run ahead are paused.
+"""
+
+from __future__ import annotations
+
+from typing import IO, TYPE_CHECKING, Any
+
+from attrs import define, field
+from twisted.internet import defer
+from twisted.python.failure import Failure
+
+from dogfs.codec.checksum import crc32c
+from dogfs.codec.policy import ECPolicy
+from dogfs.codec.stripe import StripeCodec
+from dogfs.meta import commands as c
+from dogfs.wire import messages as m
+from dogfs.wire.protocol import Connection, Reply, WireError
+
+if TYPE_CHECKING:
+    from dogfs.client.api import DogFSClient, Progress
+
+MAX_BUFFERED_STRIPES = 4
+
+
+def read_full(source: IO[bytes], size: int) -> bytes:
+    """Read `size` bytes, or fewer only at the end of the stream."""
+    data = source.read(size)
+    if data is None:
+        data = b""
+    if len(data) == size or not data:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < size:
+        more = source.read(size - got)
+        if not more:
+            break
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
+def _unwrap(failure: Failure) -> BaseException | None:
+    """The first real error inside gatherResults' FirstError."""
+    error = failure.value
+    while isinstance(error, defer.FirstError):
+        error = error.subFailure.value
+    return error
+
+
+# --- PUT ----------------------------------------------------------------------------------
+
+
+async def put(
+    client: DogFSClient, path: str, source: IO[bytes], ec: str | None, progress: Progress | None
+) -> c.FileInfo:
+    """Upload `source` to `path`; see the module docstring."""
+    from dogfs.client.api import DogFSError
+
+    info = await client.cluster_info()
+    cell_size: int = info["cell_size"]
+    block_size: int = info["block_size"]
+    if ec is not None:
+        ECPolicy.parse(ec)  # refuse an unknown policy before touching the cluster
+    first = read_full(source, 1)
+    groups: list[tuple[int, int]] = []
+    total = 0
+    group_ec = ec
+    if first:
+        pending: bytes | None = first
+        while pending:
+            allocation = await client._command(c.Allocate(path, group_ec, ()))
+            if isinstance(allocation, c.MetaError):
+                raise DogFSError(allocation.code.name.lower(), allocation.message)
+            group_ec = allocation.ec
+            codec = StripeCodec(ECPolicy.parse(allocation.ec), cell_size)
+            stripes_per_group = max(1, block_size // cell_size)
+            size, pending = await _upload_group(
+                client, path, allocation, codec, pending, source, stripes_per_group, progress
+            )
+            groups.append((allocation.bg_id, size))
+            total += size
+    result = await client._command(c.CommitFile(path, total, tuple(groups), ec=group_ec))
+    return result  # type: ignore[no-any-return]
+
+
+async def _upload_group(
+    client: DogFSClient,
+    path: str,
+    allocation: c.Allocation,
+    codec: StripeCodec,
+    head: bytes,
+    source: IO[bytes],
+    stripes_per_group: int,
+    progress: Progress | None,
+) -> tuple[int, bytes | None]:
+    """Write one block group; returns its size and the bytes read past it (None at EOF)."""
+    from dogfs.client.api import DogFSError
+
+    stripe_size = codec.stripe_size
+    shards = sorted(allocation.shards, key=lambda s: s.index)
+    try:
+        connections: list[Connection] = await defer.gatherResults(
+            [client.pool.get(s.address) for s in shards], consumeErrors=True
+        )
+    except defer.FirstError as e:
+        failed = shards[e.index]
+        raise DogFSError(
+            "unreachable",
+            f"cannot write {path}: chunk server {failed.node_id} ({failed.address}) is unreachable: "
+            f"{getattr(_unwrap(Failure(e)), 'message', e)}",
+        ) from None
+    fragment_size = codec.fragment_size(stripe_size)
+    uploads = [
+        conn.open_stream(m.PutShard(s.shard_id, allocation.ec, s.index, fragment_size))
+        for conn, s in zip(connections, shards, strict=True)
+    ]
+    stripe = head + read_full(source, stripe_size - len(head)) if len(head) < stripe_size else head
+    cells = 0
+    size = 0
+    rest: bytes | None = None
+    try:
+        while True:
+            fragments = codec.encode(stripe)
+            waits = [
+                upload.send(m.Cell(cells, crc32c(fragment)), fragment)
+                for upload, fragment in zip(uploads, fragments, strict=True)
+            ]
+            await defer.gatherResults(waits, consumeErrors=True)
+            cells += 1
+            size += len(stripe)
+            if progress is not None:
+                progress(len(stripe))
+            if any(upload.done for upload in uploads):
+                break  # a chunk server answered early: an error, which finish() reports
+            if len(stripe) < stripe_size:
+                break
+            nxt = read_full(source, stripe_size)
+            if not nxt:
+                break
+            if cells == stripes_per_group:
+                rest = nxt
+                break
+            stripe = nxt
+        timeout = client.timeout
+        await defer.gatherResults(
+            [upload.finish(m.PutShardEnd(cells), timeout=timeout) for upload in uploads],
+            consumeErrors=True,
+        )
+    except (defer.FirstError, WireError) as e:
+        for upload in uploads:
+            upload.abort("another shard of the block group failed")
+        error = _unwrap(Failure(e)) if isinstance(e, defer.FirstError) else e
+        index = e.index if isinstance(e, defer.FirstError) else None
+        where = f"chunk server {shards[index].node_id}" if index is not None else "a chunk server"
+        code = getattr(error, "code", "failed")
+        raise DogFSError(code, f"cannot write {path}: {where} failed: {getattr(error, 'message', error)}") from None
+    return size, rest
+
+
+# --- GET ----------------------------------------------------------------------------------
+
+
+async def get(client: DogFSClient, path: str, sink: IO[bytes], progress: Progress | None) -> c.FileInfo:
+    """Download `path` into `sink`; see the module docstring."""
+    from dogfs.client.api import DogFSError
+
+    info = await client._stat(path)
+    if isinstance(info, c.DirInfo):
+        raise DogFSError("is_a_directory", f"{path} is a directory")
+    cluster = await client.cluster_info()
+    for bg in info.block_groups:
+        codec = StripeCodec(ECPolicy.parse(bg.ec), cluster["cell_size"])
+        reader = GroupReader(client, path, bg, codec, sink, progress)
+        await reader.read()
+    return info  # type: ignore[no-any-return]
+
+
+@define(eq=False)
+class _Stream:
+    """One shard being read."""
+
+    index: int
+    first: int
+    received: int  # next stripe index expected from it
+    connection: Connection | None = None
+    watchdog: Any = None
+    paused: bool = False
+    finished: bool = False
+
+
+@define(eq=False)
+class GroupReader:
+    """Reads one block group; see the module docstring."""
+
+    client: DogFSClient
+    path: str
+    bg: c.BlockGroupInfo
+    codec: StripeCodec
+    sink: IO[bytes]
+    progress: Progress | None
+    lengths: list[int] = field(init=False)
+    cells: dict[int, dict[int, Any]] = field(factory=dict, init=False)
+    next_stripe: int = field(default=0, init=False)
+    streams: dict[int, _Stream] = field(factory=dict, init=False)
+    failed: dict[int, str] = field(factory=dict, init=False)
+    unused: list[int] = field(factory=list, init=False)
+    done: defer.Deferred[None] = field(factory=defer.Deferred, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.lengths = self.codec.stripe_lengths(self.bg.size)
+        self.unused = list(range(self.codec.k, self.codec.width))
+
+    @property
+    def shard_timeout(self) -> float:
+        return min(self.client.timeout, 10.0)
+
+    def read(self) -> defer.Deferred[None]:
+        if not self.lengths:
+            self.done.callback(None)
+            return self.done
+        for index in range(self.codec.k):
+            self._start(index, 0)
+        return self.done
+
+    def _location(self, index: int) -> c.ShardLocation:
+        return next(s for s in self.bg.shards if s.index == index)
+
+    def _start(self, index: int, first: int) -> None:
+        stream = _Stream(index, first, first)
+        self.streams[index] = stream
+        location = self._location(index)
+        self._arm(stream)
+
+        async def run() -> Reply:
+            connection = await self.client.pool.get(location.address)
+            stream.connection = connection
+            if self.streams.get(index) is not stream:
+                raise WireError("abandoned", "stream abandoned")
+            return await connection.call(
+                m.GetShard(location.shard_id, first, -1),
+                on_part=lambda msg, payload: self._part(stream, msg, payload),
+            )
+
+        d = defer.Deferred.fromCoroutine(run())
+        d.addCallbacks(lambda _: self._ended(stream), lambda f: self._fail(stream, _describe(f)))
+
+    def _arm(self, stream: _Stream) -> None:
+        if stream.watchdog is not None and stream.watchdog.active():
+            stream.watchdog.cancel()
+        stream.watchdog = self.client.clock.callLater(
+            self.shard_timeout, self._fail, stream, f"no data for {self.shard_timeout:g}s"
+        )
+
+    def _disarm(self, stream: _Stream) -> None:
+        if stream.watchdog is not None and stream.watchdog.active():
+            stream.watchdog.cancel()
+        stream.watchdog = None
+
+    def _part(self, stream: _Stream, msg: Any, payload: memoryview) -> None:
+        if self.streams.get(stream.index) is not stream or self.done.called:
+            return
+        if not isinstance(msg, m.Cell) or msg.index != stream.received:
+            self._fail(stream, f"sent cell {getattr(msg, 'index', '?')} out of order")
+            return
+        if crc32c(payload) != msg.crc:
+            self._fail(stream, f"cell {msg.index} failed its checksum")
+            return
+        self._arm(stream)
+        stream.received += 1
+        if msg.index >= self.next_stripe:
+            self.cells.setdefault(msg.index, {})[stream.index] = payload
+        if stream.received - self.next_stripe > MAX_BUFFERED_STRIPES and stream.connection is not None:
+            stream.paused = True
+            stream.connection.pause_reading()
+        self._emit()
+
+    def _ended(self, stream: _Stream) -> None:
+        if self.streams.get(stream.index) is not stream:
+            return
+        self._disarm(stream)
+        if stream.received < len(self.lengths):
+            self._fail(stream, f"ended after {stream.received} of {len(self.lengths)} cells")
+            return
+        stream.finished = True
+        self._emit()
+
+    def _fail(self, stream: _Stream, reason: str) -> None:
+        if self.streams.get(stream.index) is not stream or self.done.called:
+            return
+        del self.streams[stream.index]
+        self._disarm(stream)
+        location = self._location(stream.index)
+        self.failed[stream.index] = f"{location.node_id}: {reason}"
+        if stream.paused and stream.connection is not None:
+            stream.connection.resume_reading()
+        if stream.connection is not None and not stream.finished:
+            # Its remaining cells would be ignored anyway; a quiet or broken server is dropped.
+            self.client.pool.drop(location.address)
+        # Cells already received from it stay usable: they passed their checksums.
+        if len(self.streams) < self.codec.k:
+            if self.unused:
+                self._start(self.unused.pop(0), self.next_stripe)
+            elif not any(not s.finished for s in self.streams.values()):
+                self._give_up()
+                return
+        self._emit()
+
+    def _give_up(self) -> None:
+        from dogfs.client.api import DogFSError
+
+        reasons = "; ".join(self.failed[i] for i in sorted(self.failed))
+        live = self.codec.width - len(self.failed)
+        self._stop_all()
+        self.done.errback(
+            DogFSError(
+                "unavailable",
+                f"cannot read {self.path}: block group {self.bg.id} needs {self.codec.k} of its "
+                f"{self.codec.width} shards but only {live} answered ({reasons})",
+            )
+        )
+
+    def _stop_all(self) -> None:
+        for stream in list(self.streams.values()):
+            self._disarm(stream)
+            if stream.paused and stream.connection is not None:
+                stream.connection.resume_reading()
+        self.streams.clear()
+
+    def _emit(self) -> None:
+        k = self.codec.k
+        while self.next_stripe < len(self.lengths):
+            got = self.cells.get(self.next_stripe, {})
+            if all(i in got for i in range(k)):
+                parts = [self.codec.data_payload(got[i]) for i in range(k)]
+            elif len(got) >= k and all(
+                i in got or i not in self.streams for i in range(k)
+            ):
+                try:
+                    data = self.codec.decode(got)
+                except Exception as e:
+                    self._decode_failed(e)
+                    return
+                parts = [memoryview(data)]
+            else:
+                if not self._can_progress(got):
+                    self._give_up()
+                return
+            for part in parts:
+                self.sink.write(part)
+            if self.progress is not None:
+                self.progress(self.lengths[self.next_stripe])
+            del self.cells[self.next_stripe]
+            self.next_stripe += 1
+            for stream in self.streams.values():
+                if stream.paused and stream.received - self.next_stripe <= MAX_BUFFERED_STRIPES // 2:
+                    stream.paused = False
+                    if stream.connection is not None:
+                        stream.connection.resume_reading()
+        self._stop_all()
+        self.done.callback(None)
+
+    def _can_progress(self, got: dict[int, Any]) -> bool:
+        """Whether the current stripe can still be completed by streams still running."""
+        running = [s for s in self.streams.values() if not s.finished]
+        return len(got) + len([s for s in running if s.index not in got]) >= self.codec.k or bool(self.unused)
+
+    def _decode_failed(self, error: Exception) -> None:
+        from dogfs.client.api import DogFSError
+
+        self._stop_all()
+        self.done.errback(
+            DogFSError("corrupt", f"cannot read {self.path}: block group {self.bg.id} does not decode: {error}")
+        )
+
+
+def _describe(failure: Failure) -> str:
+    error = failure.value
+    if isinstance(error, WireError):
+        return error.message
+    return failure.getErrorMessage()

@@ -1,0 +1,382 @@
+# -*- test-case-name: tests.test_meta_service -*-
+"""The metadata node's service: the wire handlers in front of the namespace.
+
+Mutations arrive as `MetaCommand` frames carrying a command from dogfs.meta.commands; this
+service fills in what only the leader may decide (placement, timestamps) and hands the
+command to an `ICommandLog` (the single-node log, or Raft). Reads (`MetaQuery`) are served
+from the local LMDB state after the log's read barrier. Chunk servers send heartbeats and
+shard reports here; liveness is soft state in a `ChunkServerRegistry`.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import msgpack
+from twisted.application.service import MultiService
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from dogfs.codec.policy import ECPolicy, UnknownPolicy
+from dogfs.config import MetaConfig
+from dogfs.interfaces import ICommandLog
+from dogfs.meta import commands as c
+from dogfs.meta.placement import NotEnoughChunkServers, choose_placement
+from dogfs.meta.registry import ALIVE, ChunkServerRegistry
+from dogfs.meta.state import NamespaceState
+from dogfs.wire import messages as m
+from dogfs.wire.protocol import Reply, Request, WireError
+
+log = Logger()
+
+# Commands a client may send; the rest are the leader's own (registration, expiry, moves).
+CLIENT_COMMANDS = (c.Mkdir, c.Allocate, c.CommitFile, c.Delete, c.Rename, c.SetDefaultPolicy)
+REPORT_BATCH = 20_000
+
+
+def error_from_result(result: c.MetaError) -> WireError:
+    """The wire error for a state machine's MetaError (code names are lower-case)."""
+    return WireError(result.code.name.lower(), result.message)
+
+
+def encode_status(status: dict[str, Any]) -> bytes:
+    """The payload of a status reply."""
+    return msgpack.packb(status, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+class MetaHandlers:
+    """The metadata node's request handlers, independent of how it listens."""
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        config: MetaConfig,
+        state: NamespaceState,
+        log_: ICommandLog,
+        registry: ChunkServerRegistry,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.clock = clock
+        self.config = config
+        self.state = state
+        self.log = log_
+        self.registry = registry
+        self.rng = rng or random.Random(os.urandom(16))
+        self.reported: set[str] = set()
+        self.registering: set[str] = set()
+        self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
+        self._reports: dict[str, list[str]] = {}
+
+    def handlers(self) -> dict[type, Callable[[Request], Any]]:
+        """The wire handler table."""
+        return {
+            m.MetaCommand: self.command,
+            m.MetaQuery: self.query,
+            m.Heartbeat: self.heartbeat,
+            m.ShardReport: self.shard_report,
+        }
+
+    def emit(self, kind: str, **fields: Any) -> None:
+        """Tell listeners (the dashboard, metrics) that something happened."""
+        for listener in list(self.listeners):
+            try:
+                listener(kind, fields)
+            except Exception:
+                log.failure("event listener failed for {kind}", kind=kind)
+
+    # --- commands ---------------------------------------------------------------------
+
+    def _require_leader(self) -> None:
+        if not self.log.is_leader:
+            leader = self.log.leader_address()
+            details = {"leader": leader} if leader else {}
+            where = f"; the leader is {leader}" if leader else "; no leader is known"
+            raise WireError("not_leader", f"{self.config.id} is not the metadata leader{where}", details)
+
+    def command(self, request: Request) -> defer.Deferred[Reply]:
+        """A namespace mutation from a client."""
+        msg: m.MetaCommand = request.msg
+        try:
+            command = c.decode_command(bytes(request.payload))
+        except ValueError as e:
+            raise WireError("invalid_argument", str(e)) from None
+        if not isinstance(command, CLIENT_COMMANDS):
+            raise WireError("permission_denied", f"{type(command).__name__} is not a client command")
+        self._require_leader()
+        command = self.prepare(command)
+        d = self.log.propose(command, (msg.client_id, msg.seq) if msg.client_id else None)
+
+        def answered(result: Any) -> Reply:
+            if isinstance(result, c.MetaError):
+                raise error_from_result(result)
+            if isinstance(command, c.CommitFile):
+                self.emit("commit", path=command.path, size=command.size)
+            return Reply(m.MetaReply(self.log.leader_address()), c.encode_result(result))
+
+        return d.addCallback(answered)
+
+    def prepare(self, command: Any) -> Any:
+        """Fill in what only the leader decides: placement and timestamps."""
+        now = self.clock.seconds()
+        if isinstance(command, c.Allocate):
+            ec = command.ec or self._inherited_policy(command.path)
+            try:
+                policy = ECPolicy.parse(ec)
+            except UnknownPolicy as e:
+                raise WireError("invalid_argument", str(e)) from None
+            try:
+                placement = choose_placement(
+                    policy.width, self.registry.live(), self.rng, policy=policy.name
+                )
+            except NotEnoughChunkServers as e:
+                self.emit("write_refused", path=command.path, reason=str(e))
+                raise WireError(
+                    "not_enough_chunk_servers", f"cannot write {command.path}: {e}",
+                    {"needed": e.needed, "alive": e.alive},
+                ) from None
+            return attrs.evolve(command, ec=policy.name, placement=tuple(placement), now=now)
+        if isinstance(command, c.CommitFile | c.Mkdir):
+            return attrs.evolve(command, now=now)
+        if isinstance(command, c.SetDefaultPolicy):
+            try:
+                return c.SetDefaultPolicy(ECPolicy.parse(command.ec).name)
+            except UnknownPolicy as e:
+                raise WireError("invalid_argument", str(e)) from None
+        return command
+
+    def _inherited_policy(self, path: str) -> str:
+        parent = path.rstrip("/").rpartition("/")[0] or "/"
+        info = self.state.stat(parent)
+        if isinstance(info, c.DirInfo):
+            return info.ec
+        return self.state.default_policy()
+
+    # --- queries ----------------------------------------------------------------------
+
+    def query(self, request: Request) -> defer.Deferred[Reply]:
+        """A read: stat, list, status or cluster_info."""
+        msg: m.MetaQuery = request.msg
+        if msg.op == "status":
+            # Status answers from any member, leader or not, without a barrier: it is a view.
+            return defer.succeed(Reply(m.MetaReply(self.log.leader_address()), encode_status(self.status())))
+        if msg.op not in ("stat", "list", "cluster_info"):
+            raise WireError("invalid_argument", f"unknown query {msg.op!r}")
+        d = self.log.read_barrier()
+        d.addCallback(lambda _: self._read(msg))
+        return d
+
+    def _read(self, msg: m.MetaQuery) -> Reply:
+        leader = self.log.leader_address()
+        if msg.op == "cluster_info":
+            return Reply(m.MetaReply(leader), encode_status(self.cluster_info()))
+        result: Any
+        if msg.op == "stat":
+            result = self.state.stat(msg.path)
+        else:
+            start_after = msg.args.get("start_after")
+            limit = msg.args.get("limit", 1000)
+            if not isinstance(limit, int) or not 0 < limit <= 100_000:
+                raise WireError("invalid_argument", "list limit must be between 1 and 100000")
+            if start_after is not None and not isinstance(start_after, str):
+                raise WireError("invalid_argument", "list start_after must be a name")
+            result = self.state.listing(msg.path, start_after=start_after, limit=limit)
+        if isinstance(result, c.MetaError):
+            raise error_from_result(result)
+        return Reply(m.MetaReply(leader), c.encode_result(result))
+
+    def cluster_info(self) -> dict[str, Any]:
+        """What a client needs to encode: the default policy and the cell and block sizes."""
+        return {
+            "default_ec": self.state.default_policy(),
+            "cell_size": self.config.cell_size,
+            "block_size": self.config.block_size,
+            "leader": self.log.leader_address(),
+        }
+
+    def status(self) -> dict[str, Any]:
+        """The whole cluster as this node sees it (see docs: `MetaQuery("status")`)."""
+        chunks = []
+        alive = set()
+        for view in self.registry.view():
+            if view.state == ALIVE:
+                alive.add(view.node_id)
+            chunks.append({
+                "id": view.node_id,
+                "address": view.address,
+                "state": view.state,
+                "capacity_bytes": view.capacity,
+                "used_bytes": view.used,
+                "shards": view.shards,
+                "last_heartbeat_s": view.last_heartbeat_age,
+                "load": view.load,
+                "domain": view.domain,
+            })
+        summary = self.state.summary()
+        at_risk: dict[str, int] = {}
+        for bg in self.state.all_block_groups():
+            k = ECPolicy.parse(bg.ec).k
+            live = sum(1 for s in bg.shards if s.node_id in alive)
+            key = str(live - k)  # negative: unreadable until servers return
+            at_risk[key] = at_risk.get(key, 0) + 1
+        info = self.cluster_info()
+        members = self.log.members()
+        leader_id = next((mm["id"] for mm in members if mm.get("role") == "leader"), None)
+        return {
+            "cluster": {**info, "leader": leader_id, "leader_address": info["leader"]},
+            "meta": members,
+            "chunks": chunks,
+            "namespace": {
+                "files": summary.files,
+                "dirs": summary.dirs,
+                "bytes": summary.bytes_stored,
+                "bytes_on_disk": summary.bytes_on_disk,
+                "block_groups": summary.block_groups,
+                "pending_block_groups": summary.pending_block_groups,
+                "at_risk": at_risk,
+            },
+        }
+
+    # --- chunk servers ------------------------------------------------------------------
+
+    def heartbeat(self, request: Request) -> Any:
+        """A chunk server reports itself; the first time, it is registered durably."""
+        msg: m.Heartbeat = request.msg
+        self._require_leader()
+        self.registry.heartbeat(
+            msg.node_id, msg.address, msg.capacity_bytes, msg.used_bytes, msg.shards,
+            dict(msg.load), msg.domain or None,
+        )
+        record = next((r for r in self.state.chunk_servers() if r.node_id == msg.node_id), None)
+        if (
+            record is None or record.address != msg.address or (record.domain or "") != (msg.domain or "")
+        ) and msg.node_id not in self.registering:
+            self.registering.add(msg.node_id)
+            d = self.log.propose(c.RegisterChunkServer(msg.node_id, msg.address, msg.domain or None))
+            d.addErrback(lambda f: log.failure("registering {node} failed", f, node=msg.node_id))
+            d.addBoth(lambda _: self.registering.discard(msg.node_id))
+        return m.HeartbeatReply(self.log.leader_address(), msg.node_id not in self.reported)
+
+    def shard_report(self, request: Request) -> Reply:
+        """Part of a chunk server's shard list; answered with the ids no longer referenced."""
+        msg: m.ShardReport = request.msg
+        self._require_leader()
+        ids = [s for s in bytes(request.payload).decode("ascii", "replace").split("\n") if s]
+        if len(ids) > REPORT_BATCH:
+            raise WireError("invalid_argument", f"a shard report batch holds at most {REPORT_BATCH} ids")
+        status = self.state.shard_status(ids, msg.node_id)
+        garbage = [sid for sid, s in status.items() if s == "garbage"]
+        if msg.last:
+            self.reported.add(msg.node_id)
+        return Reply(m.ShardReportReply(), "\n".join(garbage).encode("ascii"))
+
+
+class MetaService(MultiService):
+    """A metadata node: LMDB state, command log, registry, listeners and timers.
+
+    Nothing is opened in __init__ (twistd forks after building services); everything starts in
+    startService and stops, returning a Deferred, in stopService.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        config: MetaConfig,
+        *,
+        listen: Callable[[Any], defer.Deferred[Any]],
+        make_log: Callable[[NamespaceState], ICommandLog] | None = None,
+    ) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.config = config
+        self.listen = listen
+        self.make_log = make_log
+        self.state = NamespaceState(os.path.join(config.data_dir, "namespace"))
+        self.registry = ChunkServerRegistry(
+            reactor, config.chunk_dead_after, grace_after_start=config.chunk_dead_after
+        )
+        self.handlers: MetaHandlers | None = None
+        self.log: ICommandLog | None = None
+        self._ports: list[Any] = []
+        self._pool: Any = None
+        self._expiry: LoopingCall | None = None
+
+    def startService(self) -> None:
+        from twisted.python.threadpool import ThreadPool
+
+        from dogfs.codec.stripe import tune_malloc
+        from dogfs.meta.log import LocalCommandLog
+
+        tune_malloc()
+        os.makedirs(self.config.data_dir, exist_ok=True)
+        self.state.open()
+        self._pool = ThreadPool(minthreads=1, maxthreads=1, name=f"{self.config.id}-lmdb")
+        self._pool.start()
+        if self.make_log is not None:
+            self.log = self.make_log(self.state)
+        else:
+            self.log = LocalCommandLog(
+                self.reactor, self.state, self._pool, node_id=self.config.id,
+                address=self.config.address, http_address=self.config.http_address,
+            )
+        self.registry.known_all(self.state.chunk_servers())
+        self.registry.start()
+        self.handlers = MetaHandlers(self.reactor, self.config, self.state, self.log, self.registry)
+        self.registry.on_change(
+            lambda node, old, new: self.handlers.emit("chunk_state", node=node, old=old, new=new)  # type: ignore[union-attr]
+        )
+        if self.state.default_policy() != ECPolicy.parse(self.config.default_ec).name:
+            d = self.log.propose(c.SetDefaultPolicy(ECPolicy.parse(self.config.default_ec).name))
+            d.addErrback(lambda f: log.failure("setting the default policy failed", f))
+        self._expiry = LoopingCall(self._expire_allocations)
+        self._expiry.clock = self.reactor
+        self._expiry.start(max(1.0, self.config.allocation_ttl / 4), now=False).addErrback(
+            lambda f: log.failure("allocation expiry stopped", f)
+        )
+        super().startService()
+        d = self.listen(self.handlers)
+
+        def listening(port: Any) -> None:
+            self._ports.append(port)
+            log.info(
+                "{node} serving metadata on {address} (data in {data})",
+                node=self.config.id, address=self.config.address, data=self.config.data_dir,
+            )
+
+        d.addCallback(listening)
+        d.addErrback(self._fatal)
+
+    def _fatal(self, failure: Any) -> None:
+        log.failure("{node} cannot listen on {listen}", failure, node=self.config.id, listen=self.config.listen)
+        self.reactor.stop()
+
+    def _expire_allocations(self) -> None:
+        if self.log is not None and self.log.is_leader:
+            before = self.reactor.seconds() - self.config.allocation_ttl
+            d = self.log.propose(c.ExpireAllocations(before))
+            d.addErrback(lambda f: log.failure("expiring allocations failed", f))
+
+    def stopService(self) -> defer.Deferred[None]:
+        d: defer.Deferred[Any] = defer.maybeDeferred(super().stopService)
+        if self._expiry is not None and self._expiry.running:
+            self._expiry.stop()
+        self.registry.stop()
+        ports, self._ports = self._ports, []
+
+        def stop_listening(_: Any) -> defer.Deferred[Any]:
+            return defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports])
+
+        d.addCallback(stop_listening)
+
+        def close(_: Any) -> None:
+            if self._pool is not None:
+                self._pool.stop()
+            self.state.close()
+
+        d.addCallback(close)
+        return d
