@@ -1,1 +1,64 @@
-"""twistd dogfs-chunk: placeholder until the chunk service lands."""
+# -*- test-case-name: tests.test_chunk_process -*-
+"""twistd dogfs-chunk: the chunk server's options and service maker.
+
+This module (with dogfs.plugins.meta) is the only place that touches the global reactor: it
+hands it to `ChunkService`. `makeService` only reads the config file; everything that does
+I/O (the shard store, threads, listening) starts in `startService`, after twistd forks.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from twisted.application.service import MultiService
+from twisted.python import usage
+
+from dogfs.config import ChunkConfig, ConfigError, load_chunk
+
+
+class Options(usage.Options):
+    """Command-line options of `twistd dogfs-chunk`."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "Run a DogFS chunk server: it stores erasure-coded shards under the data_dir of its "
+        "config file, serves them to clients over the DogFS wire protocol on `listen`, and "
+        "sends heartbeats and shard reports to the metadata nodes listed in `meta`. "
+        "Example: twistd -n dogfs-chunk --config etc/chunk.toml"
+    )
+    optParameters = [
+        ["config", "c", "etc/chunk.toml", "The chunk server's TOML config file ([chunk] table)."],
+    ]
+
+
+def load_config(options: Options) -> ChunkConfig:
+    """The config named by `options`; usage.UsageError (one sentence) if it is bad."""
+    try:
+        return load_chunk(options["config"])
+    except ConfigError as e:
+        raise usage.UsageError(str(e)) from None
+
+
+def makeService(options: Options) -> MultiService:
+    """Build the chunk server's service tree from its config (no I/O but reading the file).
+
+    A bad config file ends twistd with one sentence on stderr and exit status 2.
+    """
+    try:
+        config = load_config(options)
+    except usage.UsageError as e:
+        # Raised here, twistd would print a traceback: say it in one sentence instead.
+        print(f"dogfs-chunk: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+    from twisted.internet import reactor
+
+    from dogfs.chunk.service import ChunkService
+
+    return ChunkService(reactor, config, on_fatal=lambda: _stop(reactor))
+
+
+def _stop(reactor: object) -> None:
+    """Stop the reactor if it runs (the server cannot start)."""
+    if getattr(reactor, "running", False):
+        reactor.stop()  # type: ignore[attr-defined]

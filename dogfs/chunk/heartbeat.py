@@ -1,0 +1,247 @@
+# -*- test-case-name: tests.test_chunk_service -*-
+"""The chunk server's side of META_PROTOCOL: heartbeats, shard reports, garbage collection.
+
+Every `heartbeat_interval` seconds (on the injected clock) the chunk server sends `Heartbeat`
+to the metadata node it believes leads. Connection failures and timeouts move on to the next
+configured address; a "not_leader" error naming the leader is followed at once. When the
+leader asks (`want_report`) or every `report_interval`, the server sends its shard list in
+`ShardReport` batches and deletes the shards the leader says it no longer references, but
+only those whose file is older than `gc_grace` seconds, since an upload in flight is not yet
+referenced. Nothing here ever stops the loop: failures are logged and retried next beat.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from dogfs.chunk.server import ShardServer
+from dogfs.config import ChunkConfig
+from dogfs.wire.messages import Heartbeat, HeartbeatReply, ShardReport
+from dogfs.wire.pool import split_address
+from dogfs.wire.protocol import Connection, Reply, WireError
+
+log = Logger()
+
+#: Shard ids per ShardReport frame (META_PROTOCOL.md).
+REPORT_BATCH = 20_000
+#: Errors after which another metadata address may do better.
+_MOVE_ON = frozenset({"unreachable", "connection_closed", "timeout", "bad_address"})
+#: Seconds between repeats of the same complaint in the log.
+_COMPLAIN_EVERY = 60.0
+
+
+class MetaConnections(Protocol):
+    """What the heartbeat needs from a connection pool (`dogfs.wire.pool.ConnectionPool`)."""
+
+    def get(self, address: str) -> defer.Deferred[Connection]:
+        """An open connection to `address`."""
+
+    def drop(self, address: str) -> None:
+        """Forget (close) the connection to `address`."""
+
+
+class HeartbeatService(Service):
+    """Sends heartbeats and shard reports to the metadata leader; collects garbage."""
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        server: ShardServer,
+        config: ChunkConfig,
+        connections: MetaConnections,
+        *,
+        call_timeout: float | None = None,
+        report_timeout: float = 30.0,
+        report_batch: int = REPORT_BATCH,
+    ) -> None:
+        """Beat on `clock` for `server`, reaching metadata through `connections`."""
+        self._clock: Any = clock
+        self.server = server
+        self.config = config
+        self.connections = connections
+        self.call_timeout = (
+            call_timeout
+            if call_timeout is not None
+            else max(1.0, min(5.0, 2 * config.heartbeat_interval))
+        )
+        self.report_timeout = report_timeout
+        self.report_batch = report_batch
+        #: The metadata address heartbeats go to now.
+        self.current: str = config.meta[0]
+        self._index = 0  # position in config.meta to move on from
+        self._loop: LoopingCall | None = None
+        self._reporting = False
+        self._report_due = False
+        self._last_report = self._clock.seconds()
+        self._reached: str | None = None
+        self._complaint: tuple[str, float] | None = None
+        #: Successful heartbeats, shard reports, and shards collected (for tests and logs).
+        self.beats = 0
+        self.reports = 0
+        self.collected = 0
+
+    # --- service ---------------------------------------------------------------------
+
+    def startService(self) -> None:
+        """Start beating; the first heartbeat goes out at once."""
+        super().startService()
+        self._loop = LoopingCall(self.beat)
+        self._loop.clock = self._clock
+        self._loop.start(self.config.heartbeat_interval, now=True).addErrback(
+            lambda f: log.failure("{node}: the heartbeat loop stopped", f, node=self.config.id)
+        )
+
+    def stopService(self) -> None:
+        """Stop beating (calls in flight fail when the connections close)."""
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+
+    # --- one beat ----------------------------------------------------------------------
+
+    def beat(self) -> defer.Deferred[None]:
+        """Send one heartbeat (and start a shard report if due); never fails.
+
+        The LoopingCall waits for the returned Deferred, so beats never overlap.
+        """
+        d = defer.Deferred.fromCoroutine(self._beat())
+        d.addErrback(self._unexpected, "heartbeat")
+        return d
+
+    async def _beat(self) -> None:
+        server = self.server
+        if not server.ready:
+            return  # still scanning the store at start-up: nothing true to say yet
+        capacity, used, shards = await server.status()
+        heartbeat = Heartbeat(
+            node_id=self.config.id,
+            address=self.config.address,
+            capacity_bytes=self.config.capacity_bytes or capacity,
+            used_bytes=used,
+            shards=shards,
+            load=server.load(),
+            domain=self.config.domain or None,
+        )
+        reply = await self._call(heartbeat, b"", self.call_timeout)
+        if reply is None:
+            return
+        self.beats += 1
+        msg = reply.msg
+        if isinstance(msg, HeartbeatReply):
+            self._follow_hint(msg.leader_hint)
+            if msg.want_report:
+                self._report_due = True
+        if self._clock.seconds() - self._last_report >= self.config.report_interval:
+            self._report_due = True
+        if self._report_due and not self._reporting:
+            self._reporting = True
+            d = defer.Deferred.fromCoroutine(self._report())
+            d.addErrback(self._unexpected, "shard report")
+            d.addBoth(self._report_finished)
+
+    def _follow_hint(self, hint: str | None) -> None:
+        """Adopt a leader address the reply names (ignoring node ids and garbage)."""
+        if not hint or hint == self.current:
+            return
+        try:
+            split_address(hint)
+        except ValueError:
+            return
+        self.current = hint
+
+    async def _call(self, msg: Any, payload: bytes, timeout: float) -> Reply | None:
+        """Send `msg` to the leader, moving between addresses; None (logged) on failure."""
+        attempts = len(self.config.meta) + 1
+        failure = ""
+        for _ in range(attempts):
+            address = self.current
+            try:
+                connection = await self.connections.get(address)
+                reply: Reply = await connection.call(msg, payload, timeout=timeout)
+            except WireError as e:
+                failure = f"{type(msg).__name__} to {address} failed: {e.message}"
+                if e.code == "not_leader":
+                    leader = e.details.get("leader")
+                    if isinstance(leader, str) and leader and leader != address:
+                        self.current = leader
+                        continue
+                    self._move_on()  # no leader known yet: ask another member next time
+                    break
+                if e.code in _MOVE_ON:
+                    if e.code == "timeout":
+                        self.connections.drop(address)
+                    self._move_on()
+                    continue
+                break  # no_quorum, unsupported, ...: another address would not help
+            if self._reached != address:
+                self._reached = address
+                self._complaint = None
+                log.info("{node} reached metadata node {address}", node=self.config.id, address=address)
+            return reply
+        self._reached = None
+        self._complain(failure)
+        return None
+
+    def _move_on(self) -> None:
+        """Aim at the next configured metadata address."""
+        meta = self.config.meta
+        if self.current in meta:
+            self._index = meta.index(self.current)
+        self._index = (self._index + 1) % len(meta)
+        self.current = meta[self._index]
+
+    def _complain(self, message: str) -> None:
+        """Log a failure, but the same one at most once a minute (meta may be down for long)."""
+        now = self._clock.seconds()
+        if self._complaint is None or self._complaint[0] != message or now - self._complaint[1] >= _COMPLAIN_EVERY:
+            self._complaint = (message, now)
+            log.warn("{node}: {message}; retrying", node=self.config.id, message=message)
+
+    def _unexpected(self, failure: Failure, what: str) -> None:
+        log.failure("{node}: {what} failed", failure, node=self.config.id, what=what)
+
+    # --- shard reports and garbage collection ----------------------------------------------
+
+    async def _report(self) -> None:
+        ids = self.server.held_ids()
+        batches: Sequence[list[str]] = [
+            ids[i : i + self.report_batch] for i in range(0, len(ids), self.report_batch)
+        ] or [[]]
+        unreferenced: list[str] = []
+        for n, batch in enumerate(batches):
+            message = ShardReport(self.config.id, n, n == len(batches) - 1)
+            payload = "\n".join(batch).encode("ascii")
+            reply = await self._call(message, payload, self.report_timeout)
+            if reply is None:
+                return  # _report_due stays set: the next beat tries again
+            named = bytes(reply.payload).decode("ascii", "replace").split("\n")
+            unreferenced.extend(x for x in named if x)
+        self._report_due = False
+        self._last_report = self._clock.seconds()
+        self.reports += 1
+        # Only what we reported: a confused leader must not make us delete anything else.
+        reported = set(ids)
+        doomed = [x for x in unreferenced if x in reported]
+        if not doomed:
+            return
+        deleted = await self.server.collect_garbage(
+            doomed, self._clock.seconds(), self.config.gc_grace
+        )
+        self.collected += len(deleted)
+        log.info(
+            "{node} deleted {deleted} unreferenced shards ({kept} kept until {grace:g}s old)",
+            node=self.config.id, deleted=len(deleted), kept=len(doomed) - len(deleted),
+            grace=self.config.gc_grace,
+        )
+
+    def _report_finished(self, _: object) -> None:
+        self._reporting = False

@@ -1,0 +1,387 @@
+# -*- test-case-name: tests.test_chunk_service -*-
+"""The chunk server's data RPCs: PutShard, GetShard and DeleteShards over a ShardStore.
+
+`ShardServer` owns what the daemon knows about its shards (the set of ids it holds, those found
+corrupt, traffic counters) and serves the wire handlers. It does no listening and runs no
+timers; blocking store calls that fsync or scan go through an injected `Executor` (a thread
+pool in the daemon, a synchronous call in unit tests).
+
+Error codes a client can see:
+    invalid_argument    bad shard id, fragment size, cell order, range or stream shape
+    corrupt_in_transit  a cell's payload does not match the CRC32C sent with it
+    no_space            the disk (or quota) is full
+    storage_error       any other failure of the local disk
+    not_found           no such shard here
+    corrupt             a stored cell or header failed its checksum (logged, remembered)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from dogfs.storage.shards import (
+    CellOutOfRange,
+    InvalidShardId,
+    ShardCorrupt,
+    ShardInfo,
+    ShardNotFound,
+    ShardReader,
+    ShardStat,
+    ShardStore,
+    ShardStoreError,
+    ShardStoreFull,
+    ShardWriter,
+    validate_shard_id,
+)
+from dogfs.wire.frame import FrameLimits
+from dogfs.wire.messages import (
+    Cell,
+    DeleteShards,
+    GetShard,
+    GetShardEnd,
+    Ok,
+    PutShard,
+    PutShardEnd,
+    ShardStored,
+)
+from dogfs.wire.protocol import Handler, Request, WireError
+
+log = Logger()
+
+_T = TypeVar("_T")
+#: Runs a blocking function off the reactor: ``executor(f, *args) -> Deferred[f's result]``.
+Executor = Callable[..., "defer.Deferred[Any]"]
+
+#: The counters `ShardServer.load` always reports, as "<name>_s" rates.
+LOAD_COUNTERS = ("put_bytes", "put_ops", "get_bytes", "get_ops", "errors")
+
+
+def synchronous_executor(f: Callable[..., _T], *args: Any, **kwargs: Any) -> defer.Deferred[_T]:
+    """Run `f` at once on the calling thread (unit tests: deterministic, no threads)."""
+    return defer.maybeDeferred(f, *args, **kwargs)
+
+
+class ShardServer:
+    """Serves one ShardStore's shards over the DogFS wire protocol."""
+
+    def __init__(
+        self,
+        store: ShardStore,
+        node_id: str,
+        executor: Executor,
+        meter: Any,
+        *,
+        limits: FrameLimits = FrameLimits(),
+        append_in_executor: bool = True,
+    ) -> None:
+        """Serve `store` as node `node_id`.
+
+        `meter` counts traffic (a `LoadMeter`); `append_in_executor` chooses where cell
+        writes run (see the module's report: in the pool, the next frame is read from the
+        socket while the previous one is written).
+        """
+        self.store = store
+        self.node_id = node_id
+        self.executor = executor
+        self.meter = meter
+        self.limits = limits
+        self.append_in_executor = append_in_executor
+        #: Ids of the shards held here; filled by `load`, kept up to date by the handlers.
+        self.shard_ids: set[str] = set()
+        #: Ids of shards found corrupt on disk since start (repair comes later).
+        self.corrupt: set[str] = set()
+        self.ready = False
+
+    # --- start-up and status -------------------------------------------------------------
+
+    def scan(self) -> defer.Deferred[int]:
+        """List the store (in the executor) into `shard_ids`, damaged headers into `corrupt`.
+
+        Also primes the store's used-bytes total. Fires with the number of shards.
+        """
+        return self.executor(self._scan).addCallback(self._scanned)
+
+    def _scan(self) -> tuple[set[str], set[str]]:
+        ids: set[str] = set()
+        corrupt: set[str] = set()
+        for stat in self.store.list():
+            ids.add(stat.shard_id)
+            if stat.corrupt:
+                corrupt.add(stat.shard_id)
+        self.store.usage()
+        return ids, corrupt
+
+    def _scanned(self, found: tuple[set[str], set[str]]) -> int:
+        self.shard_ids, self.corrupt = found
+        self.ready = True
+        return len(self.shard_ids)
+
+    def handlers(self) -> Mapping[type, Handler]:
+        """The wire handlers this server provides."""
+        return {
+            PutShard: self.put_shard,
+            GetShard: self.get_shard,
+            DeleteShards: self.delete_shards,
+        }
+
+    def load(self) -> dict[str, float]:
+        """The heartbeat's `load`: traffic rates and the count of known-corrupt shards."""
+        rates = self.meter.rates(LOAD_COUNTERS)
+        rates["corrupt_shards"] = float(len(self.corrupt))
+        return rates
+
+    def _error(self, code: str, message: str) -> WireError:
+        self.meter.add("errors")
+        return WireError(code, message)
+
+    # --- PutShard ------------------------------------------------------------------------
+
+    def put_shard(self, request: Request) -> defer.Deferred[ShardStored]:
+        """Receive a streamed upload; answer ShardStored once the shard is durable."""
+        return defer.Deferred.fromCoroutine(self._put_shard(request))
+
+    async def _put_shard(self, request: Request) -> ShardStored:
+        msg: PutShard = request.msg
+        shard_id = msg.shard_id
+        try:
+            validate_shard_id(shard_id)
+        except InvalidShardId as e:
+            raise self._error("invalid_argument", str(e)) from None
+        if not 0 < msg.fragment_size <= self.limits.max_payload:
+            raise self._error(
+                "invalid_argument",
+                f"fragment size {msg.fragment_size} of shard {shard_id} is not between 1 and "
+                f"{self.limits.max_payload} bytes",
+            )
+        info = ShardInfo(shard_id, msg.policy, msg.index, msg.fragment_size)
+        try:
+            # Creating the temporary file and writing its 128-byte placeholder is a short
+            # page-cache operation: not worth a thread hop.
+            writer = self.store.begin(info)
+        except ShardStoreFull:
+            raise self._no_space(shard_id) from None
+        except ValueError as e:  # policy name or index not matching the id
+            raise self._error("invalid_argument", str(e)) from None
+        except ShardStoreError as e:
+            raise self._storage_error(shard_id, e) from None
+        committed = False
+        try:
+            _stat, data_bytes = await self._receive(request, writer)
+            committed = True
+        finally:
+            if not committed:
+                writer.abort()
+        self.shard_ids.add(shard_id)
+        self.corrupt.discard(shard_id)  # a fresh copy replaces a damaged one
+        self.meter.add("put_ops")
+        self.meter.add("put_bytes", data_bytes)
+        return ShardStored(shard_id, data_bytes)
+
+    async def _receive(self, request: Request, writer: ShardWriter) -> tuple[ShardStat, int]:
+        """Append every cell of the upload, then commit; returns (stat, fragment bytes)."""
+        shard_id = writer.shard_id
+        fragment_size = writer.info.fragment_size
+        data_bytes = 0
+        short_seen = False
+        while True:
+            part = await request.next_part()  # WireError if the client aborts or vanishes
+            if part is None:
+                raise self._error(
+                    "invalid_argument", f"the upload of shard {shard_id} ended without PutShardEnd"
+                )
+            msg, payload = part
+            if isinstance(msg, PutShardEnd):
+                break
+            if not isinstance(msg, Cell):
+                raise self._error(
+                    "invalid_argument",
+                    f"unexpected {type(msg).__name__} in the upload of shard {shard_id}",
+                )
+            if msg.index != writer.cells:
+                raise self._error(
+                    "invalid_argument",
+                    f"cell {msg.index} of shard {shard_id} arrived out of order: "
+                    f"expected cell {writer.cells}",
+                )
+            size = len(payload)
+            if short_seen or not 0 < size <= fragment_size:
+                raise self._error(
+                    "invalid_argument",
+                    f"cell {msg.index} of shard {shard_id} has {size} bytes; every cell but "
+                    f"the last must have {fragment_size}",
+                )
+            short_seen = size < fragment_size
+            # The sizes are checked above, so a ValueError from append means the CRC.
+            try:
+                if self.append_in_executor:
+                    await self.executor(writer.append, payload, msg.crc)
+                else:
+                    writer.append(payload, msg.crc)
+            except ValueError:
+                raise self._error(
+                    "corrupt_in_transit", f"cell {msg.index} of shard {shard_id} arrived corrupted"
+                ) from None
+            except ShardStoreFull:
+                raise self._no_space(shard_id) from None
+            except ShardStoreError as e:
+                raise self._storage_error(shard_id, e) from None
+            data_bytes += size
+        if msg.cells != writer.cells:
+            raise self._error(
+                "invalid_argument",
+                f"the upload of shard {shard_id} announced {msg.cells} cells but sent "
+                f"{writer.cells}",
+            )
+        try:
+            stat: ShardStat = await self.executor(writer.commit)  # fsync: never on the reactor
+        except ShardStoreFull:
+            raise self._no_space(shard_id) from None
+        except (ShardStoreError, OSError) as e:
+            raise self._storage_error(shard_id, e) from None
+        return stat, data_bytes
+
+    def _no_space(self, shard_id: str) -> WireError:
+        log.warn("{node} has no space left for shard {shard}", node=self.node_id, shard=shard_id)
+        return self._error("no_space", f"{self.node_id} has no space left for shard {shard_id}")
+
+    def _storage_error(self, shard_id: str, e: Exception) -> WireError:
+        log.error("{node} cannot store shard {shard}: {error}", node=self.node_id, shard=shard_id, error=e)
+        return self._error("storage_error", f"{self.node_id} could not store shard {shard_id}: {e}")
+
+    # --- GetShard ------------------------------------------------------------------------
+
+    def get_shard(self, request: Request) -> defer.Deferred[GetShardEnd]:
+        """Stream the requested cells (Cell(i, crc) + fragment each), then GetShardEnd."""
+        return defer.Deferred.fromCoroutine(self._get_shard(request))
+
+    async def _get_shard(self, request: Request) -> GetShardEnd:
+        msg: GetShard = request.msg
+        shard_id = msg.shard_id
+        try:
+            validate_shard_id(shard_id)
+        except InvalidShardId as e:
+            raise self._error("invalid_argument", str(e)) from None
+        try:
+            reader: ShardReader = await self.executor(self.store.open, shard_id)
+        except ShardNotFound:
+            raise self._error("not_found", f"{self.node_id} has no shard {shard_id}") from None
+        except ShardCorrupt as e:
+            raise self._corrupt(e) from None
+        try:
+            cells = reader.cells
+            first, count = msg.first, msg.count
+            if count == -1:
+                count = cells - first
+            if first < 0 or count < 0 or first + count > cells:
+                raise self._error(
+                    "invalid_argument",
+                    f"cells {first} to {first + msg.count - 1 if msg.count >= 0 else 'end'} "
+                    f"are out of range for shard {shard_id}, which has {cells} cells",
+                )
+            await self._send_cells(request, reader, first, count)
+        finally:
+            reader.close()
+        self.meter.add("get_ops")
+        return GetShardEnd(count)
+
+    async def _send_cells(self, request: Request, reader: ShardReader, first: int, count: int) -> None:
+        """Send cells, reading the next one in the executor while the current one is sent."""
+        end = first + count
+        pending: defer.Deferred[tuple[int, bytes]] | None = None
+        if count:
+            pending = self.executor(reader.read_record, first)
+        try:
+            for i in range(first, end):
+                assert pending is not None
+                d, pending = pending, None
+                try:
+                    crc, fragment = await d
+                except ShardCorrupt as e:
+                    raise self._corrupt(e) from None
+                except CellOutOfRange as e:  # the file changed under us
+                    raise self._error("invalid_argument", str(e)) from None
+                if i + 1 < end:
+                    pending = self.executor(reader.read_record, i + 1)
+                # send_part waits until the transport drains: the client sets the pace.
+                await request.send_part(Cell(i, crc), fragment)
+                self.meter.add("get_bytes", len(fragment))
+        finally:
+            if pending is not None:
+                # Never close the file while a thread still reads it.
+                try:
+                    await pending
+                except Exception:
+                    pass
+
+    def _corrupt(self, e: ShardCorrupt) -> WireError:
+        shard_id = e.shard_id
+        self.corrupt.add(shard_id)
+        if e.cell is None:
+            message = f"shard {shard_id} on {self.node_id} has a damaged header"
+        else:
+            message = f"shard {shard_id} cell {e.cell} on {self.node_id} failed its checksum"
+        log.error("{message}: {detail}", message=message, detail=str(e))
+        return self._error("corrupt", message)
+
+    # --- DeleteShards, reports and garbage collection -----------------------------------
+
+    def delete_shards(self, request: Request) -> defer.Deferred[Ok]:
+        """Delete every named shard that is present; answer Ok."""
+        ids = request.msg.shard_ids
+        for shard_id in ids:
+            try:
+                validate_shard_id(shard_id)
+            except InvalidShardId as e:
+                return defer.fail(self._error("invalid_argument", str(e)))
+        return self.delete(ids).addCallback(lambda _: Ok())
+
+    def delete(self, ids: Iterable[str]) -> defer.Deferred[list[str]]:
+        """Delete shards (unlinks, in the executor); fires with the ids that were present."""
+        return self.executor(self._unlink, list(ids)).addCallback(self._forget)
+
+    def _unlink(self, ids: list[str]) -> list[str]:
+        """Blocking: delete shards; return the ids that were present."""
+        return [shard_id for shard_id in ids if self.store.delete(shard_id)]
+
+    def _forget(self, deleted: list[str]) -> list[str]:
+        # On the reactor thread: the sets are only ever changed there.
+        for shard_id in deleted:
+            self.shard_ids.discard(shard_id)
+            self.corrupt.discard(shard_id)
+        return deleted
+
+    def collect_garbage(
+        self, ids: Iterable[str], now: float, grace: float
+    ) -> defer.Deferred[list[str]]:
+        """Delete those of `ids` whose file was last written `grace` seconds before `now` or
+        earlier: younger ones may belong to uploads that metadata has not committed yet.
+
+        Fires with the ids deleted. Invalid and absent ids are ignored.
+        """
+        return self.executor(self._collect, list(ids), now, grace).addCallback(self._forget)
+
+    def _collect(self, ids: list[str], now: float, grace: float) -> list[str]:
+        old = []
+        for shard_id in ids:
+            try:
+                mtime = os.stat(self.store.path(shard_id)).st_mtime
+            except (InvalidShardId, FileNotFoundError):
+                continue
+            # Checked and unlinked in one pass, so the window for a re-upload is tiny.
+            if now - mtime >= grace:
+                old.append(shard_id)
+        return self._unlink(old)
+
+    def held_ids(self) -> list[str]:
+        """The ids of the shards held here, sorted (for shard reports)."""
+        return sorted(self.shard_ids)
+
+    def status(self) -> defer.Deferred[tuple[int, int, int]]:
+        """``(filesystem capacity, bytes used by shards, shard count)`` (statvfs in the executor)."""
+        d: defer.Deferred[tuple[int, int]] = self.executor(self.store.usage)
+        return d.addCallback(lambda usage: (usage[0], usage[1], len(self.shard_ids)))

@@ -1,0 +1,183 @@
+# -*- test-case-name: tests.test_chunk_service -*-
+"""The chunk server daemon as a service tree: store, thread pool, listener, heartbeats.
+
+`ChunkService` does nothing when built (twistd forks after `makeService`); `startService`
+opens the shard store, starts its own thread pool, scans the store, listens, and starts the
+`HeartbeatService` child. `stopService` undoes all of it and returns a Deferred.
+
+The two functions that make endpoints, `listen_endpoint` and `meta_endpoints`, are the seams
+where TLS plugs in: pass replacements to `ChunkService`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.internet import defer, endpoints
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from dogfs.chunk.heartbeat import HeartbeatService
+from dogfs.chunk.load import LoadMeter
+from dogfs.chunk.server import Executor, ShardServer
+from dogfs.config import ChunkConfig
+from dogfs.storage.shards import ShardStore
+from dogfs.wire.pool import ConnectionFactory, ConnectionPool, EndpointMaker, tcp_endpoints
+
+log = Logger()
+
+#: Worker threads for disk work (appends, fsyncs, reads): a few overlap one another's waits.
+DEFAULT_THREADS = 4
+
+
+def listen_endpoint(reactor: Any, config: ChunkConfig) -> IStreamServerEndpoint:
+    """The endpoint the chunk server listens on (plaintext; TLS replaces this)."""
+    endpoint: IStreamServerEndpoint = endpoints.serverFromString(reactor, config.listen)
+    return endpoint
+
+
+def meta_endpoints(reactor: Any, config: ChunkConfig) -> EndpointMaker:
+    """How the chunk server dials metadata nodes by "host:port" (plaintext; TLS replaces this)."""
+    return tcp_endpoints(reactor)
+
+
+class ChunkService(MultiService):
+    """A chunk server: serves its shards and reports to the metadata leader."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        config: ChunkConfig,
+        *,
+        executor: Executor | None = None,
+        threads: int = DEFAULT_THREADS,
+        make_listen_endpoint: Callable[[Any, ChunkConfig], IStreamServerEndpoint] = listen_endpoint,
+        make_meta_endpoints: Callable[[Any, ChunkConfig], EndpointMaker] = meta_endpoints,
+        on_fatal: Callable[[], object] | None = None,
+        append_in_executor: bool = True,
+    ) -> None:
+        """Build (without I/O) a chunk server for `config`.
+
+        `reactor` provides time, TCP and threads. `executor` replaces the service's own
+        thread pool (tests). `on_fatal` is called when the server cannot start (the plugin
+        stops the reactor).
+        """
+        super().__init__()
+        self.reactor = reactor
+        self.config = config
+        self._executor_arg = executor
+        self.threads = threads
+        self._make_listen_endpoint = make_listen_endpoint
+        self._make_meta_endpoints = make_meta_endpoints
+        self._on_fatal = on_fatal
+        self._append_in_executor = append_in_executor
+        self.store: ShardStore | None = None
+        self.server: ShardServer | None = None
+        self.heartbeat: HeartbeatService | None = None
+        self.factory: ConnectionFactory | None = None
+        self.port: IListeningPort | None = None
+        self._threadpool: ThreadPool | None = None
+        self._meta_pool: ConnectionPool | None = None
+        self._starting: defer.Deferred[None] | None = None
+        #: Fires once the server listens (fails if it cannot start); remade on each start.
+        self.ready: defer.Deferred[None] = defer.Deferred()
+
+    def startService(self) -> None:
+        """Open the store, start threads, heartbeats; listen once the store is scanned."""
+        from dogfs.codec.stripe import tune_malloc  # pyeclib: not at plugin import time
+
+        tune_malloc()
+        config = self.config
+        self.store = ShardStore(config.data_dir)
+        executor = self._executor_arg
+        if executor is None:
+            self._threadpool = ThreadPool(minthreads=1, maxthreads=self.threads, name=f"{config.id}-disk")
+            self._threadpool.start()
+            executor = partial(deferToThreadPool, self.reactor, self._threadpool)
+        meter = LoadMeter(self.reactor)
+        self.server = ShardServer(
+            self.store, config.id, executor, meter, append_in_executor=self._append_in_executor
+        )
+        self.factory = ConnectionFactory(self.reactor, self.server.handlers(), node_id=config.id)
+        self.factory.noisy = False  # no "Starting factory" line per connection
+        self._meta_pool = ConnectionPool(
+            self.reactor, self._make_meta_endpoints(self.reactor, config), node_id=config.id
+        )
+        if self.heartbeat is not None:
+            self.removeService(self.heartbeat)
+        self.heartbeat = HeartbeatService(self.reactor, self.server, config, self._meta_pool)
+        self.heartbeat.setServiceParent(self)
+        if self.ready.called:
+            self.ready = defer.Deferred()
+        super().startService()
+        self._starting = defer.Deferred.fromCoroutine(self._start(executor))
+        self._starting.addErrback(self._failed_to_start)
+
+    async def _start(self, executor: Executor) -> None:
+        assert self.store is not None and self.server is not None and self.factory is not None
+        store, config = self.store, self.config
+        removed = await executor(store.clean_tmp)
+        if removed:
+            log.info("{node} removed {n} unfinished uploads from {dir}", node=config.id, n=removed, dir=store.tmp_dir)
+        count = await self.server.scan()
+        endpoint = self._make_listen_endpoint(self.reactor, config)
+        self.port = await endpoint.listen(self.factory)
+        if not self.running:  # stopped while starting
+            await defer.maybeDeferred(self.port.stopListening)
+            return
+        host = self.port.getHost()
+        where = f"{getattr(host, 'host', '?')}:{getattr(host, 'port', '?')}"
+        corrupt = len(self.server.corrupt)
+        log.info(
+            "{node} serving {count} shards on {where}, data in {dir}{damaged}",
+            node=config.id, count=count, where=where, dir=store.root,
+            damaged=f" ({corrupt} with damaged headers)" if corrupt else "",
+        )
+        self.ready.callback(None)
+
+    def _failed_to_start(self, failure: Failure) -> None:
+        log.critical(
+            "{node} cannot start: {error}", node=self.config.id, error=failure.getErrorMessage()
+        )
+        if not self.ready.called:
+            self.ready.errback(failure)
+            self.ready.addErrback(lambda _: None)  # reported above
+        if self._on_fatal is not None:
+            self._on_fatal()
+
+    @property
+    def address(self) -> str | None:
+        """The "host:port" actually listened on, once listening."""
+        if self.port is None:
+            return None
+        host = self.port.getHost()
+        return f"{host.host}:{host.port}"  # type: ignore[attr-defined]
+
+    def stopService(self) -> defer.Deferred[None]:
+        """Stop heartbeats, listening and connections, then the thread pool."""
+        stopping = super().stopService()
+        steps: list[defer.Deferred[Any]] = [stopping]
+        if self.port is not None:
+            steps.append(defer.maybeDeferred(self.port.stopListening))
+            self.port = None
+        if self.factory is not None:
+            for connection in list(self.factory.connections):
+                steps.append(connection.closed)
+                connection.close()
+        if self._meta_pool is not None:
+            steps.append(self._meta_pool.close_all())
+        done: defer.Deferred[Any] = defer.gatherResults(steps, consumeErrors=True)
+
+        def release(_: object) -> None:
+            if self._threadpool is not None:
+                # Waits for disk work in flight (a commit's fsync) to finish.
+                self._threadpool.stop()
+                self._threadpool = None
+
+        return done.addBoth(release)
