@@ -36,6 +36,7 @@ from dogfs.meta.commands import (
     SetDefaultPolicy,
     ShardLocation,
     Summary,
+    canonical_policy,
     decode_command,
     decode_result,
     encode_command,
@@ -255,7 +256,9 @@ class CodecTests(SynchronousTestCase):
         """Policy names parse to (k, m); shard ids are 16 hex digits, a dash and 2 digits."""
         self.assertEqual(parse_policy("RS-4-2"), (4, 2))
         self.assertEqual(parse_policy("RS-10-4"), (10, 4))
-        for bad in ["rs-4-2", "RS-0-2", "RS-4-0", "RS-04-2", "RS-40-30", "RS-4", 42]:
+        self.assertEqual(canonical_policy(" rs-04-2"), "RS-4-2")
+        self.assertEqual(parse_policy("RS-30-2"), (30, 2))
+        for bad in ["RS-0-2", "RS-4-0", "RS-31-2", "RS-4", "RS-1000-1", "XOR-4-2", 42]:
             self.assertRaises(ValueError, parse_policy, bad)
         self.assertEqual(shard_id(0xAB, 3), "00000000000000ab-03")
         self.assertEqual(parse_shard_id("00000000000000ab-03"), (0xAB, 3))
@@ -380,6 +383,7 @@ class NamespaceTests(StateTestCase):
         ]:
             self.error(command, ErrorCode.INVALID_PATH)
         self.error(Mkdir("/a", ec="RS-x"), ErrorCode.INVALID_ARGUMENT)
+        self.error(Mkdir("/a", ec="RS-30-3"), ErrorCode.INVALID_ARGUMENT)
         self.error(SetDefaultPolicy("RAID5"), ErrorCode.INVALID_ARGUMENT)
         self.error(RegisterChunkServer("", "a:1"), ErrorCode.INVALID_ARGUMENT)
 
@@ -396,6 +400,9 @@ class NamespaceTests(StateTestCase):
         self.assertEqual(self.state.stat("/").ec, "RS-6-2")  # type: ignore[union-attr]
         self.assertEqual(self.state.stat("/p/q").ec, "RS-3-2")  # type: ignore[union-attr]
         self.assertEqual(self.ok(Allocate("/top", None, SERVERS[:8], 1.0)).ec, "RS-6-2")
+        # Policies are stored under their canonical names.
+        self.assertEqual(self.ok(Mkdir("/lower", ec="rs-02-1")).ec, "RS-2-1")
+        self.assertEqual(self.ok(Allocate("/lower/f", "rs-2-1", SERVERS[:3], 1.0)).ec, "RS-2-1")
         # An explicit policy at upload beats inheritance.
         self.assertEqual(self.ok(Allocate("/p/f", "RS-2-1", SERVERS[:3], 1.0)).ec, "RS-2-1")
         # An empty file takes its directory's policy.

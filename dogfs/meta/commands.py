@@ -26,26 +26,37 @@ import msgpack
 from attrs import field, frozen
 
 DEFAULT_POLICY = "RS-4-2"
-MAX_WIDTH = 64
+#: The widest policy accepted, as in L{dogfs.codec.policy} (ISA-L's Cauchy matrices are MDS up
+#: to here). Pinned here too: what the state machine accepts is part of the log's meaning.
+MAX_WIDTH = 32
 
-_POLICY_RE = re.compile(r"RS-([1-9][0-9]{0,2})-([1-9][0-9]{0,2})")
+_POLICY_RE = re.compile(r"RS-([0-9]{1,3})-([0-9]{1,3})", re.ASCII | re.IGNORECASE)
 
 
 def parse_policy(name: str) -> tuple[int, int]:
     """Return (k, m) of an erasure-coding policy name such as C{"RS-4-2"}.
 
-    Raise C{ValueError} with a one-sentence message for a malformed name, or one whose width
-    k + m exceeds 64.
+    Accepts what L{dogfs.codec.policy.ECPolicy.parse} accepts (any case, surrounding spaces):
+    k >= 1, m >= 1, k + m <= 32. Raise C{ValueError} with a one-sentence message otherwise.
     """
     if not isinstance(name, str):
         raise ValueError(f"EC policy {name!r} is not a string.")
-    match = _POLICY_RE.fullmatch(name)
+    match = _POLICY_RE.fullmatch(name.strip())
     if match is None:
         raise ValueError(f"EC policy {name!r} is not of the form RS-K-M (for example RS-4-2).")
     k, m = int(match.group(1)), int(match.group(2))
-    if k + m > MAX_WIDTH:
-        raise ValueError(f"EC policy {name!r} has {k + m} shards, more than {MAX_WIDTH}.")
+    if k < 1 or m < 1 or k + m > MAX_WIDTH:
+        raise ValueError(
+            f"EC policy {name!r} is not supported: it needs k >= 1, m >= 1 and k + m <= "
+            f"{MAX_WIDTH}."
+        )
     return k, m
+
+
+def canonical_policy(name: str) -> str:
+    """The canonical spelling of a policy name (C{"rs-04-2"} -> C{"RS-4-2"}); see L{parse_policy}."""
+    k, m = parse_policy(name)
+    return f"RS-{k}-{m}"
 
 
 def shard_id(bg_id: int, index: int) -> str:

@@ -70,6 +70,7 @@ from dogfs.meta.commands import (
     SetDefaultPolicy,
     ShardLocation,
     Summary,
+    canonical_policy,
     decode_command,
     decode_result,
     encode_result,
@@ -398,9 +399,10 @@ class _Ctx:
         self.adjust(files=-files, dirs=-dirs)
 
 
-def _check_policy(ec: Any) -> tuple[int, int]:
+def _check_policy(ec: Any) -> str:
+    """The canonical name of a policy, or abort with INVALID_ARGUMENT."""
     try:
-        return parse_policy(ec)
+        return canonical_policy(ec)
     except ValueError as e:
         raise _Abort(ErrorCode.INVALID_ARGUMENT, str(e)) from None
 
@@ -870,8 +872,7 @@ class NamespaceState:
 def _mkdir(ctx: _Ctx, index: int, cmd: Mkdir) -> DirInfo:
     parts = ctx.parts(cmd.path)
     path = paths.join(parts)
-    if cmd.ec is not None:
-        _check_policy(cmd.ec)
+    dir_ec = None if cmd.ec is None else _check_policy(cmd.ec)
     now = _check_number(cmd.now, "Time")
     if not parts:
         if cmd.parents:
@@ -903,7 +904,7 @@ def _mkdir(ctx: _Ctx, index: int, cmd: Mkdir) -> DirInfo:
                 f"The parent directory {_q(paths.join(parts[:-1]))} of {_q(path)} does not exist.",
             )
         ino = ctx.next_id(_NEXT_INO)
-        ctx.put_inode(ino, [_DIR, cur, name, cmd.ec if last else None, now])
+        ctx.put_inode(ino, [_DIR, cur, name, dir_ec if last else None, now])
         ctx.put_child(cur, name, ino)
         ctx.adjust(dirs=1)
         cur = ino
@@ -911,8 +912,7 @@ def _mkdir(ctx: _Ctx, index: int, cmd: Mkdir) -> DirInfo:
 
 
 def _set_default(ctx: _Ctx, index: int, cmd: SetDefaultPolicy) -> Ok:
-    _check_policy(cmd.ec)
-    ctx.txn.put(_DEFAULT_EC, cmd.ec.encode("utf-8"), db=ctx.meta)
+    ctx.txn.put(_DEFAULT_EC, _check_policy(cmd.ec).encode("utf-8"), db=ctx.meta)
     return Ok()
 
 
@@ -936,7 +936,8 @@ def _allocate(ctx: _Ctx, index: int, cmd: Allocate) -> Allocation:
     if existing is not None and ctx.inode(existing)[0] == _DIR:
         raise _Abort(ErrorCode.IS_A_DIRECTORY, f"{_q(path)} is a directory.")
     ec = ctx.effective_ec(parent) if cmd.ec is None else cmd.ec
-    k, m = _check_policy(ec)
+    ec = _check_policy(ec)
+    k, m = parse_policy(ec)
     now = _check_number(cmd.now, "Allocation time")
     placement = tuple(cmd.placement)
     if len(placement) != k + m:
@@ -983,9 +984,7 @@ def _commit(ctx: _Ctx, index: int, cmd: CommitFile) -> FileInfo:
             )
     size = _check_count(cmd.size, "File size")
     now = _check_number(cmd.now, "Commit time")
-    if cmd.ec is not None:
-        _check_policy(cmd.ec)
-    ec = cmd.ec
+    ec = None if cmd.ec is None else _check_policy(cmd.ec)
     seen: set[int] = set()
     total = 0
     new_groups: list[tuple[int, int, list[Any]]] = []
