@@ -36,7 +36,7 @@ from zope.interface import implementer
 
 from dogfs.raft.core import Configuration, Entry, RaftOptions, Snapshot
 from dogfs.raft.driver import IRaftStateMachine, NotLeaderError, RaftDriver
-from dogfs.raft.storage import LMDBRaftStorage
+from dogfs.raft.storage import LMDBRaftStorage, _open_env
 from dogfs.raft.transport import FramedRaftTransport
 
 _REQ = struct.Struct(">Q")
@@ -121,6 +121,17 @@ class ClientServer(Int32StringReceiver):
         d.addCallbacks(ok, bad)
 
 
+def _sync_env(path: str, map_size: int) -> Any:
+    return _open_env(path, map_size)
+
+
+def _no_sync_env(path: str, map_size: int) -> Any:
+    # Analysis only (--no-fsync): shows how much of the latency is the disk.
+    import lmdb
+
+    return lmdb.open(path, map_size=map_size, max_dbs=4, sync=False, metasync=False)
+
+
 def run_member(args: argparse.Namespace) -> None:
     """Entry point of one member process."""
     from twisted.internet import reactor
@@ -136,7 +147,7 @@ def run_member(args: argparse.Namespace) -> None:
     transport = FramedRaftTransport(send_bytes)
     driver = RaftDriver(
         args.id,
-        storage=LMDBRaftStorage(args.dir),
+        storage=LMDBRaftStorage(args.dir, env_factory=_no_sync_env if args.no_fsync else _sync_env),
         transport=transport,
         state_machine=CounterMachine(),
         clock=reactor,
@@ -276,7 +287,7 @@ def summarise(latencies: list[float], elapsed: float) -> tuple[float, float, flo
     return len(latencies) / elapsed, p50, p99
 
 
-def start_group(base: str) -> tuple[list[subprocess.Popen[bytes]], list[int]]:
+def start_group(base: str, no_fsync: bool = False) -> tuple[list[subprocess.Popen[bytes]], list[int]]:
     raft_ports = free_ports(3)
     client_ports = free_ports(3)
     ids = ["n1", "n2", "n3"]
@@ -286,7 +297,8 @@ def start_group(base: str) -> tuple[list[subprocess.Popen[bytes]], list[int]]:
         procs.append(
             subprocess.Popen(
                 [sys.executable, os.path.abspath(__file__), "member", "--id", i, "--peers", peers,
-                 "--client-port", str(cport), "--dir", os.path.join(base, i)],
+                 "--client-port", str(cport), "--dir", os.path.join(base, i)]
+                + (["--no-fsync"] if no_fsync else []),
             )
         )
     return procs, client_ports
@@ -427,7 +439,7 @@ async def bench(reactor: Any, args: argparse.Namespace) -> None:
     with_etcd = shutil.which("etcd") is not None and not args.no_etcd
     for run in range(args.runs):
         base = tempfile.mkdtemp(prefix="raftbench-", dir=args.tmp)
-        procs, client_ports = start_group(base)
+        procs, client_ports = start_group(base, args.no_fsync)
         try:
             client = await find_leader(reactor, client_ports, time.monotonic() + 30)
             await load(reactor, client, 16, 1.0, args.size)  # warm-up
@@ -459,7 +471,7 @@ async def bench(reactor: Any, args: argparse.Namespace) -> None:
     def med(rs: list[tuple[float, float, float]], i: int) -> float:
         return statistics.median(r[i] for r in rs)
 
-    print(f"Raft, 3 members on loopback, fsync on, {args.size}-byte entries, "
+    print(f"Raft, 3 members on loopback, fsync {'OFF' if args.no_fsync else 'on'}, {args.size}-byte entries, "
           f"median of {args.runs} runs of {args.seconds:g} s per concurrency")
     header = f"{'clients':>8} {'dogfs/s':>9} {'p50 ms':>7} {'p99 ms':>7}"
     if with_etcd:
@@ -485,12 +497,15 @@ def main() -> None:
     m.add_argument("--peers", required=True)
     m.add_argument("--client-port", type=int, required=True)
     m.add_argument("--dir", required=True)
+    m.add_argument("--no-fsync", action="store_true")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--clients", default="1,16,64")
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--tmp", default=None)
     parser.add_argument("--no-etcd", action="store_true", help="skip the etcd comparison")
+    parser.add_argument("--no-fsync", action="store_true",
+                        help="analysis only: members do not sync (NOT durable)")
     args = parser.parse_args()
     if args.cmd == "member":
         run_member(args)
