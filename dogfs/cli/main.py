@@ -16,18 +16,25 @@ from dogfs.cli import cluster
 from dogfs.cli.output import INTERRUPTED, USAGE, CLIError, print_error
 from dogfs.config import default_home
 
+
 def build_parser() -> argparse.ArgumentParser:
     """The `dogfs` parser: global options, then one subparser per command group."""
     parser = argparse.ArgumentParser(prog="dogfs", description="DogFS command line.")
-    parser.add_argument("--home", default=None, metavar="DIR",
-                        help="the DogFS home (default $DOGFS_HOME, else ~/.dogfs)")
-    parser.add_argument("--config", default=None, metavar="FILE",
-                        help="client config (default HOME/client.toml)")
+    parser.add_argument(
+        "--home",
+        default=None,
+        metavar="DIR",
+        help="the DogFS home (default $DOGFS_HOME, else ~/.dogfs)",
+    )
+    parser.add_argument(
+        "--config", default=None, metavar="FILE", help="client config (default HOME/client.toml)"
+    )
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     cluster.register(sub)
     return parser
+
 
 def main(argv: list[str] | None = None) -> None:
     """Run the dogfs command line and exit with the command's status."""
@@ -44,6 +51,7 @@ def main(argv: list[str] | None = None) -> None:
         print_error("interrupted")
         code = INTERRUPTED
     sys.exit(code if code is not None else USAGE)
+
 
 if __name__ == "__main__":
     main()

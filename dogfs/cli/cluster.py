@@ -1,0 +1,667 @@
+# -*- test-case-name: tests.test_cluster_cli -*-
+"""`dogfs cluster ...`: a local cluster of real daemon processes on 127.0.0.1.
+
+    dogfs cluster up [--meta N] [--chunk N] [--ec RS-K-M] [--detach] [--insecure]
+                     [--base-port P] [--wait SECONDS]
+    dogfs cluster status [--json]
+    dogfs cluster stop NODE | start NODE | kill NODE
+    dogfs cluster down
+
+`up` creates the cluster on first use (see `dogfs.cli.cluster_layout` for the files under
+HOME) and restarts it with its data afterwards. It is ready when a metadata leader is known
+and every chunk server is "alive" in the metadata's view; `up` polls the metas' `status`
+query until then. Without `--detach` it stays in the foreground and stops every node on
+Ctrl-C or SIGTERM. `kill` sends SIGKILL (for tests and chaos drills); `stop` is SIGTERM,
+then SIGKILL after 10 s.
+
+Each handler is `fn(args) -> int`; `dogfs.cli.main` sets `args.home`, `args.config` and
+`args.json` before calling it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import IO, Any
+
+import msgpack
+from twisted.internet import defer, task
+
+from dogfs.cli import cluster_layout as layout
+from dogfs.cli.cluster_layout import ClusterSpec, NodeSpec
+from dogfs.cli.output import (
+    FAILED,
+    INTERRUPTED,
+    OK,
+    USAGE,
+    CLIError,
+    format_bytes,
+    format_table,
+    print_json,
+    run_deferred,
+)
+
+__all__ = [
+    "DEFAULT_METAS",
+    "DEFAULT_CHUNKS",
+    "DEFAULT_EC",
+    "register",
+    "cmd_up",
+    "cmd_status",
+    "cmd_stop",
+    "cmd_start",
+    "cmd_kill",
+    "cmd_down",
+    "query_status",
+    "node_views",
+]
+
+#: Metadata nodes of a new local cluster (3 once Raft membership is wired end to end).
+DEFAULT_METAS = 1
+#: Chunk servers of a new local cluster: RS-4-2 needs six.
+DEFAULT_CHUNKS = 6
+#: The default erasure-coding policy of a new local cluster.
+DEFAULT_EC = "RS-4-2"
+#: Seconds `up` and `start` wait for the cluster (or node) to serve.
+DEFAULT_WAIT = 60.0
+#: Seconds a status query may take before that meta is taken as silent.
+STATUS_TIMEOUT = 3.0
+POLL_INTERVAL = 0.1
+
+
+def register(subparsers: Any) -> None:
+    """Add the `cluster` command group to the `dogfs` parser's subparsers."""
+    cluster = subparsers.add_parser(
+        "cluster",
+        help="run a local cluster of real daemons on 127.0.0.1",
+        description="Run a local DogFS cluster: real twistd daemons on 127.0.0.1, data under HOME.",
+    )
+    sub = cluster.add_subparsers(dest="cluster_command", metavar="COMMAND")
+    sub.required = True
+
+    up = sub.add_parser(
+        "up",
+        help="create or restart the local cluster",
+        description="Start the local cluster in HOME, creating it on first use; a HOME that "
+        "already holds one is restarted with its data.",
+    )
+    up.add_argument(
+        "--meta",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"metadata nodes of a new cluster (default {DEFAULT_METAS})",
+    )
+    up.add_argument(
+        "--chunk",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"chunk servers of a new cluster (default {DEFAULT_CHUNKS})",
+    )
+    up.add_argument(
+        "--ec",
+        default=None,
+        metavar="RS-K-M",
+        help=f"default erasure-coding policy of a new cluster (default {DEFAULT_EC})",
+    )
+    up.add_argument(
+        "--detach",
+        action="store_true",
+        help="return once the cluster serves, leaving the daemons running",
+    )
+    up.add_argument(
+        "--insecure", action="store_true", help="a new cluster without TLS (plaintext connections)"
+    )
+    up.add_argument(
+        "--base-port",
+        type=int,
+        default=None,
+        metavar="P",
+        help="ports of a new cluster: metas P.., their HTTP P+80.., chunk servers "
+        "P+100.. (default: free ports chosen now, kept forever)",
+    )
+    up.add_argument(
+        "--wait",
+        type=float,
+        default=DEFAULT_WAIT,
+        metavar="SECONDS",
+        help=f"how long to wait for the cluster to serve (default {DEFAULT_WAIT:g})",
+    )
+    up.set_defaults(func=cmd_up)
+
+    status = sub.add_parser("status", help="every node: process, role, health")
+    status.add_argument(
+        "--json", action="store_true", dest="json_here", help="machine-readable output"
+    )
+    status.set_defaults(func=cmd_status)
+
+    for name, func, text in (
+        ("stop", None, "stop one node (SIGTERM, SIGKILL after 10 s); its data is kept"),
+        ("start", None, "start one stopped node with its data"),
+        ("kill", None, "SIGKILL one node (for tests and chaos drills)"),
+    ):
+        p = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        p.add_argument("node", metavar="NODE", help="a node id, e.g. chunk-2 or meta-1")
+        if name == "start":
+            p.add_argument(
+                "--wait",
+                type=float,
+                default=DEFAULT_WAIT,
+                metavar="SECONDS",
+                help="how long to wait for it to listen",
+            )
+        p.set_defaults(func={"stop": cmd_stop, "start": cmd_start, "kill": cmd_kill}[name])
+        del func
+
+    down = sub.add_parser("down", help="stop every node; data is kept")
+    down.set_defaults(func=cmd_down)
+
+
+# -- helpers -----------------------------------------------------------------------------
+
+
+def _home(args: argparse.Namespace) -> str:
+    return os.path.abspath(args.home)
+
+
+def _want_json(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "json", False) or getattr(args, "json_here", False))
+
+
+def _require_spec(home: str) -> ClusterSpec:
+    spec = layout.load_spec(home)
+    if spec is None:
+        raise CLIError(
+            f"{home} holds no local cluster; `dogfs --home {home} cluster up` creates one", USAGE
+        )
+    return spec
+
+
+def _say(text: str, stream: IO[str] | None = None) -> None:
+    out = stream if stream is not None else sys.stdout
+    out.write(text + "\n")
+    out.flush()
+
+
+def _client_tls(home: str, spec: ClusterSpec) -> Any:
+    """The admin's TLS material for talking to the metas, or None for a plaintext cluster."""
+    if not spec.tls:
+        return None
+    from dogfs.security.tls import TLSConfig
+
+    base = os.path.join(home, "identities", "admin")
+    return TLSConfig(
+        ca_cert=os.path.join(home, "ca", "ca.pem"),
+        cert=os.path.join(base, "cert.pem"),
+        key=os.path.join(base, "key.pem"),
+    )
+
+
+def _pool(reactor: Any, home: str, spec: ClusterSpec) -> Any:
+    from dogfs.wire.pool import ConnectionPool
+
+    tls = _client_tls(home, spec)
+    if tls is None:
+        from dogfs.wire.pool import tcp_endpoints
+
+        endpoints = tcp_endpoints(reactor, timeout=STATUS_TIMEOUT)
+    else:
+        from dogfs.security.tls import endpoint_maker
+
+        endpoints = endpoint_maker(reactor, tls, timeout=STATUS_TIMEOUT)
+    return ConnectionPool(reactor, endpoints)
+
+
+async def _query_one(reactor: Any, pool: Any, address: str, timeout: float) -> dict[str, Any]:
+    from dogfs.wire.messages import MetaQuery
+
+    async def ask() -> dict[str, Any]:
+        connection = await pool.get(address)
+        reply = await connection.call(MetaQuery(op="status"), timeout=timeout)
+        return msgpack.unpackb(bytes(reply.payload))  # type: ignore[no-any-return]
+
+    d = defer.Deferred.fromCoroutine(ask())
+    d.addTimeout(timeout, reactor)
+    return await d
+
+
+async def query_status(
+    reactor: Any, pool: Any, addresses: list[str], timeout: float = STATUS_TIMEOUT
+) -> dict[str, dict[str, Any]]:
+    """Ask every meta in `addresses` for its status at once; address -> answer of those that
+    answered within `timeout` (silent or failing metas are left out)."""
+    results = await defer.DeferredList(
+        [defer.Deferred.fromCoroutine(_query_one(reactor, pool, a, timeout)) for a in addresses],
+        consumeErrors=True,
+    )
+    return {
+        address: value
+        for address, (ok, value) in zip(addresses, results, strict=True)
+        if ok and isinstance(value, dict)
+    }
+
+
+def _leader_answer(spec: ClusterSpec, answers: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The answer the leader gave about itself, else one that names a leader, else any."""
+    ids = {m.address: m.id for m in spec.metas}
+    for address, answer in answers.items():
+        for m in answer.get("meta") or []:
+            if m.get("id") == ids.get(address) and m.get("role") == "leader":
+                return answer
+    for answer in answers.values():
+        if (answer.get("cluster") or {}).get("leader"):
+            return answer
+    return next(iter(answers.values()), None)
+
+
+def node_views(
+    home: str, spec: ClusterSpec, answers: dict[str, dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The `cluster status --json` objects: the process view of every node, with what the
+    metas said (a meta's own answer for its role; the leader's for chunk servers)."""
+    by_address = {m.address: m for m in spec.metas}
+    own: dict[str, dict[str, Any]] = {}
+    for address, answer in answers.items():
+        me = by_address.get(address)
+        for m in answer.get("meta") or []:
+            if me is not None and m.get("id") == me.id:
+                own[me.id] = m
+    best = _leader_answer(spec, answers) or {}
+    best_meta = {m.get("id"): m for m in best.get("meta") or []}
+    chunk_info = {c.get("id"): c for c in best.get("chunks") or []}
+    views = []
+    for node in spec.nodes:
+        pid = layout.node_pid(home, node)
+        view: dict[str, Any] = {
+            "id": node.id,
+            "kind": node.kind,
+            "address": node.address,
+            "pid": pid,
+            "state": "running" if pid is not None else "stopped",
+            "data_dir": layout.data_dir(home, node),
+            "log": os.path.abspath(layout.log_path(home, node)),
+        }
+        if node.kind == "meta":
+            info = own.get(node.id) or best_meta.get(node.id) or {}
+            view.update(
+                role=info.get("role") if pid is not None else None,
+                term=info.get("term"),
+                commit_index=info.get("commit_index"),
+                http_address=info.get("http_address") or node.http_address or None,
+            )
+        else:
+            info = chunk_info.get(node.id) or {}
+            view.update(
+                health=info.get("state"),
+                capacity_bytes=info.get("capacity_bytes"),
+                used_bytes=info.get("used_bytes"),
+                shards=info.get("shards"),
+                last_heartbeat_s=info.get("last_heartbeat_s"),
+            )
+        views.append(view)
+    return views
+
+
+def _detail(view: dict[str, Any]) -> str:
+    if view["kind"] == "meta":
+        if view.get("role") is None:
+            return "role unknown" if view["state"] == "running" else ""
+        return f"{view['role']}, term {view.get('term')}, commit {view.get('commit_index')}"
+    if view.get("health") is None:
+        return "unknown to the metadata" if view["state"] == "running" else ""
+    parts = [str(view["health"])]
+    if view.get("shards") is not None:
+        parts.append(f"{view['shards']} shards")
+    if view.get("used_bytes") is not None:
+        parts.append(
+            f"{format_bytes(view['used_bytes'])} / {format_bytes(view.get('capacity_bytes'))}"
+        )
+    if view.get("last_heartbeat_s") is not None:
+        parts.append(f"heartbeat {float(view['last_heartbeat_s']):.1f}s ago")
+    return ", ".join(parts)
+
+
+def _table(views: list[dict[str, Any]]) -> str:
+    rows = [
+        [
+            v["id"],
+            v["address"],
+            str(v["pid"]) if v["pid"] is not None else "-",
+            v["state"],
+            _detail(v),
+        ]
+        for v in views
+    ]
+    return format_table(["NODE", "ADDRESS", "PID", "STATE", "DETAIL"], rows)
+
+
+def _dashboard(views: list[dict[str, Any]]) -> str | None:
+    metas = [v for v in views if v["kind"] == "meta" and v.get("http_address")]
+    metas.sort(key=lambda v: (v.get("role") != "leader", v["state"] != "running"))
+    return f"http://{metas[0]['http_address']}/" if metas else None
+
+
+def _print_summary(home: str, views: list[dict[str, Any]], stream: IO[str] | None = None) -> None:
+    out = stream if stream is not None else sys.stdout
+    out.write(_table(views))
+    url = _dashboard(views)
+    if url:
+        out.write(f"dashboard: {url}\n")
+    out.write(f"client config: {os.path.join(home, layout.CLIENT_FILE)}\n")
+    out.flush()
+
+
+# -- readiness ---------------------------------------------------------------------------
+
+
+def _missing(
+    spec: ClusterSpec,
+    answers: dict[str, dict[str, Any]],
+    restarted: dict[str, float] | None = None,
+) -> list[str]:
+    """What keeps the cluster from serving, in words; empty when it serves.
+
+    `restarted` maps chunk servers started `seconds` ago to those seconds: their "alive" must
+    come from a heartbeat since then, not from the meta's memory of their previous run.
+    """
+    if not answers:
+        return ["no metadata node answers"]
+    restarted = restarted or {}
+    leader = None
+    alive: set[str] = set()
+    for answer in answers.values():
+        leader = leader or (answer.get("cluster") or {}).get("leader")
+        for c in answer.get("chunks") or []:
+            if c.get("state") != "alive":
+                continue
+            since = restarted.get(c.get("id"))
+            heartbeat = c.get("last_heartbeat_s")
+            if since is not None and (heartbeat is None or heartbeat > since):
+                continue
+            alive.add(c.get("id"))
+    missing = [] if leader else ["no metadata leader yet"]
+    absent = [c.id for c in spec.chunks if c.id not in alive]
+    if absent:
+        missing.append("not yet alive: " + ", ".join(absent))
+    return missing
+
+
+async def _wait_ready(
+    reactor: Any,
+    home: str,
+    spec: ClusterSpec,
+    started: dict[str, subprocess.Popen[bytes]],
+    wait: float,
+) -> dict[str, dict[str, Any]]:
+    """Poll the metas' status until the cluster serves; fail if a daemon we started exits."""
+    pool = _pool(reactor, home, spec)
+    began = reactor.seconds()
+    deadline = began + wait
+    addresses = [m.address for m in spec.metas]
+    started_chunks = [c.id for c in spec.chunks if c.id in started]
+    try:
+        while True:
+            for node_id, process in started.items():
+                code = process.poll()
+                if code is not None:
+                    node = spec.node(node_id)
+                    tail = layout.log_tail(home, node)
+                    raise CLIError(
+                        f"{node_id} exited with status {code} while starting; the end of "
+                        f"{layout.log_path(home, node)}:\n{tail}"
+                    )
+            answers = await query_status(reactor, pool, addresses, min(STATUS_TIMEOUT, wait))
+            since = reactor.seconds() - began
+            missing = _missing(spec, answers, {c: since for c in started_chunks})
+            waiting = [n for n in started if layout.node_pid(home, spec.node(n)) is None]
+            if waiting:
+                # twistd writes its pidfile before it starts the service; until then the
+                # process view would call it stopped.
+                missing.append("no pidfile yet: " + ", ".join(waiting))
+            if not missing:
+                return answers
+            if reactor.seconds() >= deadline:
+                raise CLIError(
+                    f"the cluster in {home} did not serve within {wait:g} s ("
+                    + "; ".join(missing)
+                    + "); the node logs are under "
+                    + os.path.join(home, "nodes")
+                )
+            await task.deferLater(reactor, POLL_INTERVAL, lambda: None)
+    finally:
+        await pool.close_all()
+
+
+# -- commands ----------------------------------------------------------------------------
+
+
+def _check_matches(spec: ClusterSpec, args: argparse.Namespace, home: str) -> None:
+    differ = []
+    if args.meta is not None and args.meta != len(spec.metas):
+        differ.append(f"--meta {args.meta} (it has {len(spec.metas)})")
+    if args.chunk is not None and args.chunk != len(spec.chunks):
+        differ.append(f"--chunk {args.chunk} (it has {len(spec.chunks)})")
+    if args.ec is not None and args.ec.upper() != spec.ec.upper():
+        differ.append(f"--ec {args.ec} (it has {spec.ec})")
+    if args.insecure and spec.tls:
+        differ.append("--insecure (it runs TLS)")
+    if differ:
+        raise CLIError(
+            f"{home} already holds a cluster that differs from "
+            + ", ".join(differ)
+            + "; restart it without those options, or use another --home",
+            USAGE,
+        )
+
+
+def _new_spec(args: argparse.Namespace) -> ClusterSpec:
+    from dogfs.codec.policy import ECPolicy, UnknownPolicy
+
+    metas = DEFAULT_METAS if args.meta is None else args.meta
+    chunks = DEFAULT_CHUNKS if args.chunk is None else args.chunk
+    try:
+        policy = ECPolicy.parse(args.ec or DEFAULT_EC)
+    except UnknownPolicy as e:
+        raise CLIError(str(e), USAGE) from None
+    if metas < 1:
+        raise CLIError(f"--meta {metas}: a cluster needs at least one metadata node", USAGE)
+    if chunks < policy.width:
+        raise CLIError(
+            f"{policy.name} puts each block group's {policy.width} shards on different chunk "
+            f"servers, so it needs --chunk {policy.width} or more, not {chunks}",
+            USAGE,
+        )
+    return layout.new_spec(metas, chunks, policy.name, not args.insecure, args.base_port)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    """`dogfs cluster up`: create or restart the local cluster and wait until it serves."""
+    home = _home(args)
+    spec = layout.load_spec(home)
+    if spec is None:
+        spec = _new_spec(args)
+        layout.write_cluster(home, spec)
+        _say(
+            f"created a cluster in {home}: {len(spec.metas)} metadata node(s), "
+            f"{len(spec.chunks)} chunk servers, {spec.ec}"
+            + (", TLS" if spec.tls else ", plaintext")
+        )
+    else:
+        _check_matches(spec, args, home)
+    started: dict[str, subprocess.Popen[bytes]] = {}
+    # Metas first: chunk servers register with them as soon as they start.
+    for node in spec.metas + spec.chunks:
+        if layout.node_pid(home, node) is None:
+            started[node.id] = layout.start_node(home, node)
+    if started:
+        _say("starting " + ", ".join(started))
+    else:
+        _say("every node is already running")
+    try:
+        answers = run_deferred(lambda reactor: _wait_ready(reactor, home, spec, started, args.wait))
+    except KeyboardInterrupt:
+        if not args.detach:
+            _stop_all(home, spec)
+            return INTERRUPTED
+        _say(f"interrupted; the nodes keep running (`dogfs --home {home} cluster down` stops them)")
+        return INTERRUPTED
+    except CLIError:
+        # A cluster that did not come up is not left half-running: stop what we started.
+        layout.stop_pids([p.pid for p in started.values()])
+        raise
+    views = node_views(home, spec, answers)
+    _print_summary(home, views)
+    if args.detach:
+        _say(f"the cluster serves; `dogfs --home {home} cluster down` stops it")
+        return OK
+    _say("the cluster serves; Ctrl-C stops it")
+    _wait_for_signal(started)
+    _stop_all(home, spec)
+    return OK
+
+
+def _wait_for_signal(children: dict[str, subprocess.Popen[bytes]]) -> None:
+    """Block until SIGINT or SIGTERM, reaping children that exit meanwhile."""
+    stop = threading.Event()
+
+    def handler(signum: int, frame: Any) -> None:
+        stop.set()
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not stop.is_set():
+            # The wait returns early on a signal; the timeout only paces reaping.
+            stop.wait(1.0)
+            for node_id, process in list(children.items()):
+                code = process.poll()
+                if code is not None:
+                    _say(f"{node_id} exited with status {code}", sys.stderr)
+                    del children[node_id]
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _stop_all(home: str, spec: ClusterSpec, quiet: bool = False) -> None:
+    running = {n.id: pid for n in spec.nodes if (pid := layout.node_pid(home, n)) is not None}
+    if not running:
+        if not quiet:
+            _say("no node is running")
+        return
+    killed = layout.stop_pids(running.values())
+    if not quiet:
+        for node_id, pid in running.items():
+            how = "killed" if pid in killed else "stopped"
+            _say(f"{how} {node_id} (pid {pid})")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """`dogfs cluster status`: every node's process, and what the metas say of it."""
+    home = _home(args)
+    spec = _require_spec(home)
+    running = [m.address for m in spec.metas if layout.node_pid(home, m) is not None]
+    answers: dict[str, dict[str, Any]] = {}
+    if running:
+
+        async def ask(reactor: Any) -> dict[str, dict[str, Any]]:
+            pool = _pool(reactor, home, spec)
+            try:
+                return await query_status(reactor, pool, running)
+            finally:
+                await pool.close_all()
+
+        answers = run_deferred(ask)
+    views = node_views(home, spec, answers)
+    if _want_json(args):
+        print_json({"nodes": views})
+    else:
+        _print_summary(home, views)
+        if running and not answers:
+            _say("no metadata node answered a status query: roles and health are unknown")
+    return OK
+
+
+def _find(args: argparse.Namespace) -> tuple[str, ClusterSpec, NodeSpec]:
+    home = _home(args)
+    spec = _require_spec(home)
+    return home, spec, spec.node(args.node)
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    """`dogfs cluster stop NODE`: SIGTERM, wait for it to exit, SIGKILL after 10 s."""
+    home, _, node = _find(args)
+    pid = layout.node_pid(home, node)
+    if pid is None:
+        _say(f"{node.id} is not running")
+        return OK
+    killed = layout.stop_pids([pid])
+    _say(f"{'killed' if killed else 'stopped'} {node.id} (pid {pid}); its data is kept")
+    return OK
+
+
+def cmd_kill(args: argparse.Namespace) -> int:
+    """`dogfs cluster kill NODE`: SIGKILL, as a crash would."""
+    home, _, node = _find(args)
+    pid = layout.node_pid(home, node)
+    if pid is None:
+        _say(f"{node.id} is not running")
+        return OK
+    layout.stop_pids([pid], sig=signal.SIGKILL)
+    _say(f"killed {node.id} (pid {pid})")
+    return OK
+
+
+def _wait_listening(
+    home: str,
+    node: NodeSpec,
+    process: subprocess.Popen[bytes],
+    wait: float,
+    monotonic: Callable[[], float] = time.monotonic,
+) -> None:
+    import socket
+
+    host, _, port = node.address.rpartition(":")
+    deadline = monotonic() + wait
+    while True:
+        code = process.poll()
+        if code is not None:
+            raise CLIError(
+                f"{node.id} exited with status {code} while starting; the end of "
+                f"{layout.log_path(home, node)}:\n{layout.log_tail(home, node)}"
+            )
+        try:
+            with socket.create_connection((host, int(port)), timeout=1.0):
+                return
+        except OSError:
+            pass
+        if monotonic() >= deadline:
+            raise CLIError(f"{node.id} did not listen on {node.address} within {wait:g} s")
+        time.sleep(POLL_INTERVAL)
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    """`dogfs cluster start NODE`: start one node with its data; wait until it listens."""
+    home, _, node = _find(args)
+    pid = layout.node_pid(home, node)
+    if pid is not None:
+        _say(f"{node.id} is already running (pid {pid})")
+        return OK
+    process = layout.start_node(home, node)
+    _wait_listening(home, node, process, args.wait)
+    _say(f"started {node.id} (pid {process.pid}) on {node.address}")
+    return OK
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    """`dogfs cluster down`: stop every node; the data is kept."""
+    home = _home(args)
+    spec = _require_spec(home)
+    _stop_all(home, spec)
+    return OK if all(layout.node_pid(home, n) is None for n in spec.nodes) else FAILED

@@ -1,0 +1,483 @@
+# -*- test-case-name: tests.test_cluster_cli -*-
+"""What a local cluster is on disk, and its daemon processes.
+
+A local cluster (`dogfs cluster up`) lives under one HOME directory:
+
+    HOME/cluster.toml                 what the cluster is: nodes, kinds, ports, ec, tls (written
+                                      once, at creation; restarts reuse it)
+    HOME/client.toml                  the client config: every meta address, the admin identity
+    HOME/ca/ca.pem, ca.key            the cluster CA (absent with --insecure)
+    HOME/identities/admin/            the admin credential (cert.pem, key.pem, ca.pem, client.toml)
+    HOME/nodes/<id>/meta.toml|chunk.toml  the node's config (written at creation; edit freely)
+    HOME/nodes/<id>/data/             everything the node stores
+    HOME/nodes/<id>/tls/              the node's certificate and key
+    HOME/nodes/<id>/twistd.pid        written by twistd while it runs
+    HOME/nodes/<id>/twistd.log        the daemon's stdout and stderr
+
+Node ids are `meta-1..` and `chunk-1..`. This module does file and process work only, no
+networking: the cluster commands in `dogfs.cli.cluster` add the status queries.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Callable, Iterable
+
+import tomli_w
+from attrs import frozen
+
+from dogfs.cli.output import USAGE, CLIError
+from dogfs.config import load_chunk, load_meta
+
+__all__ = [
+    "CLUSTER_FILE",
+    "CLIENT_FILE",
+    "DAEMON_ENV",
+    "STOP_TIMEOUT",
+    "NodeSpec",
+    "ClusterSpec",
+    "pick_ports",
+    "new_spec",
+    "load_spec",
+    "write_cluster",
+    "node_dir",
+    "config_path",
+    "pidfile_path",
+    "log_path",
+    "data_dir",
+    "node_pid",
+    "pid_alive",
+    "start_node",
+    "stop_pids",
+    "log_tail",
+]
+
+CLUSTER_FILE = "cluster.toml"
+CLIENT_FILE = "client.toml"
+FORMAT_VERSION = 1
+LOOPBACK = "127.0.0.1"
+#: The daemons' malloc tuning (PERFORMANCE.md: ISA-L runs ~7x slower without it).
+DAEMON_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
+#: Seconds a node gets to exit after SIGTERM before it is sent SIGKILL.
+STOP_TIMEOUT = 10.0
+# With --base-port P: metas listen on P.., their HTTP on P+80.., chunk servers on P+100..
+HTTP_OFFSET = 80
+CHUNK_OFFSET = 100
+
+
+@frozen
+class NodeSpec:
+    """One node of a local cluster as cluster.toml records it."""
+
+    id: str
+    kind: str  # "meta" or "chunk"
+    address: str  # host:port of its binary protocol
+    http_address: str = ""  # metas only: the dashboard and /metrics
+
+    @property
+    def port(self) -> int:
+        """The port of `address`."""
+        return int(self.address.rpartition(":")[2])
+
+
+@frozen
+class ClusterSpec:
+    """What a local cluster is: its nodes, default policy and whether it runs TLS."""
+
+    nodes: tuple[NodeSpec, ...]
+    ec: str
+    tls: bool
+
+    @property
+    def metas(self) -> tuple[NodeSpec, ...]:
+        """The metadata nodes, in id order."""
+        return tuple(n for n in self.nodes if n.kind == "meta")
+
+    @property
+    def chunks(self) -> tuple[NodeSpec, ...]:
+        """The chunk servers, in id order."""
+        return tuple(n for n in self.nodes if n.kind == "chunk")
+
+    def node(self, node_id: str) -> NodeSpec:
+        """The node called `node_id`; CLIError (exit 2) naming the known ids otherwise."""
+        for n in self.nodes:
+            if n.id == node_id:
+                return n
+        known = ", ".join(n.id for n in self.nodes)
+        raise CLIError(
+            f"there is no node {node_id!r} in this cluster; its nodes are {known}", USAGE
+        )
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((LOOPBACK, port))
+        except OSError:
+            return False
+    return True
+
+
+def pick_ports(count: int) -> list[int]:
+    """`count` distinct loopback ports that are free now (the kernel's choice)."""
+    # Hold every socket open until all are chosen, so the kernel cannot hand one out twice.
+    sockets = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sockets.append(s)
+            s.bind((LOOPBACK, 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def new_spec(metas: int, chunks: int, ec: str, tls: bool, base_port: int | None) -> ClusterSpec:
+    """The spec of a new cluster: node ids, and ports free now (or from `base_port`)."""
+    if base_port is None:
+        ports = pick_ports(2 * metas + chunks)
+        meta_ports, http_ports, chunk_ports = (
+            ports[:metas],
+            ports[metas : 2 * metas],
+            ports[2 * metas :],
+        )
+    else:
+        if metas > HTTP_OFFSET or chunks > 65535 - base_port - CHUNK_OFFSET or base_port < 1024:
+            raise CLIError(
+                f"--base-port {base_port} leaves no room for {metas} metadata nodes and "
+                f"{chunks} chunk servers (metas use P.., their HTTP P+{HTTP_OFFSET}.., chunk "
+                f"servers P+{CHUNK_OFFSET}..; P must be at least 1024)",
+                USAGE,
+            )
+        meta_ports = [base_port + i for i in range(metas)]
+        http_ports = [base_port + HTTP_OFFSET + i for i in range(metas)]
+        chunk_ports = [base_port + CHUNK_OFFSET + i for i in range(chunks)]
+        busy = [p for p in meta_ports + http_ports + chunk_ports if not _port_free(p)]
+        if busy:
+            raise CLIError(
+                f"port {busy[0]} on {LOOPBACK} is in use; choose another --base-port", USAGE
+            )
+    nodes = [
+        NodeSpec(f"meta-{i + 1}", "meta", f"{LOOPBACK}:{p}", f"{LOOPBACK}:{h}")
+        for i, (p, h) in enumerate(zip(meta_ports, http_ports, strict=True))
+    ]
+    nodes += [
+        NodeSpec(f"chunk-{i + 1}", "chunk", f"{LOOPBACK}:{p}") for i, p in enumerate(chunk_ports)
+    ]
+    return ClusterSpec(nodes=tuple(nodes), ec=ec, tls=tls)
+
+
+def load_spec(home: str) -> ClusterSpec | None:
+    """The cluster HOME holds, or None when HOME/cluster.toml does not exist."""
+    path = os.path.join(home, CLUSTER_FILE)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise CLIError(f"cannot read {path}: {e}") from None
+    try:
+        cluster = data["cluster"]
+        nodes = tuple(
+            NodeSpec(
+                id=str(n["id"]),
+                kind=str(n["kind"]),
+                address=str(n["address"]),
+                http_address=str(n.get("http_address", "")),
+            )
+            for n in data["nodes"]
+        )
+        return ClusterSpec(nodes=nodes, ec=str(cluster["ec"]), tls=bool(cluster["tls"]))
+    except (KeyError, TypeError) as e:
+        raise CLIError(f"{path} is damaged: missing {e}") from None
+
+
+def _write(path: str, data: dict, mode: int = 0o644) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        tomli_w.dump(data, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+def node_dir(home: str, node: NodeSpec) -> str:
+    """HOME/nodes/<id>."""
+    return os.path.join(home, "nodes", node.id)
+
+
+def config_path(home: str, node: NodeSpec) -> str:
+    """HOME/nodes/<id>/meta.toml or chunk.toml."""
+    return os.path.join(node_dir(home, node), f"{node.kind}.toml")
+
+
+def pidfile_path(home: str, node: NodeSpec) -> str:
+    """HOME/nodes/<id>/twistd.pid (twistd writes it and removes it at a clean exit)."""
+    return os.path.join(node_dir(home, node), "twistd.pid")
+
+
+def log_path(home: str, node: NodeSpec) -> str:
+    """HOME/nodes/<id>/twistd.log: the daemon's stdout and stderr."""
+    return os.path.join(node_dir(home, node), "twistd.log")
+
+
+def data_dir(home: str, node: NodeSpec) -> str:
+    """HOME/nodes/<id>/data (absolute)."""
+    return os.path.abspath(os.path.join(node_dir(home, node), "data"))
+
+
+def _listen(address: str) -> str:
+    host, _, port = address.rpartition(":")
+    return f"tcp:{port}:interface={host}"
+
+
+def _tls_table(home: str, node: NodeSpec) -> dict[str, str]:
+    # Relative to the config file's directory, so a HOME can be moved whole.
+    return {"ca": "../../ca/ca.pem", "cert": "tls/cert.pem", "key": "tls/key.pem"}
+
+
+def write_cluster(home: str, spec: ClusterSpec, timeout: float = 30.0) -> None:
+    """Create a new cluster's files: cluster.toml, node configs, TLS material, client.toml."""
+    os.makedirs(home, exist_ok=True)
+    peers = {m.id: m.address for m in spec.metas}
+    meta_addresses = [m.address for m in spec.metas]
+    for node in spec.nodes:
+        os.makedirs(os.path.join(node_dir(home, node), "data"), exist_ok=True)
+        table: dict[str, object]
+        if node.kind == "meta":
+            table = {
+                "meta": {
+                    "id": node.id,
+                    "listen": _listen(node.address),
+                    "address": node.address,
+                    "data_dir": "data",
+                    "http": _listen(node.http_address),
+                    "http_address": node.http_address,
+                    "default_ec": spec.ec,
+                    "log_format": "text",
+                },
+                "raft": {"peers": peers},
+            }
+        else:
+            table = {
+                "chunk": {
+                    "id": node.id,
+                    "listen": _listen(node.address),
+                    "address": node.address,
+                    "data_dir": "data",
+                    "meta": meta_addresses,
+                    "log_format": "text",
+                }
+            }
+        if spec.tls:
+            table["tls"] = _tls_table(home, node)
+        _write(config_path(home, node), table)
+    client: dict[str, object] = {"client": {"meta": meta_addresses, "timeout": timeout}}
+    if spec.tls:
+        _make_tls(home, spec)
+        client["tls"] = {
+            "ca": "ca/ca.pem",
+            "cert": "identities/admin/cert.pem",
+            "key": "identities/admin/key.pem",
+        }
+    _write(os.path.join(home, CLIENT_FILE), client, 0o600)
+    # Last: a HOME with cluster.toml is a complete cluster; a crash before leaves none.
+    _write(
+        os.path.join(home, CLUSTER_FILE),
+        {
+            "cluster": {"format": FORMAT_VERSION, "ec": spec.ec, "tls": spec.tls},
+            "nodes": [
+                {"id": n.id, "kind": n.kind, "address": n.address}
+                | ({"http_address": n.http_address} if n.http_address else {})
+                for n in spec.nodes
+            ],
+        },
+    )
+
+
+def _make_tls(home: str, spec: ClusterSpec) -> None:
+    """The cluster CA, a certificate per node and the admin identity."""
+    from dogfs.security.ca import init_ca, write_identity_dir
+    from dogfs.security.roles import Role
+
+    ca = init_ca(os.path.join(home, "ca"), force=True)
+    for node in spec.nodes:
+        ca.issue(
+            node.id,
+            Role.NODE,
+            os.path.join(node_dir(home, node), "tls"),
+            hosts=[LOOPBACK, "localhost"],
+        )
+    write_identity_dir(ca, home, "admin", Role.ADMIN, [m.address for m in spec.metas])
+
+
+# -- processes ---------------------------------------------------------------------------
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie (reaping it if it is our child)."""
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        # The state follows the parenthesised command name, which may contain spaces.
+        state = stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3]
+        return state not in (b"Z", b"X")
+    except (OSError, ValueError):
+        return True
+
+
+def _cmdline(pid: int) -> bytes | None:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def node_pid(home: str, node: NodeSpec) -> int | None:
+    """The pid of the node's running daemon, or None (no pidfile, stale or reused pid)."""
+    try:
+        with open(pidfile_path(home, node)) as f:
+            pid = int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        return None
+    if pid <= 0 or not pid_alive(pid):
+        return None
+    cmdline = _cmdline(pid)
+    # A pid reused by another process is not our daemon: its command line names our config.
+    if cmdline is not None and os.fsencode(config_path(home, node)) not in cmdline:
+        return None
+    return pid
+
+
+def _logger_option(home: str, node: NodeSpec) -> list[str]:
+    path = config_path(home, node)
+    try:
+        config = load_meta(path) if node.kind == "meta" else load_chunk(path)
+    except ValueError as e:
+        raise CLIError(f"cannot start {node.id}: {e}") from None
+    if config.log_format == "json":
+        from dogfs.logs import JSON_OBSERVER
+
+        return ["--logger", JSON_OBSERVER]
+    return []
+
+
+def start_node(home: str, node: NodeSpec) -> subprocess.Popen[bytes]:
+    """Start the node's daemon in its own session, output to its log; returns the process."""
+    pidfile = pidfile_path(home, node)
+    if os.path.exists(pidfile) and node_pid(home, node) is None:
+        # Stale (the daemon was killed): twistd would refuse to start if the pid was reused.
+        os.unlink(pidfile)
+    argv = [
+        sys.executable,
+        "-c",
+        "from twisted.scripts.twistd import run; run()",
+        "-n",
+        "--pidfile",
+        pidfile,
+        *_logger_option(home, node),
+        f"dogfs-{node.kind}",
+        "--config",
+        config_path(home, node),
+    ]
+    env = dict(os.environ)
+    env.update(DAEMON_ENV)
+    log = open(log_path(home, node), "ab")
+    try:
+        log.write(f"---- dogfs cluster: starting {node.id}: {' '.join(argv)}\n".encode())
+        log.flush()
+        return subprocess.Popen(
+            argv,
+            cwd=node_dir(home, node),
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    finally:
+        log.close()
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        # Each daemon leads its own session: signal its group, so helpers it forked go too.
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, sig)
+        else:
+            os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+    except OSError as e:
+        if e.errno != errno.ESRCH:
+            raise
+
+
+def stop_pids(
+    pids: Iterable[int],
+    timeout: float = STOP_TIMEOUT,
+    sig: int = signal.SIGTERM,
+    monotonic: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> list[int]:
+    """Send `sig` to every pid, wait until all exit; SIGKILL those alive after `timeout`.
+
+    Returns the pids that needed SIGKILL.
+    """
+    pending = [p for p in pids if pid_alive(p)]
+    for pid in pending:
+        _signal(pid, sig)
+    deadline = monotonic() + timeout
+    killed: list[int] = []
+    while pending:
+        pending = [p for p in pending if pid_alive(p)]
+        if not pending:
+            break
+        if monotonic() >= deadline:
+            for pid in pending:
+                _signal(pid, signal.SIGKILL)
+                killed.append(pid)
+            # SIGKILL cannot be ignored; give the kernel a moment to tear them down.
+            deadline = monotonic() + 5.0
+            while pending and monotonic() < deadline:
+                pending = [p for p in pending if pid_alive(p)]
+                sleep(0.02)
+            break
+        sleep(0.02)
+    return killed
+
+
+def log_tail(home: str, node: NodeSpec, lines: int = 20) -> str:
+    """The last `lines` lines of the node's log ("" when there is none)."""
+    try:
+        with open(log_path(home, node), "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 64 * 1024))
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
