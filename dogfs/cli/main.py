@@ -1,56 +1,314 @@
-# -*- test-case-name: tests.test_cluster_cli -*-
-"""Entry point of the `dogfs` command.
+# -*- test-case-name: tests.test_cli -*-
+"""The `dogfs` command: `dogfs [--home DIR] [--config FILE] [--json] COMMAND ...`.
 
-A minimal main written by the cluster-manager helper so that `dogfs cluster ...` runs before
-the client commands land; the integrator replaces it (keeping `cluster.register(sub)`, the
-global options and the error handling below).
+Exit status: 0 success; 1 the operation failed or its outcome is unknown (timeout, no
+quorum, unreachable); 2 bad usage; 3 the path does not exist; 4 permission denied. Errors go
+to stderr as one sentence.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import stat as stat_module
 import sys
+import time
+from collections.abc import Callable
+from typing import IO, Any
 
-from dogfs.cli import cluster
-from dogfs.cli.output import INTERRUPTED, USAGE, CLIError, print_error
-from dogfs.config import default_home
+from dogfs.cli import output
+from dogfs.cli.output import CLIError
+
+# Error codes of the client and metadata, mapped to exit statuses.
+EXIT_CODES = {
+    "not_found": output.NOT_FOUND,
+    "permission_denied": output.PERMISSION,
+    "invalid_path": output.USAGE,
+    "invalid_argument": output.USAGE,
+}
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports usage errors as CLIError (exit 2, one sentence)."""
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        raise CLIError(f"{message} (see '{self.prog} --help')", output.USAGE)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The `dogfs` parser: global options, then one subparser per command group."""
-    parser = argparse.ArgumentParser(prog="dogfs", description="DogFS command line.")
-    parser.add_argument(
-        "--home",
-        default=None,
-        metavar="DIR",
-        help="the DogFS home (default $DOGFS_HOME, else ~/.dogfs)",
+    """The whole command line."""
+    from dogfs.cli import cluster
+
+    parser = ArgumentParser(
+        prog="dogfs",
+        description="DogFS: a distributed file system with erasure-coded chunk servers and Raft metadata.",
+        epilog="Exit status: 0 ok, 1 failed or unknown outcome, 2 bad usage, 3 no such path, 4 permission denied.",
     )
-    parser.add_argument(
-        "--config", default=None, metavar="FILE", help="client config (default HOME/client.toml)"
-    )
+    parser.add_argument("--home", metavar="DIR", help="cluster home directory (default: $DOGFS_HOME, else ~/.dogfs)")
+    parser.add_argument("--config", metavar="FILE", help="client config file (default: HOME/client.toml)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
     sub.required = True
+
+    def client_command(name: str, help_: str, fn: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                       help="fail if the cluster cannot serve within this time (default: the config's, 30 s)")
+        p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
+        p.set_defaults(func=fn)
+        return p
+
+    p = client_command("put", "upload a local file (- for stdin) to PATH", cmd_put)
+    p.add_argument("local")
+    p.add_argument("path")
+    p.add_argument("--ec", help="erasure-coding policy RS-K-M (default: inherited from the directory)")
+    p = client_command("get", "download PATH to a local file (- for stdout)", cmd_get)
+    p.add_argument("path")
+    p.add_argument("local")
+    p = client_command("ls", "list a directory", cmd_ls)
+    p.add_argument("path", nargs="?", default="/")
+    p = client_command("stat", "show a file's or directory's metadata and placement", cmd_stat)
+    p.add_argument("path")
+    p = client_command("rm", "delete a file or an empty directory", cmd_rm)
+    p.add_argument("path")
+    p.add_argument("-r", "--recursive", action="store_true", help="delete a directory and everything under it")
+    p = client_command("mkdir", "create a directory", cmd_mkdir)
+    p.add_argument("path")
+    p.add_argument("-p", "--parents", action="store_true", help="create missing parents; no error if it exists")
+    p.add_argument("--ec", help="erasure-coding policy RS-K-M for files created under it")
+    p = client_command("mv", "rename or move a file or directory", cmd_mv)
+    p.add_argument("src")
+    p.add_argument("dst")
     cluster.register(sub)
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Run the dogfs command line and exit with the command's status."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.home = os.path.abspath(args.home or default_home())
-    args.config = os.path.abspath(args.config or os.path.join(args.home, "client.toml"))
+# --- helpers --------------------------------------------------------------------------------
+
+
+def client_config(args: argparse.Namespace) -> Any:
+    """The client config named by --config (main() defaults it to HOME/client.toml)."""
+    from dogfs.config import ConfigError, load_client
+
+    path = args.config
+    if not os.path.exists(path):
+        raise CLIError(
+            f"no client configuration at {path}: start a cluster with 'dogfs cluster up' or pass --config",
+            output.FAILED,
+        )
     try:
+        return load_client(path)
+    except ConfigError as e:
+        raise CLIError(str(e), output.USAGE) from None
+
+
+def run_client(args: argparse.Namespace, body: Callable[[Any], Any]) -> Any:
+    """Run `body(client)` (returning a Deferred or coroutine) with a connected client."""
+    from twisted.internet import defer
+
+    from dogfs.client.api import DogFSClient, DogFSError
+
+    config = client_config(args)
+
+    def start(reactor: Any) -> Any:
+        client = DogFSClient(reactor, config, timeout=args.timeout)
+
+        async def go() -> Any:
+            try:
+                return await body(client)
+            finally:
+                await client.close()
+
+        return defer.Deferred.fromCoroutine(go())
+
+    try:
+        return output.run_deferred(start)
+    except DogFSError as e:
+        raise CLIError(e.message, EXIT_CODES.get(e.code, output.FAILED)) from None
+
+
+def _check_policy(ec: str | None) -> None:
+    if ec is not None:
+        from dogfs.codec.policy import ECPolicy, UnknownPolicy
+
+        try:
+            ECPolicy.parse(ec)
+        except UnknownPolicy as e:
+            raise CLIError(str(e), output.USAGE) from None
+
+
+# --- commands ---------------------------------------------------------------------------------
+
+
+def cmd_put(args: argparse.Namespace) -> int:
+    """dogfs put LOCAL PATH"""
+    _check_policy(args.ec)
+    source: IO[bytes]
+    if args.local == "-":
+        source, total = sys.stdin.buffer, None
+    else:
+        try:
+            source = open(args.local, "rb")  # noqa: SIM115 - closed below
+        except FileNotFoundError:
+            raise CLIError(f"no such local file: {args.local}", output.NOT_FOUND) from None
+        except IsADirectoryError:
+            raise CLIError(f"{args.local} is a directory; put uploads one file", output.USAGE) from None
+        except OSError as e:
+            raise CLIError(f"cannot read {args.local}: {e.strerror}", output.FAILED) from None
+        st = os.fstat(source.fileno())
+        total = st.st_size if stat_module.S_ISREG(st.st_mode) else None
+    bar = output.ProgressBar(total, f"put {args.path}")
+    started = time.monotonic()
+    try:
+        info = run_client(args, lambda client: client.put(args.path, source, args.ec, bar.update))
+    finally:
+        bar.finish()
+        if source is not sys.stdin.buffer:
+            source.close()
+    if args.json:
+        output.print_json(info.to_json())
+    elif sys.stderr.isatty():
+        elapsed = max(time.monotonic() - started, 1e-9)
+        print(
+            f"put {args.path}: {output.format_bytes(info.size)} as {info.ec} in "
+            f"{elapsed:.2f}s ({output.format_bytes(info.size / elapsed)}/s)",
+            file=sys.stderr,
+        )
+    return output.OK
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    """dogfs get PATH LOCAL: written to a temporary name, renamed on success."""
+    from dogfs.client.api import unique_temp_name
+
+    if args.local == "-":
+        sink = sys.stdout.buffer
+        bar = output.ProgressBar(None, f"get {args.path}")
+        try:
+            run_client(args, lambda client: client.get(args.path, sink, bar.update))
+        finally:
+            bar.finish()
+        sink.flush()
+        return output.OK
+    target = args.local
+    if os.path.isdir(target):
+        target = os.path.join(target, os.path.basename(args.path.rstrip("/")) or "root")
+    temp = unique_temp_name(target)
+    try:
+        sink_file = open(temp, "xb")  # noqa: SIM115 - closed below
+    except OSError as e:
+        raise CLIError(f"cannot write {target}: {e.strerror}", output.FAILED) from None
+    bar = output.ProgressBar(None, f"get {args.path}")
+    ok = False
+    try:
+
+        async def body(client: Any) -> Any:
+            info = await client.stat(args.path)
+            bar.total = getattr(info, "size", None)
+            return await client.get(args.path, sink_file, bar.update)
+
+        info = run_client(args, body)
+        sink_file.flush()
+        os.fsync(sink_file.fileno())
+        sink_file.close()
+        os.replace(temp, target)
+        ok = True
+    finally:
+        bar.finish()
+        if not ok:
+            sink_file.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)
+    if args.json:
+        output.print_json({"path": args.path, "local": os.path.abspath(target), "size": info.size})
+    return output.OK
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    """dogfs ls PATH"""
+    entries = run_client(args, lambda client: client.ls(args.path))
+    if args.json:
+        output.print_json({"path": args.path, "entries": [e.to_json() for e in entries]})
+        return output.OK
+    rows = [
+        [
+            "d" if e.type == "dir" else "-",
+            output.format_bytes(e.size) if e.type == "file" else "-",
+            e.ec,
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(e.mtime)) if e.mtime else "-",
+            e.name + ("/" if e.type == "dir" else ""),
+        ]
+        for e in entries
+    ]
+    if rows:
+        print(output.format_table(["T", "SIZE", "EC", "MODIFIED", "NAME"], rows))
+    return output.OK
+
+
+def cmd_stat(args: argparse.Namespace) -> int:
+    """dogfs stat PATH"""
+    info = run_client(args, lambda client: client.stat(args.path))
+    data = info.to_json()
+    if args.json:
+        output.print_json(data)
+        return output.OK
+    print(f"path: {data['path']}")
+    print(f"type: {data['type']}")
+    print(f"size: {data['size']} ({output.format_bytes(data['size'])})")
+    print(f"ec: {data['ec']}")
+    if data["type"] == "file":
+        print(f"version: {data['version']}")
+        for bg in data["block_groups"]:
+            servers = ", ".join(f"{s['index']}:{s['chunk_server']}" for s in bg["shards"])
+            print(f"block group {bg['id']}: {bg['size']} bytes on {servers}")
+    return output.OK
+
+
+def _done(args: argparse.Namespace, what: dict[str, Any]) -> int:
+    if args.json:
+        output.print_json(what)
+    return output.OK
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    """dogfs rm PATH"""
+    run_client(args, lambda client: client.rm(args.path, args.recursive))
+    return _done(args, {"removed": args.path})
+
+
+def cmd_mkdir(args: argparse.Namespace) -> int:
+    """dogfs mkdir PATH"""
+    _check_policy(args.ec)
+    info = run_client(args, lambda client: client.mkdir(args.path, args.parents, args.ec))
+    return _done(args, info.to_json())
+
+
+def cmd_mv(args: argparse.Namespace) -> int:
+    """dogfs mv SRC DST"""
+    run_client(args, lambda client: client.mv(args.src, args.dst))
+    return _done(args, {"moved": args.src, "to": args.dst})
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the dogfs command line and exit with its status."""
+    from dogfs.codec.stripe import tune_malloc
+    from dogfs.config import default_home
+
+    tune_malloc()
+    try:
+        args = build_parser().parse_args(argv)
+        args.home = os.path.abspath(args.home or default_home())
+        args.config = os.path.abspath(args.config or os.path.join(args.home, "client.toml"))
         code = args.func(args)
     except CLIError as e:
-        print_error(e.message)
+        output.print_error(e.message)
         code = e.exit_code
     except KeyboardInterrupt:
-        print_error("interrupted")
-        code = INTERRUPTED
-    sys.exit(code if code is not None else USAGE)
+        output.print_error("interrupted")
+        code = output.INTERRUPTED
+    sys.stdout.flush()
+    raise SystemExit(code if code is not None else output.USAGE)
 
 
 if __name__ == "__main__":
