@@ -1,0 +1,141 @@
+#!/usr/bin/env python
+# -*- test-case-name: tests.test_dashboard_browser -*-
+"""Save a PNG of a DogFS dashboard, as an operator would see it, with headless Chromium.
+
+    python scripts/dashboard_screenshot.py http://127.0.0.1:9101/ docs/dashboard.png
+    python scripts/dashboard_screenshot.py --demo /tmp/dashboard.png
+
+The first form shoots a running metadata node's dashboard (for docs/dashboard.png, a real
+cluster with one chunk server down: `dogfs cluster stop chunk-3` first). It waits until the
+page is live and lists the nodes, and for C{--wait-dead} (default 1) chunk servers shown dead,
+so the picture shows the state it was taken for. C{--demo} serves a made-up cluster
+(dogfs.web.fake) with one chunk server down and some traffic, to work on the page itself.
+Needs Debian's chromium (apt-get install chromium).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.task import react
+
+from dogfs.web.chromium import Chromium
+from dogfs.web.fake import FakeClusterSource
+from dogfs.web.metrics import Metrics
+from dogfs.web.site import make_site
+
+GiB = 1 << 30
+
+
+def _demo(reactor: Any) -> tuple[str, Any]:
+    """Serve the fake cluster on a free loopback port; return its URL and the port."""
+    from twisted.internet.endpoints import TCP4ServerEndpoint  # noqa: F401 (documented idiom)
+
+    source = FakeClusterSource()
+    metrics = Metrics()
+    port_holder: dict[str, Any] = {}
+
+    site = make_site(reactor, source, metrics, ["http://127.0.0.1:0"], push_interval=0.25,
+                     sample_interval=0.25)
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    number = port.getHost().port
+    site.feed.setProtocolOptions(allowedOrigins=[f"http://127.0.0.1:{number}"])
+    port_holder["port"] = port
+    for i, member in enumerate(source.status["meta"], start=1):
+        member["http_address"] = f"127.0.0.1:{number if i == 1 else number + 100 + i}"
+    source.emit({"kind": "election", "node": "meta-1", "level": "warn",
+                 "message": "meta-1 elected leader for term 3"})
+    source.emit({"kind": "chunk_state", "node": "chunk-5", "level": "info",
+                 "message": "chunk-5 registered (rack-2)"})
+    # Some traffic for the chart: a few put and get rates as if files were flowing.
+    ticks = {"n": 0}
+
+    def traffic() -> None:
+        ticks["n"] += 1
+        n = ticks["n"]
+        for c in source.status["chunks"]:
+            if c["state"] == "alive":
+                c["load"] = {"put_bytes_s": (40 + 25 * ((n // 4) % 3)) * (1 << 20) / 5,
+                             "get_bytes_s": (90 + 30 * ((n // 6) % 2)) * (1 << 20) / 5}
+        metrics.record_commit("put", 64 << 20)
+        metrics.record_read(32 << 20)
+        if n == 12:
+            source.set_chunk_state("chunk-3", "dead", heartbeat_age=41.7)
+            source.chunk("chunk-3")["load"] = {}
+            namespace = source.status["namespace"]
+            namespace["at_risk"] = {"0": 0, "1": 861, "2": 1051}
+            source.emit({"kind": "repair", "level": "warn",
+                         "message": "repair scheduled for 861 block groups on chunk-3"})
+            source.emit({"kind": "write_refused", "level": "warn",
+                         "message": "PUT /logs/app.log refused: chunk-3 chosen while dying, retried"})
+        if n < 40:
+            reactor.callLater(0.25, traffic)
+
+    traffic()
+    return f"http://127.0.0.1:{number}/", port
+
+
+async def shoot(
+    reactor: Any, url: str, output: Path, width: int, wait_dead: int, timeout: float
+) -> None:
+    """Open C{url}, wait for a live page with its nodes (and dead ones), save a PNG."""
+    browser = await Chromium.launch(reactor)
+    try:
+        page = await browser.open(url, width=width, height=900)
+        await page.wait_for(
+            "document.body.dataset.conn === 'open' && "
+            "document.querySelectorAll('#chunk-rows [data-node-id]').length",
+            timeout,
+        )
+        if wait_dead:
+            await page.wait_for(
+                "document.querySelectorAll('#chunk-rows [data-state=dead]').length",
+                timeout,
+                check=lambda n: isinstance(n, int) and n >= wait_dead,
+            )
+        # A few more seconds of throughput on the chart.
+        await page.wait_for("window.dogfsDashboard.model.points.length", timeout,
+                            check=lambda n: isinstance(n, int) and n >= 8)
+        png = await page.screenshot(width=width)
+    finally:
+        await browser.close()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_bytes(png)
+    print(f"saved {output} ({len(png)} bytes) from {url}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse the command line and take the screenshot."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("url", nargs="?", help="the dashboard URL, e.g. http://127.0.0.1:9101/")
+    parser.add_argument("output", help="where to save the PNG")
+    parser.add_argument("--demo", action="store_true", help="serve a made-up cluster instead")
+    parser.add_argument("--width", type=int, default=1400)
+    parser.add_argument("--wait-dead", type=int, default=1,
+                        help="wait until this many chunk servers show dead (0: do not wait)")
+    parser.add_argument("--timeout", type=float, default=60.0)
+    args = parser.parse_args(argv)
+    if not args.demo and not args.url:
+        parser.error("give a URL, or --demo")
+
+    async def run(reactor: Any) -> None:
+        url = args.url
+        port = None
+        if args.demo:
+            url, port = _demo(reactor)
+        try:
+            await shoot(reactor, url, Path(args.output), args.width, args.wait_dead, args.timeout)
+        finally:
+            if port is not None:
+                await port.stopListening()
+
+    from twisted.internet.defer import Deferred
+
+    react(lambda reactor: Deferred.fromCoroutine(run(reactor)))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
