@@ -16,7 +16,8 @@ from dogfs.meta.placement import ChunkServerLoad, NotEnoughChunkServers, choose_
 def clusters(draw: st.DrawFn) -> list[ChunkServerLoad]:
     """Clusters of up to 14 servers, some full, some in named domains, some without."""
     count = draw(st.integers(min_value=0, max_value=14))
-    domains = draw(st.sampled_from([[None], ["r1", "r2"], ["r1", "r2", "r3", None]]))
+    choices: list[list[str | None]] = [[None], ["r1", "r2"], ["r1", "r2", "r3", None]]
+    domains = draw(st.sampled_from(choices))
     servers = []
     for i in range(count):
         capacity = draw(st.integers(min_value=0, max_value=1000))

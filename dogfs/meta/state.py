@@ -652,6 +652,17 @@ class NamespaceState:
 
         Listing a file gives that one entry, as C{ls} does.
         """
+        if start_after is not None:
+            try:
+                if not isinstance(start_after, str):
+                    raise TypeError
+                start_after.encode("utf-8")
+            except (TypeError, UnicodeEncodeError):
+                return MetaError(
+                    ErrorCode.INVALID_ARGUMENT, f"Cannot list {path!r} after {start_after!r}."
+                )
+        if limit is not None and (not isinstance(limit, int) or limit < 0):
+            return MetaError(ErrorCode.INVALID_ARGUMENT, f"Listing limit {limit!r} is not valid.")
         with self._read() as txn:
             ctx = _Ctx(txn, self._dbs)
             try:
