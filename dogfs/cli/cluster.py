@@ -138,7 +138,7 @@ def register(subparsers: Any) -> None:
 
     status = sub.add_parser("status", help="every node: process, role, health")
     status.add_argument(
-        "--json", action="store_true", dest="json_here", help="machine-readable output"
+        "--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output"
     )
     status.set_defaults(func=cmd_status)
 
@@ -172,7 +172,7 @@ def _home(args: argparse.Namespace) -> str:
 
 
 def _want_json(args: argparse.Namespace) -> bool:
-    return bool(getattr(args, "json", False) or getattr(args, "json_here", False))
+    return bool(getattr(args, "json", False))
 
 
 def _require_spec(home: str) -> ClusterSpec:
@@ -495,11 +495,15 @@ def cmd_up(args: argparse.Namespace) -> int:
         )
     else:
         _check_matches(spec, args, home)
+    # Every config is checked before anything starts, so a bad one leaves nothing running.
+    to_start = [
+        (node, layout.daemon_argv(home, node))
+        for node in spec.metas + spec.chunks  # metas first: chunk servers dial them at once
+        if layout.node_pid(home, node) is None
+    ]
     started: dict[str, subprocess.Popen[bytes]] = {}
-    # Metas first: chunk servers register with them as soon as they start.
-    for node in spec.metas + spec.chunks:
-        if layout.node_pid(home, node) is None:
-            started[node.id] = layout.start_node(home, node)
+    for node, argv in to_start:
+        started[node.id] = layout.start_node(home, node, argv)
     if started:
         _say("starting " + ", ".join(started))
     else:

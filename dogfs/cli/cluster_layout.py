@@ -54,6 +54,7 @@ __all__ = [
     "data_dir",
     "node_pid",
     "pid_alive",
+    "daemon_argv",
     "start_node",
     "stop_pids",
     "log_tail",
@@ -385,24 +386,30 @@ def _logger_option(home: str, node: NodeSpec) -> list[str]:
     return []
 
 
-def start_node(home: str, node: NodeSpec) -> subprocess.Popen[bytes]:
-    """Start the node's daemon in its own session, output to its log; returns the process."""
-    pidfile = pidfile_path(home, node)
-    if os.path.exists(pidfile) and node_pid(home, node) is None:
-        # Stale (the daemon was killed): twistd would refuse to start if the pid was reused.
-        os.unlink(pidfile)
-    argv = [
+def daemon_argv(home: str, node: NodeSpec) -> list[str]:
+    """The node's twistd command line; CLIError if its config does not load."""
+    return [
         sys.executable,
         "-c",
         "from twisted.scripts.twistd import run; run()",
         "-n",
         "--pidfile",
-        pidfile,
+        pidfile_path(home, node),
         *_logger_option(home, node),
         f"dogfs-{node.kind}",
         "--config",
         config_path(home, node),
     ]
+
+
+def start_node(home: str, node: NodeSpec, argv: list[str] | None = None) -> subprocess.Popen[bytes]:
+    """Start the node's daemon in its own session, output to its log; returns the process."""
+    if argv is None:
+        argv = daemon_argv(home, node)
+    pidfile = pidfile_path(home, node)
+    if os.path.exists(pidfile) and node_pid(home, node) is None:
+        # Stale (the daemon was killed): twistd would refuse to start if the pid was reused.
+        os.unlink(pidfile)
     env = dict(os.environ)
     env.update(DAEMON_ENV)
     log = open(log_path(home, node), "ab")
