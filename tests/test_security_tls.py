@@ -439,3 +439,21 @@ class AddressTests(SynchronousTestCase):
         revocations.reinstate_name("alice")
         self.assertFalse(revocations.is_revoked(alice))
         self.assertEqual((revocations.names, revocations.serials), (frozenset(), frozenset()))
+
+
+class TLSConfigTests(SynchronousTestCase):
+    """TLSConfig.from_section reads a config file's [tls] table."""
+
+    def test_relative_and_absolute(self) -> None:
+        """Relative paths resolve against the config's directory; absolute ones stay."""
+        config = TLSConfig.from_section(
+            {"ca": "ca.pem", "cert": "n/cert.pem", "key": "/abs/key.pem"}, "/etc/dogfs"
+        )
+        self.assertEqual(
+            config, TLSConfig("/etc/dogfs/ca.pem", "/etc/dogfs/n/cert.pem", "/abs/key.pem")
+        )
+
+    def test_missing_key(self) -> None:
+        """A missing entry is named in the error."""
+        e = self.assertRaises(ValueError, TLSConfig.from_section, {"ca": "a", "cert": "b"}, "/")
+        self.assertIn("'key'", str(e))

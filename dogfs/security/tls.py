@@ -34,7 +34,8 @@ Depends on ``roles`` only (and Twisted, pyOpenSSL, cryptography, service_identit
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Iterable
+import os
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, cast
 
 from attrs import frozen
@@ -114,6 +115,23 @@ class TLSConfig:
     ca_cert: str
     cert: str
     key: str
+
+    @classmethod
+    def from_section(cls, section: Mapping[str, Any], relative_to: str) -> TLSConfig:
+        """Build from a config file's ``[tls]`` table (keys ``ca``, ``cert``, ``key``).
+
+        Relative paths are taken relative to ``relative_to`` (the config file's directory),
+        as the example configs in ``etc/`` say.
+
+        :raises ValueError: naming the missing key.
+        """
+        paths = []
+        for key in ("ca", "cert", "key"):
+            value = section.get(key)
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"the [tls] section needs a '{key}' path")
+            paths.append(os.path.join(os.path.abspath(relative_to), os.path.expanduser(value)))
+        return cls(ca_cert=paths[0], cert=paths[1], key=paths[2])
 
 
 def _read(path: str) -> bytes:
@@ -440,6 +458,9 @@ class ClientTLS:
     def __init__(self, config: TLSConfig) -> None:
         self.config = config
         self._trust_root, self._client_cert = self._load(config)
+        # One creator (and so one OpenSSL context) per host: building a context costs more
+        # than the handshake's Python overhead.
+        self._creators: dict[str, IOpenSSLClientConnectionCreator] = {}
 
     @staticmethod
     def _load(config: TLSConfig) -> tuple[ssl.Certificate, ssl.PrivateCertificate]:
@@ -451,16 +472,21 @@ class ClientTLS:
         """Re-read the files (all or nothing); connections made later use the new ones."""
         config = config if config is not None else self.config
         self._trust_root, self._client_cert = self._load(config)
+        self._creators = {}
         self.config = config
 
     def creator(self, host: str) -> IOpenSSLClientConnectionCreator:
         """A connection creator that checks the server's certificate names ``host``."""
-        return ssl.optionsForClientTLS(
-            host,
-            trustRoot=self._trust_root,
-            clientCertificate=self._client_cert,
-            extraCertificateOptions={"raiseMinimumTo": ssl.TLSVersion.TLSv1_2},
-        )
+        creator = self._creators.get(host)
+        if creator is None:
+            creator = ssl.optionsForClientTLS(
+                host,
+                trustRoot=self._trust_root,
+                clientCertificate=self._client_cert,
+                extraCertificateOptions={"raiseMinimumTo": ssl.TLSVersion.TLSv1_2},
+            )
+            self._creators[host] = creator
+        return creator
 
 
 def client_tls(config: TLSConfig, host: str) -> IOpenSSLClientConnectionCreator:
