@@ -22,6 +22,7 @@ from dogfs.meta.commands import (
     Count,
     Delete,
     DirInfo,
+    DrainChunkServer,
     EntryInfo,
     ErrorCode,
     ExpireAllocations,
@@ -32,6 +33,7 @@ from dogfs.meta.commands import (
     MoveShard,
     Ok,
     RegisterChunkServer,
+    RemoveChunkServer,
     Rename,
     Sessioned,
     SetDefaultPolicy,
@@ -142,6 +144,8 @@ _commands = st.one_of(
     st.builds(Rename, _names, _names),
     st.builds(ExpireAllocations, _floats),
     st.builds(MoveShard, _u64, _u64, _names, _names),
+    st.builds(DrainChunkServer, _names, st.booleans()),
+    st.builds(RemoveChunkServer, _names, st.booleans()),
 )
 _commands = _commands | st.builds(Sessioned, _names, _u64, _commands)
 _shards = st.lists(st.builds(ShardLocation, _u64, _names, _names, _names), max_size=3).map(tuple)
@@ -161,7 +165,7 @@ _results = st.one_of(
         ).map(tuple),
         st.booleans(),
     ),
-    st.builds(ChunkServerRecord, _names, _names, st.none() | _names),
+    st.builds(ChunkServerRecord, _names, _names, st.none() | _names, st.booleans()),
     st.builds(
         Summary,
         _u64,
@@ -725,6 +729,29 @@ class NamespaceTests(StateTestCase):
         for node in SERVERS:
             self.assertEqual(self.state.shards_on(node), [])
         self.error(RegisterChunkServer("bad\x00id", "h:1"), ErrorCode.INVALID_ARGUMENT)
+
+    def test_drain_and_remove(self) -> None:
+        """Draining is persistent across re-registration; removal waits for an empty server."""
+        self.register(4)
+        self.ok(DrainChunkServer("chunk-3"))
+        self.ok(RegisterChunkServer("chunk-3", "10.0.0.3:1", "r1"))
+        self.assertEqual(
+            self.state.chunk_servers()[3], ChunkServerRecord("chunk-3", "10.0.0.3:1", "r1", True)
+        )
+        self.ok(DrainChunkServer("chunk-3", draining=False))
+        self.assertFalse(self.state.chunk_servers()[3].draining)
+        self.error(DrainChunkServer("ghost"), ErrorCode.UNKNOWN_CHUNK_SERVER)
+        info = self.upload("/f", [5])
+        self.error(RemoveChunkServer("chunk-0"), ErrorCode.NOT_EMPTY)
+        self.error(RemoveChunkServer("ghost"), ErrorCode.UNKNOWN_CHUNK_SERVER)
+        self.ok(MoveShard(info.block_groups[0].id, 0, "chunk-0", "chunk-3"))
+        self.ok(RemoveChunkServer("chunk-0"))
+        self.assertEqual([r.node_id for r in self.state.chunk_servers()], list(SERVERS[1:4]))
+        self.ok(RemoveChunkServer("chunk-1", force=True))
+        # The forced server's shard still names it, with no address any more.
+        shard = self.state.stat("/f").block_groups[0].shards[1]  # type: ignore[union-attr]
+        self.assertEqual((shard.node_id, shard.address), ("chunk-1", ""))
+        self.error(Allocate("/g", "RS-2-1", SERVERS[:3]), ErrorCode.UNKNOWN_CHUNK_SERVER)
 
     def test_idempotent_replay(self) -> None:
         """Re-applying indexes already applied returns None and changes nothing."""

@@ -233,6 +233,24 @@ class Sessioned:
     command: Command
 
 
+@frozen
+class DrainChunkServer:
+    """Mark a chunk server as draining (or not): the leader stops placing new shards on it
+    and moves its shards away. Persistent, so a new leader keeps draining. Result: L{Ok}."""
+
+    node_id: str
+    draining: bool = True
+
+
+@frozen
+class RemoveChunkServer:
+    """Forget a chunk server. Refused with L{ErrorCode.NOT_EMPTY} while block groups still
+    place shards on it, unless C{force} (its shards are then lost). Result: L{Ok}."""
+
+    node_id: str
+    force: bool = False
+
+
 Command = Union[
     Sessioned,
     Mkdir,
@@ -244,6 +262,8 @@ Command = Union[
     Rename,
     ExpireAllocations,
     MoveShard,
+    DrainChunkServer,
+    RemoveChunkServer,
 ]
 
 
@@ -383,11 +403,12 @@ class Allocation:
 
 @frozen
 class ChunkServerRecord:
-    """A chunk server in the persistent registry."""
+    """A chunk server in the persistent registry; a draining one gets no new shards."""
 
     node_id: str
     address: str
     domain: str | None = None
+    draining: bool = False
 
 
 @frozen
@@ -522,6 +543,8 @@ _SCHEMAS: dict[int, tuple[type, tuple[_Check, ...]]] = {
     8: (ExpireAllocations, (_float,)),
     9: (MoveShard, (_int, _int, _str, _str)),
     10: (Sessioned, (_str, _int, _plain_command)),
+    11: (DrainChunkServer, (_str, _bool)),
+    12: (RemoveChunkServer, (_str, _bool)),
     64: (Ok, ()),
     65: (Count, (_int,)),
     66: (MetaError, (_code, _str)),
@@ -532,7 +555,7 @@ _SCHEMAS: dict[int, tuple[type, tuple[_Check, ...]]] = {
     71: (EntryInfo, (_str, _str, _str, _int, _str, _float, _int)),
     72: (Listing, (_str, _seq(_obj(EntryInfo)), _bool)),
     73: (Allocation, (_int, _str, _seq(_obj(ShardLocation)))),
-    74: (ChunkServerRecord, (_str, _str, _opt(_str))),
+    74: (ChunkServerRecord, (_str, _str, _opt(_str), _bool)),
     75: (Summary, (_int, _int, _int, _int, _int, _int, _seq(_pair(_int, _int)))),
 }
 _TAGS: dict[type, int] = {cls: tag for tag, (cls, _) in _SCHEMAS.items()}

@@ -14,7 +14,7 @@ Layout (named LMDB databases, all keys big-endian so byte order is numeric order
     inode; C{ls} is a range scan over one parent's prefix, sorted by name.
   - C{bgroups}: u64 block group -> C{[committed, ec, size, allocated_at, [node per shard]]}.
   - C{pending}: u64 block group -> b"" for uncommitted allocations (so expiry scans only them).
-  - C{servers}: UTF-8 node id -> C{[address, domain|None]}.
+  - C{servers}: UTF-8 node id -> C{[address, domain|None, draining]}.
   - C{nodeshards}: node id + NUL + u64 block group + u8 index -> b"": which shards each chunk
     server should hold (pending or committed), so repair finds a dead server's shards without
     scanning every block group.
@@ -56,6 +56,7 @@ from dogfs.meta.commands import (
     Count,
     Delete,
     DirInfo,
+    DrainChunkServer,
     EntryInfo,
     ErrorCode,
     ExpireAllocations,
@@ -66,6 +67,7 @@ from dogfs.meta.commands import (
     MoveShard,
     Ok,
     RegisterChunkServer,
+    RemoveChunkServer,
     Rename,
     Result,
     Sessioned,
@@ -764,7 +766,7 @@ class NamespaceState:
         with self._read() as txn:
             ctx = _Ctx(txn, self._dbs)
             return [
-                ChunkServerRecord(bytes(key).decode("utf-8"), *_unpack(raw))
+                ChunkServerRecord(bytes(key).decode("utf-8"), *_unpack(raw)[:3])
                 for key, raw in txn.cursor(db=ctx.servers)
             ]
 
@@ -973,7 +975,39 @@ def _register(ctx: _Ctx, index: int, cmd: RegisterChunkServer) -> Ok:
         raise _Abort(ErrorCode.INVALID_ARGUMENT, f"Chunk server id {node!r} contains a NUL.")
     address = _check_text(cmd.address, "Address")
     domain = None if cmd.domain is None else _check_text(cmd.domain, "Failure domain")
-    ctx.txn.put(node.encode("utf-8"), _pack([address, domain]), db=ctx.servers)
+    old = ctx.server(node)
+    # Re-registering (a restart, a new address) keeps an operator's drain in force.
+    draining = bool(old[2]) if old is not None and len(old) > 2 else False
+    ctx.txn.put(node.encode("utf-8"), _pack([address, domain, draining]), db=ctx.servers)
+    return Ok()
+
+
+def _known_server(ctx: _Ctx, node_id: Any) -> list[Any]:
+    rec = ctx.server(node_id) if isinstance(node_id, str) else None
+    if rec is None:
+        raise _Abort(ErrorCode.UNKNOWN_CHUNK_SERVER, f"Chunk server {node_id!r} is not registered.")
+    return rec
+
+
+def _drain(ctx: _Ctx, index: int, cmd: DrainChunkServer) -> Ok:
+    rec = _known_server(ctx, cmd.node_id)
+    address, domain = rec[0], rec[1]
+    ctx.txn.put(
+        cmd.node_id.encode("utf-8"), _pack([address, domain, bool(cmd.draining)]), db=ctx.servers
+    )
+    return Ok()
+
+
+def _remove_server(ctx: _Ctx, index: int, cmd: RemoveChunkServer) -> Ok:
+    _known_server(ctx, cmd.node_id)
+    prefix = cmd.node_id.encode("utf-8") + b"\x00"
+    cursor = ctx.txn.cursor(db=ctx.nodeshards)
+    if not cmd.force and cursor.set_range(prefix) and bytes(cursor.key()).startswith(prefix):
+        raise _Abort(
+            ErrorCode.NOT_EMPTY,
+            f"Chunk server {cmd.node_id!r} still holds shards; drain it first or force removal.",
+        )
+    ctx.txn.delete(cmd.node_id.encode("utf-8"), db=ctx.servers)
     return Ok()
 
 
@@ -1173,10 +1207,7 @@ def _move_shard(ctx: _Ctx, index: int, cmd: MoveShard) -> Ok:
             ErrorCode.STALE_ALLOCATION,
             f"Shard {sid} is on {nodes[shard]!r}, not on {cmd.from_node!r}.",
         )
-    if not isinstance(cmd.to_node, str) or ctx.server(cmd.to_node) is None:
-        raise _Abort(
-            ErrorCode.UNKNOWN_CHUNK_SERVER, f"Chunk server {cmd.to_node!r} is not registered."
-        )
+    _known_server(ctx, cmd.to_node)
     if cmd.to_node in nodes:
         raise _Abort(
             ErrorCode.INVALID_ARGUMENT,
@@ -1199,6 +1230,8 @@ _HANDLERS: dict[type, Any] = {
     Rename: _rename,
     ExpireAllocations: _expire,
     MoveShard: _move_shard,
+    DrainChunkServer: _drain,
+    RemoveChunkServer: _remove_server,
 }
 
 __all__ = ["NamespaceState", "RaftStateMachine", "ROOT", "MAX_SESSIONS"]
