@@ -1,0 +1,239 @@
+# -*- test-case-name: tests.test_meta_service -*-
+"""Tests for dogfs.meta.service and dogfs.meta.log: the metadata node's request handlers."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import msgpack
+from twisted.internet.task import Clock
+from twisted.test.iosim import FakeTransport, connect
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+from dogfs.config import MetaConfig
+from dogfs.interfaces import ICommandLog
+from dogfs.meta import commands as c
+from dogfs.meta.log import LocalCommandLog
+from dogfs.meta.registry import ChunkServerRegistry
+from dogfs.meta.service import MetaHandlers
+from dogfs.meta.state import NamespaceState
+from dogfs.wire import messages as m
+from dogfs.wire.protocol import Connection, WireError
+
+
+class Harness:
+    """A metadata node's handlers on a simulated clock, reached over an in-memory connection."""
+
+    def __init__(self, case: SynchronousTestCase, chunks: int = 6) -> None:
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.config = MetaConfig(
+            id="meta-1", listen="tcp:0", address="127.0.0.1:7000", data_dir=case.mktemp(),
+            chunk_dead_after=10.0,
+        )
+        self.state = NamespaceState(self.config.data_dir, durable=False)
+        self.state.open()
+        case.addCleanup(self.state.close)
+        self.log = LocalCommandLog(self.clock, self.state, None, node_id="meta-1", address="127.0.0.1:7000")
+        self.registry = ChunkServerRegistry(self.clock, 10.0)
+        self.handlers = MetaHandlers(
+            self.clock, self.config, self.state, self.log, self.registry, rng=random.Random(7)
+        )
+        self.server = Connection(self.clock, self.handlers.handlers(), node_id="meta-1")
+        self.client = Connection(self.clock, {})
+        self.pump = connect(self.server, FakeTransport(self.server, True), self.client, FakeTransport(self.client, False))
+        self.case = case
+        self.seq = 0
+        for i in range(1, chunks + 1):
+            self.heartbeat(f"chunk-{i}")
+
+    def call(self, msg: Any, payload: bytes = b"") -> Any:
+        d = self.client.call(msg, payload)
+        self.pump.flush()
+        return d
+
+    def ok(self, msg: Any, payload: bytes = b"") -> Any:
+        return self.case.successResultOf(self.call(msg, payload))
+
+    def error(self, msg: Any, payload: bytes = b"") -> WireError:
+        return self.case.failureResultOf(self.call(msg, payload), WireError).value
+
+    def command(self, command: Any, client_id: str = "client-a", seq: int | None = None) -> Any:
+        if seq is None:
+            self.seq += 1
+            seq = self.seq
+        return self.call(m.MetaCommand(client_id, seq), c.encode_command(command))
+
+    def result(self, command: Any, **kw: Any) -> Any:
+        reply = self.case.successResultOf(self.command(command, **kw))
+        return c.decode_result(bytes(reply.payload))
+
+    def heartbeat(self, node: str, address: str | None = None) -> Any:
+        port = 7100 + int(node.rsplit("-", 1)[1])
+        return self.ok(m.Heartbeat(node, address or f"127.0.0.1:{port}", 10**12, 0, 0, {}, None)).msg
+
+
+class MetaHandlerTests(SynchronousTestCase):
+    """The request handlers of a single metadata node."""
+
+    def test_log_provides_interface(self) -> None:
+        """The local command log implements ICommandLog."""
+        h = Harness(self)
+        verifyObject(ICommandLog, h.log)
+
+    def test_heartbeat_registers_durably(self) -> None:
+        """A chunk server's first heartbeat registers it in the persistent registry."""
+        h = Harness(self, chunks=2)
+        self.assertEqual([r.node_id for r in h.state.chunk_servers()], ["chunk-1", "chunk-2"])
+        reply = h.heartbeat("chunk-1")
+        self.assertEqual(reply.leader_hint, "127.0.0.1:7000")
+        self.assertTrue(reply.want_report)
+
+    def test_allocate_places_on_distinct_servers(self) -> None:
+        """Allocation puts the k+m shards of a block group on k+m different chunk servers."""
+        h = Harness(self)
+        alloc = h.result(c.Allocate("/f", None, ()))
+        self.assertEqual(alloc.ec, "RS-4-2")
+        self.assertEqual(len({s.node_id for s in alloc.shards}), 6)
+        self.assertEqual([s.index for s in alloc.shards], list(range(6)))
+
+    def test_not_enough_chunk_servers(self) -> None:
+        """With fewer live servers than k+m, allocation fails saying how many are needed and alive."""
+        h = Harness(self, chunks=4)
+        error = self.failureResultOf(h.command(c.Allocate("/f", None, ())), WireError).value
+        self.assertEqual(error.code, "not_enough_chunk_servers")
+        self.assertIn("needs 6 live chunk servers, only 4 are alive", error.message)
+        self.assertIn("/f", error.message)
+
+    def test_dead_servers_are_not_chosen(self) -> None:
+        """A chunk server silent past chunk_dead_after no longer receives shards."""
+        h = Harness(self, chunks=7)
+        h.clock.advance(8)
+        for i in range(1, 7):
+            h.heartbeat(f"chunk-{i}")
+        h.clock.advance(5)  # chunk-7 silent for 13 s
+        h.registry.check()
+        for _ in range(10):
+            alloc = h.result(c.Allocate("/f", None, ()))
+            self.assertNotIn("chunk-7", {s.node_id for s in alloc.shards})
+
+    def test_commit_then_stat_and_list(self) -> None:
+        """A committed file is visible to stat and list with its block groups."""
+        h = Harness(self)
+        alloc = h.result(c.Allocate("/f", "RS-4-2", ()))
+        info = h.result(c.CommitFile("/f", 10, ((alloc.bg_id, 10),)))
+        self.assertEqual(info.size, 10)
+        self.assertEqual(info.mtime, h.clock.seconds())
+        stat = c.decode_result(bytes(h.ok(m.MetaQuery("stat", "/f")).payload))
+        self.assertEqual(stat.block_groups[0].id, alloc.bg_id)
+        listing = c.decode_result(bytes(h.ok(m.MetaQuery("list", "/")).payload))
+        self.assertEqual([e.name for e in listing.entries], ["f"])
+
+    def test_errors_become_wire_errors(self) -> None:
+        """State machine errors arrive as wire errors with a lower-case code and the path."""
+        h = Harness(self)
+        error = h.error(m.MetaQuery("stat", "/missing"))
+        self.assertEqual(error.code, "not_found")
+        self.assertIn("/missing", error.message)
+        error = self.failureResultOf(h.command(c.Mkdir("relative")), WireError).value
+        self.assertEqual(error.code, "invalid_path")
+
+    def test_unknown_policy_refused(self) -> None:
+        """An unknown EC policy is refused before anything is proposed."""
+        h = Harness(self)
+        applied = h.state.applied_index
+        error = self.failureResultOf(h.command(c.Allocate("/f", "RS-4", ())), WireError).value
+        self.assertEqual(error.code, "invalid_argument")
+        self.assertEqual(h.state.applied_index, applied)
+
+    def test_internal_commands_refused_from_clients(self) -> None:
+        """A client cannot send the leader's own commands (registration, moves)."""
+        h = Harness(self)
+        error = self.failureResultOf(h.command(c.RegisterChunkServer("evil", "1.2.3.4:1")), WireError).value
+        self.assertEqual(error.code, "permission_denied")
+
+    def test_retried_command_applies_once(self) -> None:
+        """The same (client id, seq) applies once; the retry gets the first result."""
+        h = Harness(self)
+        first = h.result(c.Mkdir("/d"), seq=41)
+        applied = h.state.applied_index
+        again = h.result(c.Mkdir("/d"), seq=41)
+        self.assertEqual(first, again)
+        self.assertEqual(h.state.applied_index, applied)
+        error = self.failureResultOf(h.command(c.Mkdir("/d"), seq=42), WireError).value
+        self.assertEqual(error.code, "exists")
+
+    def test_shard_report_names_garbage(self) -> None:
+        """A shard report is answered with the shards no block group references."""
+        h = Harness(self)
+        alloc = h.result(c.Allocate("/f", None, ()))
+        mine = next(s for s in alloc.shards if s.node_id == "chunk-1")
+        payload = "\n".join([mine.shard_id, "00000000000000ff-00"]).encode()
+        reply = h.ok(m.ShardReport("chunk-1", 0, True), payload)
+        self.assertEqual(bytes(reply.payload).decode().split("\n"), ["00000000000000ff-00"])
+        self.assertFalse(h.heartbeat("chunk-1").want_report)
+
+    def test_status(self) -> None:
+        """Status lists the metadata member and every chunk server with the contract fields."""
+        h = Harness(self)
+        alloc = h.result(c.Allocate("/f", None, ()))
+        h.result(c.CommitFile("/f", 10, ((alloc.bg_id, 10),)))
+        status = msgpack.unpackb(bytes(h.ok(m.MetaQuery("status")).payload))
+        self.assertEqual(status["meta"][0]["role"], "leader")
+        self.assertEqual(len(status["chunks"]), 6)
+        chunk = status["chunks"][0]
+        for key in ("id", "address", "state", "capacity_bytes", "used_bytes", "shards", "last_heartbeat_s"):
+            self.assertIn(key, chunk)
+        self.assertEqual(status["namespace"]["files"], 1)
+        self.assertEqual(status["namespace"]["at_risk"], {"2": 1})
+
+    def test_at_risk_counts_dead_servers(self) -> None:
+        """A block group with a shard on a dead server has one loss fewer to spare."""
+        h = Harness(self)
+        alloc = h.result(c.Allocate("/f", None, ()))
+        h.result(c.CommitFile("/f", 10, ((alloc.bg_id, 10),)))
+        h.clock.advance(8)
+        for i in range(2, 7):
+            h.heartbeat(f"chunk-{i}")
+        h.clock.advance(5)
+        h.registry.check()
+        status = h.handlers.status()
+        self.assertEqual(status["namespace"]["at_risk"], {"1": 1})
+
+    def test_cluster_info(self) -> None:
+        """cluster_info gives what a client needs to encode."""
+        h = Harness(self)
+        info = msgpack.unpackb(bytes(h.ok(m.MetaQuery("cluster_info")).payload))
+        self.assertEqual((info["default_ec"], info["cell_size"]), ("RS-4-2", 1 << 20))
+
+    def test_unknown_query(self) -> None:
+        """An unknown query op is an invalid_argument error."""
+        self.assertEqual(Harness(self).error(m.MetaQuery("frobnicate")).code, "invalid_argument")
+
+
+class LocalLogTests(SynchronousTestCase):
+    """Group commit in the single-node log."""
+
+    def test_batches_while_busy(self) -> None:
+        """Commands proposed while a batch is being written go together in the next one."""
+        state = NamespaceState(self.mktemp(), durable=False)
+        state.open()
+        self.addCleanup(state.close)
+        batches: list[int] = []
+        real = state.apply_batch
+
+        def counting(entries: Any) -> Any:
+            batches.append(len(entries))
+            return real(entries)
+
+        state.apply_batch = counting  # type: ignore[method-assign]
+        log = LocalCommandLog(Clock(), state, None, node_id="m", address="a:1")
+        log._busy = True  # a batch is in flight
+        ds = [log.propose(c.Mkdir(f"/d{i}")) for i in range(5)]
+        log._busy = False
+        log._flush()
+        self.assertEqual(batches, [5])
+        self.assertEqual([type(self.successResultOf(d)) for d in ds], [c.DirInfo] * 5)
+        self.assertEqual(state.applied_index, 5)
