@@ -989,3 +989,186 @@ class RaftStateMachineTests(StateTestCase):
         # Identical to the source once that one too has moved past the no-ops.
         self.state.apply(len(log) + 2, None)
         self.assertEqual(other.state.digest(), self.state.digest())
+
+
+class _Model:
+    """A deliberately naive model of the namespace (a dict of paths) to check the real one."""
+
+    def __init__(self) -> None:
+        self.nodes: dict[str, Any] = {"/": ["dir", None]}
+        self.default = "RS-4-2"
+        self.servers: set[str] = set()
+        self.pending: dict[int, tuple[str, float, list[str]]] = {}
+        self.committed: dict[int, tuple[str, list[str]]] = {}
+        self.next_bg = 1
+
+    @staticmethod
+    def parent(path: str) -> str:
+        return paths.parent_and_name(path)[0]
+
+    def is_dir(self, path: str) -> bool:
+        return path in self.nodes and self.nodes[path][0] == "dir"
+
+    def effective(self, path: str) -> str:
+        while True:
+            if self.nodes[path][1] is not None:
+                return str(self.nodes[path][1])
+            if path == "/":
+                return self.default
+            path = self.parent(path)
+
+    def exists(self, path: str) -> bool:
+        parts = paths.split(path)
+        for i in range(len(parts)):
+            if not self.is_dir(paths.join(parts[:i])):
+                return False
+        return path in self.nodes
+
+    def subtree(self, path: str) -> list[str]:
+        return [p for p in self.nodes if p == path or p.startswith(path.rstrip("/") + "/")]
+
+    def apply(self, cmd: Any) -> bool:
+        """Apply a command; return whether it succeeds."""
+        try:
+            return self._apply(cmd) is not False
+        except ValueError:
+            return False
+
+    def _apply(self, cmd: Any) -> bool | None:
+        if isinstance(cmd, RegisterChunkServer):
+            self.servers.add(cmd.node_id)
+        elif isinstance(cmd, Mkdir):
+            ec = None if cmd.ec is None else canonical_policy(cmd.ec)
+            parts = paths.split(cmd.path)
+            if not parts:
+                return cmd.parents
+            for i in range(1, len(parts) + 1):
+                here, last = paths.join(parts[:i]), i == len(parts)
+                if here in self.nodes:
+                    if not self.is_dir(here) or (last and not cmd.parents):
+                        return False
+                    continue
+                if not last and not cmd.parents:
+                    return False
+                self.nodes[here] = ["dir", ec if last else None]
+        elif isinstance(cmd, Allocate):
+            if cmd.path == "/" or not self.is_dir(self.parent(cmd.path)):
+                return False
+            if not self.exists(self.parent(cmd.path)) or self.is_dir(cmd.path):
+                return False
+            ec = canonical_policy(cmd.ec or self.effective(self.parent(cmd.path)))
+            k, m = parse_policy(ec)
+            placement = list(cmd.placement)
+            if len(placement) != k + m or len(set(placement)) != k + m:
+                return False
+            if not set(placement) <= self.servers:
+                return False
+            self.pending[self.next_bg] = (ec, cmd.now, placement)
+            self.next_bg += 1
+        elif isinstance(cmd, CommitFile):
+            parent = self.parent(cmd.path) if cmd.path != "/" else None
+            if parent is None or not self.exists(parent) or not self.is_dir(parent):
+                return False
+            if self.is_dir(cmd.path):
+                return False
+            bgs = [bg for bg, _ in cmd.block_groups]
+            if len(set(bgs)) != len(bgs) or any(size <= 0 for _, size in cmd.block_groups):
+                return False
+            if not all(bg in self.pending for bg in bgs):
+                return False
+            policies = {self.pending[bg][0] for bg in bgs}
+            if len(policies) > 1 or sum(s for _, s in cmd.block_groups) != cmd.size:
+                return False
+            ec = policies.pop() if policies else self.effective(parent)
+            if cmd.path in self.nodes:
+                for bg in self.nodes[cmd.path][3]:
+                    self.committed.pop(bg, None)
+            for bg in bgs:
+                pol, _, nodes = self.pending.pop(bg)
+                self.committed[bg] = (pol, nodes)
+            self.nodes[cmd.path] = ["file", cmd.size, ec, bgs]
+        elif isinstance(cmd, Delete):
+            if cmd.path == "/" or not self.exists(cmd.path):
+                return False
+            tree = self.subtree(cmd.path)
+            if len(tree) > 1 and not cmd.recursive:
+                return False
+            for p in tree:
+                if self.nodes[p][0] == "file":
+                    for bg in self.nodes[p][3]:
+                        self.committed.pop(bg, None)
+                del self.nodes[p]
+        elif isinstance(cmd, Rename):
+            if cmd.src == "/" or not self.exists(cmd.src) or cmd.dst == "/":
+                return False
+            parent = self.parent(cmd.dst)
+            if not self.exists(parent) or not self.is_dir(parent) or cmd.dst in self.nodes:
+                return False
+            if cmd.dst.startswith(cmd.src + "/"):
+                return False
+            for p in self.subtree(cmd.src):
+                self.nodes[cmd.dst + p[len(cmd.src) :]] = self.nodes.pop(p)
+        elif isinstance(cmd, ExpireAllocations):
+            for bg in [bg for bg, (_, t, _) in self.pending.items() if t < cmd.before]:
+                del self.pending[bg]
+        elif isinstance(cmd, MoveShard):
+            found = self.committed.get(cmd.bg_id) or self.pending.get(cmd.bg_id)
+            if found is None:
+                return False
+            nodes = found[-1]
+            if cmd.index >= len(nodes) or nodes[cmd.index] != cmd.from_node:
+                return False
+            if cmd.to_node not in self.servers or cmd.to_node in nodes:
+                return False
+            nodes[cmd.index] = cmd.to_node
+        return None
+
+    def tree(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for p, node in self.nodes.items():
+            if node[0] == "dir":
+                out[p] = ("dir", self.effective(p))
+            else:
+                groups = tuple((bg, tuple(self.committed[bg][1])) for bg in node[3])
+                out[p] = ("file", node[1], node[2], groups)
+        return out
+
+
+def _tree(state: NamespaceState) -> dict[str, Any]:
+    out: dict[str, Any] = {"/": ("dir", state.stat("/").ec)}  # type: ignore[union-attr]
+    stack = ["/"]
+    while stack:
+        for entry in state.list(stack.pop()):  # type: ignore[union-attr]
+            if entry.type == "dir":
+                out[entry.path] = ("dir", entry.ec)
+                stack.append(entry.path)
+            else:
+                info = state.stat(entry.path)
+                assert isinstance(info, FileInfo)
+                groups = tuple(
+                    (bg.id, tuple(s.node_id for s in bg.shards)) for bg in info.block_groups
+                )
+                out[entry.path] = ("file", info.size, info.ec, groups)
+    return out
+
+
+class ModelTests(StateTestCase):
+    """The LMDB state agrees with a naive model on every outcome and on the final tree."""
+
+    def test_against_model(self) -> None:
+        """Random logs succeed or fail exactly as the model says, leaving the same tree."""
+        for seed in range(4):
+            log = random_commands(random.Random(1000 + seed), 250, self.make_state())
+            log = [c.command if isinstance(c, Sessioned) else c for c in log]
+            model, state = _Model(), self.make_state()
+            for i, command in enumerate(log, 1):
+                result = state.apply(i, command)
+                expected = model.apply(command)
+                self.assertEqual(
+                    not isinstance(result, MetaError),
+                    expected,
+                    f"seed {seed}: {command!r} -> {result!r}",
+                )
+            self.assertEqual(_tree(state), model.tree())
+            self.assertEqual(state.summary().pending_block_groups, len(model.pending))
+            self.assertEqual(state.summary().block_groups, len(model.committed))
