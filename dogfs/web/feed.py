@@ -157,6 +157,14 @@ class FeedProtocol(WebSocketServerProtocol):
 
     factory: Feed
 
+    def failHandshake(
+        self, reason: str, code: int = 400, responseHeaders: Any = None
+    ) -> None:
+        """Refuse a handshake; a page from a foreign origin is told 403 Forbidden, not 400."""
+        if "origin" in reason and "not allowed" in reason:
+            code = 403
+        super().failHandshake(reason, code, responseHeaders)
+
     def onOpen(self) -> None:
         """Send the full snapshot and start receiving pushes."""
         self.factory.add_client(self)
@@ -193,9 +201,7 @@ class Feed(WebSocketServerFactory):
     ) -> None:
         """Set up the feed; nothing runs until L{start} and the first page."""
         super().__init__()
-        if not allowed_origins or any(o.strip() == "*" for o in allowed_origins):
-            raise ValueError("allowed_origins must list the dashboard's origins, never '*'")
-        self.setProtocolOptions(allowedOrigins=list(allowed_origins), allowNullOrigin=False)
+        self.set_allowed_origins(allowed_origins)
         self.clock = clock
         self.source = source
         self.metrics = metrics
@@ -213,6 +219,17 @@ class Feed(WebSocketServerFactory):
         self._sent: dict[str, str] = {}
         self._sent_point_t = 0.0
         self._seq = 0
+
+    def set_allowed_origins(self, allowed_origins: list[str]) -> None:
+        """Accept pages from these C{"scheme://host:port"} origins only (never C{"*"}).
+
+        A connection with another C{Origin} is refused at the handshake (HTTP 403). Clients
+        that send no C{Origin} at all (scripts, not browsers) are let in: the check is there
+        to stop other sites' pages from reading the feed through a visitor's browser.
+        """
+        if not allowed_origins or any("*" in o for o in allowed_origins):
+            raise ValueError("allowed_origins must list the dashboard's origins, never '*'")
+        self.setProtocolOptions(allowedOrigins=list(allowed_origins), allowNullOrigin=False)
 
     # -- life cycle ---------------------------------------------------------------------
 
