@@ -250,6 +250,30 @@ class LMDBRaftStorageTests(SynchronousTestCase):
         self.raw_put(b"snap", b"data", bytes(value))
         self.assertRaises(RaftStorageCorruption, self.open().load)
 
+    def test_map_grows_when_full(self) -> None:
+        """A batch larger than the LMDB map grows the map instead of failing."""
+        s = LMDBRaftStorage(self.dir, map_size=1 << 20)
+        self.addCleanup(s.close)
+        s.load()
+        big = [Entry(term=1, index=i, kind=EntryKind.NORMAL, data=b"x" * 4096) for i in range(1, 600)]
+        with capturedLogs() as events:
+            s.save(HardState(1, "a", 0), big, None)
+        self.assertTrue(any("map full" in formatEvent(e) for e in events))
+        s.close()
+        self.assertEqual(len(LMDBRaftStorage(self.dir).load().entries), 599)
+
+    def test_missing_first_entry_refused(self) -> None:
+        """Without a snapshot the log must start at index 1: a missing head is corruption."""
+        s = self.open()
+        s.load()
+        s.save(HardState(1, "a", 0), entries(1, 4), None)
+        s.close()
+        env = lmdb.open(self.dir.path, max_dbs=4, map_size=1 << 24)
+        with env.begin(write=True, db=env.open_db(b"log")) as txn:
+            txn.delete(struct.pack(">Q", 1))
+        env.close()
+        self.assertRaises(RaftStorageCorruption, self.open().load)
+
     def test_index_mismatch_detected(self) -> None:
         """A valid record stored under the wrong key (a misdirected write) is corruption."""
         s = self.open()

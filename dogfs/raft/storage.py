@@ -328,7 +328,7 @@ class LMDBRaftStorage:
     ) -> tuple[list[Entry], tuple[int, str] | None]:
         entries: list[Entry] = []
         bad_tail: tuple[int, str] | None = None
-        prev_index = snapshot.index if snapshot else None
+        prev_index = snapshot.index if snapshot else 0
         prev_term = snapshot.term if snapshot else 0
         for position, (key, value) in enumerate(raw):
             is_last = position == len(raw) - 1
@@ -336,7 +336,7 @@ class LMDBRaftStorage:
                 if len(key) != _INDEX.size:
                     raise RaftStorageCorruption(f"log key {key!r} is malformed")
                 entry = _decode_entry(key, value)
-                if prev_index is not None and entry.index != prev_index + 1:
+                if entry.index != prev_index + 1:
                     raise RaftStorageCorruption(
                         f"log entry {entry.index} follows {prev_index}: the log has a gap"
                     )
@@ -380,6 +380,27 @@ class LMDBRaftStorage:
         if hard_state is None and not entries and snapshot is None:
             return
         self._ensure_open()
+        for _attempt in range(16):
+            try:
+                self._save(hard_state, entries, snapshot)
+                return
+            except lmdb.MapFullError:
+                # The aborted transaction left nothing behind: grow the map and write again.
+                self._map_size *= 2
+                _log.warn(
+                    "Raft storage {path}: map full, growing it to {size} bytes",
+                    path=self._path,
+                    size=self._map_size,
+                )
+                self._env.set_mapsize(self._map_size)
+        raise RaftStorageError(f"Raft storage {self._path}: cannot grow the LMDB map enough")
+
+    def _save(
+        self,
+        hard_state: HardState | None,
+        entries: Sequence[Entry],
+        snapshot: Snapshot | None,
+    ) -> None:
         first, last, last_term = self._first_index, self._last_index, self._last_term
         snap_meta = self._snapshot_meta
         with self._env.begin(write=True) as txn:
