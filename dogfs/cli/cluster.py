@@ -59,6 +59,7 @@ __all__ = [
     "cmd_kill",
     "cmd_down",
     "query_status",
+    "daemons_serve_tls",
     "node_views",
 ]
 
@@ -478,7 +479,29 @@ def _new_spec(args: argparse.Namespace) -> ClusterSpec:
             f"servers, so it needs --chunk {policy.width} or more, not {chunks}",
             USAGE,
         )
-    return layout.new_spec(metas, chunks, policy.name, not args.insecure, args.base_port)
+    tls = not args.insecure
+    if tls and not daemons_serve_tls():
+        tls = False
+        _say(
+            "note: the daemons do not serve TLS yet (no SERVES_TLS in dogfs.plugins.meta and "
+            "dogfs.plugins.chunk), so this cluster is plaintext",
+            sys.stderr,
+        )
+    return layout.new_spec(metas, chunks, policy.name, tls, args.base_port)
+
+
+def daemons_serve_tls() -> bool:
+    """Whether both twistd plugins honour a config's [tls] table.
+
+    Each plugin module says so with `SERVES_TLS = True`; until both do, a TLS cluster could
+    not serve (the client would speak TLS to a plaintext listener), so `up` makes plaintext.
+    """
+    import importlib
+
+    return all(
+        getattr(importlib.import_module(f"dogfs.plugins.{kind}"), "SERVES_TLS", False) is True
+        for kind in ("meta", "chunk")
+    )
 
 
 def cmd_up(args: argparse.Namespace) -> int:

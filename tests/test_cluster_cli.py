@@ -1,0 +1,501 @@
+"""Tests for `dogfs cluster`: the files of a local cluster, its process control, readiness, and
+(with the daemons built) the whole life of a real cluster on loopback as a user types it."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from typing import Any
+
+from twisted.internet import reactor as _reactor
+from twisted.internet.defer import Deferred
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+
+from dogfs.cli import cluster
+from dogfs.cli import cluster_layout as layout
+from dogfs.cli.output import USAGE, CLIError
+from dogfs.config import load_chunk, load_client, load_meta
+
+# Real-process tests give a cluster this long to serve (a loaded 2-core machine is slow).
+WAIT = 60.0
+
+
+def _cli(home: str, *argv: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+    """Run `dogfs --home HOME ARGV...` as a user would, with the venv's python."""
+    return subprocess.run(
+        [sys.executable, "-m", "dogfs.cli.main", "--home", home, *argv],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _daemons_missing() -> str | None:
+    for kind in ("meta", "chunk"):
+        module = importlib.import_module(f"dogfs.plugins.{kind}")
+        if not hasattr(module, "makeService"):
+            return f"dogfs-{kind} plugin not built yet"
+    return None
+
+
+def _kill_leftovers(home: str) -> None:
+    """Last resort after a failed test: SIGKILL any daemon still running under `home`."""
+    spec = layout.load_spec(home)
+    if spec is None:
+        return
+    pids = [p for n in spec.nodes if (p := layout.node_pid(home, n)) is not None]
+    layout.stop_pids(pids, sig=signal.SIGKILL)
+
+
+def _spec(tls: bool = False, metas: int = 1, chunks: int = 3) -> layout.ClusterSpec:
+    return layout.new_spec(metas, chunks, "RS-2-1", tls, None)
+
+
+def _home(case: SynchronousTestCase) -> str:
+    home = tempfile.mkdtemp(prefix="dogfs-home-", dir=os.path.abspath("."))
+    return home
+
+
+class LayoutTests(SynchronousTestCase):
+    def test_ports_distinct(self) -> None:
+        """A new cluster's ports are all different and on loopback."""
+        spec = _spec(metas=3, chunks=6)
+        ports = [n.port for n in spec.nodes] + [
+            int(m.http_address.rpartition(":")[2]) for m in spec.metas
+        ]
+        self.assertEqual(len(set(ports)), len(ports))
+        self.assertTrue(all(n.address.startswith("127.0.0.1:") for n in spec.nodes))
+        self.assertEqual([n.id for n in spec.nodes][:4], ["meta-1", "meta-2", "meta-3", "chunk-1"])
+
+    def test_base_port(self) -> None:
+        """--base-port P: metas on P.., their HTTP on P+80.., chunk servers on P+100.."""
+        base = layout.pick_ports(1)[0] // 1000 * 1000
+        if base < 1024 or base > 60000:
+            base = 20000
+        try:
+            spec = layout.new_spec(2, 2, "RS-1-1", False, base)
+        except CLIError:
+            raise SkipTest(f"ports near {base} are busy on this machine") from None
+        self.assertEqual(
+            [n.address for n in spec.nodes],
+            [
+                f"127.0.0.1:{base}",
+                f"127.0.0.1:{base + 1}",
+                f"127.0.0.1:{base + 100}",
+                f"127.0.0.1:{base + 101}",
+            ],
+        )
+        self.assertEqual(spec.metas[1].http_address, f"127.0.0.1:{base + 81}")
+
+    def test_configs_load(self) -> None:
+        """Every config `up` writes loads with the daemon's and client's own loaders."""
+        home = _home(self)
+        spec = _spec(metas=3)
+        layout.write_cluster(home, spec)
+        peers = {m.id: m.address for m in spec.metas}
+        for m in spec.metas:
+            config = load_meta(layout.config_path(home, m))
+            self.assertEqual((config.id, config.address), (m.id, m.address))
+            self.assertEqual(dict(config.peers), peers)
+            self.assertEqual(config.data_dir, layout.data_dir(home, m))
+            self.assertEqual(config.default_ec, "RS-2-1")
+            self.assertIsNone(config.tls)
+        for c in spec.chunks:
+            chunk = load_chunk(layout.config_path(home, c))
+            self.assertEqual(chunk.meta, tuple(peers.values()))
+            self.assertTrue(os.path.isdir(chunk.data_dir))
+        client = load_client(os.path.join(home, "client.toml"))
+        self.assertEqual(client.meta, tuple(peers.values()))
+        self.assertEqual(layout.load_spec(home), spec)
+
+    def test_tls_material(self) -> None:
+        """With TLS every config names a CA, certificate and key that exist."""
+        home = _home(self)
+        spec = _spec(tls=True)
+        layout.write_cluster(home, spec)
+        tls_files = [load_meta(layout.config_path(home, spec.metas[0])).tls]
+        tls_files += [load_chunk(layout.config_path(home, c)).tls for c in spec.chunks]
+        tls_files.append(load_client(os.path.join(home, "client.toml")).tls)
+        for tls in tls_files:
+            assert tls is not None
+            for path in (tls.ca, tls.cert, tls.key):
+                self.assertTrue(os.path.isfile(path), path)
+        self.assertEqual(os.stat(os.path.join(home, "client.toml")).st_mode & 0o777, 0o600)
+
+    def test_no_cluster(self) -> None:
+        """An empty HOME holds no cluster."""
+        self.assertIsNone(layout.load_spec(_home(self)))
+
+    def test_unknown_node(self) -> None:
+        """An unknown node id is a usage error that lists the node ids."""
+        e = self.assertRaises(CLIError, _spec().node, "chunk-9")
+        self.assertEqual(e.exit_code, USAGE)
+        self.assertIn("meta-1, chunk-1, chunk-2, chunk-3", e.message)
+
+
+class ProcessTests(SynchronousTestCase):
+    def test_pid_alive(self) -> None:
+        """Our own pid is alive; a child that exited (and was reaped) is not."""
+        self.assertTrue(layout.pid_alive(os.getpid()))
+        child = subprocess.Popen([sys.executable, "-c", "pass"])
+        child.wait()
+        self.assertFalse(layout.pid_alive(child.pid))
+
+    def test_zombie_is_dead(self) -> None:
+        """A child that exited but is not yet reaped counts as dead (and gets reaped)."""
+        child = subprocess.Popen([sys.executable, "-c", "pass"])
+        os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # exited, still a zombie
+        self.assertFalse(layout.pid_alive(child.pid))
+
+    def test_stale_pidfile(self) -> None:
+        """A pidfile naming a dead process, or one that is not the node's daemon, is ignored."""
+        home = _home(self)
+        spec = _spec()
+        layout.write_cluster(home, spec)
+        node = spec.chunks[0]
+        child = subprocess.Popen([sys.executable, "-c", "pass"])
+        child.wait()
+        with open(layout.pidfile_path(home, node), "w") as f:
+            f.write(str(child.pid))
+        self.assertIsNone(layout.node_pid(home, node))
+        with open(layout.pidfile_path(home, node), "w") as f:
+            f.write(str(os.getpid()))  # alive, but its command line is not the daemon's
+        self.assertIsNone(layout.node_pid(home, node))
+
+    def test_stop_escalates(self) -> None:
+        """A process that ignores SIGTERM gets SIGKILL after the timeout."""
+        child = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import signal, sys, time\n"
+                "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                "sys.stdout.write('ready\\n'); sys.stdout.flush()\n"
+                "time.sleep(60)",
+            ],
+            stdout=subprocess.PIPE,
+        )
+        self.addCleanup(child.kill)
+        assert child.stdout is not None
+        self.assertEqual(child.stdout.readline(), b"ready\n")
+        child.stdout.close()
+        killed = layout.stop_pids([child.pid], timeout=0.2)
+        self.assertEqual(killed, [child.pid])
+        self.assertFalse(layout.pid_alive(child.pid))
+
+    def test_log_tail(self) -> None:
+        """log_tail gives the last lines of a node's log."""
+        home = _home(self)
+        spec = _spec()
+        layout.write_cluster(home, spec)
+        with open(layout.log_path(home, spec.metas[0]), "w") as f:
+            f.write("".join(f"line {i}\n" for i in range(100)))
+        self.assertEqual(layout.log_tail(home, spec.metas[0], 2), "line 98\nline 99")
+
+
+def _answer(leader: str | None, chunks: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "cluster": {"leader": leader},
+        "meta": [
+            {
+                "id": "meta-1",
+                "role": "leader" if leader else "candidate",
+                "term": 3,
+                "commit_index": 9,
+                "http_address": "127.0.0.1:1",
+            }
+        ],
+        "chunks": chunks,
+    }
+
+
+def _chunk(node_id: str, state: str = "alive", heartbeat: float | None = 0.2) -> dict[str, Any]:
+    return {
+        "id": node_id,
+        "state": state,
+        "capacity_bytes": 100,
+        "used_bytes": 10,
+        "shards": 2,
+        "last_heartbeat_s": heartbeat,
+    }
+
+
+class ReadinessTests(SynchronousTestCase):
+    def test_missing(self) -> None:
+        """The cluster serves once a leader is known and every chunk server is alive."""
+        spec = _spec()
+        address = spec.metas[0].address
+        self.assertEqual(cluster._missing(spec, {}), ["no metadata node answers"])
+        alive = [_chunk(c.id) for c in spec.chunks]
+        self.assertEqual(
+            cluster._missing(spec, {address: _answer(None, alive)}), ["no metadata leader yet"]
+        )
+        partly = [_chunk("chunk-1"), _chunk("chunk-2", "dead")]
+        self.assertEqual(
+            cluster._missing(spec, {address: _answer("meta-1", partly)}),
+            ["not yet alive: chunk-2, chunk-3"],
+        )
+        self.assertEqual(cluster._missing(spec, {address: _answer("meta-1", alive)}), [])
+
+    def test_restarted_needs_fresh_heartbeat(self) -> None:
+        """A chunk server restarted 1 s ago is not ready on a heartbeat older than that."""
+        spec = _spec()
+        address = spec.metas[0].address
+        chunks = [_chunk("chunk-1"), _chunk("chunk-2"), _chunk("chunk-3", heartbeat=4.0)]
+        answers = {address: _answer("meta-1", chunks)}
+        self.assertEqual(
+            cluster._missing(spec, answers, {"chunk-3": 1.0}), ["not yet alive: chunk-3"]
+        )
+        self.assertEqual(cluster._missing(spec, answers, {"chunk-3": 5.0}), [])
+
+    def test_node_views_contract(self) -> None:
+        """status --json objects carry the DESIGN.md fields; stopped nodes have pid null."""
+        home = _home(self)
+        spec = _spec()
+        layout.write_cluster(home, spec)
+        answers = {spec.metas[0].address: _answer("meta-1", [_chunk("chunk-1")])}
+        views = cluster.node_views(home, spec, answers)
+        common = {"id", "kind", "address", "pid", "state", "data_dir"}
+        meta, chunk1, chunk2 = views[0], views[1], views[2]
+        self.assertTrue(common | {"role", "term", "commit_index", "http_address"} <= set(meta))
+        self.assertTrue(
+            common | {"capacity_bytes", "used_bytes", "shards", "last_heartbeat_s"} <= set(chunk1)
+        )
+        self.assertEqual((meta["pid"], meta["state"]), (None, "stopped"))
+        self.assertIsNone(meta["role"])  # not running: its role is not claimed
+        self.assertEqual((meta["term"], meta["commit_index"]), (3, 9))
+        self.assertEqual((chunk1["shards"], chunk1["used_bytes"]), (2, 10))
+        self.assertIsNone(chunk2["last_heartbeat_s"])
+        self.assertTrue(os.path.isabs(chunk1["data_dir"]))
+
+
+def _up_args(**kw: Any) -> argparse.Namespace:
+    values = {"meta": None, "chunk": None, "ec": None, "insecure": False}
+    values.update(kw)
+    return argparse.Namespace(**values)
+
+
+class MatchTests(SynchronousTestCase):
+    def test_differing_options(self) -> None:
+        """`up` on an existing cluster with other sizes or policy is a usage error."""
+        spec = _spec()
+        cluster._check_matches(spec, _up_args(chunk=3, ec="rs-2-1"), "/h")
+        e = self.assertRaises(CLIError, cluster._check_matches, spec, _up_args(chunk=6), "/h")
+        self.assertEqual(e.exit_code, USAGE)
+        self.assertIn("--chunk 6 (it has 3)", e.message)
+
+    def test_too_few_chunks(self) -> None:
+        """A policy wider than the chunk servers is refused before anything is written."""
+        e = self.assertRaises(
+            CLIError, cluster._new_spec, _up_args(chunk=3, ec="RS-4-2", base_port=None)
+        )
+        self.assertEqual(e.exit_code, USAGE)
+
+
+class WaitReadyTests(TestCase):
+    """`_wait_ready` against real processes but no metadata node (the trial reactor runs)."""
+
+    def _started(self, home: str, spec: layout.ClusterSpec, code: str) -> subprocess.Popen[bytes]:
+        node = spec.chunks[0]
+        with open(layout.log_path(home, node), "wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT
+            )
+        self.addCleanup(lambda: (process.kill(), process.wait()))
+        return process
+
+    def test_daemon_exits(self) -> None:
+        """A daemon that exits during start-up fails `up` with the tail of its log."""
+        home = _home(self)
+        spec = _spec()
+        layout.write_cluster(home, spec)
+        process = self._started(home, spec, "print('bad things happened'); raise SystemExit(3)")
+        d: Deferred[Any] = Deferred.fromCoroutine(
+            cluster._wait_ready(_reactor, home, spec, {"chunk-1": process}, 30.0)
+        )
+        d = self.assertFailure(d, CLIError)
+
+        def check(e: CLIError) -> None:
+            self.assertIn("chunk-1 exited with status 3", e.message)
+            self.assertIn("bad things happened", e.message)
+
+        return d.addCallback(check)
+
+    def test_deadline(self) -> None:
+        """With no metadata node answering, `up` fails at its deadline saying why."""
+        home = _home(self)
+        spec = _spec()
+        layout.write_cluster(home, spec)
+        process = self._started(home, spec, "import time; time.sleep(60)")
+        d: Deferred[Any] = Deferred.fromCoroutine(
+            cluster._wait_ready(_reactor, home, spec, {"chunk-1": process}, 0.3)
+        )
+        d = self.assertFailure(d, CLIError)
+        d.addCallback(lambda e: self.assertIn("no metadata node answers", e.message))
+        return d
+
+
+class CommandLineTests(SynchronousTestCase):
+    """The CLI as typed, on a cluster that is written but not running (no daemons needed)."""
+
+    def test_status_of_stopped_cluster(self) -> None:
+        """status --json on a stopped cluster lists every node as stopped with pid null."""
+        home = _home(self)
+        layout.write_cluster(home, _spec())
+        result = _cli(home, "cluster", "status", "--json")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        nodes = json.loads(result.stdout)["nodes"]
+        self.assertEqual([n["id"] for n in nodes], ["meta-1", "chunk-1", "chunk-2", "chunk-3"])
+        self.assertTrue(all(n["state"] == "stopped" and n["pid"] is None for n in nodes))
+
+    def test_bad_node(self) -> None:
+        """stop/start/kill of an unknown node exit 2 naming the nodes."""
+        home = _home(self)
+        layout.write_cluster(home, _spec())
+        for command in ("stop", "start", "kill"):
+            result = _cli(home, "cluster", command, "chunk-42")
+            self.assertEqual(result.returncode, 2, result.stderr)
+            self.assertIn("chunk-42", result.stderr)
+            self.assertIn("meta-1, chunk-1, chunk-2, chunk-3", result.stderr)
+            self.assertTrue(result.stderr.startswith("dogfs: "))
+
+    def test_no_cluster(self) -> None:
+        """status on a HOME without a cluster exits 2 and says how to make one."""
+        result = _cli(_home(self), "cluster", "status")
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("cluster up", result.stderr)
+
+
+class RealClusterTests(SynchronousTestCase):
+    """A real cluster of twistd daemons on loopback: 1 meta, 3 chunk servers, RS-2-1."""
+
+    def setUp(self) -> None:
+        missing = _daemons_missing()
+        if missing:
+            raise SkipTest(missing)
+
+    def _status(self, home: str) -> dict[str, dict[str, Any]]:
+        result = _cli(home, "cluster", "status", "--json")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        return {n["id"]: n for n in json.loads(result.stdout)["nodes"]}
+
+    def _up(self, home: str, *extra: str) -> subprocess.CompletedProcess[str]:
+        return _cli(
+            home, "cluster", "up", "--detach", "--wait", str(WAIT), *extra, timeout=WAIT + 60
+        )
+
+    def test_life_of_a_cluster(self) -> None:
+        """up --detach serves; status has the contract; stop/start change a chunk server's
+        state; down stops every pid; up again reuses the ports and the data."""
+        home = _home(self)
+        self.addCleanup(_kill_leftovers, home)
+        result = self._up(home, "--chunk", "3", "--ec", "RS-2-1", "--insecure")
+        self.assertEqual(result.returncode, 0, result.stderr + result.stdout)
+        self.assertIn("chunk-3", result.stdout)
+        spec = layout.load_spec(home)
+        assert spec is not None
+
+        nodes = self._status(home)
+        self.assertEqual(set(nodes), {"meta-1", "chunk-1", "chunk-2", "chunk-3"})
+        meta = nodes["meta-1"]
+        self.assertEqual((meta["kind"], meta["state"], meta["role"]), ("meta", "running", "leader"))
+        self.assertIsInstance(meta["term"], int)
+        self.assertIsInstance(meta["commit_index"], int)
+        for c in ("chunk-1", "chunk-2", "chunk-3"):
+            chunk = nodes[c]
+            self.assertEqual((chunk["kind"], chunk["state"]), ("chunk", "running"))
+            self.assertIsInstance(chunk["pid"], int)
+            self.assertIsInstance(chunk["capacity_bytes"], int)
+            self.assertIsInstance(chunk["shards"], int)
+            self.assertIsNotNone(chunk["last_heartbeat_s"])
+            self.assertTrue(chunk["data_dir"].startswith(home))
+        # Something only the metadata's data dir keeps across restarts.
+        marker = os.path.join(layout.data_dir(home, spec.metas[0]), "kept-by-test")
+        open(marker, "w").close()
+
+        stopped = _cli(home, "cluster", "stop", "chunk-2")
+        self.assertEqual(stopped.returncode, 0, stopped.stderr)
+        self.assertFalse(layout.pid_alive(nodes["chunk-2"]["pid"]))
+        after = self._status(home)
+        self.assertEqual((after["chunk-2"]["state"], after["chunk-2"]["pid"]), ("stopped", None))
+        self.assertEqual(after["chunk-1"]["state"], "running")
+
+        started = _cli(home, "cluster", "start", "chunk-2", "--wait", str(WAIT))
+        self.assertEqual(started.returncode, 0, started.stderr)
+        self.assertEqual(self._status(home)["chunk-2"]["state"], "running")
+        again = _cli(home, "cluster", "start", "chunk-2")
+        self.assertEqual(again.returncode, 0)
+        self.assertIn("already running", again.stdout)
+
+        pids = [n["pid"] for n in self._status(home).values()]
+        down = _cli(home, "cluster", "down")
+        self.assertEqual(down.returncode, 0, down.stderr)
+        self.assertFalse(any(layout.pid_alive(p) for p in pids))
+        self.assertTrue(all(n["state"] == "stopped" for n in self._status(home).values()))
+
+        different = self._up(home, "--chunk", "5")
+        self.assertEqual(different.returncode, 2)
+        self.assertIn("--chunk 5 (it has 3)", different.stderr)
+
+        restarted = self._up(home)
+        self.assertEqual(restarted.returncode, 0, restarted.stderr + restarted.stdout)
+        self.assertEqual(layout.load_spec(home), spec)  # same nodes, same ports
+        nodes = self._status(home)
+        self.assertEqual({n["address"] for n in nodes.values()}, {n.address for n in spec.nodes})
+        self.assertEqual(nodes["meta-1"]["role"], "leader")
+        self.assertTrue(os.path.exists(marker))
+        self.assertEqual(_cli(home, "cluster", "down").returncode, 0)
+
+    def test_kill_and_json_logs(self) -> None:
+        """kill is SIGKILL (the pidfile stays, stale); up restarts the node; a node whose
+        config says log_format = "json" logs JSON lines."""
+        home = _home(self)
+        self.addCleanup(_kill_leftovers, home)
+        spec = layout.new_spec(1, 2, "RS-1-1", False, None)
+        layout.write_cluster(home, spec)
+        chunk = spec.chunks[0]
+        path = layout.config_path(home, chunk)
+        with open(path) as f:
+            text = f.read()
+        with open(path, "w") as f:
+            f.write(text.replace('log_format = "text"', 'log_format = "json"'))
+
+        result = self._up(home)
+        self.assertEqual(result.returncode, 0, result.stderr + result.stdout)
+        pid = layout.node_pid(home, chunk)
+        assert pid is not None
+        killed = _cli(home, "cluster", "kill", chunk.id)
+        self.assertEqual(killed.returncode, 0, killed.stderr)
+        self.assertFalse(layout.pid_alive(pid))
+        self.assertTrue(os.path.exists(layout.pidfile_path(home, chunk)))
+        self.assertEqual(self._status(home)[chunk.id]["state"], "stopped")
+
+        result = self._up(home)
+        self.assertEqual(result.returncode, 0, result.stderr + result.stdout)
+        self.assertEqual(self._status(home)[chunk.id]["state"], "running")
+        with open(layout.log_path(home, chunk)) as f:
+            lines = [line for line in f if line.startswith("{")]
+        self.assertTrue(lines)
+        self.assertTrue(all("text" in json.loads(line) for line in lines))
+        self.assertEqual(_cli(home, "cluster", "down").returncode, 0)
+
+    def test_tls_cluster(self) -> None:
+        """The default cluster runs TLS: status over mutual TLS with the admin identity."""
+        if not cluster.daemons_serve_tls():
+            raise SkipTest(
+                "the daemons do not serve TLS yet (no SERVES_TLS = True in dogfs.plugins.meta "
+                "and dogfs.plugins.chunk)"
+            )
+        home = _home(self)
+        self.addCleanup(_kill_leftovers, home)
+        result = self._up(home, "--chunk", "2", "--ec", "RS-1-1")
+        self.assertEqual(result.returncode, 0, result.stderr + result.stdout)
+        self.assertTrue(os.path.exists(os.path.join(home, "ca", "ca.pem")))
+        self.assertEqual(self._status(home)["meta-1"]["role"], "leader")
+        self.assertEqual(_cli(home, "cluster", "down").returncode, 0)
