@@ -114,6 +114,7 @@ class Group:
         lmdb_dirs: dict[str, str] | None = None,
         snapshot_every: int | None = None,
         seed: int = 1,
+        operation_timeout: float = 10.0,
     ) -> None:
         self.case = case
         self.clock = task.Clock()
@@ -122,6 +123,7 @@ class Group:
         self.lmdb_dirs = lmdb_dirs
         self.snapshot_every = snapshot_every
         self.seed = seed
+        self.operation_timeout = operation_timeout
         self.events: list[tuple[str, Any]] = []
         self.memory = {i: MemoryRaftStorage() for i in ids}
         self.drivers: dict[str, RaftDriver] = {}
@@ -152,6 +154,7 @@ class Group:
             rng=random.Random(f"{self.seed}-{node_id}-{len(self.drivers)}"),
             executor=run_now,
             snapshot_every=self.snapshot_every,
+            operation_timeout=self.operation_timeout,
         )
         driver.startService()
         self.drivers[node_id], self.machines[node_id], self.storages[node_id] = (
@@ -287,6 +290,17 @@ class DriverTests(SynchronousTestCase):
         group.network.cut(leader.node_id, follower.node_id)
         d = follower.read_index()
         group.run(11)
+        self.failureResultOf(d, RaftTimeoutError)
+
+    def test_proposal_times_out(self) -> None:
+        """A proposal that cannot commit within the timeout fails with RaftTimeoutError."""
+        group = Group(self, operation_timeout=0.3)
+        leader = group.leader()
+        group.run(0.5)
+        for f in group.followers():
+            group.network.isolate(f.node_id)
+        d = leader.propose(b"slow=1")
+        group.run(0.5)
         self.failureResultOf(d, RaftTimeoutError)
 
     def test_apply_error_fails_proposal(self) -> None:
