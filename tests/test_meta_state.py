@@ -126,26 +126,45 @@ class PathTests(SynchronousTestCase):
 _names = st.text(min_size=0, max_size=12)
 _floats = st.floats(allow_nan=False, allow_infinity=False)
 _u64 = st.integers(min_value=0, max_value=(1 << 64) - 1)
-_commands = st.one_of(
-    st.builds(Mkdir, _names, st.booleans(), st.none() | _names, _floats),
-    st.builds(SetDefaultPolicy, _names),
-    st.builds(RegisterChunkServer, _names, _names, st.none() | _names),
-    st.builds(Allocate, _names, st.none() | _names, st.tuples(_names, _names), _floats),
-    st.builds(
-        CommitFile,
-        _names,
-        _u64,
-        st.lists(st.tuples(_u64, _u64), max_size=4).map(tuple),
-        _floats,
-        st.none() | _names,
-        st.none() | _u64,
-    ),
-    st.builds(Delete, _names, st.booleans()),
-    st.builds(Rename, _names, _names),
-    st.builds(ExpireAllocations, _floats),
-    st.builds(MoveShard, _u64, _u64, _names, _names),
-    st.builds(DrainChunkServer, _names, st.booleans()),
-    st.builds(RemoveChunkServer, _names, st.booleans()),
+
+
+def _command_strategy(_names: Any, _ints: Any) -> Any:
+    """Commands whose strings come from C{_names} and integers from C{_ints}."""
+    return st.one_of(
+        st.builds(Mkdir, _names, st.booleans(), st.none() | _names, _floats),
+        st.builds(SetDefaultPolicy, _names),
+        st.builds(RegisterChunkServer, _names, _names, st.none() | _names),
+        st.builds(Allocate, _names, st.none() | _names, st.tuples(_names, _names), _floats),
+        st.builds(
+            CommitFile,
+            _names,
+            _ints,
+            st.lists(st.tuples(_ints, _ints), max_size=4).map(tuple),
+            _floats,
+            st.none() | _names,
+            st.none() | _ints,
+        ),
+        st.builds(Delete, _names, st.booleans()),
+        st.builds(Rename, _names, _names),
+        st.builds(ExpireAllocations, _floats),
+        st.builds(MoveShard, _ints, _ints, _names, _names),
+        st.builds(DrainChunkServer, _names, st.booleans()),
+        st.builds(RemoveChunkServer, _names, st.booleans()),
+    )
+
+
+_commands = _command_strategy(_names, _u64)
+# Strings that often mean something to the state (real paths, servers, policies), so that
+# arbitrary commands get past validation and exercise the handlers.
+_meaningful = (
+    st.sampled_from(
+        ["/", "/a", "/a/b", "/a/b/", "/c", "chunk-0", "chunk-1", "chunk-2", "RS-2-1", "rs-1-1", ""]
+    )
+    | _names
+)
+_meaningful_commands = _command_strategy(_meaningful, st.integers(0, 8) | _u64)
+_meaningful_commands = _meaningful_commands | st.builds(
+    Sessioned, _meaningful, st.integers(0, 3), _meaningful_commands
 )
 _commands = _commands | st.builds(Sessioned, _names, _u64, _commands)
 _shards = st.lists(st.builds(ShardLocation, _u64, _names, _names, _names), max_size=3).map(tuple)
@@ -752,6 +771,19 @@ class NamespaceTests(StateTestCase):
         shard = self.state.stat("/f").block_groups[0].shards[1]  # type: ignore[union-attr]
         self.assertEqual((shard.node_id, shard.address), ("chunk-1", ""))
         self.error(Allocate("/g", "RS-2-1", SERVERS[:3]), ErrorCode.UNKNOWN_CHUNK_SERVER)
+
+    @settings(deadline=None, max_examples=int(os.environ.get("DOGFS_HYPOTHESIS_EXAMPLES", 80)))
+    @given(st.lists(_meaningful_commands, min_size=1, max_size=8))
+    def test_apply_is_total(self, commands: list[Any]) -> None:
+        """Arbitrary commands (any strings, huge numbers) give results, never exceptions."""
+        for command in commands:
+            result = self.run_(command)
+            self.assertIsInstance(result, (Ok, Count, MetaError, DirInfo, FileInfo, Allocation))
+            if isinstance(result, MetaError):
+                self.assertIsInstance(result.code, ErrorCode)
+                self.assertTrue(result.message)
+        self.assertIsInstance(self.state.stat("/"), DirInfo)
+        self.assertEqual(self.state.applied_index, self.index)
 
     def test_idempotent_replay(self) -> None:
         """Re-applying indexes already applied returns None and changes nothing."""

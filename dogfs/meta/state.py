@@ -141,6 +141,26 @@ class _Abort(Exception):
         self.error = MetaError(code, message)
 
 
+MAX_ID_BYTES = 255
+
+
+def _id_key(value: Any) -> bytes | None:
+    """The LMDB key of a node or client id, or None when it cannot be a valid id.
+
+    Ids are 1 to 255 bytes of UTF-8 without NUL: LMDB refuses empty keys and keys over 511
+    bytes, and the node index separates the id from the rest of its key with a NUL.
+    """
+    if not isinstance(value, str):
+        return None
+    try:
+        key = value.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    if not 0 < len(key) <= MAX_ID_BYTES or b"\x00" in key:
+        return None
+    return key
+
+
 def _node_key(node: str, bg_id: int, index: int) -> bytes:
     return node.encode("utf-8") + b"\x00" + _u64(bg_id) + bytes([index])
 
@@ -245,7 +265,10 @@ class _Ctx:
         self.index_shards(bg_id, rec[4], add=False)
 
     def server(self, node_id: str) -> list[Any] | None:
-        raw = self.txn.get(node_id.encode("utf-8"), db=self.servers)
+        key = _id_key(node_id)
+        if key is None:
+            return None
+        raw = self.txn.get(key, db=self.servers)
         return None if raw is None else _unpack(raw)
 
     def address(self, node_id: str) -> str:
@@ -596,16 +619,13 @@ class NamespaceState:
 
     def _apply_sessioned(self, txn: lmdb.Transaction, index: int, cmd: Sessioned) -> Result:
         client, seq = cmd.client_id, cmd.seq
-        if not isinstance(client, str) or not client or len(client) > 256:
+        key = _id_key(client)
+        if key is None:
             return MetaError(ErrorCode.INVALID_ARGUMENT, f"Client id {client!r} is not valid.")
         if isinstance(seq, bool) or not isinstance(seq, int) or not 0 < seq < 1 << 63:
             return MetaError(ErrorCode.INVALID_ARGUMENT, f"Sequence number {seq!r} is not valid.")
         if isinstance(cmd.command, Sessioned):
             return MetaError(ErrorCode.INVALID_ARGUMENT, "A session cannot wrap another session.")
-        try:
-            key = client.encode("utf-8")
-        except UnicodeEncodeError:
-            return MetaError(ErrorCode.INVALID_ARGUMENT, f"Client id {client!r} is not UTF-8.")
         sessions, lru = self._dbs[b"sessions"], self._dbs[b"sessionlru"]
         raw = txn.get(key, db=sessions)
         if raw is not None:
@@ -658,7 +678,8 @@ class NamespaceState:
             try:
                 if not isinstance(start_after, str):
                     raise TypeError
-                start_after.encode("utf-8")
+                if len(start_after.encode("utf-8")) > paths.MAX_NAME_BYTES:
+                    raise TypeError
             except (TypeError, UnicodeEncodeError):
                 return MetaError(
                     ErrorCode.INVALID_ARGUMENT, f"Cannot list {path!r} after {start_after!r}."
@@ -742,9 +763,12 @@ class NamespaceState:
         Covers pending uploads too (committed False). Page with C{start_after} = the last
         (id, index) seen. This is how repair finds what a dead chunk server held.
         """
-        prefix = node_id.encode("utf-8") + b"\x00"
-        start = prefix if start_after is None else _node_key(node_id, *start_after) + b"\x00"
         out: builtins.list[tuple[int, int, bool]] = []
+        node_key = _id_key(node_id)
+        if node_key is None:
+            return out
+        prefix = node_key + b"\x00"
+        start = prefix if start_after is None else _node_key(node_id, *start_after) + b"\x00"
         with self._read() as txn:
             ctx = _Ctx(txn, self._dbs)
             cursor = txn.cursor(db=ctx.nodeshards)
@@ -970,9 +994,12 @@ def _set_default(ctx: _Ctx, index: int, cmd: SetDefaultPolicy) -> Ok:
 
 
 def _register(ctx: _Ctx, index: int, cmd: RegisterChunkServer) -> Ok:
-    node = _check_text(cmd.node_id, "Chunk server id")
-    if "\x00" in node:
-        raise _Abort(ErrorCode.INVALID_ARGUMENT, f"Chunk server id {node!r} contains a NUL.")
+    node = cmd.node_id
+    if _id_key(node) is None:
+        raise _Abort(
+            ErrorCode.INVALID_ARGUMENT,
+            f"Chunk server id {node!r} is not 1 to {MAX_ID_BYTES} bytes of UTF-8 without NUL.",
+        )
     address = _check_text(cmd.address, "Address")
     domain = None if cmd.domain is None else _check_text(cmd.domain, "Failure domain")
     old = ctx.server(node)
