@@ -33,6 +33,7 @@ from dogfs.raft.driver import (
     LeadershipLostError,
     NotLeaderError,
     RaftDriver,
+    RaftOverloadedError,
     RaftStoppedError,
     RaftTimeoutError,
 )
@@ -115,6 +116,7 @@ class Group:
         snapshot_every: int | None = None,
         seed: int = 1,
         operation_timeout: float = 10.0,
+        max_pending: int = 10_000,
     ) -> None:
         self.case = case
         self.clock = task.Clock()
@@ -124,6 +126,7 @@ class Group:
         self.snapshot_every = snapshot_every
         self.seed = seed
         self.operation_timeout = operation_timeout
+        self.max_pending = max_pending
         self.events: list[tuple[str, Any]] = []
         self.memory = {i: MemoryRaftStorage() for i in ids}
         self.drivers: dict[str, RaftDriver] = {}
@@ -155,6 +158,7 @@ class Group:
             executor=run_now,
             snapshot_every=self.snapshot_every,
             operation_timeout=self.operation_timeout,
+            max_pending=self.max_pending,
         )
         driver.startService()
         self.drivers[node_id], self.machines[node_id], self.storages[node_id] = (
@@ -302,6 +306,18 @@ class DriverTests(SynchronousTestCase):
         d = leader.propose(b"slow=1")
         group.run(0.5)
         self.failureResultOf(d, RaftTimeoutError)
+
+    def test_overload(self) -> None:
+        """Past max_pending waiting proposals, propose fails fast with RaftOverloadedError."""
+        group = Group(self, max_pending=3)
+        leader = group.leader()
+        group.run(0.5)
+        accepted = [leader.propose(b"p=%d" % i) for i in range(3)]
+        self.failureResultOf(leader.propose(b"p=4"), RaftOverloadedError)
+        group.run(0.5)
+        for d in accepted:
+            self.successResultOf(d)
+        self.successResultOf(_settle(group, leader.propose(b"p=5")))
 
     def test_apply_error_fails_proposal(self) -> None:
         """An exception from the state machine fails that proposal and the group goes on."""

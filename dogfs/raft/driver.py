@@ -56,6 +56,7 @@ __all__ = [
     "ProposalDroppedError",
     "RaftDriver",
     "RaftError",
+    "RaftOverloadedError",
     "RaftStoppedError",
     "RaftTimeoutError",
 ]
@@ -89,6 +90,10 @@ class ProposalDroppedError(RaftError):
 
 class RaftTimeoutError(RaftError):
     """The operation did not complete in time: its outcome is unknown."""
+
+
+class RaftOverloadedError(RaftError):
+    """Too many proposals are waiting already: back off and retry."""
 
 
 class RaftStoppedError(RaftError):
@@ -143,6 +148,7 @@ class RaftDriver(Service):
         executor: Executor | None = None,
         operation_timeout: float = 10.0,
         snapshot_every: int | None = 10_000,
+        max_pending: int = 10_000,
     ) -> None:
         if executor is None and reactor is None:
             raise ValueError("RaftDriver needs a reactor for its thread pool, or an executor")
@@ -162,6 +168,7 @@ class RaftDriver(Service):
         self._pool: ThreadPool | None = None
         self._timeout = operation_timeout
         self._snapshot_every = snapshot_every
+        self._max_pending = max_pending
         self._node: RaftNode | None = None
         self._ticker: LoopingCall | None = None
         self._kick_call: Any = None
@@ -414,6 +421,9 @@ class RaftDriver(Service):
         failed = self._check_running()
         if failed is not None:
             return failed
+        if len(self._proposals) >= self._max_pending:
+            # A stalled disk or a slow quorum must not turn into unbounded memory.
+            return defer.fail(RaftOverloadedError(f"{len(self._proposals)} proposals pending"))
         try:
             outcome = submit(self.node)
         except ProposalRejected as e:
