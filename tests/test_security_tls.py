@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import os
 import random
+import signal
 from typing import Any
 
 from OpenSSL import SSL
@@ -37,6 +38,7 @@ from dogfs.security.tls import (
     endpoint_maker,
     parse_address,
     peer_identity,
+    reload_on_sighup,
     server_endpoint,
 )
 
@@ -374,7 +376,7 @@ class MutualTLSTests(TestCase):
 
     async def test_handshake_timeout(self) -> None:
         """A peer that opens TCP and stays silent is aborted; authenticated peers are not."""
-        self.server_tls.handshake_timeout = 0.5
+        self.server_tls.handshake_timeout = 1.0
         good = await self.good_client()
         silent = await self.connect(None)
         await self.refused(silent)
@@ -391,6 +393,31 @@ class MutualTLSTests(TestCase):
         self.assertEqual(
             self.factory.identities[-1], Identity("alice", Role.USER, self.alice.serial)
         )
+
+    async def test_sighup_reloads(self) -> None:
+        """reload_on_sighup: SIGHUP reloads each target; a failing target does not stop the rest."""
+        reloaded: Deferred[None] = Deferred()
+
+        class Broken:
+            def reload(self) -> None:
+                raise ValueError("no such file")
+
+        class Probe:
+            def reload(self) -> None:
+                reloaded.callback(None)
+
+        old_serial = self.node.serial
+        self.node = self.ca.issue(
+            "meta-1", Role.NODE, os.path.dirname(self.node.cert_path), hosts=["127.0.0.1"]
+        )
+        undo = reload_on_sighup(reactor, [Broken(), self.server_tls, Probe()])
+        self.addCleanup(undo)
+        os.kill(os.getpid(), signal.SIGHUP)
+        await reloaded.addTimeout(WAIT, reactor)
+        self.assertEqual(len(self.flushLoggedErrors()), 0)
+        client = await self.good_client()
+        assert client.server_identity is not None
+        self.assertNotEqual(client.server_identity.serial, old_serial)
 
 
 class ServerTLSConstructionTests(SynchronousTestCase):

@@ -35,8 +35,9 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import signal
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from attrs import frozen
 from cryptography import x509
@@ -77,6 +78,7 @@ __all__ = [
     "endpoint_maker",
     "parse_address",
     "peer_identity",
+    "reload_on_sighup",
     "server_endpoint",
 ]
 
@@ -618,3 +620,47 @@ def endpoint_maker(
         return client_endpoint(reactor, address, client, timeout)
 
     return make
+
+
+class Reloadable(Protocol):
+    """Anything with a ``reload()`` that re-reads its files: ServerTLS, ClientTLS."""
+
+    def reload(self) -> None:
+        """Re-read the files, or raise and keep the old ones."""
+
+
+def reload_on_sighup(
+    reactor: Any, targets: Iterable[Reloadable], signum: int = signal.SIGHUP
+) -> Callable[[], None]:
+    """Make ``signum`` (SIGHUP) reload every target in the reactor thread; return an undo.
+
+    Meant for a daemon's ``startService``: after a certificate is rotated on disk,
+    ``kill -HUP PID`` switches new connections to it. A target whose reload fails is logged
+    (one line naming the error) and keeps its old files; the others still reload. The undo
+    restores the previous signal handler (call it from ``stopService``).
+    """
+    chosen = list(targets)
+
+    def reload_all() -> None:
+        for target in chosen:
+            try:
+                target.reload()
+            except Exception as e:
+                _log.error(
+                    "TLS reload refused, still using the previous files: {error}",
+                    error=f"{type(e).__name__}: {e}",
+                )
+            else:
+                _log.info("TLS material reloaded for {target!r}", target=target)
+
+    def handler(signo: int, frame: object) -> None:
+        # Signal handlers run between bytecodes of whatever the reactor was doing: hand the
+        # work to the reactor rather than touching its state here.
+        reactor.callFromThread(reload_all)
+
+    previous = signal.signal(signum, handler)
+
+    def undo() -> None:
+        signal.signal(signum, previous)
+
+    return undo
