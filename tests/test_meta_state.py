@@ -727,6 +727,17 @@ class NamespaceTests(StateTestCase):
             self.assertIsInstance(results[2], DirInfo)
         self.assertEqual(states[0].digest(), states[1].digest())
 
+    def test_redundancy(self) -> None:
+        """redundancy() counts committed block groups by live shards minus k."""
+        self.register(6)
+        self.upload("/a", [1])  # chunk-0..2, RS-2-1
+        self.upload("/b", [1, 2], ec="RS-3-2")  # chunk-0..4, two groups
+        self.ok(Allocate("/c", "RS-2-1", SERVERS[:3]))  # pending: not counted
+        self.assertEqual(self.state.redundancy(SERVERS), {1: 1, 2: 2})
+        self.assertEqual(self.state.redundancy(["chunk-0", "chunk-3"]), {-1: 3})
+        self.assertEqual(self.state.redundancy(["chunk-1", "chunk-2", "chunk-3"]), {0: 3})
+        self.assertEqual(self.state.redundancy([]), {-3: 2, -2: 1})
+
     def test_shards_on(self) -> None:
         """shards_on lists a node's pending and committed shards and follows moves and drops."""
         self.register(7)

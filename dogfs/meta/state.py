@@ -785,6 +785,28 @@ class NamespaceState:
                     break
         return out
 
+    def redundancy(self, alive: Iterable[str]) -> dict[int, int]:
+        """Committed block groups by margin: live shards minus k, given the alive servers.
+
+        A margin of m means intact, 0 means one more loss makes data unreadable, negative
+        means unreadable until servers return. One pass over raw records, cheaper than
+        L{all_block_groups} for the dashboard.
+        """
+        live = set(alive)
+        margins: dict[int, int] = {}
+        widths: dict[str, int] = {}
+        with self._read() as txn:
+            for _, raw in txn.cursor(db=self._dbs[b"bgroups"]):
+                committed, ec, _size, _at, nodes = _unpack(raw)
+                if not committed:
+                    continue
+                k = widths.get(ec)
+                if k is None:
+                    k = widths[ec] = parse_policy(ec)[0]
+                margin = sum(1 for node in nodes if node in live) - k
+                margins[margin] = margins.get(margin, 0) + 1
+        return dict(sorted(margins.items()))
+
     def chunk_servers(self) -> builtins.list[ChunkServerRecord]:
         """Every registered chunk server, sorted by node id."""
         with self._read() as txn:
