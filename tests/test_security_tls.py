@@ -35,6 +35,7 @@ from dogfs.security.tls import (
     TLSConfig,
     client_endpoint,
     client_tls,
+    describe_tls_failure,
     endpoint_maker,
     parse_address,
     peer_identity,
@@ -217,7 +218,11 @@ class MutualTLSTests(TestCase):
         client = Client()
         await connectProtocol(endpoint, client).addTimeout(WAIT, reactor)
         client.transport.write(b"hello")  # type: ignore[union-attr]
-        await self.refused(client)
+        reason = await self.refused(client)
+        self.assertEqual(
+            describe_tls_failure(reason, self.address),
+            f"{self.address} requires a client certificate and we presented none",
+        )
         self.assertEqual(self.registry.identities(), [])
         await self.good_client()
 
@@ -230,7 +235,10 @@ class MutualTLSTests(TestCase):
             TLSConfig(ca_cert=self.ca.cert_path, cert=forged.cert_path, key=forged.key_path)
         )
         client.transport.write(b"hello")  # type: ignore[union-attr]
-        await self.refused(client)
+        reason = await self.refused(client)
+        self.assertIn(
+            "it was not issued by this cluster's CA", describe_tls_failure(reason, "a:1") or ""
+        )
         await self.good_client()
 
     async def test_expired_certificate(self) -> None:
@@ -239,7 +247,10 @@ class MutualTLSTests(TestCase):
         expired = self.ca.issue("old", Role.USER, os.path.join(self.base, "old"), days=1, now=past)
         client = await self.connect(_config(self.ca, expired))
         client.transport.write(b"hello")  # type: ignore[union-attr]
-        await self.refused(client)
+        reason = await self.refused(client)
+        self.assertEqual(
+            describe_tls_failure(reason, "a:1"), "a:1 refused our certificate: it has expired"
+        )
         await self.good_client()
 
     async def test_certificate_without_role(self) -> None:
@@ -295,6 +306,10 @@ class MutualTLSTests(TestCase):
         )
         reason = await client.lost.addTimeout(WAIT, reactor)
         self.assertIsInstance(reason, VerificationError)
+        self.assertEqual(
+            describe_tls_failure(reason, "127.0.0.1:7000"),
+            "127.0.0.1:7000 presented a certificate that does not name 127.0.0.1",
+        )
         self.assertFalse(client.handshake.called)
         self.assertEqual(other_factory.identities, [])
         await self.good_client()
@@ -346,7 +361,8 @@ class MutualTLSTests(TestCase):
         self.assertEqual(await bob_conn.echo(b"!"), b"ping!")
         again = await self.connect(_config(self.ca, self.alice))
         again.transport.write(b"hello")  # type: ignore[union-attr]
-        await self.refused(again)
+        reason = await self.refused(again)
+        self.assertIn("revoked", describe_tls_failure(reason, "a:1") or "")
         # Revoking by serial: bob's one certificate.
         self.revocations.revoke_serial(bob.serial)
         self.assertEqual(self.registry.drop_revoked(self.revocations), 1)
@@ -419,6 +435,27 @@ class MutualTLSTests(TestCase):
         assert client.server_identity is not None
         self.assertNotEqual(client.server_identity.serial, old_serial)
 
+    async def test_server_from_another_ca(self) -> None:
+        """A server whose certificate another CA issued is rejected by the client."""
+        other = init_ca(os.path.join(self.base, "other-ca"), "Mallory CA")
+        impostor = other.issue(
+            "meta-1", Role.NODE, os.path.join(self.base, "impostor"), hosts=["127.0.0.1"]
+        )
+        impostor_config = TLSConfig(other.cert_path, impostor.cert_path, impostor.key_path)
+        factory = EchoFactory()
+        endpoint = server_endpoint(reactor, "tcp:0:interface=127.0.0.1", ServerTLS(impostor_config))
+        port = await endpoint.listen(factory)
+        self.addCleanup(port.stopListening)
+        address = f"127.0.0.1:{port.getHost().port}"
+        client = await self.connect(_config(self.ca, self.alice), address)
+        reason = await client.lost.addTimeout(WAIT, reactor)
+        self.assertEqual(
+            describe_tls_failure(reason, address),
+            f"{address} presented a certificate not issued by this cluster's CA, or expired",
+        )
+        self.assertFalse(client.handshake.called)
+        self.assertEqual(factory.identities, [])
+
 
 class ServerTLSConstructionTests(SynchronousTestCase):
     """ServerTLS refuses material that does not belong together."""
@@ -484,3 +521,19 @@ class TLSConfigTests(SynchronousTestCase):
         """A missing entry is named in the error."""
         e = self.assertRaises(ValueError, TLSConfig.from_section, {"ca": "a", "cert": "b"}, "/")
         self.assertIn("'key'", str(e))
+
+
+class DescribeFailureTests(SynchronousTestCase):
+    """describe_tls_failure leaves non-TLS errors alone."""
+
+    def test_not_tls(self) -> None:
+        """A plain connection loss is not described as a TLS failure."""
+        from twisted.internet.error import ConnectionLost
+
+        self.assertIsNone(describe_tls_failure(ConnectionLost(), "a:1"))
+
+    def test_unknown_ssl_error(self) -> None:
+        """An SSL error we have no sentence for still names the address."""
+        self.assertEqual(
+            describe_tls_failure(SSL.Error("weird"), "a:1"), "TLS with a:1 failed: weird"
+        )

@@ -43,6 +43,7 @@ from attrs import frozen
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from OpenSSL import SSL
+from service_identity import VerificationError
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import (
@@ -75,6 +76,7 @@ __all__ = [
     "TLSConfig",
     "client_endpoint",
     "client_tls",
+    "describe_tls_failure",
     "endpoint_maker",
     "parse_address",
     "peer_identity",
@@ -498,6 +500,45 @@ def client_tls(config: TLSConfig, host: str) -> IOpenSSLClientConnectionCreator:
     include ``host``; we present ``config``'s certificate.
     """
     return ClientTLS(config).creator(host)
+
+
+# What a client sees when a handshake fails, and what it means, in the order checked. Alerts
+# come from the server refusing us; "certificate verify failed" is us refusing the server.
+_CLIENT_FAILURES: tuple[tuple[str, str], ...] = (
+    (
+        "certificate verify failed",
+        "presented a certificate not issued by this cluster's CA, or expired",
+    ),
+    ("unknown ca", "refused our certificate: it was not issued by this cluster's CA"),
+    ("certificate expired", "refused our certificate: it has expired"),
+    ("certificate required", "requires a client certificate and we presented none"),
+    ("bad certificate", "refused our certificate"),
+    ("certificate revoked", "refused our certificate: it is revoked"),
+    # ServerTLS refuses revoked and role-less identities from its own verify callback, which
+    # OpenSSL reports to the peer as an internal error.
+    ("internal error", "refused our identity: it is revoked or carries no DogFS role"),
+    ("wrong version number", "does not speak TLS (is it running with --insecure?)"),
+    ("packet length too long", "does not speak TLS (is it running with --insecure?)"),
+)
+
+
+def describe_tls_failure(error: BaseException, address: str) -> str | None:
+    """Say in one clause why a TLS connection to ``address`` failed, or None if not TLS's fault.
+
+    ``error`` is what the protocol's ``connectionLost`` received (``reason.value``). The result
+    reads after the address, e.g. ``"127.0.0.1:7000 refused our certificate: it has
+    expired"``, ready for the CLI's one-sentence error.
+    """
+    if isinstance(error, VerificationError):
+        host = parse_address(address)[0] if ":" in address else address
+        return f"{address} presented a certificate that does not name {host}"
+    if isinstance(error, SSL.Error):
+        text = str(error).lower()
+        for needle, meaning in _CLIENT_FAILURES:
+            if needle in text:
+                return f"{address} {meaning}"
+        return f"TLS with {address} failed: {error}"
+    return None
 
 
 @implementer(IStreamServerEndpoint)
