@@ -499,3 +499,41 @@ class RealClusterTests(SynchronousTestCase):
         self.assertTrue(os.path.exists(os.path.join(home, "ca", "ca.pem")))
         self.assertEqual(self._status(home)["meta-1"]["role"], "leader")
         self.assertEqual(_cli(home, "cluster", "down").returncode, 0)
+
+
+class DemoTests(SynchronousTestCase):
+    """`make run`'s demo, without waiting for Ctrl-C."""
+
+    def setUp(self) -> None:
+        missing = _daemons_missing()
+        if missing:
+            raise SkipTest(missing)
+
+    def test_demo_round_trip(self) -> None:
+        """The demo starts 1 meta + 6 chunk servers, round-trips a file with matching SHA-256,
+        prints what to type next and leaves nothing running."""
+        home = _home(self)
+        self.addCleanup(_kill_leftovers, home)
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "dogfs.cli.demo",
+                "--home",
+                home,
+                "--size",
+                "300000",
+                "--no-wait",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=WAIT + 120,
+        )
+        self.assertEqual(result.returncode, 0, result.stderr + result.stdout)
+        self.assertIn("SHA-256 matches", result.stdout)
+        self.assertIn(f"export DOGFS_HOME={home}", result.stdout)
+        self.assertIn("cluster stop chunk-2", result.stdout)
+        spec = layout.load_spec(home)
+        assert spec is not None
+        self.assertEqual((len(spec.metas), len(spec.chunks)), (1, 6))
+        self.assertTrue(all(layout.node_pid(home, n) is None for n in spec.nodes))
