@@ -404,25 +404,31 @@
     renderAll();
   }
 
-  // A follower's page shows the leader's view when the leader's feed can be reached.
+  // A follower's page shows the leader's view when the leader's feed can be reached: it opens
+  // the leader's feed beside its own and swaps only once that one is open.
   function followLeader() {
     var node = model.status && model.status.node;
     if (!node || node.is_leader || !node.leader_http_address) { return; }
-    if (node.leader_http_address === conn.target) { return; }
+    var target = node.leader_http_address;
+    if (target === conn.target || conn.probe) { return; }
     if (Date.now() - conn.leaderFailedAt < LEADER_RETRY_MS) { return; }
-    conn.switchingToLeader = true;
-    switchTo(node.leader_http_address);
-  }
-
-  function switchTo(target) {
-    conn.target = target;
-    if (conn.ws) {
+    var probe;
+    try { probe = new WebSocket(wsUrl(target)); } catch (e) { conn.leaderFailedAt = Date.now(); return; }
+    conn.probe = probe;
+    probe.onopen = function () {
+      if (conn.probe !== probe) { probe.close(); return; }
+      conn.probe = null;
       var old = conn.ws;
-      conn.ws = null;
-      old.onclose = null;
-      old.close();
-    }
-    connect();
+      conn.target = target;
+      wire(probe);
+      conn.opened = true;
+      conn.attempt = 0;
+      setConn("open");
+      if (old) { old.onclose = null; old.close(); }
+    };
+    probe.onclose = function () {
+      if (conn.probe === probe) { conn.probe = null; conn.leaderFailedAt = Date.now(); }
+    };
   }
 
   function candidates() {
@@ -437,10 +443,6 @@
   function scheduleReconnect() {
     if (conn.timer) { return; }
     var list = candidates();
-    if (conn.switchingToLeader) {
-      conn.leaderFailedAt = Date.now();
-      conn.switchingToLeader = false;
-    }
     // Try our own node first, then the others in turn, backing off as failures add up.
     var index = list.indexOf(conn.target);
     var next = list[(index + 1) % list.length] || conn.home;
@@ -456,17 +458,8 @@
     text(pill, state === "open" ? "live" : state);
   }
 
-  function connect() {
-    var ws;
-    try { ws = new WebSocket(wsUrl(conn.target)); } catch (e) { scheduleReconnect(); return; }
+  function wire(ws) {
     conn.ws = ws;
-    setConn(conn.opened ? "open" : "connecting");
-    ws.onopen = function () {
-      conn.opened = true;
-      conn.attempt = 0;
-      conn.switchingToLeader = false;
-      setConn("open");
-    };
     ws.onmessage = onMessage;
     ws.onclose = function () {
       if (conn.ws !== ws) { return; }
@@ -477,6 +470,19 @@
       scheduleReconnect();
     };
     ws.onerror = function () { /* onclose follows and reconnects */ };
+  }
+
+  function connect() {
+    var ws;
+    try { ws = new WebSocket(wsUrl(conn.target)); } catch (e) { scheduleReconnect(); return; }
+    wire(ws);
+    setConn(conn.opened ? "open" : "connecting");
+    ws.onopen = function () {
+      conn.opened = true;
+      conn.attempt = 0;
+      setConn("open");
+      renderBanner();
+    };
   }
 
   window.addEventListener("resize", function () { if (model.status) { drawChart(); } });

@@ -1,0 +1,216 @@
+"""The dashboard in a real headless Chromium (Debian's `chromium`), driven over DevTools.
+
+L{DashboardScenario} holds the checks an operator's eye makes, against any dashboard URL:
+every node listed with its state, a chunk server's death and return shown without a reload,
+the leader marked. L{FakeClusterDashboardTests} runs them against L{FakeClusterSource}
+served by C{make_site} on a real port; a real-cluster test subclasses the scenario with
+C{kill -9} and a restart as C{kill_chunk} and C{restart_chunk}. Skipped, saying why, when
+Chromium is not installed (CI installs it: `apt-get install -y chromium`).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.trial.unittest import SkipTest, TestCase
+
+from dogfs.web.chromium import Chromium, Page, find_chromium
+from dogfs.web.fake import FakeClusterSource
+from dogfs.web.metrics import Metrics
+from dogfs.web.site import DashboardSite, dashboard_origins, make_site
+
+NO_CHROMIUM = "chromium is not installed: apt-get install -y chromium (CI's .ci/run must do it)"
+
+
+def _rows(selector: str) -> str:
+    """A JS expression: [[data-node-id, data-state, data-role], ...] of the matching rows."""
+    return (
+        f"Array.from(document.querySelectorAll({json.dumps(selector)})).map("
+        "r => [r.dataset.nodeId, r.dataset.state, r.dataset.role || null])"
+    )
+
+
+class DashboardScenario:
+    """Browser checks that hold for any DogFS dashboard; subclasses say where and how.
+
+    A subclass (also a trial C{TestCase}) sets C{dashboard_url}, C{meta_ids}, C{chunk_ids},
+    C{leader_id}, C{victim} (a chunk server to kill) and C{death_timeout} (the liveness
+    timeout plus a few seconds), and implements L{kill_chunk} and L{restart_chunk}.
+    """
+
+    dashboard_url: str
+    meta_ids: list[str]
+    chunk_ids: list[str]
+    leader_id: str
+    victim: str
+    death_timeout: float = 10.0
+    load_timeout: float = 30.0
+
+    async def kill_chunk(self, node_id: str) -> None:
+        """Make chunk server C{node_id} die (a real cluster: C{kill -9})."""
+        raise NotImplementedError
+
+    async def restart_chunk(self, node_id: str) -> None:
+        """Bring chunk server C{node_id} back."""
+        raise NotImplementedError
+
+    async def open_dashboard(self) -> Page:
+        """Start Chromium, open the dashboard and wait until it is live and lists every node."""
+        if find_chromium() is None:
+            raise SkipTest(NO_CHROMIUM)
+        browser = await Chromium.launch(reactor)
+        self.addCleanup(browser.close)  # type: ignore[attr-defined]
+        page = await browser.open(self.dashboard_url)
+        expected = len(self.meta_ids) + len(self.chunk_ids)
+        await page.wait_for(
+            "document.body.dataset.conn === 'open' && "
+            "document.querySelectorAll('tr[data-node-id]').length",
+            self.load_timeout,
+            check=lambda n: n == expected,
+        )
+        return page
+
+    async def test_every_node_listed_with_state(self) -> None:
+        """Every metadata node and chunk server is a row with its id and `running`."""
+        page = await self.open_dashboard()
+        meta = await page.evaluate(_rows("#meta-rows tr[data-node-id]"))
+        chunks = await page.evaluate(_rows("#chunk-rows tr[data-node-id]"))
+        assert_equal = self.assertEqual  # type: ignore[attr-defined]
+        assert_equal(sorted(row[0] for row in meta), sorted(self.meta_ids))
+        assert_equal(sorted(row[0] for row in chunks), sorted(self.chunk_ids))
+        assert_equal({row[1] for row in meta + chunks}, {"running"})
+
+    async def test_leader_marked(self) -> None:
+        """Exactly one metadata row is the leader (data-role and a visible badge)."""
+        page = await self.open_dashboard()
+        leaders = await page.evaluate(
+            "Array.from(document.querySelectorAll('#meta-rows tr[data-role=leader]'))"
+            ".map(r => [r.dataset.nodeId, !!r.querySelector('.badge-leader')])"
+        )
+        self.assertEqual(leaders, [[self.leader_id, True]])  # type: ignore[attr-defined]
+
+    async def test_chunk_death_and_return_without_reload(self) -> None:
+        """A dead chunk server's row turns `dead` in time, then `running` again, in one page load."""
+        page = await self.open_dashboard()
+        # A page reload would lose this mark: its survival proves the rows changed in place.
+        await page.evaluate("window.__dogfsMark = 42")
+        row = f"document.querySelector('#chunk-rows tr[data-node-id={json.dumps(self.victim)}]')"
+        await self.kill_chunk(self.victim)
+        await page.wait_for(
+            f"{row}.dataset.state", self.death_timeout, check=lambda s: s == "dead"
+        )
+        await self.restart_chunk(self.victim)
+        await page.wait_for(
+            f"{row}.dataset.state", self.death_timeout, check=lambda s: s == "running"
+        )
+        self.assertEqual(await page.evaluate("window.__dogfsMark"), 42)  # type: ignore[attr-defined]
+
+
+class FakeClusterDashboardTests(DashboardScenario, TestCase):
+    """The scenario against a fake cluster served by make_site on a real loopback port."""
+
+    meta_ids = ["meta-1", "meta-2", "meta-3"]
+    chunk_ids = [f"chunk-{i}" for i in range(1, 7)]
+    leader_id = "meta-1"
+    victim = "chunk-3"
+    death_timeout = 5.0
+    load_timeout = 15.0
+
+    def setUp(self) -> None:
+        if find_chromium() is None:
+            raise SkipTest(NO_CHROMIUM)
+        self.source = FakeClusterSource()
+        self.site, self.port = self.serve(self.source)
+        self.address = f"127.0.0.1:{self.port.getHost().port}"
+        self.source.status["meta"][0]["http_address"] = self.address
+        self.dashboard_url = f"http://{self.address}/"
+
+    def serve(self, source: FakeClusterSource, port: int = 0) -> tuple[DashboardSite, Any]:
+        """Serve C{source} on a loopback port (any free one by default) until the test ends."""
+        site = make_site(reactor, source, Metrics(), ["http://127.0.0.1:1"], push_interval=0.2)
+        listening = reactor.listenTCP(port, site, interface="127.0.0.1")
+        site.feed.set_allowed_origins(dashboard_origins([f"127.0.0.1:{listening.getHost().port}"]))
+        self.addCleanup(self.stop, listening)
+        return site, listening
+
+    async def stop(self, listening: Any) -> None:
+        """Stop listening (the feed closes its pages) unless already stopped."""
+        if listening.connected:
+            await listening.stopListening()
+
+    async def kill_chunk(self, node_id: str) -> None:
+        """The fake's chunk server misses its heartbeats and is declared dead."""
+        self.source.set_chunk_state(node_id, "dead", heartbeat_age=12.5)
+
+    async def restart_chunk(self, node_id: str) -> None:
+        """The fake's chunk server heartbeats again."""
+        self.source.set_chunk_state(node_id, "alive", heartbeat_age=0.3)
+
+    async def test_event_log_and_follower_banner(self) -> None:
+        """Events appear in the log as they happen; a follower's page says its view is stale."""
+        page = await self.open_dashboard()
+        self.source.set_leader("meta-2", term=4)
+        self.source.leader_http = "127.0.0.1:1"  # unreachable: the page stays on this node
+        await page.wait_for(
+            "Array.from(document.querySelectorAll('#events li')).map(li => li.textContent)",
+            self.death_timeout,
+            check=lambda texts: any("meta-2 elected leader for term 4" in t for t in texts),
+        )
+        banner = await page.wait_for(
+            "document.getElementById('banner').hidden ? null : "
+            "[document.getElementById('banner').dataset.kind, "
+            "document.getElementById('banner').textContent]",
+            self.death_timeout,
+            check=lambda v: v is not None and v[0] == "stale",
+        )
+        self.assertIn("meta-1 is a follower", banner[1])
+        leaders = await page.evaluate(_rows("#meta-rows tr[data-role=leader]"))
+        self.assertEqual([row[0] for row in leaders], ["meta-2"])
+
+    async def test_reconnects_to_another_node(self) -> None:
+        """When its node dies the page says so, then goes on with another metadata node's feed."""
+        other_source = FakeClusterSource(node_id="meta-2", leader=False)
+        other_site, other_port = self.serve(other_source)
+        other = f"127.0.0.1:{other_port.getHost().port}"
+        origins = dashboard_origins([self.address, other])
+        for source in (self.source, other_source):
+            source.status["meta"][0]["http_address"] = self.address
+            source.status["meta"][1]["http_address"] = other
+        for site in (self.site, other_site):
+            site.feed.set_allowed_origins(origins)
+        page = await self.open_dashboard()
+        await page.evaluate("window.__dogfsMark = 7")
+        await self.port.stopListening()
+        # The follower now leads, so the page should stay with it (and not call it stale).
+        other_source.set_leader("meta-2", term=5)
+        state = await page.wait_for(
+            "[window.dogfsDashboard.conn.target, document.body.dataset.conn, "
+            "document.querySelector('#meta-rows tr[data-role=leader]').dataset.nodeId]",
+            self.load_timeout,
+            check=lambda v: v[0] == other and v[1] == "open" and v[2] == "meta-2",
+        )
+        self.assertEqual(state, [other, "open", "meta-2"])
+        self.assertEqual(await page.evaluate("window.__dogfsMark"), 7)
+
+    async def test_follower_page_shows_leader_view(self) -> None:
+        """A page opened on a follower goes to the leader's feed when it can reach it."""
+        follower_source = FakeClusterSource(node_id="meta-2", leader=False)
+        follower_site, follower_port = self.serve(follower_source)
+        follower = f"127.0.0.1:{follower_port.getHost().port}"
+        origins = dashboard_origins([self.address, follower])
+        for source in (self.source, follower_source):
+            source.status["meta"][0]["http_address"] = self.address
+            source.status["meta"][1]["http_address"] = follower
+        for site in (self.site, follower_site):
+            site.feed.set_allowed_origins(origins)
+        self.dashboard_url = f"http://{follower}/"
+        page = await self.open_dashboard()
+        state = await page.wait_for(
+            "[window.dogfsDashboard.conn.target, document.body.dataset.stale, "
+            "document.getElementById('via').textContent]",
+            self.load_timeout,
+            check=lambda v: v[0] == self.address and v[1] == "false",
+        )
+        self.assertIn("via meta-1", state[2])
