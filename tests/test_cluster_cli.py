@@ -392,7 +392,8 @@ class RealClusterTests(SynchronousTestCase):
 
     def test_life_of_a_cluster(self) -> None:
         """up --detach serves; status has the contract; stop/start change a chunk server's
-        state; down stops every pid; up again reuses the ports and the data."""
+        state; down stops every pid; up again reuses the ports and the data and honours a
+        node's log_format = "json"; kill leaves a stale pidfile and up restarts that node."""
         home = _home(self)
         self.addCleanup(_kill_leftovers, home)
         result = self._up(home, "--chunk", "3", "--ec", "RS-2-1", "--insecure")
@@ -443,6 +444,12 @@ class RealClusterTests(SynchronousTestCase):
         self.assertEqual(different.returncode, 2)
         self.assertIn("--chunk 5 (it has 3)", different.stderr)
 
+        # The operator switches chunk-3 to JSON logs: its restart must honour that.
+        chunk3 = spec.node("chunk-3")
+        with open(layout.config_path(home, chunk3)) as f:
+            text = f.read()
+        with open(layout.config_path(home, chunk3), "w") as f:
+            f.write(text.replace('log_format = "text"', 'log_format = "json"'))
         restarted = self._up(home)
         self.assertEqual(restarted.returncode, 0, restarted.stderr + restarted.stdout)
         self.assertEqual(layout.load_spec(home), spec)  # same nodes, same ports
@@ -450,39 +457,22 @@ class RealClusterTests(SynchronousTestCase):
         self.assertEqual({n["address"] for n in nodes.values()}, {n.address for n in spec.nodes})
         self.assertEqual(nodes["meta-1"]["role"], "leader")
         self.assertTrue(os.path.exists(marker))
-        self.assertEqual(_cli(home, "cluster", "down").returncode, 0)
+        with open(layout.log_path(home, chunk3)) as f:
+            json_lines = [line for line in f if line.startswith("{")]
+        self.assertTrue(json_lines)
+        self.assertTrue(all("text" in json.loads(line) for line in json_lines))
 
-    def test_kill_and_json_logs(self) -> None:
-        """kill is SIGKILL (the pidfile stays, stale); up restarts the node; a node whose
-        config says log_format = "json" logs JSON lines."""
-        home = _home(self)
-        self.addCleanup(_kill_leftovers, home)
-        spec = layout.new_spec(1, 2, "RS-1-1", False, None)
-        layout.write_cluster(home, spec)
-        chunk = spec.chunks[0]
-        path = layout.config_path(home, chunk)
-        with open(path) as f:
-            text = f.read()
-        with open(path, "w") as f:
-            f.write(text.replace('log_format = "text"', 'log_format = "json"'))
-
-        result = self._up(home)
-        self.assertEqual(result.returncode, 0, result.stderr + result.stdout)
-        pid = layout.node_pid(home, chunk)
-        assert pid is not None
-        killed = _cli(home, "cluster", "kill", chunk.id)
+        # kill is SIGKILL: the pidfile stays behind, stale; up restarts just that node.
+        pid = nodes["chunk-1"]["pid"]
+        killed = _cli(home, "cluster", "kill", "chunk-1")
         self.assertEqual(killed.returncode, 0, killed.stderr)
         self.assertFalse(layout.pid_alive(pid))
-        self.assertTrue(os.path.exists(layout.pidfile_path(home, chunk)))
-        self.assertEqual(self._status(home)[chunk.id]["state"], "stopped")
-
-        result = self._up(home)
-        self.assertEqual(result.returncode, 0, result.stderr + result.stdout)
-        self.assertEqual(self._status(home)[chunk.id]["state"], "running")
-        with open(layout.log_path(home, chunk)) as f:
-            lines = [line for line in f if line.startswith("{")]
-        self.assertTrue(lines)
-        self.assertTrue(all("text" in json.loads(line) for line in lines))
+        self.assertTrue(os.path.exists(layout.pidfile_path(home, spec.node("chunk-1"))))
+        self.assertEqual(self._status(home)["chunk-1"]["state"], "stopped")
+        again = self._up(home)
+        self.assertEqual(again.returncode, 0, again.stderr + again.stdout)
+        self.assertIn("starting chunk-1\n", again.stdout)
+        self.assertEqual(self._status(home)["chunk-1"]["state"], "running")
         self.assertEqual(_cli(home, "cluster", "down").returncode, 0)
 
     def test_tls_cluster(self) -> None:

@@ -317,7 +317,9 @@ def _detail(view: dict[str, Any]) -> str:
         return f"{view['role']}, term {view.get('term')}, commit {view.get('commit_index')}"
     if view.get("health") is None:
         return "unknown to the metadata" if view["state"] == "running" else ""
-    parts = [str(view["health"])]
+    # A stopped node's health is the metadata's memory of it, until it is declared dead.
+    prefix = "" if view["state"] == "running" else "metadata last saw it: "
+    parts = [prefix + str(view["health"])]
     if view.get("shards") is not None:
         parts.append(f"{view['shards']} shards")
     if view.get("used_bytes") is not None:
@@ -612,6 +614,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         _print_summary(home, views)
         if running and not answers:
             _say("no metadata node answered a status query: roles and health are unknown")
+        leaders = [v["id"] for v in views if v.get("role") == "leader"]
+        if len(leaders) > 1:
+            _say("warning: several metadata nodes say they lead: " + ", ".join(leaders))
     return OK
 
 
