@@ -520,6 +520,12 @@ def cmd_up(args: argparse.Namespace) -> int:
         )
     else:
         _check_matches(spec, args, home)
+    if not spec.tls:
+        _say(
+            "warning: this cluster runs without TLS: no authentication, no encryption; "
+            "use it only on a machine you fully control",
+            sys.stderr,
+        )
     # Every config is checked before anything starts, so a bad one leaves nothing running.
     to_start = [
         (node, layout.daemon_argv(home, node))
