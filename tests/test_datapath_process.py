@@ -1,0 +1,247 @@
+# -*- test-case-name: tests.test_datapath_process -*-
+"""The data path as a user meets it: real daemons from `dogfs cluster up`, the `dogfs` CLI,
+`kill -9`, corrupted and deleted shard files, restarts.
+
+Every command here is run the way a user types it, as a separate process.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+from twisted.trial.unittest import SynchronousTestCase
+
+BLOCK_SIZE = 1 << 20  # small blocks, so a 20 MiB file spans several block groups
+ENV = dict(os.environ, MALLOC_MMAP_THRESHOLD_="33554432", MALLOC_TRIM_THRESHOLD_="1073741824")
+
+
+def sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class Cluster:
+    """A cluster in a temporary home, driven only through the dogfs command."""
+
+    def __init__(self) -> None:
+        self.home = tempfile.mkdtemp(prefix="dogfs-test-")
+        self.work = os.path.join(self.home, "work")
+        os.makedirs(self.work)
+
+    def run(self, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [sys.executable, "-m", "dogfs.cli.main", "--home", self.home, *args],
+            capture_output=True, text=True, timeout=timeout, env=ENV, stdin=subprocess.DEVNULL,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(
+                f"dogfs {' '.join(args)} exited {result.returncode}: {result.stderr.strip()}"
+            )
+        return result
+
+    def json(self, *args: str) -> Any:
+        return json.loads(self.run("--json", *args).stdout)
+
+    def up(self) -> None:
+        self.run("cluster", "up", "--detach", "--meta", "1", "--chunk", "6")
+
+    def set_block_size(self, size: int) -> None:
+        """Give the metadata node a small block size (a config change, then a restart)."""
+        path = os.path.join(self.home, "nodes", "meta-1", "meta.toml")
+        with open(path) as f:
+            text = f.read()
+        lines = [line for line in text.splitlines() if not line.startswith("block_size")]
+        out = []
+        for line in lines:
+            out.append(line)
+            if line.strip() == "[meta]":
+                out.append(f"block_size = {size}")
+        with open(path, "w") as f:
+            f.write("\n".join(out) + "\n")
+
+    def nodes(self) -> dict[str, dict[str, Any]]:
+        return {n["id"]: n for n in self.json("cluster", "status")["nodes"]}
+
+    def wait_chunks_alive(self, deadline_s: float = 60) -> None:
+        deadline = time.monotonic() + deadline_s
+        while time.monotonic() < deadline:
+            nodes = self.nodes()
+            chunks = [n for n in nodes.values() if n["kind"] == "chunk"]
+            if all(n["state"] == "running" and n.get("last_heartbeat_s") is not None
+                   and n["last_heartbeat_s"] < 3 for n in chunks):
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"chunk servers not all alive within {deadline_s}s: {self.nodes()}")
+
+    def local(self, name: str, size: int, seed: int) -> str:
+        path = os.path.join(self.work, name)
+        rnd = random.Random(seed)
+        with open(path, "wb") as f:
+            left = size
+            while left:
+                n = min(left, 1 << 20)
+                f.write(rnd.randbytes(n))
+                left -= n
+        return path
+
+    def shard_file(self, node: str, shard_id: str) -> str:
+        [path] = glob.glob(os.path.join(self.home, "nodes", node, "data", "**", f"*{shard_id}*"), recursive=True)
+        return path
+
+    def destroy(self) -> None:
+        self.run("cluster", "down", check=False)
+        shutil.rmtree(self.home, ignore_errors=True)
+
+
+class DataPathTests(SynchronousTestCase):
+    """Roadmap phases 1 and 2 with real processes."""
+
+    def setUp(self) -> None:
+        # Each test gets its own cluster: tests kill, corrupt and delete things.
+        self.cluster = Cluster()
+        self.addCleanup(self.cluster.destroy)
+        self.cluster.up()
+        self.cluster.run("cluster", "stop", "meta-1")
+        self.cluster.set_block_size(BLOCK_SIZE)
+        self.cluster.run("cluster", "start", "meta-1")
+        self.cluster.wait_chunks_alive()
+        self.files = {}
+        for name, size, seed in [("empty", 0, 1), ("one", 1, 2), ("odd", (1 << 20) + 12345, 3),
+                                 ("big", 20 * (1 << 20) + 7, 4)]:
+            local = self.cluster.local(name, size, seed)
+            self.cluster.run("put", local, f"/{name}")
+            self.files[f"/{name}"] = local
+
+    def assert_reads_back(self, path: str, local: str, *args: str) -> None:
+        out = os.path.join(self.cluster.work, "out-" + path.strip("/").replace("/", "_"))
+        self.cluster.run("get", path, out, *args)
+        self.assertEqual(sha256(out), sha256(local), f"{path} read back differently")
+        os.unlink(out)
+
+    def test_01_round_trips(self) -> None:
+        """0 B, 1 B, just over 1 MiB and 20 MiB files read back with identical SHA-256."""
+        for path, local in self.files.items():
+            self.assert_reads_back(path, local)
+
+    def test_02_stat_shows_placement(self) -> None:
+        """Every block group has k+m shards, indexed 0..5, on k+m different chunk servers."""
+        info = self.cluster.json("stat", "/big")
+        self.assertEqual((info["path"], info["type"], info["ec"]), ("/big", "file", "RS-4-2"))
+        self.assertEqual(info["size"], 20 * (1 << 20) + 7)
+        groups = info["block_groups"]
+        self.assertEqual(len(groups), 6)  # 4 MiB of data per group with 1 MiB blocks
+        self.assertEqual(sum(g["size"] for g in groups), info["size"])
+        chunk_ids = {n for n, v in self.cluster.nodes().items() if v["kind"] == "chunk"}
+        for group in groups:
+            shards = group["shards"]
+            self.assertEqual([s["index"] for s in shards], list(range(6)))
+            self.assertEqual(len({s["chunk_server"] for s in shards}), 6)
+            self.assertTrue({s["chunk_server"] for s in shards} <= chunk_ids)
+            for s in shards:
+                self.assertTrue(os.path.exists(self.cluster.shard_file(s["chunk_server"], s["shard_id"])))
+
+    def test_03_ls_and_rm(self) -> None:
+        """ls lists the files; rm removes one, after which get says it does not exist (exit 3)."""
+        listing = self.cluster.json("ls", "/")
+        self.assertTrue({"empty", "one", "odd", "big"} <= {e["name"] for e in listing["entries"]})
+        local = self.cluster.local("victim", 5000, 9)
+        self.cluster.run("put", local, "/victim")
+        self.cluster.run("rm", "/victim")
+        self.assertNotIn("victim", {e["name"] for e in self.cluster.json("ls", "/")["entries"]})
+        result = self.cluster.run("get", "/victim", os.path.join(self.cluster.work, "v"), check=False)
+        self.assertEqual(result.returncode, 3)
+        self.assertIn("/victim", result.stderr)
+
+    def test_04_bad_requests(self) -> None:
+        """Missing path, put under a file, unknown --ec, unreachable cluster: clear errors, nothing changed."""
+        before = self.cluster.json("ls", "/")
+        missing = self.cluster.run("get", "/nope", os.path.join(self.cluster.work, "n"), check=False)
+        self.assertEqual(missing.returncode, 3)
+        self.assertIn("'/nope' does not exist", missing.stderr)
+        self.assertFalse(os.path.exists(os.path.join(self.cluster.work, "n")))
+        under = self.cluster.run("put", self.files["/one"], "/one/child", check=False)
+        self.assertEqual(under.returncode, 1)
+        self.assertIn("/one", under.stderr)
+        bad_ec = self.cluster.run("put", self.files["/one"], "/x", "--ec", "RS-4", check=False)
+        self.assertEqual(bad_ec.returncode, 2)
+        self.assertIn("RS-4", bad_ec.stderr)
+        self.assertEqual(self.cluster.json("ls", "/"), before)
+        config = os.path.join(self.cluster.work, "dead.toml")
+        with open(config, "w") as f:
+            f.write('[client]\nmeta = ["127.0.0.1:9"]\n')
+        started = time.monotonic()
+        unreachable = subprocess.run(
+            [sys.executable, "-m", "dogfs.cli.main", "--config", config, "ls", "/", "--timeout", "3"],
+            capture_output=True, text=True, timeout=60, env=ENV,
+        )
+        self.assertEqual(unreachable.returncode, 1)
+        self.assertIn("127.0.0.1:9", unreachable.stderr)
+        self.assertLess(time.monotonic() - started, 3 + 5)  # the timeout plus interpreter start-up
+
+    def test_05_corrupted_shard(self) -> None:
+        """A flipped byte in a data shard is caught by its checksum; the read is still right."""
+        shard = self.cluster.json("stat", "/odd")["block_groups"][0]["shards"][0]
+        path = self.cluster.shard_file(shard["chunk_server"], shard["shard_id"])
+        with open(path, "r+b") as f:
+            size = os.fstat(f.fileno()).st_size
+            position = random.Random(5).randrange(200, size)
+            f.seek(position)
+            byte = f.read(1)
+            f.seek(position)
+            f.write(bytes([byte[0] ^ 0x10]))
+        self.assert_reads_back("/odd", self.files["/odd"])
+
+    def test_06_deleted_shards(self) -> None:
+        """Deleting m shard files of every block group by hand still lets the file be rebuilt."""
+        local = self.cluster.local("deleted", 9 * (1 << 20) + 3, 11)
+        self.cluster.run("put", local, "/deleted")
+        rnd = random.Random(6)
+        for group in self.cluster.json("stat", "/deleted")["block_groups"]:
+            for shard in rnd.sample(group["shards"], 2):
+                os.unlink(self.cluster.shard_file(shard["chunk_server"], shard["shard_id"]))
+        self.assert_reads_back("/deleted", local)
+
+    def test_07_killed_chunk_servers(self) -> None:
+        """With any m servers killed, reads work; with m+1 they fail in time, leaving no file; restarts heal."""
+        first = self.cluster.json("stat", "/big")["block_groups"][0]["shards"]
+        victims = [first[0]["chunk_server"], first[1]["chunk_server"]]  # two data shards: decoding needed
+        for node in victims:
+            self.cluster.run("cluster", "kill", node)
+        for path, local in self.files.items():
+            self.assert_reads_back(path, local)
+        third = first[2]["chunk_server"]
+        self.cluster.run("cluster", "kill", third)
+        out = os.path.join(self.cluster.work, "partial")
+        started = time.monotonic()
+        failed = self.cluster.run("get", "/big", out, "--timeout", "10", check=False)
+        self.assertEqual(failed.returncode, 1)
+        self.assertIn("/big", failed.stderr)
+        self.assertLess(time.monotonic() - started, 10 + 5)
+        self.assertEqual(os.listdir(self.cluster.work).count("partial"), 0)
+        self.assertEqual([n for n in os.listdir(self.cluster.work) if n.endswith(".part")], [])
+        for node in [*victims, third]:
+            self.cluster.run("cluster", "start", node)
+        self.cluster.wait_chunks_alive()
+        for path, local in self.files.items():
+            self.assert_reads_back(path, local)
+
+    def test_08_full_restart_keeps_files(self) -> None:
+        """cluster down then cluster up on the same home keeps every file."""
+        self.cluster.run("cluster", "down")
+        self.cluster.up()
+        self.cluster.wait_chunks_alive()
+        for path, local in self.files.items():
+            self.assert_reads_back(path, local)
