@@ -18,12 +18,11 @@ class ICommandLog(Interface):
 
     is_leader = Attribute("True when this node may accept commands now.")
 
-    def propose(command: Any, session: tuple[str, int] | None = None) -> Any:
+    def propose(command: Any) -> Any:
         """Order, persist and apply `command`; a Deferred firing with its result.
 
-        With `session` = (client_id, seq), a retried command takes effect once and its
-        retry gets the first result. Fails with a WireError: "not_leader" (details carry
-        the leader's address), "no_quorum", "timeout".
+        Fails with a WireError: "not_leader" (details carry the leader's address),
+        "no_quorum", "timeout".
         """
 
     def read_barrier() -> Any:

@@ -242,7 +242,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         for e in entries
     ]
     if rows:
-        print(output.format_table(["T", "SIZE", "EC", "MODIFIED", "NAME"], rows))
+        sys.stdout.write(output.format_table(["T", "SIZE", "EC", "MODIFIED", "NAME"], rows))
     return output.OK
 
 

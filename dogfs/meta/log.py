@@ -3,12 +3,12 @@
 
 This is what a one-member metadata cluster runs. Commands queue while a batch is being
 written; the next batch takes them all in one LMDB transaction, so one fsync serves many
-clients (group commit). A client session table makes retried commands take effect once.
+clients (group commit). Exactly-once retries come from `Sessioned` commands, which the
+state machine itself deduplicates.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Any
 
 from attrs import define, field
@@ -19,9 +19,6 @@ from zope.interface import implementer
 
 from dogfs.interfaces import ICommandLog
 from dogfs.meta.state import NamespaceState
-
-# Sessions remembered for exactly-once retries; the oldest are forgotten first.
-MAX_SESSIONS = 10_000
 
 
 @define
@@ -78,21 +75,10 @@ class LocalCommandLog:
         self._queue: list[tuple[Any, Outcome]] = []
         self._busy = False
         self._next_index: int | None = None
-        self._sessions: OrderedDict[str, tuple[int, Outcome]] = OrderedDict()
 
-    def propose(self, command: Any, session: tuple[str, int] | None = None) -> defer.Deferred[Any]:
-        if session is not None:
-            client_id, seq = session
-            known = self._sessions.get(client_id)
-            if known is not None and known[0] == seq:
-                return known[1].wait()
+    def propose(self, command: Any) -> defer.Deferred[Any]:
         outcome = Outcome()
         self._queue.append((command, outcome))
-        if session is not None:
-            self._sessions[session[0]] = (session[1], outcome)
-            self._sessions.move_to_end(session[0])
-            while len(self._sessions) > MAX_SESSIONS:
-                self._sessions.popitem(last=False)
         if not self._busy:
             self._flush()
         return outcome.wait()

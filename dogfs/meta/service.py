@@ -110,7 +110,10 @@ class MetaHandlers:
             raise WireError("permission_denied", f"{type(command).__name__} is not a client command")
         self._require_leader()
         command = self.prepare(command)
-        d = self.log.propose(command, (msg.client_id, msg.seq) if msg.client_id else None)
+        # A session makes a retried command take effect once, remembered in the replicated
+        # state itself (so it survives restarts and leader changes).
+        proposed = c.Sessioned(msg.client_id, msg.seq, command) if msg.client_id else command
+        d = self.log.propose(proposed)
 
         def answered(result: Any) -> Reply:
             if isinstance(result, c.MetaError):
@@ -130,9 +133,10 @@ class MetaHandlers:
                 policy = ECPolicy.parse(ec)
             except UnknownPolicy as e:
                 raise WireError("invalid_argument", str(e)) from None
+            draining = {r.node_id for r in self.state.chunk_servers() if r.draining}
             try:
                 placement = choose_placement(
-                    policy.width, self.registry.live(), self.rng, policy=policy.name
+                    policy.width, self.registry.live(), self.rng, exclude=draining, policy=policy.name
                 )
             except NotEnoughChunkServers as e:
                 self.emit("write_refused", path=command.path, reason=str(e))
@@ -218,12 +222,8 @@ class MetaHandlers:
                 "domain": view.domain,
             })
         summary = self.state.summary()
-        at_risk: dict[str, int] = {}
-        for bg in self.state.all_block_groups():
-            k = ECPolicy.parse(bg.ec).k
-            live = sum(1 for s in bg.shards if s.node_id in alive)
-            key = str(live - k)  # negative: unreadable until servers return
-            at_risk[key] = at_risk.get(key, 0) + 1
+        # Block groups by how many more chunk-server losses they survive (negative: unreadable).
+        at_risk = {str(margin): n for margin, n in self.state.redundancy(alive).items()}
         info = self.cluster_info()
         members = self.log.members()
         leader_id = next((mm["id"] for mm in members if mm.get("role") == "leader"), None)
