@@ -702,6 +702,7 @@ class RaftNode:
         self._read_seq = 0
         self._reads: deque[_PendingRead] = deque()
         self._reads_waiting_commit: list[_PendingRead] = []
+        self._led = False
         self._become_follower(self.term, None)
 
     # -- introspection ------------------------------------------------------------------------
@@ -866,6 +867,10 @@ class RaftNode:
         if self.role == Role.LEADER:
             self._leader_read(ctx, None)
             return None
+        if self._bug == "stale-read" and self._led:
+            # Planted bug: a deposed leader still answers reads from its own state.
+            self._read_states.append(ReadState(ctx, self.commit_index))
+            return None
         if self.leader_id is None:
             return NotLeader(None)
         self._send(ReadIndexRequest(self.term, self.id, self.leader_id, ctx))
@@ -889,6 +894,12 @@ class RaftNode:
         else:
             self._send_append(target, send_if_empty=True)
         return None
+
+    def campaign(self) -> None:
+        """Start an election now (with pre-vote if enabled), as if the election timeout
+        elapsed; nothing happens on a leader or on a node that may not campaign."""
+        if self.role != Role.LEADER and self.promotable():
+            self._campaign(transfer=False)
 
     def compact(self, snapshot: Snapshot) -> None:
         """The application took (and durably stored) ``snapshot`` at an applied index: drop the
@@ -1112,6 +1123,7 @@ class RaftNode:
         self._reset(self.term)
         self.role = Role.LEADER
         self.leader_id = self.id
+        self._led = True
         self._read_seq = 0
         self._progress = {}
         nxt = self.last_index + 1
@@ -1306,8 +1318,9 @@ class RaftNode:
         return sorted(n for n in self._progress if n != self.id)
 
     def _broadcast_append(self) -> None:
+        # Sent even without new entries: it carries the commit index to the followers.
         for nid in self._peers():
-            self._send_append(nid, send_if_empty=False)
+            self._send_append(nid, send_if_empty=True)
 
     def _broadcast_heartbeat(self) -> None:
         ctx = str(self._read_seq).encode() if self._reads else b""
