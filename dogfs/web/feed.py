@@ -177,7 +177,10 @@ class FeedProtocol(WebSocketServerProtocol):
         self.factory.remove_client(self)
 
     def send_json(self, message: dict[str, Any]) -> None:
-        """Send one message as a JSON text frame."""
+        """Send one message as a JSON text frame, unless the connection is already closing."""
+        # A page that is going away is between its close frame and onClose: nothing to say.
+        if self.state != WebSocketServerProtocol.STATE_OPEN:
+            return
         data = json.dumps(message, separators=(",", ":"), default=str).encode("utf-8")
         self.sendMessage(data, isBinary=False)
 
@@ -340,7 +343,12 @@ class Feed(WebSocketServerFactory):
     def broadcast(self, message: dict[str, Any]) -> None:
         """Send C{message} to every connected page."""
         for client in list(self.clients):
-            client.send_json(message)
+            try:
+                client.send_json(message)
+            except Exception:
+                # One broken page must not stop the others' pushes.
+                log.failure("pushing to a dashboard page failed")
+                self.remove_client(client)
 
     def _push(self) -> None:
         try:
