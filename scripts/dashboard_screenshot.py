@@ -16,6 +16,7 @@ Needs Debian's chromium (apt-get install chromium).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,18 +33,25 @@ GiB = 1 << 30
 
 def _demo(reactor: Any) -> tuple[str, Any]:
     """Serve the fake cluster on a free loopback port; return its URL and the port."""
-    from twisted.internet.endpoints import TCP4ServerEndpoint  # noqa: F401 (documented idiom)
-
     source = FakeClusterSource()
     metrics = Metrics()
-    port_holder: dict[str, Any] = {}
 
     site = make_site(reactor, source, metrics, ["http://127.0.0.1:0"], push_interval=0.25,
                      sample_interval=0.25)
     port = reactor.listenTCP(0, site, interface="127.0.0.1")
     number = port.getHost().port
     site.feed.setProtocolOptions(allowedOrigins=[f"http://127.0.0.1:{number}"])
-    port_holder["port"] = port
+    # Five minutes of made-up history, so that the chart looks like a node that has been up.
+    now = reactor.seconds()
+    for step in range(300, 0, -1):
+        wave = math.sin(step / 23.0)
+        site.feed.history.points.append({
+            "t": round(now - step, 3),
+            "put_bytes_s": (48 + 20 * wave + 6 * math.sin(step / 4.0)) * (1 << 20),
+            "get_bytes_s": (100 + 25 * math.cos(step / 31.0) + 8 * math.sin(step / 3.0)) * (1 << 20),
+            "put_ops_s": 0.8 + 0.3 * wave,
+            "get_ops_s": 3.0 + 0.5 * math.cos(step / 31.0),
+        })
     for i, member in enumerate(source.status["meta"], start=1):
         member["http_address"] = f"127.0.0.1:{number if i == 1 else number + 100 + i}"
     source.emit({"kind": "election", "node": "meta-1", "level": "warn",
@@ -58,8 +66,8 @@ def _demo(reactor: Any) -> tuple[str, Any]:
         n = ticks["n"]
         for c in source.status["chunks"]:
             if c["state"] == "alive":
-                c["load"] = {"put_bytes_s": (40 + 25 * ((n // 4) % 3)) * (1 << 20) / 5,
-                             "get_bytes_s": (90 + 30 * ((n // 6) % 2)) * (1 << 20) / 5}
+                c["load"] = {"put_bytes_s": (48 + 6 * math.sin(n / 2.0)) * (1 << 20) / 5,
+                             "get_bytes_s": (100 + 8 * math.cos(n / 3.0)) * (1 << 20) / 5}
         metrics.record_commit("put", 64 << 20)
         metrics.record_read(32 << 20)
         if n == 12:

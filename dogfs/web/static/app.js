@@ -333,7 +333,9 @@
     ctx.textAlign = "center"; ctx.textBaseline = "top";
     for (var m = 0; m <= model.windowS; m += 60) {
       var x = left + pw - pw * m / model.windowS;
-      ctx.fillText(m === 0 ? "now" : "-" + (m / 60) + " min", x, top + ph + 4);
+      // The end labels stay inside the plot: the oldest starts at the axis, "now" ends at the edge.
+      ctx.textAlign = m === 0 ? "right" : m === model.windowS ? "left" : "center";
+      ctx.fillText(m === 0 ? "now" : "-" + (m / 60) + " min", m === 0 ? x + right : x, top + ph + 4);
     }
     function line(key, colour) {
       ctx.strokeStyle = colour; ctx.lineWidth = 2; ctx.beginPath();
