@@ -37,6 +37,8 @@ log = Logger()
 
 # Commands a client may send; the rest are the leader's own (registration, expiry, moves).
 CLIENT_COMMANDS = (c.Mkdir, c.Allocate, c.CommitFile, c.Delete, c.Rename, c.SetDefaultPolicy)
+# Client commands that need the admin role.
+ADMIN_COMMANDS = (c.SetDefaultPolicy,)
 REPORT_BATCH = 20_000
 
 
@@ -61,9 +63,13 @@ class MetaHandlers:
         log_: ICommandLog,
         registry: ChunkServerRegistry,
         rng: random.Random | None = None,
+        authorize: Callable[[Request, str], None] | None = None,
     ) -> None:
         self.clock = clock
         self.config = config
+        # authorize(request, permission) raises WireError("permission_denied") when the
+        # caller may not; permissions are "read", "write", "admin" and "node".
+        self.authorize = authorize or (lambda request, permission: None)
         self.state = state
         self.log = log_
         self.registry = registry
@@ -108,6 +114,7 @@ class MetaHandlers:
             raise WireError("invalid_argument", str(e)) from None
         if not isinstance(command, CLIENT_COMMANDS):
             raise WireError("permission_denied", f"{type(command).__name__} is not a client command")
+        self.authorize(request, "admin" if isinstance(command, ADMIN_COMMANDS) else "write")
         self._require_leader()
         command = self.prepare(command)
         # A session makes a retried command take effect once, remembered in the replicated
@@ -166,6 +173,7 @@ class MetaHandlers:
     def query(self, request: Request) -> defer.Deferred[Reply]:
         """A read: stat, list, status or cluster_info."""
         msg: m.MetaQuery = request.msg
+        self.authorize(request, "read")
         if msg.op == "status":
             # Status answers from any member, leader or not, without a barrier: it is a view.
             return defer.succeed(Reply(m.MetaReply(self.log.leader_address()), encode_status(self.status())))
@@ -247,6 +255,7 @@ class MetaHandlers:
     def heartbeat(self, request: Request) -> Any:
         """A chunk server reports itself; the first time, it is registered durably."""
         msg: m.Heartbeat = request.msg
+        self.authorize(request, "node")
         self._require_leader()
         self.registry.heartbeat(
             msg.node_id, msg.address, msg.capacity_bytes, msg.used_bytes, msg.shards,
@@ -265,6 +274,7 @@ class MetaHandlers:
     def shard_report(self, request: Request) -> Reply:
         """Part of a chunk server's shard list; answered with the ids no longer referenced."""
         msg: m.ShardReport = request.msg
+        self.authorize(request, "node")
         self._require_leader()
         ids = [s for s in bytes(request.payload).decode("ascii", "replace").split("\n") if s]
         if len(ids) > REPORT_BATCH:

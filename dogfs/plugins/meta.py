@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.application.service import IService
-from twisted.internet import endpoints
 from twisted.python import usage
 
 from dogfs.config import ConfigError, load_meta
@@ -41,12 +40,13 @@ def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     from dogfs.meta.service import MetaService
+    from dogfs.plugins.common import server_endpoint
     from dogfs.wire.pool import ConnectionFactory
 
     config = options["parsed"]
 
     def listen(handlers: Any) -> Any:
         factory = ConnectionFactory(reactor, handlers.handlers(), node_id=config.id)
-        return endpoints.serverFromString(reactor, config.listen).listen(factory)
+        return server_endpoint(reactor, config.listen, config.tls).listen(factory)
 
     return MetaService(reactor, config, listen=listen)

@@ -47,8 +47,10 @@ class ConnectionFactory(Factory):
         node_id: str | None = None,
         limits: FrameLimits = FrameLimits(),
         on_connection: Callable[[Connection], None] | None = None,
+        on_handshake: Callable[[Connection], None] | None = None,
     ) -> None:
         self.clock = clock
+        self.on_handshake = on_handshake
         self.handlers = handlers
         self.node_id = node_id
         self.limits = limits
@@ -57,6 +59,7 @@ class ConnectionFactory(Factory):
 
     def buildProtocol(self, addr: Any) -> Connection:
         connection = Connection(self.clock, self.handlers, node_id=self.node_id, limits=self.limits)
+        connection.on_handshake = self.on_handshake
         self.connections.add(connection)
         connection.on_close.append(self.connections.discard)
         if self.on_connection is not None:

@@ -22,7 +22,7 @@ from typing import Any
 
 from attrs import define, field, frozen
 from twisted.internet import defer
-from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.interfaces import IHandshakeListener, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -192,7 +192,7 @@ class Upload:
             self._result.addErrback(lambda _: None)  # finish() reports the abort instead
 
 
-@implementer(IPushProducer)
+@implementer(IPushProducer, IHandshakeListener)
 class Connection(Protocol):
     """One DogFS connection. `handlers` maps a message class to the function serving it."""
 
@@ -214,6 +214,9 @@ class Connection(Protocol):
         self.handlers: Mapping[type, Handler] = handlers or {}
         self.node_id = node_id
         self.peer_node_id: str | None = None
+        # Who the peer is, once a TLS handshake has authenticated it (None in plaintext).
+        self.identity: Any = None
+        self.on_handshake: Callable[[Connection], None] | None = None
         self.max_inflight = max_inflight
         self.default_timeout = default_timeout
         self.version: int | None = None
@@ -240,6 +243,11 @@ class Connection(Protocol):
             tcp.SEND_LIMIT = SEND_LIMIT
         self.transport.registerProducer(self, True)
         self._send(Hello(SUPPORTED_VERSIONS, "dogfs", self.node_id), b"", 0, Flags.NONE, version=1)
+
+    def handshakeCompleted(self) -> None:
+        """TLS authenticated the peer: let the owner record its identity."""
+        if self.on_handshake is not None:
+            self.on_handshake(self)
 
     def dataReceived(self, data: bytes) -> None:
         if self._lost or self._closing_reason is not None:
