@@ -38,7 +38,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line."""
-    from dogfs.cli import cluster
+    from dogfs.cli import admin, ca, cluster
 
     parser = ArgumentParser(
         prog="dogfs",
@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src")
     p.add_argument("dst")
     cluster.register(sub)
+    admin.register(sub)
+    ca.register(sub)
     return parser
 
 
