@@ -2,22 +2,32 @@
 # -*- test-case-name: tests.test_dashboard_browser -*-
 """Save a PNG of a DogFS dashboard, as an operator would see it, with headless Chromium.
 
-    python scripts/dashboard_screenshot.py http://127.0.0.1:9101/ docs/dashboard.png
+    python scripts/dashboard_screenshot.py --cluster /tmp/dogfs-shot docs/dashboard.png
+    python scripts/dashboard_screenshot.py https://127.0.0.1:9101/ /tmp/dashboard.png
     python scripts/dashboard_screenshot.py --demo /tmp/dashboard.png
 
-The first form shoots a running metadata node's dashboard (for docs/dashboard.png, a real
-cluster with one chunk server down: `dogfs cluster stop chunk-3` first). It waits until the
-page is live and lists the nodes, and for C{--wait-dead} (default 1) chunk servers shown dead,
-so the picture shows the state it was taken for. C{--demo} serves a made-up cluster
+C{--cluster DIR} makes the picture of docs/dashboard.png: it starts a real local cluster in
+DIR (`dogfs cluster up --detach`), puts and reads a few files, stops one chunk server
+(`dogfs cluster stop chunk-N`), shoots the leader's dashboard and takes the cluster down.
+A URL shoots a running dashboard as it is. Either way the script waits until the page is live
+and lists the nodes, and for C{--wait-dead} (default 1) chunk servers shown dead, so the
+picture shows the state it was taken for. C{--demo} serves a made-up cluster
 (dogfs.web.fake) with one chunk server down and some traffic, to work on the page itself.
-Needs Debian's chromium (apt-get install chromium).
+Needs Debian's chromium (apt-get install chromium). Certificates are not checked (a local
+cluster's dashboard is served with its own CA's certificate).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
+import socket
+import ssl
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -86,11 +96,53 @@ def _demo(reactor: Any) -> tuple[str, Any]:
     return f"http://127.0.0.1:{number}/", port
 
 
+def _dogfs(home: str, *args: str) -> str:
+    """Run the `dogfs` CLI on the cluster in C{home}; its stdout, or exit with its error."""
+    command = [sys.executable, "-m", "dogfs.cli.main", "--home", home, *args]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed: {done.stderr.strip()}")
+    return done.stdout
+
+
+def _cluster(home: str, chunks: int, victim: str) -> str:
+    """Start a cluster in C{home} with traffic and C{victim} stopped; the leader's dashboard URL."""
+    _dogfs(home, "cluster", "up", "--meta", "3", "--chunk", str(chunks), "--detach")
+    with tempfile.TemporaryDirectory() as scratch:
+        for i, size in enumerate((3 << 20, 17 << 20, 64 << 20, 5 << 20)):
+            local = os.path.join(scratch, f"f{i}")
+            with open(local, "wb") as f:
+                f.write(os.urandom(size))
+            _dogfs(home, "put", local, f"/demo/file-{i}.bin")
+            _dogfs(home, "get", f"/demo/file-{i}.bin", local + ".back")
+    _dogfs(home, "cluster", "stop", victim)
+    nodes = json.loads(_dogfs(home, "cluster", "status", "--json"))["nodes"]
+    leader = next(
+        (n for n in nodes if n.get("kind") == "meta" and n.get("role") == "leader"), None
+    ) or next(n for n in nodes if n.get("kind") == "meta" and n.get("http_address"))
+    address = leader["http_address"]
+    return f"{'https' if _speaks_tls(address) else 'http'}://{address}/"
+
+
+def _speaks_tls(address: str) -> bool:
+    """Whether the dashboard at "host:port" completes a TLS handshake (certificate unchecked)."""
+    host, _, port = address.rpartition(":")
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=5) as raw:
+            with context.wrap_socket(raw, server_hostname=host.strip("[]")):
+                return True
+    except (OSError, ssl.SSLError):
+        return False
+
+
 async def shoot(
     reactor: Any, url: str, output: Path, width: int, wait_dead: int, timeout: float
 ) -> None:
     """Open C{url}, wait for a live page with its nodes (and dead ones), save a PNG."""
-    browser = await Chromium.launch(reactor)
+    browser = await Chromium.launch(reactor, ignore_certificate_errors=True)
     try:
         page = await browser.open(url, width=width, height=900)
         await page.wait_for(
@@ -121,13 +173,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("url", nargs="?", help="the dashboard URL, e.g. http://127.0.0.1:9101/")
     parser.add_argument("output", help="where to save the PNG")
     parser.add_argument("--demo", action="store_true", help="serve a made-up cluster instead")
+    parser.add_argument("--cluster", metavar="DIR",
+                        help="start a real local cluster in DIR, stop one chunk server, shoot")
+    parser.add_argument("--chunks", type=int, default=6, help="chunk servers for --cluster")
+    parser.add_argument("--victim", default="chunk-3", help="the chunk server --cluster stops")
     parser.add_argument("--width", type=int, default=1400)
     parser.add_argument("--wait-dead", type=int, default=1,
                         help="wait until this many chunk servers show dead (0: do not wait)")
     parser.add_argument("--timeout", type=float, default=60.0)
     args = parser.parse_args(argv)
-    if not args.demo and not args.url:
-        parser.error("give a URL, or --demo")
+    if not args.demo and not args.url and not args.cluster:
+        parser.error("give a URL, --cluster DIR or --demo")
+    if args.cluster:
+        args.url = _cluster(args.cluster, args.chunks, args.victim)
 
     async def run(reactor: Any) -> None:
         url = args.url
@@ -142,7 +200,11 @@ def main(argv: list[str] | None = None) -> None:
 
     from twisted.internet.defer import Deferred
 
-    react(lambda reactor: Deferred.fromCoroutine(run(reactor)))
+    try:
+        react(lambda reactor: Deferred.fromCoroutine(run(reactor)))
+    finally:
+        if args.cluster:
+            _dogfs(args.cluster, "cluster", "down")
 
 
 if __name__ == "__main__":

@@ -128,15 +128,27 @@ class Chromium:
 
     @classmethod
     async def launch(
-        cls, reactor: Any, *, binary: str | None = None, timeout: float = 30.0
+        cls,
+        reactor: Any,
+        *,
+        binary: str | None = None,
+        timeout: float = 30.0,
+        ignore_certificate_errors: bool = False,
     ) -> Chromium:
-        """Start a headless Chromium with a fresh profile and connect to its DevTools."""
+        """Start a headless Chromium with a fresh profile and connect to its DevTools.
+
+        C{ignore_certificate_errors} lets it open a local cluster's HTTPS dashboard, whose
+        certificate comes from the cluster's own CA.
+        """
         path = binary or find_chromium()
         if path is None:
             raise DevToolsError("chromium is not installed (apt-get install chromium)")
         profile = tempfile.mkdtemp(prefix="dogfs-chromium-")
         proto = _BrowserProcess()
-        args = [path, *FLAGS, f"--user-data-dir={profile}", "about:blank"]
+        args = [path, *FLAGS, f"--user-data-dir={profile}"]
+        if ignore_certificate_errors:
+            args.append("--ignore-certificate-errors")
+        args.append("about:blank")
         env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "TZ")}
         env.setdefault("HOME", profile)
         process = reactor.spawnProcess(proto, path, args, env=env)
