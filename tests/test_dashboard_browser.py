@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from twisted.internet import reactor
+from twisted.internet import reactor, ssl
 from twisted.trial.unittest import SkipTest, TestCase
 
 from dogfs.web.chromium import Chromium, Page, find_chromium
@@ -47,6 +47,8 @@ class DashboardScenario:
     victim: str
     death_timeout: float = 10.0
     load_timeout: float = 30.0
+    #: A local cluster's HTTPS dashboard has a certificate from the cluster's own CA.
+    ignore_certificate_errors: bool = False
 
     async def kill_chunk(self, node_id: str) -> None:
         """Make chunk server C{node_id} die (a real cluster: C{kill -9})."""
@@ -60,7 +62,9 @@ class DashboardScenario:
         """Start Chromium, open the dashboard and wait until it is live and lists every node."""
         if find_chromium() is None:
             raise SkipTest(NO_CHROMIUM)
-        browser = await Chromium.launch(reactor)
+        browser = await Chromium.launch(
+            reactor, ignore_certificate_errors=self.ignore_certificate_errors
+        )
         self.addCleanup(browser.close)  # type: ignore[attr-defined]
         page = await browser.open(self.dashboard_url)
         expected = len(self.meta_ids) + len(self.chunk_ids)
@@ -214,3 +218,31 @@ class FakeClusterDashboardTests(DashboardScenario, TestCase):
             check=lambda v: v[0] == self.address and v[1] == "false",
         )
         self.assertIn("via meta-1", state[2])
+
+
+class HTTPSDashboardTests(TestCase):
+    """Over HTTPS the page opens its feed with wss: on the same TLS port."""
+
+    async def test_live_over_tls(self) -> None:
+        """A page served over TLS goes live (wss) and lists every node."""
+        if find_chromium() is None:
+            raise SkipTest(NO_CHROMIUM)
+        key = ssl.KeyPair.generate(size=2048)
+        certificate = key.selfSignedCert(1, CN="127.0.0.1")
+        source = FakeClusterSource()
+        site = make_site(reactor, source, Metrics(), ["https://127.0.0.1:1"], push_interval=0.2)
+        port = reactor.listenSSL(0, site, certificate.options(), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        address = f"127.0.0.1:{port.getHost().port}"
+        site.feed.set_allowed_origins(dashboard_origins([address], secure=True))
+        browser = await Chromium.launch(reactor, ignore_certificate_errors=True)
+        self.addCleanup(browser.close)
+        page = await browser.open(f"https://{address}/")
+        rows = await page.wait_for(
+            "document.body.dataset.conn === 'open' && "
+            "document.querySelectorAll('tr[data-node-id]').length",
+            15.0,
+            check=lambda n: n == 9,
+        )
+        self.assertEqual(rows, 9)
+        self.assertEqual(await page.evaluate("location.protocol"), "https:")
