@@ -18,6 +18,7 @@ from zope.interface.verify import verifyObject
 from dogfs.web.fake import FakeClusterSource, demo_status
 from dogfs.web.feed import EventLog, Feed, ThroughputHistory, meta_state, page_status
 from dogfs.web.metrics import Metrics
+from dogfs.web.node import MetaNodeSource
 from dogfs.web.site import STATIC_DIR, dashboard_origins, make_site
 from dogfs.web.source import IClusterSource
 
@@ -53,17 +54,18 @@ class MetricsTests(SynchronousTestCase):
         self.metrics.record_commit("put", 1000)
         self.metrics.record_commit("put", 24)
         self.metrics.record_commit("mkdir")
+        self.metrics.record_commit("CommitFile", 0)
         self.metrics.record_read(500)
         after = self.render()
         self.assertEqual(sample(after, "dogfs_put_bytes_total"), 1024.0)
-        self.assertEqual(sample(after, "dogfs_put_ops_total"), 2.0)
+        self.assertEqual(sample(after, "dogfs_put_ops_total"), 3.0)
         self.assertEqual(sample(after, "dogfs_get_bytes_total"), 500.0)
         self.assertEqual(sample(after, "dogfs_get_ops_total"), 1.0)
         self.assertEqual(sample(after, "dogfs_meta_commands_total", op="put"), 2.0)
         self.assertEqual(sample(after, "dogfs_meta_commands_total", op="mkdir"), 1.0)
         self.assertEqual(
             self.metrics.totals(),
-            {"put_bytes": 1024.0, "get_bytes": 500.0, "put_ops": 2.0, "get_ops": 1.0},
+            {"put_bytes": 1024.0, "get_bytes": 500.0, "put_ops": 3.0, "get_ops": 1.0},
         )
 
     def test_refused_by_reason(self) -> None:
@@ -322,6 +324,70 @@ class SourceTests(SynchronousTestCase):
             ["https://10.0.0.5:8080", "https://127.0.0.1:9101", "https://localhost:9101",
              "https://[::1]:9101"],
         )
+
+
+class MetaNodeSourceTests(SynchronousTestCase):
+    """L{MetaNodeSource}: the meta service's callables and events, as the dashboard wants them."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.metrics = Metrics()
+        self.status = demo_status()
+        self.source = MetaNodeSource(
+            self.clock, "meta-1", lambda: self.status, lambda: True,
+            lambda: "127.0.0.1:9101", self.metrics,
+        )
+        self.events: list[dict[str, Any]] = []
+        self.unsubscribe = self.source.subscribe(self.events.append)
+
+    def test_provides_interface(self) -> None:
+        """It is a full IClusterSource over the callables it was given."""
+        self.assertTrue(verifyObject(IClusterSource, self.source))
+        self.assertIs(self.source.snapshot(), self.status)
+        self.assertEqual(self.source.leader_http_address(), "127.0.0.1:9101")
+
+    def test_commits_and_reads_count(self) -> None:
+        """Commit and read events move the counters and stay out of the event log."""
+        self.source.meta_listener("commit", {"path": "/a", "size": 100})
+        self.source.meta_listener("read", {"path": "/a", "size": 100})
+        self.assertEqual(
+            self.metrics.totals(),
+            {"put_bytes": 100.0, "get_bytes": 100.0, "put_ops": 1.0, "get_ops": 1.0},
+        )
+        self.assertEqual(self.events, [])
+
+    def test_refused_writes_folded(self) -> None:
+        """Each refusal is counted; a burst shows as one line a second, with how many it folds."""
+        for _ in range(5):
+            self.source.meta_listener("write_refused", {"path": "/x", "reason": "no_quorum: 1 of 3"})
+        self.clock.advance(1.5)
+        self.source.meta_listener("write_refused", {"path": "/y", "reason": "no_quorum: 1 of 3"})
+        self.assertEqual(
+            [e["message"] for e in self.events],
+            ["write of /x refused: no_quorum: 1 of 3",
+             "write of /y refused: no_quorum: 1 of 3 (and 4 more)"],
+        )
+        self.assertEqual(
+            self.metrics.registry.get_sample_value(
+                "dogfs_writes_refused_total", {"reason": "no_quorum"}
+            ),
+            6.0,
+        )
+
+    def test_chunk_and_election_events(self) -> None:
+        """Registry changes and elections become one sentence each, stamped with the clock."""
+        self.clock.advance(7)
+        self.source.chunk_listener("chunk-2", "alive", "dead")
+        self.source.chunk_listener("chunk-2", "dead", "alive")
+        self.source.meta_listener("election", {"node": "meta-3", "term": 9})
+        self.assertEqual(
+            [(e["message"], e["level"], e["t"]) for e in self.events],
+            [("chunk-2 died (no heartbeat)", "error", 7.0), ("chunk-2 is back", "info", 7.0),
+             ("meta-3 elected leader for term 9", "warn", 7.0)],
+        )
+        self.unsubscribe()
+        self.source.chunk_listener("chunk-2", "alive", "dead")
+        self.assertEqual(len(self.events), 3)
 
 
 # ---- over real loopback sockets ------------------------------------------------------------

@@ -30,8 +30,9 @@ log = Logger()
 
 SnapshotProvider = Callable[[], dict[str, Any]]
 
-#: Commands whose commit stores a new file version: they count as PUTs.
-PUT_OPS = frozenset({"put", "commit", "commit_file"})
+#: Commands whose commit stores a new file version: they count as PUTs (compared lower-case,
+#: without underscores, so "CommitFile" and "commit_file" both match).
+PUT_OPS = frozenset({"put", "commit", "commitfile"})
 
 
 class Metrics:
@@ -78,7 +79,7 @@ class Metrics:
     def record_commit(self, op: str, size: int = 0) -> None:
         """Count one committed metadata command; a PUT (see L{PUT_OPS}) adds C{size} bytes."""
         self.meta_commands.labels(op=op).inc()
-        if op in PUT_OPS:
+        if op.lower().replace("_", "") in PUT_OPS:
             self.put_ops.inc()
             if size > 0:
                 self.put_bytes.inc(size)
