@@ -1,0 +1,297 @@
+"""Data path benchmark: RS-4-2 over 6 local chunk servers, against this machine's limits.
+
+    .venv/bin/python bench/datapath.py [--size-mib 256] [--repeats 3] [--small 200]
+
+Starts a real cluster (`dogfs cluster up --detach --meta 1 --chunk 6`) in a temporary home and
+measures, in one run:
+
+- PUT of a SIZE file through the client API, as a fraction of the machine's limit measured in
+  the same run: writing the 1.5x encoded bytes to 6 files (in parallel) with fsync.
+- GET of the same file as a fraction of copying it through the page cache.
+- Degraded GET (the servers of 2 data shards killed) as a fraction of the healthy GET.
+- 4 KiB file PUT and GET latency, p50 and p99.
+- Peak RSS of a `dogfs put` of a 1 GiB stream.
+
+Medians over --repeats; the machine is noisy, so the same-run ratios are the figures to quote.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Any
+
+from twisted.internet import defer, task
+
+MiB = 1 << 20
+ENV = dict(os.environ, MALLOC_MMAP_THRESHOLD_="33554432", MALLOC_TRIM_THRESHOLD_="1073741824")
+
+
+def dogfs(home: str, *args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "dogfs.cli.main", "--home", home, *args],
+        capture_output=True, text=True, env=ENV, timeout=300,
+    )
+    if result.returncode != 0:
+        raise SystemExit(f"dogfs {' '.join(args)} failed: {result.stderr.strip()}")
+    return result.stdout
+
+
+def make_file(path: str, size: int, seed: int) -> None:
+    rnd = random.Random(seed)
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(left, 4 * MiB)
+            f.write(rnd.randbytes(n))
+            left -= n
+
+
+def drop(path: str) -> None:
+    if os.path.exists(path):
+        os.unlink(path)
+
+
+def baseline_fsync_write(directory: str, size: int) -> float:
+    """Seconds to write 1.5 x size bytes as 6 files in parallel, each fsynced at its end."""
+    per_file = size * 3 // 2 // 6
+    block = os.urandom(MiB)
+
+    def write(i: int) -> None:
+        path = os.path.join(directory, f"baseline-{i}")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            left = per_file
+            while left:
+                n = min(left, MiB)
+                os.write(fd, block[:n])
+                left -= n
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(6)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - started
+    for i in range(6):
+        drop(os.path.join(directory, f"baseline-{i}"))
+    return elapsed
+
+
+def baseline_copy(source: str, target: str) -> float:
+    """Seconds to copy a file through the page cache (no fsync), 1 MiB at a time."""
+    started = time.perf_counter()
+    with open(source, "rb") as src, open(target, "wb") as dst:
+        while block := src.read(MiB):
+            dst.write(block)
+    elapsed = time.perf_counter() - started
+    drop(target)
+    return elapsed
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+
+
+class ZeroStream(io.RawIOBase):
+    """A stream of `size` pseudo-random bytes that is never held in memory at once."""
+
+    def __init__(self, size: int) -> None:
+        self.left = size
+        self.block = os.urandom(MiB)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = min(len(buffer), self.left, MiB)
+        buffer[:n] = self.block[:n]
+        self.left -= n
+        return n
+
+
+def peak_rss_put(home: str, size: int) -> int:
+    """Peak RSS (bytes) of a `dogfs put -` process streaming `size` bytes from stdin."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dogfs.cli.main", "--home", home, "put", "-", "/rss-probe"],
+        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV,
+    )
+    assert proc.stdin is not None
+    block = os.urandom(MiB)
+    left = size
+    while left:
+        n = min(left, MiB)
+        proc.stdin.write(block[:n])
+        left -= n
+    proc.stdin.close()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"dogfs put - failed: {proc.stderr.read().decode() if proc.stderr else ''}")
+    return usage.ru_maxrss * 1024
+
+
+async def measure(reactor: Any, args: argparse.Namespace, home: str, work: str) -> dict[str, Any]:
+    from dogfs.client.api import DogFSClient
+    from dogfs.config import load_client
+
+    client = DogFSClient(reactor, load_client(os.path.join(home, "client.toml")), timeout=60)
+    size = args.size_mib * MiB
+    source = os.path.join(work, "source")
+    make_file(source, size, 1)
+    out = os.path.join(work, "out")
+    results: dict[str, Any] = {"size_mib": args.size_mib}
+
+    # Warm-up: the first large write on a fresh machine is slow (PERFORMANCE.md).
+    with open(source, "rb") as f:
+        await client.put("/warmup", f)
+    baseline_fsync_write(work, size)
+
+    put_ratios, get_ratios, puts, gets, limits, copies = [], [], [], [], [], []
+    for i in range(args.repeats):
+        limit = baseline_fsync_write(work, size)
+        started = time.perf_counter()
+        with open(source, "rb") as f:
+            await client.put(f"/big-{i}", f)
+        put_s = time.perf_counter() - started
+        copy = baseline_copy(source, out)
+        started = time.perf_counter()
+        with open(out, "wb") as f:
+            await client.get(f"/big-{i}", f)
+        get_s = time.perf_counter() - started
+        drop(out)
+        limits.append(limit)
+        copies.append(copy)
+        puts.append(put_s)
+        gets.append(get_s)
+        put_ratios.append(limit / put_s)
+        get_ratios.append(copy / get_s)
+    results["limit_write_mib_s"] = size / MiB / statistics.median(limits)
+    results["put_mib_s"] = size / MiB / statistics.median(puts)
+    results["put_ratio"] = statistics.median(put_ratios)
+    results["copy_mib_s"] = size / MiB / statistics.median(copies)
+    results["get_mib_s"] = size / MiB / statistics.median(gets)
+    results["get_ratio"] = statistics.median(get_ratios)
+
+    # Degraded: kill the servers of data shards 0 and 1 of the first block group.
+    info = await client.stat("/big-0")
+    victims = [s.node_id for s in info.block_groups[0].shards if s.index in (0, 1)]
+    for node in victims:
+        dogfs(home, "cluster", "kill", node)
+    degraded = []
+    healthy_now = []
+    for _ in range(args.repeats):
+        started = time.perf_counter()
+        with open(out, "wb") as f:
+            await client.get("/big-0", f)
+        degraded.append(time.perf_counter() - started)
+        drop(out)
+    for node in victims:
+        dogfs(home, "cluster", "start", node)
+    await _wait_alive(reactor, client)
+    for _ in range(args.repeats):
+        started = time.perf_counter()
+        with open(out, "wb") as f:
+            await client.get("/big-0", f)
+        healthy_now.append(time.perf_counter() - started)
+        drop(out)
+    results["degraded_get_mib_s"] = size / MiB / statistics.median(degraded)
+    results["degraded_ratio"] = statistics.median(healthy_now) / statistics.median(degraded)
+
+    small = os.urandom(4096)
+    put_lat, get_lat = [], []
+    for i in range(args.small):
+        started = time.perf_counter()
+        await client.put(f"/s{i}", io.BytesIO(small))
+        put_lat.append(time.perf_counter() - started)
+    for i in range(args.small):
+        sink = io.BytesIO()
+        started = time.perf_counter()
+        await client.get(f"/s{i}", sink)
+        get_lat.append(time.perf_counter() - started)
+        assert sink.getvalue() == small
+    results["small_put_ms"] = {"p50": percentile(put_lat, 50) * 1000, "p99": percentile(put_lat, 99) * 1000}
+    results["small_get_ms"] = {"p50": percentile(get_lat, 50) * 1000, "p99": percentile(get_lat, 99) * 1000}
+    await client.close()
+    return results
+
+
+async def _wait_alive(reactor: Any, client: Any, deadline_s: float = 60) -> None:
+    from dogfs.client.api import sleep
+
+    deadline = reactor.seconds() + deadline_s
+    while reactor.seconds() < deadline:
+        status = await client.status()
+        if all(c["state"] == "alive" for c in status["chunks"]):
+            return
+        await sleep(reactor, 0.2)
+    raise SystemExit("chunk servers did not come back")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size-mib", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--small", type=int, default=200, help="4 KiB files for the latency figures")
+    parser.add_argument("--rss-mib", type=int, default=1024, help="size of the peak-RSS put")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    from dogfs.codec.stripe import tune_malloc
+
+    tune_malloc()
+    home = tempfile.mkdtemp(prefix="dogfs-bench-")
+    work = os.path.join(home, "work")
+    os.makedirs(work)
+    try:
+        dogfs(home, "cluster", "up", "--detach", "--meta", "1", "--chunk", "6", "--insecure")
+        results: dict[str, Any] = {}
+
+        def run(reactor: Any) -> defer.Deferred[None]:
+            async def go() -> None:
+                results.update(await measure(reactor, args, home, work))
+
+            return defer.Deferred.fromCoroutine(go())
+
+        try:
+            task.react(run)
+        except SystemExit as e:
+            if e.code not in (0, None):
+                raise
+        results["peak_rss_put_mib"] = peak_rss_put(home, args.rss_mib * MiB) / MiB
+        results["rss_put_size_mib"] = args.rss_mib
+    finally:
+        subprocess.run([sys.executable, "-m", "dogfs.cli.main", "--home", home, "cluster", "down"],
+                       capture_output=True, env=ENV)
+        shutil.rmtree(home, ignore_errors=True)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return
+    r = results
+    print(f"data path, RS-4-2 over 6 chunk servers, {r['size_mib']} MiB, medians of {args.repeats}")
+    print(f"  machine limit (1.5x bytes to 6 files, fsync) {r['limit_write_mib_s']:8.0f} MiB/s of user data")
+    print(f"  PUT                                         {r['put_mib_s']:8.0f} MiB/s  ratio {r['put_ratio']:.2f} (target >= 0.5)")
+    print(f"  page-cache copy                             {r['copy_mib_s']:8.0f} MiB/s")
+    print(f"  GET                                         {r['get_mib_s']:8.0f} MiB/s  ratio {r['get_ratio']:.2f} (target >= 0.3)")
+    print(f"  degraded GET (2 servers down)               {r['degraded_get_mib_s']:8.0f} MiB/s  ratio {r['degraded_ratio']:.2f} of healthy (target >= 0.7)")
+    print(f"  4 KiB PUT latency  p50 {r['small_put_ms']['p50']:6.2f} ms  p99 {r['small_put_ms']['p99']:6.2f} ms")
+    print(f"  4 KiB GET latency  p50 {r['small_get_ms']['p50']:6.2f} ms  p99 {r['small_get_ms']['p99']:6.2f} ms")
+    print(f"  peak client RSS, put of {r['rss_put_size_mib']} MiB   {r['peak_rss_put_mib']:8.1f} MiB (target < 150)")
+
+
+if __name__ == "__main__":
+    main()
