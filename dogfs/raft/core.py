@@ -703,6 +703,7 @@ class RaftNode:
         self._reads: deque[_PendingRead] = deque()
         self._reads_waiting_commit: list[_PendingRead] = []
         self._led = False
+        self._appends_pending = False
         self._become_follower(self.term, None)
 
     # -- introspection ------------------------------------------------------------------------
@@ -990,6 +991,7 @@ class RaftNode:
         """Whether :meth:`ready` would return updates."""
         return bool(
             self._msgs
+            or self._appends_pending
             or self._read_states
             or self._pending_restore is not None
             or self.last_index > self._persisted
@@ -1003,6 +1005,7 @@ class RaftNode:
 
     def ready(self) -> Ready:
         """Everything to persist, send and apply now (call :meth:`advance` when done)."""
+        self._flush_appends()
         hs = self._persist_hard_state()
         rd = Ready(
             hard_state=hs if hs != self._prev_hard_state else None,
@@ -1132,10 +1135,12 @@ class RaftNode:
         me = self._progress[self.id]
         me.match = self._persisted
         me.recent_active = True
-        # Every configuration change in the log must be applied before another is proposed.
-        self._pending_conf_index = self.last_index
         # The no-op commits the previous terms' entries and lets reads start (Raft section 8).
         self._append(EntryKind.NOOP, b"")
+        self._flush_appends()
+        # Every configuration change in the log must be applied, and an entry of this term
+        # committed, before another change is proposed (the known single-server-change fix).
+        self._pending_conf_index = self.last_index
 
     def _apply_config(self, config: Configuration) -> None:
         self.config = config
@@ -1308,8 +1313,15 @@ class RaftNode:
     def _append(self, kind: EntryKind, data: bytes) -> int:
         index = self.last_index + 1
         self._log.append(Entry(self.term, index, kind, data))
-        self._broadcast_append()
+        # Sent at the next ready(): proposals made in between travel together (batching).
+        self._appends_pending = True
         return index
+
+    def _flush_appends(self) -> None:
+        if self._appends_pending:
+            self._appends_pending = False
+            if self.role == Role.LEADER:
+                self._broadcast_append()
 
     def _send(self, m: Message) -> None:
         self._msgs.append(m)
@@ -1348,12 +1360,29 @@ class RaftNode:
                 self.term, self.id, nid, prev, prev_term, tuple(entries), self.commit_index
             )
         )
-        if pr.state == _ProgressState.REPLICATE:
-            if entries:
-                pr.next = entries[-1].index + 1
-                pr.inflight.append(entries[-1].index)
-        else:
+        if pr.state != _ProgressState.REPLICATE:
             pr.probe_sent = True
+            return
+        if entries:
+            pr.next = entries[-1].index + 1
+            pr.inflight.append(entries[-1].index)
+        # Pipelining: keep sending while there is more and the window allows.
+        while pr.next <= self.last_index and not pr.paused(self.options.max_inflight):
+            entries = self._batch(pr.next)
+            prev = pr.next - 1
+            self._send(
+                AppendEntries(
+                    self.term,
+                    self.id,
+                    nid,
+                    prev,
+                    self.term_at(prev) or 0,
+                    tuple(entries),
+                    self.commit_index,
+                )
+            )
+            pr.next = entries[-1].index + 1
+            pr.inflight.append(entries[-1].index)
 
     def _batch(self, lo: int) -> list[Entry]:
         hi = min(self.last_index, lo + self.options.max_entries_per_msg - 1)
@@ -1423,16 +1452,6 @@ class RaftNode:
                     self._broadcast_append()
                 elif pr.state != _ProgressState.SNAPSHOT:
                     self._send_append(m.src, send_if_empty=False)
-                # Keep sending while there is more and the window allows.
-                while (
-                    pr.state == _ProgressState.REPLICATE
-                    and pr.next <= self.last_index
-                    and not pr.paused(self.options.max_inflight)
-                ):
-                    before = pr.next
-                    self._send_append(m.src, send_if_empty=False)
-                    if pr.next == before:
-                        break
             elif pr.state == _ProgressState.PROBE:
                 # A stale success: the probe may still be unanswered.
                 pr.probe_sent = False

@@ -183,6 +183,8 @@ class Simulation:
         self.crash_after_vote = r.choice([0.0, 0.2, 0.5])
         self.split_votes = r.choice([0.0, 0.3, 0.6])
         self.commit_strike = r.choice([0.0, 0.03, 0.1])
+        self.first_commit_strike = r.choice([0.0, 0.3, 0.7])
+        self.first_commit: dict[int, int] = {}
         self.options = RaftOptions(
             election_tick=ELECTION_TICK,
             heartbeat_tick=2,
@@ -444,13 +446,14 @@ class Simulation:
                         " was committed before"
                     )
             node.seen_commit = raft.commit_index
-            if (
-                raft.role == Role.LEADER
-                and self.tick_no < self.heal_at
-                and self.rng.random() < self.commit_strike
-            ):
-                # Cut the leader off right after it commits, before followers learn of it.
-                self._at(self.now, self._strike, node, raft.term)
+            if raft.role == Role.LEADER and self.tick_no < self.heal_at:
+                first = self.first_commit.get(raft.term) is None
+                self.first_commit.setdefault(raft.term, raft.commit_index)
+                p = self.first_commit_strike if first else self.commit_strike
+                if self.rng.random() < p:
+                    # Cut the leader off right after it commits (a new leader right after its
+                    # first commit), before the followers learn of it.
+                    self._at(self.now, self._strike, node, raft.term)
         role = (raft.role, raft.term)
         if role != node.seen_role:
             node.seen_role = role
