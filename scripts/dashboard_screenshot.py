@@ -23,8 +23,6 @@ import argparse
 import json
 import math
 import os
-import socket
-import ssl
 import subprocess
 import sys
 import tempfile
@@ -33,7 +31,7 @@ from typing import Any
 
 from twisted.internet.task import react
 
-from dogfs.web.chromium import Chromium
+from dogfs.web.chromium import Chromium, dashboard_url
 from dogfs.web.fake import FakeClusterSource
 from dogfs.web.metrics import Metrics
 from dogfs.web.site import make_site
@@ -120,22 +118,7 @@ def _cluster(home: str, chunks: int, victim: str) -> str:
     leader = next(
         (n for n in nodes if n.get("kind") == "meta" and n.get("role") == "leader"), None
     ) or next(n for n in nodes if n.get("kind") == "meta" and n.get("http_address"))
-    address = leader["http_address"]
-    return f"{'https' if _speaks_tls(address) else 'http'}://{address}/"
-
-
-def _speaks_tls(address: str) -> bool:
-    """Whether the dashboard at "host:port" completes a TLS handshake (certificate unchecked)."""
-    host, _, port = address.rpartition(":")
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=5) as raw:
-            with context.wrap_socket(raw, server_hostname=host.strip("[]")):
-                return True
-    except (OSError, ssl.SSLError):
-        return False
+    return dashboard_url(leader["http_address"])
 
 
 async def shoot(

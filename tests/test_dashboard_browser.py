@@ -10,13 +10,17 @@ Chromium is not installed (CI installs it: `apt-get install -y chromium`).
 
 from __future__ import annotations
 
+import importlib
 import json
+import os
+import signal
+import sys
 from typing import Any
 
-from twisted.internet import reactor, ssl
+from twisted.internet import reactor, ssl, utils
 from twisted.trial.unittest import SkipTest, TestCase
 
-from dogfs.web.chromium import Chromium, Page, find_chromium
+from dogfs.web.chromium import Chromium, Page, dashboard_url, find_chromium
 from dogfs.web.fake import FakeClusterSource
 from dogfs.web.metrics import Metrics
 from dogfs.web.site import DashboardSite, dashboard_origins, make_site
@@ -35,7 +39,8 @@ def _rows(selector: str) -> str:
 class DashboardScenario:
     """Browser checks that hold for any DogFS dashboard; subclasses say where and how.
 
-    A subclass (also a trial C{TestCase}) sets C{dashboard_url}, C{meta_ids}, C{chunk_ids},
+    A subclass (also a trial C{TestCase}) calls the C{check_*} methods on the page that
+    L{open_dashboard} returns, and sets C{dashboard_url}, C{meta_ids}, C{chunk_ids},
     C{leader_id}, C{victim} (a chunk server to kill) and C{death_timeout} (the liveness
     timeout plus a few seconds), and implements L{kill_chunk} and L{restart_chunk}.
     """
@@ -76,28 +81,31 @@ class DashboardScenario:
         )
         return page
 
-    async def test_every_node_listed_with_state(self) -> None:
+    async def check_every_node_listed(self, page: Page) -> None:
         """Every metadata node and chunk server is a row with its id and `running`."""
-        page = await self.open_dashboard()
         meta = await page.evaluate(_rows("#meta-rows tr[data-node-id]"))
         chunks = await page.evaluate(_rows("#chunk-rows tr[data-node-id]"))
         assert_equal = self.assertEqual  # type: ignore[attr-defined]
         assert_equal(sorted(row[0] for row in meta), sorted(self.meta_ids))
         assert_equal(sorted(row[0] for row in chunks), sorted(self.chunk_ids))
-        assert_equal({row[1] for row in meta + chunks}, {"running"})
+        await page.wait_for(
+            "Array.from(document.querySelectorAll('tr[data-node-id]')).map(r => r.dataset.state)",
+            self.death_timeout,
+            check=lambda states: set(states) == {"running"},
+        )
 
-    async def test_leader_marked(self) -> None:
+    async def check_leader_marked(self, page: Page) -> None:
         """Exactly one metadata row is the leader (data-role and a visible badge)."""
-        page = await self.open_dashboard()
-        leaders = await page.evaluate(
+        leaders = await page.wait_for(
             "Array.from(document.querySelectorAll('#meta-rows tr[data-role=leader]'))"
-            ".map(r => [r.dataset.nodeId, !!r.querySelector('.badge-leader')])"
+            ".map(r => [r.dataset.nodeId, !!r.querySelector('.badge-leader')])",
+            self.death_timeout,
+            check=lambda rows: len(rows) == 1,
         )
         self.assertEqual(leaders, [[self.leader_id, True]])  # type: ignore[attr-defined]
 
-    async def test_chunk_death_and_return_without_reload(self) -> None:
+    async def check_death_and_return(self, page: Page) -> None:
         """A dead chunk server's row turns `dead` in time, then `running` again, in one page load."""
-        page = await self.open_dashboard()
         # A page reload would lose this mark: its survival proves the rows changed in place.
         await page.evaluate("window.__dogfsMark = 42")
         row = f"document.querySelector('#chunk-rows tr[data-node-id={json.dumps(self.victim)}]')"
@@ -143,6 +151,18 @@ class FakeClusterDashboardTests(DashboardScenario, TestCase):
         """Stop listening (the feed closes its pages) unless already stopped."""
         if listening.connected:
             await listening.stopListening()
+
+    async def test_every_node_listed_with_state(self) -> None:
+        """Every node is a row carrying its id and state."""
+        await self.check_every_node_listed(await self.open_dashboard())
+
+    async def test_leader_marked(self) -> None:
+        """The leader's row is marked."""
+        await self.check_leader_marked(await self.open_dashboard())
+
+    async def test_chunk_death_and_return_without_reload(self) -> None:
+        """A chunk server's death and return show in place, without a reload."""
+        await self.check_death_and_return(await self.open_dashboard())
 
     async def kill_chunk(self, node_id: str) -> None:
         """The fake's chunk server misses its heartbeats and is declared dead."""
@@ -246,3 +266,63 @@ class HTTPSDashboardTests(TestCase):
         )
         self.assertEqual(rows, 9)
         self.assertEqual(await page.evaluate("location.protocol"), "https:")
+
+
+class RealClusterDashboardTests(DashboardScenario, TestCase):
+    """The scenario against a real local cluster: `dogfs cluster up`, `kill -9`, `cluster start`.
+
+    Runs once the metadata daemon serves the dashboard (C{dogfs.plugins.meta.SERVES_DASHBOARD}).
+    """
+
+    victim = "chunk-3"
+    ignore_certificate_errors = True
+    load_timeout = 60.0
+
+    async def setUp(self) -> None:
+        if find_chromium() is None:
+            raise SkipTest(NO_CHROMIUM)
+        if not getattr(importlib.import_module("dogfs.plugins.meta"), "SERVES_DASHBOARD", False):
+            raise SkipTest("the metadata daemon does not serve the dashboard yet "
+                           "(dogfs.plugins.meta.SERVES_DASHBOARD)")
+        self.home = os.path.abspath(self.mktemp())
+        # Registered first, so that a cluster half started is taken down too.
+        self.addCleanup(self.dogfs, "cluster", "down")
+        await self.dogfs("cluster", "up", "--meta", "3", "--chunk", "6", "--detach")
+        nodes = await self.nodes()
+        self.meta_ids = [n["id"] for n in nodes if n["kind"] == "meta"]
+        self.chunk_ids = [n["id"] for n in nodes if n["kind"] == "chunk"]
+        leader = next(n for n in nodes if n["kind"] == "meta" and n.get("role") == "leader")
+        self.leader_id = leader["id"]
+        self.dashboard_url = dashboard_url(leader["http_address"])
+        # The liveness timeout (chunk_dead_after, 10 s by default) plus a few seconds.
+        self.death_timeout = float(os.environ.get("DOGFS_CHUNK_DEAD_AFTER", "10")) + 8.0
+
+    async def dogfs(self, *args: str) -> str:
+        """Run the `dogfs` CLI on this test's cluster; its stdout (fails the test on an error)."""
+        out, err, code = await utils.getProcessOutputAndValue(
+            sys.executable, ["-m", "dogfs.cli.main", "--home", self.home, *args],
+            env=dict(os.environ), reactor=reactor,
+        )
+        if code != 0:
+            self.fail(f"dogfs {' '.join(args)} exited {code}: {err.decode(errors='replace')}")
+        return out.decode()
+
+    async def nodes(self) -> list[dict[str, Any]]:
+        """`dogfs cluster status --json`'s nodes."""
+        return list(json.loads(await self.dogfs("--json", "cluster", "status"))["nodes"])
+
+    async def kill_chunk(self, node_id: str) -> None:
+        """`kill -9` the chunk server's process."""
+        pid = next(n["pid"] for n in await self.nodes() if n["id"] == node_id)
+        os.kill(int(pid), signal.SIGKILL)
+
+    async def restart_chunk(self, node_id: str) -> None:
+        """`dogfs cluster start NODE`."""
+        await self.dogfs("cluster", "start", node_id)
+
+    async def test_dashboard_on_real_cluster(self) -> None:
+        """On a real cluster: every node listed, the leader marked, a kill -9 shown and undone."""
+        page = await self.open_dashboard()
+        await self.check_every_node_listed(page)
+        await self.check_leader_marked(page)
+        await self.check_death_and_return(page)

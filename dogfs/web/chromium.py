@@ -16,6 +16,8 @@ import json
 import os
 import re
 import shutil
+import socket
+import ssl
 import tempfile
 from collections.abc import Callable
 from typing import Any
@@ -53,6 +55,29 @@ _LISTENING = re.compile(rb"DevTools listening on (ws://\S+)")
 
 class DevToolsError(Exception):
     """A DevTools command failed, or the browser could not be started or reached."""
+
+
+def speaks_tls(address: str, timeout: float = 5.0) -> bool:
+    """Whether the server at "host:port" completes a TLS handshake (certificate unchecked).
+
+    Blocking: for scripts and test set-up, to tell an C{https:} dashboard from an C{http:} one.
+    """
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout) as raw:
+            with context.wrap_socket(raw, server_hostname=host):
+                return True
+    except (OSError, ssl.SSLError, ValueError):
+        return False
+
+
+def dashboard_url(http_address: str) -> str:
+    """The dashboard's URL at "host:port", C{https:} when it speaks TLS."""
+    return f"{'https' if speaks_tls(http_address) else 'http'}://{http_address}/"
 
 
 def find_chromium() -> str | None:
