@@ -47,6 +47,7 @@ class MetaConfig:
     chunk_dead_after: float = 10.0
     allocation_ttl: float = 3600.0
     peers: Mapping[str, str] = field(factory=dict)  # Raft members: id -> address (self included)
+    http_peers: Mapping[str, str] = field(factory=dict)  # members' dashboards: id -> host:port
     tick_interval: float = 0.05
     election_ticks: int = 10
     log_format: str = "text"
@@ -158,8 +159,10 @@ def load_meta(path: str) -> MetaConfig:
     s = _Section(path, "meta", data.get("meta", {}))
     raft = _Section(path, "raft", data.get("raft", {}))
     peers = raft.get("peers", dict, {})
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in peers.items()):
-        raise ConfigError(f"{path}: [raft] peers must map node ids to host:port strings")
+    http_peers = raft.get("http_peers", dict, {})
+    for name, table in (("peers", peers), ("http_peers", http_peers)):
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in table.items()):
+            raise ConfigError(f"{path}: [raft] {name} must map node ids to host:port strings")
     log_format = s.get("log_format", str, "text")
     if log_format not in ("text", "json"):
         raise ConfigError(f"{path}: [meta] log_format must be text or json, not {log_format!r}")
@@ -178,6 +181,7 @@ def load_meta(path: str) -> MetaConfig:
         chunk_dead_after=s.positive("chunk_dead_after", float, 10.0),
         allocation_ttl=s.positive("allocation_ttl", float, 3600.0),
         peers=peers or {node_id: address},
+        http_peers=http_peers,
         tick_interval=raft.positive("tick_interval", float, 0.05),
         election_ticks=raft.positive("election_ticks", int, 10),
         log_format=log_format,

@@ -251,6 +251,7 @@ def write_cluster(home: str, spec: ClusterSpec, timeout: float = 30.0) -> None:
     """Create a new cluster's files: cluster.toml, node configs, TLS material, client.toml."""
     os.makedirs(home, exist_ok=True)
     peers = {m.id: m.address for m in spec.metas}
+    http_peers = {m.id: m.http_address for m in spec.metas if m.http_address}
     meta_addresses = [m.address for m in spec.metas]
     for node in spec.nodes:
         os.makedirs(os.path.join(node_dir(home, node), "data"), exist_ok=True)
@@ -267,7 +268,7 @@ def write_cluster(home: str, spec: ClusterSpec, timeout: float = 30.0) -> None:
                     "default_ec": spec.ec,
                     "log_format": "text",
                 },
-                "raft": {"peers": peers},
+                "raft": {"peers": peers, "http_peers": http_peers},
             }
         else:
             table = {

@@ -205,12 +205,10 @@ def cmd_get(args: argparse.Namespace) -> int:
     ok = False
     try:
 
-        async def body(client: Any) -> Any:
-            info = await client.stat(args.path)
-            bar.total = getattr(info, "size", None)
-            return await client.get(args.path, sink_file, bar.update)
+        def on_info(info: Any) -> None:
+            bar.total = info.size
 
-        info = run_client(args, body)
+        info = run_client(args, lambda client: client.get(args.path, sink_file, bar.update, on_info))
         sink_file.flush()
         os.fsync(sink_file.fileno())
         sink_file.close()

@@ -53,13 +53,13 @@ class DogFSClient:
         timeout: float | None = None,
         client_id: str | None = None,
     ) -> None:
-        from dogfs.wire.pool import tcp_endpoints
+        from dogfs.plugins.common import client_endpoints
 
         self.reactor = reactor
         self.clock: IReactorTime = reactor
         self.config = config
         self.timeout = timeout if timeout is not None else config.timeout
-        self.pool = ConnectionPool(reactor, endpoints or tcp_endpoints(reactor, timeout=min(5.0, self.timeout)))
+        self.pool = ConnectionPool(reactor, endpoints or client_endpoints(reactor, config.tls, timeout=min(5.0, self.timeout)))
         self.client_id = client_id or uuid.uuid4().hex
         self._seq = 0
         self._leader: str | None = None
@@ -198,11 +198,20 @@ class DogFSClient:
 
         return defer.Deferred.fromCoroutine(put(self, path, source, ec, progress))
 
-    def get(self, path: str, sink: IO[bytes], progress: Progress | None = None) -> defer.Deferred[c.FileInfo]:
-        """Download the file `path` into `sink` (a binary file object)."""
+    def get(
+        self,
+        path: str,
+        sink: IO[bytes],
+        progress: Progress | None = None,
+        on_info: Callable[[c.FileInfo], None] | None = None,
+    ) -> defer.Deferred[c.FileInfo]:
+        """Download the file `path` into `sink` (a binary file object).
+
+        `on_info` is called with the file's metadata before any data is written.
+        """
         from dogfs.client.transfer import get
 
-        return defer.Deferred.fromCoroutine(get(self, path, sink, progress))
+        return defer.Deferred.fromCoroutine(get(self, path, sink, progress, on_info))
 
     def close(self) -> defer.Deferred[None]:
         """Close every connection."""

@@ -17,6 +17,7 @@ run ahead are paused.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import IO, TYPE_CHECKING, Any
 
 from attrs import define, field
@@ -175,13 +176,21 @@ async def _upload_group(
 # --- GET ----------------------------------------------------------------------------------
 
 
-async def get(client: DogFSClient, path: str, sink: IO[bytes], progress: Progress | None) -> c.FileInfo:
+async def get(
+    client: DogFSClient,
+    path: str,
+    sink: IO[bytes],
+    progress: Progress | None,
+    on_info: Callable[[c.FileInfo], None] | None = None,
+) -> c.FileInfo:
     """Download `path` into `sink`; see the module docstring."""
     from dogfs.client.api import DogFSError
 
     info = await client._stat(path)
     if isinstance(info, c.DirInfo):
         raise DogFSError("is_a_directory", f"{path} is a directory")
+    if on_info is not None:
+        on_info(info)
     cluster = await client.cluster_info()
     for bg in info.block_groups:
         codec = StripeCodec(ECPolicy.parse(bg.ec), cluster["cell_size"])

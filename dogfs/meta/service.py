@@ -86,6 +86,8 @@ class MetaHandlers:
             m.MetaQuery: self.query,
             m.Heartbeat: self.heartbeat,
             m.ShardReport: self.shard_report,
+            # A replicated log adds its peers' messages and its membership queries.
+            **(self.log.wire_handlers(self) if hasattr(self.log, "wire_handlers") else {}),
         }
 
     def emit(self, kind: str, **fields: Any) -> None:
@@ -146,7 +148,7 @@ class MetaHandlers:
                     policy.width, self.registry.live(), self.rng, exclude=draining, policy=policy.name
                 )
             except NotEnoughChunkServers as e:
-                self.emit("write_refused", path=command.path, reason=str(e))
+                self.emit("write_refused", path=command.path, reason=f"not_enough_chunk_servers: {e}")
                 raise WireError(
                     "not_enough_chunk_servers", f"cannot write {command.path}: {e}",
                     {"needed": e.needed, "alive": e.alive},
@@ -190,6 +192,9 @@ class MetaHandlers:
         result: Any
         if msg.op == "stat":
             result = self.state.stat(msg.path)
+            if isinstance(result, c.FileInfo):
+                # Data bypasses metadata; a GET starts with this stat, so count it as a read.
+                self.emit("read", path=msg.path, size=result.size)
         else:
             start_after = msg.args.get("start_after")
             limit = msg.args.get("limit", 1000)
@@ -306,13 +311,16 @@ class MetaService(MultiService):
         self.config = config
         self.listen = listen
         self.make_log = make_log
-        self.state = NamespaceState(os.path.join(config.data_dir, "namespace"))
+        # Behind a replicated log (make_log), the log is the durable record and replays what
+        # an unsynced LMDB commit lost in a crash: the state itself need not fsync.
+        self.state = NamespaceState(os.path.join(config.data_dir, "namespace"), durable=make_log is None)
         self.registry = ChunkServerRegistry(
             reactor, config.chunk_dead_after, grace_after_start=config.chunk_dead_after
         )
         self.handlers: MetaHandlers | None = None
         self.log: ICommandLog | None = None
         self._ports: list[Any] = []
+        self.metrics: Any = None
         self._pool: Any = None
         self._expiry: LoopingCall | None = None
 
@@ -337,10 +345,13 @@ class MetaService(MultiService):
         self.registry.known_all(self.state.chunk_servers())
         self.registry.start()
         self.handlers = MetaHandlers(self.reactor, self.config, self.state, self.log, self.registry)
+        if getattr(self.log, "service", None) is not None:
+            self.log.service.setServiceParent(self)  # type: ignore[attr-defined]
+            self.log.on_leadership.append(self._leadership_changed)  # type: ignore[attr-defined]
         self.registry.on_change(
             lambda node, old, new: self.handlers.emit("chunk_state", node=node, old=old, new=new)  # type: ignore[union-attr]
         )
-        if self.state.default_policy() != ECPolicy.parse(self.config.default_ec).name:
+        if self.log.is_leader and self.state.default_policy() != ECPolicy.parse(self.config.default_ec).name:
             d = self.log.propose(c.SetDefaultPolicy(ECPolicy.parse(self.config.default_ec).name))
             d.addErrback(lambda f: log.failure("setting the default policy failed", f))
         self._expiry = LoopingCall(self._expire_allocations)
@@ -360,6 +371,60 @@ class MetaService(MultiService):
 
         d.addCallback(listening)
         d.addErrback(self._fatal)
+        if self.config.http:
+            self._start_dashboard()
+
+    def _leader_http_address(self) -> str | None:
+        members = self.log.members() if self.log is not None else []
+        leader = next((mm for mm in members if mm.get("role") == "leader"), None)
+        if leader is None:
+            return None
+        return leader.get("http_address") or self.config.http_peers.get(leader["id"])
+
+    def _start_dashboard(self) -> None:
+        """Serve the dashboard, WebSocket feed, /metrics and /healthz on [meta] http."""
+        from twisted.internet import endpoints
+
+        from dogfs.web.metrics import Metrics
+        from dogfs.web.node import MetaNodeSource
+        from dogfs.web.site import dashboard_origins, make_site
+
+        assert self.handlers is not None
+        self.metrics = Metrics()
+        source = MetaNodeSource(
+            self.reactor, self.config.id, self.handlers.status,
+            lambda: bool(self.log is not None and self.log.is_leader),
+            self._leader_http_address, self.metrics,
+        )
+        self.handlers.listeners.append(source.meta_listener)
+        self.registry.on_change(source.chunk_listener)
+        addresses = [a for a in [self.config.http_address, *self.config.http_peers.values()] if a]
+        site = make_site(self.reactor, source, self.metrics, dashboard_origins(addresses))
+        d = endpoints.serverFromString(self.reactor, self.config.http).listen(site)
+
+        def listening(port: Any) -> None:
+            self._ports.append(port)
+            log.info("{node} dashboard on http://{address}/", node=self.config.id, address=self.config.http_address)
+
+        d.addCallbacks(listening, lambda f: log.failure("{node} cannot serve its dashboard", f, node=self.config.id))
+
+    def _leadership_changed(self, leading: bool) -> None:
+        """A Raft member became leader (or stopped leading): rebuild the soft state."""
+        if not leading or self.log is None:
+            return
+        # Liveness is soft state: forget what this member saw in an earlier term and give
+        # every chunk server a fresh grace period to heartbeat here before calling it dead.
+        self.registry.stop()
+        for view in self.registry.view():
+            self.registry.forget(view.node_id)
+        self.registry.known_all(self.state.chunk_servers())
+        self.registry.start()
+        if self.handlers is not None:
+            self.handlers.reported.clear()
+        log.info("{node} leads the metadata group", node=self.config.id)
+        if self.state.default_policy() != ECPolicy.parse(self.config.default_ec).name:
+            d = self.log.propose(c.SetDefaultPolicy(ECPolicy.parse(self.config.default_ec).name))
+            d.addErrback(lambda f: log.failure("setting the default policy failed", f))
 
     def _fatal(self, failure: Any) -> None:
         log.failure("{node} cannot listen on {listen}", failure, node=self.config.id, listen=self.config.listen)
