@@ -119,8 +119,6 @@ class HeartbeatService(Service):
 
     async def _beat(self) -> None:
         server = self.server
-        if not server.ready:
-            return  # still scanning the store at start-up: nothing true to say yet
         capacity, used, shards = await server.status()
         heartbeat = Heartbeat(
             node_id=self.config.id,

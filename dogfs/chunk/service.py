@@ -109,10 +109,9 @@ class ChunkService(MultiService):
         self._meta_pool = ConnectionPool(
             self.reactor, self._make_meta_endpoints(self.reactor, config), node_id=config.id
         )
-        if self.heartbeat is not None:
+        if self.heartbeat is not None and self.heartbeat.parent is self:
             self.removeService(self.heartbeat)
         self.heartbeat = HeartbeatService(self.reactor, self.server, config, self._meta_pool)
-        self.heartbeat.setServiceParent(self)
         if self.ready.called:
             self.ready = defer.Deferred()
         super().startService()
@@ -139,6 +138,9 @@ class ChunkService(MultiService):
             node=config.id, count=count, where=where, dir=store.root,
             damaged=f" ({corrupt} with damaged headers)" if corrupt else "",
         )
+        # Heartbeats start once there is something true to report: the first goes out now.
+        assert self.heartbeat is not None
+        self.heartbeat.setServiceParent(self)
         self.ready.callback(None)
 
     def _failed_to_start(self, failure: Failure) -> None:

@@ -1,0 +1,663 @@
+# -*- test-case-name: tests.test_chunk_service -*-
+"""Tests for dogfs.chunk: the shard RPCs, heartbeats, shard reports, GC and the service tree.
+
+The handlers run over an in-memory connection pair (twisted.test.iosim) against a real
+ShardStore in a temporary directory, with a synchronous executor so every test is
+deterministic; heartbeats run on a task.Clock against fake metadata nodes.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python import usage
+from twisted.test.iosim import FakeTransport, IOPump, connect
+from twisted.trial.unittest import SynchronousTestCase
+
+from dogfs.chunk.heartbeat import HeartbeatService
+from dogfs.chunk.load import LoadMeter
+from dogfs.chunk.server import ShardServer, synchronous_executor
+from dogfs.chunk.service import ChunkService
+from dogfs.codec.checksum import crc32c
+from dogfs.config import ChunkConfig
+from dogfs.plugins import chunk as chunk_plugin
+from dogfs.storage.shards import HEADER_SIZE, RECORD_OVERHEAD, ShardStore
+from dogfs.wire.messages import (
+    Cell,
+    DeleteShards,
+    GetShard,
+    GetShardEnd,
+    Heartbeat,
+    HeartbeatReply,
+    Ok,
+    PutShard,
+    PutShardEnd,
+    ShardReport,
+    ShardReportReply,
+    ShardStored,
+)
+from dogfs.wire.protocol import Connection, Reply, Request, WireError
+
+SHARD = "000000000000002a-03"
+OTHER = "000000000000002b-03"
+FRAGMENT = 1000
+
+
+def fragments(count: int, last: int = 300, seed: int = 1) -> list[bytes]:
+    """`count` fragments of FRAGMENT bytes, the last one `last` bytes long."""
+    out = [bytes([(seed + i) % 256]) * FRAGMENT for i in range(count)]
+    out[-1] = out[-1][:last]
+    return out
+
+
+def pair(handlers: dict[type, Any], clock: Clock, server_id: str = "chunk-3") -> tuple[Connection, IOPump]:
+    """A client Connection wired in memory to a server Connection serving `handlers`."""
+    server = Connection(clock, handlers, node_id=server_id)
+    client = Connection(clock, {}, node_id="client")
+    pump = connect(server, FakeTransport(server, True), client, FakeTransport(client, False), clock=None)
+    return client, pump
+
+
+class Harness:
+    """A ShardServer on a temp dir, and a client connected to it in memory."""
+
+    def __init__(self, root: str, *, writev: Any = os.writev) -> None:
+        self.clock = Clock()
+        self.store = ShardStore(root, writev=writev)
+        self.server = ShardServer(self.store, "chunk-3", synchronous_executor, LoadMeter(self.clock))
+        self.server.scan()
+        self.client, self.pump = pair(dict(self.server.handlers()), self.clock)
+
+    def put(
+        self,
+        shard_id: str,
+        frags: Sequence[bytes],
+        *,
+        crcs: Sequence[int] | None = None,
+        indexes: Sequence[int] | None = None,
+        announced: int | None = None,
+        fragment_size: int = FRAGMENT,
+    ) -> defer.Deferred[Reply]:
+        """Upload a shard cell by cell, optionally with wrong CRCs, order or count."""
+        upload = self.client.open_stream(PutShard(shard_id, "RS-4-2", int(shard_id[17:]), fragment_size))
+        for i, fragment in enumerate(frags):
+            crc = crcs[i] if crcs is not None else crc32c(fragment)
+            index = indexes[i] if indexes is not None else i
+            upload.send(Cell(index, crc), fragment)
+            self.pump.flush()
+        d = upload.finish(PutShardEnd(len(frags) if announced is None else announced))
+        self.pump.flush()
+        return d
+
+    def get(self, shard_id: str, first: int = 0, count: int = -1) -> tuple[defer.Deferred[Reply], list[tuple[Cell, bytes]]]:
+        """Read cells; returns the final Deferred and the (Cell, payload) parts received."""
+        parts: list[tuple[Cell, bytes]] = []
+        d = self.client.call(GetShard(shard_id, first, count), on_part=lambda m, p: parts.append((m, bytes(p))))
+        self.pump.flush()
+        return d, parts
+
+    def tmp_files(self) -> list[str]:
+        """Files left in the store's temporary directory."""
+        return os.listdir(self.store.tmp_dir)
+
+
+class PutGetTests(SynchronousTestCase):
+    """Uploads and reads of whole shards and ranges."""
+
+    def setUp(self) -> None:
+        self.h = Harness(self.mktemp())
+
+    def test_round_trip(self) -> None:
+        """A shard put cell by cell (the last one shorter) reads back identical, CRCs with it."""
+        frags = fragments(5)
+        reply = self.successResultOf(self.h.put(SHARD, frags))
+        self.assertEqual(reply.msg, ShardStored(SHARD, 4 * FRAGMENT + 300))
+        d, parts = self.h.get(SHARD)
+        self.assertEqual(self.successResultOf(d).msg, GetShardEnd(5))
+        self.assertEqual([p for _, p in parts], frags)
+        self.assertEqual([m for m, _ in parts], [Cell(i, crc32c(f)) for i, f in enumerate(frags)])
+        self.assertEqual(self.h.server.shard_ids, {SHARD})
+        self.assertEqual(self.h.tmp_files(), [])
+
+    def test_range_get(self) -> None:
+        """first/count select cells; count -1 means to the end; an empty tail is allowed."""
+        frags = fragments(5)
+        self.successResultOf(self.h.put(SHARD, frags))
+        for first, count, expected in [(2, 2, [2, 3]), (4, -1, [4]), (0, 1, [0]), (5, -1, []), (3, 0, [])]:
+            d, parts = self.h.get(SHARD, first, count)
+            self.assertEqual(self.successResultOf(d).msg, GetShardEnd(len(expected)))
+            self.assertEqual([m.index for m, _ in parts], expected)
+            self.assertEqual([p for _, p in parts], [frags[i] for i in expected])
+
+    def test_range_out_of_bounds(self) -> None:
+        """A range outside the shard's cells is invalid_argument and sends no cells."""
+        self.successResultOf(self.h.put(SHARD, fragments(5)))
+        for first, count in [(3, 5), (-1, 1), (6, -1), (0, -2), (5, 1)]:
+            d, parts = self.h.get(SHARD, first, count)
+            error = self.failureResultOf(d, WireError).value
+            self.assertEqual(error.code, "invalid_argument", (first, count))
+            self.assertIn("out of range", error.message)
+            self.assertEqual(parts, [])
+
+    def test_replace(self) -> None:
+        """A second put of the same id replaces the first atomically."""
+        self.successResultOf(self.h.put(SHARD, fragments(3, seed=1)))
+        new = fragments(2, last=FRAGMENT, seed=9)
+        self.successResultOf(self.h.put(SHARD, new))
+        d, parts = self.h.get(SHARD)
+        self.successResultOf(d)
+        self.assertEqual([p for _, p in parts], new)
+
+    def test_counters(self) -> None:
+        """Puts and gets are counted into the heartbeat's load rates."""
+        self.successResultOf(self.h.put(SHARD, fragments(2)))
+        self.successResultOf(self.h.get(SHARD)[0])
+        self.failureResultOf(self.h.get(OTHER)[0], WireError)
+        self.h.clock.advance(1)
+        load = self.h.server.load()
+        self.assertEqual(load["put_ops_s"], 1.0)
+        self.assertEqual(load["put_bytes_s"], FRAGMENT + 300.0)
+        self.assertEqual(load["get_ops_s"], 1.0)
+        self.assertEqual(load["get_bytes_s"], FRAGMENT + 300.0)
+        self.assertEqual(load["errors_s"], 1.0)
+        self.assertEqual(load["corrupt_shards"], 0.0)
+
+
+class PutErrorTests(SynchronousTestCase):
+    """Refused uploads leave nothing behind."""
+
+    def setUp(self) -> None:
+        self.h = Harness(self.mktemp())
+
+    def assertNothingStored(self, shard_id: str = SHARD) -> None:
+        self.assertFalse(os.path.exists(self.h.store.path(shard_id)))
+        self.assertEqual(self.h.tmp_files(), [])
+        self.assertNotIn(shard_id, self.h.server.shard_ids)
+
+    def test_corrupt_in_transit(self) -> None:
+        """A cell whose payload does not match its CRC is refused, naming cell and shard."""
+        frags = fragments(3)
+        crcs = [crc32c(f) for f in frags]
+        crcs[1] ^= 1
+        error = self.failureResultOf(self.h.put(SHARD, frags, crcs=crcs), WireError).value
+        self.assertEqual(error.code, "corrupt_in_transit")
+        self.assertEqual(error.message, f"cell 1 of shard {SHARD} arrived corrupted")
+        self.assertNothingStored()
+
+    def test_aborted_upload(self) -> None:
+        """An upload the client aborts halfway leaves no shard and no temporary file."""
+        upload = self.h.client.open_stream(PutShard(SHARD, "RS-4-2", 3, FRAGMENT))
+        for i, fragment in enumerate(fragments(3, last=FRAGMENT)):
+            upload.send(Cell(i, crc32c(fragment)), fragment)
+        self.h.pump.flush()
+        self.assertEqual(len(self.h.tmp_files()), 1)  # in progress
+        upload.abort("client gave up")
+        self.h.pump.flush()
+        self.assertNothingStored()
+
+    def test_connection_lost_midway(self) -> None:
+        """An upload cut off by a lost connection leaves nothing behind."""
+        upload = self.h.client.open_stream(PutShard(SHARD, "RS-4-2", 3, FRAGMENT))
+        upload.send(Cell(0, crc32c(b"x" * FRAGMENT)), b"x" * FRAGMENT)
+        self.h.pump.flush()
+        self.h.client.transport.loseConnection()
+        self.h.pump.flush()
+        self.assertNothingStored()
+        self.failureResultOf(upload.finish(PutShardEnd(1)), WireError)
+
+    def test_invalid_shard_id(self) -> None:
+        """A malformed shard id is invalid_argument, for puts and gets."""
+        upload = self.h.client.open_stream(PutShard("../../etc-03", "RS-4-2", 3, FRAGMENT))
+        d = upload.finish(PutShardEnd(0))
+        self.h.pump.flush()
+        self.assertEqual(self.failureResultOf(d, WireError).value.code, "invalid_argument")
+        d2, _ = self.h.get("nope")
+        self.assertEqual(self.failureResultOf(d2, WireError).value.code, "invalid_argument")
+        self.assertEqual(self.h.tmp_files(), [])
+
+    def test_out_of_order(self) -> None:
+        """A cell that is not the next index is refused."""
+        error = self.failureResultOf(self.h.put(SHARD, fragments(3), indexes=[0, 2, 1]), WireError).value
+        self.assertEqual(error.code, "invalid_argument")
+        self.assertIn("out of order", error.message)
+        self.assertNothingStored()
+
+    def test_count_mismatch(self) -> None:
+        """PutShardEnd announcing another cell count is refused, and nothing is committed."""
+        error = self.failureResultOf(self.h.put(SHARD, fragments(3), announced=4), WireError).value
+        self.assertEqual(error.code, "invalid_argument")
+        self.assertIn("announced 4 cells but sent 3", error.message)
+        self.assertNothingStored()
+
+    def test_short_cell_not_last(self) -> None:
+        """Only the last cell may be shorter than the fragment size."""
+        frags = [b"a" * FRAGMENT, b"b" * 10, b"c" * FRAGMENT]
+        error = self.failureResultOf(self.h.put(SHARD, frags), WireError).value
+        self.assertEqual(error.code, "invalid_argument")
+        self.assertNothingStored()
+
+    def test_oversized_cell(self) -> None:
+        """A cell bigger than the announced fragment size is refused."""
+        error = self.failureResultOf(self.h.put(SHARD, [b"a" * (FRAGMENT + 1)]), WireError).value
+        self.assertEqual(error.code, "invalid_argument")
+        self.assertNothingStored()
+
+    def test_no_space(self) -> None:
+        """ENOSPC while writing is no_space naming the node and shard; nothing is left."""
+        calls = {"n": 0}
+
+        def writev(fd: int, pieces: Sequence[Any]) -> int:
+            calls["n"] += 1
+            if calls["n"] > 2:  # the placeholder header and one cell fit
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return os.writev(fd, pieces)
+
+        h = Harness(self.mktemp(), writev=writev)
+        error = self.failureResultOf(h.put(SHARD, fragments(3)), WireError).value
+        self.assertEqual(error.code, "no_space")
+        self.assertEqual(error.message, f"chunk-3 has no space left for shard {SHARD}")
+        self.assertEqual(h.tmp_files(), [])
+        self.assertFalse(os.path.exists(h.store.path(SHARD)))
+
+
+class ReadErrorTests(SynchronousTestCase):
+    """Missing and damaged shards."""
+
+    def setUp(self) -> None:
+        self.h = Harness(self.mktemp())
+
+    def test_not_found(self) -> None:
+        """A shard that is not here is not_found, naming node and shard."""
+        d, _ = self.h.get(SHARD)
+        error = self.failureResultOf(d, WireError).value
+        self.assertEqual((error.code, error.message), ("not_found", f"chunk-3 has no shard {SHARD}"))
+
+    def test_corrupt_on_disk(self) -> None:
+        """A flipped byte in cell 2 is caught: cells before it arrive, then a 'corrupt' error
+        naming shard and cell, and the shard is remembered as corrupt."""
+        frags = fragments(4)
+        self.successResultOf(self.h.put(SHARD, frags))
+        path = self.h.store.path(SHARD)
+        offset = HEADER_SIZE + 2 * (RECORD_OVERHEAD + FRAGMENT) + RECORD_OVERHEAD + 10
+        with open(path, "r+b") as f:
+            f.seek(offset)
+            byte = f.read(1)
+            f.seek(offset)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        d, parts = self.h.get(SHARD)
+        error = self.failureResultOf(d, WireError).value
+        self.assertEqual(error.code, "corrupt")
+        self.assertEqual(error.message, f"shard {SHARD} cell 2 on chunk-3 failed its checksum")
+        self.assertEqual([m.index for m, _ in parts], [0, 1])
+        self.assertEqual(self.h.server.corrupt, {SHARD})
+        self.assertEqual(self.h.server.load()["corrupt_shards"], 1.0)
+        # A cell before the damage still reads.
+        d, parts = self.h.get(SHARD, 1, 1)
+        self.successResultOf(d)
+        # A fresh upload replaces the damaged copy and clears the mark.
+        self.successResultOf(self.h.put(SHARD, frags))
+        self.assertEqual(self.h.server.corrupt, set())
+
+    def test_damaged_header(self) -> None:
+        """A damaged header is 'corrupt' too, naming the shard."""
+        self.successResultOf(self.h.put(SHARD, fragments(2)))
+        with open(self.h.store.path(SHARD), "r+b") as f:
+            f.seek(20)
+            f.write(b"\xff\xff")
+        d, parts = self.h.get(SHARD)
+        error = self.failureResultOf(d, WireError).value
+        self.assertEqual(error.code, "corrupt")
+        self.assertIn(SHARD, error.message)
+        self.assertEqual(parts, [])
+
+
+class DeleteTests(SynchronousTestCase):
+    """DeleteShards."""
+
+    def test_delete(self) -> None:
+        """Present shards are deleted, absent ones ignored; the answer is Ok."""
+        h = Harness(self.mktemp())
+        self.successResultOf(h.put(SHARD, fragments(2)))
+        self.successResultOf(h.put(OTHER, fragments(2)))
+        d = h.client.call(DeleteShards([SHARD, "00000000000000ff-01"]))
+        h.pump.flush()
+        self.assertEqual(self.successResultOf(d).msg, Ok())
+        self.assertEqual(self.failureResultOf(h.get(SHARD)[0], WireError).value.code, "not_found")
+        self.successResultOf(h.get(OTHER)[0])
+        self.assertEqual(h.server.shard_ids, {OTHER})
+
+    def test_delete_invalid_id(self) -> None:
+        """A malformed id refuses the whole request before anything is deleted."""
+        h = Harness(self.mktemp())
+        self.successResultOf(h.put(SHARD, fragments(2)))
+        d = h.client.call(DeleteShards([SHARD, "../x"]))
+        h.pump.flush()
+        self.assertEqual(self.failureResultOf(d, WireError).value.code, "invalid_argument")
+        self.successResultOf(h.get(SHARD)[0])
+
+
+class LoadMeterTests(SynchronousTestCase):
+    """Sliding-window rates on the injected clock."""
+
+    def test_window(self) -> None:
+        """Rates average over the window and forget events older than it."""
+        clock = Clock()
+        clock.advance(100)
+        meter = LoadMeter(clock, window=10.0)
+        for _ in range(10):
+            meter.add("put_bytes", 100)
+            clock.advance(1)
+        self.assertEqual(meter.rates(("get_ops",)), {"put_bytes_s": 100.0, "get_ops_s": 0.0})
+        clock.advance(5)
+        self.assertEqual(meter.rates()["put_bytes_s"], 50.0)
+        clock.advance(20)
+        self.assertEqual(meter.rates().get("put_bytes_s", 0.0), 0.0)
+        self.assertEqual(meter.totals["put_bytes"], 1000)
+
+
+# --- heartbeats ---------------------------------------------------------------------------
+
+
+class FakeMetaNetwork:
+    """Metadata nodes by address, reached over in-memory connections like a ConnectionPool."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.nodes: dict[str, dict[type, Callable[[Request], Any]]] = {}
+        self.open: dict[str, Connection] = {}
+        self.pumps: list[IOPump] = []
+        self.received: list[tuple[str, Any, bytes]] = []
+        self.dropped: list[str] = []
+
+    def add(self, address: str, heartbeat: Callable[[Request], Any], report: Callable[[Request], Any] | None = None) -> None:
+        """A node at `address` answering heartbeats (and reports) with these functions."""
+
+        def record(fn: Callable[[Request], Any]) -> Callable[[Request], Any]:
+            def handler(request: Request) -> Any:
+                self.received.append((address, request.msg, bytes(request.payload)))
+                return fn(request)
+
+            return handler
+
+        handlers: dict[type, Callable[[Request], Any]] = {Heartbeat: record(heartbeat)}
+        if report is not None:
+            handlers[ShardReport] = record(report)
+        self.nodes[address] = handlers
+
+    def get(self, address: str) -> defer.Deferred[Connection]:
+        connection = self.open.get(address)
+        if connection is not None and connection.is_open:
+            return defer.succeed(connection)
+        handlers = self.nodes.get(address)
+        if handlers is None:
+            return defer.fail(WireError("unreachable", f"cannot connect to {address}"))
+        client, pump = pair(handlers, self.clock, server_id=address)
+        self.pumps.append(pump)
+        self.open[address] = client
+        return defer.succeed(client)
+
+    def drop(self, address: str) -> None:
+        self.dropped.append(address)
+        connection = self.open.pop(address, None)
+        if connection is not None:
+            connection.close()
+
+    def flush(self) -> None:
+        """Move bytes on every connection (including ones made meanwhile) until all are quiet."""
+        moved = True
+        while moved:
+            moved = False
+            for pump in list(self.pumps):
+                if pump.flush():
+                    moved = True
+
+    def heartbeats(self) -> list[tuple[str, Heartbeat]]:
+        return [(a, m) for a, m, _ in self.received if isinstance(m, Heartbeat)]
+
+    def reports(self) -> list[tuple[str, ShardReport, bytes]]:
+        return [(a, m, p) for a, m, p in self.received if isinstance(m, ShardReport)]
+
+
+def ok(request: Request) -> HeartbeatReply:
+    return HeartbeatReply(None, False)
+
+
+class HeartbeatTests(SynchronousTestCase):
+    """The heartbeat loop against fake metadata nodes on a task.Clock."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_000_000)  # a plausible "now" to compare file mtimes with
+        self.root = self.mktemp()
+        self.store = ShardStore(self.root)
+        self.server = ShardServer(self.store, "chunk-3", synchronous_executor, LoadMeter(self.clock))
+        self.net = FakeMetaNetwork(self.clock)
+
+    def start(self, meta: Sequence[str], **config: Any) -> HeartbeatService:
+        self.server.scan()
+        settings: dict[str, Any] = dict(heartbeat_interval=1.0, report_interval=30.0, gc_grace=600.0, capacity_bytes=10**12)
+        settings.update(config)
+        cfg = ChunkConfig(
+            id="chunk-3", listen="tcp:0", address="127.0.0.1:7103", data_dir=self.root, meta=tuple(meta), **settings
+        )
+        service = HeartbeatService(self.clock, self.server, cfg, self.net, report_batch=2)
+        service.startService()
+        self.addCleanup(service.stopService)
+        self.net.flush()
+        return service
+
+    def beat(self, seconds: float = 1.0) -> None:
+        self.clock.advance(seconds)
+        self.net.flush()
+
+    def store_shard(self, shard_id: str, age: float) -> None:
+        """A shard file last written `age` seconds before the clock's now."""
+        from dogfs.storage.shards import ShardInfo
+
+        self.store.write(ShardInfo(shard_id, "RS-4-2", int(shard_id[17:]), 10), [b"x" * 10])
+        when = self.clock.seconds() - age
+        os.utime(self.store.path(shard_id), (when, when))
+
+    def test_heartbeat_contents(self) -> None:
+        """The first beat goes out at start with identity, capacity, usage and shard count."""
+        self.store_shard(SHARD, 0)
+        self.net.add("m1:1", ok)
+        service = self.start(["m1:1"])
+        [(address, hb)] = self.net.heartbeats()
+        self.assertEqual(address, "m1:1")
+        self.assertEqual((hb.node_id, hb.address, hb.capacity_bytes, hb.shards), ("chunk-3", "127.0.0.1:7103", 10**12, 1))
+        self.assertEqual(hb.used_bytes, os.path.getsize(self.store.path(SHARD)))
+        self.assertIn("put_bytes_s", hb.load)
+        self.assertIsNone(hb.domain)
+        self.beat()
+        self.assertEqual(len(self.net.heartbeats()), 2)
+        self.assertEqual(service.beats, 2)
+
+    def test_failover_when_unreachable(self) -> None:
+        """An unreachable first address moves heartbeats to the next, which is kept."""
+        self.net.add("m2:1", ok)
+        service = self.start(["m1:1", "m2:1"])
+        self.assertEqual([a for a, _ in self.net.heartbeats()], ["m2:1"])
+        self.assertEqual(service.current, "m2:1")
+        self.beat()
+        self.assertEqual([a for a, _ in self.net.heartbeats()], ["m2:1", "m2:1"])
+
+    def test_failover_on_timeout(self) -> None:
+        """A metadata node that never answers is dropped after the call timeout; the next one
+        gets the heartbeat."""
+        self.net.add("m1:1", lambda r: defer.Deferred())
+        self.net.add("m2:1", ok)
+        service = self.start(["m1:1", "m2:1"])
+        self.assertEqual(service.beats, 0)
+        self.beat(service.call_timeout)
+        self.assertEqual(self.net.dropped, ["m1:1"])
+        self.assertEqual([a for a, _ in self.net.heartbeats()], ["m1:1", "m2:1"])
+        self.assertEqual(service.beats, 1)
+        self.assertEqual(service.current, "m2:1")
+
+    def test_follow_not_leader(self) -> None:
+        """A not_leader answer naming the leader is followed at once, even outside the list."""
+
+        def not_leader(request: Request) -> None:
+            raise WireError("not_leader", "m1 is not the leader", {"leader": "m3:1"})
+
+        self.net.add("m1:1", not_leader)
+        self.net.add("m3:1", ok)
+        service = self.start(["m1:1", "m2:1"])
+        self.assertEqual([a for a, _ in self.net.heartbeats()], ["m1:1", "m3:1"])
+        self.assertEqual(service.current, "m3:1")
+        self.assertEqual(service.beats, 1)
+
+    def test_no_meta_reachable_keeps_beating(self) -> None:
+        """With no metadata node up, beats fail quietly and continue; one coming up is found."""
+        service = self.start(["m1:1", "m2:1"])
+        self.beat()
+        self.beat()
+        self.assertEqual(service.beats, 0)
+        self.net.add("m1:1", ok)
+        self.beat()
+        self.assertEqual(service.beats, 1)
+
+    def test_errors_do_not_stop_the_loop(self) -> None:
+        """A metadata node that fails in other ways (a crash, no quorum) is retried next beat."""
+        answers: list[Any] = [ZeroDivisionError("boom"), WireError("no_quorum", "no quorum")]
+
+        def flaky(request: Request) -> HeartbeatReply:
+            if answers:
+                raise answers.pop(0)
+            return HeartbeatReply()
+
+        self.net.add("m1:1", flaky)
+        service = self.start(["m1:1"])
+        self.flushLoggedErrors(ZeroDivisionError)
+        self.beat()
+        self.beat()
+        self.assertEqual(service.beats, 1)
+        self.assertEqual(len(self.net.heartbeats()), 3)
+
+    def test_report_and_gc(self) -> None:
+        """want_report triggers a batched shard report; of the unreferenced shards it names,
+        only those older than gc_grace are deleted, and ids never reported are ignored."""
+        old, young, kept = "0000000000000001-00", "0000000000000002-01", "0000000000000003-02"
+        self.store_shard(old, 700)
+        self.store_shard(young, 100)
+        self.store_shard(kept, 700)
+        stranger = "0000000000000009-00"
+
+        def report(request: Request) -> Reply:
+            if request.msg.last:
+                return Reply(ShardReportReply(), "\n".join([old, young, stranger]).encode())
+            return Reply(ShardReportReply(), b"")
+
+        self.net.add("m1:1", lambda r: HeartbeatReply("m1:1", want_report=True), report)
+        service = self.start(["m1:1"])
+        reports = self.net.reports()
+        self.assertEqual([(m.node_id, m.batch, m.last) for _, m, _ in reports], [("chunk-3", 0, False), ("chunk-3", 1, True)])
+        self.assertEqual(b"\n".join(p for _, _, p in reports).split(b"\n"), [old.encode(), young.encode(), kept.encode()])
+        self.assertEqual(service.collected, 1)
+        self.assertFalse(os.path.exists(self.store.path(old)))
+        self.assertTrue(os.path.exists(self.store.path(young)))
+        self.assertTrue(os.path.exists(self.store.path(kept)))
+        self.assertEqual(self.server.shard_ids, {young, kept})
+
+    def test_periodic_report(self) -> None:
+        """Without being asked, a report goes out every report_interval."""
+        self.net.add("m1:1", ok, lambda r: Reply(ShardReportReply(), b""))
+        service = self.start(["m1:1"], report_interval=5.0)
+        self.assertEqual(self.net.reports(), [])
+        for _ in range(5):
+            self.beat()
+        self.assertEqual(service.reports, 1)
+        [(_, msg, payload)] = self.net.reports()
+        self.assertEqual((msg.batch, msg.last, payload), (0, True, b""))
+
+    def test_failed_report_is_retried(self) -> None:
+        """A report that fails is sent again at the next beat."""
+        calls = {"n": 0}
+
+        def report(request: Request) -> Reply:
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise WireError("no_quorum", "no quorum")
+            return Reply(ShardReportReply(), b"")
+
+        self.net.add("m1:1", lambda r: HeartbeatReply(want_report=calls["n"] == 0), report)
+        service = self.start(["m1:1"])
+        self.assertEqual(service.reports, 0)
+        self.beat()
+        self.assertEqual(service.reports, 1)
+
+
+# --- the service tree and the plugin ----------------------------------------------------
+
+
+def write_config(path: str, body: str) -> str:
+    with open(path, "w") as f:
+        f.write(body)
+    return path
+
+
+class ChunkServiceTests(SynchronousTestCase):
+    """ChunkService on a memory reactor: start, listen, stop."""
+
+    def test_start_and_stop(self) -> None:
+        """startService cleans tmp, scans, listens on the config's endpoint; stopService
+        returns a Deferred that fires."""
+        root = os.path.abspath(self.mktemp())
+        store = ShardStore(root)
+        from dogfs.storage.shards import ShardInfo
+
+        store.write(ShardInfo(SHARD, "RS-4-2", 3, 10), [b"y" * 10])
+        with open(os.path.join(store.tmp_dir, "junk.tmp"), "w") as f:
+            f.write("partial")
+        reactor = MemoryReactorClock()
+        config = ChunkConfig(
+            id="chunk-3", listen="tcp:7103:interface=127.0.0.1", address="127.0.0.1:7103",
+            data_dir=root, meta=("127.0.0.1:1",),
+        )
+        service = ChunkService(reactor, config, executor=synchronous_executor)
+        service.startService()
+        self.successResultOf(service.ready)
+        self.assertEqual(os.listdir(store.tmp_dir), [])
+        [(port, factory, _backlog, interface)] = reactor.tcpServers
+        self.assertEqual((port, interface), (7103, "127.0.0.1"))
+        assert service.server is not None
+        self.assertEqual(service.server.shard_ids, {SHARD})
+        self.assertTrue(reactor.tcpClients)  # the first heartbeat dials metadata
+        self.successResultOf(service.stopService())
+
+    def test_makeService_does_no_io(self) -> None:
+        """makeService reads the config and builds a stopped tree: no data directory yet."""
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(base)
+        path = write_config(
+            os.path.join(base, "chunk.toml"),
+            '[chunk]\nid = "chunk-9"\nlisten = "tcp:0"\naddress = "127.0.0.1:1"\n'
+            'data_dir = "data"\nmeta = ["127.0.0.1:2"]\n',
+        )
+        options = chunk_plugin.Options()
+        options.parseOptions(["--config", path])
+        service = chunk_plugin.makeService(options)
+        self.assertIsInstance(service, ChunkService)
+        self.assertFalse(service.running)
+        self.assertFalse(os.path.exists(os.path.join(base, "data")))
+
+    def test_bad_config_is_one_sentence(self) -> None:
+        """A missing or bad config file exits with status 2 after one sentence, no traceback."""
+        options = chunk_plugin.Options()
+        options.parseOptions(["-c", os.path.abspath(self.mktemp())])
+        self.assertRaises(usage.UsageError, chunk_plugin.load_config, options)
+        exit = self.assertRaises(SystemExit, chunk_plugin.makeService, options)
+        self.assertEqual(exit.code, 2)
+
+    def test_default_config_path(self) -> None:
+        """--config defaults to etc/chunk.toml."""
+        options = chunk_plugin.Options()
+        options.parseOptions([])
+        self.assertEqual(options["config"], "etc/chunk.toml")
