@@ -71,6 +71,11 @@ def drain(node: RaftNode) -> Ready:
     return rd
 
 
+def granted(node: RaftNode) -> list[bool]:
+    """The verdicts of the vote responses in the node's next Ready."""
+    return [m.granted for m in node.ready().messages if isinstance(m, RequestVoteResponse)]
+
+
 def ents(*terms: int) -> list[Entry]:
     return [Entry(t, i, EntryKind.NORMAL, b"e%d" % i) for i, t in enumerate(terms, 1)]
 
@@ -146,7 +151,7 @@ class CodecTests(SynchronousTestCase):
         ):
             with self.assertRaises(ValueError):
                 decode_message(msgpack.packb(bad, use_bin_type=True))
-        ae = msgpack.unpackb(encode_message(AppendEntries(1, "a", "b", 0, 0, ents(1), 0)))
+        ae = msgpack.unpackb(encode_message(AppendEntries(1, "a", "b", 0, 0, tuple(ents(1)), 0)))
         ae[6] = [[1, 1, 7, b""]]
         with self.assertRaises(ValueError):
             decode_message(msgpack.packb(ae, use_bin_type=True))
@@ -199,17 +204,16 @@ class ElectionTests(SynchronousTestCase):
         node = new_node("b")
         node.step(RequestVote(1, "a", "b", 0, 0))
         node.step(RequestVote(1, "c", "b", 0, 0))
-        granted = [m.granted for m in node.ready().messages]
-        self.assertEqual(granted, [True, False])
+        self.assertEqual(granted(node), [True, False])
 
     def test_up_to_date_check(self) -> None:
         """A vote goes only to a candidate whose log is at least as up to date."""
         node = new_node("b", hard_state=HardState(2, None, 0), entries=ents(1, 2))
         node.step(RequestVote(3, "a", "b", 5, 1))
         node.step(RequestVote(4, "c", "b", 1, 2))
-        self.assertEqual([m.granted for m in node.ready().messages], [False, False])
+        self.assertEqual(granted(node), [False, False])
         node.step(RequestVote(5, "c", "b", 2, 2))
-        self.assertEqual([m.granted for m in node.ready().messages], [True])
+        self.assertEqual(granted(node), [True])
 
     def test_check_quorum_steps_down(self) -> None:
         """A leader that hears from no quorum for an election timeout steps down."""

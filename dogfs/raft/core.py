@@ -941,14 +941,12 @@ class RaftNode:
             else:
                 self._become_follower(m.term, None)
         elif m.term < self.term:
-            if isinstance(m, AppendEntries | Heartbeat) and (
-                self.options.check_quorum or self.options.pre_vote
-            ):
-                # A leader from an older term (perhaps we advanced our term alone in a
-                # partition): tell it our term so that it steps down and the group can move on.
+            # Figure 2: reply false with our term. A leader from an older term (perhaps we
+            # advanced our term alone in a partition) then steps down and the group moves on.
+            if isinstance(m, AppendEntries | Heartbeat | InstallSnapshot):
                 self._send(AppendEntriesResponse(self.term, self.id, m.src, False, 0))
-            elif isinstance(m, RequestVote) and m.pre_vote:
-                self._send(RequestVoteResponse(self.term, self.id, m.src, False, True))
+            elif isinstance(m, RequestVote):
+                self._send(RequestVoteResponse(self.term, self.id, m.src, False, m.pre_vote))
             return
 
         if isinstance(m, RequestVote):

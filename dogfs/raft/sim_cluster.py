@@ -19,6 +19,7 @@ from dogfs.raft.core import (
     Configuration,
     Entry,
     EntryKind,
+    HardState,
     Message,
     RaftNode,
     RaftOptions,
@@ -81,6 +82,21 @@ class Cluster:
         )
         self.nodes[nid] = node
         return node
+
+    def preload(self, nid: str, terms: list[int], term: int) -> RaftNode:
+        """Replace ``nid``'s disk with a log whose entries have ``terms`` (indices from 1) at
+        current term ``term``, and restart it from there."""
+        st = MemoryStorage()
+        st.write(
+            HardState(term, None, 0),
+            [Entry(t, i, EntryKind.NORMAL, b"%d/%d" % (i, t)) for i, t in enumerate(terms, 1)],
+            None,
+        )
+        st.sync()
+        self.storage[nid] = st
+        self.applied[nid] = []
+        self.queue = [m for m in self.queue if m.dst != nid]
+        return self._boot(nid, self.bootstrap)
 
     def crash(self, nid: str) -> None:
         """Stop a node; it keeps only what it persisted (every Ready is persisted at once)."""
