@@ -248,14 +248,19 @@ class SnapshotScenarioTests(SynchronousTestCase):
         self.assertGreater(len(snap.data), 64)
         c.heal()
         # Deliver until the first chunk after offset 0 is seen, and lose it.
-        lost = []
+        lost: list[int] = []
         for _ in range(50):
             c.tick("a")
             c.process_all()
             chunks = [m for m in c.queue if isinstance(m, InstallSnapshot) and m.offset > 0]
             if chunks and not lost:
+                victim: Message = chunks[0]
                 lost.append(chunks[0].offset)
-                c.drop(lambda m: m is chunks[0])
+
+                def is_victim(m: Message, victim: Message = victim) -> bool:
+                    return m is victim
+
+                c.drop(is_victim)
             c.deliver()
             c.process_all()
         self.assertTrue(lost)
