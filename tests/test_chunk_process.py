@@ -125,7 +125,7 @@ class ChunkProcessTests(TestCase):
 
     timeout = 60
 
-    def test_survives_kill_9(self) -> None:
+    def test_survives_kill_9(self) -> defer.Deferred[None]:
         """A shard put through real TCP is still there after kill -9 and a restart on the same
         data directory; an upload cut off by the crash leaves no temporary file behind."""
         chunk = ChunkProcess(os.path.abspath(self.mktemp()))
