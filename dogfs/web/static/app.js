@@ -226,7 +226,9 @@
       delete existing[k];
       var n = Number(risk[k]) || 0;
       text(col.querySelector(".risk-count"), fmtInt(n));
-      col.querySelector(".risk-bar").style.height = (n / max * 75).toFixed(1) + "%";
+      // A few block groups near loss must stay visible beside thousands of healthy ones.
+      var height = n > 0 ? Math.max(4, n / max * 75) : 0;
+      col.querySelector(".risk-bar").style.height = height.toFixed(1) + "%";
       text(col.querySelector(".risk-label"), Number(k) < 0 ? "lost" :
         Number(k) === 0 ? "0 more (critical)" : k + " more");
       if (chart.children[index] !== col) { chart.insertBefore(col, chart.children[index] || null); }
@@ -259,7 +261,10 @@
     var message = null, kind = null, link = null;
     if (!conn.opened) {
       kind = "lost";
-      message = "Connection lost to " + conn.target + "; reconnecting… (the view below is stale)";
+      message = model.status
+        ? "Connection to " + (conn.lostFrom || conn.home) + " lost; trying " + conn.target +
+          "… (the view below is stale)"
+        : "Cannot reach " + conn.target + " yet; retrying…";
     } else if (node && node.stale) {
       kind = "stale";
       message = node.id + " is a follower: its view of chunk servers may be stale. ";
@@ -465,6 +470,7 @@
     ws.onmessage = onMessage;
     ws.onclose = function () {
       if (conn.ws !== ws) { return; }
+      if (conn.opened) { conn.lostFrom = conn.target; }
       conn.ws = null;
       conn.opened = false;
       setConn("lost");
@@ -479,6 +485,7 @@
     try { ws = new WebSocket(wsUrl(conn.target)); } catch (e) { scheduleReconnect(); return; }
     wire(ws);
     setConn(conn.opened ? "open" : "connecting");
+    renderBanner();
     ws.onopen = function () {
       conn.opened = true;
       conn.attempt = 0;
