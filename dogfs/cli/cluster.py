@@ -64,7 +64,7 @@ __all__ = [
 ]
 
 #: Metadata nodes of a new local cluster (3 once Raft membership is wired end to end).
-DEFAULT_METAS = 1
+DEFAULT_METAS = 3
 #: Chunk servers of a new local cluster: RS-4-2 needs six.
 DEFAULT_CHUNKS = 6
 #: The default erasure-coding policy of a new local cluster.

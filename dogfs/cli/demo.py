@@ -26,7 +26,7 @@ from typing import Any
 from dogfs.cli.output import FAILED, INTERRUPTED, OK, format_bytes
 
 #: Metadata nodes and chunk servers of the demo cluster.
-DEMO_METAS = 1
+DEMO_METAS = 3
 DEMO_CHUNKS = 6
 #: Size of the generated demo file: a few MiB, so more than one stripe of RS-4-2 cells.
 DEMO_SIZE = 6 << 20

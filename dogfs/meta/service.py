@@ -345,9 +345,10 @@ class MetaService(MultiService):
         self.registry.known_all(self.state.chunk_servers())
         self.registry.start()
         self.handlers = MetaHandlers(self.reactor, self.config, self.state, self.log, self.registry)
-        if getattr(self.log, "service", None) is not None:
-            self.log.service.setServiceParent(self)  # type: ignore[attr-defined]
-            self.log.on_leadership.append(self._leadership_changed)  # type: ignore[attr-defined]
+        replicated: Any = self.log
+        if getattr(replicated, "service", None) is not None:
+            replicated.service.setServiceParent(self)
+            replicated.on_leadership.append(self._leadership_changed)
         self.registry.on_change(
             lambda node, old, new: self.handlers.emit("chunk_state", node=node, old=old, new=new)  # type: ignore[union-attr]
         )

@@ -49,4 +49,15 @@ def makeService(options: Options) -> IService:
         factory = ConnectionFactory(reactor, handlers.handlers(), node_id=config.id)
         return server_endpoint(reactor, config.listen, config.tls).listen(factory)
 
-    return MetaService(reactor, config, listen=listen)
+    def make_log(state: Any) -> Any:
+        # Several peers: the namespace lives behind Raft; peers are dialled like any node.
+        from dogfs.meta.raftlog import build_raft_log
+        from dogfs.plugins.common import client_endpoints
+
+        return build_raft_log(reactor, config, state, client_endpoints(reactor, config.tls))
+
+    from dogfs.meta.raftlog import raft_mode
+
+    return MetaService(
+        reactor, config, listen=listen, make_log=make_log if raft_mode(config) else None
+    )

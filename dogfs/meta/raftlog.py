@@ -1,0 +1,544 @@
+# -*- test-case-name: tests.test_meta_raft -*-
+"""The replicated command log: the namespace behind a Raft group (``ICommandLog`` on a driver).
+
+Owns what sits between the metadata service and ``dogfs.raft``: the state machine a
+``RaftDriver`` applies (``NamespaceMachine``: the LMDB namespace plus the members' address
+book), the log the handlers propose to (``RaftCommandLog``), the translation of Raft's
+failures into wire errors ("not_leader" with the leader's address, "no_quorum", "timeout"),
+and online membership changes through learners.
+
+Entries are namespace commands (``encode_command`` bytes, a msgpack array) or, with a leading
+NUL byte, a member's address record: addresses travel through the log too, so every member
+(and a future leader) knows how to reach a member added at run time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from dogfs.interfaces import ICommandLog
+from dogfs.meta import commands as c
+from dogfs.meta.state import NamespaceState
+from dogfs.raft.core import ProposalRejected, Snapshot
+from dogfs.raft.driver import (
+    IRaftStateMachine,
+    LeadershipLostError,
+    NotLeaderError,
+    ProposalDroppedError,
+    RaftDriver,
+    RaftOverloadedError,
+    RaftStoppedError,
+    RaftTimeoutError,
+)
+from dogfs.wire.protocol import WireError
+
+__all__ = ["MemberBook", "NamespaceMachine", "RaftCommandLog", "member_record"]
+
+log = Logger()
+
+_MEMBER_TAG = b"\x00"
+#: The ``MetaQuery`` ops of ``dogfs admin meta`` (served by the leader, admin permission).
+MEMBER_OPS = ("member_add_learner", "member_promote", "member_remove")
+_SNAPSHOT_MAGIC = "dogfs-meta-raft"
+_SNAPSHOT_VERSION = 1
+
+
+def member_record(node_id: str, address: str, http_address: str = "") -> bytes:
+    """The entry data that records where member ``node_id`` listens."""
+    body = msgpack.packb([node_id, address, http_address], use_bin_type=True)
+    return _MEMBER_TAG + body
+
+
+class MemberBook:
+    """Where each member listens: ``id -> (address, http_address)``.
+
+    Starts from the static ``[raft] peers`` and is updated by member records applied from the
+    log; kept in a small JSON file (``path``) so a restart knows members added at run time
+    before it has replayed anything.
+    """
+
+    def __init__(self, path: str | None, peers: dict[str, str]) -> None:
+        self.path = path
+        self.entries: dict[str, tuple[str, str]] = {k: (v, "") for k, v in peers.items()}
+        if path is not None and os.path.exists(path):
+            try:
+                with open(path) as f:
+                    stored = json.load(f)
+                for node_id, (address, http) in stored.items():
+                    self.entries[str(node_id)] = (str(address), str(http))
+            except (OSError, ValueError, TypeError) as e:
+                log.warn("ignoring unreadable member book {path}: {why}", path=path, why=str(e))
+
+    def address(self, node_id: str) -> str | None:
+        """The binary-protocol address of ``node_id``, if known."""
+        entry = self.entries.get(node_id)
+        return None if entry is None else entry[0]
+
+    def http_address(self, node_id: str) -> str:
+        """The dashboard address of ``node_id`` ("" if unknown)."""
+        entry = self.entries.get(node_id)
+        return "" if entry is None else entry[1]
+
+    def set(self, node_id: str, address: str, http_address: str = "") -> None:
+        """Record (and persist) where ``node_id`` listens."""
+        if self.entries.get(node_id) == (address, http_address):
+            return
+        self.entries[node_id] = (address, http_address)
+        self._save()
+
+    def dump(self) -> dict[str, list[str]]:
+        """The book as plain data (for snapshots)."""
+        return {k: [a, h] for k, (a, h) in sorted(self.entries.items())}
+
+    def replace(self, data: dict[str, Any]) -> None:
+        """Merge a snapshot's book into this one."""
+        for node_id, (address, http) in data.items():
+            self.entries[str(node_id)] = (str(address), str(http))
+        self._save()
+
+    def _save(self) -> None:
+        if self.path is None:
+            return
+        temp = self.path + ".tmp"
+        with open(temp, "w") as f:
+            json.dump(self.dump(), f)
+        os.replace(temp, self.path)
+
+
+@implementer(IRaftStateMachine)
+class NamespaceMachine:
+    """The state machine a metadata member's driver applies: namespace and address book.
+
+    The namespace should be ``NamespaceState(durable=False)``: the Raft log is the durable
+    record and a restart replays whatever the page cache lost.
+    """
+
+    def __init__(self, state: NamespaceState, book: MemberBook) -> None:
+        self.state = state
+        self.book = book
+        #: Called with the result of every applied entry (tests, listeners).
+        self.on_apply: list[Callable[[int], None]] = []
+
+    def apply(self, entry: Any) -> Any:
+        """Apply a committed NORMAL entry (a command, or a member record)."""
+        data = bytes(entry.data)
+        if data[:1] == _MEMBER_TAG:
+            try:
+                node_id, address, http = msgpack.unpackb(data[1:], raw=False)
+                self.book.set(str(node_id), str(address), str(http))
+            except Exception as e:  # a bad record is skipped the same way on every member
+                log.warn("skipping a malformed member record at {index}: {why}", index=entry.index, why=str(e))
+            # Advance the namespace's applied index so a restart does not start before it.
+            self.state.apply(entry.index, None)
+            return c.Ok()
+        return self.state.apply(entry.index, data)
+
+    def snapshot(self) -> bytes:
+        """Namespace and address book as of the last applied entry."""
+        return msgpack.packb(  # type: ignore[no-any-return]
+            [_SNAPSHOT_MAGIC, _SNAPSHOT_VERSION, self.book.dump(), self.state.dump()], use_bin_type=True
+        )
+
+    def restore(self, snapshot: Snapshot) -> None:
+        """Replace the state by a snapshot made by ``snapshot`` (on any member)."""
+        try:
+            magic, version, book, dump = msgpack.unpackb(snapshot.data, raw=False)
+            if magic != _SNAPSHOT_MAGIC or version != _SNAPSHOT_VERSION:
+                raise ValueError("unknown snapshot format")
+        except Exception as e:
+            raise ValueError(f"cannot read the metadata snapshot at {snapshot.meta.index}: {e}") from None
+        self.state.load(dump, applied_index=snapshot.meta.index)
+        self.state.sync()
+        self.book.replace(book)
+
+    def applied_index(self) -> int:
+        """The last index whose effect the namespace holds."""
+        return self.state.applied_index
+
+
+def _majority(n: int) -> int:
+    return n // 2 + 1
+
+
+@implementer(ICommandLog)
+class RaftCommandLog:
+    """``ICommandLog`` on a ``RaftDriver``: commands are replicated before they are applied.
+
+    ``last_contact(peer_id)`` gives the clock time a message last came from a peer (None:
+    never), for status and for "no quorum" messages. ``probe_member(address)`` fires with a
+    member's status entry (its view of itself), used to wait until a learner caught up.
+    """
+
+    def __init__(
+        self,
+        driver: RaftDriver,
+        machine: NamespaceMachine,
+        *,
+        clock: IReactorTime,
+        node_id: str,
+        address: str,
+        http_address: str = "",
+        last_contact: Callable[[str], float | None] = lambda peer: None,
+        contact_window: float = 2.0,
+    ) -> None:
+        self.driver = driver
+        self.machine = machine
+        self.book = machine.book
+        self.clock: Any = clock
+        self.node_id = node_id
+        self.address = address
+        self.http_address = http_address
+        self.last_contact = last_contact
+        self.contact_window = contact_window
+        #: Called with True/False when this member gains or loses leadership.
+        self.on_leadership: list[Callable[[bool], None]] = []
+        self._leading = False
+        #: The peer transport (set by ``build_raft_log``) and the service to start (driver).
+        self.transport: Any = None
+        self.service: Any = None
+
+    # --- ICommandLog ----------------------------------------------------------------------
+
+    @property
+    def is_leader(self) -> bool:  # type: ignore[override]
+        """True while this member leads (it may accept commands)."""
+        return self.driver.is_leader
+
+    def leader_address(self) -> str | None:
+        """The leader's address, if this member knows who leads."""
+        hint = self.driver.leader_hint
+        if hint is None:
+            return None
+        if hint == self.node_id:
+            return self.address
+        return self.book.address(hint)
+
+    def propose(self, command: Any) -> defer.Deferred[Any]:
+        """Replicate and apply ``command``; fails with the wire error a client can act on."""
+        data = command if isinstance(command, bytes) else c.encode_command(command)
+        d = self.driver.propose(data)
+        d.addErrback(self._wire_error)
+        return d
+
+    def read_barrier(self) -> defer.Deferred[None]:
+        """ReadIndex: fires once the local state holds every write acknowledged before."""
+        d = self.driver.read_index()
+        d.addErrback(self._wire_error)
+        return d
+
+    def members(self) -> list[dict[str, Any]]:
+        """Every member as this one sees it: its own live view, the rest from the config."""
+        status: dict[str, Any] = self.driver.status()
+        leader = status.get("leader")
+        now = self.clock.seconds()
+        voters = list(status.get("voters") or [])
+        learners = list(status.get("learners") or [])
+        ids = sorted(set(voters) | set(learners) | {self.node_id})
+        out = []
+        for member in ids:
+            if member == self.node_id:
+                role = str(status["role"])
+                term = status["term"]
+                commit: Any = status["commit_index"]
+                applied: Any = status["applied_index"]
+                contact: float | None = 0.0
+            else:
+                if member == leader:
+                    role = "leader"
+                elif member in learners:
+                    role = "learner"
+                else:
+                    role = "follower"
+                term = status["term"] if member == leader else None
+                commit = applied = None
+                seen = self.last_contact(member)
+                contact = None if seen is None else max(0.0, now - seen)
+            out.append({
+                "id": member,
+                "address": self.address if member == self.node_id else (self.book.address(member) or ""),
+                "http_address": self.http_address if member == self.node_id else self.book.http_address(member),
+                "role": role,
+                "term": term,
+                "commit_index": commit,
+                "applied_index": applied,
+                "last_contact_s": contact,
+                "voter": member in voters,
+            })
+        return out
+
+    # --- leadership and errors ------------------------------------------------------------
+
+    def reachable(self) -> tuple[int, int]:
+        """(voters heard from within the contact window, this one included; voters)."""
+        cfg = self.driver.config
+        voters = sorted(cfg.voters) if cfg is not None else [self.node_id]
+        now = self.clock.seconds()
+        seen = 0
+        for member in voters:
+            if member == self.node_id:
+                seen += 1
+                continue
+            when = self.last_contact(member)
+            if when is not None and now - when <= self.contact_window:
+                seen += 1
+        return seen, len(voters)
+
+    def no_quorum(self, why: str = "") -> WireError:
+        """The error a client gets when the group cannot decide anything."""
+        seen, total = self.reachable()
+        extra = f" ({why})" if why else ""
+        return WireError(
+            "no_quorum",
+            f"the metadata group has no quorum: {seen} of {total} members reachable from "
+            f"{self.node_id}, {_majority(total)} needed{extra}",
+            {"reachable": seen, "members": total},
+        )
+
+    def _wire_error(self, failure: Failure) -> Failure:
+        error = failure.value
+        if isinstance(error, WireError):
+            return failure
+        if isinstance(error, NotLeaderError):
+            return Failure(self._not_leader(error.leader_hint))
+        if isinstance(error, LeadershipLostError | ProposalDroppedError):
+            # Outcome unknown or lost: a client retries (through its session) at the leader.
+            return Failure(self._not_leader(self.driver.leader_hint, str(error)))
+        if isinstance(error, RaftTimeoutError):
+            seen, total = self.reachable()
+            if seen < _majority(total):
+                return Failure(self.no_quorum(str(error)))
+            return Failure(WireError("timeout", f"the metadata group did not decide in time: {error}"))
+        if isinstance(error, RaftOverloadedError):
+            return Failure(WireError("timeout", f"the metadata leader is overloaded: {error}"))
+        if isinstance(error, RaftStoppedError):
+            return Failure(WireError("unreachable", f"metadata member {self.node_id} is stopping: {error}"))
+        if isinstance(error, ProposalRejected):
+            return Failure(WireError("busy", str(error)))
+        return failure
+
+    def _not_leader(self, hint: str | None, why: str = "") -> WireError:
+        if hint is not None and hint != self.node_id:
+            address = self.book.address(hint)
+            details = {"leader": address} if address else {}
+            return WireError(
+                "not_leader", f"{self.node_id} is not the metadata leader; {hint} leads ({address})", details
+            )
+        seen, total = self.reachable()
+        if seen < _majority(total):
+            return self.no_quorum(why)
+        # A majority is there but no leader yet: an election is under way; retry shortly.
+        return WireError("not_leader", f"{self.node_id} knows no metadata leader yet (election under way)")
+
+    def watch(self) -> None:
+        """Check for a change of leadership and tell the listeners (call after each event)."""
+        leading = self.driver.is_leader
+        if leading != self._leading:
+            self._leading = leading
+            for listener in list(self.on_leadership):
+                try:
+                    listener(leading)
+                except Exception:
+                    log.failure("leadership listener failed")
+
+    # --- wire -------------------------------------------------------------------------------
+
+    def wire_handlers(self, handlers: Any) -> dict[type, Callable[[Any], Any]]:
+        """What this log adds to the node's wire table: Raft envelopes from peers and the
+        membership queries of ``dogfs admin meta`` (other queries go to ``handlers``)."""
+        from dogfs.wire import messages as m
+
+        table: dict[type, Callable[[Any], Any]] = {}
+        if self.transport is not None:
+
+            # Only nodes may speak Raft: the daemon's security guard checks every Raft* type.
+            table[m.RaftEnvelope] = self.transport.handle_envelope
+        plain_query = handlers.query
+
+        def query(request: Any) -> Any:
+            msg = request.msg
+            if msg.op not in MEMBER_OPS:
+                return plain_query(request)
+            handlers.authorize(request, "admin")
+            return self.member_query(msg.op, dict(msg.args))
+
+        table[m.MetaQuery] = query
+        return table
+
+    def member_query(self, op: str, args: dict[str, Any]) -> defer.Deferred[Any]:
+        """Serve a membership query: ``member_add_learner`` {id, address, http_address},
+        ``member_promote`` {id}, ``member_remove`` {id}; replies carry the members' list."""
+        from dogfs.meta.service import encode_status
+        from dogfs.wire import messages as m
+        from dogfs.wire.protocol import Reply
+
+        node_id = args.get("id")
+        if not isinstance(node_id, str) or not node_id:
+            raise WireError("invalid_argument", f"{op} needs a member id")
+        if op == "member_add_learner":
+            address = args.get("address")
+            http = args.get("http_address") or ""
+            if not isinstance(address, str) or not address or not isinstance(http, str):
+                raise WireError("invalid_argument", "member_add_learner needs an address")
+            d = self.add_learner(node_id, address, http)
+        elif op == "member_promote":
+            d = self.promote(node_id)
+        else:
+            d = self.remove(node_id)
+
+        def answer(outcome: Any) -> Any:
+            body = {"outcome": outcome if isinstance(outcome, str) else "done", "meta": self.members()}
+            return Reply(m.MetaReply(self.leader_address()), encode_status(body))
+
+        return d.addCallback(answer)
+
+    # --- membership -------------------------------------------------------------------------
+
+    def require_leader(self) -> None:
+        """Raise the wire error that sends a client to the leader, unless this member leads."""
+        if not self.driver.is_leader:
+            raise self._not_leader(self.driver.leader_hint)
+
+    def add_learner(self, node_id: str, address: str, http_address: str = "") -> defer.Deferred[str]:
+        """Record ``node_id``'s address and add it as a learner (no-op if it is a member).
+
+        Fires with "learner", "voter" or "added".
+        """
+        self.require_leader()
+        cfg = self.driver.config
+        assert cfg is not None
+
+        async def run() -> str:
+            if self.book.address(node_id) != address or self.book.http_address(node_id) != http_address:
+                await self.propose(member_record(node_id, address, http_address))
+            if node_id in cfg.voters:
+                return "voter"
+            if node_id in cfg.learners:
+                return "learner"
+            await self._change(self.driver.add_learner, node_id)
+            return "added"
+
+        return defer.Deferred.fromCoroutine(run())
+
+    def promote(self, node_id: str) -> defer.Deferred[Any]:
+        """Make learner ``node_id`` a voter."""
+        self.require_leader()
+        cfg = self.driver.config
+        if cfg is not None and node_id in cfg.voters:
+            return defer.succeed(None)
+        return defer.Deferred.fromCoroutine(self._change(self.driver.promote, node_id))
+
+    def remove(self, node_id: str) -> defer.Deferred[Any]:
+        """Remove ``node_id``; when it is this leader, hand leadership over first.
+
+        After a hand-over this member answers "not_leader" naming the new leader, where the
+        caller retries the removal.
+        """
+        self.require_leader()
+        cfg = self.driver.config
+        assert cfg is not None
+        if node_id not in cfg.members():
+            return defer.succeed(None)
+        if node_id == self.node_id:
+            others = sorted(v for v in cfg.voters if v != node_id)
+            if not others:
+                raise WireError("invalid_argument", f"{node_id} is the only voter; it cannot be removed")
+            # The most recently heard-from voter takes over.
+            now = self.clock.seconds()
+            others.sort(key=lambda v: now - (self.last_contact(v) or float("-inf")))
+            target = others[0]
+
+            async def hand_over() -> Any:
+                try:
+                    await self.driver.transfer_leadership(target)
+                except Exception as e:
+                    raise WireError("timeout", f"handing leadership to {target} failed: {e}") from None
+                raise self._not_leader(target, "leadership handed over before removal")
+
+            return defer.Deferred.fromCoroutine(hand_over())
+        return defer.Deferred.fromCoroutine(self._change(self.driver.remove, node_id))
+
+    async def _change(self, action: Callable[[str], defer.Deferred[Any]], node_id: str) -> Any:
+        d = action(node_id)
+        d.addErrback(self._wire_error)
+        return await d
+
+
+def raft_mode(config: Any) -> bool:
+    """Whether a metadata node runs behind Raft: several peers, or joining a group.
+
+    A node whose own id is not among ``[raft] peers`` joins an existing group: it starts with
+    no vote and waits for the leader to add it (``dogfs admin meta add``).
+    """
+    return len(config.peers) > 1 or config.id not in config.peers
+
+
+def build_raft_log(
+    reactor: Any,
+    config: Any,
+    state: NamespaceState,
+    endpoints: Any,
+    *,
+    snapshot_every: int = 10_000,
+    operation_timeout: float = 5.0,
+) -> RaftCommandLog:
+    """The Raft-backed log of metadata node ``config`` (a ``MetaConfig``), not yet started.
+
+    Start ``log.service`` (the driver and a leadership watcher) and serve
+    ``log.wire_handlers(handlers)`` on the node's port.
+    """
+    import random
+
+    from twisted.application.internet import TimerService
+    from twisted.application.service import MultiService
+
+    from dogfs.raft.core import Configuration, RaftOptions
+    from dogfs.raft.storage import LMDBRaftStorage
+    from dogfs.raft.wire_transport import WireRaftTransport
+
+    raft_dir = os.path.join(config.data_dir, "raft")
+    os.makedirs(raft_dir, exist_ok=True)
+    peers = dict(config.peers)
+    book = MemberBook(os.path.join(raft_dir, "members.json"), peers)
+    book.entries.setdefault(config.id, (config.address, config.http_address))
+    machine = NamespaceMachine(state, book)
+    transport = WireRaftTransport(
+        reactor, endpoints, node_id=config.id, address_of=book.address,
+        retry_after=config.tick_interval * 2,
+    )
+    voters = frozenset(peers) if config.id in peers else frozenset()
+    election = max(3, int(config.election_ticks))
+    driver = RaftDriver(
+        config.id,
+        storage=LMDBRaftStorage(os.path.join(raft_dir, "log")),
+        transport=transport,
+        state_machine=machine,
+        clock=reactor,
+        bootstrap=Configuration(voters=voters),
+        options=RaftOptions(election_tick=election, heartbeat_tick=1),
+        tick_interval=config.tick_interval,
+        rng=random.Random(os.urandom(16)),
+        reactor=reactor,
+        operation_timeout=operation_timeout,
+        snapshot_every=snapshot_every,
+    )
+    raft_log = RaftCommandLog(
+        driver, machine, clock=reactor, node_id=config.id, address=config.address,
+        http_address=config.http_address, last_contact=transport.last_contact,
+        contact_window=max(1.0, config.tick_interval * election * 2),
+    )
+    raft_log.transport = transport
+    service = MultiService()
+    driver.setServiceParent(service)
+    TimerService(config.tick_interval, raft_log.watch).setServiceParent(service)
+    raft_log.service = service
+    return raft_log
