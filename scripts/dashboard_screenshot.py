@@ -122,9 +122,18 @@ def _cluster(home: str, chunks: int, victim: str) -> str:
 
 
 async def shoot(
-    reactor: Any, url: str, output: Path, width: int, wait_dead: int, timeout: float
+    reactor: Any,
+    url: str,
+    output: Path,
+    width: int = 1400,
+    wait_dead: int = 1,
+    timeout: float = 60.0,
+    min_points: int = 8,
 ) -> None:
-    """Open C{url}, wait for a live page with its nodes (and dead ones), save a PNG."""
+    """Open C{url}, wait for a live page with its nodes (and dead ones), save a PNG.
+
+    C{min_points} throughput samples are waited for too, so the chart is not empty.
+    """
     browser = await Chromium.launch(reactor, ignore_certificate_errors=True)
     try:
         page = await browser.open(url, width=width, height=900)
@@ -139,9 +148,8 @@ async def shoot(
                 timeout,
                 check=lambda n: isinstance(n, int) and n >= wait_dead,
             )
-        # A few more seconds of throughput on the chart.
         await page.wait_for("window.dogfsDashboard.model.points.length", timeout,
-                            check=lambda n: isinstance(n, int) and n >= 8)
+                            check=lambda n: isinstance(n, int) and n >= min_points)
         png = await page.screenshot(width=width)
     finally:
         await browser.close()
@@ -164,6 +172,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--wait-dead", type=int, default=1,
                         help="wait until this many chunk servers show dead (0: do not wait)")
     parser.add_argument("--timeout", type=float, default=60.0)
+    parser.add_argument("--min-points", type=int, default=8,
+                        help="throughput samples (one a second) to wait for on the chart")
     args = parser.parse_args(argv)
     if not args.demo and not args.url and not args.cluster:
         parser.error("give a URL, --cluster DIR or --demo")
@@ -176,7 +186,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.demo:
             url, port = _demo(reactor)
         try:
-            await shoot(reactor, url, Path(args.output), args.width, args.wait_dead, args.timeout)
+            await shoot(reactor, url, Path(args.output), args.width, args.wait_dead, args.timeout,
+                        args.min_points)
         finally:
             if port is not None:
                 await port.stopListening()

@@ -11,10 +11,13 @@ Chromium is not installed (CI installs it: `apt-get install -y chromium`).
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import os
 import signal
+import struct
 import sys
+from pathlib import Path
 from typing import Any
 
 from twisted.internet import reactor, ssl, utils
@@ -238,6 +241,35 @@ class FakeClusterDashboardTests(DashboardScenario, TestCase):
             check=lambda v: v[0] == self.address and v[1] == "false",
         )
         self.assertIn("via meta-1", state[2])
+
+
+class ScreenshotScriptTests(TestCase):
+    """scripts/dashboard_screenshot.py saves a PNG of a live page with a chunk server down."""
+
+    async def test_shoot(self) -> None:
+        """The script's shoot() waits for the dead row and writes a full-page PNG."""
+        if find_chromium() is None:
+            raise SkipTest(NO_CHROMIUM)
+        path = Path(__file__).resolve().parent.parent / "scripts" / "dashboard_screenshot.py"
+        spec = importlib.util.spec_from_file_location("dashboard_screenshot", path)
+        assert spec is not None and spec.loader is not None
+        script = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(script)
+        source = FakeClusterSource()
+        source.set_chunk_state("chunk-3", "dead", heartbeat_age=30.0)
+        site = make_site(reactor, source, Metrics(), ["http://127.0.0.1:1"])
+        port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        address = f"127.0.0.1:{port.getHost().port}"
+        site.feed.set_allowed_origins(dashboard_origins([address]))
+        output = Path(self.mktemp()) / "dashboard.png"
+        await script.shoot(reactor, f"http://{address}/", output, width=1200, timeout=15.0,
+                           min_points=0)
+        png = output.read_bytes()
+        self.assertEqual(png[:8], b"\x89PNG\r\n\x1a\n")
+        width, height = struct.unpack(">II", png[16:24])
+        self.assertEqual(width, 1200)
+        self.assertGreater(height, 900, "the whole page, not only the first screen")
 
 
 class HTTPSDashboardTests(TestCase):
