@@ -188,9 +188,10 @@ class DogFSClient:
     # --- data -----------------------------------------------------------------------------
 
     def put(
-        self, path: str, source: IO[bytes], ec: str | None = None, progress: Progress | None = None
+        self, path: str, source: IO[bytes] | Any, ec: str | None = None, progress: Progress | None = None
     ) -> defer.Deferred[c.FileInfo]:
-        """Upload `source` (a binary file object, read to its end) as the file `path`.
+        """Upload `source` as the file `path`: a binary file object (read to its end) or a
+        Twisted `IBodyProducer` (paused while the upload is behind).
 
         The new version becomes visible atomically when every shard is durable.
         """
@@ -201,11 +202,12 @@ class DogFSClient:
     def get(
         self,
         path: str,
-        sink: IO[bytes],
+        sink: IO[bytes] | Any,
         progress: Progress | None = None,
         on_info: Callable[[c.FileInfo], None] | None = None,
     ) -> defer.Deferred[c.FileInfo]:
-        """Download the file `path` into `sink` (a binary file object).
+        """Download the file `path` into `sink`: a binary file object, or a Twisted
+        `IConsumer` (which may pause the download through the producer we register).
 
         `on_info` is called with the file's metadata before any data is written.
         """

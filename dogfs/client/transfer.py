@@ -22,7 +22,9 @@ from typing import IO, TYPE_CHECKING, Any
 
 from attrs import define, field
 from twisted.internet import defer
+from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from dogfs.codec.checksum import crc32c
 from dogfs.codec.policy import ECPolicy
@@ -55,6 +57,143 @@ def read_full(source: IO[bytes], size: int) -> bytes:
     return b"".join(parts)
 
 
+class FileSource:
+    """A put's data from a binary file object (read on the reactor thread: local files)."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self.f = f
+
+    async def read_full(self, size: int) -> bytes:
+        return read_full(self.f, size)
+
+
+@implementer(IConsumer)
+class ProducerSource:
+    """A put's data from a Twisted IBodyProducer, buffered to at most `high_water` bytes.
+
+    The producer writes into us; when the buffer is full it is paused until the upload has
+    taken a stripe, so a fast producer never fills memory.
+    """
+
+    def __init__(self, producer: Any, high_water: int) -> None:
+        self.producer = producer
+        self.high_water = high_water
+        self.buffer = bytearray()
+        self.finished = False
+        self.error: Failure | None = None
+        self.paused = False
+        self._waiter: defer.Deferred[None] | None = None
+        d = producer.startProducing(self)
+        d.addCallbacks(self._done, self._failed)
+
+    def write(self, data: bytes) -> None:
+        self.buffer += data
+        if not self.paused and len(self.buffer) >= self.high_water:
+            self.paused = True
+            self.producer.pauseProducing()
+        self._wake()
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        pass  # the producer is driven through startProducing
+
+    def unregisterProducer(self) -> None:
+        pass
+
+    def _done(self, _: Any) -> None:
+        self.finished = True
+        self._wake()
+
+    def _failed(self, failure: Failure) -> None:
+        self.error = failure
+        self.finished = True
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None:
+            waiter, self._waiter = self._waiter, None
+            waiter.callback(None)
+
+    async def read_full(self, size: int) -> bytes:
+        while len(self.buffer) < size and not self.finished:
+            self._waiter = defer.Deferred()
+            await self._waiter
+        if self.error is not None:
+            self.error.raiseException()
+        out = bytes(self.buffer[:size])
+        del self.buffer[:size]
+        if self.paused and len(self.buffer) < self.high_water // 2:
+            self.paused = False
+            self.producer.resumeProducing()
+        return out
+
+    def stop(self) -> None:
+        """The upload failed: tell the producer to stop."""
+        if not self.finished:
+            self.finished = True
+            self.producer.stopProducing()
+
+
+@implementer(IPushProducer)
+class ConsumerSink:
+    """A get's destination: a Twisted IConsumer, which may pause us when it is full."""
+
+    def __init__(self, consumer: Any) -> None:
+        self.consumer = consumer
+        self.paused = False
+        self.stopped = False
+        self.on_resume: Callable[[], None] | None = None
+        consumer.registerProducer(self, True)
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.consumer.write(bytes(data))
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        if self.on_resume is not None:
+            self.on_resume()
+
+    def stopProducing(self) -> None:
+        self.stopped = True
+        self.paused = True
+
+    def close(self) -> None:
+        self.consumer.unregisterProducer()
+
+
+class FileSink:
+    """A get's destination: a binary file object; never pauses."""
+
+    paused = False
+    stopped = False
+    on_resume: Callable[[], None] | None = None
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self.f = f
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.f.write(data)
+
+    def close(self) -> None:
+        pass
+
+
+def as_source(source: Any, high_water: int) -> Any:
+    """A file object or an IBodyProducer as something to read stripes from."""
+    if hasattr(source, "startProducing"):
+        return ProducerSource(source, high_water)
+    return FileSource(source)
+
+
+def as_sink(sink: Any) -> Any:
+    """A file object or an IConsumer as somewhere to write stripes."""
+    if hasattr(sink, "registerProducer") and not hasattr(sink, "seek"):
+        return ConsumerSink(sink)
+    return FileSink(sink)
+
+
 def _unwrap(failure: Failure) -> BaseException | None:
     """The first real error inside gatherResults' FirstError."""
     error = failure.value
@@ -70,14 +209,33 @@ async def put(
     client: DogFSClient, path: str, source: IO[bytes], ec: str | None, progress: Progress | None
 ) -> c.FileInfo:
     """Upload `source` to `path`; see the module docstring."""
-    from dogfs.client.api import DogFSError
 
     info = await client.cluster_info()
     cell_size: int = info["cell_size"]
     block_size: int = info["block_size"]
     if ec is not None:
         ECPolicy.parse(ec)  # refuse an unknown policy before touching the cluster
-    first = read_full(source, 1)
+    reader = as_source(source, 4 * 16 * cell_size)
+    try:
+        return await _put(client, path, reader, ec, progress, cell_size, block_size)
+    except BaseException:
+        if isinstance(reader, ProducerSource):
+            reader.stop()
+        raise
+
+
+async def _put(
+    client: DogFSClient,
+    path: str,
+    source: Any,
+    ec: str | None,
+    progress: Progress | None,
+    cell_size: int,
+    block_size: int,
+) -> c.FileInfo:
+    from dogfs.client.api import DogFSError
+
+    first = await source.read_full(1)
     groups: list[tuple[int, int]] = []
     total = 0
     group_ec = ec
@@ -105,7 +263,7 @@ async def _upload_group(
     allocation: c.Allocation,
     codec: StripeCodec,
     head: bytes,
-    source: IO[bytes],
+    source: Any,
     stripes_per_group: int,
     progress: Progress | None,
 ) -> tuple[int, bytes | None]:
@@ -130,7 +288,7 @@ async def _upload_group(
         conn.open_stream(m.PutShard(s.shard_id, allocation.ec, s.index, fragment_size))
         for conn, s in zip(connections, shards, strict=True)
     ]
-    stripe = head + read_full(source, stripe_size - len(head)) if len(head) < stripe_size else head
+    stripe = head + await source.read_full(stripe_size - len(head)) if len(head) < stripe_size else head
     cells = 0
     size = 0
     rest: bytes | None = None
@@ -150,7 +308,7 @@ async def _upload_group(
                 break  # a chunk server answered early: an error, which finish() reports
             if len(stripe) < stripe_size:
                 break
-            nxt = read_full(source, stripe_size)
+            nxt = await source.read_full(stripe_size)
             if not nxt:
                 break
             if cells == stripes_per_group:
@@ -192,10 +350,16 @@ async def get(
     if on_info is not None:
         on_info(info)
     cluster = await client.cluster_info()
-    for bg in info.block_groups:
-        codec = StripeCodec(ECPolicy.parse(bg.ec), cluster["cell_size"])
-        reader = GroupReader(client, path, bg, codec, sink, progress)
-        await reader.read()
+    out = as_sink(sink)
+    try:
+        for bg in info.block_groups:
+            if out.stopped:
+                raise DogFSError("aborted", f"the consumer of {path} stopped the download")
+            codec = StripeCodec(ECPolicy.parse(bg.ec), cluster["cell_size"])
+            reader = GroupReader(client, path, bg, codec, out, progress)
+            await reader.read()
+    finally:
+        out.close()
     return info  # type: ignore[no-any-return]
 
 
@@ -220,7 +384,7 @@ class GroupReader:
     path: str
     bg: c.BlockGroupInfo
     codec: StripeCodec
-    sink: IO[bytes]
+    sink: Any  # FileSink or ConsumerSink
     progress: Progress | None
     lengths: list[int] = field(init=False)
     cells: dict[int, dict[int, Any]] = field(factory=dict, init=False)
@@ -239,6 +403,7 @@ class GroupReader:
         return min(self.client.timeout, 10.0)
 
     def read(self) -> defer.Deferred[None]:
+        self.sink.on_resume = self._emit
         if not self.lengths:
             self.done.callback(None)
             return self.done
@@ -294,7 +459,9 @@ class GroupReader:
         if msg.index >= self.next_stripe:
             self.cells.setdefault(msg.index, {})[stream.index] = payload
         if stream.received - self.next_stripe > MAX_BUFFERED_STRIPES and stream.connection is not None:
+            # We hold it back: its silence from now on is ours, not the server's.
             stream.paused = True
+            self._disarm(stream)
             stream.connection.pause_reading()
         self._emit()
 
@@ -352,7 +519,11 @@ class GroupReader:
 
     def _emit(self) -> None:
         k = self.codec.k
+        if self.done.called:
+            return
         while self.next_stripe < len(self.lengths):
+            if self.sink.paused:
+                return  # the consumer is full: resumeProducing calls _emit again
             got = self.cells.get(self.next_stripe, {})
             if all(i in got for i in range(k)):
                 parts = [self.codec.data_payload(got[i]) for i in range(k)]
@@ -378,6 +549,8 @@ class GroupReader:
             for stream in self.streams.values():
                 if stream.paused and stream.received - self.next_stripe <= MAX_BUFFERED_STRIPES // 2:
                     stream.paused = False
+                    if not stream.finished:
+                        self._arm(stream)
                     if stream.connection is not None:
                         stream.connection.resume_reading()
         self._stop_all()
