@@ -21,6 +21,7 @@ from zope.interface import implementer
 
 from dogfs.client.api import DogFSClient, DogFSError
 from dogfs.config import load_client
+from dogfs.meta.commands import FileInfo
 from tests.test_datapath_process import BLOCK_SIZE, Cluster
 
 
@@ -88,6 +89,7 @@ class ClientAPITests(TestCase):
         data = random.Random(2).randbytes(3 * (1 << 20) + 5)
         await self.client.put("/s", io.BytesIO(data))
         info = await self.client.stat("/s")
+        assert isinstance(info, FileInfo)
         node = info.block_groups[0].shards[0].node_id
         pid = self.cluster.nodes()[node]["pid"]
         os.kill(pid, signal.SIGSTOP)  # alive to TCP, silent to us: "too slow"
