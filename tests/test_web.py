@@ -129,12 +129,19 @@ class StateMappingTests(SynchronousTestCase):
         self.assertEqual(status["chunks"][0]["state"], "alive", "input left unchanged")
 
     def test_meta_states(self) -> None:
-        """Silence past dead_after, or a down role, shows a member dead; the reporter is running."""
+        """Silence past dead_after, or a down role, shows a member dead; the reporter is running.
+
+        A follower's silence about another follower is no sign of death (they do not talk).
+        """
         self.assertEqual(meta_state({"id": "meta-2", "role": "follower", "last_contact_s": 0.2}, "meta-1", 5.0), "running")
         self.assertEqual(meta_state({"id": "meta-2", "role": "follower", "last_contact_s": 9.0}, "meta-1", 5.0), "dead")
         self.assertEqual(meta_state({"id": "meta-2", "role": "unreachable"}, "meta-1", 5.0), "dead")
         self.assertEqual(meta_state({"id": "meta-2", "state": "stopped"}, "meta-1", 5.0), "stopped")
         self.assertEqual(meta_state({"id": "meta-1", "role": "candidate", "last_contact_s": 99}, "meta-1", 5.0), "running")
+        follower = {"id": "meta-3", "role": "follower", "last_contact_s": 60.0}
+        self.assertEqual(meta_state(follower, "meta-2", 5.0, reporter_leads=False), "running")
+        leader = {"id": "meta-1", "role": "leader", "last_contact_s": 60.0}
+        self.assertEqual(meta_state(leader, "meta-2", 5.0, reporter_leads=False), "dead")
 
 
 class HistoryTests(SynchronousTestCase):

@@ -47,11 +47,15 @@ def chunk_state(entry: dict[str, Any]) -> str:
     return CHUNK_STATES.get(str(entry.get("state", "unknown")), str(entry.get("state")))
 
 
-def meta_state(entry: dict[str, Any], me: str, dead_after: float) -> str:
+def meta_state(
+    entry: dict[str, Any], me: str, dead_after: float, reporter_leads: bool = True
+) -> str:
     """The page's state for a metadata member: explicit C{state}, a down role, or silence.
 
-    A member the reporting node has not heard from in C{dead_after} seconds is "dead"; the
-    reporting node itself is always "running" (it answered).
+    A member the reporting node has not heard from in C{dead_after} seconds is "dead" when
+    the reporter leads (a leader hears from every member) or the member is the leader (a
+    follower hears from its leader); followers do not talk to each other, so a follower's
+    silence about another follower means nothing. The reporter itself is always "running".
     """
     if entry.get("id") == me:
         return "running"
@@ -61,7 +65,8 @@ def meta_state(entry: dict[str, Any], me: str, dead_after: float) -> str:
     if role in DOWN_ROLES:
         return DOWN_ROLES[role]
     contact = entry.get("last_contact_s")
-    if isinstance(contact, int | float) and contact > dead_after:
+    heard_from = reporter_leads or role == "leader"
+    if heard_from and isinstance(contact, int | float) and contact > dead_after:
         return "dead"
     if not role or role == "unknown":
         return "unknown"
@@ -78,7 +83,11 @@ def page_status(
     out = {k: v for k, v in status.items() if k not in ("throughput", "events")}
     out["node"] = node
     out["meta"] = [
-        {**m, "kind": "meta", "state": meta_state(m, node["id"], dead_after)}
+        {
+            **m,
+            "kind": "meta",
+            "state": meta_state(m, node["id"], dead_after, bool(node.get("is_leader", True))),
+        }
         for m in status.get("meta") or []
     ]
     out["chunks"] = [
