@@ -53,8 +53,8 @@ from dogfs.raft.sim_world import KVStateMachine, MemoryStorage, encode_command
 __all__ = ["DEFAULT_SEEDS", "DEFAULT_STEPS", "RunResult", "Simulation", "main", "run_seeds"]
 
 #: Defaults of the command line: a sweep that finds every planted bug.
-DEFAULT_SEEDS = 20
-DEFAULT_STEPS = 400
+DEFAULT_SEEDS = 100
+DEFAULT_STEPS = 1000
 
 ELECTION_TICK = 10
 CLIENT_TIMEOUT = 25
@@ -183,7 +183,7 @@ class Simulation:
         self.crash_after_vote = r.choice([0.0, 0.2, 0.5])
         self.split_votes = r.choice([0.0, 0.3, 0.6])
         self.commit_strike = r.choice([0.0, 0.03, 0.1])
-        self.first_commit_strike = r.choice([0.0, 0.3, 0.7])
+        self.first_commit_strike = r.choice([0.0, 0.5, 1.0])
         self.first_commit: dict[int, int] = {}
         self.options = RaftOptions(
             election_tick=ELECTION_TICK,
