@@ -1,0 +1,347 @@
+# -*- test-case-name: tests.test_meta_raft -*-
+"""The namespace behind Raft, in one process: RaftCommandLog members on a simulated clock and
+an in-memory network (dogfs.meta.raftlog), and Raft peers over real DogFS connections on
+loopback (dogfs.raft.wire_transport)."""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from typing import Any
+
+from twisted.internet import defer, task
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface.verify import verifyObject
+
+from dogfs.interfaces import ICommandLog
+from dogfs.meta import commands as c
+from dogfs.meta.raftlog import (
+    MemberBook,
+    NamespaceMachine,
+    RaftCommandLog,
+    member_record,
+    raft_mode,
+)
+from dogfs.meta.state import NamespaceState
+from dogfs.raft.core import Configuration, RaftOptions
+from dogfs.raft.driver import RaftDriver
+from dogfs.raft.storage import MemoryRaftStorage
+from dogfs.raft.transport import MemoryRaftNetwork
+from dogfs.wire.protocol import WireError
+
+IDS = ("m1", "m2", "m3")
+
+
+def run_now(f: Any) -> defer.Deferred[Any]:
+    """Perform storage writes synchronously (tests only)."""
+    return defer.maybeDeferred(f)
+
+
+class Group:
+    """Metadata members (LMDB namespace, in-memory Raft storage) on one clock and network."""
+
+    def __init__(
+        self, case: SynchronousTestCase, ids: tuple[str, ...] = IDS, *, snapshot_every: int | None = None
+    ) -> None:
+        self.case = case
+        self.clock = task.Clock()
+        self.network = MemoryRaftNetwork(self.clock)
+        self.ids = ids
+        self.snapshot_every = snapshot_every
+        self.root = tempfile.mkdtemp(prefix="dogfs-meta-raft-")
+        self.storages: dict[str, MemoryRaftStorage] = {}
+        self.logs: dict[str, RaftCommandLog] = {}
+        self.states: dict[str, NamespaceState] = {}
+        self.contact: dict[str, dict[str, float]] = {}
+        self.starts = 0
+        for i in ids:
+            self.start(i, Configuration(voters=frozenset(ids)))
+        case.addCleanup(self.stop_all)
+
+    def address(self, node_id: str) -> str:
+        return f"127.0.0.1:{7000 + int(node_id[1:])}"
+
+    def start(self, node_id: str, bootstrap: Configuration | None = None) -> RaftCommandLog:
+        """(Re)start a member on its stored log and namespace."""
+        state = NamespaceState(os.path.join(self.root, node_id, "ns"), durable=False, map_size=1 << 26)
+        state.open()
+        book = MemberBook(
+            os.path.join(self.root, node_id, "members.json"), {i: self.address(i) for i in self.ids}
+        )
+        machine = NamespaceMachine(state, book)
+        seen = self.contact.setdefault(node_id, {})
+        transport = self.network.transport(node_id)
+        self.starts += 1
+        driver = RaftDriver(
+            node_id,
+            storage=self.storages.setdefault(node_id, MemoryRaftStorage()),
+            transport=transport,
+            state_machine=machine,
+            clock=self.clock,
+            bootstrap=bootstrap or Configuration(voters=frozenset()),
+            options=RaftOptions(election_tick=10),
+            tick_interval=0.05,
+            rng=random.Random(f"{node_id}-{self.starts}"),
+            executor=run_now,
+            snapshot_every=self.snapshot_every,
+            operation_timeout=3.0,
+        )
+        log = RaftCommandLog(
+            driver, machine, clock=self.clock, node_id=node_id, address=self.address(node_id),
+            last_contact=seen.get, contact_window=1.0,
+        )
+        driver.startService()
+        # Note contact times as messages arrive (what WireRaftTransport does for real).
+        receive = transport.receiver
+        assert receive is not None
+
+        def noted(message: Any) -> None:
+            seen[message.src] = self.clock.seconds()
+            receive(message)
+
+        transport.receiver = noted
+        self.logs[node_id], self.states[node_id] = log, state
+        return log
+
+    def stop(self, node_id: str) -> None:
+        log = self.logs[node_id]
+        if log.driver.running:
+            self.case.successResultOf(log.driver.stopService())
+        self.states[node_id].close()
+
+    def stop_all(self) -> None:
+        for i in list(self.logs):
+            self.stop(i)
+
+    def run(self, seconds: float) -> None:
+        for _ in range(round(seconds / 0.05)):
+            self.clock.advance(0.05)
+
+    def leader(self, within: float = 10.0) -> RaftCommandLog:
+        for _ in range(round(within / 0.05)):
+            leaders = [g for g in self.logs.values() if g.driver.running and g.is_leader]
+            if len(leaders) == 1:
+                return leaders[0]
+            self.run(0.05)
+        raise AssertionError("no single leader elected")
+
+    def settle(self, d: defer.Deferred[Any], within: float = 10.0) -> Any:
+        """Run the clock until ``d`` fires; its result (a failure raises in the test)."""
+        for _ in range(round(within / 0.05)):
+            if d.called:
+                break
+            self.run(0.05)
+        return self.case.successResultOf(d)
+
+    def failure(self, d: defer.Deferred[Any], within: float = 10.0) -> Any:
+        for _ in range(round(within / 0.05)):
+            if d.called:
+                break
+            self.run(0.05)
+        return self.case.failureResultOf(d)
+
+
+class RaftCommandLogTests(SynchronousTestCase):
+    """The namespace replicated through RaftCommandLog members."""
+
+    def test_interface(self) -> None:
+        """RaftCommandLog provides ICommandLog."""
+        group = Group(self)
+        self.assertTrue(verifyObject(ICommandLog, group.leader()))
+
+    def test_mutations_replicate(self) -> None:
+        """Commands proposed at the leader are applied on every member: equal namespaces."""
+        group = Group(self)
+        leader = group.leader()
+        group.settle(leader.propose(c.Mkdir("/a", False, None, now=1.0)))
+        group.settle(leader.propose(c.Sessioned("client", 1, c.Mkdir("/a/b", False, None, now=2.0))))
+        group.run(1.0)
+        digests = {i: group.states[i].digest() for i in IDS}
+        self.assertEqual(len(set(digests.values())), 1, digests)
+        for i in IDS:
+            self.assertIsInstance(group.states[i].stat("/a/b"), c.DirInfo)
+
+    def test_retried_session_applies_once(self) -> None:
+        """A retried Sessioned command gets the first answer and changes nothing more."""
+        group = Group(self)
+        leader = group.leader()
+        first = group.settle(leader.propose(c.Sessioned("cl", 1, c.Mkdir("/x", False, None, now=1.0))))
+        again = group.settle(leader.propose(c.Sessioned("cl", 1, c.Mkdir("/x", False, None, now=1.0))))
+        self.assertIsInstance(first, c.DirInfo)
+        self.assertEqual(first, again)
+        plain = group.settle(leader.propose(c.Mkdir("/x", False, None, now=1.0)))
+        self.assertIsInstance(plain, c.MetaError)
+
+    def test_follower_redirects(self) -> None:
+        """A follower refuses commands with not_leader naming the leader's address; its
+        members() knows who leads; reads through the barrier see acknowledged writes."""
+        group = Group(self)
+        leader = group.leader()
+        follower = next(g for g in group.logs.values() if g is not leader)
+        with self.assertRaises(WireError) as caught:
+            follower.require_leader()
+        self.assertEqual(caught.exception.code, "not_leader")
+        self.assertEqual(caught.exception.details["leader"], leader.address)
+        failure = group.failure(follower.propose(c.Mkdir("/no", False, None, now=1.0)))
+        self.assertEqual(failure.value.code, "not_leader")
+        self.assertEqual(follower.leader_address(), leader.address)
+        roles = {m["id"]: m["role"] for m in follower.members()}
+        self.assertEqual(roles[leader.node_id], "leader")
+        self.assertEqual(roles[follower.node_id], "follower")
+        group.settle(leader.propose(c.Mkdir("/seen", False, None, now=1.0)))
+        group.settle(follower.read_barrier())
+        self.assertIsInstance(group.states[follower.node_id].stat("/seen"), c.DirInfo)
+
+    def test_no_quorum(self) -> None:
+        """A leader cut from both peers stops acknowledging: its proposal fails with
+        no_quorum (not applied anywhere), reads fail the same way, and once the network heals
+        the group serves again and nothing acknowledged is missing."""
+        group = Group(self)
+        leader = group.leader()
+        group.settle(leader.propose(c.Mkdir("/kept", False, None, now=1.0)))
+        group.network.isolate(leader.node_id)
+        d = leader.propose(c.Mkdir("/lost", False, None, now=2.0))
+        failure = group.failure(d, within=5.0)
+        self.assertEqual(failure.value.code, "no_quorum")
+        self.assertIn("no quorum", failure.value.message)
+        read = group.failure(leader.read_barrier(), within=5.0)
+        self.assertEqual(read.value.code, "no_quorum")
+        group.network.heal()
+        new = group.leader()
+        group.settle(new.propose(c.Mkdir("/after", False, None, now=3.0)))
+        group.run(1.0)
+        for i in IDS:
+            self.assertIsInstance(group.states[i].stat("/kept"), c.DirInfo)
+            self.assertIsInstance(group.states[i].stat("/after"), c.DirInfo)
+
+    def test_catch_up_from_snapshot(self) -> None:
+        """A member down for many commits (the log compacted meanwhile) comes back, gets a
+        snapshot and ends with the same namespace; the others kept serving meanwhile."""
+        group = Group(self, snapshot_every=50)
+        leader = group.leader()
+        lagging = next(i for i in IDS if i != leader.node_id)
+        group.stop(lagging)
+        for n in range(300):
+            group.settle(leader.propose(c.Mkdir(f"/d{n}", False, None, now=float(n))))
+        group.start(lagging, Configuration(voters=frozenset(IDS)))
+        group.run(3.0)
+        self.assertEqual(group.states[lagging].digest(), group.states[leader.node_id].digest())
+        snapshot_index: Any = group.logs[lagging].driver.status()["snapshot_index"]
+        self.assertGreater(snapshot_index, 0)
+
+    def test_add_learner_promote_remove(self) -> None:
+        """A fourth member joins as a learner (its address goes through the log), catches up
+        from a snapshot, is promoted; removing the leader hands leadership over first."""
+        group = Group(self, snapshot_every=20)
+        leader = group.leader()
+        for n in range(60):
+            group.settle(leader.propose(c.Mkdir(f"/d{n}", False, None, now=float(n))))
+        group.start("m4")  # joins: no bootstrap configuration
+        self.assertEqual(group.settle(leader.add_learner("m4", group.address("m4"))), "added")
+        group.run(2.0)
+        self.assertEqual(group.states["m4"].digest(), group.states[leader.node_id].digest())
+        self.assertEqual(group.logs["m4"].driver.role, "learner")
+        group.settle(leader.promote("m4"))
+        group.run(1.0)
+        cfg = leader.driver.config
+        assert cfg is not None
+        self.assertIn("m4", cfg.voters)
+        for i in group.logs:
+            self.assertEqual(group.logs[i].book.address("m4"), group.address("m4"))
+        # Removing the leader: it hands over and redirects to the new leader.
+        failure = group.failure(leader.remove(leader.node_id))
+        self.assertEqual(failure.value.code, "not_leader")
+        new = group.leader()
+        self.assertNotEqual(new.node_id, leader.node_id)
+        group.settle(new.remove(leader.node_id))
+        group.run(1.0)
+        cfg = new.driver.config
+        assert cfg is not None
+        self.assertNotIn(leader.node_id, cfg.members())
+        group.settle(new.propose(c.Mkdir("/after", False, None, now=1.0)))
+
+    def test_member_record_and_snapshot_round_trip(self) -> None:
+        """Member records update the address book; a snapshot carries book and namespace."""
+        group = Group(self)
+        leader = group.leader()
+        group.settle(leader.propose(member_record("m9", "10.0.0.9:1", "10.0.0.9:2")))
+        group.run(0.5)
+        for g in group.logs.values():
+            self.assertEqual(g.book.address("m9"), "10.0.0.9:1")
+            self.assertEqual(g.book.http_address("m9"), "10.0.0.9:2")
+        data = leader.machine.snapshot()
+        other = NamespaceState(os.path.join(group.root, "other"), durable=False, map_size=1 << 24)
+        other.open()
+        self.addCleanup(other.close)
+        machine = NamespaceMachine(other, MemberBook(None, {}))
+        from dogfs.raft.core import Snapshot, SnapshotMeta
+
+        machine.restore(Snapshot(SnapshotMeta(99, 3, Configuration(frozenset(IDS))), data))
+        self.assertEqual(machine.book.address("m9"), "10.0.0.9:1")
+        self.assertEqual(other.applied_index, 99)
+        with self.assertRaises(ValueError):
+            machine.restore(Snapshot(SnapshotMeta(99, 3, Configuration(frozenset(IDS))), b"junk"))
+
+    def test_raft_mode(self) -> None:
+        """Raft runs with several peers, or when joining (own id not among the peers)."""
+
+        class Config:
+            def __init__(self, node_id: str, peers: dict[str, str]) -> None:
+                self.id, self.peers = node_id, peers
+
+        self.assertFalse(raft_mode(Config("a", {"a": "x:1"})))
+        self.assertTrue(raft_mode(Config("a", {"a": "x:1", "b": "x:2"})))
+        self.assertTrue(raft_mode(Config("c", {"a": "x:1", "b": "x:2"})))
+
+
+class WireTransportTests(TestCase):
+    """Raft messages over real DogFS connections on loopback."""
+
+    def test_envelopes_delivered(self) -> defer.Deferred[None]:
+        """A message sent by one WireRaftTransport arrives at the other's driver callback
+        through its listening port; contact times are noted; unknown peers are dropped."""
+        from twisted.internet import reactor
+
+        from dogfs.raft.core import TimeoutNow
+        from dogfs.raft.wire_transport import WireRaftTransport
+        from dogfs.wire import messages as m
+        from dogfs.wire.pool import ConnectionFactory, tcp_endpoints
+
+        addresses: dict[str, str] = {}
+        a = WireRaftTransport(reactor, tcp_endpoints(reactor), node_id="a", address_of=addresses.get)
+        b = WireRaftTransport(reactor, tcp_endpoints(reactor), node_id="b", address_of=addresses.get)
+        got: list[Any] = []
+        arrived: defer.Deferred[None] = defer.Deferred()
+
+        def receive(message: Any) -> None:
+            got.append(message)
+            if not arrived.called:
+                arrived.callback(None)
+
+        b.start(receive)
+        a.start(lambda message: None)
+        factory = ConnectionFactory(reactor, {m.RaftEnvelope: b.handle_envelope}, node_id="b")
+        listener: Any = reactor
+        port = listener.listenTCP(0, factory, interface="127.0.0.1")
+        addresses["b"] = f"127.0.0.1:{port.getHost().port}"
+
+        def cleanup() -> defer.Deferred[Any]:
+            a.stop()
+            b.stop()
+            for conn in list(factory.connections):
+                conn.close()
+            return defer.maybeDeferred(port.stopListening)
+
+        self.addCleanup(cleanup)
+        a.send(TimeoutNow(5, "a", "nobody"))
+        self.assertEqual(a.dropped, 1)
+        a.send(TimeoutNow(5, "a", "b"))
+        a.send(TimeoutNow(6, "a", "b"))
+
+        def check(_: Any) -> None:
+            self.assertEqual(got[0].term, 5)
+            self.assertIsNotNone(b.last_contact("a"))
+            self.assertIsNone(b.last_contact("c"))
+
+        return arrived.addCallback(check)
