@@ -214,6 +214,8 @@ class Feed(WebSocketServerFactory):
         """Set up the feed; nothing runs until L{start} and the first page."""
         super().__init__()
         self.set_allowed_origins(allowed_origins)
+        # Pages send nothing of use: a small cap keeps a hostile client from filling memory.
+        self.setProtocolOptions(maxFramePayloadSize=65536, maxMessagePayloadSize=65536)
         self.clock = clock
         self.source = source
         self.metrics = metrics
