@@ -396,6 +396,16 @@ class MetaNodeSourceTests(SynchronousTestCase):
         self.source.chunk_listener("chunk-2", "alive", "dead")
         self.assertEqual(len(self.events), 3)
 
+    def test_chunk_change_told_once(self) -> None:
+        """A change heard from the registry and from the handlers' event at once is told once."""
+        self.source.chunk_listener("chunk-5", "alive", "dead")
+        self.source.meta_listener("chunk_state", {"node": "chunk-5", "old": "alive", "new": "dead"})
+        self.clock.advance(30)
+        self.source.meta_listener("chunk_state", {"node": "chunk-5", "old": "dead", "new": "alive"})
+        self.assertEqual(
+            [e["message"] for e in self.events], ["chunk-5 died (no heartbeat)", "chunk-5 is back"]
+        )
+
 
 # ---- over real loopback sockets ------------------------------------------------------------
 

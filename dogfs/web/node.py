@@ -50,6 +50,7 @@ class MetaNodeSource:
         self.fold_seconds = fold_seconds
         self._subscribers: list[EventCallback] = []
         self._folded: dict[tuple[str, str], tuple[float, int]] = {}
+        self._last_change: dict[str, tuple[str, str, float]] = {}
 
     def snapshot(self) -> dict[str, Any]:
         """The node's status dict."""
@@ -93,7 +94,8 @@ class MetaNodeSource:
 
         Known kinds: C{commit} (C{path}, C{size}), C{read} (C{path}, C{size}),
         C{write_refused} (C{path}, C{reason}), C{election} or C{leader} (C{node}, C{term}),
-        C{meta_state} (C{node}, C{state}). Others are logged with their fields.
+        C{chunk_state} (C{node}, C{old}, C{new}: as L{chunk_listener}), C{meta_state}
+        (C{node}, C{state}). Others are logged with their fields.
         """
         size = int(fields.get("size") or 0)
         if kind == "commit":
@@ -127,6 +129,11 @@ class MetaNodeSource:
                 text = "no leader" + (f" in term {term}" if term is not None else "")
             self.event("election", text, level="warn", node=node, term=term)
             return
+        if kind == "chunk_state":
+            self.chunk_listener(
+                str(fields.get("node")), str(fields.get("old")), str(fields.get("new"))
+            )
+            return
         if kind == "meta_state":
             node, state = fields.get("node"), fields.get("state")
             level = "error" if state in ("dead", "unreachable") else "info"
@@ -136,7 +143,15 @@ class MetaNodeSource:
         self.event(kind, f"{kind}: {details}" if details else kind, **_plain(fields))
 
     def chunk_listener(self, node_id: str, old: str, new: str) -> None:
-        """For C{ChunkServerRegistry.on_change}: a chunk server changed state."""
+        """For C{ChunkServerRegistry.on_change}: a chunk server changed state.
+
+        The same change heard twice at the same instant (through the registry and through
+        the handlers' C{chunk_state} event) is told once.
+        """
+        change = (old, new, self.clock.seconds())
+        if self._last_change.get(node_id) == change:
+            return
+        self._last_change[node_id] = change
         if new == "dead":
             self.event("chunk_state", f"{node_id} died (no heartbeat)", level="error",
                        node=node_id, state=new, previous=old)
