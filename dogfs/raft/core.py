@@ -953,15 +953,17 @@ class RaftNode:
             self._handle_vote_request(m)
         elif isinstance(m, RequestVoteResponse):
             self._handle_vote_response(m)
-        elif isinstance(m, AppendEntries):
+        elif isinstance(m, AppendEntries | Heartbeat | InstallSnapshot):
+            if self.role == Role.LEADER:
+                # Another leader in our term cannot exist (election safety); ignore it.
+                return
             self._become_follower_of(m.src)
-            self._handle_append(m)
-        elif isinstance(m, Heartbeat):
-            self._become_follower_of(m.src)
-            self._handle_heartbeat(m)
-        elif isinstance(m, InstallSnapshot):
-            self._become_follower_of(m.src)
-            self._handle_snapshot_chunk(m)
+            if isinstance(m, AppendEntries):
+                self._handle_append(m)
+            elif isinstance(m, Heartbeat):
+                self._handle_heartbeat(m)
+            else:
+                self._handle_snapshot_chunk(m)
         elif isinstance(m, AppendEntriesResponse):
             if self.role == Role.LEADER:
                 self._handle_append_response(m)
