@@ -106,6 +106,7 @@ def _dogfs(home: str, *args: str) -> str:
 def _cluster(home: str, chunks: int, victim: str) -> str:
     """Start a cluster in C{home} with traffic and C{victim} stopped; the leader's dashboard URL."""
     _dogfs(home, "cluster", "up", "--meta", "3", "--chunk", str(chunks), "--detach")
+    _dogfs(home, "mkdir", "/demo")
     with tempfile.TemporaryDirectory() as scratch:
         for i, size in enumerate((3 << 20, 17 << 20, 64 << 20, 5 << 20)):
             local = os.path.join(scratch, f"f{i}")
@@ -177,8 +178,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not args.demo and not args.url and not args.cluster:
         parser.error("give a URL, --cluster DIR or --demo")
-    if args.cluster:
-        args.url = _cluster(args.cluster, args.chunks, args.victim)
 
     async def run(reactor: Any) -> None:
         url = args.url
@@ -195,6 +194,8 @@ def main(argv: list[str] | None = None) -> None:
     from twisted.internet.defer import Deferred
 
     try:
+        if args.cluster:
+            args.url = _cluster(args.cluster, args.chunks, args.victim)
         react(lambda reactor: Deferred.fromCoroutine(run(reactor)))
     finally:
         if args.cluster:

@@ -397,13 +397,17 @@ class MetaNodeSourceTests(SynchronousTestCase):
         self.assertEqual(len(self.events), 3)
 
     def test_chunk_change_told_once(self) -> None:
-        """A change heard from the registry and from the handlers' event at once is told once."""
+        """A change heard twice, or "alive" again after a leader change, is told once."""
+        self.source.chunk_listener("chunk-5", "unknown", "alive")
         self.source.chunk_listener("chunk-5", "alive", "dead")
         self.source.meta_listener("chunk_state", {"node": "chunk-5", "old": "alive", "new": "dead"})
         self.clock.advance(30)
         self.source.meta_listener("chunk_state", {"node": "chunk-5", "old": "dead", "new": "alive"})
+        self.source.chunk_listener("chunk-5", "alive", "unknown")  # a new leader
+        self.source.chunk_listener("chunk-5", "unknown", "alive")
         self.assertEqual(
-            [e["message"] for e in self.events], ["chunk-5 died (no heartbeat)", "chunk-5 is back"]
+            [e["message"] for e in self.events],
+            ["chunk-5 is alive", "chunk-5 died (no heartbeat)", "chunk-5 is back"],
         )
 
 

@@ -50,7 +50,7 @@ class MetaNodeSource:
         self.fold_seconds = fold_seconds
         self._subscribers: list[EventCallback] = []
         self._folded: dict[tuple[str, str], tuple[float, int]] = {}
-        self._last_change: dict[str, tuple[str, str, float]] = {}
+        self._told: dict[str, str] = {}
 
     def snapshot(self) -> dict[str, Any]:
         """The node's status dict."""
@@ -145,17 +145,19 @@ class MetaNodeSource:
     def chunk_listener(self, node_id: str, old: str, new: str) -> None:
         """For C{ChunkServerRegistry.on_change}: a chunk server changed state.
 
-        The same change heard twice at the same instant (through the registry and through
-        the handlers' C{chunk_state} event) is told once.
+        What an operator needs is told: a server dying, coming back, or first seen alive.
+        A change to "unknown" (a new leader not yet heard from it) is not news, nor is a
+        state already told (the same change heard through the registry and through the
+        handlers' C{chunk_state} event, or "alive" again after a leader change).
         """
-        change = (old, new, self.clock.seconds())
-        if self._last_change.get(node_id) == change:
+        if new == "unknown" or self._told.get(node_id) == new:
             return
-        self._last_change[node_id] = change
+        previous = self._told.get(node_id)
+        self._told[node_id] = new
         if new == "dead":
             self.event("chunk_state", f"{node_id} died (no heartbeat)", level="error",
                        node=node_id, state=new, previous=old)
-        elif new == "alive" and old == "dead":
+        elif new == "alive" and previous == "dead":
             self.event("chunk_state", f"{node_id} is back", node=node_id, state=new, previous=old)
         elif new == "alive":
             self.event("chunk_state", f"{node_id} is alive", node=node_id, state=new, previous=old)

@@ -156,7 +156,9 @@
     hb.classList.toggle("age-old", c.state === "dead");
     var load = c.load || {};
     var put = load.put_bytes_s, get = load.get_bytes_s;
-    text(cell(tr, "load"), (put === undefined && get === undefined) ? "–" : fmtRate(put || 0) + " / " + fmtRate(get || 0));
+    // A dead server's last reported load is history, not load.
+    var noLoad = c.state !== "running" || (put === undefined && get === undefined);
+    text(cell(tr, "load"), noLoad ? "–" : fmtRate(put || 0) + " / " + fmtRate(get || 0));
     text(cell(tr, "domain"), c.domain || "–");
     text(cell(tr, "address"), c.address || "–");
   }
