@@ -22,7 +22,7 @@ from zope.interface import implementer
 from dogfs.client.api import DogFSClient, DogFSError
 from dogfs.config import load_client
 from dogfs.meta.commands import FileInfo
-from tests.test_datapath_process import BLOCK_SIZE, Cluster
+from tests.test_datapath_process import Cluster
 
 
 @implementer(IConsumer)
@@ -63,11 +63,7 @@ class ClientAPITests(TestCase):
     def setUp(self) -> None:
         self.cluster = Cluster()
         self.addCleanup(self.cluster.destroy)
-        self.cluster.up()
-        self.cluster.run("cluster", "stop", "meta-1")
-        self.cluster.set_block_size(BLOCK_SIZE)
-        self.cluster.run("cluster", "start", "meta-1")
-        self.cluster.wait_chunks_alive()
+        self.cluster.create()
         self.client = DogFSClient(reactor, load_client(os.path.join(self.cluster.home, "client.toml")), timeout=8)
         self.addCleanup(self.client.close)
 

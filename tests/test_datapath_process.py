@@ -55,22 +55,12 @@ class Cluster:
     def json(self, *args: str) -> Any:
         return json.loads(self.run("--json", *args).stdout)
 
-    def up(self) -> None:
-        self.run("cluster", "up", "--detach", "--meta", "1", "--chunk", "6")
+    def up(self, *extra: str) -> None:
+        self.run("cluster", "up", "--detach", *extra)
 
-    def set_block_size(self, size: int) -> None:
-        """Give the metadata node a small block size (a config change, then a restart)."""
-        path = os.path.join(self.home, "nodes", "meta-1", "meta.toml")
-        with open(path) as f:
-            text = f.read()
-        lines = [line for line in text.splitlines() if not line.startswith("block_size")]
-        out = []
-        for line in lines:
-            out.append(line)
-            if line.strip() == "[meta]":
-                out.append(f"block_size = {size}")
-        with open(path, "w") as f:
-            f.write("\n".join(out) + "\n")
+    def create(self, metas: int = 1) -> None:
+        """A new cluster with small blocks, so that files span several block groups."""
+        self.up("--meta", str(metas), "--chunk", "6", "--block-size", str(BLOCK_SIZE))
 
     def nodes(self) -> dict[str, dict[str, Any]]:
         return {n["id"]: n for n in self.json("cluster", "status")["nodes"]}
@@ -113,11 +103,7 @@ class DataPathTests(SynchronousTestCase):
         # Each test gets its own cluster: tests kill, corrupt and delete things.
         self.cluster = Cluster()
         self.addCleanup(self.cluster.destroy)
-        self.cluster.up()
-        self.cluster.run("cluster", "stop", "meta-1")
-        self.cluster.set_block_size(BLOCK_SIZE)
-        self.cluster.run("cluster", "start", "meta-1")
-        self.cluster.wait_chunks_alive()
+        self.cluster.create()
         self.files = {}
         for name, size, seed in [("empty", 0, 1), ("one", 1, 2), ("odd", (1 << 20) + 12345, 3),
                                  ("big", 20 * (1 << 20) + 7, 4)]:
@@ -131,12 +117,15 @@ class DataPathTests(SynchronousTestCase):
         self.assertEqual(sha256(out), sha256(local), f"{path} read back differently")
         os.unlink(out)
 
-    def test_01_round_trips(self) -> None:
-        """0 B, 1 B, just over 1 MiB and 20 MiB files read back with identical SHA-256."""
+    def test_01_round_trips_placement_ls_rm(self) -> None:
+        """0 B, 1 B, just over 1 MiB and 20 MiB files read back with identical SHA-256; stat
+        shows k+m shards per block group on k+m different chunk servers; ls lists; rm removes."""
         for path, local in self.files.items():
             self.assert_reads_back(path, local)
+        self.check_placement()
+        self.check_ls_and_rm()
 
-    def test_02_stat_shows_placement(self) -> None:
+    def check_placement(self) -> None:
         """Every block group has k+m shards, indexed 0..5, on k+m different chunk servers."""
         info = self.cluster.json("stat", "/big")
         self.assertEqual((info["path"], info["type"], info["ec"]), ("/big", "file", "RS-4-2"))
@@ -153,7 +142,7 @@ class DataPathTests(SynchronousTestCase):
             for s in shards:
                 self.assertTrue(os.path.exists(self.cluster.shard_file(s["chunk_server"], s["shard_id"])))
 
-    def test_03_ls_and_rm(self) -> None:
+    def check_ls_and_rm(self) -> None:
         """ls lists the files; rm removes one, after which get says it does not exist (exit 3)."""
         listing = self.cluster.json("ls", "/")
         self.assertTrue({"empty", "one", "odd", "big"} <= {e["name"] for e in listing["entries"]})
@@ -191,7 +180,13 @@ class DataPathTests(SynchronousTestCase):
         self.assertIn("127.0.0.1:9", unreachable.stderr)
         self.assertLess(time.monotonic() - started, 3 + 5)  # the timeout plus interpreter start-up
 
-    def test_05_corrupted_shard(self) -> None:
+    def test_05_corrupted_and_deleted_shards(self) -> None:
+        """A flipped byte in a data shard is caught by its checksum, and m shard files of every
+        block group deleted by hand still let the file be rebuilt."""
+        self.check_corrupted_shard()
+        self.check_deleted_shards()
+
+    def check_corrupted_shard(self) -> None:
         """A flipped byte in a data shard is caught by its checksum; the read is still right."""
         shard = self.cluster.json("stat", "/odd")["block_groups"][0]["shards"][0]
         path = self.cluster.shard_file(shard["chunk_server"], shard["shard_id"])
@@ -204,7 +199,7 @@ class DataPathTests(SynchronousTestCase):
             f.write(bytes([byte[0] ^ 0x10]))
         self.assert_reads_back("/odd", self.files["/odd"])
 
-    def test_06_deleted_shards(self) -> None:
+    def check_deleted_shards(self) -> None:
         """Deleting m shard files of every block group by hand still lets the file be rebuilt."""
         local = self.cluster.local("deleted", 9 * (1 << 20) + 3, 11)
         self.cluster.run("put", local, "/deleted")

@@ -113,6 +113,13 @@ def register(subparsers: Any) -> None:
         help=f"default erasure-coding policy of a new cluster (default {DEFAULT_EC})",
     )
     up.add_argument(
+        "--block-size",
+        type=_size,
+        default=None,
+        metavar="BYTES",
+        help="bytes of each shard of a block group in a new cluster, e.g. 64MiB (default 64MiB)",
+    )
+    up.add_argument(
         "--detach",
         action="store_true",
         help="return once the cluster serves, leaving the daemons running",
@@ -492,6 +499,21 @@ def _new_spec(args: argparse.Namespace) -> ClusterSpec:
     return layout.new_spec(metas, chunks, policy.name, tls, args.base_port)
 
 
+def _size(text: str) -> int:
+    """A size in bytes, with an optional KiB/MiB/GiB suffix (argparse type)."""
+    units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    lowered = text.strip().lower()
+    for suffix, factor in sorted(units.items(), key=lambda kv: -len(kv[0])):
+        if lowered.endswith(suffix):
+            number, scale = lowered[: -len(suffix)], factor
+            break
+    else:
+        number, scale = lowered, 1
+    if not number.isdigit() or int(number) * scale <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 1048576 or 64MiB")
+    return int(number) * scale
+
+
 def daemons_serve_tls() -> bool:
     """Whether both twistd plugins honour a config's [tls] table.
 
@@ -512,7 +534,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     spec = layout.load_spec(home)
     if spec is None:
         spec = _new_spec(args)
-        layout.write_cluster(home, spec)
+        layout.write_cluster(home, spec, block_size=args.block_size)
         _say(
             f"created a cluster in {home}: {len(spec.metas)} metadata node(s), "
             f"{len(spec.chunks)} chunk servers, {spec.ec}"

@@ -247,7 +247,9 @@ def _tls_table(home: str, node: NodeSpec) -> dict[str, str]:
     return {"ca": "../../ca/ca.pem", "cert": "tls/cert.pem", "key": "tls/key.pem"}
 
 
-def write_cluster(home: str, spec: ClusterSpec, timeout: float = 30.0) -> None:
+def write_cluster(
+    home: str, spec: ClusterSpec, timeout: float = 30.0, block_size: int | None = None
+) -> None:
     """Create a new cluster's files: cluster.toml, node configs, TLS material, client.toml."""
     os.makedirs(home, exist_ok=True)
     peers = {m.id: m.address for m in spec.metas}
@@ -267,7 +269,8 @@ def write_cluster(home: str, spec: ClusterSpec, timeout: float = 30.0) -> None:
                     "http_address": node.http_address,
                     "default_ec": spec.ec,
                     "log_format": "text",
-                },
+                }
+                | ({"block_size": block_size} if block_size else {}),
                 "raft": {"peers": peers, "http_peers": http_peers},
             }
         else:
