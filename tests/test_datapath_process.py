@@ -117,7 +117,7 @@ class DataPathTests(SynchronousTestCase):
         self.assertEqual(sha256(out), sha256(local), f"{path} read back differently")
         os.unlink(out)
 
-    def test_01_round_trips_placement_ls_rm(self) -> None:
+    def test_1_round_trips_placement_ls_rm(self) -> None:
         """0 B, 1 B, just over 1 MiB and 20 MiB files read back with identical SHA-256; stat
         shows k+m shards per block group on k+m different chunk servers; ls lists; rm removes."""
         for path, local in self.files.items():
@@ -154,7 +154,7 @@ class DataPathTests(SynchronousTestCase):
         self.assertEqual(result.returncode, 3)
         self.assertIn("/victim", result.stderr)
 
-    def test_04_bad_requests(self) -> None:
+    def test_2_bad_requests(self) -> None:
         """Missing path, put under a file, unknown --ec, unreachable cluster: clear errors, nothing changed."""
         before = self.cluster.json("ls", "/")
         missing = self.cluster.run("get", "/nope", os.path.join(self.cluster.work, "n"), check=False)
@@ -180,7 +180,7 @@ class DataPathTests(SynchronousTestCase):
         self.assertIn("127.0.0.1:9", unreachable.stderr)
         self.assertLess(time.monotonic() - started, 3 + 5)  # the timeout plus interpreter start-up
 
-    def test_05_corrupted_and_deleted_shards(self) -> None:
+    def test_3_corrupted_and_deleted_shards(self) -> None:
         """A flipped byte in a data shard is caught by its checksum, and m shard files of every
         block group deleted by hand still let the file be rebuilt."""
         self.check_corrupted_shard()
@@ -209,7 +209,7 @@ class DataPathTests(SynchronousTestCase):
                 os.unlink(self.cluster.shard_file(shard["chunk_server"], shard["shard_id"]))
         self.assert_reads_back("/deleted", local)
 
-    def test_07_killed_chunk_servers(self) -> None:
+    def test_4_killed_chunk_servers(self) -> None:
         """With any m servers killed, reads work; with m+1 they fail in time, leaving no file; restarts heal."""
         first = self.cluster.json("stat", "/big")["block_groups"][0]["shards"]
         victims = [first[0]["chunk_server"], first[1]["chunk_server"]]  # two data shards: decoding needed
@@ -233,7 +233,7 @@ class DataPathTests(SynchronousTestCase):
         for path, local in self.files.items():
             self.assert_reads_back(path, local)
 
-    def test_08_full_restart_keeps_files(self) -> None:
+    def test_5_full_restart_keeps_files(self) -> None:
         """cluster down then cluster up on the same home keeps every file."""
         self.cluster.run("cluster", "down")
         self.cluster.up()
