@@ -697,7 +697,6 @@ class RaftNode:
         self._votes: dict[str, bool] = {}
         self._progress: dict[str, _Progress] = {}
         self._transferee: str | None = None
-        self._transfer_elapsed = 0
         self._pending_conf_index = 0
         self._read_seq = 0
         self._reads: deque[_PendingRead] = deque()
@@ -886,7 +885,6 @@ class RaftNode:
         if self._transferee == target:
             return None
         self._transferee = target
-        self._transfer_elapsed = 0
         # Count the abort timeout from now.
         self._election_elapsed = 0
         pr = self._progress[target]
