@@ -206,6 +206,8 @@ class Simulation:
         self.clients = [_SimClient(f"c{i}") for i in range(1, r.choice([3, 4, 6]) + 1)]
         self.history: list[dict[str, Any]] = []
         self.blocked: set[tuple[str, str]] = set()
+        # Bumped at every new partition, so that a scheduled heal ends only its own partition.
+        self.partition_gen = 0
         self.leaders: dict[int, str] = {}
         self.committed: dict[int, tuple[int, int, bytes]] = {}
         self.max_committed = 0
@@ -616,7 +618,8 @@ class Simulation:
                     self.blocked.add((node.id, y))
                     self.blocked.add((y, node.id))
             self._log(f"PARTITION isolate new leader {node.id}")
-            self._at(self.now + self.rng.randint(3, 40), self._unpartition)
+            self.partition_gen += 1
+            self._at(self.now + self.rng.randint(3, 40), self._unpartition, self.partition_gen)
         else:
             self._crash_for(node, node.incarnation)
         # An election storm: once the followers' leases ran out, several campaign at once.
@@ -631,8 +634,8 @@ class Simulation:
             node.raft.campaign()
             self._pump(node)
 
-    def _unpartition(self) -> None:
-        if self.blocked:
+    def _unpartition(self, gen: int) -> None:
+        if self.blocked and gen == self.partition_gen:
             self.blocked.clear()
             self._log("partition healed")
 
@@ -686,6 +689,7 @@ class Simulation:
         kind = r.choice(["halves", "isolate", "partial"])
         ids = list(ids)
         r.shuffle(ids)
+        self.partition_gen += 1
         if kind == "halves":
             cut = r.randint(1, len(ids) - 1)
             a, b = ids[:cut], ids[cut:]
