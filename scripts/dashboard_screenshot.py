@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from twisted.internet.task import react
+from twisted.internet.task import deferLater, react
 
 from dogfs.web.chromium import Chromium, dashboard_url
 from dogfs.web.fake import FakeClusterSource
@@ -130,10 +130,12 @@ async def shoot(
     wait_dead: int = 1,
     timeout: float = 60.0,
     min_points: int = 8,
+    settle: float = 3.0,
 ) -> None:
     """Open C{url}, wait for a live page with its nodes (and dead ones), save a PNG.
 
-    C{min_points} throughput samples are waited for too, so the chart is not empty.
+    C{min_points} throughput samples are waited for too, so the chart is not empty, and
+    C{settle} seconds more for the event log.
     """
     browser = await Chromium.launch(reactor, ignore_certificate_errors=True)
     try:
@@ -151,6 +153,9 @@ async def shoot(
             )
         await page.wait_for("window.dogfsDashboard.model.points.length", timeout,
                             check=lambda n: isinstance(n, int) and n >= min_points)
+        # The registry's sweep announces a death a moment after a status first shows it:
+        # give the event log the time to catch up.
+        await deferLater(reactor, settle, lambda: None)
         png = await page.screenshot(width=width)
     finally:
         await browser.close()

@@ -264,7 +264,7 @@ class ScreenshotScriptTests(TestCase):
         site.feed.set_allowed_origins(dashboard_origins([address]))
         output = Path(self.mktemp()) / "dashboard.png"
         await script.shoot(reactor, f"http://{address}/", output, width=1200, timeout=15.0,
-                           min_points=0)
+                           min_points=0, settle=0)
         png = output.read_bytes()
         self.assertEqual(png[:8], b"\x89PNG\r\n\x1a\n")
         width, height = struct.unpack(">II", png[16:24])
