@@ -29,12 +29,12 @@ class CleanRunTests(SynchronousTestCase):
             self.assertIsNotNone(res.ticks_to_leader)
 
     def test_three_nodes(self) -> None:
-        """Twelve seeded runs of a three-node group under faults find no violation."""
-        self.assertClean(3, 7000, 12)
+        """Thirty seeded runs of a three-node group under faults find no violation."""
+        self.assertClean(3, 7000, 30)
 
     def test_five_nodes(self) -> None:
-        """Six seeded runs of a five-node group under faults find no violation."""
-        self.assertClean(5, 8000, 6)
+        """Twelve seeded runs of a five-node group under faults find no violation."""
+        self.assertClean(5, 8000, 12)
 
 
 class PlantedBugTests(SynchronousTestCase):

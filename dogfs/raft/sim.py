@@ -216,6 +216,15 @@ class Simulation:
         self.member_node: str | None = None
         self.member_cycles = 0
         self.leader_seen_at: int | None = None
+        o = self.options
+        self._log(
+            f"seed {seed}: {nodes} nodes, {len(self.clients)} clients, drop={self.drop} "
+            f"dup={self.dup} delay<={self.max_delay} crash={self.crash_rate} "
+            f"partition={self.partition_rate} transfer={self.transfer_rate} "
+            f"membership={self.member_rate} slow-disk={self.slow_rate} nemesis={self.nemesis} "
+            f"batch={o.max_entries_per_msg} window={o.max_inflight} "
+            f"chunk={o.snapshot_chunk_bytes} bug={bug}"
+        )
 
     # -- plumbing -----------------------------------------------------------------------------
 
@@ -543,6 +552,7 @@ class Simulation:
         )
         if not c.target or r.random() < 0.2:
             c.target = r.choice(sorted(self.nodes))
+        self._log(f"{c.id} invokes {op} (seq {c.seq}) at {c.target}")
         self._client_send(c)
 
     def _client_send(self, c: _SimClient) -> None:
