@@ -8,12 +8,21 @@ forks after makeService.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from twisted.application.service import IService
 from twisted.python import usage
 
 from dogfs.config import ConfigError, load_meta
+
+#: This plugin honours a config's [tls] table: mutual TLS on its listener and its outgoing
+#: connections, authorization by role (see docs/security.md). `dogfs cluster up` reads this.
+SERVES_TLS = True
+
+
+# The metadata node serves the dashboard, feed, /metrics and /healthz on [meta] http.
+SERVES_DASHBOARD = True
 
 
 class Options(usage.Options):
@@ -41,13 +50,28 @@ def makeService(options: Options) -> IService:
 
     from dogfs.meta.service import MetaService
     from dogfs.plugins.common import server_endpoint
+    from dogfs.security.daemon import DaemonSecurity, secure_meta_handlers
     from dogfs.wire.pool import ConnectionFactory
 
     config = options["parsed"]
+    service: Any = None
+    try:
+        # TLS: reads the certificate files now, so a bad [tls] stops the start with a sentence.
+        security = DaemonSecurity(
+            reactor, config.tls, config.id, config.address,
+            source=lambda: service.state.revocations(),
+        )
+    except Exception as e:
+        # Raised here, twistd would print a traceback: say it in one sentence instead.
+        print(f"dogfs-meta: {options['config']}: [tls] files are not usable: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
     def listen(handlers: Any) -> Any:
-        factory = ConnectionFactory(reactor, handlers.handlers(), node_id=config.id)
-        return server_endpoint(reactor, config.listen, config.tls).listen(factory)
+        factory = ConnectionFactory(
+            reactor, secure_meta_handlers(handlers, security), node_id=config.id,
+            on_handshake=security.on_handshake,
+        )
+        return server_endpoint(reactor, config.listen, security.server).listen(factory)
 
     def make_log(state: Any) -> Any:
         # Several peers: the namespace lives behind Raft; peers are dialled like any node.
@@ -58,6 +82,8 @@ def makeService(options: Options) -> IService:
 
     from dogfs.meta.raftlog import raft_mode
 
-    return MetaService(
+    service = MetaService(
         reactor, config, listen=listen, make_log=make_log if raft_mode(config) else None
     )
+    security.setServiceParent(service)
+    return service
