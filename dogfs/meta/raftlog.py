@@ -166,6 +166,11 @@ class NamespaceMachine:
         return self.state.applied_index
 
 
+def _cancel(call: Any) -> None:
+    if call.active():
+        call.cancel()
+
+
 def _majority(n: int) -> int:
     return n // 2 + 1
 
@@ -190,6 +195,8 @@ class RaftCommandLog:
         http_address: str = "",
         last_contact: Callable[[str], float | None] = lambda peer: None,
         contact_window: float = 2.0,
+        read_retry: float = 1.0,
+        read_timeout: float = 5.0,
     ) -> None:
         self.driver = driver
         self.machine = machine
@@ -200,6 +207,8 @@ class RaftCommandLog:
         self.http_address = http_address
         self.last_contact = last_contact
         self.contact_window = contact_window
+        self.read_retry = read_retry
+        self.read_timeout = read_timeout
         #: Called with True/False when this member gains or loses leadership.
         self.on_leadership: list[Callable[[bool], None]] = []
         self._leading = False
@@ -231,10 +240,45 @@ class RaftCommandLog:
         return d
 
     def read_barrier(self) -> defer.Deferred[None]:
-        """ReadIndex: fires once the local state holds every write acknowledged before."""
-        d = self.driver.read_index()
-        d.addErrback(self._wire_error)
-        return d
+        """ReadIndex: fires once the local state holds every write acknowledged before.
+
+        A follower forwards the request to the leader it knows; if that leader died, no answer
+        comes, so the request is made again every ``read_retry`` seconds (to whoever leads
+        by then) until ``read_timeout`` has passed.
+        """
+        result: defer.Deferred[None] = defer.Deferred()
+        deadline = self.clock.seconds() + self.read_timeout
+
+        def attempt() -> None:
+            d = self.driver.read_index()
+            timer = self.clock.callLater(self.read_retry, again)
+
+            def done(_: object) -> None:
+                if not result.called:
+                    _cancel(timer)
+                    result.callback(None)
+
+            def failed(failure: Failure) -> None:
+                if not result.called:
+                    _cancel(timer)
+                    result.errback(self._wire_error(failure))
+
+            d.addCallbacks(done, failed)
+
+        def again() -> None:
+            if result.called:
+                return
+            if self.clock.seconds() >= deadline:
+                seen, total = self.reachable()
+                if seen < _majority(total):
+                    result.errback(self.no_quorum("read index timed out"))
+                else:
+                    result.errback(WireError("timeout", "the metadata group did not confirm a read in time"))
+                return
+            attempt()
+
+        attempt()
+        return result
 
     def members(self) -> list[dict[str, Any]]:
         """Every member as this one sees it: its own live view, the rest from the config."""
@@ -372,7 +416,53 @@ class RaftCommandLog:
             return self.member_query(msg.op, dict(msg.args))
 
         table[m.MetaQuery] = query
+        plain_command = handlers.command
+
+        def command(request: Any) -> Any:
+            needed = self._allocation_width(handlers, request)
+            if needed is None or not self._awaiting_chunk_servers(handlers, needed):
+                return plain_command(request)
+            return defer.Deferred.fromCoroutine(self._allocate_when_heard(handlers, request, plain_command, needed))
+
+        table[m.MetaCommand] = command
         return table
+
+    # A new leader knows no chunk server as alive until it hears its heartbeat (soft state).
+    # An allocation in that window waits for them, up to this long, rather than fail.
+    ALLOCATION_WAIT = 5.0
+
+    def _allocation_width(self, handlers: Any, request: Any) -> int | None:
+        """Shards an allocation needs, if the request is one made while this member leads."""
+        if not self.driver.is_leader:
+            return None
+        try:
+            command = c.decode_command(bytes(request.payload))
+        except ValueError:
+            return None
+        if not isinstance(command, c.Allocate):
+            return None
+        from dogfs.codec.policy import ECPolicy
+
+        try:
+            ec = command.ec or handlers._inherited_policy(command.path)
+            return ECPolicy.parse(ec).width
+        except Exception:
+            return None
+
+    def _awaiting_chunk_servers(self, handlers: Any, needed: int) -> bool:
+        from dogfs.meta.registry import ALIVE, UNKNOWN
+
+        states = [v.state for v in handlers.registry.view()]
+        alive = states.count(ALIVE)
+        return alive < needed and alive + states.count(UNKNOWN) >= needed
+
+    async def _allocate_when_heard(self, handlers: Any, request: Any, plain: Any, needed: int) -> Any:
+        from dogfs.client.api import sleep
+
+        deadline = self.clock.seconds() + self.ALLOCATION_WAIT
+        while self.clock.seconds() < deadline and self._awaiting_chunk_servers(handlers, needed):
+            await sleep(self.clock, 0.02)
+        return await defer.maybeDeferred(plain, request)
 
     def member_query(self, op: str, args: dict[str, Any]) -> defer.Deferred[Any]:
         """Serve a membership query: ``member_add_learner`` {id, address, http_address},
@@ -535,6 +625,7 @@ def build_raft_log(
         driver, machine, clock=reactor, node_id=config.id, address=config.address,
         http_address=config.http_address, last_contact=transport.last_contact,
         contact_window=max(1.0, config.tick_interval * election * 2),
+        read_retry=max(0.2, config.tick_interval * election), read_timeout=operation_timeout,
     )
     raft_log.transport = transport
     service = MultiService()
