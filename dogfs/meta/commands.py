@@ -251,6 +251,24 @@ class RemoveChunkServer:
     force: bool = False
 
 
+@frozen
+class Revoke:
+    """Revoke an identity: every certificate named C{name}, or with C{serial} only the one
+    certificate with that serial number (decimal digits: serials are 159-bit numbers, beyond
+    msgpack's integers). Daemons refuse revoked identities' connections. Result: L{Ok}."""
+
+    name: str
+    serial: str | None = None
+
+
+@frozen
+class Reinstate:
+    """Undo L{Revoke} for C{name} (and, with C{serial}, for that serial only). Result: L{Ok}."""
+
+    name: str
+    serial: str | None = None
+
+
 Command = Union[
     Sessioned,
     Mkdir,
@@ -264,6 +282,8 @@ Command = Union[
     MoveShard,
     DrainChunkServer,
     RemoveChunkServer,
+    Revoke,
+    Reinstate,
 ]
 
 
@@ -545,6 +565,8 @@ _SCHEMAS: dict[int, tuple[type, tuple[_Check, ...]]] = {
     10: (Sessioned, (_str, _int, _plain_command)),
     11: (DrainChunkServer, (_str, _bool)),
     12: (RemoveChunkServer, (_str, _bool)),
+    13: (Revoke, (_str, _opt(_str))),
+    14: (Reinstate, (_str, _opt(_str))),
     64: (Ok, ()),
     65: (Count, (_int,)),
     66: (MetaError, (_code, _str)),

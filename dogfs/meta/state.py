@@ -67,9 +67,11 @@ from dogfs.meta.commands import (
     MoveShard,
     Ok,
     RegisterChunkServer,
+    Reinstate,
     RemoveChunkServer,
     Rename,
     Result,
+    Revoke,
     Sessioned,
     SetDefaultPolicy,
     ShardLocation,
@@ -112,6 +114,7 @@ _NEXT_BG = b"next_bg"
 _DEFAULT_EC = b"default_ec"
 _STATS = b"stats"
 _FORMAT = b"format"
+_REVOKED = b"revoked"
 _FORMAT_VERSION = 1
 
 _DUMP_MAGIC = "dogfs-meta-dump"
@@ -821,6 +824,12 @@ class NamespaceState:
         with self._read() as txn:
             return _Ctx(txn, self._dbs).default_ec()
 
+    def revocations(self) -> tuple[frozenset[str], frozenset[int]]:
+        """The revoked identity names and certificate serial numbers (see L{Revoke})."""
+        with self._read() as txn:
+            names, serials = _revoked(_Ctx(txn, self._dbs))
+            return frozenset(names), frozenset(int(s) for s in serials)
+
     def shard_status(self, shard_ids: Iterable[str], node_id: str) -> dict[str, str]:
         """Classify shards that C{node_id} reports holding.
 
@@ -1269,6 +1278,58 @@ def _move_shard(ctx: _Ctx, index: int, cmd: MoveShard) -> Ok:
     return Ok()
 
 
+def _revoked(ctx: _Ctx) -> tuple[builtins.list[str], dict[str, str]]:
+    """The revocation list: names, and serial (decimal) -> the name it was revoked under."""
+    raw = ctx.txn.get(_REVOKED, db=ctx.meta)
+    if raw is None:
+        return [], {}
+    names, serials = _unpack(raw)
+    return list(names), {serial: name for serial, name in serials}
+
+
+def _put_revoked(ctx: _Ctx, names: Iterable[str], serials: dict[str, str]) -> None:
+    # Sorted, so every replica writes the same bytes whatever the order of commands.
+    ctx.txn.put(
+        _REVOKED,
+        _pack([sorted(set(names)), sorted([s, n] for s, n in serials.items())]),
+        db=ctx.meta,
+    )
+
+
+def _check_serial(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.isascii() or not value.isdigit() or len(value) > 60:
+        raise _Abort(ErrorCode.INVALID_ARGUMENT, f"Serial {value!r} is not a decimal number.")
+    return str(int(value))
+
+
+def _revoke(ctx: _Ctx, index: int, cmd: Revoke) -> Ok:
+    name = _check_text(cmd.name, "Identity")
+    serial = _check_serial(cmd.serial)
+    names, serials = _revoked(ctx)
+    if serial is None:
+        names.append(name)
+    else:
+        serials[serial] = name
+    _put_revoked(ctx, names, serials)
+    return Ok()
+
+
+def _reinstate(ctx: _Ctx, index: int, cmd: Reinstate) -> Ok:
+    name = _check_text(cmd.name, "Identity")
+    serial = _check_serial(cmd.serial)
+    names, serials = _revoked(ctx)
+    if serial is None:
+        # The whole identity comes back: its name and every serial revoked under it.
+        names = [n for n in names if n != name]
+        serials = {s: n for s, n in serials.items() if n != name}
+    else:
+        serials.pop(serial, None)
+    _put_revoked(ctx, names, serials)
+    return Ok()
+
+
 _HANDLERS: dict[type, Any] = {
     Mkdir: _mkdir,
     SetDefaultPolicy: _set_default,
@@ -1281,6 +1342,8 @@ _HANDLERS: dict[type, Any] = {
     MoveShard: _move_shard,
     DrainChunkServer: _drain,
     RemoveChunkServer: _remove_server,
+    Revoke: _revoke,
+    Reinstate: _reinstate,
 }
 
 __all__ = ["NamespaceState", "RaftStateMachine", "ROOT", "MAX_SESSIONS"]

@@ -1,26 +1,93 @@
-# -*- test-case-name: tests.test_meta_process -*-
-"""Endpoints for the daemons, in one place: plaintext now, TLS when the config has [tls].
+# -*- test-case-name: tests.test_security_plugins -*-
+"""Endpoints for the daemons, in one place: mutual TLS when the config has [tls], else plaintext.
 
 Every listen address is a Twisted endpoint string and every peer a "host:port"; this module
-turns them into endpoints so the daemons never build sockets themselves.
+turns them into endpoints so the daemons never build sockets themselves. With a ``[tls]``
+table the listener requires a client certificate from the cluster CA (``ServerTLS``) and the
+outgoing connections present the daemon's own certificate (``ClientTLS``); without one, the
+daemon says at every start that it runs in plaintext.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet import endpoints
 from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.logger import Logger
 
-from dogfs.wire.pool import EndpointMaker, tcp_endpoints
+from dogfs.config import TLSFiles
+from dogfs.security.tls import (
+    ClientTLS,
+    RevocationSet,
+    ServerTLS,
+    TLSConfig,
+    endpoint_maker,
+)
+from dogfs.security.tls import server_endpoint as _tls_server_endpoint
+from dogfs.wire.pool import EndpointMaker
+
+log = Logger()
+
+__all__ = [
+    "client_endpoints",
+    "client_tls",
+    "server_endpoint",
+    "server_tls",
+    "tls_config",
+    "warn_plaintext",
+]
 
 
-def server_endpoint(reactor: Any, listen: str, tls: Any = None) -> IStreamServerEndpoint:
-    """The endpoint a daemon listens on for the DogFS protocol."""
-    endpoint: IStreamServerEndpoint = endpoints.serverFromString(reactor, listen)
-    return endpoint
+def tls_config(tls: TLSFiles | TLSConfig) -> TLSConfig:
+    """The security library's view of a config's ``[tls]`` files."""
+    if isinstance(tls, TLSConfig):
+        return tls
+    return TLSConfig(ca_cert=tls.ca, cert=tls.cert, key=tls.key)
 
 
-def client_endpoints(reactor: Any, tls: Any = None, timeout: float = 5.0) -> EndpointMaker:
-    """How a daemon or client dials "host:port" peers."""
-    return tcp_endpoints(reactor, timeout=timeout)
+def server_tls(tls: TLSFiles | None, revocations: RevocationSet | None = None) -> ServerTLS | None:
+    """The server side of TLS for a daemon's ``[tls]`` files, or None for plaintext.
+
+    Raises (OSError, ValueError, OpenSSL errors) when the files are missing or do not belong
+    together: a daemon must not start without the TLS it was configured for.
+    """
+    if tls is None:
+        return None
+    return ServerTLS(tls_config(tls), revocations=revocations)
+
+
+def client_tls(tls: TLSFiles | TLSConfig | ClientTLS | None) -> ClientTLS | None:
+    """The client side of TLS (our certificate, the cluster CA), or None for plaintext."""
+    if tls is None or isinstance(tls, ClientTLS):
+        return tls
+    return ClientTLS(tls_config(tls))
+
+
+def server_endpoint(
+    reactor: Any, listen: str, tls: ServerTLS | TLSFiles | None = None
+) -> IStreamServerEndpoint:
+    """The endpoint a daemon listens on for the DogFS protocol.
+
+    Pass the daemon's ``ServerTLS`` (so that revocation and SIGHUP reloads reach it), or its
+    ``TLSFiles`` (a fresh ServerTLS is made), or None for plaintext.
+    """
+    server = tls if isinstance(tls, ServerTLS) or tls is None else server_tls(tls)
+    return _tls_server_endpoint(reactor, listen, server)
+
+
+def client_endpoints(
+    reactor: Any, tls: TLSFiles | TLSConfig | ClientTLS | None = None, timeout: float = 5.0
+) -> EndpointMaker:
+    """How a daemon or client dials "host:port" peers: TLS with our certificate when given."""
+    return endpoint_maker(reactor, client_tls(tls), timeout=timeout)
+
+
+def warn_plaintext(what: str, address: str, tls: object) -> None:
+    """Log, at every start of a daemon without ``[tls]``, what that exposes."""
+    if tls is None:
+        log.warn(
+            "plaintext: anyone who can reach {address} can read and change data ({what} runs "
+            "without a [tls] table: no authentication, no encryption)",
+            address=address,
+            what=what,
+        )

@@ -78,7 +78,7 @@ def makeService(options: Options) -> IService:
         from dogfs.meta.raftlog import build_raft_log
         from dogfs.plugins.common import client_endpoints
 
-        return build_raft_log(reactor, config, state, client_endpoints(reactor, config.tls))
+        return build_raft_log(reactor, config, state, client_endpoints(reactor, security.client))
 
     from dogfs.meta.raftlog import raft_mode
 

@@ -221,10 +221,15 @@ class Heartbeat:
 @message(21)
 @frozen
 class HeartbeatReply:
-    """Sent back to a heartbeat: who leads, and whether a full shard report is wanted."""
+    """Sent back to a heartbeat: who leads, and whether a full shard report is wanted.
+
+    `revoked` is the cluster's revocation list (identity names, and ``serial:N`` for single
+    certificates), so chunk servers refuse and cut the same identities as the metadata.
+    """
 
     leader_hint: str | None = None
     want_report: bool = False
+    revoked: tuple[str, ...] = field(default=(), converter=_tuple)
 
 
 @message(22)

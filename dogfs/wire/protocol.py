@@ -40,6 +40,13 @@ RECV_BUFFER = 1 << 20
 SEND_LIMIT = 4 << 20
 # Frames an inbound stream may queue before we stop reading the socket.
 INBOUND_QUEUE_FRAMES = 8
+# Hostile peers (docs/security.md): a frame begun must be complete within FRAME_TIMEOUT
+# seconds (a trickling peer holds a buffer and a socket), a connection with nothing in flight
+# is closed after IDLE_TIMEOUT seconds, and the payload bytes held for requests not yet
+# answered are bounded by MAX_BUFFERED: past it the connection stops reading its socket.
+FRAME_TIMEOUT = 30.0
+IDLE_TIMEOUT = 600.0
+MAX_BUFFERED = 64 << 20
 
 
 class WireError(Exception):
@@ -102,6 +109,8 @@ class Request:
             return defer.fail(self._failed)
         if self._parts:
             part = self._parts.popleft()
+            if part is not None:
+                self.connection._release(len(part[1]))
             if self._reading_paused and len(self._parts) < INBOUND_QUEUE_FRAMES // 2:
                 self._reading_paused = False
                 self.connection._resume_reading()
@@ -123,6 +132,8 @@ class Request:
             waiting, self._waiting = self._waiting, None
             waiting.callback(part)
             return
+        if part is not None:
+            self.connection._hold(len(part[1]))
         self._parts.append(part)
         if not self._reading_paused and len(self._parts) >= INBOUND_QUEUE_FRAMES:
             self._reading_paused = True
@@ -130,6 +141,7 @@ class Request:
 
     def _fail(self, error: WireError) -> None:
         self._failed = error
+        self.connection._release(sum(len(p[1]) for p in self._parts if p is not None))
         self._parts.clear()
         if self._reading_paused:
             self._reading_paused = False
@@ -208,6 +220,9 @@ class Connection(Protocol):
         limits: FrameLimits = FrameLimits(),
         max_inflight: int = 1024,
         default_timeout: float | None = None,
+        frame_timeout: float | None = FRAME_TIMEOUT,
+        idle_timeout: float | None = IDLE_TIMEOUT,
+        max_buffered: int = MAX_BUFFERED,
     ) -> None:
         # zope interfaces confuse mypy's view of callLater's signature.
         self.clock: Any = clock
@@ -232,6 +247,16 @@ class Connection(Protocol):
         self._reading_pauses = 0
         self._lost = False
         self._closing_reason: str | None = None
+        # Hostile-input limits (see FRAME_TIMEOUT): requests not yet answered, the payload
+        # bytes they hold, and when a frame last completed.
+        self.frame_timeout = frame_timeout
+        self.idle_timeout = idle_timeout
+        self.max_buffered = max_buffered
+        self._serving = 0
+        self._buffered = 0
+        self._buffer_paused = False
+        self._last_frame = 0.0
+        self._watchdog: Any = None
 
     # --- Protocol --------------------------------------------------------------------
 
@@ -242,6 +267,8 @@ class Connection(Protocol):
         if hasattr(tcp, "SEND_LIMIT"):
             tcp.SEND_LIMIT = SEND_LIMIT
         self.transport.registerProducer(self, True)
+        self._last_frame = self.clock.seconds()
+        self._arm_watchdog()
         self._send(Hello(SUPPORTED_VERSIONS, "dogfs", self.node_id), b"", 0, Flags.NONE, version=1)
 
     def handshakeCompleted(self) -> None:
@@ -257,6 +284,8 @@ class Connection(Protocol):
         except FrameError as e:
             self.protocol_error("frame_error", str(e))
             return
+        if frames:
+            self._last_frame = self.clock.seconds()
         for frame in frames:
             try:
                 self._frame(frame.version, frame.flags, frame.type, frame.request_id,
@@ -270,7 +299,12 @@ class Connection(Protocol):
         if self._lost:
             return
         self._lost = True
-        error = ConnectionClosed(self._closing_reason or f"connection to {self.peer_description()} closed")
+        if self._watchdog is not None and self._watchdog.active():
+            self._watchdog.cancel()
+        self._watchdog = None
+        error = _tls_failure(reason, self.peer_description()) or ConnectionClosed(
+            self._closing_reason or f"connection to {self.peer_description()} closed"
+        )
         for request_id in list(self._pending):
             self._complete(request_id, failure=Failure(error))
         for request in self._inbound.values():
@@ -376,13 +410,13 @@ class Connection(Protocol):
         log.warn("closing connection to {peer}: {message}", peer=self.peer_description(), message=message)
         self._send(Error(code, message), b"", 0, Flags.ERROR)
         self._closing_reason = f"connection to {self.peer_description()} closed: {message}"
-        self.transport.loseConnection()
+        self._lose()
 
     def close(self) -> None:
         """Close the connection once queued data is written."""
         if self.is_open:
             self._closing_reason = f"connection to {self.peer_description()} closed locally"
-            self.transport.loseConnection()
+            self._lose()
 
     # --- internals -------------------------------------------------------------------
 
@@ -443,6 +477,63 @@ class Connection(Protocol):
         else:
             self.transport.write(prefix + header)
 
+    def _lose(self) -> None:
+        # Under TLS, loseConnection waits until no producer is registered before it sends
+        # close_notify: unregister first, or a closed connection would linger forever.
+        try:
+            self.transport.unregisterProducer()
+        except Exception:
+            pass
+        self.transport.loseConnection()
+
+    def _hold(self, size: int) -> None:
+        """Payload bytes now held for an unanswered request; stop reading past the limit."""
+        self._buffered += size
+        if not self._buffer_paused and self._buffered > self.max_buffered:
+            self._buffer_paused = True
+            self._pause_reading()
+
+    def _release(self, size: int) -> None:
+        """Held payload bytes let go; read again once under half the limit."""
+        self._buffered -= size
+        if self._buffer_paused and self._buffered <= self.max_buffered // 2:
+            self._buffer_paused = False
+            self._resume_reading()
+
+    def _arm_watchdog(self) -> None:
+        limits = [t for t in (self.frame_timeout, self.idle_timeout) if t is not None]
+        if limits and not self._lost:
+            # One timer per connection, checked at a fraction of the shortest limit: cheaper
+            # than re-arming a timer on every read.
+            self._watchdog = self.clock.callLater(min(limits) / 4, self._check_watchdog)
+
+    def _check_watchdog(self) -> None:
+        self._watchdog = None
+        if self._lost or self._closing_reason is not None:
+            return
+        quiet = self.clock.seconds() - self._last_frame
+        if self._reading_pauses:
+            # We stopped reading (flow control): the peer is not to blame for the silence.
+            self._last_frame = self.clock.seconds()
+        elif (
+            self.frame_timeout is not None and self._decoder.buffered and quiet > self.frame_timeout
+        ):
+            self.protocol_error(
+                "timeout", f"a frame begun was not completed within {self.frame_timeout:g}s"
+            )
+            return
+        elif (
+            self.idle_timeout is not None
+            and quiet > self.idle_timeout
+            and not self._pending
+            and not self._inbound
+            and not self._serving
+        ):
+            log.info("closing idle connection to {peer}", peer=self.peer_description())
+            self.close()
+            return
+        self._arm_watchdog()
+
     def _pause_reading(self) -> None:
         self._reading_pauses += 1
         if self._reading_pauses == 1 and not self._lost:
@@ -485,7 +576,7 @@ class Connection(Protocol):
                 self._closing_reason = (
                     f"{self.peer_description()} closed the connection: {getattr(error, 'message', '')}"
                 )
-                self.transport.loseConnection()
+                self._lose()
             return
         self._request(flags, type_, request_id, header, payload)
 
@@ -543,11 +634,13 @@ class Connection(Protocol):
                 self._inbound[request_id] = sink
             self._send(Error("unsupported", str(e)), b"", request_id, Flags.RESPONSE | Flags.ERROR)
             return
-        if len(self._inbound) + 1 > self.max_inflight:
+        if max(len(self._inbound), self._serving) + 1 > self.max_inflight:
             self.protocol_error("too_many_requests", f"more than {self.max_inflight} requests in flight")
             return
         handler = self.handlers.get(type(msg))
         request = Request(self, request_id, msg, payload, oneway, streamed)
+        self._serving += 1
+        self._hold(len(payload))
         if streamed:
             self._inbound[request_id] = request
         if handler is None:
@@ -557,6 +650,8 @@ class Connection(Protocol):
         d.addBoth(lambda result: self._answer(request, result))
 
     def _answer(self, request: Request, result: Any) -> None:
+        self._serving -= 1
+        self._release(len(request.payload))
         if request.streamed and self._inbound.get(request.request_id) is request:
             # Answered before the stream ended: discard its remaining frames as they come.
             request._fail(WireError("answered", "the request was already answered"))
@@ -578,3 +673,22 @@ class Connection(Protocol):
         else:
             reply = Reply(messages.Ok() if result is None else result)
         self._send(reply.msg, reply.payload, request.request_id, flags)
+
+
+def _tls_failure(reason: Any, peer: str) -> WireError | None:
+    """The error for a connection lost to a failed TLS handshake, or None if it was not.
+
+    A refusal of our certificate is ``permission_denied`` (retrying elsewhere will not help);
+    other TLS failures are ``tls_failed``. Neither is retried by clients.
+    """
+    value = getattr(reason, "value", None)
+    module = type(value).__module__.split(".")[0]
+    if not isinstance(value, BaseException) or module not in ("OpenSSL", "service_identity"):
+        return None
+    from dogfs.security.tls import describe_tls_failure
+
+    text = describe_tls_failure(value, peer)
+    if text is None:
+        return None
+    refused = "refused our" in text or "requires a client certificate" in text
+    return WireError("permission_denied" if refused else "tls_failed", text)

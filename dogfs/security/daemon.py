@@ -1,0 +1,235 @@
+# -*- test-case-name: tests.test_security_authz -*-
+"""The security of one running daemon: its TLS, its authorizer, its revocation list.
+
+What this module owns:
+
+- :class:`DaemonSecurity`: a Twisted service a daemon adds to its tree. Built from the
+  config's ``[tls]`` files (or None for plaintext), it holds the ``ServerTLS`` for the
+  listener, the ``ClientTLS`` for outgoing connections, the ``authorize`` callable and the
+  ``on_handshake`` callback that records each connection's identity. Started, it logs the
+  plaintext warning (without TLS) or reloads the certificates on SIGHUP (with TLS), and, given
+  a ``source`` of the revocation list, polls it and cuts connections newly revoked.
+- :func:`secure_meta_handlers`: the metadata node's handler table with authorization wired
+  in, the ``Revoke`` / ``Reinstate`` admin commands, the revocation list in every
+  ``HeartbeatReply`` and Raft messages restricted to nodes.
+- :func:`revoked_entries` / :func:`parse_revoked_entries`: the list as it travels in
+  ``HeartbeatReply.revoked`` (names, and ``serial:N``).
+
+Imports ``dogfs.meta`` lazily (only :func:`secure_meta_handlers` needs it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import attrs
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from dogfs.config import TLSFiles
+from dogfs.plugins.common import client_tls, server_tls, warn_plaintext
+from dogfs.security.authz import guard, make_authorizer, record_identity
+from dogfs.security.tls import RevocationSet, reload_on_sighup
+from dogfs.wire import messages as m
+from dogfs.wire.protocol import Handler, Reply, Request
+
+__all__ = [
+    "DaemonSecurity",
+    "REVOCATION_POLL",
+    "parse_revoked_entries",
+    "revoked_entries",
+    "secure_meta_handlers",
+]
+
+log = Logger()
+
+#: Seconds between two reads of the revocation list from the local metadata state: how long
+#: a revoked identity's open connections may outlive the commit of the revocation.
+REVOCATION_POLL = 0.25
+
+_SERIAL = "serial:"
+
+RevocationSource = Callable[[], tuple[Iterable[str], Iterable[int]]]
+
+
+def revoked_entries(names: Iterable[str], serials: Iterable[int]) -> tuple[str, ...]:
+    """The revocation list as ``HeartbeatReply.revoked`` carries it (sorted)."""
+    return tuple(sorted(names)) + tuple(f"{_SERIAL}{s}" for s in sorted(serials))
+
+
+def parse_revoked_entries(entries: Iterable[str]) -> tuple[frozenset[str], frozenset[int]]:
+    """Undo :func:`revoked_entries`; malformed serial entries are ignored."""
+    names: set[str] = set()
+    serials: set[int] = set()
+    for entry in entries:
+        if entry.startswith(_SERIAL):
+            digits = entry[len(_SERIAL):]
+            if digits.isascii() and digits.isdigit() and len(digits) <= 60:
+                serials.add(int(digits))
+        else:
+            names.add(entry)
+    return frozenset(names), frozenset(serials)
+
+
+class DaemonSecurity(Service):
+    """A daemon's TLS, authorization and revocation, as a service in its tree.
+
+    :param tls: the config's ``[tls]`` files, or None (plaintext: every request allowed, a
+        warning at every start).
+    :param what: the daemon's id for log lines (``meta-1``).
+    :param address: the address it serves, for the plaintext warning.
+    :param source: returns the current revocation list (names, serials); polled every
+        ``poll`` seconds while running. Chunk servers call :meth:`set_revocations` instead.
+    :raises OSError, ValueError, OpenSSL.SSL.Error: when the TLS files are unusable.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        tls: TLSFiles | None,
+        what: str,
+        address: str,
+        *,
+        source: RevocationSource | None = None,
+        poll: float = REVOCATION_POLL,
+    ) -> None:
+        self.reactor = reactor
+        self.tls_files = tls
+        self.what = what
+        self.address = address
+        self.revocations = RevocationSet()
+        self.server = server_tls(tls, self.revocations)
+        self.client = client_tls(tls)
+        self.authorize = make_authorizer(tls is not None, self.revocations)
+        self.on_handshake = record_identity(self.server)
+        self.source = source
+        self.poll = poll
+        self._undo_sighup: Callable[[], None] | None = None
+        self._poller: LoopingCall | None = None
+
+    @property
+    def tls_enabled(self) -> bool:
+        """Whether the daemon runs mutual TLS."""
+        return self.server is not None
+
+    def startService(self) -> None:
+        """Warn about plaintext, or reload certificates on SIGHUP; start polling revocations."""
+        super().startService()
+        warn_plaintext(self.what, self.address, self.tls_files)
+        if self.server is not None and self.client is not None:
+            self._undo_sighup = reload_on_sighup(self.reactor, [self.server, self.client])
+        if self.source is not None:
+            self._poller = LoopingCall(self.refresh)
+            self._poller.clock = self.reactor
+            self._poller.start(self.poll, now=True).addErrback(
+                lambda f: log.failure("revocation polling stopped", f)
+            )
+
+    def stopService(self) -> defer.Deferred[None] | None:
+        """Stop polling and restore the previous SIGHUP handler."""
+        if self._poller is not None and self._poller.running:
+            self._poller.stop()
+        self._poller = None
+        if self._undo_sighup is not None:
+            self._undo_sighup()
+            self._undo_sighup = None
+        return super().stopService()  # type: ignore[no-any-return]
+
+    def refresh(self) -> None:
+        """Read the revocation list from ``source`` and enforce it (no error if unreadable)."""
+        if self.source is None:
+            return
+        try:
+            names, serials = self.source()
+        except RuntimeError:
+            return  # the state is closed (stopping): nothing to enforce
+        self.set_revocations(names, serials)
+
+    def set_revocations(self, names: Iterable[str], serials: Iterable[int]) -> int:
+        """Make the revocation list exactly this; abort newly revoked connections.
+
+        Returns how many connections were cut.
+        """
+        names, serials = frozenset(names), frozenset(serials)
+        if names == self.revocations.names and serials == self.revocations.serials:
+            return 0
+        self.revocations.replace(names, serials)
+        cut = self.server.enforce_revocations() if self.server is not None else 0
+        log.info(
+            "{node}: revocation list now {n} names and {s} serials; {cut} connections cut",
+            node=self.what, n=len(names), s=len(serials), cut=cut,
+        )
+        return cut
+
+    def revoked(self) -> tuple[str, ...]:
+        """The current list in the form ``HeartbeatReply.revoked`` carries."""
+        return revoked_entries(self.revocations.names, self.revocations.serials)
+
+
+def secure_meta_handlers(handlers: Any, security: DaemonSecurity) -> dict[type, Handler]:
+    """The handler table of a metadata node (``MetaHandlers``) with security wired in.
+
+    Sets ``handlers.authorize``; serves ``Revoke`` / ``Reinstate`` (admin role) through the
+    command log; adds the revocation list to every ``HeartbeatReply``; and lets only node
+    certificates send Raft messages (any message type named ``Raft...``), heartbeats and shard
+    reports.
+    """
+    handlers.authorize = security.authorize
+    table = dict(handlers.handlers())
+    if m.MetaCommand in table:
+        table[m.MetaCommand] = _revocation_commands(handlers, table[m.MetaCommand], security)
+    if m.Heartbeat in table:
+        table[m.Heartbeat] = _with_revoked_list(table[m.Heartbeat], security)
+    # Heartbeats and shard reports come from chunk servers (and, relayed one-way, from the
+    # leader): nodes only, whatever path serves them.
+    node_only = {t: "node" for t in table if t.__name__.startswith("Raft")}
+    node_only.update({m.Heartbeat: "node", m.ShardReport: "node"})
+    return guard(table, security.authorize, node_only)
+
+
+def _revocation_commands(handlers: Any, inner: Handler, security: DaemonSecurity) -> Handler:
+    from dogfs.meta import commands as c
+    from dogfs.meta.service import error_from_result
+
+    def command(request: Request) -> Any:
+        try:
+            cmd = c.decode_command(bytes(request.payload))
+        except ValueError:
+            return inner(request)  # it answers with the decoding error
+        if not isinstance(cmd, c.Revoke | c.Reinstate):
+            return inner(request)
+        security.authorize(request, "admin")
+        handlers._require_leader()
+        msg: m.MetaCommand = request.msg
+        proposed = c.Sessioned(msg.client_id, msg.seq, cmd) if msg.client_id else cmd
+        d = handlers.log.propose(proposed)
+
+        def answered(result: Any) -> Reply:
+            if isinstance(result, c.MetaError):
+                raise error_from_result(result)
+            # Enforce at once here; the other members follow within REVOCATION_POLL.
+            security.refresh()
+            handlers.emit("revocation", name=cmd.name, serial=cmd.serial,
+                          revoked=isinstance(cmd, c.Revoke))
+            return Reply(m.MetaReply(handlers.log.leader_address()), c.encode_result(result))
+
+        return d.addCallback(answered)
+
+    return command
+
+
+def _with_revoked_list(inner: Handler, security: DaemonSecurity) -> Handler:
+    def heartbeat(request: Request) -> Any:
+        d = defer.maybeDeferred(inner, request)
+
+        def add(reply: Any) -> Any:
+            if isinstance(reply, m.HeartbeatReply):
+                return attrs.evolve(reply, revoked=security.revoked())
+            return reply
+
+        return d.addCallback(add)
+
+    return heartbeat
