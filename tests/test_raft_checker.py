@@ -163,3 +163,62 @@ class PropertyTests(SynchronousTestCase):
     def test_real_register_is_linearizable(self, ops: list[Operation]) -> None:
         """Anything a real register could produce passes."""
         self.assertTrue(check_kv_history(ops).ok)
+
+
+def brute_force(ops: list[Operation]) -> bool:
+    """Linearizable by trying every order (small histories only): an operation may come next
+    when no other remaining completed operation returned before it was called; one that never
+    returned may also be left out."""
+    import itertools
+
+    ops = [op for op in ops if op.completed or op.input[0] != "get"]
+    for keep in itertools.product(*[[True] if op.completed else [True, False] for op in ops]):
+        chosen = [op for op, k in zip(ops, keep, strict=True) if k]
+        for order in itertools.permutations(chosen):
+            ok = True
+            for i, op in enumerate(order):
+                for later in order[i + 1 :]:
+                    if later.ret is not None and later.ret < op.call:
+                        ok = False
+            if not ok:
+                continue
+            state = None
+            for op in order:
+                good, state = KVModel.step(state, op.input, op.output, op.completed)
+                if not good:
+                    ok = False
+                    break
+            if ok:
+                return True
+    return False
+
+
+@st.composite
+def arbitrary_histories(draw: st.DrawFn) -> list[Operation]:
+    """Small histories with random overlaps and random (often wrong) outputs."""
+    ops = []
+    for i in range(draw(st.integers(1, 5))):
+        call = draw(st.integers(0, 20))
+        ret = None if draw(st.integers(0, 4)) == 0 else call + draw(st.integers(0, 10))
+        kind = draw(st.sampled_from(["put", "get", "cas"]))
+        value = draw(st.sampled_from([None, "a", "b"]))
+        if kind == "put":
+            ops.append(put(f"c{i}", call, ret, f"v{i}"))
+        elif kind == "get":
+            if ret is None:
+                ret = call + 1
+            ops.append(get(f"c{i}", call, ret, draw(st.sampled_from([None, "v0", "v1", "v2"]))))
+        else:
+            ok = None if ret is None else draw(st.booleans())
+            ops.append(cas(f"c{i}", call, ret, value if value else None, f"v{i}", ok))
+    return ops
+
+
+class BruteForceTests(SynchronousTestCase):
+    """The search agrees with trying every order."""
+
+    @settings(deadline=None, max_examples=300)
+    @given(arbitrary_histories())
+    def test_agrees_with_brute_force(self, ops: list[Operation]) -> None:
+        """Same verdict as exhaustive enumeration, linearizable or not."""
+        self.assertEqual(check_linearizable(ops, KVModel).ok, brute_force(ops))
