@@ -623,7 +623,7 @@ class ChunkServiceTests(SynchronousTestCase):
         )
         service = ChunkService(reactor, config, executor=synchronous_executor)
         service.startService()
-        self.successResultOf(service.ready)
+        self.successResultOf(service.when_ready())
         self.assertEqual(os.listdir(store.tmp_dir), [])
         [(port, factory, _backlog, interface)] = reactor.tcpServers
         self.assertEqual((port, interface), (7103, "127.0.0.1"))
@@ -631,6 +631,29 @@ class ChunkServiceTests(SynchronousTestCase):
         self.assertEqual(service.server.shard_ids, {SHARD})
         self.assertTrue(reactor.tcpClients)  # the first heartbeat dials metadata
         self.successResultOf(service.stopService())
+
+    def test_data_dir_in_use(self) -> None:
+        """A second server on a data directory that one already serves refuses to start,
+        says why, and calls on_fatal; the first keeps its directory."""
+        root = os.path.abspath(self.mktemp())
+        config = ChunkConfig(
+            id="chunk-3", listen="tcp:7103", address="127.0.0.1:7103", data_dir=root, meta=("127.0.0.1:1",)
+        )
+        first = ChunkService(MemoryReactorClock(), config, executor=synchronous_executor)
+        first.startService()
+        self.successResultOf(first.when_ready())
+        fatal: list[bool] = []
+        second = ChunkService(MemoryReactorClock(), config, executor=synchronous_executor, on_fatal=lambda: fatal.append(True))
+        second.startService()
+        self.assertIn("in use by another chunk server", str(self.failureResultOf(second.when_ready()).value))
+        self.assertEqual(fatal, [True])
+        self.successResultOf(second.stopService())
+        self.successResultOf(first.stopService())
+        # Released on stop: a restart can lock it again.
+        third = ChunkService(MemoryReactorClock(), config, executor=synchronous_executor)
+        third.startService()
+        self.successResultOf(third.when_ready())
+        self.successResultOf(third.stopService())
 
     def test_makeService_does_no_io(self) -> None:
         """makeService reads the config and builds a stopped tree: no data directory yet."""

@@ -11,6 +11,9 @@ where TLS plugs in: pass replacements to `ChunkService`.
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import os
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -32,6 +35,9 @@ from dogfs.wire.pool import ConnectionFactory, ConnectionPool, EndpointMaker, tc
 
 log = Logger()
 
+#: The file under data_dir a running chunk server holds locked.
+LOCK_NAME = "chunk.lock"
+
 #: Worker threads for disk work (appends, fsyncs, reads): a few overlap one another's waits.
 DEFAULT_THREADS = 4
 
@@ -45,6 +51,28 @@ def listen_endpoint(reactor: Any, config: ChunkConfig) -> IStreamServerEndpoint:
 def meta_endpoints(reactor: Any, config: ChunkConfig) -> EndpointMaker:
     """How the chunk server dials metadata nodes by "host:port" (plaintext; TLS replaces this)."""
     return tcp_endpoints(reactor)
+
+
+class DataDirInUse(Exception):
+    """Another process serves this data directory."""
+
+
+def lock_data_dir(data_dir: str) -> int:
+    """Create `data_dir` if needed and lock it for this process; return the lock's fd.
+
+    The lock dies with the process (even on kill -9), so a stale one never blocks a restart.
+    A second server on the same directory would delete the first one's uploads in flight.
+    """
+    os.makedirs(data_dir, exist_ok=True)
+    fd = os.open(os.path.join(data_dir, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
+            raise DataDirInUse(f"data directory {data_dir} is in use by another chunk server") from None
+        raise
+    return fd
 
 
 class ChunkService(MultiService):
@@ -85,15 +113,27 @@ class ChunkService(MultiService):
         self._threadpool: ThreadPool | None = None
         self._meta_pool: ConnectionPool | None = None
         self._starting: defer.Deferred[None] | None = None
-        #: Fires once the server listens (fails if it cannot start); remade on each start.
-        self.ready: defer.Deferred[None] = defer.Deferred()
+        self._lock_fd: int | None = None
+        # How the last start ended: None while starting, True once serving, else its Failure.
+        self._outcome: bool | Failure | None = None
+        self._waiting: list[defer.Deferred[None]] = []
 
     def startService(self) -> None:
-        """Open the store, start threads, heartbeats; listen once the store is scanned."""
+        """Lock the data directory, open the store, start threads; once the store is scanned,
+        listen and start heartbeats."""
         from dogfs.codec.stripe import tune_malloc  # pyeclib: not at plugin import time
 
         tune_malloc()
         config = self.config
+        if self.heartbeat is not None and self.heartbeat.parent is self:
+            self.removeService(self.heartbeat)  # a restart builds a fresh one
+        self._outcome = None
+        super().startService()
+        try:
+            self._lock_fd = lock_data_dir(config.data_dir)
+        except (DataDirInUse, OSError) as e:
+            self._failed_to_start(Failure(e))
+            return
         self.store = ShardStore(config.data_dir)
         executor = self._executor_arg
         if executor is None:
@@ -109,12 +149,7 @@ class ChunkService(MultiService):
         self._meta_pool = ConnectionPool(
             self.reactor, self._make_meta_endpoints(self.reactor, config), node_id=config.id
         )
-        if self.heartbeat is not None and self.heartbeat.parent is self:
-            self.removeService(self.heartbeat)
         self.heartbeat = HeartbeatService(self.reactor, self.server, config, self._meta_pool)
-        if self.ready.called:
-            self.ready = defer.Deferred()
-        super().startService()
         self._starting = defer.Deferred.fromCoroutine(self._start(executor))
         self._starting.addErrback(self._failed_to_start)
 
@@ -141,17 +176,38 @@ class ChunkService(MultiService):
         # Heartbeats start once there is something true to report: the first goes out now.
         assert self.heartbeat is not None
         self.heartbeat.setServiceParent(self)
-        self.ready.callback(None)
+        self._settle(True)
 
     def _failed_to_start(self, failure: Failure) -> None:
         log.critical(
             "{node} cannot start: {error}", node=self.config.id, error=failure.getErrorMessage()
         )
-        if not self.ready.called:
-            self.ready.errback(failure)
-            self.ready.addErrback(lambda _: None)  # reported above
+        if self._outcome is None:
+            self._settle(failure)
         if self._on_fatal is not None:
             self._on_fatal()
+
+    def when_ready(self) -> defer.Deferred[None]:
+        """Fires once the server listens; fails with the reason if it could not start.
+
+        A new Deferred per caller, so a failure nobody waits for is only logged once.
+        """
+        if self._outcome is True:
+            return defer.succeed(None)
+        if isinstance(self._outcome, Failure):
+            return defer.fail(self._outcome)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._waiting.append(d)
+        return d
+
+    def _settle(self, outcome: bool | Failure) -> None:
+        self._outcome = outcome
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            if isinstance(outcome, Failure):
+                d.errback(outcome)
+            else:
+                d.callback(None)
 
     @property
     def address(self) -> str | None:
@@ -181,5 +237,8 @@ class ChunkService(MultiService):
                 # Waits for disk work in flight (a commit's fsync) to finish.
                 self._threadpool.stop()
                 self._threadpool = None
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
 
         return done.addBoth(release)

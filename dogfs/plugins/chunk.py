@@ -8,6 +8,8 @@ I/O (the shard store, threads, listening) starts in `startService`, after twistd
 
 from __future__ import annotations
 
+import atexit
+import os
 import sys
 
 from twisted.application.service import MultiService
@@ -59,6 +61,19 @@ def makeService(options: Options) -> MultiService:
 
 
 def _stop(reactor: object) -> None:
-    """Stop the reactor if it runs (the server cannot start)."""
+    """The server cannot start (logged already): stop, and make twistd exit with status 1.
+
+    twistd exits 0 whenever its reactor stops; the only hook left after it has removed its
+    pid file is atexit, where `os._exit` sets the status a supervisor sees.
+    """
+    atexit.register(_exit_failed)
     if getattr(reactor, "running", False):
         reactor.stop()  # type: ignore[attr-defined]
+    else:  # twistd starts services just before it runs the reactor
+        reactor.callWhenRunning(reactor.stop)  # type: ignore[attr-defined]
+
+
+def _exit_failed() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
