@@ -67,10 +67,13 @@ def pair(handlers: dict[type, Any], clock: Clock, server_id: str = "chunk-3") ->
 class Harness:
     """A ShardServer on a temp dir, and a client connected to it in memory."""
 
-    def __init__(self, root: str, *, writev: Any = os.writev) -> None:
+    def __init__(self, root: str, *, writev: Any = os.writev, append_in_executor: bool = True) -> None:
         self.clock = Clock()
         self.store = ShardStore(root, writev=writev)
-        self.server = ShardServer(self.store, "chunk-3", synchronous_executor, LoadMeter(self.clock))
+        self.server = ShardServer(
+            self.store, "chunk-3", synchronous_executor, LoadMeter(self.clock),
+            append_in_executor=append_in_executor,
+        )
         self.server.scan()
         self.client, self.pump = pair(dict(self.server.handlers()), self.clock)
 
@@ -124,6 +127,20 @@ class PutGetTests(SynchronousTestCase):
         self.assertEqual([m for m, _ in parts], [Cell(i, crc32c(f)) for i, f in enumerate(frags)])
         self.assertEqual(self.h.server.shard_ids, {SHARD})
         self.assertEqual(self.h.tmp_files(), [])
+
+    def test_round_trip_appending_on_the_reactor(self) -> None:
+        """With appends on the calling thread instead of the executor, the result is the same,
+        and a corrupt cell is still refused."""
+        h = Harness(self.mktemp(), append_in_executor=False)
+        frags = fragments(3)
+        self.successResultOf(h.put(SHARD, frags))
+        d, parts = h.get(SHARD)
+        self.successResultOf(d)
+        self.assertEqual([p for _, p in parts], frags)
+        crcs = [crc32c(f) for f in frags]
+        crcs[2] ^= 4
+        error = self.failureResultOf(h.put(OTHER, frags, crcs=crcs), WireError).value
+        self.assertEqual(error.code, "corrupt_in_transit")
 
     def test_range_get(self) -> None:
         """first/count select cells; count -1 means to the end; an empty tail is allowed."""

@@ -6,6 +6,9 @@ corrupt, traffic counters) and serves the wire handlers. It does no listening an
 timers; blocking store calls that fsync or scan go through an injected `Executor` (a thread
 pool in the daemon, a synchronous call in unit tests).
 
+PutShard answers `ShardStored(shard_id, size)` where `size` is the number of fragment bytes
+stored (what the client sent, without the file's header and per-cell CRCs).
+
 Error codes a client can see:
     invalid_argument    bad shard id, fragment size, cell order, range or stream shape
     corrupt_in_transit  a cell's payload does not match the CRC32C sent with it
