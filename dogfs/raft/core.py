@@ -945,6 +945,9 @@ class RaftNode:
                 self._send(AppendEntriesResponse(self.term, self.id, m.src, False, 0))
             elif isinstance(m, RequestVote):
                 self._send(RequestVoteResponse(self.term, self.id, m.src, False, m.pre_vote))
+            elif isinstance(m, ReadIndexRequest):
+                # A read forwarded to a leader that is no more: refuse, so it learns our term.
+                self._send(ReadIndexResponse(self.term, self.id, m.src, m.ctx, 0, False))
             return
 
         if isinstance(m, RequestVote):

@@ -194,8 +194,11 @@ class Simulation:
             snapshot_chunk_bytes=r.choice([64, 512, 1 << 20]),
             inject_bug=None if bug == "early-ack" else bug,
         )
-        self.heal_at = int(steps * 0.6)
-        self.quiet_at = int(steps * 0.8)
+        # The last stretch is calm: faults heal, then clients stop starting operations, and
+        # everything pending must complete before the end (liveness).
+        tail = max(int(steps * 0.3), 150)
+        self.heal_at = max(steps - tail, 1)
+        self.quiet_at = self.heal_at + tail // 2
         self.liveness_bound = 12 * ELECTION_TICK
         voters = frozenset(f"n{i}" for i in range(1, nodes + 1))
         self.bootstrap = Configuration(voters)
@@ -515,7 +518,8 @@ class Simulation:
             c.op = None
             return
         c.redirects = 0
-        c.target = self.rng.choice(sorted(self.nodes))
+        # Try another server than the one that did not answer.
+        c.target = self.rng.choice(sorted(set(self.nodes) - {c.target}) or sorted(self.nodes))
         self._client_send(c)
 
     def _new_op(self, c: _SimClient) -> None:
