@@ -197,6 +197,8 @@ class RaftCommandLog:
         contact_window: float = 2.0,
         read_retry: float = 1.0,
         read_timeout: float = 5.0,
+        leader_wait: float = 0.0,
+        leader_stale_after: float = 0.25,
     ) -> None:
         self.driver = driver
         self.machine = machine
@@ -208,6 +210,10 @@ class RaftCommandLog:
         self.last_contact = last_contact
         self.contact_window = contact_window
         self.read_retry = read_retry
+        #: How long a request waits for an election under way before being answered.
+        self.leader_wait = leader_wait
+        #: A leader not heard from for this long may be dead: wait for the next one.
+        self.leader_stale_after = leader_stale_after
         self.read_timeout = read_timeout
         #: Called with True/False when this member gains or loses leadership.
         self.on_leadership: list[Callable[[bool], None]] = []
@@ -410,22 +416,92 @@ class RaftCommandLog:
 
         def query(request: Any) -> Any:
             msg = request.msg
-            if msg.op not in MEMBER_OPS:
+            if msg.op == "status":
                 return plain_query(request)
-            handlers.authorize(request, "admin")
-            return self.member_query(msg.op, dict(msg.args))
+            if msg.op in MEMBER_OPS:
+                handlers.authorize(request, "admin")
+                return self._when_leader_known(lambda: self.member_query(msg.op, dict(msg.args)))
+            return self._when_leader_known(lambda: plain_query(request))
 
         table[m.MetaQuery] = query
         plain_command = handlers.command
 
         def command(request: Any) -> Any:
-            needed = self._allocation_width(handlers, request)
-            if needed is None or not self._awaiting_chunk_servers(handlers, needed):
-                return plain_command(request)
-            return defer.Deferred.fromCoroutine(self._allocate_when_heard(handlers, request, plain_command, needed))
+            return self._when_leader_known(lambda: self._command(handlers, plain_command, request))
 
         table[m.MetaCommand] = command
+        plain_heartbeat = handlers.heartbeat
+
+        def heartbeat(request: Any) -> Any:
+            if request.oneway:
+                # Relayed by the leader: keep the liveness view warm for a leader change.
+                if not self.driver.is_leader:
+                    self._note_heartbeat(handlers, request.msg)
+                return None
+
+            def beat() -> Any:
+                result = plain_heartbeat(request)  # raises not_leader on a follower
+                self._relay(request.msg)
+                return result
+
+            return self._when_leader_known(beat)
+
+        table[m.Heartbeat] = heartbeat
         return table
+
+    def _command(self, handlers: Any, plain: Any, request: Any) -> Any:
+        needed = self._allocation_width(handlers, request)
+        if needed is None or not self._awaiting_chunk_servers(handlers, needed):
+            return plain(request)
+        return defer.Deferred.fromCoroutine(self._allocate_when_heard(handlers, request, plain, needed))
+
+    def leader_known(self) -> bool:
+        """Whether this member leads, or follows a leader it heard from very recently."""
+        if self.driver.is_leader:
+            return True
+        hint = self.driver.leader_hint
+        if hint is None:
+            return False
+        seen = self.last_contact(hint)
+        return seen is not None and self.clock.seconds() - seen <= self.leader_stale_after
+
+    def _when_leader_known(self, serve: Callable[[], Any]) -> Any:
+        """Serve now if a live leader is known; else wait (up to ``leader_wait``) for the
+        election under way, so the client is sent straight to the new leader instead of
+        backing off and retrying."""
+        if self.leader_known() or self.leader_wait <= 0:
+            return serve()
+
+        async def wait() -> Any:
+            from dogfs.client.api import sleep
+
+            deadline = self.clock.seconds() + self.leader_wait
+            while not self.leader_known() and self.clock.seconds() < deadline:
+                await sleep(self.clock, 0.01)
+            return await defer.maybeDeferred(serve)
+
+        return defer.Deferred.fromCoroutine(wait())
+
+    def _note_heartbeat(self, handlers: Any, msg: Any) -> None:
+        handlers.registry.heartbeat(
+            msg.node_id, msg.address, msg.capacity_bytes, msg.used_bytes, msg.shards,
+            dict(msg.load), msg.domain or None,
+        )
+
+    def _relay(self, msg: Any) -> None:
+        """Send a chunk server's heartbeat on to the other members (one-way, best effort)."""
+        cfg = self.driver.config
+        if cfg is None or self.transport is None:
+            return
+        for member in sorted(cfg.members()):
+            address = self.book.address(member)
+            if member == self.node_id or address is None:
+                continue
+            d = self.transport.pool.get(address)
+            if d.called:  # only over a connection Raft already keeps open
+                d.addCallbacks(lambda conn: conn.send_oneway(msg), lambda f: None)
+            else:
+                d.addErrback(lambda f: None)
 
     # A new leader knows no chunk server as alive until it hears its heartbeat (soft state).
     # An allocation in that window waits for them, up to this long, rather than fail.
@@ -626,6 +702,8 @@ def build_raft_log(
         http_address=config.http_address, last_contact=transport.last_contact,
         contact_window=max(1.0, config.tick_interval * election * 2),
         read_retry=max(0.2, config.tick_interval * election), read_timeout=operation_timeout,
+        leader_wait=config.tick_interval * election * 2.5,
+        leader_stale_after=max(0.15, config.tick_interval * 4),
     )
     raft_log.transport = transport
     service = MultiService()

@@ -413,11 +413,10 @@ class MetaService(MultiService):
         """A Raft member became leader (or stopped leading): rebuild the soft state."""
         if not leading or self.log is None:
             return
-        # Liveness is soft state: forget what this member saw in an earlier term and give
-        # every chunk server a fresh grace period to heartbeat here before calling it dead.
+        # Liveness is soft state, known here from heartbeats the previous leader relayed (see
+        # RaftCommandLog.wire_handlers); a chunk server not heard from gets a fresh grace period
+        # to heartbeat here before it is called dead.
         self.registry.stop()
-        for view in self.registry.view():
-            self.registry.forget(view.node_id)
         self.registry.known_all(self.state.chunk_servers())
         self.registry.start()
         if self.handlers is not None:
