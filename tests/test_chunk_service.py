@@ -16,6 +16,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import LogLevel, capturedLogs
 from twisted.python import usage
 from twisted.test.iosim import FakeTransport, IOPump, connect
 from twisted.trial.unittest import SynchronousTestCase
@@ -532,11 +533,18 @@ class HeartbeatTests(SynchronousTestCase):
         self.assertEqual(service.beats, 1)
 
     def test_no_meta_reachable_keeps_beating(self) -> None:
-        """With no metadata node up, beats fail quietly and continue; one coming up is found."""
-        service = self.start(["m1:1", "m2:1"])
-        self.beat()
-        self.beat()
-        self.assertEqual(service.beats, 0)
+        """With no metadata node up, beats continue and the failure is logged once a minute,
+        not once a beat; a metadata node coming up is found."""
+        with capturedLogs() as events:
+            service = self.start(["m1:1", "m2:1"])
+            for _ in range(59):
+                self.beat()
+            self.assertEqual(service.beats, 0)
+            warnings = [e for e in events if e["log_level"] == LogLevel.warn]
+            self.assertEqual(len(warnings), 1)
+            self.beat()
+            warnings = [e for e in events if e["log_level"] == LogLevel.warn]
+            self.assertEqual(len(warnings), 2)
         self.net.add("m1:1", ok)
         self.beat()
         self.assertEqual(service.beats, 1)

@@ -198,9 +198,10 @@ class HeartbeatService(Service):
         self.current = meta[self._index]
 
     def _complain(self, message: str) -> None:
-        """Log a failure, but the same one at most once a minute (meta may be down for long)."""
+        """Log a failure: at once after a success, then at most once a minute while it lasts
+        (metadata may be down for long, and the failing address rotates)."""
         now = self._clock.seconds()
-        if self._complaint is None or self._complaint[0] != message or now - self._complaint[1] >= _COMPLAIN_EVERY:
+        if self._complaint is None or now - self._complaint[1] >= _COMPLAIN_EVERY:
             self._complaint = (message, now)
             log.warn("{node}: {message}; retrying", node=self.config.id, message=message)
 
