@@ -12,6 +12,7 @@ What this module owns:
 - :func:`secure_meta_handlers`: the metadata node's handler table with authorization wired
   in, the ``Revoke`` / ``Reinstate`` admin commands, the revocation list in every
   ``HeartbeatReply`` and Raft messages restricted to nodes.
+- :class:`RevocationTap`: how a chunk server learns the list from its heartbeat replies.
 - :func:`revoked_entries` / :func:`parse_revoked_entries`: the list as it travels in
   ``HeartbeatReply.revoked`` (names, and ``serial:N``).
 
@@ -39,6 +40,7 @@ from dogfs.wire.protocol import Handler, Reply, Request
 __all__ = [
     "DaemonSecurity",
     "REVOCATION_POLL",
+    "RevocationTap",
     "parse_revoked_entries",
     "revoked_entries",
     "secure_meta_handlers",
@@ -233,3 +235,51 @@ def _with_revoked_list(inner: Handler, security: DaemonSecurity) -> Handler:
         return d.addCallback(add)
 
     return heartbeat
+
+
+class RevocationTap:
+    """A connection pool to the metadata that hands every ``HeartbeatReply`` to a daemon.
+
+    Chunk servers learn the revocation list from their heartbeat replies: wrap the pool their
+    heartbeat service uses, and each reply's ``revoked`` list is applied with
+    :meth:`DaemonSecurity.set_revocations` (cutting connections newly revoked). Everything
+    else is the wrapped pool's.
+    """
+
+    def __init__(self, pool: Any, security: DaemonSecurity) -> None:
+        self._pool = pool
+        self._security = security
+
+    def get(self, address: str) -> defer.Deferred[Any]:
+        """The pool's connection to ``address``, watched for heartbeat replies."""
+        return self._pool.get(address).addCallback(_TappedConnection, self._seen)  # type: ignore[no-any-return]
+
+    def drop(self, address: str) -> None:
+        """Close the connection to ``address`` (the pool's)."""
+        self._pool.drop(address)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pool, name)
+
+    def _seen(self, reply: Any) -> Any:
+        msg = getattr(reply, "msg", None)
+        if isinstance(msg, m.HeartbeatReply):
+            self._security.set_revocations(*parse_revoked_entries(msg.revoked))
+        return reply
+
+
+class _TappedConnection:
+    """A wire Connection whose ``call`` results pass through ``seen`` first."""
+
+    def __init__(self, connection: Any, seen: Callable[[Any], Any]) -> None:
+        self._connection = connection
+        self._seen = seen
+
+    def call(self, msg: Any, *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
+        d: defer.Deferred[Any] = self._connection.call(msg, *args, **kwargs)
+        if isinstance(msg, m.Heartbeat):
+            d.addCallback(self._seen)
+        return d
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._connection, name)

@@ -1,0 +1,99 @@
+# -*- test-case-name: tests.test_security_plugins -*-
+"""The daemons' endpoints and security service over real loopback TLS, in one process:
+identities reach the handlers, roles are enforced, revocation cuts connections, plaintext
+clients get nothing."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+from twisted.internet import reactor as _reactor
+from twisted.trial.unittest import TestCase
+
+from dogfs.config import TLSFiles
+from dogfs.plugins.common import client_endpoints, server_endpoint
+from dogfs.security.authz import guard
+from dogfs.security.ca import init_ca
+from dogfs.security.daemon import DaemonSecurity
+from dogfs.security.roles import Role
+from dogfs.wire import messages as m
+from dogfs.wire.pool import ConnectionFactory, ConnectionPool
+from dogfs.wire.protocol import Request, WireError
+
+reactor: Any = _reactor
+
+
+class TLSDaemonTests(TestCase):
+    """A listener made like a daemon's, dialled like a client."""
+
+    def setUp(self) -> None:
+        home = tempfile.mkdtemp(prefix="dogfs-plugins-")
+        ca = init_ca(os.path.join(home, "ca"))
+
+        def files(name: str, role: Role, hosts: list[str] | None = None) -> TLSFiles:
+            issued = ca.issue(name, role, os.path.join(home, name), hosts=hosts or [])
+            return TLSFiles(ca=ca.cert_path, cert=issued.cert_path, key=issued.key_path)
+
+        self.node = files("chunk-1", Role.NODE, ["127.0.0.1"])
+        self.reader = files("rita", Role.READER)
+        self.user = files("ursula", Role.USER)
+        self.security = DaemonSecurity(reactor, self.node, "chunk-1", "127.0.0.1:0")
+        self.security.startService()
+        self.addCleanup(self.security.stopService)
+
+        def whoami(request: Request) -> Any:
+            return m.Error("ok", request.connection.identity.name)
+
+        handlers = guard(
+            {m.GetShard: whoami, m.DeleteShards: whoami},
+            self.security.authorize,
+            {m.GetShard: "read", m.DeleteShards: "node"},
+        )
+        self.factory = ConnectionFactory(reactor, handlers, on_handshake=self.security.on_handshake)
+        self.factory.noisy = False
+        d = server_endpoint(reactor, "tcp:0:interface=127.0.0.1", self.security.server).listen(self.factory)
+        return d.addCallback(self._listening)
+
+    def _listening(self, port: Any) -> None:
+        self.port = port
+        self.address = f"127.0.0.1:{port.getHost().port}"
+        self.addCleanup(port.stopListening)
+
+    def pool(self, tls: TLSFiles | None) -> ConnectionPool:
+        pool = ConnectionPool(reactor, client_endpoints(reactor, tls, timeout=5.0))
+        self.addCleanup(pool.close_all)
+        return pool
+
+    async def ask(self, pool: ConnectionPool, msg: Any) -> Any:
+        connection = await pool.get(self.address)
+        return (await connection.call(msg, timeout=5.0)).msg
+
+    async def test_identity_and_roles(self) -> None:
+        """The handler sees the certificate's identity; a reader may read but not delete."""
+        pool = self.pool(self.reader)
+        self.assertEqual((await self.ask(pool, m.GetShard("x"))).message, "rita")
+        with self.assertRaises(WireError) as e:
+            await self.ask(pool, m.DeleteShards(("x",)))
+        self.assertEqual(e.exception.code, "permission_denied")
+        self.assertEqual(e.exception.message, "identity 'rita' (role reader) may not act as a cluster node")
+
+    async def test_revocation_cuts_and_refuses(self) -> None:
+        """Revoking cuts the open connection; reconnecting fails with permission_denied."""
+        pool = self.pool(self.user)
+        connection = await pool.get(self.address)
+        self.assertEqual((await connection.call(m.GetShard("x"), timeout=5.0)).msg.message, "ursula")
+        self.assertEqual(self.security.set_revocations({"ursula"}, set()), 1)
+        await connection.closed
+        with self.assertRaises(WireError) as e:
+            await self.ask(pool, m.GetShard("x"))
+        self.assertEqual(e.exception.code, "permission_denied")
+        self.assertIn("refused our identity", e.exception.message)
+
+    async def test_plaintext_client_gets_nothing(self) -> None:
+        """A plaintext client's connection ends without a DogFS answer (TLS port)."""
+        pool = self.pool(None)
+        with self.assertRaises(WireError) as e:
+            await self.ask(pool, m.GetShard("x"))
+        self.assertIn(e.exception.code, ("connection_closed", "unreachable"))
