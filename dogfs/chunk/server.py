@@ -98,6 +98,7 @@ class ShardServer:
         self.shard_ids: set[str] = set()
         #: Ids of shards found corrupt on disk since start (repair comes later).
         self.corrupt: set[str] = set()
+        #: True once `scan` has listed the store.
         self.ready = False
 
     # --- start-up and status -------------------------------------------------------------
