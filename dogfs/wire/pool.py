@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.interfaces import IReactorTCP, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 
@@ -36,8 +36,23 @@ def tcp_endpoints(reactor: IReactorTCP, timeout: float = 5.0) -> EndpointMaker:
     return make
 
 
+class _OneConnection(Factory):
+    """Builds the one Connection a pool is dialing; quiet, unlike connectProtocol's factory
+    (a daemon retrying an unreachable peer would log two lines per attempt)."""
+
+    noisy = False
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+
+    def buildProtocol(self, addr: Any) -> Connection:
+        return self.connection
+
+
 class ConnectionFactory(Factory):
     """Server side: every accepted connection is a `Connection` serving `handlers`."""
+
+    noisy = False  # one log line per accepted connection would drown a busy daemon's log
 
     def __init__(
         self,
@@ -108,7 +123,7 @@ class ConnectionPool:
         except ValueError as e:
             self._finish(address, failure=WireError("bad_address", str(e)))
             return
-        d = connectProtocol(endpoint, connection)
+        d = endpoint.connect(_OneConnection(connection))
         d.addCallback(lambda _: connection.ready)
 
         def connected(_: object) -> None:
