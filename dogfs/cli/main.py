@@ -38,7 +38,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line."""
-    from dogfs.cli import admin, ca, cluster
+    from dogfs.cli import admin, bench, ca, cluster
 
     parser = ArgumentParser(
         prog="dogfs",
@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.register(sub)
     admin.register(sub)
     ca.register(sub)
+    bench.register(sub)
     return parser
 
 
