@@ -124,6 +124,19 @@ class DataPathTests(SynchronousTestCase):
             self.assert_reads_back(path, local)
         self.check_placement()
         self.check_ls_and_rm()
+        self.check_bench()
+
+    def check_bench(self) -> None:
+        """dogfs bench puts and gets files concurrently and reports what it measured."""
+        put = self.cluster.json("bench", "put", "--count", "20", "--concurrency", "4", "--size", "10000")
+        self.assertEqual((put["ok"], put["errors"]), (20, {}))
+        self.assertGreater(put["ops_per_s"], 0)
+        self.assertLessEqual(put["latency_ms"]["p50"], put["latency_ms"]["max"])
+        get = self.cluster.json("bench", "get", "--prefix", put["prefix"], "--count", "20", "--cleanup")
+        self.assertEqual((get["ok"], get["errors"]), (20, {}))
+        self.assertAlmostEqual(get["mb_per_s"] * get["seconds"] * 1e6, 20 * 10000, delta=1)
+        self.assertNotIn(put["prefix"].rsplit("/", 1)[1],
+                         {e["name"] for e in self.cluster.json("ls", "/bench")["entries"]})
 
     def check_placement(self) -> None:
         """Every block group has k+m shards, indexed 0..5, on k+m different chunk servers."""
