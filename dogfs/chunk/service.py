@@ -5,8 +5,12 @@
 opens the shard store, starts its own thread pool, scans the store, listens, and starts the
 `HeartbeatService` child. `stopService` undoes all of it and returns a Deferred.
 
-The two functions that make endpoints, `listen_endpoint` and `meta_endpoints`, are the seams
-where TLS plugs in: pass replacements to `ChunkService`.
+Security (docs/security.md): the service's `DaemonSecurity` child holds the TLS of the
+listener and of the connections to the metadata (from the config's [tls]; plaintext, with a
+warning at every start, without one), authorizes every request by the caller's role
+(`CHUNK_PERMISSIONS`), and applies the revocation list each heartbeat reply carries. The
+functions `listen_endpoint` and `meta_endpoints` remain seams: pass replacements to
+`ChunkService` (tests) and the defaults use the service's TLS.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from functools import partial
 from typing import Any
 
 from twisted.application.service import MultiService
-from twisted.internet import defer, endpoints
+from twisted.internet import defer
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -30,8 +34,12 @@ from dogfs.chunk.heartbeat import HeartbeatService
 from dogfs.chunk.load import LoadMeter
 from dogfs.chunk.server import Executor, ShardServer
 from dogfs.config import ChunkConfig
+from dogfs.plugins.common import client_endpoints, server_endpoint
+from dogfs.security.authz import guard
+from dogfs.security.daemon import DaemonSecurity, RevocationTap
 from dogfs.storage.shards import ShardStore
-from dogfs.wire.pool import ConnectionFactory, ConnectionPool, EndpointMaker, tcp_endpoints
+from dogfs.wire import messages as m
+from dogfs.wire.pool import ConnectionFactory, ConnectionPool, EndpointMaker
 
 log = Logger()
 
@@ -42,15 +50,28 @@ LOCK_NAME = "chunk.lock"
 DEFAULT_THREADS = 4
 
 
+#: What each request needs (docs/security.md). DeleteShards is chunk-internal (garbage
+#: collection, repair): a client never sends it, and a user must not delete shards behind the
+#: namespace's back. PutShard is a client's write, or a node's (repair and moves).
+CHUNK_PERMISSIONS: dict[type, str] = {
+    m.GetShard: "read",
+    m.PutShard: "write|node",
+    m.DeleteShards: "node",
+}
+
+
 def listen_endpoint(reactor: Any, config: ChunkConfig) -> IStreamServerEndpoint:
-    """The endpoint the chunk server listens on (plaintext; TLS replaces this)."""
-    endpoint: IStreamServerEndpoint = endpoints.serverFromString(reactor, config.listen)
-    return endpoint
+    """The endpoint the chunk server listens on: TLS when the config has [tls].
+
+    `ChunkService` uses its own `DaemonSecurity` instead of this default (so that revocation
+    and SIGHUP reach the listener); this is for callers without one.
+    """
+    return server_endpoint(reactor, config.listen, config.tls)
 
 
 def meta_endpoints(reactor: Any, config: ChunkConfig) -> EndpointMaker:
-    """How the chunk server dials metadata nodes by "host:port" (plaintext; TLS replaces this)."""
-    return tcp_endpoints(reactor)
+    """How the chunk server dials metadata nodes by "host:port": TLS when the config has [tls]."""
+    return client_endpoints(reactor, config.tls)
 
 
 class DataDirInUse(Exception):
@@ -89,12 +110,14 @@ class ChunkService(MultiService):
         make_meta_endpoints: Callable[[Any, ChunkConfig], EndpointMaker] = meta_endpoints,
         on_fatal: Callable[[], object] | None = None,
         append_in_executor: bool = True,
+        security: DaemonSecurity | None = None,
     ) -> None:
         """Build (without I/O) a chunk server for `config`.
 
         `reactor` provides time, TCP and threads. `executor` replaces the service's own
         thread pool (tests). `on_fatal` is called when the server cannot start (the plugin
-        stops the reactor).
+        stops the reactor). `security` defaults to one built from `config.tls`, which reads the
+        certificate files now (raising when they are unusable).
         """
         super().__init__()
         self.reactor = reactor
@@ -103,6 +126,8 @@ class ChunkService(MultiService):
         self.threads = threads
         self._make_listen_endpoint = make_listen_endpoint
         self._make_meta_endpoints = make_meta_endpoints
+        self.security = security or DaemonSecurity(reactor, config.tls, config.id, config.address)
+        self.security.setServiceParent(self)
         self._on_fatal = on_fatal
         self._append_in_executor = append_in_executor
         self.store: ShardStore | None = None
@@ -144,12 +169,22 @@ class ChunkService(MultiService):
         self.server = ShardServer(
             self.store, config.id, executor, meter, append_in_executor=self._append_in_executor
         )
-        self.factory = ConnectionFactory(self.reactor, self.server.handlers(), node_id=config.id)
-        self.factory.noisy = False  # no "Starting factory" line per connection
-        self._meta_pool = ConnectionPool(
-            self.reactor, self._make_meta_endpoints(self.reactor, config), node_id=config.id
+        self.factory = ConnectionFactory(
+            self.reactor,
+            guard(self.server.handlers(), self.security.authorize, CHUNK_PERMISSIONS),
+            node_id=config.id,
+            on_handshake=self.security.on_handshake,
         )
-        self.heartbeat = HeartbeatService(self.reactor, self.server, config, self._meta_pool)
+        self.factory.noisy = False  # no "Starting factory" line per connection
+        if self._make_meta_endpoints is meta_endpoints:
+            meta = client_endpoints(self.reactor, self.security.client)
+        else:
+            meta = self._make_meta_endpoints(self.reactor, config)
+        self._meta_pool = ConnectionPool(self.reactor, meta, node_id=config.id)
+        # Heartbeat replies carry the revocation list: the tap applies it.
+        self.heartbeat = HeartbeatService(
+            self.reactor, self.server, config, RevocationTap(self._meta_pool, self.security)
+        )
         self._starting = defer.Deferred.fromCoroutine(self._start(executor))
         self._starting.addErrback(self._failed_to_start)
 
@@ -160,7 +195,10 @@ class ChunkService(MultiService):
         if removed:
             log.info("{node} removed {n} unfinished uploads from {dir}", node=config.id, n=removed, dir=store.tmp_dir)
         count = await self.server.scan()
-        endpoint = self._make_listen_endpoint(self.reactor, config)
+        if self._make_listen_endpoint is listen_endpoint:
+            endpoint = server_endpoint(self.reactor, config.listen, self.security.server)
+        else:
+            endpoint = self._make_listen_endpoint(self.reactor, config)
         self.port = await endpoint.listen(self.factory)
         if not self.running:  # stopped while starting
             await defer.maybeDeferred(self.port.stopListening)

@@ -17,6 +17,10 @@ from twisted.python import usage
 
 from dogfs.config import ChunkConfig, ConfigError, load_chunk
 
+#: This plugin honours a config's [tls] table: mutual TLS on its listener and its connections
+#: to the metadata, authorization by role (see docs/security.md). `dogfs cluster up` reads it.
+SERVES_TLS = True
+
 
 class Options(usage.Options):
     """Command-line options of `twistd dogfs-chunk`."""
@@ -57,7 +61,12 @@ def makeService(options: Options) -> MultiService:
 
     from dogfs.chunk.service import ChunkService
 
-    return ChunkService(reactor, config, on_fatal=lambda: _stop(reactor))
+    try:
+        return ChunkService(reactor, config, on_fatal=lambda: _stop(reactor))
+    except Exception as e:
+        # The [tls] files are read here: a bad one ends twistd with one sentence too.
+        print(f"dogfs-chunk: {options['config']}: [tls] files are not usable: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _stop(reactor: object) -> None:

@@ -1,0 +1,342 @@
+# -*- test-case-name: tests.test_security_process -*-
+"""Security as an operator meets it: a TLS cluster from `dogfs cluster up`, identities from
+`dogfs ca issue`, the `dogfs` CLI as separate processes, and raw sockets playing the stranger.
+
+One cluster (1 metadata node, 3 chunk servers) serves every test of this module; it is made by
+the first test that needs it and stopped by the last (`test_zz_down`) or at exit.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from typing import Any
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from dogfs.meta import commands as c
+from dogfs.wire import messages as m
+from dogfs.wire.frame import Flags, FrameDecoder, encode_frame
+
+ENV = dict(os.environ, MALLOC_MMAP_THRESHOLD_="33554432", MALLOC_TRIM_THRESHOLD_="1073741824")
+
+
+class Cluster:
+    """A TLS cluster in a temporary home, driven through the dogfs command."""
+
+    def __init__(self) -> None:
+        self.home = tempfile.mkdtemp(prefix="dogfs-sec-")
+        self.up = False
+
+    def run(self, *args: str, config: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """Run `dogfs ARGS` (with --config when given); the finished process."""
+        extra = ["--config", config] if config else []
+        return subprocess.run(
+            [sys.executable, "-m", "dogfs.cli.main", "--home", self.home, *extra, *args],
+            capture_output=True, text=True, timeout=timeout, env=ENV, stdin=subprocess.DEVNULL,
+        )
+
+    def ok(self, *args: str, config: str | None = None) -> str:
+        """Run and require exit status 0; stdout."""
+        result = self.run(*args, config=config)
+        if result.returncode != 0:
+            raise AssertionError(f"dogfs {' '.join(args)} exited {result.returncode}: {result.stderr}")
+        return result.stdout
+
+    def start(self) -> None:
+        """`dogfs cluster up` (TLS by default) and wait for the chunk servers to register."""
+        self.ok("cluster", "up", "--detach", "--meta", "1", "--chunk", "3", "--ec", "RS-2-1")
+        self.up = True
+        with open(os.path.join(self.home, "cluster.toml"), "rb") as f:
+            spec = tomllib.load(f)
+        assert spec["cluster"]["tls"], "cluster up made a plaintext cluster"
+        self.nodes = {n["id"]: n["address"] for n in spec["nodes"]}
+        self.meta = self.nodes["meta-1"]
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.run("put", __file__, "/probe").returncode == 0:
+                return
+            time.sleep(0.3)
+        raise AssertionError("the cluster does not accept writes within 30 s")
+
+    def stop(self) -> None:
+        """`dogfs cluster down` and remove the home."""
+        if self.up:
+            self.run("cluster", "down", timeout=60)
+            self.up = False
+        shutil.rmtree(self.home, ignore_errors=True)
+
+    def issue(self, name: str, role: str) -> str:
+        """Issue an identity; the path of its client.toml."""
+        self.ok("ca", "issue", name, "--role", role)
+        return os.path.join(self.home, "identities", name, "client.toml")
+
+    def files(self, name: str) -> tuple[str, str, str]:
+        """(ca, cert, key) of an identity."""
+        d = os.path.join(self.home, "identities", name)
+        return os.path.join(d, "ca.pem"), os.path.join(d, "cert.pem"), os.path.join(d, "key.pem")
+
+
+_cluster: Cluster | None = None
+
+
+def cluster() -> Cluster:
+    """The module's cluster, started on first use."""
+    global _cluster
+    if _cluster is None:
+        _cluster = Cluster()
+        atexit.register(_cluster.stop)
+        _cluster.start()
+    return _cluster
+
+
+def split(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host, int(port)
+
+
+def tls_socket(address: str, ca: str, cert: str | None = None, key: str | None = None) -> ssl.SSLSocket:
+    """A TLS connection to a daemon, trusting `ca`, presenting `cert` if given."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(ca)
+    if cert is not None:
+        context.load_cert_chain(cert, key)
+    host, port = split(address)
+    raw = socket.create_connection((host, port), timeout=5)
+    return context.wrap_socket(raw, server_hostname=host)
+
+
+def frame(msg: Any, request_id: int, payload: bytes = b"") -> bytes:
+    header = m.encode(msg)
+    return encode_frame(1, Flags.NONE, m.type_of(msg), request_id, header, len(payload)) + header + payload
+
+
+def read_until(sock: socket.socket, want: int, timeout: float = 5.0) -> tuple[list[Any], bool]:
+    """Read until `want` frames arrived, the peer closed or `timeout` passed.
+
+    Returns the (msg, flags, request id) read and whether the peer closed the connection
+    (a TLS failure counts as closing; a timeout does not).
+    """
+    decoder = FrameDecoder()
+    out: list[Any] = []
+    sock.settimeout(timeout)
+    while len(out) < want:
+        try:
+            data = sock.recv(65536)
+        except TimeoutError:
+            return out, False
+        except (ssl.SSLError, ConnectionError):
+            return out, True
+        if not data:
+            return out, True
+        for f in decoder.feed(data):
+            out.append((m.decode(f.type, f.header), f.flags, f.request_id))
+    return out, False
+
+
+def read_frames(sock: socket.socket, want: int, timeout: float = 5.0) -> list[Any]:
+    """The frames :func:`read_until` read."""
+    return read_until(sock, want, timeout)[0]
+
+
+def dogfs_session(sock: socket.socket) -> None:
+    """Exchange Hellos on `sock`."""
+    sock.sendall(frame(m.Hello((1,), "test"), 0))
+    got = read_frames(sock, 1)
+    assert got and isinstance(got[0][0], m.Hello), got
+
+
+def call(sock: socket.socket, msg: Any, request_id: int, payload: bytes = b"") -> Any:
+    """Send one request; its answer (a message, an Error for failures)."""
+    sock.sendall(frame(msg, request_id, payload))
+    for answer, _flags, rid in read_frames(sock, 1):
+        if rid == request_id:
+            return answer
+    raise AssertionError(f"no answer to {msg!r}")
+
+
+def closed_without_a_word(sock: socket.socket) -> bool:
+    """True when the peer closes (or fails TLS) without sending any DogFS frame."""
+    frames, closed = read_until(sock, 1, timeout=12.0)
+    return closed and not frames
+
+
+class StrangerTests(SynchronousTestCase):
+    """Each daemon port refuses what is not a cluster identity, and keeps serving."""
+
+    def test_plaintext_and_garbage_refused(self) -> None:
+        """A plaintext Hello and random bytes get no DogFS answer from any daemon."""
+        cl = cluster()
+        for node, address in cl.nodes.items():
+            for payload in (frame(m.Hello((1,), "plain"), 0), os.urandom(300)):
+                sock = socket.create_connection(split(address), timeout=5)
+                sock.sendall(payload)
+                data = b""
+                closed = False
+                try:
+                    sock.settimeout(12)
+                    while chunk := sock.recv(4096):
+                        data += chunk
+                    closed = True
+                except ConnectionError:
+                    closed = True
+                except TimeoutError:
+                    pass
+                sock.close()
+                self.assertTrue(closed, f"{node} kept a plaintext connection open")
+                # A TLS alert at most: never a DogFS frame (they start with a length, then 1).
+                self.assertFalse(data.startswith(b"\x00") and len(data) > 12, f"{node} answered {data!r}")
+
+    def test_tls_without_valid_certificate_refused(self) -> None:
+        """TLS without a client certificate, or with one from another CA, is refused."""
+        cl = cluster()
+        other = tempfile.mkdtemp(prefix="dogfs-other-ca-")
+        self.addCleanup(shutil.rmtree, other, True)
+        subprocess.run([sys.executable, "-m", "dogfs.cli.main", "--home", other, "ca", "init"],
+                       check=True, capture_output=True, env=ENV)
+        subprocess.run([sys.executable, "-m", "dogfs.cli.main", "--home", other, "ca", "issue", "eve",
+                        "--role", "admin", "--meta", cl.meta], check=True, capture_output=True, env=ENV)
+        ca = cl.files("admin")[0]
+        eve = os.path.join(other, "identities", "eve")
+        for node, address in cl.nodes.items():
+            for cert in (None, os.path.join(eve, "cert.pem")):
+                try:
+                    sock = tls_socket(address, ca, cert, cert and os.path.join(eve, "key.pem"))
+                except (ssl.SSLError, ConnectionError):
+                    continue  # refused during the handshake
+                try:
+                    sock.sendall(frame(m.Hello((1,), "stranger"), 0))
+                except (ssl.SSLError, ConnectionError):
+                    continue
+                self.assertTrue(closed_without_a_word(sock), f"{node} talked to a stranger")
+                sock.close()
+        # Still serving the admin, and other identities.
+        self.assertIn("probe", cl.ok("ls", "/"))
+        # Eve's own config trusts her CA, so she refuses the cluster's servers; trusting the
+        # cluster CA instead, she is refused by them.
+        result = cl.run("ls", "/", config=os.path.join(eve, "client.toml"))
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertIn("presented a certificate not issued by this cluster's CA", result.stderr)
+        trusting = os.path.join(other, "trusting.toml")
+        with open(trusting, "w") as f:
+            f.write(f'[client]\nmeta = ["{cl.meta}"]\n[tls]\nca = "{ca}"\n'
+                    f'cert = "{eve}/cert.pem"\nkey = "{eve}/key.pem"\n')
+        result = cl.run("ls", "/", config=trusting)
+        self.assertEqual(result.returncode, 4, result.stderr)
+        self.assertIn("refused our certificate", result.stderr)
+
+
+class RoleTests(SynchronousTestCase):
+    """What each role may do, through the CLI."""
+
+    def test_reader(self) -> None:
+        """A reader can get and ls but not put or rm: exit 4 naming the missing permission."""
+        cl = cluster()
+        reader = cl.issue("rita", "reader")
+        cl.ok("put", __file__, "/for-readers")
+        self.assertIn("for-readers", cl.ok("ls", "/", config=reader))
+        target = os.path.join(cl.home, "got")
+        cl.ok("get", "/for-readers", target, config=reader)
+        with open(__file__, "rb") as a, open(target, "rb") as b:
+            self.assertEqual(a.read(), b.read())
+        for args in (("put", __file__, "/by-reader"), ("rm", "/for-readers")):
+            result = cl.run(*args, config=reader)
+            self.assertEqual(result.returncode, 4, result.stderr)
+            self.assertIn("identity 'rita' (role reader) may not write", result.stderr)
+
+    def test_user_not_admin(self) -> None:
+        """A user writes, but admin commands exit 4 naming the admin permission."""
+        cl = cluster()
+        user = cl.issue("ursula", "user")
+        cl.ok("put", __file__, "/by-user", config=user)
+        result = cl.run("admin", "revoke", "rita", config=user)
+        self.assertEqual(result.returncode, 4, result.stderr)
+        self.assertIn("(role user) may not run admin commands", result.stderr)
+
+    def test_client_certificate_cannot_register(self) -> None:
+        """A Heartbeat or a Raft message with a user certificate is permission_denied."""
+        cl = cluster()
+        cl.issue("ursula2", "user")
+        ca, cert, key = cl.files("ursula2")
+        sock = tls_socket(cl.meta, ca, cert, key)
+        dogfs_session(sock)
+        answer = call(sock, m.Heartbeat("chunk-evil", "127.0.0.1:1", 1 << 40, 0, 0), 1)
+        self.assertIsInstance(answer, m.Error)
+        self.assertEqual(answer.code, "permission_denied")
+        self.assertIn("may not act as a cluster node", answer.message)
+        status = cl.ok("--json", "cluster", "status")
+        self.assertNotIn("chunk-evil", status)
+        sock.close()
+
+    def test_bad_paths_refused(self) -> None:
+        """'..', empty components, over-long paths (CLI) and NUL (wire) are invalid paths."""
+        cl = cluster()
+        for path in ("/a/../b", "/a//b", "/" + "x" * 5000, "/" + "y" * 300):
+            result = cl.run("mkdir", path)
+            self.assertEqual(result.returncode, 2, (path[:20], result.stderr))
+            self.assertIn("Path", result.stderr)
+        ca, cert, key = cl.files("admin")
+        sock = tls_socket(cl.meta, ca, cert, key)
+        dogfs_session(sock)
+        answer = call(sock, m.MetaCommand("", 0), 1, c.encode_command(c.Mkdir("/a\x00b")))
+        self.assertIsInstance(answer, m.Error)
+        self.assertIn("NUL", answer.message)
+        sock.close()
+
+
+class RevocationTests(SynchronousTestCase):
+    """Revocation refuses new connections and cuts open ones, on every daemon."""
+
+    def test_revoked_identity(self) -> None:
+        """After `dogfs admin revoke`, open connections close and new ones are refused."""
+        cl = cluster()
+        config = cl.issue("mallory", "user")
+        cl.ok("ls", "/", config=config)
+        ca, cert, key = cl.files("mallory")
+        open_sockets = {}
+        for node, address in cl.nodes.items():
+            sock = tls_socket(address, ca, cert, key)
+            dogfs_session(sock)
+            open_sockets[node] = sock
+        cl.ok("admin", "revoke", "mallory")
+        for node, sock in open_sockets.items():
+            # Metadata: at once; chunk servers: at their next heartbeat reply (1 s).
+            self.assertEqual(read_until(sock, 1, timeout=8.0), ([], True), f"{node} kept the connection")
+            sock.close()
+        result = cl.run("ls", "/", config=config)
+        self.assertEqual(result.returncode, 4, result.stderr)
+        self.assertIn("revoked", result.stderr)
+        for node, address in cl.nodes.items():
+            try:
+                sock = tls_socket(address, ca, cert, key)
+                sock.sendall(frame(m.Hello((1,), "again"), 0))
+            except (ssl.SSLError, ConnectionError):
+                continue
+            self.assertTrue(closed_without_a_word(sock), f"{node} let a revoked identity in")
+            sock.close()
+        cl.ok("admin", "reinstate", "mallory")
+        deadline = time.monotonic() + 10
+        while cl.run("ls", "/", config=config).returncode != 0:
+            self.assertLess(time.monotonic(), deadline, "reinstated identity still refused")
+            time.sleep(0.3)
+
+
+class ZZDown(SynchronousTestCase):
+    """Stops the module's cluster."""
+
+    def test_zz_down(self) -> None:
+        """The cluster stops cleanly after the security tests (and was serving until then)."""
+        global _cluster
+        if _cluster is None:
+            return
+        self.assertIn("probe", _cluster.ok("ls", "/"))
+        _cluster.stop()
+        _cluster = None
