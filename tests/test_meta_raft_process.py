@@ -45,17 +45,18 @@ def sleep(seconds: float) -> defer.Deferred[None]:
 class RealCluster:
     """A local cluster under a temporary home, managed with the dogfs command."""
 
-    def __init__(self, metas: int = 3, chunks: int = 3, ec: str = "RS-2-1") -> None:
+    def __init__(self, metas: int = 3, chunks: int = 3, ec: str = "RS-2-1", env: dict[str, str] | None = None) -> None:
         if shutil.which("twistd", path=os.path.dirname(sys.executable)) is None and shutil.which("twistd") is None:
             raise SkipTest("twistd is not installed")
         self.home = tempfile.mkdtemp(prefix="dogfs-raft-")
         self.metas, self.chunks, self.ec = metas, chunks, ec
+        self.env = dict(ENV, **(env or {}))
 
     def run(self, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run ``dogfs --home HOME args...`` and return the completed process."""
         result = subprocess.run(
             [sys.executable, "-m", "dogfs.cli.main", "--home", self.home, *args],
-            capture_output=True, text=True, timeout=timeout, env=ENV, stdin=subprocess.DEVNULL,
+            capture_output=True, text=True, timeout=timeout, env=self.env, stdin=subprocess.DEVNULL,
         )
         if check and result.returncode != 0:
             raise AssertionError(f"dogfs {' '.join(args)} exited {result.returncode}: {result.stderr.strip()}")
@@ -287,3 +288,71 @@ class MetaRaftProcessTests(TestCase):
             if path.startswith("/s/"):
                 self.assertIn(path[3:], names)
         await self._check_files(fresh, acked, tried)
+
+
+class MembershipProcessTests(TestCase):
+    """`dogfs admin meta add` / `remove` on a running group of real processes."""
+
+    timeout = 300
+
+    def test_add_after_many_commits_and_remove_leader(self) -> defer.Deferred[None]:
+        """A member added after thousands of commits (the log compacted meanwhile) catches up
+        from a snapshot and becomes a voter; removing the leader hands leadership over, and
+        the group keeps serving with every file."""
+        return defer.Deferred.fromCoroutine(self._membership())
+
+    async def _membership(self) -> None:
+        cluster = RealCluster(env={"DOGFS_RAFT_SNAPSHOT_EVERY": "500"})
+        self.addCleanup(cluster.destroy)
+        await threads.deferToThread(cluster.up)
+        clients = [cluster.client() for _ in range(32)]
+        for client in clients:
+            self.addCleanup(client.close)
+        await clients[0].mkdir("/many")
+
+        async def make(w: int) -> None:
+            for n in range(70):
+                await clients[w].mkdir(f"/many/d{w}-{n}")
+
+        await defer.gatherResults([defer.Deferred.fromCoroutine(make(w)) for w in range(32)])
+        added = await threads.deferToThread(cluster.run, "--json", "admin", "meta", "add", "--local", "--timeout", "60")
+        members = {m["id"]: m for m in json.loads(added.stdout)["meta"]}
+        self.assertEqual(members["meta-4"]["role"], "follower", members)
+        self.assertTrue(members["meta-4"]["voter"])
+        own = await clients[0].status()
+        self.assertEqual(len([m for m in own["meta"] if m.get("voter")]), 4)
+
+        # The new member holds everything, from a snapshot.
+        def new_member() -> dict[str, Any]:
+            import attrs
+
+            from dogfs.config import load_client
+
+            config = load_client(os.path.join(cluster.home, "client.toml"))
+            address = cluster.nodes()["meta-4"]["address"]
+            return {"address": address, "config": attrs.evolve(config, meta=(address,))}
+
+        info = await threads.deferToThread(new_member)
+        from dogfs.client.api import DogFSClient
+
+        direct = DogFSClient(_reactor(), info["config"], timeout=10)
+        self.addCleanup(direct.close)
+        status = await direct.status()
+        me = next(m for m in status["meta"] if m["id"] == "meta-4")
+        self.assertGreater(me["snapshot_index"] or 0, 0, me)
+        self.assertGreaterEqual(me["applied_index"], 32 * 70)
+
+        # Remove the leader: it hands over; the rest serve, with every directory.
+        leader = await wait_for_leader(cluster)
+        await threads.deferToThread(cluster.run, "admin", "meta", "remove", leader, "--timeout", "30")
+        after = await wait_for_leader(cluster)
+        self.assertNotEqual(after, leader)
+        fresh = cluster.client()
+        self.addCleanup(fresh.close)
+        await fresh.mkdir("/after-removal")
+        status = await fresh.status()
+        voters = sorted(m["id"] for m in status["meta"] if m.get("voter"))
+        self.assertEqual(len(voters), 3)
+        self.assertNotIn(leader, voters)
+        names = {e.name for e in await fresh.ls("/many")}
+        self.assertEqual(len(names), 32 * 70)

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 import msgpack
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -324,6 +324,8 @@ class RaftCommandLog:
                 "last_contact_s": contact,
                 "voter": member in voters,
             })
+            if member == self.node_id:
+                out[-1]["snapshot_index"] = status.get("snapshot_index")
         return out
 
     # --- leadership and errors ------------------------------------------------------------
@@ -565,7 +567,9 @@ class RaftCommandLog:
             body = {"outcome": outcome if isinstance(outcome, str) else "done", "meta": self.members()}
             return Reply(m.MetaReply(self.leader_address()), encode_status(body))
 
-        return d.addCallback(answer)
+        # The core adopts a configuration just after the driver reports the entry applied:
+        # list the members a turn later, so the answer shows the change.
+        return d.addCallback(lambda outcome: task.deferLater(self.clock, 0, answer, outcome))
 
     # --- membership -------------------------------------------------------------------------
 
@@ -671,6 +675,8 @@ def build_raft_log(
     from dogfs.raft.storage import LMDBRaftStorage
     from dogfs.raft.wire_transport import WireRaftTransport
 
+    # Operators and tests may compact more often (a test cannot wait for 10,000 commits).
+    snapshot_every = int(os.environ.get("DOGFS_RAFT_SNAPSHOT_EVERY", snapshot_every))
     raft_dir = os.path.join(config.data_dir, "raft")
     os.makedirs(raft_dir, exist_ok=True)
     peers = dict(config.peers)
