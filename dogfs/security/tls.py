@@ -63,7 +63,9 @@ from twisted.internet.interfaces import (
     IStreamServerEndpoint,
 )
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from dogfs.security.roles import Identity, InvalidIdentity, identity_from_certificate
@@ -407,7 +409,129 @@ class ServerTLS:
         return verify
 
 
-class _RegisteringTLSFactory(TLSMemoryBIOFactory):
+# A TLS record carries at most 16 KiB of application data.
+_RECORD = 1 << 14
+# Encrypted bytes gathered before one write to the socket, and decrypted bytes gathered
+# before one delivery to the application protocol.
+_BATCH = 1 << 20
+
+
+class _BulkTLSProtocol(TLSMemoryBIOProtocol):
+    """Twisted's memory-BIO TLS with the per-record Python work cut down for bulk data.
+
+    Twisted encrypts a write 16 KiB at a time, copying a slice for each record and writing
+    each record to the socket as it comes; it delivers each decrypted record to the
+    application on its own. DogFS moves 1 MiB cells, so this subclass slices with memoryviews,
+    drains the send BIO once per batch, passes a writeSequence through without joining its
+    large parts, and delivers decrypted bytes in batches: same bytes, same order, a fraction
+    of the calls (bench/tls.py measures the difference).
+    """
+
+    def _flushSendBIO(self) -> None:
+        chunks = []
+        while True:
+            try:
+                chunks.append(self._tlsConnection.bio_read(_BATCH))
+            except SSL.WantReadError:
+                break
+        transport: Any = self.transport
+        if len(chunks) == 1:
+            transport.write(chunks[0])
+        elif chunks:
+            transport.writeSequence(chunks)
+
+    def _write(self, data: Any) -> None:
+        if self._lostTLSConnection:
+            return
+        view = memoryview(data).cast("B")
+        total = len(view)
+        sent_total = 0
+        unflushed = 0
+        while sent_total < total:
+            try:
+                sent = self._tlsConnection.send(view[sent_total : sent_total + _RECORD])
+            except SSL.WantReadError:
+                self._bufferedWrite(bytes(view[sent_total:]))
+                break
+            except SSL.Error:
+                self._tlsShutdownFinished(Failure())
+                return
+            sent_total += sent
+            unflushed += sent
+            if unflushed >= _BATCH:
+                unflushed = 0
+                self._flushSendBIO()
+        self._flushSendBIO()
+
+    def writeSequence(self, iovec: Iterable[Any]) -> None:
+        if self.disconnecting and self._producer is None:
+            return
+        pieces = list(iovec)
+        if sum(len(p) for p in pieces) <= 2 * _RECORD:
+            self._write(b"".join(pieces))
+            return
+        # Small leading pieces (a frame's prefix and header) share a record with what follows
+        # only if joined; joining a 1 MiB payload would copy it, so join just the small ones.
+        small: list[Any] = []
+        for piece in pieces:
+            if len(piece) < _RECORD:
+                small.append(piece)
+                continue
+            if small:
+                self._send_piece(b"".join(small))
+                small = []
+            self._send_piece(piece)
+        if small:
+            self._send_piece(b"".join(small))
+
+    def _send_piece(self, piece: Any) -> None:
+        # Once a write is buffered (before the handshake), later ones queue behind it.
+        if self._appSendBuffer:
+            self._appSendBuffer.append(bytes(piece))
+        else:
+            self._write(piece)
+
+    def _flushReceiveBIO(self) -> None:
+        parts: list[bytes] = []
+        size = 0
+
+        def deliver() -> None:
+            nonlocal parts, size
+            if parts and not self._aborted:
+                data = parts[0] if len(parts) == 1 else b"".join(parts)
+                parts, size = [], 0
+                ProtocolWrapper.dataReceived(self, data)
+            parts, size = [], 0
+
+        while not self._lostTLSConnection:
+            try:
+                data = self._tlsConnection.recv(1 << 16)
+            except SSL.WantReadError:
+                break
+            except SSL.ZeroReturnError:
+                deliver()
+                self._shutdownTLS()
+                self._tlsShutdownFinished(None)
+            except SSL.Error:
+                failure = Failure()
+                deliver()
+                self._tlsShutdownFinished(failure)
+            else:
+                parts.append(data)
+                size += len(data)
+                if size >= _BATCH:
+                    deliver()
+        deliver()
+        self._flushSendBIO()
+
+
+class _BulkTLSFactory(TLSMemoryBIOFactory):
+    """``TLSMemoryBIOFactory`` building :class:`_BulkTLSProtocol`."""
+
+    protocol = _BulkTLSProtocol
+
+
+class _RegisteringTLSFactory(_BulkTLSFactory):
     """A server TLS factory that bounds the handshake and keeps the registry up to date.
 
     A connection whose client certificate is not verified within the server's
@@ -574,7 +698,7 @@ class _TLSClientEndpoint:
 
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
         """Connect; fires with the application protocol once TCP is up (before the handshake)."""
-        factory = TLSMemoryBIOFactory(self._creator, True, protocolFactory, self._clock)
+        factory = _BulkTLSFactory(self._creator, True, protocolFactory, self._clock)
         d = self._wrapped.connect(factory)
         return d.addCallback(lambda proto: proto.wrappedProtocol)
 

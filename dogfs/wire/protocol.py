@@ -315,6 +315,9 @@ class Connection(Protocol):
             waiter.errback(error)
         if not self.ready.called:
             self.ready.errback(error)
+            # Whoever waited has it now; a server's connection (a stranger refused at the TLS
+            # handshake) has nobody waiting, and must not log an unhandled error.
+            self.ready.addErrback(lambda _: None)
         for callback in self.on_close:
             callback(self)
         self.closed.callback(None)
