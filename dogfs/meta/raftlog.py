@@ -326,6 +326,8 @@ class RaftCommandLog:
             })
             if member == self.node_id:
                 out[-1]["snapshot_index"] = status.get("snapshot_index")
+                # Durable writes so far: commit_index / raft_writes is the group-commit factor.
+                out[-1]["raft_writes"] = self.driver.batches
         return out
 
     # --- leadership and errors ------------------------------------------------------------
@@ -452,6 +454,10 @@ class RaftCommandLog:
         return table
 
     def _command(self, handlers: Any, plain: Any, request: Any) -> Any:
+        from dogfs.meta.registry import UNKNOWN
+
+        if not any(v.state == UNKNOWN for v in handlers.registry.view()):
+            return plain(request)  # the common case: no need to decode the command here
         needed = self._allocation_width(handlers, request)
         if needed is None or not self._awaiting_chunk_servers(handlers, needed):
             return plain(request)
@@ -473,12 +479,17 @@ class RaftCommandLog:
         backing off and retrying."""
         if self.leader_known() or self.leader_wait <= 0:
             return serve()
+        seen, total = self.reachable()
+        if seen < _majority(total):
+            return serve()  # no election can succeed: answer (no quorum) at once
 
         async def wait() -> Any:
             from dogfs.client.api import sleep
 
             deadline = self.clock.seconds() + self.leader_wait
             while not self.leader_known() and self.clock.seconds() < deadline:
+                if self.reachable()[0] < _majority(self.reachable()[1]):
+                    break
                 await sleep(self.clock, 0.01)
             return await defer.maybeDeferred(serve)
 

@@ -32,6 +32,20 @@ log = Logger()
 MAX_WAITING = 512
 
 
+def _no_delay(conn: Connection) -> None:
+    """Turn Nagle's algorithm off: Raft sends small messages back to back, and Nagle would
+    hold each until the previous one is acknowledged (tens of ms with delayed ACKs)."""
+    transport = getattr(conn, "transport", None)
+    for layer in (getattr(transport, "transport", None), transport):
+        set_no_delay = getattr(layer, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            try:
+                set_no_delay(True)
+            except OSError:
+                pass
+            return
+
+
 class WireRaftTransport(FramedRaftTransport):
     """``IRaftTransport`` for group ``group`` over DogFS connections.
 
@@ -119,6 +133,7 @@ class WireRaftTransport(FramedRaftTransport):
         self._waiting[address] = [payload]
 
         def connected(conn: Connection) -> None:
+            _no_delay(conn)
             self._failed_at.pop(address, None)
             queued = self._waiting.pop(address, [])
             for item in queued:
