@@ -283,6 +283,25 @@ class RaftCommandLogTests(SynchronousTestCase):
         with self.assertRaises(ValueError):
             machine.restore(Snapshot(SnapshotMeta(99, 3, Configuration(frozenset(IDS))), b"junk"))
 
+    def test_leadership_listeners_and_announcement(self) -> None:
+        """watch() tells listeners when this member gains or loses leadership, and a new
+        leader announces its addresses (dashboard included) to every member through the log."""
+        group = Group(self)
+        leader = group.leader()
+        leader.http_address = "127.0.0.1:9999"
+        heard: list[bool] = []
+        leader.on_leadership.append(heard.append)
+        leader.watch()
+        leader.watch()
+        self.assertEqual(heard, [True])
+        group.run(1.0)
+        for g in group.logs.values():
+            self.assertEqual(g.book.http_address(leader.node_id), "127.0.0.1:9999")
+        group.network.isolate(leader.node_id)
+        group.run(3.0)
+        leader.watch()
+        self.assertEqual(heard, [True, False])
+
     def test_raft_mode(self) -> None:
         """Raft runs with several peers, or when joining (own id not among the peers)."""
 

@@ -218,6 +218,7 @@ class RaftCommandLog:
         #: Called with True/False when this member gains or loses leadership.
         self.on_leadership: list[Callable[[bool], None]] = []
         self._leading = False
+        self._announced = False
         #: The peer transport (set by ``build_raft_log``) and the service to start (driver).
         self.transport: Any = None
         self.service: Any = None
@@ -398,6 +399,11 @@ class RaftCommandLog:
         leading = self.driver.is_leader
         if leading != self._leading:
             self._leading = leading
+            if leading and not self._announced:
+                # Tell every member where this one (and its dashboard) listens, once per run.
+                self._announced = True
+                d = self.propose(member_record(self.node_id, self.address, self.http_address))
+                d.addErrback(lambda f: setattr(self, "_announced", False))
             for listener in list(self.on_leadership):
                 try:
                     listener(leading)
