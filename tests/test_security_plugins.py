@@ -10,6 +10,8 @@ import tempfile
 from typing import Any
 
 from twisted.internet import reactor as _reactor
+from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from dogfs.config import TLSFiles
@@ -97,3 +99,26 @@ class TLSDaemonTests(TestCase):
         with self.assertRaises(WireError) as e:
             await self.ask(pool, m.GetShard("x"))
         self.assertIn(e.exception.code, ("connection_closed", "unreachable"))
+
+
+class PlaintextWarningTests(TestCase):
+    """A daemon without [tls] says what that exposes, at every start."""
+
+    def test_warns_at_every_start(self) -> None:
+        """Each startService of a plaintext DaemonSecurity logs the plaintext warning."""
+        seen: list[str] = []
+
+        def observe(event: dict[str, Any]) -> None:
+            from twisted.logger import formatEvent
+
+            seen.append(formatEvent(event))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        security = DaemonSecurity(Clock(), None, "chunk-9", "127.0.0.1:7100")
+        for _ in range(2):
+            security.startService()
+            security.stopService()
+        warnings = [line for line in seen if line.startswith("plaintext: anyone who can reach 127.0.0.1:7100")]
+        self.assertEqual(len(warnings), 2)
+        self.assertIsNone(security.server)
