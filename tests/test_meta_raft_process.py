@@ -347,6 +347,10 @@ class MembershipProcessTests(TestCase):
         await threads.deferToThread(cluster.run, "admin", "meta", "remove", leader, "--timeout", "30")
         after = await wait_for_leader(cluster)
         self.assertNotEqual(after, leader)
+        # cluster status shows the result: the removed node is gone from the local cluster.
+        nodes = await threads.deferToThread(cluster.nodes)
+        self.assertNotIn(leader, nodes)
+        self.assertEqual(len([n for n in nodes.values() if n["kind"] == "meta"]), 3)
         fresh = cluster.client()
         self.addCleanup(fresh.close)
         await fresh.mkdir("/after-removal")

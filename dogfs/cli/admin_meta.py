@@ -3,7 +3,8 @@
 
     dogfs admin meta add ADDRESS [--id ID]   add a running, empty metadata node
     dogfs admin meta add --local             (a `dogfs cluster` home) create meta-N, start it, add it
-    dogfs admin meta remove NODE             remove a member (the leader hands over first)
+    dogfs admin meta remove NODE             remove a member (the leader hands over first); in a
+                                             `dogfs cluster` home its process is stopped too
 
 A new member joins as a learner (it votes on nothing while it catches up, from a snapshot if the
 log was compacted), and is promoted to voter once it holds everything the leader had committed
@@ -156,8 +157,49 @@ def cmd_remove(args: argparse.Namespace) -> int:
     from dogfs.cli.main import run_client
 
     result = run_client(args, lambda client: _member_op(client, "member_remove", {"id": args.node}))
-    _show(args, result, f"{args.node} left the metadata group (stop its process: it no longer serves)")
+    if _retire_local(args):
+        sentence = f"{args.node} left the metadata group; its process is stopped (its data is kept)"
+    else:
+        sentence = f"{args.node} left the metadata group (stop its process: it no longer serves)"
+    _show(args, result, sentence)
     return output.OK
+
+
+def _retire_local(args: argparse.Namespace) -> bool:
+    """In a `dogfs cluster` home: stop the removed node and drop it from cluster.toml and
+    client.toml (so `cluster up` does not start it again). False when NODE is not local."""
+    import tomllib
+
+    import tomli_w
+
+    from dogfs.cli import cluster_layout as layout
+
+    home = os.path.abspath(args.home)
+    spec = layout.load_spec(home)
+    if spec is None or not any(n.id == args.node and n.kind == "meta" for n in spec.nodes):
+        return False
+    node = spec.node(args.node)
+    pid = layout.node_pid(home, node)
+    if pid is not None:
+        layout.stop_pids([pid])
+    cluster_file = os.path.join(home, layout.CLUSTER_FILE)
+    with open(cluster_file, "rb") as f:
+        data = tomllib.load(f)
+    data["nodes"] = [n for n in data["nodes"] if n.get("id") != args.node]
+    with open(cluster_file + ".tmp", "wb") as f:
+        tomli_w.dump(data, f)
+    os.replace(cluster_file + ".tmp", cluster_file)
+    if os.path.exists(args.config):
+        with open(args.config, "rb") as f:
+            client = tomllib.load(f)
+        metas = [a for a in client.get("client", {}).get("meta", []) if a != node.address]
+        if metas:
+            client["client"]["meta"] = metas
+            with open(args.config + ".tmp", "wb") as f:
+                tomli_w.dump(client, f)
+            os.chmod(args.config + ".tmp", 0o600)
+            os.replace(args.config + ".tmp", args.config)
+    return True
 
 
 def _show(args: argparse.Namespace, result: dict[str, Any], sentence: str) -> None:
