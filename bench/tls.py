@@ -8,6 +8,11 @@ default, one with `--insecure`) in temporary homes, and alternates runs between 
 the machine's noise falls on both alike. Each run puts a SIZE file through the client API
 (in this process) and gets it back. Figures are medians; the ratios are TLS / plaintext.
 Target (issue 5): at least 0.7.
+
+It also counts CPU seconds (this process plus every daemon of the cluster, from /proc) per
+operation: on a shared machine wall-clock throughput follows whatever else runs, while the
+CPU cost does not, and where the data path is CPU-bound (2 cores for client and 7 daemons)
+the CPU ratio (plaintext CPU / TLS CPU) is what the throughput ratio tends to.
 """
 
 from __future__ import annotations
@@ -52,19 +57,49 @@ def make_file(path: str, size: int, seed: int) -> None:
             left -= n
 
 
-async def one_run(client: Any, name: str, source: str, out: str) -> tuple[float, float]:
-    """Seconds to put `source` as `name` and to get it back into `out`."""
+def daemon_pids(home: str) -> list[int]:
+    """The pids of the cluster's daemons (from their pid files)."""
+    pids = []
+    for node in os.listdir(os.path.join(home, "nodes")):
+        try:
+            with open(os.path.join(home, "nodes", node, "twistd.pid")) as f:
+                pids.append(int(f.read().strip()))
+        except (OSError, ValueError):
+            pass
+    return pids
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU seconds (user + system) used so far by this process and `pids`."""
+    total = time.process_time()
+    ticks = os.sysconf("SC_CLK_TCK")
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / ticks
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+async def one_run(client: Any, name: str, source: str, out: str, pids: list[int]) -> tuple[float, ...]:
+    """Seconds and CPU seconds to put `source` as `name` and to get it back into `out`."""
+    cpu = cpu_seconds(pids)
     started = time.perf_counter()
     with open(source, "rb") as f:
         await client.put(name, f)
     put_s = time.perf_counter() - started
+    put_cpu = cpu_seconds(pids) - cpu
+    cpu = cpu_seconds(pids)
     started = time.perf_counter()
     with open(out, "wb") as f:
         await client.get(name, f)
     get_s = time.perf_counter() - started
+    get_cpu = cpu_seconds(pids) - cpu
     os.unlink(out)
     await client.rm(name)
-    return put_s, get_s
+    return put_s, get_s, put_cpu, get_cpu
 
 
 async def measure(reactor: Any, args: argparse.Namespace, homes: dict[str, str], work: str) -> dict[str, Any]:
@@ -80,22 +115,30 @@ async def measure(reactor: Any, args: argparse.Namespace, homes: dict[str, str],
     source = os.path.join(work, "source")
     make_file(source, size, 1)
     out = os.path.join(work, "out")
-    for client in clients.values():  # warm-up (first large writes are slow)
-        await one_run(client, "/warmup", source, out)
-    times: dict[str, dict[str, list[float]]] = {k: {"put": [], "get": []} for k in clients}
+    pids = {kind: daemon_pids(home) for kind, home in homes.items()}
+    for kind, client in clients.items():  # warm-up (first large writes are slow)
+        await one_run(client, "/warmup", source, out, pids[kind])
+    ops = ("put", "get", "put_cpu", "get_cpu")
+    times: dict[str, dict[str, list[float]]] = {k: {op: [] for op in ops} for k in clients}
     for i in range(args.repeats):
         for kind in (("tls", "insecure") if i % 2 == 0 else ("insecure", "tls")):
-            put_s, get_s = await one_run(clients[kind], f"/big-{i}", source, out)
-            times[kind]["put"].append(put_s)
-            times[kind]["get"].append(get_s)
+            measured = await one_run(clients[kind], f"/big-{i}", source, out, pids[kind])
+            for op, value in zip(ops, measured, strict=True):
+                times[kind][op].append(value)
     for client in clients.values():
         await client.close()
     results: dict[str, Any] = {"size_mib": args.size_mib, "repeats": args.repeats}
     for kind in clients:
         for op in ("put", "get"):
             results[f"{kind}_{op}_mib_s"] = size / MiB / statistics.median(times[kind][op])
+        for op in ("put", "get"):
+            results[f"{kind}_{op}_cpu_s_per_gib"] = statistics.median(times[kind][f"{op}_cpu"]) * 1024 / args.size_mib
     for op in ("put", "get"):
         results[f"{op}_ratio"] = results[f"tls_{op}_mib_s"] / results[f"insecure_{op}_mib_s"]
+        results[f"{op}_cpu_ratio"] = (
+            results[f"insecure_{op}_cpu_s_per_gib"] / results[f"tls_{op}_cpu_s_per_gib"]
+        )
+    results["load_average"] = os.getloadavg()
     return results
 
 
@@ -144,6 +187,11 @@ def main() -> None:
             f"  {op.upper():3}  TLS {r[f'tls_{op}_mib_s']:7.0f} MiB/s   plaintext "
             f"{r[f'insecure_{op}_mib_s']:7.0f} MiB/s   ratio {r[f'{op}_ratio']:.2f} (target >= 0.7)"
         )
+        print(
+            f"       CPU s/GiB (client + daemons): TLS {r[f'tls_{op}_cpu_s_per_gib']:5.2f}   plaintext "
+            f"{r[f'insecure_{op}_cpu_s_per_gib']:5.2f}   ratio {r[f'{op}_cpu_ratio']:.2f}"
+        )
+    print(f"  load average at the end: {' '.join(f'{x:.1f}' for x in r['load_average'])}")
 
 
 if __name__ == "__main__":

@@ -409,8 +409,20 @@ class ServerTLS:
         return verify
 
 
+try:
+    # pyOpenSSL's cffi bindings: calling SSL_write/SSL_read directly skips a Python wrapper,
+    # an allocation and a copy per 16 KiB record. Private, so every use has a fallback.
+    from OpenSSL._util import ffi as _ffi
+    from OpenSSL._util import lib as _lib
+
+    _alloc: Any = _ffi.new_allocator(should_clear_after_alloc=False)
+except (ImportError, AttributeError):  # pragma: no cover - other pyOpenSSL layouts
+    _ffi = _lib = _alloc = None
+
 # A TLS record carries at most 16 KiB of application data.
 _RECORD = 1 << 14
+# Decrypted bytes gathered before one delivery to the application protocol.
+_READ_BATCH = 1 << 19
 # Encrypted bytes gathered before one write to the socket, and decrypted bytes gathered
 # before one delivery to the application protocol.
 _BATCH = 1 << 20
@@ -445,6 +457,10 @@ class _BulkTLSProtocol(TLSMemoryBIOProtocol):
             return
         view = memoryview(data).cast("B")
         total = len(view)
+        ssl_ptr = getattr(self._tlsConnection, "_ssl", None)
+        if _lib is not None and ssl_ptr is not None and total:
+            self._write_direct(view, ssl_ptr)
+            return
         sent_total = 0
         unflushed = 0
         while sent_total < total:
@@ -461,6 +477,33 @@ class _BulkTLSProtocol(TLSMemoryBIOProtocol):
             if unflushed >= _BATCH:
                 unflushed = 0
                 self._flushSendBIO()
+        self._flushSendBIO()
+
+    def _write_direct(self, view: memoryview, ssl_ptr: Any) -> None:
+        """``_write`` through ``SSL_write`` itself, one record per call."""
+        connection: Any = self._tlsConnection
+        total = len(view)
+        sent_total = 0
+        unflushed = 0
+        with _ffi.from_buffer(view) as base:
+            while sent_total < total:
+                sent = _lib.SSL_write(ssl_ptr, base + sent_total, min(_RECORD, total - sent_total))
+                if sent <= 0:
+                    try:
+                        connection._raise_ssl_error(ssl_ptr, sent)
+                    except SSL.WantReadError:
+                        pass
+                    except SSL.Error:
+                        self._tlsShutdownFinished(Failure())
+                        return
+                    # Not writable yet (before the handshake): keep the rest for later.
+                    self._bufferedWrite(bytes(view[sent_total:]))
+                    break
+                sent_total += sent
+                unflushed += sent
+                if unflushed >= _BATCH:
+                    unflushed = 0
+                    self._flushSendBIO()
         self._flushSendBIO()
 
     def writeSequence(self, iovec: Iterable[Any]) -> None:
@@ -492,6 +535,10 @@ class _BulkTLSProtocol(TLSMemoryBIOProtocol):
             self._write(piece)
 
     def _flushReceiveBIO(self) -> None:
+        ssl_ptr = getattr(self._tlsConnection, "_ssl", None)
+        if _lib is not None and ssl_ptr is not None:
+            self._receive_direct(ssl_ptr)
+            return
         parts: list[bytes] = []
         size = 0
 
@@ -521,6 +568,48 @@ class _BulkTLSProtocol(TLSMemoryBIOProtocol):
                 size += len(data)
                 if size >= _BATCH:
                     deliver()
+        deliver()
+        self._flushSendBIO()
+
+
+    def _receive_direct(self, ssl_ptr: Any) -> None:
+        """``_flushReceiveBIO`` through ``SSL_read`` into one buffer per batch."""
+        connection: Any = self._tlsConnection
+        buffer: Any = None
+        filled = 0
+
+        def deliver() -> None:
+            nonlocal filled
+            if filled and not self._aborted:
+                data = _ffi.buffer(buffer, filled)[:]
+                filled = 0
+                ProtocolWrapper.dataReceived(self, data)
+            filled = 0
+
+        while not self._lostTLSConnection:
+            if buffer is None:
+                buffer = _alloc("char[]", _READ_BATCH)
+            room = _READ_BATCH - filled
+            got = _lib.SSL_read(ssl_ptr, buffer + filled, room)
+            if got > 0:
+                filled += got
+                if filled > _READ_BATCH - _RECORD:
+                    deliver()
+                continue
+            try:
+                connection._raise_ssl_error(ssl_ptr, got)
+            except SSL.WantReadError:
+                break
+            except SSL.ZeroReturnError:
+                deliver()
+                self._shutdownTLS()
+                self._tlsShutdownFinished(None)
+            except SSL.Error:
+                failure = Failure()
+                deliver()
+                self._tlsShutdownFinished(failure)
+            else:
+                break
         deliver()
         self._flushSendBIO()
 
