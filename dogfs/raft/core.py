@@ -1465,8 +1465,10 @@ class RaftNode:
                 return  # stale
             pr.become_probe()
         elif pr.state == _ProgressState.PROBE:
-            if m.index != pr.next - 1:
-                return  # stale
+            if m.index != pr.next - 1 or m.index <= pr.match:
+                # Stale; or a follower denying what it acknowledged (it lost its disk):
+                # retry at the next heartbeat rather than at once.
+                return
         else:
             return
         probe = m.hint_index

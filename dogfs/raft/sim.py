@@ -820,12 +820,18 @@ class Simulation:
         try:
             self._at(1.0, self._tick_event)
             end = float(self.steps)
+            storm_tick, storm_events = 0, 0
             while self._queue:
                 when, _, fn, args = heapq.heappop(self._queue)
                 if when > end:
                     break
                 self.now = when
                 fn(*args)
+                if self.tick_no != storm_tick:
+                    storm_tick, storm_events = self.tick_no, 0
+                storm_events += 1
+                if storm_events > 50_000:
+                    raise Violation(f"livelock: a storm of {storm_events} events within one tick")
             self._final_checks()
         except Violation as v:
             violation = str(v)
