@@ -8,7 +8,7 @@ latency as a client sees it. Each client is its own DogFSClient (its own session
 coroutines in this process. If ``etcd`` is on PATH, the same run measures etcd's
 ``/v3/kv/put`` with the same number of clients (bench/raft.py's driver).
 
-    .venv/bin/python bench/meta.py [--clients 64] [--seconds 5] [--runs 1] [--no-etcd]
+    .venv/bin/python bench/meta.py [--clients 64] [--seconds 5] [--runs 1] [--metas 1,3] [--no-etcd]
 """
 
 from __future__ import annotations
@@ -70,35 +70,41 @@ async def run_load(clients: list[Any], seconds: float, op: Any) -> tuple[float, 
 async def bench(reactor: Any, args: argparse.Namespace) -> None:
     from tests.test_meta_raft_process import RealCluster
 
-    results: dict[str, list[tuple[float, float, float, int]]] = {"mkdir": [], "put 4 KiB": [], "etcd put": []}
+    metas_list = [int(x) for x in args.metas.split(",")]
+    results: dict[str, list[tuple[float, float, float, int]]] = {}
+    for metas in metas_list:
+        results[f"mkdir {metas}m"] = []
+        results[f"put 4K {metas}m"] = []
+    results["etcd put"] = []
     payload = os.urandom(4096)
     for run in range(args.runs):
-        cluster = RealCluster(metas=3, chunks=3, ec="RS-2-1")
-        try:
-            cluster.up()
-            clients = [cluster.client(timeout=30) for _ in range(args.clients)]
-            await clients[0].mkdir("/m")
-            await clients[0].mkdir("/p")
+        for metas in metas_list:
+            cluster = RealCluster(metas=metas, chunks=3, ec="RS-2-1")
+            try:
+                cluster.up()
+                clients = [cluster.client(timeout=30) for _ in range(args.clients)]
+                await clients[0].mkdir("/m")
+                await clients[0].mkdir("/p")
 
-            phase = [f"warm-r{run}"]
+                phase = [f"warm-r{run}"]
 
-            async def mkdir(client: Any, w: int, n: int, phase: list[str] = phase) -> None:
-                await client.mkdir(f"/m/{phase[0]}-w{w}-{n}")
+                async def mkdir(client: Any, w: int, n: int, phase: list[str] = phase) -> None:
+                    await client.mkdir(f"/m/{phase[0]}-w{w}-{n}")
 
-            async def put(client: Any, w: int, n: int, phase: list[str] = phase) -> None:
-                await client.put(f"/p/{phase[0]}-w{w}-{n}", io.BytesIO(payload))
+                async def put(client: Any, w: int, n: int, phase: list[str] = phase) -> None:
+                    await client.put(f"/p/{phase[0]}-w{w}-{n}", io.BytesIO(payload))
 
-            await run_load(clients, 1.0, mkdir)  # warm-up: connections, leader known
-            phase[0] = f"run-r{run}"
-            for name, op in (("mkdir", mkdir), ("put 4 KiB", put)):
-                r = await run_load(clients, args.seconds, op)
-                results[name].append(r)
-                print(f"run {run + 1} dogfs {name:9} clients={args.clients}: {r[0]:.0f}/s "
-                      f"p50 {r[1]:.1f} ms p99 {r[2]:.1f} ms ({r[3]} errors)", file=sys.stderr)
-            for c in clients:
-                await c.close()
-        finally:
-            cluster.destroy()
+                await run_load(clients, 1.0, mkdir)  # warm-up: connections, leader known
+                phase[0] = f"run-r{run}"
+                for name, op in ((f"mkdir {metas}m", mkdir), (f"put 4K {metas}m", put)):
+                    r = await run_load(clients, args.seconds, op)
+                    results[name].append(r)
+                    print(f"run {run + 1} dogfs {name:11} clients={args.clients}: {r[0]:.0f}/s "
+                          f"p50 {r[1]:.1f} ms p99 {r[2]:.1f} ms ({r[3]} errors)", file=sys.stderr)
+                for c in clients:
+                    await c.close()
+            finally:
+                cluster.destroy()
         if args.no_etcd or shutil.which("etcd") is None:
             continue
         import raft as raftbench
@@ -120,15 +126,16 @@ async def bench(reactor: Any, args: argparse.Namespace) -> None:
         values = sorted(r[i] for r in rs)
         return values[len(values) // 2]
 
-    print(f"\n3 metadata nodes, {args.clients} concurrent clients, {args.seconds:g} s per run, "
-          f"median of {args.runs} run(s)")
+    print(f"\nN m = N metadata nodes (1: the single-node log, no Raft); {args.clients} concurrent "
+          f"clients, {args.seconds:g} s per run, median of {args.runs} run(s)")
     print(f"{'operation':12} {'ops/s':>8} {'p50 ms':>8} {'p99 ms':>8}")
     for name, rs in results.items():
         if rs:
             print(f"{name:12} {median(rs, 0):8.0f} {median(rs, 1):8.1f} {median(rs, 2):8.1f}")
-    if results["etcd put"] and results["mkdir"]:
-        ratio = median(results["mkdir"], 0) / max(1.0, median(results["etcd put"], 0))
-        print(f"metadata writes / etcd puts: {ratio:.2f}x")
+    raft = [k for k in results if k.startswith("mkdir") and not k.endswith(" 1m") and results[k]]
+    if results["etcd put"] and raft:
+        ratio = median(results[raft[0]], 0) / max(1.0, median(results["etcd put"], 0))
+        print(f"metadata writes ({raft[0]}) / etcd puts (3 members): {ratio:.2f}x")
 
 
 def main() -> None:
@@ -138,6 +145,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--no-etcd", action="store_true")
+    parser.add_argument("--metas", default="3", help="metadata group sizes to measure, e.g. 1,3")
     args = parser.parse_args()
     from twisted.internet import reactor
 
