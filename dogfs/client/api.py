@@ -61,7 +61,8 @@ class DogFSClient:
         self.timeout = timeout if timeout is not None else config.timeout
         self.pool = ConnectionPool(reactor, endpoints or client_endpoints(reactor, config.tls, timeout=min(5.0, self.timeout)))
         self.client_id = client_id or uuid.uuid4().hex
-        self._seq = 0
+        self._idle_sessions: list[tuple[str, int]] = []  # (session id, last sequence number)
+        self._sessions_made = 0
         self._leader: str | None = None
         self._info: dict[str, Any] | None = None
 
@@ -82,8 +83,10 @@ class DogFSClient:
         """
         deadline = self.clock.seconds() + self.timeout
         last: WireError | None = None
+        no_quorum: WireError | None = None
         delay = 0.05
         while True:
+            redirected = False
             for address in self._addresses():
                 remaining = deadline - self.clock.seconds()
                 if remaining <= 0:
@@ -93,12 +96,15 @@ class DogFSClient:
                     reply = await connection.call(msg, payload, timeout=min(remaining, 10.0))
                 except WireError as e:
                     last = e
+                    if e.code == "no_quorum":
+                        no_quorum = e  # the most telling reason, whatever came after it
                     if e.code not in RETRYABLE:
                         raise _error(e) from None
                     if e.code == "not_leader" and e.details.get("leader"):
                         hinted = e.details["leader"]
                         if hinted != address:
                             self._leader = hinted
+                            redirected = True
                             break  # retry at once at the hinted leader
                     if e.code in ("connection_closed", "timeout"):
                         self.pool.drop(address)
@@ -106,24 +112,35 @@ class DogFSClient:
                 if isinstance(reply.msg, m.MetaReply) and reply.msg.leader_hint:
                     self._leader = reply.msg.leader_hint
                 return reply
+            if redirected and self.clock.seconds() < deadline:
+                continue
             if self.clock.seconds() + delay >= deadline:
                 break
             await _sleep(self.clock, delay)
             delay = min(delay * 2, 1.0)
         where = ", ".join(self.config.meta)
+        if no_quorum is not None:
+            raise DogFSError("no_quorum", no_quorum.message)
         if last is None:
             raise DogFSError("timeout", f"no metadata node answered within {self.timeout:g}s ({where})")
-        if last.code == "no_quorum":
-            raise DogFSError("no_quorum", last.message)
         if last.code == "unreachable":
             raise DogFSError("unreachable", f"no metadata node is reachable ({where}): {last.message}")
         raise DogFSError(last.code, f"the metadata service did not answer within {self.timeout:g}s: {last.message}")
 
     async def _command(self, command: Any) -> Any:
-        self._seq += 1
-        reply = await self._meta(
-            m.MetaCommand(self.client_id, self._seq), c.encode_command(command)
-        )
+        # One session per command in flight: the metadata remembers each session's last
+        # sequence number, so two concurrent commands must never share one (a retry of the
+        # older would be refused as expired).
+        if self._idle_sessions:
+            session, seq = self._idle_sessions.pop()
+        else:
+            self._sessions_made += 1
+            session, seq = f"{self.client_id}.{self._sessions_made}", 0
+        seq += 1
+        try:
+            reply = await self._meta(m.MetaCommand(session, seq), c.encode_command(command))
+        finally:
+            self._idle_sessions.append((session, seq))
         return _result(reply)
 
     async def _query(self, op: str, path: str = "", args: dict[str, Any] | None = None) -> Reply:

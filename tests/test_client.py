@@ -1,0 +1,165 @@
+# -*- test-case-name: tests.test_client -*-
+"""Unit tests for dogfs.client.api: sessions, redirects and errors, on simulated time."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from dogfs.client.api import DogFSClient, DogFSError
+from dogfs.config import ClientConfig
+from dogfs.meta import commands as c
+from dogfs.wire import messages as m
+from dogfs.wire.protocol import Reply, WireError
+
+
+class FakeConnection:
+    """Answers calls with a function of (address, message); records what it was sent."""
+
+    def __init__(self, address: str, answer: Any, sent: list[tuple[str, Any]]) -> None:
+        self.address = address
+        self.answer = answer
+        self.sent = sent
+
+    def call(self, msg: Any, payload: bytes = b"", timeout: float | None = None) -> defer.Deferred[Reply]:
+        self.sent.append((self.address, msg))
+        return defer.maybeDeferred(self.answer, self.address, msg)
+
+
+class FakePool:
+    """A ConnectionPool stand-in: every address connects to a FakeConnection."""
+
+    def __init__(self, answer: Any) -> None:
+        self.answer = answer
+        self.sent: list[tuple[str, Any]] = []
+        self.dropped: list[str] = []
+
+    def get(self, address: str) -> defer.Deferred[FakeConnection]:
+        return defer.succeed(FakeConnection(address, self.answer, self.sent))
+
+    def drop(self, address: str) -> None:
+        self.dropped.append(address)
+
+    def close_all(self) -> defer.Deferred[None]:
+        return defer.succeed(None)
+
+
+def client(answer: Any, meta: tuple[str, ...] = ("a:1", "b:1"), timeout: float = 5.0) -> tuple[DogFSClient, FakePool, Clock]:
+    clock = Clock()
+    dogfs = DogFSClient(clock, ClientConfig(meta=meta), endpoints=lambda a: None, timeout=timeout)  # type: ignore[arg-type,return-value]
+    pool = FakePool(answer)
+    dogfs.pool = pool  # type: ignore[assignment]
+    return dogfs, pool, clock
+
+
+def ok_reply() -> Reply:
+    return Reply(m.MetaReply("a:1"), c.encode_result(c.Ok()))
+
+
+class SessionTests(SynchronousTestCase):
+    """Exactly-once sessions: one per command in flight."""
+
+    def test_concurrent_commands_use_distinct_sessions(self) -> None:
+        """Two commands in flight carry different session ids; a later one reuses a free one."""
+        pending: list[defer.Deferred[Reply]] = []
+
+        def answer(address: str, msg: Any) -> defer.Deferred[Reply]:
+            d: defer.Deferred[Reply] = defer.Deferred()
+            pending.append(d)
+            return d
+
+        dogfs, pool, clock = client(answer)
+        first = dogfs.rm("/x")
+        second = dogfs.rm("/y")
+        sessions = [(msg.client_id, msg.seq) for _, msg in pool.sent]
+        self.assertEqual(len({s for s, _ in sessions}), 2)
+        self.assertEqual([seq for _, seq in sessions], [1, 1])
+        for d in pending:
+            d.callback(ok_reply())
+        self.successResultOf(first)
+        self.successResultOf(second)
+        pending.clear()
+        third = dogfs.rm("/z")
+        _, msg = pool.sent[-1]
+        self.assertIn(msg.client_id, {s for s, _ in sessions})
+        self.assertEqual(msg.seq, 2)
+        pending[0].callback(ok_reply())
+        self.successResultOf(third)
+
+    def test_retry_keeps_sequence_number(self) -> None:
+        """A command retried after a lost connection is resent with the same session and seq."""
+        calls = []
+
+        def answer(address: str, msg: Any) -> Reply:
+            calls.append(msg)
+            if len(calls) == 1:
+                raise WireError("connection_closed", "lost")
+            return ok_reply()
+
+        dogfs, pool, clock = client(answer)
+        d = dogfs.mkdir("/d")
+        self.successResultOf(d)
+        self.assertEqual(len(calls), 2)
+        self.assertEqual((calls[0].client_id, calls[0].seq), (calls[1].client_id, calls[1].seq))
+        self.assertEqual(pool.dropped, ["a:1"])
+
+
+class ErrorTests(SynchronousTestCase):
+    """What the client says when the cluster cannot serve."""
+
+    def test_not_leader_redirect_is_immediate(self) -> None:
+        """A not_leader hint is followed at once, without waiting for a backoff."""
+
+        def answer(address: str, msg: Any) -> Reply:
+            if address != "b:1":
+                raise WireError("not_leader", "not me", {"leader": "b:1"})
+            return Reply(m.MetaReply("b:1"), c.encode_result(c.Ok()))
+
+        dogfs, pool, clock = client(answer, meta=("a:1", "c:1"))
+        self.successResultOf(dogfs.rm("/x"))
+        self.assertEqual([a for a, _ in pool.sent], ["a:1", "b:1"])
+        self.assertEqual(dogfs._leader, "b:1")
+
+    def test_no_quorum_wins_over_unreachable(self) -> None:
+        """If any member said "no quorum", that is the error, even if others were unreachable."""
+
+        def answer(address: str, msg: Any) -> Reply:
+            if address == "a:1":
+                raise WireError("no_quorum", "the metadata group has no quorum: 1 of 3 members reachable")
+            raise WireError("unreachable", "cannot connect to b:1")
+
+        dogfs, pool, clock = client(answer, timeout=2.0)
+        d = dogfs.mkdir("/d")
+        clock.pump([0.1] * 30)
+        error = self.failureResultOf(d, DogFSError).value
+        self.assertEqual(error.code, "no_quorum")
+        self.assertIn("no quorum", error.message)
+
+    def test_gives_up_within_timeout(self) -> None:
+        """With nothing reachable the call fails once the timeout has passed, not before."""
+
+        def answer(address: str, msg: Any) -> Reply:
+            raise WireError("unreachable", f"cannot connect to {address}")
+
+        dogfs, pool, clock = client(answer, timeout=3.0)
+        d = dogfs.stat("/x")
+        clock.advance(2.0)
+        self.assertNoResult(d)
+        clock.pump([0.25] * 8)
+        error = self.failureResultOf(d, DogFSError).value
+        self.assertEqual(error.code, "unreachable")
+        self.assertIn("a:1, b:1", error.message)
+
+    def test_final_errors_are_not_retried(self) -> None:
+        """not_found is final: no retry, the message is kept."""
+
+        def answer(address: str, msg: Any) -> Reply:
+            raise WireError("not_found", "'/x' does not exist.")
+
+        dogfs, pool, clock = client(answer)
+        error = self.failureResultOf(dogfs.stat("/x"), DogFSError).value
+        self.assertEqual((error.code, error.message), ("not_found", "'/x' does not exist."))
+        self.assertEqual(len(pool.sent), 1)
