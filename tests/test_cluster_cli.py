@@ -17,7 +17,7 @@ from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
-from dogfs.cli import cluster
+from dogfs.cli import cluster, demo
 from dogfs.cli import cluster_layout as layout
 from dogfs.cli.output import USAGE, CLIError
 from dogfs.config import load_chunk, load_client, load_meta
@@ -396,7 +396,7 @@ class RealClusterTests(SynchronousTestCase):
         node's log_format = "json"; kill leaves a stale pidfile and up restarts that node."""
         home = _home(self)
         self.addCleanup(_kill_leftovers, home)
-        result = self._up(home, "--chunk", "3", "--ec", "RS-2-1", "--insecure")
+        result = self._up(home, "--meta", "1", "--chunk", "3", "--ec", "RS-2-1", "--insecure")
         self.assertEqual(result.returncode, 0, result.stderr + result.stdout)
         self.assertIn("chunk-3", result.stdout)
         spec = layout.load_spec(home)
@@ -484,7 +484,7 @@ class RealClusterTests(SynchronousTestCase):
             )
         home = _home(self)
         self.addCleanup(_kill_leftovers, home)
-        result = self._up(home, "--chunk", "2", "--ec", "RS-1-1")
+        result = self._up(home, "--meta", "1", "--chunk", "2", "--ec", "RS-1-1")
         self.assertEqual(result.returncode, 0, result.stderr + result.stdout)
         self.assertTrue(os.path.exists(os.path.join(home, "ca", "ca.pem")))
         self.assertEqual(self._status(home)["meta-1"]["role"], "leader")
@@ -500,7 +500,7 @@ class DemoTests(SynchronousTestCase):
             raise SkipTest(missing)
 
     def test_demo_round_trip(self) -> None:
-        """The demo starts 1 meta + 6 chunk servers, round-trips a file with matching SHA-256,
+        """The demo starts its metadata nodes and 6 chunk servers, round-trips a file with matching SHA-256,
         prints what to type next and leaves nothing running."""
         home = _home(self)
         self.addCleanup(_kill_leftovers, home)
@@ -525,5 +525,6 @@ class DemoTests(SynchronousTestCase):
         self.assertIn("cluster stop chunk-2", result.stdout)
         spec = layout.load_spec(home)
         assert spec is not None
-        self.assertEqual((len(spec.metas), len(spec.chunks)), (1, 6))
+        self.assertEqual((len(spec.metas), len(spec.chunks)), (demo.DEMO_METAS, demo.DEMO_CHUNKS))
+        self.assertEqual((demo.DEMO_METAS, demo.DEMO_CHUNKS), (3, 6))
         self.assertTrue(all(layout.node_pid(home, n) is None for n in spec.nodes))
