@@ -325,3 +325,63 @@ class AddressTests(SynchronousTestCase):
         self.assertEqual(split_address("[::1]:80"), ("::1", 80))
         for bad in ["nohost", "h:", ":1", "h:99999", "h:x"]:
             self.assertRaises(ValueError, split_address, bad)
+
+
+class ReleaseTests(SynchronousTestCase):
+    """Streams the server answered early are forgotten on both sides."""
+
+    def test_early_answer_releases_server_stream(self) -> None:
+        """After an early error, the client tells the server the stream is over; nothing leaks."""
+
+        def refuse(request: Request) -> None:
+            raise WireError("no_space", "disk full")
+
+        server, client, pump = pair({PutShard: refuse})
+        for _ in range(5):
+            upload = client.open_stream(PutShard("s1", "RS-4-2", 0, 4))
+            pump.flush()
+            upload.send(Cell(0, 0), b"xxxx")
+            self.failureResultOf(upload.finish(PutShardEnd(1)), WireError)
+            pump.flush()
+        self.assertEqual(server._inbound, {})
+
+    def test_abort_after_answer_is_quiet(self) -> None:
+        """Aborting an upload the server already answered sends one release, and finish says aborted."""
+        server, client, pump = pair({PutShard: lambda r: GetShardEnd(0)})
+        upload = client.open_stream(PutShard("s1", "RS-4-2", 0, 4))
+        pump.flush()
+        upload.abort("gave up")
+        pump.flush()
+        self.assertEqual(self.failureResultOf(upload.finish(PutShardEnd(0)), WireError).value.code, "aborted")
+        self.assertEqual(server._inbound, {})
+
+
+class PoolHandshakeTests(SynchronousTestCase):
+    """A peer that accepts TCP but never speaks cannot hold a caller."""
+
+    def test_silent_peer_times_out(self) -> None:
+        """pool.get fails as unreachable once handshake_timeout passes without a Hello."""
+        from twisted.internet.testing import MemoryReactorClock
+
+        from dogfs.wire.pool import ConnectionPool
+
+        clock = MemoryReactorClock()
+        transports: list[StringTransport] = []
+
+        class SilentEndpoint:
+            def connect(self, factory: Any) -> defer.Deferred[Any]:
+                protocol = factory.buildProtocol(None)
+                transport = StringTransport()
+                transports.append(transport)
+                protocol.makeConnection(transport)
+                return defer.succeed(protocol)
+
+        pool = ConnectionPool(clock, lambda address: SilentEndpoint(), handshake_timeout=3.0)  # type: ignore[arg-type,return-value]
+        d = pool.get("10.0.0.1:7000")
+        clock.advance(2.9)
+        self.assertNoResult(d)
+        clock.advance(0.2)
+        error = self.failureResultOf(d, WireError).value
+        self.assertEqual(error.code, "unreachable")
+        self.assertIn("handshake within 3s", error.message)
+        self.assertTrue(transports[0].disconnecting or transports[0].disconnected)

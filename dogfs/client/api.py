@@ -59,7 +59,11 @@ class DogFSClient:
         self.clock: IReactorTime = reactor
         self.config = config
         self.timeout = timeout if timeout is not None else config.timeout
-        self.pool = ConnectionPool(reactor, endpoints or client_endpoints(reactor, config.tls, timeout=min(5.0, self.timeout)))
+        self.pool = ConnectionPool(
+            reactor,
+            endpoints or client_endpoints(reactor, config.tls, timeout=min(5.0, self.timeout)),
+            handshake_timeout=min(5.0, self.timeout),
+        )
         self.client_id = client_id or uuid.uuid4().hex
         self._idle_sessions: list[tuple[str, int]] = []  # (session id, last sequence number)
         self._sessions_made = 0

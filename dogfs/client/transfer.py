@@ -31,7 +31,7 @@ from dogfs.codec.policy import ECPolicy
 from dogfs.codec.stripe import StripeCodec
 from dogfs.meta import commands as c
 from dogfs.wire import messages as m
-from dogfs.wire.protocol import Connection, Reply, WireError
+from dogfs.wire.protocol import Connection, Reply, Upload, WireError
 
 if TYPE_CHECKING:
     from dogfs.client.api import DogFSClient, Progress
@@ -142,6 +142,7 @@ class ConsumerSink:
         self.paused = False
         self.stopped = False
         self.on_resume: Callable[[], None] | None = None
+        self.on_stop: Callable[[], None] | None = None
         consumer.registerProducer(self, True)
 
     def write(self, data: bytes | memoryview) -> None:
@@ -158,6 +159,8 @@ class ConsumerSink:
     def stopProducing(self) -> None:
         self.stopped = True
         self.paused = True
+        if self.on_stop is not None:
+            self.on_stop()
 
     def close(self) -> None:
         self.consumer.unregisterProducer()
@@ -169,6 +172,7 @@ class FileSink:
     paused = False
     stopped = False
     on_resume: Callable[[], None] | None = None
+    on_stop: Callable[[], None] | None = None
 
     def __init__(self, f: IO[bytes]) -> None:
         self.f = f
@@ -284,28 +288,34 @@ async def _upload_group(
             f"{getattr(_unwrap(Failure(e)), 'message', e)}",
         ) from None
     fragment_size = codec.fragment_size(stripe_size)
-    uploads = [
-        conn.open_stream(m.PutShard(s.shard_id, allocation.ec, s.index, fragment_size))
-        for conn, s in zip(connections, shards, strict=True)
-    ]
-    stripe = head + await source.read_full(stripe_size - len(head)) if len(head) < stripe_size else head
+    uploads: list[Upload] = []
     cells = 0
     size = 0
     rest: bytes | None = None
     try:
+        for conn, s in zip(connections, shards, strict=True):
+            uploads.append(conn.open_stream(m.PutShard(s.shard_id, allocation.ec, s.index, fragment_size)))
+        stripe = head + await source.read_full(stripe_size - len(head)) if len(head) < stripe_size else head
         while True:
             fragments = codec.encode(stripe)
             waits = [
                 upload.send(m.Cell(cells, crc32c(fragment)), fragment)
                 for upload, fragment in zip(uploads, fragments, strict=True)
             ]
-            await defer.gatherResults(waits, consumeErrors=True)
+            await _progress_within(client, path, shards, connections, defer.gatherResults(waits, consumeErrors=True))
             cells += 1
             size += len(stripe)
             if progress is not None:
                 progress(len(stripe))
             if any(upload.done for upload in uploads):
-                break  # a chunk server answered early: an error, which finish() reports
+                # A chunk server answered early (an error): learn why, and leave no
+                # truncated shard behind on the others.
+                early = [u for u in uploads if u.done]
+                for upload in uploads:
+                    if not upload.done:
+                        upload.abort("another shard of the block group failed")
+                await defer.gatherResults([u.finish(m.PutShardEnd(cells)) for u in early], consumeErrors=True)
+                raise DogFSError("failed", f"cannot write {path}: a chunk server ended the upload early")
             if len(stripe) < stripe_size:
                 break
             nxt = await source.read_full(stripe_size)
@@ -315,20 +325,48 @@ async def _upload_group(
                 rest = nxt
                 break
             stripe = nxt
-        timeout = client.timeout
         await defer.gatherResults(
-            [upload.finish(m.PutShardEnd(cells), timeout=timeout) for upload in uploads],
+            [upload.finish(m.PutShardEnd(cells), timeout=client.timeout) for upload in uploads],
             consumeErrors=True,
         )
-    except (defer.FirstError, WireError) as e:
+    except BaseException as e:
+        # Whatever went wrong (a chunk server, the source, the codec), no chunk server may be
+        # left holding an open upload.
         for upload in uploads:
             upload.abort("another shard of the block group failed")
+        if isinstance(e, DogFSError):
+            raise
+        if not isinstance(e, defer.FirstError | WireError):
+            raise
         error = _unwrap(Failure(e)) if isinstance(e, defer.FirstError) else e
         index = e.index if isinstance(e, defer.FirstError) else None
         where = f"chunk server {shards[index].node_id}" if index is not None else "a chunk server"
         code = getattr(error, "code", "failed")
         raise DogFSError(code, f"cannot write {path}: {where} failed: {getattr(error, 'message', error)}") from None
     return size, rest
+
+
+async def _progress_within(
+    client: DogFSClient,
+    path: str,
+    shards: list[c.ShardLocation],
+    connections: list[Connection],
+    waiting: defer.Deferred[Any],
+) -> None:
+    """Wait for every connection to take the stripe, or fail naming the ones that stalled."""
+    from dogfs.client.api import DogFSError
+
+    waiting.addTimeout(client.timeout, client.clock)
+    try:
+        await waiting
+    except defer.TimeoutError:
+        stalled = [s for s, conn in zip(shards, connections, strict=True) if conn.write_blocked]
+        for shard in stalled:
+            client.pool.drop(shard.address)
+        names = ", ".join(s.node_id for s in stalled) or "a chunk server"
+        raise DogFSError(
+            "timeout", f"cannot write {path}: {names} took no data for {client.timeout:g}s"
+        ) from None
 
 
 # --- GET ----------------------------------------------------------------------------------
@@ -404,6 +442,7 @@ class GroupReader:
 
     def read(self) -> defer.Deferred[None]:
         self.sink.on_resume = self._emit
+        self.sink.on_stop = self._consumer_stopped
         if not self.lengths:
             self.done.callback(None)
             return self.done
@@ -454,11 +493,24 @@ class GroupReader:
         if crc32c(payload) != msg.crc:
             self._fail(stream, f"cell {msg.index} failed its checksum")
             return
+        try:
+            index, stripe_len = self.codec.fragment_info(payload)
+        except ValueError as e:
+            self._fail(stream, f"cell {msg.index} is not a fragment: {e}")
+            return
+        if msg.index >= len(self.lengths) or (index, stripe_len) != (stream.index, self.lengths[msg.index]):
+            # A valid fragment of another shard or stripe: never trust it for this one.
+            self._fail(stream, f"cell {msg.index} belongs to another shard or stripe")
+            return
         self._arm(stream)
         stream.received += 1
         if msg.index >= self.next_stripe:
             self.cells.setdefault(msg.index, {})[stream.index] = payload
-        if stream.received - self.next_stripe > MAX_BUFFERED_STRIPES and stream.connection is not None:
+        if (
+            not stream.paused
+            and stream.received - self.next_stripe > MAX_BUFFERED_STRIPES
+            and stream.connection is not None
+        ):
             # We hold it back: its silence from now on is ours, not the server's.
             stream.paused = True
             self._disarm(stream)
@@ -509,6 +561,13 @@ class GroupReader:
                 f"{self.codec.width} shards but only {live} answered ({reasons})",
             )
         )
+
+    def _consumer_stopped(self) -> None:
+        from dogfs.client.api import DogFSError
+
+        if not self.done.called:
+            self._stop_all()
+            self.done.errback(DogFSError("aborted", f"the consumer of {self.path} stopped the download"))
 
     def _stop_all(self) -> None:
         for stream in list(self.streams.values()):

@@ -93,9 +93,13 @@ class ConnectionPool:
         handlers: Mapping[type, Handler] | None = None,
         node_id: str | None = None,
         limits: FrameLimits = FrameLimits(),
+        handshake_timeout: float = 10.0,
     ) -> None:
         self.clock = clock
         self.endpoints = endpoints
+        # A peer that accepts TCP but never says Hello (SIGSTOPped, wedged) must not hold a
+        # caller for longer than this.
+        self.handshake_timeout = handshake_timeout
         self.handlers = handlers or {}
         self.node_id = node_id
         self.limits = limits
@@ -125,6 +129,7 @@ class ConnectionPool:
             return
         d = endpoint.connect(_OneConnection(connection))
         d.addCallback(lambda _: connection.ready)
+        d.addTimeout(self.handshake_timeout, self.clock)
 
         def connected(_: object) -> None:
             self._open[address] = connection
@@ -133,7 +138,14 @@ class ConnectionPool:
 
         def failed(failure: Any) -> None:
             error = failure.value
-            if not isinstance(error, WireError):
+            if failure.check(defer.TimeoutError):
+                if connection.transport is not None:
+                    connection.transport.abortConnection()
+                error = ConnectionClosed(
+                    f"{address} did not complete the DogFS handshake within {self.handshake_timeout:g}s"
+                )
+                error.code = "unreachable"
+            elif not isinstance(error, WireError):
                 error = ConnectionClosed(f"cannot connect to {address}: {failure.getErrorMessage()}")
                 error.code = "unreachable"
             self._finish(address, failure=error)

@@ -167,11 +167,19 @@ class Upload:
     request_id: int
     _result: defer.Deferred[Reply]
     _aborted: str | None = field(default=None, init=False)
+    _closed: bool = field(default=False, init=False)  # the peer knows the stream has ended
 
     @property
     def done(self) -> bool:
         """True once the peer has answered (usually an early error) or the upload ended."""
         return self._result.called
+
+    def _release(self) -> None:
+        # The peer answered before our last frame: tell it the stream is over, so that it
+        # forgets the request instead of waiting for frames that will never come.
+        if not self._closed:
+            self._closed = True
+            self.connection._send(Error("aborted", "answered early"), b"", self.request_id, Flags.ERROR)
 
     def send(self, msg: Any, payload: bytes | memoryview = b"") -> defer.Deferred[None]:
         """Send a middle frame; fires when the connection can take more.
@@ -180,6 +188,7 @@ class Upload:
         then gives that answer.
         """
         if self._result.called:
+            self._release()
             return defer.succeed(None)
         self.connection._send(msg, payload, self.request_id, Flags.MORE)
         return self.connection.wait_writable()
@@ -190,18 +199,25 @@ class Upload:
         """Send the last frame and wait for the response."""
         if self._aborted is not None:
             return defer.fail(WireError("aborted", self._aborted))
-        if not self._result.called:
+        if self._result.called:
+            self._release()
+        else:
+            self._closed = True
             self.connection._send(msg, payload, self.request_id, Flags.NONE)
             self.connection._arm_timeout(self.request_id, timeout)
         return self._result
 
     def abort(self, reason: str) -> None:
         """Give up on the request: the peer discards what it received."""
-        if self._aborted is None and not self._result.called:
-            self._aborted = reason
+        if self._aborted is not None:
+            return
+        self._aborted = reason
+        if not self._closed:
+            self._closed = True
             self.connection._send(Error("aborted", reason), b"", self.request_id, Flags.ERROR)
+        if not self._result.called:
             self.connection._complete(self.request_id, failure=Failure(WireError("aborted", reason)))
-            self._result.addErrback(lambda _: None)  # finish() reports the abort instead
+        self._result.addErrback(lambda _: None)  # finish() reports the abort instead
 
 
 @implementer(IPushProducer, IHandshakeListener)
@@ -312,7 +328,8 @@ class Connection(Protocol):
         self._inbound.clear()
         waiters, self._writable = self._writable, []
         for waiter in waiters:
-            waiter.errback(error)
+            if not waiter.called:
+                waiter.errback(error)
         if not self.ready.called:
             self.ready.errback(error)
             # Whoever waited has it now; a server's connection (a stranger refused at the TLS
@@ -331,6 +348,8 @@ class Connection(Protocol):
         self._paused = False
         waiters, self._writable = self._writable, []
         for waiter in waiters:
+            if waiter.called:
+                continue  # its sender gave up waiting (a cancelled deadline)
             if self._paused:
                 self._writable.append(waiter)
             else:
@@ -345,6 +364,11 @@ class Connection(Protocol):
     def is_open(self) -> bool:
         """True until the connection is lost or closing."""
         return not self._lost and self._closing_reason is None
+
+    @property
+    def write_blocked(self) -> bool:
+        """True while the transport's send buffer is full (the peer is not reading)."""
+        return self._paused
 
     def peer_description(self) -> str:
         """The peer's node id, else its address, for error messages."""
@@ -598,7 +622,8 @@ class Connection(Protocol):
             return
         self.version = max(common)
         self.peer_node_id = hello.node_id
-        self.ready.callback(self)
+        if not self.ready.called:  # a pool that gave up waiting cancelled it
+            self.ready.callback(self)
 
     def _response(
         self, flags: Flags, type_: int, request_id: int, header: bytes, payload: memoryview

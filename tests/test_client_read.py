@@ -1,0 +1,161 @@
+# -*- test-case-name: tests.test_client_read -*-
+"""Unit tests of the GET path (dogfs.client.transfer.GroupReader) with scripted chunk servers."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IConsumer
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+
+from dogfs.client.transfer import ConsumerSink, FileSink, GroupReader
+from dogfs.codec.checksum import crc32c
+from dogfs.codec.policy import ECPolicy
+from dogfs.codec.stripe import StripeCodec
+from dogfs.meta import commands as c
+from dogfs.wire import messages as m
+from dogfs.wire.protocol import Reply
+
+
+class ScriptedConnection:
+    """A chunk-server connection whose streamed answers the test delivers by hand."""
+
+    def __init__(self) -> None:
+        self.pauses = 0
+        self.calls: list[tuple[Any, Any, defer.Deferred[Reply]]] = []
+
+    def call(self, msg: Any, payload: bytes = b"", timeout: Any = None, on_part: Any = None) -> defer.Deferred[Reply]:
+        d: defer.Deferred[Reply] = defer.Deferred()
+        self.calls.append((msg, on_part, d))
+        return d
+
+    def pause_reading(self) -> None:
+        self.pauses += 1
+
+    def resume_reading(self) -> None:
+        self.pauses -= 1
+
+
+class ScriptedPool:
+    def __init__(self, width: int) -> None:
+        self.connections = {f"127.0.0.1:{7100 + i}": ScriptedConnection() for i in range(width)}
+        self.dropped: list[str] = []
+
+    def get(self, address: str) -> defer.Deferred[ScriptedConnection]:
+        return defer.succeed(self.connections[address])
+
+    def drop(self, address: str) -> None:
+        self.dropped.append(address)
+
+
+class FakeClient:
+    def __init__(self, width: int) -> None:
+        self.clock = Clock()
+        self.timeout = 10.0
+        self.pool = ScriptedPool(width)
+
+
+@implementer(IConsumer)
+class Collector:
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.producer: Any = None
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+
+def setup(stripes: int, policy: str = "RS-2-1", cell: int = 1024) -> tuple[FakeClient, GroupReader, list[list[bytes]], bytes, Any]:
+    codec = StripeCodec(ECPolicy.parse(policy), cell)
+    data = random.Random(3).randbytes(codec.stripe_size * stripes - 7)
+    fragments = [codec.encode(data[i : i + codec.stripe_size]) for i in range(0, len(data), codec.stripe_size)]
+    client = FakeClient(codec.width)
+    shards = tuple(
+        c.ShardLocation(i, f"{1:016x}-{i:02d}", f"chunk-{i}", f"127.0.0.1:{7100 + i}") for i in range(codec.width)
+    )
+    bg = c.BlockGroupInfo(1, len(data), policy, shards)
+    sink = FileSink(_Buffer())
+    reader = GroupReader(client, "/f", bg, codec, sink, None)  # type: ignore[arg-type]
+    return client, reader, fragments, data, sink
+
+
+class _Buffer:
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def write(self, b: Any) -> None:
+        self.data += b
+
+
+def deliver(client: FakeClient, shard: int, fragments: list[list[bytes]], cells: range) -> None:
+    conn = client.pool.connections[f"127.0.0.1:{7100 + shard}"]
+    _, on_part, _ = conn.calls[-1]
+    for i in cells:
+        frag = fragments[i][shard]
+        on_part(m.Cell(i, crc32c(frag)), memoryview(frag))
+
+
+class GroupReaderTests(SynchronousTestCase):
+    """The read path's fallbacks and back-pressure."""
+
+    def test_fast_shard_paused_once(self) -> None:
+        """A stream far ahead of the others is paused once, however many cells it sends."""
+        client, reader, fragments, data, sink = setup(12)
+        d = reader.read()
+        deliver(client, 0, fragments, range(12))
+        conn0 = client.pool.connections["127.0.0.1:7100"]
+        self.assertEqual(conn0.pauses, 1)
+        deliver(client, 1, fragments, range(12))
+        self.assertEqual(conn0.pauses, 0)
+        self.successResultOf(d)
+        self.assertEqual(bytes(sink.f.data), data)
+
+    def test_wrong_fragment_falls_back_to_parity(self) -> None:
+        """A CRC-valid fragment of another shard is refused and parity replaces that shard."""
+        client, reader, fragments, data, sink = setup(3)
+        d = reader.read()
+        deliver(client, 0, fragments, range(3))
+        conn1 = client.pool.connections["127.0.0.1:7101"]
+        _, on_part, _ = conn1.calls[-1]
+        wrong = fragments[0][0]  # shard 0's fragment offered as shard 1's
+        on_part(m.Cell(0, crc32c(wrong)), memoryview(wrong))
+        self.assertIn(1, reader.failed)
+        deliver(client, 2, fragments, range(3))  # parity from stripe 0
+        self.successResultOf(d)
+        self.assertEqual(bytes(sink.f.data), data)
+
+    def test_consumer_stop_ends_read(self) -> None:
+        """A consumer that calls stopProducing ends the download with an error, not a hang."""
+        from dogfs.client.api import DogFSError
+
+        client, reader, fragments, data, _ = setup(8)
+        collector = Collector()
+        reader.sink = ConsumerSink(collector)
+        d = reader.read()
+        collector.producer.pauseProducing()
+        deliver(client, 0, fragments, range(3))
+        collector.producer.stopProducing()
+        self.assertEqual(self.failureResultOf(d, DogFSError).value.code, "aborted")
+        self.assertEqual(client.pool.connections["127.0.0.1:7100"].pauses, 0)
+
+    def test_slow_shard_replaced_after_timeout(self) -> None:
+        """A shard that sends nothing for shard_timeout is replaced by parity, and dropped."""
+        client, reader, fragments, data, sink = setup(2)
+        d = reader.read()
+        deliver(client, 0, fragments, range(2))
+        client.clock.advance(reader.shard_timeout + 0.1)
+        self.assertIn(1, reader.failed)
+        self.assertIn("127.0.0.1:7101", client.pool.dropped)
+        deliver(client, 2, fragments, range(2))
+        self.successResultOf(d)
+        self.assertEqual(bytes(sink.f.data), data)
