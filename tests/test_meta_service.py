@@ -7,9 +7,10 @@ import random
 from typing import Any
 
 import msgpack
+from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.test.iosim import FakeTransport, connect
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
 from dogfs.config import MetaConfig
@@ -238,3 +239,49 @@ class LocalLogTests(SynchronousTestCase):
         self.assertEqual(batches, [5])
         self.assertEqual([type(self.successResultOf(d)) for d in ds], [c.DirInfo] * 5)
         self.assertEqual(state.applied_index, 5)
+
+
+class DefaultPolicyTests(TestCase):
+    """The config's default_ec seeds a new namespace; it never overrides an admin's choice."""
+
+    async def _restart_keeps_admin_choice(self) -> None:
+        from twisted.internet import reactor
+
+        from dogfs.meta.service import MetaService
+
+        data_dir = self.mktemp()
+        config = MetaConfig(id="meta-1", listen="tcp:0", address="127.0.0.1:1", data_dir=data_dir, default_ec="RS-6-3")
+
+        class Port:
+            def stopListening(self) -> None:
+                pass
+
+        async def start() -> MetaService:
+            service = MetaService(reactor, config, listen=lambda handlers: defer.succeed(Port()))
+            service.startService()
+            await _until(lambda: service.state.default_policy_set())
+            return service
+
+        service = await start()
+        self.assertEqual(service.state.default_policy(), "RS-6-3")
+        assert service.log is not None
+        await service.log.propose(c.SetDefaultPolicy("RS-10-4"))
+        await service.stopService()
+        service = await start()
+        self.assertEqual(service.state.default_policy(), "RS-10-4")
+        await service.stopService()
+
+    def test_restart_keeps_admin_choice(self) -> defer.Deferred[None]:
+        """A restart (or a new leader) does not put back the config's default over an admin's."""
+        return defer.Deferred.fromCoroutine(self._restart_keeps_admin_choice())
+
+
+async def _until(condition: Any, deadline_s: float = 10.0) -> None:
+    from twisted.internet import reactor, task
+
+    waited = 0.0
+    while not condition():
+        if waited > deadline_s:
+            raise AssertionError("condition not met in time")
+        await task.deferLater(reactor, 0.02, lambda: None)
+        waited += 0.02

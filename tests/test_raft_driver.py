@@ -13,6 +13,7 @@ import msgpack
 from twisted.internet import defer, task
 from twisted.internet.defer import Deferred
 from twisted.logger import LogLevel, capturedLogs
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
@@ -33,6 +34,7 @@ from dogfs.raft.driver import (
     LeadershipLostError,
     NotLeaderError,
     RaftDriver,
+    RaftError,
     RaftOverloadedError,
     RaftStoppedError,
     RaftTimeoutError,
@@ -319,16 +321,49 @@ class DriverTests(SynchronousTestCase):
             self.successResultOf(d)
         self.successResultOf(_settle(group, leader.propose(b"p=5")))
 
-    def test_apply_error_fails_proposal(self) -> None:
-        """An exception from the state machine fails that proposal and the group goes on."""
+    def test_apply_error_halts_member(self) -> None:
+        """An exception from the state machine halts that member instead of skipping the
+        entry (which would make it diverge): it stops leading, says it failed, fails its
+        proposals and tells its owner; it never reports the entry applied."""
         group = Group(self)
         leader = group.leader()
+        failures: list[Failure] = []
+        leader.on_failure = failures.append
+        applied = leader.applied_index
         d = leader.propose(b"\xff")
-        later = leader.propose(b"ok=1")
         group.run(0.5)
-        self.failureResultOf(d, UnicodeDecodeError)
-        self.successResultOf(later)
-        self.assertEqual(len(self.flushLoggedErrors(UnicodeDecodeError)), 3)
+        self.failureResultOf(d, RaftStoppedError)
+        self.assertFalse(leader.is_leader)
+        self.assertEqual(leader.role, "failed")
+        self.assertEqual(leader.applied_index, applied)
+        self.assertEqual([f.type for f in failures], [UnicodeDecodeError])
+        self.failureResultOf(leader.propose(b"ok=1"), RaftError)
+        self.flushLoggedErrors(UnicodeDecodeError)
+
+    def test_storage_failure_halts_leader(self) -> None:
+        """A leader whose log disk fails stops leading at once (it can never be deposed by
+        messages it no longer reads), and another member takes over."""
+        import errno
+
+        group = Group(self)
+        leader = group.leader()
+        failures: list[Failure] = []
+        leader.on_failure = failures.append
+
+        def full(*args: Any) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        group.storages[leader.node_id].save = full  # type: ignore[method-assign]
+        d = leader.propose(b"x=1")
+        group.run(0.2)
+        self.failureResultOf(d, RaftStoppedError)
+        self.assertFalse(leader.is_leader)
+        self.assertEqual(leader.role, "failed")
+        self.assertEqual(len(failures), 1)
+        group.run(3)
+        others = [dr for dr in group.drivers.values() if dr is not leader]
+        self.assertEqual(sum(dr.is_leader for dr in others), 1)
+        self.flushLoggedErrors(OSError)
 
     def test_second_config_change_rejected(self) -> None:
         """Only one membership change may be pending: a second fails with ProposalRejected."""

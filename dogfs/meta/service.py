@@ -276,11 +276,18 @@ class MetaHandlers:
             d.addBoth(lambda _: self.registering.discard(msg.node_id))
         return m.HeartbeatReply(self.log.leader_address(), msg.node_id not in self.reported)
 
-    def shard_report(self, request: Request) -> Reply:
-        """Part of a chunk server's shard list; answered with the ids no longer referenced."""
-        msg: m.ShardReport = request.msg
+    def shard_report(self, request: Request) -> defer.Deferred[Reply]:
+        """Part of a chunk server's shard list; answered with the ids no longer referenced.
+
+        Only after the read barrier: a new leader that has not applied everything committed
+        before it would call the shards of a just-committed block group garbage.
+        """
         self.authorize(request, "node")
         self._require_leader()
+        return self.log.read_barrier().addCallback(lambda _: self._answer_report(request))
+
+    def _answer_report(self, request: Request) -> Reply:
+        msg: m.ShardReport = request.msg
         ids = [s for s in bytes(request.payload).decode("ascii", "replace").split("\n") if s]
         if len(ids) > REPORT_BATCH:
             raise WireError("invalid_argument", f"a shard report batch holds at most {REPORT_BATCH} ids")
@@ -305,12 +312,16 @@ class MetaService(MultiService):
         *,
         listen: Callable[[Any], defer.Deferred[Any]],
         make_log: Callable[[NamespaceState], ICommandLog] | None = None,
+        on_fatal: Callable[[], object] | None = None,
     ) -> None:
         super().__init__()
         self.reactor = reactor
         self.config = config
         self.listen = listen
         self.make_log = make_log
+        # Called when this node cannot go on (cannot listen, its Raft member halted): the
+        # plugin stops twistd with exit status 1.
+        self.on_fatal = on_fatal
         # Behind a replicated log (make_log), the log is the durable record and replays what
         # an unsynced LMDB commit lost in a crash: the state itself need not fsync.
         self.state = NamespaceState(os.path.join(config.data_dir, "namespace"), durable=make_log is None)
@@ -349,12 +360,13 @@ class MetaService(MultiService):
         if getattr(replicated, "service", None) is not None:
             replicated.service.setServiceParent(self)
             replicated.on_leadership.append(self._leadership_changed)
+            if hasattr(replicated, "driver"):
+                replicated.driver.on_failure = self._member_failed
         self.registry.on_change(
             lambda node, old, new: self.handlers.emit("chunk_state", node=node, old=old, new=new)  # type: ignore[union-attr]
         )
-        if self.log.is_leader and self.state.default_policy() != ECPolicy.parse(self.config.default_ec).name:
-            d = self.log.propose(c.SetDefaultPolicy(ECPolicy.parse(self.config.default_ec).name))
-            d.addErrback(lambda f: log.failure("setting the default policy failed", f))
+        if self.log.is_leader:
+            self._seed_default_policy()
         self._expiry = LoopingCall(self._expire_allocations)
         self._expiry.clock = self.reactor
         self._expiry.start(max(1.0, self.config.allocation_ttl / 4), now=False).addErrback(
@@ -422,13 +434,33 @@ class MetaService(MultiService):
         if self.handlers is not None:
             self.handlers.reported.clear()
         log.info("{node} leads the metadata group", node=self.config.id)
-        if self.state.default_policy() != ECPolicy.parse(self.config.default_ec).name:
+        self._seed_default_policy()
+
+    def _seed_default_policy(self) -> None:
+        # The config's default_ec seeds a namespace that never had one; after that an admin's
+        # choice stands (a leader change must not revert it).
+        if self.log is not None and not self.state.default_policy_set():
             d = self.log.propose(c.SetDefaultPolicy(ECPolicy.parse(self.config.default_ec).name))
             d.addErrback(lambda f: log.failure("setting the default policy failed", f))
 
+    def _member_failed(self, failure: Any) -> None:
+        # The Raft member halted (its disk or state failed): it must not keep answering as if
+        # it could lead or serve reads, so the daemon exits and its peers carry on.
+        log.critical(
+            "{node} halts: its Raft log or namespace failed ({error}); restart it once its disk is fixed",
+            node=self.config.id, error=failure.getErrorMessage(),
+        )
+        self._stop_failed()
+
+    def _stop_failed(self) -> None:
+        if self.on_fatal is not None:
+            self.on_fatal()
+        elif self.reactor.running:
+            self.reactor.stop()
+
     def _fatal(self, failure: Any) -> None:
         log.failure("{node} cannot listen on {listen}", failure, node=self.config.id, listen=self.config.listen)
-        self.reactor.stop()
+        self._stop_failed()
 
     def _expire_allocations(self) -> None:
         if self.log is not None and self.log.is_leader:

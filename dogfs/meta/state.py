@@ -106,7 +106,7 @@ _DB_NAMES = (
 
 #: Clients whose last command and result the state remembers (see L{Sessioned}); the same on
 #: every replica, since eviction must be decided by the log alone.
-MAX_SESSIONS = 10_000
+MAX_SESSIONS = 100_000
 
 _APPLIED = b"applied"
 _NEXT_INO = b"next_ino"
@@ -823,6 +823,11 @@ class NamespaceState:
         """The cluster default EC policy."""
         with self._read() as txn:
             return _Ctx(txn, self._dbs).default_ec()
+
+    def default_policy_set(self) -> bool:
+        """Whether a default policy was ever set (else the built-in one applies)."""
+        with self._read() as txn:
+            return txn.get(_DEFAULT_EC, db=self._dbs[b"meta"]) is not None
 
     def revocations(self) -> tuple[frozenset[str], frozenset[int]]:
         """The revoked identity names and certificate serial numbers (see L{Revoke})."""

@@ -8,8 +8,6 @@ I/O (the shard store, threads, listening) starts in `startService`, after twistd
 
 from __future__ import annotations
 
-import atexit
-import os
 import sys
 
 from twisted.application.service import MultiService
@@ -60,29 +58,11 @@ def makeService(options: Options) -> MultiService:
     from twisted.internet import reactor
 
     from dogfs.chunk.service import ChunkService
+    from dogfs.plugins.common import stop_failed
 
     try:
-        return ChunkService(reactor, config, on_fatal=lambda: _stop(reactor))
+        return ChunkService(reactor, config, on_fatal=lambda: stop_failed(reactor))
     except Exception as e:
         # The [tls] files are read here: a bad one ends twistd with one sentence too.
         print(f"dogfs-chunk: {options['config']}: [tls] files are not usable: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-
-
-def _stop(reactor: object) -> None:
-    """The server cannot start (logged already): stop, and make twistd exit with status 1.
-
-    twistd exits 0 whenever its reactor stops; the only hook left after it has removed its
-    pid file is atexit, where `os._exit` sets the status a supervisor sees.
-    """
-    atexit.register(_exit_failed)
-    if getattr(reactor, "running", False):
-        reactor.stop()  # type: ignore[attr-defined]
-    else:  # twistd starts services just before it runs the reactor
-        reactor.callWhenRunning(reactor.stop)  # type: ignore[attr-defined]
-
-
-def _exit_failed() -> None:
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(1)

@@ -10,6 +10,9 @@ daemon says at every start that it runs in plaintext.
 
 from __future__ import annotations
 
+import atexit
+import os
+import sys
 from typing import Any
 
 from twisted.internet.interfaces import IStreamServerEndpoint
@@ -91,3 +94,22 @@ def warn_plaintext(what: str, address: str, tls: object) -> None:
             address=address,
             what=what,
         )
+
+
+def stop_failed(reactor: object) -> None:
+    """A daemon cannot go on (the reason is logged already): stop, and exit with status 1.
+
+    twistd exits 0 whenever its reactor stops; the only hook left after it has removed its
+    pid file is atexit, where `os._exit` sets the status a supervisor sees.
+    """
+    atexit.register(_exit_failed)
+    if getattr(reactor, "running", False):
+        reactor.stop()  # type: ignore[attr-defined]
+    else:  # twistd starts services just before it runs the reactor
+        reactor.callWhenRunning(reactor.stop)  # type: ignore[attr-defined]
+
+
+def _exit_failed() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)

@@ -81,9 +81,14 @@ def makeService(options: Options) -> IService:
         return build_raft_log(reactor, config, state, client_endpoints(reactor, security.client))
 
     from dogfs.meta.raftlog import raft_mode
+    from dogfs.plugins.common import stop_failed
 
     service = MetaService(
-        reactor, config, listen=listen, make_log=make_log if raft_mode(config) else None
+        reactor,
+        config,
+        listen=listen,
+        make_log=make_log if raft_mode(config) else None,
+        on_fatal=lambda: stop_failed(reactor),
     )
     security.setServiceParent(service)
     return service

@@ -149,9 +149,13 @@ class RaftDriver(Service):
         operation_timeout: float = 10.0,
         snapshot_every: int | None = 10_000,
         max_pending: int = 10_000,
+        on_failure: Callable[[Failure], None] | None = None,
     ) -> None:
         if executor is None and reactor is None:
             raise ValueError("RaftDriver needs a reactor for its thread pool, or an executor")
+        # Told when this member halts (storage or state machine failed): a daemon exits so
+        # that clients and chunk servers move to a member that still works.
+        self.on_failure = on_failure
         self.node_id = node_id
         # Held as Any: mypy has no zope plugin here, so interface-typed calls would not check.
         self._storage: Any = storage
@@ -292,6 +296,8 @@ class RaftDriver(Service):
     @property
     def role(self) -> str:
         """``leader``, ``follower``, ``candidate``, ``pre-candidate``, ``learner`` or ``stopped``."""
+        if self._failure is not None:
+            return "failed"
         if self._node is None or not self.running:
             return "stopped"
         return self._node.role.value
@@ -299,7 +305,12 @@ class RaftDriver(Service):
     @property
     def is_leader(self) -> bool:
         """True while this member leads."""
-        return bool(self._node is not None and self.running and self._node.role == Role.LEADER)
+        return bool(
+            self._node is not None
+            and self.running
+            and self._failure is None
+            and self._node.role == Role.LEADER
+        )
 
     @property
     def term(self) -> int:
@@ -532,11 +543,16 @@ class RaftDriver(Service):
         applied_early = 0
         if ready.snapshot is None:
             limit = ready.entries[0].index if ready.entries else None
-            for entry in ready.committed:
-                if limit is not None and entry.index >= limit:
-                    break
-                self._apply(entry)
-                applied_early += 1
+            try:
+                for entry in ready.committed:
+                    if limit is not None and entry.index >= limit:
+                        break
+                    self._apply(entry)
+                    applied_early += 1
+            except Exception:
+                self._loop_failed(Failure())
+                self._busy = False
+                return
         if writes:
             assert self._executor is not None
             d = self._executor(partial(self._storage.save, hs, ready.entries, ready.snapshot))
@@ -577,10 +593,14 @@ class RaftDriver(Service):
         # Storage failing (disk full, I/O error) or a core bug: this member can no longer keep
         # its promises, so it stops taking part rather than acknowledge what it may not keep.
         _log.failure("Raft {id}: the Ready loop failed; member halted", failure, id=self.node_id)
+        if self._failure is not None:
+            return
         self._failure = failure
         self._fail_all(RaftStoppedError(f"Raft member {self.node_id} failed: {failure.value}"))
         if self._ticker is not None and self._ticker.running:
             self._ticker.stop()
+        if self.on_failure is not None:
+            self.on_failure(failure)
 
     def _loop_finished(self, _: object) -> None:
         self._busy = False
@@ -607,13 +627,11 @@ class RaftDriver(Service):
         if entry.index <= self._applied:
             return
         result: object = None
-        error: BaseException | None = None
         if entry.kind == EntryKind.NORMAL:
-            try:
-                result = self._sm.apply(entry)
-            except Exception as e:
-                _log.failure("Raft {id}: applying entry {index} failed", id=self.node_id, index=entry.index)
-                error = e
+            # An exception here means this replica could not apply a committed entry (its
+            # disk, its LMDB map): skipping it would make this replica diverge from the
+            # others for good, so the member halts instead, leaving the entry unapplied.
+            result = self._sm.apply(entry)
         self._applied = entry.index
         pending = self._proposals.pop(entry.index, None)
         if pending is None:
@@ -622,8 +640,6 @@ class RaftDriver(Service):
         _cancel(timer)
         if entry.term != term:
             d.errback(ProposalDroppedError(f"entry {entry.index} was replaced by a later leader"))
-        elif error is not None:
-            d.errback(error)
         else:
             d.callback(result)
 
