@@ -21,7 +21,6 @@ import argparse
 import io
 import json
 import os
-import random
 import shutil
 import statistics
 import subprocess
@@ -33,28 +32,8 @@ from typing import Any
 
 from twisted.internet import defer, task
 
-MiB = 1 << 20
-ENV = dict(os.environ, MALLOC_MMAP_THRESHOLD_="33554432", MALLOC_TRIM_THRESHOLD_="1073741824")
-
-
-def dogfs(home: str, *args: str) -> str:
-    result = subprocess.run(
-        [sys.executable, "-m", "dogfs.cli.main", "--home", home, *args],
-        capture_output=True, text=True, env=ENV, timeout=300,
-    )
-    if result.returncode != 0:
-        raise SystemExit(f"dogfs {' '.join(args)} failed: {result.stderr.strip()}")
-    return result.stdout
-
-
-def make_file(path: str, size: int, seed: int) -> None:
-    rnd = random.Random(seed)
-    with open(path, "wb") as f:
-        left = size
-        while left:
-            n = min(left, 4 * MiB)
-            f.write(rnd.randbytes(n))
-            left -= n
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import ENV, MiB, dogfs, make_file  # noqa: E402
 
 
 def drop(path: str) -> None:

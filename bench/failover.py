@@ -23,6 +23,7 @@ from typing import Any
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
+from common import run_reactor  # noqa: E402
 from twisted.internet import defer, threads  # noqa: E402
 
 
@@ -99,20 +100,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tries", type=int, default=5)
     args = parser.parse_args()
-    from twisted.internet import reactor
-
-    failed: list[Any] = []
-
-    def run() -> None:
-        d = defer.Deferred.fromCoroutine(bench(args))
-        d.addErrback(failed.append)
-        d.addBoth(lambda _: reactor.stop())  # type: ignore[attr-defined]
-
-    reactor.callWhenRunning(run)  # type: ignore[attr-defined]
-    reactor.run()  # type: ignore[attr-defined]
-    if failed:
-        failed[0].printTraceback()
-        raise SystemExit(1)
+    run_reactor(lambda reactor: bench(args))
 
 
 if __name__ == "__main__":

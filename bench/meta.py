@@ -26,17 +26,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
+from common import run_reactor, summarise  # noqa: E402
 from twisted.internet import defer  # noqa: E402
-
-
-def summarise(latencies: list[float], elapsed: float) -> tuple[float, float, float]:
-    """(completed per second, p50 ms, p99 ms)."""
-    latencies.sort()
-    if not latencies:
-        return 0.0, float("nan"), float("nan")
-    p50 = latencies[len(latencies) // 2] * 1000
-    p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000
-    return len(latencies) / elapsed, p50, p99
 
 
 async def run_load(clients: list[Any], seconds: float, op: Any) -> tuple[float, float, float, int]:
@@ -147,20 +138,7 @@ def main() -> None:
     parser.add_argument("--no-etcd", action="store_true")
     parser.add_argument("--metas", default="3", help="metadata group sizes to measure, e.g. 1,3")
     args = parser.parse_args()
-    from twisted.internet import reactor
-
-    failed: list[Any] = []
-
-    def run() -> None:
-        d = defer.Deferred.fromCoroutine(bench(reactor, args))
-        d.addErrback(failed.append)
-        d.addBoth(lambda _: reactor.stop())  # type: ignore[attr-defined]
-
-    reactor.callWhenRunning(run)  # type: ignore[attr-defined]
-    reactor.run()  # type: ignore[attr-defined]
-    if failed:
-        failed[0].printTraceback()
-        raise SystemExit(1)
+    run_reactor(lambda reactor: bench(reactor, args))
 
 
 if __name__ == "__main__":

@@ -37,6 +37,10 @@ from zope.interface import implementer
 from dogfs.raft.core import Configuration, Entry, RaftOptions, Snapshot
 from dogfs.raft.driver import IRaftStateMachine, NotLeaderError, RaftDriver
 from dogfs.raft.storage import LMDBRaftStorage, _open_env
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import summarise  # noqa: E402
+
 from dogfs.raft.transport import FramedRaftTransport
 
 _REQ = struct.Struct(">Q")
@@ -275,16 +279,6 @@ async def load(reactor: Any, client: Client, clients: int, seconds: float, size:
     if errors[0]:
         print(f"  ({errors[0]} proposals failed)", file=sys.stderr)
     return summarise(latencies, elapsed)
-
-
-def summarise(latencies: list[float], elapsed: float) -> tuple[float, float, float]:
-    """(completed per second, p50 ms, p99 ms)."""
-    latencies.sort()
-    if not latencies:
-        return 0.0, float("nan"), float("nan")
-    p50 = latencies[len(latencies) // 2] * 1000
-    p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000
-    return len(latencies) / elapsed, p50, p99
 
 
 def start_group(base: str, no_fsync: bool = False) -> tuple[list[subprocess.Popen[bytes]], list[int]]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import shutil
 import statistics
 import subprocess
@@ -31,30 +30,8 @@ from typing import Any
 
 from twisted.internet import defer, task
 
-MiB = 1 << 20
-ENV = dict(os.environ, MALLOC_MMAP_THRESHOLD_="33554432", MALLOC_TRIM_THRESHOLD_="1073741824")
-
-
-def dogfs(home: str, *args: str) -> str:
-    """Run the dogfs CLI on `home`; stdout, or exit naming the failure."""
-    result = subprocess.run(
-        [sys.executable, "-m", "dogfs.cli.main", "--home", home, *args],
-        capture_output=True, text=True, env=ENV, timeout=300,
-    )
-    if result.returncode != 0:
-        raise SystemExit(f"dogfs {' '.join(args)} failed: {result.stderr.strip()}")
-    return result.stdout
-
-
-def make_file(path: str, size: int, seed: int) -> None:
-    """A file of `size` pseudo-random bytes."""
-    rnd = random.Random(seed)
-    with open(path, "wb") as f:
-        left = size
-        while left:
-            n = min(left, 4 * MiB)
-            f.write(rnd.randbytes(n))
-            left -= n
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import ENV, MiB, dogfs, make_file  # noqa: E402
 
 
 def daemon_pids(home: str) -> list[int]:
