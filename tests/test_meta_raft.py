@@ -192,6 +192,12 @@ class RaftCommandLogTests(SynchronousTestCase):
         group.settle(leader.propose(c.Mkdir("/seen", False, None, now=1.0)))
         group.settle(follower.read_barrier())
         self.assertIsInstance(group.states[follower.node_id].stat("/seen"), c.DirInfo)
+        # The leader knows how far each follower has replicated, for status pages.
+        group.run(0.5)
+        view = {m["id"]: m for m in leader.members()}
+        mine = view[leader.node_id]
+        self.assertEqual(view[follower.node_id]["term"], mine["term"])
+        self.assertEqual(view[follower.node_id]["commit_index"], mine["commit_index"])
 
     def test_no_quorum(self) -> None:
         """A leader cut from both peers stops acknowledging: its proposal fails with

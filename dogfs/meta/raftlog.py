@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import msgpack
@@ -199,8 +199,11 @@ class RaftCommandLog:
         read_timeout: float = 5.0,
         leader_wait: float = 0.0,
         leader_stale_after: float = 0.25,
+        http_peers: Mapping[str, str] | None = None,
     ) -> None:
         self.driver = driver
+        # Members' dashboards from the config, for those that have not announced theirs.
+        self.http_peers = dict(http_peers or {})
         self.machine = machine
         self.book = machine.book
         self.clock: Any = clock
@@ -312,12 +315,18 @@ class RaftCommandLog:
                     role = "follower"
                 term = status["term"] if member == leader else None
                 commit = applied = None
+                replicated = (status.get("replicated") or {}).get(member)
+                if replicated:
+                    # The leader knows how far each follower's log matches its own.
+                    term, commit = status["term"], replicated
                 seen = self.last_contact(member)
                 contact = None if seen is None else max(0.0, now - seen)
             out.append({
                 "id": member,
                 "address": self.address if member == self.node_id else (self.book.address(member) or ""),
-                "http_address": self.http_address if member == self.node_id else self.book.http_address(member),
+                "http_address": self.http_address
+                if member == self.node_id
+                else (self.book.http_address(member) or self.http_peers.get(member, "")),
                 "role": role,
                 "term": term,
                 "commit_index": commit,
@@ -727,6 +736,7 @@ def build_raft_log(
         read_retry=max(0.2, config.tick_interval * election), read_timeout=operation_timeout,
         leader_wait=config.tick_interval * election * 2.5,
         leader_stale_after=max(0.15, config.tick_interval * 4),
+        http_peers=config.http_peers,
     )
     raft_log.transport = transport
     service = MultiService()

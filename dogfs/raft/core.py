@@ -769,6 +769,13 @@ class RaftNode:
         """The current hard state."""
         return HardState(self.term, self.vote, self.commit_index)
 
+    def replication(self) -> dict[str, int]:
+        """On a leader: how far each member's log is known to match this one (its match
+        index); empty on other roles. For status pages, never for decisions."""
+        if self.role != Role.LEADER:
+            return {}
+        return {member: pr.match for member, pr in self._progress.items()}
+
     def promotable(self) -> bool:
         """Whether this node may campaign now."""
         if self.id not in self.config.voters:

@@ -352,6 +352,7 @@ class RaftDriver(Service):
             "voters": sorted(cfg.voters) if cfg else [],
             "learners": sorted(cfg.learners) if cfg else [],
             "pending_proposals": len(self._proposals),
+            "replicated": {} if self._node is None else self._node.replication(),
         }
 
     # --- public operations ------------------------------------------------------------
