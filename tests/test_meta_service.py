@@ -271,6 +271,30 @@ class DefaultPolicyTests(TestCase):
         self.assertEqual(service.state.default_policy(), "RS-10-4")
         await service.stopService()
 
+    async def _election_event(self) -> None:
+        from twisted.internet import reactor
+
+        from dogfs.meta.service import MetaService
+
+        config = MetaConfig(id="meta-1", listen="tcp:0", address="127.0.0.1:1", data_dir=self.mktemp())
+
+        class Port:
+            def stopListening(self) -> None:
+                pass
+
+        service = MetaService(reactor, config, listen=lambda handlers: defer.succeed(Port()))
+        service.startService()
+        assert service.handlers is not None
+        heard: list[tuple[str, dict[str, Any]]] = []
+        service.handlers.listeners.append(lambda kind, fields: heard.append((kind, fields)))
+        service._leadership_changed(True)
+        await service.stopService()
+        self.assertIn(("election", {"node": "meta-1", "term": 1}), heard)
+
+    def test_election_event(self) -> defer.Deferred[None]:
+        """A node that becomes leader tells its listeners (the dashboard's event log)."""
+        return defer.Deferred.fromCoroutine(self._election_event())
+
     def test_restart_keeps_admin_choice(self) -> defer.Deferred[None]:
         """A restart (or a new leader) does not put back the config's default over an admin's."""
         return defer.Deferred.fromCoroutine(self._restart_keeps_admin_choice())

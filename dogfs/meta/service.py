@@ -433,6 +433,9 @@ class MetaService(MultiService):
         self.registry.start()
         if self.handlers is not None:
             self.handlers.reported.clear()
+            me = next((mm for mm in self.log.members() if mm["id"] == self.config.id), {})
+            # The dashboard's event log shows elections.
+            self.handlers.emit("election", node=self.config.id, term=me.get("term"))
         log.info("{node} leads the metadata group", node=self.config.id)
         self._seed_default_policy()
 
