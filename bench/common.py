@@ -63,3 +63,23 @@ def run_reactor(bench: Callable[[Any], Coroutine[Any, Any, Any]]) -> None:
     if failed:
         failed[0].printTraceback()
         raise SystemExit(1)
+
+
+def react_for(measure: Callable[[Any], Coroutine[Any, Any, Any]]) -> Any:
+    """Run `measure(reactor)` with `task.react` and return what it returned."""
+    from twisted.internet import defer, task
+
+    out: list[Any] = []
+
+    def run(reactor: Any) -> Any:
+        async def go() -> None:
+            out.append(await measure(reactor))
+
+        return defer.Deferred.fromCoroutine(go())
+
+    try:
+        task.react(run)
+    except SystemExit as e:
+        if e.code not in (0, None):
+            raise
+    return out[0]

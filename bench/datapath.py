@@ -30,10 +30,8 @@ import threading
 import time
 from typing import Any
 
-from twisted.internet import defer, task
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import ENV, MiB, dogfs, make_file  # noqa: E402
+from common import ENV, MiB, dogfs, make_file, react_for  # noqa: E402
 
 
 def drop(path: str) -> None:
@@ -238,19 +236,7 @@ def main() -> None:
     os.makedirs(work)
     try:
         dogfs(home, "cluster", "up", "--detach", "--meta", "1", "--chunk", "6", "--insecure")
-        results: dict[str, Any] = {}
-
-        def run(reactor: Any) -> defer.Deferred[None]:
-            async def go() -> None:
-                results.update(await measure(reactor, args, home, work))
-
-            return defer.Deferred.fromCoroutine(go())
-
-        try:
-            task.react(run)
-        except SystemExit as e:
-            if e.code not in (0, None):
-                raise
+        results: dict[str, Any] = react_for(lambda reactor: measure(reactor, args, home, work))
         results["peak_rss_put_mib"] = peak_rss_put(home, args.rss_mib * MiB) / MiB
         results["rss_put_size_mib"] = args.rss_mib
     finally:

@@ -28,10 +28,8 @@ import tempfile
 import time
 from typing import Any
 
-from twisted.internet import defer, task
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import ENV, MiB, dogfs, make_file  # noqa: E402
+from common import ENV, MiB, dogfs, make_file, react_for  # noqa: E402
 
 
 def daemon_pids(home: str) -> list[int]:
@@ -136,19 +134,7 @@ def main() -> None:
     try:
         dogfs(homes["tls"], "cluster", "up", "--detach", "--meta", "1", "--chunk", "6")
         dogfs(homes["insecure"], "cluster", "up", "--detach", "--meta", "1", "--chunk", "6", "--insecure")
-        results: dict[str, Any] = {}
-
-        def run(reactor: Any) -> defer.Deferred[None]:
-            async def go() -> None:
-                results.update(await measure(reactor, args, homes, work))
-
-            return defer.Deferred.fromCoroutine(go())
-
-        try:
-            task.react(run)
-        except SystemExit as e:
-            if e.code not in (0, None):
-                raise
+        results: dict[str, Any] = react_for(lambda reactor: measure(reactor, args, homes, work))
     finally:
         for home in homes.values():
             subprocess.run([sys.executable, "-m", "dogfs.cli.main", "--home", home, "cluster", "down"],

@@ -34,6 +34,7 @@ May import nothing of DogFS.
 from __future__ import annotations
 
 import random
+import typing
 from collections import deque
 from collections.abc import Sequence
 from enum import Enum, IntEnum
@@ -364,19 +365,8 @@ Message = Union[
     ReadIndexResponse,
 ]
 
-_MESSAGE_TYPES: tuple[type, ...] = (
-    RequestVote,
-    RequestVoteResponse,
-    AppendEntries,
-    AppendEntriesResponse,
-    Heartbeat,
-    HeartbeatResponse,
-    InstallSnapshot,
-    InstallSnapshotResponse,
-    TimeoutNow,
-    ReadIndexRequest,
-    ReadIndexResponse,
-)
+# Wire codes follow the union's order: derived from it, so a message is declared once.
+_MESSAGE_TYPES: tuple[type, ...] = typing.get_args(Message)
 _TYPE_CODE = {cls: code for code, cls in enumerate(_MESSAGE_TYPES)}
 _FIELD_NAMES = {cls: tuple(f.name for f in fields(cls)) for cls in _MESSAGE_TYPES}
 # Wire kind of each field, checked on decode so that malformed input is a ValueError.
