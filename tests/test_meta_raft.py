@@ -289,6 +289,36 @@ class RaftCommandLogTests(SynchronousTestCase):
         with self.assertRaises(ValueError):
             machine.restore(Snapshot(SnapshotMeta(99, 3, Configuration(frozenset(IDS))), b"junk"))
 
+    def test_batch_with_member_record_applies_every_command(self) -> None:
+        """A batch mixing commands and a member record applies every command (none is taken
+        for a replay because the record came first) and gives each entry its own result, the
+        same as applying them one by one."""
+        from dogfs.raft.core import Entry, EntryKind
+
+        def machine(name: str) -> NamespaceMachine:
+            state = NamespaceState(os.path.join(self.mktemp(), name), durable=False, map_size=1 << 24)
+            state.open()
+            self.addCleanup(state.close)
+            return NamespaceMachine(state, MemberBook(None, {}))
+
+        datas = [
+            c.encode_command(c.Mkdir("/a", now=1.0)),
+            member_record("m9", "10.0.0.9:1"),
+            c.encode_command(c.Mkdir("/a/b", now=1.0)),
+            c.encode_command(c.Mkdir("/a", now=1.0)),
+        ]
+        entries = [Entry(index=i + 5, term=2, kind=EntryKind.NORMAL, data=d) for i, d in enumerate(datas)]
+        batched, single = machine("batched"), machine("single")
+        results = batched.apply_batch(entries)
+        self.assertEqual(results, [single.apply(e) for e in entries])
+        self.assertIsInstance(results[0], c.DirInfo)
+        self.assertEqual(results[1], c.Ok())
+        self.assertIsInstance(results[2], c.DirInfo)
+        self.assertEqual(results[3].code, c.ErrorCode.EXISTS)
+        self.assertEqual(batched.book.address("m9"), "10.0.0.9:1")
+        self.assertEqual(batched.applied_index(), 8)
+        self.assertEqual(batched.state.dump(), single.state.dump())
+
     def test_leadership_listeners_and_announcement(self) -> None:
         """watch() tells listeners when this member gains or loses leadership, and a new
         leader announces its addresses (dashboard included) to every member through the log."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import lmdb
 import msgpack
@@ -75,6 +75,18 @@ class KVMachine:
         return 0
 
 
+class BatchKVMachine(KVMachine):
+    """A KVMachine that also applies batches, recording each batch's indexes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[list[int]] = []
+
+    def apply_batch(self, entries: Any) -> list[object]:
+        self.batches.append([e.index for e in entries])
+        return [self.apply(e) for e in entries]
+
+
 @implementer(IRaftStorage)
 class RecordingStorage:
     """Wraps a storage and records each batch in a shared event list."""
@@ -119,8 +131,10 @@ class Group:
         seed: int = 1,
         operation_timeout: float = 10.0,
         max_pending: int = 10_000,
+        machine_factory: Callable[[], KVMachine] = KVMachine,
     ) -> None:
         self.case = case
+        self.machine_factory = machine_factory
         self.clock = task.Clock()
         self.network = MemoryRaftNetwork(self.clock)
         self.ids = ids
@@ -146,7 +160,7 @@ class Group:
         else:
             inner = self.memory.setdefault(node_id, MemoryRaftStorage())
         storage = RecordingStorage(inner, self.events)
-        machine = KVMachine()
+        machine = self.machine_factory()
         driver = RaftDriver(
             node_id,
             storage=storage,
@@ -418,6 +432,22 @@ class DriverTests(SynchronousTestCase):
         group.run(0.5)
         for d in proposals:
             self.successResultOf(d)
+
+    def test_committed_entries_applied_as_a_batch(self) -> None:
+        """A state machine with apply_batch gets a Ready's committed entries in one call, in
+        log order, and each proposer still gets its own entry's result."""
+        group = Group(self, machine_factory=BatchKVMachine)
+        machines = cast(dict[str, BatchKVMachine], group.machines)
+        leader = group.leader()
+        group.run(0.5)
+        proposals = [leader.propose(b"k=%d" % i) for i in range(20)]
+        group.run(0.5)
+        self.assertEqual([self.successResultOf(d) for d in proposals], [None] + [str(i) for i in range(19)])
+        for machine in machines.values():
+            self.assertEqual(machine.data, {"k": "19"})
+            self.assertTrue(any(len(b) == 20 for b in machine.batches), machine.batches)
+            flat = [i for b in machine.batches for i in b]
+            self.assertEqual(flat, sorted(flat))
 
     def test_vote_durable_before_vote_messages(self) -> None:
         """No member asks for or grants a vote before that term and vote are durable."""

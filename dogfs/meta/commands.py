@@ -589,10 +589,28 @@ def _required(cls: type) -> int:
     return sum(1 for a in attrs.fields(cls) if a.default is attrs.NOTHING)
 
 
+# Per class, computed once: the field names in attrs order (what encoding walks), and how many
+# fields a decoded value needs at least and may have at most.
+_FIELDS: dict[type, tuple[str, ...]] = {
+    cls: tuple(a.name for a in attrs.fields(cls)) for cls, _ in _SCHEMAS.values()
+}
+_ARITY: dict[int, tuple[int, int]] = {
+    tag: (_required(cls), len(checks)) for tag, (cls, checks) in _SCHEMAS.items()
+}
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+
+
 def _encode_value(value: Any) -> Any:
-    tag = _TAGS.get(type(value))
+    kind = type(value)
+    if kind in _SCALARS:
+        return value
+    tag = _TAGS.get(kind)
     if tag is not None:
-        return [tag, *(_encode_value(getattr(value, a.name)) for a in attrs.fields(type(value)))]
+        out = [tag]
+        for name in _FIELDS[kind]:
+            field = getattr(value, name)
+            out.append(field if type(field) in _SCALARS else _encode_value(field))
+        return out
     if isinstance(value, tuple | list):
         return [_encode_value(item) for item in value]
     if isinstance(value, ErrorCode):
@@ -603,19 +621,19 @@ def _encode_value(value: Any) -> Any:
 
 
 def _decode_value(raw: Any, allowed: frozenset[int] | None = None) -> Any:
-    if not isinstance(raw, list) or not raw:
+    if type(raw) is not list or not raw:
         raise _bad("value", raw)
     tag = raw[0]
-    if not isinstance(tag, int) or isinstance(tag, bool) or tag not in _SCHEMAS:
+    if type(tag) is not int or tag not in _SCHEMAS:
         raise _bad("tag", tag)
     if allowed is not None and tag not in allowed:
         raise _bad("tag", tag)
     cls, checks = _SCHEMAS[tag]
-    values = raw[1:]
-    if not _required(cls) <= len(values) <= len(checks):
-        raise ValueError(f"Malformed {cls.__name__}: {len(values)} fields.")
+    least, most = _ARITY[tag]
+    if not least <= len(raw) - 1 <= most:
+        raise ValueError(f"Malformed {cls.__name__}: {len(raw) - 1} fields.")
     try:
-        return cls(*(check(v) for check, v in zip(checks, values, strict=False)))
+        return cls(*[check(v) for check, v in zip(checks, raw[1:], strict=False)])
     except ValueError:
         raise
     except Exception as e:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import msgpack
@@ -133,15 +133,37 @@ class NamespaceMachine:
         """Apply a committed NORMAL entry (a command, or a member record)."""
         data = bytes(entry.data)
         if data[:1] == _MEMBER_TAG:
-            try:
-                node_id, address, http = msgpack.unpackb(data[1:], raw=False)
-                self.book.set(str(node_id), str(address), str(http))
-            except Exception as e:  # a bad record is skipped the same way on every member
-                log.warn("skipping a malformed member record at {index}: {why}", index=entry.index, why=str(e))
+            self._set_member(entry.index, data)
             # Advance the namespace's applied index so a restart does not start before it.
             self.state.apply(entry.index, None)
             return c.Ok()
         return self.state.apply(entry.index, data)
+
+    def _set_member(self, index: int, data: bytes) -> None:
+        try:
+            node_id, address, http = msgpack.unpackb(data[1:], raw=False)
+            self.book.set(str(node_id), str(address), str(http))
+        except Exception as e:  # a bad record is skipped the same way on every member
+            log.warn("skipping a malformed member record at {index}: {why}", index=index, why=str(e))
+
+    def apply_batch(self, entries: Sequence[Any]) -> list[Any]:
+        """Apply committed NORMAL entries in order, in one namespace transaction."""
+        batch: list[tuple[int, bytes | None]] = []
+        members: set[int] = set()
+        for entry in entries:
+            data = bytes(entry.data)
+            if data[:1] == _MEMBER_TAG:
+                # The address book is its own small file, independent of the namespace:
+                # setting a record again on a replay is harmless. The namespace only
+                # advances its applied index past it.
+                self._set_member(entry.index, data)
+                members.add(entry.index)
+                batch.append((entry.index, None))
+            else:
+                batch.append((entry.index, data))
+        results = self.state.apply_batch(batch)
+        return [c.Ok() if index in members else result
+                for (index, _), result in zip(batch, results, strict=True)]
 
     def snapshot(self) -> bytes:
         """Namespace and address book as of the last applied entry."""
