@@ -87,7 +87,7 @@ async def bench(reactor: Any, args: argparse.Namespace) -> None:
 
                 await run_load(clients, 1.0, mkdir)  # warm-up: connections, leader known
                 phase[0] = f"run-r{run}"
-                for name, op in ((f"mkdir {metas}m", mkdir), (f"put 4K {metas}m", put)):
+                for name, op in ((f"mkdir {metas}m", mkdir), (f"put 4K {metas}m", put))[: 1 if os.environ.get("BENCH_MKDIR_ONLY") else 2]:
                     r = await run_load(clients, args.seconds, op)
                     results[name].append(r)
                     print(f"run {run + 1} dogfs {name:11} clients={args.clients}: {r[0]:.0f}/s "

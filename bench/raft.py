@@ -342,6 +342,14 @@ class EtcdPut(protocol.Protocol):
                     name, _, value = line.partition(b":")
                     if name.strip().lower() == b"content-length":
                         length = int(value)
+                if not head.startswith((b"HTTP/1.1 200", b"HTTP/1.0 200")):
+                    # Count only puts etcd acknowledged: an error answer is not a write.
+                    d, self._waiting = self._waiting, None
+                    if d is not None:
+                        status = head.partition(b"\r\n")[0]
+                        d.errback(RuntimeError(f"etcd answered {status!r}"))
+                    self.transport.loseConnection()  # type: ignore[union-attr]
+                    return
                 self._want, self._buf = length, rest
             if len(self._buf) < self._want:
                 return

@@ -87,6 +87,30 @@ class BatchKVMachine(KVMachine):
         return [self.apply(e) for e in entries]
 
 
+class LaterSnapshotKVMachine(KVMachine):
+    """A KVMachine whose snapshots are fixed at once and serialised later."""
+
+    def snapshot_later(self) -> Callable[[], bytes]:
+        frozen = dict(self.data)
+        return lambda: msgpack.packb(frozen)  # type: ignore[no-any-return]
+
+
+class HeldExecutor:
+    """An executor that runs nothing until the test releases it."""
+
+    def __init__(self) -> None:
+        self.held: list[tuple[Callable[[], Any], Deferred[Any]]] = []
+
+    def __call__(self, work: Callable[[], Any]) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.held.append((work, d))
+        return d
+
+    def release(self) -> None:
+        work, d = self.held.pop(0)
+        d.callback(work())
+
+
 @implementer(IRaftStorage)
 class RecordingStorage:
     """Wraps a storage and records each batch in a shared event list."""
@@ -132,9 +156,11 @@ class Group:
         operation_timeout: float = 10.0,
         max_pending: int = 10_000,
         machine_factory: Callable[[], KVMachine] = KVMachine,
+        snapshot_executor: Callable[[Callable[[], Any]], Deferred[Any]] | None = None,
     ) -> None:
         self.case = case
         self.machine_factory = machine_factory
+        self.snapshot_executor = snapshot_executor
         self.clock = task.Clock()
         self.network = MemoryRaftNetwork(self.clock)
         self.ids = ids
@@ -172,6 +198,7 @@ class Group:
             tick_interval=0.1,
             rng=random.Random(f"{self.seed}-{node_id}-{len(self.drivers)}"),
             executor=run_now,
+            snapshot_executor=self.snapshot_executor,
             snapshot_every=self.snapshot_every,
             operation_timeout=self.operation_timeout,
             max_pending=self.max_pending,
@@ -539,6 +566,45 @@ class DriverTests(SynchronousTestCase):
         self.assertEqual(status["voters"], list(IDS))
         self.assertEqual(status["commit_index"], leader.commit_index)
         self.assertGreaterEqual(int(status["term"]), 1)  # type: ignore[call-overload]
+
+    def test_snapshot_serialised_off_the_loop(self) -> None:
+        """With snapshot_later, the state is fixed at the snapshot index and serialised
+        elsewhere while the group goes on committing; once written, the snapshot holds the
+        state as of that index and the log before it is compacted. Stopping waits for a
+        serialisation in progress."""
+        held = HeldExecutor()
+        group = Group(self, snapshot_every=10, machine_factory=LaterSnapshotKVMachine, snapshot_executor=held)
+        leader = group.leader()
+        group.run(0.5)
+        for i in range(12):
+            leader.propose(b"k%d=%d" % (i, i))
+        group.run(0.5)
+        self.assertEqual(len(held.held), 3)  # one per member, none serialised yet
+        index = leader.applied_index
+        later = [leader.propose(b"after=%d" % i) for i in range(5)]
+        group.run(0.5)
+        for d in later:
+            self.successResultOf(d)  # the loop did not wait for the snapshot
+        self.assertEqual(leader.applied_index, index + 5)
+        while held.held:
+            held.release()
+        group.run(0.1)
+        snapshot = group.storages[leader.node_id].snapshot_data()
+        self.assertEqual(snapshot.meta.index, index)
+        data = msgpack.unpackb(snapshot.data)
+        self.assertEqual(data["k11"], "11")
+        self.assertNotIn("after", data)
+        self.assertGreater(leader.node.first_index, index)
+        # A second snapshot in progress holds up stopping until it is done.
+        for i in range(10):
+            leader.propose(b"more=%d" % i)
+        group.run(0.5)
+        self.assertTrue(held.held)
+        stopped = leader.stopService()
+        self.assertNoResult(stopped)
+        while held.held:
+            held.release()
+        self.successResultOf(stopped)
 
     def test_snapshot_and_catch_up(self) -> None:
         """Members snapshot every N entries; a member that missed them catches up by snapshot."""

@@ -59,9 +59,11 @@ class RegistryTests(SynchronousTestCase):
         self.addCleanup(registry.stop)
         self.clock.pump([1] * 29)
         self.assertEqual([v.state for v in registry.view()], ["unknown", "unknown"])
+        self.assertTrue(registry.any_unknown())
         self.beat(registry, "b")
         self.clock.pump([1] * 2)
         self.assertEqual(registry.state("a"), "dead")
+        self.assertFalse(registry.any_unknown())
         self.assertEqual(registry.state("b"), "alive")
         self.assertEqual(self.changes, [("b", "unknown", "alive"), ("a", "unknown", "dead")])
 

@@ -171,6 +171,18 @@ class NamespaceMachine:
             [_SNAPSHOT_MAGIC, _SNAPSHOT_VERSION, self.book.dump(), self.state.dump()], use_bin_type=True
         )
 
+    def snapshot_later(self) -> Callable[[], bytes]:
+        """``snapshot`` as of now, serialised by the function returned, on any thread."""
+        book = self.book.dump()
+        dump = self.state.dump_later()
+
+        def serialise() -> bytes:
+            return msgpack.packb(  # type: ignore[no-any-return]
+                [_SNAPSHOT_MAGIC, _SNAPSHOT_VERSION, book, dump()], use_bin_type=True
+            )
+
+        return serialise
+
     def restore(self, snapshot: Snapshot) -> None:
         """Replace the state by a snapshot made by ``snapshot`` (on any member)."""
         try:
@@ -491,9 +503,7 @@ class RaftCommandLog:
         return table
 
     def _command(self, handlers: Any, plain: Any, request: Any) -> Any:
-        from dogfs.meta.registry import UNKNOWN
-
-        if not any(v.state == UNKNOWN for v in handlers.registry.view()):
+        if not handlers.registry.any_unknown():
             return plain(request)  # the common case: no need to decode the command here
         needed = self._allocation_width(handlers, request)
         if needed is None or not self._awaiting_chunk_servers(handlers, needed):

@@ -203,6 +203,11 @@ class ChunkServerRegistry:
             if self._state_at(e, now) == ALIVE
         ]
 
+    def any_unknown(self) -> bool:
+        """Whether some known server has not been heard from yet (within its grace period)."""
+        now = self._now()
+        return any(self._state_at(e, now) == UNKNOWN for e in self._entries.values())
+
     def view(self) -> list[ChunkServerView]:
         """Every known server with its state and last report, sorted by node id."""
         now = self._now()

@@ -36,7 +36,7 @@ import builtins
 import hashlib
 import os
 import shutil
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import lmdb
@@ -916,11 +916,32 @@ class NamespaceState:
 
     def dump(self) -> bytes:
         """Every database as canonical bytes: the Raft snapshot payload (see L{load})."""
-        dbs = []
         with self._read() as txn:
-            for name in _DB_NAMES:
-                items = [[bytes(k), bytes(v)] for k, v in txn.cursor(db=self._dbs[name])]
-                dbs.append([name.decode(), items])
+            return self._dump(txn)
+
+    def dump_later(self) -> Callable[[], bytes]:
+        """Fix the state as it is now; return a function giving its L{dump}, once.
+
+        The function may run on another thread while this one goes on applying: it reads an
+        LMDB read transaction, a consistent view that later writes do not change (py-lmdb
+        opens environments with MDB_NOTLS, so a read transaction may move between threads).
+        Do not close the state before it has run.
+        """
+        txn = self._read()
+
+        def dump() -> bytes:
+            try:
+                return self._dump(txn)
+            finally:
+                txn.abort()
+
+        return dump
+
+    def _dump(self, txn: lmdb.Transaction) -> bytes:
+        dbs = []
+        for name in _DB_NAMES:
+            items = [[bytes(k), bytes(v)] for k, v in txn.cursor(db=self._dbs[name])]
+            dbs.append([name.decode(), items])
         return _pack([_DUMP_MAGIC, _FORMAT_VERSION, dbs])
 
     def load(self, data: bytes, applied_index: int | None = None) -> None:
@@ -972,6 +993,10 @@ class RaftStateMachine:
     def snapshot(self) -> bytes:
         """The state as of the last applied entry (L{NamespaceState.dump})."""
         return self.state.dump()
+
+    def snapshot_later(self) -> Callable[[], bytes]:
+        """L{snapshot}, fixed now and serialised by the function returned (any thread)."""
+        return self.state.dump_later()
 
     def restore(self, snapshot: Any) -> None:
         """Replace the state by C{snapshot.data}, as of C{snapshot.meta.index}."""

@@ -117,6 +117,11 @@ class IRaftStateMachine(Interface):
     # Optional: ``apply_batch(entries: Sequence[Entry]) -> Sequence[object]``, the results of
     # applying several NORMAL entries in order, as ``apply`` would one by one. The driver uses
     # it when present so a batch of committed entries costs one storage transaction.
+    #
+    # Optional: ``snapshot_later() -> Callable[[], bytes]``, called on the reactor thread, fixes
+    # the state as of the last applied entry and returns a function that serialises it and may
+    # run on another thread while applying goes on. Without it, ``snapshot`` runs on the
+    # reactor thread, which stalls the member for as long as the state takes to serialise.
 
     def snapshot() -> bytes:  # type: ignore[misc,empty-body]
         """Serialise the state as of the last applied entry."""
@@ -133,7 +138,9 @@ class RaftDriver(Service):
 
     ``clock`` drives ticks (every ``tick_interval`` seconds) and timeouts. Storage writes run on
     the driver's own one-thread pool through ``reactor`` (an ``IReactorFromThreads``), unless an
-    ``executor`` is given (tests pass one that runs the write synchronously).
+    ``executor`` is given (tests pass one that runs the write synchronously); snapshots are
+    serialised on another one-thread pool, unless ``snapshot_executor`` (or ``executor``) is
+    given.
     """
 
     def __init__(
@@ -150,6 +157,7 @@ class RaftDriver(Service):
         rng: random.Random | None = None,
         reactor: IReactorFromThreads | None = None,
         executor: Executor | None = None,
+        snapshot_executor: Executor | None = None,
         operation_timeout: float = 10.0,
         snapshot_every: int | None = 10_000,
         max_pending: int = 10_000,
@@ -174,6 +182,12 @@ class RaftDriver(Service):
         self._executor_arg = executor
         self._executor: Executor | None = executor
         self._pool: ThreadPool | None = None
+        # Serialising snapshots runs on a thread of its own, so the log's writes never queue
+        # behind it (tests give an executor, which runs both synchronously).
+        self._snapshot_executor_arg = snapshot_executor or executor
+        self._snapshot_executor: Executor | None = self._snapshot_executor_arg
+        self._snapshot_pool: ThreadPool | None = None
+        self._snapshot_job: Deferred[Any] | None = None
         self._timeout = operation_timeout
         self._snapshot_every = snapshot_every
         self._max_pending = max_pending
@@ -210,15 +224,17 @@ class RaftDriver(Service):
             self._pool = ThreadPool(minthreads=1, maxthreads=1, name=f"raft-{self.node_id}")
             self._pool.start()
             self._executor = partial(deferToThreadPool, self._reactor, self._pool)
+        if self._snapshot_executor_arg is None:
+            assert self._reactor is not None
+            self._snapshot_pool = ThreadPool(minthreads=0, maxthreads=1, name=f"raft-snap-{self.node_id}")
+            self._snapshot_pool.start()
+            self._snapshot_executor = partial(deferToThreadPool, self._reactor, self._snapshot_pool)
         try:
             self._restore()
         except BaseException:
             # Corrupt or unreadable storage: refuse to run, leaving nothing behind.
             self.running = False
-            if self._pool is not None:
-                self._pool.stop()
-                self._pool = None
-            self._executor = self._executor_arg
+            self._stop_pools()
             raise
         self._failure = None
         self._busy = False
@@ -267,26 +283,44 @@ class RaftDriver(Service):
             self._kick_call.cancel()
         self._kick_call = None
         self._fail_all(RaftStoppedError(f"Raft member {self.node_id} stopped"))
-        done: Deferred[None] = Deferred()
+        loop: Deferred[None] = Deferred()
         if self._busy:
-            self._loop_done = done
+            self._loop_done = loop
         else:
-            done.callback(None)
+            loop.callback(None)
+        waits: list[Deferred[Any]] = [loop]
+        if self._snapshot_job is not None:
+            # The serialiser reads the state machine's storage: let it finish before anything
+            # is closed.
+            snapshot_done: Deferred[None] = Deferred()
+
+            def settled(result: object) -> object:
+                snapshot_done.callback(None)
+                return result
+
+            self._snapshot_job.addBoth(settled)
+            waits.append(snapshot_done)
+        done = defer.gatherResults(waits, consumeErrors=True)
 
         def _release(_: object) -> None:
             if self._unsaved_commit is not None and self._failure is None:
                 # Keep the commit index we learnt, so a restart re-applies less.
                 self._storage.save(self._unsaved_commit, [], None)
                 self._unsaved_commit = None
-            if self._pool is not None:
-                self._pool.stop()
-                self._pool = None
-            self._executor = self._executor_arg
+            self._stop_pools()
             close = getattr(self._storage, "close", None)
             if close is not None:
                 close()
 
         return done.addCallback(_release)
+
+    def _stop_pools(self) -> None:
+        for pool in (self._pool, self._snapshot_pool):
+            if pool is not None:
+                pool.stop()
+        self._pool = self._snapshot_pool = None
+        self._executor = self._executor_arg
+        self._snapshot_executor = self._snapshot_executor_arg
 
     # --- introspection ----------------------------------------------------------------
 
@@ -705,10 +739,13 @@ class RaftDriver(Service):
     def _maybe_snapshot(self) -> Deferred[None] | None:
         """Every ``snapshot_every`` applied entries: snapshot, store it, then compact the core.
 
-        Runs inside the Ready loop's busy window, so the snapshot write is ordered with the
-        batches around it; the core drops its log prefix only once the snapshot is durable.
+        With a state machine that has ``snapshot_later``, the state is fixed here and
+        serialised on the snapshot thread while the Ready loop carries on; the result is then
+        written through the storage thread, in order with the log's writes. Otherwise the
+        snapshot is taken inside the Ready loop's busy window. Either way the core drops its
+        log prefix only once the snapshot is durable.
         """
-        if self._snapshot_every is None or not self.running:
+        if self._snapshot_every is None or not self.running or self._snapshot_job is not None:
             return None
         if self._applied - self._snapshot_index < self._snapshot_every:
             return None
@@ -718,21 +755,50 @@ class RaftDriver(Service):
         if term is None:
             return None
         meta = SnapshotMeta(index=index, term=term, config=node.config)
-        snapshot = Snapshot(meta=meta, data=self._sm.snapshot())
-        assert self._executor is not None
-        d: Deferred[None] = self._executor(partial(self._storage.save, None, [], snapshot))
 
         def stored(_: object) -> None:
             self._snapshot_index = max(self._snapshot_index, index)
             if self._node is node:
                 try:
-                    node.compact(snapshot)
+                    node.compact(snapshot_of[0])
                 except ValueError as e:
                     # The log moved under us (a leader's snapshot replaced it): nothing to do.
                     _log.info("Raft {id}: compaction at {index} skipped: {why}",
                               id=self.node_id, index=index, why=str(e))
 
-        return d.addCallback(stored)
+        snapshot_of: list[Snapshot] = []
+        later = getattr(self._sm, "snapshot_later", None)
+        assert self._executor is not None and self._snapshot_executor is not None
+        if later is None:
+            snapshot_of.append(Snapshot(meta=meta, data=self._sm.snapshot()))
+            d: Deferred[None] = self._executor(partial(self._storage.save, None, [], snapshot_of[0]))
+            return d.addCallback(stored)
+
+        serialise = later()
+
+        def store(data: bytes) -> Deferred[None] | None:
+            if not self.running or self._node is not node or self._failure is not None:
+                return None
+            if self._snapshot_index >= index:
+                return None  # a leader's snapshot got here first
+            snapshot_of.append(Snapshot(meta=meta, data=data))
+            written: Deferred[None] = self._executor(  # type: ignore[misc]
+                partial(self._storage.save, None, [], snapshot_of[0])
+            )
+            return written.addCallback(stored)
+
+        def failed(failure: Failure) -> None:
+            # Not fatal: the log is intact and the next attempt comes snapshot_every entries
+            # later. A broken disk fails the next log write, which halts the member.
+            _log.failure("Raft {id}: snapshot at {index} failed", failure, id=self.node_id, index=index)
+
+        def finished(_: object) -> None:
+            self._snapshot_job = None
+
+        job: Deferred[Any] = self._snapshot_executor(serialise)
+        self._snapshot_job = job
+        job.addCallback(store).addErrback(failed).addBoth(finished)
+        return None
 
 
 def _cancel(call: Any) -> None:
