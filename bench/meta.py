@@ -8,7 +8,7 @@ latency as a client sees it. Each client is its own DogFSClient (its own session
 coroutines in this process. If ``etcd`` is on PATH, the same run measures etcd's
 ``/v3/kv/put`` with the same number of clients (bench/raft.py's driver).
 
-    .venv/bin/python bench/meta.py [--clients 64] [--seconds 5] [--runs 1] [--metas 1,3] [--no-etcd]
+    .venv/bin/python bench/meta.py [--clients 64] [--seconds 5] [--runs 1] [--metas 1,3] [--ops mkdir,put] [--no-etcd]
 """
 
 from __future__ import annotations
@@ -58,6 +58,23 @@ async def run_load(clients: list[Any], seconds: float, op: Any) -> tuple[float, 
     return rate, p50, p99, errors[0]
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds used so far by this process and ``pids``."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    total = usage.ru_utime + usage.ru_stime
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+        except OSError:
+            pass
+    return total
+
+
 async def bench(reactor: Any, args: argparse.Namespace) -> None:
     from tests.test_meta_raft_process import RealCluster
 
@@ -87,11 +104,20 @@ async def bench(reactor: Any, args: argparse.Namespace) -> None:
 
                 await run_load(clients, 1.0, mkdir)  # warm-up: connections, leader known
                 phase[0] = f"run-r{run}"
-                for name, op in ((f"mkdir {metas}m", mkdir), (f"put 4K {metas}m", put))[: 1 if os.environ.get("BENCH_MKDIR_ONLY") else 2]:
+                ops = {f"mkdir {metas}m": mkdir, f"put 4K {metas}m": put}
+                for name, op in ops.items():
+                    if name.split()[0] not in args.ops:
+                        continue
+                    pids = list(cluster.pids().values())
+                    cpu0, t0 = cpu_seconds(pids), time.perf_counter()
                     r = await run_load(clients, args.seconds, op)
+                    # CPU of the bench's clients and every daemon, per operation: the figure
+                    # that says what an operation costs when the cores are shared.
+                    per_op = (cpu_seconds(pids) - cpu0) / max(1, r[0] * (time.perf_counter() - t0))
                     results[name].append(r)
                     print(f"run {run + 1} dogfs {name:11} clients={args.clients}: {r[0]:.0f}/s "
-                          f"p50 {r[1]:.1f} ms p99 {r[2]:.1f} ms ({r[3]} errors)", file=sys.stderr)
+                          f"p50 {r[1]:.1f} ms p99 {r[2]:.1f} ms ({r[3]} errors), "
+                          f"{per_op * 1e6:.0f} us CPU/op (all processes)", file=sys.stderr)
                 for c in clients:
                     await c.close()
             finally:
@@ -137,6 +163,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--no-etcd", action="store_true")
     parser.add_argument("--metas", default="3", help="metadata group sizes to measure, e.g. 1,3")
+    parser.add_argument("--ops", default="mkdir,put", help="operations to measure: mkdir, put")
     args = parser.parse_args()
     run_reactor(lambda reactor: bench(reactor, args))
 
