@@ -27,6 +27,7 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
+import signal
 import subprocess
 from collections.abc import Iterable, Sequence
 
@@ -68,8 +69,19 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _kill_inside(namespace: str) -> None:
+    """SIGKILL every process in ``namespace``: left there, one would keep it alive after
+    `ip netns del` (only our test's daemons run in these namespaces)."""
+    for inside in _run("ip", "netns", "pids", namespace, check=False).stdout.split():
+        try:
+            os.kill(int(inside), signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
+
+
 def sweep_stale() -> list[str]:
-    """Delete the namespaces and bridges an earlier run left behind (its process is gone).
+    """Delete the namespaces (and the processes in them) and bridges an earlier run left
+    behind because it was killed (its process is gone).
 
     Names carry the creating process's pid, so a concurrent run is never touched.
     """
@@ -83,6 +95,7 @@ def sweep_stale() -> list[str]:
         except ValueError:
             continue
         if not _pid_alive(pid):
+            _kill_inside(name)
             _run("ip", "netns", "del", name, check=False)
             removed.append(name)
     for line in _run("ip", "-o", "link", "show", "type", "bridge", check=False).stdout.splitlines():
@@ -185,11 +198,12 @@ class NetnsTopology:
             self._set_link(i, j, up=True)
 
     def destroy(self) -> None:
-        """Remove every namespace, link and the bridge (idempotent; processes inside the
-        namespaces must be gone first, or their namespace outlives this until they exit)."""
+        """Remove every namespace (SIGKILL to any process still inside), link and the
+        bridge. Idempotent; stop the daemons gracefully before, if that matters."""
         if not self._created:
             return
         for i in self.nodes():
+            _kill_inside(self.namespace(i))
             # Deleting a namespace deletes its veths, and with them their peers.
             _run("ip", "netns", "del", self.namespace(i), check=False)
             _run("ip", "link", "del", self._root_veth(i), check=False)

@@ -166,6 +166,11 @@ class MemberView:
     term: int
 
 
+def _roles(views: dict[int, MemberView]) -> str:
+    """The members' roles and terms, briefly (L leader, F follower, C candidate...)."""
+    return " ".join(f"{i}:{(v.role or '?')[0].upper()}{v.term}" for i, v in sorted(views.items()))
+
+
 def highest_leader(views: dict[int, MemberView]) -> MemberView | None:
     """The node that says it leads in the highest term (a deposed leader may still say so in
     a lower one), if any does."""
@@ -315,6 +320,9 @@ class PartitionTests(TestCase):
         topology, cluster = await threads.deferToThread(self._setup, metas)
         try:
             await self._under_partitions(seed, topology, cluster)
+            if os.environ.get("DOGFS_JEPSEN_KEEP_LOGS"):
+                kept = await threads.deferToThread(cluster.keep_logs, f"seed{seed}")
+                print(f"the nodes' logs are in {kept}")
         except BaseException:
             # The member logs are the evidence: keep them past the cleanup.
             kept = await threads.deferToThread(cluster.keep_logs, f"seed{seed}")
@@ -363,7 +371,8 @@ class PartitionTests(TestCase):
             for shape in schedule:
                 before = await views.until("a leader", ELECT_WITHIN, highest_leader)
                 cut = shape_links(shape, nodes, before.node, rng)
-                topology.cut_all(cut)
+                # `ip` commands block: run them off the reactor, which the clients share.
+                await threads.deferToThread(topology.cut_all, cut)
                 began = time.monotonic()
                 note = f"{history.now() / 1e6:.1f}s {shape} (leader {before.node}, term {before.term}) cut {cut}"
                 if len(reach(nodes, cut, before.node)) < quorum:
@@ -371,10 +380,11 @@ class PartitionTests(TestCase):
                 note += await self._probe(cluster, nodes, cut, quorum, probes)
                 # The clients keep going under the partition for a while.
                 await sleep(rng.uniform(1.0, 2.5))
-                topology.heal()
-                faults.append(note + f"; healed at {history.now() / 1e6:.1f}s")
-                await views.until("a leader after the heal", ELECT_WITHIN,
-                                  highest_leader)
+                under = await views.poll()
+                await threads.deferToThread(topology.heal)
+                note += f"; before the heal {_roles(under)}; healed at {history.now() / 1e6:.1f}s"
+                after = await views.until("a leader after the heal", ELECT_WITHIN, highest_leader)
+                faults.append(note + f", then {after.node} leads in term {after.term}")
                 await sleep(rng.uniform(0.5, 1.5))
 
         loops = []
@@ -392,15 +402,15 @@ class PartitionTests(TestCase):
         # Wait for every loop (a failing nemesis stops the clients), then report the first
         # failure, the nemesis's first: its assertions say the most.
         results = await defer.DeferredList([chaos, *running], consumeErrors=True)
-        topology.heal()
+        await threads.deferToThread(topology.heal)
         for ok, value in results:
             if not ok:
                 value.raiseException()
 
         # Healed: every link is up (as the kernel says) and a leader serves.
-        self.assertTrue(all(topology.link_states().values()), topology.link_states())
-        await views.until("a leader after the final heal", ELECT_WITHIN,
-                          highest_leader)
+        links = await threads.deferToThread(topology.link_states)
+        self.assertTrue(all(links.values()), links)
+        await views.until("a leader after the final heal", ELECT_WITHIN, highest_leader)
         final = cluster.client(timeout=20)
         self.addCleanup(final.close)
         for i in range(len(NAMES)):
