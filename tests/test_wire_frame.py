@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from dogfs.wire.frame import (
+    DIRECT_READ_MIN,
     PREFIX,
     Flags,
     FrameDecoder,
@@ -116,3 +117,95 @@ class FrameDecoderTests(SynchronousTestCase):
         except FrameError:
             pass
         self.assertLessEqual(decoder.buffered, len(data))
+
+
+class DirectReadTests(SynchronousTestCase):
+    """`read_target` / `received_into`: large frames read straight into their own buffer."""
+
+    def big_frame(self, payload_size: int = DIRECT_READ_MIN * 3, rid: int = 7) -> bytes:
+        payload = bytes(random.Random(rid).randbytes(payload_size))
+        return wire([(rid, 4, 9, b"hdr", payload)])
+
+    def read(self, decoder: FrameDecoder, data: bytes, step: int) -> list:
+        """Feed `data` like Connection._read_socket: into the target when there is one."""
+        frames: list = []
+        pos = 0
+        while pos < len(data):
+            target = decoder.read_target()
+            if target is None:
+                chunk = data[pos : pos + step]
+                frames += decoder.feed(chunk)
+            else:
+                chunk = data[pos : pos + min(step, len(target))]
+                target[: len(chunk)] = chunk
+                frames += decoder.received_into(len(chunk))
+            pos += len(chunk)
+        return frames
+
+    def test_no_target_without_a_large_frame_under_way(self) -> None:
+        """Between frames, or for a small frame, there is no target: reads go through feed."""
+        decoder = FrameDecoder()
+        self.assertIsNone(decoder.read_target())
+        small = wire([(1, 0, 2, b"h", b"x" * 100)])
+        decoder.feed(small[:20])
+        self.assertIsNone(decoder.read_target())
+
+    def test_large_frame_read_into_its_buffer(self) -> None:
+        """After the prefix, the rest of a large frame is one target holding what came first."""
+        data = self.big_frame()
+        decoder = FrameDecoder()
+        self.assertEqual(decoder.feed(data[:1000]), [])
+        target = decoder.read_target()
+        assert target is not None
+        self.assertEqual(len(target), len(data) - 1000)
+        self.assertEqual(decoder.buffered, 1000)
+        target[:] = data[1000:]
+        frames = decoder.received_into(len(target))
+        self.assertEqual(decoded(frames), [(7, 4, 9, b"hdr", data[16 + 3 :])])
+        self.assertEqual(decoder.buffered, 0)
+        self.assertIsNone(decoder.read_target())
+
+    def test_target_shrinks_as_it_fills(self) -> None:
+        """Each partial read leaves a target for exactly the bytes still to come."""
+        data = self.big_frame()
+        decoder = FrameDecoder()
+        decoder.feed(data[:PREFIX.size])
+        target = decoder.read_target()
+        assert target is not None
+        target[:5000] = data[PREFIX.size : PREFIX.size + 5000]
+        self.assertEqual(decoder.received_into(5000), [])
+        rest = decoder.read_target()
+        assert rest is not None
+        self.assertEqual(len(rest), len(data) - PREFIX.size - 5000)
+        self.assertEqual(decoder.buffered, PREFIX.size + 5000)
+
+    @settings(deadline=None, max_examples=40)
+    @given(
+        st.lists(st.tuples(st.integers(0, 5), st.integers(0, DIRECT_READ_MIN * 2)), min_size=1, max_size=6),
+        st.integers(1, DIRECT_READ_MIN // 2),
+    )
+    def test_mixed_sizes_and_splits(self, shapes: list, step: int) -> None:
+        """Small and large frames in any read size decode as with feed alone."""
+        rnd = random.Random(len(shapes) * 1000 + step)
+        frames = [(i, flags, 3, b"h" * i, rnd.randbytes(size)) for i, (flags, size) in enumerate(shapes)]
+        data = wire(frames)
+        self.assertEqual(decoded(self.read(FrameDecoder(), data, step)), frames)
+
+    def test_limits_checked_before_any_target(self) -> None:
+        """An oversized frame fails in feed, from its prefix; no buffer is ever offered."""
+        decoder = FrameDecoder(FrameLimits(max_payload=DIRECT_READ_MIN))
+        data = encode_frame(1, 0, 2, 1, b"", DIRECT_READ_MIN * 4)
+        self.assertRaises(FrameTooLarge, decoder.feed, data)
+        self.assertIsNone(decoder.read_target())
+
+    def test_misuse_refused(self) -> None:
+        """A count larger than the target, or feed() in the middle of a direct read, raise."""
+        data = self.big_frame()
+        decoder = FrameDecoder()
+        decoder.feed(data[:100])
+        target = decoder.read_target()
+        assert target is not None
+        self.assertRaises(ValueError, decoder.received_into, len(target) + 1)
+        self.assertRaises(RuntimeError, decoder.feed, b"more")
+        fresh = FrameDecoder()
+        self.assertRaises(ValueError, fresh.received_into, 1)

@@ -79,11 +79,21 @@ def encode_frame(
     return PREFIX.pack(length, version, flags, type_, request_id, len(header))
 
 
+#: A frame with at least this many bytes still to come is read straight into a buffer of its
+#: own (`FrameDecoder.read_target`) instead of arriving in chunks that are joined at the end.
+DIRECT_READ_MIN = 64 * 1024
+
+
 class FrameDecoder:
     """Incremental decoder: feed it bytes in any split, get whole frames out.
 
     Large payloads arrive in many reads; they are kept as a list of chunks and joined once
     when the frame is complete, so a frame costs one copy whatever the read size.
+
+    A reader that owns a socket can do better: once a large frame's length is known,
+    `read_target` gives a buffer holding the whole frame, with the bytes received so far
+    already in it, for ``socket.recv_into``; `received_into` then reports how much arrived.
+    The rest of the frame then costs no copy in user space and no join.
     """
 
     def __init__(self, limits: FrameLimits = FrameLimits()) -> None:
@@ -92,14 +102,62 @@ class FrameDecoder:
         self._offset = 0  # bytes of _chunks[0] already consumed
         self._buffered = 0
         self._need: int | None = None  # total size of the frame being read, once known
+        # The frame being received directly (see read_target), and how much of it is filled.
+        self._body: memoryview | None = None
+        self._filled = 0
 
     @property
     def buffered(self) -> int:
         """Bytes received but not yet returned as frames."""
         return self._buffered
 
+    def read_target(self) -> memoryview | None:
+        """Where the next read should go: the unfilled rest of the current frame, or None.
+
+        Not None only while a frame with at least `DIRECT_READ_MIN` bytes still to come is
+        being received (its length already checked against the limits). The caller reads at
+        most ``len(target)`` bytes into it, so the next frame's bytes never land there, and
+        reports the count with `received_into`.
+        """
+        if self._body is not None:
+            return self._body[self._filled :]
+        need = self._need
+        if need is None or need - self._buffered < DIRECT_READ_MIN:
+            return None
+        # Every buffered byte belongs to this frame (feed returned every earlier one).
+        body = memoryview(bytearray(need))
+        filled = 0
+        if self._chunks:
+            first = self._chunks[0]
+            parts: list[bytes | memoryview] = [memoryview(first)[self._offset :], *self._chunks[1:]]
+            for part in parts:
+                body[filled : filled + len(part)] = part
+                filled += len(part)
+            self._chunks = []
+            self._offset = 0
+        self._body = body
+        self._filled = filled
+        return body[filled:]
+
+    def received_into(self, count: int) -> list[Frame]:
+        """`count` bytes were read into the last `read_target`; return the frame if complete."""
+        body = self._body
+        if body is None or not 0 <= count <= len(body) - self._filled:
+            raise ValueError(f"received_into({count}) does not match the read target")
+        self._filled += count
+        self._buffered += count
+        if self._filled < len(body):
+            return []
+        self._body = None
+        self._filled = 0
+        self._buffered = 0
+        self._need = None
+        return [self._decode(body)]
+
     def feed(self, data: bytes) -> list[Frame]:
         """Add received bytes; return the frames they complete. Raises FrameError."""
+        if self._body is not None:
+            raise RuntimeError("feed() while a frame is being read with read_target()")
         if data:
             self._chunks.append(data)
             self._buffered += len(data)

@@ -15,13 +15,15 @@ sender. Nothing here buffers without bound.
 
 from __future__ import annotations
 
+import errno
 import itertools
+import socket
 from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from attrs import define, field, frozen
-from twisted.internet import defer
+from twisted.internet import defer, main, tcp
 from twisted.internet.interfaces import IHandshakeListener, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -29,7 +31,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from dogfs.wire import messages
-from dogfs.wire.frame import Flags, FrameDecoder, FrameError, FrameLimits, encode_frame
+from dogfs.wire.frame import Flags, Frame, FrameDecoder, FrameError, FrameLimits, encode_frame
 from dogfs.wire.messages import SUPPORTED_VERSIONS, Error, Hello, MalformedMessage
 
 log = Logger()
@@ -38,6 +40,9 @@ log = Logger()
 # (64 KiB / 128 KiB): PERFORMANCE.md measured about 2x on loopback.
 RECV_BUFFER = 1 << 20
 SEND_LIMIT = 4 << 20
+# Reads of a plain TCP socket between large frames (see Connection._read_socket); a large
+# frame's remainder is read straight into its own buffer, whatever this size.
+SOCKET_READ = 64 * 1024
 # Frames an inbound stream may queue before we stop reading the socket.
 INBOUND_QUEUE_FRAMES = 8
 # Hostile peers (docs/security.md): a frame begun must be complete within FRAME_TIMEOUT
@@ -273,15 +278,23 @@ class Connection(Protocol):
         self._buffer_paused = False
         self._last_frame = 0.0
         self._watchdog: Any = None
+        # The socket under a plain TCP transport, read and written directly; None under TLS
+        # or any other transport (see _read_socket and _send).
+        self._socket: socket.socket | None = None
 
     # --- Protocol --------------------------------------------------------------------
 
     def connectionMade(self) -> None:
-        tcp = getattr(self.transport, "transport", None) or self.transport
-        if hasattr(tcp, "bufferSize"):
-            tcp.bufferSize = RECV_BUFFER
-        if hasattr(tcp, "SEND_LIMIT"):
-            tcp.SEND_LIMIT = SEND_LIMIT
+        raw = getattr(self.transport, "transport", None) or self.transport
+        if hasattr(raw, "bufferSize"):
+            raw.bufferSize = RECV_BUFFER
+        if hasattr(raw, "SEND_LIMIT"):
+            raw.SEND_LIMIT = SEND_LIMIT
+        self._socket = _plain_socket(self.transport)
+        if self._socket is not None:
+            # The reactor calls the transport's doRead when the socket is readable: read it
+            # ourselves, straight into large frames' buffers (FrameDecoder.read_target).
+            self.transport.doRead = self._read_socket
         self.transport.registerProducer(self, True)
         self._last_frame = self.clock.seconds()
         self._arm_watchdog()
@@ -300,6 +313,42 @@ class Connection(Protocol):
         except FrameError as e:
             self.protocol_error("frame_error", str(e))
             return
+        self._frames_received(frames)
+
+    def _read_socket(self) -> Any:
+        """The transport's doRead on a plain TCP socket (see connectionMade).
+
+        Returns what Twisted's doRead would: None, or why the connection ended.
+        """
+        transport = self.transport
+        if transport.TLS:  # startTLS replaced the byte stream under us: Twisted's own path
+            return tcp.Connection.doRead(transport)
+        if self._lost or self._closing_reason is not None:
+            # Closing: discard what arrives, as dataReceived does, without buffering it.
+            target = None
+        else:
+            target = self._decoder.read_target()
+        sock = transport.socket
+        try:
+            if target is None:
+                data = sock.recv(SOCKET_READ)
+            else:
+                count = sock.recv_into(target)
+        except OSError as e:
+            if e.errno == errno.EWOULDBLOCK:
+                return None
+            return main.CONNECTION_LOST
+        if target is None:
+            if not data:
+                return main.CONNECTION_DONE
+            self.dataReceived(data)
+        else:
+            if not count:
+                return main.CONNECTION_DONE
+            self._frames_received(self._decoder.received_into(count))
+        return None
+
+    def _frames_received(self, frames: list[Frame]) -> None:
         if frames:
             self._last_frame = self.clock.seconds()
         for frame in frames:
@@ -315,6 +364,9 @@ class Connection(Protocol):
         if self._lost:
             return
         self._lost = True
+        if self._socket is not None:
+            self._socket = None
+            self.transport.__dict__.pop("doRead", None)  # break the transport <-> us cycle
         if self._watchdog is not None and self._watchdog.active():
             self._watchdog.cancel()
         self._watchdog = None
@@ -499,10 +551,52 @@ class Connection(Protocol):
         prefix = encode_frame(
             version or self.version or 1, flags, messages.type_of(msg), request_id, header, len(payload)
         )
-        if payload:
+        if self._socket is not None and self._can_send_now():
+            self._send_now(prefix + header, payload)
+        elif payload:
             self.transport.writeSequence([prefix, header, payload])
         else:
             self.transport.write(prefix + header)
+
+    def _can_send_now(self) -> bool:
+        """Whether a frame may go to the socket at once: nothing queued before it."""
+        transport = self.transport
+        return bool(
+            transport.connected
+            and not transport.disconnecting
+            and not transport._writeDisconnected
+            and not transport.TLS
+            and not transport._tempDataLen
+            and transport.offset == len(transport.dataBuffer)
+        )
+
+    def _send_now(self, head: bytes, payload: bytes | memoryview) -> None:
+        """Send a frame with one sendmsg; queue what the socket did not take with Twisted.
+
+        Twisted would copy every frame into one string before sending it (and send it only
+        on the next reactor turn); for 1 MiB cells that copy is a good part of a client's
+        CPU. What is queued keeps Twisted's flow control: past its buffer size, the
+        transport pauses us.
+        """
+        assert self._socket is not None
+        parts: list[bytes | memoryview] = [head, payload] if payload else [head]
+        try:
+            sent = self._socket.sendmsg(parts)
+        except OSError:
+            # Full (EWOULDBLOCK, ENOBUFS) or broken: Twisted sends it or reports the loss.
+            sent = 0
+        rest: list[bytes] = []
+        for part in parts:
+            if sent >= len(part):
+                sent -= len(part)
+                continue
+            if sent:
+                rest.append(bytes(memoryview(part)[sent:]))
+                sent = 0
+            else:
+                rest.append(part if isinstance(part, bytes) else bytes(part))
+        if rest:
+            self.transport.writeSequence(rest)
 
     def _lose(self) -> None:
         # Under TLS, loseConnection waits until no producer is registered before it sends
@@ -701,6 +795,15 @@ class Connection(Protocol):
         else:
             reply = Reply(messages.Ok() if result is None else result)
         self._send(reply.msg, reply.payload, request.request_id, flags)
+
+
+def _plain_socket(transport: Any) -> socket.socket | None:
+    """The socket of a plain (not TLS) Twisted TCP transport, else None."""
+    if isinstance(transport, tcp.Connection) and not transport.TLS:
+        sock = getattr(transport, "socket", None)
+        if isinstance(sock, socket.socket):
+            return sock
+    return None
 
 
 def _tls_failure(reason: Any, peer: str) -> WireError | None:

@@ -1,0 +1,212 @@
+# -*- test-case-name: tests.test_wire_socket -*-
+"""Tests for dogfs.wire.protocol over real loopback TCP: the plain-socket fast paths.
+
+On a plain TCP transport a Connection reads large frames straight into their own buffers
+(`recv_into`) and sends frames with one `sendmsg`, queueing with Twisted only what the socket
+did not take. These tests run both ends on the real reactor and check that bytes, order,
+limits, flow control and lost connections behave as over any other transport.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import Any
+
+from twisted.internet import defer, endpoints, protocol, reactor
+from twisted.trial.unittest import TestCase
+
+from dogfs.codec.checksum import crc32c
+from dogfs.wire.frame import DIRECT_READ_MIN, FrameLimits
+from dogfs.wire.messages import Cell, GetShard, GetShardEnd, Ok, PutShard, PutShardEnd, ShardStored
+from dogfs.wire.protocol import Connection, ConnectionClosed, Reply, Request, WireError
+
+MiB = 1 << 20
+SHARD = "000000000000002a-03"
+
+
+class SocketPairMixin:
+    """Listen on 127.0.0.1 with a server Connection; connect a client Connection to it."""
+
+    server: Connection | None = None
+
+    async def connect(self, handlers: dict[type, Any], limits: FrameLimits = FrameLimits()) -> Connection:
+        def make_server() -> Connection:
+            self.server = Connection(reactor, handlers, node_id="server", limits=limits)
+            return self.server
+
+        port = reactor.listenTCP(0, protocol.Factory.forProtocol(make_server), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)  # type: ignore[attr-defined]
+        endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+        client = await endpoints.connectProtocol(endpoint, Connection(reactor, {}, node_id="client"))
+        self.addCleanup(self.close, client)  # type: ignore[attr-defined]
+        await client.ready
+        return client
+
+    async def close(self, client: Connection) -> None:
+        for conn in (client, self.server):
+            if conn is not None and not conn._lost:
+                conn.close()
+                await conn.closed
+
+
+def deferred(coroutine: Any) -> defer.Deferred[Any]:
+    return defer.Deferred.fromCoroutine(coroutine).addTimeout(30, reactor)  # type: ignore[arg-type]
+
+
+class PlainSocketTests(SocketPairMixin, TestCase):
+    """Frames over a real plain TCP connection."""
+
+    def test_fast_path_in_use(self) -> None:
+        """Both ends of a plain TCP connection read and write their socket themselves."""
+
+        async def go() -> None:
+            client = await self.connect({})
+            assert self.server is not None
+            self.assertIsNotNone(client._socket)
+            self.assertIsNotNone(self.server._socket)
+
+        return deferred(go())
+
+    def test_small_and_large_payloads_round_trip(self) -> None:
+        """Payloads below, at and far above the direct-read size come back byte for byte,
+        interleaved with payload-less requests."""
+        sizes = [0, 1, 100, DIRECT_READ_MIN - 1, DIRECT_READ_MIN, DIRECT_READ_MIN + 1, 3 * MiB + 7]
+
+        def echo(request: Request) -> Reply:
+            return Reply(Ok(), bytes(request.payload))
+
+        async def go() -> None:
+            client = await self.connect({GetShard: echo})
+            rnd = random.Random(5)
+            payloads = [rnd.randbytes(size) for size in sizes]
+            replies = await defer.gatherResults(
+                [client.call(GetShard(SHARD, 0, -1), payload) for payload in payloads]
+            )
+            self.assertEqual([bytes(r.payload) for r in replies], payloads)
+
+        return deferred(go())
+
+    def test_stream_with_slow_reader(self) -> None:
+        """A 40 MiB upload to a handler that pauses arrives whole and in order; the sender is
+        held back by flow control while the reader lags."""
+        cells = 40
+        blocked: list[bool] = []
+
+        async def slow_sink(request: Request) -> ShardStored:
+            count = 0
+            while True:
+                part = await request.next_part()
+                assert part is not None
+                msg, payload = part
+                if isinstance(msg, PutShardEnd):
+                    return ShardStored(SHARD, count)
+                if msg.index != count or crc32c(payload) != msg.crc:
+                    raise WireError("invalid_argument", f"cell {msg.index} damaged or out of order")
+                count += 1
+                if count % 8 == 0:
+                    # Stop taking frames for a moment: the socket fills up behind us.
+                    wait: defer.Deferred[None] = defer.Deferred()
+                    reactor.callLater(0.05, wait.callback, None)
+                    await wait
+
+        def handler(request: Request) -> defer.Deferred[ShardStored]:
+            return defer.Deferred.fromCoroutine(slow_sink(request))
+
+        async def go() -> None:
+            client = await self.connect({PutShard: handler})
+            upload = client.open_stream(PutShard(SHARD, "RS-4-2", 3, MiB))
+            for i in range(cells):
+                payload = os.urandom(MiB)
+                sent = upload.send(Cell(i, crc32c(payload)), payload)
+                blocked.append(client.write_blocked)
+                await sent
+            reply = await upload.finish(PutShardEnd(cells))
+            self.assertEqual(reply.msg, ShardStored(SHARD, cells))
+            self.assertTrue(any(blocked), "the sender was never held back")
+
+        return deferred(go())
+
+    def test_streamed_response_of_large_cells(self) -> None:
+        """Cells streamed back to the caller arrive through on_part intact and in order."""
+        rnd = random.Random(9)
+        fragments = [rnd.randbytes(MiB + 80) for _ in range(6)]
+
+        async def serve(request: Request) -> GetShardEnd:
+            for i, fragment in enumerate(fragments):
+                await request.send_part(Cell(i, crc32c(fragment)), fragment)
+            return GetShardEnd(len(fragments))
+
+        def handler(request: Request) -> defer.Deferred[GetShardEnd]:
+            return defer.Deferred.fromCoroutine(serve(request))
+
+        async def go() -> None:
+            client = await self.connect({GetShard: handler})
+            got: list[bytes] = []
+            reply = await client.call(
+                GetShard(SHARD, 0, -1), on_part=lambda msg, payload: got.append(bytes(payload))
+            )
+            self.assertEqual(reply.msg, GetShardEnd(len(fragments)))
+            self.assertEqual(got, fragments)
+
+        return deferred(go())
+
+    def test_oversized_frame_closes_connection(self) -> None:
+        """A frame over the receiver's limit gets the sender an error and a closed connection,
+        before the receiver buffers its payload."""
+
+        async def go() -> None:
+            client = await self.connect({GetShard: lambda r: Ok()}, limits=FrameLimits(max_payload=MiB))
+            with self.assertRaises(ConnectionClosed) as caught:
+                await client.call(GetShard(SHARD, 0, -1), b"x" * (2 * MiB))
+            self.assertIn("exceeds the limit", str(caught.exception))
+            assert self.server is not None
+            self.assertIsNone(self.server._decoder.read_target())
+
+        return deferred(go())
+
+    def test_peer_lost_in_the_middle_of_a_large_frame(self) -> None:
+        """When the peer vanishes while a large frame is being read into its buffer, the
+        stream's handler and the caller both see the connection closed."""
+        failures: list[BaseException] = []
+        started: defer.Deferred[None] = defer.Deferred()
+
+        async def sink(request: Request) -> ShardStored:
+            started.callback(None)
+            try:
+                while await request.next_part() is not None:
+                    pass
+            except WireError as e:
+                failures.append(e)
+                raise
+            return ShardStored(SHARD, 0)
+
+        def handler(request: Request) -> defer.Deferred[ShardStored]:
+            return defer.Deferred.fromCoroutine(sink(request))
+
+        async def go() -> None:
+            client = await self.connect({PutShard: handler})
+            upload = client.open_stream(PutShard(SHARD, "RS-4-2", 3, 8 * MiB))
+            await started
+            # Half a frame: the prefix announces 8 MiB, a quarter of it is sent.
+            from dogfs.wire.frame import Flags, encode_frame
+            from dogfs.wire.messages import encode, type_of
+
+            header = encode(Cell(0, 0))
+            prefix = encode_frame(1, Flags.MORE, type_of(Cell(0, 0)), upload.request_id, header, 8 * MiB)
+            client.transport.write(prefix + header + b"y" * (2 * MiB))
+            assert self.server is not None
+            server = self.server
+            while server._decoder.buffered < len(prefix + header) + 2 * MiB:
+                wait: defer.Deferred[None] = defer.Deferred()
+                reactor.callLater(0.01, wait.callback, None)
+                await wait
+            self.assertIsNotNone(server._decoder._body)  # read straight into its buffer
+            client.transport.abortConnection()
+            await server.closed
+            with self.assertRaises(ConnectionClosed):
+                await upload.finish(PutShardEnd(1))
+            self.assertEqual(len(failures), 1)
+            self.assertIsInstance(failures[0], ConnectionClosed)
+
+        return deferred(go())
