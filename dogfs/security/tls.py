@@ -650,11 +650,23 @@ class _BulkTLSProtocol(TLSMemoryBIOProtocol):
         self._flushSendBIO()
 
     def _receive_direct(self, ssl_ptr: Any) -> None:
-        """``_flushReceiveBIO`` through ``SSL_read`` into one reused buffer per batch."""
+        """``_flushReceiveBIO`` through ``SSL_read``.
+
+        Decrypted bytes go into one reused buffer and are delivered a batch at a time; but if
+        the application protocol offers ``read_target()`` (a writable buffer for the rest of
+        a large frame, or None) and ``received_into(count)``, as DogFS's wire connection does
+        for plain sockets, the records of a large frame are decrypted straight into its
+        buffer: no copy out of ours, and no join of the pieces by the frame decoder.
+        """
         connection: Any = self._tlsConnection
         buffer = self._read_buffer
         if buffer is None:
             buffer = self._read_buffer = _alloc("char[]", _READ_BATCH)
+        app = self.wrappedProtocol
+        read_target = getattr(app, "read_target", None)
+        received_into = getattr(app, "received_into", None)
+        if read_target is None or received_into is None:
+            read_target = None
         filled = 0
 
         def deliver() -> None:
@@ -666,12 +678,26 @@ class _BulkTLSProtocol(TLSMemoryBIOProtocol):
             filled = 0
 
         while not self._lostTLSConnection:
-            got = _lib.SSL_read(ssl_ptr, buffer + filled, _READ_BATCH - filled)
-            if got > 0:
-                filled += got
-                if filled > _READ_BATCH - _RECORD:
-                    deliver()
-                continue
+            target = None
+            if read_target is not None:
+                # Bytes the application has not seen yet come first: the frame's start.
+                deliver()
+                if self._aborted or self._lostTLSConnection:
+                    break
+                target = read_target()
+            if target is not None and len(target):
+                with _ffi.from_buffer(target, require_writable=True) as into:
+                    got = _lib.SSL_read(ssl_ptr, into, len(target))
+                if got > 0:
+                    received_into(got)  # type: ignore[misc]
+                    continue
+            else:
+                got = _lib.SSL_read(ssl_ptr, buffer + filled, _READ_BATCH - filled)
+                if got > 0:
+                    filled += got
+                    if filled > _READ_BATCH - _RECORD:
+                        deliver()
+                    continue
             try:
                 connection._raise_ssl_error(ssl_ptr, got)
             except SSL.WantReadError:
