@@ -686,10 +686,19 @@ class _BulkTLSProtocol(TLSMemoryBIOProtocol):
                     break
                 target = read_target()
             if target is not None and len(target):
+                # Fill the target record after record before telling the application: one
+                # Python call per frame, not per 16 KiB record.
+                size = len(target)
+                total = got = 0
                 with _ffi.from_buffer(target, require_writable=True) as into:
-                    got = _lib.SSL_read(ssl_ptr, into, len(target))
+                    while total < size:
+                        got = _lib.SSL_read(ssl_ptr, into + total, size - total)
+                        if got <= 0:
+                            break
+                        total += got
+                if total:
+                    received_into(total)  # type: ignore[misc]
                 if got > 0:
-                    received_into(got)  # type: ignore[misc]
                     continue
             else:
                 got = _lib.SSL_read(ssl_ptr, buffer + filled, _READ_BATCH - filled)
