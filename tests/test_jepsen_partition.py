@@ -19,11 +19,16 @@ of followers cut off), a bridge (two halves that each see one node in the middle
 direct peers, the test asserts that it steps down (check-quorum) and that a node with a quorum
 is elected in a higher term, and probes the minority: its bound client can neither write nor
 read (a get of a file the majority just wrote must fail, never answer "not found"), and the
-write it tried never appears after the heal.
+write it tried never appears after the heal. The deposed leader is then killed (SIGKILL) and
+restarted from its disk while still partitioned, so that whatever it appended but never
+committed meets the new leader's log at the heal.
 
 At the end every link is healed, a final read joins the history, the history must be
 linearizable (dogfs.raft.checker), and every acknowledged mkdir and probe write must be there.
-DOGFS_JEPSEN_SEED replays a schedule; DOGFS_JEPSEN_METAS picks 3 or 5 metadata nodes.
+DOGFS_JEPSEN_SEED replays a schedule (the shapes and their order; which node leads, and so
+which links a shape cuts, depends on timing); DOGFS_JEPSEN_METAS picks 3 or 5 metadata nodes;
+DOGFS_JEPSEN_ROUNDS repeats the schedule; DOGFS_JEPSEN_KEEP_LOGS keeps the nodes' logs (they
+are kept anyway when the test fails, and the path is printed).
 """
 
 from __future__ import annotations
@@ -31,13 +36,15 @@ from __future__ import annotations
 import io
 import os
 import random
+import signal
+import subprocess
 import time
 from collections.abc import Callable
 from typing import Any
 
 import attrs
 from twisted.internet import defer, threads
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 import tests.test_jepsen as jepsen
 from dogfs.raft.checker import check_linearizable
@@ -55,7 +62,13 @@ FREE_CLIENTS = 3
 STEP_DOWN_WITHIN = 10.0
 ELECT_WITHIN = 15.0
 
-_unavailable = netns_unavailable()
+
+
+def _require_netns() -> None:
+    """Skip (with the reason) where namespaces cannot be made: not root, no iproute2."""
+    reason = netns_unavailable()
+    if reason is not None:
+        raise SkipTest(reason)
 
 
 def _reactor() -> Any:
@@ -75,6 +88,7 @@ class NetnsCluster(RealCluster):
     def __init__(self, topology: NetnsTopology, chunks: int = 3, ec: str = "RS-2-1") -> None:
         super().__init__(metas=topology.count, chunks=chunks, ec=ec)
         self.topology = topology
+        self.processes: list[subprocess.Popen[bytes]] = []
 
     def up(self) -> None:
         """Write the cluster's files and start every daemon (metas in their namespaces)."""
@@ -92,7 +106,7 @@ class NetnsCluster(RealCluster):
         for i in t.nodes():
             self.start(f"meta-{i}")
         for node in spec.chunks:
-            layout.start_node(self.home, node)
+            self.start(node.id)
 
     def start(self, node_id: str) -> None:
         """Start one node's daemon (a metadata node inside its namespace)."""
@@ -104,7 +118,26 @@ class NetnsCluster(RealCluster):
         argv = layout.daemon_argv(self.home, node)
         if node.kind == "meta":
             argv = self.topology.exec_prefix(int(node_id.split("-")[1])) + argv
-        layout.start_node(self.home, node, argv)
+        self.processes.append(layout.start_node(self.home, node, argv))
+
+    def kill(self, node_id: str, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to a node; after SIGKILL, wait until it is gone (and reaped: the
+        daemons are our children, and twistd refuses to start over a live pid's pidfile)."""
+        pid = self.pids()[node_id]
+        os.kill(pid, sig)
+        if sig == signal.SIGKILL:
+            for process in self.processes:
+                if process.pid == pid:
+                    process.wait(timeout=30)
+
+    def destroy(self) -> None:
+        """Stop everything, delete the home, and reap the daemons we started."""
+        super().destroy()
+        for process in self.processes:
+            try:
+                process.wait(timeout=10)
+            except Exception:
+                process.kill()
 
     def keep_logs(self, label: str) -> str:
         """Copy every node's log out of the home (which destroy deletes); returns where."""
@@ -281,8 +314,9 @@ class PartitionTests(TestCase):
     """Concurrent clients and a partition nemesis against metadata nodes in namespaces."""
 
     timeout = 300
-    if _unavailable is not None:
-        skip = _unavailable
+
+    def setUp(self) -> None:
+        _require_netns()
 
     # The operations and their recording are tests.test_jepsen's, so both tests check the
     # same model of the namespace.
@@ -346,6 +380,7 @@ class PartitionTests(TestCase):
         faults: list[str] = []
         made: dict[str, bool] = {}  # unique directories: path -> acknowledged
         probes: dict[str, str] = {}  # probe path -> what must be true of it after the heal
+        rounds = int(os.environ.get("DOGFS_JEPSEN_ROUNDS", "1"))
         nodes = topology.nodes()
         quorum = len(nodes) // 2 + 1
 
@@ -364,10 +399,13 @@ class PartitionTests(TestCase):
 
         async def partitions() -> None:
             await sleep(2.0)
-            # isolate-leader first, so every run deposes a leader; then the others, shuffled.
-            rest = [s for s in shapes_for(len(nodes)) if s != "isolate-leader"]
-            rng.shuffle(rest)
-            schedule = ["isolate-leader", *rest]
+            # isolate-leader first, so every run deposes a leader; then the others, shuffled;
+            # DOGFS_JEPSEN_ROUNDS > 1 repeats that (a longer soak, by hand).
+            schedule = []
+            for _ in range(rounds):
+                rest = [s for s in shapes_for(len(nodes)) if s != "isolate-leader"]
+                rng.shuffle(rest)
+                schedule += ["isolate-leader", *rest]
             for shape in schedule:
                 before = await views.until("a leader", ELECT_WITHIN, highest_leader)
                 cut = shape_links(shape, nodes, before.node, rng)
@@ -375,9 +413,19 @@ class PartitionTests(TestCase):
                 await threads.deferToThread(topology.cut_all, cut)
                 began = time.monotonic()
                 note = f"{history.now() / 1e6:.1f}s {shape} (leader {before.node}, term {before.term}) cut {cut}"
-                if len(reach(nodes, cut, before.node)) < quorum:
+                deposed = len(reach(nodes, cut, before.node)) < quorum
+                if deposed:
                     note += await self._deposed(views, nodes, cut, before, quorum, began)
                 note += await self._probe(cluster, nodes, cut, quorum, probes)
+                if deposed:
+                    # The deposed leader may hold entries it never committed: it restarts
+                    # from its disk under the partition, and must drop them at the heal.
+                    old = before.node
+                    await threads.deferToThread(cluster.kill, f"meta-{old}")
+                    await threads.deferToThread(cluster.start, f"meta-{old}")
+                    await views.until(f"meta-{old} answers after its restart", ELECT_WITHIN,
+                                      lambda v, old=old: old in v)  # type: ignore[misc]
+                    note += f"; {old} killed -9 and restarted"
                 # The clients keep going under the partition for a while.
                 await sleep(rng.uniform(1.0, 2.5))
                 under = await views.poll()
@@ -428,7 +476,7 @@ class PartitionTests(TestCase):
               f"{sum(made.values())} of {len(made)} mkdirs acknowledged; errors: {history.errors}")
         print("faults:\n  " + "\n  ".join(faults))
         self.assertTrue(any("stepped down" in f for f in faults), "no partition deposed a leader")
-        self.assertEqual(sorted(f.split()[1] for f in faults), sorted(shapes_for(len(nodes))))
+        self.assertEqual(sorted(f.split()[1] for f in faults), sorted(shapes_for(len(nodes)) * rounds))
         self.assertGreater(completed, 100, "too few operations completed to say anything")
 
         # No acknowledged write is lost; the minority's probe writes never appear.
@@ -608,8 +656,9 @@ class TopologyTests(TestCase):
     """tests/netns.py on the real kernel: links cut and heal as recorded."""
 
     timeout = 60
-    if _unavailable is not None:
-        skip = _unavailable
+
+    def setUp(self) -> None:
+        _require_netns()
 
     def test_cut_and_heal(self) -> defer.Deferred[None]:
         """TCP from each namespace reaches a peer exactly when their link is up, and the root
@@ -619,7 +668,6 @@ class TopologyTests(TestCase):
 
     def _cut_and_heal(self) -> None:
         import socket
-        import subprocess
         import sys
 
         topology = NetnsTopology(3)
