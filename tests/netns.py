@@ -14,7 +14,8 @@ The layout, for nodes n1..nN of one test run (TAG is unique per run, S a free /2
 So node i reaches node j only over its p<j> link: cutting a link is `ip link set p<j> down` on
 both ends (which also drops the /32 route: traffic to j then falls back to the bridge, whose
 isolated ports drop it, as a real partition would: silently, after ARP gives up). Healing sets
-both ends up and puts the route back. Only the private 10.77.S.0/24 addresses are used, and
+both ends up and puts the route back. Silencing a node also sets its TAGr<i> down: then not even
+the root namespace reaches it. Only the private 10.77.S.0/24 addresses are used, and
 nothing forwards between namespaces (the root namespace has no route into a namespace's peers
 other than through the bridge).
 
@@ -137,6 +138,7 @@ class NetnsTopology:
         if len(self.bridge) > 15:
             raise ValueError(f"interface name {self.bridge!r} is too long")
         self.cut_links: set[frozenset[int]] = set()
+        self.silenced: set[int] = set()
         self._created = False
 
     _made = 0
@@ -238,12 +240,22 @@ class NetnsTopology:
             self._set_link(i, j, up=False)
             self.cut_links.add(key)
 
+    def silence(self, i: int) -> None:
+        """Cut node i from the root namespace too (clients and chunk servers): packets to it
+        vanish, as to a host whose cable is pulled; connections hang rather than fail."""
+        if i not in self.silenced:
+            _run("ip", "link", "set", self._root_veth(i), "down")
+            self.silenced.add(i)
+
     def heal(self) -> None:
-        """Restore every cut link."""
+        """Restore every cut link, and every silenced node's link to the root namespace."""
         for key in sorted(self.cut_links, key=sorted):
             i, j = sorted(key)
             self._set_link(i, j, up=True)
         self.cut_links.clear()
+        for i in sorted(self.silenced):
+            _run("ip", "link", "set", self._root_veth(i), "up")
+        self.silenced.clear()
 
     def partition(self, components: Iterable[Iterable[int]]) -> None:
         """Heal, then cut every link between nodes of different components (nodes left out
@@ -268,8 +280,13 @@ class NetnsTopology:
         return frozenset((i, j)) not in self.cut_links
 
     def link_states(self) -> dict[tuple[int, int], bool]:
-        """Whether each link's end is up, as the kernel says (i's end of the i-j link)."""
+        """Whether each link's end is up, as the kernel says (i's end of the i-j link; (0, i)
+        for node i's link to the root namespace)."""
         out = {}
+        text = _run("ip", "-o", "link", "show", check=False).stdout
+        for i in self.nodes():
+            line = next((ln for ln in text.splitlines() if f" {self._root_veth(i)}@" in ln), "")
+            out[(0, i)] = ",UP" in line or "<UP" in line
         for i in self.nodes():
             text = self._ip(i, "-o", "link", "show", check=False).stdout
             for j in self.nodes():

@@ -211,6 +211,16 @@ def highest_leader(views: dict[int, MemberView]) -> MemberView | None:
     return max(leaders, key=lambda v: v.term, default=None)
 
 
+def answers(node: int) -> Callable[[dict[int, MemberView]], bool]:
+    """Whether ``node`` answered."""
+    return lambda views: node in views
+
+
+def follows(node: int, after_term: int) -> Callable[[dict[int, MemberView]], bool]:
+    """Whether ``node`` answered, does not lead, and knows a term past ``after_term``."""
+    return lambda views: node in views and views[node].role != "leader" and views[node].term > after_term
+
+
 class Views:
     """Each metadata node's own status answer, polled from the root namespace."""
 
@@ -270,7 +280,8 @@ def shape_links(shape: str, nodes: list[int], leader: int, rng: random.Random) -
     others = [i for i in nodes if i != leader]
     rng.shuffle(others)
     minority = (len(nodes) - 1) // 2
-    if shape == "isolate-leader":
+    if shape in ("isolate-leader", "silence-leader"):
+        # silence-leader also cuts the leader from clients and chunk servers (see the nemesis).
         return _cut_between(nodes, [leader], others)
     if shape == "isolate-follower":
         return _cut_between(nodes, [others[0]], [leader, *others[1:]])
@@ -303,8 +314,9 @@ def reach(nodes: list[int], cut: list[tuple[int, int]], i: int) -> set[int]:
 def shapes_for(count: int) -> list[str]:
     """The shapes that differ from each other for ``count`` nodes."""
     if count >= 5:
-        return ["isolate-leader", "leader-in-minority", "leader-in-majority", "isolate-follower", "bridge", "ring"]
-    return ["isolate-leader", "isolate-follower", "bridge"]
+        return ["isolate-leader", "silence-leader", "leader-in-minority", "leader-in-majority",
+                "isolate-follower", "bridge", "ring"]
+    return ["isolate-leader", "silence-leader", "isolate-follower", "bridge"]
 
 
 # -- the test --------------------------------------------------------------------------------
@@ -411,20 +423,22 @@ class PartitionTests(TestCase):
                 cut = shape_links(shape, nodes, before.node, rng)
                 # `ip` commands block: run them off the reactor, which the clients share.
                 await threads.deferToThread(topology.cut_all, cut)
+                silent = shape == "silence-leader"
+                if silent:
+                    await threads.deferToThread(topology.silence, before.node)
                 began = time.monotonic()
                 note = f"{history.now() / 1e6:.1f}s {shape} (leader {before.node}, term {before.term}) cut {cut}"
                 deposed = len(reach(nodes, cut, before.node)) < quorum
                 if deposed:
-                    note += await self._deposed(views, nodes, cut, before, quorum, began)
+                    note += await self._deposed(views, nodes, cut, before, quorum, began, silent)
                 note += await self._probe(cluster, nodes, cut, quorum, probes)
-                if deposed:
+                if deposed and not silent:
                     # The deposed leader may hold entries it never committed: it restarts
                     # from its disk under the partition, and must drop them at the heal.
                     old = before.node
                     await threads.deferToThread(cluster.kill, f"meta-{old}")
                     await threads.deferToThread(cluster.start, f"meta-{old}")
-                    await views.until(f"meta-{old} answers after its restart", ELECT_WITHIN,
-                                      lambda v, old=old: old in v)  # type: ignore[misc]
+                    await views.until(f"meta-{old} answers after its restart", ELECT_WITHIN, answers(old))
                     note += f"; {old} killed -9 and restarted"
                 # The clients keep going under the partition for a while.
                 await sleep(rng.uniform(1.0, 2.5))
@@ -432,6 +446,10 @@ class PartitionTests(TestCase):
                 await threads.deferToThread(topology.heal)
                 note += f"; before the heal {_roles(under)}; healed at {history.now() / 1e6:.1f}s"
                 after = await views.until("a leader after the heal", ELECT_WITHIN, highest_leader)
+                if silent:
+                    # Unseen while silenced, the deposed leader must follow now.
+                    await views.until(f"{before.node} follows after the heal", ELECT_WITHIN,
+                                      follows(before.node, before.term))
                 faults.append(note + f", then {after.node} leads in term {after.term}")
                 await sleep(rng.uniform(0.5, 1.5))
 
@@ -511,17 +529,19 @@ class PartitionTests(TestCase):
 
     async def _deposed(
         self, views: Views, nodes: list[int], cut: list[tuple[int, int]], before: MemberView,
-        quorum: int, began: float,
+        quorum: int, began: float, silent: bool,
     ) -> str:
-        """The leader lost its quorum: it steps down (check-quorum), and a node with a quorum
-        leads in a higher term. Returns what happened, for the log."""
+        """The leader lost its quorum: it steps down (check-quorum; not seen when it is
+        silenced), and a node with a quorum leads in a higher term. Returns what happened."""
         old = before.node
 
         def stepped_down(v: dict[int, MemberView]) -> bool:
             return old in v and v[old].role != "leader"
 
-        await views.until(f"the isolated leader {old} steps down", STEP_DOWN_WITHIN, stepped_down)
-        down_s = time.monotonic() - began
+        said = ""
+        if not silent:
+            await views.until(f"the isolated leader {old} steps down", STEP_DOWN_WITHIN, stepped_down)
+            said = f"; {old} stepped down after {time.monotonic() - began:.2f}s"
 
         def elected(v: dict[int, MemberView]) -> MemberView | None:
             return next((m for m in v.values() if m.role == "leader" and m.term > before.term
@@ -530,8 +550,7 @@ class PartitionTests(TestCase):
         new = await views.until("a new leader with a quorum", ELECT_WITHIN, elected)
         self.assertGreaterEqual(len(reach(nodes, cut, new.node)), quorum,
                                 f"node {new.node} leads without a quorum of peers (cut {cut})")
-        return (f"; {old} stepped down after {down_s:.2f}s, {new.node} leads in term {new.term} "
-                f"after {time.monotonic() - began:.2f}s")
+        return said + f"; {new.node} leads in term {new.term} after {time.monotonic() - began:.2f}s"
 
     async def _probe(
         self, cluster: NetnsCluster, nodes: list[int], cut: list[tuple[int, int]], quorum: int,
@@ -632,7 +651,7 @@ class ShapeTests(SynchronousTestCase):
                     sees = {i: reach(nodes, cut, i) for i in nodes}
                     said = f"{shape} of {count} nodes, leader {leader}: cut {cut}"
                     alone = [i for i in nodes if sees[i] == {i}]
-                    if shape == "isolate-leader":
+                    if shape in ("isolate-leader", "silence-leader"):
                         self.assertEqual(alone, [leader], said)
                     elif shape == "isolate-follower":
                         self.assertEqual(len(alone), 1, said)
@@ -662,8 +681,8 @@ class TopologyTests(TestCase):
 
     def test_cut_and_heal(self) -> defer.Deferred[None]:
         """TCP from each namespace reaches a peer exactly when their link is up, and the root
-        namespace reaches every node whatever is cut; heal restores every link; destroy
-        leaves no namespace, bridge or veth behind."""
+        namespace reaches every node whatever is cut between nodes, and not a silenced one;
+        heal restores every link; destroy leaves no namespace, bridge or veth behind."""
         return threads.deferToThread(self._cut_and_heal)
 
     def _cut_and_heal(self) -> None:
@@ -710,8 +729,12 @@ class TopologyTests(TestCase):
                          {(1, 2): False, (2, 1): False, (1, 3): True, (3, 1): True, (2, 3): True, (3, 2): True})
         self.assertTrue(all(from_root(j) for j in topology.nodes()))
         self.assertFalse(topology.link_states()[(1, 2)])
+        topology.silence(3)
+        self.assertFalse(from_root(3))
+        self.assertTrue(talks(1, 3))
         topology.heal()
         self.assertTrue(talks(1, 2) and talks(2, 1))
+        self.assertTrue(from_root(3))
         self.assertTrue(all(topology.link_states().values()))
         cleanup()
         servers.clear()
