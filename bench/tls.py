@@ -46,7 +46,12 @@ def daemon_pids(home: str) -> list[int]:
 
 def cpu_seconds(pids: list[int]) -> float:
     """CPU seconds (user + system) used so far by this process and `pids`."""
-    total = time.process_time()
+    return time.process_time() + daemon_cpu_seconds(pids)
+
+
+def daemon_cpu_seconds(pids: list[int]) -> float:
+    """CPU seconds (user + system) used so far by `pids`, from /proc."""
+    total = 0.0
     ticks = os.sysconf("SC_CLK_TCK")
     for pid in pids:
         try:
@@ -59,22 +64,23 @@ def cpu_seconds(pids: list[int]) -> float:
 
 
 async def one_run(client: Any, name: str, source: str, out: str, pids: list[int]) -> tuple[float, ...]:
-    """Seconds and CPU seconds to put `source` as `name` and to get it back into `out`."""
-    cpu = cpu_seconds(pids)
+    """Seconds, CPU seconds (all processes) and the client's CPU seconds to put `source` as
+    `name` and to get it back into `out`."""
+    cpu, mine = cpu_seconds(pids), time.process_time()
     started = time.perf_counter()
     with open(source, "rb") as f:
         await client.put(name, f)
     put_s = time.perf_counter() - started
-    put_cpu = cpu_seconds(pids) - cpu
-    cpu = cpu_seconds(pids)
+    put_cpu, put_client = cpu_seconds(pids) - cpu, time.process_time() - mine
+    cpu, mine = cpu_seconds(pids), time.process_time()
     started = time.perf_counter()
     with open(out, "wb") as f:
         await client.get(name, f)
     get_s = time.perf_counter() - started
-    get_cpu = cpu_seconds(pids) - cpu
+    get_cpu, get_client = cpu_seconds(pids) - cpu, time.process_time() - mine
     os.unlink(out)
     await client.rm(name)
-    return put_s, get_s, put_cpu, get_cpu
+    return put_s, get_s, put_cpu, get_cpu, put_client, get_client
 
 
 async def measure(reactor: Any, args: argparse.Namespace, homes: dict[str, str], work: str) -> dict[str, Any]:
@@ -93,7 +99,7 @@ async def measure(reactor: Any, args: argparse.Namespace, homes: dict[str, str],
     pids = {kind: daemon_pids(home) for kind, home in homes.items()}
     for kind, client in clients.items():  # warm-up (first large writes are slow)
         await one_run(client, "/warmup", source, out, pids[kind])
-    ops = ("put", "get", "put_cpu", "get_cpu")
+    ops = ("put", "get", "put_cpu", "get_cpu", "put_client", "get_client")
     times: dict[str, dict[str, list[float]]] = {k: {op: [] for op in ops} for k in clients}
     for i in range(args.repeats):
         for kind in (("tls", "insecure") if i % 2 == 0 else ("insecure", "tls")):
@@ -108,6 +114,9 @@ async def measure(reactor: Any, args: argparse.Namespace, homes: dict[str, str],
             results[f"{kind}_{op}_mib_s"] = size / MiB / statistics.median(times[kind][op])
         for op in ("put", "get"):
             results[f"{kind}_{op}_cpu_s_per_gib"] = statistics.median(times[kind][f"{op}_cpu"]) * 1024 / args.size_mib
+            results[f"{kind}_{op}_client_cpu_s_per_gib"] = (
+                statistics.median(times[kind][f"{op}_client"]) * 1024 / args.size_mib
+            )
     for op in ("put", "get"):
         results[f"{op}_ratio"] = results[f"tls_{op}_mib_s"] / results[f"insecure_{op}_mib_s"]
         results[f"{op}_cpu_ratio"] = (
@@ -153,6 +162,8 @@ def main() -> None:
         print(
             f"       CPU s/GiB (client + daemons): TLS {r[f'tls_{op}_cpu_s_per_gib']:5.2f}   plaintext "
             f"{r[f'insecure_{op}_cpu_s_per_gib']:5.2f}   ratio {r[f'{op}_cpu_ratio']:.2f}"
+            f"   (client alone: TLS {r[f'tls_{op}_client_cpu_s_per_gib']:.2f}, plaintext "
+            f"{r[f'insecure_{op}_client_cpu_s_per_gib']:.2f})"
         )
     print(f"  load average at the end: {' '.join(f'{x:.1f}' for x in r['load_average'])}")
 
