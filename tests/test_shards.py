@@ -13,9 +13,10 @@ from collections.abc import Sequence
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from dogfs.storage.shards import (
+    DIRECT_ALIGN,
     HEADER_SIZE,
     RECORD_OVERHEAD,
     CellOutOfRange,
@@ -485,3 +486,93 @@ class ManagementTests(StoreTestCase):
             with self.assertRaises(ShardNotFound) as caught:
                 method(SHARD_ID)
             self.assertIn(SHARD_ID, str(caught.exception))
+
+
+class DirectPwrite:
+    """A pwrite for direct I/O that accepts ``room`` bytes, then fails with ``error``."""
+
+    def __init__(self, room: int, error: int = errno.ENOSPC) -> None:
+        self.room = room
+        self.error = error
+        self.calls = 0
+
+    def __call__(self, fd: int, data: memoryview, offset: int) -> int:
+        self.calls += 1
+        if self.room < len(data):
+            raise OSError(self.error, os.strerror(self.error))
+        self.room -= len(data)
+        return os.pwrite(fd, data, offset)
+
+
+class DirectIOTests(SynchronousTestCase):
+    """Shards written with O_DIRECT are the same files, byte for byte, as through the page
+    cache, and fail as cleanly."""
+
+    def setUp(self) -> None:
+        self.direct = ShardStore(self.mktemp(), direct_io=True)
+        self.buffered = ShardStore(self.mktemp(), direct_io=False)
+        if not ShardStore(self.mktemp()).direct_io:
+            raise SkipTest("this file system does not accept O_DIRECT writes")
+
+    def write(self, store: ShardStore, info: ShardInfo, fragments: Sequence[bytes]) -> bytes:
+        writer = store.begin(info)
+        for fragment in fragments:
+            writer.append(fragment)
+        writer.commit()
+        with open(store.path(info.shard_id), "rb") as f:
+            return f.read()
+
+    def test_default_follows_the_file_system(self) -> None:
+        """A store uses direct I/O by default where it works, never with an injected writev."""
+        self.assertTrue(ShardStore(self.mktemp()).direct_io)
+        self.assertFalse(ShardStore(self.mktemp(), writev=trickle_writev).direct_io)
+
+    @settings(deadline=None, max_examples=25)
+    @given(st.integers(1, 3 * DIRECT_ALIGN), st.integers(0, 6), st.integers(1, 3 * DIRECT_ALIGN))
+    def test_same_file_as_through_the_page_cache(self, size: int, cells: int, last: int) -> None:
+        """Any fragment size and count (records straddling blocks in every way) gives the
+        file the buffered writer gives, and it reads back."""
+        info = ShardInfo(SHARD_ID, "RS-4-2", 3, size)
+        rng = random.Random(size * 31 + cells)
+        fragments = [rng.randbytes(size) for _ in range(cells)]
+        if cells:
+            fragments[-1] = fragments[-1][: min(last, size)]
+        direct = self.write(self.direct, info, fragments)
+        self.assertEqual(direct, self.write(self.buffered, info, fragments))
+        self.assertEqual(self.direct.read_cells(SHARD_ID, 0, cells), fragments)
+        self.assertEqual(os.listdir(self.direct.tmp_dir), [])
+
+    def test_large_cells(self) -> None:
+        """1 MiB cells (whole blocks go straight to the disk) read back and verify."""
+        info = ShardInfo(SHARD_ID, "RS-4-2", 3, (1 << 20) + 80)
+        rng = random.Random(3)
+        fragments = [rng.randbytes(info.fragment_size) for _ in range(3)] + [rng.randbytes(5000)]
+        data = self.write(self.direct, info, fragments)
+        self.assertEqual(data, self.write(self.buffered, info, fragments))
+        self.assertEqual(self.direct.verify(SHARD_ID), [])
+
+    def test_full_disk(self) -> None:
+        """ENOSPC or EDQUOT from a direct write (mid-shard or in the first block rewritten at
+        commit) is ShardStoreFull and leaves nothing behind."""
+        big = ShardInfo(SHARD_ID, "RS-4-2", 3, 3 * DIRECT_ALIGN)
+        for error in (errno.ENOSPC, errno.EDQUOT):
+            for room in (0, 2 * DIRECT_ALIGN, 5 * DIRECT_ALIGN, 9 * DIRECT_ALIGN):
+                pwrite = DirectPwrite(room, error)
+                store = ShardStore(self.mktemp(), direct_io=True, pwrite=pwrite)
+                writer = store.begin(big)
+                with self.assertRaises(ShardStoreFull):
+                    for fragment in [b"a" * big.fragment_size] * 3:
+                        writer.append(fragment)
+                    writer.commit()
+                self.assertGreater(pwrite.calls, 0)
+                self.assertEqual(os.listdir(store.tmp_dir), [])
+                self.assertRaises(ShardNotFound, store.open, SHARD_ID)
+
+    def test_abort_releases_everything(self) -> None:
+        """An aborted direct writer leaves no file and refuses more cells."""
+        writer = self.direct.begin(INFO)
+        writer.append(b"x" * FRAGMENT)
+        writer.abort()
+        self.assertEqual(os.listdir(self.direct.tmp_dir), [])
+        self.assertRaises(ShardStoreError, writer.append, b"x")
+        self.assertRaises(ShardNotFound, self.direct.open, SHARD_ID)

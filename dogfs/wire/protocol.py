@@ -295,6 +295,9 @@ class Connection(Protocol):
             # The reactor calls the transport's doRead when the socket is readable: read it
             # ourselves, straight into large frames' buffers (FrameDecoder.read_target).
             self.transport.doRead = self._read_socket
+            # Frames go out whole, each with one sendmsg (_send_now): Nagle's algorithm would
+            # only hold a small frame that follows another until the peer's delayed ACK.
+            self.transport.setTcpNoDelay(True)
         self.transport.registerProducer(self, True)
         self._last_frame = self.clock.seconds()
         self._arm_watchdog()
