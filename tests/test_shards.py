@@ -576,3 +576,16 @@ class DirectIOTests(SynchronousTestCase):
         self.assertEqual(os.listdir(self.direct.tmp_dir), [])
         self.assertRaises(ShardStoreError, writer.append, b"x")
         self.assertRaises(ShardNotFound, self.direct.open, SHARD_ID)
+
+
+class ReadAheadTests(StoreTestCase):
+    """`ShardReader.will_need` is a hint: it never fails and never changes what is read."""
+
+    def test_will_need_any_range(self) -> None:
+        """In-range, overlong, empty and out-of-range hints are all accepted; cells read back."""
+        fragments = fragments_for(4, 6, last=50)
+        self.write(fragments)
+        with self.store.open(SHARD_ID) as reader:
+            for first, count in [(0, 6), (2, 100), (5, 1), (0, 0), (6, 3), (-1, 2)]:
+                reader.will_need(first, count)
+            self.assertEqual(reader.read_cells(0, 6), fragments)

@@ -298,6 +298,10 @@ class ShardServer:
         end = first + count
         pending: defer.Deferred[tuple[int, bytes]] | None = None
         if count:
+            if count > 1:
+                # Shards written with direct I/O are not in memory: have the disk read the
+                # whole range at once rather than as our reads reach it.
+                await self.executor(reader.will_need, first, count)
             pending = self.executor(reader.read_record, first)
         try:
             for i in range(first, end):
