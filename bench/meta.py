@@ -58,21 +58,21 @@ async def run_load(clients: list[Any], seconds: float, op: Any) -> tuple[float, 
     return rate, p50, p99, errors[0]
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU seconds used so far by this process and ``pids``."""
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """User + system CPU seconds used so far by this process ("bench") and each of ``pids``."""
     import resource
 
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    total = usage.ru_utime + usage.ru_stime
+    out = {"bench": usage.ru_utime + usage.ru_stime}
     tick = os.sysconf("SC_CLK_TCK")
-    for pid in pids:
+    for name, pid in pids.items():
         try:
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rpartition(")")[2].split()
-            total += (int(fields[11]) + int(fields[12])) / tick
+            out[name] = (int(fields[11]) + int(fields[12])) / tick
         except OSError:
             pass
-    return total
+    return out
 
 
 async def bench(reactor: Any, args: argparse.Namespace) -> None:
@@ -108,16 +108,22 @@ async def bench(reactor: Any, args: argparse.Namespace) -> None:
                 for name, op in ops.items():
                     if name.split()[0] not in args.ops:
                         continue
-                    pids = list(cluster.pids().values())
+                    pids = cluster.pids()
                     cpu0, t0 = cpu_seconds(pids), time.perf_counter()
                     r = await run_load(clients, args.seconds, op)
-                    # CPU of the bench's clients and every daemon, per operation: the figure
-                    # that says what an operation costs when the cores are shared.
-                    per_op = (cpu_seconds(pids) - cpu0) / max(1, r[0] * (time.perf_counter() - t0))
+                    # CPU per operation of the bench's clients and of each daemon: what an
+                    # operation costs when the cores are shared, and where.
+                    ops = max(1.0, r[0] * (time.perf_counter() - t0))
+                    cpu1 = cpu_seconds(pids)
+                    used = {k: (cpu1[k] - cpu0[k]) / ops * 1e6 for k in cpu1 if k in cpu0}
+                    leader = cluster.leader()
+                    parts = ", ".join(
+                        f"{k}{'*' if k == leader else ''} {v:.0f}" for k, v in sorted(used.items()) if v >= 1
+                    )
                     results[name].append(r)
                     print(f"run {run + 1} dogfs {name:11} clients={args.clients}: {r[0]:.0f}/s "
-                          f"p50 {r[1]:.1f} ms p99 {r[2]:.1f} ms ({r[3]} errors), "
-                          f"{per_op * 1e6:.0f} us CPU/op (all processes)", file=sys.stderr)
+                          f"p50 {r[1]:.1f} ms p99 {r[2]:.1f} ms ({r[3]} errors); CPU us/op "
+                          f"{sum(used.values()):.0f} = {parts}", file=sys.stderr)
                 for c in clients:
                     await c.close()
             finally:
