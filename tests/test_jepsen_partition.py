@@ -243,6 +243,9 @@ class Views:
         for i in nodes:
             answer = answers.get(self.cluster.address(i))
             if answer is None:
+                # Dial afresh next time: a connection held across a silence waits out TCP's
+                # retransmission backoff after the heal (seconds) before it carries anything.
+                self.pool.drop(self.cluster.address(i))
                 continue
             self.raw[i] = answer
             me = next((m for m in answer.get("meta") or [] if m.get("id") == f"meta-{i}"), None)
@@ -444,13 +447,19 @@ class PartitionTests(TestCase):
                 await sleep(rng.uniform(1.0, 2.5))
                 under = await views.poll()
                 await threads.deferToThread(topology.heal)
+                healed = time.monotonic()
                 note += f"; before the heal {_roles(under)}; healed at {history.now() / 1e6:.1f}s"
                 after = await views.until("a leader after the heal", ELECT_WITHIN, highest_leader)
+                note += f", then {after.node} leads in term {after.term}"
                 if silent:
                     # Unseen while silenced, the deposed leader must follow now.
+                    await views.until(f"{before.node} answers after the heal", ELECT_WITHIN, answers(before.node))
+                    seen = time.monotonic() - healed
                     await views.until(f"{before.node} follows after the heal", ELECT_WITHIN,
                                       follows(before.node, before.term))
-                faults.append(note + f", then {after.node} leads in term {after.term}")
+                    note += (f"; {before.node} answered {seen:.1f}s after the heal and followed after "
+                             f"{time.monotonic() - healed:.1f}s")
+                faults.append(note)
                 await sleep(rng.uniform(0.5, 1.5))
 
         loops = []
@@ -564,36 +573,45 @@ class PartitionTests(TestCase):
         tag = len(probes)
         fresh = f"{PROBE_DIR}/major-{tag}"
         majority = cluster.client(timeout=ELECT_WITHIN)
+        began = time.monotonic()
         try:
             await majority.put(fresh, io.BytesIO(jepsen.body(fresh)))
         finally:
             await majority.close()
+        took = time.monotonic() - began
         probes[fresh] = "present"
         minority = [i for i in nodes if len(reach(nodes, cut, i)) < quorum]
 
-        async def refused(i: int) -> None:
-            client = cluster.bound_client(i, timeout=2.0)
+        async def no_read(client: Any, i: int) -> None:
+            try:
+                await client.get(fresh, io.BytesIO())
+            except DogFSError as e:
+                self.assertNotEqual(e.code, "not_found",
+                                    f"stale read: node {i}, without a quorum, says {fresh} does not exist")
+            else:
+                self.fail(f"node {i}, without a quorum, served a read of {fresh}")
+
+        async def no_write(client: Any, i: int) -> None:
             tried = f"{PROBE_DIR}/minor-{tag}-{i}"
             try:
-                try:
-                    await client.get(fresh, io.BytesIO())
-                except DogFSError as e:
-                    self.assertNotEqual(e.code, "not_found",
-                                        f"stale read: node {i}, without a quorum, says {fresh} does not exist")
-                else:
-                    self.fail(f"node {i}, without a quorum, served a read of {fresh}")
-                try:
-                    await client.mkdir(tried)
-                except DogFSError:
-                    probes[tried] = "absent"
-                else:
-                    self.fail(f"node {i}, without a quorum, acknowledged mkdir {tried}")
-            finally:
-                await client.close()
+                await client.mkdir(tried)
+            except DogFSError:
+                probes[tried] = "absent"
+            else:
+                self.fail(f"node {i}, without a quorum, acknowledged mkdir {tried}")
 
-        await defer.gatherResults([defer.Deferred.fromCoroutine(refused(i)) for i in minority],
-                                  consumeErrors=True).addErrback(lambda f: f.value.subFailure)
-        return f"; the majority wrote, {minority or 'no node'} refused reads and writes"
+        # Every probe at once: each waits out the bound client's timeout.
+        clients = {i: cluster.bound_client(i, timeout=2.0) for i in minority}
+        try:
+            await defer.gatherResults(
+                [defer.Deferred.fromCoroutine(probe(client, i))
+                 for i, client in clients.items() for probe in (no_read, no_write)],
+                consumeErrors=True,
+            ).addErrback(lambda f: f.value.subFailure)
+        finally:
+            for client in clients.values():
+                await client.close()
+        return f"; the majority wrote (a put took {took:.1f}s), {minority or 'no node'} refused reads and writes"
 
     async def _one_op(
         self, client: Any, name: str, rng: random.Random, k: int, history: jepsen.History,
