@@ -12,6 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from dogfs.wire.frame import (
     DIRECT_READ_MIN,
     PREFIX,
+    BufferPool,
     Flags,
     FrameDecoder,
     FrameError,
@@ -119,6 +120,23 @@ class FrameDecoderTests(SynchronousTestCase):
         self.assertLessEqual(decoder.buffered, len(data))
 
 
+def read_all(decoder: FrameDecoder, data: bytes, step: int) -> list:
+    """Feed `data` like Connection._read_socket: into the target when there is one."""
+    frames: list = []
+    pos = 0
+    while pos < len(data):
+        target = decoder.read_target()
+        if target is None:
+            chunk = data[pos : pos + step]
+            frames += decoder.feed(chunk)
+        else:
+            chunk = data[pos : pos + min(step, len(target))]
+            target[: len(chunk)] = chunk
+            frames += decoder.received_into(len(chunk))
+        pos += len(chunk)
+    return frames
+
+
 class DirectReadTests(SynchronousTestCase):
     """`read_target` / `received_into`: large frames read straight into their own buffer."""
 
@@ -127,20 +145,7 @@ class DirectReadTests(SynchronousTestCase):
         return wire([(rid, 4, 9, b"hdr", payload)])
 
     def read(self, decoder: FrameDecoder, data: bytes, step: int) -> list:
-        """Feed `data` like Connection._read_socket: into the target when there is one."""
-        frames: list = []
-        pos = 0
-        while pos < len(data):
-            target = decoder.read_target()
-            if target is None:
-                chunk = data[pos : pos + step]
-                frames += decoder.feed(chunk)
-            else:
-                chunk = data[pos : pos + min(step, len(target))]
-                target[: len(chunk)] = chunk
-                frames += decoder.received_into(len(chunk))
-            pos += len(chunk)
-        return frames
+        return read_all(decoder, data, step)
 
     def test_no_target_without_a_large_frame_under_way(self) -> None:
         """Between frames, or for a small frame, there is no target: reads go through feed."""
@@ -209,3 +214,47 @@ class DirectReadTests(SynchronousTestCase):
         self.assertRaises(RuntimeError, decoder.feed, b"more")
         fresh = FrameDecoder()
         self.assertRaises(ValueError, fresh.received_into, 1)
+
+
+class BufferPoolTests(SynchronousTestCase):
+    """Direct-read buffers are reused only once no view of them is alive."""
+
+    def test_reused_only_when_free(self) -> None:
+        """A buffer a view still refers to is never handed out again; once it is gone, it is."""
+        pool = BufferPool(max_buffers=4, max_bytes=1 << 20)
+        view = memoryview(pool.get(1000))[10:20]
+        first_id = id(view.obj)
+        other = pool.get(1000)
+        self.assertNotEqual(id(other), first_id)
+        del other
+        del view
+        again = pool.get(1000)
+        self.assertEqual(id(again), first_id)  # the first free one, in the order kept
+        self.assertGreaterEqual(len(again), 1000)
+        smaller = pool.get(900)  # a free buffer of up to twice the size serves
+        self.assertLessEqual(len(smaller), 1800)
+        self.assertNotEqual(id(smaller), id(again))
+
+    def test_bounded(self) -> None:
+        """The pool keeps at most max_buffers buffers and max_bytes bytes."""
+        pool = BufferPool(max_buffers=2, max_bytes=10_000)
+        held = [pool.get(3000) for _ in range(5)]
+        self.assertEqual(len(pool._buffers), 2)
+        self.assertLessEqual(pool._bytes, 10_000)
+        self.assertEqual(len({id(b) for b in held}), 5)
+
+    def test_held_payloads_never_overwritten(self) -> None:
+        """Payloads kept by a consumer stay intact while later frames reuse the pool."""
+        rnd = random.Random(12)
+        payloads = [rnd.randbytes(DIRECT_READ_MIN * 2) for _ in range(12)]
+        data = wire([(i, 0, 3, b"h", p) for i, p in enumerate(payloads)])
+        frames = read_all(FrameDecoder(), data, 50_000)
+        kept = {i: f.payload for i, f in enumerate(frames)}
+        del frames
+        for _ in range(3):
+            for i in list(kept)[::3]:
+                del kept[i]  # let some go: their buffers return to the pool
+            more = read_all(FrameDecoder(), data, 70_000)
+            self.assertEqual([bytes(f.payload) for f in more], payloads)
+            for i, payload in kept.items():
+                self.assertEqual(bytes(payload), payloads[i])

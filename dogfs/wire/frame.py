@@ -19,6 +19,8 @@ for it is allocated, so a hostile peer cannot make us allocate more than the lim
 from __future__ import annotations
 
 import struct
+import sys
+import threading
 from enum import IntFlag
 
 from attrs import frozen
@@ -84,6 +86,52 @@ def encode_frame(
 DIRECT_READ_MIN = 64 * 1024
 
 
+class BufferPool:
+    """Frame buffers for direct reads, reused once nothing refers to them any more.
+
+    A new ``bytearray`` is zero-filled, which cost about as much CPU as the copy that reading
+    straight into it saves. A frame's payload is handed on as memoryviews of its buffer, and
+    every one of them holds a reference to it; a pooled buffer whose only references are the
+    pool's own is free. Kept buffers are bounded in count and bytes; frames the pool cannot
+    serve get a fresh buffer that is simply dropped later.
+    """
+
+    def __init__(self, max_buffers: int = 32, max_bytes: int = 32 << 20) -> None:
+        self.max_buffers = max_buffers
+        self.max_bytes = max_bytes
+        self._buffers: list[bytearray] = []
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def _free(self, i: int) -> bool:
+        # The list's reference and getrefcount's own argument: no view of it is alive.
+        return sys.getrefcount(self._buffers[i]) == 2
+
+    def get(self, size: int) -> bytearray:
+        """A buffer of at least `size` bytes (at most twice that) that nobody else holds."""
+        with self._lock:
+            buffers = self._buffers
+            for i in range(len(buffers)):
+                if size <= len(buffers[i]) <= 2 * size and self._free(i):
+                    return buffers[i]
+            buffer = bytearray(size)
+            if len(buffers) < self.max_buffers and self._bytes + size <= self.max_bytes:
+                buffers.append(buffer)
+                self._bytes += size
+            elif buffers:
+                # Full: make room by dropping a free buffer, if any, so sizes can change.
+                for i in range(len(buffers)):
+                    if self._free(i):
+                        self._bytes -= len(buffers[i])
+                        del buffers[i]
+                        break
+            return buffer
+
+
+#: The pool every FrameDecoder takes its direct-read buffers from.
+FRAME_BUFFERS = BufferPool()
+
+
 class FrameDecoder:
     """Incremental decoder: feed it bytes in any split, get whole frames out.
 
@@ -125,7 +173,7 @@ class FrameDecoder:
         if need is None or need - self._buffered < DIRECT_READ_MIN:
             return None
         # Every buffered byte belongs to this frame (feed returned every earlier one).
-        body = memoryview(bytearray(need))
+        body = memoryview(FRAME_BUFFERS.get(need))[:need]
         filled = 0
         if self._chunks:
             first = self._chunks[0]
