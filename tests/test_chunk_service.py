@@ -208,6 +208,57 @@ class PutErrorTests(SynchronousTestCase):
         self.assertEqual(error.message, f"cell 1 of shard {SHARD} arrived corrupted")
         self.assertNothingStored()
 
+    def held_executor(self) -> tuple[list[tuple[Any, tuple[Any, ...], defer.Deferred[Any]]], Any]:
+        """An executor whose calls wait until the test runs them (a busy disk thread)."""
+        calls: list[tuple[Any, tuple[Any, ...], defer.Deferred[Any]]] = []
+
+        def executor(f: Any, *args: Any) -> defer.Deferred[Any]:
+            d: defer.Deferred[Any] = defer.Deferred()
+            calls.append((f, args, d))
+            return d
+
+        return calls, executor
+
+    def run_held(self, calls: list[tuple[Any, tuple[Any, ...], defer.Deferred[Any]]]) -> list[int]:
+        """Run the held calls in order (and any they lead to); the cell counts written."""
+        written = []
+        while calls:
+            f, args, d = calls.pop(0)
+            if getattr(f, "__name__", "") == "append_cells":
+                written.append(len(args[0]))
+            try:
+                result = f(*args)
+            except Exception:
+                d.errback()
+            else:
+                d.callback(result)
+            self.h.pump.flush()
+        return written
+
+    def test_cells_that_queue_are_written_together(self) -> None:
+        """Cells that arrive while a write is under way go to the disk thread in one call."""
+        calls, executor = self.held_executor()
+        self.h.server.executor = executor
+        frags = fragments(6)
+        d = self.h.put(SHARD, frags)
+        self.assertEqual(self.run_held(calls), [1, 5])
+        self.assertEqual(self.successResultOf(d).msg, ShardStored(SHARD, 5 * FRAGMENT + 300))
+        self.assertEqual(self.h.store.read_cells(SHARD, 0, 6), frags)
+
+    def test_corrupt_cell_inside_a_batch(self) -> None:
+        """A bad CRC in the middle of cells written together names that cell; nothing stays."""
+        calls, executor = self.held_executor()
+        self.h.server.executor = executor
+        frags = fragments(6)
+        crcs = [crc32c(f) for f in frags]
+        crcs[3] ^= 1
+        d = self.h.put(SHARD, frags, crcs=crcs)
+        self.run_held(calls)
+        error = self.failureResultOf(d, WireError).value
+        self.assertEqual(error.code, "corrupt_in_transit")
+        self.assertEqual(error.message, f"cell 3 of shard {SHARD} arrived corrupted")
+        self.assertNothingStored()
+
     def test_aborted_upload(self) -> None:
         """An upload the client aborts halfway leaves no shard and no temporary file."""
         upload = self.h.client.open_stream(PutShard(SHARD, "RS-4-2", 3, FRAGMENT))

@@ -60,6 +60,9 @@ _T = TypeVar("_T")
 #: Runs a blocking function off the reactor: ``executor(f, *args) -> Deferred[f's result]``.
 Executor = Callable[..., "defer.Deferred[Any]"]
 
+#: Most cells of one upload written in one trip to the disk thread.
+MAX_CELLS_PER_WRITE = 8
+
 #: The counters `ShardServer.load` always reports, as "<name>_s" rates.
 LOAD_COUNTERS = ("put_bytes", "put_ops", "get_bytes", "get_ops", "errors")
 
@@ -187,11 +190,16 @@ class ShardServer:
         return ShardStored(shard_id, data_bytes)
 
     async def _receive(self, request: Request, writer: ShardWriter) -> tuple[ShardStat, int]:
-        """Append every cell of the upload, then commit; returns (stat, fragment bytes)."""
+        """Append every cell of the upload, then commit; returns (stat, fragment bytes).
+
+        Cells that arrived while the previous ones were being written go to the writing
+        thread together, in one trip.
+        """
         shard_id = writer.shard_id
         fragment_size = writer.info.fragment_size
         data_bytes = 0
         short_seen = False
+        batch: list[tuple[memoryview, int]] = []
         while True:
             part = await request.next_part()  # WireError if the client aborts or vanishes
             if part is None:
@@ -206,11 +214,12 @@ class ShardServer:
                     "invalid_argument",
                     f"unexpected {type(msg).__name__} in the upload of shard {shard_id}",
                 )
-            if msg.index != writer.cells:
+            expected = writer.cells + len(batch)
+            if msg.index != expected:
                 raise self._error(
                     "invalid_argument",
                     f"cell {msg.index} of shard {shard_id} arrived out of order: "
-                    f"expected cell {writer.cells}",
+                    f"expected cell {expected}",
                 )
             size = len(payload)
             if short_seen or not 0 < size <= fragment_size:
@@ -220,21 +229,13 @@ class ShardServer:
                     f"the last must have {fragment_size}",
                 )
             short_seen = size < fragment_size
-            # The sizes are checked above, so a ValueError from append means the CRC.
-            try:
-                if self.append_in_executor:
-                    await self.executor(writer.append, payload, msg.crc)
-                else:
-                    writer.append(payload, msg.crc)
-            except ValueError:
-                raise self._error(
-                    "corrupt_in_transit", f"cell {msg.index} of shard {shard_id} arrived corrupted"
-                ) from None
-            except ShardStoreFull:
-                raise self._no_space(shard_id) from None
-            except ShardStoreError as e:
-                raise self._storage_error(shard_id, e) from None
+            batch.append((payload, msg.crc))
             data_bytes += size
+            if not request.part_ready or len(batch) >= MAX_CELLS_PER_WRITE:
+                await self._append(writer, batch)
+                batch = []
+        if batch:
+            await self._append(writer, batch)
         if msg.cells != writer.cells:
             raise self._error(
                 "invalid_argument",
@@ -248,6 +249,23 @@ class ShardServer:
         except (ShardStoreError, OSError) as e:
             raise self._storage_error(shard_id, e) from None
         return stat, data_bytes
+
+    async def _append(self, writer: ShardWriter, cells: list[tuple[memoryview, int]]) -> None:
+        shard_id = writer.shard_id
+        # The sizes are checked by the caller, so a ValueError from append means the CRC.
+        try:
+            if self.append_in_executor:
+                await self.executor(writer.append_cells, cells)
+            else:
+                writer.append_cells(cells)
+        except ValueError:
+            raise self._error(
+                "corrupt_in_transit", f"cell {writer.cells} of shard {shard_id} arrived corrupted"
+            ) from None
+        except ShardStoreFull:
+            raise self._no_space(shard_id) from None
+        except ShardStoreError as e:
+            raise self._storage_error(shard_id, e) from None
 
     def _no_space(self, shard_id: str) -> WireError:
         log.warn("{node} has no space left for shard {shard}", node=self.node_id, shard=shard_id)

@@ -530,6 +530,14 @@ class ShardWriter:
         self.cells += 1
         self._last_size = size
 
+    def append_cells(
+        self, cells: Sequence[tuple[bytes | bytearray | memoryview, int | None]]
+    ) -> None:
+        """L{append} each ``(fragment, crc)`` in order (one call for several cells: one trip
+        to the thread that writes). On an error, ``cells`` tells how many were appended."""
+        for fragment, crc in cells:
+            self.append(fragment, crc)
+
     def _stage(self, *pieces: bytes | memoryview) -> None:
         """Direct I/O: add bytes after the staged ones; write every whole block staged."""
         assert self._staging is not None and self._direct_fd is not None

@@ -125,6 +125,11 @@ class Request:
         self._waiting = defer.Deferred()
         return self._waiting
 
+    @property
+    def part_ready(self) -> bool:
+        """True when `next_part` would answer at once with a frame already received."""
+        return self._failed is None and bool(self._parts) and self._parts[0] is not None
+
     def send_part(self, msg: Any, payload: bytes | memoryview = b"") -> defer.Deferred[None]:
         """Send one frame of a streamed response; fires when the connection can take more."""
         self.connection._send(msg, payload, self.request_id, Flags.RESPONSE | Flags.MORE)
