@@ -21,6 +21,7 @@ import argparse
 import io
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -78,6 +79,24 @@ def baseline_copy(source: str, target: str) -> float:
     elapsed = time.perf_counter() - started
     drop(target)
     return elapsed
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def chunk_pids(home: str) -> list[int]:
+    """The running chunk servers' process ids."""
+    nodes = json.loads(dogfs(home, "--json", "cluster", "status"))["nodes"]
+    return [n["pid"] for n in nodes if n["kind"] == "chunk" and n["pid"]]
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -140,12 +159,19 @@ async def measure(reactor: Any, args: argparse.Namespace, home: str, work: str) 
     baseline_fsync_write(work, size)
 
     put_ratios, get_ratios, puts, gets, limits, copies = [], [], [], [], [], []
+    # CPU seconds the PUTs cost (this client process, every chunk server): robust where the
+    # machine is shared and wall-clock figures are not.
+    servers = chunk_pids(home)
+    put_cpu_client = put_cpu_servers = 0.0
     for i in range(args.repeats):
         limit = baseline_fsync_write(work, size)
+        client_cpu, servers_cpu = own_cpu_seconds(), sum(map(cpu_seconds, servers))
         started = time.perf_counter()
         with open(source, "rb") as f:
             await client.put(f"/big-{i}", f)
         put_s = time.perf_counter() - started
+        put_cpu_client += own_cpu_seconds() - client_cpu
+        put_cpu_servers += sum(map(cpu_seconds, servers)) - servers_cpu
         copy = baseline_copy(source, out)
         started = time.perf_counter()
         with open(out, "wb") as f:
@@ -161,6 +187,11 @@ async def measure(reactor: Any, args: argparse.Namespace, home: str, work: str) 
     results["limit_write_mib_s"] = size / MiB / statistics.median(limits)
     results["put_mib_s"] = size / MiB / statistics.median(puts)
     results["put_ratio"] = statistics.median(put_ratios)
+    results["put_ratios"] = [round(r, 3) for r in put_ratios]
+    put_gib = args.repeats * size / (1 << 30)
+    results["put_cpu_s_per_gib"] = {
+        "client": put_cpu_client / put_gib, "chunk_servers": put_cpu_servers / put_gib,
+    }
     results["copy_mib_s"] = size / MiB / statistics.median(copies)
     results["get_mib_s"] = size / MiB / statistics.median(gets)
     results["get_ratio"] = statistics.median(get_ratios)
@@ -250,6 +281,10 @@ def main() -> None:
     print(f"data path, RS-4-2 over 6 chunk servers, {r['size_mib']} MiB, medians of {args.repeats}")
     print(f"  machine limit (1.5x bytes to 6 files, fsync) {r['limit_write_mib_s']:8.0f} MiB/s of user data")
     print(f"  PUT                                         {r['put_mib_s']:8.0f} MiB/s  ratio {r['put_ratio']:.2f} (target >= 0.5)")
+    print(f"    each run's ratio {' '.join(f'{x:.2f}' for x in r['put_ratios'])}")
+    cpu = r["put_cpu_s_per_gib"]
+    print(f"    CPU s per GiB put: client {cpu['client']:.2f}, chunk servers {cpu['chunk_servers']:.2f}, "
+          f"total {cpu['client'] + cpu['chunk_servers']:.2f}")
     print(f"  page-cache copy                             {r['copy_mib_s']:8.0f} MiB/s")
     print(f"  GET                                         {r['get_mib_s']:8.0f} MiB/s  ratio {r['get_ratio']:.2f} (target >= 0.3)")
     print(f"  degraded GET (2 servers down)               {r['degraded_get_mib_s']:8.0f} MiB/s  ratio {r['degraded_ratio']:.2f} of healthy (target >= 0.7)")
