@@ -237,11 +237,11 @@ class Views:
 
         nodes = self.cluster.topology.nodes()
         addresses = [self.cluster.address(i) for i in nodes]
-        answers = await query_status(_reactor(), self.pool, addresses, 1.0)
+        replies = await query_status(_reactor(), self.pool, addresses, 1.0)
         out = {}
         self.raw = {}
         for i in nodes:
-            answer = answers.get(self.cluster.address(i))
+            answer = replies.get(self.cluster.address(i))
             if answer is None:
                 # Dial afresh next time: a connection held across a silence waits out TCP's
                 # retransmission backoff after the heal (seconds) before it carries anything.
