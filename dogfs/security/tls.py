@@ -448,10 +448,11 @@ _new_bytes = _bytes_allocator()
 
 # A TLS record carries at most 16 KiB of application data.
 _RECORD = 1 << 14
-# Plaintext handed to one SSL_write call (which writes up to 64 records into the memory BIO)
-# before the encrypted bytes are drained to the socket: big enough that Python's per-call
-# costs vanish, small enough that the encrypted copy is still in cache when it is drained.
-_WRITE_CHUNK = 1 << 18
+# Plaintext handed to one SSL_write call (which writes its records into the memory BIO
+# without returning to Python) before the encrypted bytes are drained to the socket. A whole
+# frame (a 1 MiB cell) goes out as one bytes object: every extra one queued on the transport
+# costs a copy when Twisted joins its queue before the send.
+_WRITE_CHUNK = 1 << 22
 # Decrypted bytes gathered before one delivery to the application protocol.
 _READ_BATCH = 1 << 20
 # Below this, the send path drains through a scratch buffer (small writes, handshakes).
