@@ -1,23 +1,24 @@
 # -*- test-case-name: tests.test_jepsen_partition -*-
 """Network namespaces for partition tests: each node in its own namespace, links we can cut.
 
-The layout, for nodes n1..nN of one test run (TAG is unique per run, S a free /24):
+The layout, for nodes 1..N of one test run (TAG is unique per run: the test's pid and a
+counter; S a /24 nothing on the machine uses yet):
 
-    root namespace:  bridge TAGbr, 10.77.S.1/24; a veth TAGr<i> per node enslaved to it, with
-                     the bridge's port isolation on, so nodes never talk to each other through
-                     the bridge; only the root namespace (clients, chunk servers) reaches them
-                     that way.
-    namespace TAG-<i>:  lo; up0 (the peer of TAGr<i>), 10.77.S.(10+i)/24: the node's address;
-                     a veth p<j> to every other node j (the peer of p<i> in namespace j), with a
-                     /32 route for 10.77.S.(10+j) through it.
+    root namespace:  bridge dgjTAGbr, 10.77.S.1/24; a veth dgjTAGr<i> per node enslaved to it,
+                     with the bridge's port isolation on, so nodes never talk to each other
+                     through the bridge; only the root namespace (clients, chunk servers)
+                     reaches them that way.
+    namespace dogfs-jepsen-TAG-<i>:  lo; up0 (the peer of dgjTAGr<i>), 10.77.S.(10+i)/24: the
+                     node's address; a veth p<j> to every other node j (the peer of p<i> in
+                     namespace j), with a /32 route for 10.77.S.(10+j) through it.
 
 So node i reaches node j only over its p<j> link: cutting a link is `ip link set p<j> down` on
-both ends (which also drops the /32 route: traffic to j then falls back to the bridge, whose
-isolated ports drop it, as a real partition would: silently, after ARP gives up). Healing sets
-both ends up and puts the route back. Silencing a node also sets its TAGr<i> down: then not even
-the root namespace reaches it. Only the private 10.77.S.0/24 addresses are used, and
-nothing forwards between namespaces (the root namespace has no route into a namespace's peers
-other than through the bridge).
+both ends (which also drops the /32 route: traffic to j then falls back to the bridge's /24,
+whose isolated ports drop it, as a real partition would: silently, after ARP gives up). Healing
+sets both ends up and puts the route back. Silencing a node also sets its dgjTAGr<i> down: then
+not even the root namespace reaches it. Only the private 10.77.S.0/24 addresses are used, and
+no namespace has a route through another (a node's only routes are its /32s and the bridge's
+on-link /24), so nothing is forwarded around a cut whatever the root's ip_forward says.
 
 This is Jepsen's partition nemesis, with links instead of iptables rules (this machine has no
 nft or iptables): any graph of who-sees-whom among the nodes is a set of cut links.
