@@ -444,6 +444,22 @@ class DriverTests(SynchronousTestCase):
         self.successResultOf(_settle(group, leader.remove("d")))
         self.assertNotIn("d", leader.config.members())  # type: ignore[union-attr]
 
+    def test_change_right_after_the_previous_one_applies(self) -> None:
+        """A membership change asked for as soon as the previous one is seen applied (from its
+        Deferred, before the core has been told of the batch) is proposed once the batch is
+        written, instead of being refused as "still pending"."""
+        group = Group(self)
+        leader = group.leader()
+        self.successResultOf(_settle(group, leader.propose(b"before=1")))
+        group.start("d", bootstrap=Configuration(voters=frozenset(IDS)))
+        promoted: list[Deferred[Any]] = []
+        added = leader.add_learner("d")
+        added.addCallback(lambda _: promoted.append(leader.promote("d")))
+        group.run(1)
+        self.successResultOf(added)
+        self.successResultOf(promoted[0])
+        self.assertIn("d", leader.config.voters)  # type: ignore[union-attr]
+
     def test_one_write_per_batch(self) -> None:
         """Proposals made in the same reactor turn reach storage as one write."""
         group = Group(self)

@@ -210,6 +210,8 @@ class RaftDriver(Service):
         self._reads_waiting: list[tuple[int, Deferred[None], IDelayedCall]] = []
         self._read_counter = 0
         self._transfers: list[tuple[str, Deferred[None], IDelayedCall]] = []
+        # Membership changes asked for while a batch was being written (see _config_change).
+        self._changes_waiting: list[tuple[Callable[[RaftNode], int | NotLeader], Deferred[Any]]] = []
         self._loop_done: Deferred[None] | None = None
         #: Number of Ready batches persisted (each is one durable storage write).
         self.batches = 0
@@ -417,7 +419,17 @@ class RaftDriver(Service):
         return self._config_change(ConfigChange(ConfigChangeKind.REMOVE, member))
 
     def _config_change(self, change: ConfigChange) -> Deferred[Any]:
-        return self._start_proposal(lambda node: node.propose_config_change(change))
+        def submit(node: RaftNode) -> int | NotLeader:
+            return node.propose_config_change(change)
+
+        if not self._busy:
+            return self._start_proposal(submit)
+        # Entries applied early in a batch (see _process) reach the core only when the batch
+        # is written (advance): a change proposed meanwhile would be refused because of the
+        # previous change, which its caller has already seen applied. Propose it after.
+        d: Deferred[Any] = Deferred()
+        self._changes_waiting.append((submit, d))
+        return d
 
     def read_index(self) -> Deferred[None]:
         """Fires when a linearizable read may be served from the local state machine."""
@@ -519,6 +531,9 @@ class RaftDriver(Service):
         transfers, self._transfers = self._transfers, []
         for _to, d, timer in transfers:
             _cancel(timer)
+            d.errback(error)
+        changes, self._changes_waiting = self._changes_waiting, []
+        for _submit, d in changes:
             d.errback(error)
 
     # --- internals: the loop ----------------------------------------------------------
@@ -647,6 +662,9 @@ class RaftDriver(Service):
             done.callback(None)
             return
         if self.running and self._failure is None and self._node is not None:
+            changes, self._changes_waiting = self._changes_waiting, []
+            for submit, d in changes:
+                self._start_proposal(submit).chainDeferred(d)
             # More input may have arrived while the batch was being written.
             self._kick()
 
