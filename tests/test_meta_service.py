@@ -92,6 +92,18 @@ class MetaHandlerTests(SynchronousTestCase):
         self.assertEqual(reply.leader_hint, "127.0.0.1:7000")
         self.assertTrue(reply.want_report)
 
+    def test_heartbeat_with_impossible_figures_refused(self) -> None:
+        """A heartbeat with a NaN or infinite load or a negative count is refused with a clear
+        error and changes nothing: such figures would reach placement and the status JSON."""
+        h = Harness(self, chunks=2)
+        before = h.handlers.registry.view()
+        for load, shards in (({"cpu": float("nan")}, 0), ({"cpu": float("inf")}, 0), ({}, -1)):
+            error = h.error(m.Heartbeat("chunk-9", "127.0.0.1:7109", 10**12, 0, shards, load, None))
+            self.assertEqual(error.code, "invalid_argument")
+            self.assertIn("heartbeat from chunk-9", error.message)
+        self.assertEqual(h.handlers.registry.view(), before)
+        self.assertNotIn("chunk-9", [r.node_id for r in h.state.chunk_servers()])
+
     def test_allocate_places_on_distinct_servers(self) -> None:
         """Allocation puts the k+m shards of a block group on k+m different chunk servers."""
         h = Harness(self)

@@ -10,6 +10,7 @@ shard reports here; liveness is soft state in a `ChunkServerRegistry`.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 from collections.abc import Callable
@@ -40,6 +41,20 @@ CLIENT_COMMANDS = (c.Mkdir, c.Allocate, c.CommitFile, c.Delete, c.Rename, c.SetD
 # Client commands that need the admin role.
 ADMIN_COMMANDS = (c.SetDefaultPolicy,)
 REPORT_BATCH = 20_000
+
+
+def _check_heartbeat(msg: m.Heartbeat) -> None:
+    """Refuse a heartbeat whose figures cannot be true: they feed placement and the status
+    page (a NaN load would make ``cluster status --json`` print invalid JSON)."""
+    for name in ("capacity_bytes", "used_bytes", "shards"):
+        if getattr(msg, name) < 0:
+            raise WireError("invalid_argument", f"heartbeat from {msg.node_id}: {name} is negative")
+    for key, value in msg.load.items():
+        if not math.isfinite(value) or value < 0:
+            raise WireError(
+                "invalid_argument", f"heartbeat from {msg.node_id}: load {key!r} is {value!r}, "
+                "not a finite non-negative number"
+            )
 
 
 def error_from_result(result: c.MetaError) -> WireError:
@@ -261,6 +276,7 @@ class MetaHandlers:
         """A chunk server reports itself; the first time, it is registered durably."""
         msg: m.Heartbeat = request.msg
         self.authorize(request, "node")
+        _check_heartbeat(msg)
         self._require_leader()
         self.registry.heartbeat(
             msg.node_id, msg.address, msg.capacity_bytes, msg.used_bytes, msg.shards,
