@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from dogfs.meta import paths
+from dogfs.meta import commands, paths
 from dogfs.meta.commands import (
     Allocate,
     Allocation,
@@ -218,6 +218,8 @@ class CodecTests(SynchronousTestCase):
         data = encode_command(command)
         self.assertEqual(decode_command(data), command)
         self.assertEqual(encode_command(decode_command(data)), data)
+        # The tag read without decoding is the command's own.
+        self.assertEqual(commands.command_tag(data), commands.tag_of(type(command)))
 
     @settings(deadline=None, max_examples=150)
     @given(_results)

@@ -657,6 +657,22 @@ def encode_command(cmd: Command) -> bytes:
     return msgpack.packb(_encode_value(cmd), use_bin_type=True)
 
 
+def command_tag(data: bytes) -> int | None:
+    """The type tag of an encoded command, read from its first two bytes without decoding it.
+
+    None when they are not the start of a short array beginning with a small integer (every
+    command encodes so): decode the command to learn more, or why it is malformed.
+    """
+    if len(data) >= 2 and data[0] & 0xF0 == 0x90 and data[1] < 0x80:
+        return data[1]
+    return None
+
+
+def tag_of(cls: type) -> int:
+    """The type tag of a command or result class (what L{command_tag} returns)."""
+    return _TAGS[cls]
+
+
 def decode_command(data: bytes) -> Command:
     """Decode a command; raise C{ValueError} (only) for anything malformed."""
     try:
