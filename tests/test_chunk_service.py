@@ -682,6 +682,22 @@ def write_config(path: str, body: str) -> str:
 class ChunkServiceTests(SynchronousTestCase):
     """ChunkService on a memory reactor: start, listen, stop."""
 
+    def test_direct_io_choice(self) -> None:
+        """The service passes its direct_io choice to the shard store it opens."""
+        for choice in (False, True):
+            root = os.path.abspath(self.mktemp())
+            config = ChunkConfig(
+                id="chunk-3", listen="tcp:7103:interface=127.0.0.1", address="127.0.0.1:7103",
+                data_dir=root, meta=("127.0.0.1:1",),
+            )
+            service = ChunkService(
+                MemoryReactorClock(), config, executor=synchronous_executor, direct_io=choice
+            )
+            service.startService()
+            assert service.store is not None
+            self.assertEqual(service.store.direct_io, choice)
+            self.successResultOf(service.stopService())
+
     def test_start_and_stop(self) -> None:
         """startService cleans tmp, scans, listens on the config's endpoint; stopService
         returns a Deferred that fires."""

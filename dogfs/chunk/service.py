@@ -111,13 +111,15 @@ class ChunkService(MultiService):
         on_fatal: Callable[[], object] | None = None,
         append_in_executor: bool = True,
         security: DaemonSecurity | None = None,
+        direct_io: bool | None = None,
     ) -> None:
         """Build (without I/O) a chunk server for `config`.
 
         `reactor` provides time, TCP and threads. `executor` replaces the service's own
         thread pool (tests). `on_fatal` is called when the server cannot start (the plugin
         stops the reactor). `security` defaults to one built from `config.tls`, which reads the
-        certificate files now (raising when they are unusable).
+        certificate files now (raising when they are unusable). `direct_io` is the shard
+        store's (see `ShardStore`): None uses O_DIRECT writes where the file system allows.
         """
         super().__init__()
         self.reactor = reactor
@@ -130,6 +132,7 @@ class ChunkService(MultiService):
         self.security.setServiceParent(self)
         self._on_fatal = on_fatal
         self._append_in_executor = append_in_executor
+        self._direct_io = direct_io
         self.store: ShardStore | None = None
         self.server: ShardServer | None = None
         self.heartbeat: HeartbeatService | None = None
@@ -159,7 +162,7 @@ class ChunkService(MultiService):
         except (DataDirInUse, OSError) as e:
             self._failed_to_start(Failure(e))
             return
-        self.store = ShardStore(config.data_dir)
+        self.store = ShardStore(config.data_dir, direct_io=self._direct_io)
         executor = self._executor_arg
         if executor is None:
             self._threadpool = ThreadPool(minthreads=1, maxthreads=self.threads, name=f"{config.id}-disk")
