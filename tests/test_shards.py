@@ -516,6 +516,7 @@ class DirectIOTests(SynchronousTestCase):
 
     def write(self, store: ShardStore, info: ShardInfo, fragments: Sequence[bytes]) -> bytes:
         writer = store.begin(info)
+        self.assertEqual(writer.direct, store.direct_io and info.fragment_size >= DIRECT_ALIGN)
         for fragment in fragments:
             writer.append(fragment)
         writer.commit()
@@ -570,8 +571,10 @@ class DirectIOTests(SynchronousTestCase):
 
     def test_abort_releases_everything(self) -> None:
         """An aborted direct writer leaves no file and refuses more cells."""
-        writer = self.direct.begin(INFO)
-        writer.append(b"x" * FRAGMENT)
+        info = ShardInfo(SHARD_ID, "RS-4-2", 3, 2 * DIRECT_ALIGN)
+        writer = self.direct.begin(info)
+        self.assertTrue(writer.direct)
+        writer.append(b"x" * info.fragment_size)
         writer.abort()
         self.assertEqual(os.listdir(self.direct.tmp_dir), [])
         self.assertRaises(ShardStoreError, writer.append, b"x")

@@ -469,6 +469,11 @@ class ShardWriter:
         return self.info.shard_id
 
     @property
+    def direct(self) -> bool:
+        """Whether this shard's records are written with direct I/O."""
+        return self._staging is not None
+
+    @property
     def size(self) -> int:
         """Bytes written so far, header included: the file's size once committed."""
         return self._offset
@@ -777,7 +782,9 @@ class ShardStore:
                 f"cannot create shard {info.shard_id} under {self.root}: {e.strerror or e}"
             ) from e
         direct_fd = None
-        if self.direct_io:
+        # A shard of fragments under a block would reach the disk as one partial block through
+        # the page cache anyway (small files): keep their path as short as it was.
+        if self.direct_io and info.fragment_size >= DIRECT_ALIGN:
             try:
                 direct_fd = os.open(tmp_path, os.O_WRONLY | os.O_CLOEXEC | _O_DIRECT)
             except OSError:
