@@ -323,6 +323,17 @@ class Connection(Protocol):
             return
         self._frames_received(frames)
 
+    def read_target(self) -> memoryview | None:
+        """Where a TLS layer may decrypt the next bytes directly: the unfilled rest of a large
+        frame (``FrameDecoder.read_target``), or None to have them delivered by dataReceived."""
+        if self._lost or self._closing_reason is not None:
+            return None
+        return self._decoder.read_target()
+
+    def received_into(self, count: int) -> None:
+        """``count`` bytes were written at the start of the last ``read_target()``."""
+        self._frames_received(self._decoder.received_into(count))
+
     def _read_socket(self) -> Any:
         """The transport's doRead on a plain TCP socket (see connectionMade).
 
