@@ -589,12 +589,15 @@ class GroupReader:
             elif len(got) >= k and all(
                 i in got or i not in self.streams for i in range(k)
             ):
+                # Rebuild only the missing data fragments (cheaper than decoding the whole
+                # stripe, which also copies the ones we have into a new string).
+                missing = [i for i in range(k) if i not in got]
                 try:
-                    data = self.codec.decode(got)
+                    rebuilt = self.codec.reconstruct(got, missing)
+                    parts = [self.codec.data_payload(got[i] if i in got else rebuilt[i]) for i in range(k)]
                 except Exception as e:
                     self._decode_failed(e)
                     return
-                parts = [memoryview(data)]
             else:
                 if not self._can_progress(got):
                     self._give_up()
