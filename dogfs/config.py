@@ -70,6 +70,7 @@ class ChunkConfig:
     domain: str = ""
     log_format: str = "text"
     tls: TLSFiles | None = None
+    direct_io: bool | None = None  # write shards with O_DIRECT; None: where the disk allows it
 
 
 @frozen
@@ -212,7 +213,17 @@ def load_chunk(path: str) -> ChunkConfig:
         domain=s.get("domain", str, ""),
         log_format=log_format,
         tls=_tls(path, data),
+        direct_io=_direct_io(s),
     )
+
+
+def _direct_io(s: _Section) -> bool | None:
+    value = s.get("direct_io", (bool, str), "auto")
+    if value == "auto":
+        return None
+    if isinstance(value, bool):
+        return value
+    raise s._fail("direct_io", f'must be true, false or "auto", not {value!r}')
 
 
 def load_client(path: str) -> ClientConfig:

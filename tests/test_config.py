@@ -30,6 +30,7 @@ class ConfigTests(SynchronousTestCase):
         chunk = config.load_chunk(os.path.join(ETC, "chunk.toml"))
         self.assertEqual(chunk.meta, ("127.0.0.1:7000",))
         self.assertIsNone(chunk.tls)
+        self.assertIsNone(chunk.direct_io)  # "auto"
         client = config.load_client(os.path.join(ETC, "client.toml"))
         self.assertEqual(client.timeout, 30.0)
 
@@ -54,6 +55,15 @@ class ConfigTests(SynchronousTestCase):
         path = self.write('[chunk]\nid = "c"\n')
         e = self.assertRaises(config.ConfigError, config.load_chunk, path)
         self.assertIn("[chunk] meta is required", str(e))
+
+    def test_direct_io(self) -> None:
+        """[chunk] direct_io is true, false or "auto" (None: where the disk allows it)."""
+        base = '[chunk]\nid = "c"\nlisten = "tcp:1"\naddress = "a:1"\ndata_dir = "d"\nmeta = ["m:1"]\n'
+        for text, expected in (("true", True), ("false", False), ('"auto"', None)):
+            chunk = config.load_chunk(self.write(base + f"direct_io = {text}\n"))
+            self.assertEqual(chunk.direct_io, expected)
+        e = self.assertRaises(config.ConfigError, config.load_chunk, self.write(base + 'direct_io = "yes"\n'))
+        self.assertIn('[chunk] direct_io must be true, false or "auto"', str(e))
 
     def test_non_positive(self) -> None:
         """Durations and sizes must be positive."""

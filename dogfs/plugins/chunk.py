@@ -61,7 +61,7 @@ def makeService(options: Options) -> MultiService:
     from dogfs.plugins.common import stop_failed
 
     try:
-        return ChunkService(reactor, config, on_fatal=lambda: stop_failed(reactor))
+        return ChunkService(reactor, config, on_fatal=lambda: stop_failed(reactor), direct_io=config.direct_io)
     except Exception as e:
         # The [tls] files are read here: a bad one ends twistd with one sentence too.
         print(f"dogfs-chunk: {options['config']}: [tls] files are not usable: {e}", file=sys.stderr)
