@@ -406,15 +406,50 @@ class DriverTests(SynchronousTestCase):
         self.assertEqual(sum(dr.is_leader for dr in others), 1)
         self.flushLoggedErrors(OSError)
 
-    def test_second_config_change_rejected(self) -> None:
-        """Only one membership change may be pending: a second fails with ProposalRejected."""
-        group = Group(self)
+    def test_second_config_change_waits(self) -> None:
+        """Only one membership change may be pending: a second waits until the first is
+        applied, then goes ahead; one that stays pending past the operation timeout fails
+        with RaftTimeoutError; one that would do nothing fails at once."""
+        group = Group(self, operation_timeout=0.3)
         leader = group.leader()
         group.run(0.5)
         first = leader.add_learner("d")
-        self.failureResultOf(leader.add_learner("e"), ProposalRejected)
+        second = leader.add_learner("e")
+        self.assertNoResult(second)
         group.run(1)
         self.successResultOf(first)
+        self.successResultOf(second)
+        self.assertEqual(leader.config.learners, frozenset({"d", "e"}))  # type: ignore[union-attr]
+        self.failureResultOf(leader.add_learner("d"), ProposalRejected)
+        # Without a quorum the first change never applies: the second gives up in time.
+        for follower in group.followers():
+            group.network.isolate(follower.node_id)
+        stuck = leader.remove("d")
+        waiting = leader.remove("e")
+        group.run(0.4)  # less than check-quorum's step-down: the leader still leads
+        self.assertTrue(leader.is_leader)
+        self.failureResultOf(waiting, RaftTimeoutError)
+        self.failureResultOf(stuck, RaftTimeoutError)
+
+    def test_new_leader_accepts_a_change_at_once(self) -> None:
+        """A change sent to a member right after it became leader (before it has applied the
+        entries it inherited) is not refused: it waits for them and goes ahead."""
+        group = Group(self)
+        leader = group.leader()
+        group.run(0.5)
+        target = group.followers()[0]
+        changed: list[Deferred[Any]] = []
+        done = leader.transfer_leadership(target.node_id)
+        done.addCallback(lambda _: changed.append(target.add_learner("d")))
+        group.run(0.05)
+        for _ in range(40):
+            if changed:
+                break
+            group.clock.advance(0.01)
+        self.assertTrue(changed)
+        group.run(1)
+        self.successResultOf(changed[0])
+        self.assertIn("d", target.config.learners)  # type: ignore[union-attr]
 
     def test_transfer_leadership(self) -> None:
         """transfer_leadership hands over to the named voter and fires when it leads."""

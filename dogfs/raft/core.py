@@ -208,6 +208,11 @@ class ProposalRejected(Exception):
     """A configuration change cannot be proposed now (one is pending, or it is invalid)."""
 
 
+class ChangePending(ProposalRejected):
+    """An earlier configuration change (or, on a new leader, an entry it inherited) is not
+    applied yet: the same change may be proposed again once it is."""
+
+
 class Role(Enum):
     """What a node currently is."""
 
@@ -844,7 +849,7 @@ class RaftNode:
         if self._transferee is not None:
             return NotLeader(self._transferee)
         if self._pending_conf_index > self._applied:
-            raise ProposalRejected(
+            raise ChangePending(
                 f"a configuration change (index {self._pending_conf_index}) is still pending"
             )
         try:

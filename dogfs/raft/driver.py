@@ -30,6 +30,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import Interface
 
 from dogfs.raft.core import (
+    ChangePending,
     ConfigChange,
     ConfigChangeKind,
     Configuration,
@@ -211,7 +212,9 @@ class RaftDriver(Service):
         self._read_counter = 0
         self._transfers: list[tuple[str, Deferred[None], IDelayedCall]] = []
         # Membership changes asked for while a batch was being written (see _config_change).
-        self._changes_waiting: list[tuple[Callable[[RaftNode], int | NotLeader], Deferred[Any]]] = []
+        self._changes_waiting: list[
+            tuple[Callable[[RaftNode], int | NotLeader], Deferred[Any], IDelayedCall]
+        ] = []
         self._loop_done: Deferred[None] | None = None
         #: Number of Ready batches persisted (each is one durable storage write).
         self.batches = 0
@@ -419,17 +422,45 @@ class RaftDriver(Service):
         return self._config_change(ConfigChange(ConfigChangeKind.REMOVE, member))
 
     def _config_change(self, change: ConfigChange) -> Deferred[Any]:
+        """Propose ``change``, waiting (up to the operation timeout) while another is pending.
+
+        The core refuses a change while an earlier one is not applied, and a new leader until
+        it has applied what it inherited. Both clear by themselves within a round trip, so the
+        change waits and is tried again after each batch; a caller who saw the previous change
+        applied, or who was sent here by a leader that just handed over, need not retry.
+        Entries applied early in a batch (see _process) reach the core only when the batch is
+        written: while one is, the change waits too.
+        """
+
         def submit(node: RaftNode) -> int | NotLeader:
             return node.propose_config_change(change)
 
-        if not self._busy:
-            return self._start_proposal(submit)
-        # Entries applied early in a batch (see _process) reach the core only when the batch
-        # is written (advance): a change proposed meanwhile would be refused because of the
-        # previous change, which its caller has already seen applied. Propose it after.
         d: Deferred[Any] = Deferred()
-        self._changes_waiting.append((submit, d))
+        timer = self._clock.callLater(self._timeout, self._expire_change, d)
+        self._changes_waiting.append((submit, d, timer))
+        if not self._busy:
+            self._try_changes()
         return d
+
+    def _try_changes(self) -> None:
+        waiting, self._changes_waiting = self._changes_waiting, []
+        for submit, d, timer in waiting:
+            try:
+                attempt = self._submit(submit)
+            except ChangePending:
+                self._changes_waiting.append((submit, d, timer))
+                continue
+            except ProposalRejected as e:
+                attempt = defer.fail(e)
+            _cancel(timer)
+            attempt.chainDeferred(d)
+
+    def _expire_change(self, d: Deferred[Any]) -> None:
+        for item in self._changes_waiting:
+            if item[1] is d:
+                self._changes_waiting.remove(item)
+                d.errback(RaftTimeoutError("a configuration change stayed pending past the timeout"))
+                return
 
     def read_index(self) -> Deferred[None]:
         """Fires when a linearizable read may be served from the local state machine."""
@@ -480,16 +511,20 @@ class RaftDriver(Service):
         return None
 
     def _start_proposal(self, submit: Callable[[RaftNode], int | NotLeader]) -> Deferred[Any]:
+        try:
+            return self._submit(submit)
+        except ProposalRejected as e:
+            return defer.fail(e)
+
+    def _submit(self, submit: Callable[[RaftNode], int | NotLeader]) -> Deferred[Any]:
+        """``_start_proposal``, except that the core's ProposalRejected is raised."""
         failed = self._check_running()
         if failed is not None:
             return failed
         if len(self._proposals) >= self._max_pending:
             # A stalled disk or a slow quorum must not turn into unbounded memory.
             return defer.fail(RaftOverloadedError(f"{len(self._proposals)} proposals pending"))
-        try:
-            outcome = submit(self.node)
-        except ProposalRejected as e:
-            return defer.fail(e)
+        outcome = submit(self.node)
         if isinstance(outcome, NotLeader):
             return defer.fail(NotLeaderError(outcome.leader_hint))
         index = outcome
@@ -533,7 +568,8 @@ class RaftDriver(Service):
             _cancel(timer)
             d.errback(error)
         changes, self._changes_waiting = self._changes_waiting, []
-        for _submit, d in changes:
+        for _submit, d, timer in changes:
+            _cancel(timer)
             d.errback(error)
 
     # --- internals: the loop ----------------------------------------------------------
@@ -662,9 +698,7 @@ class RaftDriver(Service):
             done.callback(None)
             return
         if self.running and self._failure is None and self._node is not None:
-            changes, self._changes_waiting = self._changes_waiting, []
-            for submit, d in changes:
-                self._start_proposal(submit).chainDeferred(d)
+            self._try_changes()
             # More input may have arrived while the batch was being written.
             self._kick()
 
