@@ -47,6 +47,16 @@ def summarise(latencies: list[float], elapsed: float) -> tuple[float, float, flo
     return len(latencies) / elapsed, p50, p99
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds process ``pid`` has used so far (Linux /proc); 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def run_reactor(bench: Callable[[Any], Coroutine[Any, Any, Any]]) -> None:
     """Run `bench(reactor)` on the global reactor; print its traceback and exit 1 if it fails."""
     from twisted.internet import defer, reactor

@@ -21,7 +21,6 @@ import argparse
 import io
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -32,7 +31,7 @@ import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import ENV, MiB, dogfs, make_file, react_for  # noqa: E402
+from common import ENV, MiB, dogfs, make_file, process_cpu_seconds, react_for  # noqa: E402
 
 
 def drop(path: str) -> None:
@@ -79,18 +78,6 @@ def baseline_copy(source: str, target: str) -> float:
     elapsed = time.perf_counter() - started
     drop(target)
     return elapsed
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds a process has used (Linux /proc)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def own_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def chunk_pids(home: str) -> list[int]:
@@ -165,13 +152,13 @@ async def measure(reactor: Any, args: argparse.Namespace, home: str, work: str) 
     put_cpu_client = put_cpu_servers = 0.0
     for i in range(args.repeats):
         limit = baseline_fsync_write(work, size)
-        client_cpu, servers_cpu = own_cpu_seconds(), sum(map(cpu_seconds, servers))
+        client_cpu, servers_cpu = time.process_time(), sum(map(process_cpu_seconds, servers))
         started = time.perf_counter()
         with open(source, "rb") as f:
             await client.put(f"/big-{i}", f)
         put_s = time.perf_counter() - started
-        put_cpu_client += own_cpu_seconds() - client_cpu
-        put_cpu_servers += sum(map(cpu_seconds, servers)) - servers_cpu
+        put_cpu_client += time.process_time() - client_cpu
+        put_cpu_servers += sum(map(process_cpu_seconds, servers)) - servers_cpu
         copy = baseline_copy(source, out)
         started = time.perf_counter()
         with open(out, "wb") as f:

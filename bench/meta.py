@@ -26,7 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-from common import run_reactor, summarise  # noqa: E402
+from common import process_cpu_seconds, run_reactor, summarise  # noqa: E402
 from twisted.internet import defer  # noqa: E402
 
 
@@ -60,19 +60,7 @@ async def run_load(clients: list[Any], seconds: float, op: Any) -> tuple[float, 
 
 def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
     """User + system CPU seconds used so far by this process ("bench") and each of ``pids``."""
-    import resource
-
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    out = {"bench": usage.ru_utime + usage.ru_stime}
-    tick = os.sysconf("SC_CLK_TCK")
-    for name, pid in pids.items():
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rpartition(")")[2].split()
-            out[name] = (int(fields[11]) + int(fields[12])) / tick
-        except OSError:
-            pass
-    return out
+    return {"bench": time.process_time(), **{name: process_cpu_seconds(pid) for name, pid in pids.items()}}
 
 
 async def bench(reactor: Any, args: argparse.Namespace) -> None:

@@ -29,7 +29,7 @@ import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import ENV, MiB, dogfs, make_file, react_for  # noqa: E402
+from common import ENV, MiB, dogfs, make_file, process_cpu_seconds, react_for  # noqa: E402
 
 
 def daemon_pids(home: str) -> list[int]:
@@ -46,21 +46,7 @@ def daemon_pids(home: str) -> list[int]:
 
 def cpu_seconds(pids: list[int]) -> float:
     """CPU seconds (user + system) used so far by this process and `pids`."""
-    return time.process_time() + daemon_cpu_seconds(pids)
-
-
-def daemon_cpu_seconds(pids: list[int]) -> float:
-    """CPU seconds (user + system) used so far by `pids`, from /proc."""
-    total = 0.0
-    ticks = os.sysconf("SC_CLK_TCK")
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / ticks
-        except (OSError, IndexError, ValueError):
-            pass
-    return total
+    return time.process_time() + sum(map(process_cpu_seconds, pids))
 
 
 async def one_run(client: Any, name: str, source: str, out: str, pids: list[int]) -> tuple[float, ...]:
