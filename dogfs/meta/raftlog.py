@@ -167,9 +167,7 @@ class NamespaceMachine:
 
     def snapshot(self) -> bytes:
         """Namespace and address book as of the last applied entry."""
-        return msgpack.packb(  # type: ignore[no-any-return]
-            [_SNAPSHOT_MAGIC, _SNAPSHOT_VERSION, self.book.dump(), self.state.dump()], use_bin_type=True
-        )
+        return self.snapshot_later()()
 
     def snapshot_later(self) -> Callable[[], bytes]:
         """``snapshot`` as of now, serialised by the function returned, on any thread."""

@@ -634,14 +634,8 @@ class _BulkTLSProtocol(TLSMemoryBIOProtocol):
                 data = self._tlsConnection.recv(1 << 16)
             except SSL.WantReadError:
                 break
-            except SSL.ZeroReturnError:
-                deliver()
-                self._shutdownTLS()
-                self._tlsShutdownFinished(None)
-            except SSL.Error:
-                failure = Failure()
-                deliver()
-                self._tlsShutdownFinished(failure)
+            except SSL.Error as e:
+                self._read_ended(e, deliver)
             else:
                 parts.append(data)
                 size += len(data)
@@ -712,18 +706,21 @@ class _BulkTLSProtocol(TLSMemoryBIOProtocol):
                 connection._raise_ssl_error(ssl_ptr, got)
             except SSL.WantReadError:
                 break
-            except SSL.ZeroReturnError:
-                deliver()
-                self._shutdownTLS()
-                self._tlsShutdownFinished(None)
-            except SSL.Error:
-                failure = Failure()
-                deliver()
-                self._tlsShutdownFinished(failure)
+            except SSL.Error as e:
+                self._read_ended(e, deliver)
             else:
                 break
         deliver()
         self._flushSendBIO()
+
+    def _read_ended(self, error: SSL.Error, deliver: Callable[[], None]) -> None:
+        """The peer closed TLS (``ZeroReturnError``) or reading failed: pass on what was
+        decrypted, then end the connection, cleanly or with the failure being handled."""
+        failure = None if isinstance(error, SSL.ZeroReturnError) else Failure()
+        deliver()
+        if failure is None:
+            self._shutdownTLS()
+        self._tlsShutdownFinished(failure)
 
 
 class _BulkTLSFactory(TLSMemoryBIOFactory):
