@@ -31,6 +31,7 @@ from dogfs.codec.policy import ECPolicy
 from dogfs.codec.stripe import StripeCodec
 from dogfs.meta import commands as c
 from dogfs.wire import messages as m
+from dogfs.wire.frame import FRAME_BUFFERS
 from dogfs.wire.protocol import Connection, Reply, Upload, WireError
 
 if TYPE_CHECKING:
@@ -589,12 +590,11 @@ class GroupReader:
             elif len(got) >= k and all(
                 i in got or i not in self.streams for i in range(k)
             ):
-                # Rebuild only the missing data fragments (cheaper than decoding the whole
-                # stripe, which also copies the ones we have into a new string).
-                missing = [i for i in range(k) if i not in got]
+                # Rebuild only the missing data fragments, from the receive buffers in place
+                # (pooled buffers for the results: nothing is zero-filled or copied).
                 try:
-                    rebuilt = self.codec.reconstruct(got, missing)
-                    parts = [self.codec.data_payload(got[i] if i in got else rebuilt[i]) for i in range(k)]
+                    data = self.codec.rebuild_data(got, range(k), FRAME_BUFFERS.get)
+                    parts = [data[i] for i in range(k)]
                 except Exception as e:
                     self._decode_failed(e)
                     return

@@ -25,7 +25,7 @@ import ctypes.util
 import struct
 import sys
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from attrs import frozen
 from pyeclib.ec_iface import (
@@ -34,6 +34,7 @@ from pyeclib.ec_iface import (
     ECInsufficientFragments,
 )
 
+from dogfs.codec.isal import IsalRebuilder
 from dogfs.codec.policy import ECPolicy
 
 __all__ = [
@@ -112,6 +113,18 @@ def _driver(policy: ECPolicy) -> ECDriver:
     return driver
 
 
+_rebuilders: dict[tuple[int, int], IsalRebuilder | None] = {}
+
+
+def _rebuilder(policy: ECPolicy) -> IsalRebuilder | None:
+    """The shared ISA-L rebuilder for ``policy`` (None without ISA-L: pyeclib does it)."""
+    key = (policy.k, policy.m)
+    with _drivers_lock:
+        if key not in _rebuilders:
+            _rebuilders[key] = IsalRebuilder.load(policy.k, policy.m)
+        return _rebuilders[key]
+
+
 def _as_bytes(data: bytes | bytearray | memoryview) -> bytes:
     """pyeclib accepts only ``bytes`` (and aborts the process on anything else)."""
     if type(data) is bytes:
@@ -140,6 +153,7 @@ class StripeCodec:
         self.stripe_size = policy.k * cell_size
         self.header_size = FRAGMENT_HEADER_SIZE
         self._driver = _driver(policy)
+        self._rebuilder = _rebuilder(policy)
 
     def __repr__(self) -> str:
         return f"<StripeCodec {self.policy.name} cell={self.cell_size}>"
@@ -373,6 +387,49 @@ class StripeCodec:
         if set(result) != set(wanted):
             raise BadFragment(f"pyeclib rebuilt fragments {sorted(result)}, not {wanted}")
         return result
+
+
+    def rebuild_data(
+        self,
+        fragments: Mapping[int, bytes | bytearray | memoryview],
+        missing: Sequence[int],
+        allocate: Callable[[int], bytearray] = bytearray,
+    ) -> dict[int, memoryview]:
+        """The user bytes of the data fragments ``missing`` (given or rebuilt from ``k`` others),
+        by index.
+
+        What `data_payload` of each rebuilt fragment would give, without making the fragments:
+        the read path's degraded case. ISA-L works on the received buffers in place and writes
+        into buffers from ``allocate`` (see L{dogfs.codec.isal}); without ISA-L, pyeclib.
+
+        @raise NotEnoughFragments: fewer than ``k`` were given.
+        @raise BadFragment: a fragment is malformed or from another stripe.
+        """
+        wanted = sorted(set(missing))
+        if any(not 0 <= i < self.k for i in wanted):
+            raise ValueError(f"only data fragments 0 to {self.k - 1} carry user data, not {wanted}")
+        if len(fragments) < self.k:
+            raise NotEnoughFragments(self.k, len(fragments))
+        usable, stripe_len = self._checked(fragments)
+        payload = -(-stripe_len // self.k)
+        result: dict[int, memoryview] = {}
+        todo = []
+        for index in wanted:
+            if index in usable:
+                result[index] = self.data_payload(usable[index])
+            else:
+                todo.append(index)
+        if todo and self._rebuilder is None:
+            for index, fragment in self.reconstruct(usable, todo).items():
+                result[index] = self.data_payload(fragment)
+        elif todo:
+            chosen = sorted(usable)[: self.k]
+            views = {i: memoryview(usable[i])[FRAGMENT_HEADER_SIZE:] for i in chosen}
+            rebuilt = self._rebuilder.rebuild(views, todo, payload, allocate)
+            for index in todo:
+                length = max(0, min(payload, stripe_len - index * payload))
+                result[index] = memoryview(rebuilt[index])[:length]
+        return {i: result[i] for i in wanted}
 
 
 # glibc's mallopt parameters (malloc.h).
