@@ -33,9 +33,12 @@ Depends on ``roles`` only (and Twisted, pyOpenSSL, cryptography, service_identit
 
 from __future__ import annotations
 
+import errno
 import ipaddress
+import mmap
 import os
 import signal
+import socket
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol, cast
 
@@ -44,7 +47,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from OpenSSL import SSL
 from service_identity import VerificationError
-from twisted.internet import ssl
+from twisted.internet import main, ssl, tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import (
     TCP4ClientEndpoint,
@@ -449,14 +452,52 @@ _new_bytes = _bytes_allocator()
 # A TLS record carries at most 16 KiB of application data.
 _RECORD = 1 << 14
 # Plaintext handed to one SSL_write call (which writes its records into the memory BIO
-# without returning to Python) before the encrypted bytes are drained to the socket. A whole
-# frame (a 1 MiB cell) goes out as one bytes object: every extra one queued on the transport
-# costs a copy when Twisted joins its queue before the send.
+# without returning to Python: partial writes are turned off, see makeConnection) before the
+# encrypted bytes are drained to the socket. A whole frame (a 1 MiB cell) goes out as one
+# bytes object and, when nothing is queued before it, one send.
 _WRITE_CHUNK = 1 << 22
 # Decrypted bytes gathered before one delivery to the application protocol.
 _READ_BATCH = 1 << 20
 # Below this, the send path drains through a scratch buffer (small writes, handshakes).
 _FILL_MIN = 1 << 12
+# Bytes read from the socket per doRead once the handshake is done (Twisted's 64 KiB reads
+# cost a reactor turn and a Python call chain each).
+_SOCKET_READ = 1 << 20
+
+
+class _ReceivePool:
+    """The one page-aligned buffer every TLS connection of the process reads its socket into.
+
+    One buffer is enough: the reactor runs one ``doRead`` at a time, and each one hands
+    OpenSSL the bytes it read and has them all decrypted (or copied out, see
+    ``_BulkTLSProtocol._feed``) before it returns. Page-aligned because the kernel copies into
+    such buffers about 2x faster here (PERFORMANCE.md).
+    """
+
+    _buffer: mmap.mmap | None = None
+    _view: memoryview | None = None
+    _pointer: Any = None
+
+    @classmethod
+    def get(cls) -> tuple[memoryview, Any]:
+        """The buffer (a writable memoryview) and its cffi pointer, made on first use."""
+        if cls._view is None:
+            cls._buffer = mmap.mmap(-1, _SOCKET_READ)
+            cls._view = memoryview(cls._buffer)
+            cls._pointer = _ffi.from_buffer(cls._view, require_writable=True)
+        return cls._view, cls._pointer
+
+
+def _can_send_now(transport: Any) -> bool:
+    """Whether bytes may go to a plain TCP transport's socket at once: nothing is queued
+    before them and the connection is not closing (as ``dogfs.wire.protocol`` checks)."""
+    return bool(
+        transport.connected
+        and not transport.disconnecting
+        and not transport._writeDisconnected
+        and not transport._tempDataLen
+        and transport.offset == len(transport.dataBuffer)
+    )
 
 
 class _BulkTLSProtocol(TLSMemoryBIOProtocol):
@@ -468,16 +509,131 @@ class _BulkTLSProtocol(TLSMemoryBIOProtocol):
 
     - encrypts up to ``_WRITE_CHUNK`` bytes per ``SSL_write`` straight from the caller's
       buffer (a memoryview, never a sliced copy), with a frame's small prefix and header
-      sharing the first record of its payload instead of costing a record of their own;
+      sharing the first record of its payload instead of costing a record of their own.
+      pyOpenSSL turns on partial writes, which make ``SSL_write`` return after every 16 KiB
+      record; they are turned off, since a memory BIO always takes a whole write;
     - drains all the encrypted bytes the memory BIO holds with one ``BIO_read`` into the
-      bytes object handed to the socket (one copy, not a scratch buffer and a slice of it);
-    - decrypts every record available into one buffer and delivers it in one call.
+      bytes object handed to the socket (one copy, not a scratch buffer and a slice of it),
+      and on a plain TCP transport with nothing queued, sends it at once with one ``send``
+      instead of queueing it for Twisted to join and send on a later reactor turn;
+    - once the handshake is done, reads the socket itself, up to 1 MiB at a time, into one
+      page-aligned buffer shared by the process, and lets OpenSSL read the records straight
+      from there (a read-only memory BIO over the buffer, swapped in for each read) instead
+      of from a copy in a growing memory BIO (which zero-fills before every copy);
+    - decrypts every record available into one buffer and delivers it in one call, or
+      straight into the application's buffer for a large frame (``read_target``).
 
     Same bytes, same order, a fraction of the calls and copies (bench/tls.py measures it).
     Each fast path needs pyOpenSSL's private cffi handles and falls back to the public API.
     """
 
     _read_buffer: Any = None
+    # Received bytes reach OpenSSL through read-only BIOs over the caller's buffer (_feed),
+    # from the end of the handshake on.
+    _feeding = False
+    # The socket under a plain TCP transport, read and written directly after the handshake.
+    _socket: socket.socket | None = None
+
+    def makeConnection(self, transport: Any) -> None:
+        """Set up TLS over ``transport`` and start the handshake; see the class docstring."""
+        super().makeConnection(transport)
+        ssl_ptr = getattr(self._tlsConnection, "_ssl", None)
+        if _lib is not None and ssl_ptr is not None:
+            _lib.SSL_clear_mode(ssl_ptr, _lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
+
+    def _checkHandshakeStatus(self) -> None:
+        super()._checkHandshakeStatus()
+        if self._handshakeDone and not self._feeding and not self._aborted:
+            self._start_bulk_reads()
+
+    def _start_bulk_reads(self) -> None:
+        """After the handshake: feed OpenSSL without copies, and read a TCP socket ourselves."""
+        connection: Any = self._tlsConnection
+        if _lib is None or getattr(connection, "_into_ssl", None) is None:
+            return
+        self._feeding = True
+        transport: Any = self.transport
+        if isinstance(transport, tcp.Connection) and not transport.TLS:
+            sock = getattr(transport, "socket", None)
+            if isinstance(sock, socket.socket):
+                self._socket = sock
+                # The reactor calls the transport's doRead when the socket is readable.
+                transport.doRead = self._read_socket
+
+    def _read_socket(self) -> Any:
+        """The TCP transport's doRead after the handshake; returns what Twisted's would."""
+        sock = self._socket
+        if sock is None:  # pragma: no cover - doRead is put back before this is cleared
+            return None
+        view, pointer = _ReceivePool.get()
+        try:
+            count = sock.recv_into(view)
+        except OSError as e:
+            if e.errno == errno.EWOULDBLOCK:
+                return None
+            return main.CONNECTION_LOST
+        if not count:
+            return main.CONNECTION_DONE
+        self._feed(pointer, count)
+        return None
+
+    def dataReceived(self, data: bytes) -> None:
+        """Bytes from the transport: Twisted's path during the handshake, then ``_feed``."""
+        if not self._feeding:
+            super().dataReceived(data)
+            return
+        with _ffi.from_buffer(data) as pointer:
+            self._feed(pointer, len(data))
+
+    def _feed(self, pointer: Any, size: int) -> None:
+        """Hand OpenSSL ``size`` received bytes at ``pointer`` and deliver what they decrypt to.
+
+        OpenSSL reads them in place, through a read-only memory BIO swapped in as the
+        connection's read BIO. Whatever it has not read when this returns (a connection
+        closing half-way) is copied into an ordinary memory BIO: the bytes at ``pointer``
+        are only valid until then.
+        """
+        connection: Any = self._tlsConnection
+        rbio = _lib.BIO_new_mem_buf(pointer, size)
+        if rbio == _ffi.NULL:  # pragma: no cover - out of memory
+            raise MemoryError("BIO_new_mem_buf")
+        # An empty BIO means "wait for more" (WANT_READ), not end of stream.
+        _lib.BIO_set_mem_eof_return(rbio, -1)
+        # Frees the previous read BIO (pyOpenSSL's, or the last one of these) and keeps the
+        # write BIO: pyOpenSSL's bio_shutdown must then find the new one.
+        _lib.SSL_set_bio(connection._ssl, rbio, connection._from_ssl)
+        connection._into_ssl = rbio
+        try:
+            if self._appSendBuffer:
+                self._unbufferPendingWrites()
+            self._flushReceiveBIO()
+        finally:
+            self._keep_unread(connection, rbio)
+
+    @staticmethod
+    def _keep_unread(connection: Any, rbio: Any) -> None:
+        """If ``rbio`` (a read-only BIO over a caller's buffer) is still the connection's
+        read BIO and holds unread bytes, move them into a memory BIO of their own."""
+        if connection._into_ssl != rbio:  # pragma: no cover - nothing swaps it but _feed
+            return
+        where = _ffi.new("char **")
+        left = _lib.BIO_get_mem_data(rbio, where)
+        if left <= 0:
+            return
+        rest = _lib.BIO_new(_lib.BIO_s_mem())
+        if rest == _ffi.NULL:  # pragma: no cover - out of memory
+            raise MemoryError("BIO_new")
+        _lib.BIO_write(rest, where[0], left)
+        _lib.BIO_set_mem_eof_return(rest, -1)
+        _lib.SSL_set_bio(connection._ssl, rest, connection._from_ssl)
+        connection._into_ssl = rest
+
+    def connectionLost(self, reason: Failure) -> None:
+        """Give the transport its own doRead back (breaking the cycle with us), then close."""
+        if self._socket is not None:
+            self._socket = None
+            self.transport.__dict__.pop("doRead", None)
+        super().connectionLost(reason)
 
     def _flushSendBIO(self) -> None:
         connection: Any = self._tlsConnection
@@ -500,8 +656,28 @@ class _BulkTLSProtocol(TLSMemoryBIOProtocol):
         if got != pending:  # pragma: no cover - a memory BIO returns all it holds
             data = data[: max(got, 0)]
         if data:
-            transport: Any = self.transport
-            transport.write(data)
+            self._send_encrypted(data)
+
+    def _send_encrypted(self, data: bytes) -> None:
+        """Send ``data`` at once if the socket takes it; queue the rest with the transport.
+
+        Queued bytes keep Twisted's flow control (past its buffer size the transport pauses
+        the producer). An aborted connection sends nothing more: its bytes are queued, and
+        the abort drops them.
+        """
+        transport: Any = self.transport
+        sock = self._socket
+        if sock is not None and not self._aborted and _can_send_now(transport):
+            try:
+                sent = sock.send(data)
+            except OSError:
+                # Full (EWOULDBLOCK, ENOBUFS) or broken: Twisted sends it or reports the loss.
+                sent = 0
+            if sent >= len(data):
+                return
+            if sent:
+                data = data[sent:]
+        transport.write(data)
 
     def _flush_send_bio_public(self) -> None:
         chunks = []
