@@ -23,7 +23,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from dogfs.chunk.heartbeat import HeartbeatService
 from dogfs.chunk.load import LoadMeter
-from dogfs.chunk.server import ShardServer, synchronous_executor
+from dogfs.chunk.server import READ_AHEAD, ShardServer, synchronous_executor
 from dogfs.chunk.service import ChunkService
 from dogfs.codec.checksum import crc32c
 from dogfs.config import ChunkConfig
@@ -63,6 +63,41 @@ def pair(handlers: dict[type, Any], clock: Clock, server_id: str = "chunk-3") ->
     client = Connection(clock, {}, node_id="client")
     pump = connect(server, FakeTransport(server, True), client, FakeTransport(client, False), clock=None)
     return client, pump
+
+
+HeldCalls = list[tuple[Any, tuple[Any, ...], defer.Deferred[Any]]]
+
+
+def held_executor() -> tuple[HeldCalls, Any]:
+    """An executor whose calls wait until the test runs them (a busy disk thread)."""
+    calls: HeldCalls = []
+
+    def executor(f: Any, *args: Any) -> defer.Deferred[Any]:
+        d: defer.Deferred[Any] = defer.Deferred()
+        calls.append((f, args, d))
+        return d
+
+    return calls, executor
+
+
+def run_held(calls: HeldCalls, pump: IOPump, limit: int | None = None) -> list[int]:
+    """Run the held calls in order (and any they lead to), at most ``limit`` of them; the
+    cell counts of the appends among them."""
+    written = []
+    while calls and (limit is None or limit > 0):
+        f, args, d = calls.pop(0)
+        if getattr(f, "__name__", "") == "append_cells":
+            written.append(len(args[0]))
+        try:
+            result = f(*args)
+        except Exception:
+            d.errback()
+        else:
+            d.callback(result)
+        pump.flush()
+        if limit is not None:
+            limit -= 1
+    return written
 
 
 class Harness:
@@ -208,52 +243,25 @@ class PutErrorTests(SynchronousTestCase):
         self.assertEqual(error.message, f"cell 1 of shard {SHARD} arrived corrupted")
         self.assertNothingStored()
 
-    def held_executor(self) -> tuple[list[tuple[Any, tuple[Any, ...], defer.Deferred[Any]]], Any]:
-        """An executor whose calls wait until the test runs them (a busy disk thread)."""
-        calls: list[tuple[Any, tuple[Any, ...], defer.Deferred[Any]]] = []
-
-        def executor(f: Any, *args: Any) -> defer.Deferred[Any]:
-            d: defer.Deferred[Any] = defer.Deferred()
-            calls.append((f, args, d))
-            return d
-
-        return calls, executor
-
-    def run_held(self, calls: list[tuple[Any, tuple[Any, ...], defer.Deferred[Any]]]) -> list[int]:
-        """Run the held calls in order (and any they lead to); the cell counts written."""
-        written = []
-        while calls:
-            f, args, d = calls.pop(0)
-            if getattr(f, "__name__", "") == "append_cells":
-                written.append(len(args[0]))
-            try:
-                result = f(*args)
-            except Exception:
-                d.errback()
-            else:
-                d.callback(result)
-            self.h.pump.flush()
-        return written
-
     def test_cells_that_queue_are_written_together(self) -> None:
         """Cells that arrive while a write is under way go to the disk thread in one call."""
-        calls, executor = self.held_executor()
+        calls, executor = held_executor()
         self.h.server.executor = executor
         frags = fragments(6)
         d = self.h.put(SHARD, frags)
-        self.assertEqual(self.run_held(calls), [1, 5])
+        self.assertEqual(run_held(calls, self.h.pump), [1, 5])
         self.assertEqual(self.successResultOf(d).msg, ShardStored(SHARD, 5 * FRAGMENT + 300))
         self.assertEqual(self.h.store.read_cells(SHARD, 0, 6), frags)
 
     def test_corrupt_cell_inside_a_batch(self) -> None:
         """A bad CRC in the middle of cells written together names that cell; nothing stays."""
-        calls, executor = self.held_executor()
+        calls, executor = held_executor()
         self.h.server.executor = executor
         frags = fragments(6)
         crcs = [crc32c(f) for f in frags]
         crcs[3] ^= 1
         d = self.h.put(SHARD, frags, crcs=crcs)
-        self.run_held(calls)
+        run_held(calls, self.h.pump)
         error = self.failureResultOf(d, WireError).value
         self.assertEqual(error.code, "corrupt_in_transit")
         self.assertEqual(error.message, f"cell 3 of shard {SHARD} arrived corrupted")
@@ -372,6 +380,39 @@ class ReadErrorTests(SynchronousTestCase):
         # A fresh upload replaces the damaged copy and clears the mark.
         self.successResultOf(self.h.put(SHARD, frags))
         self.assertEqual(self.h.server.corrupt, set())
+
+    def test_read_ahead_and_close_after_reads(self) -> None:
+        """GetShard keeps READ_AHEAD cells being read behind the one it sends, and when a cell
+        fails its checksum, the file stays open until the reads still in flight end."""
+        frags = fragments(8)
+        self.successResultOf(self.h.put(SHARD, frags))
+        self.corrupt_cell(1)
+        calls, executor = held_executor()
+        self.h.server.executor = executor
+        d, parts = self.h.get(SHARD)
+        run_held(calls, self.h.pump, limit=2)  # open the shard, then the will_need hint
+        self.assertEqual([f.__name__ for f, _, _ in calls], ["read_record"] * READ_AHEAD)
+        self.assertEqual([args for _, args, _ in calls], [(i,) for i in range(READ_AHEAD)])
+        run_held(calls, self.h.pump, limit=1)  # cell 0 read: sent, and cell 3 is asked for
+        self.assertEqual([m.index for m, _ in parts], [0])
+        self.assertEqual([args for _, args, _ in calls], [(i,) for i in range(1, READ_AHEAD + 1)])
+        run_held(calls, self.h.pump, limit=1)  # cell 1 is corrupt: no answer yet
+        self.assertNoResult(d)
+        reads = [d for _, _, d in calls]
+        run_held(calls, self.h.pump)
+        for read in reads:
+            self.successResultOf(read)  # ran against an open file
+        self.assertEqual(self.failureResultOf(d, WireError).value.code, "corrupt")
+        self.assertEqual([m.index for m, _ in parts], [0])
+
+    def corrupt_cell(self, cell: int) -> None:
+        """Flip a byte in the middle of a cell's fragment on disk."""
+        offset = HEADER_SIZE + cell * (RECORD_OVERHEAD + FRAGMENT) + RECORD_OVERHEAD + 10
+        with open(self.h.store.path(SHARD), "r+b") as f:
+            f.seek(offset)
+            byte = f.read(1)
+            f.seek(offset)
+            f.write(bytes([byte[0] ^ 0xFF]))
 
     def test_damaged_header(self) -> None:
         """A damaged header is 'corrupt' too, naming the shard."""

@@ -21,6 +21,7 @@ Error codes a client can see:
 from __future__ import annotations
 
 import os
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
@@ -62,6 +63,10 @@ Executor = Callable[..., "defer.Deferred[Any]"]
 
 #: Most cells of one upload written in one trip to the disk thread.
 MAX_CELLS_PER_WRITE = 8
+
+#: Cells of a GetShard read from the disk ahead of the one being sent: enough to keep a cold
+#: read's disk queue busy while the network takes the cell before.
+READ_AHEAD = 3
 
 #: The counters `ShardServer.load` always reports, as "<name>_s" rates.
 LOAD_COUNTERS = ("put_bytes", "put_ops", "get_bytes", "get_ops", "errors")
@@ -312,35 +317,33 @@ class ShardServer:
         return GetShardEnd(count)
 
     async def _send_cells(self, request: Request, reader: ShardReader, first: int, count: int) -> None:
-        """Send cells, reading the next one in the executor while the current one is sent."""
+        """Send cells, with the next `READ_AHEAD` being read in the executor meanwhile."""
         end = first + count
-        pending: defer.Deferred[tuple[int, bytes]] | None = None
-        if count:
-            if count > 1:
-                # Shards written with direct I/O are not in memory: have the disk read the
-                # whole range at once rather than as our reads reach it.
-                await self.executor(reader.will_need, first, count)
-            pending = self.executor(reader.read_record, first)
+        pending: deque[defer.Deferred[tuple[int, bytes]]] = deque()
+        if count > 1:
+            # Shards written with direct I/O are not in memory: have the disk read the
+            # whole range at once rather than as our reads reach it.
+            await self.executor(reader.will_need, first, count)
+        following = first
         try:
             for i in range(first, end):
-                assert pending is not None
-                d, pending = pending, None
+                while following < end and len(pending) < READ_AHEAD:
+                    pending.append(self.executor(reader.read_record, following))
+                    following += 1
                 try:
-                    crc, fragment = await d
+                    crc, fragment = await pending.popleft()
                 except ShardCorrupt as e:
                     raise self._corrupt(e) from None
                 except CellOutOfRange as e:  # the file changed under us
                     raise self._error("invalid_argument", str(e)) from None
-                if i + 1 < end:
-                    pending = self.executor(reader.read_record, i + 1)
                 # send_part waits until the transport drains: the client sets the pace.
                 await request.send_part(Cell(i, crc), fragment)
                 self.meter.add("get_bytes", len(fragment))
         finally:
-            if pending is not None:
-                # Never close the file while a thread still reads it.
+            # Never close the file while a thread still reads it.
+            for d in pending:
                 try:
-                    await pending
+                    await d
                 except Exception:
                     pass
 
