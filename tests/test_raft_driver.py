@@ -799,11 +799,11 @@ class FramedTransportTests(SynchronousTestCase):
         self.assertEqual(len(events), 1)
 
 
-class ThreadPoolTests(TestCase):
-    """The driver's own thread pool on the real reactor (the production path)."""
+class WorkerThreadTests(TestCase):
+    """The driver's own worker threads on the real reactor (the production path)."""
 
     def test_single_member_on_threads(self) -> Deferred[None]:
-        """A one-member group on LMDB with the default thread pool elects itself and commits."""
+        """A one-member group on LMDB with the default worker threads elects itself and commits."""
         from twisted.internet import reactor
 
         network = MemoryRaftNetwork(reactor)  # type: ignore[arg-type]

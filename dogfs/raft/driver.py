@@ -23,10 +23,8 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorFromThreads, IReactorTime
 from twisted.internet.task import LoopingCall
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 from zope.interface import Interface
 
 from dogfs.raft.core import (
@@ -49,6 +47,7 @@ from dogfs.raft.core import (
 )
 from dogfs.raft.storage import IRaftStorage
 from dogfs.raft.transport import IRaftTransport
+from dogfs.raft.worker import SerialWorker
 
 __all__ = [
     "IRaftStateMachine",
@@ -138,9 +137,9 @@ class RaftDriver(Service):
     """Runs one ``RaftNode`` on a reactor: storage, transport, timer and state machine.
 
     ``clock`` drives ticks (every ``tick_interval`` seconds) and timeouts. Storage writes run on
-    the driver's own one-thread pool through ``reactor`` (an ``IReactorFromThreads``), unless an
+    the driver's own worker thread through ``reactor`` (an ``IReactorFromThreads``), unless an
     ``executor`` is given (tests pass one that runs the write synchronously); snapshots are
-    serialised on another one-thread pool, unless ``snapshot_executor`` (or ``executor``) is
+    serialised on another worker thread, unless ``snapshot_executor`` (or ``executor``) is
     given.
     """
 
@@ -165,7 +164,7 @@ class RaftDriver(Service):
         on_failure: Callable[[Failure], None] | None = None,
     ) -> None:
         if executor is None and reactor is None:
-            raise ValueError("RaftDriver needs a reactor for its thread pool, or an executor")
+            raise ValueError("RaftDriver needs a reactor for its worker threads, or an executor")
         # Told when this member halts (storage or state machine failed): a daemon exits so
         # that clients and chunk servers move to a member that still works.
         self.on_failure = on_failure
@@ -182,12 +181,12 @@ class RaftDriver(Service):
         self._reactor: Any = reactor
         self._executor_arg = executor
         self._executor: Executor | None = executor
-        self._pool: ThreadPool | None = None
+        self._pool: SerialWorker | None = None
         # Serialising snapshots runs on a thread of its own, so the log's writes never queue
         # behind it (tests give an executor, which runs both synchronously).
         self._snapshot_executor_arg = snapshot_executor or executor
         self._snapshot_executor: Executor | None = self._snapshot_executor_arg
-        self._snapshot_pool: ThreadPool | None = None
+        self._snapshot_pool: SerialWorker | None = None
         self._snapshot_job: Deferred[Any] | None = None
         self._timeout = operation_timeout
         self._snapshot_every = snapshot_every
@@ -226,14 +225,14 @@ class RaftDriver(Service):
         super().startService()
         if self._executor_arg is None:
             assert self._reactor is not None
-            self._pool = ThreadPool(minthreads=1, maxthreads=1, name=f"raft-{self.node_id}")
+            self._pool = SerialWorker(self._reactor, f"raft-{self.node_id}")
             self._pool.start()
-            self._executor = partial(deferToThreadPool, self._reactor, self._pool)
+            self._executor = self._pool.run
         if self._snapshot_executor_arg is None:
             assert self._reactor is not None
-            self._snapshot_pool = ThreadPool(minthreads=0, maxthreads=1, name=f"raft-snap-{self.node_id}")
+            self._snapshot_pool = SerialWorker(self._reactor, f"raft-snap-{self.node_id}")
             self._snapshot_pool.start()
-            self._snapshot_executor = partial(deferToThreadPool, self._reactor, self._snapshot_pool)
+            self._snapshot_executor = self._snapshot_pool.run
         try:
             self._restore()
         except BaseException:
