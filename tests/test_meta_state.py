@@ -12,6 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from dogfs.meta import commands, paths
+from dogfs.meta import state as state_module
 from dogfs.meta.commands import (
     Allocate,
     Allocation,
@@ -35,6 +36,7 @@ from dogfs.meta.commands import (
     RegisterChunkServer,
     RemoveChunkServer,
     Rename,
+    Revoke,
     Sessioned,
     SetDefaultPolicy,
     ShardLocation,
@@ -826,12 +828,15 @@ class NamespaceTests(StateTestCase):
 # --- replicas -------------------------------------------------------------------------------
 
 
-def random_commands(rng: random.Random, count: int, scratch: NamespaceState) -> list[Any]:
+def random_commands(
+    rng: random.Random, count: int, scratch: NamespaceState, changes: bool = False
+) -> list[Any]:
     """A random but plausible command log over a tiny namespace.
 
     The log is built against C{scratch} (a fresh state it is applied to as it grows) so that
     commits name block groups that really are pending and many commands succeed; others fail
-    on purpose (stale ids, missing parents, name clashes).
+    on purpose (stale ids, missing parents, name clashes). With C{changes}, chunk servers
+    also move to new addresses and the default policy changes now and then.
     """
     names = ["a", "b", "c"]
     policies = ["RS-2-1", "RS-3-2", None]
@@ -909,6 +914,13 @@ def random_commands(rng: random.Random, count: int, scratch: NamespaceState) -> 
             if found is not None and rng.random() < 0.7:
                 source = found[0].shards[index].node_id
             emit(MoveShard(bg_id, index, source, rng.choice(SERVERS[:7])))
+        elif kind == 11 and changes and rng.random() < 0.5:
+            # Changes that later commands of the same batch must see (cached addresses and
+            # default policy).
+            if rng.random() < 0.5:
+                emit(RegisterChunkServer(rng.choice(SERVERS[:6]), f"h{rng.randrange(100)}"))
+            else:
+                emit(SetDefaultPolicy(rng.choice(["RS-2-1", "RS-3-2", "RS-4-2"])))
         else:
             emit(CommitFile(path(), 0, (), now))
     return log
@@ -936,17 +948,61 @@ class ReplicaTests(StateTestCase):
             self.assertTrue({FileInfo, MetaError, Allocation} <= kinds, kinds)
 
     def test_batch_equals_sequential(self) -> None:
-        """apply_batch in chunks gives the same results and state as applying one at a time."""
-        log = random_commands(random.Random(99), 200, self.make_state())
-        one, two = self.make_state(), self.make_state()
-        results = self.apply_all(one, log)
-        entries = list(enumerate(log, 1))
-        batched: list[Any] = []
-        for start in range(0, len(entries), 37):
-            batched.extend(two.apply_batch(entries[start : start + 37]))
-        self.assertEqual(batched, results)
-        self.assertEqual(one.digest(), two.digest())
-        self.assertEqual(two.applied_index, len(log))
+        """apply_batch in chunks of any size gives the same results and state as applying one
+        at a time: what a batch caches (records, counters, totals, addresses, the default
+        policy) never hides a change an earlier command of the batch made."""
+        for seed, chunk in [(99, 37), (5, 400), (6, 7)]:
+            log = random_commands(random.Random(seed), 200, self.make_state(), changes=True)
+            one, two = self.make_state(), self.make_state()
+            results = self.apply_all(one, log)
+            entries = list(enumerate(log, 1))
+            batched: list[Any] = []
+            for start in range(0, len(entries), chunk):
+                batched.extend(two.apply_batch(entries[start : start + chunk]))
+            self.assertEqual(batched, results, f"seed {seed}")
+            self.assertEqual(one.digest(), two.digest(), f"seed {seed}")
+            self.assertEqual(one.summary(), two.summary())
+            self.assertEqual(two.applied_index, len(log))
+
+    def test_batch_sees_its_own_changes(self) -> None:
+        """Within one batch, an allocation sees the address a chunk server re-registered with
+        earlier in the batch, a mkdir the default policy set earlier, and ids keep counting."""
+        self.register(3)
+        results = self.state.apply_batch([
+            (10, Allocate("/a", "RS-2-1", SERVERS[:3], 1.0)),
+            (11, RegisterChunkServer("chunk-0", "10.0.0.9:1")),
+            (12, Allocate("/b", "RS-2-1", SERVERS[:3], 1.0)),
+            (13, Mkdir("/d1", now=1.0)),
+            (14, SetDefaultPolicy("RS-3-2")),
+            (15, Mkdir("/d2", now=1.0)),
+        ])
+        self.assertEqual(results[0].shards[0].address, "127.0.0.1:9000")
+        self.assertEqual(results[2].shards[0].address, "10.0.0.9:1")
+        self.assertEqual((results[0].bg_id, results[2].bg_id), (1, 2))
+        self.assertEqual((results[3].ec, results[5].ec), ("RS-4-2", "RS-3-2"))
+        self.assertEqual(self.state.summary().dirs, 3)
+
+    def test_failed_command_in_batch_leaves_no_trace(self) -> None:
+        """A command that fails after changing cached values (an id counter, the totals, an
+        inode) leaves the batch as if it had never run; the batch's other commands stand."""
+
+        def half_done(ctx: Any, index: int, command: Any) -> Any:
+            ino = ctx.next_id(b"next_ino")
+            ctx.put_inode(ino, [0, 1, "ghost", None, 0.0])
+            ctx.put_inode(1, [0, 0, "", "RS-9-9", 0.0])
+            ctx.adjust(dirs=5)
+            raise RuntimeError("failed half-way")
+
+        other = self.make_state()
+        self.patch(state_module, "_HANDLERS", {**state_module._HANDLERS, Revoke: half_done})
+        results = self.state.apply_batch(
+            [(1, Mkdir("/a", now=1.0)), (2, Revoke("x")), (3, Mkdir("/b", now=1.0))]
+        )
+        self.assertEqual(results[1].code, ErrorCode.INVALID_ARGUMENT)
+        self.flushLoggedErrors(RuntimeError)
+        other.apply_batch([(1, Mkdir("/a", now=1.0)), (2, None), (3, Mkdir("/b", now=1.0))])
+        self.assertEqual(self.state.digest(), other.digest())
+        self.assertEqual(results[2].ec, "RS-4-2")
 
     def test_summary_matches_recount(self) -> None:
         """The incrementally kept totals equal a recount by walking the tree."""

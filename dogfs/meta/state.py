@@ -24,7 +24,9 @@ Layout (named LMDB databases, all keys big-endian so byte order is numeric order
     written in the same transaction as the effects of the command at that index.
 
 Every command runs in a nested transaction: a command that fails leaves no trace, while the
-batch around it (and the applied index) still commits.
+batch around it (and the applied index) still commits. A batch decodes what its commands share
+once (inode records, the counters and totals in C{meta}) and writes the meta values back once,
+at its end: the bytes are the same however the log is cut into batches.
 
 Imports: lmdb, msgpack, L{dogfs.meta.commands}, L{dogfs.meta.paths}, and the
 C{IRaftStateMachine} interface of L{dogfs.raft.driver} (for L{RaftStateMachine}).
@@ -176,8 +178,45 @@ def _bg_name(bg_id: int) -> str:
     return f"{bg_id:016x}"
 
 
+def _decode_stats(raw: bytes | memoryview | None) -> dict[str, Any]:
+    if raw is None:
+        return {"files": 0, "dirs": 0, "bytes": 0, "disk": 0, "bgs": 0, "widths": []}
+    stats: dict[str, Any] = _unpack(raw)
+    return stats
+
+
+def _decode_ec(raw: bytes | memoryview | None) -> str:
+    return DEFAULT_POLICY if raw is None else bytes(raw).decode("utf-8")
+
+
+def _decode_counter(raw: bytes | memoryview | None) -> int:
+    return 0 if raw is None else _from_u64(raw)
+
+
+# How the meta values a write batch caches (see _Ctx) are stored.
+_DECODE_META: dict[bytes, Callable[[Any], Any]] = {
+    _NEXT_INO: _decode_counter,
+    _NEXT_BG: _decode_counter,
+    _STATS: _decode_stats,
+    _DEFAULT_EC: _decode_ec,
+}
+_ENCODE_META: dict[bytes, Callable[[Any], bytes]] = {
+    _NEXT_INO: _u64,
+    _NEXT_BG: _u64,
+    _STATS: _pack,
+    _DEFAULT_EC: lambda ec: ec.encode("utf-8"),
+}
+
+
 class _Ctx:
-    """One transaction's view of the namespace, with the helpers commands and reads share."""
+    """One transaction's view of the namespace, with the helpers commands and reads share.
+
+    A write batch keeps one context for all its commands (see L{run}), so what several
+    commands of a batch touch is decoded once: inode records, and the meta values every
+    command updates (the id counters, the totals, the default policy), which are written back
+    once by L{flush}. Records handed out are copies, so a handler cannot change the cache
+    without writing the record.
+    """
 
     def __init__(self, txn: lmdb.Transaction, dbs: dict[bytes, Any]) -> None:
         self.txn = txn
@@ -189,18 +228,66 @@ class _Ctx:
         self.nodeshards = dbs[b"nodeshards"]
         self.meta = dbs[b"meta"]
         self._addresses: dict[str, str] = {}
+        self._inodes: dict[int, list[Any]] = {}
+        # Decoded meta values (counters: int, stats: dict, default policy: str) and which of
+        # them are newer than the transaction's copy.
+        self._values: dict[bytes, Any] = {}
+        self._dirty: set[bytes] = set()
+
+    # --- commands in a write batch ---
+
+    def run(self, env: lmdb.Environment, handler: Any, index: int, command: Any) -> Result:
+        """Run one command's handler in a nested transaction: a failure leaves no trace, in
+        LMDB or in this context's caches."""
+        parent = self.txn
+        values, dirty = dict(self._values), set(self._dirty)
+        self.txn = child = env.begin(write=True, parent=parent)
+        try:
+            result: Result = handler(self, index, command)
+        except BaseException as e:
+            child.abort()
+            self.txn = parent
+            self._values, self._dirty = values, dirty
+            self._inodes.clear()
+            self._addresses.clear()
+            if isinstance(e, _Abort):
+                return e.error
+            if isinstance(e, lmdb.Error) or not isinstance(e, Exception):
+                raise
+            # A command built in-process with ill-typed fields; deterministic, so a result.
+            log.failure("Command {command!r} failed", command=command)
+            return MetaError(
+                ErrorCode.INVALID_ARGUMENT, f"{type(command).__name__} is malformed: {e}."
+            )
+        child.commit()
+        self.txn = parent
+        return result
+
+    def flush(self) -> None:
+        """Write the meta values changed since the last flush into the transaction."""
+        for key in sorted(self._dirty):
+            value = self._values[key]
+            self.txn.put(key, _ENCODE_META[key](value), db=self.meta)
+        self._dirty.clear()
 
     # --- raw records ---
 
     def inode(self, ino: int) -> list[Any]:
-        raw = self.txn.get(_u64(ino), db=self.inodes)
-        if raw is None:
-            raise RuntimeError(f"Inode {ino} is missing: the namespace is corrupt.")
-        rec: list[Any] = _unpack(raw)
-        return rec
+        rec = self._inodes.get(ino)
+        if rec is None:
+            raw = self.txn.get(_u64(ino), db=self.inodes)
+            if raw is None:
+                raise RuntimeError(f"Inode {ino} is missing: the namespace is corrupt.")
+            rec = self._inodes[ino] = _unpack(raw)
+        return list(rec)
 
     def put_inode(self, ino: int, rec: list[Any]) -> None:
         self.txn.put(_u64(ino), _pack(rec), db=self.inodes)
+        self._inodes[ino] = list(rec)
+
+    def delete_inode(self, ino: int) -> None:
+        self.txn.delete(_u64(ino), db=self.inodes)
+        self._inodes.pop(ino, None)
 
     def child(self, parent: int, name: str) -> int | None:
         raw = self.txn.get(_u64(parent) + name.encode("utf-8"), db=self.dirents)
@@ -227,21 +314,28 @@ class _Ctx:
     def has_children(self, parent: int) -> bool:
         return next(self.children(parent), None) is not None
 
-    def meta_int(self, key: bytes) -> int:
-        raw = self.txn.get(key, db=self.meta)
-        return 0 if raw is None else _from_u64(raw)
+    def _value(self, key: bytes) -> Any:
+        try:
+            return self._values[key]
+        except KeyError:
+            raw = self.txn.get(key, db=self.meta)
+            value = self._values[key] = _DECODE_META[key](raw)
+            return value
 
-    def put_meta_int(self, key: bytes, value: int) -> None:
-        self.txn.put(key, _u64(value), db=self.meta)
+    def _set_value(self, key: bytes, value: Any) -> None:
+        self._values[key] = value
+        self._dirty.add(key)
 
     def next_id(self, key: bytes) -> int:
-        value = self.meta_int(key)
-        self.put_meta_int(key, value + 1)
+        value: int = self._value(key)
+        self._set_value(key, value + 1)
         return value
 
     def default_ec(self) -> str:
-        raw = self.txn.get(_DEFAULT_EC, db=self.meta)
-        return DEFAULT_POLICY if raw is None else bytes(raw).decode("utf-8")
+        return str(self._value(_DEFAULT_EC))
+
+    def set_default_ec(self, ec: str) -> None:
+        self._set_value(_DEFAULT_EC, ec)
 
     def bgroup(self, bg_id: int) -> list[Any] | None:
         if not 0 <= bg_id < 1 << 64:
@@ -274,6 +368,14 @@ class _Ctx:
         raw = self.txn.get(key, db=self.servers)
         return None if raw is None else _unpack(raw)
 
+    def put_server(self, node_id: str, rec: list[Any]) -> None:
+        self.txn.put(node_id.encode("utf-8"), _pack(rec), db=self.servers)
+        self._addresses.pop(node_id, None)
+
+    def delete_server(self, node_id: str) -> None:
+        self.txn.delete(node_id.encode("utf-8"), db=self.servers)
+        self._addresses.pop(node_id, None)
+
     def address(self, node_id: str) -> str:
         if node_id not in self._addresses:
             rec = self.server(node_id)
@@ -283,11 +385,7 @@ class _Ctx:
     # --- totals ---
 
     def stats(self) -> dict[str, Any]:
-        raw = self.txn.get(_STATS, db=self.meta)
-        if raw is None:
-            return {"files": 0, "dirs": 0, "bytes": 0, "disk": 0, "bgs": 0, "widths": []}
-        stats: dict[str, Any] = _unpack(raw)
-        return stats
+        return dict(self._value(_STATS))
 
     def adjust(
         self,
@@ -300,15 +398,16 @@ class _Ctx:
         stats = self.stats()
         stats["files"] += files
         stats["dirs"] += dirs
-        widths = dict(stats["widths"])
-        for ec, size in bgs:
-            k, m = parse_policy(ec)
-            stats["bytes"] += sign * size
-            stats["disk"] += sign * (-(-size // k)) * (k + m)
-            stats["bgs"] += sign
-            widths[k + m] = widths.get(k + m, 0) + sign
-        stats["widths"] = sorted([w, c] for w, c in widths.items() if c)
-        self.txn.put(_STATS, _pack(stats), db=self.meta)
+        if bgs:
+            widths = dict(stats["widths"])
+            for ec, size in bgs:
+                k, m = parse_policy(ec)
+                stats["bytes"] += sign * size
+                stats["disk"] += sign * (-(-size // k)) * (k + m)
+                stats["bgs"] += sign
+                widths[k + m] = widths.get(k + m, 0) + sign
+            stats["widths"] = sorted([w, c] for w, c in widths.items() if c)
+        self._set_value(_STATS, stats)
 
     # --- paths ---
 
@@ -426,7 +525,7 @@ class _Ctx:
                 for name, child in list(self.children(cur)):
                     stack.append((child, self.inode(child)))
                     self.delete_child(cur, name)
-            self.txn.delete(_u64(cur), db=self.inodes)
+            self.delete_inode(cur)
         self.adjust(files=-files, dirs=-dirs)
 
 
@@ -518,7 +617,9 @@ class NamespaceState:
         txn.put(_NEXT_INO, _u64(ROOT + 1), db=meta)
         txn.put(_NEXT_BG, _u64(1), db=meta)
         txn.put(_APPLIED, _u64(0), db=meta)
-        _Ctx(txn, self._dbs).adjust(dirs=1)
+        ctx = _Ctx(txn, self._dbs)
+        ctx.adjust(dirs=1)
+        ctx.flush()
 
     def close(self) -> None:
         """Close the environment; the state can be opened again."""
@@ -543,7 +644,7 @@ class NamespaceState:
     def applied_index(self) -> int:
         """The Raft index of the last command applied (0 for a fresh state)."""
         with self._read() as txn:
-            return _Ctx(txn, self._dbs).meta_int(_APPLIED)
+            return _decode_counter(txn.get(_APPLIED, db=self._dbs[b"meta"]))
 
     def apply(self, index: int, command: Command | bytes | None) -> Result | None:
         """Apply the command at Raft index C{index} and return its result.
@@ -567,22 +668,22 @@ class NamespaceState:
         env = self.env
         with env.begin(write=True) as txn:
             meta = self._dbs[b"meta"]
-            raw = txn.get(_APPLIED, db=meta)
-            applied = 0 if raw is None else _from_u64(raw)
+            applied = _decode_counter(txn.get(_APPLIED, db=meta))
             start = applied
+            # One context for the batch: what its commands share is decoded once.
+            ctx = _Ctx(txn, self._dbs)
             for index, command in entries:
                 if index <= applied:
                     results.append(None)
                     continue
-                results.append(self._apply_one(txn, index, command))
+                results.append(self._apply_one(ctx, index, command))
                 applied = index
+            ctx.flush()
             if applied != start:
                 txn.put(_APPLIED, _u64(applied), db=meta)
         return results
 
-    def _apply_one(
-        self, parent: lmdb.Transaction, index: int, command: Command | bytes | None
-    ) -> Result:
+    def _apply_one(self, ctx: _Ctx, index: int, command: Command | bytes | None) -> Result:
         if command is None:
             return Ok()
         if isinstance(command, bytes | bytearray | memoryview):
@@ -591,36 +692,18 @@ class NamespaceState:
             except ValueError as e:
                 return MetaError(ErrorCode.INVALID_ARGUMENT, f"Undecodable command: {e}")
         if isinstance(command, Sessioned):
-            return self._apply_sessioned(parent, index, command)
-        return self._execute(parent, index, command)
+            return self._apply_sessioned(ctx, index, command)
+        return self._execute(ctx, index, command)
 
-    def _execute(self, parent: lmdb.Transaction, index: int, command: Any) -> Result:
+    def _execute(self, ctx: _Ctx, index: int, command: Any) -> Result:
         handler = _HANDLERS.get(type(command))
         if handler is None:
             return MetaError(
                 ErrorCode.INVALID_ARGUMENT, f"{type(command).__name__} is not a metadata command."
             )
-        # A nested transaction: a command that fails half-way leaves nothing behind.
-        child = self.env.begin(write=True, parent=parent)
-        try:
-            result: Result = handler(_Ctx(child, self._dbs), index, command)
-        except _Abort as e:
-            child.abort()
-            return e.error
-        except lmdb.Error:
-            child.abort()
-            raise
-        except Exception as e:
-            # A command built in-process with ill-typed fields; deterministic, so a result.
-            child.abort()
-            log.failure("Command {command!r} failed", command=command)
-            return MetaError(
-                ErrorCode.INVALID_ARGUMENT, f"{type(command).__name__} is malformed: {e}."
-            )
-        child.commit()
-        return result
+        return ctx.run(self.env, handler, index, command)
 
-    def _apply_sessioned(self, txn: lmdb.Transaction, index: int, cmd: Sessioned) -> Result:
+    def _apply_sessioned(self, ctx: _Ctx, index: int, cmd: Sessioned) -> Result:
         client, seq = cmd.client_id, cmd.seq
         key = _id_key(client)
         if key is None:
@@ -629,6 +712,7 @@ class NamespaceState:
             return MetaError(ErrorCode.INVALID_ARGUMENT, f"Sequence number {seq!r} is not valid.")
         if isinstance(cmd.command, Sessioned):
             return MetaError(ErrorCode.INVALID_ARGUMENT, "A session cannot wrap another session.")
+        txn = ctx.txn
         sessions, lru = self._dbs[b"sessions"], self._dbs[b"sessionlru"]
         raw = txn.get(key, db=sessions)
         if raw is not None:
@@ -644,7 +728,7 @@ class NamespaceState:
                 txn.put(key, _pack([seq, index, cached]), db=sessions)
                 txn.put(_u64(index) + key, b"", db=lru)
                 return decode_result(cached)
-        result = self._execute(txn, index, cmd.command)
+        result = self._execute(ctx, index, cmd.command)
         txn.put(key, _pack([seq, index, encode_result(result)]), db=sessions)
         txn.put(_u64(index) + key, b"", db=lru)
         if raw is None:
@@ -1023,11 +1107,11 @@ def _mkdir(ctx: _Ctx, index: int, cmd: Mkdir) -> DirInfo:
     cur = ROOT
     for i, name in enumerate(parts):
         last = i == len(parts) - 1
-        here = paths.join(parts[: i + 1])
         child = ctx.child(cur, name)
         if child is not None:
             rec = ctx.inode(child)
             if rec[0] != _DIR:
+                here = paths.join(parts[: i + 1])
                 if last:
                     raise _Abort(ErrorCode.EXISTS, f"{_q(here)} already exists as a file.")
                 raise _Abort(
@@ -1054,7 +1138,7 @@ def _mkdir(ctx: _Ctx, index: int, cmd: Mkdir) -> DirInfo:
 
 
 def _set_default(ctx: _Ctx, index: int, cmd: SetDefaultPolicy) -> Ok:
-    ctx.txn.put(_DEFAULT_EC, _check_policy(cmd.ec).encode("utf-8"), db=ctx.meta)
+    ctx.set_default_ec(_check_policy(cmd.ec))
     return Ok()
 
 
@@ -1070,7 +1154,7 @@ def _register(ctx: _Ctx, index: int, cmd: RegisterChunkServer) -> Ok:
     old = ctx.server(node)
     # Re-registering (a restart, a new address) keeps an operator's drain in force.
     draining = bool(old[2]) if old is not None and len(old) > 2 else False
-    ctx.txn.put(node.encode("utf-8"), _pack([address, domain, draining]), db=ctx.servers)
+    ctx.put_server(node, [address, domain, draining])
     return Ok()
 
 
@@ -1084,9 +1168,7 @@ def _known_server(ctx: _Ctx, node_id: Any) -> list[Any]:
 def _drain(ctx: _Ctx, index: int, cmd: DrainChunkServer) -> Ok:
     rec = _known_server(ctx, cmd.node_id)
     address, domain = rec[0], rec[1]
-    ctx.txn.put(
-        cmd.node_id.encode("utf-8"), _pack([address, domain, bool(cmd.draining)]), db=ctx.servers
-    )
+    ctx.put_server(cmd.node_id, [address, domain, bool(cmd.draining)])
     return Ok()
 
 
@@ -1099,7 +1181,7 @@ def _remove_server(ctx: _Ctx, index: int, cmd: RemoveChunkServer) -> Ok:
             ErrorCode.NOT_EMPTY,
             f"Chunk server {cmd.node_id!r} still holds shards; drain it first or force removal.",
         )
-    ctx.txn.delete(cmd.node_id.encode("utf-8"), db=ctx.servers)
+    ctx.delete_server(cmd.node_id)
     return Ok()
 
 
