@@ -350,6 +350,30 @@ class DriverTests(SynchronousTestCase):
         group.run(0.5)
         self.failureResultOf(d, RaftTimeoutError)
 
+    def test_proposals_expire_at_their_own_deadlines(self) -> None:
+        """Each proposal times out exactly ``operation_timeout`` after it was made, though one
+        timer serves them all: proposing adds no delayed call per proposal."""
+        group = Group(self, operation_timeout=1.0)
+        leader = group.leader()
+        group.run(0.5)
+        for f in group.followers():
+            group.network.isolate(f.node_id)
+        first = leader.propose(b"a=1")
+        calls = len(group.clock.getDelayedCalls())
+        group.clock.advance(0.25)
+        later = [leader.propose(f"b{i}=1".encode()) for i in range(20)]
+        self.assertLessEqual(len(group.clock.getDelayedCalls()), calls)
+        group.clock.advance(0.75)
+        self.failureResultOf(first, RaftTimeoutError)
+        for d in later:
+            self.assertNoResult(d)
+        group.clock.advance(0.24)
+        self.assertNoResult(later[0])
+        group.clock.advance(0.02)
+        for d in later:
+            self.failureResultOf(d, RaftTimeoutError)
+        self.assertEqual(leader.status()["pending_proposals"], 0)
+
     def test_overload(self) -> None:
         """Past max_pending waiting proposals, propose fails fast with RaftOverloadedError."""
         group = Group(self, max_pending=3)

@@ -204,8 +204,11 @@ class RaftDriver(Service):
         self._unsaved_commit: HardState | None = None
         self._was_leader = False
         self._leader_term = 0
-        # index -> (term it was proposed in, Deferred, timeout call)
-        self._proposals: dict[int, tuple[int, Deferred[Any], IDelayedCall]] = {}
+        # index -> (term it was proposed in, Deferred, deadline), oldest first. One timer,
+        # armed for the oldest deadline, expires them: a timer per proposal cost the leader a
+        # heap insertion and a cancellation for every command.
+        self._proposals: dict[int, tuple[int, Deferred[Any], float]] = {}
+        self._proposal_timer: IDelayedCall | None = None
         self._reads: dict[bytes, tuple[Deferred[None], IDelayedCall]] = {}
         self._reads_waiting: list[tuple[int, Deferred[None], IDelayedCall]] = []
         self._read_counter = 0
@@ -528,14 +531,23 @@ class RaftDriver(Service):
             return defer.fail(NotLeaderError(outcome.leader_hint))
         index = outcome
         d: Deferred[Any] = Deferred()
-        timer = self._clock.callLater(self._timeout, self._expire_proposal, index, d)
-        self._proposals[index] = (self.node.term, d, timer)
+        self._proposals[index] = (self.node.term, d, self._clock.seconds() + self._timeout)
+        if self._proposal_timer is None:
+            self._proposal_timer = self._clock.callLater(self._timeout, self._expire_proposals)
         self._kick()
         return d
 
-    def _expire_proposal(self, index: int, d: Deferred[Any]) -> None:
-        pending = self._proposals.get(index)
-        if pending is not None and pending[1] is d:
+    def _expire_proposals(self) -> None:
+        """Fail the proposals whose deadline has passed; arm the timer for the next one."""
+        self._proposal_timer = None
+        now = self._clock.seconds()
+        while self._proposals:
+            index = next(iter(self._proposals))
+            _term, d, deadline = self._proposals[index]
+            if deadline > now:
+                if self._proposal_timer is None:
+                    self._proposal_timer = self._clock.callLater(deadline - now, self._expire_proposals)
+                return
             del self._proposals[index]
             d.errback(RaftTimeoutError(f"proposal at index {index} timed out; outcome unknown"))
 
@@ -551,8 +563,10 @@ class RaftDriver(Service):
 
     def _fail_all(self, error: Exception) -> None:
         proposals, self._proposals = self._proposals, {}
-        for _term, d, timer in proposals.values():
-            _cancel(timer)
+        if self._proposal_timer is not None:
+            _cancel(self._proposal_timer)
+            self._proposal_timer = None
+        for _term, d, _deadline in proposals.values():
             d.errback(error)
         reads, self._reads = self._reads, {}
         for d, timer in reads.values():
@@ -708,8 +722,7 @@ class RaftDriver(Service):
         self._applied = snapshot.meta.index
         self._snapshot_index = snapshot.meta.index
         for index in [i for i in self._proposals if i <= snapshot.meta.index]:
-            _term, d, timer = self._proposals.pop(index)
-            _cancel(timer)
+            _term, d, _deadline = self._proposals.pop(index)
             d.errback(LeadershipLostError(f"proposal at {index} was superseded by a snapshot"))
 
     def _apply(self, entries: Sequence[Entry]) -> None:
@@ -737,8 +750,7 @@ class RaftDriver(Service):
             pending = self._proposals.pop(entry.index, None)
             if pending is None:
                 continue
-            term, d, timer = pending
-            _cancel(timer)
+            term, d, _deadline = pending
             if entry.term != term:
                 d.errback(ProposalDroppedError(f"entry {entry.index} was replaced by a later leader"))
             else:
@@ -771,8 +783,7 @@ class RaftDriver(Service):
                 f"{self.node_id} lost leadership in term {self._leader_term}; outcome unknown"
             )
             proposals, self._proposals = self._proposals, {}
-            for _t, d, timer in proposals.values():
-                _cancel(timer)
+            for _t, d, _deadline in proposals.values():
                 d.errback(lost)
             reads, self._reads = self._reads, {}
             for d, timer in reads.values():
