@@ -151,6 +151,62 @@ class PlainSocketTests(SocketPairMixin, TestCase):
 
         return deferred(go())
 
+    def test_unsent_bytes_queue_as_views(self) -> None:
+        """What a full socket does not take waits in the connection's own queue: a view of a
+        bytes payload (no copy), a copy of a buffer its owner may reuse. The sender is held
+        back past the transport's buffer size and let go as the queue drains; the peer gets
+        every byte as it was when sent."""
+        rnd = random.Random(11)
+        fixed = rnd.randbytes(8 * MiB)
+        original = rnd.randbytes(8 * MiB)
+        reused = bytearray(original)
+
+        def echo(request: Request) -> Reply:
+            return Reply(Ok(), bytes(request.payload))
+
+        async def go() -> None:
+            client = await self.connect({GetShard: echo})
+            assert self.server is not None
+            self.server.transport.pauseProducing()  # the peer stops reading its socket
+            first = client.call(GetShard(SHARD, 0, -1), fixed)
+            second = client.call(GetShard(SHARD, 0, -1), memoryview(reused))
+            reused[:] = bytes(len(reused))  # the owner reuses its buffer at once
+            self.assertTrue(client._out, "the socket took 16 MiB at once")
+            self.assertTrue(any(view.obj is fixed for view in client._out))
+            self.assertTrue(client.write_blocked)
+            writable = client.wait_writable()
+            self.assertNoResult(writable)
+            self.server.transport.resumeProducing()
+            await writable
+            replies = await defer.gatherResults([first, second])
+            # CRCs, not the bytes: a failure's diff of 8 MiB strings would take minutes.
+            self.assertEqual([crc32c(r.payload) for r in replies], [crc32c(fixed), crc32c(original)])
+            self.assertEqual((len(client._out), client._out_bytes), (0, 0))
+
+        return deferred(go())
+
+    def test_close_sends_the_queue_first(self) -> None:
+        """Closing a connection whose queue is not yet sent sends it all, then closes."""
+        payload = random.Random(12).randbytes(8 * MiB)
+        got: list[bytes] = []
+
+        def record(request: Request) -> None:
+            got.append(bytes(request.payload))
+
+        async def go() -> None:
+            client = await self.connect({GetShard: record})
+            assert self.server is not None
+            server = self.server
+            server.transport.pauseProducing()
+            client.send_oneway(GetShard(SHARD, 0, -1), payload)
+            self.assertTrue(client._out)
+            client.close()
+            server.transport.resumeProducing()
+            await server.closed
+            self.assertEqual([crc32c(p) for p in got], [crc32c(payload)])
+
+        return deferred(go())
+
     def test_oversized_frame_closes_connection(self) -> None:
         """A frame over the receiver's limit gets the sender an error and a closed connection,
         before the receiver buffers its payload."""

@@ -43,6 +43,8 @@ SEND_LIMIT = 4 << 20
 # Reads of a plain TCP socket between large frames (see Connection._read_socket); a large
 # frame's remainder is read straight into its own buffer, whatever this size.
 SOCKET_READ = 64 * 1024
+# Most queued views handed to one sendmsg (Linux allows 1024).
+SEND_PARTS = 64
 # Frames an inbound stream may queue before we stop reading the socket.
 INBOUND_QUEUE_FRAMES = 8
 # Hostile peers (docs/security.md): a frame begun must be complete within FRAME_TIMEOUT
@@ -286,6 +288,10 @@ class Connection(Protocol):
         # The socket under a plain TCP transport, read and written directly; None under TLS
         # or any other transport (see _read_socket and _send).
         self._socket: socket.socket | None = None
+        # What the plain TCP socket has not taken yet, in order (see _send_now), and its size.
+        self._out: deque[memoryview] = deque()
+        self._out_bytes = 0
+        self._out_paused = False
 
     # --- Protocol --------------------------------------------------------------------
 
@@ -300,6 +306,8 @@ class Connection(Protocol):
             # The reactor calls the transport's doRead when the socket is readable: read it
             # ourselves, straight into large frames' buffers (FrameDecoder.read_target).
             self.transport.doRead = self._read_socket
+            # ... and write it ourselves, from our own queue of views (_write_socket).
+            self.transport.doWrite = self._write_socket
             # Frames go out whole, each with one sendmsg (_send_now): Nagle's algorithm would
             # only hold a small frame that follows another until the peer's delayed ACK.
             self.transport.setTcpNoDelay(True)
@@ -385,7 +393,11 @@ class Connection(Protocol):
         self._lost = True
         if self._socket is not None:
             self._socket = None
-            self.transport.__dict__.pop("doRead", None)  # break the transport <-> us cycle
+            # Break the transport <-> us cycle.
+            self.transport.__dict__.pop("doRead", None)
+            self.transport.__dict__.pop("doWrite", None)
+            self._out.clear()
+            self._out_bytes = 0
         if self._watchdog is not None and self._watchdog.active():
             self._watchdog.cancel()
         self._watchdog = None
@@ -578,11 +590,11 @@ class Connection(Protocol):
             self.transport.write(prefix + header)
 
     def _can_send_now(self) -> bool:
-        """Whether a frame may go to the socket at once: nothing queued before it."""
+        """Whether a frame may go to the socket (or our queue of it): the transport is open
+        for writing and has nothing of its own queued before it."""
         transport = self.transport
         return bool(
             transport.connected
-            and not transport.disconnecting
             and not transport._writeDisconnected
             and not transport.TLS
             and not transport._tempDataLen
@@ -590,32 +602,69 @@ class Connection(Protocol):
         )
 
     def _send_now(self, head: bytes, payload: bytes | memoryview) -> None:
-        """Send a frame with one sendmsg; queue what the socket did not take with Twisted.
+        """Send a frame with one sendmsg; queue what the socket did not take in `_out`.
 
         Twisted would copy every frame into one string before sending it (and send it only
-        on the next reactor turn); for 1 MiB cells that copy is a good part of a client's
-        CPU. What is queued keeps Twisted's flow control: past its buffer size, the
-        transport pauses us.
+        on the next reactor turn), and again whatever the socket did not take; for 1 MiB
+        cells those copies are a good part of the CPU of both ends. Our queue holds views
+        (a copy only of a payload in a buffer its owner may reuse), `_write_socket` sends
+        them when the socket can take more, and past the transport's buffer size we pause
+        ourselves as Twisted would.
         """
         assert self._socket is not None
         parts: list[bytes | memoryview] = [head, payload] if payload else [head]
-        try:
-            sent = self._socket.sendmsg(parts)
-        except OSError:
-            # Full (EWOULDBLOCK, ENOBUFS) or broken: Twisted sends it or reports the loss.
-            sent = 0
-        rest: list[bytes] = []
+        sent = 0
+        if not self._out:
+            try:
+                sent = self._socket.sendmsg(parts)
+            except OSError:
+                # Full (EWOULDBLOCK, ENOBUFS) or broken: _write_socket tries again and
+                # reports the loss.
+                sent = 0
+        queued = 0
         for part in parts:
             if sent >= len(part):
                 sent -= len(part)
                 continue
+            # bytes cannot change under us; any other buffer may be reused by its owner.
+            view = memoryview(part)[sent:]
+            if not isinstance(part, bytes):
+                view = memoryview(bytes(view))
+            sent = 0
+            self._out.append(view)
+            queued += len(view)
+        if queued:
+            self._out_bytes += queued
+            self.transport.startWriting()
+            if not self._out_paused and self._out_bytes > self.transport.bufferSize:
+                self._out_paused = True
+                self.pauseProducing()
+
+    def _write_socket(self) -> Any:
+        """The transport's doWrite on a plain TCP socket: our queue first, then (usually
+        empty) Twisted's own buffer, whose doWrite also stops writing and ends a closing
+        connection. Returns what Twisted's doWrite would."""
+        out = self._out
+        sock = self._socket
+        while out and sock is not None:
+            try:
+                sent = sock.sendmsg(list(itertools.islice(out, SEND_PARTS)))
+            except OSError as e:
+                if e.errno in (errno.EWOULDBLOCK, errno.ENOBUFS):
+                    return None
+                return main.CONNECTION_LOST
+            self._out_bytes -= sent
+            while sent and sent >= len(out[0]):
+                sent -= len(out.popleft())
             if sent:
-                rest.append(bytes(memoryview(part)[sent:]))
-                sent = 0
-            else:
-                rest.append(part if isinstance(part, bytes) else bytes(part))
-        if rest:
-            self.transport.writeSequence(rest)
+                out[0] = out[0][sent:]
+                return None  # the socket is full
+        if self._out_paused and self._out_bytes <= self.transport.bufferSize // 2:
+            self._out_paused = False
+            self.resumeProducing()
+        if out:
+            return None
+        return tcp.Connection.doWrite(self.transport)
 
     def _lose(self) -> None:
         # Under TLS, loseConnection waits until no producer is registered before it sends
