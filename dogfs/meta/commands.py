@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import enum
 import math
+import operator
 import re
 from collections.abc import Callable, Iterable
+from itertools import islice
 from typing import Any, Union
 
 import attrs
@@ -620,20 +622,26 @@ def _encode_value(value: Any) -> Any:
     raise TypeError(f"Cannot encode {type(value).__name__} as a metadata value.")
 
 
+# Per tag, what decoding needs in one lookup: (class, checks, fewest fields, most fields).
+_PLANS: dict[int, tuple[type, tuple[_Check, ...], int, int]] = {
+    tag: (cls, checks, *_ARITY[tag]) for tag, (cls, checks) in _SCHEMAS.items()
+}
+
+
 def _decode_value(raw: Any, allowed: frozenset[int] | None = None) -> Any:
     if type(raw) is not list or not raw:
         raise _bad("value", raw)
     tag = raw[0]
-    if type(tag) is not int or tag not in _SCHEMAS:
+    plan = _PLANS.get(tag) if type(tag) is int else None
+    if plan is None or (allowed is not None and tag not in allowed):
         raise _bad("tag", tag)
-    if allowed is not None and tag not in allowed:
-        raise _bad("tag", tag)
-    cls, checks = _SCHEMAS[tag]
-    least, most = _ARITY[tag]
+    cls, checks, least, most = plan
     if not least <= len(raw) - 1 <= most:
         raise ValueError(f"Malformed {cls.__name__}: {len(raw) - 1} fields.")
     try:
-        return cls(*[check(v) for check, v in zip(checks, raw[1:], strict=False)])
+        # Each field through its check, without a list comprehension's frame: every member
+        # decodes every command it applies.
+        return cls(*map(operator.call, checks, islice(raw, 1, None)))
     except ValueError:
         raise
     except Exception as e:
