@@ -63,6 +63,18 @@ def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
     return {"bench": time.process_time(), **{name: process_cpu_seconds(pid) for name, pid in pids.items()}}
 
 
+def cpu_per_op(
+    before: dict[str, float], after: dict[str, float], ops: float, leader: str | None = None
+) -> tuple[float, str]:
+    """CPU microseconds per operation, in all and as text by process (the leader starred):
+    what an operation costs when the cores are shared, and where; robust to other loads on
+    the machine, unlike operations per second."""
+    used = {k: (after[k] - before[k]) / max(1.0, ops) * 1e6 for k in after if k in before}
+    parts = ", ".join(f"{k}{'*' if k == leader else ''} {v:.0f}" for k, v in sorted(used.items()) if v >= 1)
+    total = sum(used.values())
+    return total, f"CPU us/op {total:.0f} = {parts}"
+
+
 async def bench(reactor: Any, args: argparse.Namespace) -> None:
     from tests.test_meta_raft_process import RealCluster
 
@@ -72,6 +84,7 @@ async def bench(reactor: Any, args: argparse.Namespace) -> None:
         results[f"mkdir {metas}m"] = []
         results[f"put 4K {metas}m"] = []
     results["etcd put"] = []
+    cpu: dict[str, list[float]] = {name: [] for name in results}
     payload = os.urandom(4096)
     for run in range(args.runs):
         for metas in metas_list:
@@ -101,17 +114,13 @@ async def bench(reactor: Any, args: argparse.Namespace) -> None:
                     r = await run_load(clients, args.seconds, op)
                     # CPU per operation of the bench's clients and of each daemon: what an
                     # operation costs when the cores are shared, and where.
-                    ops = max(1.0, r[0] * (time.perf_counter() - t0))
                     cpu1 = cpu_seconds(pids)
-                    used = {k: (cpu1[k] - cpu0[k]) / ops * 1e6 for k in cpu1 if k in cpu0}
-                    leader = cluster.leader()
-                    parts = ", ".join(
-                        f"{k}{'*' if k == leader else ''} {v:.0f}" for k, v in sorted(used.items()) if v >= 1
-                    )
+                    done = r[0] * (time.perf_counter() - t0)
                     results[name].append(r)
+                    total, text = cpu_per_op(cpu0, cpu1, done, cluster.leader())
+                    cpu[name].append(total)
                     print(f"run {run + 1} dogfs {name:11} clients={args.clients}: {r[0]:.0f}/s "
-                          f"p50 {r[1]:.1f} ms p99 {r[2]:.1f} ms ({r[3]} errors); CPU us/op "
-                          f"{sum(used.values()):.0f} = {parts}", file=sys.stderr)
+                          f"p50 {r[1]:.1f} ms p99 {r[2]:.1f} ms ({r[3]} errors); {text}", file=sys.stderr)
                 for c in clients:
                     await c.close()
             finally:
@@ -125,10 +134,14 @@ async def bench(reactor: Any, args: argparse.Namespace) -> None:
         try:
             port = await raftbench.etcd_leader_port(reactor, ports, time.monotonic() + 30)
             await raftbench.etcd_load(reactor, port, 16, 1.0, 128)
+            etcd_pids = {f"e{i + 1}": p.pid for i, p in enumerate(procs)}
+            cpu0, t0 = cpu_seconds(etcd_pids), time.perf_counter()
             r3 = await raftbench.etcd_load(reactor, port, args.clients, args.seconds, 128)
             results["etcd put"].append((*r3, 0))
+            total, text = cpu_per_op(cpu0, cpu_seconds(etcd_pids), r3[0] * (time.perf_counter() - t0))
+            cpu["etcd put"].append(total)
             print(f"run {run + 1} etcd  put       clients={args.clients}: {r3[0]:.0f}/s "
-                  f"p50 {r3[1]:.1f} ms p99 {r3[2]:.1f} ms", file=sys.stderr)
+                  f"p50 {r3[1]:.1f} ms p99 {r3[2]:.1f} ms; {text}", file=sys.stderr)
         finally:
             raftbench.stop_group(procs)
             shutil.rmtree(base, ignore_errors=True)
@@ -139,10 +152,11 @@ async def bench(reactor: Any, args: argparse.Namespace) -> None:
 
     print(f"\nN m = N metadata nodes (1: the single-node log, no Raft); {args.clients} concurrent "
           f"clients, {args.seconds:g} s per run, median of {args.runs} run(s)")
-    print(f"{'operation':12} {'ops/s':>8} {'p50 ms':>8} {'p99 ms':>8}")
+    print(f"{'operation':12} {'ops/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'CPU us/op':>10}")
     for name, rs in results.items():
         if rs:
-            print(f"{name:12} {median(rs, 0):8.0f} {median(rs, 1):8.1f} {median(rs, 2):8.1f}")
+            spent = sorted(cpu[name])[len(cpu[name]) // 2] if cpu[name] else float("nan")
+            print(f"{name:12} {median(rs, 0):8.0f} {median(rs, 1):8.1f} {median(rs, 2):8.1f} {spent:10.0f}")
     raft = [k for k in results if k.startswith("mkdir") and not k.endswith(" 1m") and results[k]]
     if results["etcd put"] and raft:
         ratio = median(results[raft[0]], 0) / max(1.0, median(results["etcd put"], 0))
