@@ -8,8 +8,9 @@ Re-executes itself in child processes (one per figure) so all figures come from 
 - ``tune_malloc``: default environment, ``dogfs.codec.stripe.tune_malloc()`` called at start.
 
 For each it reports medians over ``--repeats`` runs of: encode, decode with every data fragment
-present (the no-Reed-Solomon path), decode with ``m`` data fragments missing, and rebuilding
-one lost fragment; also the median time of one call, and the raw pyeclib
+present (the no-Reed-Solomon path), decode with ``m`` data fragments missing, the degraded
+read's rebuild of those ``m`` (ISA-L on the received buffers, ``StripeCodec.rebuild_data``),
+and rebuilding one lost fragment; also the median time of one call, and the raw pyeclib
 ``isa_l_rs_cauchy`` vs ``isa_l_rs_vand`` figures behind the choice of backend.
 
 Usage: ``.venv/bin/python bench/codec.py [--repeats 7] [--policies RS-4-2,RS-6-3,RS-10-4]``;
@@ -48,10 +49,16 @@ def measure(call: Callable[[], object], nbytes: int, repeats: int, calls: int) -
 
 
 OPS = (
-    "encode", "decode", "decode_degraded", "reconstruct_1",
+    "encode", "decode", "decode_degraded", "rebuild_data_degraded", "reconstruct_1",
     "raw_isa_l_rs_cauchy_encode", "raw_isa_l_rs_vand_encode",
     "raw_isa_l_rs_cauchy_decode_degraded", "raw_isa_l_rs_vand_decode_degraded",
 )
+
+
+def reuse(buffers: list[bytearray]) -> Callable[[int], bytearray]:
+    """An allocator handing out ``buffers`` in turn (a pool that is never empty)."""
+    it = iter(buffers)
+    return lambda size: next(it)
 
 
 def child(mode: str, policy_name: str, op: str, repeats: int, calls: int) -> dict[str, float]:
@@ -92,10 +99,15 @@ def child(mode: str, policy_name: str, op: str, repeats: int, calls: int) -> dic
     data_only = {i: fragments[i] for i in range(k)}
     degraded = {i: fragments[i] for i in range(min(m, k), k + m)}
     repair_from = {i: fragments[i] for i in range(1, k + 1)}
+    # What a degraded GET does: the same fragments as received (writable buffers), the lost
+    # data rebuilt in place by ISA-L into reused buffers (StripeCodec.rebuild_data).
+    received = {i: memoryview(bytearray(f)) for i, f in degraded.items()}
+    outputs = [bytearray(len(fragments[0])) for _ in range(k)]
     calls_by_op: dict[str, Callable[[], object]] = {
         "encode": lambda: codec.encode(data),
         "decode": lambda: codec.decode(data_only),
         "decode_degraded": lambda: codec.decode(degraded),
+        "rebuild_data_degraded": lambda: codec.rebuild_data(received, range(k), reuse(outputs)),
         "reconstruct_1": lambda: codec.reconstruct(repair_from, [0]),
     }
     return measure(calls_by_op[op], STRIPE, repeats, calls)
