@@ -343,6 +343,17 @@ class RebuildDataTests(SynchronousTestCase):
                 for lost in itertools.combinations(range(policy.width), policy.m):
                     self.assert_rebuilds(codec, data, set(range(policy.width)) - set(lost))
 
+    def test_wide_policy_sampled(self) -> None:
+        """RS-17-15 (too many loss patterns to try all): seeded random patterns of 15 lost
+        fragments, data ones among them, rebuild the original."""
+        policy = ECPolicy(17, 15)
+        codec = StripeCodec(policy, CELL)
+        rnd = random.Random(17)
+        data = seeded_bytes(15, codec.stripe_size - 3)
+        for _ in range(20):
+            lost = set(rnd.sample(range(policy.width), policy.m))
+            self.assert_rebuilds(codec, data, set(range(policy.width)) - lost)
+
     def test_same_as_pyeclib(self) -> None:
         """Without ISA-L (pyeclib's reconstruct instead) the results are the same."""
         codec = StripeCodec(ECPolicy(6, 3), CELL)

@@ -55,6 +55,12 @@ def _find_library() -> Any:
                                  lib.ec_init_tables, lib.ec_encode_data)
                 except (OSError, AttributeError):
                     continue
+                # isa-l/include/erasure_code.h
+                bytes_p, p = ctypes.c_void_p, ctypes.c_int
+                lib.gf_gen_cauchy1_matrix.argtypes = [bytes_p, p, p]
+                lib.gf_invert_matrix.argtypes = [bytes_p, bytes_p, p]
+                lib.ec_init_tables.argtypes = [p, p, bytes_p, bytes_p]
+                lib.ec_encode_data.argtypes = [p, p, p, bytes_p, bytes_p, bytes_p]
                 for f in functions:
                     f.restype = None
                 lib.gf_invert_matrix.restype = ctypes.c_int
