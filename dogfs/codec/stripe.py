@@ -419,13 +419,14 @@ class StripeCodec:
                 result[index] = self.data_payload(usable[index])
             else:
                 todo.append(index)
-        if todo and self._rebuilder is None:
+        rebuilder = self._rebuilder
+        if todo and rebuilder is None:
             for index, fragment in self.reconstruct(usable, todo).items():
                 result[index] = self.data_payload(fragment)
-        elif todo:
+        elif todo and rebuilder is not None:
             chosen = sorted(usable)[: self.k]
             views = {i: memoryview(usable[i])[FRAGMENT_HEADER_SIZE:] for i in chosen}
-            rebuilt = self._rebuilder.rebuild(views, todo, payload, allocate)
+            rebuilt = rebuilder.rebuild(views, todo, payload, allocate)
             for index in todo:
                 length = max(0, min(payload, stripe_len - index * payload))
                 result[index] = memoryview(rebuilt[index])[:length]
