@@ -152,9 +152,20 @@ class CodecTests(SynchronousTestCase):
             with self.assertRaises(ValueError):
                 decode_message(msgpack.packb(bad, use_bin_type=True))
         ae = msgpack.unpackb(encode_message(AppendEntries(1, "a", "b", 0, 0, tuple(ents(1)), 0)))
-        ae[6] = [[1, 1, 7, b""]]
-        with self.assertRaises(ValueError):
-            decode_message(msgpack.packb(ae, use_bin_type=True))
+        for entry in (
+            [1, 1, 7, b""],
+            [1, 1, True, b""],
+            [1, 1, "0", b""],
+            [-1, 1, 0, b""],
+            [1, True, 0, b""],
+            [1, 1.0, 0, b""],
+            [1, 1, 0, "text"],
+            [1, 1, 0],
+            [1, 1, 0, b"", b""],
+        ):
+            ae[6] = [entry]
+            with self.assertRaises(ValueError, msg=repr(entry)):
+                decode_message(msgpack.packb(ae, use_bin_type=True))
         with self.assertRaises(ValueError):
             decode_message(b"\xc1")
 

@@ -414,6 +414,9 @@ def _configuration_from_wire(raw: Any) -> Configuration:
     return Configuration(frozenset(raw[0]), frozenset(raw[1]))
 
 
+_ENTRY_KINDS = {int(k): k for k in EntryKind}
+
+
 def _to_wire(kind: str, value: Any) -> Any:
     if kind == "entries":
         return [[e.term, e.index, int(e.kind), e.data] for e in value]
@@ -448,14 +451,18 @@ def _from_wire(kind: str, v: Any) -> Any:
         if not isinstance(v, list):
             raise ValueError("expected a list of entries")
         out = []
+        # Followers decode every entry: plain type tests and a table for the kind instead of
+        # calls per field (an IntEnum call alone cost as much as the rest).
         for raw in v:
-            if not isinstance(raw, list) or len(raw) != 4 or not isinstance(raw[3], bytes):
+            if type(raw) is not list or len(raw) != 4 or type(raw[3]) is not bytes:
                 raise ValueError("malformed entry")
-            try:
-                ek = EntryKind(_check_int(raw[2]))
-            except ValueError:
-                raise ValueError(f"unknown entry kind {raw[2]!r}") from None
-            out.append(Entry(_check_int(raw[0]), _check_int(raw[1]), ek, raw[3]))
+            term, index, code, data = raw
+            if type(term) is not int or type(index) is not int or term < 0 or index < 0:
+                raise ValueError(f"malformed entry: term {term!r}, index {index!r}")
+            ek = _ENTRY_KINDS.get(code) if type(code) is int else None
+            if ek is None:
+                raise ValueError(f"unknown entry kind {code!r}")
+            out.append(Entry(term, index, ek, data))
         return tuple(out)
     if kind == "meta":
         if not isinstance(v, list) or len(v) != 3:
