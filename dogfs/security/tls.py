@@ -47,7 +47,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from OpenSSL import SSL
 from service_identity import VerificationError
-from twisted.internet import main, ssl, tcp
+from twisted.internet import error, main, ssl, tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import (
     TCP4ClientEndpoint,
@@ -557,8 +557,13 @@ class _BulkTLSProtocol(TLSMemoryBIOProtocol):
             sock = getattr(transport, "socket", None)
             if isinstance(sock, socket.socket):
                 self._socket = sock
+                raw: Any = transport  # (mypy: no assigning to a method)
                 # The reactor calls the transport's doRead when the socket is readable.
-                transport.doRead = self._read_socket
+                raw.doRead = self._read_socket
+                # Frames go out whole, each drained from the memory BIO into one send: Nagle's
+                # algorithm would only hold a small frame that follows another until the
+                # peer's ACK.
+                raw.setTcpNoDelay(True)
 
     def _read_socket(self) -> Any:
         """The TCP transport's doRead after the handshake; returns what Twisted's would."""
@@ -628,7 +633,7 @@ class _BulkTLSProtocol(TLSMemoryBIOProtocol):
         _lib.SSL_set_bio(connection._ssl, rest, connection._from_ssl)
         connection._into_ssl = rest
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = Failure(error.ConnectionDone())) -> None:
         """Give the transport its own doRead back (breaking the cycle with us), then close."""
         if self._socket is not None:
             self._socket = None
