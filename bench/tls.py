@@ -9,6 +9,13 @@ the machine's noise falls on both alike. Each run puts a SIZE file through the c
 (in this process) and gets it back. Figures are medians; the ratios are TLS / plaintext.
 Target (issue 5): at least 0.7.
 
+    .venv/bin/python bench/tls.py --wire [--size-mib 256] [--repeats 3]
+
+measures the connection layer alone: one DogFS wire connection to a server process that
+discards shard uploads and answers shard reads from memory, 1 MiB cells both ways, with and
+without TLS. No erasure coding, checksums or disks: the CPU per GiB it prints is what the
+transport costs, so the TLS figure minus the plaintext one is the whole price of TLS.
+
 It also counts CPU seconds (this process plus every daemon of the cluster, from /proc) per
 operation: on a shared machine wall-clock throughput follows whatever else runs, while the
 CPU cost does not, and where the data path is CPU-bound (2 cores for client and 7 daemons)
@@ -112,13 +119,171 @@ async def measure(reactor: Any, args: argparse.Namespace, homes: dict[str, str],
     return results
 
 
+WIRE_CELL = MiB
+
+
+def wire_server(directory: str, kind: str) -> None:
+    """Serve PutShard (discarded) and GetShard (cells from memory) until killed; write the
+    port to DIRECTORY/port-KIND."""
+    from twisted.internet import defer, protocol, reactor
+
+    from dogfs.security.tls import ServerTLS, server_endpoint
+    from dogfs.wire.messages import Cell, GetShard, GetShardEnd, PutShard, PutShardEnd, ShardStored
+    from dogfs.wire.protocol import Connection, Request
+
+    cell = os.urandom(WIRE_CELL)
+
+    async def put(request: Request) -> ShardStored:
+        count = 0
+        while True:
+            part = await request.next_part()
+            if part is None or isinstance(part[0], PutShardEnd):
+                return ShardStored(request.msg.shard_id, count)
+            count += 1
+
+    async def get(request: Request) -> GetShardEnd:
+        for i in range(request.msg.count):
+            await request.send_part(Cell(i, 0), cell)
+        return GetShardEnd(request.msg.count)
+
+    handlers = {
+        PutShard: lambda r: defer.Deferred.fromCoroutine(put(r)),
+        GetShard: lambda r: defer.Deferred.fromCoroutine(get(r)),
+    }
+    tls = None
+    if kind == "tls":
+        tls = ServerTLS(_wire_config(directory, "server"), handshake_timeout=None)
+    endpoint = server_endpoint(reactor, "tcp:0:interface=127.0.0.1", tls)
+    factory = protocol.Factory.forProtocol(lambda: Connection(reactor, handlers, node_id="server"))
+
+    def listening(port: Any) -> None:
+        with open(os.path.join(directory, f"port-{kind}"), "w") as f:
+            f.write(str(port.getHost().port))
+
+    endpoint.listen(factory).addCallback(listening)
+    reactor.run()
+
+
+def _wire_config(directory: str, name: str) -> Any:
+    from dogfs.security.tls import TLSConfig
+
+    return TLSConfig(
+        ca_cert=os.path.join(directory, "ca", "ca.pem"),
+        cert=os.path.join(directory, name, "cert.pem"),
+        key=os.path.join(directory, name, "key.pem"),
+    )
+
+
+def wire_bench(args: argparse.Namespace) -> dict[str, Any]:
+    """The wire-layer benchmark (--wire): medians and ratios of CPU per GiB."""
+    from dogfs.security.ca import init_ca
+    from dogfs.security.roles import Role
+
+    root = tempfile.mkdtemp(prefix="dogfs-bench-tls-wire-")
+    servers: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        ca = init_ca(os.path.join(root, "ca"))
+        ca.issue("server", Role.NODE, os.path.join(root, "server"), hosts=["127.0.0.1"])
+        ca.issue("client", Role.USER, os.path.join(root, "client"))
+        for kind in ("tls", "insecure"):
+            servers[kind] = subprocess.Popen(
+                [sys.executable, os.path.abspath(__file__), "--wire-server", root, kind], env=ENV
+            )
+        ports: dict[str, int] = {}
+        deadline = time.monotonic() + 30
+        while len(ports) < 2:
+            for kind in servers:
+                try:
+                    with open(os.path.join(root, f"port-{kind}")) as f:
+                        ports[kind] = int(f.read())
+                except (OSError, ValueError):
+                    pass
+            if time.monotonic() > deadline:
+                raise SystemExit("the wire benchmark's servers did not start")
+            time.sleep(0.05)
+        pids = {kind: server.pid for kind, server in servers.items()}
+        return react_for(lambda reactor: wire_measure(reactor, args, root, ports, pids))
+    finally:
+        for server in servers.values():
+            server.kill()
+            server.wait()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+async def wire_measure(
+    reactor: Any, args: argparse.Namespace, root: str, ports: dict[str, int], pids: dict[str, int]
+) -> dict[str, Any]:
+    """Alternate uploads and reads on the two servers; CPU seconds per GiB, medians."""
+    from twisted.internet.endpoints import connectProtocol
+
+    from dogfs.security.tls import client_endpoint
+    from dogfs.wire.messages import Cell, GetShard, PutShard, PutShardEnd
+    from dogfs.wire.protocol import Connection
+
+    cells = args.size_mib * MiB // WIRE_CELL
+    payload = os.urandom(WIRE_CELL)
+    connections = {}
+    for kind, port in ports.items():
+        tls = _wire_config(root, "client") if kind == "tls" else None
+        endpoint = client_endpoint(reactor, f"127.0.0.1:{port}", tls)
+        connection = await connectProtocol(endpoint, Connection(reactor, {}, node_id="client"))
+        await connection.ready
+        connections[kind] = connection
+
+    async def put(connection: Any) -> None:
+        upload = connection.open_stream(PutShard("000000000000002a-00", "RS-4-2", 0, WIRE_CELL))
+        for i in range(cells):
+            await upload.send(Cell(i, 0), payload)
+        await upload.finish(PutShardEnd(cells))
+
+    async def get(connection: Any) -> None:
+        await connection.call(GetShard("000000000000002a-00", 0, cells), on_part=lambda m, p: None)
+
+    figures: dict[str, dict[str, list[float]]] = {k: {"put": [], "get": []} for k in connections}
+    for i in range(args.repeats + 1):  # the first round warms up
+        for kind in (("tls", "insecure") if i % 2 == 0 else ("insecure", "tls")):
+            for op, run in (("put", put), ("get", get)):
+                before = time.process_time() + process_cpu_seconds(pids[kind])
+                await run(connections[kind])
+                used = time.process_time() + process_cpu_seconds(pids[kind]) - before
+                if i:
+                    figures[kind][op].append(used * 1024 / args.size_mib)
+    for connection in connections.values():
+        connection.close()
+        await connection.closed
+    results: dict[str, Any] = {"size_mib": args.size_mib, "repeats": args.repeats}
+    for kind, ops in figures.items():
+        for op, values in ops.items():
+            results[f"{kind}_{op}_cpu_s_per_gib"] = statistics.median(values)
+    for op in ("put", "get"):
+        results[f"{op}_cpu_ratio"] = results[f"insecure_{op}_cpu_s_per_gib"] / results[f"tls_{op}_cpu_s_per_gib"]
+    return results
+
+
 def main() -> None:
     """Run the benchmark and print its figures."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size-mib", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--wire", action="store_true", help="measure the connection layer alone")
+    parser.add_argument("--wire-server", nargs=2, metavar=("DIR", "KIND"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.wire_server:
+        wire_server(*args.wire_server)
+        return
+    if args.wire:
+        wire = wire_bench(args)
+        if args.json:
+            print(json.dumps(wire, indent=2))
+            return
+        print(f"TLS on one wire connection, 1 MiB cells, {wire['size_mib']} MiB, medians of {args.repeats}")
+        for op in ("put", "get"):
+            print(
+                f"  {op.upper():3}  CPU s/GiB (client + server): TLS {wire[f'tls_{op}_cpu_s_per_gib']:5.2f}"
+                f"   plaintext {wire[f'insecure_{op}_cpu_s_per_gib']:5.2f}   ratio {wire[f'{op}_cpu_ratio']:.2f}"
+            )
+        return
     from dogfs.codec.stripe import tune_malloc
 
     tune_malloc()
