@@ -21,7 +21,7 @@ from zope.interface import implementer
 
 from dogfs.client.api import DogFSClient, DogFSError
 from dogfs.config import load_client
-from dogfs.meta.commands import FileInfo
+from dogfs.meta.commands import Allocation, FileInfo
 from tests.test_datapath_process import Cluster
 
 
@@ -118,3 +118,85 @@ class ClientAPITests(TestCase):
     def test_namespace(self) -> defer.Deferred[None]:
         """mkdir -p, put, mv, ls, get, rm -r through the API; a missing path is not_found."""
         return defer.Deferred.fromCoroutine(self._namespace())
+
+
+class PutReplacementTests(TestCase):
+    """A chunk server killed during a put: the block group is written again elsewhere."""
+
+    timeout = 240
+
+    def setUp(self) -> None:
+        self.cluster = Cluster()
+        self.addCleanup(self.cluster.destroy)
+        # One chunk server more than RS-4-2 needs, so that a placement without the victim exists.
+        self.cluster.up("--meta", "1", "--chunk", "7", "--block-size", str(1 << 20))
+        self.client = DogFSClient(reactor, load_client(os.path.join(self.cluster.home, "client.toml")), timeout=30)
+        self.addCleanup(self.client.close)
+        # Watch the placements the put is given (what the test kills depends on them).
+        self.allocations: list[Allocation] = []
+        command = self.client._command
+
+        async def watched(cmd: Any) -> Any:
+            result = await command(cmd)
+            if isinstance(result, Allocation):
+                self.allocations.append(result)
+            return result
+
+        self.client._command = watched  # type: ignore[method-assign]
+
+    def kill_in_first_group(self) -> Any:
+        """A progress callback that kills (SIGKILL) shard 0's server of the first block group
+        once its first stripe is sent; the victim's id lands in the returned list."""
+        killed: list[str] = []
+
+        def progress(n: int) -> None:
+            if not killed and n > 0 and self.allocations:
+                node = self.allocations[0].shards[0].node_id
+                os.kill(self.cluster.nodes()[node]["pid"], signal.SIGKILL)
+                killed.append(node)
+
+        progress.killed = killed  # type: ignore[attr-defined]
+        return progress
+
+    async def _file(self) -> None:
+        size = 9 * (1 << 20) + 11  # three block groups of 4 x 1 MiB
+        path = self.cluster.local("f", size, seed=4)
+        progress = self.kill_in_first_group()
+        with open(path, "rb") as f:
+            info = await self.client.put("/f", f, progress=progress)
+        [victim] = progress.killed
+        self.assertEqual(info.size, size)
+        stat = await self.client.stat("/f")
+        assert isinstance(stat, FileInfo)
+        for bg in stat.block_groups:
+            self.assertNotIn(victim, [s.node_id for s in bg.shards])
+        # The first group was placed again: its first block group is not the file's. (Until
+        # the victim is declared dead, placements that still name it are passed over.)
+        self.assertNotIn(self.allocations[0].bg_id, [bg.id for bg in stat.block_groups])
+        self.assertGreater(len(self.allocations), len(stat.block_groups))
+        sink = io.BytesIO()
+        await self.client.get("/f", sink)
+        with open(path, "rb") as f:
+            self.assertEqual(sink.getvalue(), f.read())
+
+    def test_file_source_is_written_elsewhere(self) -> defer.Deferred[None]:
+        """A put from a file survives the kill -9 of one of its chunk servers: the group is
+        written again without it, and the file reads back byte for byte."""
+        return defer.Deferred.fromCoroutine(self._file())
+
+    async def _stream(self) -> None:
+        data = random.Random(5).randbytes(6 * (1 << 20))
+        progress = self.kill_in_first_group()
+        producer = FileBodyProducer(io.BytesIO(data), cooperator=task.Cooperator())
+        with self.assertRaises(DogFSError) as caught:
+            await self.client.put("/s", producer, progress=progress)
+        [victim] = progress.killed
+        self.assertIn(f"chunk server {victim} failed", caught.exception.message)
+        with self.assertRaises(DogFSError) as missing:
+            await self.client.stat("/s")
+        self.assertEqual(missing.exception.code, "not_found")
+
+    def test_stream_fails_naming_the_server(self) -> defer.Deferred[None]:
+        """A put from a stream (which cannot be read twice) fails instead, naming the chunk
+        server, and leaves no file."""
+        return defer.Deferred.fromCoroutine(self._stream())

@@ -6,7 +6,10 @@ stripes of k cells. Each stripe is encoded into k + m fragments, one per shard, 
 k + m chunk servers of the group's placement in parallel; the next stripe is read only when
 every connection can take more (flow control), so memory stays at a few stripes whatever
 the file size. When every shard of every group is durable, one metadata commit makes the new
-version visible.
+version visible. If a chunk server fails during a group (unreachable, closed, stalled, out of
+space) and the source is a seekable file, the group is written again on a new placement
+without it (`_allocate`), as HDFS rebuilds a write pipeline; a stream cannot be read twice,
+so its put fails with the chunk server's error.
 
 GET: each block group is read from its k data shards in parallel (no decoding needed). A
 shard whose server is down, answers an error, sends a cell that fails its CRC32C, or goes
@@ -23,6 +26,7 @@ from typing import IO, TYPE_CHECKING, Any
 from attrs import define, field
 from twisted.internet import defer
 from twisted.internet.interfaces import IConsumer, IPushProducer
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -36,6 +40,8 @@ from dogfs.wire.protocol import Connection, Reply, Upload, WireError
 
 if TYPE_CHECKING:
     from dogfs.client.api import DogFSClient, Progress
+
+log = Logger()
 
 MAX_BUFFERED_STRIPES = 4
 
@@ -63,9 +69,26 @@ class FileSource:
 
     def __init__(self, f: IO[bytes]) -> None:
         self.f = f
+        try:
+            self._seekable = bool(f.seekable())
+        except (AttributeError, ValueError, OSError):
+            self._seekable = False
 
     async def read_full(self, size: int) -> bytes:
         return read_full(self.f, size)
+
+    def position(self) -> int | None:
+        """Where the next read starts, if the file can go back there (`rewind`); else None."""
+        if not self._seekable:
+            return None
+        try:
+            return self.f.tell()
+        except (OSError, ValueError):
+            return None
+
+    def rewind(self, position: int) -> None:
+        """Read again from `position` (one that `position` returned)."""
+        self.f.seek(position)
 
 
 @implementer(IConsumer)
@@ -126,6 +149,10 @@ class ProducerSource:
             self.paused = False
             self.producer.resumeProducing()
         return out
+
+    def position(self) -> int | None:
+        """A producer's bytes cannot be read twice."""
+        return None
 
     def stop(self) -> None:
         """The upload failed: tell the producer to stop."""
@@ -238,28 +265,100 @@ async def _put(
     cell_size: int,
     block_size: int,
 ) -> c.FileInfo:
-    from dogfs.client.api import DogFSError
-
     first = await source.read_full(1)
     groups: list[tuple[int, int]] = []
     total = 0
     group_ec = ec
-    if first:
-        pending: bytes | None = first
-        while pending:
-            allocation = await client._command(c.Allocate(path, group_ec, ()))
-            if isinstance(allocation, c.MetaError):
-                raise DogFSError(allocation.code.name.lower(), allocation.message)
+    pending: bytes | None = first
+    while pending:
+        # Where the source stands after `pending` (the group's first bytes), to read the rest
+        # of the group again if a chunk server fails it (None: a stream, read only once).
+        resume = source.position()
+        avoid: set[str] = set()
+        deadline = client.clock.seconds() + client.timeout
+        attempts = 0
+        while True:
+            attempts += 1
+            allocation = await _allocate(client, path, group_ec, avoid, deadline)
             group_ec = allocation.ec
             codec = StripeCodec(ECPolicy.parse(allocation.ec), cell_size)
             stripes_per_group = max(1, block_size // cell_size)
-            size, pending = await _upload_group(
-                client, path, allocation, codec, pending, source, stripes_per_group, progress
-            )
-            groups.append((allocation.bg_id, size))
-            total += size
+            sent = [0]
+
+            def counted(n: int, sent: list[int] = sent) -> None:
+                sent[0] += n
+                if progress is not None:
+                    progress(n)
+
+            try:
+                size, rest = await _upload_group(
+                    client, path, allocation, codec, pending, source, stripes_per_group, counted
+                )
+            except GroupFailed as e:
+                if resume is None or not e.nodes or attempts >= MAX_GROUP_ATTEMPTS:
+                    raise e.error from None
+                # Write the whole group again on servers without the failed ones (HDFS
+                # rebuilds its pipeline the same way); the abandoned allocation expires.
+                log.warn(
+                    "{path}: block group {bg} failed on {nodes} ({error}); writing it elsewhere",
+                    path=path, bg=allocation.bg_id, nodes=", ".join(sorted(e.nodes)), error=str(e.error),
+                )
+                avoid |= e.nodes
+                # A new placement may take until the failed servers are declared dead.
+                deadline = client.clock.seconds() + client.timeout
+                if progress is not None:
+                    progress(-sent[0])
+                source.rewind(resume)
+                continue
+            break
+        pending = rest
+        groups.append((allocation.bg_id, size))
+        total += size
     result = await client._command(c.CommitFile(path, total, tuple(groups), ec=group_ec))
     return result  # type: ignore[no-any-return]
+
+
+#: How often a put asks again for a placement without the chunk servers that failed it.
+REPLACEMENT_RETRY = 0.5
+#: Most uploads of one block group (the first, then one per new placement).
+MAX_GROUP_ATTEMPTS = 3
+
+
+async def _allocate(
+    client: DogFSClient, path: str, ec: str | None, avoid: set[str], deadline: float
+) -> c.Allocation:
+    """A new block group whose placement names none of `avoid`.
+
+    The leader places on chunk servers it believes alive: one that just failed us stays in
+    its placements until it misses `chunk_dead_after` of heartbeats, so ask again until then
+    (within the put's timeout).
+    """
+    from dogfs.client.api import DogFSError, sleep
+
+    while True:
+        allocation = await client._command(c.Allocate(path, ec, ()))
+        if isinstance(allocation, c.MetaError):
+            raise DogFSError(allocation.code.name.lower(), allocation.message)
+        bad = avoid.intersection(s.node_id for s in allocation.shards)
+        if not bad:
+            return allocation  # type: ignore[no-any-return]
+        if client.clock.seconds() + REPLACEMENT_RETRY > deadline:
+            raise DogFSError(
+                "unavailable",
+                f"cannot write {path}: chunk server {', '.join(sorted(bad))} failed during the "
+                f"upload, and no placement without it was offered within {client.timeout:g}s",
+            )
+        await sleep(client.clock, REPLACEMENT_RETRY)
+
+
+class GroupFailed(Exception):
+    """A block group's upload failed: `error` for the caller, and the chunk servers to blame
+    (empty when the cause was not a chunk server: the source, the request itself)."""
+
+    def __init__(self, error: Exception, nodes: frozenset[str] = frozenset()) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.nodes = nodes
 
 
 async def _upload_group(
@@ -272,21 +371,35 @@ async def _upload_group(
     stripes_per_group: int,
     progress: Progress | None,
 ) -> tuple[int, bytes | None]:
-    """Write one block group; returns its size and the bytes read past it (None at EOF)."""
+    """Write one block group; returns its size and the bytes read past it (None at EOF).
+
+    @raise GroupFailed: naming the chunk servers that failed it, if any.
+    """
     from dogfs.client.api import DogFSError
 
     stripe_size = codec.stripe_size
     shards = sorted(allocation.shards, key=lambda s: s.index)
+
+    def failed(index: int, error: BaseException) -> GroupFailed:
+        shard = shards[index]
+        code = getattr(error, "code", "failed")
+        message = f"cannot write {path}: chunk server {shard.node_id} failed: {getattr(error, 'message', error)}"
+        blamed = frozenset({shard.node_id}) if code in REPLACEABLE else frozenset()
+        return GroupFailed(DogFSError(code, message), blamed)
+
     try:
         connections: list[Connection] = await defer.gatherResults(
             [client.pool.get(s.address) for s in shards], consumeErrors=True
         )
     except defer.FirstError as e:
-        failed = shards[e.index]
-        raise DogFSError(
-            "unreachable",
-            f"cannot write {path}: chunk server {failed.node_id} ({failed.address}) is unreachable: "
-            f"{getattr(_unwrap(Failure(e)), 'message', e)}",
+        shard = shards[e.index]
+        raise GroupFailed(
+            DogFSError(
+                "unreachable",
+                f"cannot write {path}: chunk server {shard.node_id} ({shard.address}) is unreachable: "
+                f"{getattr(_unwrap(Failure(e)), 'message', e)}",
+            ),
+            frozenset({shard.node_id}),
         ) from None
     fragment_size = codec.fragment_size(stripe_size)
     uploads: list[Upload] = []
@@ -311,12 +424,16 @@ async def _upload_group(
             if any(upload.done for upload in uploads):
                 # A chunk server answered early (an error): learn why, and leave no
                 # truncated shard behind on the others.
-                early = [u for u in uploads if u.done]
+                early = [i for i, u in enumerate(uploads) if u.done]
                 for upload in uploads:
                     if not upload.done:
                         upload.abort("another shard of the block group failed")
-                await defer.gatherResults([u.finish(m.PutShardEnd(cells)) for u in early], consumeErrors=True)
-                raise DogFSError("failed", f"cannot write {path}: a chunk server ended the upload early")
+                for i in early:
+                    try:
+                        await uploads[i].finish(m.PutShardEnd(cells))
+                    except WireError as e:
+                        raise failed(i, e) from None
+                raise GroupFailed(DogFSError("failed", f"cannot write {path}: a chunk server ended the upload early"))
             if len(stripe) < stripe_size:
                 break
             nxt = await source.read_full(stripe_size)
@@ -335,16 +452,22 @@ async def _upload_group(
         # left holding an open upload.
         for upload in uploads:
             upload.abort("another shard of the block group failed")
-        if isinstance(e, DogFSError):
+        if isinstance(e, GroupFailed):
             raise
-        if not isinstance(e, defer.FirstError | WireError):
-            raise
-        error = _unwrap(Failure(e)) if isinstance(e, defer.FirstError) else e
-        index = e.index if isinstance(e, defer.FirstError) else None
-        where = f"chunk server {shards[index].node_id}" if index is not None else "a chunk server"
-        code = getattr(error, "code", "failed")
-        raise DogFSError(code, f"cannot write {path}: {where} failed: {getattr(error, 'message', error)}") from None
+        if isinstance(e, defer.FirstError):
+            raise failed(e.index, _unwrap(Failure(e)) or e) from None
+        if isinstance(e, WireError):
+            code = e.code
+            raise GroupFailed(DogFSError(code, f"cannot write {path}: a chunk server failed: {e.message}")) from None
+        raise
     return size, rest
+
+
+#: Error codes of a chunk server after which its block group is written again elsewhere: the
+#: server, its disk or the network failed, not the request.
+REPLACEABLE = frozenset({
+    "unreachable", "connection_closed", "timeout", "no_space", "storage_error", "corrupt_in_transit",
+})
 
 
 async def _progress_within(
@@ -365,8 +488,9 @@ async def _progress_within(
         for shard in stalled:
             client.pool.drop(shard.address)
         names = ", ".join(s.node_id for s in stalled) or "a chunk server"
-        raise DogFSError(
-            "timeout", f"cannot write {path}: {names} took no data for {client.timeout:g}s"
+        raise GroupFailed(
+            DogFSError("timeout", f"cannot write {path}: {names} took no data for {client.timeout:g}s"),
+            frozenset(s.node_id for s in stalled),
         ) from None
 
 
