@@ -669,3 +669,58 @@ class BulkTransferTests(SynchronousTestCase):
         self.pump(client, server, client_tcp, server_tcp, rng)
         self.assertEqual(bytes(receiver.body), payload)
         self.assertGreater(receiver.direct, len(payload) - 200000)
+
+    def test_one_transport_write_per_frame(self) -> None:
+        """A 1 MiB frame written after the handshake reaches the transport as one write of
+        encrypted bytes (partial writes are off, so SSL_write encrypts it all in one call),
+        not as one write per 16 KiB record."""
+        receiver = _Collector()
+        client, server, client_tcp, server_tcp = self.pair(receiver)
+        rng = random.Random(8)
+        self.pump(client, server, client_tcp, server_tcp, rng)
+        writes: list[int] = []
+        original = client_tcp.write
+        client_tcp.write = lambda data: (writes.append(len(data)), original(data))
+        payload = rng.randbytes(1 << 20)
+        client.writeSequence([payload[:16], payload[16:80], memoryview(payload)[80:]])
+        self.assertEqual(len(writes), 1, writes)
+        self.assertGreater(writes[0], len(payload))
+        self.pump(client, server, client_tcp, server_tcp, rng)
+        self.assertEqual(bytes(receiver.received), payload)
+
+    def test_unread_bytes_outlive_the_callers_buffer(self) -> None:
+        """After the handshake OpenSSL reads received bytes in place, in the caller's buffer;
+        bytes it has not read when the call returns (here the application raised half-way)
+        are copied first: once the caller reuses its buffer, closing still decrypts intact
+        records, delivers them, and tells the application the connection was lost, not
+        that TLS failed."""
+
+        class Raising(_DirectCollector):
+            raised = False
+            reason: Failure | None = None
+
+            def dataReceived(self, data: bytes) -> None:
+                super().dataReceived(data)
+                if not self.raised:
+                    self.raised = True
+                    raise RuntimeError("the application failed")
+
+            def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+                self.reason = reason
+
+        rng = random.Random(9)
+        payload = rng.randbytes(1 << 20)
+        receiver = Raising(len(payload))
+        client, server, client_tcp, server_tcp = self.pair(receiver)
+        self.pump(client, server, client_tcp, server_tcp, rng)
+        client.writeSequence([payload[:16], payload[16:100], memoryview(payload)[100:]])
+        chunk = bytearray(client_tcp.value())
+        client_tcp.clear()
+        # The first record is delivered, then the application raises: most records are unread.
+        self.assertRaises(RuntimeError, server.dataReceived, chunk)
+        self.assertLess(len(receiver.received) + receiver.direct, len(payload) // 2)
+        chunk[:] = bytes(len(chunk))  # the caller's buffer is reused
+        server.connectionLost(Failure(ConnectionDone()))
+        assert receiver.reason is not None
+        self.assertNotIsInstance(receiver.reason.value, SSL.Error)
+        self.assertEqual(bytes(receiver.body), payload)

@@ -621,10 +621,10 @@ class _BulkTLSProtocol(TLSMemoryBIOProtocol):
         read BIO and holds unread bytes, move them into a memory BIO of their own."""
         if connection._into_ssl != rbio:  # pragma: no cover - nothing swaps it but _feed
             return
+        if _lib.BIO_get_mem_data(rbio, _ffi.NULL) <= 0:
+            return  # all read: the usual case
         where = _ffi.new("char **")
         left = _lib.BIO_get_mem_data(rbio, where)
-        if left <= 0:
-            return
         rest = _lib.BIO_new(_lib.BIO_s_mem())
         if rest == _ffi.NULL:  # pragma: no cover - out of memory
             raise MemoryError("BIO_new")
