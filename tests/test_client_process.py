@@ -200,3 +200,70 @@ class PutReplacementTests(TestCase):
         """A put from a stream (which cannot be read twice) fails instead, naming the chunk
         server, and leaves no file."""
         return defer.Deferred.fromCoroutine(self._stream())
+
+
+@implementer(IConsumer)
+class StuckConsumer:
+    """Pauses its producer at the first write and stays paused until `release`."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.producer: Any = None
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        pass
+
+    def write(self, data: bytes) -> None:
+        if not self.data:
+            self.producer.pauseProducing()
+        self.data += data
+
+    def release(self) -> None:
+        self.producer.resumeProducing()
+
+
+class ConcurrentReadTests(TestCase):
+    """Several reads through one client at once (the default 64 MiB blocks: one group)."""
+
+    timeout = 240
+
+    def setUp(self) -> None:
+        self.cluster = Cluster()
+        self.addCleanup(self.cluster.destroy)
+        self.cluster.up("--meta", "1", "--chunk", "6")
+        self.client = DogFSClient(reactor, load_client(os.path.join(self.cluster.home, "client.toml")), timeout=8)
+        self.addCleanup(self.client.close)
+
+    async def _stuck(self) -> None:
+        rnd = random.Random(7)
+        slow, fast = rnd.randbytes(40 << 20), rnd.randbytes(8 << 20)
+        await self.client.put("/slow", io.BytesIO(slow))
+        await self.client.put("/fast", io.BytesIO(fast))
+        consumer = StuckConsumer()
+        slow_read = defer.Deferred.fromCoroutine(self._get("/slow", consumer))
+        # Wait until the stuck read holds its streams back: their connections stop reading.
+        deadline = reactor.seconds() + 30
+        while not any(c._reading_pauses for c in self.client.pool._leased):
+            self.assertLess(reactor.seconds(), deadline, "the stuck read never paused a stream")
+            await task.deferLater(reactor, 0.01, lambda: None)
+        started = reactor.seconds()
+        sink = io.BytesIO()
+        await self.client.get("/fast", sink)
+        self.assertEqual(sink.getvalue(), fast)
+        # Not held up until a shard timeout (then read around): it never waited on them.
+        self.assertLess(reactor.seconds() - started, self.client.timeout / 2)
+        self.assertFalse(slow_read.called)
+        consumer.release()
+        await slow_read
+        self.assertEqual(bytes(consumer.data), slow)
+
+    async def _get(self, path: str, consumer: Any) -> None:
+        await self.client.get(path, consumer)
+
+    def test_stuck_consumer_does_not_stall_other_reads(self) -> defer.Deferred[None]:
+        """A read whose consumer stops taking data pauses only its own connections: another
+        read of a file on the same chunk servers, through the same client, goes on."""
+        return defer.Deferred.fromCoroutine(self._stuck())

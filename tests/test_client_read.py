@@ -18,7 +18,7 @@ from dogfs.codec.policy import ECPolicy
 from dogfs.codec.stripe import StripeCodec
 from dogfs.meta import commands as c
 from dogfs.wire import messages as m
-from dogfs.wire.protocol import Reply
+from dogfs.wire.protocol import ConnectionClosed, Reply
 
 
 class ScriptedConnection:
@@ -26,7 +26,19 @@ class ScriptedConnection:
 
     def __init__(self) -> None:
         self.pauses = 0
+        self.closed = False
         self.calls: list[tuple[Any, Any, defer.Deferred[Reply]]] = []
+
+    @property
+    def is_open(self) -> bool:
+        return not self.closed
+
+    def close(self) -> None:
+        """As a real connection: calls still running fail with ConnectionClosed."""
+        self.closed = True
+        for _, _, d in self.calls:
+            if not d.called:
+                d.errback(ConnectionClosed("connection to chunk server closed locally"))
 
     def call(self, msg: Any, payload: bytes = b"", timeout: Any = None, on_part: Any = None) -> defer.Deferred[Reply]:
         d: defer.Deferred[Reply] = defer.Deferred()
@@ -41,15 +53,18 @@ class ScriptedConnection:
 
 
 class ScriptedPool:
+    """Leases one scripted connection per address; records what is given back."""
+
     def __init__(self, width: int) -> None:
         self.connections = {f"127.0.0.1:{7100 + i}": ScriptedConnection() for i in range(width)}
-        self.dropped: list[str] = []
+        self.given_back: list[str] = []
 
-    def get(self, address: str) -> defer.Deferred[ScriptedConnection]:
+    def lease(self, address: str) -> defer.Deferred[ScriptedConnection]:
         return defer.succeed(self.connections[address])
 
-    def drop(self, address: str) -> None:
-        self.dropped.append(address)
+    def give_back(self, address: str, connection: ScriptedConnection) -> None:
+        assert connection is self.connections[address]
+        self.given_back.append(address)
 
 
 class FakeClient:
@@ -147,6 +162,9 @@ class GroupReaderTests(SynchronousTestCase):
         collector.producer.stopProducing()
         self.assertEqual(self.failureResultOf(d, DogFSError).value.code, "aborted")
         self.assertEqual(client.pool.connections["127.0.0.1:7100"].pauses, 0)
+        # Both streams still had cells to come: their connections are closed, not reused.
+        self.assertTrue(all(client.pool.connections[f"127.0.0.1:{7100 + i}"].closed for i in (0, 1)))
+        self.assertEqual(client.pool.given_back, [])
 
     def test_slow_shard_replaced_after_timeout(self) -> None:
         """A shard that sends nothing for shard_timeout is replaced by parity, and dropped."""
@@ -155,7 +173,28 @@ class GroupReaderTests(SynchronousTestCase):
         deliver(client, 0, fragments, range(2))
         client.clock.advance(reader.shard_timeout + 0.1)
         self.assertIn(1, reader.failed)
-        self.assertIn("127.0.0.1:7101", client.pool.dropped)
+        self.assertTrue(client.pool.connections["127.0.0.1:7101"].closed)
         deliver(client, 2, fragments, range(2))
         self.successResultOf(d)
         self.assertEqual(bytes(sink.f.data), data)
+
+    def test_connections_given_back_when_answered(self) -> None:
+        """Each shard's connection is leased for the read and given back once its call is
+        answered in full, even when that answer comes after the data was written out; a
+        stream that failed has its connection closed instead."""
+        client, reader, fragments, data, sink = setup(2)
+        d = reader.read()
+        deliver(client, 0, fragments, range(2))
+        conn1 = client.pool.connections["127.0.0.1:7101"]
+        _, on_part, _ = conn1.calls[-1]
+        wrong = fragments[0][0]
+        on_part(m.Cell(0, crc32c(wrong)), memoryview(wrong))  # shard 1 fails
+        self.assertTrue(conn1.closed)
+        deliver(client, 2, fragments, range(2))
+        self.successResultOf(d)
+        self.assertEqual(bytes(sink.f.data), data)
+        self.assertEqual(client.pool.given_back, [])  # no answers yet: still leased
+        for address in ("127.0.0.1:7100", "127.0.0.1:7102"):
+            client.pool.connections[address].calls[-1][2].callback(Reply(m.GetShardEnd(2)))
+        self.assertEqual(client.pool.given_back, ["127.0.0.1:7100", "127.0.0.1:7102"])
+        self.assertFalse(client.pool.connections["127.0.0.1:7100"].closed)

@@ -385,3 +385,67 @@ class PoolHandshakeTests(SynchronousTestCase):
         self.assertEqual(error.code, "unreachable")
         self.assertIn("handshake within 3s", error.message)
         self.assertTrue(transports[0].disconnecting or transports[0].disconnected)
+
+
+class PoolLeaseTests(SynchronousTestCase):
+    """ConnectionPool.lease: a connection for one caller alone, reused once given back."""
+
+    def setUp(self) -> None:
+        from dogfs.wire.pool import ConnectionPool
+
+        self.clock = Clock()
+        self.servers: list[Connection] = []
+        self.pumps: list[Any] = []
+        test = self
+
+        class PairedEndpoint:
+            """Connects the pool's Connection in memory to a new server Connection."""
+
+            def connect(self, factory: Any) -> defer.Deferred[Any]:
+                client = factory.buildProtocol(None)
+                server = Connection(test.clock, {GetShard: lambda r: Ok()}, node_id="server")
+                test.servers.append(server)
+                test.pumps.append(connect(server, FakeTransport(server, True), client, FakeTransport(client, False)))
+                return defer.succeed(client)
+
+        self.pool = ConnectionPool(self.clock, lambda address: PairedEndpoint())  # type: ignore[arg-type,return-value]
+
+    def test_leases_are_exclusive_and_reused(self) -> None:
+        """Two leases at once are two connections, neither the shared one; a lease given back
+        is the next one handed out; a closed one is not."""
+        shared = self.successResultOf(self.pool.get("a:1"))
+        first = self.successResultOf(self.pool.lease("a:1"))
+        second = self.successResultOf(self.pool.lease("a:1"))
+        self.assertEqual(len({id(shared), id(first), id(second)}), 3)
+        self.pool.give_back("a:1", first)
+        self.assertIs(self.successResultOf(self.pool.lease("a:1")), first)
+        self.pool.give_back("a:1", second)
+        second.close()
+        self.pumps[-1].flush()
+        third = self.successResultOf(self.pool.lease("a:1"))
+        self.assertNotIn(third, (shared, first, second))
+        self.assertEqual(len(self.servers), 4)
+
+    def test_drop_spares_leases_and_close_all_closes_them(self) -> None:
+        """drop closes the shared connection only; close_all closes leased and idle ones."""
+        shared = self.successResultOf(self.pool.get("a:1"))
+        leased = self.successResultOf(self.pool.lease("a:1"))
+        idle = self.successResultOf(self.pool.lease("a:1"))
+        self.pool.give_back("a:1", idle)
+        self.pool.drop("a:1")
+        self.assertFalse(shared.is_open)
+        self.assertTrue(leased.is_open and idle.is_open)
+        d = self.pool.close_all()
+        for pump in self.pumps:
+            pump.flush()
+        self.successResultOf(d)
+        self.assertFalse(leased.is_open or idle.is_open)
+
+    def test_idle_leases_are_bounded(self) -> None:
+        """Past MAX_IDLE_LEASES idle connections per address, a returned lease is closed."""
+        from dogfs.wire.pool import MAX_IDLE_LEASES
+
+        leases = [self.successResultOf(self.pool.lease("a:1")) for _ in range(MAX_IDLE_LEASES + 1)]
+        for connection in leases:
+            self.pool.give_back("a:1", connection)
+        self.assertEqual([c.is_open for c in leases], [True] * MAX_IDLE_LEASES + [False])

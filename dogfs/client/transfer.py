@@ -585,16 +585,31 @@ class GroupReader:
         self._arm(stream)
 
         async def run() -> Reply:
-            connection = await self.client.pool.get(location.address)
-            stream.connection = connection
+            # A connection of our own: pausing it (a stream ahead of the others, a slow
+            # consumer) must not stall other requests to this server.
+            connection = await self.client.pool.lease(location.address)
             if self.streams.get(index) is not stream:
+                self.client.pool.give_back(location.address, connection)
                 raise WireError("abandoned", "stream abandoned")
+            stream.connection = connection
             return await connection.call(
                 m.GetShard(location.shard_id, first, -1),
                 on_part=lambda msg, payload: self._part(stream, msg, payload),
             )
 
+        def over(result: Any) -> Any:
+            # The call is over: a connection that answered in full serves the next lease;
+            # one cut short (by us or the server) may still carry cells, so it is closed.
+            connection = stream.connection
+            if connection is not None:
+                if isinstance(result, Failure):
+                    connection.close()
+                else:
+                    self.client.pool.give_back(location.address, connection)
+            return result
+
         d = defer.Deferred.fromCoroutine(run())
+        d.addBoth(over)
         d.addCallbacks(lambda _: self._ended(stream), lambda f: self._fail(stream, _describe(f)))
 
     def _arm(self, stream: _Stream) -> None:
@@ -659,11 +674,10 @@ class GroupReader:
         self._disarm(stream)
         location = self._location(stream.index)
         self.failed[stream.index] = f"{location.node_id}: {reason}"
-        if stream.paused and stream.connection is not None:
-            stream.connection.resume_reading()
         if stream.connection is not None and not stream.finished:
-            # Its remaining cells would be ignored anyway; a quiet or broken server is dropped.
-            self.client.pool.drop(location.address)
+            # Its remaining cells would be ignored anyway; a quiet or broken server's
+            # connection (ours alone) is closed.
+            stream.connection.close()
         # Cells already received from it stay usable: they passed their checksums.
         if len(self.streams) < self.codec.k:
             if self.unused:
@@ -697,8 +711,15 @@ class GroupReader:
     def _stop_all(self) -> None:
         for stream in list(self.streams.values()):
             self._disarm(stream)
-            if stream.paused and stream.connection is not None:
-                stream.connection.resume_reading()
+            connection = stream.connection
+            if connection is None:
+                continue
+            if stream.paused:
+                connection.resume_reading()
+            if stream.received < len(self.lengths):
+                # Cells we no longer want are still coming: stop them. A stream with only
+                # its end to come finishes, and its connection is reused (see _start).
+                connection.close()
         self.streams.clear()
 
     def _emit(self) -> None:

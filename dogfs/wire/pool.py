@@ -82,8 +82,20 @@ class ConnectionFactory(Factory):
         return connection
 
 
+#: Idle leased connections kept per address for the next lease; more are closed on return.
+MAX_IDLE_LEASES = 8
+
+
 class ConnectionPool:
-    """Client side: one open connection per address, made on first use and remade after loss."""
+    """Client side: connections by address, made on first use and remade after loss.
+
+    `get` shares one connection per address among all callers: requests are multiplexed on
+    it. `lease` lends a connection to one caller alone until `give_back`: a streamed read
+    that stops reading its socket (flow control towards a slow consumer) must not stall
+    anyone else's requests to the same server, as it would on a shared connection. Returned
+    leases are kept for reuse (TCP and TLS set-up is paid once), up to `MAX_IDLE_LEASES` per
+    address.
+    """
 
     def __init__(
         self,
@@ -105,9 +117,11 @@ class ConnectionPool:
         self.limits = limits
         self._open: dict[str, Connection] = {}
         self._connecting: dict[str, list[defer.Deferred[Connection]]] = {}
+        self._idle: dict[str, list[Connection]] = {}
+        self._leased: set[Connection] = set()
 
     def get(self, address: str) -> defer.Deferred[Connection]:
-        """An open, version-negotiated connection to `address`."""
+        """An open, version-negotiated connection to `address`, shared with other callers."""
         connection = self._open.get(address)
         if connection is not None and connection.is_open:
             return defer.succeed(connection)
@@ -117,26 +131,56 @@ class ConnectionPool:
             waiters.append(waiter)
             return waiter
         self._connecting[address] = [waiter]
-        self._connect(address)
-        return waiter
 
-    def _connect(self, address: str) -> None:
-        connection = Connection(self.clock, self.handlers, node_id=self.node_id, limits=self.limits)
-        try:
-            endpoint = self.endpoints(address)
-        except ValueError as e:
-            self._finish(address, failure=WireError("bad_address", str(e)))
-            return
-        d = endpoint.connect(_OneConnection(connection))
-        d.addCallback(lambda _: connection.ready)
-        d.addTimeout(self.handshake_timeout, self.clock)
-
-        def connected(_: object) -> None:
+        def connected(connection: Connection) -> None:
             self._open[address] = connection
             connection.on_close.append(lambda c: self._forget(address, c))
             self._finish(address, connection=connection)
 
-        def failed(failure: Any) -> None:
+        self._dial(address).addCallbacks(connected, lambda f: self._finish(address, failure=f.value))
+        return waiter
+
+    def lease(self, address: str) -> defer.Deferred[Connection]:
+        """An open connection to `address` for the caller alone, until `give_back`."""
+        idle = self._idle.get(address, [])
+        while idle:
+            connection = idle.pop()
+            if connection.is_open:
+                self._leased.add(connection)
+                return defer.succeed(connection)
+
+        def leased(connection: Connection) -> Connection:
+            self._leased.add(connection)
+            connection.on_close.append(self._leased.discard)
+            return connection
+
+        return self._dial(address).addCallback(leased)
+
+    def give_back(self, address: str, connection: Connection) -> None:
+        """End a lease of a connection whose requests are all complete: it is kept for the
+        next lease if still open (and there is room), else closed."""
+        self._leased.discard(connection)
+        if not connection.is_open:
+            return
+        idle = self._idle.setdefault(address, [])
+        if len(idle) < MAX_IDLE_LEASES:
+            idle.append(connection)
+        else:
+            connection.close()
+
+    def _dial(self, address: str) -> defer.Deferred[Connection]:
+        """Connect to `address` and negotiate the protocol version, within the handshake
+        timeout; fails with a WireError (``unreachable`` when no connection was made)."""
+        connection = Connection(self.clock, self.handlers, node_id=self.node_id, limits=self.limits)
+        try:
+            endpoint = self.endpoints(address)
+        except ValueError as e:
+            return defer.fail(WireError("bad_address", str(e)))
+        d: defer.Deferred[Any] = endpoint.connect(_OneConnection(connection))
+        d.addCallback(lambda _: connection.ready)
+        d.addTimeout(self.handshake_timeout, self.clock)
+
+        def failed(failure: Any) -> Any:
             error = failure.value
             if failure.check(defer.TimeoutError):
                 if connection.transport is not None:
@@ -148,9 +192,11 @@ class ConnectionPool:
             elif not isinstance(error, WireError):
                 error = ConnectionClosed(f"cannot connect to {address}: {failure.getErrorMessage()}")
                 error.code = "unreachable"
-            self._finish(address, failure=error)
+            raise error
 
-        d.addCallbacks(connected, failed)
+        d.addCallback(lambda _: connection)
+        d.addErrback(failed)
+        return d
 
     def _finish(
         self, address: str, connection: Connection | None = None, failure: Exception | None = None
@@ -166,17 +212,21 @@ class ConnectionPool:
             del self._open[address]
 
     def drop(self, address: str) -> None:
-        """Close the connection to `address`, if any (a peer that misbehaved or timed out)."""
+        """Close the shared connection to `address`, if any (a peer that misbehaved or timed
+        out); leases are their holders' to close."""
         connection = self._open.pop(address, None)
         if connection is not None:
             connection.close()
 
     def close_all(self) -> defer.Deferred[None]:
-        """Close every connection; fires when all are closed."""
+        """Close every connection, shared, idle or leased; fires when all are closed."""
         closing = []
-        for connection in list(self._open.values()):
+        idle = [c for connections in self._idle.values() for c in connections]
+        for connection in [*self._open.values(), *idle, *self._leased]:
             if connection.is_open:
                 closing.append(connection.closed)
                 connection.close()
         self._open.clear()
+        self._idle.clear()
+        self._leased.clear()
         return defer.gatherResults(closing, consumeErrors=True).addCallback(lambda _: None)
