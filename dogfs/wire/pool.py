@@ -83,7 +83,7 @@ class ConnectionFactory(Factory):
 
 
 #: Idle leased connections kept per address for the next lease; more are closed on return.
-MAX_IDLE_LEASES = 8
+MAX_IDLE_LEASES = 32
 
 
 class ConnectionPool:
