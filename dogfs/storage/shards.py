@@ -461,7 +461,10 @@ class ShardWriter:
         if direct_fd is not None:
             record = RECORD_OVERHEAD + info.fragment_size
             size = -(-(record + HEADER_SIZE + DIRECT_ALIGN) // DIRECT_ALIGN) * DIRECT_ALIGN
-            self._staging = mmap.mmap(-1, size)
+            # Private, not the shared (shmem) mapping mmap.mmap(-1) makes by default: the
+            # kernel pins private pages for each direct write on its fast path (chunk servers
+            # spent ~20% more CPU per upload with the shared kind).
+            self._staging = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
 
     @property
     def shard_id(self) -> str:
