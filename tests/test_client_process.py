@@ -170,10 +170,10 @@ class PutReplacementTests(TestCase):
         assert isinstance(stat, FileInfo)
         for bg in stat.block_groups:
             self.assertNotIn(victim, [s.node_id for s in bg.shards])
-        # The first group was placed again: its first block group is not the file's. (Until
-        # the victim is declared dead, placements that still name it are passed over.)
+        # The first group was placed again, at once, without the victim: one allocation more
+        # than the file has block groups, and the first is not among them.
         self.assertNotIn(self.allocations[0].bg_id, [bg.id for bg in stat.block_groups])
-        self.assertGreater(len(self.allocations), len(stat.block_groups))
+        self.assertEqual(len(self.allocations), len(stat.block_groups) + 1)
         sink = io.BytesIO()
         await self.client.get("/f", sink)
         with open(path, "rb") as f:
@@ -195,6 +195,27 @@ class PutReplacementTests(TestCase):
         with self.assertRaises(DogFSError) as missing:
             await self.client.stat("/s")
         self.assertEqual(missing.exception.code, "not_found")
+
+    async def _too_few(self) -> None:
+        # Another server gone first: six are left, exactly what RS-4-2 needs.
+        spare = sorted(n for n, info in self.cluster.nodes().items() if info["kind"] == "chunk")[-1]
+        os.kill(self.cluster.nodes()[spare]["pid"], signal.SIGKILL)
+        deadline = reactor.seconds() + 60
+        while not any(c["id"] == spare and c["state"] == "dead" for c in (await self.client.status())["chunks"]):
+            self.assertLess(reactor.seconds(), deadline, f"{spare} was never declared dead")
+            await task.deferLater(reactor, 0.2, lambda: None)
+        path = self.cluster.local("g", 6 * (1 << 20), seed=6)
+        progress = self.kill_in_first_group()
+        with self.assertRaises(DogFSError) as caught, open(path, "rb") as f:
+            await self.client.put("/g", f, progress=progress)
+        [victim] = progress.killed
+        self.assertEqual(caught.exception.code, "not_enough_chunk_servers")
+        self.assertIn(f"without {victim}, which failed this upload", caught.exception.message)
+
+    def test_no_placement_left(self) -> defer.Deferred[None]:
+        """When no placement without the failed server exists, the put fails at once saying
+        so (not after a timeout), and names it."""
+        return defer.Deferred.fromCoroutine(self._too_few())
 
     def test_stream_fails_naming_the_server(self) -> defer.Deferred[None]:
         """A put from a stream (which cannot be read twice) fails instead, naming the chunk

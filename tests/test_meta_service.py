@@ -112,6 +112,20 @@ class MetaHandlerTests(SynchronousTestCase):
         self.assertEqual(len({s.node_id for s in alloc.shards}), 6)
         self.assertEqual([s.index for s in alloc.shards], list(range(6)))
 
+    def test_allocate_avoids_what_the_client_saw_fail(self) -> None:
+        """Allocate.avoid: none of the named servers is chosen, the logged command does not
+        carry them, and when too few remain the error names them."""
+        h = Harness(self, chunks=8)
+        for _ in range(20):
+            alloc = h.result(c.Allocate("/f", None, (), avoid=("chunk-1", "chunk-2")))
+            self.assertEqual({s.node_id for s in alloc.shards} & {"chunk-1", "chunk-2"}, set())
+        self.assertEqual(h.handlers.prepare(c.Allocate("/f", None, (), avoid=("chunk-1",))).avoid, ())
+        error = self.failureResultOf(
+            h.command(c.Allocate("/f", None, (), avoid=("chunk-1", "chunk-2", "chunk-3"))), WireError
+        ).value
+        self.assertEqual(error.code, "not_enough_chunk_servers")
+        self.assertIn("without chunk-1, chunk-2, chunk-3, which failed this upload", error.message)
+
     def test_not_enough_chunk_servers(self) -> None:
         """With fewer live servers than k+m, allocation fails saying how many are needed and alive."""
         h = Harness(self, chunks=4)

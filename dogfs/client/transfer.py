@@ -8,8 +8,8 @@ every connection can take more (flow control), so memory stays at a few stripes 
 the file size. When every shard of every group is durable, one metadata commit makes the new
 version visible. If a chunk server fails during a group (unreachable, closed, stalled, out of
 space) and the source is a seekable file, the group is written again on a new placement
-without it (`_allocate`), as HDFS rebuilds a write pipeline; a stream cannot be read twice,
-so its put fails with the chunk server's error.
+without it (`Allocate.avoid`), as HDFS rebuilds a write pipeline; a stream cannot be read
+twice, so its put fails with the chunk server's error.
 
 GET: each block group is read from its k data shards in parallel (no decoding needed). A
 shard whose server is down, answers an error, sends a cell that fails its CRC32C, or goes
@@ -270,16 +270,16 @@ async def _put(
     total = 0
     group_ec = ec
     pending: bytes | None = first
+    # Chunk servers that failed this put: no later block group of it goes there either.
+    avoid: set[str] = set()
     while pending:
         # Where the source stands after `pending` (the group's first bytes), to read the rest
         # of the group again if a chunk server fails it (None: a stream, read only once).
         resume = source.position()
-        avoid: set[str] = set()
-        deadline = client.clock.seconds() + client.timeout
         attempts = 0
         while True:
             attempts += 1
-            allocation = await _allocate(client, path, group_ec, avoid, deadline)
+            allocation = await _allocate(client, path, group_ec, avoid)
             group_ec = allocation.ec
             codec = StripeCodec(ECPolicy.parse(allocation.ec), cell_size)
             stripes_per_group = max(1, block_size // cell_size)
@@ -304,8 +304,6 @@ async def _put(
                     path=path, bg=allocation.bg_id, nodes=", ".join(sorted(e.nodes)), error=str(e.error),
                 )
                 avoid |= e.nodes
-                # A new placement may take until the failed servers are declared dead.
-                deadline = client.clock.seconds() + client.timeout
                 if progress is not None:
                     progress(-sent[0])
                 source.rewind(resume)
@@ -318,37 +316,21 @@ async def _put(
     return result  # type: ignore[no-any-return]
 
 
-#: How often a put asks again for a placement without the chunk servers that failed it.
-REPLACEMENT_RETRY = 0.5
 #: Most uploads of one block group (the first, then one per new placement).
 MAX_GROUP_ATTEMPTS = 3
 
 
-async def _allocate(
-    client: DogFSClient, path: str, ec: str | None, avoid: set[str], deadline: float
-) -> c.Allocation:
-    """A new block group whose placement names none of `avoid`.
+async def _allocate(client: DogFSClient, path: str, ec: str | None, avoid: set[str]) -> c.Allocation:
+    """A new block group placed on none of the chunk servers in `avoid` (`Allocate.avoid`)."""
+    from dogfs.client.api import DogFSError
 
-    The leader places on chunk servers it believes alive: one that just failed us stays in
-    its placements until it misses `chunk_dead_after` of heartbeats, so ask again until then
-    (within the put's timeout).
-    """
-    from dogfs.client.api import DogFSError, sleep
-
-    while True:
-        allocation = await client._command(c.Allocate(path, ec, ()))
-        if isinstance(allocation, c.MetaError):
-            raise DogFSError(allocation.code.name.lower(), allocation.message)
-        bad = avoid.intersection(s.node_id for s in allocation.shards)
-        if not bad:
-            return allocation  # type: ignore[no-any-return]
-        if client.clock.seconds() + REPLACEMENT_RETRY > deadline:
-            raise DogFSError(
-                "unavailable",
-                f"cannot write {path}: chunk server {', '.join(sorted(bad))} failed during the "
-                f"upload, and no placement without it was offered within {client.timeout:g}s",
-            )
-        await sleep(client.clock, REPLACEMENT_RETRY)
+    allocation = await client._command(c.Allocate(path, ec, (), avoid=tuple(sorted(avoid))))
+    if isinstance(allocation, c.MetaError):
+        raise DogFSError(allocation.code.name.lower(), allocation.message)
+    bad = avoid.intersection(s.node_id for s in allocation.shards)
+    if bad:
+        raise DogFSError("failed", f"cannot write {path}: placed on {', '.join(sorted(bad))} again")
+    return allocation  # type: ignore[no-any-return]
 
 
 class GroupFailed(Exception):

@@ -149,13 +149,15 @@ class Allocate:
     C{placement} lists the k + m distinct registered chunk servers (shard i goes to
     placement[i]); the leader computes it with the placement planner before proposing, so that
     apply stays deterministic. C{now} is the allocation time used by L{ExpireAllocations}.
-    Result: L{Allocation}.
+    C{avoid} names chunk servers the client saw fail during this upload: the leader places on
+    none of them (and logs the command without them). Result: L{Allocation}.
     """
 
     path: str
     ec: str | None
     placement: tuple[str, ...] = field(converter=_str_tuple)
     now: float = 0.0
+    avoid: tuple[str, ...] = field(default=(), converter=_str_tuple)
 
 
 @frozen
@@ -558,7 +560,7 @@ _SCHEMAS: dict[int, tuple[type, tuple[_Check, ...]]] = {
     1: (Mkdir, (_str, _bool, _opt(_str), _float)),
     2: (SetDefaultPolicy, (_str,)),
     3: (RegisterChunkServer, (_str, _str, _opt(_str))),
-    4: (Allocate, (_str, _opt(_str), _seq(_str), _float)),
+    4: (Allocate, (_str, _opt(_str), _seq(_str), _float, _seq(_str))),
     5: (CommitFile, (_str, _int, _seq(_pair(_int, _int)), _float, _opt(_str), _opt(_int))),
     6: (Delete, (_str, _bool)),
     7: (Rename, (_str, _str)),

@@ -160,15 +160,17 @@ class MetaHandlers:
             draining = {r.node_id for r in self.state.chunk_servers() if r.draining}
             try:
                 placement = choose_placement(
-                    policy.width, self.registry.live(), self.rng, exclude=draining, policy=policy.name
+                    policy.width, self.registry.live(), self.rng,
+                    exclude=draining.union(command.avoid), policy=policy.name,
                 )
             except NotEnoughChunkServers as e:
                 self.emit("write_refused", path=command.path, reason=f"not_enough_chunk_servers: {e}")
+                avoided = f" (without {', '.join(command.avoid)}, which failed this upload)" if command.avoid else ""
                 raise WireError(
-                    "not_enough_chunk_servers", f"cannot write {command.path}: {e}",
+                    "not_enough_chunk_servers", f"cannot write {command.path}{avoided}: {e}",
                     {"needed": e.needed, "alive": e.alive},
                 ) from None
-            return attrs.evolve(command, ec=policy.name, placement=tuple(placement), now=now)
+            return attrs.evolve(command, ec=policy.name, placement=tuple(placement), now=now, avoid=())
         if isinstance(command, c.CommitFile | c.Mkdir):
             return attrs.evolve(command, now=now)
         if isinstance(command, c.SetDefaultPolicy):
