@@ -198,3 +198,18 @@ class GroupReaderTests(SynchronousTestCase):
             client.pool.connections[address].calls[-1][2].callback(Reply(m.GetShardEnd(2)))
         self.assertEqual(client.pool.given_back, ["127.0.0.1:7100", "127.0.0.1:7102"])
         self.assertFalse(client.pool.connections["127.0.0.1:7100"].closed)
+
+    def test_connection_given_back_unpaused(self) -> None:
+        """A stream held back (far ahead) whose call then ends gives its connection back
+        reading again, and later catching up does not touch it any more."""
+        client, reader, fragments, data, sink = setup(12)
+        d = reader.read()
+        conn0 = client.pool.connections["127.0.0.1:7100"]
+        deliver(client, 0, fragments, range(12))
+        self.assertEqual(conn0.pauses, 1)
+        conn0.calls[-1][2].callback(Reply(m.GetShardEnd(12)))
+        self.assertEqual((conn0.pauses, client.pool.given_back), (0, ["127.0.0.1:7100"]))
+        deliver(client, 1, fragments, range(12))
+        self.assertEqual(conn0.pauses, 0)
+        self.successResultOf(d)
+        self.assertEqual(bytes(sink.f.data), data)

@@ -582,11 +582,16 @@ class GroupReader:
         def over(result: Any) -> Any:
             # The call is over: a connection that answered in full serves the next lease;
             # one cut short (by us or the server) may still carry cells, so it is closed.
-            connection = stream.connection
+            # Either way it is no longer this stream's to pause or resume.
+            connection, stream.connection = stream.connection, None
             if connection is not None:
                 if isinstance(result, Failure):
                     connection.close()
                 else:
+                    if stream.paused:
+                        # Held back after the end was already received (same read).
+                        stream.paused = False
+                        connection.resume_reading()
                     self.client.pool.give_back(location.address, connection)
             return result
 
