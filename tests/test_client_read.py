@@ -40,6 +40,10 @@ class ScriptedConnection:
             if not d.called:
                 d.errback(ConnectionClosed("connection to chunk server closed locally"))
 
+    def resume_reading(self) -> None:
+        self.pauses -= 1
+        assert self.pauses >= 0, "resumed more often than paused"
+
     def call(self, msg: Any, payload: bytes = b"", timeout: Any = None, on_part: Any = None) -> defer.Deferred[Reply]:
         d: defer.Deferred[Reply] = defer.Deferred()
         self.calls.append((msg, on_part, d))
@@ -47,9 +51,6 @@ class ScriptedConnection:
 
     def pause_reading(self) -> None:
         self.pauses += 1
-
-    def resume_reading(self) -> None:
-        self.pauses -= 1
 
 
 class ScriptedPool:
@@ -211,5 +212,50 @@ class GroupReaderTests(SynchronousTestCase):
         self.assertEqual((conn0.pauses, client.pool.given_back), (0, ["127.0.0.1:7100"]))
         deliver(client, 1, fragments, range(12))
         self.assertEqual(conn0.pauses, 0)
+        self.successResultOf(d)
+        self.assertEqual(bytes(sink.f.data), data)
+
+    def test_abort_with_only_ends_to_come(self) -> None:
+        """A read stopped while a held-back stream has only its end to come resumes that
+        connection once (never below zero) and gives it back when the end arrives; a stream
+        whose end never comes has its connection closed after the shard timeout."""
+        client, reader, fragments, data, sink = setup(12)
+        d = reader.read()
+        conn0, conn1 = (client.pool.connections[f"127.0.0.1:{7100 + i}"] for i in (0, 1))
+        deliver(client, 0, fragments, range(12))
+        self.assertEqual(conn0.pauses, 1)
+        reader._consumer_stopped()
+        self.failureResultOf(d)
+        self.assertEqual(conn0.pauses, 0)
+        self.assertTrue(conn1.closed)  # cells were still to come from it
+        conn0.calls[-1][2].callback(Reply(m.GetShardEnd(12)))
+        self.assertEqual((conn0.pauses, client.pool.given_back), (0, ["127.0.0.1:7100"]))
+        client.clock.advance(reader.shard_timeout + 1)
+        self.assertFalse(conn0.closed)  # given back: no longer ours to close
+
+        client, reader, fragments, data, sink = setup(2)
+        d = reader.read()
+        deliver(client, 0, fragments, range(2))
+        reader._consumer_stopped()
+        self.failureResultOf(d)
+        conn0 = client.pool.connections["127.0.0.1:7100"]
+        client.clock.advance(reader.shard_timeout + 1)
+        self.assertTrue(conn0.closed)
+        self.assertEqual(client.pool.given_back, [])
+
+    def test_server_error_keeps_the_connection(self) -> None:
+        """A shard the server answers with an error (not_found) is read around, and the
+        connection, which carries nothing more of that call, is given back, not closed."""
+        from dogfs.wire.protocol import WireError
+
+        client, reader, fragments, data, sink = setup(2)
+        d = reader.read()
+        conn1 = client.pool.connections["127.0.0.1:7101"]
+        conn1.calls[-1][2].errback(WireError("not_found", "chunk-1 has no shard"))
+        self.assertIn(1, reader.failed)
+        self.assertFalse(conn1.closed)
+        self.assertEqual(client.pool.given_back, ["127.0.0.1:7101"])
+        deliver(client, 0, fragments, range(2))
+        deliver(client, 2, fragments, range(2))
         self.successResultOf(d)
         self.assertEqual(bytes(sink.f.data), data)

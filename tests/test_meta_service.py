@@ -119,7 +119,12 @@ class MetaHandlerTests(SynchronousTestCase):
         for _ in range(20):
             alloc = h.result(c.Allocate("/f", None, (), avoid=("chunk-1", "chunk-2")))
             self.assertEqual({s.node_id for s in alloc.shards} & {"chunk-1", "chunk-2"}, set())
-        self.assertEqual(h.handlers.prepare(c.Allocate("/f", None, (), avoid=("chunk-1",))).avoid, ())
+        logged = h.handlers.prepare(c.Allocate("/f", None, (), avoid=("chunk-1",)))
+        self.assertEqual(logged.avoid, ())
+        # Logged as before the field existed (4 fields), so the previous release applies it.
+        self.assertEqual(len(msgpack.unpackb(c.encode_command(logged))), 5)
+        self.assertEqual(c.decode_command(c.encode_command(logged)), logged)
+        self.assertEqual(len(msgpack.unpackb(c.encode_command(c.Allocate("/f", None, (), avoid=("x",))))), 6)
         error = self.failureResultOf(
             h.command(c.Allocate("/f", None, (), avoid=("chunk-1", "chunk-2", "chunk-3"))), WireError
         ).value

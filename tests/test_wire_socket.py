@@ -9,6 +9,7 @@ limits, flow control and lost connections behave as over any other transport.
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 from typing import Any
@@ -266,3 +267,55 @@ class PlainSocketTests(SocketPairMixin, TestCase):
             self.assertIsInstance(failures[0], ConnectionClosed)
 
         return deferred(go())
+
+
+class _ScriptedSocket:
+    """Takes as many bytes per sendmsg as the test says (None: the socket is full)."""
+
+    def __init__(self, takes: list[int | None]) -> None:
+        self.takes = takes
+
+    def sendmsg(self, parts: list[Any]) -> int:
+        n = self.takes.pop(0)
+        if n is None:
+            raise BlockingIOError(errno.EWOULDBLOCK, "full")
+        return min(n, sum(len(p) for p in parts))
+
+
+class _QuietTransport:
+    """What Connection's send queue asks of a plain TCP transport (nothing queued there)."""
+
+    connected = True
+    _writeDisconnected = False
+    TLS = False
+    _tempDataLen = 0
+    offset = 0
+    dataBuffer = b""
+    bufferSize = MiB
+
+    def __init__(self) -> None:
+        self.writing = 0
+
+    def startWriting(self) -> None:
+        self.writing += 1
+
+
+class SendQueueTests(TestCase):
+    """The plain-TCP send queue's own flow control, with a scripted socket."""
+
+    def test_senders_resume_at_half(self) -> None:
+        """Past the transport's buffer size the connection holds its senders back, and lets
+        them go once the queue is down to half of it, not only once it is empty."""
+        conn = Connection(reactor, {})
+        conn.transport = _QuietTransport()
+        conn._socket = _ScriptedSocket([None, MiB // 2, 2 * MiB + MiB // 4, None])  # type: ignore[assignment]
+        conn._send_now(b"head", b"x" * (3 * MiB))
+        self.assertTrue(conn.write_blocked)
+        self.assertEqual(conn._out_bytes, 3 * MiB + 4)
+        waiter = conn.wait_writable()
+        conn._write_socket()  # half a MiB out, then full: still over the limit
+        self.assertNoResult(waiter)
+        conn._write_socket()  # a quarter MiB + 4 bytes left: under half the limit
+        self.assertEqual(conn._out_bytes, MiB // 4 + 4)
+        self.assertFalse(conn.write_blocked)
+        self.successResultOf(waiter)

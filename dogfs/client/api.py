@@ -29,6 +29,8 @@ log = Logger()
 
 # Error codes after which the same request may be sent again (elsewhere, or later).
 RETRYABLE = {"not_leader", "unreachable", "connection_closed", "timeout", "no_quorum"}
+#: Called with the bytes moved since the last call; a put whose block group is written again
+#: (a chunk server failed) calls it with minus what that group had counted.
 Progress = Callable[[int], None]
 
 

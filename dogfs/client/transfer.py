@@ -36,7 +36,14 @@ from dogfs.codec.stripe import StripeCodec
 from dogfs.meta import commands as c
 from dogfs.wire import messages as m
 from dogfs.wire.frame import FRAME_BUFFERS
-from dogfs.wire.protocol import Connection, Reply, Upload, WireError
+from dogfs.wire.protocol import (
+    Connection,
+    ConnectionClosed,
+    Reply,
+    RequestTimeout,
+    Upload,
+    WireError,
+)
 
 if TYPE_CHECKING:
     from dogfs.client.api import DogFSClient, Progress
@@ -389,8 +396,11 @@ async def _upload_group(
     size = 0
     rest: bytes | None = None
     try:
-        for conn, s in zip(connections, shards, strict=True):
-            uploads.append(conn.open_stream(m.PutShard(s.shard_id, allocation.ec, s.index, fragment_size)))
+        for i, (conn, s) in enumerate(zip(connections, shards, strict=True)):
+            try:
+                uploads.append(conn.open_stream(m.PutShard(s.shard_id, allocation.ec, s.index, fragment_size)))
+            except WireError as e:  # closed while the others were being dialled
+                raise failed(i, e) from None
         stripe = head + await source.read_full(stripe_size - len(head)) if len(head) < stripe_size else head
         while True:
             fragments = codec.encode(stripe)
@@ -585,7 +595,7 @@ class GroupReader:
             # Either way it is no longer this stream's to pause or resume.
             connection, stream.connection = stream.connection, None
             if connection is not None:
-                if isinstance(result, Failure):
+                if isinstance(result, Failure) and not _answered(result):
                     connection.close()
                 else:
                     if stream.paused:
@@ -702,11 +712,15 @@ class GroupReader:
             if connection is None:
                 continue
             if stream.paused:
+                stream.paused = False
                 connection.resume_reading()
             if stream.received < len(self.lengths):
-                # Cells we no longer want are still coming: stop them. A stream with only
-                # its end to come finishes, and its connection is reused (see _start).
+                # Cells we no longer want are still coming: stop them.
                 connection.close()
+            else:
+                # Only its end is to come: then its connection is reused (see _start),
+                # unless the server never sends it.
+                self.client.clock.callLater(self.shard_timeout, _close_if_held, stream, connection)
         self.streams.clear()
 
     def _emit(self) -> None:
@@ -762,6 +776,20 @@ class GroupReader:
         self.done.errback(
             DogFSError("corrupt", f"cannot read {self.path}: block group {self.bg.id} does not decode: {error}")
         )
+
+
+def _answered(failure: Failure) -> bool:
+    """Whether a failed call was answered by the server (an error such as not_found, after
+    which its connection carries nothing more of it), not cut off."""
+    error = failure.value
+    return isinstance(error, WireError) and not isinstance(error, ConnectionClosed | RequestTimeout)
+
+
+def _close_if_held(stream: _Stream, connection: Connection) -> None:
+    """A stream abandoned while only its end was to come still holds its lease: the server
+    never sent the end, so the connection is closed (which ends the lease)."""
+    if stream.connection is connection:
+        connection.close()
 
 
 def _describe(failure: Failure) -> str:

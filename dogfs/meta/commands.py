@@ -602,6 +602,10 @@ _ARITY: dict[int, tuple[int, int]] = {
     tag: (_required(cls), len(checks)) for tag, (cls, checks) in _SCHEMAS.items()
 }
 _SCALARS = frozenset({str, int, float, bool, type(None)})
+#: The last field of a command, added after the command was first logged, and its default:
+#: left out when it has that value, so the command encodes as before and a member still on
+#: the previous release applies it.
+_ADDED_FIELDS: dict[type, tuple[str, Any]] = {Allocate: ("avoid", ())}
 
 
 def _encode_value(value: Any) -> Any:
@@ -614,6 +618,9 @@ def _encode_value(value: Any) -> Any:
         for name in _FIELDS[kind]:
             field = getattr(value, name)
             out.append(field if type(field) in _SCALARS else _encode_value(field))
+        added = _ADDED_FIELDS.get(kind)
+        if added is not None and getattr(value, added[0]) == added[1]:
+            out.pop()
         return out
     if isinstance(value, tuple | list):
         return [_encode_value(item) for item in value]

@@ -152,6 +152,7 @@ class ConnectionPool:
         def leased(connection: Connection) -> Connection:
             self._leased.add(connection)
             connection.on_close.append(self._leased.discard)
+            connection.on_close.append(lambda c: self._forget_idle(address, c))
             return connection
 
         return self._dial(address).addCallback(leased)
@@ -167,6 +168,11 @@ class ConnectionPool:
             idle.append(connection)
         else:
             connection.close()
+
+    def _forget_idle(self, address: str, connection: Connection) -> None:
+        idle = self._idle.get(address)
+        if idle is not None and connection in idle:
+            idle.remove(connection)
 
     def _dial(self, address: str) -> defer.Deferred[Connection]:
         """Connect to `address` and negotiate the protocol version, within the handshake

@@ -651,14 +651,16 @@ class Connection(Protocol):
                 sent = sock.sendmsg(list(itertools.islice(out, SEND_PARTS)))
             except OSError as e:
                 if e.errno in (errno.EWOULDBLOCK, errno.ENOBUFS):
-                    return None
+                    break
                 return main.CONNECTION_LOST
             self._out_bytes -= sent
             while sent and sent >= len(out[0]):
                 sent -= len(out.popleft())
             if sent:
                 out[0] = out[0][sent:]
-                return None  # the socket is full
+                break  # the socket is full
+        # Let senders go on once half the queue is out, not only when all is: the socket
+        # then still has the rest to send while they prepare the next frame.
         if self._out_paused and self._out_bytes <= self.transport.bufferSize // 2:
             self._out_paused = False
             self.resumeProducing()
