@@ -594,6 +594,8 @@ class GroupReader:
             # one cut short (by us or the server) may still carry cells, so it is closed.
             # Either way it is no longer this stream's to pause or resume.
             connection, stream.connection = stream.connection, None
+            if stream.watchdog is not None and stream.watchdog.active():
+                stream.watchdog.cancel()  # whether reading or waiting for the end (_stop_all)
             if connection is not None:
                 if isinstance(result, Failure) and not _answered(result):
                     connection.close()
@@ -706,7 +708,11 @@ class GroupReader:
             self.done.errback(DogFSError("aborted", f"the consumer of {self.path} stopped the download"))
 
     def _stop_all(self) -> None:
-        for stream in list(self.streams.values()):
+        # Forget them first: closing a connection fails its call, and _fail must not start
+        # a replacement stream for a read that is over.
+        streams = list(self.streams.values())
+        self.streams.clear()
+        for stream in streams:
             self._disarm(stream)
             connection = stream.connection
             if connection is None:
@@ -720,8 +726,9 @@ class GroupReader:
             else:
                 # Only its end is to come: then its connection is reused (see _start),
                 # unless the server never sends it.
-                self.client.clock.callLater(self.shard_timeout, _close_if_held, stream, connection)
-        self.streams.clear()
+                stream.watchdog = self.client.clock.callLater(
+                    self.shard_timeout, _close_if_held, stream, connection
+                )
 
     def _emit(self) -> None:
         k = self.codec.k
