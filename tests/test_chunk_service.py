@@ -414,6 +414,23 @@ class ReadErrorTests(SynchronousTestCase):
         self.assertEqual(self.failureResultOf(d, WireError).value.code, "corrupt")
         self.assertEqual([m.index for m, _ in parts], [0])
 
+    def test_read_ahead_shrinks_for_a_slow_client(self) -> None:
+        """While the connection to the client is write-blocked (it is not keeping up), only
+        one cell is read ahead; all cells still arrive, in order."""
+        frags = fragments(6)
+        self.successResultOf(self.h.put(SHARD, frags))
+        calls, executor = held_executor()
+        self.h.server.executor = executor
+        server_side = self.h.pump.server
+        server_side.pauseProducing()
+        d, parts = self.h.get(SHARD)
+        run_held(calls, self.h.pump, limit=2)  # open the shard, then the will_need hint
+        self.assertEqual([args for _, args, _ in calls], [(0,)])
+        server_side.resumeProducing()
+        run_held(calls, self.h.pump)
+        self.assertEqual(self.successResultOf(d).msg, GetShardEnd(6))
+        self.assertEqual([p for _, p in parts], frags)
+
     def corrupt_cell(self, cell: int) -> None:
         """Flip a byte in the middle of a cell's fragment on disk."""
         offset = HEADER_SIZE + cell * (RECORD_OVERHEAD + FRAGMENT) + RECORD_OVERHEAD + 10

@@ -327,7 +327,10 @@ class ShardServer:
         following = first
         try:
             for i in range(first, end):
-                while following < end and len(pending) < READ_AHEAD:
+                # A client that is not keeping up (its connection is write-blocked) gets one
+                # cell read ahead, not READ_AHEAD: memory held for slow readers stays small.
+                depth = 1 if request.connection.write_blocked else READ_AHEAD
+                while following < end and len(pending) < depth:
                     pending.append(self.executor(reader.read_record, following))
                     following += 1
                 try:
