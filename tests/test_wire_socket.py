@@ -55,6 +55,45 @@ def deferred(coroutine: Any) -> defer.Deferred[Any]:
     return defer.Deferred.fromCoroutine(coroutine).addTimeout(30, reactor)  # type: ignore[arg-type]
 
 
+async def slow_sink(request: Request) -> ShardStored:
+    """Take a PutShard's cells, checking index and CRC, and stop taking frames for a moment
+    after every 8th: the socket fills up behind us."""
+    count = 0
+    while True:
+        part = await request.next_part()
+        assert part is not None
+        msg, payload = part
+        if isinstance(msg, PutShardEnd):
+            return ShardStored(SHARD, count)
+        if msg.index != count or crc32c(payload) != msg.crc:
+            raise WireError("invalid_argument", f"cell {msg.index} damaged or out of order")
+        count += 1
+        if count % 8 == 0:
+            wait: defer.Deferred[None] = defer.Deferred()
+            reactor.callLater(0.05, wait.callback, None)
+            await wait
+
+
+def slow_sink_handler(request: Request) -> defer.Deferred[ShardStored]:
+    """`slow_sink` as a connection's handler."""
+    return defer.Deferred.fromCoroutine(slow_sink(request))
+
+
+async def upload_to_slow_reader(test: TestCase, client: Connection, cells: int) -> None:
+    """Upload `cells` random 1 MiB cells to a `slow_sink_handler`; every one must arrive, and
+    flow control must have held the sender back at least once."""
+    blocked: list[bool] = []
+    upload = client.open_stream(PutShard(SHARD, "RS-4-2", 3, MiB))
+    for i in range(cells):
+        payload = os.urandom(MiB)
+        sent = upload.send(Cell(i, crc32c(payload)), payload)
+        blocked.append(client.write_blocked)
+        await sent
+    reply = await upload.finish(PutShardEnd(cells))
+    test.assertEqual(reply.msg, ShardStored(SHARD, cells))
+    test.assertTrue(any(blocked), "the sender was never held back")
+
+
 class PlainSocketTests(SocketPairMixin, TestCase):
     """Frames over a real plain TCP connection."""
 
@@ -91,40 +130,10 @@ class PlainSocketTests(SocketPairMixin, TestCase):
     def test_stream_with_slow_reader(self) -> None:
         """A 40 MiB upload to a handler that pauses arrives whole and in order; the sender is
         held back by flow control while the reader lags."""
-        cells = 40
-        blocked: list[bool] = []
-
-        async def slow_sink(request: Request) -> ShardStored:
-            count = 0
-            while True:
-                part = await request.next_part()
-                assert part is not None
-                msg, payload = part
-                if isinstance(msg, PutShardEnd):
-                    return ShardStored(SHARD, count)
-                if msg.index != count or crc32c(payload) != msg.crc:
-                    raise WireError("invalid_argument", f"cell {msg.index} damaged or out of order")
-                count += 1
-                if count % 8 == 0:
-                    # Stop taking frames for a moment: the socket fills up behind us.
-                    wait: defer.Deferred[None] = defer.Deferred()
-                    reactor.callLater(0.05, wait.callback, None)
-                    await wait
-
-        def handler(request: Request) -> defer.Deferred[ShardStored]:
-            return defer.Deferred.fromCoroutine(slow_sink(request))
 
         async def go() -> None:
-            client = await self.connect({PutShard: handler})
-            upload = client.open_stream(PutShard(SHARD, "RS-4-2", 3, MiB))
-            for i in range(cells):
-                payload = os.urandom(MiB)
-                sent = upload.send(Cell(i, crc32c(payload)), payload)
-                blocked.append(client.write_blocked)
-                await sent
-            reply = await upload.finish(PutShardEnd(cells))
-            self.assertEqual(reply.msg, ShardStored(SHARD, cells))
-            self.assertTrue(any(blocked), "the sender was never held back")
+            client = await self.connect({PutShard: slow_sink_handler})
+            await upload_to_slow_reader(self, client, 40)
 
         return deferred(go())
 

@@ -26,6 +26,7 @@ from dogfs.security.roles import Role
 from dogfs.security.tls import ServerTLS, TLSConfig, client_endpoint, server_endpoint
 from dogfs.wire.messages import Cell, GetShard, GetShardEnd, PutShard, PutShardEnd, ShardStored
 from dogfs.wire.protocol import Connection, ConnectionClosed, Request, WireError
+from tests.test_wire_socket import slow_sink_handler, upload_to_slow_reader
 
 MiB = 1 << 20
 SHARD = "000000000000002a-03"
@@ -124,36 +125,10 @@ class TLSSocketTests(TestCase):
         """A 32 MiB upload to a handler that pauses arrives whole and in order; the sender is
         held back by flow control while the reader lags (the TLS layer stops reading its
         socket when paused, and the socket fills up behind it)."""
-        cells = 32
-        blocked: list[bool] = []
-
-        async def slow_sink(request: Request) -> ShardStored:
-            count = 0
-            while True:
-                part = await request.next_part()
-                assert part is not None
-                msg, payload = part
-                if isinstance(msg, PutShardEnd):
-                    return ShardStored(SHARD, count)
-                if msg.index != count or crc32c(payload) != msg.crc:
-                    raise WireError("invalid_argument", f"cell {msg.index} damaged or out of order")
-                count += 1
-                if count % 8 == 0:
-                    wait: defer.Deferred[None] = defer.Deferred()
-                    reactor.callLater(0.05, wait.callback, None)
-                    await wait
 
         async def go() -> None:
-            client = await self.connect({PutShard: lambda r: defer.Deferred.fromCoroutine(slow_sink(r))})
-            upload = client.open_stream(PutShard(SHARD, "RS-4-2", 3, MiB))
-            for i in range(cells):
-                payload = os.urandom(MiB)
-                sent = upload.send(Cell(i, crc32c(payload)), payload)
-                blocked.append(client.write_blocked)
-                await sent
-            reply = await upload.finish(PutShardEnd(cells))
-            self.assertEqual(reply.msg, ShardStored(SHARD, cells))
-            self.assertTrue(any(blocked), "the sender was never held back")
+            client = await self.connect({PutShard: slow_sink_handler})
+            await upload_to_slow_reader(self, client, 32)
 
         return deferred(go())
 

@@ -72,6 +72,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from dogfs.security.roles import Identity, InvalidIdentity, identity_from_certificate
+from dogfs.wire.protocol import nothing_queued
 
 __all__ = [
     "ClientTLS",
@@ -490,14 +491,8 @@ class _ReceivePool:
 
 def _can_send_now(transport: Any) -> bool:
     """Whether bytes may go to a plain TCP transport's socket at once: nothing is queued
-    before them and the connection is not closing (as ``dogfs.wire.protocol`` checks)."""
-    return bool(
-        transport.connected
-        and not transport.disconnecting
-        and not transport._writeDisconnected
-        and not transport._tempDataLen
-        and transport.offset == len(transport.dataBuffer)
-    )
+    before them and the connection is not closing."""
+    return not transport.disconnecting and nothing_queued(transport)
 
 
 class _BulkTLSProtocol(TLSMemoryBIOProtocol):

@@ -590,16 +590,9 @@ class Connection(Protocol):
             self.transport.write(prefix + header)
 
     def _can_send_now(self) -> bool:
-        """Whether a frame may go to the socket (or our queue of it): the transport is open
-        for writing and has nothing of its own queued before it."""
-        transport = self.transport
-        return bool(
-            transport.connected
-            and not transport._writeDisconnected
-            and not transport.TLS
-            and not transport._tempDataLen
-            and transport.offset == len(transport.dataBuffer)
-        )
+        """Whether a frame may go to the socket (or our queue of it): a plain transport, open
+        for writing, with nothing of its own queued before it."""
+        return not self.transport.TLS and nothing_queued(self.transport)
 
     def _send_now(self, head: bytes, payload: bytes | memoryview) -> None:
         """Send a frame with one sendmsg; queue what the socket did not take in `_out`.
@@ -865,6 +858,17 @@ class Connection(Protocol):
         else:
             reply = Reply(messages.Ok() if result is None else result)
         self._send(reply.msg, reply.payload, request.request_id, flags)
+
+
+def nothing_queued(transport: Any) -> bool:
+    """Whether a Twisted TCP transport is open for writing and has nothing in its own buffer:
+    bytes written to its socket directly then overtake nothing (see Connection._send_now)."""
+    return bool(
+        transport.connected
+        and not transport._writeDisconnected
+        and not transport._tempDataLen
+        and transport.offset == len(transport.dataBuffer)
+    )
 
 
 def _plain_socket(transport: Any) -> socket.socket | None:
