@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import tempfile
 from typing import Any
 
@@ -50,6 +51,7 @@ class Group:
         self.ids = ids
         self.snapshot_every = snapshot_every
         self.root = tempfile.mkdtemp(prefix="dogfs-meta-raft-")
+        case.addCleanup(shutil.rmtree, self.root, True)  # after stop_all (cleanups run LIFO)
         self.storages: dict[str, MemoryRaftStorage] = {}
         self.logs: dict[str, RaftCommandLog] = {}
         self.states: dict[str, NamespaceState] = {}

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import tempfile
 from typing import Any
 
 from twisted.internet import defer
@@ -134,7 +133,7 @@ class RevocationListTests(SynchronousTestCase):
     """The revocation list: replicated commands, the state, the heartbeat form."""
 
     def state(self) -> NamespaceState:
-        state = NamespaceState(tempfile.mkdtemp(), durable=False, map_size=1 << 24)
+        state = NamespaceState(self.mktemp(), durable=False, map_size=1 << 24)
         state.open()
         self.addCleanup(state.close)
         return state

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import shutil
 import stat
 import tempfile
 import tomllib
@@ -32,6 +33,7 @@ class CACommandTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.home = tempfile.mkdtemp(prefix="dogfs-ca-cli-")
+        self.addCleanup(shutil.rmtree, self.home, True)
 
     def test_init_once(self) -> None:
         """init creates HOME/ca with a private key; a second init refuses to replace it."""

@@ -6,6 +6,7 @@ clients get nothing."""
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from typing import Any
 
@@ -32,6 +33,7 @@ class TLSDaemonTests(TestCase):
 
     def setUp(self) -> None:
         home = tempfile.mkdtemp(prefix="dogfs-plugins-")
+        self.addCleanup(shutil.rmtree, home, True)
         ca = init_ca(os.path.join(home, "ca"))
 
         def files(name: str, role: Role, hosts: list[str] | None = None) -> TLSFiles:
