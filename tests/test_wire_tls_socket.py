@@ -26,7 +26,7 @@ from dogfs.security.roles import Role
 from dogfs.security.tls import ServerTLS, TLSConfig, client_endpoint, server_endpoint
 from dogfs.wire.messages import Cell, GetShard, GetShardEnd, PutShard, PutShardEnd, ShardStored
 from dogfs.wire.protocol import Connection, ConnectionClosed, Request, WireError
-from tests.test_wire_socket import slow_sink_handler, upload_to_slow_reader
+from tests.test_wire_socket import SocketPairMixin, slow_sink_handler, upload_to_slow_reader
 
 MiB = 1 << 20
 SHARD = "000000000000002a-03"
@@ -36,10 +36,9 @@ def deferred(coroutine: Any) -> defer.Deferred[Any]:
     return defer.Deferred.fromCoroutine(coroutine).addTimeout(30, reactor)  # type: ignore[arg-type]
 
 
-class TLSSocketTests(TestCase):
-    """Frames over a real TLS connection between two wire Connections."""
-
-    server: Connection | None = None
+class TLSSocketTests(SocketPairMixin, TestCase):
+    """Frames over a real TLS connection between two wire Connections (the plain tests'
+    pair, with TLS endpoints: see connect)."""
 
     def setUp(self) -> None:
         base = os.path.abspath(self.mktemp())
@@ -67,12 +66,6 @@ class TLSSocketTests(TestCase):
         self.addCleanup(self.close, client)
         await client.ready
         return client
-
-    async def close(self, client: Connection) -> None:
-        for conn in (client, self.server):
-            if conn is not None and not conn._lost:
-                conn.close()
-                await conn.closed
 
     def test_socket_path_in_use(self) -> None:
         """After the handshake both ends read their socket through the TLS layer's own
