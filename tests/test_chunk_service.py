@@ -667,9 +667,24 @@ class HeartbeatTests(SynchronousTestCase):
         self.beat()
         self.assertEqual(service.beats, 1)
 
+    def test_no_quorum_moves_on(self) -> None:
+        """A member that says "no quorum" is cut off in a minority: the same beat goes on to
+        the next member, which may lead, and heartbeats stay there."""
+
+        def minority(request: Request) -> None:
+            raise WireError("no_quorum", "the metadata group has no quorum: 1 of 3 members reachable")
+
+        self.net.add("m1:1", minority)
+        self.net.add("m2:1", ok)
+        service = self.start(["m1:1", "m2:1"])
+        self.assertEqual([a for a, _ in self.net.heartbeats()], ["m1:1", "m2:1"])
+        self.assertEqual((service.current, service.beats), ("m2:1", 1))
+        self.beat()
+        self.assertEqual([a for a, _ in self.net.heartbeats()][2:], ["m2:1"])
+
     def test_errors_do_not_stop_the_loop(self) -> None:
-        """A metadata node that fails in other ways (a crash, no quorum) is retried next beat."""
-        answers: list[Any] = [ZeroDivisionError("boom"), WireError("no_quorum", "no quorum")]
+        """A metadata node that fails in other ways (a crash, a refusal) is retried next beat."""
+        answers: list[Any] = [ZeroDivisionError("boom"), WireError("permission_denied", "not a node")]
 
         def flaky(request: Request) -> HeartbeatReply:
             if answers:
@@ -727,7 +742,7 @@ class HeartbeatTests(SynchronousTestCase):
         def report(request: Request) -> Reply:
             calls["n"] += 1
             if calls["n"] == 1:
-                raise WireError("no_quorum", "no quorum")
+                raise WireError("internal", "the report could not be stored")
             return Reply(ShardReportReply(), b"")
 
         self.net.add("m1:1", lambda r: HeartbeatReply(want_report=calls["n"] == 0), report)

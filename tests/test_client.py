@@ -163,3 +163,35 @@ class ErrorTests(SynchronousTestCase):
         error = self.failureResultOf(dogfs.stat("/x"), DogFSError).value
         self.assertEqual((error.code, error.message), ("not_found", "'/x' does not exist."))
         self.assertEqual(len(pool.sent), 1)
+
+    def test_not_ready_is_retried_until_ready(self) -> None:
+        """A new leader that has not heard every chunk server yet answers not_ready: the
+        client retries the same command (same session and seq) until it succeeds."""
+        calls = []
+
+        def answer(address: str, msg: Any) -> Reply:
+            calls.append(msg)
+            if len(calls) <= 4:
+                raise WireError("not_ready", "cannot write /f yet: 2 of 3 chunk servers heard from")
+            return ok_reply()
+
+        dogfs, pool, clock = client(answer, meta=("a:1",))
+        d = dogfs.mkdir("/d")
+        self.assertNoResult(d)
+        clock.pump([0.1] * 20)
+        self.successResultOf(d)
+        self.assertEqual(len(calls), 5)
+        self.assertEqual(len({(msg.client_id, msg.seq) for msg in calls}), 1)
+
+    def test_not_ready_until_the_timeout_keeps_its_message(self) -> None:
+        """If the leader stays not ready past the timeout, its own explanation is the error."""
+
+        def answer(address: str, msg: Any) -> Reply:
+            raise WireError("not_ready", "cannot write /f yet: 2 of 3 chunk servers heard from")
+
+        dogfs, pool, clock = client(answer, meta=("a:1",), timeout=2.0)
+        d = dogfs.mkdir("/d")
+        clock.pump([0.1] * 30)
+        error = self.failureResultOf(d, DogFSError).value
+        self.assertEqual(error.code, "not_ready")
+        self.assertEqual(error.message, "cannot write /f yet: 2 of 3 chunk servers heard from")

@@ -139,6 +139,31 @@ class MetaHandlerTests(SynchronousTestCase):
         self.assertIn("needs 6 live chunk servers, only 4 are alive", error.message)
         self.assertIn("/f", error.message)
 
+    def test_new_leader_waits_for_servers_not_yet_heard(self) -> None:
+        """Servers known from the registry but not heard since this leader took over may be
+        alive: until they report (or the grace ends) a short allocation is "not_ready", which
+        clients retry, not the final not_enough_chunk_servers."""
+        h = Harness(self, chunks=4)
+        h.registry.known("chunk-5", "127.0.0.1:7105")
+        h.registry.known("chunk-6", "127.0.0.1:7106")
+        error = self.failureResultOf(h.command(c.Allocate("/f", None, ())), WireError).value
+        self.assertEqual(error.code, "not_ready")
+        self.assertIn("needs 6 live chunk servers, only 4 are alive", error.message)
+        h.heartbeat("chunk-5")
+        h.heartbeat("chunk-6")
+        alloc = h.result(c.Allocate("/f", None, ()))
+        self.assertEqual(len({s.node_id for s in alloc.shards}), 6)
+
+    def test_silent_known_servers_become_dead_after_the_grace(self) -> None:
+        """Once the grace has passed, servers never heard from are dead and the refusal final."""
+        h = Harness(self, chunks=4)
+        h.registry.known("chunk-5", "127.0.0.1:7105")
+        h.clock.advance(11)
+        for i in range(1, 5):
+            h.heartbeat(f"chunk-{i}")
+        error = self.failureResultOf(h.command(c.Allocate("/f", None, ())), WireError).value
+        self.assertEqual(error.code, "not_enough_chunk_servers")
+
     def test_dead_servers_are_not_chosen(self) -> None:
         """A chunk server silent past chunk_dead_after no longer receives shards."""
         h = Harness(self, chunks=7)

@@ -67,6 +67,34 @@ class RegistryTests(SynchronousTestCase):
         self.assertEqual(registry.state("b"), "alive")
         self.assertEqual(self.changes, [("b", "unknown", "alive"), ("a", "unknown", "dead")])
 
+    def test_new_leader_does_not_trust_old_silence(self) -> None:
+        """A server last heard long ago (when nobody led, its heartbeats had nowhere to go) is
+        "unknown" again when the registry restarts for a new leader, then dead if it stays
+        silent for a whole dead_after; awaiting() says when waiting could still help."""
+        registry = self.registry()
+        self.beat(registry, "a")
+        self.beat(registry, "b")
+        self.clock.advance(30)
+        self.beat(registry, "b")
+        self.assertEqual(registry.state("a"), "dead")
+        registry.stop()
+        registry.start()
+        self.clock.advance(1)  # the periodic check reports the change
+        self.assertEqual(registry.state("a"), "unknown")
+        self.assertTrue(registry.any_unknown())
+        self.assertTrue(registry.awaiting(2))  # b alive, a may be
+        self.assertFalse(registry.awaiting(1))  # enough already
+        self.assertFalse(registry.awaiting(3))  # not enough even if a reports
+        self.beat(registry, "a")
+        self.assertFalse(registry.awaiting(2))
+        self.clock.pump([1] * 11)
+        self.beat(registry, "b")
+        self.assertEqual(registry.state("a"), "dead")
+        self.assertFalse(registry.any_unknown())
+        self.assertEqual([c for c in self.changes if c[0] == "a"],
+                         [("a", "unknown", "alive"), ("a", "alive", "dead"), ("a", "dead", "unknown"),
+                          ("a", "unknown", "alive"), ("a", "alive", "dead")])
+
     def test_unknown_without_grace(self) -> None:
         """With no grace period a never-heard server is unknown for one dead_after, then dead."""
         registry = self.registry()

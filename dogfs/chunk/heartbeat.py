@@ -32,8 +32,9 @@ log = Logger()
 
 #: Shard ids per ShardReport frame (META_PROTOCOL.md).
 REPORT_BATCH = 20_000
-#: Errors after which another metadata address may do better.
-_MOVE_ON = frozenset({"unreachable", "connection_closed", "timeout", "bad_address"})
+#: Errors after which another metadata address may do better. "no_quorum" comes from a
+#: member cut off in a minority: a member on the other side may well lead.
+_MOVE_ON = frozenset({"unreachable", "connection_closed", "timeout", "bad_address", "no_quorum"})
 #: Seconds between repeats of the same complaint in the log.
 _COMPLAIN_EVERY = 60.0
 
@@ -179,7 +180,7 @@ class HeartbeatService(Service):
                         self.connections.drop(address)
                     self._move_on()
                     continue
-                break  # no_quorum, unsupported, ...: another address would not help
+                break  # unsupported, permission_denied, ...: another address would not help
             if self._reached != address:
                 self._reached = address
                 self._complaint = None

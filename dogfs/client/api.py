@@ -28,7 +28,7 @@ from dogfs.wire.protocol import Reply, WireError
 log = Logger()
 
 # Error codes after which the same request may be sent again (elsewhere, or later).
-RETRYABLE = {"not_leader", "unreachable", "connection_closed", "timeout", "no_quorum"}
+RETRYABLE = {"not_leader", "unreachable", "connection_closed", "timeout", "no_quorum", "not_ready"}
 #: Called with the bytes moved since the last call; a put whose block group is written again
 #: (a chunk server failed) calls it with minus what that group had counted.
 Progress = Callable[[int], None]
@@ -129,6 +129,8 @@ class DogFSClient:
             raise DogFSError("no_quorum", no_quorum.message)
         if last is None:
             raise DogFSError("timeout", f"no metadata node answered within {self.timeout:g}s ({where})")
+        if last.code == "not_ready":
+            raise DogFSError(last.code, last.message)
         if last.code == "unreachable":
             raise DogFSError("unreachable", f"no metadata node is reachable ({where}): {last.message}")
         raise DogFSError(last.code, f"the metadata service did not answer within {self.timeout:g}s: {last.message}")

@@ -292,6 +292,11 @@ class RaftCommandLog:
         deadline = self.clock.seconds() + self.read_timeout
 
         def attempt() -> None:
+            if self._cut_off():
+                # Waiting out read_timeout would only delay the answer: a client that asked
+                # here moves on to a member that can serve.
+                result.errback(self.no_quorum("the leader is out of reach"))
+                return
             d = self.driver.read_index()
             timer = self.clock.callLater(self.read_retry, again)
 
@@ -373,6 +378,18 @@ class RaftCommandLog:
         return out
 
     # --- leadership and errors ------------------------------------------------------------
+
+    def _cut_off(self) -> bool:
+        """A follower that has not heard its leader within the contact window and hears from
+        fewer than a majority of the voters: no read can be confirmed through it now."""
+        if self.driver.is_leader:
+            return False
+        hint = self.driver.leader_hint
+        seen = self.last_contact(hint) if hint is not None else None
+        if seen is not None and self.clock.seconds() - seen <= self.contact_window:
+            return False
+        reached, total = self.reachable()
+        return reached < _majority(total)
 
     def reachable(self) -> tuple[int, int]:
         """(voters heard from within the contact window, this one included; voters)."""
@@ -584,11 +601,7 @@ class RaftCommandLog:
             return None
 
     def _awaiting_chunk_servers(self, handlers: Any, needed: int) -> bool:
-        from dogfs.meta.registry import ALIVE, UNKNOWN
-
-        states = [v.state for v in handlers.registry.view()]
-        alive = states.count(ALIVE)
-        return alive < needed and alive + states.count(UNKNOWN) >= needed
+        return bool(handlers.registry.awaiting(needed))
 
     async def _allocate_when_heard(self, handlers: Any, request: Any, plain: Any, needed: int) -> Any:
         from dogfs.client.api import sleep

@@ -67,10 +67,11 @@ class ChunkServerRegistry:
     """Liveness of chunk servers from their heartbeats.
 
     A server is "alive" from a heartbeat until C{dead_after} seconds pass without one, then
-    "dead" (it comes back to "alive" with its next heartbeat). Servers known from the
-    persistent registry but not yet heard from since L{start} are "unknown" until
-    C{max(grace_after_start, dead_after)} seconds have passed, then "dead": a new leader
-    declares nobody dead on the strength of silence it has not itself observed. Listeners added with L{on_change}
+    "dead" (it comes back to "alive" with its next heartbeat). A server that is not alive is
+    "unknown", not dead, until C{max(grace_after_start, dead_after)} seconds have passed since
+    L{start}: a new leader declares nobody dead on the strength of silence it has not itself
+    observed. That covers servers never heard from and servers whose last heartbeat (relayed
+    by the previous leader) is old because they had nobody to report to. Listeners added with L{on_change}
     hear every transition, from L{heartbeat} or from the periodic L{check} that L{start} runs
     every C{check_interval} seconds (default: a quarter of C{dead_after}).
     """
@@ -204,12 +205,23 @@ class ChunkServerRegistry:
         ]
 
     def any_unknown(self) -> bool:
-        """Whether some known server has not been heard from yet (within its grace period)."""
+        """Whether some known server is "unknown" (not heard from within the grace period)."""
         # Asked for every command on the leader: past the grace period (the usual case) the
         # answer is no without looking at any server.
-        if self._now() - self._started_at >= max(self.grace_after_start, self.dead_after):
+        now = self._now()
+        if now - self._started_at >= max(self.grace_after_start, self.dead_after):
             return False
-        return any(e.last_heartbeat is None for e in self._entries.values())
+        return any(self._state_at(e, now) == UNKNOWN for e in self._entries.values())
+
+    def awaiting(self, needed: int) -> bool:
+        """Whether fewer than C{needed} servers are alive now but enough may be once the
+        "unknown" ones report: a new leader should wait for them rather than refuse."""
+        if not self.any_unknown():
+            return False
+        now = self._now()
+        states = [self._state_at(e, now) for e in self._entries.values()]
+        alive = states.count(ALIVE)
+        return alive < needed <= alive + states.count(UNKNOWN)
 
     def view(self) -> list[ChunkServerView]:
         """Every known server with its state and last report, sorted by node id."""
@@ -232,10 +244,10 @@ class ChunkServerRegistry:
     # --- internals ---
 
     def _state_at(self, entry: _Entry, now: float) -> str:
-        if entry.last_heartbeat is not None:
-            return ALIVE if now - entry.last_heartbeat <= self.dead_after else DEAD
-        # Never heard from since this registry started: give it the grace period (and at
-        # least one full dead_after) to speak up before declaring it dead.
+        if entry.last_heartbeat is not None and now - entry.last_heartbeat <= self.dead_after:
+            return ALIVE
+        # Silent, but not for a whole grace period (at least one dead_after) since this
+        # registry started: it may have had nobody to report to. Not dead yet.
         if now - self._started_at < max(self.grace_after_start, self.dead_after):
             return UNKNOWN
         return DEAD

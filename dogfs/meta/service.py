@@ -164,6 +164,15 @@ class MetaHandlers:
                     exclude=draining.union(command.avoid), policy=policy.name,
                 )
             except NotEnoughChunkServers as e:
+                if self.registry.awaiting(e.needed):
+                    # A leader that took over recently has not heard every chunk server yet:
+                    # the ones still to report may well be alive. The client retries.
+                    raise WireError(
+                        "not_ready",
+                        f"cannot write {command.path} yet: {e}, and this metadata leader has not "
+                        "heard from every chunk server since it took over",
+                        {"needed": e.needed, "alive": e.alive},
+                    ) from None
                 self.emit("write_refused", path=command.path, reason=f"not_enough_chunk_servers: {e}")
                 avoided = f" (without {', '.join(command.avoid)}, which failed this upload)" if command.avoid else ""
                 raise WireError(

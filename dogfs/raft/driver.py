@@ -204,6 +204,8 @@ class RaftDriver(Service):
         self._unsaved_commit: HardState | None = None
         self._was_leader = False
         self._leader_term = 0
+        # (role, term, leader) as last logged: every change of role or leader is logged once.
+        self._seen_role: tuple[Role, int, str | None] | None = None
         # index -> (term it was proposed in, Deferred, deadline), oldest first. One timer,
         # armed for the oldest deadline, expires them: a timer per proposal cost the leader a
         # heap insertion and a cancellation for every command.
@@ -773,8 +775,24 @@ class RaftDriver(Service):
                 still.append((index, d, timer))
         self._reads_waiting = still
 
+    def _log_role(self, seen: tuple[Role, int, str | None]) -> None:
+        """Log a change of role or of the leader followed (elections explain most outages)."""
+        role, term, leader = seen
+        if role == Role.LEADER:
+            what = "leads"
+        elif leader is not None:
+            what = f"is {role.value}, following {leader}"
+        else:
+            what = f"is {role.value}, no leader known"
+        _log.info("Raft: {node} {what} in term {term}", node=self.node_id, what=what, term=term)
+
     def _watch_leadership(self) -> None:
         node = self.node
+        seen = (node.role, node.term, node.leader_id)
+        before = self._seen_role
+        if before is None or seen[0] != before[0] or seen[2] != before[2]:
+            self._log_role(seen)
+        self._seen_role = seen
         leading = node.role == Role.LEADER
         if self._was_leader and (not leading or node.term != self._leader_term):
             # Entries we proposed may still commit under the next leader, or may not: the
