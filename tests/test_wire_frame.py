@@ -74,7 +74,7 @@ class FrameDecoderTests(SynchronousTestCase):
         self.assertEqual(decoded(out), frames)
 
     def test_flags_decoded(self) -> None:
-        """Flags come back as the Flags enum."""
+        """Flags come back as their bits (Flags values compare equal)."""
         [frame] = FrameDecoder().feed(encode_frame(1, Flags.RESPONSE | Flags.MORE, 9, 7, b"h", 0) + b"h")
         self.assertEqual(frame.flags, Flags.RESPONSE | Flags.MORE)
         self.assertEqual(frame.version, 1)

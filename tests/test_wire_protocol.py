@@ -139,6 +139,47 @@ class RequestResponseTests(SynchronousTestCase):
         clock.advance(0.2)
         self.assertIn("timed out", self.failureResultOf(d, RequestTimeout).value.message)
 
+    def test_timeouts_of_different_lengths(self) -> None:
+        """Each request fails at its own deadline, whatever the order of their lengths (one
+        timer serves the connection); an answered request is not failed later, and a closed
+        connection leaves no timer behind."""
+        clock = Clock()
+        waiting: dict[str, defer.Deferred[Any]] = {}
+
+        def handle(request: Request) -> defer.Deferred[Any]:
+            waiting[request.msg.shard_id] = d = defer.Deferred()
+            return d
+
+        server, client, pump = pair({GetShard: handle}, clock)
+        long = client.call(GetShard("long"), timeout=10.0)
+        short = client.call(GetShard("short"), timeout=2.0)
+        answered = client.call(GetShard("answered"), timeout=1.0)
+        pump.flush()
+        waiting["answered"].callback(GetShardEnd(1))
+        pump.flush()
+        self.assertEqual(self.successResultOf(answered).msg, GetShardEnd(1))
+        clock.advance(1.9)
+        self.assertNoResult(short)
+        clock.advance(0.2)
+        message = self.failureResultOf(short, RequestTimeout).value.message
+        self.assertEqual(message, "GetShard to server timed out after 2s")
+        clock.advance(3.0)  # t = 5.1
+        later = client.call(GetShard("later"), timeout=1.0)
+        pump.flush()
+        clock.advance(0.95)
+        self.assertNoResult(later)
+        clock.advance(0.1)
+        self.failureResultOf(later, RequestTimeout)
+        self.assertNoResult(long)
+        clock.advance(3.9)  # t = 10.05
+        self.assertIn("timed out after 10s", self.failureResultOf(long, RequestTimeout).value.message)
+        pending = client.call(GetShard("pending"), timeout=5.0)
+        pump.flush()
+        client.transport.loseConnection()
+        pump.flush()
+        self.failureResultOf(pending, ConnectionClosed)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
     def test_connection_lost_fails_pending(self) -> None:
         """Pending calls fail with ConnectionClosed when the connection drops."""
         server, client, pump = pair({GetShard: lambda r: defer.Deferred()})

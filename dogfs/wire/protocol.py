@@ -36,6 +36,14 @@ from dogfs.wire.messages import SUPPORTED_VERSIONS, Error, Hello, MalformedMessa
 
 log = Logger()
 
+# Frame flags as plain ints: IntFlag's & and | cost microseconds on every frame.
+_RESPONSE = int(Flags.RESPONSE)
+_ERROR = int(Flags.ERROR)
+_MORE = int(Flags.MORE)
+_ONEWAY = int(Flags.ONEWAY)
+_RESPONSE_MORE = _RESPONSE | _MORE
+_RESPONSE_ERROR = _RESPONSE | _ERROR
+
 # Bulk connections want bigger socket reads and writes than Twisted's defaults
 # (64 KiB / 128 KiB): PERFORMANCE.md measured about 2x on loopback.
 RECV_BUFFER = 1 << 20
@@ -134,7 +142,7 @@ class Request:
 
     def send_part(self, msg: Any, payload: bytes | memoryview = b"") -> defer.Deferred[None]:
         """Send one frame of a streamed response; fires when the connection can take more."""
-        self.connection._send(msg, payload, self.request_id, Flags.RESPONSE | Flags.MORE)
+        self.connection._send(msg, payload, self.request_id, _RESPONSE_MORE)
         return self.connection.wait_writable()
 
     def _deliver(self, part: tuple[Any, memoryview] | None) -> None:
@@ -166,9 +174,10 @@ class Request:
 @define(eq=False)
 class _Pending:
     deferred: defer.Deferred[Reply]
-    description: str
+    what: str  # the request's message type, for a timeout's message
     on_part: Callable[[Any, memoryview], None] | None = None
-    timer: Any = None
+    deadline: float | None = None
+    timeout: float = 0.0
 
 
 @define(eq=False)
@@ -191,7 +200,7 @@ class Upload:
         # forgets the request instead of waiting for frames that will never come.
         if not self._closed:
             self._closed = True
-            self.connection._send(Error("aborted", "answered early"), b"", self.request_id, Flags.ERROR)
+            self.connection._send(Error("aborted", "answered early"), b"", self.request_id, _ERROR)
 
     def send(self, msg: Any, payload: bytes | memoryview = b"") -> defer.Deferred[None]:
         """Send a middle frame; fires when the connection can take more.
@@ -202,7 +211,7 @@ class Upload:
         if self._result.called:
             self._release()
             return defer.succeed(None)
-        self.connection._send(msg, payload, self.request_id, Flags.MORE)
+        self.connection._send(msg, payload, self.request_id, _MORE)
         return self.connection.wait_writable()
 
     def finish(
@@ -215,7 +224,7 @@ class Upload:
             self._release()
         else:
             self._closed = True
-            self.connection._send(msg, payload, self.request_id, Flags.NONE)
+            self.connection._send(msg, payload, self.request_id, 0)
             self.connection._arm_timeout(self.request_id, timeout)
         return self._result
 
@@ -226,7 +235,7 @@ class Upload:
         self._aborted = reason
         if not self._closed:
             self._closed = True
-            self.connection._send(Error("aborted", reason), b"", self.request_id, Flags.ERROR)
+            self.connection._send(Error("aborted", reason), b"", self.request_id, _ERROR)
         if not self._result.called:
             self.connection._complete(self.request_id, failure=Failure(WireError("aborted", reason)))
         self._result.addErrback(lambda _: None)  # finish() reports the abort instead
@@ -269,6 +278,8 @@ class Connection(Protocol):
         self._decoder = FrameDecoder(limits)
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
+        # The one timer that fails requests past their deadline (see _arm_timeout).
+        self._deadlines: Any = None
         self._inbound: dict[int, Request] = {}
         self._writable: list[defer.Deferred[None]] = []
         self._paused = False
@@ -314,7 +325,7 @@ class Connection(Protocol):
         self.transport.registerProducer(self, True)
         self._last_frame = self.clock.seconds()
         self._arm_watchdog()
-        self._send(Hello(SUPPORTED_VERSIONS, "dogfs", self.node_id), b"", 0, Flags.NONE, version=1)
+        self._send(Hello(SUPPORTED_VERSIONS, "dogfs", self.node_id), b"", 0, 0, version=1)
 
     def handshakeCompleted(self) -> None:
         """TLS authenticated the peer: let the owner record its identity."""
@@ -401,6 +412,9 @@ class Connection(Protocol):
         if self._watchdog is not None and self._watchdog.active():
             self._watchdog.cancel()
         self._watchdog = None
+        if self._deadlines is not None and self._deadlines.active():
+            self._deadlines.cancel()
+        self._deadlines = None
         error = _tls_failure(reason, self.peer_description()) or ConnectionClosed(
             self._closing_reason or f"connection to {self.peer_description()} closed"
         )
@@ -487,7 +501,7 @@ class Connection(Protocol):
         """
         request_id = self._new_request(msg, on_part)
         result = self._pending[request_id].deferred
-        self._send(msg, payload, request_id, Flags.NONE)
+        self._send(msg, payload, request_id, 0)
         self._arm_timeout(request_id, timeout)
         return result
 
@@ -497,13 +511,13 @@ class Connection(Protocol):
         """Start a streamed request: send more frames with `Upload.send`, then `finish`."""
         request_id = self._new_request(msg, None)
         upload = Upload(self, request_id, self._pending[request_id].deferred)
-        self._send(msg, payload, request_id, Flags.MORE)
+        self._send(msg, payload, request_id, _MORE)
         return upload
 
     def send_oneway(self, msg: Any, payload: bytes | memoryview = b"") -> None:
         """Send a request that gets no response (Raft messages)."""
         if self.is_open:
-            self._send(msg, payload, next(self._ids) & 0xFFFFFFFF, Flags.ONEWAY)
+            self._send(msg, payload, next(self._ids) & 0xFFFFFFFF, _ONEWAY)
 
     def pause_reading(self) -> None:
         """Stop reading the socket until `resume_reading` (a slow consumer of a response)."""
@@ -518,7 +532,7 @@ class Connection(Protocol):
         if self._closing_reason is not None or self._lost:
             return
         log.warn("closing connection to {peer}: {message}", peer=self.peer_description(), message=message)
-        self._send(Error(code, message), b"", 0, Flags.ERROR)
+        self._send(Error(code, message), b"", 0, _ERROR)
         self._closing_reason = f"connection to {self.peer_description()} closed: {message}"
         self._lose()
 
@@ -534,25 +548,50 @@ class Connection(Protocol):
         if not self.is_open:
             raise ConnectionClosed(f"connection to {self.peer_description()} is closed")
         request_id = next(self._ids) & 0xFFFFFFFF
-        self._pending[request_id] = _Pending(
-            defer.Deferred(), f"{type(msg).__name__} to {self.peer_description()}", on_part
-        )
+        self._pending[request_id] = _Pending(defer.Deferred(), type(msg).__name__, on_part)
         return request_id
 
     def _arm_timeout(self, request_id: int, timeout: float | None) -> None:
+        """Fail the request if no reply has come in C{timeout} seconds.
+
+        One timer per connection serves every request: it is armed for the earliest deadline
+        and moved only when a request with an earlier one comes, so the usual request (the
+        same timeout as those before it) costs no timer at all, where a DelayedCall each
+        cost a heap insertion and a cancellation.
+        """
         timeout = self.default_timeout if timeout is None else timeout
         pending = self._pending.get(request_id)
         if pending is None or timeout is None:
             return
+        deadline = self.clock.seconds() + timeout
+        pending.deadline, pending.timeout = deadline, timeout
+        timer = self._deadlines
+        if timer is None or not timer.active():
+            self._deadlines = self.clock.callLater(timeout, self._expire_requests)
+        elif deadline < timer.getTime():
+            timer.reset(timeout)
 
-        def expire() -> None:
-            pending.timer = None
-            self._complete(
-                request_id,
-                failure=Failure(RequestTimeout(f"{pending.description} timed out after {timeout:g}s")),
-            )
-
-        pending.timer = self.clock.callLater(timeout, expire)
+    def _expire_requests(self) -> None:
+        """Fail the requests whose deadline has passed; arm for the next deadline."""
+        self._deadlines = None
+        now = self.clock.seconds()
+        soonest: float | None = None
+        for request_id, pending in list(self._pending.items()):
+            deadline = pending.deadline
+            if deadline is None:
+                continue
+            if deadline <= now:
+                message = f"{pending.what} to {self.peer_description()} timed out after {pending.timeout:g}s"
+                self._complete(request_id, failure=Failure(RequestTimeout(message)))
+            elif soonest is None or deadline < soonest:
+                soonest = deadline
+        if soonest is None or self._lost:
+            return
+        timer = self._deadlines  # a callback above may have armed it again
+        if timer is None or not timer.active():
+            self._deadlines = self.clock.callLater(soonest - now, self._expire_requests)
+        elif soonest < timer.getTime():
+            timer.reset(soonest - now)
 
     def _complete(
         self, request_id: int, reply: Reply | None = None, failure: Failure | None = None
@@ -560,8 +599,6 @@ class Connection(Protocol):
         pending = self._pending.pop(request_id, None)
         if pending is None:
             return
-        if pending.timer is not None and pending.timer.active():
-            pending.timer.cancel()
         if failure is not None:
             pending.deferred.errback(failure)
         else:
@@ -729,7 +766,7 @@ class Connection(Protocol):
             self.transport.resumeProducing()
 
     def _frame(
-        self, version: int, flags: Flags, type_: int, request_id: int, header: bytes, payload: memoryview
+        self, version: int, flags: int, type_: int, request_id: int, header: bytes, payload: memoryview
     ) -> None:
         if self.version is None:
             self._negotiate(type_, header)
@@ -737,23 +774,23 @@ class Connection(Protocol):
         if version != self.version:
             self.protocol_error("bad_version", f"frame in protocol version {version}, agreed {self.version}")
             return
-        if flags & Flags.RESPONSE:
+        if flags & _RESPONSE:
             self._response(flags, type_, request_id, header, payload)
             return
         inbound = self._inbound.get(request_id)
         if inbound is not None:
-            if flags & Flags.ERROR:
+            if flags & _ERROR:
                 error = messages.decode(type_, header)
                 del self._inbound[request_id]
                 inbound._fail(WireError(getattr(error, "code", "aborted"), getattr(error, "message", "aborted")))
                 return
             msg = messages.decode(type_, header)
             inbound._deliver((msg, payload))
-            if not flags & Flags.MORE:
+            if not flags & _MORE:
                 del self._inbound[request_id]
                 inbound._deliver(None)
             return
-        if flags & Flags.ERROR:
+        if flags & _ERROR:
             # An error about the connection as a whole (request id 0), or a late abort.
             error = messages.decode(type_, header)
             if request_id == 0:
@@ -783,15 +820,15 @@ class Connection(Protocol):
             self.ready.callback(self)
 
     def _response(
-        self, flags: Flags, type_: int, request_id: int, header: bytes, payload: memoryview
+        self, flags: int, type_: int, request_id: int, header: bytes, payload: memoryview
     ) -> None:
         pending = self._pending.get(request_id)
         if pending is None:
             return  # the request timed out or was aborted: drop the late answer
         msg = messages.decode(type_, header)
-        if flags & Flags.ERROR:
+        if flags & _ERROR:
             self._complete(request_id, failure=Failure(WireError(msg.code, msg.message, msg.details)))
-        elif flags & Flags.MORE:
+        elif flags & _MORE:
             if pending.on_part is None:
                 self.protocol_error("unexpected_stream", f"unrequested streamed response to request {request_id}")
                 return
@@ -803,10 +840,10 @@ class Connection(Protocol):
             self._complete(request_id, reply=Reply(msg, payload))
 
     def _request(
-        self, flags: Flags, type_: int, request_id: int, header: bytes, payload: memoryview
+        self, flags: int, type_: int, request_id: int, header: bytes, payload: memoryview
     ) -> None:
-        oneway = bool(flags & Flags.ONEWAY)
-        streamed = bool(flags & Flags.MORE)
+        oneway = bool(flags & _ONEWAY)
+        streamed = bool(flags & _MORE)
         try:
             msg = messages.decode(type_, header)
         except messages.UnknownMessageType as e:
@@ -817,7 +854,7 @@ class Connection(Protocol):
                 sink = Request(self, request_id, None, b"", oneway, streamed)
                 sink._fail(WireError("unsupported", str(e)))
                 self._inbound[request_id] = sink
-            self._send(Error("unsupported", str(e)), b"", request_id, Flags.RESPONSE | Flags.ERROR)
+            self._send(Error("unsupported", str(e)), b"", request_id, _RESPONSE_ERROR)
             return
         if max(len(self._inbound), self._serving) + 1 > self.max_inflight:
             self.protocol_error("too_many_requests", f"more than {self.max_inflight} requests in flight")
@@ -844,7 +881,7 @@ class Connection(Protocol):
             if isinstance(result, Failure) and not result.check(WireError):
                 log.failure("oneway handler for {msg} failed", result, msg=type(request.msg).__name__)
             return
-        flags = Flags.RESPONSE
+        flags = _RESPONSE
         if isinstance(result, Failure):
             if result.check(WireError):
                 error: Any = result.value
@@ -852,7 +889,7 @@ class Connection(Protocol):
             else:
                 log.failure("handler for {msg} failed", result, msg=type(request.msg).__name__)
                 reply = Reply(Error("internal", f"{type(request.msg).__name__} failed: {result.getErrorMessage()}"))
-            flags |= Flags.ERROR
+            flags |= _ERROR
         elif isinstance(result, Reply):
             reply = result
         else:
