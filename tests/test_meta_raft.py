@@ -351,6 +351,43 @@ class RaftCommandLogTests(SynchronousTestCase):
         self.assertTrue(raft_mode(Config("a", {"a": "x:1", "b": "x:2"})))
         self.assertTrue(raft_mode(Config("c", {"a": "x:1", "b": "x:2"})))
 
+    def test_cut_off_member_refuses_reads_at_once(self) -> None:
+        """A member that still names a leader it has not heard from within the contact window
+        (a learner never campaigns, so it keeps that name) and hears from no majority answers
+        a read with no_quorum at once instead of retrying for read_timeout; one that hears
+        its leader forwards the read."""
+
+        class Driver:
+            is_leader = False
+            leader_hint = "m1"
+            config = Configuration(voters=frozenset(IDS), learners=frozenset({"m4"}))
+            asked = 0
+
+            def read_index(self) -> defer.Deferred[None]:
+                Driver.asked += 1
+                return defer.Deferred()  # forwarded; the answer would come later
+
+        clock = task.Clock()
+        clock.advance(100)
+        heard = {"m1": 99.0}
+        state = NamespaceState(self.mktemp(), durable=False)
+        state.open()
+        self.addCleanup(state.close)
+        log = RaftCommandLog(
+            Driver(), NamespaceMachine(state, MemberBook(None, {})), clock=clock, node_id="m4", address="a:4",  # type: ignore[arg-type]
+            last_contact=heard.get, read_timeout=5.0,
+        )
+        pending = log.read_barrier()
+        self.assertNoResult(pending)
+        self.assertEqual(Driver.asked, 1)
+        clock.advance(3.0)  # m1 silent for 4 s, past the 2 s contact window
+        error = self.failureResultOf(pending, WireError).value  # at the next retry, not at 5 s
+        self.assertEqual(error.code, "no_quorum")
+        self.assertIn("0 of 3 members reachable from m4", error.message)  # a learner counts no vote
+        self.assertIn("out of reach", error.message)
+        self.failureResultOf(log.read_barrier(), WireError)
+        self.assertEqual(Driver.asked, 1)  # refused without forwarding
+
 
 class WireTransportTests(TestCase):
     """Raft messages over real DogFS connections on loopback."""
