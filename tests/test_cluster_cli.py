@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from typing import Any
 
 from twisted.internet import reactor as _reactor
@@ -174,10 +175,10 @@ class ProcessTests(SynchronousTestCase):
             [
                 sys.executable,
                 "-c",
-                "import signal, sys, time\n"
+                "import signal, sys\n"
                 "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
                 "sys.stdout.write('ready\\n'); sys.stdout.flush()\n"
-                "time.sleep(60)",
+                "signal.pause()",  # until SIGKILL: SIGTERM is ignored
             ],
             stdout=subprocess.PIPE,
         )
@@ -332,7 +333,7 @@ class WaitReadyTests(TestCase):
         home = _home(self)
         spec = _spec()
         layout.write_cluster(home, spec)
-        process = self._started(home, spec, "import time; time.sleep(60)")
+        process = self._started(home, spec, "import signal; signal.pause()")  # never answers
         d: Deferred[Any] = Deferred.fromCoroutine(
             cluster._wait_ready(_reactor, home, spec, {"chunk-1": process}, 0.3)
         )
@@ -427,9 +428,15 @@ class RealClusterTests(SynchronousTestCase):
         self.assertEqual((after["chunk-2"]["state"], after["chunk-2"]["pid"]), ("stopped", None))
         self.assertEqual(after["chunk-1"]["state"], "running")
 
+        began = time.monotonic()
         started = _cli(home, "cluster", "start", "chunk-2", "--wait", str(WAIT))
         self.assertEqual(started.returncode, 0, started.stderr)
-        self.assertEqual(self._status(home)["chunk-2"]["state"], "running")
+        restarted = self._status(home)["chunk-2"]
+        self.assertEqual(restarted["state"], "running")
+        # `start` returns once the leader has heard the new process, not on the old one's last
+        # heartbeat (sent before `stop`, so older than this start).
+        self.assertEqual(restarted["health"], "alive")
+        self.assertLessEqual(restarted["last_heartbeat_s"], time.monotonic() - began)
         again = _cli(home, "cluster", "start", "chunk-2")
         self.assertEqual(again.returncode, 0)
         self.assertIn("already running", again.stdout)

@@ -10,7 +10,8 @@
 `up` creates the cluster on first use (see `dogfs.cli.cluster_layout` for the files under
 HOME) and restarts it with its data afterwards. It is ready when a metadata leader is known
 and every chunk server is "alive" in the metadata's view; `up` polls the metas' `status`
-query until then. Without `--detach` it stays in the foreground and stops every node on
+query until then. `start` waits until the node listens and, for a chunk server, until the
+leader has heard it since it started. Without `--detach` it stays in the foreground and stops every node on
 Ctrl-C or SIGTERM. `kill` sends SIGKILL (for tests and chaos drills); `stop` is SIGTERM,
 then SIGKILL after 10 s.
 
@@ -163,7 +164,7 @@ def register(subparsers: Any) -> None:
                 type=float,
                 default=DEFAULT_WAIT,
                 metavar="SECONDS",
-                help="how long to wait for it to listen",
+                help="how long to wait for it to listen (a chunk server: to report to the leader)",
             )
         p.set_defaults(func={"stop": cmd_stop, "start": cmd_start, "kill": cmd_kill}[name])
         del func
@@ -375,11 +376,13 @@ def _missing(
     spec: ClusterSpec,
     answers: dict[str, dict[str, Any]],
     restarted: dict[str, float] | None = None,
+    chunks: list[str] | None = None,
 ) -> list[str]:
     """What keeps the cluster from serving, in words; empty when it serves.
 
     `restarted` maps chunk servers started `seconds` ago to those seconds: their "alive" must
     come from a heartbeat since then, not from the meta's memory of their previous run.
+    `chunks` names the chunk servers that must be alive (default: all of them).
     """
     if not answers:
         return ["no metadata node answers"]
@@ -397,7 +400,8 @@ def _missing(
                 continue
             alive.add(c.get("id"))
     missing = [] if leader else ["no metadata leader yet"]
-    absent = [c.id for c in spec.chunks if c.id not in alive]
+    wanted = [c.id for c in spec.chunks] if chunks is None else chunks
+    absent = [c for c in wanted if c not in alive]
     if absent:
         missing.append("not yet alive: " + ", ".join(absent))
     return missing
@@ -409,8 +413,10 @@ async def _wait_ready(
     spec: ClusterSpec,
     started: dict[str, subprocess.Popen[bytes]],
     wait: float,
+    chunks: list[str] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Poll the metas' status until the cluster serves; fail if a daemon we started exits."""
+    """Poll the metas' status until the cluster serves (a leader, and the chunk servers
+    `chunks`, default all, alive); fail if a daemon we started exits."""
     pool = _pool(reactor, home, spec)
     began = reactor.seconds()
     deadline = began + wait
@@ -429,7 +435,7 @@ async def _wait_ready(
                     )
             answers = await query_status(reactor, pool, addresses, min(STATUS_TIMEOUT, wait))
             since = reactor.seconds() - began
-            missing = _missing(spec, answers, {c: since for c in started_chunks})
+            missing = _missing(spec, answers, {c: since for c in started_chunks}, chunks)
             waiting = [n for n in started if layout.node_pid(home, spec.node(n)) is None]
             if waiting:
                 # twistd writes its pidfile before it starts the service; until then the
@@ -707,14 +713,17 @@ def _wait_listening(
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    """`dogfs cluster start NODE`: start one node with its data; wait until it listens."""
-    home, _, node = _find(args)
+    """`dogfs cluster start NODE`: start one node with its data; wait until it listens and,
+    for a chunk server, until the metadata leader has heard from it (it then takes shards)."""
+    home, spec, node = _find(args)
     pid = layout.node_pid(home, node)
     if pid is not None:
         _say(f"{node.id} is already running (pid {pid})")
         return OK
     process = layout.start_node(home, node)
     _wait_listening(home, node, process, args.wait)
+    if node.kind == "chunk":
+        run_deferred(lambda reactor: _wait_ready(reactor, home, spec, {node.id: process}, args.wait, [node.id]))
     _say(f"started {node.id} (pid {process.pid}) on {node.address}")
     return OK
 
