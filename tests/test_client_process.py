@@ -22,6 +22,7 @@ from zope.interface import implementer
 from dogfs.client.api import DogFSClient, DogFSError
 from dogfs.config import load_client
 from dogfs.meta.commands import Allocation, FileInfo
+from tests.test_client_read import Collector
 from tests.test_datapath_process import Cluster
 
 
@@ -223,19 +224,8 @@ class PutReplacementTests(TestCase):
         return defer.Deferred.fromCoroutine(self._stream())
 
 
-@implementer(IConsumer)
-class StuckConsumer:
+class StuckConsumer(Collector):
     """Pauses its producer at the first write and stays paused until `release`."""
-
-    def __init__(self) -> None:
-        self.data = bytearray()
-        self.producer: Any = None
-
-    def registerProducer(self, producer: Any, streaming: bool) -> None:
-        self.producer = producer
-
-    def unregisterProducer(self) -> None:
-        pass
 
     def write(self, data: bytes) -> None:
         if not self.data:

@@ -624,6 +624,17 @@ class BulkTransferTests(SynchronousTestCase):
                     sink.dataReceived(data[:size])
                     data = data[size:]
 
+    def handshaken(self, receiver: Protocol, rng: random.Random) -> tuple[Any, Any, Any, Any]:
+        """``pair(receiver)`` pumped past its handshake."""
+        connected = self.pair(receiver)
+        self.pump(*connected, rng)
+        return connected
+
+    @staticmethod
+    def frame(payload: bytes, header: int) -> list[Any]:
+        """``payload`` written as a frame is: a 16-byte prefix, a header, then the rest."""
+        return [payload[:16], payload[16:header], memoryview(payload)[header:]]
+
     def transfer(self, receiver: _Collector, seed: int) -> bytes:
         """Write a seeded mix of writes and frame-like sequences; return what was written."""
         rng = random.Random(seed)
@@ -663,9 +674,8 @@ class BulkTransferTests(SynchronousTestCase):
         rng = random.Random(7)
         payload = rng.randbytes(3 << 20)
         receiver = _DirectCollector(len(payload))
-        client, server, client_tcp, server_tcp = self.pair(receiver)
-        self.pump(client, server, client_tcp, server_tcp, rng)
-        client.writeSequence([payload[:16], payload[16:100], memoryview(payload)[100:]])
+        client, server, client_tcp, server_tcp = self.handshaken(receiver, rng)
+        client.writeSequence(self.frame(payload, 100))
         self.pump(client, server, client_tcp, server_tcp, rng)
         self.assertEqual(bytes(receiver.body), payload)
         self.assertGreater(receiver.direct, len(payload) - 200000)
@@ -675,14 +685,13 @@ class BulkTransferTests(SynchronousTestCase):
         encrypted bytes (partial writes are off, so SSL_write encrypts it all in one call),
         not as one write per 16 KiB record."""
         receiver = _Collector()
-        client, server, client_tcp, server_tcp = self.pair(receiver)
         rng = random.Random(8)
-        self.pump(client, server, client_tcp, server_tcp, rng)
+        client, server, client_tcp, server_tcp = self.handshaken(receiver, rng)
         writes: list[int] = []
         original = client_tcp.write
         client_tcp.write = lambda data: (writes.append(len(data)), original(data))
         payload = rng.randbytes(1 << 20)
-        client.writeSequence([payload[:16], payload[16:80], memoryview(payload)[80:]])
+        client.writeSequence(self.frame(payload, 80))
         self.assertEqual(len(writes), 1, writes)
         self.assertGreater(writes[0], len(payload))
         self.pump(client, server, client_tcp, server_tcp, rng)
@@ -711,9 +720,8 @@ class BulkTransferTests(SynchronousTestCase):
         rng = random.Random(9)
         payload = rng.randbytes(1 << 20)
         receiver = Raising(len(payload))
-        client, server, client_tcp, server_tcp = self.pair(receiver)
-        self.pump(client, server, client_tcp, server_tcp, rng)
-        client.writeSequence([payload[:16], payload[16:100], memoryview(payload)[100:]])
+        client, server, client_tcp, server_tcp = self.handshaken(receiver, rng)
+        client.writeSequence(self.frame(payload, 100))
         chunk = bytearray(client_tcp.value())
         client_tcp.clear()
         # The first record is delivered, then the application raises: most records are unread.

@@ -131,10 +131,10 @@ class TLSSocketTests(SocketPairMixin, TestCase):
         TLS layer's own copy, never a view of the caller's buffer)."""
         original = random.Random(6).randbytes(8 * MiB)
         buffer = bytearray(original)
-        got: list[int] = []
+        arrived: defer.Deferred[int] = defer.Deferred()
 
         def record(request: Request) -> None:
-            got.append(crc32c(request.payload))
+            arrived.callback(crc32c(request.payload))
 
         async def go() -> None:
             client = await self.connect({GetShard: record})
@@ -143,11 +143,7 @@ class TLSSocketTests(SocketPairMixin, TestCase):
             client.send_oneway(GetShard(SHARD, 0, -1), memoryview(buffer))
             buffer[:] = bytes(len(buffer))
             self.server.transport.resumeProducing()
-            while not got:
-                wait: defer.Deferred[None] = defer.Deferred()
-                reactor.callLater(0.01, wait.callback, None)
-                await wait
-            self.assertEqual(got, [crc32c(original)])
+            self.assertEqual(await arrived, crc32c(original))
 
         return deferred(go())
 

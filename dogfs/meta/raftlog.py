@@ -521,7 +521,7 @@ class RaftCommandLog:
         if not handlers.registry.any_unknown():
             return plain(request)  # the common case: no need to decode the command here
         needed = self._allocation_width(handlers, request)
-        if needed is None or not self._awaiting_chunk_servers(handlers, needed):
+        if needed is None or not handlers.registry.awaiting(needed):
             return plain(request)
         return defer.Deferred.fromCoroutine(self._allocate_when_heard(handlers, request, plain, needed))
 
@@ -600,14 +600,11 @@ class RaftCommandLog:
         except Exception:
             return None
 
-    def _awaiting_chunk_servers(self, handlers: Any, needed: int) -> bool:
-        return bool(handlers.registry.awaiting(needed))
-
     async def _allocate_when_heard(self, handlers: Any, request: Any, plain: Any, needed: int) -> Any:
         from dogfs.client.api import sleep
 
         deadline = self.clock.seconds() + self.ALLOCATION_WAIT
-        while self.clock.seconds() < deadline and self._awaiting_chunk_servers(handlers, needed):
+        while self.clock.seconds() < deadline and handlers.registry.awaiting(needed):
             await sleep(self.clock, 0.02)
         return await defer.maybeDeferred(plain, request)
 
