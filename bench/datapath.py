@@ -150,6 +150,7 @@ async def measure(reactor: Any, args: argparse.Namespace, home: str, work: str) 
     # machine is shared and wall-clock figures are not.
     servers = chunk_pids(home)
     put_cpu_client = put_cpu_servers = 0.0
+    get_cpu_client = get_cpu_servers = 0.0
     for i in range(args.repeats):
         limit = baseline_fsync_write(work, size)
         client_cpu, servers_cpu = time.process_time(), sum(map(process_cpu_seconds, servers))
@@ -160,10 +161,13 @@ async def measure(reactor: Any, args: argparse.Namespace, home: str, work: str) 
         put_cpu_client += time.process_time() - client_cpu
         put_cpu_servers += sum(map(process_cpu_seconds, servers)) - servers_cpu
         copy = baseline_copy(source, out)
+        client_cpu, servers_cpu = time.process_time(), sum(map(process_cpu_seconds, servers))
         started = time.perf_counter()
         with open(out, "wb") as f:
             await client.get(f"/big-{i}", f)
         get_s = time.perf_counter() - started
+        get_cpu_client += time.process_time() - client_cpu
+        get_cpu_servers += sum(map(process_cpu_seconds, servers)) - servers_cpu
         drop(out)
         limits.append(limit)
         copies.append(copy)
@@ -178,6 +182,9 @@ async def measure(reactor: Any, args: argparse.Namespace, home: str, work: str) 
     put_gib = args.repeats * size / (1 << 30)
     results["put_cpu_s_per_gib"] = {
         "client": put_cpu_client / put_gib, "chunk_servers": put_cpu_servers / put_gib,
+    }
+    results["get_cpu_s_per_gib"] = {
+        "client": get_cpu_client / put_gib, "chunk_servers": get_cpu_servers / put_gib,
     }
     results["copy_mib_s"] = size / MiB / statistics.median(copies)
     results["get_mib_s"] = size / MiB / statistics.median(gets)
@@ -274,6 +281,9 @@ def main() -> None:
           f"total {cpu['client'] + cpu['chunk_servers']:.2f}")
     print(f"  page-cache copy                             {r['copy_mib_s']:8.0f} MiB/s")
     print(f"  GET                                         {r['get_mib_s']:8.0f} MiB/s  ratio {r['get_ratio']:.2f} (target >= 0.3)")
+    cpu = r["get_cpu_s_per_gib"]
+    print(f"    CPU s per GiB get: client {cpu['client']:.2f}, chunk servers {cpu['chunk_servers']:.2f}, "
+          f"total {cpu['client'] + cpu['chunk_servers']:.2f}")
     print(f"  degraded GET (2 servers down)               {r['degraded_get_mib_s']:8.0f} MiB/s  ratio {r['degraded_ratio']:.2f} of healthy (target >= 0.7)")
     print(f"  4 KiB PUT latency  p50 {r['small_put_ms']['p50']:6.2f} ms  p99 {r['small_put_ms']['p99']:6.2f} ms")
     print(f"  4 KiB GET latency  p50 {r['small_get_ms']['p50']:6.2f} ms  p99 {r['small_get_ms']['p99']:6.2f} ms")

@@ -3,7 +3,13 @@
 
 from __future__ import annotations
 
+import errno
+import io
+import os
+import queue
 import random
+import tempfile
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer
@@ -12,7 +18,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from dogfs.client.transfer import ConsumerSink, FileSink, GroupReader
+from dogfs.client.transfer import ConsumerSink, FileSink, GroupReader, WriteBehindSink, as_sink
 from dogfs.codec.checksum import crc32c
 from dogfs.codec.policy import ECPolicy
 from dogfs.codec.stripe import StripeCodec
@@ -259,3 +265,165 @@ class GroupReaderTests(SynchronousTestCase):
         deliver(client, 2, fragments, range(2))
         self.successResultOf(d)
         self.assertEqual(bytes(sink.f.data), data)
+
+
+class _FullDisk:
+    """A file object whose writes fail as on a full disk."""
+
+    def write(self, b: Any) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+class ThreadCalls:
+    """A reactor's callFromThread that queues the calls for the test to run, in order, on
+    the test's thread; `run_until` waits (with a deadline) for calls the thread makes."""
+
+    def __init__(self) -> None:
+        self.calls: queue.Queue[tuple[Callable[..., Any], tuple[Any, ...]]] = queue.Queue()
+
+    def callFromThread(self, f: Callable[..., Any], *args: Any) -> None:
+        self.calls.put((f, args))
+
+    def run_until(self, done: Callable[[], bool], deadline: float = 30.0) -> None:
+        while not done():
+            f, args = self.calls.get(timeout=deadline)  # queue.Empty past the deadline
+            f(*args)
+
+
+class _GatedFile:
+    """A file object whose writes wait until the test opens the gate."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.gate = threading.Event()
+        self.data = bytearray()
+
+    def write(self, b: Any) -> int:
+        if not self.gate.wait(timeout=30):
+            raise AssertionError("the test never opened the gate")
+        self.data += b
+        return len(b)
+
+
+class WriteBehindSinkTests(SynchronousTestCase):
+    """A get's destination file written by a thread of its own."""
+
+    def test_writes_in_order_then_drains(self) -> None:
+        """Every write reaches the file, in order, before drain fires; close ends the thread."""
+        reactor = ThreadCalls()
+        with tempfile.TemporaryFile() as f:
+            sink = WriteBehindSink(f, reactor)
+            pieces = [random.Random(i).randbytes(1000 + i) for i in range(50)]
+            for piece in pieces:
+                sink.write(memoryview(piece))
+            drained = sink.drain()
+            reactor.run_until(lambda: drained.called)
+            self.successResultOf(drained)
+            f.seek(0)
+            self.assertEqual(f.read(), b"".join(pieces))
+            ended = sink.close()
+            reactor.run_until(lambda: ended.called)
+            sink._thread.join(30)
+            self.assertFalse(sink._thread.is_alive())
+
+    def test_pauses_past_the_limit_and_resumes_at_half(self) -> None:
+        """More than `limit` bytes queued pauses the sink; it resumes (and says so) once the
+        thread has written down to half the limit."""
+        reactor = ThreadCalls()
+        target = _GatedFile()
+        sink = WriteBehindSink(target, reactor, limit=100)  # type: ignore[arg-type]
+        resumed: list[bool] = []
+        sink.on_resume = lambda: resumed.append(True)
+        sink.write(b"a" * 60)
+        self.assertFalse(sink.paused)
+        sink.write(b"b" * 60)
+        self.assertTrue(sink.paused)
+        target.gate.set()
+        reactor.run_until(lambda: bool(resumed))
+        self.assertFalse(sink.paused)
+        drained = sink.drain()
+        reactor.run_until(lambda: drained.called)
+        self.assertEqual(bytes(target.data), b"a" * 60 + b"b" * 60)
+        ended = sink.close()
+        reactor.run_until(lambda: ended.called)
+
+    def test_failed_write_stops_the_sink(self) -> None:
+        """A full disk stops the sink: on_stop is told, error says why, drain fails with it,
+        and nothing more is written."""
+        reactor = ThreadCalls()
+        sink = WriteBehindSink(_FullDisk(), reactor)  # type: ignore[arg-type]
+        stopped: list[bool] = []
+        sink.on_stop = lambda: stopped.append(True)
+        sink.write(b"x" * 10)
+        reactor.run_until(lambda: bool(stopped))
+        self.assertTrue(sink.stopped)
+        assert sink.error is not None
+        self.assertEqual(sink.error.errno, errno.ENOSPC)
+        sink.write(b"ignored")
+        drained = sink.drain()
+        reactor.run_until(lambda: drained.called)
+        self.assertEqual(self.failureResultOf(drained, OSError).value.errno, errno.ENOSPC)
+        ended = sink.close()
+        reactor.run_until(lambda: ended.called)
+
+    def test_close_drops_what_is_queued(self) -> None:
+        """close() (a get that failed) writes nothing more and fires once the thread is done
+        with the file object."""
+        reactor = ThreadCalls()
+        target = _GatedFile()
+        sink = WriteBehindSink(target, reactor)  # type: ignore[arg-type]
+        sink.write(b"first")
+        sink.write(b"second")
+        ended = sink.close()
+        target.gate.set()
+        reactor.run_until(lambda: ended.called)
+        # The first write may have started before close(); the second never runs.
+        self.assertIn(bytes(target.data), (b"", b"first"))
+
+    def test_read_fails_naming_the_local_error(self) -> None:
+        """A get whose destination cannot be written fails with local_io, naming the file and
+        the reason, and stops its streams."""
+        from dogfs.client.api import DogFSError
+
+        client, reader, fragments, data, _ = setup(3)
+        reader.sink = FileSink(_FullDisk())  # type: ignore[arg-type]
+        d = reader.read()
+        deliver(client, 0, fragments, range(3))
+        deliver(client, 1, fragments, range(1))
+        error = self.failureResultOf(d, DogFSError).value
+        self.assertEqual((error.code, error.message), ("local_io", "cannot save /f: No space left on device"))
+        self.assertTrue(client.pool.connections["127.0.0.1:7101"].closed)
+
+    def test_read_fails_when_the_thread_cannot_write(self) -> None:
+        """The same through a WriteBehindSink: the thread's failure reaches the read."""
+        from dogfs.client.api import DogFSError
+
+        reactor = ThreadCalls()
+        client, reader, fragments, data, _ = setup(3)
+        reader.sink = sink = WriteBehindSink(_FullDisk(), reactor)  # type: ignore[arg-type]
+        d = reader.read()
+        deliver(client, 0, fragments, range(3))
+        deliver(client, 1, fragments, range(1))
+        reactor.run_until(lambda: d.called)
+        error = self.failureResultOf(d, DogFSError).value
+        self.assertEqual((error.code, error.message), ("local_io", "cannot save /f: No space left on device"))
+        ended = sink.close()
+        reactor.run_until(lambda: ended.called)
+
+    def test_which_sink(self) -> None:
+        """Large gets into real files are written behind; small ones, in-memory files and
+        consumers are written on the reactor thread."""
+        reactor = ThreadCalls()
+        self.assertIsInstance(as_sink(io.BytesIO(), reactor, 1 << 30), FileSink)
+        self.assertIsInstance(as_sink(Collector(), reactor, 1 << 30), ConsumerSink)
+        with tempfile.TemporaryFile() as f:
+            self.assertIsInstance(as_sink(f, reactor, 10), FileSink)
+            sink = as_sink(f, reactor, 1 << 30)
+            self.assertIsInstance(sink, WriteBehindSink)
+            ended = sink.close()
+            reactor.run_until(lambda: ended.called)
+        r, w = os.pipe()
+        os.close(r)
+        with os.fdopen(w, "wb") as pipe:
+            self.assertIsInstance(as_sink(pipe, None, 1 << 30), FileSink)  # no reactor given

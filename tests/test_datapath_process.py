@@ -19,7 +19,7 @@ import tempfile
 import time
 from typing import Any
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 BLOCK_SIZE = 1 << 20  # small blocks, so a 20 MiB file spans several block groups
 ENV = dict(os.environ, MALLOC_MMAP_THRESHOLD_="33554432", MALLOC_TRIM_THRESHOLD_="1073741824")
@@ -240,3 +240,21 @@ class DataPathTests(SynchronousTestCase):
         self.cluster.up()  # returns once every chunk server is alive again
         for path, local in self.files.items():
             self.assert_reads_back(path, local)
+
+    def test_6_full_local_disk(self) -> None:
+        """A get into a local disk that fills up fails naming the file and the reason, and
+        leaves no partial file behind; the file still reads back elsewhere."""
+        if os.geteuid() != 0 or shutil.which("mount") is None:
+            raise SkipTest("needs root to mount a small tmpfs")
+        small = tempfile.mkdtemp(prefix="dogfs-small-")
+        self.addCleanup(shutil.rmtree, small, ignore_errors=True)
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", small],
+                                 capture_output=True, text=True)
+        if mounted.returncode != 0:
+            raise SkipTest(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+        self.addCleanup(subprocess.run, ["umount", "-l", small], capture_output=True)
+        full = self.cluster.run("get", "/big", os.path.join(small, "big"), check=False)
+        self.assertEqual(full.returncode, 1, full.stderr)
+        self.assertIn("cannot save /big: No space left on device", full.stderr)
+        self.assertEqual(os.listdir(small), [])
+        self.assert_reads_back("/big", self.files["/big"])
