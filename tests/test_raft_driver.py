@@ -152,6 +152,7 @@ class Group:
         *,
         lmdb_dirs: dict[str, str] | None = None,
         snapshot_every: int | None = None,
+        snapshot_growth: float | None = None,
         seed: int = 1,
         operation_timeout: float = 10.0,
         max_pending: int = 10_000,
@@ -166,6 +167,7 @@ class Group:
         self.ids = ids
         self.lmdb_dirs = lmdb_dirs
         self.snapshot_every = snapshot_every
+        self.snapshot_growth = snapshot_growth
         self.seed = seed
         self.operation_timeout = operation_timeout
         self.max_pending = max_pending
@@ -200,6 +202,7 @@ class Group:
             executor=run_now,
             snapshot_executor=self.snapshot_executor,
             snapshot_every=self.snapshot_every,
+            snapshot_growth=self.snapshot_growth,
             operation_timeout=self.operation_timeout,
             max_pending=self.max_pending,
         )
@@ -697,6 +700,34 @@ class DriverTests(SynchronousTestCase):
         self.assertEqual(group.machines[lagging].data, group.machines[leader.node_id].data)
         self.assertEqual(len(group.machines[lagging].data), 30)
         self.assertIsNotNone(group.memory[lagging].snapshot)
+
+
+    def test_snapshot_waits_for_the_log_to_outgrow_it(self) -> None:
+        """With snapshot_growth, a snapshot also waits until the entries since the last one
+        hold that many times its bytes: a large state is not dumped every few small entries."""
+        group = Group(self, snapshot_every=5, snapshot_growth=1.0)
+        leader = group.leader()
+        group.run(0.5)
+
+        def propose(entries: list[bytes]) -> None:
+            for data in entries:
+                leader.propose(data)
+                group.run(0.1)
+
+        # A big state: five 400-byte values. The first snapshot has nothing to outgrow.
+        propose([b"big%d=%s" % (i, b"x" * 400) for i in range(5)])
+        first = leader.node.snapshot_index
+        self.assertGreaterEqual(first, 5)
+        size = len(group.memory[leader.node_id].snapshot.data)  # type: ignore[union-attr]
+        self.assertGreater(size, 1000)  # (the snapshot may be taken before the fifth)
+        # Thirty small entries (well past snapshot_every) hold far fewer bytes: no snapshot.
+        propose([b"s=%d" % i for i in range(30)])
+        self.assertEqual(leader.node.snapshot_index, first)
+        # Once the entries since the snapshot hold as many bytes as it did, the next one comes.
+        propose([b"t%d=%s" % (i, b"y" * 200) for i in range(size // 200 + 2)])
+        self.assertGreater(leader.node.snapshot_index, first)
+        for machine in group.machines.values():
+            self.assertEqual(machine.data, group.machines[leader.node_id].data)
 
 
 class DurableGroupTests(SynchronousTestCase):

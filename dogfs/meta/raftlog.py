@@ -725,6 +725,7 @@ def build_raft_log(
     endpoints: Any,
     *,
     snapshot_every: int = 10_000,
+    snapshot_growth: float = 1.0,
     operation_timeout: float = 5.0,
 ) -> RaftCommandLog:
     """The Raft-backed log of metadata node ``config`` (a ``MetaConfig``), not yet started.
@@ -768,6 +769,7 @@ def build_raft_log(
         reactor=reactor,
         operation_timeout=operation_timeout,
         snapshot_every=snapshot_every,
+        snapshot_growth=snapshot_growth,
     )
     raft_log = RaftCommandLog(
         driver, machine, clock=reactor, node_id=config.id, address=config.address,

@@ -141,6 +141,14 @@ class RaftDriver(Service):
     ``executor`` is given (tests pass one that runs the write synchronously); snapshots are
     serialised on another worker thread, unless ``snapshot_executor`` (or ``executor``) is
     given.
+
+    A snapshot is taken once ``snapshot_every`` entries have been applied since the last one
+    and, with ``snapshot_growth``, once the entries applied since then hold at least that
+    many times the last snapshot's bytes (the Raft thesis's rule, section 5.1.1): each
+    snapshot writes the whole state, so a fixed entry count would make a large namespace pay
+    for a full dump every few thousand small commands. The rule keeps a snapshot's cost per
+    logged byte bounded whatever the state's size, and the log at most that many times the
+    state's size.
     """
 
     def __init__(
@@ -160,6 +168,7 @@ class RaftDriver(Service):
         snapshot_executor: Executor | None = None,
         operation_timeout: float = 10.0,
         snapshot_every: int | None = 10_000,
+        snapshot_growth: float | None = None,
         max_pending: int = 10_000,
         on_failure: Callable[[Failure], None] | None = None,
     ) -> None:
@@ -190,6 +199,12 @@ class RaftDriver(Service):
         self._snapshot_job: Deferred[Any] | None = None
         self._timeout = operation_timeout
         self._snapshot_every = snapshot_every
+        self._snapshot_growth = snapshot_growth
+        # Bytes of the entries applied so far, as of the last snapshot, and that snapshot's
+        # size: what snapshot_growth compares.
+        self._applied_bytes = 0
+        self._bytes_at_snapshot = 0
+        self._snapshot_size = 0
         self._max_pending = max_pending
         self._node: RaftNode | None = None
         self._ticker: LoopingCall | None = None
@@ -264,6 +279,8 @@ class RaftDriver(Service):
         applied = self._sm.applied_index()
         if snapshot is not None:
             self._snapshot_index = snapshot.meta.index
+            self._snapshot_size = len(snapshot.data)
+            self._bytes_at_snapshot = self._applied_bytes
             if snapshot.meta.index > applied:
                 self._sm.restore(snapshot)
                 applied = snapshot.meta.index
@@ -723,6 +740,8 @@ class RaftDriver(Service):
         self._sm.restore(snapshot)
         self._applied = snapshot.meta.index
         self._snapshot_index = snapshot.meta.index
+        self._snapshot_size = len(snapshot.data)
+        self._bytes_at_snapshot = self._applied_bytes
         for index in [i for i in self._proposals if i <= snapshot.meta.index]:
             _term, d, _deadline = self._proposals.pop(index)
             d.errback(LeadershipLostError(f"proposal at {index} was superseded by a snapshot"))
@@ -747,6 +766,7 @@ class RaftDriver(Service):
         else:
             for entry in normal:
                 results[entry.index] = self._sm.apply(entry)
+        self._applied_bytes += sum(len(entry.data) for entry in todo)
         for entry in todo:
             self._applied = entry.index
             pending = self._proposals.pop(entry.index, None)
@@ -829,6 +849,10 @@ class RaftDriver(Service):
             return None
         if self._applied - self._snapshot_index < self._snapshot_every:
             return None
+        growth = self._snapshot_growth
+        since = self._applied_bytes - self._bytes_at_snapshot
+        if growth is not None and since < growth * self._snapshot_size:
+            return None
         node = self.node
         index = self._applied
         term = node.term_at(index)
@@ -836,7 +860,12 @@ class RaftDriver(Service):
             return None
         meta = SnapshotMeta(index=index, term=term, config=node.config)
 
+        applied_bytes = self._applied_bytes
+
         def stored(_: object) -> None:
+            if index > self._snapshot_index:
+                self._snapshot_size = len(snapshot_of[0].data)
+                self._bytes_at_snapshot = applied_bytes
             self._snapshot_index = max(self._snapshot_index, index)
             if self._node is node:
                 try:
