@@ -238,6 +238,31 @@ class RaftCommandLogTests(SynchronousTestCase):
         snapshot_index: Any = group.logs[lagging].driver.status()["snapshot_index"]
         self.assertGreater(snapshot_index, 0)
 
+    def test_member_rebuilds_a_torn_namespace(self) -> None:
+        """A member whose machine went down with namespace commits unsynced sets the torn
+        namespace aside when it comes back, and rebuilds it from its Raft snapshot and log."""
+        from dogfs.meta import state as state_module
+
+        group = Group(self, snapshot_every=50)
+        leader = group.leader()
+        for n in range(120):
+            group.settle(leader.propose(c.Mkdir(f"/d{n}", False, None, now=float(n))))
+        victim = next(i for i in IDS if i != leader.node_id)
+        group.run(1.0)
+        self.assertEqual(group.states[victim].digest(), group.states[leader.node_id].digest())
+        # The machine goes down: the member stops, its namespace is neither synced nor closed.
+        self.successResultOf(group.logs[victim].driver.stopService())
+        torn = group.states[victim]
+        assert torn._env is not None
+        torn._env.close()
+        torn._env = None
+        self.patch(state_module, "_boot_id", lambda: "the-next-boot")
+        group.start(victim, Configuration(voters=frozenset(IDS)))
+        self.assertLess(group.states[victim].applied_index, 120)  # it started over
+        group.run(3.0)
+        self.assertEqual(group.states[victim].digest(), group.states[leader.node_id].digest())
+        self.assertEqual(len([n for n in os.listdir(os.path.join(group.root, victim)) if ".torn-" in n]), 1)
+
     def test_add_learner_promote_remove(self) -> None:
         """A fourth member joins as a learner (its address goes through the log), catches up
         from a snapshot, is promoted; removing the leader hands leadership over first."""

@@ -1294,3 +1294,65 @@ class ModelTests(StateTestCase):
             self.assertEqual(_tree(state), model.tree())
             self.assertEqual(state.summary().pending_block_groups, len(model.pending))
             self.assertEqual(state.summary().block_groups, len(model.committed))
+
+
+class TornStateTests(SynchronousTestCase):
+    """A non-durable state after a crash: kept when only the process died, set aside when the
+    machine restarted with its commits unsynced."""
+
+    def setUp(self) -> None:
+        self.path = os.path.join(self.mktemp(), "ns")
+        self.state = NamespaceState(self.path, durable=False, map_size=1 << 24)
+        self.state.open()
+        self.addCleanup(self.state.close)
+        self.assertNotIsInstance(self.state.apply(1, Mkdir("/a", False, None)), MetaError)
+
+    def crash(self) -> None:
+        """The process dies: the environment goes without sync or close()'s bookkeeping."""
+        assert self.state._env is not None
+        self.state._env.close()
+        self.state._env = None
+
+    def boot(self, boot_id: str | None) -> None:
+        self.patch(state_module, "_boot_id", lambda: boot_id)
+
+    def test_process_crash_keeps_the_state(self) -> None:
+        """Same boot: the page cache kept every commit, so the state is used as it is."""
+        self.crash()
+        self.state.open()
+        self.assertEqual(self.state.applied_index, 1)
+        self.assertIsInstance(self.state.stat("/a"), DirInfo)
+
+    def assert_set_aside(self) -> None:
+        self.assertEqual(self.state.applied_index, 0)
+        self.assertIsInstance(self.state.stat("/a"), MetaError)
+        parent = os.path.dirname(self.path)
+        aside = [n for n in os.listdir(parent) if n.startswith("ns.torn-")]
+        self.assertEqual(len(aside), 1, aside)
+        old = NamespaceState(os.path.join(parent, aside[0]), durable=True)
+        old.open()
+        self.addCleanup(old.close)
+        self.assertIsInstance(old.stat("/a"), DirInfo)
+
+    def test_machine_restart_sets_the_state_aside(self) -> None:
+        """Another boot: the state starts empty (Raft restores it); the old one is kept
+        beside it for inspection."""
+        self.crash()
+        self.boot("another-boot")
+        self.state.open()
+        self.assert_set_aside()
+
+    def test_unknown_boot_sets_the_state_aside(self) -> None:
+        """Where the boot cannot be told, an unclosed state is never trusted."""
+        self.crash()
+        self.boot(None)
+        self.state.open()
+        self.assert_set_aside()
+
+    def test_clean_close_survives_a_restart(self) -> None:
+        """close() syncs and clears the marker: the state is trusted in any later boot."""
+        self.state.close()
+        self.boot("another-boot")
+        self.state.open()
+        self.assertEqual(self.state.applied_index, 1)
+        self.assertIsInstance(self.state.stat("/a"), DirInfo)

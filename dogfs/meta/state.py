@@ -90,6 +90,37 @@ from dogfs.raft.driver import IRaftStateMachine
 
 log = Logger()
 
+#: In a non-durable state's directory while it is open: the boot it was opened in.
+_UNSYNCED = "unsynced-since-boot"
+
+
+def _boot_id() -> str | None:
+    """This boot's id (Linux), or None where the system does not say."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_synced(path: str, text: str) -> None:
+    """Write a small file durably: temporary name, fsync, rename, fsync the directory."""
+    temp = path + ".tmp"
+    with open(temp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temp, path)
+    _fsync_dir(os.path.dirname(path))
+
 ROOT = 1
 _DIR = 0
 _FILE = 1
@@ -568,8 +599,12 @@ class NamespaceState:
     may run while writes happen.
 
     With C{durable=False} commits are not fsynced: right behind Raft, whose log is durable
-    and replays whatever a crash undid (LMDB stays consistent and the applied index moves with
-    the effects), and for tests. C{max_sessions} must be the same on every replica.
+    and replays whatever a crash undid (the applied index moves with the effects), and for
+    tests. That holds when only the process dies: the page cache keeps every commit. When the
+    machine itself goes down (power, kernel), LMDB without sync may be torn, not merely
+    behind: so while open, such a state keeps a marker naming the boot it was opened in, and
+    L{open} sets aside a state left unclosed in an earlier boot and starts empty, for Raft to
+    restore from its snapshot and log. C{max_sessions} must be the same on every replica.
     """
 
     def __init__(
@@ -594,6 +629,8 @@ class NamespaceState:
         if self._env is not None:
             return
         os.makedirs(self.path, exist_ok=True)
+        if not self.durable:
+            self._set_aside_if_torn()
         env = lmdb.open(
             self.path,
             map_size=self.map_size,
@@ -606,6 +643,30 @@ class NamespaceState:
         with env.begin(write=True) as txn:
             self._dbs = {name: env.open_db(name, txn=txn) for name in _DB_NAMES}
             self._initialise(txn)
+        if not self.durable:
+            _write_synced(os.path.join(self.path, _UNSYNCED), _boot_id() or "unknown")
+
+    def _set_aside_if_torn(self) -> None:
+        """A non-durable state left open (unsynced) in an earlier boot: move it aside."""
+        marker = os.path.join(self.path, _UNSYNCED)
+        try:
+            with open(marker) as f:
+                opened_in = f.read().strip()
+        except FileNotFoundError:
+            return  # closed cleanly (synced), or new
+        boot = _boot_id()
+        if boot is not None and opened_in == boot:
+            return  # only the process died: the page cache kept every commit
+        aside = f"{self.path}.torn-{opened_in[:8]}-{os.getpid()}"
+        log.warn(
+            "The namespace at {path} was not closed before the machine restarted, and its "
+            "unsynced commits may be torn: it is moved to {aside}, and this member restores "
+            "the namespace from its Raft snapshot and log",
+            path=self.path, aside=aside,
+        )
+        os.rename(self.path, aside)
+        os.makedirs(self.path)
+        _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
 
     def _initialise(self, txn: lmdb.Transaction) -> None:
         meta = self._dbs[b"meta"]
@@ -622,11 +683,19 @@ class NamespaceState:
         ctx.flush()
 
     def close(self) -> None:
-        """Close the environment; the state can be opened again."""
+        """Close the environment (syncing a non-durable one first); it can be opened again."""
         if self._env is not None:
+            if not self.durable:
+                self._env.sync(True)
             self._env.close()
             self._env = None
             self._dbs = {}
+            if not self.durable:
+                try:
+                    os.unlink(os.path.join(self.path, _UNSYNCED))
+                except FileNotFoundError:
+                    pass
+                _fsync_dir(self.path)
 
     @property
     def env(self) -> lmdb.Environment:
