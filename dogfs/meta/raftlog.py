@@ -112,6 +112,9 @@ class MemberBook:
         temp = self.path + ".tmp"
         with open(temp, "w") as f:
             json.dump(self.dump(), f)
+            # Rare (membership changes): durable, so a power loss never leaves it empty.
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(temp, self.path)
 
 
