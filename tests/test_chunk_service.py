@@ -431,6 +431,39 @@ class ReadErrorTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(d).msg, GetShardEnd(6))
         self.assertEqual([p for _, p in parts], frags)
 
+    def test_read_ahead_budget_is_shared(self) -> None:
+        """All streams together read ahead at most read_ahead_budget bytes: past it, another
+        stream reads one cell at a time. Every cell still arrives, and the count returns to 0."""
+        frags = fragments(6)
+        self.successResultOf(self.h.put(SHARD, frags))
+        calls, executor = held_executor()
+        self.h.server.executor = executor
+        self.h.server.read_ahead_budget = 2 * FRAGMENT
+
+        def run_call(name: str) -> None:
+            """Run the first held call of function ``name`` (and pump what it leads to)."""
+            i = next(i for i, (f, _, _) in enumerate(calls) if f.__name__ == name)
+            f, args, d = calls.pop(i)
+            d.callback(f(*args))
+            self.h.pump.flush()
+
+        first, first_parts = self.h.get(SHARD)
+        run_call("open")
+        run_call("will_need")
+        self.assertEqual([args for _, args, _ in calls], [(0,), (1,)])  # two cells fill it
+        self.assertEqual(self.h.server.read_ahead_bytes, 2 * FRAGMENT)
+        second, second_parts = self.h.get(SHARD)
+        run_call("open")
+        run_call("will_need")
+        # The second stream may read its next cell, but no further while the budget is spent.
+        self.assertEqual([args for _, args, _ in calls], [(0,), (1,), (0,)])
+        run_held(calls, self.h.pump)
+        self.assertEqual(self.successResultOf(first).msg, GetShardEnd(6))
+        self.assertEqual(self.successResultOf(second).msg, GetShardEnd(6))
+        self.assertEqual([p for _, p in first_parts], frags)
+        self.assertEqual([p for _, p in second_parts], frags)
+        self.assertEqual(self.h.server.read_ahead_bytes, 0)
+
     def corrupt_cell(self, cell: int) -> None:
         """Flip a byte in the middle of a cell's fragment on disk."""
         offset = HEADER_SIZE + cell * (RECORD_OVERHEAD + FRAGMENT) + RECORD_OVERHEAD + 10

@@ -68,6 +68,11 @@ MAX_CELLS_PER_WRITE = 8
 #: read's disk queue busy while the network takes the cell before.
 READ_AHEAD = 3
 
+#: Bytes of cells all GetShard streams together may have read ahead of what they send. Past
+#: it each stream reads one cell at a time: many readers cannot make the server hold
+#: READ_AHEAD cells each.
+READ_AHEAD_BUDGET = 64 << 20
+
 #: The counters `ShardServer.load` always reports, as "<name>_s" rates.
 LOAD_COUNTERS = ("put_bytes", "put_ops", "get_bytes", "get_ops", "errors")
 
@@ -89,6 +94,7 @@ class ShardServer:
         *,
         limits: FrameLimits = FrameLimits(),
         append_in_executor: bool = True,
+        read_ahead_budget: int = READ_AHEAD_BUDGET,
     ) -> None:
         """Serve `store` as node `node_id`.
 
@@ -102,6 +108,9 @@ class ShardServer:
         self.meter = meter
         self.limits = limits
         self.append_in_executor = append_in_executor
+        self.read_ahead_budget = read_ahead_budget
+        #: Bytes of cells being read for GetShard streams and not sent yet (all streams).
+        self.read_ahead_bytes = 0
         #: Ids of the shards held here; filled by `load`, kept up to date by the handlers.
         self.shard_ids: set[str] = set()
         #: Ids of shards found corrupt on disk since start (repair comes later).
@@ -317,9 +326,10 @@ class ShardServer:
         return GetShardEnd(count)
 
     async def _send_cells(self, request: Request, reader: ShardReader, first: int, count: int) -> None:
-        """Send cells, with the next `READ_AHEAD` being read in the executor meanwhile."""
+        """Send cells, with the next `READ_AHEAD` being read in the executor meanwhile (one,
+        while the client is slow or every stream's read-ahead fills `read_ahead_budget`)."""
         end = first + count
-        pending: deque[defer.Deferred[tuple[int, bytes]]] = deque()
+        pending: deque[tuple[defer.Deferred[tuple[int, bytes]], int]] = deque()
         if count > 1:
             # Shards written with direct I/O are not in memory: have the disk read the
             # whole range at once rather than as our reads reach it.
@@ -330,25 +340,34 @@ class ShardServer:
                 # A client that is not keeping up (its connection is write-blocked) gets one
                 # cell read ahead, not READ_AHEAD: memory held for slow readers stays small.
                 depth = 1 if request.connection.write_blocked else READ_AHEAD
-                while following < end and len(pending) < depth:
-                    pending.append(self.executor(reader.read_record, following))
+                while following < end and len(pending) < depth and (
+                    not pending or self.read_ahead_bytes < self.read_ahead_budget
+                ):
+                    size = reader.cell_size(following)
+                    pending.append((self.executor(reader.read_record, following), size))
+                    self.read_ahead_bytes += size
                     following += 1
+                reading, size = pending.popleft()
                 try:
-                    crc, fragment = await pending.popleft()
+                    crc, fragment = await reading
                 except ShardCorrupt as e:
                     raise self._corrupt(e) from None
                 except CellOutOfRange as e:  # the file changed under us
                     raise self._error("invalid_argument", str(e)) from None
+                finally:
+                    self.read_ahead_bytes -= size
                 # send_part waits until the transport drains: the client sets the pace.
                 await request.send_part(Cell(i, crc), fragment)
                 self.meter.add("get_bytes", len(fragment))
         finally:
             # Never close the file while a thread still reads it.
-            for d in pending:
+            for d, size in pending:
                 try:
                     await d
                 except Exception:
                     pass
+                finally:
+                    self.read_ahead_bytes -= size
 
     def _corrupt(self, e: ShardCorrupt) -> WireError:
         shard_id = e.shard_id
