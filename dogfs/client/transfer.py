@@ -243,8 +243,9 @@ class WriteBehindSink:
     """A get's destination: a real file, written by a thread of its own.
 
     Writing to a file is a copy into the page cache made by the kernel, with the GIL
-    released; on the reactor thread it cost about a third of a get's client CPU, in series
-    with receiving and checking cells (bench/datapath.py). Here it overlaps with them. The
+    released; on the reactor thread it cost about a third of a get's client CPU (a get into a
+    file against one into a sink that drops the bytes), in series with receiving and checking
+    cells. Here it overlaps with them. The
     data stays in the receive buffers it arrived in (memoryviews keep them from reuse) until
     written.
 
@@ -267,7 +268,6 @@ class WriteBehindSink:
         self._lock = threading.Lock()
         self._queued = 0  # bytes handed to write() and not yet written (under _lock)
         self._discard = False  # set by close(): drop what is queued, write nothing more
-        self._drained: list[defer.Deferred[None]] = []
         self._ended: defer.Deferred[None] = defer.Deferred()
         self._thread = threading.Thread(target=self._work, name="dogfs-get-writer", daemon=True)
         self._thread.start()
