@@ -145,7 +145,7 @@ def cmd_add(args: argparse.Namespace) -> int:
         return defer.Deferred.fromCoroutine(go())
 
     try:
-        result = output.run_deferred(start)
+        result = output.run_deferred(start, args.reactor())
     except DogFSError as e:
         raise CLIError(f"adding {node_id or address} failed: {e.message}", output.FAILED) from None
     _show(args, result, f"{node_id} ({address}) is a voting member of the metadata group")

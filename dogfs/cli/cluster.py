@@ -568,7 +568,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     else:
         _say("every node is already running")
     try:
-        answers = run_deferred(lambda reactor: _wait_ready(reactor, home, spec, started, args.wait))
+        answers = run_deferred(lambda reactor: _wait_ready(reactor, home, spec, started, args.wait), args.reactor())
     except KeyboardInterrupt:
         if not args.detach:
             _stop_all(home, spec)
@@ -640,7 +640,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             finally:
                 await pool.close_all()
 
-        answers = run_deferred(ask)
+        answers = run_deferred(ask, args.reactor())
     views = node_views(home, spec, answers)
     if _want_json(args):
         print_json({"nodes": views})
@@ -723,7 +723,10 @@ def cmd_start(args: argparse.Namespace) -> int:
     process = layout.start_node(home, node)
     _wait_listening(home, node, process, args.wait)
     if node.kind == "chunk":
-        run_deferred(lambda reactor: _wait_ready(reactor, home, spec, {node.id: process}, args.wait, [node.id]))
+        run_deferred(
+            lambda reactor: _wait_ready(reactor, home, spec, {node.id: process}, args.wait, [node.id]),
+            args.reactor(),
+        )
     _say(f"started {node.id} (pid {process.pid}) on {node.address}")
     return OK
 

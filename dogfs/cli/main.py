@@ -126,7 +126,7 @@ def run_client(args: argparse.Namespace, body: Callable[[Any], Any]) -> Any:
         return defer.Deferred.fromCoroutine(go())
 
     try:
-        return output.run_deferred(start)
+        return output.run_deferred(start, args.reactor())
     except DogFSError as e:
         raise CLIError(e.message, EXIT_CODES.get(e.code, output.FAILED)) from None
 
@@ -291,16 +291,23 @@ def cmd_mv(args: argparse.Namespace) -> int:
     return _done(args, {"moved": args.src, "to": args.dst})
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Run the dogfs command line and exit with its status."""
+def main(argv: list[str] | None = None, reactor: Callable[[], Any] | None = None) -> None:
+    """Run the dogfs command line and exit with its status.
+
+    `reactor` gives the reactor a command runs on, called only by commands that run one; by
+    default the process's, from the entry point `dogfs.plugins.cli`.
+    """
     from dogfs.codec.stripe import tune_malloc
     from dogfs.config import default_home
 
+    if reactor is None:
+        from dogfs.plugins.cli import installed_reactor as reactor
     tune_malloc()
     try:
         args = build_parser().parse_args(argv)
         args.home = os.path.abspath(args.home or default_home())
         args.config = os.path.abspath(args.config or os.path.join(args.home, "client.toml"))
+        args.reactor = reactor
         code = args.func(args)
     except CLIError as e:
         output.print_error(e.message)

@@ -220,22 +220,14 @@ class ProgressBar:
         self.stream.flush()
 
 
-def run_deferred(
-    fn: Callable[[Any], Awaitable[T]],
-    reactor: Any = None,
-) -> T:
-    """Run the reactor for one CLI command: call `fn(reactor)`, wait for its result, stop.
+def run_deferred(fn: Callable[[Any], Awaitable[T]], reactor: Any) -> T:
+    """Run `reactor` for one CLI command: call `fn(reactor)`, wait for its result, stop.
 
     `fn` returns a Deferred or a coroutine (run with `Deferred.fromCoroutine`). Its result is returned; its failure is raised (a `CLIError` as it is). The reactor
     cannot be restarted, so call this at most once per process. Ctrl-C stops the reactor
-    before `fn` finishes: that raises `KeyboardInterrupt`.
+    before `fn` finishes: that raises `KeyboardInterrupt`. The entry point
+    (`dogfs.plugins.cli`) provides the reactor: see `dogfs.cli.main.main`.
     """
-    if reactor is None:
-        # The CLI is an entry point, like the twistd plugins: the one place allowed the
-        # global reactor.
-        from twisted.internet import reactor as global_reactor
-
-        reactor = global_reactor
     outcome: list[Any] = []
 
     def start() -> None:

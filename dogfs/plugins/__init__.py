@@ -1,2 +1,3 @@
-"""Service makers for twistd: the only modules that touch the global reactor.
+"""The process entry points (service makers for twistd, the `dogfs` console script): the
+only modules that touch the global reactor.
 """

@@ -1,8 +1,8 @@
 # -*- test-case-name: tests.test_chunk_process -*-
 """twistd dogfs-chunk: the chunk server's options and service maker.
 
-This module (with dogfs.plugins.meta) is the only place that touches the global reactor: it
-hands it to `ChunkService`. `makeService` only reads the config file; everything that does
+This module (with dogfs.plugins.meta and dogfs.plugins.cli) is the only place that touches the
+global reactor: it hands it to `ChunkService`. `makeService` only reads the config file; everything that does
 I/O (the shard store, threads, listening) starts in `startService`, after twistd forks.
 """
 

@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_meta_process -*-
 """twistd dogfs-meta: a DogFS metadata node.
 
-Only this module (and its sibling for the chunk server) touches the global reactor; it
+Only this module (with its siblings for the chunk server and the CLI) touches the global reactor; it
 builds the service tree and does no I/O besides reading the config file, because twistd
 forks after makeService.
 """
