@@ -35,6 +35,7 @@ from attrs import frozen
 
 from dogfs.cli.output import USAGE, CLIError
 from dogfs.config import load_chunk, load_meta
+from dogfs.storage.files import replace_file
 
 __all__ = [
     "CLUSTER_FILE",
@@ -203,13 +204,7 @@ def load_spec(home: str) -> ClusterSpec | None:
 
 
 def _write(path: str, data: dict, mode: int = 0o644) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        tomli_w.dump(data, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
+    replace_file(path, tomli_w.dumps(data).encode(), mode)
 
 
 def node_dir(home: str, node: NodeSpec) -> str:

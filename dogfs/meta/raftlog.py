@@ -40,6 +40,7 @@ from dogfs.raft.driver import (
     RaftStoppedError,
     RaftTimeoutError,
 )
+from dogfs.storage.files import replace_file
 from dogfs.wire.protocol import WireError
 
 __all__ = ["MemberBook", "NamespaceMachine", "RaftCommandLog", "member_record"]
@@ -109,13 +110,8 @@ class MemberBook:
     def _save(self) -> None:
         if self.path is None:
             return
-        temp = self.path + ".tmp"
-        with open(temp, "w") as f:
-            json.dump(self.dump(), f)
-            # Rare (membership changes): durable, so a power loss never leaves it empty.
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, self.path)
+        # Rare (membership changes): durable, so a power loss never leaves it empty.
+        replace_file(self.path, json.dumps(self.dump()).encode())
 
 
 @implementer(IRaftStateMachine)

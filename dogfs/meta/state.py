@@ -87,6 +87,7 @@ from dogfs.meta.commands import (
     shard_id,
 )
 from dogfs.raft.driver import IRaftStateMachine
+from dogfs.storage.files import fsync_dir, replace_file
 
 log = Logger()
 
@@ -102,24 +103,6 @@ def _boot_id() -> str | None:
     except OSError:
         return None
 
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_synced(path: str, text: str) -> None:
-    """Write a small file durably: temporary name, fsync, rename, fsync the directory."""
-    temp = path + ".tmp"
-    with open(temp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temp, path)
-    _fsync_dir(os.path.dirname(path))
 
 ROOT = 1
 _DIR = 0
@@ -644,7 +627,7 @@ class NamespaceState:
             self._dbs = {name: env.open_db(name, txn=txn) for name in _DB_NAMES}
             self._initialise(txn)
         if not self.durable:
-            _write_synced(os.path.join(self.path, _UNSYNCED), _boot_id() or "unknown")
+            replace_file(os.path.join(self.path, _UNSYNCED), (_boot_id() or "unknown").encode())
 
     def _set_aside_if_torn(self) -> None:
         """A non-durable state left open (unsynced) in an earlier boot: move it aside."""
@@ -666,7 +649,7 @@ class NamespaceState:
         )
         os.rename(self.path, aside)
         os.makedirs(self.path)
-        _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+        fsync_dir(os.path.dirname(os.path.abspath(self.path)))
 
     def _initialise(self, txn: lmdb.Transaction) -> None:
         meta = self._dbs[b"meta"]
@@ -695,7 +678,7 @@ class NamespaceState:
                     os.unlink(os.path.join(self.path, _UNSYNCED))
                 except FileNotFoundError:
                     pass
-                _fsync_dir(self.path)
+                fsync_dir(self.path)
 
     @property
     def env(self) -> lmdb.Environment:

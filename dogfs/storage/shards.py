@@ -50,6 +50,8 @@ from types import TracebackType
 import crc32c as _crc32c
 from attrs import frozen
 
+from dogfs.storage.files import fsync_dir
+
 __all__ = [
     "HEADER_SIZE",
     "RECORD_OVERHEAD",
@@ -283,14 +285,6 @@ def _probe_direct_io(directory: str) -> bool:
     finally:
         os.close(fd)
         os.unlink(path)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ShardReader:
@@ -629,7 +623,7 @@ class ShardWriter:
         os.close(fd)
         self._release_direct()
         # The rename is durable only once the directory entry is on disk.
-        _fsync_dir(directory)
+        fsync_dir(directory)
         store._account(st.st_size - old_size)
         return ShardStat(self.shard_id, st.st_size, self.cells, st.st_mtime)
 
@@ -725,7 +719,7 @@ class ShardStore:
             except FileExistsError:
                 pass
             # Even when another thread won the mkdir race, its entry may not be durable yet.
-            _fsync_dir(self.shards_dir)
+            fsync_dir(self.shards_dir)
             self._buckets.add(path)
         return path
 

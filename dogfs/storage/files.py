@@ -1,0 +1,35 @@
+"""Small files written so that a crash leaves the old version or the new one, never a torn one.
+
+Depends on nothing else in DogFS.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def fsync_dir(path: str) -> None:
+    """Make the entries of directory ``path`` (a rename, a new or removed file) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_file(path: str, data: bytes, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``data`` durably: a temporary file with ``mode``, fsync, rename,
+    fsync of the directory."""
+    temp = f"{path}.tmp.{os.getpid()}"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        # O_CREAT's mode is masked by the umask and ignored for an existing file: set it again.
+        os.fchmod(fd, mode)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temp, path)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
