@@ -252,6 +252,44 @@ class CodecTests(SynchronousTestCase):
             except ValueError:
                 pass
 
+    @settings(deadline=None, max_examples=400)
+    @given(
+        st.sampled_from(sorted(commands._SCHEMAS)),
+        st.lists(_msgpack_values | st.sampled_from([0.5, 1, -1, True, None, "x", float("nan")]), max_size=8),
+    )
+    def test_compiled_decoders_agree(self, tag: int, fields: list[Any]) -> None:
+        """Each schema's compiled decoder, where it answers, answers as the generic walk
+        does; and where the generic walk refuses a value, so does it."""
+        raw = [tag, *fields]
+        plan = commands._PLANS[tag]
+        try:
+            expected: Any = commands._decode_fields(plan, raw)
+        except ValueError:
+            expected = ValueError
+        try:
+            fast = commands._FAST_DECODERS[tag](raw)
+        except (ValueError, TypeError):
+            fast = ValueError
+        if fast is not None:
+            self.assertEqual(fast, expected)
+        # The public decoder gives the generic answer in every case.
+        try:
+            decoded: Any = commands._decode_value(raw)
+        except ValueError:
+            decoded = ValueError
+        self.assertEqual(decoded, expected)
+
+    @settings(deadline=None, max_examples=150)
+    @given(_commands | _results)
+    def test_compiled_encoders_agree(self, value: Any) -> None:
+        """The compiled encoders produce the generic encoding, field by field."""
+        fast = commands._FAST_ENCODERS.get(type(value))
+        if fast is not None:
+            tag = commands._TAGS[type(value)]
+            generic = [tag, *(commands._encode_value(getattr(value, n)) for n in commands._FIELDS[type(value)])]
+            self.assertEqual(fast(value), generic)
+        self.assertEqual(commands._decode_value(commands._encode_value(value)), value)
+
     def test_specific_malformed(self) -> None:
         """Wrong types, bools for ints, result tags as commands and short arrays are refused."""
         import msgpack
