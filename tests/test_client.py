@@ -40,6 +40,9 @@ class FakePool:
     def get(self, address: str) -> defer.Deferred[FakeConnection]:
         return defer.succeed(FakeConnection(address, self.answer, self.sent))
 
+    def open_connection(self, address: str) -> FakeConnection | None:
+        return None if address in self.dropped else FakeConnection(address, self.answer, self.sent)
+
     def drop(self, address: str) -> None:
         self.dropped.append(address)
 
@@ -105,6 +108,85 @@ class SessionTests(SynchronousTestCase):
         self.assertEqual(len(calls), 2)
         self.assertEqual((calls[0].client_id, calls[0].seq), (calls[1].client_id, calls[1].seq))
         self.assertEqual(pool.dropped, ["a:1"])
+
+
+class LeaderConnectionTests(SynchronousTestCase):
+    """Once the leader is known, a request goes straight to its open connection; a failure
+    there goes on through the full retry loop, within the same deadline."""
+
+    def test_known_leader_is_asked_directly(self) -> None:
+        """After one answer names the leader, the next commands go to it alone."""
+
+        def answer(address: str, msg: Any) -> Reply:
+            if address != "b:1":
+                raise WireError("not_leader", "not me", {"leader": "b:1"})
+            return Reply(m.MetaReply("b:1"), c.encode_result(c.Ok()))
+
+        dogfs, pool, clock = client(answer)
+        self.successResultOf(dogfs.rm("/x"))
+        pool.sent.clear()
+        for path in ("/y", "/z"):
+            self.successResultOf(dogfs.mkdir(path))
+        self.assertEqual([a for a, _ in pool.sent], ["b:1", "b:1"])
+
+    def test_leader_lost_is_retried_elsewhere(self) -> None:
+        """The known leader's connection closes mid-command: it is dropped and the same
+        command (same session and sequence number) is sent to whoever leads now."""
+        leader = ["a:1"]
+        calls: list[tuple[str, Any]] = []
+
+        def answer(address: str, msg: Any) -> Reply:
+            calls.append((address, msg))
+            if address != leader[0]:
+                raise WireError("not_leader", "not me", {"leader": leader[0]})
+            if len(calls) == 2:
+                leader[0] = "b:1"
+                raise WireError("connection_closed", "lost")
+            return Reply(m.MetaReply(leader[0]), c.encode_result(c.Ok()))
+
+        dogfs, pool, clock = client(answer)
+        self.successResultOf(dogfs.mkdir("/first"))
+        self.successResultOf(dogfs.mkdir("/second"))
+        self.assertEqual(pool.dropped, ["a:1"])
+        self.assertEqual([a for a, _ in calls[1:]], ["a:1", "b:1"])
+        self.assertEqual((calls[1][1].client_id, calls[1][1].seq), (calls[2][1].client_id, calls[2][1].seq))
+        self.assertEqual(dogfs._leader, "b:1")
+
+    def test_final_error_from_the_leader(self) -> None:
+        """A final error on the direct path is the caller's error, without a retry."""
+        replies = [Reply(m.MetaReply("a:1"), c.encode_result(c.Ok()))]
+
+        def answer(address: str, msg: Any) -> Reply:
+            if replies:
+                return replies.pop()
+            raise WireError("exists", "'/d' already exists.")
+
+        dogfs, pool, clock = client(answer)
+        self.successResultOf(dogfs.mkdir("/c"))
+        error = self.failureResultOf(dogfs.mkdir("/d"), DogFSError).value
+        self.assertEqual((error.code, error.message), ("exists", "'/d' already exists."))
+        self.assertEqual(len(pool.sent), 2)
+
+    def test_no_quorum_on_the_direct_path_is_the_error(self) -> None:
+        """The leader answers "no quorum" and then nothing answers: the error says no quorum,
+        once the timeout counted from the first try has passed."""
+        replies = [Reply(m.MetaReply("a:1"), c.encode_result(c.Ok()))]
+
+        def answer(address: str, msg: Any) -> Reply:
+            if replies:
+                return replies.pop()
+            if address == "a:1" and len(pool.sent) == 2:
+                raise WireError("no_quorum", "the metadata group has no quorum: 1 of 3 members reachable")
+            raise WireError("unreachable", f"cannot connect to {address}")
+
+        dogfs, pool, clock = client(answer, timeout=2.0)
+        self.successResultOf(dogfs.mkdir("/c"))
+        d = dogfs.mkdir("/d")
+        clock.advance(1.0)
+        self.assertNoResult(d)
+        clock.pump([0.1] * 12)
+        error = self.failureResultOf(d, DogFSError).value
+        self.assertEqual(error.code, "no_quorum")
 
 
 class ErrorTests(SynchronousTestCase):

@@ -104,6 +104,18 @@ class MetaHandlerTests(SynchronousTestCase):
         self.assertEqual(h.handlers.registry.view(), before)
         self.assertNotIn("chunk-9", [r.node_id for r in h.state.chunk_servers()])
 
+    def test_prepare_sets_only_the_time(self) -> None:
+        """The leader stamps mkdir and commit with its clock and keeps every other field."""
+        import attrs
+
+        h = Harness(self)
+        h.clock.advance(1234.5)
+        for command in (
+            c.Mkdir("/a/b", True, "RS-2-1", 7.0),
+            c.CommitFile("/f", 10, ((3, 10),), 7.0, "RS-2-1", 4),
+        ):
+            self.assertEqual(h.handlers.prepare(command), attrs.evolve(command, now=h.clock.seconds()))
+
     def test_allocate_places_on_distinct_servers(self) -> None:
         """Allocation puts the k+m shards of a block group on k+m different chunk servers."""
         h = Harness(self)

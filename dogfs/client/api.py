@@ -18,6 +18,7 @@ import msgpack
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from dogfs.config import ClientConfig
 from dogfs.meta import commands as c
@@ -74,26 +75,73 @@ class DogFSClient:
 
     # --- metadata plumbing --------------------------------------------------------------
 
-    def _addresses(self) -> list[str]:
+    def _addresses(self, last: str | None = None) -> list[str]:
         ordered = list(self.config.meta)
         if self._leader is not None:
             ordered = [self._leader] + [a for a in ordered if a != self._leader]
+        if last is not None and last in ordered:
+            ordered = [a for a in ordered if a != last] + [last]
         return ordered
 
-    async def _meta(self, msg: Any, payload: bytes = b"") -> Reply:
+    def _meta_call(self, msg: Any, payload: bytes = b"") -> defer.Deferred[Reply]:
+        """L{_meta}, sent at once on the open connection to the leader when there is one.
+
+        The usual request (the leader known, its connection up) costs no coroutine: only a
+        failure that calls for another try goes on through L{_meta}, within the same
+        deadline.
+        """
+        address = self._leader
+        connection = None if address is None else self.pool.open_connection(address)
+        if connection is None:
+            return defer.Deferred.fromCoroutine(self._meta(msg, payload))
+        connection_address: str = address  # type: ignore[assignment] # not None here
+        deadline = self.clock.seconds() + self.timeout
+        d = connection.call(msg, payload, timeout=min(self.timeout, 10.0))
+
+        def answered(reply: Reply) -> Reply:
+            if isinstance(reply.msg, m.MetaReply) and reply.msg.leader_hint:
+                self._leader = reply.msg.leader_hint
+            return reply
+
+        def failed(failure: Failure) -> Any:
+            failure.trap(WireError)
+            e: WireError = failure.value  # type: ignore[assignment]
+            if e.code not in RETRYABLE:
+                raise _error(e)
+            if e.code == "not_leader" and e.details.get("leader"):
+                self._leader = e.details["leader"]
+            if e.code in ("connection_closed", "timeout"):
+                self.pool.drop(connection_address)
+            if self._leader == connection_address:
+                self._leader = None  # whoever leads now will say so
+            return defer.Deferred.fromCoroutine(self._meta(msg, payload, deadline, e, connection_address))
+
+        return d.addCallbacks(answered, failed)
+
+    async def _meta(
+        self,
+        msg: Any,
+        payload: bytes = b"",
+        deadline: float | None = None,
+        first: WireError | None = None,
+        tried: str | None = None,
+    ) -> Reply:
         """Send to the leader (found by redirects), retrying within the timeout.
 
         Retrying is safe for commands too: they carry this client's session and sequence
         number, so the metadata applies a retried command once and answers the retry with
-        the first result.
+        the first result. ``first`` is how an earlier try (within ``deadline``) at ``tried``
+        failed: that member is asked last in the first round.
         """
-        deadline = self.clock.seconds() + self.timeout
-        last: WireError | None = None
-        no_quorum: WireError | None = None
+        if deadline is None:
+            deadline = self.clock.seconds() + self.timeout
+        last: WireError | None = first
+        no_quorum: WireError | None = first if first is not None and first.code == "no_quorum" else None
         delay = 0.05
         while True:
             redirected = False
-            for address in self._addresses():
+            addresses, tried = self._addresses(tried), None
+            for address in addresses:
                 remaining = deadline - self.clock.seconds()
                 if remaining <= 0:
                     break
@@ -135,7 +183,7 @@ class DogFSClient:
             raise DogFSError("unreachable", f"no metadata node is reachable ({where}): {last.message}")
         raise DogFSError(last.code, f"the metadata service did not answer within {self.timeout:g}s: {last.message}")
 
-    async def _command(self, command: Any) -> Any:
+    def _command(self, command: Any) -> defer.Deferred[Any]:
         # One session per command in flight: the metadata remembers each session's last
         # sequence number, so two concurrent commands must never share one (a retry of the
         # older would be refused as expired).
@@ -145,14 +193,16 @@ class DogFSClient:
             self._sessions_made += 1
             session, seq = f"{self.client_id}.{self._sessions_made}", 0
         seq += 1
-        try:
-            reply = await self._meta(m.MetaCommand(session, seq), c.encode_command(command))
-        finally:
-            self._idle_sessions.append((session, seq))
-        return _result(reply)
+        d = self._meta_call(m.MetaCommand(session, seq), c.encode_command(command))
 
-    async def _query(self, op: str, path: str = "", args: dict[str, Any] | None = None) -> Reply:
-        return await self._meta(m.MetaQuery(op, path, args or {}))
+        def done(result: Any) -> Any:
+            self._idle_sessions.append((session, seq))
+            return result
+
+        return d.addBoth(done).addCallback(_result)
+
+    def _query(self, op: str, path: str = "", args: dict[str, Any] | None = None) -> defer.Deferred[Reply]:
+        return self._meta_call(m.MetaQuery(op, path, args or {}))
 
     async def cluster_info(self) -> dict[str, Any]:
         """Default policy, cell and block sizes (cached)."""
@@ -191,15 +241,15 @@ class DogFSClient:
 
     def mkdir(self, path: str, parents: bool = False, ec: str | None = None) -> defer.Deferred[c.DirInfo]:
         """Create a directory (with `parents`, its missing ancestors too)."""
-        return defer.Deferred.fromCoroutine(self._command(c.Mkdir(path, parents, ec)))
+        return self._command(c.Mkdir(path, parents, ec))
 
     def rm(self, path: str, recursive: bool = False) -> defer.Deferred[Any]:
         """Delete a file or an empty directory (with `recursive`, a whole tree)."""
-        return defer.Deferred.fromCoroutine(self._command(c.Delete(path, recursive)))
+        return self._command(c.Delete(path, recursive))
 
     def mv(self, src: str, dst: str) -> defer.Deferred[Any]:
         """Rename `src` to `dst` (which must not exist)."""
-        return defer.Deferred.fromCoroutine(self._command(c.Rename(src, dst)))
+        return self._command(c.Rename(src, dst))
 
     def status(self) -> defer.Deferred[dict[str, Any]]:
         """The cluster as a metadata node sees it."""

@@ -180,8 +180,14 @@ class MetaHandlers:
                     {"needed": e.needed, "alive": e.alive},
                 ) from None
             return attrs.evolve(command, ec=policy.name, placement=tuple(placement), now=now, avoid=())
-        if isinstance(command, c.CommitFile | c.Mkdir):
-            return attrs.evolve(command, now=now)
+        # Built directly: attrs.evolve reads the class's fields on every call, and the leader
+        # prepares every mkdir and commit.
+        if type(command) is c.Mkdir:
+            return c.Mkdir(command.path, command.parents, command.ec, now)
+        if type(command) is c.CommitFile:
+            return c.CommitFile(
+                command.path, command.size, command.block_groups, now, command.ec, command.expected_version
+            )
         if isinstance(command, c.SetDefaultPolicy):
             try:
                 return c.SetDefaultPolicy(ECPolicy.parse(command.ec).name)

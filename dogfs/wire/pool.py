@@ -120,6 +120,11 @@ class ConnectionPool:
         self._idle: dict[str, list[Connection]] = {}
         self._leased: set[Connection] = set()
 
+    def open_connection(self, address: str) -> Connection | None:
+        """The shared connection to `address` if it is open now, else None (see `get`)."""
+        connection = self._open.get(address)
+        return connection if connection is not None and connection.is_open else None
+
     def get(self, address: str) -> defer.Deferred[Connection]:
         """An open, version-negotiated connection to `address`, shared with other callers."""
         connection = self._open.get(address)
