@@ -255,9 +255,11 @@ class ConcurrentReadTests(TestCase):
         await self.client.put("/fast", io.BytesIO(fast))
         consumer = StuckConsumer()
         slow_read = defer.Deferred.fromCoroutine(self._get("/slow", consumer))
-        # Wait until the stuck read holds its streams back: their connections stop reading.
+        # Wait until the stuck read holds its streams back: the consumer has paused it (at
+        # its first write) and their connections stop reading. A stream ahead of a slower
+        # one pauses too, before anything is written: release() must not come before that.
         deadline = reactor.seconds() + 30
-        while not any(c._reading_pauses for c in self.client.pool._leased):
+        while not (consumer.data and any(c._reading_pauses for c in self.client.pool._leased)):
             self.assertLess(reactor.seconds(), deadline, "the stuck read never paused a stream")
             await task.deferLater(reactor, 0.01, lambda: None)
         started = reactor.seconds()

@@ -6,8 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.test.iosim import FakeTransport, connect
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -26,6 +28,7 @@ from dogfs.wire.messages import (
 )
 from dogfs.wire.pool import split_address
 from dogfs.wire.protocol import (
+    CLOSE_TIMEOUT,
     Connection,
     ConnectionClosed,
     Reply,
@@ -299,6 +302,50 @@ class FlowControlTests(SynchronousTestCase):
             frames.append(encode_frame(1, Flags.MORE, Cell.TYPE, 5, h, 1) + h + b"x")  # type: ignore[attr-defined]
         connection.dataReceived(b"".join(frames))
         self.assertEqual(transport.producerState, "paused")
+
+
+class ClosingTests(SynchronousTestCase):
+    """Closing a connection ends it even when reading is held back or the peer is wedged."""
+
+    def connected(self) -> tuple[Connection, StringTransport, Clock]:
+        clock = Clock()
+        connection = Connection(clock, {})
+        transport = StringTransport()
+        connection.makeConnection(transport)
+        hello = messages.encode(Hello())
+        connection.dataReceived(encode_frame(1, 0, Hello.TYPE, 0, hello, 0) + hello)  # type: ignore[attr-defined]
+        return connection, transport, clock
+
+    def test_close_resumes_reading(self) -> None:
+        """A connection paused by its reader reads again once closed (TLS must read the
+        peer's close_notify), and a pause or resume after that leaves the transport alone."""
+        connection, transport, _ = self.connected()
+        connection.pause_reading()
+        self.assertEqual(transport.producerState, "paused")
+        connection.close()
+        self.assertEqual(transport.producerState, "producing")
+        self.assertTrue(transport.disconnecting)
+        connection.pause_reading()
+        self.assertEqual(transport.producerState, "producing")
+        connection.resume_reading()
+        connection.resume_reading()
+        self.assertEqual(transport.producerState, "producing")
+
+    def test_wedged_peer_is_aborted(self) -> None:
+        """A close the peer never completes is turned into an abort after CLOSE_TIMEOUT."""
+        connection, transport, clock = self.connected()
+        connection.close()
+        clock.advance(CLOSE_TIMEOUT - 0.5)
+        self.assertFalse(transport.disconnected)
+        clock.advance(1)
+        self.assertTrue(transport.disconnected)
+
+    def test_timer_ends_with_the_connection(self) -> None:
+        """A connection that closes in time leaves no abort timer behind."""
+        connection, transport, clock = self.connected()
+        connection.close()
+        connection.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(clock.getDelayedCalls(), [])
 
 
 class HostileInputTests(SynchronousTestCase):

@@ -174,3 +174,36 @@ class TLSSocketTests(SocketPairMixin, TestCase):
             await self.server.closed
 
         return deferred(go())
+
+    def test_close_while_reading_paused(self) -> None:
+        """A connection closed while it holds its reading back (a consumer that stopped
+        taking a shard's cells) still closes: the TLS layer must read the peer's
+        close_notify, which waits in the socket behind cells nobody wants any more."""
+        cells = 24  # well past what the two sockets' buffers hold
+
+        async def source(request: Request) -> GetShardEnd:
+            payload = bytes(MiB)
+            for i in range(cells):
+                await request.send_part(Cell(i, crc32c(payload)), payload)
+            return GetShardEnd(cells)
+
+        async def go() -> None:
+            client = await self.connect({GetShard: lambda r: defer.Deferred.fromCoroutine(source(r))})
+            assert self.server is not None
+            first: defer.Deferred[None] = defer.Deferred()
+
+            def part(msg: Any, payload: memoryview) -> None:
+                if not first.called:
+                    client.pause_reading()
+                    first.callback(None)
+
+            call = client.call(GetShard(SHARD, 0, -1), on_part=part)
+            call.addErrback(lambda f: f.trap(ConnectionClosed))
+            await first
+            client.close()
+            await client.closed.addTimeout(10, reactor)  # type: ignore[arg-type]
+            await call
+            await self.server.closed.addTimeout(10, reactor)  # type: ignore[arg-type]
+
+        return deferred(go())
+

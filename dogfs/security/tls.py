@@ -628,6 +628,18 @@ class _BulkTLSProtocol(TLSMemoryBIOProtocol):
         _lib.SSL_set_bio(connection._ssl, rest, connection._from_ssl)
         connection._into_ssl = rest
 
+    def _tlsShutdownFinished(self, reason: Failure | None) -> None:
+        """TLS is over (the peer's close_notify, or a failure): let go of the application's
+        producer before closing TCP. A TCP transport whose producer is paused (the peer
+        stopped reading what we stream) waits for it to resume and never closes once its
+        buffer drains, since the application, having lost TLS, writes nothing more."""
+        if self._producer is not None:
+            self._producer = None
+            self._producerPaused = False
+            transport: Any = self.transport
+            transport.unregisterProducer()
+        super()._tlsShutdownFinished(reason)
+
     def connectionLost(self, reason: Failure = Failure(error.ConnectionDone())) -> None:
         """Give the transport its own doRead back (breaking the cycle with us), then close."""
         if self._socket is not None:

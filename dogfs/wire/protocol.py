@@ -62,6 +62,9 @@ INBOUND_QUEUE_FRAMES = 8
 FRAME_TIMEOUT = 30.0
 IDLE_TIMEOUT = 600.0
 MAX_BUFFERED = 64 << 20
+# Seconds a closing connection may take to close cleanly (the peer reading what was queued
+# for it, TLS's close_notify) before it is aborted.
+CLOSE_TIMEOUT = 10.0
 
 
 class WireError(Exception):
@@ -296,6 +299,8 @@ class Connection(Protocol):
         self._buffer_paused = False
         self._last_frame = 0.0
         self._watchdog: Any = None
+        # Set while closing: aborts a connection that does not finish closing (see _lose).
+        self._close_timer: Any = None
         # The socket under a plain TCP transport, read and written directly; None under TLS
         # or any other transport (see _read_socket and _send).
         self._socket: socket.socket | None = None
@@ -412,6 +417,9 @@ class Connection(Protocol):
         if self._watchdog is not None and self._watchdog.active():
             self._watchdog.cancel()
         self._watchdog = None
+        if self._close_timer is not None and self._close_timer.active():
+            self._close_timer.cancel()
+        self._close_timer = None
         if self._deadlines is not None and self._deadlines.active():
             self._deadlines.cancel()
         self._deadlines = None
@@ -705,7 +713,22 @@ class Connection(Protocol):
             self.transport.unregisterProducer()
         except Exception:
             pass
+        if self._reading_pauses and not self._lost:
+            # Held back for a consumer that no longer matters: TLS ends only once the peer's
+            # close_notify is read, which waits behind what we stopped reading (discarded).
+            self.transport.resumeProducing()
         self.transport.loseConnection()
+        if self._close_timer is None and not self._lost:
+            # A peer that neither reads nor answers (wedged, SIGSTOPped) would hold the
+            # connection open forever: give up on closing cleanly after a while.
+            self._close_timer = self.clock.callLater(CLOSE_TIMEOUT, self._close_expired)
+
+    def _close_expired(self) -> None:
+        self._close_timer = None
+        if not self._lost:
+            log.info("aborting connection to {peer}: not closed within {timeout:g}s",
+                     peer=self.peer_description(), timeout=CLOSE_TIMEOUT)
+            self.transport.abortConnection()
 
     def _hold(self, size: int) -> None:
         """Payload bytes now held for an unanswered request; stop reading past the limit."""
@@ -757,12 +780,12 @@ class Connection(Protocol):
 
     def _pause_reading(self) -> None:
         self._reading_pauses += 1
-        if self._reading_pauses == 1 and not self._lost:
+        if self._reading_pauses == 1 and self.is_open:
             self.transport.pauseProducing()
 
     def _resume_reading(self) -> None:
         self._reading_pauses -= 1
-        if self._reading_pauses == 0 and not self._lost:
+        if self._reading_pauses == 0 and self.is_open:
             self.transport.resumeProducing()
 
     def _frame(
