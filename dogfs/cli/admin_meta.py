@@ -170,8 +170,6 @@ def _retire_local(args: argparse.Namespace) -> bool:
     client.toml (so `cluster up` does not start it again). False when NODE is not local."""
     import tomllib
 
-    import tomli_w
-
     from dogfs.cli import cluster_layout as layout
 
     home = os.path.abspath(args.home)
@@ -186,19 +184,14 @@ def _retire_local(args: argparse.Namespace) -> bool:
     with open(cluster_file, "rb") as f:
         data = tomllib.load(f)
     data["nodes"] = [n for n in data["nodes"] if n.get("id") != args.node]
-    with open(cluster_file + ".tmp", "wb") as f:
-        tomli_w.dump(data, f)
-    os.replace(cluster_file + ".tmp", cluster_file)
+    layout.write_toml(cluster_file, data)
     if os.path.exists(args.config):
         with open(args.config, "rb") as f:
             client = tomllib.load(f)
         metas = [a for a in client.get("client", {}).get("meta", []) if a != node.address]
         if metas:
             client["client"]["meta"] = metas
-            with open(args.config + ".tmp", "wb") as f:
-                tomli_w.dump(client, f)
-            os.chmod(args.config + ".tmp", 0o600)
-            os.replace(args.config + ".tmp", args.config)
+            layout.write_toml(args.config, client, 0o600)
     return True
 
 
@@ -215,8 +208,6 @@ def _show(args: argparse.Namespace, result: dict[str, Any], sentence: str) -> No
 def _create_local(args: argparse.Namespace) -> tuple[str, str, str]:
     """Create the next meta-N of a `dogfs cluster` home and start it (joining, no vote)."""
     import tomllib
-
-    import tomli_w
 
     from dogfs.cli import cluster_layout as layout
     from dogfs.cli.cluster_layout import LOOPBACK, NodeSpec
@@ -246,26 +237,20 @@ def _create_local(args: argparse.Namespace) -> tuple[str, str, str]:
 
         ca = load_ca(os.path.join(home, "ca"))
         ca.issue(node_id, Role.NODE, os.path.join(layout.node_dir(home, node), "tls"), hosts=[LOOPBACK, "localhost"])
-    with open(layout.config_path(home, node), "wb") as f:
-        tomli_w.dump(table, f)
+    layout.write_toml(layout.config_path(home, node), table)
     # cluster.toml and client.toml learn the new node (cluster status, up/down, clients).
     cluster_file = os.path.join(home, layout.CLUSTER_FILE)
     with open(cluster_file, "rb") as f:
         data = tomllib.load(f)
     data["nodes"].append({"id": node_id, "kind": "meta", "address": node.address, "http_address": node.http_address})
-    with open(cluster_file + ".tmp", "wb") as f:
-        tomli_w.dump(data, f)
-    os.replace(cluster_file + ".tmp", cluster_file)
+    layout.write_toml(cluster_file, data)
     if os.path.exists(args.config):
         with open(args.config, "rb") as f:
             client = tomllib.load(f)
         metas = list(client.get("client", {}).get("meta", []))
         if node.address not in metas:
             client["client"]["meta"] = [*metas, node.address]
-            with open(args.config + ".tmp", "wb") as f:
-                tomli_w.dump(client, f)
-            os.chmod(args.config + ".tmp", 0o600)
-            os.replace(args.config + ".tmp", args.config)
+            layout.write_toml(args.config, client, 0o600)
     layout.start_node(home, node)
     deadline = time.monotonic() + 30
     import socket

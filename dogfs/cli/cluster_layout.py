@@ -48,6 +48,7 @@ __all__ = [
     "new_spec",
     "load_spec",
     "write_cluster",
+    "write_toml",
     "node_dir",
     "config_path",
     "pidfile_path",
@@ -203,7 +204,8 @@ def load_spec(home: str) -> ClusterSpec | None:
         raise CLIError(f"{path} is damaged: missing {e}") from None
 
 
-def _write(path: str, data: dict, mode: int = 0o644) -> None:
+def write_toml(path: str, data: dict, mode: int = 0o644) -> None:
+    """Replace the TOML file ``path`` with ``data``, durably (a crash leaves the old or the new)."""
     replace_file(path, tomli_w.dumps(data).encode(), mode)
 
 
@@ -281,7 +283,7 @@ def write_cluster(
             }
         if spec.tls:
             table["tls"] = _tls_table(home, node)
-        _write(config_path(home, node), table)
+        write_toml(config_path(home, node), table)
     client: dict[str, object] = {"client": {"meta": meta_addresses, "timeout": timeout}}
     if spec.tls:
         _make_tls(home, spec)
@@ -290,9 +292,9 @@ def write_cluster(
             "cert": "identities/admin/cert.pem",
             "key": "identities/admin/key.pem",
         }
-    _write(os.path.join(home, CLIENT_FILE), client, 0o600)
+    write_toml(os.path.join(home, CLIENT_FILE), client, 0o600)
     # Last: a HOME with cluster.toml is a complete cluster; a crash before leaves none.
-    _write(
+    write_toml(
         os.path.join(home, CLUSTER_FILE),
         {
             "cluster": {"format": FORMAT_VERSION, "ec": spec.ec, "tls": spec.tls},

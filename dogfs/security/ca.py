@@ -7,10 +7,11 @@ organizationalUnitName (OU) its :class:`~dogfs.security.roles.Role`. Node certif
 subjectAltNames for the hosts they listen on, which clients check when they dial.
 
 Keys are ECDSA P-256: small, and quick to sign with during a handshake. Private keys are written
-with mode 0600 through a temporary file and a rename, so a reader never sees half a key and a
-rotation never leaves a key world-readable.
+with mode 0600 through a temporary file, an fsync and a rename (``replace_file``), so a reader
+never sees half a key, a crash never leaves one, and a rotation never leaves a key
+world-readable.
 
-This module does file I/O but no networking; it depends on ``roles`` only.
+This module does file I/O but no networking; it depends on ``roles`` and ``storage.files`` only.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from dogfs.security.roles import Role
+from dogfs.storage.files import replace_file
 
 __all__ = [
     "CA_CERT_FILE",
@@ -81,23 +83,6 @@ def _check_name(name: str) -> None:
             f"identity name {name!r} is not valid: use 1-64 letters, digits, '.', '_', '@' "
             "or '-', starting with a letter or digit"
         )
-
-
-def _write_atomic(path: str, data: bytes, mode: int) -> None:
-    """Write ``data`` to ``path`` via a temporary file created with ``mode``, then rename."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        # O_CREAT's mode is masked by the umask and ignored for an existing file: set it again.
-        os.fchmod(fd, mode)
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -238,8 +223,8 @@ class CertificateAuthority:
         cert_path = os.path.join(out_dir, CERT_FILE)
         # Key first: a reload that runs between the two renames sees a mismatched pair and
         # refuses it, instead of a new certificate with no key.
-        _write_atomic(key_path, _key_pem(key), 0o600)
-        _write_atomic(cert_path, _cert_pem(cert), 0o644)
+        replace_file(key_path, _key_pem(key), 0o600)
+        replace_file(cert_path, _cert_pem(cert), 0o644)
         return IssuedIdentity(
             name=name, role=role, serial=serial, cert_path=cert_path, key_path=key_path
         )
@@ -301,8 +286,8 @@ def init_ca(
         .sign(key, hashes.SHA256())
     )
     os.makedirs(ca_dir, mode=0o700, exist_ok=True)
-    _write_atomic(key_path, _key_pem(key), 0o600)
-    _write_atomic(cert_path, _cert_pem(cert), 0o644)
+    replace_file(key_path, _key_pem(key), 0o600)
+    replace_file(cert_path, _cert_pem(cert), 0o644)
     return CertificateAuthority(certificate=cert, key=key, ca_dir=ca_dir)
 
 
@@ -354,12 +339,12 @@ def write_identity_dir(
     out_dir = os.path.join(os.path.abspath(home), "identities", name)
     issued = ca.issue(name, role, out_dir, hosts=hosts, days=days, now=now)
     ca_copy = os.path.join(out_dir, CA_CERT_FILE)
-    _write_atomic(ca_copy, _cert_pem(ca.certificate), 0o644)
+    replace_file(ca_copy, _cert_pem(ca.certificate), 0o644)
     config = {
         "client": {"meta": list(meta_addresses)},
         "tls": {"ca": ca_copy, "cert": issued.cert_path, "key": issued.key_path},
     }
-    _write_atomic(
+    replace_file(
         os.path.join(out_dir, CLIENT_CONFIG_FILE), tomli_w.dumps(config).encode("utf-8"), 0o600
     )
     return out_dir
