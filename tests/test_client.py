@@ -9,11 +9,11 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from dogfs.client.api import DogFSClient, DogFSError
+from dogfs.client.api import MAX_REDIRECTS, DogFSClient, DogFSError
 from dogfs.config import ClientConfig
 from dogfs.meta import commands as c
 from dogfs.wire import messages as m
-from dogfs.wire.protocol import Reply, WireError
+from dogfs.wire.protocol import Reply, RequestTimeout, WireError
 
 
 class FakeConnection:
@@ -277,3 +277,89 @@ class ErrorTests(SynchronousTestCase):
         error = self.failureResultOf(d, DogFSError).value
         self.assertEqual(error.code, "not_ready")
         self.assertEqual(error.message, "cannot write /f yet: 2 of 3 chunk servers heard from")
+
+
+class RetryHygieneTests(SynchronousTestCase):
+    """Retries that neither churn connections nor spin, and a deadline kept while dialling."""
+
+    def test_answered_timeout_keeps_the_connection(self) -> None:
+        """A member that answers "timeout" (the group did not decide in time, or it is
+        overloaded) has a working connection: the command is retried, the connection kept,
+        so other requests in flight on it are not failed."""
+        calls = []
+
+        def answer(address: str, msg: Any) -> Reply:
+            calls.append(address)
+            if len(calls) == 1:
+                raise WireError("timeout", "the metadata leader is overloaded")
+            return ok_reply()
+
+        dogfs, pool, clock = client(answer)
+        d = dogfs.mkdir("/d")
+        clock.pump([0.1] * 5)
+        self.successResultOf(d)
+        self.assertEqual(len(calls), 2)
+        self.assertEqual(pool.dropped, [])
+
+    def test_request_timeout_drops_the_connection(self) -> None:
+        """No answer at all within the request's timeout: the connection is in doubt and is
+        made again."""
+        calls = []
+
+        def answer(address: str, msg: Any) -> Reply:
+            calls.append(address)
+            if len(calls) == 1:
+                raise RequestTimeout("MetaCommand to a:1 timed out after 5s")
+            return ok_reply()
+
+        dogfs, pool, clock = client(answer)
+        self.successResultOf(dogfs.mkdir("/d"))
+        self.assertEqual(pool.dropped, ["a:1"])
+
+    def test_members_naming_each_other_do_not_spin(self) -> None:
+        """Two members each naming the other as leader (a transfer under way): the client
+        follows a couple of redirects at once, then backs off, and gives up at its timeout."""
+
+        def answer(address: str, msg: Any) -> Reply:
+            other = "b:1" if address == "a:1" else "a:1"
+            raise WireError("not_leader", "not me", {"leader": other})
+
+        dogfs, pool, clock = client(answer, timeout=2.0)
+        d = dogfs.mkdir("/d")
+        self.assertLessEqual(len(pool.sent), 2 + MAX_REDIRECTS)
+        clock.pump([0.05] * 50)
+        error = self.failureResultOf(d, DogFSError).value
+        self.assertEqual(error.code, "not_leader")
+        # Backoff from 50 ms doubling to 1 s: a handful of rounds in 2 s, not hundreds.
+        self.assertLess(len(pool.sent), 8 * (2 + MAX_REDIRECTS))
+
+    def test_dialling_keeps_the_deadline(self) -> None:
+        """A member that never completes the connection cannot hold the call past its
+        timeout (the pool's own handshake limit may be longer)."""
+
+        class StuckPool(FakePool):
+            def get(self, address: str) -> defer.Deferred[FakeConnection]:
+                return defer.Deferred()
+
+        dogfs, _pool, clock = client(lambda address, msg: ok_reply(), timeout=3.0)
+        dogfs.pool = StuckPool(None)  # type: ignore[assignment]
+        d = dogfs.stat("/x")
+        clock.advance(2.9)
+        self.assertNoResult(d)
+        clock.pump([0.05] * 4)
+        error = self.failureResultOf(d, DogFSError).value
+        self.assertEqual(error.code, "unreachable")
+
+    def test_own_client_id_is_only_a_label(self) -> None:
+        """Two clients given the same client_id (a restarted process) never share a session
+        id: the metadata would answer the second with the first one's results."""
+        clock = Clock()
+        ids = []
+        for _ in range(2):
+            dogfs = DogFSClient(clock, ClientConfig(meta=("a:1",)), endpoints=lambda a: None, client_id="app")  # type: ignore[arg-type,return-value]
+            pool = FakePool(lambda address, msg: ok_reply())
+            dogfs.pool = pool  # type: ignore[assignment]
+            self.successResultOf(dogfs.mkdir("/d"))
+            ids.append(pool.sent[0][1].client_id)
+        self.assertNotEqual(ids[0], ids[1])
+        self.assertTrue(all(i.startswith("app.") for i in ids))

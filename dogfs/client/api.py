@@ -24,12 +24,14 @@ from dogfs.config import ClientConfig
 from dogfs.meta import commands as c
 from dogfs.wire import messages as m
 from dogfs.wire.pool import ConnectionPool, EndpointMaker
-from dogfs.wire.protocol import Reply, WireError
+from dogfs.wire.protocol import Reply, RequestTimeout, WireError
 
 log = Logger()
 
 # Error codes after which the same request may be sent again (elsewhere, or later).
 RETRYABLE = {"not_leader", "unreachable", "connection_closed", "timeout", "no_quorum", "not_ready"}
+#: Redirects (not_leader with a hint) followed without a pause, between two pauses.
+MAX_REDIRECTS = 2
 #: Called with the bytes moved since the last call; a put whose block group is written again
 #: (a chunk server failed) calls it with minus what that group had counted.
 Progress = Callable[[int], None]
@@ -37,6 +39,15 @@ Progress = Callable[[int], None]
 
 class DogFSError(WireError):
     """A client operation failed. `code` is stable (not_found, exists, timeout, ...)."""
+
+
+def _connection_failed(e: WireError) -> bool:
+    """Whether ``e`` says the connection itself is in doubt (closed, or a request on it got
+    no answer in time), so it should be dropped and made again. A member that answered,
+    even with its own "timeout" (the group did not decide in time, the leader is
+    overloaded), has shown its connection works: dropping it would fail every other
+    request in flight on it."""
+    return e.code == "connection_closed" or isinstance(e, RequestTimeout)
 
 
 def _error(e: WireError, what: str | None = None) -> DogFSError:
@@ -68,6 +79,10 @@ class DogFSClient:
             handshake_timeout=min(5.0, self.timeout),
         )
         self.client_id = client_id or uuid.uuid4().hex
+        # Session ids must never repeat across client instances: the metadata answers a
+        # (session, seq) it has seen with that command's remembered result. A caller's own
+        # client_id (a label, possibly reused by a restarted process) gets a random part.
+        self._session_prefix = self.client_id if client_id is None else f"{client_id}.{uuid.uuid4().hex[:16]}"
         self._idle_sessions: list[tuple[str, int]] = []  # (session id, last sequence number)
         self._sessions_made = 0
         self._leader: str | None = None
@@ -110,7 +125,7 @@ class DogFSClient:
                 raise _error(e)
             if e.code == "not_leader" and e.details.get("leader"):
                 self._leader = e.details["leader"]
-            if e.code in ("connection_closed", "timeout"):
+            if _connection_failed(e):
                 self.pool.drop(connection_address)
             if self._leader == connection_address:
                 self._leader = None  # whoever leads now will say so
@@ -138,6 +153,10 @@ class DogFSClient:
         last: WireError | None = first
         no_quorum: WireError | None = first if first is not None and first.code == "no_quorum" else None
         delay = 0.05
+        # Redirects followed at once since the last pause: two members each naming the other
+        # (a leadership transfer under way) must not have the client bounce between them
+        # without a pause until the deadline.
+        redirects = 0
         while True:
             redirected = False
             addresses, tried = self._addresses(tried), None
@@ -146,7 +165,10 @@ class DogFSClient:
                 if remaining <= 0:
                     break
                 try:
-                    connection = await self.pool.get(address)
+                    connection = await self._connect(address, remaining)
+                    remaining = deadline - self.clock.seconds()
+                    if remaining <= 0:
+                        break
                     reply = await connection.call(msg, payload, timeout=min(remaining, 10.0))
                 except WireError as e:
                     last = e
@@ -160,18 +182,20 @@ class DogFSClient:
                             self._leader = hinted
                             redirected = True
                             break  # retry at once at the hinted leader
-                    if e.code in ("connection_closed", "timeout"):
+                    if _connection_failed(e):
                         self.pool.drop(address)
                     continue
                 if isinstance(reply.msg, m.MetaReply) and reply.msg.leader_hint:
                     self._leader = reply.msg.leader_hint
                 return reply
-            if redirected and self.clock.seconds() < deadline:
+            if redirected and redirects < MAX_REDIRECTS and self.clock.seconds() < deadline:
+                redirects += 1
                 continue
             if self.clock.seconds() + delay >= deadline:
                 break
             await _sleep(self.clock, delay)
             delay = min(delay * 2, 1.0)
+            redirects = 0
         where = ", ".join(self.config.meta)
         if no_quorum is not None:
             raise DogFSError("no_quorum", no_quorum.message)
@@ -183,6 +207,20 @@ class DogFSClient:
             raise DogFSError("unreachable", f"no metadata node is reachable ({where}): {last.message}")
         raise DogFSError(last.code, f"the metadata service did not answer within {self.timeout:g}s: {last.message}")
 
+    def _connect(self, address: str, remaining: float) -> defer.Deferred[Any]:
+        """The pool's connection to ``address``, or an ``unreachable`` WireError if none is
+        ready within ``remaining`` seconds (the pool's own limit is its handshake timeout,
+        which may be longer than what is left of this call's)."""
+        d = self.pool.get(address)
+        if d.called:
+            return d
+
+        def late(failure: Failure) -> Any:
+            failure.trap(defer.TimeoutError)
+            raise WireError("unreachable", f"cannot connect to {address} within the {self.timeout:g}s timeout")
+
+        return d.addTimeout(remaining, self.clock).addErrback(late)
+
     def _command(self, command: Any) -> defer.Deferred[Any]:
         # One session per command in flight: the metadata remembers each session's last
         # sequence number, so two concurrent commands must never share one (a retry of the
@@ -191,7 +229,7 @@ class DogFSClient:
             session, seq = self._idle_sessions.pop()
         else:
             self._sessions_made += 1
-            session, seq = f"{self.client_id}.{self._sessions_made}", 0
+            session, seq = f"{self._session_prefix}.{self._sessions_made}", 0
         seq += 1
         d = self._meta_call(m.MetaCommand(session, seq), c.encode_command(command))
 
