@@ -105,6 +105,25 @@ class InFlightLimitTests(SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
         self.assertEqual(sent_errors(transport)[0].code, "too_many_requests")
 
+    def test_streams_of_unknown_types_count(self) -> None:
+        """Streams of a message type this side does not know are answered "unsupported" and
+        their frames swallowed until they end; they count against max_inflight like any
+        request, so a peer cannot open them without bound."""
+        clock = Clock()
+        connection, transport = opened(clock, max_inflight=3)
+        header = msgpack.packb({})
+
+        def unknown(request_id: int, flags: int = Flags.MORE) -> bytes:
+            return encode_frame(1, flags, 250, request_id, header, 0) + header
+
+        for i in range(3):
+            connection.dataReceived(unknown(i + 1))
+        self.assertEqual([e.code for e in sent_errors(transport)], ["unsupported"] * 3)
+        self.assertFalse(transport.disconnecting)
+        connection.dataReceived(unknown(9))
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(sent_errors(transport)[-1].code, "too_many_requests")
+
     def test_buffered_bytes_pause_reading(self) -> None:
         """Payload held by unanswered requests past max_buffered stops reading until answered."""
         clock = Clock()

@@ -124,3 +124,30 @@ class PlaintextWarningTests(TestCase):
         warnings = [line for line in seen if line.startswith("plaintext: anyone who can reach 127.0.0.1:7100")]
         self.assertEqual(len(warnings), 2)
         self.assertIsNone(security.server)
+
+
+class RevocationPollingTests(TestCase):
+    """A member polls its own state for the revocation list; a failed read skips a turn."""
+
+    def test_failed_read_keeps_polling(self) -> None:
+        """An unexpected error reading the list is logged, the last list stays in force, and
+        the next poll reads it again (the LoopingCall must not stop for good)."""
+        clock = Clock()
+        answers: list[Any] = [(["alice"], [7]), OSError("MDB_CORRUPTED"), (["alice", "bob"], [])]
+
+        def source() -> tuple[list[str], list[int]]:
+            answer = answers.pop(0)
+            if isinstance(answer, Exception):
+                raise answer
+            return answer  # type: ignore[no-any-return]
+
+        security = DaemonSecurity(clock, None, "meta-1", "127.0.0.1:7000", source=source, poll=1.0)
+        security.startService()
+        self.addCleanup(security.stopService)
+        self.assertEqual((security.revocations.names, security.revocations.serials), ({"alice"}, {7}))
+        clock.advance(1.0)
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        self.assertEqual(security.revocations.names, {"alice"})
+        clock.advance(1.0)
+        self.assertEqual(security.revocations.names, {"alice", "bob"})
+        self.assertEqual(answers, [])

@@ -16,11 +16,14 @@ from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.internet import reactor as _reactor
 from twisted.internet import ssl
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
@@ -33,6 +36,7 @@ from dogfs.security.tls import (
     RevocationSet,
     ServerTLS,
     TLSConfig,
+    _RegisteringTLSFactory,
     client_endpoint,
     client_tls,
     describe_tls_failure,
@@ -350,6 +354,20 @@ class MutualTLSTests(TestCase):
         self.assertRaises(SSL.Error, self.server_tls.reload, mismatched)
         await self.good_client()
 
+    async def test_client_reload_refuses_another_cas_certificate(self) -> None:
+        """ClientTLS.reload refuses a certificate its CA did not issue, as the server side
+        does, and keeps dialling with the old one (a daemon reloads both on SIGHUP)."""
+        client_tls_ = ClientTLS(_config(self.ca, self.alice))
+        other = init_ca(os.path.join(self.base, "other-ca"), "Mallory CA")
+        forged = other.issue("alice", Role.USER, os.path.join(self.base, "forged"))
+        bad = TLSConfig(ca_cert=self.ca.cert_path, cert=forged.cert_path, key=forged.key_path)
+        e = self.assertRaises(ValueError, client_tls_.reload, bad)
+        self.assertIn("was not issued by the CA", str(e))
+        self.assertEqual(client_tls_.config.cert, self.alice.cert_path)
+        client = await self.connect(client_tls_)
+        self.assertEqual(await client.echo(b"!"), b"!")
+        self.assertEqual(self.factory.identities[-1], Identity("alice", Role.USER, self.alice.serial))
+
     async def test_revocation_drops_open_connection(self) -> None:
         """Revoking a name cuts its open connection, refuses its next one, spares others."""
         bob = self.ca.issue("bob", Role.READER, os.path.join(self.base, "bob"))
@@ -477,6 +495,42 @@ class ServerTLSConstructionTests(SynchronousTestCase):
         self.assertRaises(
             ValueError, server_endpoint, reactor, "ssl:7000", ServerTLS(_config(ca, node))
         )
+
+
+class HandshakeDeadlineTests(SynchronousTestCase):
+    """The server's handshake clock, on simulated time."""
+
+    def _server_side(self) -> tuple[Any, ServerTLS, StringTransport, Clock]:
+        base = self.mktemp()
+        ca = init_ca(os.path.join(base, "ca"))
+        node = ca.issue("n", Role.NODE, os.path.join(base, "n"), hosts=["127.0.0.1"])
+        server = ServerTLS(_config(ca, node), handshake_timeout=10.0)
+        clock = Clock()
+        factory = _RegisteringTLSFactory(server, EchoFactory(), clock)
+        protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 4321))
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        return protocol, server, transport, clock
+
+    def test_verified_certificate_without_proof_is_cut(self) -> None:
+        """A peer whose certificate was verified (it is registered) but which never proves
+        it holds the key (no CertificateVerify, the handshake never completes) is aborted
+        when the handshake timeout passes: a certificate is not a secret."""
+        protocol, server, transport, clock = self._server_side()
+        server.registry.register(Identity("alice", Role.USER, 7), protocol)
+        clock.advance(9.9)
+        self.assertFalse(protocol._aborted)
+        clock.advance(0.2)
+        self.assertTrue(protocol._aborted)
+
+    def test_completed_handshake_is_kept(self) -> None:
+        """A connection whose handshake completed in time is left alone."""
+        protocol, server, transport, clock = self._server_side()
+        server.registry.register(Identity("alice", Role.USER, 7), protocol)
+        protocol._handshakeDone = True
+        clock.advance(11.0)
+        self.assertFalse(protocol._aborted)
+        self.assertFalse(transport.disconnecting)
 
 
 class AddressTests(SynchronousTestCase):

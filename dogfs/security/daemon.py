@@ -148,6 +148,11 @@ class DaemonSecurity(Service):
             names, serials = self.source()
         except RuntimeError:
             return  # the state is closed (stopping): nothing to enforce
+        except Exception:
+            # Anything else (a read of the state failed) must not end the polling: this
+            # member would enforce a stale list for good. The last list stays in force.
+            log.failure("{node}: cannot read the revocation list; keeping the last one", node=self.what)
+            return
         self.set_revocations(names, serials)
 
     def set_revocations(self, names: Iterable[str], serials: Iterable[int]) -> int:

@@ -277,16 +277,19 @@ def _describe_peer(tls_protocol: TLSMemoryBIOProtocol) -> str:
     return f"{host}:{port}" if host is not None else "an unknown peer"
 
 
-def _build_server_context(config: TLSConfig) -> SSL.Context:
-    """Build a server Context from ``config``'s files, checking they belong together."""
-    ca_pem = _read(config.ca_cert)
-    cert_pem = _read(config.cert)
-    ca = x509.load_pem_x509_certificate(ca_pem)
-    cert = x509.load_pem_x509_certificate(cert_pem)
+def _check_issued(config: TLSConfig) -> None:
+    """Raise ValueError unless ``config``'s certificate was issued by its CA."""
+    ca = x509.load_pem_x509_certificate(_read(config.ca_cert))
+    cert = x509.load_pem_x509_certificate(_read(config.cert))
     try:
         cert.verify_directly_issued_by(ca)
     except (ValueError, TypeError, InvalidSignature) as e:
         raise ValueError(f"{config.cert} was not issued by the CA in {config.ca_cert}: {e}") from e
+
+
+def _build_server_context(config: TLSConfig) -> SSL.Context:
+    """Build a server Context from ``config``'s files, checking they belong together."""
+    _check_issued(config)
     ctx = SSL.Context(SSL.TLS_METHOD)
     ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
     ctx.set_options(
@@ -920,9 +923,10 @@ class _BulkTLSFactory(TLSMemoryBIOFactory):
 class _RegisteringTLSFactory(_BulkTLSFactory):
     """A server TLS factory that bounds the handshake and keeps the registry up to date.
 
-    A connection whose client certificate is not verified within the server's
-    ``handshake_timeout`` is aborted (a peer that opens TCP and stalls would otherwise hold a
-    socket forever); a closed connection leaves the registry.
+    A connection whose handshake (client certificate verified, and proved) has not completed
+    within the server's ``handshake_timeout`` is aborted (a peer that opens TCP, or sends
+    someone's certificate, and stalls would otherwise hold a socket for good); a closed
+    connection leaves the registry.
     """
 
     def __init__(
@@ -945,9 +949,12 @@ class _RegisteringTLSFactory(_BulkTLSFactory):
 
     def _handshake_expired(self, protocol: TLSMemoryBIOProtocol, timeout: float) -> None:
         self._timers.pop(protocol, None)
-        if self._server.registry.identity_of(protocol) is None:
+        # The identity is registered when its certificate is verified, which comes before
+        # the peer proves it holds the key (CertificateVerify): anyone may send a valid
+        # certificate and stall. Only a completed handshake ends the clock.
+        if not getattr(protocol, "_handshakeDone", False):
             _log.info(
-                "refused TLS client {peer}: no valid certificate within {timeout:g}s",
+                "refused TLS client {peer}: no completed handshake within {timeout:g}s",
                 peer=_describe_peer(protocol),
                 timeout=timeout,
             )
@@ -983,8 +990,14 @@ class ClientTLS:
         return trust_root, client_cert
 
     def reload(self, config: TLSConfig | None = None) -> None:
-        """Re-read the files (all or nothing); connections made later use the new ones."""
+        """Re-read the files (all or nothing); connections made later use the new ones.
+
+        Refuses, as the server side does, a certificate its CA did not issue: a daemon that
+        took it would go on serving with its old certificate while every connection it
+        makes to its peers is refused.
+        """
         config = config if config is not None else self.config
+        _check_issued(config)
         self._trust_root, self._client_cert = self._load(config)
         self._creators = {}
         self.config = config

@@ -873,6 +873,11 @@ class Connection(Protocol):
             if oneway:
                 return
             if streamed:
+                # The sink lives until the stream ends: it counts against the limit as any
+                # request does, or a peer could open streams of unknown types without bound.
+                if max(len(self._inbound), self._serving) + 1 > self.max_inflight:
+                    self.protocol_error("too_many_requests", f"more than {self.max_inflight} requests in flight")
+                    return
                 # Swallow the rest of the stream, then answer once.
                 sink = Request(self, request_id, None, b"", oneway, streamed)
                 sink._fail(WireError("unsupported", str(e)))
