@@ -164,6 +164,39 @@ class RaftCommandLogTests(SynchronousTestCase):
         for i in IDS:
             self.assertIsInstance(group.states[i].stat("/a/b"), c.DirInfo)
 
+    def test_caught_up(self) -> None:
+        """caught_up: only a leader that has committed an entry of its own term and applied
+        up to it (its state then holds everything acknowledged before its election)."""
+        group = Group(self)
+        leader = group.leader()
+        group.run(1.0)
+        self.assertTrue(leader.caught_up())
+        followers = [g for i, g in group.logs.items() if g is not leader]
+        self.assertEqual([g.caught_up() for g in followers], [False, False])
+
+        class Node:
+            def __init__(self, terms: dict[int, int]) -> None:
+                self.terms = terms
+
+            def term_at(self, index: int) -> int | None:
+                return self.terms.get(index)
+
+        class Driver:
+            is_leader = True
+            term = 3
+            commit_index = 10
+            applied_index = 10
+            node = Node({10: 3})
+
+        stub = object.__new__(RaftCommandLog)
+        stub.driver = Driver()  # type: ignore[assignment]
+        self.assertTrue(stub.caught_up())
+        Driver.applied_index = 9  # committed, not yet applied here
+        self.assertFalse(stub.caught_up())
+        Driver.applied_index = 10
+        Driver.node = Node({10: 2})  # the commit index is still the last leader's
+        self.assertFalse(stub.caught_up())
+
     def test_retried_session_applies_once(self) -> None:
         """A retried Sessioned command gets the first answer and changes nothing more."""
         group = Group(self)

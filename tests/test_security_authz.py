@@ -178,6 +178,10 @@ class _Log:
 
     def __init__(self) -> None:
         self.proposed: list[Any] = []
+        self.current = True
+
+    def caught_up(self) -> bool:
+        return self.current
 
     def propose(self, command: Any) -> defer.Deferred[Any]:
         self.proposed.append(command)
@@ -240,12 +244,25 @@ class SecureMetaHandlersTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(self.command(BOB, c.Mkdir("/a"))), "plain")
 
     def test_heartbeat_nodes_only_with_list(self) -> None:
-        """Only nodes heartbeat; their reply carries the revocation list."""
-        self.security.set_revocations({"eve"}, {5})
+        """Only nodes heartbeat; their reply carries the revocation list as the state holds it
+        now (not as last polled)."""
+        self.revoked = ({"eve"}, {5})
         hb = m.Heartbeat("chunk-1", "127.0.0.1:2", 1, 0, 0)
         self.assertRaises(WireError, self.table[m.Heartbeat], _Request(BOB, hb))
         reply = self.successResultOf(defer.maybeDeferred(self.table[m.Heartbeat], _Request(NODE, hb)))
         self.assertEqual(reply.revoked, ("eve", "serial:5"))
+
+    def test_heartbeat_from_a_leader_not_caught_up_has_no_list(self) -> None:
+        """A leader whose state may lack committed entries (just elected) answers with no
+        list at all ("no news"), never with one that may miss an acknowledged revocation."""
+        self.security.set_revocations({"eve"}, set())
+        self.revoked = (set(), set())  # what a state behind the log would say
+        self.handlers.log.current = False
+        hb = m.Heartbeat("chunk-1", "127.0.0.1:2", 1, 0, 0)
+        reply = self.successResultOf(defer.maybeDeferred(self.table[m.Heartbeat], _Request(NODE, hb)))
+        self.assertIsNone(reply.revoked)
+        decoded = m.decode(m.HeartbeatReply.TYPE, m.encode(reply))  # type: ignore[attr-defined]
+        self.assertIsNone(decoded.revoked)
 
     def test_raft_nodes_only(self) -> None:
         """Raft envelopes from a non-node identity are refused."""

@@ -19,11 +19,11 @@ from dogfs.config import TLSFiles
 from dogfs.plugins.common import client_endpoints, server_endpoint
 from dogfs.security.authz import guard
 from dogfs.security.ca import init_ca
-from dogfs.security.daemon import DaemonSecurity
+from dogfs.security.daemon import DaemonSecurity, RevocationTap
 from dogfs.security.roles import Role
 from dogfs.wire import messages as m
 from dogfs.wire.pool import ConnectionFactory, ConnectionPool
-from dogfs.wire.protocol import Request, WireError
+from dogfs.wire.protocol import Reply, Request, WireError
 
 reactor: Any = _reactor
 
@@ -151,3 +151,51 @@ class RevocationPollingTests(TestCase):
         clock.advance(1.0)
         self.assertEqual(security.revocations.names, {"alice", "bob"})
         self.assertEqual(answers, [])
+
+
+class KeptRevocationTests(TestCase):
+    """A chunk server keeps the last revocation list across restarts, and takes no list from
+    a leader that says it has none to give."""
+
+    def test_list_survives_a_restart(self) -> None:
+        """The list set from a heartbeat is kept on disk; a new DaemonSecurity on the same file
+        enforces it from the start, before any leader has answered."""
+        path = os.path.join(self.mktemp(), "revoked.json")
+        os.makedirs(os.path.dirname(path))
+        first = DaemonSecurity(Clock(), None, "chunk-1", "127.0.0.1:1", keep=path)
+        first.set_revocations({"eve"}, {42})
+        again = DaemonSecurity(Clock(), None, "chunk-1", "127.0.0.1:1", keep=path)
+        self.assertEqual((again.revocations.names, again.revocations.serials), ({"eve"}, {42}))
+        again.set_revocations(set(), set())
+        third = DaemonSecurity(Clock(), None, "chunk-1", "127.0.0.1:1", keep=path)
+        self.assertEqual((third.revocations.names, third.revocations.serials), (set(), set()))
+
+    def test_damaged_file_is_reported(self) -> None:
+        """A kept file that cannot be read is named in a warning; nothing is enforced from it."""
+        path = os.path.join(self.mktemp(), "revoked.json")
+        os.makedirs(os.path.dirname(path))
+        with open(path, "w") as f:
+            f.write('{"names": ["eve"')
+        seen: list[str] = []
+
+        def observe(event: dict[str, Any]) -> None:
+            from twisted.logger import formatEvent
+
+            seen.append(formatEvent(event))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        security = DaemonSecurity(Clock(), None, "chunk-1", "127.0.0.1:1", keep=path)
+        self.assertEqual(security.revocations.names, set())
+        self.assertTrue(any("cannot read the revocation list kept in" in line and path in line for line in seen), seen)
+
+    def test_no_news_keeps_the_list(self) -> None:
+        """A heartbeat reply without a list (revoked=None) leaves the list as it was; one with
+        a list replaces it."""
+        security = DaemonSecurity(Clock(), None, "chunk-1", "127.0.0.1:1")
+        security.set_revocations({"eve"}, set())
+        tap = RevocationTap(None, security)
+        tap._seen(Reply(m.HeartbeatReply("m:1", False, None)))
+        self.assertEqual(security.revocations.names, {"eve"})
+        tap._seen(Reply(m.HeartbeatReply("m:1", False, ("bob",))))
+        self.assertEqual(security.revocations.names, {"bob"})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import json
 import os
 import shutil
 import signal
@@ -321,6 +322,13 @@ class RevocationTests(SynchronousTestCase):
                 continue
             self.assertTrue(closed_without_a_word(sock), f"{node} let a revoked identity in")
             sock.close()
+        # Each chunk server keeps the list on disk, so that a restart (with no leader to ask
+        # yet) does not lift the revocation.
+        chunks = [node for node in cl.nodes if node.startswith("chunk-")]
+        self.assertTrue(chunks)
+        for node in chunks:
+            with open(os.path.join(cl.home, "nodes", node, "data", "revoked.json")) as f:
+                self.assertIn("mallory", json.load(f)["names"], node)
         cl.ok("admin", "reinstate", "mallory")
         # The metadata node enforces the list before it acknowledges the command.
         cl.ok("ls", "/", config=config)

@@ -46,6 +46,9 @@ log = Logger()
 #: The file under data_dir a running chunk server holds locked.
 LOCK_NAME = "chunk.lock"
 
+#: The file under data_dir holding the last revocation list the metadata leader sent.
+REVOKED_FILE = "revoked.json"
+
 #: Worker threads for disk work (appends, fsyncs, reads): a few overlap one another's waits.
 DEFAULT_THREADS = 4
 
@@ -128,7 +131,11 @@ class ChunkService(MultiService):
         self.threads = threads
         self._make_listen_endpoint = make_listen_endpoint
         self._make_meta_endpoints = make_meta_endpoints
-        self.security = security or DaemonSecurity(reactor, config.tls, config.id, config.address)
+        self.security = security or DaemonSecurity(
+            reactor, config.tls, config.id, config.address,
+            # Kept across restarts: until the leader sends it again, enforce the last list.
+            keep=None if config.tls is None else os.path.join(config.data_dir, REVOKED_FILE),
+        )
         self.security.setServiceParent(self)
         self._on_fatal = on_fatal
         self._append_in_executor = append_in_executor

@@ -264,6 +264,16 @@ class RaftCommandLog:
         """True while this member leads (it may accept commands)."""
         return self.driver.is_leader
 
+    def caught_up(self) -> bool:
+        """Whether this member leads and its state holds every entry committed before its
+        election: it has committed an entry of its own term and applied up to it. Until
+        then what it reads from its state may lack something the cluster acknowledged."""
+        driver = self.driver
+        if not driver.is_leader:
+            return False
+        commit = driver.commit_index
+        return driver.applied_index >= commit and driver.node.term_at(commit) == driver.term
+
     def leader_address(self) -> str | None:
         """The leader's address, if this member knows who leads."""
         hint = self.driver.leader_hint

@@ -21,6 +21,7 @@ Imports ``dogfs.meta`` lazily (only :func:`secure_meta_handlers` needs it).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -34,6 +35,7 @@ from dogfs.config import TLSFiles
 from dogfs.plugins.common import client_tls, server_tls, warn_plaintext
 from dogfs.security.authz import guard, make_authorizer, record_identity
 from dogfs.security.tls import RevocationSet, reload_on_sighup
+from dogfs.storage.files import replace_file
 from dogfs.wire import messages as m
 from dogfs.wire.protocol import Handler, Reply, Request
 
@@ -85,6 +87,9 @@ class DaemonSecurity(Service):
     :param address: the address it serves, for the plaintext warning.
     :param source: returns the current revocation list (names, serials); polled every
         ``poll`` seconds while running. Chunk servers call :meth:`set_revocations` instead.
+    :param keep: a file where the list is kept across restarts (chunk servers: until the
+        metadata leader sends the list again, a restarted chunk server enforces the last one
+        it had, rather than none).
     :raises OSError, ValueError, OpenSSL.SSL.Error: when the TLS files are unusable.
     """
 
@@ -97,6 +102,7 @@ class DaemonSecurity(Service):
         *,
         source: RevocationSource | None = None,
         poll: float = REVOCATION_POLL,
+        keep: str | None = None,
     ) -> None:
         self.reactor = reactor
         self.tls_files = tls
@@ -111,6 +117,29 @@ class DaemonSecurity(Service):
         self.poll = poll
         self._undo_sighup: Callable[[], None] | None = None
         self._poller: LoopingCall | None = None
+        self.keep = keep
+        if keep is not None:
+            self._load_kept(keep)
+
+    def _load_kept(self, path: str) -> None:
+        """Enforce the list kept in ``path`` by an earlier run, if there is one."""
+        try:
+            with open(path, "rb") as f:
+                kept = json.load(f)
+            names = [str(n) for n in kept["names"]]
+            serials = [int(s) for s in kept["serials"]]
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            log.warn(
+                "{node}: cannot read the revocation list kept in {path} ({error}); none is "
+                "enforced until the metadata leader sends it",
+                node=self.what, path=path, error=e,
+            )
+            return
+        self.revocations.replace(frozenset(names), frozenset(serials))
+        log.info("{node}: enforcing the revocation list kept in {path} ({n} names, {s} serials)",
+                 node=self.what, path=path, n=len(names), s=len(serials))
 
     @property
     def tls_enabled(self) -> bool:
@@ -164,6 +193,12 @@ class DaemonSecurity(Service):
         if names == self.revocations.names and serials == self.revocations.serials:
             return 0
         self.revocations.replace(names, serials)
+        if self.keep is not None:
+            try:
+                replace_file(self.keep, json.dumps({"names": sorted(names), "serials": sorted(serials)}).encode())
+            except OSError as e:
+                log.warn("{node}: cannot keep the revocation list in {path}: {error}",
+                         node=self.what, path=self.keep, error=e)
         cut = self.server.enforce_revocations() if self.server is not None else 0
         log.info(
             "{node}: revocation list now {n} names and {s} serials; {cut} connections cut",
@@ -189,7 +224,8 @@ def secure_meta_handlers(handlers: Any, security: DaemonSecurity) -> dict[type, 
     if m.MetaCommand in table:
         table[m.MetaCommand] = _revocation_commands(handlers, table[m.MetaCommand], security)
     if m.Heartbeat in table:
-        table[m.Heartbeat] = _with_revoked_list(table[m.Heartbeat], security)
+        current = getattr(handlers.log, "caught_up", None) or (lambda: True)
+        table[m.Heartbeat] = _with_revoked_list(table[m.Heartbeat], security, current)
     # Heartbeats and shard reports come from chunk servers (and, relayed one-way, from the
     # leader): nodes only, whatever path serves them.
     node_only = {t: "node" for t in table if t.__name__.startswith("Raft")}
@@ -233,12 +269,20 @@ def _revocation_commands(handlers: Any, inner: Handler, security: DaemonSecurity
     return command
 
 
-def _with_revoked_list(inner: Handler, security: DaemonSecurity) -> Handler:
+def _with_revoked_list(inner: Handler, security: DaemonSecurity, current: Callable[[], bool]) -> Handler:
+    """The heartbeat handler, its replies carrying the revocation list as the state holds it
+    now, or None ("no news") while ``current()`` says the state may lack committed entries
+    (a leader just elected): chunk servers must not take a list without a revocation the
+    cluster already acknowledged."""
+
     def heartbeat(request: Request) -> Any:
         d = defer.maybeDeferred(inner, request)
 
         def add(reply: Any) -> Any:
             if isinstance(reply, m.HeartbeatReply):
+                if not current():
+                    return attrs.evolve(reply, revoked=None)
+                security.refresh()
                 return attrs.evolve(reply, revoked=security.revoked())
             return reply
 
@@ -273,7 +317,7 @@ class RevocationTap:
 
     def _seen(self, reply: Any) -> Any:
         msg = getattr(reply, "msg", None)
-        if isinstance(msg, m.HeartbeatReply):
+        if isinstance(msg, m.HeartbeatReply) and msg.revoked is not None:
             self._security.set_revocations(*parse_revoked_entries(msg.revoked))
         return reply
 

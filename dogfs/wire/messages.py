@@ -150,6 +150,10 @@ def _tuple(value: Any) -> tuple[Any, ...]:
     return tuple(value)
 
 
+def _optional_tuple(value: Any) -> tuple[Any, ...] | None:
+    return None if value is None else tuple(value)
+
+
 # --- connection --------------------------------------------------------------------------
 
 
@@ -245,12 +249,14 @@ class HeartbeatReply:
     """Sent back to a heartbeat: who leads, and whether a full shard report is wanted.
 
     `revoked` is the cluster's revocation list (identity names, and ``serial:N`` for single
-    certificates), so chunk servers refuse and cut the same identities as the metadata.
+    certificates), so chunk servers refuse and cut the same identities as the metadata. None
+    means "no news": a leader not yet sure its state holds every committed revocation sends
+    None, and the chunk server keeps the list it has.
     """
 
     leader_hint: str | None = None
     want_report: bool = False
-    revoked: tuple[str, ...] = field(default=(), converter=_tuple)
+    revoked: tuple[str, ...] | None = field(default=None, converter=_optional_tuple)
 
 
 @message(22)
