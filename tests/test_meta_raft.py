@@ -497,3 +497,38 @@ class WireTransportTests(TestCase):
             self.assertIsNone(b.last_contact("c"))
 
         return arrived.addCallback(check)
+
+
+class EnvelopeSenderTests(SynchronousTestCase):
+    """Over TLS a Raft message must come from the member its connection authenticated as."""
+
+    def test_message_from_another_source_is_dropped(self) -> None:
+        """An envelope whose message claims a source other than the connection's node
+        certificate is dropped and counted; one from its own name is delivered; without an
+        identity (plaintext) the source is taken as given."""
+        from dogfs.raft.core import TimeoutNow, encode_message
+        from dogfs.raft.wire_transport import WireRaftTransport
+        from dogfs.security.roles import Identity, Role
+        from dogfs.wire import messages as m
+
+        transport = WireRaftTransport(task.Clock(), lambda address: None, node_id="m1", address_of=lambda peer: None)  # type: ignore[arg-type,return-value]
+        got: list[Any] = []
+        transport.start(got.append)
+
+        class Conn:
+            def __init__(self, identity: Identity | None) -> None:
+                self.identity = identity
+
+        class Request:
+            def __init__(self, identity: Identity | None, src: str) -> None:
+                self.connection = Conn(identity)
+                self.msg = m.RaftEnvelope("meta")
+                self.payload = encode_message(TimeoutNow(term=5, src=src, dst="m1"))
+
+        chunk = Identity("chunk-1", Role.NODE, 3)
+        transport.handle_envelope(Request(chunk, "m2"))  # type: ignore[arg-type]
+        self.assertEqual((got, transport.forged), ([], 1))
+        transport.handle_envelope(Request(Identity("m2", Role.NODE, 4), "m2"))  # type: ignore[arg-type]
+        transport.handle_envelope(Request(None, "m3"))  # type: ignore[arg-type]
+        self.assertEqual([msg.src for msg in got], ["m2", "m3"])
+        self.assertEqual(transport.forged, 1)

@@ -198,9 +198,11 @@ class _Handlers:
         self.log = _Log()
         self.events: list[str] = []
         self.authorize: Any = None
+        self.extra: dict[type, Any] = {}
 
     def handlers(self) -> dict[type, Any]:
         return {
+            **self.extra,
             m.MetaCommand: lambda r: "plain",
             m.Heartbeat: lambda r: m.HeartbeatReply("127.0.0.1:1", False),
             m.RaftEnvelope: lambda r: "raft",
@@ -251,6 +253,23 @@ class SecureMetaHandlersTests(SynchronousTestCase):
         self.assertRaises(WireError, self.table[m.Heartbeat], _Request(BOB, hb))
         reply = self.successResultOf(defer.maybeDeferred(self.table[m.Heartbeat], _Request(NODE, hb)))
         self.assertEqual(reply.revoked, ("eve", "serial:5"))
+
+    def test_node_speaks_for_itself_only(self) -> None:
+        """A node certificate's heartbeat or shard report naming another chunk server is
+        refused (it would re-register that server at the sender's address); a heartbeat
+        relayed one-way by the leader carries the chunk server's id and is let through."""
+        self.handlers.extra = {m.ShardReport: lambda r: "report"}
+        table = secure_meta_handlers(self.handlers, self.security)
+        forged = m.Heartbeat("chunk-2", "127.0.0.1:2", 1, 0, 0)
+        e = self.assertRaises(WireError, table[m.Heartbeat], _Request(NODE, forged))
+        self.assertEqual(e.code, "permission_denied")
+        self.assertIn("may not speak for chunk server 'chunk-2'", e.message)
+        e = self.assertRaises(WireError, table[m.ShardReport], _Request(NODE, m.ShardReport("chunk-2", 0, True)))
+        self.assertEqual(e.code, "permission_denied")
+        self.assertEqual(table[m.ShardReport](_Request(NODE, m.ShardReport("chunk-1", 0, True))), "report")
+        relayed = _Request(Identity("meta-1", Role.NODE, 15), forged)
+        relayed.oneway = True
+        self.assertIsInstance(self.successResultOf(defer.maybeDeferred(table[m.Heartbeat], relayed)), m.HeartbeatReply)
 
     def test_heartbeat_from_a_leader_not_caught_up_has_no_list(self) -> None:
         """A leader whose state may lack committed entries (just elected) answers with no

@@ -141,6 +141,8 @@ class FramedRaftTransport:
     def __init__(self, send_bytes: Callable[[str, bytes], None]) -> None:
         self._send_bytes = send_bytes
         self._receiver: Receiver | None = None
+        #: Messages dropped for claiming a source other than their sender's identity.
+        self.forged = 0
 
     def start(self, receive: Receiver) -> None:
         """Attach the driver's receive callback."""
@@ -155,14 +157,21 @@ class FramedRaftTransport:
         except Exception:
             _log.failure("Raft: sending to {dst} failed", dst=message.dst)
 
-    def deliver(self, payload: bytes) -> None:
-        """Entry point for bytes that arrived from a peer."""
+    def deliver(self, payload: bytes, sender: str | None = None) -> None:
+        """Entry point for bytes that arrived from a peer (``sender``: who the connection is
+        authenticated as, if anyone; a message from another source is dropped)."""
         if self._receiver is None:
             return
         try:
             message = decode_message(payload)
         except ValueError as e:
             _log.warn("Raft: dropping a malformed message ({why})", why=str(e))
+            return
+        if sender is not None and message.src != sender:
+            self.forged += 1
+            if self.forged <= 3 or self.forged % 1000 == 0:
+                _log.warn("Raft: dropping a message from {sender!r} claiming to come from {src!r} ({n} so far)",
+                          sender=sender, src=message.src, n=self.forged)
             return
         self._receiver(message)
 

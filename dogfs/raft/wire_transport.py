@@ -92,11 +92,17 @@ class WireRaftTransport(FramedRaftTransport):
         super().start(noted)
 
     def handle_envelope(self, request: Request) -> None:
-        """The wire handler for ``RaftEnvelope``: hand the bytes to the driver."""
+        """The wire handler for ``RaftEnvelope``: hand the bytes to the driver.
+
+        Over TLS the connection's identity is a node certificate in the sender's name: a
+        message claiming another member as its source is dropped (one node's key must not
+        let it vote or append as another).
+        """
         msg: m.RaftEnvelope = request.msg
         if msg.group != self.group:
             return
-        self.deliver(bytes(request.payload))
+        identity = getattr(request.connection, "identity", None)
+        self.deliver(bytes(request.payload), sender=None if identity is None else identity.name)
 
     def last_contact(self, peer_id: str) -> float | None:
         """Clock time of the last message from ``peer_id`` (None: never)."""

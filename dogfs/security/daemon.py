@@ -37,7 +37,7 @@ from dogfs.security.authz import guard, make_authorizer, record_identity
 from dogfs.security.tls import RevocationSet, reload_on_sighup
 from dogfs.storage.files import replace_file
 from dogfs.wire import messages as m
-from dogfs.wire.protocol import Handler, Reply, Request
+from dogfs.wire.protocol import Handler, Reply, Request, WireError
 
 __all__ = [
     "DaemonSecurity",
@@ -227,10 +227,37 @@ def secure_meta_handlers(handlers: Any, security: DaemonSecurity) -> dict[type, 
         current = getattr(handlers.log, "caught_up", None) or (lambda: True)
         table[m.Heartbeat] = _with_revoked_list(table[m.Heartbeat], security, current)
     # Heartbeats and shard reports come from chunk servers (and, relayed one-way, from the
-    # leader): nodes only, whatever path serves them.
+    # leader): nodes only, whatever path serves them; a chunk server speaks for itself only.
+    for own in (m.Heartbeat, m.ShardReport):
+        if own in table:
+            table[own] = _own_node_only(table[own])
     node_only = {t: "node" for t in table if t.__name__.startswith("Raft")}
     node_only.update({m.Heartbeat: "node", m.ShardReport: "node"})
     return guard(table, security.authorize, node_only)
+
+
+def _own_node_only(inner: Handler) -> Handler:
+    """``inner``, refusing a request whose ``node_id`` is not its node certificate's name.
+
+    A chunk server's certificate is issued in its id's name: with someone else's id, its
+    heartbeat would re-register that server at its own address (placements would follow)
+    and its shard report would speak for shards it does not hold. Relayed heartbeats (one-way,
+    from the leader to the other members, feeding only their liveness view) carry the
+    chunk server's id, not the leader's: they are let through. Plaintext has no identities.
+    """
+
+    def handler(request: Request) -> Any:
+        identity = getattr(request.connection, "identity", None)
+        node_id = getattr(request.msg, "node_id", None)
+        if identity is not None and not request.oneway and node_id != identity.name:
+            raise WireError(
+                "permission_denied",
+                f"identity '{identity.name}' may not speak for chunk server {node_id!r}: a node "
+                "certificate speaks for the node of its own name",
+            )
+        return inner(request)
+
+    return handler
 
 
 def _revocation_commands(handlers: Any, inner: Handler, security: DaemonSecurity) -> Handler:
