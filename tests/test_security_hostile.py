@@ -83,6 +83,23 @@ class SlowPeerTests(SynchronousTestCase):
         clock.advance(200)
         self.assertTrue(transport.disconnecting)
 
+    def test_peer_not_reading_closed(self) -> None:
+        """A peer that reads nothing we send for the idle timeout (our writing paused all
+        along, a request still being served) is closed; one that drains now and then is not."""
+        clock = Clock()
+        waiting: defer.Deferred[Any] = defer.Deferred()
+        connection, transport = opened(clock, {GetShard: lambda r: waiting}, idle_timeout=60.0)
+        connection.dataReceived(frame(GetShard("x")))
+        connection.pauseProducing()  # the transport's buffer is full
+        clock.advance(50)
+        connection.resumeProducing()  # it read some
+        clock.advance(20)
+        connection.pauseProducing()
+        clock.advance(50)
+        self.assertFalse(transport.disconnecting)
+        clock.advance(30)
+        self.assertTrue(transport.disconnecting)
+
     def test_timers_stop_with_the_connection(self) -> None:
         """A lost connection leaves no timer behind."""
         clock = Clock()

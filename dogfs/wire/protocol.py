@@ -57,8 +57,10 @@ SEND_PARTS = 64
 INBOUND_QUEUE_FRAMES = 8
 # Hostile peers (docs/security.md): a frame begun must be complete within FRAME_TIMEOUT
 # seconds (a trickling peer holds a buffer and a socket), a connection with nothing in flight
-# is closed after IDLE_TIMEOUT seconds, and the payload bytes held for requests not yet
-# answered are bounded by MAX_BUFFERED: past it the connection stops reading its socket.
+# is closed after IDLE_TIMEOUT seconds, so is one whose peer has read nothing we sent for as
+# long (our writing paused all that time: a reader that stopped holds a stream's file and
+# buffers), and the payload bytes held for requests not yet answered are bounded by
+# MAX_BUFFERED: past it the connection stops reading its socket.
 FRAME_TIMEOUT = 30.0
 IDLE_TIMEOUT = 600.0
 MAX_BUFFERED = 64 << 20
@@ -308,6 +310,8 @@ class Connection(Protocol):
         self._out: deque[memoryview] = deque()
         self._out_bytes = 0
         self._out_paused = False
+        # When our writing was last paused (the peer not reading); see _check_watchdog.
+        self._paused_at = 0.0
 
     # --- Protocol --------------------------------------------------------------------
 
@@ -447,6 +451,8 @@ class Connection(Protocol):
     # --- IPushProducer: the transport tells us when its buffer is full ----------------
 
     def pauseProducing(self) -> None:
+        if not self._paused:
+            self._paused_at = self.clock.seconds()
         self._paused = True
 
     def resumeProducing(self) -> None:
@@ -755,7 +761,15 @@ class Connection(Protocol):
         self._watchdog = None
         if self._lost or self._closing_reason is not None:
             return
-        quiet = self.clock.seconds() - self._last_frame
+        now = self.clock.seconds()
+        quiet = now - self._last_frame
+        if self.idle_timeout is not None and self._paused and now - self._paused_at > self.idle_timeout:
+            # Nothing we sent was read for that long: a peer that stopped reading (a stuck or
+            # hostile reader) would hold its requests' resources for good.
+            log.info("closing connection to {peer}: it has read nothing we sent for {t:g}s",
+                     peer=self.peer_description(), t=now - self._paused_at)
+            self.close()
+            return
         if self._reading_pauses:
             # We stopped reading (flow control): the peer is not to blame for the silence.
             self._last_frame = self.clock.seconds()
