@@ -640,7 +640,9 @@ class HeartbeatTests(SynchronousTestCase):
         service = self.start(["m1:1"])
         [(address, hb)] = self.net.heartbeats()
         self.assertEqual(address, "m1:1")
-        self.assertEqual((hb.node_id, hb.address, hb.capacity_bytes, hb.shards), ("chunk-3", "127.0.0.1:7103", 10**12, 1))
+        self.assertEqual((hb.node_id, hb.address, hb.shards), ("chunk-3", "127.0.0.1:7103", 1))
+        # The configured capacity is a cap: the room the disk really has bounds it too.
+        self.assertEqual(hb.capacity_bytes, min(10**12, self.store.usage()[0]))
         self.assertEqual(hb.used_bytes, os.path.getsize(self.store.path(SHARD)))
         self.assertIn("put_bytes_s", hb.load)
         self.assertIsNone(hb.domain)
@@ -838,6 +840,37 @@ class ChunkServiceTests(SynchronousTestCase):
         self.assertEqual(service.server.shard_ids, {SHARD})
         self.assertTrue(reactor.tcpClients)  # the first heartbeat dials metadata
         self.successResultOf(service.stopService())
+
+    def test_data_dir_of_another_node(self) -> None:
+        """A data directory is named after the first chunk server that used it; a server
+        with another id refuses it (its shards would all be deleted as garbage), says why,
+        and calls on_fatal."""
+        root = os.path.abspath(self.mktemp())
+
+        def config(node_id: str) -> ChunkConfig:
+            return ChunkConfig(
+                id=node_id, listen="tcp:7103", address="127.0.0.1:7103", data_dir=root, meta=("127.0.0.1:1",)
+            )
+
+        first = ChunkService(MemoryReactorClock(), config("chunk-3"), executor=synchronous_executor)
+        first.startService()
+        self.successResultOf(first.when_ready())
+        self.successResultOf(first.stopService())
+        with open(os.path.join(root, "node-id")) as f:
+            self.assertEqual(f.read().strip(), "chunk-3")
+        fatal: list[bool] = []
+        other = ChunkService(
+            MemoryReactorClock(), config("chunk-9"), executor=synchronous_executor, on_fatal=lambda: fatal.append(True)
+        )
+        other.startService()
+        message = str(self.failureResultOf(other.when_ready()).value)
+        self.assertIn("holds the shards of chunk server 'chunk-3', not of 'chunk-9'", message)
+        self.assertEqual(fatal, [True])
+        self.successResultOf(other.stopService())
+        again = ChunkService(MemoryReactorClock(), config("chunk-3"), executor=synchronous_executor)
+        again.startService()
+        self.successResultOf(again.when_ready())
+        self.successResultOf(again.stopService())
 
     def test_data_dir_in_use(self) -> None:
         """A second server on a data directory that one already serves refuses to start,

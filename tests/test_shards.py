@@ -10,6 +10,7 @@ import random
 import subprocess
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -447,6 +448,66 @@ class ManagementTests(StoreTestCase):
         self.assertFalse(self.store.delete(SHARD_ID))
         self.assertRaises(ShardNotFound, self.store.open, SHARD_ID)
         self.assertRaises(ShardNotFound, self.store.read_cells, SHARD_ID, 0, 1)
+
+    def test_unreadable_shard_does_not_stop_the_scan(self) -> None:
+        """A shard the disk cannot read (EIO) is listed as damaged; the others are listed as
+        they are (one bad sector must not keep a whole server from starting)."""
+        good = make_shard_id(1, 7)
+        bad = make_shard_id(2, 7)
+        for group, shard_id in ((1, good), (2, bad)):
+            self.write(fragments_for(group, 2), ShardInfo(shard_id, "RS-6-3", 7, FRAGMENT))
+        real = self.store.stat
+
+        def stat(shard_id: str) -> ShardStat:
+            if shard_id == bad:
+                raise OSError(errno.EIO, "Input/output error")
+            return real(shard_id)
+
+        self.store.stat = stat  # type: ignore[method-assign]
+        listed = {s.shard_id: s for s in self.store.list()}
+        self.assertEqual(set(listed), {good, bad})
+        self.assertTrue(listed[bad].corrupt)
+        self.assertFalse(listed[good].corrupt)
+
+    def test_capacity_counts_what_the_disk_has_left(self) -> None:
+        """The capacity reported is the shards' bytes plus what the filesystem still offers,
+        so a disk filled by other data shows as full."""
+        import dogfs.storage.shards as shards_module
+
+        self.write(fragments_for(1, 2))
+        used = self.store.usage()[1]
+        real = shards_module.os.statvfs
+
+        class Almost:
+            f_frsize = 4096
+            f_blocks = 1_000_000
+            f_bavail = 0  # nothing left for us: other files, root's reserve
+
+        def statvfs(path: str) -> Any:
+            return Almost()
+
+        shards_module.os.statvfs = statvfs  # type: ignore[assignment]
+        self.addCleanup(setattr, shards_module.os, "statvfs", real)
+        self.assertEqual(self.store.usage(), (used, used))
+        Almost.f_bavail = 10
+        self.assertEqual(self.store.usage(), (used + 40960, used))
+
+    def test_abort_after_a_disk_error_does_not_raise(self) -> None:
+        """abort never raises: it runs while the first error is being reported (a disk gone
+        read-only fails the unlink too), and that first error is the one to see."""
+        import dogfs.storage.shards as shards_module
+
+        writer = self.store.begin(INFO)
+        writer.append(fragments_for(1, 1)[0])
+        real = os.unlink
+
+        def unlink(path: str) -> None:
+            raise OSError(errno.EROFS, "Read-only file system")
+
+        shards_module.os.unlink = unlink  # type: ignore[assignment]
+        self.addCleanup(setattr, shards_module.os, "unlink", real)
+        writer.abort()
+        writer.abort()
 
     def test_list_stat_usage(self) -> None:
         """list and stat agree with the files; usage tracks commits and deletes."""

@@ -124,7 +124,8 @@ class HeartbeatService(Service):
         heartbeat = Heartbeat(
             node_id=self.config.id,
             address=self.config.address,
-            capacity_bytes=self.config.capacity_bytes or capacity,
+            # A configured capacity is a cap: a disk filling with other data still shows.
+            capacity_bytes=min(self.config.capacity_bytes, capacity) if self.config.capacity_bytes else capacity,
             used_bytes=used,
             shards=shards,
             load=server.load(),

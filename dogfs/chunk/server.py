@@ -188,7 +188,7 @@ class ShardServer:
             raise self._no_space(shard_id) from None
         except ValueError as e:  # policy name or index not matching the id
             raise self._error("invalid_argument", str(e)) from None
-        except ShardStoreError as e:
+        except (ShardStoreError, OSError) as e:
             raise self._storage_error(shard_id, e) from None
         committed = False
         try:
@@ -278,7 +278,9 @@ class ShardServer:
             ) from None
         except ShardStoreFull:
             raise self._no_space(shard_id) from None
-        except ShardStoreError as e:
+        except (ShardStoreError, OSError) as e:
+            # Any disk error (OSError too) is this server's storage failing: the client then
+            # writes the block group on other servers, as for storage_error.
             raise self._storage_error(shard_id, e) from None
 
     def _no_space(self, shard_id: str) -> WireError:

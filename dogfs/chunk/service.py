@@ -37,6 +37,7 @@ from dogfs.config import ChunkConfig
 from dogfs.plugins.common import client_endpoints, server_endpoint
 from dogfs.security.authz import guard
 from dogfs.security.daemon import DaemonSecurity, RevocationTap
+from dogfs.storage.files import replace_file
 from dogfs.storage.shards import ShardStore
 from dogfs.wire import messages as m
 from dogfs.wire.pool import ConnectionFactory, ConnectionPool, EndpointMaker
@@ -79,6 +80,38 @@ def meta_endpoints(reactor: Any, config: ChunkConfig) -> EndpointMaker:
 
 class DataDirInUse(Exception):
     """Another process serves this data directory."""
+
+
+class DataDirOfAnotherNode(Exception):
+    """The data directory holds the shards of a chunk server with another id."""
+
+
+#: The file under data_dir naming the chunk server whose shards it holds.
+NODE_ID_FILE = "node-id"
+
+
+def claim_data_dir(data_dir: str, node_id: str) -> None:
+    """Make sure ``data_dir`` is ``node_id``'s: name it so on first use, refuse it if it
+    names another node.
+
+    The metadata places shards by node id: a server that came up under another id (an
+    edited config, two directories swapped) would report every shard it holds as unknown,
+    and garbage collection would delete them all.
+    """
+    path = os.path.join(data_dir, NODE_ID_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            owner = f.read().strip()
+    except FileNotFoundError:
+        replace_file(path, f"{node_id}\n".encode())
+        return
+    if owner != node_id:
+        raise DataDirOfAnotherNode(
+            f"data directory {data_dir} holds the shards of chunk server {owner!r}, not of "
+            f"{node_id!r} (its {NODE_ID_FILE} file says so): give this server its old id back, or "
+            "another data directory; starting under a new id would have its shards deleted as "
+            "garbage"
+        )
 
 
 def lock_data_dir(data_dir: str) -> int:
@@ -166,7 +199,8 @@ class ChunkService(MultiService):
         super().startService()
         try:
             self._lock_fd = lock_data_dir(config.data_dir)
-        except (DataDirInUse, OSError) as e:
+            claim_data_dir(config.data_dir, config.id)
+        except (DataDirInUse, DataDirOfAnotherNode, OSError) as e:
             self._failed_to_start(Failure(e))
             return
         self.store = ShardStore(config.data_dir, direct_io=self._direct_io)

@@ -36,6 +36,7 @@ uses no Twisted and depends on nothing else in DogFS.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
@@ -628,18 +629,24 @@ class ShardWriter:
         return ShardStat(self.shard_id, st.st_size, self.cells, st.st_mtime)
 
     def abort(self) -> None:
-        """Drop the partial shard: close and delete the temporary file; idempotent."""
+        """Drop the partial shard: close and delete the temporary file; idempotent.
+
+        Never raises: abort runs while another error is being reported (a write that failed
+        on a disk gone read-only fails its unlink too), and that first error is the one the
+        caller must see. A temporary file left behind is removed by the next start's
+        ``clean_tmp``.
+        """
         if self._closed:
             return
         self._closed = True
         fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)
-        self._release_direct()
-        try:
+        with contextlib.suppress(OSError):
+            if fd is not None:
+                os.close(fd)
+        with contextlib.suppress(OSError):
+            self._release_direct()
+        with contextlib.suppress(OSError):
             os.unlink(self._tmp_path)
-        except FileNotFoundError:
-            pass
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -883,10 +890,16 @@ class ShardStore:
                 yield self.stat(shard_id)
             except ShardNotFound:
                 continue  # deleted while we looked
-            except ShardCorrupt:
+            except (ShardCorrupt, OSError):
+                # A damaged header, or a file the disk cannot read (EIO under a bad sector,
+                # EACCES): that shard is lost to us, the others are not. Flagged, it is
+                # reported as damaged (and repaired) instead of stopping the whole scan.
                 try:
                     st = os.stat(path)
                 except FileNotFoundError:
+                    continue
+                except OSError:
+                    yield ShardStat(shard_id, 0, 0, 0.0, corrupt=True)
                     continue
                 yield ShardStat(shard_id, st.st_size, 0, st.st_mtime, corrupt=True)
 
@@ -908,7 +921,12 @@ class ShardStore:
                     yield shard_id, entry.path
 
     def usage(self) -> tuple[int, int]:
-        """Return ``(capacity of the filesystem, bytes used by shard files)``.
+        """Return ``(capacity, bytes used by shard files)``.
+
+        The capacity is the room shards have: what they use plus what the filesystem still
+        offers this process, at most the filesystem's size. So other files on the disk, and
+        the blocks reserved for root, count as taken: a disk that fills up shows as full and
+        placements stop coming, rather than failing with no space one upload at a time.
 
         The first call scans the store; later ones use a running total kept by commits and
         deletes (a commit racing that first scan may be counted twice: a heartbeat figure,
@@ -919,7 +937,7 @@ class ShardStore:
             if self._used is None:
                 self._used = sum(self._file_size(path) for _, path in self._scan())
             used = self._used
-        return vfs.f_blocks * vfs.f_frsize, used
+        return min(vfs.f_blocks * vfs.f_frsize, used + vfs.f_bavail * vfs.f_frsize), used
 
     def free_bytes(self) -> int:
         """Bytes still available to this (unprivileged) process on the filesystem."""
