@@ -1316,8 +1316,10 @@ def _commit(ctx: _Ctx, index: int, cmd: CommitFile) -> FileInfo:
         if rec is None or rec[0]:
             raise _Abort(
                 ErrorCode.STALE_ALLOCATION,
-                f"Block group {_bg_name(bg_id)} for {_q(path)} is not a pending allocation "
-                f"(it expired or was already committed).",
+                f"Block group {_bg_name(bg_id)} for {_q(path)} is not a pending allocation: it "
+                f"was already committed, or it expired (a file must be committed within the "
+                f"metadata's allocation_ttl of its first block group's allocation, 1 hour by "
+                f"default; raise it in meta.toml for longer uploads).",
             )
         if ec is None:
             ec = rec[1]
