@@ -9,7 +9,7 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from dogfs.client.api import MAX_REDIRECTS, DogFSClient, DogFSError
+from dogfs.client.api import MAX_REDIRECTS, REDIRECT_PAUSE, DogFSClient, DogFSError
 from dogfs.config import ClientConfig
 from dogfs.meta import commands as c
 from dogfs.wire import messages as m
@@ -326,12 +326,14 @@ class RetryHygieneTests(SynchronousTestCase):
 
         dogfs, pool, clock = client(answer, timeout=2.0)
         d = dogfs.mkdir("/d")
-        self.assertLessEqual(len(pool.sent), 2 + MAX_REDIRECTS)
-        clock.pump([0.05] * 50)
+        self.assertLessEqual(len(pool.sent), 1 + MAX_REDIRECTS)
+        clock.pump([REDIRECT_PAUSE] * 100)
         error = self.failureResultOf(d, DogFSError).value
         self.assertEqual(error.code, "not_leader")
-        # Backoff from 50 ms doubling to 1 s: a handful of rounds in 2 s, not hundreds.
-        self.assertLess(len(pool.sent), 8 * (2 + MAX_REDIRECTS))
+        # A few requests per short pause (the pause does not grow: the leader's name comes
+        # in a moment), not a spin: at most 1 + MAX_REDIRECTS per pause over 2 s.
+        self.assertLessEqual(len(pool.sent), (1 + MAX_REDIRECTS) * (2.0 / REDIRECT_PAUSE + 1))
+        self.assertGreater(len(pool.sent), 2.0 / REDIRECT_PAUSE)
 
     def test_dialling_keeps_the_deadline(self) -> None:
         """A member that never completes the connection cannot hold the call past its

@@ -32,6 +32,8 @@ log = Logger()
 RETRYABLE = {"not_leader", "unreachable", "connection_closed", "timeout", "no_quorum", "not_ready"}
 #: Redirects (not_leader with a hint) followed without a pause, between two pauses.
 MAX_REDIRECTS = 2
+#: The pause after MAX_REDIRECTS redirects in a row (seconds).
+REDIRECT_PAUSE = 0.02
 #: Called with the bytes moved since the last call; a put whose block group is written again
 #: (a chunk server failed) calls it with minus what that group had counted.
 Progress = Callable[[int], None]
@@ -188,8 +190,16 @@ class DogFSClient:
                 if isinstance(reply.msg, m.MetaReply) and reply.msg.leader_hint:
                     self._leader = reply.msg.leader_hint
                 return reply
-            if redirected and redirects < MAX_REDIRECTS and self.clock.seconds() < deadline:
-                redirects += 1
+            if redirected and self.clock.seconds() < deadline:
+                if redirects < MAX_REDIRECTS:
+                    redirects += 1
+                    continue
+                # Members naming one another: a short pause that does not grow the backoff,
+                # since a leader is being settled and its name comes in a moment.
+                if self.clock.seconds() + REDIRECT_PAUSE >= deadline:
+                    break
+                await _sleep(self.clock, REDIRECT_PAUSE)
+                redirects = 0
                 continue
             if self.clock.seconds() + delay >= deadline:
                 break
