@@ -29,7 +29,7 @@ from dogfs.chunk.service import ChunkService
 from dogfs.codec.checksum import crc32c
 from dogfs.config import ChunkConfig
 from dogfs.plugins import chunk as chunk_plugin
-from dogfs.storage.shards import HEADER_SIZE, RECORD_OVERHEAD, ShardStore
+from dogfs.storage.shards import HEADER_SIZE, RECORD_OVERHEAD, ShardReader, ShardStore
 from dogfs.wire.messages import (
     Cell,
     DeleteShards,
@@ -381,6 +381,26 @@ class ReadErrorTests(SynchronousTestCase):
         # A fresh upload replaces the damaged copy and clears the mark.
         self.successResultOf(self.h.put(SHARD, frags))
         self.assertEqual(self.h.server.corrupt, set())
+
+    def test_unreadable_on_disk(self) -> None:
+        """A cell the disk cannot read (EIO) ends the stream with 'corrupt' naming the error,
+        and the shard is remembered as damaged (reported for repair), as a bad checksum is."""
+        frags = fragments(4)
+        self.successResultOf(self.h.put(SHARD, frags))
+        real = ShardReader.read_record
+
+        def read_record(reader: ShardReader, i: int) -> Any:
+            if i == 2:
+                raise OSError(errno.EIO, "Input/output error")
+            return real(reader, i)
+
+        self.patch(ShardReader, "read_record", read_record)
+        d, parts = self.h.get(SHARD)
+        error = self.failureResultOf(d, WireError).value
+        self.assertEqual(error.code, "corrupt")
+        self.assertEqual(error.message, f"shard {SHARD} cell 2 on chunk-3 cannot be read: [Errno 5] Input/output error")
+        self.assertEqual([m.index for m, _ in parts], [0, 1])
+        self.assertEqual(self.h.server.corrupt, {SHARD})
 
     def test_read_ahead_and_close_after_reads(self) -> None:
         """GetShard keeps READ_AHEAD cells being read behind the one it sends, and when a cell

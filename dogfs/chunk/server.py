@@ -310,6 +310,8 @@ class ShardServer:
             raise self._error("not_found", f"{self.node_id} has no shard {shard_id}") from None
         except ShardCorrupt as e:
             raise self._corrupt(e) from None
+        except OSError as e:
+            raise self._unreadable(shard_id, None, e) from None
         try:
             cells = reader.cells
             first, count = msg.first, msg.count
@@ -354,6 +356,8 @@ class ShardServer:
                     crc, fragment = await reading
                 except ShardCorrupt as e:
                     raise self._corrupt(e) from None
+                except OSError as e:
+                    raise self._unreadable(reader.shard_id, i, e) from None
                 except CellOutOfRange as e:  # the file changed under us
                     raise self._error("invalid_argument", str(e)) from None
                 finally:
@@ -370,6 +374,15 @@ class ShardServer:
                     pass
                 finally:
                     self.read_ahead_bytes -= size
+
+    def _unreadable(self, shard_id: str, cell: int | None, e: OSError) -> WireError:
+        """A shard the disk cannot read (EIO under a bad sector): as good as damaged, so it
+        is reported for repair, and the client reads the stripe from other shards."""
+        self.corrupt.add(shard_id)
+        where = "" if cell is None else f" cell {cell}"
+        message = f"shard {shard_id}{where} on {self.node_id} cannot be read: {e}"
+        log.error("{message}", message=message)
+        return self._error("corrupt", message)
 
     def _corrupt(self, e: ShardCorrupt) -> WireError:
         shard_id = e.shard_id
