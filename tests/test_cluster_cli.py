@@ -487,6 +487,51 @@ class RealClusterTests(SynchronousTestCase):
         self.assertEqual(self._status(home)["chunk-1"]["state"], "running")
         self.assertEqual(_cli(home, "cluster", "down").returncode, 0)
 
+    def test_paths_as_cp_and_mv_read_them(self) -> None:
+        """A destination that is a directory, or ends with /, receives the file under its own
+        name (put, mv); a trailing / on a file is refused (rm); get into a missing directory,
+        a bad --timeout and mkdir -p with another policy each get one sentence."""
+        home = _home(self)
+        self.addCleanup(_kill_leftovers, home)
+        self.assertEqual(self._up(home, "--meta", "1", "--chunk", "3", "--ec", "RS-2-1", "--insecure").returncode, 0)
+        self.addCleanup(_cli, home, "cluster", "down")
+        local = os.path.join(home, "a.csv")
+        with open(local, "wb") as f:
+            f.write(b"x,y\n" * 1000)
+
+        def run(*argv: str, code: int = 0, stdin: bytes | None = None) -> subprocess.CompletedProcess[str]:
+            result = subprocess.run(
+                [sys.executable, "-m", "dogfs.cli.main", "--home", home, *argv], capture_output=True,
+                text=stdin is None, input=stdin, timeout=120, env=dict(os.environ),
+            )
+            self.assertEqual(result.returncode, code, (argv, result.stdout, result.stderr))
+            return result
+
+        # Not a directory yet: no file named /backups appears.
+        failed = run("put", local, "/backups/", code=3)
+        self.assertIn("/backups", failed.stderr)
+        self.assertNotIn("backups", run("ls", "/").stdout)
+        run("mkdir", "/backups")
+        run("put", local, "/backups")
+        run("put", local, "/backups/")  # the same file again, by its name
+        listing = run("--json", "ls", "/backups").stdout
+        self.assertEqual([e["name"] for e in json.loads(listing)["entries"]], ["a.csv"])
+        stdin = run("put", "-", "/backups/", code=2, stdin=b"data")
+        self.assertIn(b"give the name of the file", stdin.stderr)
+        run("mkdir", "/dir")
+        moved = json.loads(run("--json", "mv", "/backups/a.csv", "/dir").stdout)
+        self.assertEqual(moved, {"moved": "/backups/a.csv", "to": "/dir/a.csv"})
+        refused = run("rm", "/dir/a.csv/", code=1)
+        self.assertIn("ends with / but '/dir/a.csv' is a file", refused.stderr)
+        run("stat", "/dir/a.csv")
+        missing = run("get", "/dir/a.csv", os.path.join(home, "nowhere") + "/", code=3)
+        self.assertIn("no such local directory", missing.stderr)
+        self.assertIn("positive number of seconds", run("ls", "/", "--timeout", "-1", code=2).stderr)
+        self.assertIn("not a number", run("ls", "/", "--timeout", "soon", code=2).stderr)
+        run("mkdir", "/p", "--ec", "RS-2-1")
+        policy = run("mkdir", "-p", "/p", "--ec", "RS-3-2", code=1)
+        self.assertIn("already exists with policy RS-2-1", policy.stderr)
+
     def test_tls_cluster(self) -> None:
         """The default cluster runs TLS: status over mutual TLS with the admin identity."""
         if not cluster.daemons_serve_tls():

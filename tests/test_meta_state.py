@@ -430,6 +430,17 @@ class NamespaceTests(StateTestCase):
         self.assertEqual([e.name for e in self.state.list("/a")], ["b"])  # type: ignore[union-attr]
         self.assertEqual(self.state.summary().dirs, 4)
 
+    def test_mkdir_parents_keeps_policy_honest(self) -> None:
+        """mkdir -p on an existing directory with another policy is refused (the caller would
+        believe the policy changed); with the policy it has (its own or inherited), it is fine."""
+        self.ok(Mkdir("/d", ec="RS-2-1", now=1.0))
+        self.ok(Mkdir("/d/e", now=1.0))
+        error = self.error(Mkdir("/d", parents=True, ec="RS-6-3"), ErrorCode.EXISTS)
+        self.assertIn("already exists with policy RS-2-1", error.message)
+        self.assertEqual(self.ok(Mkdir("/d", parents=True, ec="RS-2-1")).ec, "RS-2-1")
+        self.assertEqual(self.ok(Mkdir("/d/e", parents=True, ec="RS-2-1")).ec, "RS-2-1")
+        self.assertEqual(self.ok(Mkdir("/d", parents=True)).ec, "RS-2-1")
+
     def test_mkdir_under_file(self) -> None:
         """A file in the way gives EXISTS for the last component, NOT_A_DIRECTORY above it."""
         self.register()
@@ -1207,6 +1218,8 @@ class _Model:
                 if here in self.nodes:
                     if not self.is_dir(here) or (last and not cmd.parents):
                         return False
+                    if last and ec is not None and self.effective(here) != ec:
+                        return False  # -p does not change an existing directory's policy
                     continue
                 if not last and not cmd.parents:
                     return False

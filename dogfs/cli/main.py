@@ -53,19 +53,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     def client_command(name: str, help_: str, fn: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
-        p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+        p.add_argument("--timeout", type=_seconds, default=None, metavar="SECONDS",
                        help="fail if the cluster cannot serve within this time (default: the config's, 30 s)")
         p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
         p.set_defaults(func=fn)
         return p
 
     p = client_command("put", "upload a local file (- for stdin) to PATH", cmd_put)
-    p.add_argument("local")
-    p.add_argument("path")
+    p.add_argument("local", help="the local file, or - for stdin")
+    p.add_argument("path", help="where to store it; into it under LOCAL's name if PATH is a directory or ends with /")
     p.add_argument("--ec", help="erasure-coding policy RS-K-M (default: inherited from the directory)")
     p = client_command("get", "download PATH to a local file (- for stdout)", cmd_get)
-    p.add_argument("path")
-    p.add_argument("local")
+    p.add_argument("path", help="the file to download")
+    p.add_argument("local", help="where to write it (into it if it is a directory), or - for stdout")
     p = client_command("ls", "list a directory", cmd_ls)
     p.add_argument("path", nargs="?", default="/")
     p = client_command("stat", "show a file's or directory's metadata and placement", cmd_stat)
@@ -78,8 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", "--parents", action="store_true", help="create missing parents; no error if it exists")
     p.add_argument("--ec", help="erasure-coding policy RS-K-M for files created under it")
     p = client_command("mv", "rename or move a file or directory", cmd_mv)
-    p.add_argument("src")
-    p.add_argument("dst")
+    p.add_argument("src", help="what to move")
+    p.add_argument("dst", help="its new path; into it under SRC's name if DST is a directory or ends with /")
     cluster.register(sub)
     admin.register(sub)
     ca.register(sub)
@@ -131,6 +131,47 @@ def run_client(args: argparse.Namespace, body: Callable[[Any], Any]) -> Any:
         raise CLIError(e.message, EXIT_CODES.get(e.code, output.FAILED)) from None
 
 
+def _seconds(text: str) -> float:
+    """An argparse type: a positive, finite number of seconds."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive number of seconds")
+    return value
+
+
+async def _into(client: Any, path: str, name: str) -> str:
+    """``path`` as cp and mv read a destination: ``path/name`` when ``path`` is a directory
+    (it exists as one, or ends with /), else ``path`` itself."""
+    from dogfs.client.api import DogFSError
+    from dogfs.meta import commands as c
+
+    if path.endswith("/"):
+        return path.rstrip("/") + "/" + name
+    try:
+        info = await client.stat(path)
+    except DogFSError as e:
+        if e.code in ("not_found", "not_a_directory", "invalid_path"):
+            return path  # the command itself says what is wrong with it
+        raise
+    return path.rstrip("/") + "/" + name if isinstance(info, c.DirInfo) else path
+
+
+async def _must_be_directory(client: Any, path: str) -> None:
+    """A path written with a trailing / names a directory: refuse it when it is a file."""
+    from dogfs.client.api import DogFSError
+    from dogfs.meta import commands as c
+
+    if path.endswith("/") and path.strip("/"):
+        info = await client.stat(path)
+        if not isinstance(info, c.DirInfo):
+            raise DogFSError("not_a_directory", f"{path!r} ends with / but {path.rstrip('/')!r} is a file")
+
+
 def _check_policy(ec: str | None) -> None:
     if ec is not None:
         from dogfs.codec.policy import ECPolicy, UnknownPolicy
@@ -163,8 +204,20 @@ def cmd_put(args: argparse.Namespace) -> int:
         total = st.st_size if stat_module.S_ISREG(st.st_mode) else None
     bar = output.ProgressBar(total, f"put {args.path}")
     started = time.monotonic()
+
+    async def put(client: Any) -> Any:
+        from dogfs.client.api import DogFSError
+
+        if args.local == "-":
+            path = args.path
+            if path.endswith("/"):
+                raise DogFSError("invalid_path", f"{path!r} names a directory: give the name of the file to write from stdin")
+        else:
+            path = await _into(client, args.path, os.path.basename(args.local))
+        return await client.put(path, source, args.ec, bar.update)
+
     try:
-        info = run_client(args, lambda client: client.put(args.path, source, args.ec, bar.update))
+        info = run_client(args, put)
     finally:
         bar.finish()
         if source is not sys.stdin.buffer:
@@ -174,7 +227,7 @@ def cmd_put(args: argparse.Namespace) -> int:
     elif sys.stderr.isatty():
         elapsed = max(time.monotonic() - started, 1e-9)
         print(
-            f"put {args.path}: {output.format_bytes(info.size)} as {info.ec} in "
+            f"put {info.path}: {output.format_bytes(info.size)} as {info.ec} in "
             f"{elapsed:.2f}s ({output.format_bytes(info.size / elapsed)}/s)",
             file=sys.stderr,
         )
@@ -197,6 +250,8 @@ def cmd_get(args: argparse.Namespace) -> int:
     target = args.local
     if os.path.isdir(target):
         target = os.path.join(target, os.path.basename(args.path.rstrip("/")) or "root")
+    elif target.endswith(os.sep):
+        raise CLIError(f"no such local directory: {target}", output.NOT_FOUND)
     temp = unique_temp_name(target)
     try:
         sink_file = open(temp, "xb")  # noqa: SIM115 - closed below
@@ -210,10 +265,13 @@ def cmd_get(args: argparse.Namespace) -> int:
             bar.total = info.size
 
         info = run_client(args, lambda client: client.get(args.path, sink_file, bar.update, on_info))
-        sink_file.flush()
-        os.fsync(sink_file.fileno())
-        sink_file.close()
-        os.replace(temp, target)
+        try:
+            sink_file.flush()
+            os.fsync(sink_file.fileno())
+            sink_file.close()
+            os.replace(temp, target)
+        except OSError as e:
+            raise CLIError(f"cannot write {target}: {e.strerror or e}", output.FAILED) from None
         ok = True
     finally:
         bar.finish()
@@ -274,7 +332,11 @@ def _done(args: argparse.Namespace, what: dict[str, Any]) -> int:
 
 def cmd_rm(args: argparse.Namespace) -> int:
     """dogfs rm PATH"""
-    run_client(args, lambda client: client.rm(args.path, args.recursive))
+    async def rm(client: Any) -> Any:
+        await _must_be_directory(client, args.path)
+        return await client.rm(args.path, args.recursive)
+
+    run_client(args, rm)
     return _done(args, {"removed": args.path})
 
 
@@ -287,8 +349,14 @@ def cmd_mkdir(args: argparse.Namespace) -> int:
 
 def cmd_mv(args: argparse.Namespace) -> int:
     """dogfs mv SRC DST"""
-    run_client(args, lambda client: client.mv(args.src, args.dst))
-    return _done(args, {"moved": args.src, "to": args.dst})
+    async def mv(client: Any) -> str:
+        await _must_be_directory(client, args.src)
+        dst: str = await _into(client, args.dst, args.src.rstrip("/").rpartition("/")[2])
+        await client.mv(args.src, dst)
+        return dst
+
+    dst = run_client(args, mv)
+    return _done(args, {"moved": args.src, "to": dst})
 
 
 def main(argv: list[str] | None = None, reactor: Callable[[], Any] | None = None) -> None:

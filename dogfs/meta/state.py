@@ -1172,7 +1172,15 @@ def _mkdir(ctx: _Ctx, index: int, cmd: Mkdir) -> DirInfo:
                 )
             if last:
                 if cmd.parents:
-                    return DirInfo(path, ctx.effective_ec(child), float(rec[4]))
+                    ec = ctx.effective_ec(child)
+                    if dir_ec is not None and dir_ec != ec:
+                        # Answering "done" would have the caller believe the policy changed.
+                        raise _Abort(
+                            ErrorCode.EXISTS,
+                            f"{_q(path)} already exists with policy {ec}; mkdir does not change "
+                            f"an existing directory's policy.",
+                        )
+                    return DirInfo(path, ec, float(rec[4]))
                 raise _Abort(ErrorCode.EXISTS, f"{_q(path)} already exists.")
             cur = child
             continue
