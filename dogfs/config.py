@@ -107,11 +107,23 @@ class _Section:
         if not isinstance(table, dict):
             raise ConfigError(f"{path}: [{name}] must be a table")
         self.path, self.name, self.table = path, name, table
+        self.known: set[str] = set()
 
     def _fail(self, key: str, what: str) -> ConfigError:
         return ConfigError(f"{self.path}: [{self.name}] {key} {what}")
 
+    def done(self) -> None:
+        """Refuse keys no one asked for: a misspelt setting would otherwise be ignored
+        without a word, and its default used."""
+        unknown = sorted(set(self.table) - self.known)
+        if unknown:
+            raise ConfigError(
+                f"{self.path}: [{self.name}] has no setting {unknown[0]!r}"
+                f" (known: {', '.join(sorted(self.known))})"
+            )
+
     def get(self, key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+        self.known.add(key)
         if key not in self.table:
             if default is ...:
                 raise self._fail(key, "is required")
@@ -137,6 +149,15 @@ class _Section:
         return tuple(value)
 
 
+def _tables(path: str, data: dict[str, Any], allowed: tuple[str, ...]) -> None:
+    """Refuse a table the file's reader does not know (a misspelt [section])."""
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        raise ConfigError(
+            f"{path}: no table [{unknown[0]}] in this file (known: {', '.join(f'[{t}]' for t in allowed)})"
+        )
+
+
 def _tls(path: str, data: dict[str, Any]) -> TLSFiles | None:
     if "tls" not in data:
         return None
@@ -146,7 +167,9 @@ def _tls(path: str, data: dict[str, Any]) -> TLSFiles | None:
     def resolve(key: str) -> str:
         return os.path.join(base, section.get(key, str))
 
-    return TLSFiles(ca=resolve("ca"), cert=resolve("cert"), key=resolve("key"))
+    files = TLSFiles(ca=resolve("ca"), cert=resolve("cert"), key=resolve("key"))
+    section.done()
+    return files
 
 
 def _data_dir(path: str, section: _Section) -> str:
@@ -169,7 +192,7 @@ def load_meta(path: str) -> MetaConfig:
         raise ConfigError(f"{path}: [meta] log_format must be text or json, not {log_format!r}")
     node_id = s.get("id", str)
     address = s.get("address", str)
-    return MetaConfig(
+    config = MetaConfig(
         id=node_id,
         listen=s.get("listen", str),
         address=address,
@@ -188,6 +211,10 @@ def load_meta(path: str) -> MetaConfig:
         log_format=log_format,
         tls=_tls(path, data),
     )
+    s.done()
+    raft.done()
+    _tables(path, data, ("meta", "raft", "tls"))
+    return config
 
 
 def load_chunk(path: str) -> ChunkConfig:
@@ -200,7 +227,7 @@ def load_chunk(path: str) -> ChunkConfig:
     log_format = s.get("log_format", str, "text")
     if log_format not in ("text", "json"):
         raise ConfigError(f"{path}: [chunk] log_format must be text or json, not {log_format!r}")
-    return ChunkConfig(
+    config = ChunkConfig(
         id=s.get("id", str),
         listen=s.get("listen", str),
         address=s.get("address", str),
@@ -215,6 +242,9 @@ def load_chunk(path: str) -> ChunkConfig:
         tls=_tls(path, data),
         direct_io=_direct_io(s),
     )
+    s.done()
+    _tables(path, data, ("chunk", "tls"))
+    return config
 
 
 def _direct_io(s: _Section) -> bool | None:
@@ -233,6 +263,9 @@ def load_client(path: str) -> ClientConfig:
     meta = s.strings("meta")
     if not meta:
         raise ConfigError(f"{path}: [client] meta must name at least one metadata node")
-    return ClientConfig(
+    config = ClientConfig(
         meta=meta, timeout=s.positive("timeout", float, 30.0), tls=_tls(path, data), source=path
     )
+    s.done()
+    _tables(path, data, ("client", "tls"))
+    return config

@@ -50,6 +50,20 @@ class ConfigTests(SynchronousTestCase):
         e = self.assertRaises(config.ConfigError, config.load_client, path)
         self.assertIn("[client] timeout must be a float", str(e))
 
+    def test_unknown_setting_refused(self) -> None:
+        """A misspelt key or table is refused with the known ones named, instead of being
+        ignored (its default silently used)."""
+        path = self.write('[client]\nmeta = ["a:1"]\ntimout = 3\n')
+        e = str(self.assertRaises(config.ConfigError, config.load_client, path))
+        self.assertIn("[client] has no setting 'timout'", e)
+        self.assertIn("known: meta, timeout", e)
+        path = self.write('[client]\nmeta = ["a:1"]\n[tsl]\nca = "x"\n')
+        e = str(self.assertRaises(config.ConfigError, config.load_client, path))
+        self.assertIn("no table [tsl]", e)
+        path = self.write('[raft]\nelection_tick = 5\n[meta]\nid = "m"\nlisten = "tcp:1"\naddress = "a:1"\ndata_dir = "d"\n')
+        e = str(self.assertRaises(config.ConfigError, config.load_meta, path))
+        self.assertIn("[raft] has no setting 'election_tick'", e)
+
     def test_required_key(self) -> None:
         """A missing required key is named."""
         path = self.write('[chunk]\nid = "c"\n')
