@@ -9,7 +9,7 @@ from typing import Any
 import lmdb
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.logger import LogLevel, capturedLogs, formatEvent
+from twisted.logger import capturedLogs, formatEvent
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
@@ -180,8 +180,26 @@ class LMDBRaftStorageTests(SynchronousTestCase):
         self.assertEqual(state.entries, entries(21, 22, term=4))
         self.assertEqual(state.hard_state, HardState(4, None, 20))
 
-    def test_corrupt_tail_truncated(self) -> None:
-        """A corrupt last entry past the commit index is dropped with a warning, not replayed."""
+    def test_entries_under_the_snapshot_are_skipped(self) -> None:
+        """A batch that starts at or below the stored snapshot (entries the core handed over
+        again after a snapshot of its committed prefix) keeps only what follows the snapshot:
+        the member goes on instead of halting."""
+        for s in (self.open(), MemoryRaftStorage()):
+            s.load()
+            s.save(HardState(1, "a", 0), entries(1, 10, term=1), None)
+            snap = Snapshot(meta=SnapshotMeta(index=8, term=1, config=CONFIG), data=b"s")
+            s.save(HardState(2, None, 8), [], snap)
+            s.save(None, entries(5, 8, term=1) + entries(9, 9, term=2), None)
+            self.assertEqual(s.load().entries, entries(9, 9, term=2))
+            s.save(None, entries(5, 7, term=1), None)  # wholly under the snapshot: nothing
+            self.assertEqual(s.load().entries, entries(9, 9, term=2))
+            if isinstance(s, LMDBRaftStorage):
+                s.close()
+
+    def test_corrupt_tail_refused(self) -> None:
+        """A corrupt last entry refuses to start even past the stored commit index: that index
+        may lag an entry this member acknowledged and a majority committed (dropping it could
+        lose an acknowledged write), and an LMDB commit never tears a record."""
         s = self.open()
         s.load()
         s.save(HardState(1, "a", 3), entries(1, 5), None)
@@ -190,17 +208,13 @@ class LMDBRaftStorageTests(SynchronousTestCase):
         value = bytearray(self.raw_get(b"log", key))
         value[-1] ^= 0xFF
         self.raw_put(b"log", key, bytes(value))
-        s = self.open()
-        with capturedLogs() as events:
-            state = s.load()
-        self.assertEqual(state.entries, entries(1, 4))
-        warnings = [e for e in events if e["log_level"] == LogLevel.warn]
-        self.assertEqual(len(warnings), 1)
-        self.assertIn("truncating corrupt tail entry 5", formatEvent(warnings[0]))
-        # The truncation is durable and later appends continue from index 5.
-        s.save(None, entries(5, 5, term=2), None)
-        s.close()
-        self.assertEqual(self.open().load().entries, entries(1, 4) + entries(5, 5, term=2))
+        refused = self.open()
+        e = self.assertRaises(RaftStorageCorruption, refused.load)
+        refused.close()
+        self.assertIn("log entry 5", str(e))
+        self.assertIn("refusing to start", str(e))
+        # Nothing was dropped: the record is still there for an operator to look at.
+        self.assertEqual(self.raw_get(b"log", key), bytes(value))
 
     def test_corrupt_committed_tail_refused(self) -> None:
         """A corrupt last entry at or below the commit index refuses to start."""

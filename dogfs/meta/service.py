@@ -34,6 +34,9 @@ from dogfs.meta.state import NamespaceState
 from dogfs.wire import messages as m
 from dogfs.wire.protocol import Reply, Request, WireError
 
+#: LMDB map size of a metadata node's namespace (see MetaService).
+NAMESPACE_MAP_SIZE = 1 << 38
+
 log = Logger()
 
 # Commands a client may send; the rest are the leader's own (registration, expiry, moves).
@@ -357,7 +360,13 @@ class MetaService(MultiService):
         self.on_fatal = on_fatal
         # Behind a replicated log (make_log), the log is the durable record and replays what
         # an unsynced LMDB commit lost in a crash: the state itself need not fsync.
-        self.state = NamespaceState(os.path.join(config.data_dir, "namespace"), durable=make_log is None)
+        self.state = NamespaceState(
+            os.path.join(config.data_dir, "namespace"), durable=make_log is None,
+            # The most the namespace may grow to (address space, not disk: the file grows as
+            # needed). Reaching it halts every member at the same entry, so it is generous:
+            # some hundreds of millions of files.
+            map_size=NAMESPACE_MAP_SIZE,
+        )
         self.registry = ChunkServerRegistry(
             reactor, config.chunk_dead_after, grace_after_start=config.chunk_dead_after
         )

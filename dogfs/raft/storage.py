@@ -11,9 +11,11 @@ Layout: one LMDB environment (a directory) holding three named databases.
 - ``snap``: ``data``, the state machine bytes of the latest snapshot, as a record.
 
 A record is ``crc32c(payload)`` (4 bytes big-endian) followed by a msgpack payload, so a
-torn or corrupt value is detected at start-up instead of being replayed. A corrupt *tail* entry
-(beyond the commit index) is truncated with a warning; any other corruption refuses to start,
-because silently dropping a vote or a committed entry breaks Raft's safety.
+torn or corrupt value is detected at start-up instead of being replayed. Any corruption refuses
+to start, because silently dropping a vote or a committed entry breaks Raft's safety. That
+includes the last entry, even past the stored commit index: the commit index is stored only
+with log writes, so it may lag an entry this member acknowledged and a majority committed; and
+an LMDB commit is atomic, so a crash never tears a record, and a bad one means the disk is bad.
 
 Every ``save`` is one LMDB write transaction opened with ``sync=True`` (and meta-sync): the batch
 is durable when ``save`` returns. LMDB flushes its data pages and then its meta page, which is
@@ -294,19 +296,7 @@ class LMDBRaftStorage:
                 if not isinstance(data, bytes) or len(data) != length or crc32c.crc32c(data) != crc:
                     raise RaftStorageCorruption("snapshot data: does not match its metadata")
             raw_log = [(bytes(k), bytes(v)) for k, v in txn.cursor(db=self._db_log)]
-        entries, bad_tail = self._verify_log(raw_log, snapshot_meta, hard_state)
-        if bad_tail is not None:
-            index, why = bad_tail
-            _log.warn(
-                "Raft storage {path}: truncating corrupt tail entry {index} ({why}); it was "
-                "never committed",
-                path=self._path,
-                index=index,
-                why=why,
-            )
-            with self._env.begin(write=True, db=self._db_log) as wtxn:
-                wtxn.delete(_INDEX.pack(index))
-            self.commits += 1
+        entries = self._verify_log(raw_log, snapshot_meta, hard_state)
         base_index = snapshot_meta.index if snapshot_meta else 0
         base_term = snapshot_meta.term if snapshot_meta else 0
         self._snapshot_meta = snapshot_meta
@@ -325,13 +315,11 @@ class LMDBRaftStorage:
         raw: list[tuple[bytes, bytes]],
         snapshot: SnapshotMeta | None,
         hard_state: HardState,
-    ) -> tuple[list[Entry], tuple[int, str] | None]:
+    ) -> list[Entry]:
         entries: list[Entry] = []
-        bad_tail: tuple[int, str] | None = None
         prev_index = snapshot.index if snapshot else 0
         prev_term = snapshot.term if snapshot else 0
-        for position, (key, value) in enumerate(raw):
-            is_last = position == len(raw) - 1
+        for key, value in raw:
             try:
                 if len(key) != _INDEX.size:
                     raise RaftStorageCorruption(f"log key {key!r} is malformed")
@@ -345,28 +333,20 @@ class LMDBRaftStorage:
                         f"log entry {entry.index} has term {entry.term} below {prev_term}"
                     )
             except RaftStorageCorruption as e:
-                index = _INDEX.unpack(key)[0] if len(key) == _INDEX.size else -1
-                if is_last and index > hard_state.commit and index > 0:
-                    bad_tail = (index, str(e))
-                    break
                 raise RaftStorageCorruption(
-                    f"Raft storage {self._path}: {e}; refusing to start (the entry is "
-                    f"{'committed' if is_last else 'not at the tail'}, so it cannot be dropped)"
+                    f"Raft storage {self._path}: {e}; refusing to start (this member may have "
+                    f"acknowledged the entry, so dropping it could lose a committed write: "
+                    f"remove the member and add it back with an empty data directory)"
                 ) from e
             entries.append(entry)
             prev_index, prev_term = entry.index, entry.term
         last = entries[-1].index if entries else (snapshot.index if snapshot else 0)
-        if hard_state.commit > last and bad_tail is None:
+        if hard_state.commit > last:
             raise RaftStorageCorruption(
                 f"Raft storage {self._path}: commit index {hard_state.commit} is beyond the "
                 f"last stored entry {last}; refusing to start"
             )
-        if bad_tail is not None and hard_state.commit > last:
-            raise RaftStorageCorruption(
-                f"Raft storage {self._path}: commit index {hard_state.commit} is beyond the "
-                f"last intact entry {last}; refusing to start"
-            )
-        return entries, bad_tail
+        return entries
 
     # save -------------------------------------------------------------------------------
 
@@ -440,11 +420,17 @@ class LMDBRaftStorage:
     def _put_entries(
         self, txn: Any, entries: Sequence[Entry], first: int, last: int, last_term: int
     ) -> tuple[int, int]:
+        if entries[0].index < first:
+            # Entries the snapshot already covers: committed ones (a snapshot holds only
+            # applied entries), so the same as what it holds. The core may hand them over again
+            # when a batch it was writing was cut short by a new leader while a snapshot of its
+            # committed prefix was taken; writing them would put them under the snapshot.
+            entries = [entry for entry in entries if entry.index >= first]
+            if not entries:
+                return last, last_term
         start = entries[0].index
         if start > last + 1:
             raise RaftStorageError(f"entry {start} would leave a gap after {last}")
-        if start < first:
-            raise RaftStorageError(f"entry {start} is inside the snapshot (log starts at {first})")
         if start <= last:
             self._delete_range(txn, start, last)
         expected = start
@@ -525,10 +511,11 @@ class MemoryRaftStorage:
             at = [e for e in self.entries if e.index == idx]
             self.entries = kept if at and at[0].term == snapshot.meta.term else []
             self.snapshot = snapshot
+        base = self.snapshot.meta.index if self.snapshot else 0
+        entries = [e for e in entries if e.index > base]  # the snapshot's already (see LMDB)
         if entries:
             start = entries[0].index
             self.entries = [e for e in self.entries if e.index < start]
-            base = self.snapshot.meta.index if self.snapshot else 0
             last = self.entries[-1].index if self.entries else base
             if start > last + 1:
                 raise RaftStorageError(f"entry {start} would leave a gap after {last}")
