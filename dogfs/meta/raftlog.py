@@ -188,9 +188,12 @@ class NamespaceMachine:
                 raise ValueError("unknown snapshot format")
         except Exception as e:
             raise ValueError(f"cannot read the metadata snapshot at {snapshot.meta.index}: {e}") from None
+        # The address book first: it only merges addresses (harmless to do again), whereas
+        # once the namespace holds the snapshot's index a restart does not restore it again,
+        # and members added at run time would stay missing from the book.
+        self.book.replace(book)
         self.state.load(dump, applied_index=snapshot.meta.index)
         self.state.sync()
-        self.book.replace(book)
 
     def applied_index(self) -> int:
         """The last index whose effect the namespace holds."""
