@@ -736,7 +736,7 @@ def build_raft_log(
     state: NamespaceState,
     endpoints: Any,
     *,
-    snapshot_every: int = 10_000,
+    snapshot_every: int = 100_000,
     snapshot_growth: float = 1.0,
     operation_timeout: float = 5.0,
 ) -> RaftCommandLog:
@@ -754,7 +754,9 @@ def build_raft_log(
     from dogfs.raft.storage import LMDBRaftStorage
     from dogfs.raft.wire_transport import WireRaftTransport
 
-    # Operators and tests may compact more often (a test cannot wait for 10,000 commits).
+    # etcd's --snapshot-count default: a small namespace is not dumped again every few
+    # seconds under load (each dump stalled the apply loop enough to show in p99 latency).
+    # Operators and tests may compact more often (a test cannot wait for 100,000 commits).
     snapshot_every = int(os.environ.get("DOGFS_RAFT_SNAPSHOT_EVERY", snapshot_every))
     raft_dir = os.path.join(config.data_dir, "raft")
     os.makedirs(raft_dir, exist_ok=True)
