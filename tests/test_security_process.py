@@ -19,6 +19,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import time
 import tomllib
 from typing import Any
 
@@ -329,6 +330,31 @@ class RevocationTests(SynchronousTestCase):
         for node in chunks:
             with open(os.path.join(cl.home, "nodes", node, "data", "revoked.json")) as f:
                 self.assertIn("mallory", json.load(f)["names"], node)
+        # A chunk server killed and restarted while no metadata node answers refuses the
+        # revoked identity from its start, with the list it kept.
+        cl.ok("cluster", "kill", "chunk-1")
+        cl.ok("cluster", "stop", "meta-1")
+        try:
+            cl.run("cluster", "start", "chunk-1", "--wait", "1")  # fails: no leader to hear it
+            log = os.path.join(cl.home, "nodes", "chunk-1", "twistd.log")
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                with open(log) as f:
+                    if "chunk-1 serving" in f.read().rpartition("enforcing the revocation list kept")[2]:
+                        break
+                time.sleep(0.05)  # polling a log file for a condition, within the deadline
+            else:
+                self.fail("chunk-1 did not restart with its kept revocation list")
+            try:
+                sock = tls_socket(cl.nodes["chunk-1"], ca, cert, key)
+                sock.sendall(frame(m.Hello((1,), "after-restart"), 0))
+            except (ssl.SSLError, ConnectionError):
+                pass  # refused during the handshake
+            else:
+                self.assertTrue(closed_without_a_word(sock), "a restarted chunk-1 let a revoked identity in")
+                sock.close()
+        finally:
+            cl.ok("cluster", "start", "meta-1", "--wait", "60")
         cl.ok("admin", "reinstate", "mallory")
         # The metadata node enforces the list before it acknowledges the command.
         cl.ok("ls", "/", config=config)
