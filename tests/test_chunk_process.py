@@ -94,6 +94,15 @@ class ChunkProcess:
                 raise AssertionError(f"chunk server did not listen within {START_DEADLINE}s: {self.read_log()}")
             await task.deferLater(reactor, 0.05)
 
+    async def wait_log(self, text: str, after: int = 0) -> None:
+        """Poll until the log holds ``text`` past offset ``after``: the server logs "serving"
+        just after it starts listening, so a client may connect before the line is written."""
+        deadline = reactor.seconds() + START_DEADLINE  # type: ignore[attr-defined]
+        while text not in self.read_log()[after:]:
+            if reactor.seconds() > deadline:  # type: ignore[attr-defined]
+                raise AssertionError(f"{text!r} not logged within {START_DEADLINE}s: {self.read_log()}")
+            await task.deferLater(reactor, 0.05)
+
     async def connect(self) -> Connection:
         connection = Connection(reactor, {}, node_id="test-client", default_timeout=10.0)
         await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port), connection)
@@ -144,7 +153,7 @@ class ChunkProcessTests(TestCase):
             frags = cells()
             chunk.start()
             await chunk.wait_serving()
-            self.assertIn("chunk-p serving 0 shards on 127.0.0.1:", chunk.read_log())
+            await chunk.wait_log("chunk-p serving 0 shards on 127.0.0.1:")
             connection = await chunk.connect()
             connections.append(connection)
             stored = await put(connection, SHARD, frags)
@@ -161,10 +170,11 @@ class ChunkProcessTests(TestCase):
             chunk.kill()
             with self.assertRaises(WireError):
                 await lost
+            logged = len(chunk.read_log())
             chunk.start()
             await chunk.wait_serving()
+            await chunk.wait_log("chunk-p serving 1 shards on", after=logged)
             self.assertEqual(os.listdir(tmp), [])
-            self.assertIn("chunk-p serving 1 shards on", chunk.read_log())
             connection = await chunk.connect()
             connections.append(connection)
             end, parts = await get(connection, SHARD)
