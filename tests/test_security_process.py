@@ -19,11 +19,13 @@ import ssl
 import subprocess
 import sys
 import tempfile
-import time
 import tomllib
+from collections.abc import Callable
 from typing import Any
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet import defer, task
+from twisted.internet import reactor as _reactor
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from dogfs.meta import commands as c
 from dogfs.security.ca import load_ca, write_identity_dir
@@ -31,6 +33,7 @@ from dogfs.security.roles import Role
 from dogfs.wire import messages as m
 from dogfs.wire.frame import Flags, FrameDecoder, encode_frame
 
+reactor: Any = _reactor
 ENV = dict(os.environ, MALLOC_MMAP_THRESHOLD_="33554432", MALLOC_TRIM_THRESHOLD_="1073741824")
 
 
@@ -164,6 +167,16 @@ def call(sock: socket.socket, msg: Any, request_id: int, payload: bytes = b"") -
     raise AssertionError(f"no answer to {msg!r}")
 
 
+async def wait_until(condition: Callable[[], bool], within: float, what: str) -> None:
+    """Wait (on the reactor's clock, re-checking every 50 ms) until ``condition()``; fail
+    naming ``what`` past ``within`` seconds."""
+    deadline = reactor.seconds() + within
+    while not condition():
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"not within {within:g}s: {what}")
+        await task.deferLater(reactor, 0.05)
+
+
 def closed_without_a_word(sock: socket.socket) -> bool:
     """True when the peer closes (or fails TLS) without sending any DogFS frame."""
     frames, closed = read_until(sock, 1, timeout=12.0)
@@ -293,11 +306,16 @@ class RoleTests(SynchronousTestCase):
         sock.close()
 
 
-class RevocationTests(SynchronousTestCase):
+class RevocationTests(TestCase):
     """Revocation refuses new connections and cuts open ones, on every daemon."""
 
-    def test_revoked_identity(self) -> None:
+    timeout = 300  # it stops and restarts daemons
+
+    def test_revoked_identity(self) -> defer.Deferred[None]:
         """After `dogfs admin revoke`, open connections close and new ones are refused."""
+        return defer.Deferred.fromCoroutine(self._revoked_identity())
+
+    async def _revoked_identity(self) -> None:
         cl = cluster()
         config = cl.issue("mallory", "user")
         cl.ok("ls", "/", config=config)
@@ -337,14 +355,12 @@ class RevocationTests(SynchronousTestCase):
         try:
             cl.run("cluster", "start", "chunk-1", "--wait", "1")  # fails: no leader to hear it
             log = os.path.join(cl.home, "nodes", "chunk-1", "twistd.log")
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
+
+            def restarted_with_kept_list() -> bool:
                 with open(log) as f:
-                    if "chunk-1 serving" in f.read().rpartition("enforcing the revocation list kept")[2]:
-                        break
-                time.sleep(0.05)  # polling a log file for a condition, within the deadline
-            else:
-                self.fail("chunk-1 did not restart with its kept revocation list")
+                    return "chunk-1 serving" in f.read().rpartition("enforcing the revocation list kept")[2]
+
+            await wait_until(restarted_with_kept_list, 30, "chunk-1 restarted with its kept revocation list")
             try:
                 sock = tls_socket(cl.nodes["chunk-1"], ca, cert, key)
                 sock.sendall(frame(m.Hello((1,), "after-restart"), 0))

@@ -378,20 +378,20 @@ class ShardServer:
     def _unreadable(self, shard_id: str, cell: int | None, e: OSError) -> WireError:
         """A shard the disk cannot read (EIO under a bad sector): as good as damaged, so it
         is reported for repair, and the client reads the stripe from other shards."""
-        self.corrupt.add(shard_id)
         where = "" if cell is None else f" cell {cell}"
-        message = f"shard {shard_id}{where} on {self.node_id} cannot be read: {e}"
-        log.error("{message}", message=message)
-        return self._error("corrupt", message)
+        return self._damaged(shard_id, f"shard {shard_id}{where} on {self.node_id} cannot be read: {e}", type(e).__name__)
 
     def _corrupt(self, e: ShardCorrupt) -> WireError:
-        shard_id = e.shard_id
-        self.corrupt.add(shard_id)
         if e.cell is None:
-            message = f"shard {shard_id} on {self.node_id} has a damaged header"
+            message = f"shard {e.shard_id} on {self.node_id} has a damaged header"
         else:
-            message = f"shard {shard_id} cell {e.cell} on {self.node_id} failed its checksum"
-        log.error("{message}: {detail}", message=message, detail=str(e))
+            message = f"shard {e.shard_id} cell {e.cell} on {self.node_id} failed its checksum"
+        return self._damaged(e.shard_id, message, str(e))
+
+    def _damaged(self, shard_id: str, message: str, detail: str) -> WireError:
+        """Remember ``shard_id`` as damaged (reported for repair) and say so to the client."""
+        self.corrupt.add(shard_id)
+        log.error("{message}: {detail}", message=message, detail=detail)
         return self._error("corrupt", message)
 
     # --- DeleteShards, reports and garbage collection -----------------------------------
