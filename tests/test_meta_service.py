@@ -235,6 +235,35 @@ class MetaHandlerTests(SynchronousTestCase):
         error = self.failureResultOf(h.command(c.Mkdir("/d"), seq=45), WireError).value
         self.assertEqual(error.code, "exists")
 
+    def test_retried_allocate_answered_when_no_longer_placeable(self) -> None:
+        """A retried Allocate that already took effect gets its first answer even when the
+        leader could no longer place it (its chunk servers died since); a new one is refused."""
+        h = Harness(self)
+        first = h.result(c.Allocate("/f", None, ()), seq=50)
+        h.clock.advance(11)
+        h.heartbeat("chunk-1")  # the other five are now dead: RS-4-2 cannot be placed
+        self.assertEqual(h.result(c.Allocate("/f", None, ()), seq=50), first)
+        error = self.failureResultOf(h.command(c.Allocate("/g", None, ()), seq=51), WireError).value
+        self.assertEqual(error.code, "not_enough_chunk_servers")
+        h.result(c.Mkdir("/d"), seq=52)
+        error = self.failureResultOf(h.command(c.Allocate("/f", None, ()), seq=50), WireError).value
+        self.assertEqual(error.code, "session_expired")
+
+    def test_unplaceable_retry_on_a_leader_not_caught_up_is_not_ready(self) -> None:
+        """A leader whose state may still lack its predecessors' commits cannot tell an
+        unplaceable retry from a new command: it answers "not ready" (retried by the client),
+        never a failure the first try may contradict."""
+        h = Harness(self)
+        h.clock.advance(11)
+        h.heartbeat("chunk-1")
+        h.log.caught_up = lambda: False  # type: ignore[attr-defined]
+        error = self.failureResultOf(h.command(c.Allocate("/f", None, ()), seq=7), WireError).value
+        self.assertEqual(error.code, "not_ready")
+        self.assertIn("needs 6 live chunk servers", error.message)
+        h.log.caught_up = lambda: True  # type: ignore[attr-defined]
+        error = self.failureResultOf(h.command(c.Allocate("/f", None, ()), seq=7), WireError).value
+        self.assertEqual(error.code, "not_enough_chunk_servers")
+
     def test_shard_report_names_garbage(self) -> None:
         """A shard report is answered with the shards no block group references."""
         h = Harness(self)

@@ -136,7 +136,12 @@ class MetaHandlers:
             raise WireError("permission_denied", f"{type(command).__name__} is not a client command")
         self.authorize(request, "admin" if isinstance(command, ADMIN_COMMANDS) else "write")
         self._require_leader()
-        command = self.prepare(command)
+        try:
+            command = self.prepare(command)
+        except WireError as e:
+            if not msg.client_id:
+                raise
+            return self._retried(msg, command, e)
         # A session makes a retried command take effect once, remembered in the replicated
         # state itself (so it survives restarts and leader changes).
         proposed = c.Sessioned(msg.client_id, msg.seq, command) if msg.client_id else command
@@ -150,6 +155,27 @@ class MetaHandlers:
             return Reply(m.MetaReply(self.log.leader_address()), c.encode_result(result))
 
         return d.addCallback(answered)
+
+    def _retried(self, msg: m.MetaCommand, command: Any, error: WireError) -> defer.Deferred[Reply]:
+        """Answer a command the leader cannot prepare (no placement for an Allocate, say) that
+        is the retry of one that already took effect, say under the leader before, as the
+        first try was answered: the client must not be told it failed. Otherwise ``error``,
+        or "not ready" while this leader's state may still lack what its predecessors
+        committed."""
+        cached = self.state.session_result(msg.client_id, msg.seq)
+        if cached is None:
+            caught_up = getattr(self.log, "caught_up", None)
+            if caught_up is not None and not caught_up():
+                raise WireError(
+                    "not_ready",
+                    f"{error.message} (this metadata leader took over recently and has not yet "
+                    "applied everything committed before; the client retries)",
+                    error.details,
+                )
+            raise error
+        if isinstance(cached, c.MetaError):
+            raise error_from_result(cached)
+        return defer.succeed(Reply(m.MetaReply(self.log.leader_address()), c.encode_result(cached)))
 
     def prepare(self, command: Any) -> Any:
         """Fill in what only the leader decides: placement and timestamps."""

@@ -793,6 +793,24 @@ class NamespaceState:
                 txn.delete(oldest[8:], db=sessions)
         return result
 
+    def session_result(self, client_id: str, seq: int) -> Result | None:
+        """What command C{seq} of session C{client_id} answered, if it already took effect
+        here; L{ErrorCode.SESSION_EXPIRED} if a later command of the session did; else None."""
+        key = _id_key(client_id)
+        if key is None:
+            return None
+        with self._read() as txn:
+            raw = txn.get(key, db=self._dbs[b"sessions"])
+        if raw is None:
+            return None
+        last_seq, _, cached = _unpack(raw)
+        if seq < last_seq:
+            return MetaError(
+                ErrorCode.SESSION_EXPIRED,
+                f"Command {seq} of client {client_id!r} was superseded by command {last_seq}.",
+            )
+        return decode_result(cached) if seq == last_seq else None
+
     # --- reads ---
 
     def stat(self, path: str) -> FileInfo | DirInfo | MetaError:
