@@ -10,6 +10,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from dogfs.client.api import MAX_REDIRECTS, REDIRECT_PAUSE, DogFSClient, DogFSError
+from dogfs.client.transfer import Renewal
 from dogfs.config import ClientConfig
 from dogfs.meta import commands as c
 from dogfs.wire import messages as m
@@ -365,3 +366,93 @@ class RetryHygieneTests(SynchronousTestCase):
             ids.append(pool.sent[0][1].client_id)
         self.assertNotEqual(ids[0], ids[1])
         self.assertTrue(all(i.startswith("app.") for i in ids))
+
+
+class RenewalTests(SynchronousTestCase):
+    """An upload renews its pending block groups every third of the allocation ttl."""
+
+    def setUp(self) -> None:
+        self.commands: list[Any] = []
+        self.answers: list[Any] = []
+
+        def answer(address: str, msg: Any) -> Any:
+            if self.answers:
+                next_answer = self.answers.pop(0)
+                if isinstance(next_answer, Exception):
+                    raise next_answer
+                return next_answer  # a Deferred the test fires
+            return Reply(m.MetaReply("a:1"), c.encode_result(c.Count(1)))
+
+        self.dogfs, self.pool, self.clock = client(answer, timeout=1.0)
+        commands = self.commands
+
+        class Recording(FakeConnection):
+            def call(self, msg: Any, payload: bytes = b"", timeout: float | None = None) -> defer.Deferred[Reply]:
+                commands.append(c.decode_command(payload))
+                return super().call(msg, payload, timeout)
+
+        self.pool.open_connection = lambda address: Recording(address, answer, self.pool.sent)  # type: ignore[method-assign]
+        self.pool.get = lambda address: defer.succeed(Recording(address, answer, self.pool.sent))  # type: ignore[method-assign]
+
+    def renewals(self) -> list[tuple[int, ...]]:
+        return [cmd.block_groups for cmd in self.commands if isinstance(cmd, c.RenewAllocations)]
+
+    def test_renews_what_was_allocated_every_third_of_the_ttl(self) -> None:
+        renewal = Renewal(self.dogfs, "/f", 30.0)
+        self.addCleanup(renewal.stop)
+        self.clock.advance(10)
+        self.assertEqual(self.renewals(), [])  # nothing allocated yet: nothing sent
+        renewal.add(7)
+        renewal.add(9)
+        renewal.add(8)
+        renewal.discard(9)  # abandoned after a failed group: left to expire
+        self.clock.advance(10)
+        self.assertEqual(self.renewals(), [(7, 8)])
+        self.clock.advance(10)
+        self.assertEqual(self.renewals(), [(7, 8), (7, 8)])
+        renewal.check()
+        renewal.stop()
+        self.clock.advance(100)
+        self.assertEqual(len(self.renewals()), 2)
+
+    def test_expired_groups_fail_the_upload_early(self) -> None:
+        renewal = Renewal(self.dogfs, "/f", 3.0)
+        self.addCleanup(renewal.stop)
+        renewal.add(1)
+        self.answers.append(WireError("stale_allocation", "Block group 1 is not a pending allocation"))
+        self.clock.advance(1)
+        error = self.assertRaises(DogFSError, renewal.check)
+        self.assertEqual(error.code, "stale_allocation")
+        self.assertIn("write it again", error.message)
+        self.clock.advance(10)
+        self.assertEqual(len(self.renewals()), 1)  # no more tries once it is known lost
+
+    def test_unreachable_metadata_is_tried_again(self) -> None:
+        renewal = Renewal(self.dogfs, "/f", 3.0)
+        self.addCleanup(renewal.stop)
+        renewal.add(1)
+        self.pool.dropped.extend(["a:1", "b:1"])
+        self.pool.get = lambda address: defer.fail(WireError("unreachable", "down"))  # type: ignore[method-assign]
+        self.clock.pump([0.1] * 15)  # one round, which gives up within the client's timeout
+        renewal.check()
+        self.assertEqual(self.renewals(), [])
+        self.assertEqual(len(self.flushLoggedErrors()), 0)
+
+    def test_no_ttl_renews_nothing(self) -> None:
+        renewal = Renewal(self.dogfs, "/f", None)
+        renewal.add(1)
+        self.clock.advance(1e6)
+        self.assertEqual(self.renewals(), [])
+        renewal.stop()
+
+    def test_never_two_renewals_at_once(self) -> None:
+        held: defer.Deferred[Reply] = defer.Deferred()
+        self.answers.append(held)
+        renewal = Renewal(self.dogfs, "/f", 3.0)
+        self.addCleanup(renewal.stop)
+        renewal.add(1)
+        self.clock.pump([1, 1, 1])
+        self.assertEqual(self.renewals(), [(1,)])  # the first is under way: the next two wait
+        held.callback(Reply(m.MetaReply("a:1"), c.encode_result(c.Count(1))))
+        self.clock.advance(1)
+        self.assertEqual(self.renewals(), [(1,), (1,)])

@@ -21,7 +21,7 @@ from zope.interface import implementer
 
 from dogfs.client.api import DogFSClient, DogFSError
 from dogfs.config import load_client
-from dogfs.meta.commands import Allocation, FileInfo
+from dogfs.meta.commands import Allocate, Allocation, CommitFile, FileInfo
 from tests.test_client_read import Collector
 from tests.test_datapath_process import Cluster
 
@@ -234,6 +234,71 @@ class StuckConsumer(Collector):
 
     def release(self) -> None:
         self.producer.resumeProducing()
+
+
+class SlowUploadTests(TestCase):
+    """An upload that takes longer than the metadata's allocation_ttl, from a pipe."""
+
+    timeout = 240
+    TTL = 2.0
+
+    def setUp(self) -> None:
+        self.cluster = Cluster()
+        self.addCleanup(self.cluster.destroy)
+        self.cluster.create()
+        self.cluster.run("cluster", "down")
+        config = os.path.join(self.cluster.home, "nodes", "meta-1", "meta.toml")
+        with open(config) as f:
+            text = f.read()
+        with open(config, "w") as f:
+            f.write(text.replace("[meta]\n", f"[meta]\nallocation_ttl = {self.TTL}\n", 1))
+        self.cluster.up()
+        self.client = DogFSClient(reactor, load_client(os.path.join(self.cluster.home, "client.toml")), timeout=8)
+        self.addCleanup(self.client.close)
+
+    async def _slow(self) -> None:
+        # The ttl is in force: an allocation left alone expires.
+        abandoned = await self.client._command(Allocate("/abandoned", None, ()))
+        deadline = reactor.seconds() + 30
+        while (await self.client.status())["namespace"]["pending_block_groups"]:
+            self.assertLess(reactor.seconds(), deadline, "an allocation nobody renews never expired")
+            await task.deferLater(reactor, 0.2, lambda: None)
+        with self.assertRaises(DogFSError) as caught:
+            await self.client._command(CommitFile("/abandoned", 1, ((abandoned.bg_id, 1),)))
+        self.assertEqual(caught.exception.code, "stale_allocation")
+        # A put fed through a pipe for about three ttls: 6 MiB (two block groups of RS-4-2
+        # with 1 MiB blocks) in 48 KiB pieces every 40 ms.
+        data = random.Random(9).randbytes(6 * (1 << 20))
+        r, w = os.pipe()
+        os.set_blocking(w, False)
+        left = [memoryview(data)]
+        began = reactor.seconds()
+
+        def feed() -> None:
+            if left[0]:
+                try:
+                    n = os.write(w, left[0][: 48 << 10])
+                except BlockingIOError:
+                    return
+                left[0] = left[0][n:]
+            if not left[0]:
+                os.close(w)
+                feeder.stop()
+
+        feeder = task.LoopingCall(feed)
+        feeder.start(0.04)
+        with os.fdopen(r, "rb") as source:
+            info = await self.client.put("/slow", source)
+        self.assertGreater(reactor.seconds() - began, 2 * self.TTL)
+        self.assertEqual(info.size, len(data))
+        sink = io.BytesIO()
+        await self.client.get("/slow", sink)
+        self.assertEqual(sink.getvalue(), data)
+
+    def test_upload_longer_than_the_ttl(self) -> defer.Deferred[None]:
+        """The put renews its allocations while its source trickles in, and commits; a
+        pending allocation nobody renews expires within the ttl."""
+        return defer.Deferred.fromCoroutine(self._slow())
 
 
 class ConcurrentReadTests(TestCase):

@@ -18,7 +18,16 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from dogfs.client.transfer import ConsumerSink, FileSink, GroupReader, WriteBehindSink, as_sink
+from dogfs.client.transfer import (
+    ConsumerSink,
+    FileSink,
+    FileSource,
+    GroupReader,
+    PipeSource,
+    WriteBehindSink,
+    as_sink,
+    as_source,
+)
 from dogfs.codec.checksum import crc32c
 from dogfs.codec.policy import ECPolicy
 from dogfs.codec.stripe import StripeCodec
@@ -427,3 +436,63 @@ class WriteBehindSinkTests(SynchronousTestCase):
         os.close(r)
         with os.fdopen(w, "wb") as pipe:
             self.assertIsInstance(as_sink(pipe, None, 1 << 30), FileSink)  # no reactor given
+
+
+class PipeSourceTests(SynchronousTestCase):
+    """A put's source that cannot seek (a pipe into ``dogfs put -``) is read by a thread."""
+
+    def test_pipe_read_by_a_thread_files_on_the_reactor(self) -> None:
+        """as_source picks PipeSource for a pipe, FileSource for a regular file or a buffer,
+        and for anything when no reactor is given."""
+        reactor = ThreadCalls()
+        r, w = os.pipe()
+        with os.fdopen(r, "rb") as pipe, os.fdopen(w, "wb"), tempfile.TemporaryFile() as f:
+            source = as_source(pipe, 1 << 20, reactor)
+            self.assertIsInstance(source, PipeSource)
+            source.stop()
+            self.assertIsInstance(as_source(f, 1 << 20, reactor), FileSource)
+            self.assertIsInstance(as_source(io.BytesIO(b"x"), 1 << 20, reactor), FileSource)
+            self.assertIsInstance(as_source(pipe, 1 << 20), FileSource)
+
+    def test_reads_whole_pieces_then_the_end(self) -> None:
+        """Each read gives the size asked for, gathered from short pipe reads, and then what
+        is left at the end of the stream; the reactor's thread never reads the pipe."""
+        reactor = ThreadCalls()
+        data = random.Random(3).randbytes(300_000)
+        r, w = os.pipe()
+        with os.fdopen(r, "rb", buffering=0) as pipe:
+            source = PipeSource(pipe, reactor)  # type: ignore[arg-type]
+            first = defer.Deferred.fromCoroutine(source.read_full(200_000))
+            rest = defer.Deferred.fromCoroutine(source.read_full(200_000))
+            self.assertNoResult(first)  # nothing written yet: the reactor did not block
+            with os.fdopen(w, "wb") as writer:
+                import threading
+
+                feeder = threading.Thread(target=writer.write, args=(data,))
+                feeder.start()
+                reactor.run_until(lambda: first.called)
+                self.assertEqual(self.successResultOf(first), data[:200_000])
+                feeder.join(30)
+            reactor.run_until(lambda: rest.called)
+            self.assertEqual(self.successResultOf(rest), data[200_000:])
+            end = defer.Deferred.fromCoroutine(source.read_full(200_000))
+            reactor.run_until(lambda: end.called)
+            self.assertEqual(self.successResultOf(end), b"")
+            self.assertIsNone(source.position())
+            source.stop()
+            source._thread.join(30)
+            self.assertFalse(source._thread.is_alive())
+
+    def test_read_error_fails_the_read(self) -> None:
+        """An error reading the source fails that read, with the error."""
+
+        class Broken:
+            def read(self, n: int) -> bytes:
+                raise OSError(errno.EIO, "Input/output error")
+
+        reactor = ThreadCalls()
+        source = PipeSource(Broken(), reactor)  # type: ignore[arg-type]
+        d = defer.Deferred.fromCoroutine(source.read_full(10))
+        reactor.run_until(lambda: d.called)
+        self.assertEqual(self.failureResultOf(d, OSError).value.errno, errno.EIO)
+        source.stop()

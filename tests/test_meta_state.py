@@ -36,6 +36,7 @@ from dogfs.meta.commands import (
     RegisterChunkServer,
     RemoveChunkServer,
     Rename,
+    RenewAllocations,
     Revoke,
     Sessioned,
     SetDefaultPolicy,
@@ -149,6 +150,7 @@ def _command_strategy(_names: Any, _ints: Any) -> Any:
         st.builds(Delete, _names, st.booleans()),
         st.builds(Rename, _names, _names),
         st.builds(ExpireAllocations, _floats),
+        st.builds(RenewAllocations, st.lists(_ints, max_size=4).map(tuple), _floats),
         st.builds(MoveShard, _ints, _ints, _names, _names),
         st.builds(DrainChunkServer, _names, st.booleans()),
         st.builds(RemoveChunkServer, _names, st.booleans()),
@@ -615,6 +617,34 @@ class NamespaceTests(StateTestCase):
         self.ok(CommitFile("/f", 1, ((late.bg_id, 1),)))
         self.assertEqual(self.run_(ExpireAllocations(1e9)), Count(0))
         self.assertEqual(self.state.stat("/g").size, 5)  # type: ignore[union-attr]
+
+    def test_renew(self) -> None:
+        """RenewAllocations moves pending groups' allocation time forward (never back), so
+        expiry spares them; a group no longer pending fails the whole renewal, which renews
+        nothing."""
+        self.register()
+        first = self.ok(Allocate("/f", "RS-2-1", SERVERS[:3], 10.0))
+        second = self.ok(Allocate("/f", "RS-2-1", SERVERS[:3], 20.0))
+        self.assertEqual(self.run_(RenewAllocations((first.bg_id, second.bg_id), 30.0)), Count(2))
+        self.assertEqual(self.run_(RenewAllocations((first.bg_id,), 5.0)), Count(1))
+        self.assertEqual(self.run_(ExpireAllocations(25.0)), Count(0))
+        committed = self.upload("/g", [5], now=1.0).block_groups[0].id
+        error = self.run_(RenewAllocations((first.bg_id, committed), 40.0))
+        self.assertEqual(error.code, ErrorCode.STALE_ALLOCATION)  # type: ignore[union-attr]
+        self.assertIn("not a pending allocation", error.message)  # type: ignore[union-attr]
+        self.assertEqual(self.run_(ExpireAllocations(35.0)), Count(2))  # the failed one renewed nothing
+        error = self.run_(RenewAllocations((second.bg_id,), 40.0))
+        self.assertEqual(error.code, ErrorCode.STALE_ALLOCATION)  # type: ignore[union-attr]
+        self.error(CommitFile("/f", 2, ((first.bg_id, 1), (second.bg_id, 1))), ErrorCode.STALE_ALLOCATION)
+
+    def test_renewed_upload_commits(self) -> None:
+        """An upload renewed past the ttl commits."""
+        self.register()
+        alloc = self.ok(Allocate("/f", "RS-2-1", SERVERS[:3], 10.0))
+        self.run_(RenewAllocations((alloc.bg_id,), 100.0))
+        self.assertEqual(self.run_(ExpireAllocations(50.0)), Count(0))
+        self.ok(CommitFile("/f", 1, ((alloc.bg_id, 1),)))
+        self.assertEqual(self.state.stat("/f").size, 1)  # type: ignore[union-attr]
 
     def test_delete(self) -> None:
         """Delete removes files and empty dirs; NOT_EMPTY without recursive; never the root."""

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from typing import IO, TYPE_CHECKING, Any
 
 from attrs import define, field
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -98,6 +98,47 @@ class FileSource:
     def rewind(self, position: int) -> None:
         """Read again from `position` (one that `position` returned)."""
         self.f.seek(position)
+
+
+class PipeSource:
+    """A put's data from a pipe, a terminal or a socket (``put -`` from another program): read
+    on a thread of its own, so that the reactor keeps serving the upload (acknowledgements,
+    allocation renewals) however long the source takes to give the next stripe. The thread
+    is a daemon: one blocked on a source that never ends does not keep the process alive.
+    """
+
+    def __init__(self, f: IO[bytes], reactor: Any) -> None:
+        self.f = f
+        self._reactor = reactor
+        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._work, name="dogfs-put-reader", daemon=True)
+        self._thread.start()
+
+    async def read_full(self, size: int) -> bytes:
+        d: defer.Deferred[bytes] = defer.Deferred()
+        self._jobs.put((size, d))
+        return await d
+
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            size, d = job
+            try:
+                data = read_full(self.f, size)
+            except BaseException:
+                self._reactor.callFromThread(d.errback, Failure())
+            else:
+                self._reactor.callFromThread(d.callback, data)
+
+    def position(self) -> int | None:
+        """A pipe's bytes cannot be read twice."""
+        return None
+
+    def stop(self) -> None:
+        """End the thread once its current read (if any) returns."""
+        self._jobs.put(None)
 
 
 @implementer(IConsumer)
@@ -337,10 +378,19 @@ class WriteBehindSink:
                 self.on_stop()
 
 
-def as_source(source: Any, high_water: int) -> Any:
-    """A file object or an IBodyProducer as something to read stripes from."""
+def as_source(source: Any, high_water: int, reactor: Any = None) -> Any:
+    """A file object or an IBodyProducer as something to read stripes from: a file that
+    cannot seek but has a real descriptor (a pipe, a terminal, a socket) is read by a thread
+    (`PipeSource`) when a ``reactor`` is given; other files on the reactor thread."""
     if hasattr(source, "startProducing"):
         return ProducerSource(source, high_water)
+    if reactor is not None and hasattr(reactor, "callFromThread") and _has_fileno(source):
+        try:
+            seekable = bool(source.seekable())
+        except (AttributeError, ValueError, OSError):
+            seekable = False
+        if not seekable:
+            return PipeSource(source, reactor)
     return FileSource(source)
 
 
@@ -399,13 +449,18 @@ async def put(
     block_size: int = info["block_size"]
     if ec is not None:
         ECPolicy.parse(ec)  # refuse an unknown policy before touching the cluster
-    reader = as_source(source, 4 * 16 * cell_size)
+    reader = as_source(source, 4 * 16 * cell_size, client.clock)
+    renewal = Renewal(client, path, info.get("allocation_ttl"))
     try:
-        return await _put(client, path, reader, ec, progress, cell_size, block_size)
+        return await _put(client, path, reader, ec, progress, cell_size, block_size, renewal)
     except BaseException:
         if isinstance(reader, ProducerSource):
             reader.stop()
         raise
+    finally:
+        renewal.stop()
+        if isinstance(reader, PipeSource):
+            reader.stop()
 
 
 async def _put(
@@ -416,6 +471,7 @@ async def _put(
     progress: Progress | None,
     cell_size: int,
     block_size: int,
+    renewal: Renewal,
 ) -> c.FileInfo:
     first = await source.read_full(1)
     groups: list[tuple[int, int]] = []
@@ -431,7 +487,9 @@ async def _put(
         attempts = 0
         while True:
             attempts += 1
+            renewal.check()
             allocation = await _allocate(client, path, group_ec, avoid)
+            renewal.add(allocation.bg_id)
             group_ec = allocation.ec
             codec = StripeCodec(ECPolicy.parse(allocation.ec), cell_size)
             stripes_per_group = max(1, block_size // cell_size)
@@ -456,6 +514,7 @@ async def _put(
                     path=path, bg=allocation.bg_id, nodes=", ".join(sorted(e.nodes)), error=str(e.error),
                 )
                 avoid |= e.nodes
+                renewal.discard(allocation.bg_id)
                 if progress is not None:
                     progress(-sent[0])
                 source.rewind(resume)
@@ -464,8 +523,81 @@ async def _put(
         pending = rest
         groups.append((allocation.bg_id, size))
         total += size
+    renewal.check()
     result = await client._command(c.CommitFile(path, total, tuple(groups), ec=group_ec))
     return result  # type: ignore[no-any-return]
+
+
+class Renewal:
+    """Keeps an upload's pending block groups from expiring while the upload runs.
+
+    The metadata drops a block group still pending ``allocation_ttl`` seconds after its
+    allocation (an abandoned upload's); an upload that takes longer (a slow source, a very
+    large file) renews the groups it allocated so far every third of that time, as an HDFS
+    client renews its lease. If they expired all the same (the client was stopped for longer
+    than the ttl), ``check`` says so before more data is sent for nothing. A ``ttl`` of None
+    (a metadata node that does not say) renews nothing.
+    """
+
+    #: Block groups per RenewAllocations command: a 1 MiB Raft entry holds far more.
+    BATCH = 10_000
+
+    def __init__(self, client: DogFSClient, path: str, ttl: float | None) -> None:
+        self._client = client
+        self._path = path
+        self._groups: dict[int, None] = {}
+        self._failure: Exception | None = None
+        self._busy = False
+        self._loop: task.LoopingCall | None = None
+        if ttl is not None and ttl > 0:
+            self._loop = task.LoopingCall(self._renew)
+            self._loop.clock = client.clock
+            self._loop.start(ttl / 3, now=False)
+
+    def add(self, bg_id: int) -> None:
+        self._groups[bg_id] = None
+
+    def discard(self, bg_id: int) -> None:
+        self._groups.pop(bg_id, None)
+
+    def check(self) -> None:
+        """Raise what made renewing fail for good (the allocations expired)."""
+        if self._failure is not None:
+            raise self._failure
+
+    def stop(self) -> None:
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+
+    def _renew(self) -> None:
+        if self._busy or not self._groups or self._failure is not None:
+            return  # the last renewal is still under way: never two at once
+        self._busy = True
+        defer.Deferred.fromCoroutine(self._send(tuple(self._groups)))
+
+    def _warn(self, error: Exception) -> None:
+        log.warn("{path}: renewing the upload's allocations failed, to be tried again: {error}",
+                 path=self._path, error=str(error))
+
+    async def _send(self, groups: tuple[int, ...]) -> None:
+        from dogfs.client.api import DogFSError
+
+        try:
+            for start in range(0, len(groups), self.BATCH):
+                await self._client._command(c.RenewAllocations(groups[start : start + self.BATCH]))
+        except DogFSError as e:
+            if e.code == "stale_allocation":
+                self._failure = DogFSError(
+                    "stale_allocation",
+                    f"cannot finish the upload of {self._path}: its block groups expired before "
+                    f"they could be renewed ({e.message}); write it again",
+                )
+            else:  # the metadata unreachable for now: the next round tries again
+                self._warn(e)
+        except Exception as e:
+            self._warn(e)
+        finally:
+            self._busy = False
 
 
 #: Most uploads of one block group (the first, then one per new placement).

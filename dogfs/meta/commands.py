@@ -103,6 +103,10 @@ def _group_tuple(value: Iterable[tuple[int, int]]) -> tuple[tuple[int, int], ...
     return tuple((int(bg), int(size)) for bg, size in value)
 
 
+def _int_tuple(value: Iterable[int]) -> tuple[int, ...]:
+    return tuple(value)
+
+
 # --- commands -------------------------------------------------------------------------------
 
 
@@ -209,6 +213,21 @@ class ExpireAllocations:
 
 
 @frozen
+class RenewAllocations:
+    """Keep pending block groups C{block_groups} from expiring: their allocation time becomes
+    C{now} (set by the leader). An upload that takes longer than the metadata's
+    C{allocation_ttl} renews what it allocated so far, as an HDFS client renews its lease.
+
+    Result: L{Count} of the groups renewed; L{ErrorCode.STALE_ALLOCATION} (and nothing
+    renewed) if one of them is no longer pending: it expired or was committed, and the upload
+    cannot be committed as it stands.
+    """
+
+    block_groups: tuple[int, ...] = field(converter=_int_tuple)
+    now: float = 0.0
+
+
+@frozen
 class MoveShard:
     """Record that shard C{index} of block group C{bg_id} moved from C{from_node} to C{to_node}.
 
@@ -283,6 +302,7 @@ Command = Union[
     Delete,
     Rename,
     ExpireAllocations,
+    RenewAllocations,
     MoveShard,
     DrainChunkServer,
     RemoveChunkServer,
@@ -572,6 +592,7 @@ _SCHEMAS: dict[int, tuple[type, tuple[_Check, ...]]] = {
     12: (RemoveChunkServer, (_str, _bool)),
     13: (Revoke, (_str, _opt(_str))),
     14: (Reinstate, (_str, _opt(_str))),
+    15: (RenewAllocations, (_seq(_int), _float)),
     64: (Ok, ()),
     65: (Count, (_int,)),
     66: (MetaError, (_code, _str)),

@@ -40,7 +40,9 @@ NAMESPACE_MAP_SIZE = 1 << 38
 log = Logger()
 
 # Commands a client may send; the rest are the leader's own (registration, expiry, moves).
-CLIENT_COMMANDS = (c.Mkdir, c.Allocate, c.CommitFile, c.Delete, c.Rename, c.SetDefaultPolicy)
+CLIENT_COMMANDS = (
+    c.Mkdir, c.Allocate, c.RenewAllocations, c.CommitFile, c.Delete, c.Rename, c.SetDefaultPolicy
+)
 # Client commands that need the admin role.
 ADMIN_COMMANDS = (c.SetDefaultPolicy,)
 REPORT_BATCH = 20_000
@@ -217,6 +219,8 @@ class MetaHandlers:
             return c.CommitFile(
                 command.path, command.size, command.block_groups, now, command.ec, command.expected_version
             )
+        if isinstance(command, c.RenewAllocations):
+            return c.RenewAllocations(command.block_groups, now)
         if isinstance(command, c.SetDefaultPolicy):
             try:
                 return c.SetDefaultPolicy(ECPolicy.parse(command.ec).name)
@@ -274,6 +278,8 @@ class MetaHandlers:
             "default_ec": self.state.default_policy(),
             "cell_size": self.config.cell_size,
             "block_size": self.config.block_size,
+            # An upload that may outlast this renews its allocations (RenewAllocations).
+            "allocation_ttl": self.config.allocation_ttl,
             "leader": self.log.leader_address(),
         }
 

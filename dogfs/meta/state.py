@@ -72,6 +72,7 @@ from dogfs.meta.commands import (
     Reinstate,
     RemoveChunkServer,
     Rename,
+    RenewAllocations,
     Result,
     Revoke,
     Sessioned,
@@ -1343,9 +1344,9 @@ def _commit(ctx: _Ctx, index: int, cmd: CommitFile) -> FileInfo:
             raise _Abort(
                 ErrorCode.STALE_ALLOCATION,
                 f"Block group {_bg_name(bg_id)} for {_q(path)} is not a pending allocation: it "
-                f"was already committed, or it expired (a file must be committed within the "
-                f"metadata's allocation_ttl of its first block group's allocation, 1 hour by "
-                f"default; raise it in meta.toml for longer uploads).",
+                f"was already committed, or it expired (an upload renews its allocations while "
+                f"it runs; one not renewed for the metadata's allocation_ttl, 1 hour by default, "
+                f"expires: the client was stopped for that long, or predates renewals).",
             )
         if ec is None:
             ec = rec[1]
@@ -1443,6 +1444,26 @@ def _expire(ctx: _Ctx, index: int, cmd: ExpireAllocations) -> Count:
     return Count(len(expired))
 
 
+def _renew(ctx: _Ctx, index: int, cmd: RenewAllocations) -> Count:
+    now = _check_number(cmd.now, "Renewal time")
+    renewed: dict[int, list[Any]] = {}
+    for bg_id in cmd.block_groups:
+        _check_count(bg_id, "Block group id")
+        rec = ctx.bgroup(bg_id)
+        if rec is None or rec[0]:
+            raise _Abort(
+                ErrorCode.STALE_ALLOCATION,
+                f"Block group {_bg_name(bg_id)} is not a pending allocation: it was already "
+                f"committed, or it expired before it was renewed.",
+            )
+        renewed[bg_id] = rec
+    for bg_id, rec in renewed.items():
+        if rec[3] < now:
+            rec[3] = now
+            ctx.put_bgroup(bg_id, rec)
+    return Count(len(renewed))
+
+
 def _move_shard(ctx: _Ctx, index: int, cmd: MoveShard) -> Ok:
     bg_id = _check_count(cmd.bg_id, "Block group id")
     rec = ctx.bgroup(bg_id)
@@ -1535,6 +1556,7 @@ _HANDLERS: dict[type, Any] = {
     Delete: _delete,
     Rename: _rename,
     ExpireAllocations: _expire,
+    RenewAllocations: _renew,
     MoveShard: _move_shard,
     DrainChunkServer: _drain,
     RemoveChunkServer: _remove_server,
