@@ -1165,6 +1165,15 @@ class ReplicaTests(StateTestCase):
         expected = msgpack.packb(["dogfs-meta-dump", 1, dbs], use_bin_type=True)
         self.assertEqual(state.dump(), expected)
         self.assertEqual(state.dump_later()(), expected)
+        # Packed a few records at a time (so as not to hold the GIL long), the same bytes,
+        # whatever the step: arrays of fewer than 16 records have a one-byte header, others
+        # three bytes.
+        import dogfs.meta.state as module
+
+        self.assertGreater(max(len(items) for _, items in dbs), 40)
+        for step in (1, 3, 16, 17, 40):
+            self.patch(module, "_DUMP_STEP", step)
+            self.assertEqual(state.dump(), expected, f"step {step}")
 
 
 class RaftStateMachineTests(StateTestCase):
