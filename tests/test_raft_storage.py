@@ -33,6 +33,28 @@ def entries(lo: int, hi: int, term: int = 1) -> list[Entry]:
     ]
 
 
+class CountingTxn:
+    """A write transaction that counts the bytes put into it (on its environment)."""
+
+    def __init__(self, env: CountingEnv, txn: Any) -> None:
+        self._env = env
+        self._txn = txn
+
+    def put(self, key: bytes, value: Any, *args: Any, **kwargs: Any) -> Any:
+        self._env.put_bytes += len(value)
+        return self._txn.put(key, value, *args, **kwargs)
+
+    def __enter__(self) -> CountingTxn:
+        self._txn.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> Any:
+        return self._txn.__exit__(*exc)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._txn, name)
+
+
 class CountingEnv:
     """Wraps an LMDB environment and counts durable write transactions and explicit syncs."""
 
@@ -40,10 +62,12 @@ class CountingEnv:
         self.env = env
         self.write_txns = 0
         self.syncs = 0
+        self.put_bytes = 0
 
     def begin(self, *args: Any, **kwargs: Any) -> Any:
         if kwargs.get("write"):
             self.write_txns += 1
+            return CountingTxn(self, self.env.begin(*args, **kwargs))
         return self.env.begin(*args, **kwargs)
 
     def sync(self, force: bool = False) -> None:
@@ -259,10 +283,130 @@ class LMDBRaftStorageTests(SynchronousTestCase):
         s.save(HardState(1, "a", 1), entries(1, 1), None)
         s.save(None, [], Snapshot(meta=SnapshotMeta(1, 1, CONFIG), data=b"abcdef"))
         s.close()
-        value = bytearray(self.raw_get(b"snap", b"data"))
+        key = b"p" + struct.pack(">QI", 1, 0)
+        value = bytearray(self.raw_get(b"snap", key))
         value[-2] ^= 0x01
-        self.raw_put(b"snap", b"data", bytes(value))
+        self.raw_put(b"snap", key, bytes(value))
         self.assertRaises(RaftStorageCorruption, self.open().load)
+
+    def small_parts(self, size: int = 4) -> None:
+        import dogfs.raft.storage as module
+
+        self.patch(module, "SNAPSHOT_PART_BYTES", size)
+
+    def part_keys(self) -> list[bytes]:
+        env = lmdb.open(self.dir.path, max_dbs=4, map_size=1 << 24)
+        try:
+            with env.begin(db=env.open_db(b"snap")) as txn:
+                return [bytes(k) for k, _ in txn.cursor()]
+        finally:
+            env.close()
+
+    def test_snapshot_in_parts(self) -> None:
+        """Snapshot data is kept in parts: read back whole, a missing part is corruption."""
+        self.small_parts()
+        s = self.open()
+        s.load()
+        s.save(HardState(1, "a", 1), entries(1, 3), None)
+        s.save(None, [], Snapshot(meta=SnapshotMeta(2, 1, CONFIG), data=b"0123456789"))
+        self.assertEqual(s.snapshot_data(), Snapshot(meta=SnapshotMeta(2, 1, CONFIG), data=b"0123456789"))
+        s.close()
+        self.assertEqual(self.part_keys(), [b"p" + struct.pack(">QI", 2, n) for n in range(3)])
+        s = self.open()
+        self.assertEqual([e.index for e in s.load().entries], [3])
+        s.close()
+        env = lmdb.open(self.dir.path, max_dbs=4, map_size=1 << 24)
+        with env.begin(write=True, db=env.open_db(b"snap")) as txn:
+            txn.delete(b"p" + struct.pack(">QI", 2, 1))
+        env.close()
+        e = self.assertRaises(RaftStorageCorruption, self.open().load)
+        self.assertIn("part 1 of 3 is missing", str(e))
+
+    def test_staged_snapshot(self) -> None:
+        """snapshot_writes writes the parts one transaction each, log writes may go between
+        them, and the save that follows writes only the metadata (and compacts)."""
+        self.small_parts(128)
+        s = self.open()
+        s.load()
+        s.save(HardState(1, "a", 2), entries(1, 2), None)
+        snapshot = Snapshot(meta=SnapshotMeta(2, 1, CONFIG), data=bytes(range(256)) + b"tail")
+        jobs = s.snapshot_writes(snapshot)
+        self.assertEqual(len(jobs), 3)
+        env = self.envs[-1]
+        commits = env.write_txns
+        jobs[0]()
+        s.save(None, entries(3, 3), None)  # the log goes on between parts
+        jobs[1]()
+        jobs[2]()
+        self.assertEqual(env.write_txns, commits + 4)
+        self.assertIsNone(s.snapshot_data())  # staged parts are not a snapshot yet
+        before = env.put_bytes
+        s.save(None, [], snapshot)
+        self.assertLess(env.put_bytes - before, len(snapshot.data))  # the metadata only
+        self.assertEqual(s.snapshot_data(), snapshot)
+        s.close()
+        s = self.open()
+        state = s.load()
+        self.assertEqual(state.snapshot, snapshot.meta)
+        self.assertEqual([e.index for e in state.entries], [3])
+        # Data that was not staged (even equal, another object) is written whole.
+        env = self.envs[-1]
+        before = env.put_bytes
+        later = Snapshot(meta=SnapshotMeta(3, 1, CONFIG), data=bytes(bytearray(snapshot.data)))
+        s.save(None, [], later)
+        self.assertGreaterEqual(env.put_bytes - before, len(snapshot.data))
+        self.assertEqual(s.snapshot_data(), later)
+
+    def test_orphan_parts_removed(self) -> None:
+        """Parts staged for a snapshot whose save never came (a crash) are not read, and the
+        next snapshot removes them with the earlier snapshot's parts."""
+        self.small_parts()
+        s = self.open()
+        s.load()
+        s.save(HardState(1, "a", 6), entries(1, 6), None)
+        s.save(None, [], Snapshot(meta=SnapshotMeta(2, 1, CONFIG), data=b"first"))
+        for job in s.snapshot_writes(Snapshot(meta=SnapshotMeta(4, 1, CONFIG), data=b"never saved")):
+            job()
+        s.close()
+        s = self.open()
+        self.assertEqual(s.load().snapshot, SnapshotMeta(2, 1, CONFIG))
+        self.assertEqual(s.snapshot_data().data, b"first")  # type: ignore[union-attr]
+        s.save(None, [], Snapshot(meta=SnapshotMeta(5, 1, CONFIG), data=b"third"))
+        s.close()
+        self.assertEqual(self.part_keys(), [b"p" + struct.pack(">QI", 5, n) for n in range(2)])
+        self.assertEqual(self.open().snapshot_data().data, b"third")  # type: ignore[union-attr]
+
+    def test_snapshot_of_earlier_versions_read(self) -> None:
+        """A snapshot stored as one record (before parts) loads, and the next one replaces it."""
+        s = self.open()
+        s.load()
+        s.save(HardState(1, "a", 4), entries(1, 4), None)
+        s.save(None, [], Snapshot(meta=SnapshotMeta(2, 1, CONFIG), data=b"x"))
+        s.close()
+        import crc32c
+        import msgpack
+
+        def sealed(obj: Any) -> bytes:
+            payload = msgpack.packb(obj, use_bin_type=True)
+            return struct.pack(">I", crc32c.crc32c(payload)) + payload
+
+        data = b"old format"
+        env = lmdb.open(self.dir.path, max_dbs=4, map_size=1 << 24)
+        with env.begin(write=True) as txn:
+            meta = [2, 1, [["a", "b", "c"], ["d"]], len(data), crc32c.crc32c(data)]
+            txn.put(b"snapshot_meta", sealed(meta), db=env.open_db(b"meta", txn=txn))
+            snap = env.open_db(b"snap", txn=txn)
+            txn.drop(snap, delete=False)
+            txn.put(b"data", sealed(data), db=snap)
+        env.close()
+        s = self.open()
+        self.assertEqual(s.load().snapshot, SnapshotMeta(2, 1, CONFIG))
+        self.assertEqual(s.snapshot_data().data, data)  # type: ignore[union-attr]
+        s.save(None, [], Snapshot(meta=SnapshotMeta(3, 1, CONFIG), data=b"new"))
+        s.close()
+        self.assertEqual(self.part_keys(), [b"p" + struct.pack(">QI", 3, 0)])
+        s = self.open()
+        self.assertEqual(s.snapshot_data().data, b"new")  # type: ignore[union-attr]
 
     def test_map_grows_when_full(self) -> None:
         """A batch larger than the LMDB map grows the map instead of failing."""

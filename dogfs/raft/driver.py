@@ -891,9 +891,22 @@ class RaftDriver(Service):
             if self._snapshot_index >= index:
                 return None  # a leader's snapshot got here first
             snapshot_of.append(Snapshot(meta=meta, data=data))
-            written: Deferred[None] = self._executor(  # type: ignore[misc]
-                partial(self._storage.save, None, [], snapshot_of[0])
-            )
+            # Storage that can write the data ahead in parts (LMDB) gets one job per part,
+            # each queued once the one before is done: the log's own writes go in between,
+            # so a large snapshot does not silence this member (no Ready is processed while
+            # a write is queued ahead of its own) for as long as the whole write takes.
+            staging = getattr(self._storage, "snapshot_writes", None)
+            jobs: list[Callable[[], Any]] = list(staging(snapshot_of[0])) if staging is not None else []
+            jobs.append(partial(self._storage.save, None, [], snapshot_of[0]))
+            executor = self._executor
+            assert executor is not None
+
+            def run(_: object, job: Callable[[], Any]) -> Deferred[Any]:
+                return executor(job)
+
+            written: Deferred[Any] = defer.succeed(None)
+            for job in jobs:
+                written.addCallback(run, job)
             return written.addCallback(stored)
 
         def failed(failure: Failure) -> None:

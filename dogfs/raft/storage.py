@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import crc32c
@@ -66,6 +67,11 @@ _KEY_FORMAT = b"format"
 _KEY_SNAPSHOT_DATA = b"data"
 _CRC = struct.Struct(">I")
 _INDEX = struct.Struct(">Q")
+_PART = struct.Struct(">I")
+_PART_PREFIX = b"p"
+#: Bytes of snapshot data per LMDB record: a snapshot staged ahead of its ``save``
+#: (``snapshot_writes``) takes one write transaction per part, and log writes go in between.
+SNAPSHOT_PART_BYTES = 8 << 20
 
 
 class RaftStorageError(Exception):
@@ -184,20 +190,33 @@ def _decode_config(obj: Any) -> Configuration:
     return Configuration(voters=frozenset(map(str, voters)), learners=frozenset(map(str, learners)))
 
 
-def _encode_snapshot_meta(meta: SnapshotMeta, data: bytes) -> bytes:
+def _encode_snapshot_meta(meta: SnapshotMeta, length: int, crc: int) -> bytes:
     # The data's length and checksum live in the meta record too, so a meta/data mismatch
-    # (one written without the other) is caught as well as a corrupt data record.
-    return _seal([meta.index, meta.term, _encode_config(meta.config), len(data), crc32c.crc32c(data)])
+    # (one written without the other) is caught as well as a corrupt data record. The data
+    # is in _parts(length) records of SNAPSHOT_PART_BYTES (the last one shorter).
+    return _seal([meta.index, meta.term, _encode_config(meta.config), length, crc, _parts(length)])
 
 
-def _decode_snapshot_meta(value: bytes) -> tuple[SnapshotMeta, int, int]:
+def _decode_snapshot_meta(value: bytes) -> tuple[SnapshotMeta, int, int, int | None]:
+    """Meta, data length and checksum, and the number of parts (None: the data is one
+    sealed record, as storage wrote it before snapshots were written in parts)."""
     obj = _open(value, "snapshot metadata")
     try:
-        index, term, config, length, crc = obj
+        index, term, config, length, crc, *parts = obj
+        if len(parts) > 1:
+            raise ValueError(f"{len(obj)} fields")
         meta = SnapshotMeta(index=int(index), term=int(term), config=_decode_config(config))
-        return meta, int(length), int(crc)
+        return meta, int(length), int(crc), int(parts[0]) if parts else None
     except Exception as e:
         raise RaftStorageCorruption(f"snapshot metadata: malformed record ({e})") from e
+
+
+def _parts(length: int) -> int:
+    return -(-length // SNAPSHOT_PART_BYTES)
+
+
+def _part_key(index: int, part: int) -> bytes:
+    return _PART_PREFIX + _INDEX.pack(index) + _PART.pack(part)
 
 
 # --- LMDB implementation ---------------------------------------------------------------------
@@ -244,6 +263,8 @@ class LMDBRaftStorage:
         self._last_index = 0  # last stored index (snapshot index when the log is empty)
         self._last_term = 0
         self._snapshot_meta: SnapshotMeta | None = None
+        # (index, data, crc, parts) of the snapshot whose parts snapshot_writes wrote last.
+        self._staged: tuple[int, bytes, int, int] | None = None
         #: Number of durable write transactions (one per ``save``), for tests and metrics.
         self.commits = 0
 
@@ -288,13 +309,7 @@ class LMDBRaftStorage:
             raw_meta = txn.get(_KEY_SNAPSHOT_META, db=self._db_meta)
             snapshot_meta: SnapshotMeta | None = None
             if raw_meta is not None:
-                snapshot_meta, length, crc = _decode_snapshot_meta(raw_meta)
-                raw_data = txn.get(_KEY_SNAPSHOT_DATA, db=self._db_snap)
-                if raw_data is None:
-                    raise RaftStorageCorruption("snapshot data: missing")
-                data = _open(raw_data, "snapshot data")
-                if not isinstance(data, bytes) or len(data) != length or crc32c.crc32c(data) != crc:
-                    raise RaftStorageCorruption("snapshot data: does not match its metadata")
+                snapshot_meta = self._read_snapshot(txn, raw_meta).meta
             raw_log = [(bytes(k), bytes(v)) for k, v in txn.cursor(db=self._db_log)]
         entries = self._verify_log(raw_log, snapshot_meta, hard_state)
         base_index = snapshot_meta.index if snapshot_meta else 0
@@ -360,9 +375,13 @@ class LMDBRaftStorage:
         if hard_state is None and not entries and snapshot is None:
             return
         self._ensure_open()
+        self._grown(partial(self._save, hard_state, entries, snapshot))
+
+    def _grown(self, write: Callable[[], None]) -> None:
+        """Run ``write`` (one write transaction), growing the map while it is full."""
         for _attempt in range(16):
             try:
-                self._save(hard_state, entries, snapshot)
+                write()
                 return
             except lmdb.MapFullError:
                 # The aborted transaction left nothing behind: grow the map and write again.
@@ -405,8 +424,29 @@ class LMDBRaftStorage:
                 f"snapshot at {meta.index} is older than the stored one at "
                 f"{self._snapshot_meta.index}"
             )
-        txn.put(_KEY_SNAPSHOT_META, _encode_snapshot_meta(meta, snapshot.data), db=self._db_meta)
-        txn.put(_KEY_SNAPSHOT_DATA, _seal(snapshot.data), db=self._db_snap)
+        staged, self._staged = self._staged, None
+        data = snapshot.data
+        if staged is not None and staged[0] == meta.index and staged[1] is data and staged[3] == _parts(len(data)):
+            crc = staged[2]  # snapshot_writes wrote the parts already
+        else:
+            crc = crc32c.crc32c(data)
+            view = memoryview(data)
+            for part in range(_parts(len(data))):
+                at = part * SNAPSHOT_PART_BYTES
+                txn.put(_part_key(meta.index, part), view[at : at + SNAPSHOT_PART_BYTES], db=self._db_snap)
+        txn.put(_KEY_SNAPSHOT_META, _encode_snapshot_meta(meta, len(data), crc), db=self._db_meta)
+        # Only this snapshot's parts stay: earlier snapshots', parts staged by a run that
+        # stopped before their save, and the single record older versions wrote.
+        txn.delete(_KEY_SNAPSHOT_DATA, db=self._db_snap)
+        cursor = txn.cursor(db=self._db_snap)
+        mine = _PART_PREFIX + _INDEX.pack(meta.index)
+        if cursor.set_range(_PART_PREFIX):
+            while cursor.key()[:1] == _PART_PREFIX:
+                if cursor.key()[: len(mine)] == mine and _PART.unpack_from(cursor.key(), len(mine))[0] < _parts(len(data)):
+                    if not cursor.next():
+                        break
+                elif not cursor.delete():
+                    break
         # Keep the log after the snapshot only if it agrees with it (compaction of our own log);
         # otherwise the snapshot replaces the whole log, as etcd's ApplySnapshot does.
         at = txn.get(_INDEX.pack(meta.index), db=self._db_log)
@@ -462,14 +502,56 @@ class LMDBRaftStorage:
             raw_meta = txn.get(_KEY_SNAPSHOT_META, db=self._db_meta)
             if raw_meta is None:
                 return None
-            meta, length, crc = _decode_snapshot_meta(raw_meta)
+            return self._read_snapshot(txn, raw_meta)
+
+    def _read_snapshot(self, txn: Any, raw_meta: bytes) -> Snapshot:
+        meta, length, crc, parts = _decode_snapshot_meta(raw_meta)
+        data: Any
+        if parts is None:
             raw_data = txn.get(_KEY_SNAPSHOT_DATA, db=self._db_snap)
             if raw_data is None:
                 raise RaftStorageCorruption("snapshot data: missing")
             data = _open(raw_data, "snapshot data")
+        else:
+            pieces = []
+            for part in range(parts):
+                piece = txn.get(_part_key(meta.index, part), db=self._db_snap)
+                if piece is None:
+                    raise RaftStorageCorruption(f"snapshot data: part {part} of {parts} is missing")
+                pieces.append(piece)
+            data = b"".join(pieces)
         if not isinstance(data, bytes) or len(data) != length or crc32c.crc32c(data) != crc:
             raise RaftStorageCorruption("snapshot data: does not match its metadata")
         return Snapshot(meta=meta, data=data)
+
+    def snapshot_writes(self, snapshot: Snapshot) -> list[Callable[[], None]]:
+        """Writes that store ``snapshot``'s data ahead of ``save(None, [], snapshot)``.
+
+        One LMDB write transaction per part (SNAPSHOT_PART_BYTES), to run in order on the
+        thread ``save`` runs on, each queued after the one before has finished: log writes
+        go in between, so a large snapshot never holds the log (a leader's heartbeats, a
+        follower's acknowledgements) up for longer than one part. The ``save`` that follows
+        then writes only the metadata and compacts the log. Parts whose ``save`` never comes
+        (a crash, a newer snapshot first) are removed by the next snapshot's.
+        """
+        index, data = snapshot.meta.index, snapshot.data
+        parts = _parts(len(data))
+        view = memoryview(data)
+
+        def write(part: int) -> None:
+            def put() -> None:
+                with self._env.begin(write=True) as txn:
+                    at = part * SNAPSHOT_PART_BYTES
+                    txn.put(_part_key(index, part), view[at : at + SNAPSHOT_PART_BYTES], db=self._db_snap)
+
+            self._ensure_open()
+            if part == 0:
+                self._staged = None
+            self._grown(put)
+            if part == parts - 1:
+                self._staged = (index, data, crc32c.crc32c(data), parts)
+
+        return [partial(write, part) for part in range(parts)]
 
 
 # --- in-memory implementation (unit tests) ---------------------------------------------------
