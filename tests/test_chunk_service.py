@@ -435,8 +435,9 @@ class ReadErrorTests(SynchronousTestCase):
         self.assertEqual([m.index for m, _ in parts], [0])
 
     def test_read_ahead_shrinks_for_a_slow_client(self) -> None:
-        """While the connection to the client is write-blocked (it is not keeping up), only
-        one cell is read ahead; all cells still arrive, in order."""
+        """While the connection to the client is write-blocked (it is not keeping up), no
+        cell is read for a stream with nothing read ahead, and a stream that has one reads
+        only one more; all cells still arrive, in order."""
         frags = fragments(6)
         self.successResultOf(self.h.put(SHARD, frags))
         calls, executor = held_executor()
@@ -445,11 +446,57 @@ class ReadErrorTests(SynchronousTestCase):
         server_side.pauseProducing()
         d, parts = self.h.get(SHARD)
         run_held(calls, self.h.pump, limit=2)  # open the shard, then the will_need hint
-        self.assertEqual([args for _, args, _ in calls], [(0,)])
+        self.assertEqual(calls, [])
+        server_side.resumeProducing()
+        self.h.pump.flush()
+        self.assertEqual([args for _, args, _ in calls], [(i,) for i in range(READ_AHEAD)])
+        server_side.pauseProducing()
+        run_held(calls, self.h.pump, limit=1)  # cell 0 sent into a blocked connection
+        self.assertEqual([args for _, args, _ in calls], [(1,), (2,)])  # nothing more
         server_side.resumeProducing()
         run_held(calls, self.h.pump)
         self.assertEqual(self.successResultOf(d).msg, GetShardEnd(6))
         self.assertEqual([p for _, p in parts], frags)
+
+    def test_many_streams_on_one_connection_are_bounded(self) -> None:
+        """Streams of one connection together hold at most the connection's budget of cells
+        read and not yet sent, and once the client stops reading, none reads more: opening
+        many streams and reading none of them cannot make the server hold a cell per
+        stream. When the client reads again, every stream completes."""
+        frags = fragments(4)
+        self.successResultOf(self.h.put(SHARD, frags))
+        calls, executor = held_executor()
+        self.h.server.executor = executor
+        self.h.server.connection_budget = 3 * FRAGMENT
+        server_side = self.h.pump.server
+        gets = [self.h.get(SHARD) for _ in range(20)]
+        while any(f.__name__ != "read_record" for f, _, _ in calls):
+            i = next(i for i, (f, _, _) in enumerate(calls) if f.__name__ != "read_record")
+            f, args, d = calls.pop(i)
+            d.callback(f(*args))
+            self.h.pump.flush()
+        # The first stream's READ_AHEAD cells fill the connection's budget; the other 19
+        # streams read nothing yet.
+        self.assertEqual([args for _, args, _ in calls], [(0,), (1,), (2,)])
+        budget = self.h.server._budgets[server_side]
+        server_side.pauseProducing()  # the client stops reading
+        run_held(calls, self.h.pump)
+        # Cell 0 went to the transport; cells 1 and 2 wait, read, within the budget; no
+        # other stream read anything.
+        self.assertEqual(calls, [])
+        self.assertEqual(self.h.server.read_ahead_bytes, 2 * FRAGMENT)
+        self.assertEqual(budget.used, 2 * FRAGMENT)
+        server_side.resumeProducing()
+        for _ in range(200):
+            if not calls:
+                break
+            run_held(calls, self.h.pump)
+            self.h.pump.flush()
+        for d, parts in gets:
+            self.assertEqual(self.successResultOf(d).msg, GetShardEnd(4))
+            self.assertEqual([p for _, p in parts], frags)
+        self.assertEqual(budget.used, 0)
+        self.assertEqual(self.h.server.read_ahead_bytes, 0)
 
     def test_read_ahead_budget_is_shared(self) -> None:
         """All streams together read ahead at most read_ahead_budget bytes: past it, another

@@ -21,6 +21,7 @@ Error codes a client can see:
 from __future__ import annotations
 
 import os
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
@@ -73,6 +74,56 @@ READ_AHEAD = 3
 #: READ_AHEAD cells each.
 READ_AHEAD_BUDGET = 64 << 20
 
+#: Bytes of cells one connection's GetShard streams together may have read and not yet
+#: handed to its transport. A client opening many streams on one connection (up to
+#: `max_inflight`) and reading none of them would otherwise have each stream hold a cell
+#: read for it and one sent into the transport's buffer: a gigabyte per connection. An
+#: honest client reads one stream per connection (`GroupReader` leases its own), READ_AHEAD
+#: cells ahead, far below this.
+CONNECTION_READ_BUDGET = 16 << 20
+
+
+class _ByteBudget:
+    """Bytes one connection's streams hold between reading a cell and handing it to the
+    transport. A request for more than is left waits, in order, for holders to hand theirs
+    on; one is always let through while nothing is held (a cell larger than the budget)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._waiting: deque[tuple[int, defer.Deferred[None]]] = deque()
+        self._waking = False
+
+    def _fits(self, size: int) -> bool:
+        return self.used == 0 or self.used + size <= self.limit
+
+    def try_acquire(self, size: int) -> bool:
+        if self._waiting or not self._fits(size):
+            return False
+        self.used += size
+        return True
+
+    def acquire(self, size: int) -> defer.Deferred[None]:
+        if self.try_acquire(size):
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._waiting.append((size, d))
+        return d
+
+    def release(self, size: int) -> None:
+        self.used -= size
+        if self._waking:
+            return  # a waiter woken below gave some back: the loop below goes on
+        self._waking = True
+        try:
+            while self._waiting and self._fits(self._waiting[0][0]):
+                size, d = self._waiting.popleft()
+                self.used += size
+                d.callback(None)
+        finally:
+            self._waking = False
+
+
 #: The counters `ShardServer.load` always reports, as "<name>_s" rates.
 LOAD_COUNTERS = ("put_bytes", "put_ops", "get_bytes", "get_ops", "errors")
 
@@ -95,6 +146,7 @@ class ShardServer:
         limits: FrameLimits = FrameLimits(),
         append_in_executor: bool = True,
         read_ahead_budget: int = READ_AHEAD_BUDGET,
+        connection_budget: int = CONNECTION_READ_BUDGET,
     ) -> None:
         """Serve `store` as node `node_id`.
 
@@ -109,6 +161,8 @@ class ShardServer:
         self.limits = limits
         self.append_in_executor = append_in_executor
         self.read_ahead_budget = read_ahead_budget
+        self.connection_budget = connection_budget
+        self._budgets: weakref.WeakKeyDictionary[Any, _ByteBudget] = weakref.WeakKeyDictionary()
         #: Bytes of cells being read for GetShard streams and not sent yet (all streams).
         self.read_ahead_bytes = 0
         #: Ids of the shards held here; filled by `load`, kept up to date by the handlers.
@@ -331,23 +385,49 @@ class ShardServer:
 
     async def _send_cells(self, request: Request, reader: ShardReader, first: int, count: int) -> None:
         """Send cells, with the next `READ_AHEAD` being read in the executor meanwhile (one,
-        while the client is slow or every stream's read-ahead fills `read_ahead_budget`)."""
+        while the client is slow or every stream's read-ahead fills `read_ahead_budget`).
+
+        Memory is bounded per connection too: a stream with nothing read ahead waits, before
+        its next read, until the client takes what was sent (the transport is writable) and
+        until the connection's `connection_budget` has room for the cell; read-ahead beyond
+        that takes only room that is free.
+        """
         end = first + count
+        connection = request.connection
+        budget = self._budgets.get(connection)
+        if budget is None:
+            budget = self._budgets[connection] = _ByteBudget(self.connection_budget)
         pending: deque[tuple[defer.Deferred[tuple[int, bytes]], int]] = deque()
         if count > 1:
             # Shards written with direct I/O are not in memory: have the disk read the
             # whole range at once rather than as our reads reach it.
             await self.executor(reader.will_need, first, count)
         following = first
+        held = 0  # bytes of this stream's cells counted in the connection's budget
         try:
             for i in range(first, end):
+                if not pending:
+                    size = reader.cell_size(following)
+                    while True:
+                        await connection.wait_writable()
+                        await budget.acquire(size)
+                        if not connection.write_blocked:
+                            break
+                        budget.release(size)  # blocked while we waited: wait for the client
+                    held += size
+                    pending.append((self.executor(reader.read_record, following), size))
+                    self.read_ahead_bytes += size
+                    following += 1
                 # A client that is not keeping up (its connection is write-blocked) gets one
                 # cell read ahead, not READ_AHEAD: memory held for slow readers stays small.
-                depth = 1 if request.connection.write_blocked else READ_AHEAD
-                while following < end and len(pending) < depth and (
-                    not pending or self.read_ahead_bytes < self.read_ahead_budget
+                depth = 1 if connection.write_blocked else READ_AHEAD
+                while (
+                    following < end
+                    and len(pending) < depth
+                    and self.read_ahead_bytes < self.read_ahead_budget
+                    and budget.try_acquire(size := reader.cell_size(following))
                 ):
-                    size = reader.cell_size(following)
+                    held += size
                     pending.append((self.executor(reader.read_record, following), size))
                     self.read_ahead_bytes += size
                     following += 1
@@ -362,8 +442,12 @@ class ShardServer:
                     raise self._error("invalid_argument", str(e)) from None
                 finally:
                     self.read_ahead_bytes -= size
-                # send_part waits until the transport drains: the client sets the pace.
-                await request.send_part(Cell(i, crc), fragment)
+                # send_part hands the cell to the transport, then waits until the transport
+                # drains: the client sets the pace.
+                sent = request.send_part(Cell(i, crc), fragment)
+                held -= size
+                budget.release(size)
+                await sent
                 self.meter.add("get_bytes", len(fragment))
         finally:
             # Never close the file while a thread still reads it.
@@ -374,6 +458,8 @@ class ShardServer:
                     pass
                 finally:
                     self.read_ahead_bytes -= size
+            if held:
+                budget.release(held)
 
     def _unreadable(self, shard_id: str, cell: int | None, e: OSError) -> WireError:
         """A shard the disk cannot read (EIO under a bad sector): as good as damaged, so it
