@@ -456,3 +456,28 @@ class RenewalTests(SynchronousTestCase):
         held.callback(Reply(m.MetaReply("a:1"), c.encode_result(c.Count(1))))
         self.clock.advance(1)
         self.assertEqual(self.renewals(), [(1,), (1,)])
+
+    def test_at_least_every_minute(self) -> None:
+        """However long the ttl the client learnt, it renews at least every minute (the
+        operator may have lowered it since)."""
+        renewal = Renewal(self.dogfs, "/f", 3600.0)
+        self.addCleanup(renewal.stop)
+        renewal.add(5)
+        self.clock.advance(59)
+        self.assertEqual(self.renewals(), [])
+        self.clock.advance(1)
+        self.assertEqual(self.renewals(), [(5,)])
+
+    def test_stopped_renewal_is_quiet(self) -> None:
+        """A renewal under way when the upload ends (committed: its groups are no longer
+        pending) neither fails the upload nor warns."""
+        held: defer.Deferred[Reply] = defer.Deferred()
+        self.answers.append(held)
+        renewal = Renewal(self.dogfs, "/f", 3.0)
+        renewal.add(1)
+        self.clock.advance(1)
+        renewal.stop()
+        held.errback(WireError("stale_allocation", "Block group 1 is not a pending allocation"))
+        renewal.check()
+        self.assertEqual(self.flushLoggedErrors(), [])
+

@@ -483,6 +483,29 @@ class PipeSourceTests(SynchronousTestCase):
             source._thread.join(30)
             self.assertFalse(source._thread.is_alive())
 
+    def test_non_blocking_source_is_not_cut_short(self) -> None:
+        """A source in non-blocking mode answers None while nothing is there: that is not
+        its end (taking it so would commit a truncated file)."""
+        reactor = ThreadCalls()
+        r, w = os.pipe()
+        os.set_blocking(r, False)
+        with os.fdopen(r, "rb", buffering=0) as pipe:
+            source = PipeSource(pipe, reactor)  # type: ignore[arg-type]
+            read = defer.Deferred.fromCoroutine(source.read_full(10))
+            with os.fdopen(w, "wb", buffering=0) as writer:
+                writer.write(b"abc")
+                import threading
+
+                later = threading.Timer(0.05, writer.write, args=(b"defghij",))
+                later.start()
+                reactor.run_until(lambda: read.called)
+                later.join(30)
+            self.assertEqual(self.successResultOf(read), b"abcdefghij")
+            end = defer.Deferred.fromCoroutine(source.read_full(10))
+            reactor.run_until(lambda: end.called)
+            self.assertEqual(self.successResultOf(end), b"")
+            source.stop()
+
     def test_read_error_fails_the_read(self) -> None:
         """An error reading the source fails that read, with the error."""
 

@@ -357,6 +357,33 @@ class LMDBRaftStorageTests(SynchronousTestCase):
         self.assertGreaterEqual(env.put_bytes - before, len(snapshot.data))
         self.assertEqual(s.snapshot_data(), later)
 
+    def test_snapshot_saved_while_staging_voids_it(self) -> None:
+        """A snapshot saved while another is being staged (a leader's, installed meanwhile)
+        voids the staging: its remaining parts are not written over the saved one's, so what
+        is stored reads back whole, never parts of two snapshots."""
+        self.small_parts()
+        s = self.open()
+        s.load()
+        s.save(HardState(1, "a", 4), entries(1, 4), None)
+        staged = Snapshot(meta=SnapshotMeta(3, 1, CONFIG), data=b"staged snapshot")
+        jobs = s.snapshot_writes(staged)
+        jobs[0]()
+        other = Snapshot(meta=SnapshotMeta(3, 1, CONFIG), data=b"the other one, longer")
+        s.save(None, [], other)
+        for job in jobs[1:]:
+            job()
+        self.assertEqual(s.snapshot_data(), other)
+        s.close()
+        s = self.open()
+        self.assertEqual(s.load().snapshot, other.meta)
+        self.assertEqual(s.snapshot_data(), other)
+        # The next snapshot, staged undisturbed, is used as staged.
+        later = Snapshot(meta=SnapshotMeta(4, 1, CONFIG), data=b"the next snapshot")
+        for job in s.snapshot_writes(later):
+            job()
+        s.save(None, [], later)
+        self.assertEqual(s.snapshot_data(), later)
+
     def test_orphan_parts_removed(self) -> None:
         """Parts staged for a snapshot whose save never came (a crash) are not read, and the
         next snapshot removes them with the earlier snapshot's parts."""

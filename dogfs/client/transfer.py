@@ -56,21 +56,32 @@ MAX_BUFFERED_STRIPES = 4
 
 
 def read_full(source: IO[bytes], size: int) -> bytes:
-    """Read `size` bytes, or fewer only at the end of the stream."""
-    data = source.read(size)
-    if data is None:
-        data = b""
-    if len(data) == size or not data:
-        return data
-    parts = [data]
-    got = len(data)
+    """Read `size` bytes, or fewer only at the end of the stream.
+
+    A source in non-blocking mode (a pipe or terminal its parent left O_NONBLOCK) answers
+    None when nothing is there yet: that is not the end, so wait until it is readable and
+    read again; only b"" ends the stream. Taking None for the end would commit a truncated
+    file.
+    """
+    parts: list[bytes] = []
+    got = 0
     while got < size:
         more = source.read(size - got)
+        if more is None:
+            _wait_readable(source)
+            continue
         if not more:
             break
         parts.append(more)
         got += len(more)
-    return b"".join(parts)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _wait_readable(source: IO[bytes]) -> None:
+    """Block until ``source``'s descriptor has something to read (or its end)."""
+    import select
+
+    select.select([source.fileno()], [], [])
 
 
 class FileSource:
@@ -541,6 +552,8 @@ class Renewal:
 
     #: Block groups per RenewAllocations command: a 1 MiB Raft entry holds far more.
     BATCH = 10_000
+    #: Seconds between renewals at most, whatever the ttl.
+    AT_LEAST_EVERY = 60.0
 
     def __init__(self, client: DogFSClient, path: str, ttl: float | None) -> None:
         self._client = client
@@ -548,11 +561,14 @@ class Renewal:
         self._groups: dict[int, None] = {}
         self._failure: Exception | None = None
         self._busy = False
+        self._stopped = False
         self._loop: task.LoopingCall | None = None
         if ttl is not None and ttl > 0:
             self._loop = task.LoopingCall(self._renew)
             self._loop.clock = client.clock
-            self._loop.start(ttl / 3, now=False)
+            # At least every minute: the client learnt the ttl once (cluster_info is cached),
+            # and an operator may have lowered it since.
+            self._loop.start(min(ttl / 3, self.AT_LEAST_EVERY), now=False)
 
     def add(self, bg_id: int) -> None:
         self._groups[bg_id] = None
@@ -566,6 +582,8 @@ class Renewal:
             raise self._failure
 
     def stop(self) -> None:
+        """No more renewals; one under way finishes quietly (the upload is over)."""
+        self._stopped = True
         if self._loop is not None and self._loop.running:
             self._loop.stop()
 
@@ -585,8 +603,10 @@ class Renewal:
         try:
             for start in range(0, len(groups), self.BATCH):
                 await self._client._command(c.RenewAllocations(groups[start : start + self.BATCH]))
-        except DogFSError as e:
-            if e.code == "stale_allocation":
+        except Exception as e:
+            if self._stopped:
+                pass  # committed or abandoned meanwhile: nothing to say
+            elif isinstance(e, DogFSError) and e.code == "stale_allocation":
                 self._failure = DogFSError(
                     "stale_allocation",
                     f"cannot finish the upload of {self._path}: its block groups expired before "
@@ -594,8 +614,6 @@ class Renewal:
                 )
             else:  # the metadata unreachable for now: the next round tries again
                 self._warn(e)
-        except Exception as e:
-            self._warn(e)
         finally:
             self._busy = False
 

@@ -263,8 +263,10 @@ class LMDBRaftStorage:
         self._last_index = 0  # last stored index (snapshot index when the log is empty)
         self._last_term = 0
         self._snapshot_meta: SnapshotMeta | None = None
-        # (index, data, crc, parts) of the snapshot whose parts snapshot_writes wrote last.
+        # (index, data, crc, parts) of the snapshot whose parts snapshot_writes wrote last,
+        # and the token of the staging under way (a save of any snapshot voids both).
         self._staged: tuple[int, bytes, int, int] | None = None
+        self._staging: object | None = None
         #: Number of durable write transactions (one per ``save``), for tests and metrics.
         self.commits = 0
 
@@ -419,12 +421,14 @@ class LMDBRaftStorage:
 
     def _put_snapshot(self, txn: Any, snapshot: Snapshot, first: int, last: int) -> tuple[int, int, int]:
         meta = snapshot.meta
+        # Whatever happens below, staging in progress is over: its remaining parts are not
+        # written, and what it staged is used only by this save (see snapshot_writes).
+        staged, self._staged, self._staging = self._staged, None, None
         if self._snapshot_meta is not None and meta.index < self._snapshot_meta.index:
             raise RaftStorageError(
                 f"snapshot at {meta.index} is older than the stored one at "
                 f"{self._snapshot_meta.index}"
             )
-        staged, self._staged = self._staged, None
         data = snapshot.data
         if staged is not None and staged[0] == meta.index and staged[1] is data and staged[3] == _parts(len(data)):
             crc = staged[2]  # snapshot_writes wrote the parts already
@@ -537,6 +541,7 @@ class LMDBRaftStorage:
         index, data = snapshot.meta.index, snapshot.data
         parts = _parts(len(data))
         view = memoryview(data)
+        token = object()
 
         def write(part: int) -> None:
             def put() -> None:
@@ -546,7 +551,9 @@ class LMDBRaftStorage:
 
             self._ensure_open()
             if part == 0:
-                self._staged = None
+                self._staged, self._staging = None, token
+            elif self._staging is not token:
+                return  # a snapshot was saved meanwhile: this staging is void
             self._grown(put)
             if part == parts - 1:
                 self._staged = (index, data, crc32c.crc32c(data), parts)
