@@ -388,6 +388,27 @@ class MutualTLSTests(TestCase):
         self.revocations.replace(names=[], serials=[])
         await self.good_client()
 
+    async def test_client_refuses_a_revoked_server(self) -> None:
+        """A daemon's ClientTLS with its revocation list refuses a server whose certificate
+        the list revokes (a revoked member must not be sent a byte, even when dialled), and
+        drop_revoked cuts the connections already open to it; others are spared."""
+        revocations = RevocationSet()
+        client_tls_ = ClientTLS(_config(self.ca, self.alice), revocations)
+        first = await self.connect(client_tls_)
+        self.assertEqual((await first.handshake.addTimeout(WAIT, reactor)).name, "meta-1")  # type: ignore[union-attr]
+        self.assertEqual(client_tls_.drop_revoked(), 0)
+        revocations.revoke_name("meta-1")
+        self.assertEqual(client_tls_.drop_revoked(), 1)
+        await first.lost.addTimeout(WAIT, reactor)
+        again = await self.connect(client_tls_)
+        reason = await again.lost.addTimeout(WAIT, reactor)
+        self.assertFalse(again.handshake.called)
+        self.assertEqual(again.buffer, b"")
+        self.assertIsNotNone(reason)
+        revocations.replace(names=[], serials=[self.node.serial + 1])  # another certificate's
+        self.assertEqual(await (await self.connect(client_tls_)).echo(b"x"), b"x")
+        self.assertEqual(client_tls_.drop_revoked(), 0)
+
     async def test_registry_drop_by_name(self) -> None:
         """ConnectionRegistry.drop aborts every connection of a name and counts them."""
         a = await self.good_client()

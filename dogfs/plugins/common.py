@@ -59,11 +59,14 @@ def server_tls(tls: TLSFiles | None, revocations: RevocationSet | None = None) -
     return ServerTLS(tls_config(tls), revocations=revocations)
 
 
-def client_tls(tls: TLSFiles | TLSConfig | ClientTLS | None) -> ClientTLS | None:
-    """The client side of TLS (our certificate, the cluster CA), or None for plaintext."""
+def client_tls(
+    tls: TLSFiles | TLSConfig | ClientTLS | None, revocations: RevocationSet | None = None
+) -> ClientTLS | None:
+    """The client side of TLS (our certificate, the cluster CA), or None for plaintext; with
+    a daemon's ``revocations``, servers whose certificate they revoke are refused too."""
     if tls is None or isinstance(tls, ClientTLS):
         return tls
-    return ClientTLS(tls_config(tls))
+    return ClientTLS(tls_config(tls), revocations)
 
 
 def server_endpoint(

@@ -110,7 +110,7 @@ class DaemonSecurity(Service):
         self.address = address
         self.revocations = RevocationSet()
         self.server = server_tls(tls, self.revocations)
-        self.client = client_tls(tls)
+        self.client = client_tls(tls, self.revocations)
         self.authorize = make_authorizer(tls is not None, self.revocations)
         self.on_handshake = record_identity(self.server)
         self.source = source
@@ -200,6 +200,7 @@ class DaemonSecurity(Service):
                 log.warn("{node}: cannot keep the revocation list in {path}: {error}",
                          node=self.what, path=self.keep, error=e)
         cut = self.server.enforce_revocations() if self.server is not None else 0
+        cut += self.client.drop_revoked() if self.client is not None else 0
         log.info(
             "{node}: revocation list now {n} names and {s} serials; {cut} connections cut",
             node=self.what, n=len(names), s=len(serials), cut=cut,

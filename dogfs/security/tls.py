@@ -39,6 +39,7 @@ import mmap
 import os
 import signal
 import socket
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol, cast
 
@@ -976,12 +977,17 @@ class ClientTLS:
     dialled. Build a new one (or call :meth:`reload`) after the certificate is rotated.
     """
 
-    def __init__(self, config: TLSConfig) -> None:
+    def __init__(self, config: TLSConfig, revocations: RevocationSet | None = None) -> None:
         self.config = config
         self._trust_root, self._client_cert = self._load(config)
         # One creator (and so one OpenSSL context) per host: building a context costs more
         # than the handshake's Python overhead.
         self._creators: dict[str, IOpenSSLClientConnectionCreator] = {}
+        #: With a daemon's revocation list, a server whose certificate it revokes is refused
+        #: (a revoked member must not be sent a byte, even when we dial it), and
+        #: :meth:`drop_revoked` cuts connections already open to one.
+        self.revocations = revocations
+        self._open: weakref.WeakKeyDictionary[Any, Identity] = weakref.WeakKeyDictionary()
 
     @staticmethod
     def _load(config: TLSConfig) -> tuple[ssl.Certificate, ssl.PrivateCertificate]:
@@ -1012,8 +1018,64 @@ class ClientTLS:
                 clientCertificate=self._client_cert,
                 extraCertificateOptions={"raiseMinimumTo": ssl.TLSVersion.TLSv1_2},
             )
+            if self.revocations is not None:
+                creator = _RevocationChecking(creator, self)
             self._creators[host] = creator
         return creator
+
+    def drop_revoked(self) -> int:
+        """Abort every open connection we made to a server whose identity is now revoked;
+        return the count."""
+        if self.revocations is None:
+            return 0
+        victims = [t for t, identity in list(self._open.items()) if self.revocations.is_revoked(identity)]
+        cut = 0
+        for transport in victims:
+            self._open.pop(transport, None)
+            underlying = getattr(transport, "transport", None)
+            if underlying is None or getattr(underlying, "disconnected", False):
+                continue  # closed already
+            transport.abortConnection()
+            cut += 1
+        return cut
+
+    def _verifier(self, tls_protocol: Any) -> Callable[[SSL.Connection, object, int, int, int], bool]:
+        def verify(conn: SSL.Connection, cert: object, errno: int, depth: int, ok: int) -> bool:
+            # An exception escaping an OpenSSL callback is lost or worse: catch everything.
+            try:
+                if not ok or depth != 0 or self.revocations is None:
+                    return bool(ok)  # the chain as OpenSSL verified it
+                identity = identity_from_certificate(cert.to_cryptography())  # type: ignore[attr-defined]
+                if self.revocations.is_revoked(identity):
+                    _log.info(
+                        "refused TLS server {peer}: identity {name!r} (serial {serial}) is revoked",
+                        peer=_describe_peer(tls_protocol), name=identity.name, serial=identity.serial,
+                    )
+                    return False
+                self._open[tls_protocol] = identity
+                return True
+            except InvalidIdentity as e:
+                _log.info("refused TLS server {peer}: {reason}", peer=_describe_peer(tls_protocol), reason=str(e))
+                return False
+            except BaseException:
+                _log.failure("while verifying a TLS server certificate")
+                return False
+
+        return verify
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _RevocationChecking:
+    """A client connection creator that also refuses servers whose identity is revoked."""
+
+    def __init__(self, inner: IOpenSSLClientConnectionCreator, client: ClientTLS) -> None:
+        self._inner = inner
+        self._client = client
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:  # noqa: N802, N803
+        connection: SSL.Connection = self._inner.clientConnectionForTLS(tlsProtocol)
+        connection.set_verify(SSL.VERIFY_PEER, self._client._verifier(tlsProtocol))
+        return connection
 
 
 def client_tls(config: TLSConfig, host: str) -> IOpenSSLClientConnectionCreator:
