@@ -9,7 +9,13 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from dogfs.client.api import MAX_REDIRECTS, REDIRECT_PAUSE, DogFSClient, DogFSError
+from dogfs.client.api import (
+    MAX_REDIRECTS,
+    REDIRECT_PAUSE,
+    SESSION_REUSE_LIMIT,
+    DogFSClient,
+    DogFSError,
+)
 from dogfs.client.transfer import Renewal
 from dogfs.config import ClientConfig
 from dogfs.meta import commands as c
@@ -109,6 +115,24 @@ class SessionTests(SynchronousTestCase):
         self.assertEqual(len(calls), 2)
         self.assertEqual((calls[0].client_id, calls[0].seq), (calls[1].client_id, calls[1].seq))
         self.assertEqual(pool.dropped, ["a:1"])
+
+
+class SessionAgeTests(SynchronousTestCase):
+    """Sessions idle too long are not used again (the metadata may have forgotten them)."""
+
+    def test_idle_session_dropped(self) -> None:
+        """A free session is reused within SESSION_REUSE_LIMIT of its last answer; past it,
+        a new session (seq 1) is made instead."""
+        dogfs, pool, clock = client(lambda address, msg: ok_reply())
+        self.successResultOf(dogfs.rm("/a"))
+        clock.advance(SESSION_REUSE_LIMIT - 1)
+        self.successResultOf(dogfs.rm("/b"))
+        clock.advance(SESSION_REUSE_LIMIT + 1)
+        self.successResultOf(dogfs.rm("/c"))
+        ids = [(msg.client_id, msg.seq) for _, msg in pool.sent]
+        self.assertEqual(ids[1], (ids[0][0], 2))  # reused within the limit
+        self.assertNotEqual(ids[2][0], ids[0][0])  # idle past it: a new session
+        self.assertEqual(ids[2][1], 1)
 
 
 class LeaderConnectionTests(SynchronousTestCase):

@@ -39,6 +39,11 @@ REDIRECT_PAUSE = 0.02
 Progress = Callable[[int], None]
 
 
+#: Seconds after which an idle session is dropped rather than used again: well within the
+#: metadata's SESSION_MIN_AGE (600 s), for which it keeps every session it has seen.
+SESSION_REUSE_LIMIT = 300.0
+
+
 class DogFSError(WireError):
     """A client operation failed. `code` is stable (not_found, exists, timeout, ...)."""
 
@@ -85,7 +90,8 @@ class DogFSClient:
         # (session, seq) it has seen with that command's remembered result. A caller's own
         # client_id (a label, possibly reused by a restarted process) gets a random part.
         self._session_prefix = self.client_id if client_id is None else f"{client_id}.{uuid.uuid4().hex[:16]}"
-        self._idle_sessions: list[tuple[str, int]] = []  # (session id, last sequence number)
+        # (session id, last sequence number, when it was last answered), last used at the end.
+        self._idle_sessions: list[tuple[str, int, float]] = []
         self._sessions_made = 0
         self._leader: str | None = None
         self._info: dict[str, Any] | None = None
@@ -235,8 +241,14 @@ class DogFSClient:
         # One session per command in flight: the metadata remembers each session's last
         # sequence number, so two concurrent commands must never share one (a retry of the
         # older would be refused as expired).
+        # A session idle for SESSION_REUSE_LIMIT is not used again: the metadata may forget
+        # sessions unseen for SESSION_MIN_AGE (far longer), and a forgotten session's command
+        # would run as a new session's first.
+        now = self.clock.seconds()
+        while self._idle_sessions and now - self._idle_sessions[0][2] > SESSION_REUSE_LIMIT:
+            self._idle_sessions.pop(0)
         if self._idle_sessions:
-            session, seq = self._idle_sessions.pop()
+            session, seq, _ = self._idle_sessions.pop()
         else:
             self._sessions_made += 1
             session, seq = f"{self._session_prefix}.{self._sessions_made}", 0
@@ -244,7 +256,7 @@ class DogFSClient:
         d = self._meta_call(m.MetaCommand(session, seq), c.encode_command(command))
 
         def done(result: Any) -> Any:
-            self._idle_sessions.append((session, seq))
+            self._idle_sessions.append((session, seq, self.clock.seconds()))
             return result
 
         return d.addBoth(done).addCallback(_result)

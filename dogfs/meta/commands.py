@@ -248,12 +248,15 @@ class Sessioned:
     remembers each client's last number and result: a duplicate gets the remembered result
     without running again, an older number gets L{ErrorCode.SESSION_EXPIRED}. The memory is
     part of the replicated state (and of snapshots), bounded by evicting the clients least
-    recently seen in the log.
+    recently seen in the log, but never one seen within the last C{SESSION_MIN_AGE} seconds
+    by the leaders' clocks: C{now}, set by the leader that logs the command (0 in commands
+    logged before it existed).
     """
 
     client_id: str
     seq: int
     command: Command
+    now: float = 0.0
 
 
 @frozen
@@ -587,7 +590,7 @@ _SCHEMAS: dict[int, tuple[type, tuple[_Check, ...]]] = {
     7: (Rename, (_str, _str)),
     8: (ExpireAllocations, (_float,)),
     9: (MoveShard, (_int, _int, _str, _str)),
-    10: (Sessioned, (_str, _int, _plain_command)),
+    10: (Sessioned, (_str, _int, _plain_command, _float)),
     11: (DrainChunkServer, (_str, _bool)),
     12: (RemoveChunkServer, (_str, _bool)),
     13: (Revoke, (_str, _opt(_str))),
@@ -627,7 +630,7 @@ _SCALARS = frozenset({str, int, float, bool, type(None)})
 #: The last field of a command, added after the command was first logged, and its default:
 #: left out when it has that value, so the command encodes as before and a member still on
 #: the previous release applies it.
-_ADDED_FIELDS: dict[type, tuple[str, Any]] = {Allocate: ("avoid", ())}
+_ADDED_FIELDS: dict[type, tuple[str, Any]] = {Allocate: ("avoid", ()), Sessioned: ("now", 0.0)}
 
 
 def _encode_value(value: Any) -> Any:
@@ -722,12 +725,25 @@ def _fast_decoder(tag: int, cls: type, checks: tuple[_Check, ...]) -> Callable[[
 
 
 def _fast_encoder(tag: int, cls: type) -> Callable[[Any], list[Any]]:
-    """The generic encoding of a ``cls`` (without _ADDED_FIELDS), field by field."""
+    """The generic encoding of a ``cls``, field by field (its _ADDED_FIELDS field left out
+    when it has its default)."""
     namespace: dict[str, Any] = {"scalars": _SCALARS, "encode": _encode_value}
     fields = [f"value.{name}" for name in _FIELDS[cls]]
     body = [f"    f{i} = {f}\n" for i, f in enumerate(fields)]
     items = [f"(f{i} if type(f{i}) in scalars else encode(f{i}))" for i in range(len(fields))]
-    source = f"def encode_{tag}(value):\n" + "".join(body) + f"    return [{', '.join([str(tag), *items])}]\n"
+    added = _ADDED_FIELDS.get(cls)
+    if added is None:
+        end = f"    return [{', '.join([str(tag), *items])}]\n"
+    else:
+        assert added[0] == _FIELDS[cls][-1], f"{cls.__name__}.{added[0]} must be its last field"
+        namespace["default"] = added[1]
+        last = len(fields) - 1
+        end = (
+            f"    out = [{', '.join([str(tag), *items])}]\n"
+            f"    if f{last} == default:\n        out.pop()\n"
+            "    return out\n"
+        )
+    source = f"def encode_{tag}(value):\n" + "".join(body) + end
     return _compile(f"encode_{tag}", source, namespace)
 
 
@@ -735,7 +751,7 @@ _FAST_DECODERS: dict[int, Callable[[list[Any]], Any]] = {
     tag: _fast_decoder(tag, cls, checks) for tag, (cls, checks) in _SCHEMAS.items()
 }
 _FAST_ENCODERS: dict[type, Callable[[Any], list[Any]]] = {
-    cls: _fast_encoder(tag, cls) for tag, (cls, _) in _SCHEMAS.items() if cls not in _ADDED_FIELDS
+    cls: _fast_encoder(tag, cls) for tag, (cls, _) in _SCHEMAS.items()
 }
 
 

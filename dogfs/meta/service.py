@@ -146,7 +146,9 @@ class MetaHandlers:
             return self._retried(msg, command, e)
         # A session makes a retried command take effect once, remembered in the replicated
         # state itself (so it survives restarts and leader changes).
-        proposed = c.Sessioned(msg.client_id, msg.seq, command) if msg.client_id else command
+        proposed = (
+            c.Sessioned(msg.client_id, msg.seq, command, self.clock.seconds()) if msg.client_id else command
+        )
         d = self.log.propose(proposed)
 
         def answered(result: Any) -> Reply:

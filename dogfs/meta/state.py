@@ -18,8 +18,9 @@ Layout (named LMDB databases, all keys big-endian so byte order is numeric order
   - C{nodeshards}: node id + NUL + u64 block group + u8 index -> b"": which shards each chunk
     server should hold (pending or committed), so repair finds a dead server's shards without
     scanning every block group.
-  - C{sessions}: client id -> C{[last seq, last index, encoded result]}; C{sessionlru}: u64
-    last index + client id -> b"", to evict the least recently seen client deterministically.
+  - C{sessions}: client id -> C{[last seq, last index, encoded result, leader time]} (the
+    time is missing from records written before it was kept); C{sessionlru}: u64 last index
+    + client id -> b"", to evict the least recently seen client deterministically.
   - C{meta}: counters, the cluster default policy, totals and the applied Raft index, which is
     written in the same transaction as the effects of the command at that index.
 
@@ -37,6 +38,7 @@ from __future__ import annotations
 import builtins
 import hashlib
 import itertools
+import math
 import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -125,6 +127,9 @@ _DB_NAMES = (
 #: Clients whose last command and result the state remembers (see L{Sessioned}); the same on
 #: every replica, since eviction must be decided by the log alone.
 MAX_SESSIONS = 100_000
+#: Seconds (of the leaders' clocks) for which a client's session is kept since it was last
+#: seen, whatever the count: far longer than any client retries a command.
+SESSION_MIN_AGE = 600.0
 
 _APPLIED = b"applied"
 _NEXT_INO = b"next_ino"
@@ -771,8 +776,9 @@ class NamespaceState:
         txn = ctx.txn
         sessions, lru = self._dbs[b"sessions"], self._dbs[b"sessionlru"]
         raw = txn.get(key, db=sessions)
+        now = cmd.now if type(cmd.now) is float and math.isfinite(cmd.now) else 0.0
         if raw is not None:
-            last_seq, last_index, cached = _unpack(raw)
+            last_seq, last_index, cached = _unpack(raw)[:3]
             if seq < last_seq:
                 return MetaError(
                     ErrorCode.SESSION_EXPIRED,
@@ -781,21 +787,35 @@ class NamespaceState:
             txn.delete(_u64(last_index) + key, db=lru)
             if seq == last_seq:
                 # A retry of a command that already ran: answer as the first time.
-                txn.put(key, _pack([seq, index, cached]), db=sessions)
+                txn.put(key, _pack([seq, index, cached, now]), db=sessions)
                 txn.put(_u64(index) + key, b"", db=lru)
                 return decode_result(cached)
         result = self._execute(ctx, index, cmd.command)
-        txn.put(key, _pack([seq, index, encode_result(result)]), db=sessions)
+        txn.put(key, _pack([seq, index, encode_result(result), now]), db=sessions)
         txn.put(_u64(index) + key, b"", db=lru)
         if raw is None:
-            while txn.stat(sessions)["entries"] > self.max_sessions:
-                cursor = txn.cursor(db=lru)
-                if not cursor.first():
-                    break
-                oldest = bytes(cursor.key())
-                cursor.delete()
-                txn.delete(oldest[8:], db=sessions)
+            self._evict_sessions(txn, now)
         return result
+
+    def _evict_sessions(self, txn: lmdb.Transaction, now: float) -> None:
+        """Past C{max_sessions}, forget the clients least recently seen in the log, but
+        none seen within C{SESSION_MIN_AGE} seconds (by the leaders' clocks): a retry comes
+        within the client's timeout, and forgetting its session first would run it twice.
+        The table may then hold more than C{max_sessions} for a while: at most as many
+        clients as begin sessions in C{SESSION_MIN_AGE}."""
+        sessions, lru = self._dbs[b"sessions"], self._dbs[b"sessionlru"]
+        count = txn.stat(sessions)["entries"]
+        cursor = txn.cursor(db=lru)
+        while count > self.max_sessions and cursor.first():
+            oldest = bytes(cursor.key())
+            raw = txn.get(oldest[8:], db=sessions)
+            fields = [] if raw is None else _unpack(raw)
+            seen = fields[3] if len(fields) > 3 else 0.0  # recorded before times were
+            if raw is not None and seen > now - SESSION_MIN_AGE:
+                return
+            cursor.delete()
+            txn.delete(oldest[8:], db=sessions)
+            count -= 1
 
     def session_result(self, client_id: str, seq: int) -> Result | None:
         """What command C{seq} of session C{client_id} answered, if it already took effect
@@ -807,7 +827,7 @@ class NamespaceState:
             raw = txn.get(key, db=self._dbs[b"sessions"])
         if raw is None:
             return None
-        last_seq, _, cached = _unpack(raw)
+        last_seq, _, cached = _unpack(raw)[:3]
         if seq < last_seq:
             return MetaError(
                 ErrorCode.SESSION_EXPIRED,
@@ -1590,4 +1610,4 @@ _HANDLERS: dict[type, Any] = {
     Reinstate: _reinstate,
 }
 
-__all__ = ["NamespaceState", "RaftStateMachine", "ROOT", "MAX_SESSIONS"]
+__all__ = ["NamespaceState", "RaftStateMachine", "ROOT", "MAX_SESSIONS", "SESSION_MIN_AGE"]
