@@ -235,6 +235,39 @@ class MetaHandlerTests(SynchronousTestCase):
         error = self.failureResultOf(h.command(c.Mkdir("/d"), seq=45), WireError).value
         self.assertEqual(error.code, "exists")
 
+    def test_resend_while_in_flight_waits_for_the_first(self) -> None:
+        """A resend of a command this leader is still deciding is not proposed again: it
+        gets the first try's answer when that comes, failures included. Once answered, a
+        resend goes to the log (whose session table answers it)."""
+        h = Harness(self)
+        proposed: list[Any] = []
+        held: list[defer.Deferred[Any]] = []
+        real = h.log.propose
+
+        def propose(command: Any) -> defer.Deferred[Any]:
+            proposed.append(command)
+            d: defer.Deferred[Any] = defer.Deferred()
+            held.append(d)
+            return d
+
+        h.log.propose = propose  # type: ignore[method-assign]
+        first = h.command(c.Mkdir("/d"), seq=7)
+        resend = h.command(c.Mkdir("/d"), seq=7)
+        other = h.command(c.Mkdir("/e"), seq=8)
+        self.assertEqual(len(proposed), 2)  # /d once, /e
+        self.assertNoResult(resend)
+        real(proposed[0]).chainDeferred(held[0])
+        h.pump.flush()
+        first_info = c.decode_result(bytes(self.successResultOf(first).payload))
+        self.assertEqual(c.decode_result(bytes(self.successResultOf(resend).payload)), first_info)
+        held[1].errback(WireError("no_quorum", "no majority"))
+        h.pump.flush()
+        self.assertEqual(self.failureResultOf(other, WireError).value.code, "no_quorum")
+        h.log.propose = real  # type: ignore[method-assign]
+        again = h.result(c.Mkdir("/d"), seq=7)  # answered by the session table
+        self.assertEqual(again, first_info)
+        self.assertEqual(h.handlers._in_flight, {})
+
     def test_retried_allocate_answered_when_no_longer_placeable(self) -> None:
         """A retried Allocate that already took effect gets its first answer even when the
         leader could no longer place it (its chunk servers died since); a new one is refused."""

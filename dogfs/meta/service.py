@@ -23,6 +23,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from dogfs.codec.policy import ECPolicy, UnknownPolicy
 from dogfs.config import MetaConfig
@@ -98,6 +99,9 @@ class MetaHandlers:
         self.registering: set[str] = set()
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
         self._reports: dict[str, list[str]] = {}
+        # (client id, seq) -> callers of a resend, for each sessioned command proposed here
+        # and not yet answered.
+        self._in_flight: dict[tuple[str, int], list[defer.Deferred[Any]]] = {}
 
     def handlers(self) -> dict[type, Callable[[Request], Any]]:
         """The wire handler table."""
@@ -138,6 +142,14 @@ class MetaHandlers:
             raise WireError("permission_denied", f"{type(command).__name__} is not a client command")
         self.authorize(request, "admin" if isinstance(command, ADMIN_COMMANDS) else "write")
         self._require_leader()
+        key = (msg.client_id, msg.seq)
+        waiting = self._in_flight.get(key) if msg.client_id else None
+        if waiting is not None:
+            # A resend of a command this leader is still deciding (the client timed out
+            # first): it gets the first try's answer, without a second entry in the log.
+            resent: defer.Deferred[Any] = defer.Deferred()
+            waiting.append(resent)
+            return resent.addCallback(self._answer, None)
         try:
             command = self.prepare(command)
         except WireError as e:
@@ -146,19 +158,31 @@ class MetaHandlers:
             return self._retried(msg, command, e)
         # A session makes a retried command take effect once, remembered in the replicated
         # state itself (so it survives restarts and leader changes).
-        proposed = (
-            c.Sessioned(msg.client_id, msg.seq, command, self.clock.seconds()) if msg.client_id else command
-        )
-        d = self.log.propose(proposed)
+        if not msg.client_id:
+            return self.log.propose(command).addCallback(self._answer, command)
+        d = self.log.propose(c.Sessioned(msg.client_id, msg.seq, command, self.clock.seconds()))
+        waiters: list[defer.Deferred[Any]] = []
+        self._in_flight[key] = waiters
 
-        def answered(result: Any) -> Reply:
-            if isinstance(result, c.MetaError):
-                raise error_from_result(result)
-            if isinstance(command, c.CommitFile):
-                self.emit("commit", path=command.path, size=command.size)
-            return Reply(m.MetaReply(self.log.leader_address()), c.encode_result(result))
+        def decided(result: Any) -> Any:
+            if self._in_flight.get(key) is waiters:
+                del self._in_flight[key]
+            for waiter in waiters:
+                if isinstance(result, Failure):
+                    waiter.errback(result)
+                else:
+                    waiter.callback(result)
+            return result
 
-        return d.addCallback(answered)
+        return d.addBoth(decided).addCallback(self._answer, command)
+
+    def _answer(self, result: Any, command: Any) -> Reply:
+        """The reply to a command (None: a resend, whose first try emitted its events)."""
+        if isinstance(result, c.MetaError):
+            raise error_from_result(result)
+        if isinstance(command, c.CommitFile):
+            self.emit("commit", path=command.path, size=command.size)
+        return Reply(m.MetaReply(self.log.leader_address()), c.encode_result(result))
 
     def _retried(self, msg: m.MetaCommand, command: Any, error: WireError) -> defer.Deferred[Reply]:
         """Answer a command the leader cannot prepare (no placement for an Allocate, say) that
