@@ -58,8 +58,9 @@ def makeService(options: Options) -> MultiService:
     from twisted.internet import reactor
 
     from dogfs.chunk.service import ChunkService
-    from dogfs.plugins.common import stop_failed
+    from dogfs.plugins.common import stop_failed, tune_gc
 
+    tune_gc(reactor)
     try:
         return ChunkService(reactor, config, on_fatal=lambda: stop_failed(reactor), direct_io=config.direct_io)
     except Exception as e:

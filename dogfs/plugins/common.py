@@ -32,13 +32,41 @@ from dogfs.wire.pool import EndpointMaker
 log = Logger()
 
 __all__ = [
+    "GC_THRESHOLD",
     "client_endpoints",
     "client_tls",
     "server_endpoint",
     "server_tls",
     "tls_config",
+    "tune_gc",
     "warn_plaintext",
 ]
+
+#: The cyclic garbage collector's thresholds in a daemon: the first generation is collected
+#: every 10,000 allocations net instead of 700 (Python 3.13 raised its own default too).
+GC_THRESHOLD = (10_000, 10, 10)
+
+
+def tune_gc(reactor: Any) -> None:
+    """Keep the cyclic garbage collector's pauses out of a daemon's request latency.
+
+    A full collection walks every tracked object; on a metadata leader under load it took
+    about 25 ms, several times in 5 seconds (requests in flight meanwhile wait: that was
+    the p99 of metadata writes in ``bench/meta.py``). Once the reactor runs, what start-up
+    made (modules, classes, configuration: long-lived) is moved out of the collector's sight
+    (``gc.freeze``), and the first generation is collected less often, so that fewer
+    short-lived objects (a request's while it waits for its commit) are promoted, and full
+    collections come more rarely. Refcounting still frees what is not in a cycle at once.
+    """
+    import gc
+
+    gc.set_threshold(*GC_THRESHOLD)
+
+    def freeze() -> None:
+        gc.collect()
+        gc.freeze()
+
+    reactor.callWhenRunning(freeze)
 
 
 def tls_config(tls: TLSFiles | TLSConfig) -> TLSConfig:
