@@ -702,14 +702,21 @@ class HeartbeatTests(SynchronousTestCase):
 
     def test_heartbeat_contents(self) -> None:
         """The first beat goes out at start with identity, capacity, usage and shard count."""
+        import dogfs.storage.shards as shards_module
+
+        # The disk's free space as statvfs says, fixed: other processes write to this disk.
+        disk = os.statvfs_result((4096, 4096, 250_000_000, 2_000, 2_000, 0, 0, 0, 0, 255))
+        self.patch(shards_module.os, "statvfs", lambda path: disk)
         self.store_shard(SHARD, 0)
         self.net.add("m1:1", ok)
         service = self.start(["m1:1"])
         [(address, hb)] = self.net.heartbeats()
         self.assertEqual(address, "m1:1")
         self.assertEqual((hb.node_id, hb.address, hb.shards), ("chunk-3", "127.0.0.1:7103", 1))
-        # The configured capacity is a cap: the room the disk really has bounds it too.
-        self.assertEqual(hb.capacity_bytes, min(10**12, self.store.usage()[0]))
+        # The configured capacity (10**12) is a cap: the room the disk really has bounds it
+        # too, what the shards use plus what is free.
+        used = os.path.getsize(self.store.path(SHARD))
+        self.assertEqual(hb.capacity_bytes, used + 2_000 * 4096)
         self.assertEqual(hb.used_bytes, os.path.getsize(self.store.path(SHARD)))
         self.assertIn("put_bytes_s", hb.load)
         self.assertIsNone(hb.domain)

@@ -51,7 +51,7 @@ from dogfs.meta.commands import (
     parse_shard_id,
     shard_id,
 )
-from dogfs.meta.state import SESSION_MIN_AGE, NamespaceState, RaftStateMachine
+from dogfs.meta.state import SESSION_HARD_LIMIT, SESSION_MIN_AGE, NamespaceState, RaftStateMachine
 from dogfs.raft.core import Configuration, Entry, EntryKind, Snapshot, SnapshotMeta
 from dogfs.raft.driver import IRaftStateMachine
 
@@ -822,12 +822,31 @@ class NamespaceTests(StateTestCase):
         as the first time, not run again."""
         self.state.max_sessions = 2
         self.ok(Sessioned("a", 1, Mkdir("/a"), 1000.0))
-        for i in range(10):
+        for i in range(5):  # 6 sessions in all: past max_sessions, within the hard limit
             self.ok(Sessioned(f"new-{i}", 1, Mkdir(f"/n{i}"), 1001.0 + i))
         self.assertIsInstance(self.run_(Sessioned("a", 1, Mkdir("/a"), 1000.0 + SESSION_MIN_AGE - 1)), DirInfo)
         # Once old enough, the least recently seen go, down to max_sessions.
         self.ok(Sessioned("z", 1, Mkdir("/z"), 5000.0))
         self.assertEqual(self.run_(Sessioned("new-0", 1, Mkdir("/n0"), 5001.0)).code, ErrorCode.EXISTS)  # type: ignore[union-attr]
+
+    def test_session_from_a_clock_far_ahead_is_not_kept(self) -> None:
+        """A session stamped far in the future (a leader's clock off by a day) does not hold
+        every later one in the table; and however recent, no more than SESSION_HARD_LIMIT
+        times max_sessions stay."""
+        self.state.max_sessions = 2
+        self.ok(Sessioned("ahead", 1, Mkdir("/ahead"), 1000.0 + 86400))
+        for i in range(30):
+            self.ok(Sessioned(f"c{i}", 1, Mkdir(f"/c{i}"), 1000.0 + 100 * i))
+        # At 3900 s the sessions seen after 3300 s stay (c24..c29), and nothing older.
+        with self.state.env.begin() as txn:
+            count = txn.stat(self.state._dbs[b"sessions"])["entries"]
+        self.assertEqual(count, 6)
+        self.assertEqual(self.run_(Sessioned("ahead", 1, Mkdir("/ahead"), 4000.0)).code, ErrorCode.EXISTS)  # type: ignore[union-attr]
+        for i in range(30):
+            self.ok(Sessioned(f"burst{i}", 1, Mkdir(f"/b{i}"), 5000.0))
+        with self.state.env.begin() as txn:
+            count = txn.stat(self.state._dbs[b"sessions"])["entries"]
+        self.assertEqual(count, 2 * SESSION_HARD_LIMIT)
 
     def test_redundancy(self) -> None:
         """redundancy() counts committed block groups by live shards minus k."""

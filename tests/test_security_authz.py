@@ -196,6 +196,7 @@ class _Handlers:
 
     def __init__(self) -> None:
         self.log = _Log()
+        self.clock = Clock()
         self.events: list[str] = []
         self.authorize: Any = None
         self.extra: dict[type, Any] = {}

@@ -199,3 +199,37 @@ class KeptRevocationTests(TestCase):
         self.assertEqual(security.revocations.names, {"eve"})
         tap._seen(Reply(m.HeartbeatReply("m:1", False, ("bob",))))
         self.assertEqual(security.revocations.names, {"bob"})
+
+
+class GCTuningTests(TestCase):
+    """A daemon's tree tunes the garbage collector only when it starts."""
+
+    def test_only_when_started(self) -> None:
+        """Building the service changes nothing; starting it raises the first generation's
+        threshold, and once the reactor runs, freezes what start-up made."""
+        import gc
+
+        from dogfs.plugins.common import GC_THRESHOLD, GCTuning
+
+        before = gc.get_threshold()
+        self.addCleanup(gc.set_threshold, *before)
+        calls: list[str] = []
+        self.patch(gc, "freeze", lambda: calls.append("freeze"))
+        self.patch(gc, "collect", lambda *a: calls.append("collect") or 0)
+
+        class Reactor:
+            def __init__(self) -> None:
+                self.when_running: list[Any] = []
+
+            def callWhenRunning(self, f: Any) -> None:  # noqa: N802
+                self.when_running.append(f)
+
+        reactor = Reactor()
+        service = GCTuning(reactor)
+        self.assertEqual(gc.get_threshold(), before)
+        service.startService()
+        self.assertEqual(gc.get_threshold(), GC_THRESHOLD)
+        self.assertEqual(calls, [])
+        [run] = reactor.when_running
+        run()
+        self.assertEqual(calls, ["collect", "freeze"])

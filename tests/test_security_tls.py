@@ -293,6 +293,13 @@ class MutualTLSTests(TestCase):
 
     async def test_server_name_mismatch(self) -> None:
         """A server whose certificate does not name the dialled host is rejected by the client."""
+        await self._name_mismatch(_config(self.ca, self.alice))
+
+    async def test_server_name_mismatch_with_revocations(self) -> None:
+        """A daemon's client, which checks revocations too, still checks the server's name."""
+        await self._name_mismatch(ClientTLS(_config(self.ca, self.alice), RevocationSet()))
+
+    async def _name_mismatch(self, tls: TLSConfig | ClientTLS) -> None:
         elsewhere = self.ca.issue(
             "meta-2",
             Role.NODE,
@@ -305,9 +312,7 @@ class MutualTLSTests(TestCase):
         )
         port = await endpoint.listen(other_factory)
         self.addCleanup(port.stopListening)
-        client = await self.connect(
-            _config(self.ca, self.alice), f"127.0.0.1:{port.getHost().port}"
-        )
+        client = await self.connect(tls, f"127.0.0.1:{port.getHost().port}")
         reason = await client.lost.addTimeout(WAIT, reactor)
         self.assertIsInstance(reason, VerificationError)
         self.assertEqual(

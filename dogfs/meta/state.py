@@ -130,6 +130,9 @@ MAX_SESSIONS = 100_000
 #: Seconds (of the leaders' clocks) for which a client's session is kept since it was last
 #: seen, whatever the count: far longer than any client retries a command.
 SESSION_MIN_AGE = 600.0
+#: However recent, sessions beyond this many times C{max_sessions} are forgotten, least
+#: recently seen first: the table's size stays bounded whatever the rate of new clients.
+SESSION_HARD_LIMIT = 4
 
 _APPLIED = b"applied"
 _NEXT_INO = b"next_ino"
@@ -801,8 +804,11 @@ class NamespaceState:
         """Past C{max_sessions}, forget the clients least recently seen in the log, but
         none seen within C{SESSION_MIN_AGE} seconds (by the leaders' clocks): a retry comes
         within the client's timeout, and forgetting its session first would run it twice.
-        The table may then hold more than C{max_sessions} for a while: at most as many
-        clients as begin sessions in C{SESSION_MIN_AGE}."""
+        The table may then hold more than C{max_sessions} for a while: about as many clients
+        as begin sessions in C{SESSION_MIN_AGE}, and never more than C{SESSION_HARD_LIMIT}
+        times C{max_sessions}. A time more than C{SESSION_MIN_AGE} ahead of C{now} (a
+        leader's clock far off) does not protect a session: it would hold every later one
+        in the table until the clocks met."""
         sessions, lru = self._dbs[b"sessions"], self._dbs[b"sessionlru"]
         count = txn.stat(sessions)["entries"]
         cursor = txn.cursor(db=lru)
@@ -811,7 +817,8 @@ class NamespaceState:
             raw = txn.get(oldest[8:], db=sessions)
             fields = [] if raw is None else _unpack(raw)
             seen = fields[3] if len(fields) > 3 else 0.0  # recorded before times were
-            if raw is not None and seen > now - SESSION_MIN_AGE:
+            recent = now - SESSION_MIN_AGE < seen <= now + SESSION_MIN_AGE
+            if raw is not None and recent and count <= self.max_sessions * SESSION_HARD_LIMIT:
                 return
             cursor.delete()
             txn.delete(oldest[8:], db=sessions)

@@ -58,12 +58,13 @@ def makeService(options: Options) -> MultiService:
     from twisted.internet import reactor
 
     from dogfs.chunk.service import ChunkService
-    from dogfs.plugins.common import stop_failed, tune_gc
+    from dogfs.plugins.common import GCTuning, stop_failed
 
-    tune_gc(reactor)
     try:
-        return ChunkService(reactor, config, on_fatal=lambda: stop_failed(reactor), direct_io=config.direct_io)
+        service = ChunkService(reactor, config, on_fatal=lambda: stop_failed(reactor), direct_io=config.direct_io)
     except Exception as e:
         # The [tls] files are read here: a bad one ends twistd with one sentence too.
         print(f"dogfs-chunk: {options['config']}: [tls] files are not usable: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    GCTuning(reactor).setServiceParent(service)
+    return service

@@ -15,6 +15,7 @@ import os
 import sys
 from typing import Any
 
+from twisted.application.service import Service
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 
@@ -33,40 +34,48 @@ log = Logger()
 
 __all__ = [
     "GC_THRESHOLD",
+    "GCTuning",
     "client_endpoints",
     "client_tls",
     "server_endpoint",
     "server_tls",
     "tls_config",
-    "tune_gc",
     "warn_plaintext",
 ]
 
 #: The cyclic garbage collector's thresholds in a daemon: the first generation is collected
-#: every 10,000 allocations net instead of 700 (Python 3.13 raised its own default too).
+#: every 10,000 allocations net instead of 700.
 GC_THRESHOLD = (10_000, 10, 10)
 
 
-def tune_gc(reactor: Any) -> None:
-    """Keep the cyclic garbage collector's pauses out of a daemon's request latency.
+class GCTuning(Service):
+    """Keeps the cyclic garbage collector's pauses out of a daemon's request latency.
 
     A full collection walks every tracked object; on a metadata leader under load it took
     about 25 ms, several times in 5 seconds (requests in flight meanwhile wait: that was
-    the p99 of metadata writes in ``bench/meta.py``). Once the reactor runs, what start-up
-    made (modules, classes, configuration: long-lived) is moved out of the collector's sight
-    (``gc.freeze``), and the first generation is collected less often, so that fewer
-    short-lived objects (a request's while it waits for its commit) are promoted, and full
-    collections come more rarely. Refcounting still frees what is not in a cycle at once.
+    the p99 of metadata writes in ``bench/meta.py``). When the daemon starts, the first
+    generation is set to be collected less often, so that fewer short-lived objects (a
+    request's, while it waits for its commit) are promoted and full collections come more
+    rarely; once the reactor runs, what start-up made (modules, classes, configuration:
+    long-lived) is moved out of the collector's sight (``gc.freeze``). Refcounting still
+    frees at once what is not in a cycle. A service, so that building a daemon's tree (as
+    tests do) changes nothing in the process: only starting it does.
     """
-    import gc
 
-    gc.set_threshold(*GC_THRESHOLD)
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
 
-    def freeze() -> None:
-        gc.collect()
-        gc.freeze()
+    def startService(self) -> None:
+        import gc
 
-    reactor.callWhenRunning(freeze)
+        super().startService()
+        gc.set_threshold(*GC_THRESHOLD)
+
+        def freeze() -> None:
+            gc.collect()
+            gc.freeze()
+
+        self.reactor.callWhenRunning(freeze)
 
 
 def tls_config(tls: TLSFiles | TLSConfig) -> TLSConfig:

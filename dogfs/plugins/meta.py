@@ -49,12 +49,11 @@ def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     from dogfs.meta.service import MetaService
-    from dogfs.plugins.common import server_endpoint, tune_gc
+    from dogfs.plugins.common import GCTuning, server_endpoint
     from dogfs.security.daemon import DaemonSecurity, secure_meta_handlers
     from dogfs.wire.pool import ConnectionFactory
 
     config = options["parsed"]
-    tune_gc(reactor)
     service: Any = None
     try:
         # TLS: reads the certificate files now, so a bad [tls] stops the start with a sentence.
@@ -92,4 +91,5 @@ def makeService(options: Options) -> IService:
         on_fatal=lambda: stop_failed(reactor),
     )
     security.setServiceParent(service)
+    GCTuning(reactor).setServiceParent(service)
     return service

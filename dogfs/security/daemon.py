@@ -280,7 +280,7 @@ def _revocation_commands(handlers: Any, inner: Handler, security: DaemonSecurity
         security.authorize(request, "admin")
         handlers._require_leader()
         msg: m.MetaCommand = request.msg
-        proposed = c.Sessioned(msg.client_id, msg.seq, cmd) if msg.client_id else cmd
+        proposed = c.Sessioned(msg.client_id, msg.seq, cmd, handlers.clock.seconds()) if msg.client_id else cmd
         d = handlers.log.propose(proposed)
 
         def answered(result: Any) -> Reply:

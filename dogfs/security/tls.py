@@ -48,7 +48,10 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from OpenSSL import SSL
 from service_identity import VerificationError
+from service_identity.hazmat import DNS_ID, IPAddress_ID, verify_service_identity
+from service_identity.pyopenssl import extract_patterns
 from twisted.internet import error, main, ssl, tcp
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import (
     TCP4ClientEndpoint,
@@ -1019,7 +1022,7 @@ class ClientTLS:
                 extraCertificateOptions={"raiseMinimumTo": ssl.TLSVersion.TLSv1_2},
             )
             if self.revocations is not None:
-                creator = _RevocationChecking(creator, self)
+                creator = _RevocationChecking(creator, self, host)
             self._creators[host] = creator
         return creator
 
@@ -1039,42 +1042,70 @@ class ClientTLS:
             cut += 1
         return cut
 
-    def _verifier(self, tls_protocol: Any) -> Callable[[SSL.Connection, object, int, int, int], bool]:
+    def _verifier(self, tls_protocol: Any, host: str) -> Callable[[SSL.Connection, object, int, int, int], bool]:
+        """The verify callback of a connection to ``host``: the chain as OpenSSL verified it,
+        then, for the server's own certificate, its name (as Twisted's own callback does,
+        which this one replaces) and the revocation list."""
+        service: Any = IPAddress_ID(host) if isIPAddress(host) or isIPv6Address(host) else DNS_ID(host)
+        protocol: Any = tls_protocol
+        verdict: list[bool] = []  # the server certificate's, once checked
+
+        def check(cert: Any) -> bool:
+            try:
+                verify_service_identity(extract_patterns(cert), [service], [])
+            except VerificationError:
+                protocol.failVerification(Failure())
+                return False
+            identity = identity_from_certificate(cert.to_cryptography())
+            if self.revocations is not None and self.revocations.is_revoked(identity):
+                _log.info(
+                    "refused TLS server {peer}: identity {name!r} (serial {serial}) is revoked",
+                    peer=_describe_peer(protocol), name=identity.name, serial=identity.serial,
+                )
+                return False
+            self._open[protocol] = identity
+            return True
+
         def verify(conn: SSL.Connection, cert: object, errno: int, depth: int, ok: int) -> bool:
+            nonlocal protocol
+            if not ok or depth != 0:
+                return bool(ok)  # the chain as OpenSSL verified it
+            if verdict:
+                return verdict[0]
             # An exception escaping an OpenSSL callback is lost or worse: catch everything.
             try:
-                if not ok or depth != 0 or self.revocations is None:
-                    return bool(ok)  # the chain as OpenSSL verified it
-                identity = identity_from_certificate(cert.to_cryptography())  # type: ignore[attr-defined]
-                if self.revocations.is_revoked(identity):
-                    _log.info(
-                        "refused TLS server {peer}: identity {name!r} (serial {serial}) is revoked",
-                        peer=_describe_peer(tls_protocol), name=identity.name, serial=identity.serial,
-                    )
-                    return False
-                self._open[tls_protocol] = identity
-                return True
+                verdict.append(check(cert))
             except InvalidIdentity as e:
-                _log.info("refused TLS server {peer}: {reason}", peer=_describe_peer(tls_protocol), reason=str(e))
-                return False
+                _log.info("refused TLS server {peer}: {reason}", peer=_describe_peer(protocol), reason=str(e))
+                verdict.append(False)
             except BaseException:
                 _log.failure("while verifying a TLS server certificate")
-                return False
+                verdict.append(False)
+            protocol = None  # no cycle between the protocol and its connection
+            return verdict[0]
 
         return verify
 
 
 @implementer(IOpenSSLClientConnectionCreator)
 class _RevocationChecking:
-    """A client connection creator that also refuses servers whose identity is revoked."""
+    """A client connection creator that also refuses servers whose identity is revoked.
 
-    def __init__(self, inner: IOpenSSLClientConnectionCreator, client: ClientTLS) -> None:
+    Its verify callback replaces the one Twisted's creator set (a connection has one), so it
+    checks the server's name itself as well.
+    """
+
+    def __init__(self, inner: IOpenSSLClientConnectionCreator, client: ClientTLS, host: str) -> None:
         self._inner = inner
         self._client = client
+        self._host = host
 
     def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:  # noqa: N802, N803
         connection: SSL.Connection = self._inner.clientConnectionForTLS(tlsProtocol)
-        connection.set_verify(SSL.VERIFY_PEER, self._client._verifier(tlsProtocol))
+        connection.set_verify(
+            SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT,
+            self._client._verifier(tlsProtocol, self._host),
+        )
         return connection
 
 
