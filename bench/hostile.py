@@ -60,13 +60,17 @@ async def bench(reactor: Any, args: argparse.Namespace) -> None:
         pid = chunk.process.pid
         before = rss_mib(pid)
         hostile = await chunk.connect()
+        failed: list[Any] = []
         for _ in range(args.streams):
-            hostile.call(GetShard(SHARD), on_part=lambda m, p: None).addErrback(lambda f: None)
+            hostile.call(GetShard(SHARD), on_part=lambda m, p: None).addErrback(failed.append)
         hostile.transport.pauseProducing()  # read nothing more
         peak, began = before, time.monotonic()
         while time.monotonic() - began < args.seconds:
             peak = max(peak, rss_mib(pid))
             await task.deferLater(reactor, 0.05, lambda: None)
+        # The figure means something only if the server held the streams open all along
+        # (neither refused them nor cut the connection).
+        assert hostile.is_open and not failed, f"streams failed: {failed[:1]}"
         # The server still serves others meanwhile.
         parts: list[int] = []
         await honest.call(GetShard(SHARD), on_part=lambda m, p: parts.append(len(p)))
