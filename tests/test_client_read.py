@@ -479,9 +479,11 @@ class PipeSourceTests(SynchronousTestCase):
             reactor.run_until(lambda: end.called)
             self.assertEqual(self.successResultOf(end), b"")
             self.assertIsNone(source.position())
+            thread = source._worker._thread
+            assert thread is not None
             source.stop()
-            source._thread.join(30)
-            self.assertFalse(source._thread.is_alive())
+            thread.join(30)
+            self.assertFalse(thread.is_alive())
 
     def test_non_blocking_source_is_not_cut_short(self) -> None:
         """A source in non-blocking mode answers None while nothing is there: that is not

@@ -23,6 +23,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable
+from functools import partial
 from typing import IO, TYPE_CHECKING, Any
 
 from attrs import define, field
@@ -119,29 +120,14 @@ class PipeSource:
     """
 
     def __init__(self, f: IO[bytes], reactor: Any) -> None:
+        from dogfs.raft.worker import SerialWorker
+
         self.f = f
-        self._reactor = reactor
-        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._work, name="dogfs-put-reader", daemon=True)
-        self._thread.start()
+        self._worker = SerialWorker(reactor, "dogfs-put-reader")
+        self._worker.start()
 
     async def read_full(self, size: int) -> bytes:
-        d: defer.Deferred[bytes] = defer.Deferred()
-        self._jobs.put((size, d))
-        return await d
-
-    def _work(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            size, d = job
-            try:
-                data = read_full(self.f, size)
-            except BaseException:
-                self._reactor.callFromThread(d.errback, Failure())
-            else:
-                self._reactor.callFromThread(d.callback, data)
+        return await self._worker.run(partial(read_full, self.f, size))
 
     def position(self) -> int | None:
         """A pipe's bytes cannot be read twice."""
@@ -149,7 +135,7 @@ class PipeSource:
 
     def stop(self) -> None:
         """End the thread once its current read (if any) returns."""
-        self._jobs.put(None)
+        self._worker.stop(wait=False)
 
 
 @implementer(IConsumer)

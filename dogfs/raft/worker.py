@@ -46,12 +46,15 @@ class SerialWorker:
             self._thread = threading.Thread(target=self._work, name=self.name, daemon=True)
             self._thread.start()
 
-    def stop(self) -> None:
-        """Finish the jobs already queued, then end the thread (blocks until it has)."""
+    def stop(self, wait: bool = True) -> None:
+        """Finish the jobs already queued, then end the thread; with ``wait``, block until it
+        has (without, a job blocked for good, such as a read of a pipe nobody writes, cannot
+        hold the caller: the thread is a daemon)."""
         thread, self._thread = self._thread, None
         if thread is not None:
             self._jobs.put(_STOP)
-            thread.join()
+            if wait:
+                thread.join()
 
     def run(self, job: Callable[[], T]) -> Deferred[T]:
         """Queue ``job``; the Deferred fires (on the reactor thread) with what it returned."""
