@@ -292,6 +292,18 @@ class ReplicationTests(SynchronousTestCase):
         rd = node.ready()
         self.assertEqual([(e.index, e.term) for e in rd.entries], [(2, 2)])
 
+    def test_truncated_batch_keeps_its_durable_prefix(self) -> None:
+        """A batch written while a new leader truncated its tail: the entries before the
+        truncation are durable, so the next Ready writes only from the truncation on."""
+        node = new_node("b", hard_state=HardState(1, None, 0))
+        node.step(AppendEntries(1, "a", "b", 0, 0, tuple(ents(1, 1, 1)), 0))
+        written = node.ready()
+        self.assertEqual([e.index for e in written.entries], [1, 2, 3])
+        node.step(AppendEntries(2, "c", "b", 2, 1, (Entry(2, 3, EntryKind.NORMAL, b"n3"),), 0))
+        node.advance(written)
+        rd = node.ready()
+        self.assertEqual([(e.index, e.term) for e in rd.entries], [(3, 2)])
+
     def test_reject_gives_hint(self) -> None:
         """A mismatched prev entry is rejected with a hint of where logs may agree."""
         node = new_node("b", hard_state=HardState(3, None, 0), entries=ents(1, 1, 2, 2))

@@ -923,6 +923,8 @@ class RaftNode:
         self._snap_index = meta.index
         self._snap_term = meta.term
         self._snapshot = snapshot
+        # What the durable snapshot holds is durable, whatever the log's writes said.
+        self._persisted = max(self._persisted, meta.index)
 
     def step(self, m: Message) -> None:
         """Handle a message from a peer."""
@@ -1035,12 +1037,13 @@ class RaftNode:
             self._prev_hard_state = rd.hard_state
         if rd.snapshot is not None and rd.snapshot is self._pending_restore:
             self._pending_restore = None
-        if rd.entries:
-            last = rd.entries[-1]
-            # If the log was truncated since, the stored entries still match ours up to the
-            # last one whose term did not change (log matching).
-            if self.term_at(last.index) == last.term:
-                self._persisted = max(self._persisted, last.index)
+        # If the log was truncated since, the stored entries still match ours up to the last
+        # one whose term did not change (log matching): that prefix is durable, and the next
+        # Ready need not write it again.
+        for e in reversed(rd.entries):
+            if self.term_at(e.index) == e.term:
+                self._persisted = max(self._persisted, e.index)
+                break
         for e in rd.committed:
             if e.index <= self._applied:
                 continue
