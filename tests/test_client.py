@@ -69,6 +69,20 @@ def ok_reply() -> Reply:
     return Reply(m.MetaReply("a:1"), c.encode_result(c.Ok()))
 
 
+def fail_once(error: Exception) -> tuple[Any, list[tuple[str, Any]]]:
+    """An answer function failing the first call with ``error`` and answering Ok after, and
+    the (address, message) of every call."""
+    calls: list[tuple[str, Any]] = []
+
+    def answer(address: str, msg: Any) -> Reply:
+        calls.append((address, msg))
+        if len(calls) == 1:
+            raise error
+        return ok_reply()
+
+    return answer, calls
+
+
 class SessionTests(SynchronousTestCase):
     """Exactly-once sessions: one per command in flight."""
 
@@ -101,19 +115,13 @@ class SessionTests(SynchronousTestCase):
 
     def test_retry_keeps_sequence_number(self) -> None:
         """A command retried after a lost connection is resent with the same session and seq."""
-        calls = []
-
-        def answer(address: str, msg: Any) -> Reply:
-            calls.append(msg)
-            if len(calls) == 1:
-                raise WireError("connection_closed", "lost")
-            return ok_reply()
-
+        answer, calls = fail_once(WireError("connection_closed", "lost"))
         dogfs, pool, clock = client(answer)
         d = dogfs.mkdir("/d")
         self.successResultOf(d)
         self.assertEqual(len(calls), 2)
-        self.assertEqual((calls[0].client_id, calls[0].seq), (calls[1].client_id, calls[1].seq))
+        (_, first), (_, again) = calls
+        self.assertEqual((first.client_id, first.seq), (again.client_id, again.seq))
         self.assertEqual(pool.dropped, ["a:1"])
 
 
@@ -311,14 +319,7 @@ class RetryHygieneTests(SynchronousTestCase):
         """A member that answers "timeout" (the group did not decide in time, or it is
         overloaded) has a working connection: the command is retried, the connection kept,
         so other requests in flight on it are not failed."""
-        calls = []
-
-        def answer(address: str, msg: Any) -> Reply:
-            calls.append(address)
-            if len(calls) == 1:
-                raise WireError("timeout", "the metadata leader is overloaded")
-            return ok_reply()
-
+        answer, calls = fail_once(WireError("timeout", "the metadata leader is overloaded"))
         dogfs, pool, clock = client(answer)
         d = dogfs.mkdir("/d")
         clock.pump([0.1] * 5)
@@ -329,14 +330,7 @@ class RetryHygieneTests(SynchronousTestCase):
     def test_request_timeout_drops_the_connection(self) -> None:
         """No answer at all within the request's timeout: the connection is in doubt and is
         made again."""
-        calls = []
-
-        def answer(address: str, msg: Any) -> Reply:
-            calls.append(address)
-            if len(calls) == 1:
-                raise RequestTimeout("MetaCommand to a:1 timed out after 5s")
-            return ok_reply()
-
+        answer, _calls = fail_once(RequestTimeout("MetaCommand to a:1 timed out after 5s"))
         dogfs, pool, clock = client(answer)
         self.successResultOf(dogfs.mkdir("/d"))
         self.assertEqual(pool.dropped, ["a:1"])

@@ -487,26 +487,38 @@ class PipeSourceTests(SynchronousTestCase):
 
     def test_non_blocking_source_is_not_cut_short(self) -> None:
         """A source in non-blocking mode answers None while nothing is there: that is not
-        its end (taking it so would commit a truncated file)."""
-        reactor = ThreadCalls()
+        its end (taking it so would commit a truncated file). The read waits until the
+        descriptor is readable and reads on; only b"" ends the stream."""
         r, w = os.pipe()
-        os.set_blocking(r, False)
-        with os.fdopen(r, "rb", buffering=0) as pipe:
-            source = PipeSource(pipe, reactor)  # type: ignore[arg-type]
-            read = defer.Deferred.fromCoroutine(source.read_full(10))
-            with os.fdopen(w, "wb", buffering=0) as writer:
-                writer.write(b"abc")
-                import threading
+        self.addCleanup(os.close, r)
+        self.addCleanup(os.close, w)
+        os.write(w, b"!")  # a descriptor select() finds readable at once
 
-                later = threading.Timer(0.05, writer.write, args=(b"defghij",))
-                later.start()
-                reactor.run_until(lambda: read.called)
-                later.join(30)
-            self.assertEqual(self.successResultOf(read), b"abcdefghij")
-            end = defer.Deferred.fromCoroutine(source.read_full(10))
-            reactor.run_until(lambda: end.called)
-            self.assertEqual(self.successResultOf(end), b"")
-            source.stop()
+        class NonBlocking:
+            """Answers as a non-blocking pipe would: some bytes, nothing yet, more, the end."""
+
+            def __init__(self) -> None:
+                self.answers: list[bytes | None] = [b"abc", None, b"defghij", None, b""]
+                self.reads = 0
+
+            def read(self, n: int) -> bytes | None:
+                self.reads += 1
+                return self.answers.pop(0)
+
+            def fileno(self) -> int:
+                return r
+
+        reactor = ThreadCalls()
+        pipe = NonBlocking()
+        source = PipeSource(pipe, reactor)  # type: ignore[arg-type]
+        read = defer.Deferred.fromCoroutine(source.read_full(10))
+        reactor.run_until(lambda: read.called)
+        self.assertEqual(self.successResultOf(read), b"abcdefghij")
+        end = defer.Deferred.fromCoroutine(source.read_full(10))
+        reactor.run_until(lambda: end.called)
+        self.assertEqual(self.successResultOf(end), b"")
+        self.assertEqual(pipe.reads, 5)
+        source.stop()
 
     def test_read_error_fails_the_read(self) -> None:
         """An error reading the source fails that read, with the error."""

@@ -404,6 +404,15 @@ class ShardServer:
             await self.executor(reader.will_need, first, count)
         following = first
         held = 0  # bytes of this stream's cells counted in the connection's budget
+
+        def read_next(size: int) -> None:
+            """Start reading cell ``following``, whose ``size`` the budget has granted."""
+            nonlocal following, held
+            held += size
+            pending.append((self.executor(reader.read_record, following), size))
+            self.read_ahead_bytes += size
+            following += 1
+
         try:
             for i in range(first, end):
                 if not pending:
@@ -414,10 +423,7 @@ class ShardServer:
                         if not connection.write_blocked:
                             break
                         budget.release(size)  # blocked while we waited: wait for the client
-                    held += size
-                    pending.append((self.executor(reader.read_record, following), size))
-                    self.read_ahead_bytes += size
-                    following += 1
+                    read_next(size)
                 # A client that is not keeping up (its connection is write-blocked) gets one
                 # cell read ahead, not READ_AHEAD: memory held for slow readers stays small.
                 depth = 1 if connection.write_blocked else READ_AHEAD
@@ -427,10 +433,7 @@ class ShardServer:
                     and self.read_ahead_bytes < self.read_ahead_budget
                     and budget.try_acquire(size := reader.cell_size(following))
                 ):
-                    held += size
-                    pending.append((self.executor(reader.read_record, following), size))
-                    self.read_ahead_bytes += size
-                    following += 1
+                    read_next(size)
                 reading, size = pending.popleft()
                 try:
                     crc, fragment = await reading

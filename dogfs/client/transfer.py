@@ -90,10 +90,7 @@ class FileSource:
 
     def __init__(self, f: IO[bytes]) -> None:
         self.f = f
-        try:
-            self._seekable = bool(f.seekable())
-        except (AttributeError, ValueError, OSError):
-            self._seekable = False
+        self._seekable = _seekable(f)
 
     async def read_full(self, size: int) -> bytes:
         return read_full(self.f, size)
@@ -381,14 +378,16 @@ def as_source(source: Any, high_water: int, reactor: Any = None) -> Any:
     (`PipeSource`) when a ``reactor`` is given; other files on the reactor thread."""
     if hasattr(source, "startProducing"):
         return ProducerSource(source, high_water)
-    if reactor is not None and hasattr(reactor, "callFromThread") and _has_fileno(source):
-        try:
-            seekable = bool(source.seekable())
-        except (AttributeError, ValueError, OSError):
-            seekable = False
-        if not seekable:
-            return PipeSource(source, reactor)
+    if reactor is not None and hasattr(reactor, "callFromThread") and _has_fileno(source) and not _seekable(source):
+        return PipeSource(source, reactor)
     return FileSource(source)
+
+
+def _seekable(f: Any) -> bool:
+    try:
+        return bool(f.seekable())
+    except (AttributeError, ValueError, OSError):
+        return False
 
 
 def as_sink(sink: Any, reactor: Any = None, size: int = 0) -> Any:

@@ -201,9 +201,7 @@ class MetaHandlers:
                     error.details,
                 )
             raise error
-        if isinstance(cached, c.MetaError):
-            raise error_from_result(cached)
-        return defer.succeed(Reply(m.MetaReply(self.log.leader_address()), c.encode_result(cached)))
+        return defer.succeed(self._answer(cached, None))
 
     def prepare(self, command: Any) -> Any:
         """Fill in what only the leader decides: placement and timestamps."""

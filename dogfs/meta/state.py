@@ -164,6 +164,14 @@ def _unpack(data: bytes | memoryview) -> Any:
     return msgpack.unpackb(data, raw=False)
 
 
+def _superseded(client: str, seq: int, last_seq: int) -> MetaError:
+    """The answer to command C{seq} of a session that has run command C{last_seq} since."""
+    return MetaError(
+        ErrorCode.SESSION_EXPIRED,
+        f"Command {seq} of client {client!r} was superseded by command {last_seq}.",
+    )
+
+
 class _Abort(Exception):
     """Raised inside a command to abandon it and return C{error}."""
 
@@ -783,10 +791,7 @@ class NamespaceState:
         if raw is not None:
             last_seq, last_index, cached = _unpack(raw)[:3]
             if seq < last_seq:
-                return MetaError(
-                    ErrorCode.SESSION_EXPIRED,
-                    f"Command {seq} of client {client!r} was superseded by command {last_seq}.",
-                )
+                return _superseded(client, seq, last_seq)
             txn.delete(_u64(last_index) + key, db=lru)
             if seq == last_seq:
                 # A retry of a command that already ran: answer as the first time.
@@ -836,10 +841,7 @@ class NamespaceState:
             return None
         last_seq, _, cached = _unpack(raw)[:3]
         if seq < last_seq:
-            return MetaError(
-                ErrorCode.SESSION_EXPIRED,
-                f"Command {seq} of client {client_id!r} was superseded by command {last_seq}.",
-            )
+            return _superseded(client_id, seq, last_seq)
         return decode_result(cached) if seq == last_seq else None
 
     # --- reads ---
@@ -1617,4 +1619,4 @@ _HANDLERS: dict[type, Any] = {
     Reinstate: _reinstate,
 }
 
-__all__ = ["NamespaceState", "RaftStateMachine", "ROOT", "MAX_SESSIONS", "SESSION_MIN_AGE"]
+__all__ = ["NamespaceState", "RaftStateMachine", "ROOT", "MAX_SESSIONS", "SESSION_HARD_LIMIT", "SESSION_MIN_AGE"]

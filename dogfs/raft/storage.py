@@ -8,7 +8,10 @@ Layout: one LMDB environment (a directory) holding three named databases.
 
 - ``log``: key = entry index as 8 bytes big-endian, value = a record.
 - ``meta``: ``hard_state`` and ``snapshot_meta`` records.
-- ``snap``: ``data``, the state machine bytes of the latest snapshot, as a record.
+- ``snap``: the state machine bytes of the latest snapshot, in parts of SNAPSHOT_PART_BYTES:
+  key = ``p`` + snapshot index (8 bytes) + part number (4 bytes), value = the raw bytes; the
+  ``snapshot_meta`` record holds their length, CRC32C and count. (Releases before parts kept
+  them as one ``data`` record; such a snapshot still loads, and the next one replaces it.)
 
 A record is ``crc32c(payload)`` (4 bytes big-endian) followed by a msgpack payload, so a
 torn or corrupt value is detected at start-up instead of being replayed. Any corruption refuses
@@ -219,6 +222,12 @@ def _part_key(index: int, part: int) -> bytes:
     return _PART_PREFIX + _INDEX.pack(index) + _PART.pack(part)
 
 
+def _put_part(txn: Any, db: Any, index: int, data: memoryview, part: int) -> None:
+    """Write part ``part`` of snapshot ``index``'s ``data``."""
+    at = part * SNAPSHOT_PART_BYTES
+    txn.put(_part_key(index, part), data[at : at + SNAPSHOT_PART_BYTES], db=db)
+
+
 # --- LMDB implementation ---------------------------------------------------------------------
 
 
@@ -263,9 +272,9 @@ class LMDBRaftStorage:
         self._last_index = 0  # last stored index (snapshot index when the log is empty)
         self._last_term = 0
         self._snapshot_meta: SnapshotMeta | None = None
-        # (index, data, crc, parts) of the snapshot whose parts snapshot_writes wrote last,
-        # and the token of the staging under way (a save of any snapshot voids both).
-        self._staged: tuple[int, bytes, int, int] | None = None
+        # (index, data, crc) of the snapshot whose parts snapshot_writes wrote last, and the
+        # token of the staging under way (a save of any snapshot voids both).
+        self._staged: tuple[int, bytes, int] | None = None
         self._staging: object | None = None
         #: Number of durable write transactions (one per ``save``), for tests and metrics.
         self.commits = 0
@@ -429,27 +438,23 @@ class LMDBRaftStorage:
                 f"snapshot at {meta.index} is older than the stored one at "
                 f"{self._snapshot_meta.index}"
             )
-        data = snapshot.data
-        if staged is not None and staged[0] == meta.index and staged[1] is data and staged[3] == _parts(len(data)):
+        data, parts = snapshot.data, _parts(len(snapshot.data))
+        if staged is not None and staged[0] == meta.index and staged[1] is data:
             crc = staged[2]  # snapshot_writes wrote the parts already
         else:
-            crc = crc32c.crc32c(data)
-            view = memoryview(data)
-            for part in range(_parts(len(data))):
-                at = part * SNAPSHOT_PART_BYTES
-                txn.put(_part_key(meta.index, part), view[at : at + SNAPSHOT_PART_BYTES], db=self._db_snap)
+            crc, view = crc32c.crc32c(data), memoryview(data)
+            for part in range(parts):
+                _put_part(txn, self._db_snap, meta.index, view, part)
         txn.put(_KEY_SNAPSHOT_META, _encode_snapshot_meta(meta, len(data), crc), db=self._db_meta)
-        # Only this snapshot's parts stay: earlier snapshots', parts staged by a run that
-        # stopped before their save, and the single record older versions wrote.
+        # Only this snapshot's parts stay: not earlier snapshots', nor parts staged by a run
+        # that stopped before their save, nor the single record older versions wrote.
         txn.delete(_KEY_SNAPSHOT_DATA, db=self._db_snap)
+        mine = {_part_key(meta.index, part) for part in range(parts)}
         cursor = txn.cursor(db=self._db_snap)
-        mine = _PART_PREFIX + _INDEX.pack(meta.index)
         if cursor.set_range(_PART_PREFIX):
             while cursor.key()[:1] == _PART_PREFIX:
-                if cursor.key()[: len(mine)] == mine and _PART.unpack_from(cursor.key(), len(mine))[0] < _parts(len(data)):
-                    if not cursor.next():
-                        break
-                elif not cursor.delete():
+                moved = cursor.next() if cursor.key() in mine else cursor.delete()
+                if not moved:
                     break
         # Keep the log after the snapshot only if it agrees with it (compaction of our own log);
         # otherwise the snapshot replaces the whole log, as etcd's ApplySnapshot does.
@@ -546,8 +551,7 @@ class LMDBRaftStorage:
         def write(part: int) -> None:
             def put() -> None:
                 with self._env.begin(write=True) as txn:
-                    at = part * SNAPSHOT_PART_BYTES
-                    txn.put(_part_key(index, part), view[at : at + SNAPSHOT_PART_BYTES], db=self._db_snap)
+                    _put_part(txn, self._db_snap, index, view, part)
 
             self._ensure_open()
             if part == 0:
@@ -556,7 +560,7 @@ class LMDBRaftStorage:
                 return  # a snapshot was saved meanwhile: this staging is void
             self._grown(put)
             if part == parts - 1:
-                self._staged = (index, data, crc32c.crc32c(data), parts)
+                self._staged = (index, data, crc32c.crc32c(data))
 
         return [partial(write, part) for part in range(parts)]
 

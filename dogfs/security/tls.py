@@ -229,15 +229,18 @@ class RevocationSet:
 
 
 class ConnectionRegistry:
-    """The open TLS connections of a server, by the Identity that authenticated them.
+    """Open TLS connections by the Identity that authenticated their peer.
 
     :class:`ServerTLS` registers each connection once its client certificate is verified, and
-    the factories made by :meth:`ServerTLS.wrap_factory` unregister it when it closes. It exists
-    so that revoking an identity can cut the connections it already holds.
+    the factories made by :meth:`ServerTLS.wrap_factory` unregister it when it closes;
+    :class:`ClientTLS` registers the connections it makes once the server's certificate is
+    verified (it has no close hook: the registry holds its connections weakly, and passes
+    over closed ones). It exists so that revoking an identity can cut the connections it
+    already holds.
     """
 
     def __init__(self) -> None:
-        self._by_transport: dict[object, Identity] = {}
+        self._by_transport: weakref.WeakKeyDictionary[Any, Identity] = weakref.WeakKeyDictionary()
 
     def register(self, identity: Identity, transport: object) -> None:
         """Record that ``transport`` is authenticated as ``identity``."""
@@ -256,13 +259,18 @@ class ConnectionRegistry:
         return list(self._by_transport.values())
 
     def _drop_where(self, doomed: Callable[[Identity], bool]) -> int:
-        victims = [t for t, ident in self._by_transport.items() if doomed(ident)]
+        victims = [t for t, ident in list(self._by_transport.items()) if doomed(ident)]
+        cut = 0
         for transport in victims:
             self.unregister(transport)
+            underlying = getattr(transport, "transport", None)
+            if underlying is None or getattr(underlying, "disconnected", False):
+                continue  # closed already
             # abortConnection, not loseConnection: a revoked peer gets no more bytes, not even
             # the rest of a response already queued.
-            transport.abortConnection()  # type: ignore[attr-defined]
-        return len(victims)
+            transport.abortConnection()
+            cut += 1
+        return cut
 
     def drop(self, identity_name: str) -> int:
         """Abort every open connection of ``identity_name``; return how many there were."""
@@ -990,7 +998,7 @@ class ClientTLS:
         #: (a revoked member must not be sent a byte, even when we dial it), and
         #: :meth:`drop_revoked` cuts connections already open to one.
         self.revocations = revocations
-        self._open: weakref.WeakKeyDictionary[Any, Identity] = weakref.WeakKeyDictionary()
+        self._open = ConnectionRegistry()
 
     @staticmethod
     def _load(config: TLSConfig) -> tuple[ssl.Certificate, ssl.PrivateCertificate]:
@@ -1029,18 +1037,7 @@ class ClientTLS:
     def drop_revoked(self) -> int:
         """Abort every open connection we made to a server whose identity is now revoked;
         return the count."""
-        if self.revocations is None:
-            return 0
-        victims = [t for t, identity in list(self._open.items()) if self.revocations.is_revoked(identity)]
-        cut = 0
-        for transport in victims:
-            self._open.pop(transport, None)
-            underlying = getattr(transport, "transport", None)
-            if underlying is None or getattr(underlying, "disconnected", False):
-                continue  # closed already
-            transport.abortConnection()
-            cut += 1
-        return cut
+        return 0 if self.revocations is None else self._open.drop_revoked(self.revocations)
 
     def _verifier(self, tls_protocol: Any, host: str) -> Callable[[SSL.Connection, object, int, int, int], bool]:
         """The verify callback of a connection to ``host``: the chain as OpenSSL verified it,
@@ -1063,7 +1060,7 @@ class ClientTLS:
                     peer=_describe_peer(protocol), name=identity.name, serial=identity.serial,
                 )
                 return False
-            self._open[protocol] = identity
+            self._open.register(identity, protocol)
             return True
 
         def verify(conn: SSL.Connection, cert: object, errno: int, depth: int, ok: int) -> bool:
