@@ -63,6 +63,34 @@ def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
     return {"bench": time.process_time(), **{name: process_cpu_seconds(pid) for name, pid in pids.items()}}
 
 
+def raft_counters(cluster: Any) -> dict[str, tuple[float, float]]:
+    """(commit index, durable log writes) of each metadata member, from its /metrics."""
+    import urllib.request
+
+    out = {}
+    for node_id, node in cluster.nodes().items():
+        if node.get("kind") != "meta" or not node.get("http_address"):
+            continue
+        try:
+            with urllib.request.urlopen(f"http://{node['http_address']}/metrics", timeout=5) as r:
+                lines = r.read().decode().splitlines()
+        except OSError:
+            continue
+        values = dict(line.split(" ", 1) for line in lines if line.startswith("dogfs_raft_"))
+        out[node_id] = (float(values.get("dogfs_raft_commit_index", "nan")), float(values.get("dogfs_raft_log_writes", "nan")))
+    return out
+
+
+def group_commit(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]) -> str:
+    """Entries committed per durable log write on each member over a window."""
+    parts = []
+    for node_id in sorted(after):
+        if node_id in before:
+            writes = after[node_id][1] - before[node_id][1]
+            parts.append(f"{node_id} {(after[node_id][0] - before[node_id][0]) / max(1.0, writes):.1f}")
+    return "entries/fsync " + ", ".join(parts)
+
+
 def cpu_per_op(
     before: dict[str, float], after: dict[str, float], ops: float, leader: str | None = None
 ) -> tuple[float, str]:
@@ -110,6 +138,7 @@ async def bench(reactor: Any, args: argparse.Namespace) -> None:
                     if name.split()[0] not in args.ops:
                         continue
                     pids = cluster.pids()
+                    raft0 = raft_counters(cluster)
                     cpu0, t0 = cpu_seconds(pids), time.perf_counter()
                     r = await run_load(clients, args.seconds, op)
                     # CPU per operation of the bench's clients and of each daemon: what an
@@ -120,7 +149,8 @@ async def bench(reactor: Any, args: argparse.Namespace) -> None:
                     total, text = cpu_per_op(cpu0, cpu1, done, cluster.leader())
                     cpu[name].append(total)
                     print(f"run {run + 1} dogfs {name:11} clients={args.clients}: {r[0]:.0f}/s "
-                          f"p50 {r[1]:.1f} ms p99 {r[2]:.1f} ms ({r[3]} errors); {text}", file=sys.stderr)
+                          f"p50 {r[1]:.1f} ms p99 {r[2]:.1f} ms ({r[3]} errors); {text}; "
+                          f"{group_commit(raft0, raft_counters(cluster))}", file=sys.stderr)
                 for c in clients:
                     await c.close()
             finally:

@@ -345,6 +345,63 @@ class ReplicationTests(SynchronousTestCase):
         self.assertEqual(c.nodes["b"].last_index, a.last_index)
         self.assertEqual(a.commit_index, a.last_index)
 
+    def test_follower_answers_appends_of_one_ready_once(self) -> None:
+        """Appends that arrive before the follower's next Ready get one cumulative answer;
+        a rejection in between is kept, and so is the order around it."""
+        node = new_node("b", hard_state=HardState(1, None, 0))
+        node.step(AppendEntries(1, "a", "b", 0, 0, tuple(ents(1, 1)), 0))
+        node.step(AppendEntries(1, "a", "b", 2, 1, (Entry(1, 3, EntryKind.NORMAL, b"e3"),), 0))
+        node.step(AppendEntries(1, "a", "b", 3, 1, (Entry(1, 4, EntryKind.NORMAL, b"e4"),), 0))
+        rd = node.ready()
+        self.assertEqual(
+            [(type(m).__name__, m.success, m.index) for m in rd.messages],  # type: ignore[union-attr]
+            [("AppendEntriesResponse", True, 4)],
+        )
+        self.assertEqual([e.index for e in rd.entries], [1, 2, 3, 4])
+        node.advance(rd)
+        node.step(AppendEntries(1, "a", "b", 4, 1, (Entry(1, 5, EntryKind.NORMAL, b"e5"),), 0))
+        node.step(AppendEntries(1, "a", "b", 9, 1, (), 0))  # beyond our log: rejected
+        node.step(AppendEntries(1, "a", "b", 5, 1, (Entry(1, 6, EntryKind.NORMAL, b"e6"),), 0))
+        self.assertEqual(
+            [(m.success, m.index) for m in node.ready().messages],  # type: ignore[union-attr]
+            [(True, 5), (False, 9), (True, 6)],
+        )
+
+    def test_commit_travels_once_per_ready(self) -> None:
+        """Acks that move the commit index between two Readies make one append per follower,
+        sent at the next Ready; a follower already told the commit index gets no empty one."""
+        c = Cluster(["a", "b", "c"])
+        c.elect("a")
+        c.stabilize()
+        a = c.nodes["a"]
+        a.propose(b"x")
+        a.propose(b"y")
+        rd = a.ready()
+        a.advance(rd)
+        last = a.last_index
+        self.assertEqual(
+            sorted((m.dst, len(m.entries)) for m in rd.messages if isinstance(m, AppendEntries)),
+            [("b", 2), ("c", 2)],
+        )
+        a.step(AppendEntriesResponse(a.term, "b", "a", True, last - 1))
+        a.step(AppendEntriesResponse(a.term, "b", "a", True, last))
+        self.assertEqual(a.commit_index, last)
+        a.step(AppendEntriesResponse(a.term, "c", "a", True, last))
+        rd = a.ready()
+        appends = [m for m in rd.messages if isinstance(m, AppendEntries)]
+        self.assertEqual(sorted((m.dst, m.entries, m.commit) for m in appends), [("b", (), last), ("c", (), last)])
+        a.advance(rd)
+        # The commit index has not moved since: a late duplicate ack sends nothing.
+        a.step(AppendEntriesResponse(a.term, "c", "a", True, last))
+        self.assertEqual([m for m in a.ready().messages if isinstance(m, AppendEntries)], [])
+        # New entries carry the commit index along; the next commit is sent once more.
+        a.propose(b"z")
+        rd = a.ready()
+        self.assertEqual(
+            sorted((m.dst, len(m.entries), m.commit) for m in rd.messages if isinstance(m, AppendEntries)),
+            [("b", 1, last), ("c", 1, last)],
+        )
+
     def test_leader_hint(self) -> None:
         """Followers name the leader when refusing a proposal."""
         c = Cluster(["a", "b", "c"])

@@ -573,6 +573,7 @@ class _Progress:
         "pending_snapshot",
         "snap_offset",
         "read_ack",
+        "commit_sent",
     )
 
     def __init__(self, next_index: int) -> None:
@@ -587,6 +588,8 @@ class _Progress:
         self.snap_offset = 0
         # Highest read sequence number this follower confirmed by echoing a heartbeat.
         self.read_ack = 0
+        # The commit index carried by the last append sent (heartbeats carry it too).
+        self.commit_sent = 0
 
     def become_probe(self) -> None:
         if self.state == _ProgressState.SNAPSHOT:
@@ -1056,7 +1059,7 @@ class RaftNode:
                 pr.match = self._persisted
                 pr.next = pr.match + 1
                 if self._maybe_commit():
-                    self._broadcast_append()
+                    self._appends_pending = True
 
     # -- roles --------------------------------------------------------------------------------
 
@@ -1174,7 +1177,7 @@ class RaftNode:
                 self._transferee = None
             # A smaller quorum may commit more now.
             if self._maybe_commit():
-                self._broadcast_append()
+                self._appends_pending = True
             self._release_reads()
         elif self.role in (Role.FOLLOWER, Role.LEARNER):
             self.role = self._follower_role()
@@ -1259,7 +1262,24 @@ class RaftNode:
             self._log.extend(m.entries[i:])
             break
         self._commit_to(min(m.commit, last_new))
-        self._send(AppendEntriesResponse(self.term, self.id, m.src, True, last_new))
+        self._acknowledge(m.src, last_new)
+
+    def _acknowledge(self, leader: str, index: int) -> None:
+        """Answer an append with success up to ``index``. Acks are cumulative: one still
+        waiting in the outbox for the same leader and term, right before this one, is
+        replaced rather than followed (appends that arrive while a batch is written are then
+        answered once, not each)."""
+        last = self._msgs[-1] if self._msgs else None
+        if (
+            type(last) is AppendEntriesResponse
+            and last.success
+            and last.dst == leader
+            and last.term == self.term
+            and last.index <= index
+        ):
+            self._msgs[-1] = AppendEntriesResponse(self.term, self.id, leader, True, index)
+            return
+        self._send(AppendEntriesResponse(self.term, self.id, leader, True, index))
 
     def _find_conflict_by_term(self, index: int, term: int) -> int:
         """The largest index <= ``index`` whose term is <= ``term`` (or the compaction point)."""
@@ -1343,9 +1363,14 @@ class RaftNode:
         return sorted(n for n in self._progress if n != self.id)
 
     def _broadcast_append(self) -> None:
-        # Sent even without new entries: it carries the commit index to the followers.
+        # Sent even without new entries when it carries a commit index the follower has not
+        # been sent yet (or probes one whose log is in doubt).
         for nid in self._peers():
-            self._send_append(nid, send_if_empty=True)
+            pr = self._progress[nid]
+            self._send_append(
+                nid,
+                send_if_empty=pr.state != _ProgressState.REPLICATE or pr.commit_sent < self.commit_index,
+            )
 
     def _broadcast_heartbeat(self) -> None:
         ctx = str(self._read_seq).encode() if self._reads else b""
@@ -1373,6 +1398,7 @@ class RaftNode:
                 self.term, self.id, nid, prev, prev_term, tuple(entries), self.commit_index
             )
         )
+        pr.commit_sent = self.commit_index
         if pr.state != _ProgressState.REPLICATE:
             pr.probe_sent = True
             return
@@ -1462,7 +1488,9 @@ class RaftNode:
                     pr.become_probe()
                     pr.become_replicate()
                 if self._maybe_commit():
-                    self._broadcast_append()
+                    # Sent at the next ready(), with whatever else is due by then: the acks
+                    # of one reactor turn and the proposals made in it share one append.
+                    self._appends_pending = True
                 elif pr.state != _ProgressState.SNAPSHOT:
                     self._send_append(m.src, send_if_empty=False)
             elif pr.state == _ProgressState.PROBE:

@@ -184,6 +184,12 @@ class _SnapshotCollector(Collector):
                 ("applied_index", "Raft applied index of this metadata node."),
             ):
                 yield GaugeMetricFamily(f"dogfs_raft_{key}", help_text, value=_num(me.get(key)))
+            yield GaugeMetricFamily(
+                "dogfs_raft_log_writes",
+                "Durable Raft log writes (each one fsync) by this metadata node since it started: "
+                "entries written over it is the group-commit factor.",
+                value=_num(me.get("raft_writes")),
+            )
 
         namespace = snap.get("namespace") or {}
         for key, name, help_text in (
