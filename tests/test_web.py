@@ -86,6 +86,7 @@ class MetricsTests(SynchronousTestCase):
         self.assertEqual(sample(text, "dogfs_chunk_servers", state="dead"), 1.0)
         self.assertEqual(sample(text, "dogfs_raft_term"), 3.0)
         self.assertEqual(sample(text, "dogfs_raft_commit_index"), 1207.0)
+        self.assertEqual(sample(text, "dogfs_raft_log_writes"), 96.0)
         self.assertEqual(sample(text, "dogfs_meta_is_leader"), 1.0)
         self.assertEqual(sample(text, "dogfs_files"), 1342.0)
         self.assertEqual(sample(text, "dogfs_block_groups_at_risk", survivable_losses="0"), 3.0)

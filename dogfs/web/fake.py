@@ -30,6 +30,8 @@ def demo_status(meta: int = 3, chunks: int = 6, http_base: int = 9100) -> dict[s
             "commit_index": 1207,
             "applied_index": 1207 if i == 1 else 1205,
             "last_contact_s": 0.0 if i == 1 else 0.1 * i,
+            # A member reports its own durable log writes only (meta-1 answers here).
+            **({"raft_writes": 96} if i == 1 else {}),
         }
         for i in range(1, meta + 1)
     ]
