@@ -9,6 +9,9 @@ May import ``dogfs.raft`` only.
 One Ready is in flight at a time. While its batch is being made durable, new proposals and
 messages keep flowing into the core and form the next batch: this is the group commit, one
 durable write (one LMDB transaction, one sync) per Ready however many entries it holds.
+Messages are batched the same way: the core sends a leader's new commit index with the
+next Ready's appends (an empty one only to a follower not yet told it), and a follower's
+answers to the appends of one batch as one cumulative ack.
 """
 
 from __future__ import annotations
