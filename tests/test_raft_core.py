@@ -494,6 +494,38 @@ class TransferTests(SynchronousTestCase):
         self.assertEqual(c.leader(), "c")
         self.assertEqual(c.nodes["c"].term_at(2), 1)
 
+    def test_timeout_now_follows_the_commit_it_completes(self) -> None:
+        """When the target's ack commits an entry, the commit index reaches the target before
+        TimeoutNow does: a target whose removal that ack committed must not campaign."""
+        c = Cluster(["a", "b", "c"])
+        c.elect("a")
+        c.stabilize()
+        a, b = c.nodes["a"], c.nodes["b"]
+        c.cut |= {("a", "c"), ("c", "a")}  # only b's ack can complete the quorum
+        index = a.propose_config_change(ConfigChange(ConfigChangeKind.REMOVE, "b"))
+        c.process("a")
+        a.transfer_leadership("b")
+        c.process("a")
+        c.deliver(lambda m: m.dst == "b")
+        c.process("b")
+        c.deliver(lambda m: m.dst == "a")
+        c.process("a")
+        self.assertEqual(a.commit_index, index)
+        to_b = [m for m in c.queue if m.dst == "b"]
+        first_timeout = next(i for i, m in enumerate(to_b) if isinstance(m, TimeoutNow))
+        self.assertTrue(
+            any(isinstance(m, AppendEntries) and m.commit >= index for m in to_b[:first_timeout]),
+            [type(m).__name__ for m in to_b],
+        )
+        # b takes its messages one Ready at a time, as its driver would.
+        for m in to_b:
+            c.queue.remove(m)
+            b.step(m)
+            c.process("b")
+        self.assertEqual(b.role, Role.FOLLOWER)
+        self.assertEqual(b.term, a.term)
+        self.assertEqual(a.role, Role.LEADER)
+
     def test_transfer_aborts(self) -> None:
         """A transfer that cannot happen is abandoned after an election timeout."""
         c = Cluster(["a", "b", "c"])

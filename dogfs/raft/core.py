@@ -901,7 +901,7 @@ class RaftNode:
         self._election_elapsed = 0
         pr = self._progress[target]
         if pr.match == self.last_index:
-            self._send(TimeoutNow(self.term, self.id, target))
+            self._send_timeout_now(target)
         else:
             self._send_append(target, send_if_empty=True)
         return None
@@ -1423,6 +1423,14 @@ class RaftNode:
             pr.next = entries[-1].index + 1
             pr.inflight.append(entries[-1].index)
 
+    def _send_timeout_now(self, nid: str) -> None:
+        # A commit index the target has not been sent yet (its broadcast waits for the next
+        # Ready) goes first: the target must know of a committed, unapplied configuration
+        # change (its own removal, say) when it decides whether it may campaign.
+        if self._progress[nid].commit_sent < self.commit_index:
+            self._send_append(nid, send_if_empty=True)
+        self._send(TimeoutNow(self.term, self.id, nid))
+
     def _batch(self, lo: int) -> list[Entry]:
         hi = min(self.last_index, lo + self.options.max_entries_per_msg - 1)
         entries = self.entries_from(lo, hi)
@@ -1497,7 +1505,7 @@ class RaftNode:
                 # A stale success: the probe may still be unanswered.
                 pr.probe_sent = False
             if m.src == self._transferee and pr.match == self.last_index:
-                self._send(TimeoutNow(self.term, self.id, m.src))
+                self._send_timeout_now(m.src)
             return
         # Rejected: go back to probing below the rejected index.
         if pr.state == _ProgressState.REPLICATE:
