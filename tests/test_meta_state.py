@@ -1121,6 +1121,45 @@ class ReplicaTests(StateTestCase):
         self.assertEqual(self.state.digest(), other.digest())
         self.assertEqual(results[2].ec, "RS-4-2")
 
+    def test_checks_first_handlers_match_savepoints(self) -> None:
+        """Handlers run without a savepoint (_CHECKS_FIRST) give the same results and state,
+        refusals included, as when every command has one."""
+        log = random_commands(random.Random(17), 300, self.make_state(), changes=True)
+        entries = list(enumerate(log, 1))
+        fast, reference = self.make_state(), self.make_state()
+        results = [r for start in range(0, len(entries), 25) for r in fast.apply_batch(entries[start : start + 25])]
+        self.patch(state_module, "_CHECKS_FIRST", frozenset())
+        expected = [r for start in range(0, len(entries), 25) for r in reference.apply_batch(entries[start : start + 25])]
+        self.assertEqual(results, expected)
+        self.assertEqual(fast.digest(), reference.digest())
+        refused = [r for r, c in zip(results, log, strict=True) if isinstance(c, Mkdir) and isinstance(r, MetaError)]
+        self.assertTrue(refused, "the log should hold refused mkdirs")
+
+    def test_checks_first_handler_failing_late_replays_the_batch(self) -> None:
+        """A handler trusted to check first that fails after writing anyway: the batch is
+        applied again with savepoints, so the failure leaves no trace and the rest stands."""
+
+        def late_failure(ctx: Any, index: int, command: Any) -> Any:
+            if command.path != "/boom":
+                return state_module._mkdir(ctx, index, command)
+            ino = ctx.next_id(b"next_ino")
+            ctx.put_inode(ino, [0, 1, "boom", None, 0.0])
+            ctx.put_child(1, "boom", ino)
+            raise RuntimeError("failed after writing")
+
+        self.patch(state_module, "_HANDLERS", {**state_module._HANDLERS, Mkdir: late_failure})
+        self.patch(state_module, "_CHECKS_FIRST", frozenset({late_failure}))
+        results = self.state.apply_batch(
+            [(1, Mkdir("/a", now=1.0)), (2, Mkdir("/boom", now=1.0)), (3, Mkdir("/b", now=1.0))]
+        )
+        self.assertEqual(results[1].code, ErrorCode.INVALID_ARGUMENT)
+        self.flushLoggedErrors(RuntimeError)
+        self.assertEqual([type(results[0]), type(results[2])], [DirInfo, DirInfo])
+        other = self.make_state()
+        other.apply_batch([(1, Mkdir("/a", now=1.0)), (2, None), (3, Mkdir("/b", now=1.0))])
+        self.assertEqual(self.state.digest(), other.digest())
+        self.assertEqual(self.state.applied_index, 3)
+
     def test_summary_matches_recount(self) -> None:
         """The incrementally kept totals equal a recount by walking the tree."""
         state = self.make_state()

@@ -402,6 +402,27 @@ class ReplicationTests(SynchronousTestCase):
             [("b", 1, last), ("c", 1, last)],
         )
 
+    def test_lost_commit_append_recovered_by_heartbeat(self) -> None:
+        """The append that told a follower the commit index is lost: no other empty append
+        is sent for the same commit index, and the next heartbeat carries it instead."""
+        c = Cluster(["a", "b", "c"])
+        c.elect("a")
+        c.stabilize()
+        a, cc = c.nodes["a"], c.nodes["c"]
+        a.propose(b"x")
+        c.process("a")
+        c.deliver(lambda m: m.dst in ("b", "c"))
+        c.process_all()
+        c.deliver(lambda m: m.dst == "a")
+        c.process("a")
+        self.assertEqual(a.commit_index, a.last_index)
+        c.drop(lambda m: m.dst == "c" and isinstance(m, AppendEntries))
+        c.stabilize()
+        self.assertLess(cc.commit_index, a.commit_index)
+        c.tick("a", a.options.heartbeat_tick)
+        c.stabilize()
+        self.assertEqual(cc.commit_index, a.commit_index)
+
     def test_leader_hint(self) -> None:
         """Followers name the leader when refusing a proposal."""
         c = Cluster(["a", "b", "c"])

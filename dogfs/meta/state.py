@@ -172,6 +172,10 @@ def _superseded(client: str, seq: int, last_seq: int) -> MetaError:
     )
 
 
+class _Replay(Exception):
+    """An optimistic batch must be applied again with savepoints (see L{_Ctx.run})."""
+
+
 class _Abort(Exception):
     """Raised inside a command to abandon it and return C{error}."""
 
@@ -246,9 +250,9 @@ class _Ctx:
     """One transaction's view of the namespace, with the helpers commands and reads share.
 
     A write batch keeps one context for all its commands (see L{run}), so what several
-    commands of a batch touch is decoded once: inode records, and the meta values every
-    command updates (the id counters, the totals, the default policy), which are written back
-    once by L{flush}. Records handed out are copies, so a handler cannot change the cache
+    commands of a batch touch is decoded once: inode records, directory entries, and the
+    meta values every command updates (the id counters, the totals, the default policy),
+    which are written back once by L{flush}. Records handed out are copies, so a handler cannot change the cache
     without writing the record.
     """
 
@@ -263,16 +267,41 @@ class _Ctx:
         self.meta = dbs[b"meta"]
         self._addresses: dict[str, str] = {}
         self._inodes: dict[int, list[Any]] = {}
+        # (parent, name) -> child inode or None, as looked up or written in this batch.
+        self._children: dict[tuple[int, str], int | None] = {}
         # Decoded meta values (counters: int, stats: dict, default policy: str) and which of
         # them are newer than the transaction's copy.
         self._values: dict[bytes, Any] = {}
         self._dirty: set[bytes] = set()
+        # Whether handlers that make every check before their first write (_CHECKS_FIRST)
+        # run in the batch's own transaction (see run).
+        self.optimistic = False
 
     # --- commands in a write batch ---
 
     def run(self, env: lmdb.Environment, handler: Any, index: int, command: Any) -> Result:
         """Run one command's handler in a nested transaction: a failure leaves no trace, in
-        LMDB or in this context's caches."""
+        LMDB or in this context's caches.
+
+        When ``optimistic``, a handler of _CHECKS_FIRST runs in the batch's transaction
+        itself, without the cost of a nested one: when it refuses (_Abort) it has written
+        nothing. Any other exception from it raises _Replay, and the batch is applied again
+        from its start with nested transactions throughout.
+        """
+        if self.optimistic and handler in _CHECKS_FIRST:
+            values, dirty = dict(self._values), set(self._dirty)
+            try:
+                return handler(self, index, command)  # type: ignore[no-any-return]
+            except _Abort as e:
+                self._values, self._dirty = values, dirty
+                self._inodes.clear()
+                self._children.clear()
+                self._addresses.clear()
+                return e.error
+            except lmdb.Error:
+                raise
+            except Exception as e:
+                raise _Replay() from e
         parent = self.txn
         values, dirty = dict(self._values), set(self._dirty)
         self.txn = child = env.begin(write=True, parent=parent)
@@ -283,6 +312,7 @@ class _Ctx:
             self.txn = parent
             self._values, self._dirty = values, dirty
             self._inodes.clear()
+            self._children.clear()
             self._addresses.clear()
             if isinstance(e, _Abort):
                 return e.error
@@ -307,13 +337,17 @@ class _Ctx:
     # --- raw records ---
 
     def inode(self, ino: int) -> list[Any]:
+        return list(self._record(ino))
+
+    def _record(self, ino: int) -> list[Any]:
+        """The cached record itself, to read only (L{inode} hands out copies)."""
         rec = self._inodes.get(ino)
         if rec is None:
             raw = self.txn.get(_u64(ino), db=self.inodes)
             if raw is None:
                 raise RuntimeError(f"Inode {ino} is missing: the namespace is corrupt.")
             rec = self._inodes[ino] = _unpack(raw)
-        return list(rec)
+        return rec
 
     def put_inode(self, ino: int, rec: list[Any]) -> None:
         self.txn.put(_u64(ino), _pack(rec), db=self.inodes)
@@ -324,14 +358,21 @@ class _Ctx:
         self._inodes.pop(ino, None)
 
     def child(self, parent: int, name: str) -> int | None:
-        raw = self.txn.get(_u64(parent) + name.encode("utf-8"), db=self.dirents)
-        return None if raw is None else _from_u64(raw)
+        key = (parent, name)
+        try:
+            return self._children[key]
+        except KeyError:
+            raw = self.txn.get(_u64(parent) + name.encode("utf-8"), db=self.dirents)
+            ino = self._children[key] = None if raw is None else _from_u64(raw)
+            return ino
 
     def put_child(self, parent: int, name: str, ino: int) -> None:
         self.txn.put(_u64(parent) + name.encode("utf-8"), _u64(ino), db=self.dirents)
+        self._children[(parent, name)] = ino
 
     def delete_child(self, parent: int, name: str) -> None:
         self.txn.delete(_u64(parent) + name.encode("utf-8"), db=self.dirents)
+        self._children[(parent, name)] = None
 
     def children(self, parent: int, start_after: str | None = None) -> Iterator[tuple[str, int]]:
         prefix = _u64(parent)
@@ -497,7 +538,7 @@ class _Ctx:
     def effective_ec(self, ino: int) -> str:
         """The policy of a directory: its own, else its nearest ancestor's, else the default."""
         while True:
-            rec = self.inode(ino)
+            rec = self._record(ino)
             if rec[0] == _DIR and rec[3] is not None:
                 return str(rec[3])
             if ino == ROOT:
@@ -736,6 +777,16 @@ class NamespaceState:
 
         Equivalent to applying them one by one with L{apply}.
         """
+        try:
+            return self._apply_batch(entries, optimistic=True)
+        except _Replay:
+            # A command failed in a way that may have left writes behind (see _Ctx.run):
+            # the transaction is gone with them; this time every command has a savepoint.
+            return self._apply_batch(entries, optimistic=False)
+
+    def _apply_batch(
+        self, entries: Sequence[tuple[int, Command | bytes | None]], optimistic: bool
+    ) -> builtins.list[Result | None]:
         results: builtins.list[Result | None] = []
         env = self.env
         with env.begin(write=True) as txn:
@@ -744,6 +795,7 @@ class NamespaceState:
             start = applied
             # One context for the batch: what its commands share is decoded once.
             ctx = _Ctx(txn, self._dbs)
+            ctx.optimistic = optimistic
             for index, command in entries:
                 if index <= applied:
                     results.append(None)
@@ -1601,6 +1653,10 @@ def _reinstate(ctx: _Ctx, index: int, cmd: Reinstate) -> Ok:
     _put_revoked(ctx, names, serials)
     return Ok()
 
+
+# Handlers that make every check (every _Abort) before their first write: a refusal leaves
+# nothing to undo, so they need no savepoint (_Ctx.run). Keep it so when editing one.
+_CHECKS_FIRST = frozenset({_mkdir})
 
 _HANDLERS: dict[type, Any] = {
     Mkdir: _mkdir,
