@@ -6,8 +6,9 @@ same runs against an `--insecure` cluster.
 Starts two real clusters (`dogfs cluster up --detach --meta 1 --chunk 6`, one with TLS, the
 default, one with `--insecure`) in temporary homes, and alternates runs between them so that
 the machine's noise falls on both alike. Each run puts a SIZE file through the client API
-(in this process) and gets it back. Figures are medians; the ratios are TLS / plaintext.
-Target (issue 5): at least 0.7.
+(in this process) and gets it back, each timed step starting with `settle_memory` (see
+bench/common.py). Figures are medians; the ratios are TLS / plaintext. Target (issue 5): at
+least 0.7.
 
     .venv/bin/python bench/tls.py --wire [--size-mib 256] [--repeats 3]
 
@@ -36,7 +37,7 @@ import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import ENV, MiB, dogfs, make_file, process_cpu_seconds, react_for  # noqa: E402
+from common import ENV, MiB, dogfs, make_file, process_cpu_seconds, react_for, settle_memory  # noqa: E402
 
 
 def daemon_pids(home: str) -> list[int]:
@@ -59,12 +60,15 @@ def cpu_seconds(pids: list[int]) -> float:
 async def one_run(client: Any, name: str, source: str, out: str, pids: list[int]) -> tuple[float, ...]:
     """Seconds, CPU seconds (all processes) and the client's CPU seconds to put `source` as
     `name` and to get it back into `out`."""
+    settle = os.path.getsize(source) * 5 // 2  # see settle_memory: a get's file and shards
+    settle_memory(settle)
     cpu, mine = cpu_seconds(pids), time.process_time()
     started = time.perf_counter()
     with open(source, "rb") as f:
         await client.put(name, f)
     put_s = time.perf_counter() - started
     put_cpu, put_client = cpu_seconds(pids) - cpu, time.process_time() - mine
+    settle_memory(settle)
     cpu, mine = cpu_seconds(pids), time.process_time()
     started = time.perf_counter()
     with open(out, "wb") as f:
