@@ -70,7 +70,7 @@ class ChunkConfig:
     domain: str = ""
     log_format: str = "text"
     tls: TLSFiles | None = None
-    direct_io: bool | None = None  # write shards with O_DIRECT; None: where the disk allows it
+    direct_io: bool | None = None  # write (and stream) shards with O_DIRECT; None: where the disk allows it
 
 
 @frozen

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import random
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -20,7 +21,7 @@ from twisted.logger import LogLevel, capturedLogs
 from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.test.iosim import FakeTransport, IOPump, connect
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from dogfs.chunk.heartbeat import HeartbeatService
 from dogfs.chunk.load import LoadMeter
@@ -29,7 +30,13 @@ from dogfs.chunk.service import ChunkService
 from dogfs.codec.checksum import crc32c
 from dogfs.config import ChunkConfig
 from dogfs.plugins import chunk as chunk_plugin
-from dogfs.storage.shards import HEADER_SIZE, RECORD_OVERHEAD, ShardReader, ShardStore
+from dogfs.storage.shards import (
+    DIRECT_READ_MIN,
+    HEADER_SIZE,
+    RECORD_OVERHEAD,
+    ShardReader,
+    ShardStore,
+)
 from dogfs.wire.messages import (
     Cell,
     DeleteShards,
@@ -188,6 +195,34 @@ class PutGetTests(SynchronousTestCase):
             self.assertEqual(self.successResultOf(d).msg, GetShardEnd(len(expected)))
             self.assertEqual([m.index for m, _ in parts], expected)
             self.assertEqual([p for _, p in parts], [frags[i] for i in expected])
+
+    def test_large_cells_stream_with_direct_reads(self) -> None:
+        """A stream of cells of DIRECT_READ_MIN or more is read with direct I/O into the
+        server's pooled buffers: the same cells and CRCs arrive, every buffer is free again
+        once they are sent, and a cell damaged on disk is reported as through the cache."""
+        if not self.h.store.direct_io:
+            raise SkipTest("this file system does not accept O_DIRECT")
+        size = DIRECT_READ_MIN + 100
+        rng = random.Random(5)
+        frags = [rng.randbytes(size) for _ in range(5)] + [rng.randbytes(777)]
+        self.successResultOf(self.h.put(SHARD, frags, fragment_size=size))
+        d, parts = self.h.get(SHARD)
+        self.assertEqual(self.successResultOf(d).msg, GetShardEnd(6))
+        self.assertEqual([p for _, p in parts], frags)
+        self.assertEqual([m for m, _ in parts], [Cell(i, crc32c(f)) for i, f in enumerate(frags)])
+        pool = self.h.server.read_buffers
+        self.assertTrue(pool._buffers)
+        self.assertTrue(all(pool._free(i) for i in range(len(pool._buffers))))
+        with self.h.store.open(SHARD) as reader:
+            offset = reader.cell_offset(3) + RECORD_OVERHEAD + 5
+        with open(self.h.store.path(SHARD), "r+b") as f:
+            f.seek(offset)
+            f.write(b"\xff\x00\xff")
+        d, parts = self.h.get(SHARD, 2, -1)
+        error = self.failureResultOf(d, WireError).value
+        self.assertEqual(error.code, "corrupt")
+        self.assertEqual(error.message, f"shard {SHARD} cell 3 on chunk-3 failed its checksum")
+        self.assertEqual([m.index for m, _ in parts], [2])
 
     def test_range_out_of_bounds(self) -> None:
         """A range outside the shard's cells is invalid_argument and sends no cells."""

@@ -20,6 +20,7 @@ from dogfs.storage.shards import (
     DIRECT_ALIGN,
     HEADER_SIZE,
     RECORD_OVERHEAD,
+    AlignedBuffers,
     CellOutOfRange,
     InvalidShardId,
     ShardCorrupt,
@@ -653,3 +654,135 @@ class ReadAheadTests(StoreTestCase):
             for first, count in [(0, 6), (2, 100), (5, 1), (0, 0), (6, 3), (-1, 2)]:
                 reader.will_need(first, count)
             self.assertEqual(reader.read_cells(0, 6), fragments)
+
+
+class DirectReadTests(SynchronousTestCase):
+    """`ShardReader.read_record_into`: direct reads into pooled aligned buffers give what
+    `read_record` gives, fail the same way, and fall back to the page cache cleanly."""
+
+    def setUp(self) -> None:
+        self.store = ShardStore(self.mktemp())
+        if not self.store.direct_io:
+            raise SkipTest("this file system does not accept O_DIRECT")
+        # Records of 5,004 bytes straddle 4 KiB blocks in every way; the last cell is short.
+        self.info = ShardInfo(SHARD_ID, "RS-4-2", 3, 5000)
+        rng = random.Random(11)
+        self.fragments = [rng.randbytes(5000) for _ in range(9)] + [rng.randbytes(123)]
+        writer = self.store.begin(self.info)
+        for fragment in self.fragments:
+            writer.append(fragment)
+        writer.commit()
+
+    def test_same_records_as_through_the_page_cache(self) -> None:
+        """Every cell, read directly, is a view into a pooled buffer with the same CRC and
+        bytes as `read_record` returns."""
+        buffers = AlignedBuffers()
+        with self.store.open(SHARD_ID, direct=True) as reader:
+            self.assertTrue(reader.reads_direct)
+            for i, fragment in enumerate(self.fragments):
+                crc, data = reader.read_record_into(i, buffers)
+                self.assertIsInstance(data, memoryview)
+                self.assertEqual((crc, bytes(data)), (reader.read_record(i)[0], fragment))
+
+    def test_buffer_is_taken_while_a_view_lives(self) -> None:
+        """A buffer is not handed out again while a fragment read into it is alive, and is
+        once the fragment (every view of it) is gone."""
+        buffers = AlignedBuffers()
+        with self.store.open(SHARD_ID, direct=True) as reader:
+            _, first = reader.read_record_into(0, buffers)
+            held = first[10:20]
+            del first
+            _, second = reader.read_record_into(1, buffers)
+            self.assertEqual(bytes(held), self.fragments[0][10:20])
+            self.assertEqual(bytes(second), self.fragments[1])
+            self.assertEqual(len(buffers._buffers), 2)
+            del held, second
+            _, third = reader.read_record_into(2, buffers)
+            self.assertEqual(bytes(third), self.fragments[2])
+            self.assertEqual(len(buffers._buffers), 2)
+
+    def test_pool_exhausted_reads_through_the_page_cache(self) -> None:
+        """With no free buffer and no room for another, the cell comes through the page
+        cache (bytes), still checked."""
+        buffers = AlignedBuffers(max_bytes=3 * DIRECT_ALIGN)
+        with self.store.open(SHARD_ID, direct=True) as reader:
+            _, held = reader.read_record_into(0, buffers)
+            self.assertIsInstance(held, memoryview)
+            _, fallback = reader.read_record_into(1, buffers)
+            self.assertIsInstance(fallback, bytes)
+            self.assertEqual(fallback, self.fragments[1])
+            del held
+            _, again = reader.read_record_into(2, buffers)
+            self.assertIsInstance(again, memoryview)
+
+    def test_not_opened_direct(self) -> None:
+        """A reader opened without ``direct`` (or on a store without direct I/O) reads
+        through the page cache."""
+        with self.store.open(SHARD_ID) as reader:
+            self.assertFalse(reader.reads_direct)
+            self.assertEqual(reader.read_record_into(3, AlignedBuffers())[1], self.fragments[3])
+        plain = ShardStore(self.mktemp(), direct_io=False)
+        writer = plain.begin(self.info)
+        for fragment in self.fragments:
+            writer.append(fragment)
+        writer.commit()
+        with plain.open(SHARD_ID, direct=True) as reader:
+            self.assertFalse(reader.reads_direct)
+
+    def test_corrupt_and_truncated(self) -> None:
+        """A flipped bit fails the cell's CRC; a truncated file is 'cut short': as
+        `read_record` reports them."""
+        path = self.store.path(SHARD_ID)
+        with self.store.open(SHARD_ID) as reader:
+            offset = reader.cell_offset(4) + RECORD_OVERHEAD + 77
+        with open(path, "r+b") as f:
+            f.seek(offset)
+            byte = f.read(1)
+            f.seek(offset)
+            f.write(bytes([byte[0] ^ 0x10]))
+        buffers = AlignedBuffers()
+        with self.store.open(SHARD_ID, direct=True) as reader:
+            with self.assertRaises(ShardCorrupt) as caught:
+                reader.read_record_into(4, buffers)
+            self.assertIn("CRC32C", str(caught.exception))
+            self.assertEqual(bytes(reader.read_record_into(5, buffers)[1]), self.fragments[5])
+            os.truncate(path, reader.cell_offset(8) + 100)
+            with self.assertRaises(ShardCorrupt) as caught:
+                reader.read_record_into(8, buffers)
+            self.assertIn("cut short", str(caught.exception))
+
+    def test_refused_direct_read_falls_back(self) -> None:
+        """A file system that opens with O_DIRECT but refuses the read (EINVAL) gets the
+        page cache from then on; other errors propagate."""
+        calls = []
+
+        def refuse(fd: int, buffers: Any, offset: int) -> int:
+            calls.append(offset)
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+
+        self.patch(os, "preadv", refuse)
+        with self.store.open(SHARD_ID, direct=True) as reader:
+            self.assertEqual(reader.read_record_into(0, AlignedBuffers())[1], self.fragments[0])
+            self.assertFalse(reader.reads_direct)
+            self.assertEqual(reader.read_record_into(1, AlignedBuffers())[1], self.fragments[1])
+            self.assertEqual(len(calls), 1)
+
+        def broken(fd: int, buffers: Any, offset: int) -> int:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+        self.patch(os, "preadv", broken)
+        with self.store.open(SHARD_ID, direct=True) as reader:
+            self.assertRaises(OSError, reader.read_record_into, 0, AlignedBuffers())
+
+    def test_close_releases_both_descriptors(self) -> None:
+        """Closing the reader closes the direct descriptor too (and a failed open closes
+        both)."""
+        before = len(os.listdir("/proc/self/fd"))
+        reader = self.store.open(SHARD_ID, direct=True)
+        self.assertEqual(len(os.listdir("/proc/self/fd")), before + 2)
+        reader.close()
+        self.assertEqual(len(os.listdir("/proc/self/fd")), before)
+        with open(self.store.path(SHARD_ID), "r+b") as f:
+            f.write(b"\0" * 8)  # a damaged header
+        self.assertRaises(ShardCorrupt, self.store.open, SHARD_ID, True)
+        self.assertEqual(len(os.listdir("/proc/self/fd")), before)

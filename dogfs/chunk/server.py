@@ -24,12 +24,15 @@ import os
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
+from functools import partial
 from typing import Any, TypeVar
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
 from dogfs.storage.shards import (
+    DIRECT_READ_MIN,
+    AlignedBuffers,
     CellOutOfRange,
     InvalidShardId,
     ShardCorrupt,
@@ -68,6 +71,9 @@ MAX_CELLS_PER_WRITE = 8
 #: Cells of a GetShard read from the disk ahead of the one being sent: enough to keep a cold
 #: read's disk queue busy while the network takes the cell before.
 READ_AHEAD = 3
+
+#: Most bytes of page-aligned buffers kept for GetShard's direct reads (about 30 cells).
+READ_BUFFER_BYTES = 32 << 20
 
 #: Bytes of cells all GetShard streams together may have read ahead of what they send. Past
 #: it each stream reads one cell at a time: many readers cannot make the server hold
@@ -163,6 +169,9 @@ class ShardServer:
         self.read_ahead_budget = read_ahead_budget
         self.connection_budget = connection_budget
         self._budgets: weakref.WeakKeyDictionary[Any, _ByteBudget] = weakref.WeakKeyDictionary()
+        #: Where GetShard streams read cells with direct I/O (a few cells per stream: those
+        #: read ahead and the one being sent); streams it cannot serve read through the cache.
+        self.read_buffers = AlignedBuffers(READ_BUFFER_BYTES)
         #: Bytes of cells being read for GetShard streams and not sent yet (all streams).
         self.read_ahead_bytes = 0
         #: Ids of the shards held here; filled by `load`, kept up to date by the handlers.
@@ -359,7 +368,8 @@ class ShardServer:
         except InvalidShardId as e:
             raise self._error("invalid_argument", str(e)) from None
         try:
-            reader: ShardReader = await self.executor(self.store.open, shard_id)
+            # A stream of several cells reads them with direct I/O where it can (_send_cells).
+            reader: ShardReader = await self.executor(self.store.open, shard_id, msg.count != 1)
         except ShardNotFound:
             raise self._error("not_found", f"{self.node_id} has no shard {shard_id}") from None
         except ShardCorrupt as e:
@@ -386,6 +396,8 @@ class ShardServer:
     async def _send_cells(self, request: Request, reader: ShardReader, first: int, count: int) -> None:
         """Send cells, with the next `READ_AHEAD` being read in the executor meanwhile (one,
         while the client is slow or every stream's read-ahead fills `read_ahead_budget`).
+        Large cells are read with direct I/O into `read_buffers` where the reader allows it
+        (`ShardReader.read_record_into`), the others through the page cache.
 
         Memory is bounded per connection too: a stream with nothing read ahead waits, before
         its next read, until the client takes what was sent (the transport is writable) and
@@ -397,8 +409,13 @@ class ShardServer:
         budget = self._budgets.get(connection)
         if budget is None:
             budget = self._budgets[connection] = _ByteBudget(self.connection_budget)
-        pending: deque[tuple[defer.Deferred[tuple[int, bytes]], int]] = deque()
-        if count > 1:
+        pending: deque[tuple[defer.Deferred[tuple[int, bytes | memoryview]], int]] = deque()
+        read: Callable[[int], tuple[int, bytes | memoryview]] = reader.read_record
+        if count > 1 and reader.reads_direct and reader.info.fragment_size >= DIRECT_READ_MIN:
+            # Straight from the disk into buffers of our own (see read_record_into), with
+            # READ_AHEAD cells in flight keeping the disk busy.
+            read = partial(reader.read_record_into, buffers=self.read_buffers)
+        elif count > 1:
             # Shards written with direct I/O are not in memory: have the disk read the
             # whole range at once rather than as our reads reach it.
             await self.executor(reader.will_need, first, count)
@@ -409,7 +426,7 @@ class ShardServer:
             """Start reading cell ``following``, whose ``size`` the budget has granted."""
             nonlocal following, held
             held += size
-            pending.append((self.executor(reader.read_record, following), size))
+            pending.append((self.executor(read, following), size))
             self.read_ahead_bytes += size
             following += 1
 

@@ -44,6 +44,7 @@ import re
 import secrets
 import stat as stat_module
 import struct
+import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
@@ -288,6 +289,53 @@ def _probe_direct_io(directory: str) -> bool:
         os.unlink(path)
 
 
+#: Cells at least this large are worth reading with direct I/O (`ShardReader.read_record_into`).
+DIRECT_READ_MIN = 64 * 1024
+
+
+class AlignedBuffers:
+    """Page-aligned buffers for direct reads, each reused once nothing refers to it any more.
+
+    O_DIRECT needs aligned memory, which ``bytes`` and ``bytearray`` are not; an ``mmap`` is.
+    A cell read into one leaves as a memoryview of it, and every view holds a reference, so
+    (as with the wire's ``BufferPool``) a buffer whose only references are the pool's own is
+    free. Bounded in bytes: past ``max_bytes`` with every buffer in use, `get` answers None
+    and the caller reads through the page cache instead. Thread-safe.
+    """
+
+    def __init__(self, max_bytes: int = 32 << 20) -> None:
+        self.max_bytes = max_bytes
+        self._buffers: list[mmap.mmap] = []
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def _free(self, i: int) -> bool:
+        # The list's reference and getrefcount's own argument: no view of it is alive.
+        return sys.getrefcount(self._buffers[i]) == 2
+
+    def get(self, size: int) -> mmap.mmap | None:
+        """A free buffer of at least ``size`` bytes (at most twice that), or None."""
+        size = -(-size // DIRECT_ALIGN) * DIRECT_ALIGN
+        with self._lock:
+            buffers = self._buffers
+            for i in range(len(buffers)):
+                if size <= len(buffers[i]) <= 2 * size and self._free(i):
+                    return buffers[i]
+            if self._bytes + size > self.max_bytes:
+                # Make room by dropping a free buffer of another size, if there is one.
+                for i in range(len(buffers)):
+                    if self._free(i):
+                        self._bytes -= len(buffers[i])
+                        buffers.pop(i).close()
+                        break
+                if self._bytes + size > self.max_bytes:
+                    return None
+            buffer = mmap.mmap(-1, size)
+            buffers.append(buffer)
+            self._bytes += size
+            return buffer
+
+
 class ShardReader:
     """An open, header-checked shard; reads and verifies cells by index.
 
@@ -295,9 +343,13 @@ class ShardReader:
     context manager, or call L{close}.
     """
 
-    def __init__(self, shard_id: str, fd: int) -> None:
-        """Take ownership of ``fd`` and check the header; closes ``fd`` if that fails."""
+    def __init__(self, shard_id: str, fd: int, direct_fd: int | None = None) -> None:
+        """Take ownership of ``fd`` (and ``direct_fd``, the same file opened with O_DIRECT,
+        for `read_record_into`) and check the header; closes both if that fails."""
         self._fd = fd
+        self._direct_fd = direct_fd
+        # Cleared if the file system refuses an aligned direct read after all.
+        self._direct_ok = direct_fd is not None
         try:
             header = os.pread(fd, HEADER_SIZE, 0)
             info, cells, last_size = _unpack_header(shard_id, header)
@@ -310,6 +362,8 @@ class ShardReader:
                 )
         except BaseException:
             os.close(fd)
+            if direct_fd is not None:
+                os.close(direct_fd)
             raise
         #: What the shard is.
         self.info: ShardInfo = info
@@ -375,6 +429,54 @@ class ShardReader:
             raise ShardCorrupt(self.shard_id, i, "fails its CRC32C check")
         return stored, fragment
 
+    @property
+    def reads_direct(self) -> bool:
+        """Whether `read_record_into` reads with direct I/O (else through the page cache)."""
+        return self._direct_ok
+
+    def read_record_into(self, i: int, buffers: AlignedBuffers) -> tuple[int, bytes | memoryview]:
+        """`read_record`, with direct I/O into one of ``buffers``: the fragment comes back as
+        a view of that buffer, which stays taken until the view (and every view of it) is gone.
+
+        For cells streamed in order from a shard written with direct I/O, which is not in
+        memory: read through the page cache, every byte is copied by the kernel from the
+        cache into the fragment, and the cache's own pages are allocated and evicted again,
+        about half of a chunk server's CPU for a get. A direct read lands in the buffer. A
+        shard opened without O_DIRECT, a file system that refuses the read, or ``buffers``
+        having none free: the page cache as `read_record` does.
+
+        @raise ShardCorrupt: the cell is missing (truncated file) or fails its CRC.
+        """
+        if self._closed:
+            raise ShardStoreError(f"the reader of shard {self.shard_id} is closed")
+        size = self.cell_size(i)
+        if not self._direct_ok or self._direct_fd is None:
+            return self.read_record(i)
+        offset = self.cell_offset(i)
+        start = offset - offset % DIRECT_ALIGN
+        end = offset + RECORD_OVERHEAD + size
+        span = -(-(end - start) // DIRECT_ALIGN) * DIRECT_ALIGN
+        buffer = buffers.get(span)
+        if buffer is None:
+            return self.read_record(i)
+        try:
+            got = os.preadv(self._direct_fd, [memoryview(buffer)[:span]], start)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            # The file system takes O_DIRECT opens but not these reads: stop trying. (The
+            # descriptor stays open until close: another thread may be reading with it.)
+            self._direct_ok = False
+            return self.read_record(i)
+        if got < end - start:
+            raise ShardCorrupt(self.shard_id, i, "is cut short: the file is truncated")
+        at = offset - start
+        (stored,) = _CRC.unpack_from(buffer, at)
+        fragment = memoryview(buffer)[at + RECORD_OVERHEAD : end - start]
+        if _crc(fragment) != stored:
+            raise ShardCorrupt(self.shard_id, i, "fails its CRC32C check")
+        return stored, fragment
+
     def read_cell(self, i: int) -> bytes:
         """Return cell ``i``'s fragment, verified against its CRC32C.
 
@@ -407,6 +509,8 @@ class ShardReader:
         if not self._closed:
             self._closed = True
             os.close(self._fd)
+            if self._direct_fd is not None:
+                os.close(self._direct_fd)
 
     def __enter__(self) -> ShardReader:
         return self
@@ -682,8 +786,9 @@ class ShardStore:
         page cache was the largest CPU cost of a chunk server receiving an upload, and the
         commit's fsync then had every byte still to write back; direct writes leave the copy
         to the device and the fsync only the last block and the metadata. Reads of a new
-        shard then come from the disk rather than memory. None (the default) uses it where
-        the file system accepts it and ``writev`` is the real one.
+        shard then come from the disk rather than memory, and `open` with ``direct`` reads
+        them with direct I/O too. None (the default) uses it where the file system accepts it
+        and ``writev`` is the real one.
         """
         self.root = os.path.abspath(root)
         self.shards_dir = os.path.join(self.root, "shards")
@@ -814,8 +919,9 @@ class ShardStore:
 
     # -- reading -------------------------------------------------------------------------
 
-    def open(self, shard_id: str) -> ShardReader:
-        """Open a shard for reading (checks its header).
+    def open(self, shard_id: str, direct: bool = False) -> ShardReader:
+        """Open a shard for reading (checks its header); with ``direct``, also for direct
+        reads (`ShardReader.read_record_into`) where this store writes with direct I/O.
 
         @raise ShardNotFound: no such shard.
         @raise ShardCorrupt: its header is damaged (C{cell} is None).
@@ -825,7 +931,13 @@ class ShardStore:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             raise ShardNotFound(f"shard {shard_id} is not stored in {self.root}") from None
-        return ShardReader(shard_id, fd)
+        direct_fd = None
+        if direct and self.direct_io:
+            try:
+                direct_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | _O_DIRECT)
+            except OSError:
+                direct_fd = None  # read through the page cache (a deleted file fails later)
+        return ShardReader(shard_id, fd, direct_fd)
 
     def read_cells(self, shard_id: str, first: int, count: int) -> list[bytes]:
         """Return cells ``first .. first + count - 1`` of a shard, each verified.
