@@ -786,3 +786,25 @@ class DirectReadTests(SynchronousTestCase):
             f.write(b"\0" * 8)  # a damaged header
         self.assertRaises(ShardCorrupt, self.store.open, SHARD_ID, True)
         self.assertEqual(len(os.listdir("/proc/self/fd")), before)
+
+    def test_replaced_between_opens_reads_the_opened_file(self) -> None:
+        """If the shard is replaced between the reader's two opens, the reader keeps to the
+        file whose header it checked and reads it through the page cache."""
+        opens = []
+        real_open = os.open
+        other = self.store.path(SHARD_ID) + ".other"
+        with open(self.store.path(SHARD_ID), "rb") as f, open(other, "wb") as g:
+            g.write(f.read())
+
+        def open_then_replace(path: str, flags: int, *args: Any) -> int:
+            opens.append(flags)
+            fd = real_open(path, flags, *args)
+            if len(opens) == 1:
+                os.rename(other, path)  # a new file (same bytes) takes the name
+            return fd
+
+        self.patch(os, "open", open_then_replace)
+        with self.store.open(SHARD_ID, direct=True) as reader:
+            self.assertEqual(len(opens), 2)
+            self.assertFalse(reader.reads_direct)
+            self.assertEqual(reader.read_record_into(2, AlignedBuffers())[1], self.fragments[2])

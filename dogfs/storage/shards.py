@@ -935,8 +935,15 @@ class ShardStore:
         if direct and self.direct_io:
             try:
                 direct_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | _O_DIRECT)
+                first, second = os.fstat(fd), os.fstat(direct_fd)
+                if (first.st_dev, first.st_ino) != (second.st_dev, second.st_ino):
+                    # Replaced between the two opens: read only the file whose header we check.
+                    os.close(direct_fd)
+                    direct_fd = None
             except OSError:
-                direct_fd = None  # read through the page cache (a deleted file fails later)
+                if direct_fd is not None:
+                    os.close(direct_fd)
+                direct_fd = None  # read through the page cache
         return ShardReader(shard_id, fd, direct_fd)
 
     def read_cells(self, shard_id: str, first: int, count: int) -> list[bytes]:
