@@ -27,6 +27,8 @@ import attrs
 import msgpack
 from attrs import field, frozen
 
+from dogfs.wire.packing import packb
+
 DEFAULT_POLICY = "RS-4-2"
 #: The widest policy accepted, as in L{dogfs.codec.policy} (ISA-L's Cauchy matrices are MDS up
 #: to here). Pinned here too: what the state machine accepts is part of the log's meaning.
@@ -798,7 +800,7 @@ def encode_command(cmd: Command) -> bytes:
     """Encode a command for the Raft log (deterministic bytes for equal commands)."""
     if _TAGS.get(type(cmd), 0) not in _COMMAND_TAGS:
         raise TypeError(f"{type(cmd).__name__} is not a metadata command.")
-    return msgpack.packb(_encode_value(cmd), use_bin_type=True)
+    return packb(_encode_value(cmd))
 
 
 def command_tag(data: bytes) -> int | None:
@@ -828,7 +830,7 @@ def decode_command(data: bytes) -> Command:
 
 def encode_result(result: Result) -> bytes:
     """Encode a result (or any metadata value above) for the wire."""
-    return msgpack.packb(_encode_value(result), use_bin_type=True)
+    return packb(_encode_value(result))
 
 
 def decode_result(data: bytes) -> Result:

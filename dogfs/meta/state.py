@@ -92,6 +92,7 @@ from dogfs.meta.commands import (
 )
 from dogfs.raft.driver import IRaftStateMachine
 from dogfs.storage.files import fsync_dir, replace_file
+from dogfs.wire.packing import packb
 
 log = Logger()
 
@@ -157,7 +158,7 @@ def _from_u64(b: bytes | memoryview) -> int:
 
 
 def _pack(value: Any) -> bytes:
-    return msgpack.packb(value, use_bin_type=True)
+    return packb(value)
 
 
 def _unpack(data: bytes | memoryview) -> Any:

@@ -43,6 +43,8 @@ from typing import Any, Union
 import msgpack
 from attrs import define, field, fields, frozen
 
+from dogfs.wire.packing import packb
+
 __all__ = [
     "BUGS",
     "AppendEntries",
@@ -477,7 +479,7 @@ def encode_message(m: Message) -> bytes:
     body: list[Any] = [_TYPE_CODE[cls]]
     for name in _FIELD_NAMES[cls]:
         body.append(_to_wire(_FIELD_KINDS[name], getattr(m, name)))
-    return msgpack.packb(body, use_bin_type=True)
+    return packb(body)
 
 
 def decode_message(data: bytes) -> Message:

@@ -50,6 +50,7 @@ from dogfs.raft.core import (
     Snapshot,
     SnapshotMeta,
 )
+from dogfs.wire.packing import packb
 
 __all__ = [
     "IRaftStorage",
@@ -135,7 +136,7 @@ def config_from(snapshot: SnapshotMeta | None) -> Configuration | None:
 
 
 def _seal(obj: Any) -> bytes:
-    payload = msgpack.packb(obj, use_bin_type=True)
+    payload = packb(obj)
     return _CRC.pack(crc32c.crc32c(payload)) + payload
 
 

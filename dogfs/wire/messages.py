@@ -20,6 +20,8 @@ import attrs
 import msgpack
 from attrs import field, frozen
 
+from dogfs.wire.packing import packb
+
 PROTOCOL_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
 
@@ -59,7 +61,7 @@ def type_of(msg: object) -> int:
 
 def encode(msg: object) -> bytes:
     """The msgpack header of a message."""
-    return msgpack.packb(_values(type(msg))(msg), use_bin_type=True)  # type: ignore[no-any-return]
+    return packb(_values(type(msg))(msg))
 
 
 def _values(cls: type) -> Callable[[Any], tuple[Any, ...]]:
