@@ -16,8 +16,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
+from dogfs.storage import shards as shards_module
 from dogfs.storage.shards import (
     DIRECT_ALIGN,
+    DIRECT_READ_MIN,
     HEADER_SIZE,
     RECORD_OVERHEAD,
     AlignedBuffers,
@@ -37,6 +39,7 @@ from dogfs.storage.shards import (
 
 FRAGMENT = 300
 SHARD_ID = "000000000000002a-03"
+OTHER_ID = "000000000000002b-03"
 INFO = ShardInfo(shard_id=SHARD_ID, policy="RS-4-2", index=3, fragment_size=FRAGMENT)
 
 BAD_IDS: list[object] = [
@@ -664,10 +667,12 @@ class DirectReadTests(SynchronousTestCase):
         self.store = ShardStore(self.mktemp())
         if not self.store.direct_io:
             raise SkipTest("this file system does not accept O_DIRECT")
-        # Records of 5,004 bytes straddle 4 KiB blocks in every way; the last cell is short.
-        self.info = ShardInfo(SHARD_ID, "RS-4-2", 3, 5000)
+        # Records of DIRECT_READ_MIN + 1,004 bytes start at a different offset in a 4 KiB
+        # block each; the last cell is short.
+        size = DIRECT_READ_MIN + 1000
+        self.info = ShardInfo(SHARD_ID, "RS-4-2", 3, size)
         rng = random.Random(11)
-        self.fragments = [rng.randbytes(5000) for _ in range(9)] + [rng.randbytes(123)]
+        self.fragments = [rng.randbytes(size) for _ in range(9)] + [rng.randbytes(123)]
         writer = self.store.begin(self.info)
         for fragment in self.fragments:
             writer.append(fragment)
@@ -704,7 +709,7 @@ class DirectReadTests(SynchronousTestCase):
     def test_pool_exhausted_reads_through_the_page_cache(self) -> None:
         """With no free buffer and no room for another, the cell comes through the page
         cache (bytes), still checked."""
-        buffers = AlignedBuffers(max_bytes=3 * DIRECT_ALIGN)
+        buffers = AlignedBuffers(max_bytes=DIRECT_READ_MIN + 4 * DIRECT_ALIGN)  # room for one
         with self.store.open(SHARD_ID, direct=True) as reader:
             _, held = reader.read_record_into(0, buffers)
             self.assertIsInstance(held, memoryview)
@@ -728,6 +733,28 @@ class DirectReadTests(SynchronousTestCase):
         writer.commit()
         with plain.open(SHARD_ID, direct=True) as reader:
             self.assertFalse(reader.reads_direct)
+        small = ShardInfo(OTHER_ID, "RS-4-2", 3, DIRECT_READ_MIN - 1)
+        writer = self.store.begin(small)
+        writer.append(b"s" * (DIRECT_READ_MIN - 1))
+        writer.commit()
+        before = len(os.listdir("/proc/self/fd"))
+        with self.store.open(OTHER_ID, direct=True) as reader:
+            # Cells too small to be worth it: no direct descriptor is even opened.
+            self.assertFalse(reader.reads_direct)
+            self.assertEqual(len(os.listdir("/proc/self/fd")), before + 1)
+
+    def test_no_memory_for_a_buffer(self) -> None:
+        """When a new buffer cannot be mapped (ENOMEM), the cell comes through the page
+        cache: a shard is not taken for damaged for want of memory."""
+
+        def no_memory(*args: Any) -> Any:
+            raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))
+
+        buffers = AlignedBuffers()
+        self.patch(shards_module.mmap, "mmap", no_memory)
+        self.assertIsNone(buffers.get(DIRECT_ALIGN))
+        with self.store.open(SHARD_ID, direct=True) as reader:
+            self.assertEqual(reader.read_record_into(1, buffers)[1], self.fragments[1])
 
     def test_corrupt_and_truncated(self) -> None:
         """A flipped bit fails the cell's CRC; a truncated file is 'cut short': as

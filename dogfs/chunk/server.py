@@ -31,7 +31,6 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from dogfs.storage.shards import (
-    DIRECT_READ_MIN,
     AlignedBuffers,
     CellOutOfRange,
     InvalidShardId,
@@ -368,7 +367,8 @@ class ShardServer:
         except InvalidShardId as e:
             raise self._error("invalid_argument", str(e)) from None
         try:
-            # A stream of several cells reads them with direct I/O where it can (_send_cells).
+            # A stream of several large cells reads them with direct I/O where it can
+            # (_send_cells; ShardStore.open decides from the header whether they are large).
             reader: ShardReader = await self.executor(self.store.open, shard_id, msg.count != 1)
         except ShardNotFound:
             raise self._error("not_found", f"{self.node_id} has no shard {shard_id}") from None
@@ -411,7 +411,7 @@ class ShardServer:
             budget = self._budgets[connection] = _ByteBudget(self.connection_budget)
         pending: deque[tuple[defer.Deferred[tuple[int, bytes | memoryview]], int]] = deque()
         read: Callable[[int], tuple[int, bytes | memoryview]] = reader.read_record
-        if count > 1 and reader.reads_direct and reader.info.fragment_size >= DIRECT_READ_MIN:
+        if count > 1 and reader.reads_direct:
             # Straight from the disk into buffers of our own (see read_record_into), with
             # READ_AHEAD cells in flight keeping the disk busy.
             read = partial(reader.read_record_into, buffers=self.read_buffers)
@@ -465,10 +465,14 @@ class ShardServer:
                 # send_part hands the cell to the transport, then waits until the transport
                 # drains: the client sets the pace.
                 sent = request.send_part(Cell(i, crc), fragment)
+                sent_bytes = len(fragment)
+                # The transport has it (or a copy); a direct read's buffer is free once this
+                # view is gone, not only after the client has caught up.
+                del fragment
                 held -= size
                 budget.release(size)
                 await sent
-                self.meter.add("get_bytes", len(fragment))
+                self.meter.add("get_bytes", sent_bytes)
         finally:
             # Never close the file while a thread still reads it.
             for d, size in pending:

@@ -330,7 +330,10 @@ class AlignedBuffers:
                         break
                 if self._bytes + size > self.max_bytes:
                     return None
-            buffer = mmap.mmap(-1, size)
+            try:
+                buffer = mmap.mmap(-1, size)
+            except OSError:  # no memory for another: the page cache will do
+                return None
             buffers.append(buffer)
             self._bytes += size
             return buffer
@@ -343,13 +346,13 @@ class ShardReader:
     context manager, or call L{close}.
     """
 
-    def __init__(self, shard_id: str, fd: int, direct_fd: int | None = None) -> None:
-        """Take ownership of ``fd`` (and ``direct_fd``, the same file opened with O_DIRECT,
-        for `read_record_into`) and check the header; closes both if that fails."""
+    def __init__(self, shard_id: str, fd: int) -> None:
+        """Take ownership of ``fd`` and check the header; closes ``fd`` if that fails."""
         self._fd = fd
-        self._direct_fd = direct_fd
+        # The same file opened with O_DIRECT, for read_record_into (see _use_direct).
+        self._direct_fd: int | None = None
         # Cleared if the file system refuses an aligned direct read after all.
-        self._direct_ok = direct_fd is not None
+        self._direct_ok = False
         try:
             header = os.pread(fd, HEADER_SIZE, 0)
             info, cells, last_size = _unpack_header(shard_id, header)
@@ -362,8 +365,6 @@ class ShardReader:
                 )
         except BaseException:
             os.close(fd)
-            if direct_fd is not None:
-                os.close(direct_fd)
             raise
         #: What the shard is.
         self.info: ShardInfo = info
@@ -428,6 +429,12 @@ class ShardReader:
         if _crc(fragment) != stored:
             raise ShardCorrupt(self.shard_id, i, "fails its CRC32C check")
         return stored, fragment
+
+    def _use_direct(self, direct_fd: int) -> None:
+        """Take ownership of ``direct_fd``, this file opened with O_DIRECT (`ShardStore.open`
+        has checked it is the same file), for `read_record_into`."""
+        self._direct_fd = direct_fd
+        self._direct_ok = True
 
     @property
     def reads_direct(self) -> bool:
@@ -931,20 +938,22 @@ class ShardStore:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             raise ShardNotFound(f"shard {shard_id} is not stored in {self.root}") from None
-        direct_fd = None
-        if direct and self.direct_io:
+        reader = ShardReader(shard_id, fd)
+        if direct and self.direct_io and reader.info.fragment_size >= DIRECT_READ_MIN:
+            direct_fd = None
             try:
                 direct_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | _O_DIRECT)
                 first, second = os.fstat(fd), os.fstat(direct_fd)
-                if (first.st_dev, first.st_ino) != (second.st_dev, second.st_ino):
-                    # Replaced between the two opens: read only the file whose header we check.
-                    os.close(direct_fd)
+                if (first.st_dev, first.st_ino) == (second.st_dev, second.st_ino):
+                    reader._use_direct(direct_fd)
                     direct_fd = None
+                # else replaced between the two opens: read only the file whose header we checked.
             except OSError:
+                pass  # read through the page cache
+            finally:
                 if direct_fd is not None:
                     os.close(direct_fd)
-                direct_fd = None  # read through the page cache
-        return ShardReader(shard_id, fd, direct_fd)
+        return reader
 
     def read_cells(self, shard_id: str, first: int, count: int) -> list[bytes]:
         """Return cells ``first .. first + count - 1`` of a shard, each verified.
