@@ -34,6 +34,7 @@ from dogfs.raft.core import (
     Snapshot,
     SnapshotMeta,
     TimeoutNow,
+    _ProgressState,
     decode_message,
     encode_message,
 )
@@ -422,6 +423,41 @@ class ReplicationTests(SynchronousTestCase):
         c.tick("a", a.options.heartbeat_tick)
         c.stabilize()
         self.assertEqual(cc.commit_index, a.commit_index)
+
+    def test_stale_acks_while_probing(self) -> None:
+        """A follower the leader went back to probing (after a rejection) whose older,
+        cumulative success then arrives: the ack still counts (what a follower acknowledged
+        in this term stays in its log), moves it back to replicating and commits; a stale
+        rejection after that changes nothing; and the follower catches up."""
+        c = Cluster(["a", "b", "c"])
+        c.elect("a")
+        c.stabilize()
+        a, b = c.nodes["a"], c.nodes["b"]
+        before = a.last_index
+        a.propose(b"x")
+        a.propose(b"y")
+        c.process("a")
+        c.deliver(lambda m: m.dst == "b")
+        c.process("b")
+        acks = [m for m in c.queue if m.src == "b" and isinstance(m, AppendEntriesResponse)]
+        self.assertEqual([(m.success, m.index) for m in acks], [(True, before + 2)])
+        c.drop(lambda m: m.src == "b" or m.dst == "c")  # b's ack is late; c hears nothing
+        progress = a._progress["b"]
+        # A rejection of an append b never acknowledged puts b back to probing.
+        a.step(AppendEntriesResponse(a.term, "b", "a", False, before + 1, before + 1, a.term))
+        self.assertEqual(progress.state, _ProgressState.PROBE)
+        self.assertEqual(progress.match, before)
+        self.assertLess(a.commit_index, before + 2)
+        # The late cumulative success: counted, replicating again, and (with a) a majority.
+        a.step(acks[0])
+        self.assertEqual((progress.state, progress.match), (_ProgressState.REPLICATE, before + 2))
+        self.assertEqual(a.commit_index, before + 2)
+        # A rejection older than that (of the append that carried x alone) is stale.
+        a.step(AppendEntriesResponse(a.term, "b", "a", False, before, before, a.term))
+        self.assertEqual((progress.state, progress.match), (_ProgressState.REPLICATE, before + 2))
+        c.stabilize()
+        self.assertEqual((b.last_index, b.commit_index), (a.last_index, a.commit_index))
+        self.assertEqual(c.nodes["c"].commit_index, a.commit_index)
 
     def test_leader_hint(self) -> None:
         """Followers name the leader when refusing a proposal."""
