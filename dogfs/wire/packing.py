@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_wire_packing -*-
 """`packb`: msgpack's packb without a new Packer on every call.
 
 ``msgpack.packb`` builds a ``Packer`` (and its buffer) for each call and throws it away: for
