@@ -479,8 +479,7 @@ class PipeSourceTests(SynchronousTestCase):
             reactor.run_until(lambda: end.called)
             self.assertEqual(self.successResultOf(end), b"")
             self.assertIsNone(source.position())
-            thread = source._worker._thread
-            assert thread is not None
+            [thread] = source._worker._threads
             source.stop()
             thread.join(30)
             self.assertFalse(thread.is_alive())

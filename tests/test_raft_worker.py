@@ -1,15 +1,19 @@
 # -*- test-case-name: tests.test_raft_worker -*-
-"""Tests for dogfs.raft.worker: the thread a Raft member's durable writes run on."""
+"""Tests for dogfs.raft.worker: the threads a chunk server's disk work and a Raft member's
+durable writes run on."""
 
 from __future__ import annotations
 
+import gc
 import threading
+import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from dogfs.raft.worker import SerialWorker
+from dogfs.raft.worker import SerialWorker, WorkerPool
 
 
 class RecordingReactor:
@@ -87,3 +91,82 @@ class SerialWorkerTests(SynchronousTestCase):
         self.worker.stop()
         self.reactor.run_calls()
         self.assertEqual(self.successResultOf(d), "again")
+
+
+class WorkerPoolTests(SynchronousTestCase):
+    """A pool runs calls on up to its size of threads at once, answers through the reactor's
+    ``callFromThread``, and holds nothing of a call once it has answered."""
+
+    def setUp(self) -> None:
+        self.reactor = RecordingReactor()
+
+    def pool(self, threads: int) -> WorkerPool:
+        pool = WorkerPool(self.reactor, "test-pool", threads)  # type: ignore[arg-type]
+        pool.start()
+        self.addCleanup(pool.stop)
+        return pool
+
+    def test_calls_run_at_once_on_its_threads(self) -> None:
+        """Four calls that each wait for the other three all finish on a pool of four: they
+        ran at the same time, on four threads, none of them the caller's; arguments arrive."""
+        pool = self.pool(4)
+        together = threading.Barrier(4, timeout=30)
+
+        def call(n: int, scale: int) -> tuple[int, int]:
+            together.wait()
+            return n * scale, threading.get_ident()
+
+        deferreds = [pool.run(call, n, 10) for n in range(4)]
+        pool.stop()
+        self.reactor.run_calls()
+        results = [self.successResultOf(d) for d in deferreds]
+        self.assertEqual([r for r, _ in results], [0, 10, 20, 30])
+        threads = {t for _, t in results}
+        self.assertEqual(len(threads), 4)
+        self.assertNotIn(threading.get_ident(), threads)
+
+    def test_never_more_threads_than_its_size(self) -> None:
+        """Many calls on a pool of two use two threads; a failing call fails its Deferred
+        alone."""
+        pool = self.pool(2)
+
+        def broken() -> None:
+            raise OSError("disk gone")
+
+        deferreds = [pool.run(threading.get_ident) for _ in range(40)]
+        failed = pool.run(broken)
+        pool.stop()
+        self.reactor.run_calls()
+        self.assertLessEqual(len({self.successResultOf(d) for d in deferreds}), 2)
+        self.assertEqual(str(self.failureResultOf(failed, OSError).value), "disk gone")
+        self.assertRaises(RuntimeError, pool.run, threading.get_ident)
+        self.assertRaises(ValueError, WorkerPool, self.reactor, "empty", 0)
+
+    def test_answered_result_is_not_held(self) -> None:
+        """Once a call has answered, its thread keeps no reference to the result while it
+        waits for the next call (a cell read into a pooled buffer is free again as soon as
+        the reactor is done with it)."""
+        answered = threading.Event()
+        record = self.reactor.callFromThread
+
+        def call_from_thread(f: Callable[..., Any], *args: Any) -> None:
+            record(f, *args)
+            answered.set()
+
+        self.reactor.callFromThread = call_from_thread  # type: ignore[method-assign]
+        pool = self.pool(1)
+
+        class Result:
+            pass
+
+        first = pool.run(Result)
+        self.assertTrue(answered.wait(30))
+        self.reactor.run_calls()
+        result = weakref.ref(self.successResultOf(first))
+        del first
+        # The thread lets go just after answering: wait (with a deadline) until it has.
+        deadline = time.monotonic() + 30
+        while result() is not None and time.monotonic() < deadline:
+            gc.collect()
+            answered.wait(0.01)
+        self.assertIsNone(result())

@@ -19,22 +19,20 @@ import errno
 import fcntl
 import os
 from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 
 from dogfs.chunk.heartbeat import HeartbeatService
 from dogfs.chunk.load import LoadMeter
 from dogfs.chunk.server import Executor, ShardServer
 from dogfs.config import ChunkConfig
 from dogfs.plugins.common import client_endpoints, server_endpoint
+from dogfs.raft.worker import WorkerPool
 from dogfs.security.authz import guard
 from dogfs.security.daemon import DaemonSecurity, RevocationTap
 from dogfs.storage.files import replace_file
@@ -178,7 +176,7 @@ class ChunkService(MultiService):
         self.heartbeat: HeartbeatService | None = None
         self.factory: ConnectionFactory | None = None
         self.port: IListeningPort | None = None
-        self._threadpool: ThreadPool | None = None
+        self._threadpool: WorkerPool | None = None
         self._meta_pool: ConnectionPool | None = None
         self._starting: defer.Deferred[None] | None = None
         self._lock_fd: int | None = None
@@ -206,9 +204,9 @@ class ChunkService(MultiService):
         self.store = ShardStore(config.data_dir, direct_io=self._direct_io)
         executor = self._executor_arg
         if executor is None:
-            self._threadpool = ThreadPool(minthreads=1, maxthreads=self.threads, name=f"{config.id}-disk")
+            self._threadpool = WorkerPool(self.reactor, f"{config.id}-disk", self.threads)
             self._threadpool.start()
-            executor = partial(deferToThreadPool, self.reactor, self._threadpool)
+            executor = self._threadpool.run
         meter = LoadMeter(self.reactor)
         self.server = ShardServer(
             self.store, config.id, executor, meter, append_in_executor=self._append_in_executor
