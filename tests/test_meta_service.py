@@ -20,6 +20,7 @@ from dogfs.meta.log import LocalCommandLog
 from dogfs.meta.registry import ChunkServerRegistry
 from dogfs.meta.service import MetaHandlers
 from dogfs.meta.state import NamespaceState
+from dogfs.raft.worker import SerialWorker
 from dogfs.wire import messages as m
 from dogfs.wire.protocol import Connection, WireError
 
@@ -369,6 +370,34 @@ class LocalLogTests(SynchronousTestCase):
         self.assertEqual(batches, [5])
         self.assertEqual([type(self.successResultOf(d)) for d in ds], [c.DirInfo] * 5)
         self.assertEqual(state.applied_index, 5)
+
+
+    def test_batches_run_on_the_worker_and_fail_once_it_stopped(self) -> None:
+        """With a worker, a batch is applied on it and answered through the reactor; once
+        the service has stopped the worker, proposals fail with "unreachable" (the node is
+        stopping) instead of waiting for ever, and nothing is applied."""
+        state = NamespaceState(self.mktemp(), durable=False)
+        state.open()
+        self.addCleanup(state.close)
+
+        class Reactor:
+            def callFromThread(self, f: Any, *args: Any) -> None:  # noqa: N802
+                answers.append((f, args))
+
+        answers: list[tuple[Any, tuple[Any, ...]]] = []
+        worker = SerialWorker(Reactor(), "test-lmdb")  # type: ignore[arg-type]
+        worker.start()
+        log = LocalCommandLog(Clock(), state, worker, node_id="m", address="a:1")
+        first = log.propose(c.Mkdir("/a"))
+        worker.stop()
+        for f, args in answers:
+            f(*args)
+        self.assertIsInstance(self.successResultOf(first), c.DirInfo)
+        late = log.propose(c.Mkdir("/b"))
+        error = self.failureResultOf(late, WireError).value
+        self.assertEqual(error.code, "unreachable")
+        self.assertIn("metadata node m is stopping", error.message)
+        self.assertEqual(state.applied_index, 1)
 
 
 class DefaultPolicyTests(TestCase):

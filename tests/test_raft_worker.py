@@ -110,6 +110,7 @@ class WorkerPoolTests(SynchronousTestCase):
         """Four calls that each wait for the other three all finish on a pool of four: they
         ran at the same time, on four threads, none of them the caller's; arguments arrive."""
         pool = self.pool(4)
+        self.assertTrue(pool.running)
         together = threading.Barrier(4, timeout=30)
 
         def call(n: int, scale: int) -> tuple[int, int]:
@@ -139,6 +140,7 @@ class WorkerPoolTests(SynchronousTestCase):
         self.reactor.run_calls()
         self.assertLessEqual(len({self.successResultOf(d) for d in deferreds}), 2)
         self.assertEqual(str(self.failureResultOf(failed, OSError).value), "disk gone")
+        self.assertFalse(pool.running)
         self.assertRaises(RuntimeError, pool.run, threading.get_ident)
         self.assertRaises(ValueError, WorkerPool, self.reactor, "empty", 0)
 

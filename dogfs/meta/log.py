@@ -9,16 +9,18 @@ state machine itself deduplicates.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from attrs import define, field
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from dogfs.interfaces import ICommandLog
 from dogfs.meta.state import NamespaceState
+from dogfs.raft.worker import SerialWorker
+from dogfs.wire.protocol import WireError
 
 
 @define
@@ -60,7 +62,7 @@ class LocalCommandLog:
         self,
         reactor: Any,
         state: NamespaceState,
-        pool: ThreadPool | None,
+        pool: SerialWorker | None,
         *,
         node_id: str,
         address: str,
@@ -92,8 +94,11 @@ class LocalCommandLog:
         self._busy = True
         if self.pool is None:
             applied = defer.maybeDeferred(self.state.apply_batch, entries)
+        elif not self.pool.running:
+            # The service stopped its worker (shutting down): these commands were not applied.
+            applied = defer.fail(WireError("unreachable", f"metadata node {self.node_id} is stopping"))
         else:
-            applied = threads.deferToThreadPool(self.reactor, self.pool, self.state.apply_batch, entries)
+            applied = self.pool.run(partial(self.state.apply_batch, entries))
 
         def done(results: list[Any]) -> None:
             for (_, outcome), result in zip(batch, results, strict=True):

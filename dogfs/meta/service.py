@@ -434,19 +434,19 @@ class MetaService(MultiService):
         self._expiry: LoopingCall | None = None
 
     def startService(self) -> None:
-        from twisted.python.threadpool import ThreadPool
-
         from dogfs.codec.stripe import tune_malloc
         from dogfs.meta.log import LocalCommandLog
+        from dogfs.raft.worker import SerialWorker
 
         tune_malloc()
         os.makedirs(self.config.data_dir, exist_ok=True)
         self.state.open()
-        self._pool = ThreadPool(minthreads=1, maxthreads=1, name=f"{self.config.id}-lmdb")
-        self._pool.start()
         if self.make_log is not None:
             self.log = self.make_log(self.state)
         else:
+            # The single-node log applies each batch (one LMDB transaction, fsynced) here.
+            self._pool = SerialWorker(self.reactor, f"{self.config.id}-lmdb")
+            self._pool.start()
             self.log = LocalCommandLog(
                 self.reactor, self.state, self._pool, node_id=self.config.id,
                 address=self.config.address, http_address=self.config.http_address,
@@ -542,7 +542,12 @@ class MetaService(MultiService):
         # choice stands (a leader change must not revert it).
         if self.log is not None and not self.state.default_policy_set():
             d = self.log.propose(c.SetDefaultPolicy(ECPolicy.parse(self.config.default_ec).name))
-            d.addErrback(lambda f: log.failure("setting the default policy failed", f))
+
+            def failed(failure: Failure) -> None:
+                if self.running:  # stopping: the next start seeds it again
+                    log.failure("setting the default policy failed", failure)
+
+            d.addErrback(failed)
 
     def _member_failed(self, failure: Any) -> None:
         # The Raft member halted (its disk or state failed): it must not keep answering as if
@@ -584,6 +589,7 @@ class MetaService(MultiService):
         def close(_: Any) -> None:
             if self._pool is not None:
                 self._pool.stop()
+                self._pool = None
             self.state.close()
 
         d.addCallback(close)

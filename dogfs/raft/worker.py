@@ -55,6 +55,11 @@ class WorkerPool:
             for thread in self._threads:
                 thread.start()
 
+    @property
+    def running(self) -> bool:
+        """Whether `run` takes calls (between `start` and `stop`)."""
+        return bool(self._threads)
+
     def stop(self, wait: bool = True) -> None:
         """Finish the calls already queued, then end the threads; with ``wait``, block until
         they have (without, a call blocked for good, such as a read of a pipe nobody writes,
