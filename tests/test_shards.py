@@ -835,3 +835,20 @@ class DirectReadTests(SynchronousTestCase):
             self.assertEqual(len(opens), 2)
             self.assertFalse(reader.reads_direct)
             self.assertEqual(reader.read_record_into(2, AlignedBuffers())[1], self.fragments[2])
+
+    def test_pool_makes_room_for_another_size(self) -> None:
+        """A pool full of free buffers of a size no longer asked for drops as many of them as
+        a buffer of the new size needs, and keeps those still in use."""
+        buffers = AlignedBuffers(max_bytes=8 * DIRECT_ALIGN)
+        small = [buffers.get(DIRECT_ALIGN) for _ in range(4)]
+        self.assertTrue(all(b is not None for b in small))
+        held = memoryview(small[0])  # type: ignore[arg-type]
+        del small
+        big = buffers.get(6 * DIRECT_ALIGN)
+        self.assertIsNotNone(big)
+        # Two free ones went, the one in use and one free one stayed: 8 blocks in all.
+        self.assertEqual(sorted(len(b) for b in buffers._buffers), [DIRECT_ALIGN] * 2 + [6 * DIRECT_ALIGN])
+        # No room for 3 blocks even without the last free one: it goes, and the answer is None.
+        self.assertIsNone(buffers.get(3 * DIRECT_ALIGN))
+        self.assertEqual(sorted(len(b) for b in buffers._buffers), [DIRECT_ALIGN, 6 * DIRECT_ALIGN])
+        held.release()

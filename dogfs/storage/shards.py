@@ -321,15 +321,16 @@ class AlignedBuffers:
             for i in range(len(buffers)):
                 if size <= len(buffers[i]) <= 2 * size and self._free(i):
                     return buffers[i]
+            # Make room by dropping free buffers (of other sizes: none fitted), if any.
+            i = 0
+            while self._bytes + size > self.max_bytes and i < len(buffers):
+                if self._free(i):
+                    self._bytes -= len(buffers[i])
+                    buffers.pop(i).close()
+                else:
+                    i += 1
             if self._bytes + size > self.max_bytes:
-                # Make room by dropping a free buffer of another size, if there is one.
-                for i in range(len(buffers)):
-                    if self._free(i):
-                        self._bytes -= len(buffers[i])
-                        buffers.pop(i).close()
-                        break
-                if self._bytes + size > self.max_bytes:
-                    return None
+                return None
             try:
                 buffer = mmap.mmap(-1, size)
             except OSError:  # no memory for another: the page cache will do
