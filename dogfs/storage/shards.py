@@ -448,8 +448,8 @@ class ShardReader:
 
         For cells streamed in order from a shard written with direct I/O, which is not in
         memory: read through the page cache, every byte is copied by the kernel from the
-        cache into the fragment, and the cache's own pages are allocated and evicted again,
-        about half of a chunk server's CPU for a get. A direct read lands in the buffer. A
+        cache into the fragment, and the cache's own pages are allocated and evicted again:
+        about a third of a chunk server's CPU for a get. A direct read lands in the buffer. A
         shard opened without O_DIRECT, a file system that refuses the read, or ``buffers``
         having none free: the page cache as `read_record` does.
 
