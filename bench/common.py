@@ -48,7 +48,9 @@ def settle_memory(size: int) -> None:
     cache (a get writes its output file, a chunk server reads cold shards into the cache)
     would be timed partly on the host's page faults, a cost bare metal does not have and the
     same-run baselines (which reuse memory freed just before them) escape. Settling first
-    gives the step and its baseline the same start: memory the guest holds.
+    gives the step and its baseline the same start: memory the guest holds. Most of the
+    time: the kernel does not always hand out the pages just freed, and a get then still
+    writes its file at about 0.5 GB/s (the README's Benchmarks section).
     """
     block = b"\x01" * MiB
     with mmap.mmap(-1, size) as memory:
