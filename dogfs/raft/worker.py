@@ -99,14 +99,8 @@ class WorkerPool:
 
 
 class SerialWorker(WorkerPool):
-    """Runs ``job()`` calls one at a time, in submission order, on a thread of its own.
-
-    A `WorkerPool` of one thread: ``run`` takes the job alone.
-    """
+    """Runs calls one at a time, in submission order, on a thread of its own: a
+    `WorkerPool` of one thread."""
 
     def __init__(self, reactor: IReactorFromThreads, name: str) -> None:
         super().__init__(reactor, name, 1)
-
-    def run(self, job: Callable[[], T]) -> Deferred[T]:  # type: ignore[override]
-        """Queue ``job``; the Deferred fires (on the reactor thread) with what it returned."""
-        return super().run(job)

@@ -455,11 +455,11 @@ class ShardReader:
 
         @raise ShardCorrupt: the cell is missing (truncated file) or fails its CRC.
         """
+        if not self._direct_ok or self._direct_fd is None:
+            return self.read_record(i)
         if self._closed:
             raise ShardStoreError(f"the reader of shard {self.shard_id} is closed")
         size = self.cell_size(i)
-        if not self._direct_ok or self._direct_fd is None:
-            return self.read_record(i)
         offset = self.cell_offset(i)
         start = offset - offset % DIRECT_ALIGN
         end = offset + RECORD_OVERHEAD + size
