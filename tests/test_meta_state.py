@@ -545,6 +545,30 @@ class NamespaceTests(StateTestCase):
         )
         self.assertEqual(summary.block_groups_by_width, ((3, 2),))
 
+    def test_commit_beyond_the_totals_refused(self) -> None:
+        """A commit that would take a cluster total past what its record holds is refused
+        like any bad command: the batch around it applies, and so do later commands (before,
+        the totals failed to encode at the batch's end and every member halted, again on
+        every replay)."""
+        self.register()
+        huge = 1 << 62  # on disk: 1.5 times that
+        first = self.ok(Allocate("/p1", "RS-4-2", SERVERS[:6], 1.0)).bg_id
+        self.ok(CommitFile("/p1", huge, ((first, huge),), 2.0))
+        second = self.ok(Allocate("/p2", "RS-4-2", SERVERS[:6], 1.0)).bg_id
+        most = (1 << 63) - 1  # any one size may be this large
+        commit = CommitFile("/p2", most, ((second, most),), 2.0)
+        start = self.index
+        results = self.state.apply_batch([(start + 1, commit), (start + 2, Mkdir("/after"))])
+        self.index = start + 2
+        self.assertIsInstance(results[0], MetaError)
+        self.assertEqual(results[0].code, ErrorCode.INVALID_ARGUMENT)  # type: ignore[union-attr]
+        self.assertIn("beyond what DogFS counts", results[0].message)  # type: ignore[union-attr]
+        self.assertIsInstance(results[1], DirInfo)
+        self.assertEqual(self.state.applied_index, start + 2)
+        self.assertIsInstance(self.state.stat("/p2"), MetaError)
+        summary = self.state.summary()
+        self.assertEqual((summary.files, summary.bytes_stored), (1, huge))
+
     def test_commit_errors(self) -> None:
         """CommitFile refuses stale, duplicate, mismatched or mis-sized block groups."""
         self.register()

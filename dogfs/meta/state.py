@@ -98,6 +98,15 @@ log = Logger()
 
 #: In a non-durable state's directory while it is open: the boot it was opened in.
 _UNSYNCED = "unsynced-since-boot"
+# The cluster's totals are kept as msgpack integers: signed 64-bit, never negative.
+_TOTAL_LIMIT = 1 << 63
+_TOTAL_NAMES = {
+    "files": "files",
+    "dirs": "directories",
+    "bytes": "bytes stored",
+    "disk": "bytes on disk",
+    "bgs": "block groups",
+}
 
 
 def _boot_id() -> str | None:
@@ -470,7 +479,12 @@ class _Ctx:
         bgs: Sequence[tuple[str, int]] = (),
         sign: int = 1,
     ) -> None:
-        """Add files and dirs, and add (sign 1) or remove (sign -1) committed block groups."""
+        """Add files and dirs, and add (sign 1) or remove (sign -1) committed block groups.
+
+        A total that would leave what its record can hold (0 to 2**63 - 1) refuses the
+        command here, inside its handler: found only when the batch writes its totals, it
+        would fail the whole batch on every member, and again on every replay of the log.
+        """
         stats = self.stats()
         stats["files"] += files
         stats["dirs"] += dirs
@@ -483,6 +497,13 @@ class _Ctx:
                 stats["bgs"] += sign
                 widths[k + m] = widths.get(k + m, 0) + sign
             stats["widths"] = sorted([w, c] for w, c in widths.items() if c)
+        for key in ("files", "dirs", "bytes", "disk", "bgs"):
+            if not 0 <= stats[key] < _TOTAL_LIMIT:
+                raise _Abort(
+                    ErrorCode.INVALID_ARGUMENT,
+                    f"This change would take the cluster's total of {_TOTAL_NAMES[key]} to "
+                    f"{stats[key]}, beyond what DogFS counts (0 to 2**63 - 1).",
+                )
         self._set_value(_STATS, stats)
 
     # --- paths ---
@@ -1386,6 +1407,12 @@ def _allocate(ctx: _Ctx, index: int, cmd: Allocate) -> Allocation:
     k, m = parse_policy(ec)
     now = _check_number(cmd.now, "Allocation time")
     placement = tuple(cmd.placement)
+    if len(placement) != k + m and cmd.ec is None:
+        raise _Abort(
+            ErrorCode.INVALID_ARGUMENT,
+            f"{_q(path)} inherits {ec} from its directory, whose policy changed while the "
+            f"upload was placed on {len(placement)} chunk servers: try the upload again.",
+        )
     if len(placement) != k + m:
         raise _Abort(
             ErrorCode.INVALID_ARGUMENT,
