@@ -117,6 +117,31 @@ class MetaHandlerTests(SynchronousTestCase):
         ):
             self.assertEqual(h.handlers.prepare(command), attrs.evolve(command, now=h.clock.seconds()))
 
+    def test_inherited_policy_decided_when_applied(self) -> None:
+        """An upload without a policy gets its directory's as the state machine sees it
+        when it applies the Allocate, not as the leader saw it when it placed the upload: a
+        directory made (or moved, or the default changed) by a command still in the log
+        must not leave the file on another policy. When the placement does not fit the
+        policy found then, the upload is refused with a reason, never given the wrong one."""
+        h = Harness(self, chunks=9)
+        h.log._busy = True  # a batch is being written: what follows is logged, not applied
+        same = h.command(c.Mkdir("/same", ec="RS-5-1"))
+        wider = h.command(c.Mkdir("/wider", ec="RS-6-3"))
+        fits = h.command(c.Allocate("/same/f", None, ()))  # placed for RS-4-2: 6 servers
+        misfit = h.command(c.Allocate("/wider/f", None, ()))
+        h.log._busy = False
+        h.log._flush()
+        h.pump.flush()
+        for d in (same, wider):
+            self.successResultOf(d)
+        allocation = c.decode_result(bytes(self.successResultOf(fits).payload))
+        self.assertEqual(allocation.ec, "RS-5-1")
+        self.assertEqual(len(allocation.shards), 6)
+        error = self.failureResultOf(misfit, WireError).value
+        self.assertEqual(error.code, "invalid_argument")
+        self.assertIn("'/wider/f' inherits RS-6-3 from its directory", error.message)
+        self.assertIn("try the upload again", error.message)
+
     def test_allocate_places_on_distinct_servers(self) -> None:
         """Allocation puts the k+m shards of a block group on k+m different chunk servers."""
         h = Harness(self)

@@ -234,7 +234,12 @@ class MetaHandlers:
                     "not_enough_chunk_servers", f"cannot write {command.path}{avoided}: {e}",
                     {"needed": e.needed, "alive": e.alive},
                 ) from None
-            return attrs.evolve(command, ec=policy.name, placement=tuple(placement), now=now, avoid=())
+            # An inherited policy is logged as such: the state machine resolves it when it
+            # applies the command, from the directory as it is then. This member's state may
+            # lag its log (a directory made or moved, or the default changed, by a command not
+            # applied yet), so its guess only sizes the placement.
+            logged = policy.name if command.ec else None
+            return attrs.evolve(command, ec=logged, placement=tuple(placement), now=now, avoid=())
         # Built directly: attrs.evolve reads the class's fields on every call, and the leader
         # prepares every mkdir and commit.
         if type(command) is c.Mkdir:
