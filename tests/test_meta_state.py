@@ -6,6 +6,7 @@ import os
 import random
 from typing import Any
 
+import msgpack
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
@@ -135,7 +136,7 @@ def _command_strategy(_names: Any, _ints: Any) -> Any:
     """Commands whose strings come from C{_names} and integers from C{_ints}."""
     return st.one_of(
         st.builds(Mkdir, _names, st.booleans(), st.none() | _names, _floats),
-        st.builds(SetDefaultPolicy, _names),
+        st.builds(SetDefaultPolicy, _names, st.booleans()),
         st.builds(RegisterChunkServer, _names, _names, st.none() | _names),
         st.builds(Allocate, _names, st.none() | _names, st.tuples(_names, _names), _floats),
         st.builds(
@@ -492,6 +493,29 @@ class NamespaceTests(StateTestCase):
         # An empty file takes its directory's policy.
         info = self.ok(CommitFile("/p/q/empty", 0, (), 2.0))
         self.assertEqual((info.ec, info.size, info.block_groups), ("RS-3-2", 0, ()))
+
+    def test_seeded_default_policy_never_replaces_a_chosen_one(self) -> None:
+        """A seed (a new leader's config default) sets the default only if none was ever
+        set, as the state holds it when the seed applies, even in the batch of the choice
+        it would undo; an unconditional SetDefaultPolicy still replaces it."""
+        self.assertFalse(self.state.default_policy_set())
+        self.ok(SetDefaultPolicy("RS-3-2", seed=True))
+        self.assertEqual(self.state.default_policy(), "RS-3-2")
+        self.ok(SetDefaultPolicy("RS-2-1", seed=True))
+        self.assertEqual(self.state.default_policy(), "RS-3-2")
+        fresh = self.make_state()
+        results = fresh.apply_batch(
+            [(1, SetDefaultPolicy("RS-6-3")), (2, SetDefaultPolicy("RS-4-2", seed=True))]
+        )
+        self.assertEqual(results, [Ok(), Ok()])
+        self.assertEqual(fresh.default_policy(), "RS-6-3")
+        self.ok(SetDefaultPolicy("RS-2-1"))
+        self.assertEqual(self.state.default_policy(), "RS-2-1")
+        self.error(SetDefaultPolicy("RAID5", seed=True), ErrorCode.INVALID_ARGUMENT)
+        # Without a seed the command encodes as it did before the field existed.
+        self.assertEqual(msgpack.unpackb(encode_command(SetDefaultPolicy("RS-4-2"))), [2, "RS-4-2"])
+        seeded = SetDefaultPolicy("RS-4-2", seed=True)
+        self.assertEqual(decode_command(encode_command(seeded)), seeded)
 
     def test_allocate_errors(self) -> None:
         """Allocate validates the path and the placement, with the right code for each case."""

@@ -130,10 +130,13 @@ class Mkdir:
 class SetDefaultPolicy:
     """Set the cluster-wide default EC policy (the root's, unless the root has its own).
 
-    Result: L{Ok}.
+    With C{seed}, only if no default was ever set: a new leader seeds a new namespace from its
+    config this way, and the state, not the leader's possibly lagging view of it, decides
+    whether an admin's choice already stands. Result: L{Ok}.
     """
 
     ec: str
+    seed: bool = False
 
 
 @frozen
@@ -584,7 +587,7 @@ def _plain_command(value: Any) -> Any:
 # never reuse or renumber one.
 _SCHEMAS: dict[int, tuple[type, tuple[_Check, ...]]] = {
     1: (Mkdir, (_str, _bool, _opt(_str), _float)),
-    2: (SetDefaultPolicy, (_str,)),
+    2: (SetDefaultPolicy, (_str, _bool)),
     3: (RegisterChunkServer, (_str, _str, _opt(_str))),
     4: (Allocate, (_str, _opt(_str), _seq(_str), _float, _seq(_str))),
     5: (CommitFile, (_str, _int, _seq(_pair(_int, _int)), _float, _opt(_str), _opt(_int))),
@@ -632,7 +635,11 @@ _SCALARS = frozenset({str, int, float, bool, type(None)})
 #: The last field of a command, added after the command was first logged, and its default:
 #: left out when it has that value, so the command encodes as before and a member still on
 #: the previous release applies it.
-_ADDED_FIELDS: dict[type, tuple[str, Any]] = {Allocate: ("avoid", ()), Sessioned: ("now", 0.0)}
+_ADDED_FIELDS: dict[type, tuple[str, Any]] = {
+    Allocate: ("avoid", ()),
+    Sessioned: ("now", 0.0),
+    SetDefaultPolicy: ("seed", False),
+}
 
 
 def _encode_value(value: Any) -> Any:

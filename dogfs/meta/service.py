@@ -252,7 +252,7 @@ class MetaHandlers:
             return c.RenewAllocations(command.block_groups, now)
         if isinstance(command, c.SetDefaultPolicy):
             try:
-                return c.SetDefaultPolicy(ECPolicy.parse(command.ec).name)
+                return c.SetDefaultPolicy(ECPolicy.parse(command.ec).name, command.seed)
             except UnknownPolicy as e:
                 raise WireError("invalid_argument", str(e)) from None
         return command
@@ -544,9 +544,12 @@ class MetaService(MultiService):
 
     def _seed_default_policy(self) -> None:
         # The config's default_ec seeds a namespace that never had one; after that an admin's
-        # choice stands (a leader change must not revert it).
+        # choice stands (a leader change must not revert it). This member's state may lag
+        # the log, so the command itself is conditional: the state decides when it applies.
         if self.log is not None and not self.state.default_policy_set():
-            d = self.log.propose(c.SetDefaultPolicy(ECPolicy.parse(self.config.default_ec).name))
+            d = self.log.propose(
+                c.SetDefaultPolicy(ECPolicy.parse(self.config.default_ec).name, seed=True)
+            )
 
             def failed(failure: Failure) -> None:
                 if self.running:  # stopping: the next start seeds it again

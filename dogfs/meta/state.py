@@ -422,6 +422,10 @@ class _Ctx:
     def set_default_ec(self, ec: str) -> None:
         self._set_value(_DEFAULT_EC, ec)
 
+    def default_ec_set(self) -> bool:
+        """Whether a default policy was ever set (this batch's commands included)."""
+        return _DEFAULT_EC in self._dirty or self.txn.get(_DEFAULT_EC, db=self.meta) is not None
+
     def bgroup(self, bg_id: int) -> list[Any] | None:
         if not 0 <= bg_id < 1 << 64:
             return None
@@ -1346,7 +1350,9 @@ def _mkdir(ctx: _Ctx, index: int, cmd: Mkdir) -> DirInfo:
 
 
 def _set_default(ctx: _Ctx, index: int, cmd: SetDefaultPolicy) -> Ok:
-    ctx.set_default_ec(_check_policy(cmd.ec))
+    ec = _check_policy(cmd.ec)
+    if not (cmd.seed and ctx.default_ec_set()):
+        ctx.set_default_ec(ec)
     return Ok()
 
 
