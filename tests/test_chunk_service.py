@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -31,11 +32,13 @@ from dogfs.codec.checksum import crc32c
 from dogfs.config import ChunkConfig
 from dogfs.plugins import chunk as chunk_plugin
 from dogfs.storage.shards import (
+    DIRECT_ALIGN,
     DIRECT_READ_MIN,
     HEADER_SIZE,
     RECORD_OVERHEAD,
     ShardReader,
     ShardStore,
+    ShardWriter,
 )
 from dogfs.wire.messages import (
     Cell,
@@ -379,6 +382,104 @@ class PutErrorTests(SynchronousTestCase):
         self.assertFalse(os.path.exists(h.store.path(SHARD)))
 
 
+class UploadLimitTests(SynchronousTestCase):
+    """Uploads held open cost the server a bounded amount, whatever the client does."""
+
+    def setUp(self) -> None:
+        self.h = Harness(self.mktemp())
+
+    def open_upload(self, group: int, cell: bytes, fragment_size: int = FRAGMENT) -> Any:
+        """Open an upload of shard 03 of block group ``group`` and send it one cell."""
+        upload = self.h.client.open_stream(PutShard(f"{group:016x}-03", "RS-4-2", 3, fragment_size))
+        upload.send(Cell(0, crc32c(cell)), cell)
+        self.h.pump.flush()
+        return upload
+
+    def test_open_uploads_hold_no_cell(self) -> None:
+        """An upload waiting for its next frame holds no reference to the cells it already
+        wrote: a client opening many uploads and sending one cell each cannot pin a cell's
+        buffer per upload (the wire stopped counting them when it handed them over)."""
+        written: list[memoryview] = []
+        real = ShardWriter.append_cells
+
+        def append_cells(writer: ShardWriter, cells: Any) -> None:
+            written.extend(view for view, _crc in cells)
+            real(writer, cells)
+
+        self.patch(ShardWriter, "append_cells", append_cells)
+        uploads = [self.open_upload(group, bytes([group]) * FRAGMENT) for group in range(20)]
+        self.assertEqual(len(written), 20)
+        while written:
+            view = written.pop()
+            # Our variable and getrefcount's argument: the server holds none of them.
+            self.assertEqual(sys.getrefcount(view), 2)
+        del view
+        for upload in uploads:
+            upload.finish(PutShardEnd(1))
+        self.h.pump.flush()
+        self.assertEqual(len(self.h.server.shard_ids), 20)
+
+    def test_uploads_per_connection_are_bounded(self) -> None:
+        """Past max_uploads open PutShard streams on one connection, another is refused at
+        once with busy, naming the limit, and leaves no file; once one ends, the next is
+        taken. Another connection has its own count."""
+        server = self.h.server
+        server.max_uploads = 3
+        uploads = [self.open_upload(group, b"a" * FRAGMENT) for group in range(3)]
+        connection = self.h.pump.server
+        self.assertEqual(server.uploads[connection], 3)
+        refused = self.open_upload(3, b"b" * FRAGMENT)
+        self.assertTrue(refused.done)
+        error = self.failureResultOf(refused.finish(PutShardEnd(1)), WireError).value
+        self.assertEqual(error.code, "busy")
+        self.assertEqual(
+            error.message,
+            "chunk-3 is already receiving 3 uploads on this connection, the most it takes at "
+            f"once: send shard {3:016x}-03 once one of them has ended",
+        )
+        self.h.pump.flush()
+        self.assertEqual(len(self.h.tmp_files()), 3)
+        other, other_pump = pair(dict(server.handlers()), self.h.clock)
+        elsewhere = other.open_stream(PutShard(f"{9:016x}-03", "RS-4-2", 3, FRAGMENT))
+        d = elsewhere.finish(PutShardEnd(0))
+        other_pump.flush()
+        self.assertEqual(self.successResultOf(d).msg, ShardStored(f"{9:016x}-03", 0))
+        d = uploads[0].finish(PutShardEnd(1))
+        self.h.pump.flush()
+        self.successResultOf(d)
+        self.assertEqual(server.uploads[connection], 2)
+        accepted = self.open_upload(3, b"b" * FRAGMENT)
+        self.assertFalse(accepted.done)
+        self.assertEqual(server.uploads[connection], 3)
+        # Uploads cut off (aborted, or by a lost connection) count no more.
+        uploads[1].abort("client gave up")
+        self.h.pump.flush()
+        self.assertEqual(server.uploads[connection], 2)
+        self.h.client.transport.loseConnection()
+        self.h.pump.flush()
+        self.assertEqual(server.uploads[connection], 0)
+        self.assertEqual(self.h.tmp_files(), [])
+        for upload in (uploads[2], accepted):
+            self.failureResultOf(upload.finish(PutShardEnd(1)), WireError)
+
+    def test_direct_staging_is_bounded(self) -> None:
+        """Uploads held open with direct I/O hold staging buffers within the store's budget;
+        the others write through the page cache, and every shard is stored whole."""
+        if not self.h.store.direct_io:
+            raise SkipTest("this file system does not accept O_DIRECT writes")
+        size = 2 * DIRECT_ALIGN
+        budget = self.h.store.staging_budget = 2 * (size + 2 * DIRECT_ALIGN)
+        cells = [bytes([group]) * size for group in range(5)]
+        uploads = [self.open_upload(group, cell, size) for group, cell in enumerate(cells)]
+        self.assertEqual(self.h.store.staging_bytes, budget)
+        for upload in uploads:
+            upload.finish(PutShardEnd(1))
+        self.h.pump.flush()
+        self.assertEqual(self.h.store.staging_bytes, 0)
+        for group, cell in enumerate(cells):
+            self.assertEqual(self.h.store.read_cells(f"{group:016x}-03", 0, 1), [cell])
+
+
 class ReadErrorTests(SynchronousTestCase):
     """Missing and damaged shards."""
 
@@ -436,6 +537,57 @@ class ReadErrorTests(SynchronousTestCase):
         self.assertEqual(error.message, f"shard {SHARD} cell 2 on chunk-3 cannot be read: [Errno 5] Input/output error")
         self.assertEqual([m.index for m, _ in parts], [0, 1])
         self.assertEqual(self.h.server.corrupt, {SHARD})
+
+    def test_out_of_descriptors(self) -> None:
+        """A shard the server cannot open for want of file descriptors (EMFILE) is
+        storage_error, which the client answers by reading another shard; it is not marked
+        damaged, and the next get, once descriptors are free, succeeds."""
+        frags = fragments(4)
+        self.successResultOf(self.h.put(SHARD, frags))
+        real = os.open
+        failing = [True]
+
+        def open_(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+            if failing[0] and str(path).endswith(".shard"):
+                raise OSError(errno.EMFILE, "Too many open files")
+            return real(path, flags, *args, **kwargs)
+
+        self.patch(os, "open", open_)
+        d, parts = self.h.get(SHARD)
+        error = self.failureResultOf(d, WireError).value
+        self.assertEqual(error.code, "storage_error")
+        self.assertEqual(error.message, f"shard {SHARD} on chunk-3 cannot be read: [Errno 24] Too many open files")
+        self.assertEqual(parts, [])
+        self.assertEqual(self.h.server.corrupt, set())
+        self.assertEqual(self.h.server.load()["corrupt_shards"], 0.0)
+        failing[0] = False
+        d, parts = self.h.get(SHARD)
+        self.assertEqual(self.successResultOf(d).msg, GetShardEnd(4))
+        self.assertEqual([p for _, p in parts], frags)
+
+    def test_passing_read_error(self) -> None:
+        """A cell read failing for want of memory (ENOMEM) ends the stream with
+        storage_error; the shard stays healthy and reads whole next time."""
+        frags = fragments(4)
+        self.successResultOf(self.h.put(SHARD, frags))
+        real = ShardReader.read_record
+        failing = [True]
+
+        def read_record(reader: ShardReader, i: int) -> Any:
+            if failing[0] and i == 2:
+                raise OSError(errno.ENOMEM, "Cannot allocate memory")
+            return real(reader, i)
+
+        self.patch(ShardReader, "read_record", read_record)
+        d, parts = self.h.get(SHARD)
+        error = self.failureResultOf(d, WireError).value
+        self.assertEqual(error.code, "storage_error")
+        self.assertIn("cell 2", error.message)
+        self.assertEqual([m.index for m, _ in parts], [0, 1])
+        self.assertEqual(self.h.server.corrupt, set())
+        failing[0] = False
+        d, parts = self.h.get(SHARD)
+        self.assertEqual([p for _, p in parts], frags)
 
     def test_read_ahead_and_close_after_reads(self) -> None:
         """GetShard keeps READ_AHEAD cells being read behind the one it sends, and when a cell
@@ -1003,6 +1155,30 @@ class ChunkServiceTests(SynchronousTestCase):
         third.startService()
         self.successResultOf(third.when_ready())
         self.successResultOf(third.stopService())
+
+    def test_bad_data_dir_layout(self) -> None:
+        """A data directory whose layout is wrong (a file where shards/ should be) keeps the
+        server from starting with one sentence naming the path, not a traceback, and calls
+        on_fatal."""
+        root = os.path.abspath(self.mktemp())
+        os.makedirs(root)
+        with open(os.path.join(root, "shards"), "wb"):
+            pass
+        config = ChunkConfig(
+            id="chunk-3", listen="tcp:7103", address="127.0.0.1:7103", data_dir=root, meta=("127.0.0.1:1",)
+        )
+        fatal: list[bool] = []
+        service = ChunkService(
+            MemoryReactorClock(), config, executor=synchronous_executor, on_fatal=lambda: fatal.append(True)
+        )
+        with capturedLogs() as events:
+            service.startService()
+        message = f"cannot keep shards in {root}: {os.path.join(root, 'shards')}: Not a directory"
+        self.assertEqual(str(self.failureResultOf(service.when_ready()).value), message)
+        self.assertEqual(fatal, [True])
+        [event] = [e for e in events if e["log_level"] == LogLevel.critical]
+        self.assertEqual(event["log_format"].format(**event), f"chunk-3 cannot start: {message}")
+        self.successResultOf(service.stopService())
 
     def test_makeService_does_no_io(self) -> None:
         """makeService reads the config and builds a stopped tree: no data directory yet."""

@@ -34,8 +34,10 @@ from dogfs.storage.shards import (
     ShardStoreFull,
     make_shard_id,
     parse_shard_id,
+    shard_damaged,
     validate_shard_id,
 )
+from tests.test_storage_files import identity, record_fsyncs
 
 FRAGMENT = 300
 SHARD_ID = "000000000000002a-03"
@@ -136,6 +138,37 @@ class ShardIdTests(SynchronousTestCase):
         self.assertEqual(
             store.path(SHARD_ID),
             os.path.join(store.root, "shards", "2a", SHARD_ID + ".shard"),
+        )
+
+
+class LayoutDurabilityTests(SynchronousTestCase):
+    """The store's directories survive a crash once the store is open."""
+
+    def test_new_directories_are_fsynced(self) -> None:
+        """A new store fsyncs the root's parent (the root's entry) and the root (shards/ and
+        tmp/); on a root that exists, only the root; on a whole store, nothing."""
+        parent = os.path.abspath(self.mktemp())
+        os.makedirs(parent)
+        root = os.path.join(parent, "data")
+        synced = record_fsyncs(self)
+        ShardStore(root)
+        self.assertEqual(synced, [identity(parent), identity(root), identity(root)])
+        del synced[:]
+        ShardStore(root)
+        self.assertEqual(synced, [])
+        os.rmdir(os.path.join(root, "tmp"))
+        ShardStore(root)
+        self.assertEqual(synced, [identity(root)])
+
+    def test_bad_layout_is_one_sentence(self) -> None:
+        """A file where a directory of the store should be is ShardStoreError naming it."""
+        root = os.path.abspath(self.mktemp())
+        os.makedirs(root)
+        with open(os.path.join(root, "tmp"), "wb"):
+            pass
+        error = self.assertRaises(ShardStoreError, ShardStore, root)
+        self.assertEqual(
+            str(error), f"cannot keep shards in {root}: {os.path.join(root, 'tmp')}: Not a directory"
         )
 
 
@@ -473,6 +506,32 @@ class ManagementTests(StoreTestCase):
         self.assertTrue(listed[bad].corrupt)
         self.assertFalse(listed[good].corrupt)
 
+    def test_passing_errors_do_not_mark_shards_damaged(self) -> None:
+        """A shard the scan cannot open for a reason of the server's own (out of descriptors
+        or memory) is listed as held, not damaged; only errors saying its bytes are lost
+        mark it."""
+        shard_id = make_shard_id(1, 7)
+        self.write(fragments_for(1, 2), ShardInfo(shard_id, "RS-6-3", 7, FRAGMENT))
+        failure: list[int] = []
+        real = os.open
+
+        def open_(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+            if str(path).endswith(".shard"):
+                raise OSError(failure[0], os.strerror(failure[0]))
+            return real(path, flags, *args, **kwargs)
+
+        self.patch(os, "open", open_)
+        for error in (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN, errno.EACCES):
+            failure[:] = [error]
+            [listed] = self.store.list()
+            self.assertEqual((listed.shard_id, listed.corrupt), (shard_id, False))
+            self.assertFalse(shard_damaged(OSError(error, os.strerror(error))))
+        for error in (errno.EIO, errno.ENODATA, errno.EBADMSG, errno.EUCLEAN):
+            failure[:] = [error]
+            [listed] = self.store.list()
+            self.assertEqual((listed.shard_id, listed.corrupt), (shard_id, True))
+            self.assertTrue(shard_damaged(OSError(error, os.strerror(error))))
+
     def test_capacity_counts_what_the_disk_has_left(self) -> None:
         """The capacity reported is the shards' bytes plus what the filesystem still offers,
         so a disk filled by other data shows as full."""
@@ -644,6 +703,55 @@ class DirectIOTests(SynchronousTestCase):
         self.assertEqual(os.listdir(self.direct.tmp_dir), [])
         self.assertRaises(ShardStoreError, writer.append, b"x")
         self.assertRaises(ShardNotFound, self.direct.open, SHARD_ID)
+        self.assertEqual(self.direct.staging_bytes, 0)
+
+    def test_staging_memory_is_bounded(self) -> None:
+        """Direct writers' staging buffers stay within the store's staging budget: writers
+        begun past it write through the page cache (the same file), and a buffer given back
+        at commit or abort makes room for the next direct writer."""
+        size = 2 * DIRECT_ALIGN
+        staging = shards_module._staging_size(size)
+        store = ShardStore(self.mktemp(), direct_io=True, staging_budget=3 * staging)
+        infos = [ShardInfo(make_shard_id(group, 3), "RS-4-2", 3, size) for group in range(5)]
+        writers = [store.begin(info) for info in infos]
+        self.assertEqual([w.direct for w in writers], [True, True, True, False, False])
+        self.assertEqual(store.staging_bytes, 3 * staging)
+        rng = random.Random(5)
+        fragments = [[rng.randbytes(size), rng.randbytes(size // 3)] for _ in infos]
+        for writer, cells in zip(writers, fragments, strict=True):
+            for fragment in cells:
+                writer.append(fragment)
+        writers[0].commit()
+        writers[1].abort()
+        self.assertEqual(store.staging_bytes, staging)
+        again = store.begin(ShardInfo(make_shard_id(9, 3), "RS-4-2", 3, size))
+        self.assertTrue(again.direct)
+        again.abort()
+        for writer in writers[2:]:
+            writer.commit()
+        self.assertEqual(store.staging_bytes, 0)
+        for i in (0, 2, 3, 4):
+            self.assertEqual(store.read_cells(infos[i].shard_id, 0, 2), fragments[i])
+            buffered = self.buffered
+            self.write(buffered, infos[i], fragments[i])
+            with open(store.path(infos[i].shard_id), "rb") as a, open(buffered.path(infos[i].shard_id), "rb") as b:
+                self.assertEqual(a.read(), b.read())
+
+    def test_no_memory_for_staging(self) -> None:
+        """A staging buffer that cannot be mapped (ENOMEM) leaves the shard to the page
+        cache, with no descriptor or budget kept for it."""
+
+        def no_memory(*args: Any, **kwargs: Any) -> Any:
+            raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))
+
+        self.patch(shards_module.mmap, "mmap", no_memory)
+        info = ShardInfo(SHARD_ID, "RS-4-2", 3, 2 * DIRECT_ALIGN)
+        writer = self.direct.begin(info)
+        self.assertFalse(writer.direct)
+        self.assertEqual(self.direct.staging_bytes, 0)
+        writer.append(b"y" * info.fragment_size)
+        writer.commit()
+        self.assertEqual(self.direct.read_cells(SHARD_ID, 0, 1), [b"y" * info.fragment_size])
 
 
 class ReadAheadTests(StoreTestCase):

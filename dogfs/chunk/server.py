@@ -12,10 +12,13 @@ stored (what the client sent, without the file's header and per-cell CRCs).
 Error codes a client can see:
     invalid_argument    bad shard id, fragment size, cell order, range or stream shape
     corrupt_in_transit  a cell's payload does not match the CRC32C sent with it
+    busy                the connection already has `max_uploads` PutShard streams open
     no_space            the disk (or quota) is full
-    storage_error       any other failure of the local disk
+    storage_error       any other failure of the local disk, or of the server's means to use
+                        it (out of file descriptors or memory for now): the shard is fine
     not_found           no such shard here
-    corrupt             a stored cell or header failed its checksum (logged, remembered)
+    corrupt             a stored cell or header failed its checksum, or the disk lost its
+                        bytes (EIO: see `shard_damaged`); logged, remembered
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from dogfs.storage.shards import (
     ShardStoreError,
     ShardStoreFull,
     ShardWriter,
+    shard_damaged,
     validate_shard_id,
 )
 from dogfs.wire.frame import FrameLimits
@@ -86,6 +90,14 @@ READ_AHEAD_BUDGET = 64 << 20
 #: honest client reads one stream per connection (`GroupReader` leases its own), READ_AHEAD
 #: cells ahead, far below this.
 CONNECTION_READ_BUDGET = 16 << 20
+
+#: PutShard streams one connection may have open at once; more are refused with ``busy``.
+#: Each open upload holds two file descriptors, a temporary file and (with direct I/O) a
+#: staging buffer until it ends, whether or not the client sends anything: without a bound of
+#: its own, one connection could open `max_inflight` (1024) of them. A client needs one
+#: stream per put in flight on each server's connection (a block group has one shard per
+#: chunk server, and a put writes its groups one after another): 16 for `dogfs bench`.
+MAX_UPLOADS_PER_CONNECTION = 64
 
 
 class _ByteBudget:
@@ -152,12 +164,14 @@ class ShardServer:
         append_in_executor: bool = True,
         read_ahead_budget: int = READ_AHEAD_BUDGET,
         connection_budget: int = CONNECTION_READ_BUDGET,
+        max_uploads: int = MAX_UPLOADS_PER_CONNECTION,
     ) -> None:
         """Serve `store` as node `node_id`.
 
         `meter` counts traffic (a `LoadMeter`); `append_in_executor` chooses where cell
         writes run (see the module's report: in the pool, the next frame is read from the
-        socket while the previous one is written).
+        socket while the previous one is written). `max_uploads` bounds the PutShard streams
+        open on one connection.
         """
         self.store = store
         self.node_id = node_id
@@ -168,6 +182,9 @@ class ShardServer:
         self.read_ahead_budget = read_ahead_budget
         self.connection_budget = connection_budget
         self._budgets: weakref.WeakKeyDictionary[Any, _ByteBudget] = weakref.WeakKeyDictionary()
+        self.max_uploads = max_uploads
+        #: PutShard streams open on each connection.
+        self.uploads: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
         #: Where GetShard streams read cells with direct I/O (a few cells per stream: those
         #: read ahead and the one being sent); streams it cannot serve read through the cache.
         self.read_buffers = AlignedBuffers(READ_BUFFER_BYTES)
@@ -241,7 +258,31 @@ class ShardServer:
                 f"fragment size {msg.fragment_size} of shard {shard_id} is not between 1 and "
                 f"{self.limits.max_payload} bytes",
             )
+        connection = request.connection
+        open_uploads = self.uploads.get(connection, 0)
+        if open_uploads >= self.max_uploads:
+            raise self._error(
+                "busy",
+                f"{self.node_id} is already receiving {open_uploads} uploads on this connection, "
+                f"the most it takes at once: send shard {shard_id} once one of them has ended",
+            )
         info = ShardInfo(shard_id, msg.policy, msg.index, msg.fragment_size)
+        self.uploads[connection] = open_uploads + 1
+        try:
+            data_bytes = await self._store_upload(request, info)
+        finally:
+            # Not there only if the connection is being collected with this coroutine.
+            if connection in self.uploads:
+                self.uploads[connection] -= 1
+        self.shard_ids.add(shard_id)
+        self.corrupt.discard(shard_id)  # a fresh copy replaces a damaged one
+        self.meter.add("put_ops")
+        self.meter.add("put_bytes", data_bytes)
+        return ShardStored(shard_id, data_bytes)
+
+    async def _store_upload(self, request: Request, info: ShardInfo) -> int:
+        """Write the upload's cells into a new shard and commit it; returns its fragment bytes."""
+        shard_id = info.shard_id
         try:
             # Creating the temporary file and writing its 128-byte placeholder is a short
             # page-cache operation: not worth a thread hop.
@@ -259,11 +300,7 @@ class ShardServer:
         finally:
             if not committed:
                 writer.abort()
-        self.shard_ids.add(shard_id)
-        self.corrupt.discard(shard_id)  # a fresh copy replaces a damaged one
-        self.meter.add("put_ops")
-        self.meter.add("put_bytes", data_bytes)
-        return ShardStored(shard_id, data_bytes)
+        return data_bytes
 
     async def _receive(self, request: Request, writer: ShardWriter) -> tuple[ShardStat, int]:
         """Append every cell of the upload, then commit; returns (stat, fragment bytes).
@@ -307,6 +344,9 @@ class ShardServer:
             short_seen = size < fragment_size
             batch.append((payload, msg.crc))
             data_bytes += size
+            # The wire stopped counting the cell once it handed it over: an upload left open
+            # must not pin it (its receive buffer) while it waits for the next frame.
+            del part, payload
             if not request.part_ready or len(batch) >= MAX_CELLS_PER_WRITE:
                 await self._append(writer, batch)
                 batch = []
@@ -486,10 +526,19 @@ class ShardServer:
                 budget.release(held)
 
     def _unreadable(self, shard_id: str, cell: int | None, e: OSError) -> WireError:
-        """A shard the disk cannot read (EIO under a bad sector): as good as damaged, so it
-        is reported for repair, and the client reads the stripe from other shards."""
+        """A shard that could not be read; the client reads the stripe from other shards.
+
+        If the disk lost its bytes (EIO under a bad sector: `shard_damaged`), the shard is as
+        good as damaged, and reported for repair. Any other error (EMFILE, ENOMEM: the server
+        short of something for a moment) is the server's, not the shard's: storage_error,
+        and the shard stays healthy, to be read again next time.
+        """
         where = "" if cell is None else f" cell {cell}"
-        return self._damaged(shard_id, f"shard {shard_id}{where} on {self.node_id} cannot be read: {e}", type(e).__name__)
+        message = f"shard {shard_id}{where} on {self.node_id} cannot be read: {e}"
+        if shard_damaged(e):
+            return self._damaged(shard_id, message, type(e).__name__)
+        log.warn("{message}", message=message)
+        return self._error("storage_error", message)
 
     def _corrupt(self, e: ShardCorrupt) -> WireError:
         if e.cell is None:

@@ -35,8 +35,8 @@ from dogfs.plugins.common import client_endpoints, server_endpoint
 from dogfs.raft.worker import WorkerPool
 from dogfs.security.authz import guard
 from dogfs.security.daemon import DaemonSecurity, RevocationTap
-from dogfs.storage.files import replace_file
-from dogfs.storage.shards import ShardStore
+from dogfs.storage.files import make_dirs, replace_file
+from dogfs.storage.shards import ShardStore, ShardStoreError
 from dogfs.wire import messages as m
 from dogfs.wire.pool import ConnectionFactory, ConnectionPool, EndpointMaker
 
@@ -113,12 +113,12 @@ def claim_data_dir(data_dir: str, node_id: str) -> None:
 
 
 def lock_data_dir(data_dir: str) -> int:
-    """Create `data_dir` if needed and lock it for this process; return the lock's fd.
+    """Create `data_dir` (durably) if needed and lock it for this process; return the lock's fd.
 
     The lock dies with the process (even on kill -9), so a stale one never blocks a restart.
     A second server on the same directory would delete the first one's uploads in flight.
     """
-    os.makedirs(data_dir, exist_ok=True)
+    make_dirs(data_dir)
     fd = os.open(os.path.join(data_dir, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -198,10 +198,12 @@ class ChunkService(MultiService):
         try:
             self._lock_fd = lock_data_dir(config.data_dir)
             claim_data_dir(config.data_dir, config.id)
-        except (DataDirInUse, DataDirOfAnotherNode, OSError) as e:
+            # A data directory laid out wrong (a file where shards/ or tmp/ should be, no
+            # permission) is one sentence too, not a traceback.
+            self.store = ShardStore(config.data_dir, direct_io=self._direct_io)
+        except (DataDirInUse, DataDirOfAnotherNode, ShardStoreError, OSError) as e:
             self._failed_to_start(Failure(e))
             return
-        self.store = ShardStore(config.data_dir, direct_io=self._direct_io)
         executor = self._executor_arg
         if executor is None:
             self._threadpool = WorkerPool(self.reactor, f"{config.id}-disk", self.threads)

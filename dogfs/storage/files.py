@@ -5,6 +5,7 @@ Depends on nothing else in DogFS.
 
 from __future__ import annotations
 
+import errno
 import os
 
 
@@ -15,6 +16,31 @@ def fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def make_dirs(path: str) -> None:
+    """Create directory ``path`` and its missing parents durably: each directory created is
+    followed by an fsync of its parent, since a new directory's entry is lost in a crash as
+    easily as a new file's (and everything stored under it with it).
+
+    @raise NotADirectoryError: ``path`` or one of its parents exists and is not a directory.
+    """
+    missing = []
+    path = os.path.abspath(path)
+    while not os.path.isdir(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory)
+        except FileExistsError:
+            if not os.path.isdir(directory):
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), directory) from None
+            # Made by another process just now: its entry may not be durable yet either.
+        fsync_dir(os.path.dirname(directory))
 
 
 def replace_file(path: str, data: bytes, mode: int = 0o644) -> None:

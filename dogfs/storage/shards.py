@@ -52,7 +52,7 @@ from types import TracebackType
 import crc32c as _crc32c
 from attrs import frozen
 
-from dogfs.storage.files import fsync_dir
+from dogfs.storage.files import fsync_dir, make_dirs
 
 __all__ = [
     "HEADER_SIZE",
@@ -70,6 +70,7 @@ __all__ = [
     "CellOutOfRange",
     "make_shard_id",
     "parse_shard_id",
+    "shard_damaged",
     "validate_shard_id",
 ]
 
@@ -87,6 +88,11 @@ _CRC = struct.Struct("<I")
 _SHARD_ID_RE = re.compile(r"[0-9a-f]{16}-[0-9]{2}", re.ASCII)
 _POLICY_RE = re.compile(r"[A-Za-z0-9-]{1,16}", re.ASCII)
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+#: Errors of a read that say the data is lost: the medium failed (EIO under a bad sector) or
+#: the file system's own checks did (EBADMSG, EUCLEAN: ext4's and XFS's checksums; ENODATA).
+_DAMAGE_ERRNOS = frozenset(
+    getattr(errno, name) for name in ("EIO", "ENODATA", "EBADMSG", "EUCLEAN") if hasattr(errno, name)
+)
 _MAX_FRAGMENT_SIZE = 1 << 32
 
 
@@ -131,6 +137,17 @@ class ShardCorrupt(ShardStoreError):
 
 class ShardStoreFull(ShardStoreError):
     """The disk or quota is full (ENOSPC, EDQUOT, EFBIG); the partial file was removed."""
+
+
+def shard_damaged(error: OSError) -> bool:
+    """Whether ``error``, met reading a shard, means the shard itself is damaged.
+
+    Only errors that say its bytes are lost do. Any other (EMFILE, ENFILE, ENOMEM, EAGAIN: the
+    process or the kernel short of something for a moment; EACCES: a file the server may not
+    read) is the server's trouble, not the shard's: marking the shard damaged for it would
+    have a healthy copy repaired, and reported as lost, for good.
+    """
+    return error.errno in _DAMAGE_ERRNOS
 
 
 def validate_shard_id(shard_id: object) -> str:
@@ -181,7 +198,9 @@ class ShardStat:
     """A stored shard as the chunk server reports it.
 
     ``size`` is the file's length in bytes; ``corrupt`` is set by L{ShardStore.list} for a file
-    whose header is unreadable (its ``cells`` is then 0).
+    whose header is damaged or that the disk cannot read (its ``cells`` is then 0). A file that
+    could not be read for a reason of the server's own (`shard_damaged` is false) is listed
+    with ``cells`` 0 too, not corrupt: its reads check it.
     """
 
     shard_id: str
@@ -287,6 +306,19 @@ def _probe_direct_io(directory: str) -> bool:
     finally:
         os.close(fd)
         os.unlink(path)
+
+
+#: Bytes of staging buffers the direct-I/O writers of one store may hold together (about a
+#: cell each, resident from the first cell until commit or abort). Past it a new shard is
+#: written through the page cache: uploads held open cannot make the server pin a cell of
+#: memory each.
+STAGING_BUDGET = 64 << 20
+
+
+def _staging_size(fragment_size: int) -> int:
+    """Bytes of a direct-I/O writer's staging buffer: a record and the header, plus the block
+    left over from the records before, rounded up to whole blocks."""
+    return -(-(RECORD_OVERHEAD + fragment_size + HEADER_SIZE + DIRECT_ALIGN) // DIRECT_ALIGN) * DIRECT_ALIGN
 
 
 #: Cells at least this large are worth reading with direct I/O (`ShardReader.read_record_into`).
@@ -566,12 +598,18 @@ class ShardWriter:
         self._staged = 0
         self._block0: bytes | None = None
         if direct_fd is not None:
-            record = RECORD_OVERHEAD + info.fragment_size
-            size = -(-(record + HEADER_SIZE + DIRECT_ALIGN) // DIRECT_ALIGN) * DIRECT_ALIGN
-            # Private, not the shared (shmem) mapping mmap.mmap(-1) makes by default: the
-            # kernel pins private pages for each direct write on its fast path (chunk servers
-            # spent ~20% more CPU per upload with the shared kind).
-            self._staging = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
+            # The store has counted this buffer in its staging budget: _release_direct gives
+            # it back.
+            size = _staging_size(info.fragment_size)
+            try:
+                # Private, not the shared (shmem) mapping mmap.mmap(-1) makes by default: the
+                # kernel pins private pages for each direct write on its fast path (chunk
+                # servers spent ~20% more CPU per upload with the shared kind).
+                self._staging = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
+            except OSError:  # no memory for it: this shard goes through the page cache
+                os.close(direct_fd)
+                self._direct_fd = None
+                store._release_staging(size)
 
     @property
     def shard_id(self) -> str:
@@ -700,15 +738,17 @@ class ShardWriter:
             buffer.release()
 
     def _release_direct(self) -> None:
-        if self._direct_fd is not None:
-            os.close(self._direct_fd)
-            self._direct_fd = None
+        # The buffer first: a close that fails must not keep it counted in the store's budget.
         staging, self._staging = self._staging, None
         if staging is not None:
+            self._store._release_staging(len(staging))
             try:
                 staging.close()
             except BufferError:
                 pass  # a failed write's traceback still holds a view: unmapped when it goes
+        direct_fd, self._direct_fd = self._direct_fd, None
+        if direct_fd is not None:
+            os.close(direct_fd)
 
     def commit(self) -> ShardStat:
         """Make the shard durable and visible under its id, replacing any older copy atomically.
@@ -784,8 +824,9 @@ class ShardStore:
         fsync: Callable[[int], None] = os.fsync,
         direct_io: bool | None = None,
         pwrite: PwriteFunction = os.pwrite,
+        staging_budget: int = STAGING_BUDGET,
     ) -> None:
-        """Use (and create if needed) ``root/shards`` and ``root/tmp``.
+        """Use (and create durably if needed) ``root/shards`` and ``root/tmp``.
 
         ``writev``, ``pwrite`` (direct I/O) and ``fsync`` are injectable so tests can simulate
         a full disk.
@@ -796,13 +837,22 @@ class ShardStore:
         to the device and the fsync only the last block and the metadata. Reads of a new
         shard then come from the disk rather than memory, and `open` with ``direct`` reads
         them with direct I/O too. None (the default) uses it where the file system accepts it
-        and ``writev`` is the real one.
+        and ``writev`` is the real one. ``staging_budget`` bounds the memory of direct
+        writers' staging buffers (see `STAGING_BUDGET`).
+
+        @raise ShardStoreError: the directories cannot be created (one is a file, no
+            permission).
         """
         self.root = os.path.abspath(root)
         self.shards_dir = os.path.join(self.root, "shards")
         self.tmp_dir = os.path.join(self.root, "tmp")
-        os.makedirs(self.shards_dir, exist_ok=True)
-        os.makedirs(self.tmp_dir, exist_ok=True)
+        try:
+            make_dirs(self.shards_dir)
+            make_dirs(self.tmp_dir)
+        except OSError as e:
+            raise ShardStoreError(
+                f"cannot keep shards in {self.root}: {e.filename or self.root}: {e.strerror or e}"
+            ) from e
         self._writev = writev
         self._pwrite = pwrite
         self._fsync = fsync
@@ -813,6 +863,12 @@ class ShardStore:
         self._buckets: set[str] = set()
         self._lock = threading.Lock()
         self._used: int | None = None
+        self.staging_budget = staging_budget
+        #: Bytes of staging buffers held by this store's direct writers now.
+        self.staging_bytes = 0
+        # Its own lock: begin takes it on the reactor thread, where usage's first scan under
+        # _lock must not hold it up.
+        self._staging_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"<ShardStore {self.root}>"
@@ -854,6 +910,18 @@ class ShardStore:
         with self._lock:
             if self._used is not None:
                 self._used += delta
+
+    def _reserve_staging(self, size: int) -> bool:
+        """Count a direct writer's staging buffer of ``size`` bytes, if the budget has room."""
+        with self._staging_lock:
+            if self.staging_bytes + size > self.staging_budget:
+                return False
+            self.staging_bytes += size
+            return True
+
+    def _release_staging(self, size: int) -> None:
+        with self._staging_lock:
+            self.staging_bytes -= size
 
     # -- writing -------------------------------------------------------------------------
 
@@ -900,17 +968,20 @@ class ShardStore:
             ) from e
         direct_fd = None
         # A shard of fragments under a block would reach the disk as one partial block through
-        # the page cache anyway (small files): keep their path as short as it was.
-        if self.direct_io and info.fragment_size >= DIRECT_ALIGN:
+        # the page cache anyway (small files): keep their path as short as it was. So does a
+        # shard whose staging buffer the budget has no room for: writing through the page
+        # cache costs CPU, pinning memory for every upload held open costs the server.
+        staging = _staging_size(info.fragment_size)
+        if self.direct_io and info.fragment_size >= DIRECT_ALIGN and self._reserve_staging(staging):
             try:
                 direct_fd = os.open(tmp_path, os.O_WRONLY | os.O_CLOEXEC | _O_DIRECT)
             except OSError:
-                direct_fd = None  # this shard goes through the page cache
+                self._release_staging(staging)  # this shard goes through the page cache
         writer = ShardWriter(self, info, tmp_path, fd, direct_fd)
         # A placeholder header (not marked complete) until commit writes the real one.
         placeholder = _pack_header(info, 0, 0, 0)
         try:
-            if direct_fd is not None:
+            if writer.direct:
                 writer._stage(placeholder)
             else:
                 self._write_all(fd, [placeholder])
@@ -1013,24 +1084,31 @@ class ShardStore:
             return ShardStat(shard_id, st.st_size, reader.cells, st.st_mtime)
 
     def list(self) -> Iterator[ShardStat]:
-        """Every shard stored here (in no particular order); damaged headers are flagged."""
+        """Every shard stored here (in no particular order); damaged ones are flagged."""
         for shard_id, path in self._scan():
             try:
-                yield self.stat(shard_id)
+                stat = self.stat(shard_id)
             except ShardNotFound:
                 continue  # deleted while we looked
-            except (ShardCorrupt, OSError):
-                # A damaged header, or a file the disk cannot read (EIO under a bad sector,
-                # EACCES): that shard is lost to us, the others are not. Flagged, it is
-                # reported as damaged (and repaired) instead of stopping the whole scan.
-                try:
-                    st = os.stat(path)
-                except FileNotFoundError:
-                    continue
-                except OSError:
-                    yield ShardStat(shard_id, 0, 0, 0.0, corrupt=True)
-                    continue
-                yield ShardStat(shard_id, st.st_size, 0, st.st_mtime, corrupt=True)
+            except ShardCorrupt:
+                damaged = True
+            except OSError as e:
+                # A file the disk cannot read (EIO under a bad sector) is lost to us; one we
+                # could not open for a reason of our own (EMFILE, ENOMEM) is not.
+                damaged = shard_damaged(e)
+            else:
+                yield stat
+                continue
+            # Either way the scan goes on: one bad sector must not keep the server from
+            # starting. A damaged shard is flagged, and reported as damaged (and repaired).
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                continue
+            except OSError:
+                yield ShardStat(shard_id, 0, 0, 0.0, corrupt=damaged)
+                continue
+            yield ShardStat(shard_id, st.st_size, 0, st.st_mtime, corrupt=damaged)
 
     def _scan(self) -> Iterator[tuple[str, str]]:
         """``(shard_id, path)`` of every well-named shard file."""
