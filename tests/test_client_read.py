@@ -27,6 +27,10 @@ from dogfs.client.transfer import (
     WriteBehindSink,
     as_sink,
     as_source,
+    flush_fully,
+    get,
+    put,
+    write_fully,
 )
 from dogfs.codec.checksum import crc32c
 from dogfs.codec.policy import ECPolicy
@@ -275,6 +279,230 @@ class GroupReaderTests(SynchronousTestCase):
         self.successResultOf(d)
         self.assertEqual(bytes(sink.f.data), data)
 
+    def test_give_up_names_every_shard_that_did_not_deliver(self) -> None:
+        """With every chunk server silent, the error says none answered and names each
+        shard: those that timed out, and those still silent when the read gave up (chunk-3,
+        whose watchdog was about to fire; the parity shards started in place of the
+        others)."""
+        from dogfs.client.api import DogFSError
+
+        client, reader, fragments, data, sink = setup(2, "RS-4-2")
+        d = reader.read()
+        client.clock.advance(reader.shard_timeout + 0.1)
+        error = self.failureResultOf(d, DogFSError).value
+        self.assertEqual(
+            (error.code, error.message),
+            (
+                "unavailable",
+                "cannot read /f: block group 1 needs 4 of its 6 shards but only 0 answered ("
+                "chunk-0: no data for 10s; chunk-1: no data for 10s; chunk-2: no data for 10s; "
+                "chunk-3: no data for 10.1s; chunk-4: no data yet; chunk-5: no data yet)",
+            ),
+        )
+        self.assertEqual(client.clock.getDelayedCalls(), [])
+
+    def test_give_up_counts_shards_that_sent_cells(self) -> None:
+        """A shard whose stream sent cells counts as having answered and is not named."""
+        from dogfs.client.api import DogFSError
+        from dogfs.wire.protocol import WireError
+
+        client, reader, fragments, data, sink = setup(3)
+        d = reader.read()
+        deliver(client, 0, fragments, range(1))
+        client.pool.connections["127.0.0.1:7101"].calls[-1][2].errback(WireError("not_found", "no such shard"))
+        client.pool.connections["127.0.0.1:7102"].calls[-1][2].errback(WireError("not_found", "no such shard"))
+        error = self.failureResultOf(d, DogFSError).value
+        self.assertEqual(
+            error.message,
+            "cannot read /f: block group 1 needs 2 of its 3 shards but only 1 answered "
+            "(chunk-1: no such shard; chunk-2: no such shard)",
+        )
+
+    def test_suspect_servers_are_read_last(self) -> None:
+        """A block group reads a parity shard instead of a data shard whose server failed
+        earlier in the get, and that data shard only when the others are too few; a suspect
+        server that then serves its shard in full is suspect no more."""
+        from dogfs.wire.protocol import WireError
+
+        client, reader, fragments, data, sink = setup(2)
+        reader = GroupReader(client, "/f", reader.bg, reader.codec, sink, None, {"chunk-0"})  # type: ignore[arg-type]
+        d = reader.read()
+        self.assertEqual(sorted(reader.streams), [1, 2])
+        self.assertEqual(len(client.pool.connections["127.0.0.1:7100"].calls), 0)
+        client.pool.connections["127.0.0.1:7102"].calls[-1][2].errback(WireError("not_found", "no such shard"))
+        self.assertEqual(sorted(reader.streams), [0, 1])  # the suspect, since no other is left
+        self.assertEqual(reader.suspects, {"chunk-0", "chunk-2"})
+        deliver(client, 0, fragments, range(2))
+        deliver(client, 1, fragments, range(2))
+        self.successResultOf(d)
+        self.assertEqual(bytes(sink.f.data), data)
+        self.assertEqual(reader.suspects, {"chunk-2"})
+
+    def test_failed_server_costs_a_get_one_timeout(self) -> None:
+        """A chunk server that times out in the first block group of a get is not waited
+        for in the next: that group starts the parity shard in place of its data shard and
+        completes with no more time passing."""
+        client, reader, fragments, data, _ = setup(2)
+        bg1 = reader.bg
+        bg2 = c.BlockGroupInfo(2, bg1.size, bg1.ec, bg1.shards)  # the same placement again
+        info = c.FileInfo("/f", 2 * bg1.size, bg1.ec, 0.0, 1, (bg1, bg2))
+        fake: Any = client
+        fake.reactor = client.clock
+        fake._stat = lambda path: defer.succeed(info)
+        fake.cluster_info = lambda: defer.succeed({"cell_size": 1024})
+        out = io.BytesIO()
+        d = defer.Deferred.fromCoroutine(get(fake, "/f", out, None))
+        conns = [client.pool.connections[f"127.0.0.1:{7100 + i}"] for i in range(3)]
+        deliver(client, 0, fragments, range(2))
+        client.clock.advance(reader.shard_timeout + 0.1)  # chunk-1 says nothing
+        deliver(client, 2, fragments, range(2))  # parity completes the first group
+        # The second group has started, without chunk-1.
+        self.assertEqual([len(conn.calls) for conn in conns], [2, 1, 2])
+        deliver(client, 0, fragments, range(2))
+        deliver(client, 2, fragments, range(2))
+        self.assertEqual(self.successResultOf(d), info)
+        self.assertEqual(out.getvalue(), data + data)
+        self.assertEqual(client.clock.seconds(), reader.shard_timeout + 0.1)
+
+
+class _PipeReader:
+    """Reads a pipe to its end on a thread of its own, in small pieces with pauses between
+    them: a reader slower than the writer, which keeps the pipe full."""
+
+    def __init__(self, fd: int) -> None:
+        import threading
+
+        self.fd = fd
+        self.data = bytearray()
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        import time
+
+        with os.fdopen(self.fd, "rb", buffering=0) as pipe:
+            while True:
+                piece = pipe.read(8192)
+                if not piece:
+                    return
+                self.data += piece
+                time.sleep(0.001)
+
+    def join(self) -> bytes:
+        self.thread.join(30)
+        assert not self.thread.is_alive(), "the pipe was never closed"
+        return bytes(self.data)
+
+
+def _non_blocking_pipe() -> tuple[int, int]:
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    return r, w
+
+
+class WriteFullyTests(SynchronousTestCase):
+    """Writes into destinations that take part of a write, or none of it for now."""
+
+    def test_short_and_would_block_writes_are_finished(self) -> None:
+        """Short writes, None and BlockingIOError (with or without characters_written) are
+        followed by the rest of the bytes, after waiting for the descriptor when it is
+        full; nothing is written twice or dropped."""
+
+        def blocked(kept: int | None) -> BlockingIOError:
+            e = BlockingIOError(errno.EAGAIN, "write could not complete without blocking")
+            if kept is not None:
+                e.characters_written = kept
+            return e
+
+        class Choppy:
+            """Takes writes as a non-blocking descriptor with a slow reader may."""
+
+            def __init__(self) -> None:
+                self.data = bytearray()
+                self.answers: list[int | None | BlockingIOError] = [3, None, blocked(2), blocked(None), 1]
+
+            def write(self, b: Any) -> int | None:
+                answer = self.answers.pop(0) if self.answers else len(b)
+                if isinstance(answer, BlockingIOError):
+                    self.data += bytes(b[: getattr(answer, "characters_written", 0)])
+                    raise answer
+                if answer is not None:
+                    self.data += bytes(b[:answer])
+                return answer
+
+            def fileno(self) -> int:
+                return 99
+
+        f = Choppy()
+        waits: list[int] = []
+        write_fully(f, b"0123456789abcdef", waits.append)  # type: ignore[arg-type]
+        self.assertEqual(bytes(f.data), b"0123456789abcdef")
+        self.assertEqual(waits, [99, 99, 99])
+
+    def test_writer_taking_nothing_is_an_error(self) -> None:
+        """A writer that answers 0 (took nothing, yet not blocked) is an error, not a loop."""
+
+        class Stuck:
+            def write(self, b: Any) -> int:
+                return 0
+
+        with self.assertRaises(OSError):
+            write_fully(Stuck(), b"x")  # type: ignore[arg-type]
+
+    def test_file_sink_into_a_non_blocking_pipe(self) -> None:
+        """FileSink delivers every byte into a non-blocking pipe read slowly, through a raw
+        file object (stdout under PYTHONUNBUFFERED) and a buffered one (then flushed)."""
+        pieces = [random.Random(i).randbytes(300_000 + i) for i in range(4)] + [b"y" * 10]
+        for buffering in (0, -1):
+            r, w = _non_blocking_pipe()
+            reader = _PipeReader(r)
+            with os.fdopen(w, "wb", buffering=buffering) as pipe:
+                sink = FileSink(pipe)
+                for piece in pieces:
+                    sink.write(memoryview(piece))
+                flush_fully(pipe)
+            self.assertEqual(reader.join(), b"".join(pieces), f"buffering={buffering}")
+
+    def test_write_behind_sink_into_a_non_blocking_pipe(self) -> None:
+        """WriteBehindSink's thread waits for a slowly read non-blocking pipe: drain fires
+        once every byte is in it, in order."""
+        pieces = [random.Random(i).randbytes(100_000 + i) for i in range(30)]
+        for buffering in (0, -1):
+            r, w = _non_blocking_pipe()
+            reader = _PipeReader(r)
+            with os.fdopen(w, "wb", buffering=buffering) as pipe:
+                self._write_behind(pipe, pieces)
+            self.assertEqual(reader.join(), b"".join(pieces), f"buffering={buffering}")
+
+    def _write_behind(self, pipe: Any, pieces: list[bytes]) -> None:
+        """Write ``pieces`` through a WriteBehindSink, drain it, close it, flush ``pipe``."""
+        reactor = ThreadCalls()
+        sink = WriteBehindSink(pipe, reactor, limit=1 << 20)
+        for piece in pieces:
+            sink.write(memoryview(piece))
+        drained = sink.drain()
+        reactor.run_until(lambda: drained.called)
+        self.successResultOf(drained)
+        ended = sink.close()
+        reactor.run_until(lambda: ended.called)
+        flush_fully(pipe)
+
+    def test_close_stops_waiting_for_a_reader(self) -> None:
+        """A get that ends while its writer thread waits for a pipe nobody reads (it failed,
+        the reader stopped) is not kept waiting: close fires and the thread ends."""
+        reactor = ThreadCalls()
+        r, w = _non_blocking_pipe()
+        self.addCleanup(os.close, r)
+        with os.fdopen(w, "wb", buffering=0) as pipe:
+            sink = WriteBehindSink(pipe, reactor)
+            sink.write(b"x" * (1 << 20))
+            sink.write(b"never written")
+            ended = sink.close()
+            reactor.run_until(lambda: ended.called)
+            sink._thread.join(30)
+            self.assertFalse(sink._thread.is_alive())
+            self.assertIsNone(sink.error)
+
 
 class _FullDisk:
     """A file object whose writes fail as on a full disk."""
@@ -436,6 +664,12 @@ class WriteBehindSinkTests(SynchronousTestCase):
         os.close(r)
         with os.fdopen(w, "wb") as pipe:
             self.assertIsInstance(as_sink(pipe, None, 1 << 30), FileSink)  # no reactor given
+            self.assertIsInstance(as_sink(pipe, Clock(), 1 << 30), FileSink)  # a reactor without threads
+            # A pipe's reader may be slow: never written on the reactor thread, however small.
+            sink = as_sink(pipe, reactor, 10)
+            self.assertIsInstance(sink, WriteBehindSink)
+            ended = sink.close()
+            reactor.run_until(lambda: ended.called)
 
 
 class PipeSourceTests(SynchronousTestCase):
@@ -520,15 +754,146 @@ class PipeSourceTests(SynchronousTestCase):
         source.stop()
 
     def test_read_error_fails_the_read(self) -> None:
-        """An error reading the source fails that read, with the error."""
-
-        class Broken:
-            def read(self, n: int) -> bytes:
-                raise OSError(errno.EIO, "Input/output error")
+        """An error reading the source fails that read with a local_io DogFSError naming the
+        source and the error (not a raw OSError, which would end the CLI in a traceback)."""
+        from dogfs.client.api import DogFSError
 
         reactor = ThreadCalls()
-        source = PipeSource(Broken(), reactor)  # type: ignore[arg-type]
+        source = PipeSource(_BrokenSource("/dev/broken"), reactor)  # type: ignore[arg-type]
         d = defer.Deferred.fromCoroutine(source.read_full(10))
         reactor.run_until(lambda: d.called)
-        self.assertEqual(self.failureResultOf(d, OSError).value.errno, errno.EIO)
+        error = self.failureResultOf(d, DogFSError).value
+        self.assertEqual((error.code, error.message), ("local_io", "cannot read /dev/broken: Input/output error"))
         source.stop()
+
+        error = self.failureResultOf(
+            defer.Deferred.fromCoroutine(FileSource(_BrokenSource(None)).read_full(10)),  # type: ignore[arg-type]
+            DogFSError,
+        ).value
+        self.assertEqual((error.code, error.message), ("local_io", "cannot read the local source: Input/output error"))
+
+
+class _BrokenSource:
+    """A source named `name` whose reads fail with EIO after the first `good` bytes."""
+
+    def __init__(self, name: str | None, good: int = 0) -> None:
+        if name is not None:
+            self.name = name
+        self.good = good
+
+    def read(self, n: int) -> bytes:
+        if self.good:
+            n = min(n, self.good)
+            self.good -= n
+            return b"a" * n
+        raise OSError(errno.EIO, "Input/output error")
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return 0
+
+
+class _Upload:
+    """A shard upload to a fake chunk server that takes every cell at once."""
+
+    def __init__(self, log: list[str], index: int) -> None:
+        self.log = log
+        self.index = index
+        self.done = False
+
+    def send(self, msg: Any, payload: Any = b"") -> defer.Deferred[None]:
+        return defer.succeed(None)
+
+    def finish(self, msg: Any, timeout: Any = None) -> defer.Deferred[Any]:
+        self.log.append(f"finish {self.index}")
+        self.done = True
+        return defer.succeed(None)
+
+    def abort(self, reason: str) -> None:
+        self.log.append(f"abort {self.index}")
+        self.done = True
+
+
+class _UploadConnection:
+    write_blocked = False
+
+    def __init__(self, log: list[str]) -> None:
+        self.log = log
+
+    def open_stream(self, msg: Any) -> _Upload:
+        return _Upload(self.log, msg.index)
+
+
+class _PutClient:
+    """A DogFSClient stand-in for put: allocates block groups of RS-2-1 and records the
+    metadata commands and what happened to each shard upload."""
+
+    def __init__(self) -> None:
+        self.clock = Clock()
+        self.timeout = 10.0
+        self.log: list[str] = []
+        self.commands: list[Any] = []
+        self.pool = self
+        self.group_uploads = defer.DeferredSemaphore(1)
+
+    def get(self, address: str) -> defer.Deferred[_UploadConnection]:
+        return defer.succeed(_UploadConnection(self.log))
+
+    async def cluster_info(self) -> dict[str, Any]:
+        return {"cell_size": 1024, "block_size": 4096, "allocation_ttl": None}
+
+    def _command(self, command: Any) -> defer.Deferred[Any]:
+        self.commands.append(command)
+        shards = tuple(c.ShardLocation(i, f"s{i}", f"chunk-{i}", f"127.0.0.1:{7100 + i}") for i in range(3))
+        return defer.succeed(c.Allocation(len(self.commands), "RS-2-1", shards))
+
+
+class PutSourceErrorTests(SynchronousTestCase):
+    """A put whose local source cannot be read."""
+
+    def test_read_error_fails_the_put(self) -> None:
+        """A read error in the middle of a block group fails the put with local_io naming
+        the source; the group's shard uploads are aborted and nothing is committed."""
+        from dogfs.client.api import DogFSError
+
+        client = _PutClient()
+        d = defer.Deferred.fromCoroutine(
+            put(client, "/x", _BrokenSource("/proc/self/mem", good=3000), None, None)  # type: ignore[arg-type]
+        )
+        error = self.failureResultOf(d, DogFSError).value
+        self.assertEqual((error.code, error.message), ("local_io", "cannot read /proc/self/mem: Input/output error"))
+        self.assertEqual(sorted(client.log), ["abort 0", "abort 1", "abort 2"])
+        self.assertEqual([type(command).__name__ for command in client.commands], ["Allocate"])
+
+    def test_groups_wait_for_an_upload_slot(self) -> None:
+        """A put opens no shard stream while the client's block-group slots are all taken
+        (a chunk server refuses more streams on one connection than it has slots for), and
+        goes on once one is free, giving it back when done."""
+        from dogfs.chunk.server import MAX_UPLOADS_PER_CONNECTION
+        from dogfs.client.api import MAX_GROUP_UPLOADS
+
+        self.assertLessEqual(MAX_GROUP_UPLOADS, MAX_UPLOADS_PER_CONNECTION)
+        client = _PutClient()
+        self.successResultOf(client.group_uploads.acquire())  # another put's group
+        d = defer.Deferred.fromCoroutine(
+            put(client, "/x", _BrokenSource("/proc/self/mem", good=3000), None, None)  # type: ignore[arg-type]
+        )
+        self.assertNoResult(d)
+        self.assertEqual(client.log, [])
+        client.group_uploads.release()
+        self.failureResultOf(d)  # its source fails mid-group, as above: the group ran
+        self.assertEqual(sorted(client.log), ["abort 0", "abort 1", "abort 2"])
+        self.assertEqual(client.group_uploads.tokens, 1)
+
+    def test_first_read_error_fails_the_put(self) -> None:
+        """A source that cannot be read at all fails the same way, before anything is
+        allocated."""
+        from dogfs.client.api import DogFSError
+
+        client = _PutClient()
+        d = defer.Deferred.fromCoroutine(put(client, "/x", _BrokenSource("in.bin"), None, None))  # type: ignore[arg-type]
+        error = self.failureResultOf(d, DogFSError).value
+        self.assertEqual((error.code, error.message), ("local_io", "cannot read in.bin: Input/output error"))
+        self.assertEqual((client.log, client.commands), ([], []))

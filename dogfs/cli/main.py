@@ -237,6 +237,7 @@ def cmd_put(args: argparse.Namespace) -> int:
 def cmd_get(args: argparse.Namespace) -> int:
     """dogfs get PATH LOCAL: written to a temporary name, renamed on success."""
     from dogfs.client.api import unique_temp_name
+    from dogfs.client.transfer import flush_fully
 
     if args.local == "-":
         sink = sys.stdout.buffer
@@ -245,7 +246,11 @@ def cmd_get(args: argparse.Namespace) -> int:
             run_client(args, lambda client: client.get(args.path, sink, bar.update))
         finally:
             bar.finish()
-        sink.flush()
+        try:
+            # A buffered stdout left non-blocking by its parent may still hold the end.
+            flush_fully(sink)
+        except OSError as e:
+            raise CLIError(f"cannot save {args.path}: {e.strerror or e}", output.FAILED) from None
         return output.OK
     target = args.local
     if os.path.isdir(target):

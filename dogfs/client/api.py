@@ -29,6 +29,8 @@ from dogfs.wire.protocol import Reply, RequestTimeout, WireError
 log = Logger()
 
 # Error codes after which the same request may be sent again (elsewhere, or later).
+#: Block groups one client writes at once (see DogFSClient.group_uploads).
+MAX_GROUP_UPLOADS = 64
 RETRYABLE = {"not_leader", "unreachable", "connection_closed", "timeout", "no_quorum", "not_ready"}
 #: Redirects (not_leader with a hint) followed without a pause, between two pauses.
 MAX_REDIRECTS = 2
@@ -85,6 +87,10 @@ class DogFSClient:
             endpoints or client_endpoints(reactor, config.tls, timeout=min(5.0, self.timeout)),
             handshake_timeout=min(5.0, self.timeout),
         )
+        #: Block groups being written at once by this client's puts, each with one PutShard
+        #: stream on each of its chunk servers' connections: at most what a chunk server takes
+        #: on one connection (its MAX_UPLOADS_PER_CONNECTION), which would refuse the excess.
+        self.group_uploads = defer.DeferredSemaphore(MAX_GROUP_UPLOADS)
         self.client_id = client_id or uuid.uuid4().hex
         # Session ids must never repeat across client instances: the metadata answers a
         # (session, seq) it has seen with that command's remembered result. A caller's own

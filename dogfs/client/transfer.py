@@ -14,13 +14,19 @@ twice, so its put fails with the chunk server's error.
 GET: each block group is read from its k data shards in parallel (no decoding needed). A
 shard whose server is down, answers an error, sends a cell that fails its CRC32C, or goes
 quiet for `shard_timeout` is replaced by the next parity shard from the stripe where it
-failed, and those stripes are decoded. A bounded number of stripes is buffered; streams that
-run ahead are paused.
+failed, and those stripes are decoded. A server that failed is remembered for the rest of
+the get: later block groups read a parity shard instead of its data shard from the start,
+rather than wait for it again. A bounded number of stripes is buffered; streams that run
+ahead are paused.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import queue
+import select
+import stat
 import threading
 from collections.abc import Callable
 from functools import partial
@@ -80,9 +86,64 @@ def read_full(source: IO[bytes], size: int) -> bytes:
 
 def _wait_readable(source: IO[bytes]) -> None:
     """Block until ``source``'s descriptor has something to read (or its end)."""
-    import select
-
     select.select([source.fileno()], [], [])
+
+
+def wait_writable(fd: int, timeout: float | None = None) -> bool:
+    """Block until descriptor ``fd`` takes more bytes (or has failed, which the next write
+    reports), at most ``timeout`` seconds (None: however long it takes); whether it does."""
+    poller = select.poll()  # not select(): a descriptor may be numbered past FD_SETSIZE
+    poller.register(fd, select.POLLOUT)
+    return bool(poller.poll(None if timeout is None else int(timeout * 1000)))
+
+
+def write_fully(f: IO[bytes], data: bytes | memoryview, wait: Callable[[int], object] = wait_writable) -> None:
+    """Write all of ``data`` to ``f``, or raise why not.
+
+    A raw file object (``sys.stdout.buffer`` under PYTHONUNBUFFERED) may take only part of
+    it; one in non-blocking mode (a pipe its parent left O_NONBLOCK) answers None when the
+    reader is behind, and a buffered one raises BlockingIOError saying how much it kept.
+    None of that is the end or an error: ``wait(fd)`` until the descriptor takes more, then
+    write the rest. Dropping it would cut the file short with no error at all.
+    """
+    view = memoryview(data)
+    while view:
+        try:
+            written = f.write(view)
+        except BlockingIOError as e:
+            written = getattr(e, "characters_written", 0)  # unset when nothing was kept
+            blocked = True
+        else:
+            if written is None and not _has_fileno(f):
+                # Not a descriptor that could be full: a writer of the caller's whose write
+                # returns nothing, having taken it all.
+                return
+            blocked = written is None
+            if written == 0:
+                # Never loop for ever on a writer that takes nothing and says it is ready.
+                raise OSError(errno.EIO, "the destination took none of the bytes written to it")
+        view = view[written or 0 :]
+        if blocked and view:
+            wait(f.fileno())
+
+
+def flush_fully(f: IO[bytes], wait: Callable[[int], object] = wait_writable) -> None:
+    """``f.flush()``, waiting (as `write_fully`) while a non-blocking descriptor is full."""
+    while True:
+        try:
+            f.flush()
+            return
+        except BlockingIOError:
+            wait(f.fileno())
+
+
+def local_read_failed(source: IO[bytes], error: OSError) -> Exception:
+    """The error of a put whose source could not be read (a disk error, a special file)."""
+    from dogfs.client.api import DogFSError
+
+    name = getattr(source, "name", None)
+    what = name if isinstance(name, str) else "the local source"
+    return DogFSError("local_io", f"cannot read {what}: {error.strerror or error}")
 
 
 class FileSource:
@@ -93,7 +154,10 @@ class FileSource:
         self._seekable = _seekable(f)
 
     async def read_full(self, size: int) -> bytes:
-        return read_full(self.f, size)
+        try:
+            return read_full(self.f, size)
+        except OSError as e:
+            raise local_read_failed(self.f, e) from None
 
     def position(self) -> int | None:
         """Where the next read starts, if the file can go back there (`rewind`); else None."""
@@ -124,7 +188,10 @@ class PipeSource:
         self._worker.start()
 
     async def read_full(self, size: int) -> bytes:
-        return await self._worker.run(partial(read_full, self.f, size))
+        try:
+            return await self._worker.run(partial(read_full, self.f, size))
+        except OSError as e:
+            raise local_read_failed(self.f, e) from None
 
     def position(self) -> int | None:
         """A pipe's bytes cannot be read twice."""
@@ -246,7 +313,13 @@ class ConsumerSink:
 
 
 class FileSink:
-    """A get's destination: a binary file object, written on the reactor thread; never pauses."""
+    """A get's destination: a binary file object, written on the reactor thread; never pauses.
+
+    `as_sink` gives it only destinations that cannot keep a write waiting when the reactor
+    has threads (in-memory files, regular files): a pipe or a terminal, whose reader may be
+    slow or stopped, goes to a `WriteBehindSink`. Without threads, a full descriptor is
+    waited for here, as a blocking one would keep its write.
+    """
 
     paused = False
     stopped = False
@@ -258,7 +331,7 @@ class FileSink:
         self.f = f
 
     def write(self, data: bytes | memoryview) -> None:
-        self.f.write(data)
+        write_fully(self.f, data)
 
     def drain(self) -> defer.Deferred[None]:
         """Fires once everything written so far is in the file object (at once, here)."""
@@ -270,8 +343,16 @@ class FileSink:
 
 #: Bytes a get may have queued for its writer thread before it pauses (and resumes at half).
 WRITE_BEHIND = 8 << 20
-#: Files smaller than this are written on the reactor thread: a thread is not worth starting.
+#: Regular files smaller than this are written on the reactor thread: a thread is not worth
+#: starting.
 WRITE_BEHIND_MIN_SIZE = 4 << 20
+#: Seconds between two looks at whether a get is over, while its writer thread waits for a
+#: full pipe.
+WRITABLE_POLL = 0.2
+
+
+class _Discarded(Exception):
+    """The get is over (`WriteBehindSink.close`) while its thread waited to write."""
 
 
 class WriteBehindSink:
@@ -288,6 +369,9 @@ class WriteBehindSink:
     stripes, then holds its streams back) and resumes once half is written. A failed write
     (a full disk) stops the sink: ``error`` says why, ``on_stop`` is told, and nothing more is
     written.
+
+    It is also where a pipe or a terminal is written, whatever the size (see `as_sink`):
+    this thread, not the reactor, waits while a slow reader keeps the descriptor full.
     """
 
     def __init__(self, f: IO[bytes], reactor: Any, limit: int = WRITE_BEHIND) -> None:
@@ -342,7 +426,9 @@ class WriteBehindSink:
                 continue
             if not self._discard and self.error is None:
                 try:
-                    self.f.write(item)
+                    write_fully(self.f, item, self._wait_writable)
+                except _Discarded:
+                    pass
                 except OSError as e:
                     self.error = e
                     call(self._failed)
@@ -352,6 +438,13 @@ class WriteBehindSink:
             del item  # let its receive buffer go back to the pool
             if resume:
                 call(self._resume)
+
+    def _wait_writable(self, fd: int) -> None:
+        """`wait_writable`, given up once the get is over: a reader that stopped reading
+        must not keep `close` from firing."""
+        while not wait_writable(fd, WRITABLE_POLL):
+            if self._discard:
+                raise _Discarded()
 
     def _answer_drain(self, d: defer.Deferred[None]) -> None:
         if self.error is not None:
@@ -391,13 +484,24 @@ def _seekable(f: Any) -> bool:
 
 
 def as_sink(sink: Any, reactor: Any = None, size: int = 0) -> Any:
-    """A file object or an IConsumer as somewhere to write stripes: a file of ``size`` bytes
-    or more with a real file descriptor is written by a thread (`WriteBehindSink`)."""
+    """A file object or an IConsumer as somewhere to write stripes: when a ``reactor`` with
+    threads is given, a file with a real descriptor is written by a thread (`WriteBehindSink`)
+    if it is ``size`` bytes or more, or is not a regular file (a pipe, a terminal: their
+    writes wait for the reader, which the reactor thread must never do)."""
     if hasattr(sink, "registerProducer") and not hasattr(sink, "seek"):
         return ConsumerSink(sink)
-    if reactor is not None and size >= WRITE_BEHIND_MIN_SIZE and _has_fileno(sink):
+    if (
+        reactor is not None
+        and hasattr(reactor, "callFromThread")
+        and _has_fileno(sink)
+        and (size >= WRITE_BEHIND_MIN_SIZE or not _regular_file(sink))
+    ):
         return WriteBehindSink(sink, reactor)
     return FileSink(sink)
+
+
+def _regular_file(f: Any) -> bool:
+    return stat.S_ISREG(os.fstat(f.fileno()).st_mode)
 
 
 def _has_fileno(f: Any) -> bool:
@@ -497,9 +601,15 @@ async def _put(
                     progress(n)
 
             try:
-                size, rest = await _upload_group(
-                    client, path, allocation, codec, pending, source, stripes_per_group, counted
-                )
+                # One stream per chunk server per group in flight: as many groups as the
+                # servers take streams on one connection, the rest wait their turn.
+                await client.group_uploads.acquire()
+                try:
+                    size, rest = await _upload_group(
+                        client, path, allocation, codec, pending, source, stripes_per_group, counted
+                    )
+                finally:
+                    client.group_uploads.release()
             except GroupFailed as e:
                 if resume is None or not e.nodes or attempts >= MAX_GROUP_ATTEMPTS:
                     raise e.error from None
@@ -724,8 +834,8 @@ async def _upload_group(
         # left holding an open upload.
         for upload in uploads:
             upload.abort("another shard of the block group failed")
-        if isinstance(e, GroupFailed):
-            raise
+        if isinstance(e, GroupFailed | DogFSError):
+            raise  # already says what failed (a DogFSError here: the source could not be read)
         if isinstance(e, defer.FirstError):
             raise failed(e.index, _unwrap(Failure(e)) or e) from None
         if isinstance(e, WireError):
@@ -786,12 +896,14 @@ async def get(
         on_info(info)
     cluster = await client.cluster_info()
     out = as_sink(sink, client.reactor, info.size)
+    # Chunk servers that failed this get: later block groups read around them.
+    suspects: set[str] = set()
     try:
         for bg in info.block_groups:
             if out.stopped:
                 raise sink_stopped(path, out)
             codec = StripeCodec(ECPolicy.parse(bg.ec), cluster["cell_size"])
-            reader = GroupReader(client, path, bg, codec, out, progress)
+            reader = GroupReader(client, path, bg, codec, out, progress, suspects)
             await reader.read()
         try:
             await out.drain()
@@ -809,6 +921,7 @@ class _Stream:
     index: int
     first: int
     received: int  # next stripe index expected from it
+    started: float = 0.0  # when it was started (clock seconds)
     connection: Connection | None = None
     watchdog: Any = None
     paused: bool = False
@@ -817,7 +930,13 @@ class _Stream:
 
 @define(eq=False)
 class GroupReader:
-    """Reads one block group; see the module docstring."""
+    """Reads one block group; see the module docstring.
+
+    ``suspects`` holds the chunk servers that failed earlier in the same get (shared by its
+    GroupReaders): the shards they hold are read last, so that a server that is down or
+    stopped costs a get one ``shard_timeout``, not one in every block group. A server that
+    serves a shard in full is no longer suspect.
+    """
 
     client: DogFSClient
     path: str
@@ -825,6 +944,7 @@ class GroupReader:
     codec: StripeCodec
     sink: Any  # FileSink, WriteBehindSink or ConsumerSink
     progress: Progress | None
+    suspects: set[str] = field(factory=set)
     lengths: list[int] = field(init=False)
     cells: dict[int, dict[int, Any]] = field(factory=dict, init=False)
     next_stripe: int = field(default=0, init=False)
@@ -835,7 +955,11 @@ class GroupReader:
 
     def __attrs_post_init__(self) -> None:
         self.lengths = self.codec.stripe_lengths(self.bg.size)
-        self.unused = list(range(self.codec.k, self.codec.width))
+        # Data shards first (no decoding), then parity; those on suspect servers after all
+        # the others. `read` starts the first k.
+        self.unused = sorted(
+            range(self.codec.width), key=lambda i: (self._location(i).node_id in self.suspects, i)
+        )
 
     @property
     def shard_timeout(self) -> float:
@@ -847,15 +971,15 @@ class GroupReader:
         if not self.lengths:
             self.done.callback(None)
             return self.done
-        for index in range(self.codec.k):
-            self._start(index, 0)
+        for _ in range(self.codec.k):
+            self._start(self.unused.pop(0), 0)
         return self.done
 
     def _location(self, index: int) -> c.ShardLocation:
         return next(s for s in self.bg.shards if s.index == index)
 
     def _start(self, index: int, first: int) -> None:
-        stream = _Stream(index, first, first)
+        stream = _Stream(index, first, first, self.client.clock.seconds())
         self.streams[index] = stream
         location = self._location(index)
         self._arm(stream)
@@ -927,6 +1051,8 @@ class GroupReader:
             return
         self._arm(stream)
         stream.received += 1
+        if stream.received == len(self.lengths):
+            self.suspects.discard(self._location(stream.index).node_id)  # served in full
         if msg.index >= self.next_stripe:
             self.cells.setdefault(msg.index, {})[stream.index] = payload
         if (
@@ -957,6 +1083,7 @@ class GroupReader:
         self._disarm(stream)
         location = self._location(stream.index)
         self.failed[stream.index] = f"{location.node_id}: {reason}"
+        self.suspects.add(location.node_id)
         if stream.connection is not None and not stream.finished:
             # Its remaining cells would be ignored anyway; a quiet or broken server's
             # connection (ours alone) is closed.
@@ -973,14 +1100,29 @@ class GroupReader:
     def _give_up(self) -> None:
         from dogfs.client.api import DogFSError
 
-        reasons = "; ".join(self.failed[i] for i in sorted(self.failed))
-        live = self.codec.width - len(self.failed)
+        # A shard answered if its stream is still on and has sent cells (or its end); every
+        # other one is named: failed, or still silent when the others ran out (one whose
+        # watchdog was about to fire, one started as a replacement moments ago).
+        answered = {i for i, s in self.streams.items() if s.finished or s.received > s.first}
+        now = self.client.clock.seconds()
+
+        def reason(index: int) -> str:
+            if index in self.failed:
+                return self.failed[index]
+            node = self._location(index).node_id
+            stream = self.streams.get(index)
+            if stream is None:
+                return f"{node}: not read"
+            waited = round(now - stream.started, 1)
+            return f"{node}: " + (f"no data for {waited:g}s" if waited else "no data yet")
+
+        reasons = "; ".join(reason(i) for i in range(self.codec.width) if i not in answered)
         self._stop_all()
         self.done.errback(
             DogFSError(
                 "unavailable",
                 f"cannot read {self.path}: block group {self.bg.id} needs {self.codec.k} of its "
-                f"{self.codec.width} shards but only {live} answered ({reasons})",
+                f"{self.codec.width} shards but only {len(answered)} answered ({reasons})",
             )
         )
 
