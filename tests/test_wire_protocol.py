@@ -394,6 +394,23 @@ class HostileInputTests(SynchronousTestCase):
         pump.flush()
         self.assertFalse(server.is_open)
 
+    def test_error_flag_on_another_message(self) -> None:
+        """A response flagged as an error that is not an Error closes the connection with a
+        reason and fails what was pending; it does not raise out of dataReceived."""
+        connection = Connection(Clock(), {})
+        transport = StringTransport()
+        connection.makeConnection(transport)
+        hello = messages.encode(Hello())
+        connection.dataReceived(encode_frame(1, 0, Hello.TYPE, 0, hello, 0) + hello)  # type: ignore[attr-defined]
+        pending = connection.call(GetShard("s"))
+        header = messages.encode(Ok())
+        flags = Flags.RESPONSE | Flags.ERROR
+        connection.dataReceived(encode_frame(1, flags, Ok.TYPE, 1, header, 0) + header)  # type: ignore[attr-defined]
+        self.assertEqual(self.answered_error(transport).code, "malformed_message")
+        self.assertTrue(transport.disconnecting)
+        connection.connectionLost(Failure(ConnectionDone()))
+        self.failureResultOf(pending, ConnectionClosed)
+
     def test_peer_error_frame_closes_with_reason(self) -> None:
         """When the peer reports a connection-level error, pending calls fail naming it."""
         server, client, pump = pair({GetShard: lambda r: defer.Deferred()})
@@ -402,6 +419,40 @@ class HostileInputTests(SynchronousTestCase):
         server.protocol_error("too_many_requests", "slow down")
         pump.flush()
         self.assertIn("slow down", self.failureResultOf(d, ConnectionClosed).value.message)
+
+
+class FailedStreamTests(SynchronousTestCase):
+    """A streamed request whose handler fails while frames are still queued for it."""
+
+    def test_failure_after_the_last_frame_releases_the_connection(self) -> None:
+        """The whole upload arrived while its handler waited (a disk write on a thread), and
+        then it failed: its queued frames are dropped, the connection reads again and serves
+        the next request (it used to stay paused for good, its buffer never given back)."""
+        disk: list[defer.Deferred[None]] = []
+
+        async def put(request: Request) -> Any:
+            await request.next_part()
+            write: defer.Deferred[None] = defer.Deferred()
+            disk.append(write)
+            await write
+            raise WireError("no_space", "the disk is full")
+
+        server, client, pump = pair(
+            {PutShard: lambda r: defer.Deferred.fromCoroutine(put(r)), GetShard: lambda r: Ok()}
+        )
+        upload = client.open_stream(PutShard("s", "RS-4-2", 0, 1024))
+        for i in range(12):
+            upload.send(Cell(i, 0), b"x" * 1024)
+        stored = upload.finish(PutShardEnd(12))
+        pump.flush()
+        self.assertGreater(server._reading_pauses, 0)  # its queue is full: reading paused
+        disk[0].callback(None)
+        pump.flush()
+        self.assertEqual(self.failureResultOf(stored, WireError).value.code, "no_space")
+        self.assertEqual((server._reading_pauses, server._buffered), (0, 0))
+        answer = client.call(GetShard("s"))
+        pump.flush()
+        self.assertIsInstance(self.successResultOf(answer).msg, Ok)
 
 
 class AddressTests(SynchronousTestCase):

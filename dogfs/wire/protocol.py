@@ -864,6 +864,11 @@ class Connection(Protocol):
             return  # the request timed out or was aborted: drop the late answer
         msg = messages.decode(type_, header)
         if flags & _ERROR:
+            if not isinstance(msg, Error):
+                self.protocol_error(
+                    "malformed_message", f"error response to request {request_id} is a {type(msg).__name__}"
+                )
+                return
             self._complete(request_id, failure=Failure(WireError(msg.code, msg.message, msg.details)))
         elif flags & _MORE:
             if pending.on_part is None:
@@ -916,8 +921,11 @@ class Connection(Protocol):
     def _answer(self, request: Request, result: Any) -> None:
         self._serving -= 1
         self._release(len(request.payload))
-        if request.streamed and self._inbound.get(request.request_id) is request:
-            # Answered before the stream ended: discard its remaining frames as they come.
+        if request.streamed and request._failed is None:
+            # Answered before its handler took every frame (a failed write, say): the frames
+            # queued are dropped, giving back their share of the connection's buffer and
+            # resuming its reading if they had paused it, and if the stream has not ended,
+            # the rest are discarded as they come. Whether or not its last frame is in.
             request._fail(WireError("answered", "the request was already answered"))
         if request.oneway or self._lost:
             if isinstance(result, Failure) and not result.check(WireError):
