@@ -25,7 +25,7 @@ from dogfs.meta.raftlog import (
     raft_mode,
 )
 from dogfs.meta.state import NamespaceState
-from dogfs.raft.core import Configuration, RaftOptions
+from dogfs.raft.core import Configuration, HardState, RaftNode, RaftOptions
 from dogfs.raft.driver import RaftDriver
 from dogfs.raft.storage import MemoryRaftStorage
 from dogfs.raft.transport import MemoryRaftNetwork
@@ -511,7 +511,8 @@ class EnvelopeSenderTests(SynchronousTestCase):
         from dogfs.security.roles import Identity, Role
         from dogfs.wire import messages as m
 
-        transport = WireRaftTransport(task.Clock(), lambda address: None, node_id="m1", address_of=lambda peer: None)  # type: ignore[arg-type,return-value]
+        members = {"m2": "127.0.0.1:7002", "m3": "127.0.0.1:7003"}
+        transport = WireRaftTransport(task.Clock(), lambda address: None, node_id="m1", address_of=members.get)  # type: ignore[arg-type]
         got: list[Any] = []
         transport.start(got.append)
 
@@ -526,9 +527,60 @@ class EnvelopeSenderTests(SynchronousTestCase):
                 self.payload = encode_message(TimeoutNow(term=5, src=src, dst="m1"))
 
         chunk = Identity("chunk-1", Role.NODE, 3)
-        transport.handle_envelope(Request(chunk, "m2"))  # type: ignore[arg-type]
+        transport.handle_envelope(Request(Identity("m3", Role.NODE, 5), "m2"))  # type: ignore[arg-type]
         self.assertEqual((got, transport.forged), ([], 1))
+        transport.handle_envelope(Request(chunk, "m2"))  # type: ignore[arg-type]
+        self.assertEqual((got, transport.forged), ([], 1))  # not a member: dropped before
         transport.handle_envelope(Request(Identity("m2", Role.NODE, 4), "m2"))  # type: ignore[arg-type]
         transport.handle_envelope(Request(None, "m3"))  # type: ignore[arg-type]
         self.assertEqual([msg.src for msg in got], ["m2", "m3"])
         self.assertEqual(transport.forged, 1)
+        # A node certificate outside the group (a chunk server's) sending in its own name:
+        # dropped, however often, and logged once.
+        transport.handle_envelope(Request(chunk, "chunk-1"))  # type: ignore[arg-type]
+        transport.handle_envelope(Request(chunk, "chunk-1"))  # type: ignore[arg-type]
+        self.assertEqual([msg.src for msg in got], ["m2", "m3"])
+        self.assertEqual(transport.outsiders, {"chunk-1"})
+
+    def test_members_of_the_configuration_are_heard(self) -> None:
+        """A metadata node's transport hears the members its book knows and those of the
+        group's configuration (one added at run time), and no one else."""
+        from dogfs.config import MetaConfig
+        from dogfs.meta.raftlog import build_raft_log
+        from dogfs.raft.core import TimeoutNow, encode_message
+        from dogfs.security.roles import Identity, Role
+        from dogfs.wire import messages as m
+
+        clock = task.Clock()
+        config = MetaConfig(
+            id="meta-1", listen="tcp:0", address="127.0.0.1:7001", data_dir=self.mktemp(),
+            peers={"meta-1": "127.0.0.1:7001", "meta-2": "127.0.0.1:7002"},
+        )
+        state = NamespaceState(os.path.join(config.data_dir, "ns"), durable=False)
+        state.open()
+        self.addCleanup(state.close)
+        raft_log = build_raft_log(clock, config, state, lambda address: None)
+        transport = raft_log.transport
+        self.assertTrue(transport.is_member("meta-2"))
+        self.assertFalse(transport.is_member("chunk-1"))
+        self.assertFalse(transport.is_member("meta-4"))
+        # Running, with meta-4 added to the configuration (its member record not yet here).
+        driver = raft_log.driver
+        driver._node = RaftNode(
+            "meta-1", RaftOptions(), hard_state=HardState(1, None, 0), snapshot=None, entries=[],
+            config=Configuration(voters=frozenset({"meta-1", "meta-2", "meta-4"})),
+            applied=0, rng=random.Random(1),
+        )
+        driver.running = True
+        self.addCleanup(setattr, driver, "running", False)
+        self.assertTrue(transport.is_member("meta-4"))
+        self.assertFalse(transport.is_member("chunk-1"))
+        delivered: list[Any] = []
+        transport.start(delivered.append)
+        envelope = type("Envelope", (), {})()
+        envelope.msg = m.RaftEnvelope("meta")
+        for name in ("chunk-1", "meta-4"):
+            envelope.connection = type("Conn", (), {"identity": Identity(name, Role.NODE, 1)})()
+            envelope.payload = encode_message(TimeoutNow(term=5, src=name, dst="meta-1"))
+            transport.handle_envelope(envelope)
+        self.assertEqual([message.src for message in delivered], ["meta-4"])

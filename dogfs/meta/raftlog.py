@@ -764,9 +764,17 @@ def build_raft_log(
     book = MemberBook(os.path.join(raft_dir, "members.json"), peers)
     book.entries.setdefault(config.id, (config.address, config.http_address))
     machine = NamespaceMachine(state, book)
+    def is_member(node_id: str) -> bool:
+        # A metadata node this member knows of (static peers, member records), or one in the
+        # group's configuration: never a chunk server, though its certificate is a node's too.
+        if book.address(node_id) is not None:
+            return True
+        current = driver.config if driver.running else None
+        return current is not None and node_id in current.members()
+
     transport = WireRaftTransport(
         reactor, endpoints, node_id=config.id, address_of=book.address,
-        retry_after=config.tick_interval * 2,
+        retry_after=config.tick_interval * 2, is_member=is_member,
     )
     voters = frozenset(peers) if config.id in peers else frozenset()
     election = max(3, int(config.election_ticks))

@@ -51,6 +51,9 @@ class WireRaftTransport(FramedRaftTransport):
 
     ``address_of(peer_id)`` names where a peer listens (None: unknown, the message is dropped).
     ``retry_after`` seconds must pass after a failed dial before the peer is dialled again.
+    ``is_member(node_id)`` says whether an authenticated sender belongs to the group: any
+    daemon holds a ``node`` certificate, and a chunk server's must not let it vote, append or
+    depose a leader (default: whoever ``address_of`` knows).
     """
 
     def __init__(
@@ -62,12 +65,16 @@ class WireRaftTransport(FramedRaftTransport):
         address_of: Callable[[str], str | None],
         group: str = "meta",
         retry_after: float = 0.2,
+        is_member: Callable[[str], bool] | None = None,
     ) -> None:
         super().__init__(self._send_bytes)
         self.clock: Any = clock
         self.node_id = node_id
         self.group = group
         self.address_of = address_of
+        self.is_member = is_member or (lambda node_id: address_of(node_id) is not None)
+        #: Authenticated senders outside the group whose messages were dropped (each logged once).
+        self.outsiders: set[str] = set()
         self.retry_after = retry_after
         self.pool = ConnectionPool(clock, endpoints, node_id=node_id)
         self._waiting: dict[str, list[bytes]] = {}
@@ -96,13 +103,25 @@ class WireRaftTransport(FramedRaftTransport):
 
         Over TLS the connection's identity is a node certificate in the sender's name: a
         message claiming another member as its source is dropped (one node's key must not
-        let it vote or append as another).
+        let it vote or append as another), and so is one from a node outside the group (a
+        chunk server's key must not let it take part at all).
         """
         msg: m.RaftEnvelope = request.msg
         if msg.group != self.group:
             return
         identity = getattr(request.connection, "identity", None)
-        self.deliver(bytes(request.payload), sender=None if identity is None else identity.name)
+        sender = None if identity is None else identity.name
+        if sender is not None and not self.is_member(sender):
+            self.dropped += 1
+            if sender not in self.outsiders:
+                self.outsiders.add(sender)
+                log.warn(
+                    "Raft: dropping messages from {sender!r}: not a member of the {group} group "
+                    "(if it is a metadata node that was added, list it in [raft] peers)",
+                    sender=sender, group=self.group,
+                )
+            return
+        self.deliver(bytes(request.payload), sender=sender)
 
     def last_contact(self, peer_id: str) -> float | None:
         """Clock time of the last message from ``peer_id`` (None: never)."""
