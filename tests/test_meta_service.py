@@ -142,6 +142,27 @@ class MetaHandlerTests(SynchronousTestCase):
         self.assertIn("'/wider/f' inherits RS-6-3 from its directory", error.message)
         self.assertIn("try the upload again", error.message)
 
+    def test_read_authorized_again_after_its_barrier(self) -> None:
+        """A read is authorized when it arrives and again once its barrier has passed (with
+        the revocation list read afresh): a revocation acknowledged while it waited, which
+        this member's state now holds, refuses it."""
+        h = Harness(self)
+        barrier: defer.Deferred[None] = defer.Deferred()
+        h.log.read_barrier = lambda: barrier  # type: ignore[method-assign]
+        asked: list[str] = []
+
+        def fresh(request: Any, permission: str) -> None:
+            asked.append(permission)
+            raise WireError("permission_denied", "identity 'rita' is revoked")
+
+        h.handlers.authorize_fresh = fresh
+        d = h.call(m.MetaQuery("stat", "/"))
+        self.assertEqual(asked, [])
+        barrier.callback(None)
+        h.pump.flush()
+        self.assertEqual(asked, ["read"])
+        self.assertEqual(self.failureResultOf(d, WireError).value.code, "permission_denied")
+
     def test_allocate_places_on_distinct_servers(self) -> None:
         """Allocation puts the k+m shards of a block group on k+m different chunk servers."""
         h = Harness(self)

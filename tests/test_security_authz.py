@@ -242,6 +242,21 @@ class SecureMetaHandlersTests(SynchronousTestCase):
         self.assertEqual(self.security.revocations.names, frozenset({"alice"}))
         self.assertEqual(self.handlers.events, ["revocation"])
 
+    def test_fresh_authorization_reads_the_list_first(self) -> None:
+        """authorize_fresh (what a read asks once its barrier has passed) sees a revocation
+        the state holds but this member's poll has not fetched yet; authorize alone does not."""
+        class Server:  # as with TLS: a list to read, connections to cut
+            def enforce_revocations(self) -> int:
+                return 0
+
+        self.security.server = Server()  # type: ignore[assignment]
+        request = _Request(BOB, m.MetaQuery("stat", "/f"))
+        self.revoked = ({"bob"}, set())
+        self.security.authorize(request, "read")  # the last list polled: bob is not on it
+        with self.assertRaises(WireError) as e:
+            self.handlers.authorize_fresh(request, "read")
+        self.assertIn("'bob' is revoked", e.exception.message)
+
     def test_other_commands_pass_through(self) -> None:
         """Commands other than Revoke/Reinstate go to the plain handler."""
         self.assertEqual(self.successResultOf(self.command(BOB, c.Mkdir("/a"))), "plain")

@@ -91,6 +91,10 @@ class MetaHandlers:
         # authorize(request, permission) raises WireError("permission_denied") when the
         # caller may not; permissions are "read", "write", "admin" and "node".
         self.authorize = authorize or (lambda request, permission: None)
+        # The same, with the revocation list read afresh from the state first: for a read,
+        # once its barrier has applied everything committed before it (a revocation
+        # included) and this member's poll of the list may not have caught up yet.
+        self.authorize_fresh: Callable[[Request, str], None] = lambda request, permission: None
         self.state = state
         self.log = log_
         self.registry = registry
@@ -276,8 +280,14 @@ class MetaHandlers:
         if msg.op not in ("stat", "list", "cluster_info"):
             raise WireError("invalid_argument", f"unknown query {msg.op!r}")
         d = self.log.read_barrier()
-        d.addCallback(lambda _: self._read(msg))
+        d.addCallback(self._read_allowed, request, msg)
         return d
+
+    def _read_allowed(self, _: object, request: Request, msg: m.MetaQuery) -> Reply:
+        # Nothing a revoked identity asks after its revocation was acknowledged is served,
+        # on a follower as on the leader (whose list the revocation itself refreshed).
+        self.authorize_fresh(request, "read")
+        return self._read(msg)
 
     def _read(self, msg: m.MetaQuery) -> Reply:
         leader = self.log.leader_address()

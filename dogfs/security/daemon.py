@@ -215,12 +215,20 @@ class DaemonSecurity(Service):
 def secure_meta_handlers(handlers: Any, security: DaemonSecurity) -> dict[type, Handler]:
     """The handler table of a metadata node (``MetaHandlers``) with security wired in.
 
-    Sets ``handlers.authorize``; serves ``Revoke`` / ``Reinstate`` (admin role) through the
+    Sets ``handlers.authorize`` (and ``authorize_fresh``, which reads the revocation list
+    from the state first); serves ``Revoke`` / ``Reinstate`` (admin role) through the
     command log; adds the revocation list to every ``HeartbeatReply``; and lets only node
     certificates send Raft messages (any message type named ``Raft...``), heartbeats and shard
     reports.
     """
     handlers.authorize = security.authorize
+
+    def authorize_fresh(request: Request, permission: str) -> None:
+        if security.tls_enabled:  # plaintext has no identities to revoke
+            security.refresh()
+        security.authorize(request, permission)
+
+    handlers.authorize_fresh = authorize_fresh
     table = dict(handlers.handlers())
     if m.MetaCommand in table:
         table[m.MetaCommand] = _revocation_commands(handlers, table[m.MetaCommand], security)
