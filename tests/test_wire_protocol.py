@@ -455,6 +455,47 @@ class FailedStreamTests(SynchronousTestCase):
         self.assertIsInstance(self.successResultOf(answer).msg, Ok)
 
 
+class StalledStreamTests(SynchronousTestCase):
+    """A stream its peer stops sending fails after the idle timeout; the connection closes."""
+
+    def test_stalled_upload_fails_then_the_connection_closes(self) -> None:
+        """An upload begun and then left silent fails its handler with timeout once nothing of
+        it came for idle_timeout (the handler lets go of its file), and the connection, idle
+        then, is closed; an upload that sends a frame now and then is left alone."""
+        clock = Clock()
+        outcomes: dict[str, Any] = {}
+
+        async def put(request: Request) -> Any:
+            try:
+                while await request.next_part() is not None:
+                    pass
+            except WireError as e:
+                outcomes[request.msg.shard_id] = e.code
+                raise
+            outcomes[request.msg.shard_id] = "stored"
+            return Ok()
+
+        server, client, pump = pair({PutShard: lambda r: defer.Deferred.fromCoroutine(put(r))}, clock)
+        stalled = client.open_stream(PutShard("stalled", "RS-4-2", 0, 1))
+        slow = client.open_stream(PutShard("slow", "RS-4-2", 0, 1))
+        pump.flush()
+        for i in range(5):  # 750 s: more than the 600 s idle timeout
+            clock.advance(150)
+            slow.send(Cell(i, 0), b"x")
+            pump.flush()
+        self.assertEqual(outcomes, {"stalled": "timeout"})
+        self.assertTrue(stalled.done)  # the client was told
+        self.assertTrue(server.is_open)
+        done = slow.finish(PutShardEnd(5))
+        pump.flush()
+        self.successResultOf(done)
+        self.assertEqual(outcomes["slow"], "stored")
+        for _ in range(10):
+            clock.advance(100)
+            pump.flush()
+        self.assertFalse(server.is_open)
+
+
 class AddressTests(SynchronousTestCase):
     """Parsing host:port addresses."""
 

@@ -122,6 +122,8 @@ class Request:
     _waiting: defer.Deferred[Any] | None = field(default=None, init=False)
     _failed: WireError | None = field(default=None, init=False)
     _reading_paused: bool = field(default=False, init=False)
+    #: When the last frame of this (streamed) request arrived, on the connection's clock.
+    last_frame: float = field(default=0.0, init=False)
 
     def next_part(self) -> defer.Deferred[tuple[Any, memoryview] | None]:
         """The next frame of a streamed request, or None after its last frame."""
@@ -773,6 +775,8 @@ class Connection(Protocol):
         if self._reading_pauses:
             # We stopped reading (flow control): the peer is not to blame for the silence.
             self._last_frame = self.clock.seconds()
+            for request in self._inbound.values():
+                request.last_frame = self._last_frame
         elif (
             self.frame_timeout is not None and self._decoder.buffered and quiet > self.frame_timeout
         ):
@@ -780,16 +784,24 @@ class Connection(Protocol):
                 "timeout", f"a frame begun was not completed within {self.frame_timeout:g}s"
             )
             return
-        elif (
-            self.idle_timeout is not None
-            and quiet > self.idle_timeout
-            and not self._pending
-            and not self._inbound
-            and not self._serving
-        ):
-            log.info("closing idle connection to {peer}", peer=self.peer_description())
-            self.close()
-            return
+        elif self.idle_timeout is not None:
+            # A stream the peer began and then sent nothing of for that long (a client
+            # stopped, or its host gone without a FIN) fails: its handler lets go of what it
+            # holds (an upload's temporary file), and the connection may then go idle.
+            for request in self._inbound.values():
+                if request._failed is None and now - request.last_frame > self.idle_timeout:
+                    log.info("{peer} sent nothing of request {id} for {t:g}s: failing it",
+                             peer=self.peer_description(), id=request.request_id, t=now - request.last_frame)
+                    request._fail(WireError("timeout", f"no frame of this stream for {self.idle_timeout:g}s"))
+            if (
+                quiet > self.idle_timeout
+                and not self._pending
+                and not self._serving
+                and all(request._failed is not None for request in self._inbound.values())
+            ):
+                log.info("closing idle connection to {peer}", peer=self.peer_description())
+                self.close()
+                return
         self._arm_watchdog()
 
     def _pause_reading(self) -> None:
@@ -816,6 +828,7 @@ class Connection(Protocol):
             return
         inbound = self._inbound.get(request_id)
         if inbound is not None:
+            inbound.last_frame = self._last_frame
             if flags & _ERROR:
                 error = messages.decode(type_, header)
                 del self._inbound[request_id]
@@ -911,6 +924,7 @@ class Connection(Protocol):
         self._serving += 1
         self._hold(len(payload))
         if streamed:
+            request.last_frame = self._last_frame
             self._inbound[request_id] = request
         if handler is None:
             self._answer(request, Failure(WireError("unsupported", f"{type(msg).__name__} is not served here")))
