@@ -359,6 +359,19 @@ class MutualTLSTests(TestCase):
         self.assertRaises(SSL.Error, self.server_tls.reload, mismatched)
         await self.good_client()
 
+    async def test_reload_refuses_an_expired_certificate(self) -> None:
+        """Neither side swaps its working certificate for an expired one on reload (every
+        peer would refuse it); both keep serving and dialling with the old."""
+        past = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=10)
+        expired = self.ca.issue("meta-1", Role.NODE, os.path.join(self.base, "expired"), days=1, now=past)
+        stale = TLSConfig(self.ca.cert_path, expired.cert_path, expired.key_path)
+        e = self.assertRaises(ValueError, self.server_tls.reload, stale)
+        self.assertIn("expired on", str(e))
+        await self.good_client()
+        client_tls_ = ClientTLS(_config(self.ca, self.alice))
+        self.assertRaises(ValueError, client_tls_.reload, stale)
+        self.assertEqual(client_tls_.config.cert, self.alice.cert_path)
+
     async def test_client_reload_refuses_another_cas_certificate(self) -> None:
         """ClientTLS.reload refuses a certificate its CA did not issue, as the server side
         does, and keeps dialling with the old one (a daemon reloads both on SIGHUP)."""

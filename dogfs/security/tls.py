@@ -33,6 +33,7 @@ Depends on ``roles`` only (and Twisted, pyOpenSSL, cryptography, service_identit
 
 from __future__ import annotations
 
+import datetime
 import errno
 import ipaddress
 import mmap
@@ -299,6 +300,15 @@ def _check_issued(config: TLSConfig) -> None:
         raise ValueError(f"{config.cert} was not issued by the CA in {config.ca_cert}: {e}") from e
 
 
+def _check_current(config: TLSConfig) -> None:
+    """Raise ValueError if ``config``'s certificate has expired: a reload must not swap a
+    working certificate for one that every peer refuses."""
+    cert = x509.load_pem_x509_certificate(_read(config.cert))
+    expired = cert.not_valid_after_utc
+    if expired <= datetime.datetime.now(datetime.UTC):
+        raise ValueError(f"{config.cert} expired on {expired:%Y-%m-%d %H:%M} UTC")
+
+
 def _build_server_context(config: TLSConfig) -> SSL.Context:
     """Build a server Context from ``config``'s files, checking they belong together."""
     _check_issued(config)
@@ -365,10 +375,11 @@ class ServerTLS:
         """Re-read the certificate, key and CA (from ``config`` if given, else the same paths).
 
         New connections use the new files; open connections keep the session they have. All or
-        nothing: if the new files are missing or do not belong together, this raises and the
-        old ones stay in use.
+        nothing: if the new files are missing, do not belong together or hold an expired
+        certificate, this raises and the old ones stay in use.
         """
         config = config if config is not None else self.config
+        _check_current(config)
         context = _build_server_context(config)
         self._context = context
         self.config = config
@@ -1014,6 +1025,7 @@ class ClientTLS:
         makes to its peers is refused.
         """
         config = config if config is not None else self.config
+        _check_current(config)
         _check_issued(config)
         self._trust_root, self._client_cert = self._load(config)
         self._creators = {}
