@@ -740,6 +740,35 @@ class ReadErrorTests(SynchronousTestCase):
         self.assertEqual(parts, [])
 
 
+class StatusTests(SynchronousTestCase):
+    """What a chunk server's heartbeats report, and how soon."""
+
+    def test_status_does_not_queue_behind_disk_work(self) -> None:
+        """Once the store's usage is known, status answers at once, whatever waits in the
+        executor: a heartbeat behind a long queue of disk work would make a busy server look
+        dead. The first status (a scan of the store) goes through the executor."""
+        held: list[tuple[Any, defer.Deferred[Any]]] = []
+
+        def holding(work: Any) -> defer.Deferred[Any]:
+            d: defer.Deferred[Any] = defer.Deferred()
+            held.append((work, d))
+            return d
+
+        store = ShardStore(self.mktemp())
+        server = ShardServer(store, "chunk-3", holding, LoadMeter(Clock()))
+        first = server.status()
+        self.assertNoResult(first)
+        work, d = held.pop()
+        d.callback(work())
+        capacity, used, shards = self.successResultOf(first)
+        self.assertEqual((used, shards), (0, 0))
+        self.assertGreater(capacity, 0)
+        holding(lambda: None)  # disk work that does not finish
+        later = self.successResultOf(server.status())
+        self.assertEqual(later[1:], (0, 0))
+        self.assertGreater(later[0], 0)  # the disk's free room may have moved meanwhile
+
+
 class DeleteTests(SynchronousTestCase):
     """DeleteShards."""
 

@@ -607,6 +607,16 @@ class ShardServer:
         return sorted(self.shard_ids)
 
     def status(self) -> defer.Deferred[tuple[int, int, int]]:
-        """``(filesystem capacity, bytes used by shards, shard count)`` (statvfs in the executor)."""
-        d: defer.Deferred[tuple[int, int]] = self.executor(self.store.usage)
+        """``(filesystem capacity, bytes used by shards, shard count)``.
+
+        The first call scans the store in the executor; later ones need only a statvfs and a
+        running total, and are answered at once: behind the queue of disk work (a busy
+        server's reads and writes), a heartbeat could come late enough for the metadata to
+        call a busy, healthy server dead.
+        """
+        d: defer.Deferred[tuple[int, int]]
+        if self.store.usage_known:
+            d = defer.maybeDeferred(self.store.usage)
+        else:
+            d = self.executor(self.store.usage)
         return d.addCallback(lambda usage: (usage[0], usage[1], len(self.shard_ids)))

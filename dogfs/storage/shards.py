@@ -1146,6 +1146,11 @@ class ShardStore:
             used = self._used
         return min(vfs.f_blocks * vfs.f_frsize, used + vfs.f_bavail * vfs.f_frsize), used
 
+    @property
+    def usage_known(self) -> bool:
+        """Whether `usage` has its running total already (no scan of the store to do)."""
+        return self._used is not None
+
     def free_bytes(self) -> int:
         """Bytes still available to this (unprivileged) process on the filesystem."""
         vfs = os.statvfs(self.root)
