@@ -327,6 +327,64 @@ class RaftCommandLogTests(SynchronousTestCase):
         self.assertNotIn(leader.node_id, cfg.members())
         group.settle(new.propose(c.Mkdir("/after", False, None, now=1.0)))
 
+    def test_membership_mistakes_refused(self) -> None:
+        """Promoting an id that is not a learner (a typo, a learner removed meanwhile) is
+        refused: a voter no node answers for would raise the quorum for good. Adding a
+        member's id at another address is refused too: a fresh node would take over its vote
+        with none of its log. Neither changes the configuration or the address book."""
+        group = Group(self)
+        leader = group.leader()
+        before = leader.driver.config
+        with self.assertRaises(WireError) as e:
+            leader.promote("ghost")
+        self.assertEqual(e.exception.code, "invalid_argument")
+        self.assertIn("ghost is not a learner", e.exception.message)
+        with self.assertRaises(WireError) as e:
+            leader.add_learner("m2", "127.0.0.1:9999")
+        self.assertEqual(e.exception.code, "invalid_argument")
+        self.assertIn("m2 is already a member", e.exception.message)
+        group.run(0.5)
+        self.assertEqual(leader.driver.config, before)
+        for log in group.logs.values():
+            self.assertEqual(log.book.address("m2"), group.address("m2"))
+        # The same address is no mistake: it answers what the member is.
+        self.assertEqual(group.settle(leader.add_learner("m2", group.address("m2"))), "voter")
+
+    def test_command_too_large_for_the_log_refused(self) -> None:
+        """A command whose AppendEntries could not fit in a frame is refused at once, with
+        its size: proposed, every follower would drop the leader's connection and elect
+        another, again at every retry."""
+        from dogfs.meta.raftlog import MAX_ENTRY_BYTES
+
+        group = Group(self)
+        leader = group.leader()
+        huge = c.CommitFile("/big", 0, tuple((2**40 + i, 2**40) for i in range(MAX_ENTRY_BYTES // 16)))
+        error = self.failureResultOf(leader.propose(huge), WireError).value
+        self.assertEqual(error.code, "invalid_argument")
+        self.assertIn("larger than the log takes", error.message)
+        term = leader.driver.term
+        group.settle(leader.propose(c.Mkdir("/fine", False, None, now=1.0)))
+        self.assertEqual(leader.driver.term, term)
+
+    def test_writes_without_quorum_say_so(self) -> None:
+        """A command sent to a member that knows no leader because most members are gone is
+        refused with no_quorum naming the count, not a bare "not the leader"."""
+        group = Group(self)
+        leader = group.leader()
+        survivor = next(i for i in group.logs if i != leader.node_id)
+        for i in list(group.logs):
+            if i != survivor:
+                group.stop(i)
+        group.run(3.0)
+        from dogfs.meta.service import MetaHandlers
+
+        handlers = MetaHandlers.__new__(MetaHandlers)
+        handlers.log = group.logs[survivor]
+        with self.assertRaises(WireError) as e:
+            handlers._require_leader()
+        self.assertEqual(e.exception.code, "no_quorum")
+        self.assertIn("1 of 3 members reachable", e.exception.message)
+
     def test_member_record_and_snapshot_round_trip(self) -> None:
         """Member records update the address book; a snapshot carries book and namespace."""
         group = Group(self)

@@ -41,6 +41,7 @@ from dogfs.raft.driver import (
     RaftTimeoutError,
 )
 from dogfs.storage.files import replace_file
+from dogfs.wire.frame import FrameLimits
 from dogfs.wire.protocol import WireError
 
 __all__ = ["MemberBook", "NamespaceMachine", "RaftCommandLog", "member_record"]
@@ -51,6 +52,9 @@ _MEMBER_TAG = b"\x00"
 #: The ``MetaQuery`` ops of ``dogfs admin meta`` (served by the leader, admin permission).
 MEMBER_OPS = ("member_add_learner", "member_promote", "member_remove")
 _SNAPSHOT_MAGIC = "dogfs-meta-raft"
+#: The largest command the log takes: half a frame's payload, so that the AppendEntries that
+#: carries it, alone if need be, always fits in one frame.
+MAX_ENTRY_BYTES = FrameLimits().max_payload // 2
 _SNAPSHOT_VERSION = 1
 
 
@@ -289,6 +293,14 @@ class RaftCommandLog:
     def propose(self, command: Any) -> defer.Deferred[Any]:
         """Replicate and apply ``command``; fails with the wire error a client can act on."""
         data = command if isinstance(command, bytes) else c.encode_command(command)
+        if len(data) > MAX_ENTRY_BYTES:
+            # Its AppendEntries would pass the frame limit: every follower would close the
+            # connection (its heartbeats with it) and elect another leader, again and again.
+            return defer.fail(WireError(
+                "invalid_argument",
+                f"a metadata command of {len(data)} bytes is larger than the log takes "
+                f"({MAX_ENTRY_BYTES} bytes)",
+            ))
         d = self.driver.propose(data)
         d.addErrback(self._wire_error)
         return d
@@ -659,11 +671,19 @@ class RaftCommandLog:
     def add_learner(self, node_id: str, address: str, http_address: str = "") -> defer.Deferred[str]:
         """Record ``node_id``'s address and add it as a learner (no-op if it is a member).
 
-        Fires with "learner", "voter" or "added".
+        Fires with "learner", "voter" or "added". A member's address is not moved this way:
+        a fresh node under a member's id would take over its vote with none of its log.
         """
         self.require_leader()
         cfg = self.driver.config
         assert cfg is not None
+        known = self.book.address(node_id)
+        if node_id in cfg.members() and known is not None and known != address:
+            raise WireError(
+                "invalid_argument",
+                f"{node_id} is already a member, at {known}: remove it first to add a node at "
+                f"{address} under that id",
+            )
 
         async def run() -> str:
             if self.book.address(node_id) != address or self.book.http_address(node_id) != http_address:
@@ -683,6 +703,11 @@ class RaftCommandLog:
         cfg = self.driver.config
         if cfg is not None and node_id in cfg.voters:
             return defer.succeed(None)
+        if cfg is not None and node_id not in cfg.learners:
+            # A voter no node answers for would raise the quorum for good.
+            if not self.caught_up():
+                raise WireError("not_ready", f"{node_id} is not a learner here yet (this leader took over recently)")
+            raise WireError("invalid_argument", f"{node_id} is not a learner: add it first")
         return defer.Deferred.fromCoroutine(self._change(self.driver.promote, node_id))
 
     def remove(self, node_id: str) -> defer.Deferred[Any]:

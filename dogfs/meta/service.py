@@ -129,6 +129,11 @@ class MetaHandlers:
     # --- commands ---------------------------------------------------------------------
 
     def _require_leader(self) -> None:
+        require = getattr(self.log, "require_leader", None)
+        if require is not None:
+            # The Raft log's answer says "no quorum" when that is why no one leads.
+            require()
+            return
         if not self.log.is_leader:
             leader = self.log.leader_address()
             details = {"leader": leader} if leader else {}
