@@ -301,6 +301,39 @@ class DriverTests(SynchronousTestCase):
         self.assertIsNone(self.successResultOf(on_follower))
         self.assertEqual(group.machines[follower.node_id].data, {"k": "v"})
 
+    def test_read_contexts_differ_across_restarts(self) -> None:
+        """A follower's reads are named for the run of the member that asked: after a restart
+        the first read's context is not the first read's of the run before, so a late answer
+        to that one cannot complete this one."""
+        group = Group(self)
+        group.leader()
+        follower = group.followers()[0]
+        asked: list[bytes] = []
+
+        def spy(driver: RaftDriver) -> None:
+            inner = driver.node.read_index
+
+            def read_index(ctx: bytes) -> Any:
+                asked.append(ctx)
+                return inner(ctx)
+
+            driver.node.read_index = read_index  # type: ignore[method-assign]
+
+        spy(follower)
+        first = follower.read_index()
+        group.run(0.5)
+        self.successResultOf(first)
+        group.stop(follower.node_id)
+        again = group.start(follower.node_id)
+        group.run(1.0)
+        spy(again)
+        second = again.read_index()
+        group.run(0.5)
+        self.successResultOf(second)
+        self.assertEqual(len(asked), 2)
+        self.assertNotEqual(asked[0], asked[1])
+        self.assertTrue(all(ctx.startswith(follower.node_id.encode() + b"/") for ctx in asked))
+
     def test_leadership_loss_fails_pending(self) -> None:
         """An isolated leader steps down and its pending proposal fails as outcome-unknown."""
         group = Group(self)

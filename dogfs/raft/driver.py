@@ -232,6 +232,9 @@ class RaftDriver(Service):
         self._reads: dict[bytes, tuple[Deferred[None], IDelayedCall]] = {}
         self._reads_waiting: list[tuple[int, Deferred[None], IDelayedCall]] = []
         self._read_counter = 0
+        # Set anew at every start: a read's context names this run of the member, so an
+        # answer to a read of an earlier run (delayed across a restart) matches none of now.
+        self._read_epoch = 0
         self._transfers: list[tuple[str, Deferred[None], IDelayedCall]] = []
         # Membership changes asked for while a batch was being written (see _config_change).
         self._changes_waiting: list[
@@ -266,6 +269,7 @@ class RaftDriver(Service):
         self._failure = None
         self._busy = False
         self._was_leader = False
+        self._read_epoch = self._rng.getrandbits(64)
         self._transport.start(self._receive)
         self._ticker = LoopingCall(self._tick)
         self._ticker.clock = self._clock
@@ -492,7 +496,7 @@ class RaftDriver(Service):
         if failed is not None:
             return failed
         self._read_counter += 1
-        ctx = b"%s/%d" % (self.node_id.encode(), self._read_counter)
+        ctx = b"%s/%x/%d" % (self.node_id.encode(), self._read_epoch, self._read_counter)
         outcome = self.node.read_index(ctx)
         if isinstance(outcome, NotLeader):
             return defer.fail(NotLeaderError(outcome.leader_hint))
