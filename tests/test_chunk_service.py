@@ -1025,29 +1025,45 @@ class HeartbeatTests(SynchronousTestCase):
         self.assertEqual(len(self.net.heartbeats()), 3)
 
     def test_report_and_gc(self) -> None:
-        """want_report triggers a batched shard report; of the unreferenced shards it names,
-        only those older than gc_grace are deleted, and ids never reported are ignored."""
+        """want_report triggers a batched shard report. Of the unreferenced shards it names,
+        none goes at once: a shard is deleted once it has been named for gc_grace (readers
+        of a file just replaced hold its old block map) and its file is as old (uploads not
+        committed yet); ids never reported are ignored."""
         old, young, kept = "0000000000000001-00", "0000000000000002-01", "0000000000000003-02"
         self.store_shard(old, 700)
-        self.store_shard(young, 100)
+        self.store_shard(young, 700)
         self.store_shard(kept, 700)
         stranger = "0000000000000009-00"
+        ask = [True]
 
         def report(request: Request) -> Reply:
             if request.msg.last:
                 return Reply(ShardReportReply(), "\n".join([old, young, stranger]).encode())
             return Reply(ShardReportReply(), b"")
 
-        self.net.add("m1:1", lambda r: HeartbeatReply("m1:1", want_report=True), report)
-        service = self.start(["m1:1"])
+        def heartbeat(request: Request) -> HeartbeatReply:
+            return HeartbeatReply("m1:1", want_report=ask[0])
+
+        self.net.add("m1:1", heartbeat, report)
+        service = self.start(["m1:1"], report_interval=10_000.0)  # reports when asked only
+        ask[0] = False
         reports = self.net.reports()
         self.assertEqual([(m.node_id, m.batch, m.last) for _, m, _ in reports], [("chunk-3", 0, False), ("chunk-3", 1, True)])
         self.assertEqual(b"\n".join(p for _, _, p in reports).split(b"\n"), [old.encode(), young.encode(), kept.encode()])
+        self.assertEqual(service.collected, 0)  # named just now: old files, but kept for readers
+        self.assertEqual(set(self.server.unreferenced_since), {old, young})
+        for _ in range(6):
+            self.beat(100.0)
+        self.store_shard(young, 100)  # written again since (an upload under that id)
+        ask[0] = True
+        self.beat()
+        ask[0] = False
         self.assertEqual(service.collected, 1)
         self.assertFalse(os.path.exists(self.store.path(old)))
         self.assertTrue(os.path.exists(self.store.path(young)))
         self.assertTrue(os.path.exists(self.store.path(kept)))
         self.assertEqual(self.server.shard_ids, {young, kept})
+        self.assertEqual(set(self.server.unreferenced_since), {young})
 
     def test_periodic_report(self) -> None:
         """Without being asked, a report goes out every report_interval."""

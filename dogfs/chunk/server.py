@@ -194,6 +194,9 @@ class ShardServer:
         self.shard_ids: set[str] = set()
         #: Ids of shards found corrupt on disk since start (repair comes later).
         self.corrupt: set[str] = set()
+        #: Shard id -> when the metadata first named it unreferenced (as of the last report):
+        #: the grace before deleting it runs from then (see `collect_garbage`).
+        self.unreferenced_since: dict[str, float] = {}
         #: True once `scan` has listed the store.
         self.ready = False
 
@@ -578,17 +581,28 @@ class ShardServer:
         for shard_id in deleted:
             self.shard_ids.discard(shard_id)
             self.corrupt.discard(shard_id)
+            self.unreferenced_since.pop(shard_id, None)
         return deleted
 
     def collect_garbage(
         self, ids: Iterable[str], now: float, grace: float
     ) -> defer.Deferred[list[str]]:
-        """Delete those of `ids` whose file was last written `grace` seconds before `now` or
-        earlier: younger ones may belong to uploads that metadata has not committed yet.
+        """Delete those of `ids` (what the metadata named unreferenced in a whole shard
+        report) that it has named so for `grace` seconds, and whose file was last written
+        `grace` seconds before `now` or earlier.
+
+        The file's age protects uploads the metadata has not committed yet. The time since it
+        was first named protects readers of a file that was just replaced or removed: they
+        hold the old block map, and its shards, old files most of the time, would otherwise
+        go at the next report, seconds later. A shard no longer named is forgotten here.
 
         Fires with the ids deleted. Invalid and absent ids are ignored.
         """
-        return self.executor(self._collect, list(ids), now, grace).addCallback(self._forget)
+        named = list(ids)
+        since = self.unreferenced_since
+        self.unreferenced_since = {i: since.get(i, now) for i in named}
+        due = [i for i in named if now - self.unreferenced_since[i] >= grace]
+        return self.executor(self._collect, due, now, grace).addCallback(self._forget)
 
     def _collect(self, ids: list[str], now: float, grace: float) -> list[str]:
         old = []
