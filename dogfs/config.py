@@ -65,7 +65,7 @@ class ChunkConfig:
     meta: tuple[str, ...]  # metadata node addresses
     heartbeat_interval: float = 1.0
     report_interval: float = 30.0
-    gc_grace: float = 600.0  # never delete a shard younger than this (uploads in flight)
+    gc_grace: float = 600.0  # an unreferenced shard is kept this long after it is first named so, and until its file is this old
     capacity_bytes: int = 0  # 0: the filesystem's size
     domain: str = ""
     log_format: str = "text"
@@ -172,6 +172,46 @@ def _tls(path: str, data: dict[str, Any]) -> TLSFiles | None:
     return files
 
 
+def _endpoint(section: _Section, key: str, default: Any = ..., tls: TLSFiles | None = None) -> str:
+    """A Twisted server endpoint string (`tcp:7000:interface=127.0.0.1`), parsed now: a daemon
+    that could not listen on it would otherwise die with a traceback after it started."""
+    from twisted.internet.endpoints import serverFromString
+
+    value: str = section.get(key, str, default)
+    if not value:
+        return value  # the default "" of an optional listener: disabled
+    example = "such as 'tcp:7000:interface=127.0.0.1'"
+    kind = value.split(":", 1)[0].strip().lower()
+    if tls is not None and kind in ("ssl", "tls", "txtorcon"):
+        raise section._fail(
+            key, f"{value!r} names a TLS endpoint; with [tls] give a plain one {example}"
+        )
+    if kind in ("ssl", "systemd"):
+        # Building these reads key files or inherited sockets: the daemon's, where it runs.
+        return value
+    try:
+        # Builds the endpoint object only: no reactor is touched and nothing listens.
+        endpoint = serverFromString(None, value)
+    except (ValueError, TypeError, LookupError, OSError) as e:
+        raise section._fail(key, f"{value!r} is not an endpoint string {example} ({e})") from None
+    port = getattr(endpoint, "_port", None)  # TCP endpoints: bind() would overflow later
+    if isinstance(port, int) and not 0 <= port <= 65535:
+        raise section._fail(key, f"{value!r} has port {port} outside 0-65535")
+    return value
+
+
+def _policy(section: _Section, key: str, default: str) -> str:
+    """An erasure-coding policy name (`RS-4-2`), checked as the metadata will parse it."""
+    from dogfs.codec.policy import ECPolicy, UnknownPolicy
+
+    value: str = section.get(key, str, default)
+    try:
+        ECPolicy.parse(value)
+    except UnknownPolicy as e:
+        raise section._fail(key, f"is not a policy: {e}") from None
+    return value
+
+
 def _data_dir(path: str, section: _Section) -> str:
     value = section.get("data_dir", str)
     return os.path.join(os.path.dirname(os.path.abspath(path)), value)
@@ -192,14 +232,15 @@ def load_meta(path: str) -> MetaConfig:
         raise ConfigError(f"{path}: [meta] log_format must be text or json, not {log_format!r}")
     node_id = s.get("id", str)
     address = s.get("address", str)
+    tls = _tls(path, data)
     config = MetaConfig(
         id=node_id,
-        listen=s.get("listen", str),
+        listen=_endpoint(s, "listen", tls=tls),
         address=address,
         data_dir=_data_dir(path, s),
-        http=s.get("http", str, ""),
+        http=_endpoint(s, "http", ""),
         http_address=s.get("http_address", str, ""),
-        default_ec=s.get("default_ec", str, "RS-4-2"),
+        default_ec=_policy(s, "default_ec", "RS-4-2"),
         block_size=s.positive("block_size", int, 64 << 20),
         cell_size=s.positive("cell_size", int, 1 << 20),
         chunk_dead_after=s.positive("chunk_dead_after", float, 10.0),
@@ -209,7 +250,7 @@ def load_meta(path: str) -> MetaConfig:
         tick_interval=raft.positive("tick_interval", float, 0.05),
         election_ticks=raft.positive("election_ticks", int, 10),
         log_format=log_format,
-        tls=_tls(path, data),
+        tls=tls,
     )
     s.done()
     raft.done()
@@ -227,19 +268,20 @@ def load_chunk(path: str) -> ChunkConfig:
     log_format = s.get("log_format", str, "text")
     if log_format not in ("text", "json"):
         raise ConfigError(f"{path}: [chunk] log_format must be text or json, not {log_format!r}")
+    tls = _tls(path, data)
     config = ChunkConfig(
         id=s.get("id", str),
-        listen=s.get("listen", str),
+        listen=_endpoint(s, "listen", tls=tls),
         address=s.get("address", str),
         data_dir=_data_dir(path, s),
         meta=meta,
         heartbeat_interval=s.positive("heartbeat_interval", float, 1.0),
         report_interval=s.positive("report_interval", float, 30.0),
-        gc_grace=s.get("gc_grace", float, 600.0),
+        gc_grace=s.positive("gc_grace", float, 600.0),
         capacity_bytes=s.get("capacity_bytes", int, 0),
         domain=s.get("domain", str, ""),
         log_format=log_format,
-        tls=_tls(path, data),
+        tls=tls,
         direct_io=_direct_io(s),
     )
     s.done()

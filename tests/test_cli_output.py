@@ -3,6 +3,7 @@ running the reactor for one command."""
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 from collections.abc import Callable
@@ -76,6 +77,41 @@ class ExitCodeTests(SynchronousTestCase):
         out = io.StringIO()
         output.print_error("cannot reach   127.0.0.1:7000", out)
         self.assertEqual(out.getvalue(), "dogfs: cannot reach 127.0.0.1:7000\n")
+
+
+class SecondsTests(SynchronousTestCase):
+    """`output.seconds`, the type of every SECONDS option."""
+
+    def test_positive_finite(self) -> None:
+        """A positive, finite number is taken; zero, negative, nan, inf and words are not."""
+        self.assertEqual(output.seconds("1.5"), 1.5)
+        self.assertEqual(output.seconds("60"), 60.0)
+        for text in ("0", "-1", "nan", "inf", "-inf"):
+            e = self.assertRaises(argparse.ArgumentTypeError, output.seconds, text)
+            self.assertIn("positive number of seconds", str(e))
+        self.assertIn("not a number", str(self.assertRaises(argparse.ArgumentTypeError, output.seconds, "soon")))
+
+    def test_every_seconds_option(self) -> None:
+        """Every command's --timeout, --wait and --catch-up refuse 0, negative and nan as bad
+        usage (exit 2), instead of waiting for nothing or failing with a traceback."""
+        from dogfs.cli.main import build_parser
+
+        commands = [
+            ["ls", "/", "--timeout"],
+            ["bench", "get", "--timeout"],
+            ["admin", "meta", "add", "--local", "--catch-up"],
+            ["admin", "meta", "remove", "meta-2", "--timeout"],
+            ["admin", "revoke", "bob", "--timeout"],
+            ["cluster", "up", "--wait"],
+            ["cluster", "start", "meta-1", "--wait"],
+        ]
+        for argv in commands:
+            parsed = build_parser().parse_args(argv + ["2.5"])
+            self.assertEqual(getattr(parsed, argv[-1][2:].replace("-", "_")), 2.5)
+            for bad in ("0", "-1", "nan"):
+                e = self.assertRaises(CLIError, build_parser().parse_args, argv + [bad])
+                self.assertEqual(e.exit_code, output.USAGE, argv)
+                self.assertIn("positive number of seconds", e.message)
 
 
 class FormatTests(SynchronousTestCase):

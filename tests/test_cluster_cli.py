@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -281,8 +283,68 @@ class ReadinessTests(SynchronousTestCase):
         self.assertTrue(os.path.isabs(chunk1["data_dir"]))
 
 
+def _pretend_running(case: SynchronousTestCase, home: str, node: layout.NodeSpec) -> int:
+    """A process that `node_pid` takes for the node's daemon: its command line names the
+    node's config, and the pidfile names it."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", "import signal; signal.pause()", layout.config_path(home, node)]
+    )
+    case.addCleanup(lambda: (process.kill(), process.wait()))
+    with open(layout.pidfile_path(home, node), "w") as f:
+        f.write(str(process.pid))
+    return process.pid
+
+
+class ViewTests(SynchronousTestCase):
+    """What `status` claims, from what the metas said."""
+
+    def test_secondhand_role_without_term_is_unknown(self) -> None:
+        """A running meta that did not answer itself, which the leader calls "follower" with
+        no term (it has not heard it since its restart), has an unknown role; with a term
+        from the leader's replication the role stands."""
+        home = _home(self)
+        spec = _spec(metas=2)
+        layout.write_cluster(home, spec)
+        for m in spec.metas:
+            _pretend_running(self, home, m)
+        leader = spec.metas[0]
+
+        def answer(term: int | None) -> dict[str, Any]:
+            return {
+                "cluster": {"leader": "meta-1"},
+                "meta": [
+                    {"id": "meta-1", "role": "leader", "term": 4, "commit_index": 7},
+                    {"id": "meta-2", "role": "follower", "term": term, "commit_index": term and 7},
+                ],
+                "chunks": [],
+            }
+
+        views = {v["id"]: v for v in cluster.node_views(home, spec, {leader.address: answer(None)})}
+        self.assertEqual(views["meta-1"]["role"], "leader")
+        self.assertIsNone(views["meta-2"]["role"])
+        self.assertEqual(cluster._detail(views["meta-2"]), "role unknown")
+        self.assertEqual(cluster._detail(views["meta-1"]), "leader, term 4, commit 7")
+        views = {v["id"]: v for v in cluster.node_views(home, spec, {leader.address: answer(4)})}
+        self.assertEqual(cluster._detail(views["meta-2"]), "follower, term 4, commit 7")
+
+    def test_dashboard_only_when_served(self) -> None:
+        """The dashboard URL is a running meta's (the leader's first); with every meta stopped
+        there is none to print."""
+        home = _home(self)
+        spec = _spec(metas=2)
+        layout.write_cluster(home, spec)
+        views = cluster.node_views(home, spec, {})
+        self.assertIsNone(cluster._dashboard(views))
+        out = io.StringIO()
+        cluster._print_summary(home, views, out)
+        self.assertNotIn("dashboard", out.getvalue())
+        _pretend_running(self, home, spec.metas[1])
+        views = cluster.node_views(home, spec, {})
+        self.assertEqual(cluster._dashboard(views), f"http://{spec.metas[1].http_address}/")
+
+
 def _up_args(**kw: Any) -> argparse.Namespace:
-    values = {"meta": None, "chunk": None, "ec": None, "insecure": False}
+    values = {"meta": None, "chunk": None, "ec": None, "insecure": False, "block_size": None, "base_port": None}
     values.update(kw)
     return argparse.Namespace(**values)
 
@@ -295,6 +357,30 @@ class MatchTests(SynchronousTestCase):
         e = self.assertRaises(CLIError, cluster._check_matches, spec, _up_args(chunk=6), "/h")
         self.assertEqual(e.exit_code, USAGE)
         self.assertIn("--chunk 6 (it has 3)", e.message)
+
+    def test_block_size_and_base_port(self) -> None:
+        """--block-size and --base-port that differ from an existing cluster's are refused
+        like the other options, not silently ignored."""
+        home = _home(self)
+        spec = _spec()
+        layout.write_cluster(home, spec, block_size=1 << 20)
+        cluster._check_matches(spec, _up_args(block_size=1 << 20), home)
+        e = self.assertRaises(CLIError, cluster._check_matches, spec, _up_args(block_size=2 << 20), home)
+        self.assertEqual(e.exit_code, USAGE)
+        self.assertIn("differs from --block-size 2.0 MiB (it has 1.0 MiB)", e.message)
+        based = layout.ClusterSpec(
+            nodes=(
+                layout.NodeSpec("meta-1", "meta", "127.0.0.1:20000", "127.0.0.1:20080"),
+                layout.NodeSpec("chunk-1", "chunk", "127.0.0.1:20100"),
+                layout.NodeSpec("chunk-2", "chunk", "127.0.0.1:20101"),
+            ),
+            ec="RS-1-1",
+            tls=False,
+        )
+        cluster._check_matches(based, _up_args(base_port=20000), "/h")
+        e = self.assertRaises(CLIError, cluster._check_matches, based, _up_args(base_port=21000), "/h")
+        self.assertEqual(e.exit_code, USAGE)
+        self.assertIn("--base-port 21000 (its metadata nodes listen on 20000)", e.message)
 
     def test_too_few_chunks(self) -> None:
         """A policy wider than the chunk servers is refused before anything is written."""
@@ -359,6 +445,46 @@ class CommandLineTests(SynchronousTestCase):
         nodes = json.loads(result.stdout)["nodes"]
         self.assertEqual([n["id"] for n in nodes], ["meta-1", "chunk-1", "chunk-2", "chunk-3"])
         self.assertTrue(all(n["state"] == "stopped" and n["pid"] is None for n in nodes))
+        text = _cli(home, "cluster", "status")
+        self.assertEqual(text.returncode, 0, text.stderr)
+        self.assertNotIn("dashboard:", text.stdout)  # no meta runs to serve one
+
+    def test_json_of_process_commands(self) -> None:
+        """stop, kill, start and down honour --json (global or after the command): stdout is
+        one JSON object naming the nodes acted on and what became of them."""
+        home = _home(self)
+        layout.write_cluster(home, _spec())
+        for node, argv in (
+            ("chunk-1", ("cluster", "stop", "chunk-1", "--json")),
+            ("meta-1", ("--json", "cluster", "kill", "meta-1")),
+        ):
+            result = _cli(home, *argv)
+            self.assertEqual(result.returncode, 0, result.stderr)
+            self.assertEqual(
+                json.loads(result.stdout),
+                {"nodes": [{"id": node, "pid": None, "outcome": "not running"}]},
+            )
+            self.assertIn(f"{node} is not running", result.stderr)  # the words go to stderr
+        down = _cli(home, "--json", "cluster", "down")
+        self.assertEqual(down.returncode, 0, down.stderr)
+        self.assertEqual(json.loads(down.stdout), {"nodes": []})
+
+    def test_closed_pipe(self) -> None:
+        """`dogfs cluster status | head -3`: a reader that goes away ends the command quietly
+        (exit 1, no traceback)."""
+        home = _home(self)
+        layout.write_cluster(home, _spec(chunks=40))
+        read, write = os.pipe()
+        os.close(read)  # every write to the pipe now fails with EPIPE
+        try:
+            result = subprocess.run(
+                [sys.executable, "-m", "dogfs.cli.main", "--home", home, "cluster", "status"],
+                stdout=write, stderr=subprocess.PIPE, text=True, timeout=120,
+            )
+        finally:
+            os.close(write)
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertEqual(result.stderr, "")
 
     def test_bad_node(self) -> None:
         """stop/start/kill of an unknown node exit 2 naming the nodes."""
@@ -531,6 +657,58 @@ class RealClusterTests(SynchronousTestCase):
         run("mkdir", "/p", "--ec", "RS-2-1")
         policy = run("mkdir", "-p", "/p", "--ec", "RS-3-2", code=1)
         self.assertIn("already exists with policy RS-2-1", policy.stderr)
+
+    def test_start_meta_whose_port_is_taken(self) -> None:
+        """`start` of a metadata node that cannot listen (another process holds its port)
+        fails with the end of its log instead of saying it started; once the port is free it
+        starts, and says so. up, stop, start and down print JSON with --json."""
+        home = _home(self)
+        self.addCleanup(_kill_leftovers, home)
+        result = self._up(home, "--meta", "1", "--chunk", "2", "--ec", "RS-1-1", "--insecure", "--json")
+        self.assertEqual(result.returncode, 0, result.stderr + result.stdout)
+        up = json.loads(result.stdout)
+        self.assertEqual(sorted(up["started"]), ["chunk-1", "chunk-2", "meta-1"])
+        nodes = {n["id"]: n for n in up["nodes"]}
+        self.assertEqual((nodes["meta-1"]["role"], nodes["chunk-2"]["health"]), ("leader", "alive"))
+        self.assertIn("starting meta-1", result.stderr)
+        spec = layout.load_spec(home)
+        assert spec is not None
+        meta = spec.node("meta-1")
+
+        refused = self._up(home, "--block-size", "1MiB")
+        self.assertEqual(refused.returncode, 2, refused.stderr)
+        self.assertIn("--block-size 1.0 MiB (it has 64.0 MiB)", refused.stderr)
+
+        stopped = _cli(home, "cluster", "stop", "meta-1", "--json")
+        self.assertEqual(stopped.returncode, 0, stopped.stderr)
+        self.assertEqual(
+            json.loads(stopped.stdout),
+            {"nodes": [{"id": "meta-1", "pid": nodes["meta-1"]["pid"], "outcome": "stopped"}]},
+        )
+        squatter = socket.socket()
+        self.addCleanup(squatter.close)
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", meta.port))
+        squatter.listen(16)  # accepts connections: listening alone is not serving
+        failed = _cli(home, "cluster", "start", "meta-1", "--wait", "30")
+        self.assertEqual(failed.returncode, 1, failed.stdout + failed.stderr)
+        self.assertNotIn("started", failed.stdout)
+        self.assertIn("meta-1 exited with status", failed.stderr)
+        self.assertIn(layout.log_path(home, meta), failed.stderr)
+        self.assertIn("Address already in use", failed.stderr)  # the log's own words
+        self.assertEqual(self._status(home)["meta-1"]["state"], "stopped")
+
+        squatter.close()
+        started = _cli(home, "--json", "cluster", "start", "meta-1", "--wait", str(WAIT))
+        self.assertEqual(started.returncode, 0, started.stderr)
+        [node] = json.loads(started.stdout)["nodes"]
+        self.assertEqual((node["id"], node["outcome"], node["address"]), ("meta-1", "started", meta.address))
+        self.assertEqual(self._status(home)["meta-1"]["pid"], node["pid"])
+
+        down = _cli(home, "cluster", "down", "--json")
+        self.assertEqual(down.returncode, 0, down.stderr)
+        outcomes = {n["id"]: n["outcome"] for n in json.loads(down.stdout)["nodes"]}
+        self.assertEqual(outcomes, {"meta-1": "stopped", "chunk-1": "stopped", "chunk-2": "stopped"})
 
     def test_tls_cluster(self) -> None:
         """The default cluster runs TLS: status over mutual TLS with the admin identity."""

@@ -83,6 +83,11 @@ class ConfigTests(SynchronousTestCase):
         """Durations and sizes must be positive."""
         path = self.write('[client]\nmeta = ["a:1"]\ntimeout = 0\n')
         self.assertIn("must be positive", str(self.assertRaises(config.ConfigError, config.load_client, path)))
+        # gc_grace is what keeps uploads in flight and reads of a replaced file safe from GC.
+        chunk = '[chunk]\nid = "c"\nlisten = "tcp:1"\naddress = "a:1"\ndata_dir = "d"\nmeta = ["m:1"]\n'
+        path = self.write(chunk + "gc_grace = -1e9\n")
+        e = str(self.assertRaises(config.ConfigError, config.load_chunk, path))
+        self.assertIn("gc_grace must be positive", e)
 
     def test_tls_paths_relative_to_file(self) -> None:
         """TLS paths resolve against the config file's directory."""
@@ -90,3 +95,46 @@ class ConfigTests(SynchronousTestCase):
         tls = config.load_client(path).tls
         assert tls is not None
         self.assertEqual(tls.ca, os.path.join(os.path.dirname(os.path.abspath(path)), "ca.pem"))
+
+    def test_bad_default_ec(self) -> None:
+        """[meta] default_ec must be a policy the metadata can parse: a bad one is refused
+        when the file is read, naming the file and the key, not by a traceback at start."""
+        base = '[meta]\nid = "m"\nlisten = "tcp:1"\naddress = "a:1"\ndata_dir = "d"\n'
+        self.assertEqual(config.load_meta(self.write(base + 'default_ec = "rs-6-3"\n')).default_ec, "rs-6-3")
+        for bad in ('"RS-6"', '"RS-30-5"', '"mirror"'):
+            path = self.write(base + f"default_ec = {bad}\n")
+            e = str(self.assertRaises(config.ConfigError, config.load_meta, path))
+            self.assertIn(f"{path}: [meta] default_ec is not a policy", e)
+            self.assertIn(bad.strip('"'), e)
+
+    def test_bad_endpoints(self) -> None:
+        """Listen and http addresses are Twisted endpoint strings, parsed when the file is
+        read: a bad one is one sentence naming the file, the key and the value."""
+        meta = '[meta]\nid = "m"\naddress = "a:1"\ndata_dir = "d"\n'
+        chunk = '[chunk]\nid = "c"\naddress = "a:1"\ndata_dir = "d"\nmeta = ["m:1"]\n'
+        good = config.load_meta(self.write(meta + 'listen = "tcp:7000:interface=127.0.0.1"\nhttp = "unix:/tmp/d.sock"\n'))
+        self.assertEqual((good.listen, good.http), ("tcp:7000:interface=127.0.0.1", "unix:/tmp/d.sock"))
+        self.assertEqual(config.load_meta(self.write(meta + 'listen = "tcp:1"\nhttp = ""\n')).http, "")
+        cases = [
+            (config.load_meta, meta + 'listen = "127.0.0.1:7000"\n', "[meta] listen '127.0.0.1:7000'"),
+            (config.load_meta, meta + 'listen = "tcp:abc"\n', "[meta] listen 'tcp:abc'"),
+            (config.load_meta, meta + 'listen = "tcp:70000"\n', "port 70000 outside 0-65535"),
+            (config.load_meta, meta + 'listen = "tcp:1"\nhttp = "htp:8080"\n', "[meta] http 'htp:8080'"),
+            (config.load_chunk, chunk + 'listen = "bogus:1"\n', "[chunk] listen 'bogus:1'"),
+            (config.load_chunk, chunk + 'listen = "tcp"\n', "[chunk] listen 'tcp'"),
+        ]
+        for load, text, expected in cases:
+            path = self.write(text)
+            e = str(self.assertRaises(config.ConfigError, load, path))
+            self.assertIn(path, e)
+            self.assertIn(expected, e)
+            self.assertNotIn("\n", e)
+
+    def test_tls_listen_is_plain(self) -> None:
+        """With [tls], DogFS adds TLS itself: a listen address that names ssl: is refused."""
+        text = (
+            '[meta]\nid = "m"\nlisten = "ssl:7000"\naddress = "a:1"\ndata_dir = "d"\n'
+            '[tls]\nca = "ca.pem"\ncert = "c.pem"\nkey = "k.pem"\n'
+        )
+        e = str(self.assertRaises(config.ConfigError, config.load_meta, self.write(text)))
+        self.assertIn("[meta] listen 'ssl:7000' names a TLS endpoint", e)

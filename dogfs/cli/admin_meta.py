@@ -36,7 +36,7 @@ def register(admin_subparsers: Any) -> None:
     sub.required = True
 
     def common(p: Any) -> None:
-        p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+        p.add_argument("--timeout", type=output.seconds, default=None, metavar="SECONDS",
                        help="fail if the cluster cannot serve within this time")
         p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
 
@@ -49,7 +49,7 @@ def register(admin_subparsers: Any) -> None:
     add.add_argument("--http-address", default="", help="the new node's dashboard host:port")
     add.add_argument("--local", action="store_true",
                      help="in a `dogfs cluster` home: create the next meta-N, start it and add it")
-    add.add_argument("--catch-up", type=float, default=120.0, metavar="SECONDS",
+    add.add_argument("--catch-up", type=output.seconds, default=120.0, metavar="SECONDS",
                      help="how long the new node may take to catch up before promotion (default 120)")
     common(add)
     add.set_defaults(func=cmd_add)

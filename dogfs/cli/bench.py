@@ -2,7 +2,7 @@
 """`dogfs bench`: a load generator against a running cluster, like `rados bench`.
 
     dogfs bench put --size 4KiB --count 1000 --concurrency 16
-    dogfs bench get --prefix /bench/run-1 --concurrency 16
+    dogfs bench get --prefix /bench/run-1 --concurrency 16   (every file under the prefix)
     dogfs bench mkdir --count 2000 --concurrency 64
 
 Operations run through the real client API with CONCURRENCY in flight; the result is ops/s,
@@ -20,6 +20,9 @@ from typing import Any
 
 from dogfs.cli import output
 
+#: Operations of a put or mkdir run without --count.
+DEFAULT_COUNT = 1000
+
 
 def register(subparsers: Any) -> None:
     """Add `dogfs bench` to the dogfs parser."""
@@ -30,18 +33,20 @@ def register(subparsers: Any) -> None:
         help="load-test a running cluster: ops/s, MB/s, latency percentiles",
         description="Load-test a running cluster through the client API. Files are written "
         "under --prefix (default: a fresh /bench/<id>); `get` reads what a previous "
-        "`put` wrote there, and `--cleanup` removes them afterwards.",
+        "`put` wrote there (every file under --prefix, or with --count N the first N names "
+        "`put` gives), and `--cleanup` removes them afterwards.",
     )
     bench.add_argument("op", choices=["put", "get", "mkdir"], help="what to do")
     bench.add_argument("--size", type=_size, default=4096, metavar="BYTES",
                        help="bytes per file for put (default 4KiB; e.g. 1MiB)")
-    bench.add_argument("--count", type=int, default=1000, metavar="N", help="operations (default 1000)")
+    bench.add_argument("--count", type=int, default=None, metavar="N",
+                       help=f"operations (default {DEFAULT_COUNT}; for get, every file under --prefix)")
     bench.add_argument("--concurrency", type=int, default=16, metavar="C",
                        help="operations in flight (default 16)")
     bench.add_argument("--prefix", default=None, metavar="PATH", help="directory to work in")
     bench.add_argument("--ec", default=None, metavar="RS-K-M", help="policy for put")
     bench.add_argument("--cleanup", action="store_true", help="remove --prefix afterwards")
-    bench.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+    bench.add_argument("--timeout", type=output.seconds, default=None, metavar="SECONDS",
                        help="per-operation timeout (default: the config's)")
     bench.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
     bench.set_defaults(func=cmd_bench)
@@ -69,7 +74,14 @@ async def run_bench(client: Any, args: argparse.Namespace) -> dict[str, Any]:
     prefix = (args.prefix or f"/bench/{uuid.uuid4().hex[:8]}").rstrip("/")
     if args.op in ("put", "mkdir"):
         await client.mkdir(prefix, parents=True, ec=args.ec)
-    names = [f"{prefix}/{i:08d}" for i in range(args.count)]
+    if args.op == "get" and args.count is None:
+        # What is there, not the names a put of another --count would have written: a missing
+        # prefix fails here (not_found, exit 3) instead of as one error per name.
+        names = [e.path for e in await client.ls(prefix) if e.type == "file"]
+        if not names:
+            raise DogFSError("not_found", f"{prefix} holds no files to read; `dogfs bench put --prefix {prefix}` writes some")
+    else:
+        names = [f"{prefix}/{i:08d}" for i in range(DEFAULT_COUNT if args.count is None else args.count)]
     payload = os.urandom(args.size) if args.op == "put" else b""
     latencies: list[float] = []
     errors: dict[str, int] = {}
@@ -106,7 +118,7 @@ async def run_bench(client: Any, args: argparse.Namespace) -> dict[str, Any]:
     return {
         "op": args.op,
         "prefix": prefix,
-        "count": args.count,
+        "count": len(names),
         "concurrency": args.concurrency,
         "size": args.size if args.op == "put" else None,
         "ok": done,
@@ -122,7 +134,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """dogfs bench OP"""
     from dogfs.cli.main import run_client
 
-    if args.count < 1 or args.concurrency < 1:
+    if (args.count is not None and args.count < 1) or args.concurrency < 1:
         raise output.CLIError("--count and --concurrency must be at least 1", output.USAGE)
     if args.op == "get" and not args.prefix:
         raise output.CLIError("bench get needs --prefix: the directory a previous bench put wrote", output.USAGE)

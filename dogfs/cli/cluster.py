@@ -2,18 +2,24 @@
 """`dogfs cluster ...`: a local cluster of real daemon processes on 127.0.0.1.
 
     dogfs cluster up [--meta N] [--chunk N] [--ec RS-K-M] [--detach] [--insecure]
-                     [--base-port P] [--wait SECONDS]
+                     [--block-size BYTES] [--base-port P] [--wait SECONDS] [--json]
     dogfs cluster status [--json]
-    dogfs cluster stop NODE | start NODE | kill NODE
-    dogfs cluster down
+    dogfs cluster stop NODE | start NODE [--wait SECONDS] | kill NODE   [--json]
+    dogfs cluster down [--json]
 
 `up` creates the cluster on first use (see `dogfs.cli.cluster_layout` for the files under
 HOME) and restarts it with its data afterwards. It is ready when a metadata leader is known
 and every chunk server is "alive" in the metadata's view; `up` polls the metas' `status`
-query until then. `start` waits until the node listens and, for a chunk server, until the
-leader has heard it since it started. Without `--detach` it stays in the foreground and stops every node on
-Ctrl-C or SIGTERM. `kill` sends SIGKILL (for tests and chaos drills); `stop` is SIGTERM,
-then SIGKILL after 10 s.
+query until then. `start` waits until a metadata node answers that query itself or, for a
+chunk server, until the leader has heard it since it started; a node that exits meanwhile
+fails it with the end of its log. Without `--detach` `up` stays in the foreground and stops
+every node on Ctrl-C or SIGTERM. `kill` sends SIGKILL (for tests and chaos drills); `stop` is
+SIGTERM, then SIGKILL after 10 s.
+
+With `--json` (global, or after the command) `up` prints `{"nodes": [...], "started": [...]}`
+(the objects of `status --json`) once the cluster serves, and `stop`, `start`, `kill` and
+`down` print `{"nodes": [{"id", "pid", "outcome"}, ...]}` for the nodes they acted on; their
+progress lines then go to stderr.
 
 Each handler is `fn(args) -> int`; `dogfs.cli.main` sets `args.home`, `args.config` and
 `args.json` before calling it.
@@ -27,8 +33,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable
 from typing import IO, Any
 
 import msgpack
@@ -46,6 +50,7 @@ from dogfs.cli.output import (
     format_table,
     print_json,
     run_deferred,
+    seconds,
 )
 
 __all__ = [
@@ -138,17 +143,16 @@ def register(subparsers: Any) -> None:
     )
     up.add_argument(
         "--wait",
-        type=float,
+        type=seconds,
         default=DEFAULT_WAIT,
         metavar="SECONDS",
         help=f"how long to wait for the cluster to serve (default {DEFAULT_WAIT:g})",
     )
+    _json_option(up)
     up.set_defaults(func=cmd_up)
 
     status = sub.add_parser("status", help="every node: process, role, health")
-    status.add_argument(
-        "--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output"
-    )
+    _json_option(status)
     status.set_defaults(func=cmd_status)
 
     for name, func, text in (
@@ -161,16 +165,26 @@ def register(subparsers: Any) -> None:
         if name == "start":
             p.add_argument(
                 "--wait",
-                type=float,
+                type=seconds,
                 default=DEFAULT_WAIT,
                 metavar="SECONDS",
-                help="how long to wait for it to listen (a chunk server: to report to the leader)",
+                help="how long to wait for it to serve (a metadata node: to answer a status "
+                "query; a chunk server: to report to the leader)",
             )
+        _json_option(p)
         p.set_defaults(func={"stop": cmd_stop, "start": cmd_start, "kill": cmd_kill}[name])
         del func
 
     down = sub.add_parser("down", help="stop every node; data is kept")
+    _json_option(down)
     down.set_defaults(func=cmd_down)
+
+
+def _json_option(parser: Any) -> None:
+    # Also after the command, as the client commands take it; the global one still counts.
+    parser.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output"
+    )
 
 
 # -- helpers -----------------------------------------------------------------------------
@@ -182,6 +196,11 @@ def _home(args: argparse.Namespace) -> str:
 
 def _want_json(args: argparse.Namespace) -> bool:
     return bool(getattr(args, "json", False))
+
+
+def _chatter(args: argparse.Namespace) -> IO[str]:
+    """Where a command's progress lines go: stdout, or stderr when stdout carries its JSON."""
+    return sys.stderr if _want_json(args) else sys.stdout
 
 
 def _require_spec(home: str) -> ClusterSpec:
@@ -298,9 +317,13 @@ def node_views(
             "log": os.path.abspath(layout.log_path(home, node)),
         }
         if node.kind == "meta":
-            info = own.get(node.id) or best_meta.get(node.id) or {}
+            mine = own.get(node.id)
+            info = mine or best_meta.get(node.id) or {}
+            # Another member calls a node "follower" from its configuration until it hears
+            # from it (right after a restart): without a term that is a guess, not a fact.
+            known = pid is not None and (mine is not None or info.get("term") is not None)
             view.update(
-                role=info.get("role") if pid is not None else None,
+                role=info.get("role") if known else None,
                 term=info.get("term"),
                 commit_index=info.get("commit_index"),
                 http_address=info.get("http_address") or node.http_address or None,
@@ -322,7 +345,12 @@ def _detail(view: dict[str, Any]) -> str:
     if view["kind"] == "meta":
         if view.get("role") is None:
             return "role unknown" if view["state"] == "running" else ""
-        return f"{view['role']}, term {view.get('term')}, commit {view.get('commit_index')}"
+        facts = [str(view["role"])]
+        if view.get("term") is not None:
+            facts.append(f"term {view['term']}")
+        if view.get("commit_index") is not None:
+            facts.append(f"commit {view['commit_index']}")
+        return ", ".join(facts)
     if view.get("health") is None:
         return "unknown to the metadata" if view["state"] == "running" else ""
     # A stopped node's health is the metadata's memory of it, until it is declared dead.
@@ -354,8 +382,11 @@ def _table(views: list[dict[str, Any]]) -> str:
 
 
 def _dashboard(views: list[dict[str, Any]]) -> str | None:
-    metas = [v for v in views if v["kind"] == "meta" and v.get("http_address")]
-    metas.sort(key=lambda v: (v.get("role") != "leader", v["state"] != "running"))
+    """The leader's dashboard, else a running meta's; None when no meta runs to serve one."""
+    metas = [
+        v for v in views if v["kind"] == "meta" and v.get("http_address") and v["state"] == "running"
+    ]
+    metas.sort(key=lambda v: v.get("role") != "leader")
     return f"http://{metas[0]['http_address']}/" if metas else None
 
 
@@ -407,6 +438,56 @@ def _missing(
     return missing
 
 
+def _check_alive(home: str, spec: ClusterSpec, started: dict[str, subprocess.Popen[bytes]]) -> None:
+    """CLIError with the end of its log if a daemon we started has exited."""
+    for node_id, process in started.items():
+        code = process.poll()
+        if code is not None:
+            node = spec.node(node_id)
+            raise CLIError(
+                f"{node_id} exited with status {code} while starting; the end of "
+                f"{layout.log_path(home, node)}:\n{layout.log_tail(home, node)}"
+            )
+
+
+async def _wait_answers(
+    reactor: Any,
+    home: str,
+    spec: ClusterSpec,
+    node: NodeSpec,
+    process: subprocess.Popen[bytes],
+    wait: float,
+) -> dict[str, Any]:
+    """Poll until the metadata node `node`, started as `process`, serves: its pidfile names
+    the process and a status query to its address is answered by it (not by whatever else
+    may hold the port); fail if the process exits. Returns its answer."""
+    pool = _pool(reactor, home, spec)
+    deadline = reactor.seconds() + wait
+    try:
+        while True:
+            _check_alive(home, spec, {node.id: process})
+            answer = None
+            if layout.node_pid(home, node) == process.pid:
+                answers = await query_status(
+                    reactor, pool, [node.address], min(STATUS_TIMEOUT, wait)
+                )
+                answer = answers.get(node.address)
+            if answer is not None and any(m.get("id") == node.id for m in answer.get("meta") or []):
+                # A daemon that could not listen (another process holds the port) exits just
+                # after its start: the answer counts only if ours still runs.
+                _check_alive(home, spec, {node.id: process})
+                return answer
+            if reactor.seconds() >= deadline:
+                raise CLIError(
+                    f"{node.id} (pid {process.pid}) did not answer a status query on "
+                    f"{node.address} within {wait:g} s; it is still running; the end of "
+                    f"{layout.log_path(home, node)}:\n{layout.log_tail(home, node)}"
+                )
+            await task.deferLater(reactor, POLL_INTERVAL, lambda: None)
+    finally:
+        await pool.close_all()
+
+
 async def _wait_ready(
     reactor: Any,
     home: str,
@@ -424,19 +505,11 @@ async def _wait_ready(
     started_chunks = [c.id for c in spec.chunks if c.id in started]
     try:
         while True:
-            for node_id, process in started.items():
-                code = process.poll()
-                if code is not None:
-                    node = spec.node(node_id)
-                    tail = layout.log_tail(home, node)
-                    raise CLIError(
-                        f"{node_id} exited with status {code} while starting; the end of "
-                        f"{layout.log_path(home, node)}:\n{tail}"
-                    )
+            _check_alive(home, spec, started)
             answers = await query_status(reactor, pool, addresses, min(STATUS_TIMEOUT, wait))
             since = reactor.seconds() - began
             missing = _missing(spec, answers, {c: since for c in started_chunks}, chunks)
-            waiting = [n for n in started if layout.node_pid(home, spec.node(n)) is None]
+            waiting = [n for n, p in started.items() if layout.node_pid(home, spec.node(n)) != p.pid]
             if waiting:
                 # twistd writes its pidfile before it starts the service; until then the
                 # process view would call it stopped.
@@ -468,6 +541,25 @@ def _check_matches(spec: ClusterSpec, args: argparse.Namespace, home: str) -> No
         differ.append(f"--ec {args.ec} (it has {spec.ec})")
     if args.insecure and spec.tls:
         differ.append("--insecure (it runs TLS)")
+    if args.block_size is not None:
+        block_size = _block_size(home, spec)
+        if args.block_size != block_size:
+            differ.append(
+                f"--block-size {format_bytes(args.block_size)} (it has {format_bytes(block_size)})"
+            )
+    if args.base_port is not None:
+        # The addresses that base would give, against those cluster.toml keeps.
+        metas = [m.port for m in spec.metas]
+        chunks = [c.port for c in spec.chunks]
+        base = args.base_port
+        if metas != list(range(base, base + len(metas))) or chunks != list(
+            range(base + layout.CHUNK_OFFSET, base + layout.CHUNK_OFFSET + len(chunks))
+        ):
+            differ.append(
+                f"--base-port {base} (its metadata nodes listen on "
+                + ", ".join(str(p) for p in metas)
+                + ")"
+            )
     if differ:
         raise CLIError(
             f"{home} already holds a cluster that differs from "
@@ -475,6 +567,17 @@ def _check_matches(spec: ClusterSpec, args: argparse.Namespace, home: str) -> No
             + "; restart it without those options, or use another --home",
             USAGE,
         )
+
+
+def _block_size(home: str, spec: ClusterSpec) -> int:
+    """The block size the cluster's metas are configured with (meta-1's, as they agree)."""
+    from dogfs.config import ConfigError, load_meta
+
+    node = spec.metas[0]
+    try:
+        return load_meta(layout.config_path(home, node)).block_size
+    except ConfigError as e:
+        raise CLIError(f"cannot start {node.id}: {e}") from None
 
 
 def _new_spec(args: argparse.Namespace) -> ClusterSpec:
@@ -537,6 +640,7 @@ def daemons_serve_tls() -> bool:
 def cmd_up(args: argparse.Namespace) -> int:
     """`dogfs cluster up`: create or restart the local cluster and wait until it serves."""
     home = _home(args)
+    out = _chatter(args)
     spec = layout.load_spec(home)
     if spec is None:
         spec = _new_spec(args)
@@ -544,7 +648,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         _say(
             f"created a cluster in {home}: {len(spec.metas)} metadata node(s), "
             f"{len(spec.chunks)} chunk servers, {spec.ec}"
-            + (", TLS" if spec.tls else ", plaintext")
+            + (", TLS" if spec.tls else ", plaintext"),
+            out,
         )
     else:
         _check_matches(spec, args, home)
@@ -564,29 +669,32 @@ def cmd_up(args: argparse.Namespace) -> int:
     for node, argv in to_start:
         started[node.id] = layout.start_node(home, node, argv)
     if started:
-        _say("starting " + ", ".join(started))
+        _say("starting " + ", ".join(started), out)
     else:
-        _say("every node is already running")
+        _say("every node is already running", out)
     try:
         answers = run_deferred(lambda reactor: _wait_ready(reactor, home, spec, started, args.wait), args.reactor())
     except KeyboardInterrupt:
         if not args.detach:
-            _stop_all(home, spec)
+            _stop_all(home, spec, out)
             return INTERRUPTED
-        _say(f"interrupted; the nodes keep running (`dogfs --home {home} cluster down` stops them)")
+        _say(f"interrupted; the nodes keep running (`dogfs --home {home} cluster down` stops them)", out)
         return INTERRUPTED
     except CLIError:
         # A cluster that did not come up is not left half-running: stop what we started.
         layout.stop_pids([p.pid for p in started.values()])
         raise
     views = node_views(home, spec, answers)
-    _print_summary(home, views)
+    if _want_json(args):
+        print_json({"nodes": views, "started": list(started)})
+    else:
+        _print_summary(home, views)
     if args.detach:
-        _say(f"the cluster serves; `dogfs --home {home} cluster down` stops it")
+        _say(f"the cluster serves; `dogfs --home {home} cluster down` stops it", out)
         return OK
-    _say("the cluster serves; Ctrl-C stops it")
+    _say("the cluster serves; Ctrl-C stops it", out)
     _wait_for_signal(started)
-    _stop_all(home, spec)
+    _stop_all(home, spec, out)
     return OK
 
 
@@ -612,17 +720,31 @@ def _wait_for_signal(children: dict[str, subprocess.Popen[bytes]]) -> None:
             signal.signal(s, h)
 
 
-def _stop_all(home: str, spec: ClusterSpec, quiet: bool = False) -> None:
+def _acted(node_id: str, pid: int | None, outcome: str, **more: Any) -> dict[str, Any]:
+    """One node in the `--json` result of stop, start, kill and down."""
+    return {"id": node_id, "pid": pid, "outcome": outcome, **more}
+
+
+def _stopped(node_id: str, pid: int, killed: list[int]) -> dict[str, Any]:
+    if layout.pid_alive(pid):
+        return _acted(node_id, pid, "still running")
+    return _acted(node_id, pid, "killed" if pid in killed else "stopped")
+
+
+def _stop_all(home: str, spec: ClusterSpec, out: IO[str]) -> list[dict[str, Any]]:
+    """Stop every running node, saying so on `out`; what became of each."""
     running = {n.id: pid for n in spec.nodes if (pid := layout.node_pid(home, n)) is not None}
     if not running:
-        if not quiet:
-            _say("no node is running")
-        return
+        _say("no node is running", out)
+        return []
     killed = layout.stop_pids(running.values())
-    if not quiet:
-        for node_id, pid in running.items():
-            how = "killed" if pid in killed else "stopped"
-            _say(f"{how} {node_id} (pid {pid})")
+    results = [_stopped(node_id, pid, killed) for node_id, pid in running.items()]
+    for r in results:
+        if r["outcome"] == "still running":
+            _say(f"{r['id']} (pid {r['pid']}) is still running after SIGKILL", sys.stderr)
+        else:
+            _say(f"{r['outcome']} {r['id']} (pid {r['pid']})", out)
+    return results
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -660,80 +782,72 @@ def _find(args: argparse.Namespace) -> tuple[str, ClusterSpec, NodeSpec]:
     return home, spec, spec.node(args.node)
 
 
+def _report(args: argparse.Namespace, results: list[dict[str, Any]]) -> int:
+    """Print the `--json` result of stop, start, kill or down (the text is said already)."""
+    if _want_json(args):
+        print_json({"nodes": results})
+    return OK if all(r["outcome"] != "still running" for r in results) else FAILED
+
+
 def cmd_stop(args: argparse.Namespace) -> int:
     """`dogfs cluster stop NODE`: SIGTERM, wait for it to exit, SIGKILL after 10 s."""
     home, _, node = _find(args)
+    out = _chatter(args)
     pid = layout.node_pid(home, node)
     if pid is None:
-        _say(f"{node.id} is not running")
-        return OK
-    killed = layout.stop_pids([pid])
-    _say(f"{'killed' if killed else 'stopped'} {node.id} (pid {pid}); its data is kept")
-    return OK
+        _say(f"{node.id} is not running", out)
+        return _report(args, [_acted(node.id, None, "not running")])
+    result = _stopped(node.id, pid, layout.stop_pids([pid]))
+    if result["outcome"] == "still running":
+        raise CLIError(f"{node.id} (pid {pid}) is still running after SIGTERM and SIGKILL")
+    _say(f"{result['outcome']} {node.id} (pid {pid}); its data is kept", out)
+    return _report(args, [result])
 
 
 def cmd_kill(args: argparse.Namespace) -> int:
     """`dogfs cluster kill NODE`: SIGKILL, as a crash would."""
     home, _, node = _find(args)
+    out = _chatter(args)
     pid = layout.node_pid(home, node)
     if pid is None:
-        _say(f"{node.id} is not running")
-        return OK
+        _say(f"{node.id} is not running", out)
+        return _report(args, [_acted(node.id, None, "not running")])
     layout.stop_pids([pid], sig=signal.SIGKILL)
-    _say(f"killed {node.id} (pid {pid})")
-    return OK
-
-
-def _wait_listening(
-    home: str,
-    node: NodeSpec,
-    process: subprocess.Popen[bytes],
-    wait: float,
-    monotonic: Callable[[], float] = time.monotonic,
-) -> None:
-    import socket
-
-    host, _, port = node.address.rpartition(":")
-    deadline = monotonic() + wait
-    while True:
-        code = process.poll()
-        if code is not None:
-            raise CLIError(
-                f"{node.id} exited with status {code} while starting; the end of "
-                f"{layout.log_path(home, node)}:\n{layout.log_tail(home, node)}"
-            )
-        try:
-            with socket.create_connection((host, int(port)), timeout=1.0):
-                return
-        except OSError:
-            pass
-        if monotonic() >= deadline:
-            raise CLIError(f"{node.id} did not listen on {node.address} within {wait:g} s")
-        time.sleep(POLL_INTERVAL)
+    if layout.pid_alive(pid):
+        raise CLIError(f"{node.id} (pid {pid}) is still running after SIGKILL")
+    _say(f"killed {node.id} (pid {pid})", out)
+    return _report(args, [_acted(node.id, pid, "killed")])
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    """`dogfs cluster start NODE`: start one node with its data; wait until it listens and,
-    for a chunk server, until the metadata leader has heard from it (it then takes shards)."""
+    """`dogfs cluster start NODE`: start one node with its data and wait until it serves: a
+    metadata node answers a status query itself; the metadata leader has heard a chunk
+    server since it started (it then takes shards). If it exits meanwhile, the end of its
+    log says why."""
     home, spec, node = _find(args)
+    out = _chatter(args)
     pid = layout.node_pid(home, node)
     if pid is not None:
-        _say(f"{node.id} is already running (pid {pid})")
-        return OK
+        _say(f"{node.id} is already running (pid {pid})", out)
+        return _report(args, [_acted(node.id, pid, "already running", address=node.address)])
     process = layout.start_node(home, node)
-    _wait_listening(home, node, process, args.wait)
-    if node.kind == "chunk":
+    if node.kind == "meta":
+        run_deferred(
+            lambda reactor: _wait_answers(reactor, home, spec, node, process, args.wait),
+            args.reactor(),
+        )
+    else:
         run_deferred(
             lambda reactor: _wait_ready(reactor, home, spec, {node.id: process}, args.wait, [node.id]),
             args.reactor(),
         )
-    _say(f"started {node.id} (pid {process.pid}) on {node.address}")
-    return OK
+    _say(f"started {node.id} (pid {process.pid}) on {node.address}", out)
+    return _report(args, [_acted(node.id, process.pid, "started", address=node.address)])
 
 
 def cmd_down(args: argparse.Namespace) -> int:
     """`dogfs cluster down`: stop every node; the data is kept."""
     home = _home(args)
     spec = _require_spec(home)
-    _stop_all(home, spec)
+    _report(args, _stop_all(home, spec, _chatter(args)))
     return OK if all(layout.node_pid(home, n) is None for n in spec.nodes) else FAILED

@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def client_command(name: str, help_: str, fn: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
-        p.add_argument("--timeout", type=_seconds, default=None, metavar="SECONDS",
+        p.add_argument("--timeout", type=output.seconds, default=None, metavar="SECONDS",
                        help="fail if the cluster cannot serve within this time (default: the config's, 30 s)")
         p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
         p.set_defaults(func=fn)
@@ -129,19 +129,6 @@ def run_client(args: argparse.Namespace, body: Callable[[Any], Any]) -> Any:
         return output.run_deferred(start, args.reactor())
     except DogFSError as e:
         raise CLIError(e.message, EXIT_CODES.get(e.code, output.FAILED)) from None
-
-
-def _seconds(text: str) -> float:
-    """An argparse type: a positive, finite number of seconds."""
-    import math
-
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a positive number of seconds")
-    return value
 
 
 async def _into(client: Any, path: str, name: str) -> str:
@@ -382,13 +369,20 @@ def main(argv: list[str] | None = None, reactor: Callable[[], Any] | None = None
         args.config = os.path.abspath(args.config or os.path.join(args.home, "client.toml"))
         args.reactor = reactor
         code = args.func(args)
+        sys.stdout.flush()
     except CLIError as e:
         output.print_error(e.message)
         code = e.exit_code
     except KeyboardInterrupt:
         output.print_error("interrupted")
         code = output.INTERRUPTED
-    sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (`dogfs cluster status | head -3`): nothing more reaches it.
+        # Python's own flush at exit would fail on the same pipe; give it somewhere to write.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        code = output.FAILED
     raise SystemExit(code if code is not None else output.USAGE)
 
 

@@ -12,6 +12,7 @@ commands can use it.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import sys
@@ -35,6 +36,7 @@ __all__ = [
     "format_bytes",
     "format_duration",
     "format_table",
+    "seconds",
     "ProgressBar",
     "run_deferred",
 ]
@@ -137,6 +139,17 @@ def format_table(headers: list[str], rows: list[list[str]]) -> str:
     for row in [headers, *rows]:
         lines.append("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
     return "\n".join(lines) + "\n"
+
+
+def seconds(text: str) -> float:
+    """An argparse type: a positive, finite number of seconds (`--timeout`, `--wait`)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive number of seconds")
+    return value
 
 
 class ProgressBar:
