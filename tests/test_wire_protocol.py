@@ -485,6 +485,8 @@ class StalledStreamTests(SynchronousTestCase):
             pump.flush()
         self.assertEqual(outcomes, {"stalled": "timeout"})
         self.assertTrue(stalled.done)  # the client was told
+        told = self.failureResultOf(stalled.finish(PutShardEnd(0)), WireError).value
+        self.assertEqual(told.code, "timeout")
         self.assertTrue(server.is_open)
         done = slow.finish(PutShardEnd(5))
         pump.flush()
