@@ -499,3 +499,94 @@ class RenewalTests(SynchronousTestCase):
         renewal.check()
         self.assertEqual(self.flushLoggedErrors(), [])
 
+
+
+class _FrozenConnection:
+    """A member's connection: a frozen member never answers (the call times out as a real
+    Connection's does); the others redirect to the leader, or say there is no quorum."""
+
+    def __init__(self, world: _FrozenWorld, address: str) -> None:
+        self.world, self.address = world, address
+
+    def call(self, msg: Any, payload: bytes = b"", timeout: float | None = None) -> defer.Deferred[Reply]:
+        world = self.world
+        world.calls.append((world.clock.seconds(), self.address))
+        if self.address in world.frozen:
+            d: defer.Deferred[Reply] = defer.Deferred()
+            assert timeout is not None
+            world.clock.callLater(timeout, d.errback, RequestTimeout(f"no answer from {self.address}"))
+            return d
+        if world.leader is None:
+            return defer.fail(WireError("no_quorum", "the metadata group has no quorum: 1 of 3 members reachable"))
+        if self.address != world.leader:
+            return defer.fail(WireError("not_leader", "not me", {"leader": world.leader}))
+        return defer.succeed(ok_reply())
+
+
+class _FrozenWorld:
+    """A pool of three members, some frozen: they accept TCP and never complete the
+    handshake (a dial fails after the pool's handshake timeout, 5 s), or, connected before
+    they froze, never answer on the open connection."""
+
+    def __init__(self, frozen: set[str], leader: str | None, connected: set[str] = frozenset()) -> None:
+        self.clock = Clock()
+        self.frozen, self.leader, self.opened = frozen, leader, set(connected)
+        self.calls: list[tuple[float, str]] = []
+
+    def open_connection(self, address: str) -> _FrozenConnection | None:
+        return _FrozenConnection(self, address) if address in self.opened else None
+
+    def get(self, address: str) -> defer.Deferred[_FrozenConnection]:
+        if address in self.opened or address not in self.frozen:
+            self.opened.add(address)
+            return defer.succeed(_FrozenConnection(self, address))
+        d: defer.Deferred[_FrozenConnection] = defer.Deferred()
+        self.clock.callLater(5.0, lambda: d.called or d.errback(WireError("unreachable", f"{address}: no handshake")))
+        return d
+
+    def drop(self, address: str) -> None:
+        self.opened.discard(address)
+
+    def client(self, timeout: float, leader: str | None = None) -> DogFSClient:
+        c_ = DogFSClient(self.clock, ClientConfig(meta=("a:1", "b:1", "c:1")), endpoints=lambda a: None, timeout=timeout)  # type: ignore[arg-type,return-value]
+        c_.pool = self  # type: ignore[assignment]
+        c_._leader = leader
+        return c_
+
+
+class FrozenMemberTests(SynchronousTestCase):
+    """A member that accepts connections but never answers (SIGSTOP, a host gone without a
+    reset) costs a command about a second, not the handshake or request timeout."""
+
+    def test_fresh_client_first_member_frozen(self) -> None:
+        """The first member listed is frozen: a new client (a CLI command) dials them all at
+        once and is served by the leader about a second later, well within a 5 s timeout."""
+        world = _FrozenWorld({"a:1"}, leader="b:1")
+        d = world.client(5.0).mkdir("/x")
+        world.clock.pump([0.05] * 40)  # 2 s
+        self.assertIsInstance(self.successResultOf(d), c.Ok)
+        self.assertEqual([address for _, address in world.calls], ["b:1"])
+        self.assertLessEqual(world.calls[0][0], 1.1)
+
+    def test_known_leader_frozen_on_an_open_connection(self) -> None:
+        """The leader this client knew froze with its connection open; b leads by now: the
+        command goes there after one request timeout (a third of the timeout, 2-5 s), not
+        10 s, so a 10 s timeout is enough."""
+        world = _FrozenWorld({"a:1"}, leader="b:1", connected={"a:1"})
+        d = world.client(10.0, leader="a:1").mkdir("/x")
+        world.clock.pump([0.05] * 100)  # 5 s
+        self.assertIsInstance(self.successResultOf(d), c.Ok)
+        self.assertEqual([address for _, address in world.calls][:1], ["a:1"])
+        self.assertEqual(world.calls[-1][1], "b:1")
+        self.assertLess(world.calls[-1][0], 4.0)
+
+    def test_no_quorum_said_within_the_timeout(self) -> None:
+        """Two of three frozen, the third answers that there is no quorum: the client
+        reaches it and says so, within the timeout, not 'no metadata node is reachable'."""
+        world = _FrozenWorld({"a:1", "b:1"}, leader=None)
+        d = world.client(10.0).mkdir("/x")
+        world.clock.pump([0.05] * 240)  # 12 s
+        error = self.failureResultOf(d, DogFSError).value
+        self.assertEqual(error.code, "no_quorum")
+        self.assertIn("c:1", [address for _, address in world.calls])
+        self.assertLessEqual(world.calls[0][0], 2.1)

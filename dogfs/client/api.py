@@ -32,6 +32,11 @@ log = Logger()
 #: Block groups one client writes at once (see DogFSClient.group_uploads).
 MAX_GROUP_UPLOADS = 64
 RETRYABLE = {"not_leader", "unreachable", "connection_closed", "timeout", "no_quorum", "not_ready"}
+#: Seconds a metadata member gets to complete a connection before the next one is tried
+#: (its dial goes on meanwhile: every member is dialled at once when none is connected). A
+#: member that accepts TCP but never answers (stopped with SIGSTOP, a host gone without a
+#: reset) would otherwise cost each command the whole handshake timeout.
+CONNECT_HEDGE = 1.0
 #: Redirects (not_leader with a hint) followed without a pause, between two pauses.
 MAX_REDIRECTS = 2
 #: The pause after MAX_REDIRECTS redirects in a row (seconds).
@@ -112,6 +117,14 @@ class DogFSClient:
             ordered = [a for a in ordered if a != last] + [last]
         return ordered
 
+    @property
+    def _call_timeout(self) -> float:
+        """Seconds a metadata member gets to answer one request before the client asks
+        another (resending a command is safe: its session makes it take effect once): a
+        third of the timeout, between 2 and 5 s, so that a member that stopped answering on
+        an open connection leaves time to find the one that leads now."""
+        return max(2.0, min(5.0, self.timeout / 3))
+
     def _meta_call(self, msg: Any, payload: bytes = b"") -> defer.Deferred[Reply]:
         """L{_meta}, sent at once on the open connection to the leader when there is one.
 
@@ -125,7 +138,7 @@ class DogFSClient:
             return defer.Deferred.fromCoroutine(self._meta(msg, payload))
         connection_address: str = address  # type: ignore[assignment] # not None here
         deadline = self.clock.seconds() + self.timeout
-        d = connection.call(msg, payload, timeout=min(self.timeout, 10.0))
+        d = connection.call(msg, payload, timeout=min(self.timeout, self._call_timeout))
 
         def answered(reply: Reply) -> Reply:
             if isinstance(reply.msg, m.MetaReply) and reply.msg.leader_hint:
@@ -174,16 +187,20 @@ class DogFSClient:
         while True:
             redirected = False
             addresses, tried = self._addresses(tried), None
+            if not any(self.pool.open_connection(a) for a in addresses):
+                # Dial every member at once: the first to answer may not be the first listed.
+                for address in addresses:
+                    self.pool.get(address).addErrback(lambda f: None)
             for address in addresses:
                 remaining = deadline - self.clock.seconds()
                 if remaining <= 0:
                     break
                 try:
-                    connection = await self._connect(address, remaining)
+                    connection = await self._connect(address, min(remaining, CONNECT_HEDGE))
                     remaining = deadline - self.clock.seconds()
                     if remaining <= 0:
                         break
-                    reply = await connection.call(msg, payload, timeout=min(remaining, 10.0))
+                    reply = await connection.call(msg, payload, timeout=min(remaining, self._call_timeout))
                 except WireError as e:
                     last = e
                     if e.code == "no_quorum":
@@ -198,6 +215,8 @@ class DogFSClient:
                             break  # retry at once at the hinted leader
                     if _connection_failed(e):
                         self.pool.drop(address)
+                    if self._leader == address and e.code in ("unreachable", "connection_closed", "timeout"):
+                        self._leader = None  # whoever leads now will say so
                     continue
                 if isinstance(reply.msg, m.MetaReply) and reply.msg.leader_hint:
                     self._leader = reply.msg.leader_hint
@@ -229,19 +248,19 @@ class DogFSClient:
             raise DogFSError("unreachable", f"no metadata node is reachable ({where}): {last.message}")
         raise DogFSError(last.code, f"the metadata service did not answer within {self.timeout:g}s: {last.message}")
 
-    def _connect(self, address: str, remaining: float) -> defer.Deferred[Any]:
+    def _connect(self, address: str, wait: float) -> defer.Deferred[Any]:
         """The pool's connection to ``address``, or an ``unreachable`` WireError if none is
-        ready within ``remaining`` seconds (the pool's own limit is its handshake timeout,
-        which may be longer than what is left of this call's)."""
+        ready within ``wait`` seconds. Only this caller stops waiting: the dial goes on (up
+        to the pool's handshake timeout), for a later try to find it done."""
         d = self.pool.get(address)
         if d.called:
             return d
 
         def late(failure: Failure) -> Any:
-            failure.trap(defer.TimeoutError)
-            raise WireError("unreachable", f"cannot connect to {address} within the {self.timeout:g}s timeout")
+            failure.trap(defer.CancelledError, defer.TimeoutError)
+            raise WireError("unreachable", f"{address} did not complete a connection within {wait:g}s")
 
-        return d.addTimeout(remaining, self.clock).addErrback(late)
+        return d.addTimeout(wait, self.clock).addErrback(late)
 
     def _command(self, command: Any) -> defer.Deferred[Any]:
         # One session per command in flight: the metadata remembers each session's last
