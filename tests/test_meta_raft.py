@@ -327,6 +327,27 @@ class RaftCommandLogTests(SynchronousTestCase):
         self.assertNotIn(leader.node_id, cfg.members())
         group.settle(new.propose(c.Mkdir("/after", False, None, now=1.0)))
 
+    def test_removed_member_says_so_at_once(self) -> None:
+        """A member removed from the group but still running (restarted on its old config,
+        say) answers commands and reads at once that it is no longer a member, sending the
+        client elsewhere, instead of "no quorum" after a timeout; its status says removed."""
+        group = Group(self)
+        leader = group.leader()
+        gone = next(i for i in group.logs if i != leader.node_id)
+        group.settle(leader.remove(gone))
+        group.run(1.0)
+        removed = group.logs[gone]
+        self.assertTrue(removed.removed)
+        self.assertFalse(leader.removed)
+        with self.assertRaises(WireError) as e:
+            removed.require_leader()
+        self.assertEqual(e.exception.code, "not_leader")
+        self.assertIn("no longer a member", e.exception.message)
+        error = self.failureResultOf(removed.read_barrier(), WireError).value
+        self.assertIn("no longer a member", error.message)
+        own = next(m for m in removed.members() if m["id"] == gone)
+        self.assertEqual(own["role"], "removed")
+
     def test_membership_mistakes_refused(self) -> None:
         """Promoting an id that is not a learner (a typo, a learner removed meanwhile) is
         refused: a voter no node answers for would raise the quorum for good. Adding a

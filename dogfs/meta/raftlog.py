@@ -316,6 +316,9 @@ class RaftCommandLog:
         deadline = self.clock.seconds() + self.read_timeout
 
         def attempt() -> None:
+            if self.removed:
+                result.errback(self._not_leader(None))
+                return
             if self._cut_off():
                 # Waiting out read_timeout would only delay the answer: a client that asked
                 # here moves on to a member that can serve.
@@ -362,7 +365,7 @@ class RaftCommandLog:
         out = []
         for member in ids:
             if member == self.node_id:
-                role = str(status["role"])
+                role = "removed" if self.removed else str(status["role"])
                 term = status["term"]
                 commit: Any = status["commit_index"]
                 applied: Any = status["applied_index"]
@@ -402,6 +405,14 @@ class RaftCommandLog:
         return out
 
     # --- leadership and errors ------------------------------------------------------------
+
+    @property
+    def removed(self) -> bool:
+        """Whether this node was removed from the group it belonged to (still running, say
+        restarted on its old config): it can neither serve nor learn who leads, and says so
+        at once rather than after a timeout. A node waiting to join has no voters yet."""
+        cfg = self.driver.config
+        return cfg is not None and bool(cfg.voters) and self.node_id not in cfg.members()
 
     def _cut_off(self) -> bool:
         """A follower that has not heard its leader within the contact window and hears from
@@ -464,6 +475,11 @@ class RaftCommandLog:
         return failure
 
     def _not_leader(self, hint: str | None, why: str = "") -> WireError:
+        if self.removed:
+            return WireError(
+                "not_leader",
+                f"{self.node_id} is no longer a member of the metadata group; ask another member",
+            )
         if hint is not None and hint != self.node_id:
             address = self.book.address(hint)
             details = {"leader": address} if address else {}
