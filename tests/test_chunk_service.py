@@ -427,7 +427,7 @@ class UploadLimitTests(SynchronousTestCase):
         server.max_uploads = 3
         uploads = [self.open_upload(group, b"a" * FRAGMENT) for group in range(3)]
         connection = self.h.pump.server
-        self.assertEqual(server.uploads[connection], 3)
+        self.assertEqual(server.open_uploads(connection), 3)
         refused = self.open_upload(3, b"b" * FRAGMENT)
         self.assertTrue(refused.done)
         error = self.failureResultOf(refused.finish(PutShardEnd(1)), WireError).value
@@ -447,20 +447,50 @@ class UploadLimitTests(SynchronousTestCase):
         d = uploads[0].finish(PutShardEnd(1))
         self.h.pump.flush()
         self.successResultOf(d)
-        self.assertEqual(server.uploads[connection], 2)
+        self.assertEqual(server.open_uploads(connection), 2)
         accepted = self.open_upload(3, b"b" * FRAGMENT)
         self.assertFalse(accepted.done)
-        self.assertEqual(server.uploads[connection], 3)
+        self.assertEqual(server.open_uploads(connection), 3)
         # Uploads cut off (aborted, or by a lost connection) count no more.
         uploads[1].abort("client gave up")
         self.h.pump.flush()
-        self.assertEqual(server.uploads[connection], 2)
+        self.assertEqual(server.open_uploads(connection), 2)
         self.h.client.transport.loseConnection()
         self.h.pump.flush()
-        self.assertEqual(server.uploads[connection], 0)
+        self.assertEqual(server.open_uploads(connection), 0)
         self.assertEqual(self.h.tmp_files(), [])
         for upload in (uploads[2], accepted):
             self.failureResultOf(upload.finish(PutShardEnd(1)), WireError)
+
+    def test_aborted_upload_frees_its_slot_at_once(self) -> None:
+        """An upload its client aborts stops counting at once, though its handler is still
+        waiting for a disk write: the client freed its slot for it, and its next upload on
+        the connection must not meet busy."""
+        held: list[tuple[Any, defer.Deferred[Any]]] = []
+
+        def holding(work: Any, *args: Any) -> defer.Deferred[Any]:
+            d: defer.Deferred[Any] = defer.Deferred()
+            held.append((lambda: work(*args), d))
+            return d
+
+        server = ShardServer(self.h.store, "chunk-3", holding, LoadMeter(self.h.clock), max_uploads=1)
+        client, pump = pair(dict(server.handlers()), self.h.clock)
+        first = client.open_stream(PutShard(f"{1:016x}-03", "RS-4-2", 3, FRAGMENT))
+        first.send(Cell(0, crc32c(b"a" * FRAGMENT)), b"a" * FRAGMENT)
+        pump.flush()
+        self.assertTrue(held)  # its cell's write waits in the executor
+        first.abort("another shard of the block group failed")
+        pump.flush()
+        self.assertEqual(server.open_uploads(pump.server), 0)
+        second = client.open_stream(PutShard(f"{2:016x}-03", "RS-4-2", 3, FRAGMENT))
+        pump.flush()
+        self.assertFalse(second.done)  # taken, not refused with busy
+        while held:
+            work, d = held.pop(0)
+            d.callback(work())
+            pump.flush()
+        second.abort("done")
+        pump.flush()
 
     def test_direct_staging_is_bounded(self) -> None:
         """Uploads held open with direct I/O hold staging buffers within the store's budget;

@@ -570,15 +570,39 @@ class FrozenMemberTests(SynchronousTestCase):
 
     def test_known_leader_frozen_on_an_open_connection(self) -> None:
         """The leader this client knew froze with its connection open; b leads by now: the
-        command goes there after one request timeout (a third of the timeout, 2-5 s), not
-        10 s, so a 10 s timeout is enough."""
+        command goes there after one request timeout (META_CALL_TIMEOUT, 6 s: longer than
+        a member takes to answer for itself), not 10 s, so a 10 s timeout is enough."""
+        from dogfs.client.api import META_CALL_TIMEOUT
+
         world = _FrozenWorld({"a:1"}, leader="b:1", connected={"a:1"})
         d = world.client(10.0, leader="a:1").mkdir("/x")
-        world.clock.pump([0.05] * 100)  # 5 s
+        world.clock.pump([0.05] * 160)  # 8 s
         self.assertIsInstance(self.successResultOf(d), c.Ok)
         self.assertEqual([address for _, address in world.calls][:1], ["a:1"])
         self.assertEqual(world.calls[-1][1], "b:1")
-        self.assertLess(world.calls[-1][0], 4.0)
+        self.assertLess(world.calls[-1][0], META_CALL_TIMEOUT + 1.5)
+
+    def test_slow_leader_answers_before_the_client_gives_up(self) -> None:
+        """A leader that takes its own operation timeout (5 s) to answer is waited for: its
+        answer comes before the request times out here, and the connection others share is
+        kept."""
+        world = _FrozenWorld(set(), leader="a:1", connected={"a:1"})
+        calls = []
+        inner = _FrozenConnection.call
+
+        def slow(self: _FrozenConnection, msg: Any, payload: bytes = b"", timeout: float | None = None) -> Any:
+            calls.append(timeout)
+            d: defer.Deferred[Reply] = defer.Deferred()
+            world.clock.callLater(5.0, lambda: inner(self, msg, payload, timeout).chainDeferred(d))
+            return d
+
+        self.patch(_FrozenConnection, "call", slow)
+        d = world.client(30.0, leader="a:1").mkdir("/x")
+        world.clock.pump([0.05] * 120)  # 6 s
+        self.assertIsInstance(self.successResultOf(d), c.Ok)
+        self.assertEqual(len(calls), 1)
+        self.assertGreater(calls[0], 5.0)
+        self.assertIn("a:1", world.opened)
 
     def test_no_quorum_said_within_the_timeout(self) -> None:
         """Two of three frozen, the third answers that there is no quorum: the client

@@ -414,8 +414,13 @@ class WriteFullyTests(SynchronousTestCase):
                 e.characters_written = kept
             return e
 
-        class Choppy:
-            """Takes writes as a non-blocking descriptor with a slow reader may."""
+        r, w = os.pipe()
+        os.set_blocking(w, False)
+        self.addCleanup(os.close, r)
+        self.addCleanup(os.close, w)
+
+        class Choppy(io.RawIOBase):
+            """Takes writes as a raw file on a non-blocking descriptor with a slow reader may."""
 
             def __init__(self) -> None:
                 self.data = bytearray()
@@ -431,13 +436,34 @@ class WriteFullyTests(SynchronousTestCase):
                 return answer
 
             def fileno(self) -> int:
-                return 99
+                return w
 
         f = Choppy()
         waits: list[int] = []
         write_fully(f, b"0123456789abcdef", waits.append)  # type: ignore[arg-type]
         self.assertEqual(bytes(f.data), b"0123456789abcdef")
-        self.assertEqual(waits, [99, 99, 99])
+        self.assertEqual(waits, [w, w, w])
+
+    def test_writer_answering_none_takes_it_all(self) -> None:
+        """A writer of the caller's that answers None (a wrapper that hashes or tees, say,
+        with the fileno of the file it wraps) has taken everything: it is written once, not
+        again for ever."""
+        with open(os.path.join(self.mktemp()), "wb") as target:
+
+            class Tee:
+                def __init__(self) -> None:
+                    self.writes = 0
+
+                def write(self, b: Any) -> None:
+                    self.writes += 1
+                    target.write(b)
+
+                def fileno(self) -> int:
+                    return target.fileno()
+
+            tee = Tee()
+            write_fully(tee, b"abc", lambda fd: self.fail("waited"))  # type: ignore[arg-type]
+            self.assertEqual(tee.writes, 1)
 
     def test_writer_taking_nothing_is_an_error(self) -> None:
         """A writer that answers 0 (took nothing, yet not blocked) is an error, not a loop."""
@@ -825,6 +851,9 @@ class _UploadConnection:
     def open_stream(self, msg: Any) -> _Upload:
         return _Upload(self.log, msg.index)
 
+    def keepalive(self) -> None:
+        self.log.append("keepalive")
+
 
 class _PutClient:
     """A DogFSClient stand-in for put: allocates block groups of RS-2-1 and records the
@@ -886,6 +915,34 @@ class PutSourceErrorTests(SynchronousTestCase):
         self.failureResultOf(d)  # its source fails mid-group, as above: the group ran
         self.assertEqual(sorted(client.log), ["abort 0", "abort 1", "abort 2"])
         self.assertEqual(client.group_uploads.tokens, 1)
+
+    def test_keepalives_while_the_source_is_slow(self) -> None:
+        """While a block group waits for its source (a slow pipe), its chunk servers' connections
+        get a keepalive every UPLOAD_KEEPALIVE seconds, so their idle check does not fail the
+        uploads; the keepalives stop when the group is written."""
+        from dogfs.client.transfer import UPLOAD_KEEPALIVE, _upload_group
+        from dogfs.codec.policy import ECPolicy
+        from dogfs.codec.stripe import StripeCodec
+
+        client = _PutClient()
+        allocation = self.successResultOf(client._command(c.Allocate("/x", "RS-2-1", ())))
+        later: defer.Deferred[bytes] = defer.Deferred()
+
+        class SlowSource:
+            async def read_full(self, size: int) -> bytes:
+                return await later
+
+        codec = StripeCodec(ECPolicy.parse("RS-2-1"), 1024)
+        d = defer.Deferred.fromCoroutine(
+            _upload_group(client, "/x", allocation, codec, b"a", SlowSource(), 4, lambda n: None)  # type: ignore[arg-type]
+        )
+        client.clock.pump([UPLOAD_KEEPALIVE] * 10 + [UPLOAD_KEEPALIVE / 2])  # past a server's idle timeout
+        self.assertNoResult(d)
+        self.assertEqual(client.log.count("keepalive"), 3 * 10)  # each of the 3 servers, 10 times
+        later.callback(b"")
+        self.assertEqual(self.successResultOf(d), (1, None))
+        client.clock.pump([UPLOAD_KEEPALIVE] * 2)
+        self.assertEqual(client.log.count("keepalive"), 3 * 10)
 
     def test_first_read_error_fails_the_put(self) -> None:
         """A source that cannot be read at all fails the same way, before anything is

@@ -456,12 +456,10 @@ class FailedStreamTests(SynchronousTestCase):
 
 
 class StalledStreamTests(SynchronousTestCase):
-    """A stream its peer stops sending fails after the idle timeout; the connection closes."""
+    """Streams of a peer that went silent fail after the idle timeout; keepalives keep a
+    slow but live peer's streams open."""
 
-    def test_stalled_upload_fails_then_the_connection_closes(self) -> None:
-        """An upload begun and then left silent fails its handler with timeout once nothing of
-        it came for idle_timeout (the handler lets go of its file), and the connection, idle
-        then, is closed; an upload that sends a frame now and then is left alone."""
+    def uploads(self) -> tuple[Connection, Connection, Any, Clock, dict[str, Any]]:
         clock = Clock()
         outcomes: dict[str, Any] = {}
 
@@ -476,26 +474,47 @@ class StalledStreamTests(SynchronousTestCase):
             return Ok()
 
         server, client, pump = pair({PutShard: lambda r: defer.Deferred.fromCoroutine(put(r))}, clock)
+        return server, client, pump, clock, outcomes
+
+    def test_silent_peer_streams_fail_then_the_connection_closes(self) -> None:
+        """An upload begun by a peer that then sends nothing at all fails with timeout once
+        idle_timeout has passed (its handler lets go of its file, the peer is told), and the
+        connection, idle then, is closed."""
+        server, client, pump, clock, outcomes = self.uploads()
         stalled = client.open_stream(PutShard("stalled", "RS-4-2", 0, 1))
-        slow = client.open_stream(PutShard("slow", "RS-4-2", 0, 1))
         pump.flush()
-        for i in range(5):  # 750 s: more than the 600 s idle timeout
-            clock.advance(150)
-            slow.send(Cell(i, 0), b"x")
+        for _ in range(5):  # 500 s: within the 600 s idle timeout
+            clock.advance(100)
+            pump.flush()
+        self.assertEqual(outcomes, {})
+        for _ in range(2):
+            clock.advance(100)
             pump.flush()
         self.assertEqual(outcomes, {"stalled": "timeout"})
-        self.assertTrue(stalled.done)  # the client was told
         told = self.failureResultOf(stalled.finish(PutShardEnd(0)), WireError).value
         self.assertEqual(told.code, "timeout")
-        self.assertTrue(server.is_open)
-        done = slow.finish(PutShardEnd(5))
-        pump.flush()
-        self.successResultOf(done)
-        self.assertEqual(outcomes["slow"], "stored")
-        for _ in range(10):
+        for _ in range(3):
             clock.advance(100)
             pump.flush()
         self.assertFalse(server.is_open)
+
+    def test_keepalives_keep_a_slow_upload(self) -> None:
+        """A peer whose upload waits for its source (a slow pipe) sends keepalives: its
+        stream stays open however long a stripe takes, and ends as usual."""
+        server, client, pump, clock, outcomes = self.uploads()
+        slow = client.open_stream(PutShard("slow", "RS-4-2", 0, 1))
+        pump.flush()
+        for _ in range(20):  # 2,000 s
+            clock.advance(100)
+            client.keepalive()
+            pump.flush()
+        self.assertEqual(outcomes, {})
+        slow.send(Cell(0, 0), b"x")
+        done = slow.finish(PutShardEnd(1))
+        pump.flush()
+        self.successResultOf(done)
+        self.assertEqual(outcomes, {"slow": "stored"})
+        self.assertTrue(server.is_open)
 
 
 class AddressTests(SynchronousTestCase):

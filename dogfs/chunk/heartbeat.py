@@ -6,8 +6,9 @@ to the metadata node it believes leads. Connection failures and timeouts move on
 configured address; a "not_leader" error naming the leader is followed at once. When the
 leader asks (`want_report`) or every `report_interval`, the server sends its shard list in
 `ShardReport` batches and deletes the shards the leader says it no longer references, but
-only those whose file is older than `gc_grace` seconds, since an upload in flight is not yet
-referenced. Nothing here ever stops the loop: failures are logged and retried next beat.
+only those it has named so for `gc_grace` seconds (a read of a file just replaced still uses
+them) and whose file is as old (an upload in flight is not yet referenced). Nothing here ever
+stops the loop: failures are logged and retried next beat.
 """
 
 from __future__ import annotations

@@ -184,7 +184,7 @@ class ShardServer:
         self._budgets: weakref.WeakKeyDictionary[Any, _ByteBudget] = weakref.WeakKeyDictionary()
         self.max_uploads = max_uploads
         #: PutShard streams open on each connection.
-        self.uploads: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+        self.uploads: weakref.WeakKeyDictionary[Any, set[Request]] = weakref.WeakKeyDictionary()
         #: Where GetShard streams read cells with direct I/O (a few cells per stream: those
         #: read ahead and the one being sent); streams it cannot serve read through the cache.
         self.read_buffers = AlignedBuffers(READ_BUFFER_BYTES)
@@ -262,7 +262,7 @@ class ShardServer:
                 f"{self.limits.max_payload} bytes",
             )
         connection = request.connection
-        open_uploads = self.uploads.get(connection, 0)
+        open_uploads = self.open_uploads(connection)
         if open_uploads >= self.max_uploads:
             raise self._error(
                 "busy",
@@ -270,18 +270,23 @@ class ShardServer:
                 f"the most it takes at once: send shard {shard_id} once one of them has ended",
             )
         info = ShardInfo(shard_id, msg.policy, msg.index, msg.fragment_size)
-        self.uploads[connection] = open_uploads + 1
+        streams = self.uploads.setdefault(connection, set())
+        streams.add(request)
         try:
             data_bytes = await self._store_upload(request, info)
         finally:
-            # Not there only if the connection is being collected with this coroutine.
-            if connection in self.uploads:
-                self.uploads[connection] -= 1
+            streams.discard(request)
         self.shard_ids.add(shard_id)
         self.corrupt.discard(shard_id)  # a fresh copy replaces a damaged one
         self.meter.add("put_ops")
         self.meter.add("put_bytes", data_bytes)
         return ShardStored(shard_id, data_bytes)
+
+    def open_uploads(self, connection: Any) -> int:
+        """PutShard streams still live on ``connection``: one its client aborted (or that was
+        answered) no longer counts, though its handler may still be finishing a write; the
+        client has freed its slot for it already."""
+        return sum(1 for request in self.uploads.get(connection, ()) if not request.failed)
 
     async def _store_upload(self, request: Request, info: ShardInfo) -> int:
         """Write the upload's cells into a new shard and commit it; returns its fragment bytes."""

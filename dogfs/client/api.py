@@ -37,6 +37,8 @@ RETRYABLE = {"not_leader", "unreachable", "connection_closed", "timeout", "no_qu
 #: member that accepts TCP but never answers (stopped with SIGSTOP, a host gone without a
 #: reset) would otherwise cost each command the whole handshake timeout.
 CONNECT_HEDGE = 1.0
+#: Seconds a metadata member gets to answer one request (see DogFSClient._call_timeout).
+META_CALL_TIMEOUT = 6.0
 #: Redirects (not_leader with a hint) followed without a pause, between two pauses.
 MAX_REDIRECTS = 2
 #: The pause after MAX_REDIRECTS redirects in a row (seconds).
@@ -120,10 +122,14 @@ class DogFSClient:
     @property
     def _call_timeout(self) -> float:
         """Seconds a metadata member gets to answer one request before the client asks
-        another (resending a command is safe: its session makes it take effect once): a
-        third of the timeout, between 2 and 5 s, so that a member that stopped answering on
-        an open connection leaves time to find the one that leads now."""
-        return max(2.0, min(5.0, self.timeout / 3))
+        another (resending a command is safe: its session makes it take effect once).
+
+        Longer than a member takes to answer for itself when the group cannot decide in time
+        (its operation timeout, 5 s: a slow but healthy leader's answer must win, since a
+        request that times out here drops the connection every other request shares), and
+        short enough that a member that stopped answering on an open connection (SIGSTOP)
+        leaves time to find the one that leads now."""
+        return META_CALL_TIMEOUT
 
     def _meta_call(self, msg: Any, payload: bytes = b"") -> defer.Deferred[Reply]:
         """L{_meta}, sent at once on the open connection to the leader when there is one.

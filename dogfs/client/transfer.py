@@ -23,6 +23,7 @@ ahead are paused.
 from __future__ import annotations
 
 import errno
+import io
 import os
 import queue
 import select
@@ -114,9 +115,10 @@ def write_fully(f: IO[bytes], data: bytes | memoryview, wait: Callable[[int], ob
             written = getattr(e, "characters_written", 0)  # unset when nothing was kept
             blocked = True
         else:
-            if written is None and not _has_fileno(f):
-                # Not a descriptor that could be full: a writer of the caller's whose write
-                # returns nothing, having taken it all.
+            if written is None and not (isinstance(f, io.RawIOBase) and _non_blocking(f)):
+                # Only a raw file on a non-blocking descriptor says None for "full": any other
+                # writer (one of the caller's, wrapping a file) returns nothing having taken
+                # it all, and writing it again would repeat it for ever.
                 return
             blocked = written is None
             if written == 0:
@@ -500,6 +502,13 @@ def as_sink(sink: Any, reactor: Any = None, size: int = 0) -> Any:
     return FileSink(sink)
 
 
+def _non_blocking(f: Any) -> bool:
+    try:
+        return not os.get_blocking(f.fileno())
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return False
+
+
 def _regular_file(f: Any) -> bool:
     return stat.S_ISREG(os.fstat(f.fileno()).st_mode)
 
@@ -785,6 +794,16 @@ async def _upload_group(
     cells = 0
     size = 0
     rest: bytes | None = None
+    # A slow source (`tail -f log | dogfs put -`) may take longer than a chunk server's idle
+    # timeout to fill a stripe: the servers hear from us meanwhile, or they would take the
+    # silence for a client gone and fail its uploads.
+    def beat() -> None:
+        for conn in connections:
+            conn.keepalive()
+
+    keepalive = task.LoopingCall(beat)
+    keepalive.clock = client.clock
+    keepalive.start(UPLOAD_KEEPALIVE, now=False)
     try:
         for i, (conn, s) in enumerate(zip(connections, shards, strict=True)):
             try:
@@ -842,7 +861,14 @@ async def _upload_group(
             code = e.code
             raise GroupFailed(DogFSError(code, f"cannot write {path}: a chunk server failed: {e.message}")) from None
         raise
+    finally:
+        keepalive.stop()
     return size, rest
+
+
+#: Seconds between two keepalives on the connections of an upload (well within the chunk
+#: servers' idle timeout, IDLE_TIMEOUT in dogfs/wire/protocol.py: 600 s).
+UPLOAD_KEEPALIVE = 60.0
 
 
 #: Error codes of a chunk server after which its block group is written again elsewhere: the

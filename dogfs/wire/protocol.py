@@ -122,8 +122,6 @@ class Request:
     _waiting: defer.Deferred[Any] | None = field(default=None, init=False)
     _failed: WireError | None = field(default=None, init=False)
     _reading_paused: bool = field(default=False, init=False)
-    #: When the last frame of this (streamed) request arrived, on the connection's clock.
-    last_frame: float = field(default=0.0, init=False)
 
     def next_part(self) -> defer.Deferred[tuple[Any, memoryview] | None]:
         """The next frame of a streamed request, or None after its last frame."""
@@ -141,6 +139,11 @@ class Request:
             return defer.succeed(None)
         self._waiting = defer.Deferred()
         return self._waiting
+
+    @property
+    def failed(self) -> bool:
+        """Whether the stream was aborted by the peer, failed, or answered before its end."""
+        return self._failed is not None
 
     @property
     def part_ready(self) -> bool:
@@ -530,6 +533,11 @@ class Connection(Protocol):
         self._send(msg, payload, request_id, _MORE)
         return upload
 
+    def keepalive(self) -> None:
+        """Tell the peer we are here: one small one-way frame it ignores, which keeps its
+        idle check from failing our open streams while we have nothing to send on them."""
+        self.send_oneway(messages.Ok())
+
     def send_oneway(self, msg: Any, payload: bytes | memoryview = b"") -> None:
         """Send a request that gets no response (Raft messages)."""
         if self.is_open:
@@ -775,8 +783,6 @@ class Connection(Protocol):
         if self._reading_pauses:
             # We stopped reading (flow control): the peer is not to blame for the silence.
             self._last_frame = self.clock.seconds()
-            for request in self._inbound.values():
-                request.last_frame = self._last_frame
         elif (
             self.frame_timeout is not None and self._decoder.buffered and quiet > self.frame_timeout
         ):
@@ -784,18 +790,19 @@ class Connection(Protocol):
                 "timeout", f"a frame begun was not completed within {self.frame_timeout:g}s"
             )
             return
-        elif self.idle_timeout is not None:
-            # A stream the peer began and then sent nothing of for that long (a client
-            # stopped, or its host gone without a FIN) fails: its handler lets go of what it
-            # holds (an upload's temporary file), and the connection may then go idle.
+        elif self.idle_timeout is not None and quiet > self.idle_timeout:
+            # The peer sent nothing at all for that long (a client stopped, or its host gone
+            # without a FIN), though streams of its are open: they fail, so that their
+            # handlers let go of what they hold (an upload's temporary file), and the
+            # connection may then go idle. A live client with an upload waiting for its
+            # source sends keepalives (`keepalive`), as HDFS clients send heartbeat packets.
             for request in self._inbound.values():
-                if request._failed is None and now - request.last_frame > self.idle_timeout:
-                    log.info("{peer} sent nothing of request {id} for {t:g}s: failing it",
-                             peer=self.peer_description(), id=request.request_id, t=now - request.last_frame)
-                    request._fail(WireError("timeout", f"no frame of this stream for {self.idle_timeout:g}s"))
+                if request._failed is None:
+                    log.info("{peer} sent nothing for {t:g}s with request {id} open: failing it",
+                             peer=self.peer_description(), t=quiet, id=request.request_id)
+                    request._fail(WireError("timeout", f"the peer sent nothing for {self.idle_timeout:g}s"))
             if (
-                quiet > self.idle_timeout
-                and not self._pending
+                not self._pending
                 and not self._serving
                 and all(request._failed is not None for request in self._inbound.values())
             ):
@@ -828,7 +835,6 @@ class Connection(Protocol):
             return
         inbound = self._inbound.get(request_id)
         if inbound is not None:
-            inbound.last_frame = self._last_frame
             if flags & _ERROR:
                 error = messages.decode(type_, header)
                 del self._inbound[request_id]
@@ -924,7 +930,6 @@ class Connection(Protocol):
         self._serving += 1
         self._hold(len(payload))
         if streamed:
-            request.last_frame = self._last_frame
             self._inbound[request_id] = request
         if handler is None:
             self._answer(request, Failure(WireError("unsupported", f"{type(msg).__name__} is not served here")))
