@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import io
 import os
 import queue
@@ -366,8 +367,9 @@ class GroupReaderTests(SynchronousTestCase):
 
 
 class _PipeReader:
-    """Reads a pipe to its end on a thread of its own, in small pieces with pauses between
-    them: a reader slower than the writer, which keeps the pipe full."""
+    """Reads a pipe to its end on a thread of its own. The pipe holds one page
+    (`_non_blocking_pipe`), so any write larger than that is short or would block, however
+    fast this reader is: no pause is needed to keep the writer waiting."""
 
     def __init__(self, fd: int) -> None:
         import threading
@@ -378,15 +380,9 @@ class _PipeReader:
         self.thread.start()
 
     def _read(self) -> None:
-        import time
-
         with os.fdopen(self.fd, "rb", buffering=0) as pipe:
-            while True:
-                piece = pipe.read(8192)
-                if not piece:
-                    return
+            while piece := pipe.read(8192):
                 self.data += piece
-                time.sleep(0.001)
 
     def join(self) -> bytes:
         self.thread.join(30)
@@ -395,7 +391,10 @@ class _PipeReader:
 
 
 def _non_blocking_pipe() -> tuple[int, int]:
+    """A pipe whose write end is non-blocking and which holds one page: a write of more than
+    that is always short, or would block."""
     r, w = os.pipe()
+    fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 4096)
     os.set_blocking(w, False)
     return r, w
 
@@ -476,7 +475,7 @@ class WriteFullyTests(SynchronousTestCase):
             write_fully(Stuck(), b"x")  # type: ignore[arg-type]
 
     def test_file_sink_into_a_non_blocking_pipe(self) -> None:
-        """FileSink delivers every byte into a non-blocking pipe read slowly, through a raw
+        """FileSink delivers every byte into a non-blocking pipe that holds a page, through a raw
         file object (stdout under PYTHONUNBUFFERED) and a buffered one (then flushed)."""
         pieces = [random.Random(i).randbytes(300_000 + i) for i in range(4)] + [b"y" * 10]
         for buffering in (0, -1):
@@ -490,7 +489,7 @@ class WriteFullyTests(SynchronousTestCase):
             self.assertEqual(reader.join(), b"".join(pieces), f"buffering={buffering}")
 
     def test_write_behind_sink_into_a_non_blocking_pipe(self) -> None:
-        """WriteBehindSink's thread waits for a slowly read non-blocking pipe: drain fires
+        """WriteBehindSink's thread waits for a non-blocking pipe that holds a page: drain fires
         once every byte is in it, in order."""
         pieces = [random.Random(i).randbytes(100_000 + i) for i in range(30)]
         for buffering in (0, -1):

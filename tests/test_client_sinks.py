@@ -8,10 +8,10 @@ read.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import sys
-import time
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -27,8 +27,11 @@ class LocalFileTests(SynchronousTestCase):
         self.cluster.create()
 
     def get_into_non_blocking_pipe(self, path: str, unbuffered: bool) -> tuple[int, bytes, str]:
-        """Run `dogfs get PATH -` with stdout a non-blocking pipe read slowly, to its end."""
+        """Run `dogfs get PATH -` with stdout a non-blocking pipe, read to its end. The pipe
+        holds one page, so the command's writes are short or would block, however fast this
+        reads."""
         r, w = os.pipe()
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 4096)
         os.set_blocking(w, False)
         env = dict(ENV)
         if unbuffered:
@@ -44,12 +47,11 @@ class LocalFileTests(SynchronousTestCase):
             with os.fdopen(r, "rb", buffering=0) as pipe:
                 while piece := pipe.read(16384):
                     data += piece
-                    time.sleep(0.0005)  # slower than the get: the pipe stays full
             _, stderr = process.communicate(timeout=120)
         return process.returncode, bytes(data), stderr.decode()
 
     def test_get_into_a_non_blocking_stdout(self) -> None:
-        """Every byte reaches a slowly read non-blocking stdout, through a raw stdout
+        """Every byte reaches a non-blocking stdout that takes a page at a time, through a raw stdout
         (PYTHONUNBUFFERED) and a buffered one, for a large file (written by a thread) and a
         small one; the command exits 0 and says nothing."""
         files = {"/big": os.urandom(9 * (1 << 20) + 5), "/small": os.urandom(100_000)}
