@@ -28,16 +28,21 @@ from dogfs.wire.protocol import Reply, RequestTimeout, WireError
 
 log = Logger()
 
-# Error codes after which the same request may be sent again (elsewhere, or later).
 #: Block groups one client writes at once (see DogFSClient.group_uploads).
 MAX_GROUP_UPLOADS = 64
+# Error codes after which the same request may be sent again (elsewhere, or later).
 RETRYABLE = {"not_leader", "unreachable", "connection_closed", "timeout", "no_quorum", "not_ready"}
 #: Seconds a metadata member gets to complete a connection before the next one is tried
 #: (its dial goes on meanwhile: every member is dialled at once when none is connected). A
 #: member that accepts TCP but never answers (stopped with SIGSTOP, a host gone without a
 #: reset) would otherwise cost each command the whole handshake timeout.
 CONNECT_HEDGE = 1.0
-#: Seconds a metadata member gets to answer one request (see DogFSClient._call_timeout).
+#: Seconds a metadata member gets to answer one request before the client asks another
+#: (resending a command is safe: its session makes it take effect once). Longer than a member
+#: takes to answer for itself when the group cannot decide in time (its operation timeout,
+#: 5 s): a slow but healthy leader's answer must win, since a request that times out here
+#: drops the connection every other request shares. Short enough that a member that stopped
+#: answering on an open connection (SIGSTOP) leaves time to find the one that leads now.
 META_CALL_TIMEOUT = 6.0
 #: Redirects (not_leader with a hint) followed without a pause, between two pauses.
 MAX_REDIRECTS = 2
@@ -119,18 +124,6 @@ class DogFSClient:
             ordered = [a for a in ordered if a != last] + [last]
         return ordered
 
-    @property
-    def _call_timeout(self) -> float:
-        """Seconds a metadata member gets to answer one request before the client asks
-        another (resending a command is safe: its session makes it take effect once).
-
-        Longer than a member takes to answer for itself when the group cannot decide in time
-        (its operation timeout, 5 s: a slow but healthy leader's answer must win, since a
-        request that times out here drops the connection every other request shares), and
-        short enough that a member that stopped answering on an open connection (SIGSTOP)
-        leaves time to find the one that leads now."""
-        return META_CALL_TIMEOUT
-
     def _meta_call(self, msg: Any, payload: bytes = b"") -> defer.Deferred[Reply]:
         """L{_meta}, sent at once on the open connection to the leader when there is one.
 
@@ -144,7 +137,7 @@ class DogFSClient:
             return defer.Deferred.fromCoroutine(self._meta(msg, payload))
         connection_address: str = address  # type: ignore[assignment] # not None here
         deadline = self.clock.seconds() + self.timeout
-        d = connection.call(msg, payload, timeout=min(self.timeout, self._call_timeout))
+        d = connection.call(msg, payload, timeout=min(self.timeout, META_CALL_TIMEOUT))
 
         def answered(reply: Reply) -> Reply:
             if isinstance(reply.msg, m.MetaReply) and reply.msg.leader_hint:
@@ -206,7 +199,7 @@ class DogFSClient:
                     remaining = deadline - self.clock.seconds()
                     if remaining <= 0:
                         break
-                    reply = await connection.call(msg, payload, timeout=min(remaining, self._call_timeout))
+                    reply = await connection.call(msg, payload, timeout=min(remaining, META_CALL_TIMEOUT))
                 except WireError as e:
                     last = e
                     if e.code == "no_quorum":
