@@ -4,6 +4,8 @@
   `dogfs.storage.shards.ShardStore`, plus what the daemon knows of its shards.
 - `dogfs.chunk.heartbeat`: `HeartbeatService`, heartbeats and shard reports to the metadata
   leader (META_PROTOCOL), and the garbage collection that follows a report.
+- `dogfs.chunk.rebuild`: `ShardRebuilder`, RebuildShard: a lost shard made again from its peers'
+  shards (the metadata leader's repair).
 - `dogfs.chunk.load`: `LoadMeter`, traffic rates for the heartbeat's `load`.
 - `dogfs.chunk.service`: `ChunkService`, the service tree twistd runs.
 

@@ -1,5 +1,6 @@
 # -*- test-case-name: tests.test_chunk_service -*-
-"""The chunk server's data RPCs: PutShard, GetShard and DeleteShards over a ShardStore.
+"""The chunk server's data RPCs: PutShard, GetShard, DeleteShards and RebuildShard over a
+ShardStore.
 
 `ShardServer` owns what the daemon knows about its shards (the set of ids it holds, those found
 corrupt, traffic counters) and serves the wire handlers. It does no listening and runs no
@@ -7,7 +8,10 @@ timers; blocking store calls that fsync or scan go through an injected `Executor
 pool in the daemon, a synchronous call in unit tests).
 
 PutShard answers `ShardStored(shard_id, size)` where `size` is the number of fragment bytes
-stored (what the client sent, without the file's header and per-cell CRCs).
+stored (what the client sent, without the file's header and per-cell CRCs). RebuildShard (the
+metadata leader's repair) is served by a `dogfs.chunk.rebuild.ShardRebuilder`, which reads the
+other shards of the group from the peers and answers the same way; its own errors are listed
+there (``unavailable``, ``busy``, ``aborted``).
 
 Error codes a client can see:
     invalid_argument    bad shard id, fragment size, cell order, range or stream shape
@@ -33,6 +37,7 @@ from typing import Any, TypeVar
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from dogfs.chunk.rebuild import MAX_REBUILDS, ShardRebuilder
 from dogfs.storage.shards import (
     AlignedBuffers,
     CellOutOfRange,
@@ -58,8 +63,10 @@ from dogfs.wire.messages import (
     Ok,
     PutShard,
     PutShardEnd,
+    RebuildShard,
     ShardStored,
 )
+from dogfs.wire.pool import ConnectionPool
 from dogfs.wire.protocol import Handler, Request, WireError
 
 log = Logger()
@@ -142,7 +149,9 @@ class _ByteBudget:
 
 
 #: The counters `ShardServer.load` always reports, as "<name>_s" rates.
-LOAD_COUNTERS = ("put_bytes", "put_ops", "get_bytes", "get_ops", "errors")
+LOAD_COUNTERS = (
+    "put_bytes", "put_ops", "get_bytes", "get_ops", "rebuild_bytes", "rebuild_ops", "errors",
+)
 
 
 def synchronous_executor(f: Callable[..., _T], *args: Any, **kwargs: Any) -> defer.Deferred[_T]:
@@ -165,13 +174,17 @@ class ShardServer:
         read_ahead_budget: int = READ_AHEAD_BUDGET,
         connection_budget: int = CONNECTION_READ_BUDGET,
         max_uploads: int = MAX_UPLOADS_PER_CONNECTION,
+        peers: ConnectionPool | None = None,
+        max_rebuilds: int = MAX_REBUILDS,
     ) -> None:
         """Serve `store` as node `node_id`.
 
         `meter` counts traffic (a `LoadMeter`); `append_in_executor` chooses where cell
         writes run (see the module's report: in the pool, the next frame is read from the
         socket while the previous one is written). `max_uploads` bounds the PutShard streams
-        open on one connection.
+        open on one connection. `peers` is how RebuildShard reaches the other chunk servers
+        (a pool of this server's own); without one, RebuildShard is not served.
+        `max_rebuilds` bounds the rebuilds running at once.
         """
         self.store = store
         self.node_id = node_id
@@ -199,6 +212,10 @@ class ShardServer:
         self.unreferenced_since: dict[str, float] = {}
         #: True once `scan` has listed the store.
         self.ready = False
+        #: Serves RebuildShard; None without `peers`.
+        self.rebuilder: ShardRebuilder | None = None
+        if peers is not None:
+            self.rebuilder = ShardRebuilder(self, peers, max_rebuilds=max_rebuilds)
 
     # --- start-up and status -------------------------------------------------------------
 
@@ -230,6 +247,7 @@ class ShardServer:
             PutShard: self.put_shard,
             GetShard: self.get_shard,
             DeleteShards: self.delete_shards,
+            RebuildShard: self.rebuild_shard,
         }
 
     def load(self) -> dict[str, float]:
@@ -560,6 +578,16 @@ class ShardServer:
         self.corrupt.add(shard_id)
         log.error("{message}: {detail}", message=message, detail=detail)
         return self._error("corrupt", message)
+
+    # --- RebuildShard --------------------------------------------------------------------
+
+    def rebuild_shard(self, request: Request) -> defer.Deferred[ShardStored]:
+        """Rebuild a shard from its peers and store it (`ShardRebuilder`); answer ShardStored."""
+        if self.rebuilder is None:
+            return defer.fail(
+                self._error("unsupported", f"{self.node_id} cannot rebuild shards: it has no way to its peers")
+            )
+        return self.rebuilder.rebuild_shard(request)
 
     # --- DeleteShards, reports and garbage collection -----------------------------------
 

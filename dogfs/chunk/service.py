@@ -9,8 +9,12 @@ Security (docs/security.md): the service's `DaemonSecurity` child holds the TLS 
 listener and of the connections to the metadata (from the config's [tls]; plaintext, with a
 warning at every start, without one), authorizes every request by the caller's role
 (`CHUNK_PERMISSIONS`), and applies the revocation list each heartbeat reply carries. The
-functions `listen_endpoint` and `meta_endpoints` remain seams: pass replacements to
-`ChunkService` (tests) and the defaults use the service's TLS.
+functions `listen_endpoint`, `meta_endpoints` and `peer_endpoints` remain seams: pass
+replacements to `ChunkService` (tests) and the defaults use the service's TLS.
+
+Repair (RebuildShard) reads shards from the other chunk servers over a connection pool of
+its own, dialled as the metadata is (TLS with this node's certificate when the cluster has
+TLS); the peers authorize those GetShard reads by the node role.
 """
 
 from __future__ import annotations
@@ -54,11 +58,13 @@ DEFAULT_THREADS = 4
 
 #: What each request needs (docs/security.md). DeleteShards is chunk-internal (garbage
 #: collection, repair): a client never sends it, and a user must not delete shards behind the
-#: namespace's back. PutShard is a client's write, or a node's (repair and moves).
+#: namespace's back. PutShard is a client's write, or a node's (repair and moves). RebuildShard
+#: comes from the metadata leader only: a user must not make a server read its peers.
 CHUNK_PERMISSIONS: dict[type, str] = {
     m.GetShard: "read",
     m.PutShard: "write|node",
     m.DeleteShards: "node",
+    m.RebuildShard: "node",
 }
 
 
@@ -73,6 +79,12 @@ def listen_endpoint(reactor: Any, config: ChunkConfig) -> IStreamServerEndpoint:
 
 def meta_endpoints(reactor: Any, config: ChunkConfig) -> EndpointMaker:
     """How the chunk server dials metadata nodes by "host:port": TLS when the config has [tls]."""
+    return client_endpoints(reactor, config.tls)
+
+
+def peer_endpoints(reactor: Any, config: ChunkConfig) -> EndpointMaker:
+    """How the chunk server dials other chunk servers by "host:port" (repair reads their
+    shards): as it dials the metadata."""
     return client_endpoints(reactor, config.tls)
 
 
@@ -142,6 +154,7 @@ class ChunkService(MultiService):
         threads: int = DEFAULT_THREADS,
         make_listen_endpoint: Callable[[Any, ChunkConfig], IStreamServerEndpoint] = listen_endpoint,
         make_meta_endpoints: Callable[[Any, ChunkConfig], EndpointMaker] = meta_endpoints,
+        make_peer_endpoints: Callable[[Any, ChunkConfig], EndpointMaker] = peer_endpoints,
         on_fatal: Callable[[], object] | None = None,
         append_in_executor: bool = True,
         security: DaemonSecurity | None = None,
@@ -162,6 +175,7 @@ class ChunkService(MultiService):
         self.threads = threads
         self._make_listen_endpoint = make_listen_endpoint
         self._make_meta_endpoints = make_meta_endpoints
+        self._make_peer_endpoints = make_peer_endpoints
         self.security = security or DaemonSecurity(
             reactor, config.tls, config.id, config.address,
             # Kept across restarts: until the leader sends it again, enforce the last list.
@@ -178,6 +192,7 @@ class ChunkService(MultiService):
         self.port: IListeningPort | None = None
         self._threadpool: WorkerPool | None = None
         self._meta_pool: ConnectionPool | None = None
+        self._peer_pool: ConnectionPool | None = None
         self._starting: defer.Deferred[None] | None = None
         self._lock_fd: int | None = None
         # How the last start ended: None while starting, True once serving, else its Failure.
@@ -210,8 +225,14 @@ class ChunkService(MultiService):
             self._threadpool.start()
             executor = self._threadpool.run
         meter = LoadMeter(self.reactor)
+        if self._make_peer_endpoints is peer_endpoints:
+            peers = client_endpoints(self.reactor, self.security.client)
+        else:
+            peers = self._make_peer_endpoints(self.reactor, config)
+        self._peer_pool = ConnectionPool(self.reactor, peers, node_id=config.id)
         self.server = ShardServer(
-            self.store, config.id, executor, meter, append_in_executor=self._append_in_executor
+            self.store, config.id, executor, meter, append_in_executor=self._append_in_executor,
+            peers=self._peer_pool,
         )
         self.factory = ConnectionFactory(
             self.reactor,
@@ -312,6 +333,10 @@ class ChunkService(MultiService):
                 connection.close()
         if self._meta_pool is not None:
             steps.append(self._meta_pool.close_all())
+        if self.server is not None and self.server.rebuilder is not None:
+            # Rebuilds in flight fail (their temporary files removed); their peer
+            # connections close.
+            steps.append(self.server.rebuilder.stop())
         done: defer.Deferred[Any] = defer.gatherResults(steps, consumeErrors=True)
 
         def release(_: object) -> None:

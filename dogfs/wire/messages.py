@@ -334,6 +334,29 @@ class DeleteShards:
     shard_ids: tuple[str, ...] = field(converter=_tuple)
 
 
+# --- metadata leader to chunk server ------------------------------------------------------
+
+
+@message(36)
+@frozen
+class RebuildShard:
+    """Repair (node role only): rebuild shard `index` of a block group from the others and
+    store it on this chunk server; answered with ShardStored once it is durable.
+
+    `shard_id` is the id of the shard to make. `group_size` is the block group's byte size and
+    `cell_size` the cell its stripes were cut with (the cluster's), which together give every
+    stripe's length. `sources` are the other shards as (index, shard id, address), the
+    preferred first: the server reads `k` of them and falls back on the rest when one fails.
+    """
+
+    shard_id: str
+    policy: str
+    index: int
+    group_size: int
+    cell_size: int
+    sources: tuple[tuple[int, str, str], ...] = field(converter=_tuple)
+
+
 # --- Raft peers ---------------------------------------------------------------------------
 
 
