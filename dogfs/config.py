@@ -46,6 +46,9 @@ class MetaConfig:
     cell_size: int = 1 << 20
     chunk_dead_after: float = 10.0
     allocation_ttl: float = 3600.0
+    repair_after: float = 600.0  # a chunk server dead this long has its shards rebuilt elsewhere
+    repair_interval: float = 10.0  # how often the leader plans repairs and moves
+    repair_concurrency: int = 4  # shards rebuilt or moved at once over the cluster
     peers: Mapping[str, str] = field(factory=dict)  # Raft members: id -> address (self included)
     http_peers: Mapping[str, str] = field(factory=dict)  # members' dashboards: id -> host:port
     tick_interval: float = 0.05
@@ -245,6 +248,9 @@ def load_meta(path: str) -> MetaConfig:
         cell_size=s.positive("cell_size", int, 1 << 20),
         chunk_dead_after=s.positive("chunk_dead_after", float, 10.0),
         allocation_ttl=s.positive("allocation_ttl", float, 3600.0),
+        repair_after=s.positive("repair_after", float, 600.0),
+        repair_interval=s.positive("repair_interval", float, 10.0),
+        repair_concurrency=s.positive("repair_concurrency", int, 4),
         peers=peers or {node_id: address},
         http_peers=http_peers,
         tick_interval=raft.positive("tick_interval", float, 0.05),

@@ -337,12 +337,29 @@ class DogFSClient:
 
     def status(self) -> defer.Deferred[dict[str, Any]]:
         """The cluster as a metadata node sees it."""
+        return self._view("status")
 
+    def repair_status(self) -> defer.Deferred[dict[str, Any]]:
+        """The metadata leader's repair scheduler: lost and draining servers, tasks, errors
+        (admin role)."""
+        return self._view("repair_status")
+
+    def _view(self, op: str) -> defer.Deferred[dict[str, Any]]:
         async def run() -> dict[str, Any]:
-            reply = await self._query("status")
+            reply = await self._query(op)
             return msgpack.unpackb(bytes(reply.payload), raw=False)  # type: ignore[no-any-return]
 
         return defer.Deferred.fromCoroutine(run())
+
+    def drain(self, node_id: str, draining: bool = True) -> defer.Deferred[Any]:
+        """Mark a chunk server draining (its shards move elsewhere, it gets no new ones), or
+        with ``draining`` False, no longer (admin role)."""
+        return self._command(c.DrainChunkServer(node_id, draining))
+
+    def remove_chunk_server(self, node_id: str, force: bool = False) -> defer.Deferred[Any]:
+        """Forget a stopped chunk server; refused while block groups place shards on it,
+        unless ``force`` (repair then rebuilds them elsewhere) (admin role)."""
+        return self._command(c.RemoveChunkServer(node_id, force))
 
     # --- data -----------------------------------------------------------------------------
 

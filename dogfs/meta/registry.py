@@ -195,6 +195,17 @@ class ChunkServerRegistry:
         """Whether the server has heartbeated within C{dead_after} seconds."""
         return self.state(node_id) == ALIVE
 
+    def dead_for(self, node_id: str) -> float | None:
+        """Seconds a dead server has been silent (since its last heartbeat, or since this
+        registry started when it has none); None when it is not dead (alive, unknown, or not
+        known at all). Repair waits on this before rebuilding what the server held."""
+        entry = self._entries.get(node_id)
+        now = self._now()
+        if entry is None or self._state_at(entry, now) != DEAD:
+            return None
+        since = entry.last_heartbeat if entry.last_heartbeat is not None else self._started_at
+        return now - since
+
     def live(self) -> list[ChunkServerLoad]:
         """The alive servers as the placement planner wants them, sorted by node id."""
         now = self._now()

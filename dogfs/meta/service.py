@@ -31,8 +31,10 @@ from dogfs.interfaces import ICommandLog
 from dogfs.meta import commands as c
 from dogfs.meta.placement import NotEnoughChunkServers, choose_placement
 from dogfs.meta.registry import ALIVE, ChunkServerRegistry
+from dogfs.meta.repair import RepairScheduler
 from dogfs.meta.state import NamespaceState
 from dogfs.wire import messages as m
+from dogfs.wire.pool import ConnectionPool, EndpointMaker, tcp_endpoints
 from dogfs.wire.protocol import Reply, Request, WireError
 
 #: LMDB map size of a metadata node's namespace (see MetaService).
@@ -42,10 +44,11 @@ log = Logger()
 
 # Commands a client may send; the rest are the leader's own (registration, expiry, moves).
 CLIENT_COMMANDS = (
-    c.Mkdir, c.Allocate, c.RenewAllocations, c.CommitFile, c.Delete, c.Rename, c.SetDefaultPolicy
+    c.Mkdir, c.Allocate, c.RenewAllocations, c.CommitFile, c.Delete, c.Rename, c.SetDefaultPolicy,
+    c.DrainChunkServer, c.RemoveChunkServer,
 )
 # Client commands that need the admin role.
-ADMIN_COMMANDS = (c.SetDefaultPolicy,)
+ADMIN_COMMANDS = (c.SetDefaultPolicy, c.DrainChunkServer, c.RemoveChunkServer)
 REPORT_BATCH = 20_000
 
 
@@ -106,6 +109,8 @@ class MetaHandlers:
         # (client id, seq) -> callers of a resend, for each sessioned command proposed here
         # and not yet answered.
         self._in_flight: dict[tuple[str, int], list[defer.Deferred[Any]]] = {}
+        # The leader's repair scheduler (MetaService sets it), for `repair_status`.
+        self.repair: Any = None
 
     def handlers(self) -> dict[type, Callable[[Request], Any]]:
         """The wire handler table."""
@@ -191,6 +196,8 @@ class MetaHandlers:
             raise error_from_result(result)
         if isinstance(command, c.CommitFile):
             self.emit("commit", path=command.path, size=command.size)
+        elif isinstance(command, c.RemoveChunkServer):
+            self.registry.forget(command.node_id)
         return Reply(m.MetaReply(self.log.leader_address()), c.encode_result(result))
 
     def _retried(self, msg: m.MetaCommand, command: Any, error: WireError) -> defer.Deferred[Reply]:
@@ -259,6 +266,12 @@ class MetaHandlers:
             )
         if isinstance(command, c.RenewAllocations):
             return c.RenewAllocations(command.block_groups, now)
+        if isinstance(command, c.RemoveChunkServer) and self.registry.is_alive(command.node_id):
+            raise WireError(
+                "invalid_argument",
+                f"chunk server {command.node_id} is running: stop it first (its next heartbeat "
+                "would register it again)",
+            )
         if isinstance(command, c.SetDefaultPolicy):
             try:
                 return c.SetDefaultPolicy(ECPolicy.parse(command.ec).name, command.seed)
@@ -282,6 +295,13 @@ class MetaHandlers:
         if msg.op == "status":
             # Status answers from any member, leader or not, without a barrier: it is a view.
             return defer.succeed(Reply(m.MetaReply(self.log.leader_address()), encode_status(self.status())))
+        if msg.op == "repair_status":
+            # Repair runs on the leader: its view only, no barrier.
+            self.authorize(request, "admin")
+            self._require_leader()
+            if self.repair is None:
+                raise WireError("unsupported", f"{self.config.id} runs no repair scheduler")
+            return defer.succeed(Reply(m.MetaReply(self.log.leader_address()), encode_status(self.repair.status())))
         if msg.op not in ("stat", "list", "cluster_info"):
             raise WireError("invalid_argument", f"unknown query {msg.op!r}")
         d = self.log.read_barrier()
@@ -425,6 +445,7 @@ class MetaService(MultiService):
         listen: Callable[[Any], defer.Deferred[Any]],
         make_log: Callable[[NamespaceState], ICommandLog] | None = None,
         on_fatal: Callable[[], object] | None = None,
+        dial: EndpointMaker | None = None,
     ) -> None:
         super().__init__()
         self.reactor = reactor
@@ -452,6 +473,10 @@ class MetaService(MultiService):
         self.metrics: Any = None
         self._pool: Any = None
         self._expiry: LoopingCall | None = None
+        # How this node dials chunk servers (repair): TLS with its node certificate when the
+        # cluster has TLS (the plugin passes it), plain TCP otherwise.
+        self._chunk_pool = ConnectionPool(reactor, dial or tcp_endpoints(reactor), node_id=config.id)
+        self.repair: RepairScheduler | None = None
 
     def startService(self) -> None:
         from dogfs.codec.stripe import tune_malloc
@@ -483,8 +508,16 @@ class MetaService(MultiService):
         self.registry.on_change(
             lambda node, old, new: self.handlers.emit("chunk_state", node=node, old=old, new=new)  # type: ignore[union-attr]
         )
+        self.repair = RepairScheduler(
+            self.reactor, self.state, self.registry, self.log.propose, self._chunk_pool.get,
+            self.config.cell_size, repair_after=self.config.repair_after,
+            interval=self.config.repair_interval, concurrency=self.config.repair_concurrency,
+            drop=self._chunk_pool.drop,
+        )
+        self.handlers.repair = self.repair
         if self.log.is_leader:
             self._seed_default_policy()
+            self.repair.start()
         self._expiry = LoopingCall(self._expire_allocations)
         self._expiry.clock = self.reactor
         self._expiry.start(max(1.0, self.config.allocation_ttl / 4), now=False).addErrback(
@@ -541,6 +574,8 @@ class MetaService(MultiService):
 
     def _leadership_changed(self, leading: bool) -> None:
         """A Raft member became leader (or stopped leading): rebuild the soft state."""
+        if not leading and self.repair is not None:
+            self.repair.stop()
         if not leading or self.log is None:
             return
         # Liveness is soft state, known here from heartbeats the previous leader relayed (see
@@ -556,6 +591,8 @@ class MetaService(MultiService):
             self.handlers.emit("election", node=self.config.id, term=me.get("term"))
         log.info("{node} leads the metadata group", node=self.config.id)
         self._seed_default_policy()
+        if self.repair is not None:
+            self.repair.start()
 
     def _seed_default_policy(self) -> None:
         # The config's default_ec seeds a namespace that never had one; after that an admin's
@@ -601,6 +638,8 @@ class MetaService(MultiService):
         d: defer.Deferred[Any] = defer.maybeDeferred(super().stopService)
         if self._expiry is not None and self._expiry.running:
             self._expiry.stop()
+        if self.repair is not None:
+            self.repair.stop()
         self.registry.stop()
         ports, self._ports = self._ports, []
 
@@ -608,6 +647,8 @@ class MetaService(MultiService):
             return defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports])
 
         d.addCallback(stop_listening)
+
+        d.addCallback(lambda _: self._chunk_pool.close_all())
 
         def close(_: Any) -> None:
             if self._pool is not None:

@@ -1053,6 +1053,48 @@ class NamespaceState:
                     break
         return out
 
+    def committed_groups_on(
+        self, node_id: str, *, limit: int | None = None
+    ) -> builtins.list[tuple[int, BlockGroupInfo]]:
+        """(shard index, block group) for each committed block group with a shard on
+        C{node_id}, in id order, from one read transaction: what repair plans from."""
+        out: builtins.list[tuple[int, BlockGroupInfo]] = []
+        node_key = _id_key(node_id)
+        if node_key is None:
+            return out
+        prefix = node_key + b"\x00"
+        with self._read() as txn:
+            ctx = _Ctx(txn, self._dbs)
+            cursor = txn.cursor(db=ctx.nodeshards)
+            if not cursor.set_range(prefix):
+                return out
+            for raw_key in cursor.iternext(keys=True, values=False):
+                key = bytes(raw_key)
+                if not key.startswith(prefix) or len(key) != len(prefix) + 9:
+                    break
+                bg_id = _from_u64(key[-9:-1])
+                rec = ctx.bgroup(bg_id)
+                if rec is None or not rec[0]:
+                    continue
+                out.append((key[-1], ctx.bg_info(bg_id, rec)))
+                if limit is not None and len(out) >= limit:
+                    break
+        return out
+
+    def placed_nodes(self) -> builtins.list[str]:
+        """Every node id some block group places a shard on, registered or not, sorted: one
+        seek per node, not a pass over the shards."""
+        out: builtins.list[str] = []
+        with self._read() as txn:
+            cursor = txn.cursor(db=self._dbs[b"nodeshards"])
+            found = cursor.first()
+            while found:
+                key = bytes(cursor.key())
+                node = key[: key.index(b"\x00")]
+                out.append(node.decode("utf-8"))
+                found = cursor.set_range(node + b"\x01")
+        return out
+
     def redundancy(self, alive: Iterable[str]) -> dict[int, int]:
         """Committed block groups by margin: live shards minus k, given the alive servers.
 

@@ -81,7 +81,7 @@ def makeService(options: Options) -> IService:
         return build_raft_log(reactor, config, state, client_endpoints(reactor, security.client))
 
     from dogfs.meta.raftlog import raft_mode
-    from dogfs.plugins.common import stop_failed
+    from dogfs.plugins.common import client_endpoints, stop_failed
 
     service = MetaService(
         reactor,
@@ -89,6 +89,7 @@ def makeService(options: Options) -> IService:
         listen=listen,
         make_log=make_log if raft_mode(config) else None,
         on_fatal=lambda: stop_failed(reactor),
+        dial=client_endpoints(reactor, security.client),
     )
     security.setServiceParent(service)
     GCTuning(reactor).setServiceParent(service)

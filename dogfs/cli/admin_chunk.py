@@ -1,0 +1,178 @@
+# -*- test-case-name: tests.test_repair_process -*-
+"""`dogfs admin chunk ...` and `dogfs admin repair status`: chunk servers leaving, and repair.
+
+    dogfs admin chunk drain NODE [--wait]   move NODE's shards to other servers; no new ones
+    dogfs admin chunk drain NODE --undo     stop draining (moved shards stay where they went)
+    dogfs admin chunk remove NODE [--force] forget a stopped, empty chunk server
+    dogfs admin repair status               lost and draining servers, tasks, recent errors
+
+The metadata leader does the work (dogfs/meta/repair.py): it rebuilds the shards of a chunk
+server dead for `repair_after` seconds (meta.toml, 600 by default) and of a removed one, and
+moves those of a draining one, most endangered block groups first. To retire a server: drain
+it with --wait, stop it, then remove it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from dogfs.cli import output
+
+#: Seconds between two looks at the repair status while `drain --wait` waits.
+WAIT_POLL = 1.0
+
+
+def register(admin_subparsers: Any) -> None:
+    """Add `admin chunk` and `admin repair`."""
+
+    def common(p: Any) -> None:
+        p.add_argument("--timeout", type=output.seconds, default=None, metavar="SECONDS",
+                       help="fail if the cluster cannot serve within this time")
+        p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
+
+    chunk = admin_subparsers.add_parser(
+        "chunk", help="drain or remove chunk servers",
+        description="Take chunk servers out of the cluster without losing redundancy.",
+    )
+    sub = chunk.add_subparsers(dest="chunk_command", metavar="CHUNK_COMMAND", parser_class=type(chunk))
+    sub.required = True
+    drain = sub.add_parser(
+        "drain", help="move a chunk server's shards elsewhere and place no new ones on it",
+        description="Mark a chunk server draining: the metadata leader places no new shards on "
+        "it and moves its shards to other servers, a few at a time. The server keeps serving "
+        "reads meanwhile.",
+    )
+    drain.add_argument("node", help="the chunk server's id (as `cluster status` shows it)")
+    drain.add_argument("--undo", action="store_true", help="stop draining it")
+    drain.add_argument("--wait", action="store_true",
+                       help="wait until it holds no shard the namespace uses, showing progress")
+    common(drain)
+    drain.set_defaults(func=cmd_drain)
+    remove = sub.add_parser(
+        "remove", help="forget a stopped chunk server",
+        description="Forget a chunk server. It must be stopped, and hold no shard the namespace "
+        "uses (drain it first), unless --force: its shards are then rebuilt elsewhere from the "
+        "others, as for a dead server.",
+    )
+    remove.add_argument("node", help="the chunk server's id")
+    remove.add_argument("--force", action="store_true",
+                        help="remove it although block groups still place shards on it")
+    common(remove)
+    remove.set_defaults(func=cmd_remove)
+
+    repair = admin_subparsers.add_parser(
+        "repair", help="shard repair and moves", description="Shard repair and moves.",
+    )
+    rsub = repair.add_subparsers(dest="repair_command", metavar="REPAIR_COMMAND", parser_class=type(repair))
+    rsub.required = True
+    status = rsub.add_parser(
+        "status", help="what the metadata leader is repairing or moving",
+        description="Show the lost, dead and draining chunk servers, the repairs under way and "
+        "queued, and the latest failures, as the metadata leader sees them.",
+    )
+    common(status)
+    status.set_defaults(func=cmd_repair_status)
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    """dogfs admin chunk drain NODE"""
+    from dogfs.cli.main import run_client
+
+    draining = not args.undo
+
+    async def body(client: Any) -> dict[str, Any]:
+        await client.drain(args.node, draining)
+        left = await _shards_left(client, args.node)
+        if args.wait and draining:
+            left = await _wait_drained(client, args.node, left, args.json)
+        return {"node": args.node, "draining": draining, "shards_left": left}
+
+    result = run_client(args, body)
+    if args.json:
+        output.print_json(result)
+    elif not draining:
+        print(f"{args.node} is no longer draining")
+    elif result["shards_left"]:
+        print(f"{args.node} is draining: {result['shards_left']} shards to move; "
+              "`dogfs admin repair status` follows the moves")
+    else:
+        print(f"{args.node} is drained: it holds no shard the namespace uses; stop it, then "
+              f"`dogfs admin chunk remove {args.node}`")
+    return output.OK
+
+
+async def _shards_left(client: Any, node: str) -> int:
+    status = await client.repair_status()
+    entry = status.get("lost_servers", {}).get(node)
+    return int(entry["shards"]) if entry else 0
+
+
+async def _wait_drained(client: Any, node: str, left: int, quiet: bool) -> int:
+    from twisted.internet import reactor, task
+
+    shown = None
+    while left:
+        if not quiet and left != shown:
+            print(f"{node}: {left} shards to move", file=sys.stderr, flush=True)
+            shown = left
+        await task.deferLater(reactor, WAIT_POLL, lambda: None)
+        left = await _shards_left(client, node)
+    return left
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    """dogfs admin chunk remove NODE"""
+    from dogfs.cli.main import run_client
+
+    async def body(client: Any) -> None:
+        await client.remove_chunk_server(args.node, args.force)
+
+    run_client(args, body)
+    if args.json:
+        output.print_json({"node": args.node, "removed": True, "forced": bool(args.force)})
+    else:
+        tail = "; its shards will be rebuilt from the others" if args.force else ""
+        print(f"removed chunk server {args.node}{tail}")
+    return output.OK
+
+
+def cmd_repair_status(args: argparse.Namespace) -> int:
+    """dogfs admin repair status"""
+    from dogfs.cli.main import run_client
+
+    status = run_client(args, lambda client: client.repair_status())
+    if args.json:
+        output.print_json(status)
+        return output.OK
+    print(_describe(status), end="")
+    return output.OK
+
+
+def _describe(status: dict[str, Any]) -> str:
+    lines = []
+    lost = status.get("lost_servers", {})
+    waiting = status.get("waiting_servers", {})
+    if not lost and not waiting and not status.get("running"):
+        lines.append("nothing to repair or move")
+    for node, entry in sorted(lost.items()):
+        lines.append(f"{node}: {entry['reason']}, {entry['shards']} shards to rebuild or move")
+    for node, left in sorted(waiting.items()):
+        lines.append(f"{node}: dead; repair starts in {left:.0f}s unless it returns "
+                     f"(repair_after {status.get('repair_after', 0):g}s)")
+    for r in status.get("running", []):
+        lines.append(f"  {r['reason']:8} block group {r['block_group']} shard {r['index']}: "
+                     f"{r['from']} -> {r['to']} ({r['seconds']:.0f}s)")
+    lines.append(
+        f"rebuilt {status.get('rebuilt', 0)}, failed {status.get('failed', 0)}, "
+        f"queued {status.get('queued', 0)}, running {len(status.get('running', []))} "
+        f"(at most {status.get('concurrency', 0)} at once)"
+    )
+    for e in list(status.get("errors", []))[-5:]:
+        lines.append(f"  failed {e['s_ago']:.0f}s ago: block group {e['block_group']} shard "
+                     f"{e['index']} ({e['from']}): {e['error']}")
+    if not status.get("active", True):
+        lines.append("the repair scheduler is not running on this member")
+    return "\n".join(lines) + "\n"
+

@@ -1,0 +1,117 @@
+# -*- test-case-name: tests.test_repair_process -*-
+"""Repair, drain and removal of chunk servers with real processes (roadmap phase 4).
+
+A TLS cluster from `dogfs cluster up` (the default), so that a rebuilding chunk server reads
+its peers' shards with its own node certificate, as in production. The metadata node's
+`repair_after` and `chunk_dead_after` are cut to seconds in its meta.toml. Files are RS-3-2
+on six chunk servers: each block group misses one server, so three servers down would lose
+some groups; after a repair, no two are enough to.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.test_datapath_process import Cluster, sha256
+
+DEAD_AFTER = 2.0
+REPAIR_AFTER = 3.0
+
+
+def until(condition: Callable[[], Any], within: float, what: str) -> Any:
+    """Re-check ``condition()`` (every 0.2 s) until it is true, and return it; fail naming
+    ``what`` past ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {within:g}s: {what}")
+        time.sleep(0.2)
+
+
+class RepairProcessTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.cluster = Cluster()
+        self.addCleanup(self.cluster.destroy)
+        self.cluster.create()
+        self.cluster.run("cluster", "down")
+        config = os.path.join(self.cluster.home, "nodes", "meta-1", "meta.toml")
+        with open(config) as f:
+            text = f.read()
+        settings = (f"chunk_dead_after = {DEAD_AFTER}\nrepair_after = {REPAIR_AFTER}\n"
+                    "repair_interval = 0.5\n")
+        with open(config, "w") as f:
+            f.write(text.replace("[meta]\n", "[meta]\n" + settings, 1))
+        self.cluster.up()
+        self.local = self.cluster.local("data", 7 * (1 << 20) + 4321, 11)  # 3 block groups
+        self.cluster.run("put", "--ec", "RS-3-2", self.local, "/f")
+
+    def holders(self) -> dict[str, int]:
+        """Chunk server -> how many shards of /f the namespace places on it."""
+        out: dict[str, int] = {}
+        for group in self.cluster.json("stat", "/f")["block_groups"]:
+            for shard in group["shards"]:
+                out[shard["chunk_server"]] = out.get(shard["chunk_server"], 0) + 1
+        return out
+
+    def reads_back(self) -> None:
+        out = os.path.join(self.cluster.work, "out")
+        self.cluster.run("get", "/f", out, "--timeout", "30")
+        self.assertEqual(sha256(out), sha256(self.local))
+        os.unlink(out)
+
+    def test_dead_server_shards_rebuilt_elsewhere(self) -> None:
+        """kill -9 of a chunk server: once it has been dead for repair_after, its shards are
+        rebuilt on the server that held none of their group, the status says so, and the file
+        then survives two more servers killed, which it would not have before."""
+        before = self.holders()
+        victim = max(sorted(before), key=lambda n: before[n])
+        self.cluster.run("cluster", "kill", victim)
+        after = until(
+            lambda: (h := self.holders()) and victim not in h and h,
+            90, f"the shards of {victim} rebuilt elsewhere",
+        )
+        self.assertEqual(sum(after.values()), sum(before.values()))
+        status = self.cluster.json("admin", "repair", "status")
+        self.assertEqual(status["rebuilt"], before[victim])
+        self.assertEqual(status["lost_servers"], {})
+        text = self.cluster.run("admin", "repair", "status").stdout
+        self.assertIn(f"rebuilt {before[victim]}, failed", text)
+        # Every group now has its five shards on the five live servers: any two more can go.
+        survivors = sorted(after)
+        self.assertEqual(len(survivors), 5)
+        for node in survivors[:2]:
+            self.cluster.run("cluster", "kill", node)
+        self.reads_back()
+
+    def test_drain_then_remove(self) -> None:
+        """drain --wait moves every shard off a running server while the file stays readable;
+        remove refuses it while it runs and forgets it once stopped."""
+        before = self.holders()
+        node = max(sorted(before), key=lambda n: before[n])
+        result = self.cluster.json("admin", "chunk", "drain", node, "--wait")
+        self.assertEqual(result, {"node": node, "draining": True, "shards_left": 0})
+        after = self.holders()
+        self.assertNotIn(node, after)
+        self.assertEqual(sum(after.values()), sum(before.values()))
+        self.reads_back()
+        refused = self.cluster.run("admin", "chunk", "remove", node, check=False)
+        self.assertEqual(refused.returncode, 2, refused.stderr)
+        self.assertIn(f"{node} is running: stop it first", refused.stderr)
+        self.cluster.run("cluster", "stop", node)
+        until(lambda: self.cluster.nodes()[node].get("state") != "running", 30, f"{node} stopped")
+        until(
+            lambda: self.cluster.run("admin", "chunk", "remove", node, check=False).returncode == 0,
+            30, f"{node} removed once the metadata calls it dead",
+        )
+        gone = self.cluster.run("admin", "chunk", "drain", node, check=False)
+        self.assertNotEqual(gone.returncode, 0)
+        self.assertIn("is not registered", gone.stderr)
+        self.reads_back()
