@@ -26,7 +26,7 @@ from dogfs.meta.commands import (
     shard_id,
 )
 from dogfs.meta.registry import ChunkServerRegistry
-from dogfs.meta.repair import DEAD, DRAINING, REMOVED, RepairScheduler
+from dogfs.meta.repair import DEAD, DRAINING, REMOVED, RepairScheduler, RepairTask
 from dogfs.wire import messages as m
 from dogfs.wire.protocol import Reply, WireError
 from tests.test_meta_state import SERVERS, StateTestCase
@@ -43,11 +43,32 @@ class _Chunk:
     def __init__(self, calls: list[tuple[str, Any, defer.Deferred[Reply]]], address: str) -> None:
         self.calls = calls
         self.address = address
+        self.closed = False
 
     def call(self, msg: Any, timeout: float | None = None) -> defer.Deferred[Reply]:
         d: defer.Deferred[Reply] = defer.Deferred()
         self.calls.append((self.address, msg, d))
         return d
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class _Pool:
+    """Leases a new _Chunk per task; records what comes back and what is closed."""
+
+    def __init__(self, calls: list[tuple[str, Any, defer.Deferred[Reply]]]) -> None:
+        self.calls = calls
+        self.leased: list[_Chunk] = []
+        self.given_back: list[_Chunk] = []
+
+    def lease(self, address: str) -> defer.Deferred[_Chunk]:
+        chunk = _Chunk(self.calls, address)
+        self.leased.append(chunk)
+        return defer.succeed(chunk)
+
+    def give_back(self, address: str, connection: _Chunk) -> None:
+        self.given_back.append(connection)
 
 
 class RepairSchedulerTests(StateTestCase):
@@ -56,21 +77,28 @@ class RepairSchedulerTests(StateTestCase):
         self.clock = task.Clock()
         self.registry = ChunkServerRegistry(self.clock, DEAD_AFTER, grace_after_start=DEAD_AFTER)
         self.calls: list[tuple[str, Any, defer.Deferred[Reply]]] = []
-        self.dropped: list[str] = []
+        self.pool = _Pool(self.calls)
         self.proposed: list[Any] = []
+        self.events: list[tuple[str, dict[str, Any]]] = []
         self.register(6)
         self.registry.known_all(self.state.chunk_servers())  # as the service does
         self.addresses = {node: f"127.0.0.1:{9000 + i}" for i, node in enumerate(SERVERS)}
         self.scheduler = RepairScheduler(
             self.clock, self.state, self.registry, self.propose,
-            lambda address: defer.succeed(_Chunk(self.calls, address)), cell_size=4096,
+            self.pool, cell_size=4096,
             repair_after=REPAIR_AFTER, interval=INTERVAL, concurrency=4, retry_after=30.0,
-            rng=random.Random(7), drop=self.dropped.append,
+            rng=random.Random(7),
+            emit=lambda kind, **fields: self.events.append((kind, fields)),
         )
 
     def propose(self, command: Any) -> defer.Deferred[Any]:
         self.proposed.append(command)
         return defer.succeed(self.run_(command))
+
+    def plan(self) -> list[RepairTask]:
+        """Plan a whole slice; the tasks in the order they would run."""
+        self.scheduler.plan_slice()
+        return [self.scheduler.tasks[key] for key in self.scheduler._order]
 
     def beat(self, *nodes: str) -> None:
         for node in nodes:
@@ -101,10 +129,10 @@ class RepairSchedulerTests(StateTestCase):
         self.live_for(5, SERVERS[:6])
         self.live_for(DEAD_AFTER + 5, others)
         self.assertEqual(self.registry.state("chunk-1"), "dead")
-        self.assertEqual(self.scheduler.plan(), [])
+        self.assertEqual(self.plan(), [])
         self.assertIn("chunk-1", self.scheduler.waiting())
         self.live_for(REPAIR_AFTER, others)
-        tasks = self.scheduler.plan()
+        tasks = self.plan()
         self.assertEqual([(t.index, t.from_node, t.reason, t.margin) for t in tasks], [(1, "chunk-1", DEAD, 0)] * 2)
 
         self.scheduler.tick()
@@ -128,7 +156,9 @@ class RepairSchedulerTests(StateTestCase):
             self.assertEqual(group.shards[1].address, address)
             self.assertEqual(group.shards[1].shard_id, msg.shard_id)
         self.assertEqual(self.scheduler.stats.rebuilt, 2)
-        self.assertEqual(self.scheduler.plan(), [])
+        self.assertEqual([(k, f["level"], f["node"]) for k, f in self.events], [("repair", "info", "chunk-1")] * 2)
+        self.assertIn("(dead) rebuilt on chunk-", self.events[0][1]["message"])
+        self.assertEqual(self.plan(), [])
         self.assertEqual(self.scheduler.status()["lost_servers"], {})
 
     def test_most_endangered_first_one_task_per_group(self) -> None:
@@ -139,7 +169,7 @@ class RepairSchedulerTests(StateTestCase):
         self.place("/one", SERVERS[:4])  # loses chunk-2 and chunk-3
         alive = ("chunk-0", "chunk-1", "chunk-4", "chunk-5")
         self.live_for(DEAD_AFTER + REPAIR_AFTER + 2, alive)
-        tasks = self.scheduler.plan()
+        tasks = self.plan()
         self.assertEqual([(t.index, t.margin) for t in tasks], [(2, 0), (3, 0), (3, 1)])
         one = self.state.stat("/one").block_groups[0].id
         self.assertEqual({t.bg_id for t in tasks[:2]}, {one})
@@ -167,7 +197,9 @@ class RepairSchedulerTests(StateTestCase):
         status = self.scheduler.status()
         self.assertEqual(status["failed"], 1)
         self.assertIn("only 1 of 2 sources answered", status["errors"][-1]["error"])
-        self.assertEqual(self.dropped, [])  # a refusal over a sound connection keeps it
+        self.assertEqual(self.pool.given_back, self.pool.leased)  # a refusal keeps a sound connection
+        self.assertEqual(self.events[-1][1]["level"], "warn")
+        self.assertIn("failed: ", self.events[-1][1]["message"])
         self.live_for(20, alive)
         self.assertEqual(len(self.calls), 1)
         self.live_for(15, alive)
@@ -177,15 +209,21 @@ class RepairSchedulerTests(StateTestCase):
         self.scheduler.stop()
         self.assertFalse(self.scheduler.active)
 
-    def test_broken_connection_is_dropped(self) -> None:
-        """A rebuild lost with its connection makes the pool dial afresh next time."""
+    def test_broken_connection_closes_only_its_own(self) -> None:
+        """Each task has a connection of its own: one that fails (timeout, lost) is closed,
+        and the other tasks to the same server go on."""
         self.upload("/a", [100])
-        alive = ("chunk-0", "chunk-2", "chunk-3", "chunk-4", "chunk-5")
+        self.upload("/b", [100])
+        alive = ("chunk-0", "chunk-2", "chunk-3")  # one target possible for both
         self.live_for(DEAD_AFTER + REPAIR_AFTER + 2, alive)
         self.scheduler.tick()
-        address = self.calls[0][0]
-        self.calls[0][2].errback(Failure(WireError("connection_closed", "closed")))
-        self.assertEqual(self.dropped, [address])
+        self.assertEqual([c[0] for c in self.calls], [self.addresses["chunk-3"]] * 2)
+        self.calls[0][2].errback(Failure(WireError("timeout", "no answer within 600s")))
+        first, second = self.pool.leased
+        self.assertEqual((first.closed, second.closed), (True, False))
+        self.answer(self.calls[1])
+        self.assertEqual(self.pool.given_back, [second])
+        self.assertEqual(self.scheduler.stats.rebuilt, 1)
 
     def test_group_changed_meanwhile_is_stale_not_failed(self) -> None:
         """A file deleted while its shard was being rebuilt: the move is stale, not an error."""
@@ -203,10 +241,13 @@ class RepairSchedulerTests(StateTestCase):
         self.upload("/a", [100])  # RS-2-1 on chunk-0..2
         alive = ("chunk-0", "chunk-3", "chunk-4", "chunk-5")
         self.live_for(DEAD_AFTER + REPAIR_AFTER + 2, alive)
-        self.assertEqual([t.margin for t in self.scheduler.plan()], [-1, -1])
+        self.assertEqual([t.margin for t in self.plan()], [-1, -1])
         self.scheduler.tick()
         self.assertEqual(self.calls, [])
-        self.assertIn("only 1 of its shards are readable, 2 are needed", self.scheduler.status()["errors"][0]["error"])
+        status = self.scheduler.status()
+        self.assertEqual(status["failed"], 0)
+        self.assertEqual(status["blocked"]["unreadable"]["groups"], 1)
+        self.assertIn("only 1 of its shards are readable, 2 are needed", status["blocked"]["unreadable"]["why"])
 
     def test_no_server_to_rebuild_onto(self) -> None:
         """Every live server already holds a shard of the group: nothing is sent; noted."""
@@ -216,7 +257,9 @@ class RepairSchedulerTests(StateTestCase):
         self.live_for(DEAD_AFTER + REPAIR_AFTER + 2, alive)
         self.scheduler.tick()
         self.assertEqual(self.calls, [])
-        self.assertIn("no live chunk server without a shard of the group", self.scheduler.status()["errors"][0]["error"])
+        status = self.scheduler.status()
+        self.assertEqual((status["failed"], status["blocked"]["no_target"]["groups"]), (0, 1))
+        self.assertIn("holds a shard of the group already (4 live ones", status["blocked"]["no_target"]["why"])
 
     def test_draining_server_moves_its_shards(self) -> None:
         """A draining server's shards move at once (it need not die): to a server that is not
@@ -225,14 +268,14 @@ class RepairSchedulerTests(StateTestCase):
         self.ok(DrainChunkServer("chunk-0"))
         self.ok(DrainChunkServer("chunk-3"))
         self.live_for(3, SERVERS[:6])
-        [t] = self.scheduler.plan()
+        [t] = self.plan()
         self.assertEqual((t.index, t.from_node, t.reason, t.margin), (0, "chunk-0", DRAINING, 1))
         self.scheduler.tick()
         [(address, msg, _)] = self.calls
         self.assertIn(address, [self.addresses["chunk-4"], self.addresses["chunk-5"]])
         self.assertEqual([s[0] for s in msg.sources], [1, 2])
         self.answer(self.calls[0])
-        self.assertEqual(self.scheduler.plan(), [])
+        self.assertEqual(self.plan(), [])
         self.ok(RemoveChunkServer("chunk-0"))
 
     def test_removed_server_shards_are_rebuilt(self) -> None:
@@ -240,9 +283,9 @@ class RepairSchedulerTests(StateTestCase):
         self.upload("/a", [100])
         self.ok(RemoveChunkServer("chunk-1", force=True))
         self.live_for(3, ("chunk-0", "chunk-2", "chunk-3", "chunk-4", "chunk-5"))
-        [t] = self.scheduler.plan()
+        [t] = self.plan()
         self.assertEqual((t.from_node, t.reason), ("chunk-1", REMOVED))
-        self.assertEqual(self.scheduler.status()["lost_servers"], {"chunk-1": {"reason": REMOVED, "shards": 1}})
+        self.assertEqual(self.scheduler.status()["lost_servers"], {"chunk-1": {"reason": REMOVED, "shards": 1, "pending": 0}})
 
     def test_uncommitted_uploads_are_left_to_their_client(self) -> None:
         """Shards of an upload not committed yet are not repaired (its client writes around
@@ -250,7 +293,7 @@ class RepairSchedulerTests(StateTestCase):
         self.ok(Allocate("/p", "RS-2-1", SERVERS[:3], 1.0))
         self.ok(DrainChunkServer("chunk-0"))
         self.live_for(3, SERVERS[:6])
-        self.assertEqual(self.scheduler.plan(), [])
+        self.assertEqual(self.plan(), [])
 
     def test_metadata_refusal_is_a_failure(self) -> None:
         """A MoveShard the state machine refuses for another reason is reported."""
@@ -263,6 +306,104 @@ class RepairSchedulerTests(StateTestCase):
         self.answer(self.calls[0])
         self.assertEqual(self.scheduler.stats.failed, 1)
         self.assertIn("the metadata refused the move", self.scheduler.status()["errors"][0]["error"])
+
+    def test_rebuilt_in_the_domain_holding_fewest(self) -> None:
+        """The target is in the failure domain with fewest of the group's readable shards,
+        as a new upload would be placed: never beside another shard while a domain has none."""
+        racks = {"chunk-0": "a", "chunk-1": "b", "chunk-2": "c", "chunk-3": "a", "chunk-4": "c", "chunk-5": "b"}
+        for seed in range(20):
+            self.scheduler.rng = random.Random(seed)
+            self.registry = self.scheduler.registry = ChunkServerRegistry(self.clock, DEAD_AFTER)
+            for node, rack in racks.items():
+                self.registry.heartbeat(node, self.addresses[node], 10**12, 0, 0, {}, rack)
+            self.scheduler.stop()
+            self.scheduler._retry_at.clear()
+            alloc = self.ok(Allocate(f"/f{seed}", "RS-2-1", ("chunk-0", "chunk-1", "chunk-2"), 1.0))
+            self.ok(CommitFile(f"/f{seed}", 1, ((alloc.bg_id, 1),), 1.0))
+            self.ok(DrainChunkServer("chunk-1"))
+            self.calls.clear()
+            self.scheduler.tick()
+            [(address, _, d)] = self.calls
+            self.assertEqual(address, self.addresses["chunk-5"], f"seed {seed}")  # rack b: none left
+            d.errback(Failure(WireError("busy", "later")))
+            self.ok(DrainChunkServer("chunk-1", False))
+            self.ok(Delete(f"/f{seed}"))
+
+    def test_at_most_per_target_and_busy_is_not_a_failure(self) -> None:
+        """No server is sent more rebuilds than it takes at once; a `busy` answer is tried
+        again at the next tick, without counting as a failure, and its slot goes to another."""
+        for i in range(4):
+            self.upload(f"/f{i}", [100])
+        alive = ("chunk-0", "chunk-2", "chunk-3")  # chunk-3: the only possible target
+        self.live_for(DEAD_AFTER + REPAIR_AFTER + 2, alive)
+        self.scheduler.tick()
+        self.assertEqual(len(self.calls), 2)  # concurrency 4, but 2 per target
+        busy_shard = self.calls[0][1].shard_id
+        self.calls[0][2].errback(Failure(WireError("busy", "2 rebuilds are running here already")))
+        self.clock.advance(0)
+        self.assertEqual(len(self.calls), 3)
+        self.assertNotEqual(self.calls[2][1].shard_id, busy_shard)
+        self.assertEqual((self.scheduler.stats.failed, list(self.scheduler.stats.errors)), (0, []))
+        self.answer(self.calls[1])
+        self.answer(self.calls[2])
+        self.clock.advance(0)
+        self.assertEqual(len(self.calls), 4)
+        self.assertNotEqual(self.calls[3][1].shard_id, busy_shard)  # not before the next tick
+        self.answer(self.calls[3])
+        self.live_for(INTERVAL, alive)
+        self.scheduler.tick()
+        self.assertEqual(self.calls[4][1].shard_id, busy_shard)
+        self.answer(self.calls[4])
+        self.assertEqual(self.scheduler.stats.rebuilt, 4)
+
+    def test_planning_goes_round_in_slices(self) -> None:
+        """A tick reads at most plan_batch placements, resuming where the last stopped and
+        starting again from the first: every lost shard is seen whatever blocks the first."""
+        self.scheduler.plan_batch = 2
+        for i in range(5):
+            self.upload(f"/f{i}", [100])
+        self.ok(DrainChunkServer("chunk-0"))
+        self.live_for(3, SERVERS[:6])
+        seen = set()
+        for _ in range(3):
+            self.scheduler.plan_slice()
+            seen |= set(self.scheduler.tasks)
+            self.assertLessEqual(len(self.scheduler.tasks), 2 * 3)
+        self.assertEqual(len(seen), 5)
+        self.assertIsNone(self.scheduler._cursors["chunk-0"])  # wrapped: the next starts over
+
+    def test_an_error_in_planning_does_not_stop_it(self) -> None:
+        """An exception in a tick is logged; the next tick plans again."""
+        self.upload("/a", [100])
+        alive = ("chunk-0", "chunk-2", "chunk-3", "chunk-4", "chunk-5")
+        self.live_for(DEAD_AFTER + REPAIR_AFTER + 2, alive)
+        real, calls = self.state.placed_nodes, []
+
+        def flaky() -> list[str]:
+            calls.append(1)
+            if len(calls) == 1:
+                raise OSError("LMDB said no")
+            return real()
+
+        self.state.placed_nodes = flaky
+        self.scheduler.start()
+        self.live_for(INTERVAL, alive)
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        self.assertEqual(self.calls, [])
+        self.live_for(INTERVAL, alive)
+        self.assertEqual(len(self.calls), 1)
+        self.assertTrue(self.scheduler.active)
+        self.scheduler.stop()
+
+    def test_status_counts_pending_apart(self) -> None:
+        """A draining server's shards of uploads in progress are counted apart: repair leaves
+        them to their clients, and a drain waits for committed shards only."""
+        self.upload("/a", [100])
+        self.ok(Allocate("/p", "RS-2-1", SERVERS[:3], 1.0))
+        self.ok(DrainChunkServer("chunk-0"))
+        self.live_for(3, SERVERS[:6])
+        self.assertEqual(self.scheduler.status()["lost_servers"]["chunk-0"],
+                         {"reason": DRAINING, "shards": 1, "pending": 1})
 
     def test_ids(self) -> None:
         """The rebuilt shard keeps its id: the id names the block group and index."""
@@ -282,7 +423,7 @@ class RepairHandlerTests(StateTestCase):
 
         h = Harness(self)
         h.handlers.repair = RepairScheduler(
-            h.clock, h.state, h.registry, h.log.propose, lambda address: defer.Deferred(), 4096,
+            h.clock, h.state, h.registry, h.log.propose, _Pool([]), 4096,
         )
         return h
 
@@ -309,7 +450,7 @@ class RepairHandlerTests(StateTestCase):
         self.assertEqual(h.result(DrainChunkServer("chunk-2")), Ok())
         self.assertEqual({r.node_id: r.draining for r in h.state.chunk_servers()}["chunk-2"], True)
         error = self.failureResultOf(h.command(RemoveChunkServer("chunk-2")), WireError).value
-        self.assertEqual(error.code, "invalid_argument")
+        self.assertEqual(error.code, "failed_precondition")
         self.assertIn("chunk-2 is running: stop it first", error.message)
         h.clock.advance(11)  # silent past chunk_dead_after
         for node in ("chunk-1", "chunk-3", "chunk-4", "chunk-5", "chunk-6"):
@@ -317,6 +458,26 @@ class RepairHandlerTests(StateTestCase):
         self.assertEqual(h.result(RemoveChunkServer("chunk-2")), Ok())
         self.assertNotIn("chunk-2", [r.node_id for r in h.state.chunk_servers()])
         self.assertIsNone(h.registry.state("chunk-2"))
+
+    def test_force_removed_id_not_registered_again(self) -> None:
+        """A server removed with --force while groups placed shards on it cannot register
+        again under that id (a fresh disk would be trusted with shards it lacks) until the
+        shards have moved; another id can."""
+        h = self.harness()
+        alloc = h.result(c_allocate())
+        h.result(CommitFile("/f", 1, ((alloc.bg_id, 1),)))
+        node = alloc.shards[0].node_id
+        h.clock.advance(11)
+        for other in {f"chunk-{i}" for i in range(1, 7)} - {node}:
+            h.heartbeat(other)
+        h.result(RemoveChunkServer(node, force=True))
+        error = h.error(m.Heartbeat(node, "127.0.0.1:7999", 10**12, 0, 0, {}, None))
+        self.assertEqual(error.code, "permission_denied")
+        self.assertIn(f"chunk server {node} was removed while block groups still placed shards", error.message)
+        self.assertNotIn(node, [r.node_id for r in h.state.chunk_servers()])
+        self.assertIsNone(h.registry.state(node))
+        h.heartbeat("chunk-9")
+        self.assertIn("chunk-9", [r.node_id for r in h.state.chunk_servers()])
 
     def test_repair_status_query(self) -> None:
         """`repair_status` answers with the scheduler's status; it needs the admin role."""
@@ -328,6 +489,10 @@ class RepairHandlerTests(StateTestCase):
             None if permission == "read" else (_ for _ in ()).throw(WireError("permission_denied", "no"))
         )
         self.assertEqual(h.error(m.MetaQuery("repair_status", "", {})).code, "permission_denied")
+
+
+def c_allocate() -> Allocate:
+    return Allocate("/f", "RS-2-1", ())
 
 
 class StateAndRegistryTests(StateTestCase):

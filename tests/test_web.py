@@ -382,6 +382,19 @@ class MetaNodeSourceTests(SynchronousTestCase):
             6.0,
         )
 
+    def test_repairs_folded(self) -> None:
+        """Repairs show as one line a second per level, failures as warnings."""
+        for i in range(3):
+            self.source.meta_listener("repair", {"level": "info", "node": "chunk-2", "message": f"shard {i} rebuilt"})
+        self.source.meta_listener("repair", {"level": "warn", "node": "chunk-2", "message": "repair failed: x"})
+        self.clock.advance(1.5)
+        self.source.meta_listener("repair", {"level": "info", "node": "chunk-2", "message": "shard 3 rebuilt"})
+        self.assertEqual(
+            [(e["message"], e["level"], e["node"]) for e in self.events],
+            [("shard 0 rebuilt", "info", "chunk-2"), ("repair failed: x", "warn", "chunk-2"),
+             ("shard 3 rebuilt (and 2 more)", "info", "chunk-2")],
+        )
+
     def test_chunk_and_election_events(self) -> None:
         """Registry changes and elections become one sentence each, stamped with the clock."""
         self.clock.advance(7)

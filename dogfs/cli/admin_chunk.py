@@ -104,21 +104,35 @@ def cmd_drain(args: argparse.Namespace) -> int:
 
 
 async def _shards_left(client: Any, node: str) -> int:
-    status = await client.repair_status()
+    return _left(await client.repair_status(), node)
+
+
+def _left(status: dict[str, Any], node: str) -> int:
     entry = status.get("lost_servers", {}).get(node)
     return int(entry["shards"]) if entry else 0
 
 
 async def _wait_drained(client: Any, node: str, left: int, quiet: bool) -> int:
+    """Poll the repair status until ``node`` holds no shard; show the count as it falls,
+    and each new failure of a move off it (a drain that cannot progress says why)."""
     from twisted.internet import reactor, task
 
     shown = None
+    told: set[tuple[str, int, float]] = set()
     while left:
         if not quiet and left != shown:
             print(f"{node}: {left} shards to move", file=sys.stderr, flush=True)
             shown = left
         await task.deferLater(reactor, WAIT_POLL, lambda: None)
-        left = await _shards_left(client, node)
+        status = await client.repair_status()
+        left = _left(status, node)
+        for e in status.get("errors", []):
+            key = (e["block_group"], e["index"], e["at"])
+            if e.get("from") == node and key not in told:
+                told.add(key)
+                if not quiet:
+                    print(f"{node}: moving shard {e['index']} of block group {e['block_group']} "
+                          f"failed (retried later): {e['error']}", file=sys.stderr, flush=True)
     return left
 
 
@@ -156,8 +170,12 @@ def _describe(status: dict[str, Any]) -> str:
     waiting = status.get("waiting_servers", {})
     if not lost and not waiting and not status.get("running"):
         lines.append("nothing to repair or move")
+    if status.get("grace_left"):
+        lines.append(f"this leader took over recently: it calls no chunk server dead for "
+                     f"{status['grace_left']:.0f}s more")
     for node, entry in sorted(lost.items()):
-        lines.append(f"{node}: {entry['reason']}, {entry['shards']} shards to rebuild or move")
+        pending = f" (and {entry['pending']} of uploads in progress)" if entry.get("pending") else ""
+        lines.append(f"{node}: {entry['reason']}, {entry['shards']} shards to rebuild or move{pending}")
     for node, left in sorted(waiting.items()):
         lines.append(f"{node}: dead; repair starts in {left:.0f}s unless it returns "
                      f"(repair_after {status.get('repair_after', 0):g}s)")
@@ -169,10 +187,11 @@ def _describe(status: dict[str, Any]) -> str:
         f"queued {status.get('queued', 0)}, running {len(status.get('running', []))} "
         f"(at most {status.get('concurrency', 0)} at once)"
     )
+    for kind, entry in sorted(status.get("blocked", {}).items()):
+        lines.append(f"  {entry['groups']} block groups wait ({kind}): {entry['why']}")
     for e in list(status.get("errors", []))[-5:]:
         lines.append(f"  failed {e['s_ago']:.0f}s ago: block group {e['block_group']} shard "
                      f"{e['index']} ({e['from']}): {e['error']}")
     if not status.get("active", True):
         lines.append("the repair scheduler is not running on this member")
     return "\n".join(lines) + "\n"
-

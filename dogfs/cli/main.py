@@ -23,6 +23,7 @@ from dogfs.cli.output import CLIError
 # Error codes of the client and metadata, mapped to exit statuses.
 EXIT_CODES = {
     "not_found": output.NOT_FOUND,
+    "unknown_chunk_server": output.NOT_FOUND,
     "permission_denied": output.PERMISSION,
     "invalid_path": output.USAGE,
     "invalid_argument": output.USAGE,

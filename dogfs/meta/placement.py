@@ -58,7 +58,8 @@ class NotEnoughChunkServers(Exception):
         super().__init__(message + ".")
 
 
-def _domain_key(server: ChunkServerLoad) -> str:
+def domain_key(server: ChunkServerLoad) -> str:
+    """The failure domain a server counts in: its domain, or itself when it has none."""
     # A server without a domain is its own domain; the prefix keeps it from colliding with a
     # named one.
     return f"domain:{server.domain}" if server.domain is not None else f"node:{server.node_id}"
@@ -106,7 +107,7 @@ def choose_placement(
 
     by_domain: dict[str, list[ChunkServerLoad]] = {}
     for server in usable:
-        by_domain.setdefault(_domain_key(server), []).append(server)
+        by_domain.setdefault(domain_key(server), []).append(server)
     used: dict[str, int] = {key: 0 for key in by_domain}
     chosen: list[str] = []
     for _ in range(width):
@@ -114,7 +115,7 @@ def choose_placement(
         least = min(used[key] for key in open_domains)
         pool = [server for key in open_domains if used[key] == least for server in by_domain[key]]
         pick = _draw(pool, rng)
-        key = _domain_key(pick)
+        key = domain_key(pick)
         by_domain[key].remove(pick)
         used[key] += 1
         chosen.append(pick.node_id)

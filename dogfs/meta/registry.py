@@ -206,6 +206,10 @@ class ChunkServerRegistry:
         since = entry.last_heartbeat if entry.last_heartbeat is not None else self._started_at
         return now - since
 
+    def grace_left(self) -> float:
+        """Seconds before this registry may call a silent server dead (0 once past)."""
+        return max(0.0, self._started_at + max(self.grace_after_start, self.dead_after) - self._now())
+
     def live(self) -> list[ChunkServerLoad]:
         """The alive servers as the placement planner wants them, sorted by node id."""
         now = self._now()

@@ -2,22 +2,27 @@
 """The repair scheduler: the metadata leader rebuilds the shards that dead chunk servers held,
 and moves the shards of draining (or removed) servers elsewhere.
 
-Every ``interval`` seconds the leader plans, from the namespace and its liveness registry:
+Lost servers: a chunk server silent for ``repair_after`` seconds (dead, and past that grace,
+so that a restart or a short outage costs no rebuild) has lost its shards; a draining server
+still holds its shards, but they must go; so must those of a server that is no longer
+registered (``dogfs admin chunk remove --force``).
 
-- a chunk server silent for ``repair_after`` seconds (dead, and past that grace, so that a
-  restart or a short outage costs no rebuild) has lost its shards;
-- a draining server still holds its shards, but they must go; so must those of a server
-  that is no longer registered (``dogfs admin chunk remove --force``).
+Every ``interval`` seconds the leader reads the next slice of the lost servers' shards (at
+most ``plan_batch`` placements, from a cursor that wraps around, so that a tick costs the
+reactor milliseconds however large the namespace) and keeps a task for each shard of a
+committed block group, up to ``MAX_TASKS`` at once. Tasks run most endangered block group first (fewest readable shards
+beyond ``k``), one per group at a time, ``concurrency`` at once over the cluster and at most
+``per_target`` on one chunk server (what a chunk server takes at once). A task picks a live,
+non-draining server that holds no shard of the group, in the failure domain holding fewest of
+the group's readable shards, weighted by free space; sends it ``RebuildShard`` with the
+group's readable shards as sources (it reads ``k`` of them and writes the rebuilt shard,
+`dogfs/chunk/rebuild.py`) on a connection of its own; and only once the shard is durable
+there commits ``MoveShard`` through the log. A group changed meanwhile (deleted, or the shard
+moved) makes the MoveShard stale: the rebuilt copy is then garbage, and collected as such.
 
-Each such shard of a committed block group is a task. The most endangered block groups go
-first (fewest readable shards beyond ``k``), one task per block group at a time, at most
-``concurrency`` at once over the cluster. A task picks a live, non-draining chunk server that
-holds no shard of the group (the placement planner, weighted by free space), sends it
-``RebuildShard`` with the group's readable shards as sources (it reads ``k`` of them and
-writes the rebuilt shard, `dogfs/chunk/rebuild.py`), then commits ``MoveShard`` through the
-log. A group changed meanwhile (deleted, or the shard moved) makes the MoveShard stale: the
-rebuilt copy is then garbage, and collected as such. A failed task is retried after a
-back-off; the last errors are kept for ``dogfs admin repair status``.
+A failed task is retried after ``retry_after`` and listed in the status. A task that cannot
+run yet (fewer than ``k`` readable shards; no server able to take it) is *blocked*, not
+failed: counted in the status, tried again later, and not logged once per group.
 
 All of this is soft state on the leader: a new leader plans from scratch (its registry's grace
 period keeps it from calling anyone dead before it has heard the heartbeats). Time comes from
@@ -27,7 +32,7 @@ an injected clock, randomness from an injected generator.
 from __future__ import annotations
 
 import random
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any
 
@@ -38,7 +43,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from dogfs.meta import commands as c
-from dogfs.meta.placement import NotEnoughChunkServers, choose_placement
+from dogfs.meta.placement import NotEnoughChunkServers, choose_placement, domain_key
 from dogfs.meta.registry import ChunkServerRegistry
 from dogfs.wire import messages as m
 from dogfs.wire.protocol import WireError
@@ -51,8 +56,26 @@ __all__ = ["RepairScheduler", "RepairTask"]
 DEAD, REMOVED, DRAINING = "dead", "removed", "draining"
 _REASON_ORDER = {DEAD: 0, REMOVED: 1, DRAINING: 2}
 
-#: Answers of a chunk server that refused a rebuild over a sound connection.
-_SERVER_REFUSALS = frozenset({"busy", "no_space", "storage_error", "unavailable", "invalid_argument", "permission_denied"})
+#: Why a task waits without having failed.
+UNREADABLE, NO_TARGET = "unreadable", "no_target"
+
+#: Answers of a chunk server that refused a rebuild over a sound connection (which is kept).
+_SERVER_REFUSALS = frozenset({
+    "busy", "no_space", "storage_error", "unavailable", "invalid_argument", "permission_denied",
+})
+
+#: Placements of lost servers read per planning tick, over all of them.
+PLAN_BATCH = 5000
+
+#: Tasks kept at once: planning reads no further while this many wait (bounds the memory and
+#: the sort of every tick; a blocked task is let go, to be found again on a later round).
+MAX_TASKS = 20_000
+
+#: Queued tasks a dispatch pass looks at before it gives up for this turn.
+DISPATCH_LOOK = 1000
+
+#: Rebuilds sent to one chunk server at once (it refuses more: dogfs.chunk.rebuild).
+PER_TARGET = 2
 
 #: Errors kept for the status.
 _ERRORS_KEPT = 20
@@ -60,15 +83,17 @@ _ERRORS_KEPT = 20
 
 @frozen
 class RepairTask:
-    """Shard ``index`` of block group ``bg_id`` must leave ``from_node`` (``reason``).
-    ``margin`` is the group's readable shards minus ``k`` when planned: 0 means one more
-    loss makes it unreadable."""
+    """Shard ``index`` of block group ``bg_id`` (policy ``ec``, placed on ``nodes``) must
+    leave ``from_node`` (``reason``). ``margin`` is the group's readable shards minus ``k``
+    when planned: 0 means one more loss makes it unreadable."""
 
     bg_id: int
     index: int
     from_node: str
     reason: str
     margin: int
+    ec: str = ""
+    nodes: tuple[str, ...] = ()
 
     def key(self) -> tuple[int, int, int, int]:
         """Sort key: most endangered first, then lost before draining, then id order."""
@@ -93,9 +118,11 @@ class _Stats:
 class RepairScheduler:
     """Plans and runs repairs while this member leads; see the module docstring.
 
-    ``dial(address)`` gives a Deferred wire connection to a chunk server (a pool's ``get``);
-    ``propose(command)`` puts a command through the log and fires with its result. Call
-    ``start`` when this member becomes leader and ``stop`` when it no longer is.
+    ``pool`` gives connections to chunk servers (``lease(address)`` and
+    ``give_back(address, connection)``, as `dogfs.wire.pool.ConnectionPool`): each task has
+    one to itself, so a task that fails closes no other's. ``propose(command)`` puts a command
+    through the log and fires with its result. Call ``start`` when this member becomes leader
+    and ``stop`` when it no longer is; ``tick`` is one planning step (tests call it).
     """
 
     def __init__(
@@ -104,36 +131,41 @@ class RepairScheduler:
         state: Any,
         registry: ChunkServerRegistry,
         propose: Callable[[Any], defer.Deferred[Any]],
-        dial: Callable[[str], defer.Deferred[Any]],
+        pool: Any,
         cell_size: int,
         *,
         repair_after: float = 600.0,
         interval: float = 10.0,
         concurrency: int = 4,
+        per_target: int = PER_TARGET,
         task_timeout: float = 600.0,
         retry_after: float = 60.0,
-        scan_limit: int = 100_000,
+        plan_batch: int = PLAN_BATCH,
         rng: random.Random | None = None,
-        drop: Callable[[str], object] = lambda address: None,
+        emit: Callable[..., object] = lambda kind, **fields: None,
     ) -> None:
         self.clock = clock
         self.state = state
         self.registry = registry
         self.propose = propose
-        self.dial = dial
-        self.drop = drop
+        self.pool = pool
+        self.emit = emit
         self.cell_size = cell_size
         self.repair_after = repair_after
         self.interval = interval
         self.concurrency = concurrency
+        self.per_target = per_target
         self.task_timeout = task_timeout
         self.retry_after = retry_after
-        self.scan_limit = scan_limit
+        self.plan_batch = plan_batch
         self.rng = rng or random.Random()
+        self.tasks: dict[tuple[int, int], RepairTask] = {}
         self.running: dict[int, _Running] = {}
-        self.queue: list[RepairTask] = []
+        self.blocked: dict[int, tuple[str, str]] = {}  # bg id -> (kind, why)
         self.stats = _Stats()
         self.planned_at: float | None = None
+        self._order: list[tuple[int, int]] = []
+        self._cursors: dict[str, tuple[int, int] | None] = {}
         self._retry_at: dict[int, float] = {}
         self._loop: LoopingCall | None = None
 
@@ -152,18 +184,22 @@ class RepairScheduler:
         by which a new leader's registry has heard its chunk servers' heartbeats)."""
         if self._loop is not None:
             return
-        self._loop = LoopingCall(self.tick)
-        self._loop.clock = self.clock
-        self._loop.start(self.interval, now=False).addErrback(
-            lambda f: log.failure("the repair scheduler stopped", f)
-        )
+        loop = self._loop = LoopingCall(self.tick)
+        loop.clock = self.clock
+
+        def ended(failure: Any) -> None:  # pragma: no cover - tick catches everything
+            log.failure("the repair scheduler stopped", failure)
+            if self._loop is loop:
+                self._loop = None
+
+        loop.start(self.interval, now=False).addErrback(ended)
 
     def stop(self) -> None:
         """Plan no more; tasks under way finish (their MoveShard fails if we no longer lead)."""
         loop, self._loop = self._loop, None
         if loop is not None and loop.running:
             loop.stop()
-        self.queue = []
+        self.tasks, self._order, self._cursors, self.blocked = {}, [], {}, {}
 
     # --- planning ---
 
@@ -192,72 +228,105 @@ class RepairScheduler:
                 out[record.node_id] = self.repair_after - dead_for
         return out
 
-    def plan(self) -> list[RepairTask]:
-        """Every shard to repair or move now, most endangered first (one pass over the lost
-        servers' shards, at most ``scan_limit`` each)."""
+    def tick(self) -> None:
+        """Plan the next slice and start what the limits allow. Never raises: an error is
+        logged and the next tick tries again."""
+        try:
+            self.plan_slice()
+            self._dispatch()
+        except Exception:
+            log.failure("repair planning failed; trying again in {interval}s", interval=self.interval)
+
+    def plan_slice(self) -> None:
+        """Read up to ``plan_batch`` more placements of the lost servers into ``tasks``."""
+        now = self._now()
+        self.planned_at = now
+        self._retry_at = {bg: t for bg, t in self._retry_at.items() if t > now}
         lost = self.lost_servers()
-        if not lost:
-            return []
+        # A server back alive, or no longer draining: its tasks go (those running finish).
+        for key, task in list(self.tasks.items()):
+            if lost.get(task.from_node) != task.reason:
+                del self.tasks[key]
+        self._cursors = {node: at for node, at in self._cursors.items() if node in lost}
         alive = {load.node_id for load in self.registry.live()}
-        tasks: dict[tuple[int, int], RepairTask] = {}
         widths: dict[str, int] = {}
-        for node, reason in lost.items():
-            # Uploads in progress are left out: their clients write around failures.
-            for index, info in self.state.committed_groups_on(node, limit=self.scan_limit):
-                k = widths.get(info.ec)
+        budget = min(self.plan_batch, MAX_TASKS - len(self.tasks))
+        for node in sorted(lost, key=lambda n: (_REASON_ORDER[lost[n]], n)):
+            if budget <= 0:
+                break
+            page, resume = self.state.placed_on(node, start_after=self._cursors.get(node), limit=budget)
+            budget -= budget if resume is not None else max(1, len(page))
+            self._cursors[node] = resume  # None: start again from the first next time
+            for bg_id, index, ec, nodes in page:
+                k = widths.get(ec)
                 if k is None:
-                    k = widths[info.ec] = c.parse_policy(info.ec)[0]
-                readable = sum(1 for s in info.shards if s.node_id in alive)
-                tasks[(info.id, index)] = RepairTask(info.id, index, node, reason, readable - k)
-        return sorted(tasks.values(), key=RepairTask.key)
+                    k = widths[ec] = c.parse_policy(ec)[0]
+                readable = sum(1 for n in nodes if n in alive)
+                self.tasks[(bg_id, index)] = RepairTask(bg_id, index, node, lost[node], readable - k, ec, tuple(nodes))
+        self._order = sorted(self.tasks, key=lambda key: self.tasks[key].key())
+        blocked = Counter(kind for kind, _ in self.blocked.values())
+        if blocked:
+            log.info("repair: {n} block groups cannot be repaired yet ({kinds})", n=sum(blocked.values()),
+                     kinds=", ".join(f"{count} {kind}" for kind, count in sorted(blocked.items())))
 
     # --- running ---
 
-    def tick(self) -> None:
-        """Plan again and start what the concurrency allows."""
-        self.queue = self.plan()
-        self.planned_at = self._now()
-        self._dispatch()
-
     def _dispatch(self) -> None:
+        if len(self.running) >= self.concurrency or not self._order:
+            return
         now = self._now()
-        waiting: list[RepairTask] = []
-        for task in self.queue:
+        live = self.registry.live()
+        draining = {r.node_id for r in self.state.chunk_servers() if r.draining}
+        busy = Counter(r.to_node for r in self.running.values())
+        looked = 0
+        for key in self._order:
             if len(self.running) >= self.concurrency:
-                waiting.append(task)
+                break
+            task = self.tasks.get(key)
+            if task is None or task.bg_id in self.running or self._retry_at.get(task.bg_id, 0.0) > now:
                 continue
-            if task.bg_id in self.running or self._retry_at.get(task.bg_id, 0.0) > now:
-                waiting.append(task)
-                continue
-            target = self._target(task)
+            looked += 1
+            if looked > DISPATCH_LOOK:
+                break
+            target = self._target(task, live, draining, busy)
             if target is None:
-                waiting.append(task)
                 continue
+            busy[target] += 1
             self.running[task.bg_id] = _Running(task, target, now)
             d = defer.Deferred.fromCoroutine(self._run(task, target))
             d.addErrback(lambda f: log.failure("repair task failed unexpectedly", f))
-        self.queue = waiting
 
-    def _target(self, task: RepairTask) -> str | None:
-        """A live, non-draining server without a shard of the group, or None (noted)."""
-        found = self.state.block_group(task.bg_id)
-        if found is None:
+    def _target(self, task: RepairTask, live: list[Any], draining: set[str], busy: Counter[str]) -> str | None:
+        """A live, non-draining server without a shard of the group and with room for one
+        more rebuild, in the domain holding fewest of the group's readable shards; or None
+        (the task is blocked unless the servers are only busy)."""
+        holders = set(task.nodes)
+        free = [s for s in live if s.node_id not in holders and s.node_id not in draining]
+        candidates = [s for s in free if busy[s.node_id] < self.per_target]
+        if not candidates:
+            if not free:
+                alive_holders = sum(1 for s in live if s.node_id in holders)
+                self._block(task, NO_TARGET, f"every live chunk server that is not draining holds a "
+                            f"shard of the group already ({alive_holders} live ones hold its shards)")
             return None
-        info = found[0]
-        holders = {s.node_id for s in info.shards}
-        draining = {r.node_id for r in self.state.chunk_servers() if r.draining}
+        # Where the group's readable shards stay (not the one leaving a draining server).
+        held = Counter(domain_key(s) for s in live if s.node_id in holders and s.node_id != task.from_node)
+        least = min(held[domain_key(s)] for s in candidates)
+        spread = [s for s in candidates if held[domain_key(s)] == least]
         try:
-            chosen = choose_placement(1, self.registry.live(), self.rng, exclude=holders | draining)
+            return str(choose_placement(1, spread, self.rng)[0])
         except NotEnoughChunkServers:
-            self._failed(
-                task, f"no live chunk server without a shard of the group is free to take "
-                f"shard {task.index} ({len(holders)} of them hold its shards)"
-            )
+            self._block(task, NO_TARGET, "every chunk server that could take the shard is full")
             return None
-        return str(chosen[0])
+
+    def _block(self, task: RepairTask, kind: str, why: str) -> None:
+        self.blocked[task.bg_id] = (kind, why)
+        self._retry_at[task.bg_id] = self._now() + self.retry_after
+        self.tasks.pop((task.bg_id, task.index), None)  # found again by a later round
 
     async def _run(self, task: RepairTask, target: str) -> None:
         started = self._now()
+        key = (task.bg_id, task.index)
         try:
             message = self._request(task)
             addresses = {r.node_id: r.address for r in self.state.chunk_servers()}
@@ -265,23 +334,41 @@ class RepairScheduler:
             if message is None or address is None:
                 return
             try:
-                connection = await self.dial(address)
+                connection = await self.pool.lease(address)
+            except Exception as e:
+                self._failed(task, f"{target} is unreachable: {e}")
+                return
+            try:
                 reply = await connection.call(message, timeout=self.task_timeout)
             except Exception as e:
+                sound = isinstance(e, WireError) and e.code in _SERVER_REFUSALS
+                if sound:
+                    self.pool.give_back(address, connection)
+                else:
+                    connection.close()  # only this task's: the others keep theirs
+                if isinstance(e, WireError) and e.code == "busy":
+                    # Its rebuild slots are taken (by another leader's tasks, say): next tick.
+                    self._retry_at[task.bg_id] = self._now() + self.interval
+                    return
                 self._failed(task, f"{target} could not rebuild it: {e}")
-                if not isinstance(e, WireError) or e.code not in _SERVER_REFUSALS:
-                    self.drop(address)  # the connection may be the trouble: dial afresh
                 return
+            self.pool.give_back(address, connection)
             result = await self.propose(c.MoveShard(task.bg_id, task.index, task.from_node, target))
             if isinstance(result, c.MetaError):
                 if result.code in (c.ErrorCode.STALE_ALLOCATION, c.ErrorCode.NOT_FOUND):
                     # Deleted or changed meanwhile: the copy on the target is garbage now.
                     self.stats.stale += 1
+                    self.tasks.pop(key, None)
                     return
                 self._failed(task, f"the metadata refused the move: {result.message}")
                 return
             self.stats.rebuilt += 1
-            self._retry_at.pop(task.bg_id, None)
+            self.tasks.pop(key, None)
+            self.blocked.pop(task.bg_id, None)
+            self.emit(
+                "repair", level="info", node=task.from_node,
+                message=f"shard {message.shard_id} of {task.from_node} ({task.reason}) rebuilt on {target}",
+            )
             log.info(
                 "repaired shard {shard} ({reason} on {old}): rebuilt on {new} with {size} bytes "
                 "in {seconds:.1f}s", shard=message.shard_id, reason=task.reason, old=task.from_node,
@@ -292,30 +379,28 @@ class RepairScheduler:
         finally:
             self.running.pop(task.bg_id, None)
             # On a later turn: this may run inside _dispatch (a task that ended at once).
-            self.clock.callLater(0, self._next)
-
-    def _next(self) -> None:
-        self._dispatch()  # the queue is empty once stopped
+            self.clock.callLater(0, self._dispatch)
 
     def _request(self, task: RepairTask) -> m.RebuildShard | None:
-        """The RebuildShard for ``task`` from the group as it is now, or None (noted) when
-        it changed or too few of its shards are readable."""
+        """The RebuildShard for ``task`` from the group as it is now, or None when it changed
+        (the task is dropped) or too few of its shards are readable (blocked)."""
         found = self.state.block_group(task.bg_id)
         if found is None or not found[1]:
+            self.tasks.pop((task.bg_id, task.index), None)
             return None
         info = found[0]
         if task.index >= len(info.shards) or info.shards[task.index].node_id != task.from_node:
+            self.tasks.pop((task.bg_id, task.index), None)
             return None
         k = c.parse_policy(info.ec)[0]
         alive = {load.node_id for load in self.registry.live()}
         draining = {r.node_id for r in self.state.chunk_servers() if r.draining}
         readable = [s for s in info.shards if s.index != task.index and s.node_id in alive]
         if len(readable) < k:
-            self._failed(
-                task, f"only {len(readable)} of its shards are readable, {k} are needed: it "
-                "waits for chunk servers to return"
-            )
+            self._block(task, UNREADABLE, f"only {len(readable)} of its shards are readable, {k} are "
+                        "needed: it waits for chunk servers to return")
             return None
+        self.blocked.pop(task.bg_id, None)
         # Data shards of servers staying in the cluster first: the target reads k of them.
         readable.sort(key=lambda s: (s.node_id in draining, s.index >= k, s.index))
         return m.RebuildShard(
@@ -330,6 +415,10 @@ class RepairScheduler:
             "block_group": f"{task.bg_id:016x}", "index": task.index, "from": task.from_node,
             "error": why, "at": self._now(),
         })
+        self.emit(
+            "repair", level="warn", node=task.from_node,
+            message=f"repair of shard {c.shard_id(task.bg_id, task.index)} of {task.from_node} failed: {why}",
+        )
         log.warn("repair of shard {shard} ({reason} on {node}) failed: {why}",
                  shard=c.shard_id(task.bg_id, task.index), reason=task.reason, node=task.from_node, why=why)
 
@@ -338,17 +427,23 @@ class RepairScheduler:
     def status(self) -> dict[str, Any]:
         """What ``dogfs admin repair status`` shows."""
         now = self._now()
-        lost = self.lost_servers()
-        remaining: dict[str, int] = {}
-        for node in lost:
-            remaining[node] = len(self.state.shards_on(node, limit=self.scan_limit))
+        lost = {}
+        for node, reason in self.lost_servers().items():
+            committed, pending = self.state.count_on(node)
+            lost[node] = {"reason": reason, "shards": committed, "pending": pending}
+        blocked = Counter(kind for kind, _ in self.blocked.values())
+        examples: dict[str, str] = {}
+        for kind, why in self.blocked.values():
+            examples.setdefault(kind, why)
         return {
             "active": self.active,
             "repair_after": self.repair_after,
             "concurrency": self.concurrency,
-            "lost_servers": {node: {"reason": reason, "shards": remaining[node]} for node, reason in lost.items()},
+            "grace_left": round(self.registry.grace_left(), 1),
+            "lost_servers": lost,
             "waiting_servers": {node: round(left, 1) for node, left in self.waiting().items()},
-            "queued": len(self.queue),
+            "queued": max(0, len(self.tasks) - len(self.running)),
+            "blocked": {kind: {"groups": n, "why": examples[kind]} for kind, n in sorted(blocked.items())},
             "planned_s_ago": None if self.planned_at is None else round(now - self.planned_at, 1),
             "running": [
                 {

@@ -268,7 +268,7 @@ class MetaHandlers:
             return c.RenewAllocations(command.block_groups, now)
         if isinstance(command, c.RemoveChunkServer) and self.registry.is_alive(command.node_id):
             raise WireError(
-                "invalid_argument",
+                "failed_precondition",
                 f"chunk server {command.node_id} is running: stop it first (its next heartbeat "
                 "would register it again)",
             )
@@ -394,11 +394,21 @@ class MetaHandlers:
         self.authorize(request, "node")
         _check_heartbeat(msg)
         self._require_leader()
+        record = next((r for r in self.state.chunk_servers() if r.node_id == msg.node_id), None)
+        if record is None and self.state.shards_on(msg.node_id, limit=1):
+            # Removed with --force while block groups still placed shards on it: those are
+            # being rebuilt elsewhere. Registered again, it would be trusted with shards a
+            # fresh disk under the same id does not hold.
+            raise WireError(
+                "permission_denied",
+                f"chunk server {msg.node_id} was removed while block groups still placed shards "
+                "on it; they are being rebuilt elsewhere: start it under another id, or once "
+                "`dogfs admin repair status` lists no shards left on it",
+            )
         self.registry.heartbeat(
             msg.node_id, msg.address, msg.capacity_bytes, msg.used_bytes, msg.shards,
             dict(msg.load), msg.domain or None,
         )
-        record = next((r for r in self.state.chunk_servers() if r.node_id == msg.node_id), None)
         if (
             record is None or record.address != msg.address or (record.domain or "") != (msg.domain or "")
         ) and msg.node_id not in self.registering:
@@ -509,10 +519,10 @@ class MetaService(MultiService):
             lambda node, old, new: self.handlers.emit("chunk_state", node=node, old=old, new=new)  # type: ignore[union-attr]
         )
         self.repair = RepairScheduler(
-            self.reactor, self.state, self.registry, self.log.propose, self._chunk_pool.get,
+            self.reactor, self.state, self.registry, self.log.propose, self._chunk_pool,
             self.config.cell_size, repair_after=self.config.repair_after,
             interval=self.config.repair_interval, concurrency=self.config.repair_concurrency,
-            drop=self._chunk_pool.drop,
+            emit=self.handlers.emit,
         )
         self.handlers.repair = self.repair
         if self.log.is_leader:

@@ -1053,33 +1053,64 @@ class NamespaceState:
                     break
         return out
 
-    def committed_groups_on(
-        self, node_id: str, *, limit: int | None = None
-    ) -> builtins.list[tuple[int, BlockGroupInfo]]:
-        """(shard index, block group) for each committed block group with a shard on
-        C{node_id}, in id order, from one read transaction: what repair plans from."""
-        out: builtins.list[tuple[int, BlockGroupInfo]] = []
+    def placed_on(
+        self, node_id: str, *, start_after: tuple[int, int] | None = None, limit: int = 1000
+    ) -> tuple[builtins.list[tuple[int, int, str, builtins.list[str]]], tuple[int, int] | None]:
+        """A page of the committed block groups with a shard on C{node_id}, raw and cheap
+        (no addresses): C{(bg_id, index, ec, nodes)} each, and where the next page starts
+        (None at the end). At most C{limit} shards are looked at, committed or not: what
+        the repair planner reads a slice of per tick, from one read transaction."""
+        out: builtins.list[tuple[int, int, str, builtins.list[str]]] = []
         node_key = _id_key(node_id)
         if node_key is None:
-            return out
+            return out, None
         prefix = node_key + b"\x00"
+        start = prefix if start_after is None else _node_key(node_id, *start_after) + b"\x00"
+        looked = 0
+        last: tuple[int, int] | None = None
         with self._read() as txn:
-            ctx = _Ctx(txn, self._dbs)
-            cursor = txn.cursor(db=ctx.nodeshards)
-            if not cursor.set_range(prefix):
-                return out
+            bgroups = self._dbs[b"bgroups"]
+            cursor = txn.cursor(db=self._dbs[b"nodeshards"])
+            if not cursor.set_range(start):
+                return out, None
             for raw_key in cursor.iternext(keys=True, values=False):
                 key = bytes(raw_key)
                 if not key.startswith(prefix) or len(key) != len(prefix) + 9:
-                    break
-                bg_id = _from_u64(key[-9:-1])
-                rec = ctx.bgroup(bg_id)
-                if rec is None or not rec[0]:
+                    return out, None
+                if looked >= limit:
+                    return out, last
+                looked += 1
+                bg_id, index = _from_u64(key[-9:-1]), key[-1]
+                last = (bg_id, index)
+                raw = txn.get(key[-9:-1], db=bgroups)
+                if raw is None:
                     continue
-                out.append((key[-1], ctx.bg_info(bg_id, rec)))
-                if limit is not None and len(out) >= limit:
-                    break
-        return out
+                committed, ec, _size, _at, nodes = _unpack(raw)
+                if committed:
+                    out.append((bg_id, index, ec, nodes))
+        return out, None
+
+    def count_on(self, node_id: str) -> tuple[int, int]:
+        """(committed, pending) shards placed on C{node_id}: pending ones are of uploads in
+        progress, which their clients write around failures (few, normally)."""
+        node_key = _id_key(node_id)
+        if node_key is None:
+            return 0, 0
+        prefix = node_key + b"\x00"
+        total = pending = 0
+        with self._read() as txn:
+            cursor = txn.cursor(db=self._dbs[b"nodeshards"])
+            if cursor.set_range(prefix):
+                for raw_key in cursor.iternext(keys=True, values=False):
+                    if not bytes(raw_key).startswith(prefix):
+                        break
+                    total += 1
+            bgroups = self._dbs[b"bgroups"]
+            for raw_key in txn.cursor(db=self._dbs[b"pending"]).iternext(keys=True, values=False):
+                raw = txn.get(bytes(raw_key), db=bgroups)
+                if raw is not None and node_id in _unpack(raw)[4]:
+                    pending += 1
+        return total - pending, pending
 
     def placed_nodes(self) -> builtins.list[str]:
         """Every node id some block group places a shard on, registered or not, sorted: one

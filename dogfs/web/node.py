@@ -95,7 +95,8 @@ class MetaNodeSource:
         Known kinds: C{commit} (C{path}, C{size}), C{read} (C{path}, C{size}),
         C{write_refused} (C{path}, C{reason}), C{election} or C{leader} (C{node}, C{term}),
         C{chunk_state} (C{node}, C{old}, C{new}: as L{chunk_listener}), C{meta_state}
-        (C{node}, C{state}). Others are logged with their fields.
+        (C{node}, C{state}), C{repair} (C{message}, C{level}, C{node}; folded as refusals
+        are). Others are logged with their fields.
         """
         size = int(fields.get("size") or 0)
         if kind == "commit":
@@ -133,6 +134,17 @@ class MetaNodeSource:
             self.chunk_listener(
                 str(fields.get("node")), str(fields.get("old")), str(fields.get("new"))
             )
+            return
+        if kind == "repair":
+            # A dead server's shards are rebuilt by the thousand: at most one line a second.
+            level = str(fields.get("level") or "info")
+            folded = self._fold(kind, level)
+            if folded is None:
+                return
+            message = str(fields.get("message") or "repair")
+            if folded:
+                message += f" (and {folded} more)"
+            self.event(kind, message, level=level, node=fields.get("node"))
             return
         if kind == "meta_state":
             node, state = fields.get("node"), fields.get("state")
