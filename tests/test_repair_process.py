@@ -40,18 +40,28 @@ class RepairProcessTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.cluster = Cluster()
         self.addCleanup(self.cluster.destroy)
-        self.cluster.create()
+
+    def start(self, metas: int) -> None:
+        self.cluster.create(metas)
         self.cluster.run("cluster", "down")
-        config = os.path.join(self.cluster.home, "nodes", "meta-1", "meta.toml")
-        with open(config) as f:
-            text = f.read()
         settings = (f"chunk_dead_after = {DEAD_AFTER}\nrepair_after = {REPAIR_AFTER}\n"
                     "repair_interval = 0.5\n")
-        with open(config, "w") as f:
-            f.write(text.replace("[meta]\n", "[meta]\n" + settings, 1))
+        for i in range(1, metas + 1):
+            config = os.path.join(self.cluster.home, "nodes", f"meta-{i}", "meta.toml")
+            with open(config) as f:
+                text = f.read()
+            with open(config, "w") as f:
+                f.write(text.replace("[meta]\n", "[meta]\n" + settings, 1))
         self.cluster.up()
         self.local = self.cluster.local("data", 7 * (1 << 20) + 4321, 11)  # 3 block groups
         self.cluster.run("put", "--ec", "RS-3-2", self.local, "/f")
+
+    def meta_leader(self) -> str:
+        return until(
+            lambda: next((n for n, v in self.cluster.nodes().items()
+                          if v.get("kind") == "meta" and v.get("role") == "leader"), None),
+            30, "a metadata leader",
+        )
 
     def holders(self) -> dict[str, int]:
         """Chunk server -> how many shards of /f the namespace places on it."""
@@ -68,12 +78,17 @@ class RepairProcessTests(SynchronousTestCase):
         os.unlink(out)
 
     def test_dead_server_shards_rebuilt_elsewhere(self) -> None:
-        """kill -9 of a chunk server: once it has been dead for repair_after, its shards are
-        rebuilt on the server that held none of their group, the status says so, and the file
-        then survives two more servers killed, which it would not have before."""
+        """kill -9 of a chunk server, then of the metadata leader (3 members): once the server
+        has been dead for repair_after, the new leader rebuilds its shards on the server that
+        held none of their group, the status says so, and the file then survives two more
+        servers killed, which it would not have before."""
+        self.start(metas=3)
         before = self.holders()
         victim = max(sorted(before), key=lambda n: before[n])
         self.cluster.run("cluster", "kill", victim)
+        old_leader = self.meta_leader()
+        self.cluster.run("cluster", "kill", old_leader)
+        until(lambda: self.meta_leader() != old_leader, 30, "a new metadata leader")
         after = until(
             lambda: (h := self.holders()) and victim not in h and h,
             90, f"the shards of {victim} rebuilt elsewhere",
@@ -94,6 +109,7 @@ class RepairProcessTests(SynchronousTestCase):
     def test_drain_then_remove(self) -> None:
         """drain --wait moves every shard off a running server while the file stays readable;
         remove refuses it while it runs and forgets it once stopped."""
+        self.start(metas=1)
         before = self.holders()
         node = max(sorted(before), key=lambda n: before[n])
         result = self.cluster.json("admin", "chunk", "drain", node, "--wait")
