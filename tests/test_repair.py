@@ -260,6 +260,7 @@ class RepairSchedulerTests(StateTestCase):
         status = self.scheduler.status()
         self.assertEqual((status["failed"], status["blocked"]["no_target"]["groups"]), (0, 1))
         self.assertIn("holds a shard of the group already (4 live ones", status["blocked"]["no_target"]["why"])
+        self.assertEqual(status["lost_servers"]["chunk-4"]["blocked"], 1)
 
     def test_draining_server_moves_its_shards(self) -> None:
         """A draining server's shards move at once (it need not die): to a server that is not
@@ -278,6 +279,20 @@ class RepairSchedulerTests(StateTestCase):
         self.assertEqual(self.plan(), [])
         self.ok(RemoveChunkServer("chunk-0"))
 
+    def test_undrained_server_leaves_nothing_blocked(self) -> None:
+        """A drain that cannot move a shard (every other server holds one of its group) shows
+        it blocked for that server; once the drain is undone, nothing is left of it."""
+        self.upload("/w", [100], ec="RS-3-3")  # chunk-0..5: all of them
+        self.ok(DrainChunkServer("chunk-2"))
+        self.live_for(3, SERVERS[:6])
+        self.scheduler.tick()
+        self.assertEqual(self.calls, [])
+        self.assertEqual(self.scheduler.status()["lost_servers"]["chunk-2"]["blocked"], 1)
+        self.ok(DrainChunkServer("chunk-2", False))
+        self.scheduler.tick()
+        status = self.scheduler.status()
+        self.assertEqual((status["lost_servers"], status["blocked"]), ({}, {}))
+
     def test_removed_server_shards_are_rebuilt(self) -> None:
         """A server removed with force (its shards still placed on it) is repaired at once."""
         self.upload("/a", [100])
@@ -285,7 +300,7 @@ class RepairSchedulerTests(StateTestCase):
         self.live_for(3, ("chunk-0", "chunk-2", "chunk-3", "chunk-4", "chunk-5"))
         [t] = self.plan()
         self.assertEqual((t.from_node, t.reason), ("chunk-1", REMOVED))
-        self.assertEqual(self.scheduler.status()["lost_servers"], {"chunk-1": {"reason": REMOVED, "shards": 1, "pending": 0}})
+        self.assertEqual(self.scheduler.status()["lost_servers"], {"chunk-1": {"reason": REMOVED, "shards": 1, "pending": 0, "blocked": 0}})
 
     def test_uncommitted_uploads_are_left_to_their_client(self) -> None:
         """Shards of an upload not committed yet are not repaired (its client writes around
@@ -403,7 +418,7 @@ class RepairSchedulerTests(StateTestCase):
         self.ok(DrainChunkServer("chunk-0"))
         self.live_for(3, SERVERS[:6])
         self.assertEqual(self.scheduler.status()["lost_servers"]["chunk-0"],
-                         {"reason": DRAINING, "shards": 1, "pending": 1})
+                         {"reason": DRAINING, "shards": 1, "pending": 1, "blocked": 0})
 
     def test_ids(self) -> None:
         """The rebuilt shard keeps its id: the id names the block group and index."""
@@ -537,8 +552,10 @@ class RepairStatusTextTests(StateTestCase):
                          "reason": "dead", "margin": 0, "seconds": 1.2}],
             "errors": [{"block_group": "00000000000000a2", "index": 0, "from": "chunk-2",
                         "error": "only 1 of its shards are readable", "s_ago": 5.0}],
+            "blocked": {"no_target": {"groups": 1, "why": "all taken"}},
         })
         self.assertIn("chunk-2: dead, 9 shards to rebuild or move", text)
+        self.assertIn("1 block group wait (no_target): all taken", text)
         self.assertIn("chunk-5: dead; repair starts in 42s unless it returns (repair_after 600s)", text)
         self.assertIn("block group 00000000000000a1 shard 2: chunk-2 -> chunk-6", text)
         self.assertIn("rebuilt 3, failed 1, queued 7, running 1 (at most 4 at once)", text)

@@ -112,6 +112,14 @@ class RepairProcessTests(SynchronousTestCase):
         self.start(metas=1)
         before = self.holders()
         node = max(sorted(before), key=lambda n: before[n])
+        # RS-4-2 on six servers: its shard on the draining one has nowhere to go, and
+        # waiting for it would never end: drain --wait says so once only that shard is left.
+        self.cluster.run("put", "--ec", "RS-4-2", self.cluster.local("wide", 1000, 12), "/wide")
+        stuck = self.cluster.run("admin", "chunk", "drain", node, "--wait", check=False)
+        self.assertEqual(stuck.returncode, 1, stuck.stderr)
+        self.assertIn(f"{node} cannot be drained now: none of the 1 shard left can move", stuck.stderr)
+        self.assertIn("holds a shard of the group already", stuck.stderr)
+        self.cluster.run("rm", "/wide")
         result = self.cluster.json("admin", "chunk", "drain", node, "--wait")
         self.assertEqual(result, {"node": node, "draining": True, "shards_left": 0})
         after = self.holders()

@@ -95,7 +95,7 @@ def cmd_drain(args: argparse.Namespace) -> int:
     elif not draining:
         print(f"{args.node} is no longer draining")
     elif result["shards_left"]:
-        print(f"{args.node} is draining: {result['shards_left']} shards to move; "
+        print(f"{args.node} is draining: {_n(result['shards_left'], 'shard')} to move; "
               "`dogfs admin repair status` follows the moves")
     else:
         print(f"{args.node} is drained: it holds no shard the namespace uses; stop it, then "
@@ -114,14 +114,16 @@ def _left(status: dict[str, Any], node: str) -> int:
 
 async def _wait_drained(client: Any, node: str, left: int, quiet: bool) -> int:
     """Poll the repair status until ``node`` holds no shard; show the count as it falls,
-    and each new failure of a move off it (a drain that cannot progress says why)."""
+    and each new failure of a move off it. Stop with an error when every shard left is
+    blocked (no server may take it, or too few of its group are readable): waiting would
+    not end."""
     from twisted.internet import reactor, task
 
     shown = None
     told: set[tuple[str, int, float]] = set()
     while left:
         if not quiet and left != shown:
-            print(f"{node}: {left} shards to move", file=sys.stderr, flush=True)
+            print(f"{node}: {_n(left, 'shard')} to move", file=sys.stderr, flush=True)
             shown = left
         await task.deferLater(reactor, WAIT_POLL, lambda: None)
         status = await client.repair_status()
@@ -133,6 +135,14 @@ async def _wait_drained(client: Any, node: str, left: int, quiet: bool) -> int:
                 if not quiet:
                     print(f"{node}: moving shard {e['index']} of block group {e['block_group']} "
                           f"failed (retried later): {e['error']}", file=sys.stderr, flush=True)
+        entry = status.get("lost_servers", {}).get(node) or {}
+        if left and entry.get("blocked", 0) >= left:
+            reasons = "; ".join(f"{kind}: {b['why']}" for kind, b in sorted(status.get("blocked", {}).items()))
+            raise output.CLIError(
+                f"{node} cannot be drained now: none of the {_n(left, 'shard')} left can move ({reasons}). "
+                f"It stays draining; add chunk servers, or `dogfs admin chunk drain {node} --undo`",
+                output.FAILED,
+            )
     return left
 
 
@@ -164,6 +174,10 @@ def cmd_repair_status(args: argparse.Namespace) -> int:
     return output.OK
 
 
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def _describe(status: dict[str, Any]) -> str:
     lines = []
     lost = status.get("lost_servers", {})
@@ -175,7 +189,7 @@ def _describe(status: dict[str, Any]) -> str:
                      f"{status['grace_left']:.0f}s more")
     for node, entry in sorted(lost.items()):
         pending = f" (and {entry['pending']} of uploads in progress)" if entry.get("pending") else ""
-        lines.append(f"{node}: {entry['reason']}, {entry['shards']} shards to rebuild or move{pending}")
+        lines.append(f"{node}: {entry['reason']}, {_n(entry['shards'], 'shard')} to rebuild or move{pending}")
     for node, left in sorted(waiting.items()):
         lines.append(f"{node}: dead; repair starts in {left:.0f}s unless it returns "
                      f"(repair_after {status.get('repair_after', 0):g}s)")
@@ -188,7 +202,7 @@ def _describe(status: dict[str, Any]) -> str:
         f"(at most {status.get('concurrency', 0)} at once)"
     )
     for kind, entry in sorted(status.get("blocked", {}).items()):
-        lines.append(f"  {entry['groups']} block groups wait ({kind}): {entry['why']}")
+        lines.append(f"  {_n(entry['groups'], 'block group')} wait ({kind}): {entry['why']}")
     for e in list(status.get("errors", []))[-5:]:
         lines.append(f"  failed {e['s_ago']:.0f}s ago: block group {e['block_group']} shard "
                      f"{e['index']} ({e['from']}): {e['error']}")

@@ -161,7 +161,7 @@ class RepairScheduler:
         self.rng = rng or random.Random()
         self.tasks: dict[tuple[int, int], RepairTask] = {}
         self.running: dict[int, _Running] = {}
-        self.blocked: dict[int, tuple[str, str]] = {}  # bg id -> (kind, why)
+        self.blocked: dict[int, tuple[str, str, str]] = {}  # bg id -> (kind, why, from node)
         self.stats = _Stats()
         self.planned_at: float | None = None
         self._order: list[tuple[int, int]] = []
@@ -247,6 +247,7 @@ class RepairScheduler:
         for key, task in list(self.tasks.items()):
             if lost.get(task.from_node) != task.reason:
                 del self.tasks[key]
+        self.blocked = {bg: b for bg, b in self.blocked.items() if b[2] in lost}
         self._cursors = {node: at for node, at in self._cursors.items() if node in lost}
         alive = {load.node_id for load in self.registry.live()}
         widths: dict[str, int] = {}
@@ -264,7 +265,7 @@ class RepairScheduler:
                 readable = sum(1 for n in nodes if n in alive)
                 self.tasks[(bg_id, index)] = RepairTask(bg_id, index, node, lost[node], readable - k, ec, tuple(nodes))
         self._order = sorted(self.tasks, key=lambda key: self.tasks[key].key())
-        blocked = Counter(kind for kind, _ in self.blocked.values())
+        blocked = Counter(kind for kind, _, _ in self.blocked.values())
         if blocked:
             log.info("repair: {n} block groups cannot be repaired yet ({kinds})", n=sum(blocked.values()),
                      kinds=", ".join(f"{count} {kind}" for kind, count in sorted(blocked.items())))
@@ -291,6 +292,7 @@ class RepairScheduler:
             target = self._target(task, live, draining, busy)
             if target is None:
                 continue
+            self.blocked.pop(task.bg_id, None)
             busy[target] += 1
             self.running[task.bg_id] = _Running(task, target, now)
             d = defer.Deferred.fromCoroutine(self._run(task, target))
@@ -320,7 +322,7 @@ class RepairScheduler:
             return None
 
     def _block(self, task: RepairTask, kind: str, why: str) -> None:
-        self.blocked[task.bg_id] = (kind, why)
+        self.blocked[task.bg_id] = (kind, why, task.from_node)
         self._retry_at[task.bg_id] = self._now() + self.retry_after
         self.tasks.pop((task.bg_id, task.index), None)  # found again by a later round
 
@@ -358,7 +360,7 @@ class RepairScheduler:
                 if result.code in (c.ErrorCode.STALE_ALLOCATION, c.ErrorCode.NOT_FOUND):
                     # Deleted or changed meanwhile: the copy on the target is garbage now.
                     self.stats.stale += 1
-                    self.tasks.pop(key, None)
+                    self._gone(task)
                     return
                 self._failed(task, f"the metadata refused the move: {result.message}")
                 return
@@ -386,11 +388,11 @@ class RepairScheduler:
         (the task is dropped) or too few of its shards are readable (blocked)."""
         found = self.state.block_group(task.bg_id)
         if found is None or not found[1]:
-            self.tasks.pop((task.bg_id, task.index), None)
+            self._gone(task)
             return None
         info = found[0]
         if task.index >= len(info.shards) or info.shards[task.index].node_id != task.from_node:
-            self.tasks.pop((task.bg_id, task.index), None)
+            self._gone(task)
             return None
         k = c.parse_policy(info.ec)[0]
         alive = {load.node_id for load in self.registry.live()}
@@ -407,6 +409,11 @@ class RepairScheduler:
             c.shard_id(task.bg_id, task.index), info.ec, task.index, info.size, self.cell_size,
             tuple((s.index, s.shard_id, s.address) for s in readable),
         )
+
+    def _gone(self, task: RepairTask) -> None:
+        """The group was deleted, or the shard moved, since the task was planned."""
+        self.tasks.pop((task.bg_id, task.index), None)
+        self.blocked.pop(task.bg_id, None)
 
     def _failed(self, task: RepairTask, why: str) -> None:
         self.stats.failed += 1
@@ -428,12 +435,13 @@ class RepairScheduler:
         """What ``dogfs admin repair status`` shows."""
         now = self._now()
         lost = {}
+        stuck = Counter(node for _, _, node in self.blocked.values())
         for node, reason in self.lost_servers().items():
             committed, pending = self.state.count_on(node)
-            lost[node] = {"reason": reason, "shards": committed, "pending": pending}
-        blocked = Counter(kind for kind, _ in self.blocked.values())
+            lost[node] = {"reason": reason, "shards": committed, "pending": pending, "blocked": stuck[node]}
+        blocked = Counter(kind for kind, _, _ in self.blocked.values())
         examples: dict[str, str] = {}
-        for kind, why in self.blocked.values():
+        for kind, why, _ in self.blocked.values():
             examples.setdefault(kind, why)
         return {
             "active": self.active,
