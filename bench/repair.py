@@ -1,0 +1,115 @@
+"""How fast DogFS rebuilds a dead chunk server's shards (roadmap phase 4, repair).
+
+    .venv/bin/python bench/repair.py [--size-mib 512] [--block-mib 8] [--chunks 7] [--ec RS-4-2] [--insecure]
+
+Starts a real cluster (`dogfs cluster up --detach`, 1 metadata node, TLS unless --insecure)
+whose metadata node calls a silent chunk server dead after 2 s and repairs after 1 s more,
+puts a SIZE file, kills (SIGKILL) the chunk server holding most of its shards, and times
+from the first rebuild the leader starts to the last MoveShard, polling `dogfs admin repair
+status`. Prints the shard bytes rebuilt per second, and the time from the kill (which
+includes the dead-after and repair-after waits, set short here; 10 s and 600 s by default).
+Then reads the file back and checks its SHA-256.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import MiB, dogfs, make_file  # noqa: E402
+
+
+def holders(home: str, path: str) -> dict[str, int]:
+    """Chunk server -> shards of ``path`` placed on it."""
+    out: dict[str, int] = {}
+    for group in json.loads(dogfs(home, "--json", "stat", path))["block_groups"]:
+        for shard in group["shards"]:
+            out[shard["chunk_server"]] = out.get(shard["chunk_server"], 0) + 1
+    return out
+
+
+def sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(MiB), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mib", type=int, default=512)
+    parser.add_argument("--chunks", type=int, default=7)
+    parser.add_argument("--ec", default="RS-4-2")
+    parser.add_argument("--block-mib", type=int, default=8, help="shard bytes per block group")
+    parser.add_argument("--insecure", action="store_true")
+    args = parser.parse_args()
+    base = tempfile.mkdtemp(prefix="dogfs-repairbench-")
+    home = os.path.join(base, "home")
+    try:
+        up = ["cluster", "up", "--detach", "--meta", "1", "--chunk", str(args.chunks),
+              "--block-size", str(args.block_mib * MiB)]
+        dogfs(home, *up, *(["--insecure"] if args.insecure else []))
+        dogfs(home, "cluster", "down")
+        config = os.path.join(home, "nodes", "meta-1", "meta.toml")
+        with open(config) as f:
+            text = f.read()
+        with open(config, "w") as f:
+            f.write(text.replace("[meta]\n", "[meta]\nchunk_dead_after = 2.0\nrepair_after = 1.0\nrepair_interval = 0.5\n", 1))
+        dogfs(home, "cluster", "up", "--detach")
+        local = os.path.join(base, "data")
+        make_file(local, args.size_mib * MiB, 7)
+        dogfs(home, "put", "--ec", args.ec, local, "/f")
+        before = holders(home, "/f")
+        victim = max(sorted(before), key=lambda n: before[n])
+        groups = json.loads(dogfs(home, "--json", "stat", "/f"))["block_groups"]
+        k = int(args.ec.split("-")[1])
+        shard_bytes = sum(-(-g["size"] // k) for g in groups) / len(groups)  # a shard, on average
+        killed = time.monotonic()
+        dogfs(home, "cluster", "kill", victim)
+        first = None
+        while True:
+            status = json.loads(dogfs(home, "--json", "admin", "repair", "status"))
+            if first is None and (status["running"] or status["rebuilt"]):
+                first = time.monotonic()
+            if first is not None and not status["lost_servers"] and not status["running"]:
+                break
+            if time.monotonic() - killed > 600:
+                raise SystemExit(f"repair did not finish within 600 s: {status}")
+            time.sleep(0.1)
+        done = time.monotonic()
+        assert first is not None
+        after = holders(home, "/f")
+        rebuilt = status["rebuilt"]
+        print(f"killed {victim}, which held {before[victim]} of {sum(before.values())} shards of a "
+              f"{args.size_mib} MiB {args.ec} file ({'plaintext' if args.insecure else 'TLS'}, "
+              f"{args.chunks} chunk servers)")
+        print(f"rebuilt {rebuilt} shards (about {rebuilt * shard_bytes / MiB:.0f} MiB) in "
+              f"{done - first:.1f} s: {rebuilt * shard_bytes / MiB / max(done - first, 1e-9):.0f} MiB/s "
+              f"of shards; {done - killed:.1f} s from the kill (2 s dead-after + 1 s repair-after "
+              f"here); failed {status['failed']}")
+        assert victim not in after and sum(after.values()) == sum(before.values()), after
+        out = os.path.join(base, "back")
+        dogfs(home, "get", "/f", out)
+        print("read back:", "SHA-256 matches" if sha256(out) == sha256(local) else "DIFFERS")
+    finally:
+        subprocess_down(home)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def subprocess_down(home: str) -> None:
+    try:
+        dogfs(home, "cluster", "down")
+    except SystemExit:
+        pass
+
+
+if __name__ == "__main__":
+    main()
