@@ -20,8 +20,10 @@ from dogfs.meta.commands import (
     Delete,
     DrainChunkServer,
     ErrorCode,
+    ExpireAllocations,
     MetaError,
     Ok,
+    RegisterChunkServer,
     RemoveChunkServer,
     shard_id,
 )
@@ -71,7 +73,7 @@ class _Pool:
         self.given_back.append(connection)
 
 
-class RepairSchedulerTests(StateTestCase):
+class _SchedulerCase(StateTestCase):
     def setUp(self) -> None:
         super().setUp()
         self.clock = task.Clock()
@@ -119,6 +121,11 @@ class RepairSchedulerTests(StateTestCase):
     def answer(self, call: tuple[str, Any, defer.Deferred[Reply]], size: int = 100) -> None:
         _, msg, d = call
         d.callback(Reply(m.ShardStored(msg.shard_id, size), b""))
+
+
+
+class RepairSchedulerTests(_SchedulerCase):
+    """Planning, dispatch, failures and status."""
 
     def test_waits_for_repair_after_then_rebuilds_and_moves(self) -> None:
         """A server silent past chunk_dead_after is dead, but its shards are rebuilt only once
@@ -246,8 +253,8 @@ class RepairSchedulerTests(StateTestCase):
         self.assertEqual(self.calls, [])
         status = self.scheduler.status()
         self.assertEqual(status["failed"], 0)
-        self.assertEqual(status["blocked"]["unreadable"]["groups"], 1)
-        self.assertIn("only 1 of its shards are readable, 2 are needed", status["blocked"]["unreadable"]["why"])
+        self.assertEqual(status["blocked"]["unreadable"]["shards"], 2)  # both lost shards
+        self.assertIn("only 1 of its other shards are readable, 2 are needed", status["blocked"]["unreadable"]["why"])
 
     def test_no_server_to_rebuild_onto(self) -> None:
         """Every live server already holds a shard of the group: nothing is sent; noted."""
@@ -258,7 +265,7 @@ class RepairSchedulerTests(StateTestCase):
         self.scheduler.tick()
         self.assertEqual(self.calls, [])
         status = self.scheduler.status()
-        self.assertEqual((status["failed"], status["blocked"]["no_target"]["groups"]), (0, 1))
+        self.assertEqual((status["failed"], status["blocked"]["no_target"]["shards"]), (0, 1))
         self.assertIn("holds a shard of the group already (4 live ones", status["blocked"]["no_target"]["why"])
         self.assertEqual(status["lost_servers"]["chunk-4"]["blocked"], 1)
 
@@ -494,6 +501,19 @@ class RepairHandlerTests(StateTestCase):
         h.heartbeat("chunk-9")
         self.assertIn("chunk-9", [r.node_id for r in h.state.chunk_servers()])
 
+    def test_remove_refused_while_a_new_leader_has_not_heard(self) -> None:
+        """A leader that took over has not heard from anyone yet: it cannot tell a running
+        server from a stopped one, so removal waits (not_ready, with how long)."""
+        h = self.harness()
+        fresh = ChunkServerRegistry(h.clock, 10.0)
+        fresh.known_all(h.state.chunk_servers())
+        h.handlers.registry = fresh
+        error = self.failureResultOf(h.command(RemoveChunkServer("chunk-3")), WireError).value
+        self.assertEqual(error.code, "not_ready")
+        self.assertIn("took over 10s too recently", error.message)
+        h.clock.advance(10.5)
+        self.assertEqual(h.result(RemoveChunkServer("chunk-3")), Ok())
+
     def test_repair_status_query(self) -> None:
         """`repair_status` answers with the scheduler's status; it needs the admin role."""
         h = self.harness()
@@ -552,11 +572,202 @@ class RepairStatusTextTests(StateTestCase):
                          "reason": "dead", "margin": 0, "seconds": 1.2}],
             "errors": [{"block_group": "00000000000000a2", "index": 0, "from": "chunk-2",
                         "error": "only 1 of its shards are readable", "s_ago": 5.0}],
-            "blocked": {"no_target": {"groups": 1, "why": "all taken"}},
+            "blocked": {"no_target": {"shards": 1, "why": "all taken"}},
         })
         self.assertIn("chunk-2: dead, 9 shards to rebuild or move", text)
-        self.assertIn("1 block group wait (no_target): all taken", text)
+        self.assertIn("1 shard wait (no_target): all taken", text)
         self.assertIn("chunk-5: dead; repair starts in 42s unless it returns (repair_after 600s)", text)
         self.assertIn("block group 00000000000000a1 shard 2: chunk-2 -> chunk-6", text)
         self.assertIn("rebuilt 3, failed 1, queued 7, running 1 (at most 4 at once)", text)
         self.assertIn("only 1 of its shards are readable", text)
+
+
+class RepairRegressionTests(_SchedulerCase):
+    """Cases a review found wrong, each with what must happen instead."""
+
+    def wait_drained(self, node: str, polls: int, between: Any = None) -> str:
+        """Run `drain --wait`'s loop (dogfs/cli/admin_chunk.py) against this scheduler's
+        status on the simulated clock: each poll lets one second pass (``between`` makes the
+        live servers heartbeat through it). "done", "stopped: ..." or "still waiting"."""
+        from dogfs.cli import admin_chunk, output
+
+        test, seen = self, []
+
+        class Client:
+            async def repair_status(self) -> dict[str, Any]:
+                seen.append(1)
+                if len(seen) > polls:
+                    raise RuntimeError("still waiting")
+                return test.scheduler.status()
+
+        def tick_second() -> None:
+            if between is not None:
+                between()
+            else:
+                self.clock.advance(1)
+
+        left, pending = admin_chunk._left(self.scheduler.status(), node)
+        d = defer.Deferred.fromCoroutine(
+            admin_chunk._wait_drained(Client(), node, left, pending, True, clock=self.clock)
+        )
+        for _ in range(polls + 1):
+            if d.called:
+                break
+            tick_second()
+        if not d.called:
+            return "still waiting"
+        if isinstance(d.result, Failure):
+            failure = self.failureResultOf(d)
+            if failure.check(output.CLIError):
+                return "stopped: " + str(failure.value)
+            return "still waiting"
+        self.successResultOf(d)
+        return "done"
+
+    def test_blocked_counted_per_shard(self) -> None:
+        """A group with shards on a dead and on a draining server, neither movable: both are
+        counted blocked, and drain --wait of the draining one stops, saying why."""
+        self.upload("/w", [100], ec="RS-3-3")  # chunk-0..5: every server
+        self.ok(DrainChunkServer("chunk-2"))
+        alive = ("chunk-0", "chunk-1", "chunk-2", "chunk-3", "chunk-4")  # chunk-5 dies
+        self.live_for(DEAD_AFTER + REPAIR_AFTER + 2, alive)
+        self.scheduler.start()
+        self.live_for(3 * INTERVAL, alive)
+        status = self.scheduler.status()
+        self.assertEqual(self.calls, [])
+        self.assertEqual(status["lost_servers"]["chunk-2"]["blocked"], 1)
+        self.assertEqual(status["lost_servers"]["chunk-5"]["blocked"], 1)
+        outcome = self.wait_drained("chunk-2", polls=60, between=lambda: self.live_for(1, alive))
+        self.assertTrue(outcome.startswith("stopped: chunk-2 cannot be drained now"), outcome)
+        self.scheduler.stop()
+
+    def test_deleted_blocked_group_is_forgotten(self) -> None:
+        """A blocked group deleted meanwhile stops counting once a round over its server has
+        not found it: drain --wait then waits for the move under way and ends done."""
+        self.upload("/stuck", [100], ec="RS-3-3")  # chunk-0..5: nowhere to move chunk-0's
+        self.place("/movable", ("chunk-0", "chunk-1", "chunk-2", "chunk-3"))
+        self.ok(Delete("/movable"))
+        alloc = self.ok(Allocate("/movable", "RS-2-1", ("chunk-0", "chunk-1", "chunk-2"), 1.0))
+        self.ok(CommitFile("/movable", 100, ((alloc.bg_id, 100),), 1.0))
+        self.ok(DrainChunkServer("chunk-0"))
+        self.live_for(3, SERVERS[:6])
+        self.scheduler.tick()
+        self.assertEqual(len(self.calls), 1)
+        self.assertEqual(self.scheduler.status()["lost_servers"]["chunk-0"]["blocked"], 1)
+        self.ok(Delete("/stuck"))
+        self.live_for(INTERVAL, SERVERS[:6])
+        self.scheduler.tick()  # a whole round over chunk-0 without it
+        self.assertEqual(self.scheduler.status()["lost_servers"]["chunk-0"]["blocked"], 0)
+
+        def between() -> None:
+            self.live_for(1, SERVERS[:6])
+            if len(self.calls) == 1 and not self.calls[0][2].called:
+                self.answer(self.calls[0])
+
+        self.assertEqual(self.wait_drained("chunk-0", polls=10, between=between), "done")
+
+    def test_second_shard_of_a_group_not_sent_where_the_first_went(self) -> None:
+        """Two lost shards of one group: the second's target is chosen from the group as it
+        is once the first has moved, never the server the first went to."""
+        for seed in range(12):
+            self.setUp()
+            self.scheduler.rng = random.Random(seed)
+            self.scheduler.concurrency = 1
+            self.place("/one", SERVERS[:4])
+            alive = ("chunk-0", "chunk-1", "chunk-4", "chunk-5")
+            self.live_for(DEAD_AFTER + REPAIR_AFTER + 2, alive)
+            self.scheduler.tick()
+            self.answer(self.calls[0])
+            self.clock.advance(0)
+            self.assertNotEqual(self.calls[1][0], self.calls[0][0], f"seed {seed}")
+            self.answer(self.calls[1])
+            self.assertEqual((self.scheduler.stats.rebuilt, self.scheduler.stats.failed), (2, 0))
+
+    def test_no_lost_server_starved(self) -> None:
+        """Each tick starts with the next lost server: unreadable placements of the others
+        cannot take every tick's budget from a server whose shard can move."""
+        self.scheduler.plan_batch = 3
+        self.upload("/u", [100, 100])  # chunk-0..2, twice: unreadable once 1 and 2 die
+        alloc = self.ok(Allocate("/ok", "RS-2-1", ("chunk-3", "chunk-4", "chunk-5"), 1.0))
+        self.ok(CommitFile("/ok", 100, ((alloc.bg_id, 100),), 1.0))
+        alive = ("chunk-0", "chunk-4", "chunk-5")  # chunk-1, 2, 3 dead
+        self.live_for(DEAD_AFTER + REPAIR_AFTER + 2, alive)
+        self.scheduler.start()
+        self.live_for(4 * INTERVAL, alive)
+        self.assertEqual([(c[0], c[1].index) for c in self.calls], [(self.addresses["chunk-0"], 0)])
+        self.scheduler.stop()
+
+    def test_unreadable_groups_cost_one_pass(self) -> None:
+        """Unreadable groups are blocked without entering `running`: one dispatch pass, no
+        storm of passes on later reactor turns."""
+        for i in range(300):
+            alloc = self.ok(Allocate(f"/f{i}", "RS-2-1", ("chunk-0", "chunk-1", "chunk-2"), 1.0))
+            self.ok(CommitFile(f"/f{i}", 1, ((alloc.bg_id, 1),), 1.0))
+        alive = ("chunk-0", "chunk-3", "chunk-4", "chunk-5")
+        self.live_for(DEAD_AFTER + REPAIR_AFTER + 2, alive)
+        passes: list[int] = []
+        real = self.scheduler._dispatch
+        self.scheduler._dispatch = lambda: (passes.append(1), real())[1]  # type: ignore[method-assign]
+        self.scheduler.tick()
+        self.clock.advance(0)
+        self.assertEqual((len(passes), self.calls, len(self.scheduler.blocked)), (1, [], 600))
+
+    def test_unregistered_live_server_not_a_target(self) -> None:
+        """A server heartbeating before its registration is applied is no target: nothing is
+        sent, and no dispatch loop spins."""
+        self.upload("/a", [100])
+        self.addresses["chunk-6"] = "127.0.0.1:9006"
+        alive = ("chunk-0", "chunk-2", "chunk-6")
+        self.live_for(DEAD_AFTER + REPAIR_AFTER + 2, alive)
+        self.scheduler.tick()
+        self.clock.advance(0)
+        self.assertEqual(self.calls, [])
+        self.assertEqual(self.scheduler.status()["blocked"]["no_target"]["shards"], 1)
+
+    def test_full_domain_does_not_block_others(self) -> None:
+        """When the domain holding fewest of the group's shards is full, another with room
+        takes the shard."""
+        racks = {"chunk-0": "a", "chunk-1": "b", "chunk-2": "c", "chunk-3": "d", "chunk-4": "c", "chunk-5": "a"}
+        self.upload("/a", [100])
+        self.ok(DrainChunkServer("chunk-1"))
+        for _ in range(4):
+            for node, rack in racks.items():
+                used = 10**12 if node == "chunk-3" else 0
+                self.registry.heartbeat(node, self.addresses[node], 10**12, used, 0, {}, rack)
+            self.clock.advance(1)
+        self.scheduler.tick()
+        self.assertIn(self.calls[0][0], [self.addresses["chunk-4"], self.addresses["chunk-5"]])
+
+    def test_new_server_unblocks_at_once(self) -> None:
+        """drain --wait says "add chunk servers": once one is added, what was blocked is
+        tried at the next tick, and the drain finishes."""
+        self.upload("/w", [100], ec="RS-3-3")
+        self.ok(DrainChunkServer("chunk-2"))
+        self.live_for(3, SERVERS[:6])
+        self.scheduler.start()
+        self.live_for(INTERVAL, SERVERS[:6])
+        self.assertEqual(self.scheduler.status()["lost_servers"]["chunk-2"]["blocked"], 1)
+        self.ok(RegisterChunkServer("chunk-6", "127.0.0.1:9006"))
+        self.addresses["chunk-6"] = "127.0.0.1:9006"
+
+        def between() -> None:
+            self.live_for(1, SERVERS[:7])
+            for call in self.calls:
+                if not call[2].called:
+                    self.answer(call)
+
+        self.assertEqual(self.wait_drained("chunk-2", polls=3 * int(INTERVAL), between=between), "done")
+        self.assertEqual([c[0] for c in self.calls], ["127.0.0.1:9006"])
+        self.scheduler.stop()
+
+    def test_drain_waits_for_uploads_in_progress(self) -> None:
+        """drain --wait ends only once no shard of an upload in progress is on the server
+        either (remove would refuse it)."""
+        self.ok(Allocate("/p", "RS-2-1", SERVERS[:3], 1.0))
+        self.ok(DrainChunkServer("chunk-0"))
+        self.live_for(3, SERVERS[:6])
+        self.assertEqual(self.wait_drained("chunk-0", polls=5, between=lambda: self.live_for(1, SERVERS[:6])),
+                         "still waiting")
+        self.ok(ExpireAllocations(1e9))
+        self.assertEqual(self.wait_drained("chunk-0", polls=5, between=lambda: self.live_for(1, SERVERS[:6])),
+                         "done")

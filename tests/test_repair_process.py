@@ -121,7 +121,7 @@ class RepairProcessTests(SynchronousTestCase):
         self.assertIn("holds a shard of the group already", stuck.stderr)
         self.cluster.run("rm", "/wide")
         result = self.cluster.json("admin", "chunk", "drain", node, "--wait")
-        self.assertEqual(result, {"node": node, "draining": True, "shards_left": 0})
+        self.assertEqual(result, {"node": node, "draining": True, "shards_left": 0, "pending": 0})
         after = self.holders()
         self.assertNotIn(node, after)
         self.assertEqual(sum(after.values()), sum(before.values()))

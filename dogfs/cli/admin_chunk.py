@@ -84,18 +84,19 @@ def cmd_drain(args: argparse.Namespace) -> int:
 
     async def body(client: Any) -> dict[str, Any]:
         await client.drain(args.node, draining)
-        left = await _shards_left(client, args.node)
+        left, pending = _left(await client.repair_status(), args.node)
         if args.wait and draining:
-            left = await _wait_drained(client, args.node, left, args.json)
-        return {"node": args.node, "draining": draining, "shards_left": left}
+            left, pending = await _wait_drained(client, args.node, left, pending, args.json)
+        return {"node": args.node, "draining": draining, "shards_left": left, "pending": pending}
 
     result = run_client(args, body)
     if args.json:
         output.print_json(result)
     elif not draining:
         print(f"{args.node} is no longer draining")
-    elif result["shards_left"]:
-        print(f"{args.node} is draining: {_n(result['shards_left'], 'shard')} to move; "
+    elif result["shards_left"] or result["pending"]:
+        pending = f" (and {_n(result['pending'], 'shard')} of uploads in progress)" if result["pending"] else ""
+        print(f"{args.node} is draining: {_n(result['shards_left'], 'shard')} to move{pending}; "
               "`dogfs admin repair status` follows the moves")
     else:
         print(f"{args.node} is drained: it holds no shard the namespace uses; stop it, then "
@@ -103,31 +104,34 @@ def cmd_drain(args: argparse.Namespace) -> int:
     return output.OK
 
 
-async def _shards_left(client: Any, node: str) -> int:
-    return _left(await client.repair_status(), node)
+def _left(status: dict[str, Any], node: str) -> tuple[int, int]:
+    """(committed, pending) shards still placed on ``node``."""
+    entry = status.get("lost_servers", {}).get(node) or {}
+    return int(entry.get("shards", 0)), int(entry.get("pending", 0))
 
 
-def _left(status: dict[str, Any], node: str) -> int:
-    entry = status.get("lost_servers", {}).get(node)
-    return int(entry["shards"]) if entry else 0
+async def _wait_drained(
+    client: Any, node: str, left: int, pending: int, quiet: bool, clock: Any = None
+) -> tuple[int, int]:
+    """Poll the repair status until ``node`` holds no shard, committed or of an upload in
+    progress; show the count as it falls, and each new failure of a move off it. Stop with an
+    error once every committed shard left has been blocked (no server may take it, or too few
+    of its group are readable) for three planning intervals: waiting would not end."""
+    from twisted.internet import task
 
-
-async def _wait_drained(client: Any, node: str, left: int, quiet: bool) -> int:
-    """Poll the repair status until ``node`` holds no shard; show the count as it falls,
-    and each new failure of a move off it. Stop with an error when every shard left is
-    blocked (no server may take it, or too few of its group are readable): waiting would
-    not end."""
-    from twisted.internet import reactor, task
-
+    if clock is None:
+        from twisted.internet import reactor as clock
     shown = None
     told: set[tuple[str, int, float]] = set()
-    while left:
-        if not quiet and left != shown:
-            print(f"{node}: {_n(left, 'shard')} to move", file=sys.stderr, flush=True)
-            shown = left
-        await task.deferLater(reactor, WAIT_POLL, lambda: None)
+    stuck_since: float | None = None
+    while left or pending:
+        if not quiet and (left, pending) != shown:
+            extra = f", and {_n(pending, 'shard')} of uploads in progress" if pending else ""
+            print(f"{node}: {_n(left, 'shard')} to move{extra}", file=sys.stderr, flush=True)
+            shown = (left, pending)
+        await task.deferLater(clock, WAIT_POLL, lambda: None)
         status = await client.repair_status()
-        left = _left(status, node)
+        left, pending = _left(status, node)
         for e in status.get("errors", []):
             key = (e["block_group"], e["index"], e["at"])
             if e.get("from") == node and key not in told:
@@ -136,14 +140,19 @@ async def _wait_drained(client: Any, node: str, left: int, quiet: bool) -> int:
                     print(f"{node}: moving shard {e['index']} of block group {e['block_group']} "
                           f"failed (retried later): {e['error']}", file=sys.stderr, flush=True)
         entry = status.get("lost_servers", {}).get(node) or {}
-        if left and entry.get("blocked", 0) >= left:
+        if not (left and entry.get("blocked", 0) >= left):
+            stuck_since = None
+            continue
+        now = clock.seconds()
+        stuck_since = now if stuck_since is None else stuck_since
+        if now - stuck_since >= 3 * float(status.get("interval", 10.0)):
             reasons = "; ".join(f"{kind}: {b['why']}" for kind, b in sorted(status.get("blocked", {}).items()))
             raise output.CLIError(
                 f"{node} cannot be drained now: none of the {_n(left, 'shard')} left can move ({reasons}). "
                 f"It stays draining; add chunk servers, or `dogfs admin chunk drain {node} --undo`",
                 output.FAILED,
             )
-    return left
+    return left, pending
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
@@ -202,7 +211,7 @@ def _describe(status: dict[str, Any]) -> str:
         f"(at most {status.get('concurrency', 0)} at once)"
     )
     for kind, entry in sorted(status.get("blocked", {}).items()):
-        lines.append(f"  {_n(entry['groups'], 'block group')} wait ({kind}): {entry['why']}")
+        lines.append(f"  {_n(entry['shards'], 'shard')} wait ({kind}): {entry['why']}")
     for e in list(status.get("errors", []))[-5:]:
         lines.append(f"  failed {e['s_ago']:.0f}s ago: block group {e['block_group']} shard "
                      f"{e['index']} ({e['from']}): {e['error']}")

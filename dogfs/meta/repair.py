@@ -36,6 +36,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any
 
+import attrs
 from attrs import define, field, frozen
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
@@ -43,7 +44,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from dogfs.meta import commands as c
-from dogfs.meta.placement import NotEnoughChunkServers, choose_placement, domain_key
+from dogfs.meta.placement import choose_placement, domain_key
 from dogfs.meta.registry import ChunkServerRegistry
 from dogfs.wire import messages as m
 from dogfs.wire.protocol import WireError
@@ -107,6 +108,14 @@ class _Running:
     started: float
 
 
+@frozen
+class _Blocked:
+    kind: str
+    why: str
+    node: str
+    at: float
+
+
 @define
 class _Stats:
     rebuilt: int = 0
@@ -161,13 +170,18 @@ class RepairScheduler:
         self.rng = rng or random.Random()
         self.tasks: dict[tuple[int, int], RepairTask] = {}
         self.running: dict[int, _Running] = {}
-        self.blocked: dict[int, tuple[str, str, str]] = {}  # bg id -> (kind, why, from node)
+        self.blocked: dict[tuple[int, int], _Blocked] = {}
         self.stats = _Stats()
         self.planned_at: float | None = None
         self._order: list[tuple[int, int]] = []
         self._cursors: dict[str, tuple[int, int] | None] = {}
-        self._retry_at: dict[int, float] = {}
+        self._retry_at: dict[tuple[int, int], float] = {}
         self._loop: LoopingCall | None = None
+        self._rounds: dict[str, float] = {}  # lost server -> when its current round began
+        self._usable: frozenset[str] = frozenset()
+        self._draining: set[str] = set()
+        self._turn = 0
+        self._dispatch_pending = False
 
     def _now(self) -> float:
         return float(self.clock.seconds())  # type: ignore[misc] # zope method without self
@@ -199,7 +213,7 @@ class RepairScheduler:
         loop, self._loop = self._loop, None
         if loop is not None and loop.running:
             loop.stop()
-        self.tasks, self._order, self._cursors, self.blocked = {}, [], {}, {}
+        self.tasks, self._order, self._cursors, self.blocked, self._rounds = {}, [], {}, {}, {}
 
     # --- planning ---
 
@@ -241,100 +255,174 @@ class RepairScheduler:
         """Read up to ``plan_batch`` more placements of the lost servers into ``tasks``."""
         now = self._now()
         self.planned_at = now
-        self._retry_at = {bg: t for bg, t in self._retry_at.items() if t > now}
+        self._retry_at = {key: t for key, t in self._retry_at.items() if t > now}
         lost = self.lost_servers()
         # A server back alive, or no longer draining: its tasks go (those running finish).
         for key, task in list(self.tasks.items()):
             if lost.get(task.from_node) != task.reason:
                 del self.tasks[key]
-        self.blocked = {bg: b for bg, b in self.blocked.items() if b[2] in lost}
+        self.blocked = {key: b for key, b in self.blocked.items() if b.node in lost}
         self._cursors = {node: at for node, at in self._cursors.items() if node in lost}
+        # A server newly able to take shards or serve them (back, registered, undrained):
+        # whatever waited for one may go now.
+        self._draining = {r.node_id for r in self.state.chunk_servers() if r.draining}
+        usable = frozenset(
+            load.node_id for load in self.registry.live() if load.node_id not in self._draining
+        )
+        if usable - self._usable:
+            for key in list(self.blocked):
+                self._retry_at.pop(key, None)
+            self.blocked.clear()
+        self._usable = usable
         alive = {load.node_id for load in self.registry.live()}
         widths: dict[str, int] = {}
         budget = min(self.plan_batch, MAX_TASKS - len(self.tasks))
-        for node in sorted(lost, key=lambda n: (_REASON_ORDER[lost[n]], n)):
+        # Each tick starts with the next lost server: none can be starved by those before it.
+        order = sorted(lost, key=lambda n: (_REASON_ORDER[lost[n]], n))
+        self._turn = (self._turn + 1) % max(1, len(order))
+        for node in order[self._turn:] + order[: self._turn]:
             if budget <= 0:
                 break
-            page, resume = self.state.placed_on(node, start_after=self._cursors.get(node), limit=budget)
-            budget -= budget if resume is not None else max(1, len(page))
+            start = self._cursors.get(node)
+            if start is None:
+                self._rounds[node] = now
+            page, resume, looked = self.state.placed_on(node, start_after=start, limit=budget)
+            budget -= max(1, looked)
             self._cursors[node] = resume  # None: start again from the first next time
             for bg_id, index, ec, nodes in page:
+                seen = self.blocked.get((bg_id, index))
+                if seen is not None:  # still there: kept past the end of this round
+                    self.blocked[(bg_id, index)] = attrs.evolve(seen, at=now)
+                if self._retry_at.get((bg_id, index), 0.0) > now:
+                    continue  # failed or blocked lately: a later round brings it back
                 k = widths.get(ec)
                 if k is None:
                     k = widths[ec] = c.parse_policy(ec)[0]
                 readable = sum(1 for n in nodes if n in alive)
                 self.tasks[(bg_id, index)] = RepairTask(bg_id, index, node, lost[node], readable - k, ec, tuple(nodes))
+            if resume is None:
+                # A whole round read: a blocked shard it did not find is gone (deleted).
+                began = self._rounds.get(node, now)
+                self.blocked = {
+                    key: b for key, b in self.blocked.items() if b.node != node or b.at >= began
+                }
         self._order = sorted(self.tasks, key=lambda key: self.tasks[key].key())
-        blocked = Counter(kind for kind, _, _ in self.blocked.values())
+        blocked = Counter(b.kind for b in self.blocked.values())
         if blocked:
-            log.info("repair: {n} block groups cannot be repaired yet ({kinds})", n=sum(blocked.values()),
+            log.info("repair: {n} shards cannot be repaired yet ({kinds})", n=sum(blocked.values()),
                      kinds=", ".join(f"{count} {kind}" for kind, count in sorted(blocked.items())))
 
     # --- running ---
+
+    def _dispatch_soon(self) -> None:
+        """Dispatch on a later reactor turn, once however many tasks end in this one."""
+        if not self._dispatch_pending:
+            self._dispatch_pending = True
+            self.clock.callLater(0, self._dispatch_later)
+
+    def _dispatch_later(self) -> None:
+        self._dispatch_pending = False
+        try:
+            self._dispatch()
+        except Exception:
+            log.failure("repair dispatch failed; the next tick tries again")
 
     def _dispatch(self) -> None:
         if len(self.running) >= self.concurrency or not self._order:
             return
         now = self._now()
-        live = self.registry.live()
-        draining = {r.node_id for r in self.state.chunk_servers() if r.draining}
+        servers = {r.node_id: r for r in self.state.chunk_servers()}
+        self._draining = {node for node, r in servers.items() if r.draining}
+        # Only registered servers: one whose registration is still in flight has no address.
+        live = [load for load in self.registry.live() if load.node_id in servers]
         busy = Counter(r.to_node for r in self.running.values())
         looked = 0
         for key in self._order:
             if len(self.running) >= self.concurrency:
                 break
             task = self.tasks.get(key)
-            if task is None or task.bg_id in self.running or self._retry_at.get(task.bg_id, 0.0) > now:
+            if task is None or task.bg_id in self.running or self._retry_at.get(key, 0.0) > now:
                 continue
             looked += 1
             if looked > DISPATCH_LOOK:
                 break
-            target = self._target(task, live, draining, busy)
+            # The group as it is now (a shard of it may have moved since it was planned).
+            prepared = self._request(task, live, servers)
+            if prepared is None:
+                continue
+            message, holders = prepared
+            target = self._target(task, holders, live, busy)
             if target is None:
                 continue
-            self.blocked.pop(task.bg_id, None)
+            self.blocked.pop(key, None)
             busy[target] += 1
             self.running[task.bg_id] = _Running(task, target, now)
-            d = defer.Deferred.fromCoroutine(self._run(task, target))
+            d = defer.Deferred.fromCoroutine(self._run(task, target, message, servers[target].address))
             d.addErrback(lambda f: log.failure("repair task failed unexpectedly", f))
 
-    def _target(self, task: RepairTask, live: list[Any], draining: set[str], busy: Counter[str]) -> str | None:
-        """A live, non-draining server without a shard of the group and with room for one
-        more rebuild, in the domain holding fewest of the group's readable shards; or None
-        (the task is blocked unless the servers are only busy)."""
-        holders = set(task.nodes)
-        free = [s for s in live if s.node_id not in holders and s.node_id not in draining]
-        candidates = [s for s in free if busy[s.node_id] < self.per_target]
-        if not candidates:
-            if not free:
-                alive_holders = sum(1 for s in live if s.node_id in holders)
-                self._block(task, NO_TARGET, f"every live chunk server that is not draining holds a "
-                            f"shard of the group already ({alive_holders} live ones hold its shards)")
+    def _request(
+        self, task: RepairTask, live: list[Any], servers: dict[str, Any]
+    ) -> tuple[m.RebuildShard, set[str]] | None:
+        """The RebuildShard for ``task`` from the group as it is now, and the servers holding
+        its shards; or None when it changed (the task is dropped) or too few of its shards
+        are readable (blocked)."""
+        found = self.state.block_group(task.bg_id)
+        if found is None or not found[1]:
+            self._gone(task)
             return None
+        info = found[0]
+        if task.index >= len(info.shards) or info.shards[task.index].node_id != task.from_node:
+            self._gone(task)
+            return None
+        k = c.parse_policy(info.ec)[0]
+        alive = {load.node_id for load in live}
+        readable = [s for s in info.shards if s.index != task.index and s.node_id in alive]
+        if len(readable) < k:
+            self._block(task, UNREADABLE, f"only {len(readable)} of its other shards are readable, "
+                        f"{k} are needed: it waits for chunk servers to return")
+            return None
+        # Data shards of servers staying in the cluster first: the target reads k of them.
+        readable.sort(key=lambda s: (s.node_id in self._draining, s.index >= k, s.index))
+        message = m.RebuildShard(
+            c.shard_id(task.bg_id, task.index), info.ec, task.index, info.size, self.cell_size,
+            tuple((s.index, s.shard_id, servers[s.node_id].address if s.node_id in servers else s.address)
+                  for s in readable),
+        )
+        return message, {s.node_id for s in info.shards}
+
+    def _target(self, task: RepairTask, holders: set[str], live: list[Any], busy: Counter[str]) -> str | None:
+        """A live, registered, non-draining server without a shard of the group, with free
+        space and room for one more rebuild, in the domain holding fewest of the group's
+        remaining shards; or None (the task is blocked unless the servers are only busy)."""
+        free = [s for s in live if s.node_id not in holders and s.node_id not in self._draining]
+        if not free:
+            alive_holders = sum(1 for s in live if s.node_id in holders)
+            self._block(task, NO_TARGET, f"every live chunk server that is not draining holds a "
+                        f"shard of the group already ({alive_holders} live ones hold its shards)")
+            return None
+        roomy = [s for s in free if not s.is_full]
+        if not roomy:
+            self._block(task, NO_TARGET, "every chunk server that could take the shard is full")
+            return None
+        candidates = [s for s in roomy if busy[s.node_id] < self.per_target]
+        if not candidates:
+            return None  # only busy: the next task that ends frees a slot
         # Where the group's readable shards stay (not the one leaving a draining server).
         held = Counter(domain_key(s) for s in live if s.node_id in holders and s.node_id != task.from_node)
         least = min(held[domain_key(s)] for s in candidates)
         spread = [s for s in candidates if held[domain_key(s)] == least]
-        try:
-            return str(choose_placement(1, spread, self.rng)[0])
-        except NotEnoughChunkServers:
-            self._block(task, NO_TARGET, "every chunk server that could take the shard is full")
-            return None
+        return str(choose_placement(1, spread, self.rng)[0])
 
     def _block(self, task: RepairTask, kind: str, why: str) -> None:
-        self.blocked[task.bg_id] = (kind, why, task.from_node)
-        self._retry_at[task.bg_id] = self._now() + self.retry_after
-        self.tasks.pop((task.bg_id, task.index), None)  # found again by a later round
+        key = (task.bg_id, task.index)
+        self.blocked[key] = _Blocked(kind, why, task.from_node, self._now())
+        self._retry_at[key] = self._now() + self.retry_after
+        self.tasks.pop(key, None)  # found again by a later round
 
-    async def _run(self, task: RepairTask, target: str) -> None:
+    async def _run(self, task: RepairTask, target: str, message: m.RebuildShard, address: str) -> None:
         started = self._now()
         key = (task.bg_id, task.index)
         try:
-            message = self._request(task)
-            addresses = {r.node_id: r.address for r in self.state.chunk_servers()}
-            address = addresses.get(target)
-            if message is None or address is None:
-                return
             try:
                 connection = await self.pool.lease(address)
             except Exception as e:
@@ -350,7 +438,7 @@ class RepairScheduler:
                     connection.close()  # only this task's: the others keep theirs
                 if isinstance(e, WireError) and e.code == "busy":
                     # Its rebuild slots are taken (by another leader's tasks, say): next tick.
-                    self._retry_at[task.bg_id] = self._now() + self.interval
+                    self._retry_at[key] = self._now() + self.interval
                     return
                 self._failed(task, f"{target} could not rebuild it: {e}")
                 return
@@ -366,7 +454,6 @@ class RepairScheduler:
                 return
             self.stats.rebuilt += 1
             self.tasks.pop(key, None)
-            self.blocked.pop(task.bg_id, None)
             self.emit(
                 "repair", level="info", node=task.from_node,
                 message=f"shard {message.shard_id} of {task.from_node} ({task.reason}) rebuilt on {target}",
@@ -380,44 +467,19 @@ class RepairScheduler:
             self._failed(task, str(e))
         finally:
             self.running.pop(task.bg_id, None)
-            # On a later turn: this may run inside _dispatch (a task that ended at once).
-            self.clock.callLater(0, self._dispatch)
-
-    def _request(self, task: RepairTask) -> m.RebuildShard | None:
-        """The RebuildShard for ``task`` from the group as it is now, or None when it changed
-        (the task is dropped) or too few of its shards are readable (blocked)."""
-        found = self.state.block_group(task.bg_id)
-        if found is None or not found[1]:
-            self._gone(task)
-            return None
-        info = found[0]
-        if task.index >= len(info.shards) or info.shards[task.index].node_id != task.from_node:
-            self._gone(task)
-            return None
-        k = c.parse_policy(info.ec)[0]
-        alive = {load.node_id for load in self.registry.live()}
-        draining = {r.node_id for r in self.state.chunk_servers() if r.draining}
-        readable = [s for s in info.shards if s.index != task.index and s.node_id in alive]
-        if len(readable) < k:
-            self._block(task, UNREADABLE, f"only {len(readable)} of its shards are readable, {k} are "
-                        "needed: it waits for chunk servers to return")
-            return None
-        self.blocked.pop(task.bg_id, None)
-        # Data shards of servers staying in the cluster first: the target reads k of them.
-        readable.sort(key=lambda s: (s.node_id in draining, s.index >= k, s.index))
-        return m.RebuildShard(
-            c.shard_id(task.bg_id, task.index), info.ec, task.index, info.size, self.cell_size,
-            tuple((s.index, s.shard_id, s.address) for s in readable),
-        )
+            self._dispatch_soon()
 
     def _gone(self, task: RepairTask) -> None:
         """The group was deleted, or the shard moved, since the task was planned."""
-        self.tasks.pop((task.bg_id, task.index), None)
-        self.blocked.pop(task.bg_id, None)
+        key = (task.bg_id, task.index)
+        self.tasks.pop(key, None)
+        self.blocked.pop(key, None)
 
     def _failed(self, task: RepairTask, why: str) -> None:
         self.stats.failed += 1
-        self._retry_at[task.bg_id] = self._now() + self.retry_after
+        key = (task.bg_id, task.index)
+        self._retry_at[key] = self._now() + self.retry_after
+        self.tasks.pop(key, None)  # found again by a later round
         self.stats.errors.append({
             "block_group": f"{task.bg_id:016x}", "index": task.index, "from": task.from_node,
             "error": why, "at": self._now(),
@@ -435,14 +497,14 @@ class RepairScheduler:
         """What ``dogfs admin repair status`` shows."""
         now = self._now()
         lost = {}
-        stuck = Counter(node for _, _, node in self.blocked.values())
+        stuck = Counter(b.node for b in self.blocked.values())
         for node, reason in self.lost_servers().items():
             committed, pending = self.state.count_on(node)
             lost[node] = {"reason": reason, "shards": committed, "pending": pending, "blocked": stuck[node]}
-        blocked = Counter(kind for kind, _, _ in self.blocked.values())
+        blocked = Counter(b.kind for b in self.blocked.values())
         examples: dict[str, str] = {}
-        for kind, why, _ in self.blocked.values():
-            examples.setdefault(kind, why)
+        for b in self.blocked.values():
+            examples.setdefault(b.kind, b.why)
         return {
             "active": self.active,
             "repair_after": self.repair_after,
@@ -451,7 +513,8 @@ class RepairScheduler:
             "lost_servers": lost,
             "waiting_servers": {node: round(left, 1) for node, left in self.waiting().items()},
             "queued": max(0, len(self.tasks) - len(self.running)),
-            "blocked": {kind: {"groups": n, "why": examples[kind]} for kind, n in sorted(blocked.items())},
+            "blocked": {kind: {"shards": n, "why": examples[kind]} for kind, n in sorted(blocked.items())},
+            "interval": self.interval,
             "planned_s_ago": None if self.planned_at is None else round(now - self.planned_at, 1),
             "running": [
                 {

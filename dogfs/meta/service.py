@@ -30,7 +30,7 @@ from dogfs.config import MetaConfig
 from dogfs.interfaces import ICommandLog
 from dogfs.meta import commands as c
 from dogfs.meta.placement import NotEnoughChunkServers, choose_placement
-from dogfs.meta.registry import ALIVE, ChunkServerRegistry
+from dogfs.meta.registry import ALIVE, UNKNOWN, ChunkServerRegistry
 from dogfs.meta.repair import RepairScheduler
 from dogfs.meta.state import NamespaceState
 from dogfs.wire import messages as m
@@ -266,12 +266,22 @@ class MetaHandlers:
             )
         if isinstance(command, c.RenewAllocations):
             return c.RenewAllocations(command.block_groups, now)
-        if isinstance(command, c.RemoveChunkServer) and self.registry.is_alive(command.node_id):
-            raise WireError(
-                "failed_precondition",
-                f"chunk server {command.node_id} is running: stop it first (its next heartbeat "
-                "would register it again)",
-            )
+        if isinstance(command, c.RemoveChunkServer):
+            # Only a server this leader has seen go silent: one still heartbeating would
+            # register again, and one a new leader has not heard from yet may be running.
+            liveness = self.registry.state(command.node_id)
+            if liveness == ALIVE:
+                raise WireError(
+                    "failed_precondition",
+                    f"chunk server {command.node_id} is running: stop it first (its next "
+                    "heartbeat would register it again)",
+                )
+            if liveness == UNKNOWN:
+                raise WireError(
+                    "not_ready",
+                    f"cannot remove chunk server {command.node_id} yet: this metadata leader took "
+                    f"over {self.registry.grace_left():.0f}s too recently to know whether it runs",
+                )
         if isinstance(command, c.SetDefaultPolicy):
             try:
                 return c.SetDefaultPolicy(ECPolicy.parse(command.ec).name, command.seed)

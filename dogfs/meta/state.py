@@ -1055,15 +1055,15 @@ class NamespaceState:
 
     def placed_on(
         self, node_id: str, *, start_after: tuple[int, int] | None = None, limit: int = 1000
-    ) -> tuple[builtins.list[tuple[int, int, str, builtins.list[str]]], tuple[int, int] | None]:
+    ) -> tuple[builtins.list[tuple[int, int, str, builtins.list[str]]], tuple[int, int] | None, int]:
         """A page of the committed block groups with a shard on C{node_id}, raw and cheap
-        (no addresses): C{(bg_id, index, ec, nodes)} each, and where the next page starts
-        (None at the end). At most C{limit} shards are looked at, committed or not: what
-        the repair planner reads a slice of per tick, from one read transaction."""
+        (no addresses): C{(bg_id, index, ec, nodes)} each, where the next page starts (None
+        at the end), and how many placements were looked at (at most C{limit}, committed or
+        not): what the repair planner reads a slice of per tick, from one read transaction."""
         out: builtins.list[tuple[int, int, str, builtins.list[str]]] = []
         node_key = _id_key(node_id)
         if node_key is None:
-            return out, None
+            return out, None, 0
         prefix = node_key + b"\x00"
         start = prefix if start_after is None else _node_key(node_id, *start_after) + b"\x00"
         looked = 0
@@ -1072,13 +1072,13 @@ class NamespaceState:
             bgroups = self._dbs[b"bgroups"]
             cursor = txn.cursor(db=self._dbs[b"nodeshards"])
             if not cursor.set_range(start):
-                return out, None
+                return out, None, looked
             for raw_key in cursor.iternext(keys=True, values=False):
                 key = bytes(raw_key)
                 if not key.startswith(prefix) or len(key) != len(prefix) + 9:
-                    return out, None
+                    return out, None, looked
                 if looked >= limit:
-                    return out, last
+                    return out, last, looked
                 looked += 1
                 bg_id, index = _from_u64(key[-9:-1]), key[-1]
                 last = (bg_id, index)
@@ -1088,7 +1088,7 @@ class NamespaceState:
                 committed, ec, _size, _at, nodes = _unpack(raw)
                 if committed:
                     out.append((bg_id, index, ec, nodes))
-        return out, None
+        return out, None, looked
 
     def count_on(self, node_id: str) -> tuple[int, int]:
         """(committed, pending) shards placed on C{node_id}: pending ones are of uploads in
