@@ -25,6 +25,7 @@ from dogfs.meta.commands import (
     Ok,
     RegisterChunkServer,
     RemoveChunkServer,
+    parse_shard_id,
     shard_id,
 )
 from dogfs.meta.registry import ChunkServerRegistry
@@ -568,6 +569,7 @@ class RepairStatusTextTests(StateTestCase):
             "active": True, "concurrency": 4, "repair_after": 600.0, "queued": 7, "rebuilt": 3, "failed": 1,
             "lost_servers": {"chunk-2": {"reason": "dead", "shards": 9}},
             "waiting_servers": {"chunk-5": 42.4},
+            "missing_shards": {"chunk-1": 2},
             "running": [{"block_group": "00000000000000a1", "index": 2, "from": "chunk-2", "to": "chunk-6",
                          "reason": "dead", "margin": 0, "seconds": 1.2}],
             "errors": [{"block_group": "00000000000000a2", "index": 0, "from": "chunk-2",
@@ -576,6 +578,7 @@ class RepairStatusTextTests(StateTestCase):
         })
         self.assertIn("chunk-2: dead, 9 shards to rebuild or move", text)
         self.assertIn("1 shard wait (no_target): all taken", text)
+        self.assertIn("chunk-1: alive, but 2 shards left out of its last two shard reports", text)
         self.assertIn("chunk-5: dead; repair starts in 42s unless it returns (repair_after 600s)", text)
         self.assertIn("block group 00000000000000a1 shard 2: chunk-2 -> chunk-6", text)
         self.assertIn("rebuilt 3, failed 1, queued 7, running 1 (at most 4 at once)", text)
@@ -771,3 +774,72 @@ class RepairRegressionTests(_SchedulerCase):
         self.ok(ExpireAllocations(1e9))
         self.assertEqual(self.wait_drained("chunk-0", polls=5, between=lambda: self.live_for(1, SERVERS[:6])),
                          "done")
+
+
+class ReportGapTests(StateTestCase):
+    """The leader finds the shards a live server no longer holds from its shard reports."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        from tests.test_meta_service import Harness
+
+        self.h = Harness(self)
+        self.ids: list[str] = []
+        for i in range(5):
+            alloc = self.h.result(Allocate(f"/f{i}", "RS-2-1", ()))
+            self.h.result(CommitFile(f"/f{i}", 1, ((alloc.bg_id, 1),)))
+            self.ids += [s.shard_id for s in alloc.shards if s.node_id == "chunk-1"]
+        self.assertGreaterEqual(len(self.ids), 2)
+
+    def report(self, node: str, ids: list[str], per_batch: int = 2) -> None:
+        batches = [ids[i : i + per_batch] for i in range(0, len(ids), per_batch)] or [[]]
+        for n, batch in enumerate(batches):
+            self.h.ok(m.ShardReport(node, n, n == len(batches) - 1), "\n".join(batch).encode("ascii"))
+
+    def test_left_out_twice_is_missing(self) -> None:
+        """A shard left out of one report is not yet missing (it may be newer than the
+        server's list); left out of two in a row, it is. Found wherever it falls: between
+        batches, at the end, alone."""
+        for gone in (self.ids[0], self.ids[len(self.ids) // 2], self.ids[-1]):
+            self.h.handlers.forget_reports()
+            held = [i for i in self.ids if i != gone]
+            self.report("chunk-1", held)
+            self.assertEqual(self.h.handlers.missing["chunk-1"], set())
+            self.report("chunk-1", held)
+            self.assertEqual(self.h.handlers.missing["chunk-1"], {parse_shard_id(gone)}, gone)
+            self.report("chunk-1", self.ids)  # back (a fresh copy)
+            self.assertEqual(self.h.handlers.missing["chunk-1"], set())
+
+    def test_nothing_concluded_from_a_broken_report(self) -> None:
+        """A report out of sequence (a batch skipped, restarted, another leader) or not in
+        order concludes nothing."""
+        held = self.ids[1:]
+        self.report("chunk-1", held)
+        batches = [held[i : i + 2] for i in range(0, len(held), 2)]
+        self.h.ok(m.ShardReport("chunk-1", 0, False), "\n".join(batches[0]).encode("ascii"))
+        self.h.ok(m.ShardReport("chunk-1", 2, True), "\n".join(batches[-1]).encode("ascii"))
+        self.assertEqual(self.h.handlers.missing["chunk-1"], set())
+        self.report("chunk-1", list(reversed(held)))
+        self.assertEqual(self.h.handlers.missing["chunk-1"], set())
+
+    def test_scheduler_rebuilds_missing_shards(self) -> None:
+        """A missing shard of a live server is rebuilt elsewhere like a lost one, from the
+        group's other shards."""
+        gone = self.ids[0]
+        held = self.ids[1:]
+        self.report("chunk-1", held)
+        self.report("chunk-1", held)
+        calls: list[tuple[str, Any, defer.Deferred[Reply]]] = []
+        scheduler = RepairScheduler(
+            self.h.clock, self.h.state, self.h.registry, self.h.log.propose, _Pool(calls), 4096,
+            missing=lambda: self.h.handlers.missing, rng=random.Random(3),
+        )
+        scheduler.tick()
+        [(address, msg, d)] = calls
+        bg_id, index = parse_shard_id(gone)
+        self.assertEqual((msg.shard_id, msg.index), (gone, index))
+        self.assertNotIn("127.0.0.1:7101", [s[2] for s in msg.sources])  # chunk-1's port
+        d.callback(Reply(m.ShardStored(gone, 10), b""))
+        group = self.h.state.block_group(bg_id)[0]
+        self.assertNotEqual(group.shards[index].node_id, "chunk-1")
+        self.assertEqual(scheduler.stats.rebuilt, 1)

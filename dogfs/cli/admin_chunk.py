@@ -191,7 +191,7 @@ def _describe(status: dict[str, Any]) -> str:
     lines = []
     lost = status.get("lost_servers", {})
     waiting = status.get("waiting_servers", {})
-    if not lost and not waiting and not status.get("running"):
+    if not lost and not waiting and not status.get("running") and not status.get("missing_shards"):
         lines.append("nothing to repair or move")
     if status.get("grace_left"):
         lines.append(f"this leader took over recently: it calls no chunk server dead for "
@@ -199,6 +199,9 @@ def _describe(status: dict[str, Any]) -> str:
     for node, entry in sorted(lost.items()):
         pending = f" (and {entry['pending']} of uploads in progress)" if entry.get("pending") else ""
         lines.append(f"{node}: {entry['reason']}, {_n(entry['shards'], 'shard')} to rebuild or move{pending}")
+    for node, count in sorted(status.get("missing_shards", {}).items()):
+        lines.append(f"{node}: alive, but {_n(count, 'shard')} left out of its last two shard "
+                     "reports (lost or damaged): rebuilt elsewhere")
     for node, left in sorted(waiting.items()):
         lines.append(f"{node}: dead; repair starts in {left:.0f}s unless it returns "
                      f"(repair_after {status.get('repair_after', 0):g}s)")

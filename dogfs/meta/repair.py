@@ -5,7 +5,9 @@ and moves the shards of draining (or removed) servers elsewhere.
 Lost servers: a chunk server silent for ``repair_after`` seconds (dead, and past that grace,
 so that a restart or a short outage costs no rebuild) has lost its shards; a draining server
 still holds its shards, but they must go; so must those of a server that is no longer
-registered (``dogfs admin chunk remove --force``).
+registered (``dogfs admin chunk remove --force``). Missing shards: a live server whose shard
+reports leave out, twice in a row, a shard the namespace places on it (its file was lost, or
+its scrubber or a read found it damaged: `MetaHandlers._find_gaps`) has lost that shard.
 
 Every ``interval`` seconds the leader reads the next slice of the lost servers' shards (at
 most ``plan_batch`` placements, from a cursor that wraps around, so that a tick costs the
@@ -53,9 +55,14 @@ log = Logger()
 
 __all__ = ["RepairScheduler", "RepairTask"]
 
-#: Why a shard must be made again elsewhere, in the order they are served at equal risk.
-DEAD, REMOVED, DRAINING = "dead", "removed", "draining"
-_REASON_ORDER = {DEAD: 0, REMOVED: 1, DRAINING: 2}
+#: Why a shard must be made again elsewhere, in the order they are served at equal risk:
+#: its server is dead, its server no longer holds it (left out of two shard reports: lost
+#: or damaged), its server was removed, or its server is draining.
+DEAD, MISSING, REMOVED, DRAINING = "dead", "missing", "removed", "draining"
+_REASON_ORDER = {DEAD: 0, MISSING: 1, REMOVED: 2, DRAINING: 3}
+
+#: Missing shards planned per tick (they are few: a disk's bad sectors, a deleted file).
+MISSING_BATCH = 1000
 
 #: Why a task waits without having failed.
 UNREADABLE, NO_TARGET = "unreadable", "no_target"
@@ -152,6 +159,7 @@ class RepairScheduler:
         plan_batch: int = PLAN_BATCH,
         rng: random.Random | None = None,
         emit: Callable[..., object] = lambda kind, **fields: None,
+        missing: Callable[[], dict[str, set[tuple[int, int]]]] = dict,
     ) -> None:
         self.clock = clock
         self.state = state
@@ -159,6 +167,7 @@ class RepairScheduler:
         self.propose = propose
         self.pool = pool
         self.emit = emit
+        self.missing = missing
         self.cell_size = cell_size
         self.repair_after = repair_after
         self.interval = interval
@@ -258,8 +267,12 @@ class RepairScheduler:
         self._retry_at = {key: t for key, t in self._retry_at.items() if t > now}
         lost = self.lost_servers()
         # A server back alive, or no longer draining: its tasks go (those running finish).
+        missing = self.missing()
         for key, task in list(self.tasks.items()):
-            if lost.get(task.from_node) != task.reason:
+            if task.reason == MISSING:
+                if task.from_node in lost or key not in missing.get(task.from_node, ()):
+                    del self.tasks[key]
+            elif lost.get(task.from_node) != task.reason:
                 del self.tasks[key]
         self.blocked = {key: b for key, b in self.blocked.items() if b.node in lost}
         self._cursors = {node: at for node, at in self._cursors.items() if node in lost}
@@ -306,11 +319,38 @@ class RepairScheduler:
                 self.blocked = {
                     key: b for key, b in self.blocked.items() if b.node != node or b.at >= began
                 }
+        self._plan_missing(missing, lost, alive, now)
         self._order = sorted(self.tasks, key=lambda key: self.tasks[key].key())
         blocked = Counter(b.kind for b in self.blocked.values())
         if blocked:
             log.info("repair: {n} shards cannot be repaired yet ({kinds})", n=sum(blocked.values()),
                      kinds=", ".join(f"{count} {kind}" for kind, count in sorted(blocked.items())))
+
+    def _plan_missing(
+        self, missing: dict[str, set[tuple[int, int]]], lost: dict[str, str], alive: set[str], now: float
+    ) -> None:
+        """Tasks for the shards live servers no longer hold (their shard reports say so)."""
+        gone = {(node, key) for node, keys in missing.items() for key in keys}
+        budget = MISSING_BATCH
+        for node, keys in sorted(missing.items()):
+            if node in lost:
+                continue  # its every shard is planned already
+            for key in sorted(keys):
+                if budget <= 0:
+                    return
+                if key in self.tasks or self._retry_at.get(key, 0.0) > now:
+                    continue
+                budget -= 1
+                found = self.state.block_group(key[0])
+                if found is None or not found[1]:
+                    continue
+                info = found[0]
+                if key[1] >= len(info.shards) or info.shards[key[1]].node_id != node:
+                    continue
+                k = c.parse_policy(info.ec)[0]
+                readable = sum(1 for s in info.shards if s.node_id in alive and (s.node_id, (info.id, s.index)) not in gone)
+                nodes = tuple(s.node_id for s in info.shards)
+                self.tasks[key] = RepairTask(info.id, key[1], node, MISSING, readable - k, info.ec, nodes)
 
     # --- running ---
 
@@ -376,7 +416,11 @@ class RepairScheduler:
             return None
         k = c.parse_policy(info.ec)[0]
         alive = {load.node_id for load in live}
-        readable = [s for s in info.shards if s.index != task.index and s.node_id in alive]
+        missing = self.missing()
+        readable = [
+            s for s in info.shards
+            if s.index != task.index and s.node_id in alive and (info.id, s.index) not in missing.get(s.node_id, ())
+        ]
         if len(readable) < k:
             self._block(task, UNREADABLE, f"only {len(readable)} of its other shards are readable, "
                         f"{k} are needed: it waits for chunk servers to return")
@@ -511,6 +555,7 @@ class RepairScheduler:
             "concurrency": self.concurrency,
             "grace_left": round(self.registry.grace_left(), 1),
             "lost_servers": lost,
+            "missing_shards": {node: len(keys) for node, keys in sorted(self.missing().items()) if keys},
             "waiting_servers": {node: round(left, 1) for node, left in self.waiting().items()},
             "queued": max(0, len(self.tasks) - len(self.running)),
             "blocked": {kind: {"shards": n, "why": examples[kind]} for kind, n in sorted(blocked.items())},

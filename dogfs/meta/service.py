@@ -76,6 +76,15 @@ def encode_status(status: dict[str, Any]) -> bytes:
     return msgpack.packb(status, use_bin_type=True)  # type: ignore[no-any-return]
 
 
+@attrs.define
+class _ReportGap:
+    """A shard report in progress: the batches seen and the shards found absent so far."""
+
+    after: tuple[int, int] | None = None
+    next_batch: int = 0
+    absent: set[tuple[int, int]] = attrs.field(factory=set)
+
+
 class MetaHandlers:
     """The metadata node's request handlers, independent of how it listens."""
 
@@ -105,7 +114,12 @@ class MetaHandlers:
         self.reported: set[str] = set()
         self.registering: set[str] = set()
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
-        self._reports: dict[str, list[str]] = {}
+        # Shard report gaps (see _find_gaps): the report in progress of each chunk server,
+        # the shards absent from its last full report, and those absent from its last two:
+        # missing, for repair to rebuild elsewhere.
+        self._gaps: dict[str, _ReportGap] = {}
+        self._absent: dict[str, set[tuple[int, int]]] = {}
+        self.missing: dict[str, set[tuple[int, int]]] = {}
         # (client id, seq) -> callers of a resend, for each sessioned command proposed here
         # and not yet answered.
         self._in_flight: dict[tuple[str, int], list[defer.Deferred[Any]]] = {}
@@ -438,6 +452,45 @@ class MetaHandlers:
         self._require_leader()
         return self.log.read_barrier().addCallback(lambda _: self._answer_report(request))
 
+    def forget_reports(self) -> None:
+        """A new leader starts over: what the previous one learnt from reports is not here."""
+        self._gaps.clear()
+        self._absent.clear()
+        self.missing.clear()
+
+    def _find_gaps(self, msg: m.ShardReport, ids: list[str]) -> None:
+        """Note the committed shards placed on the reporting server that its report leaves
+        out (it lost or cannot serve them; chunk servers report their held ids sorted, and
+        leave out shards they know damaged).
+
+        Each batch covers the ids from the end of the one before to its own last (the last
+        batch: to the end). A shard left out of two full reports in a row is ``missing``: one
+        left out of a single report may have been written after the server listed its
+        shards, and committed since; by its next report it is listed. A report out of
+        sequence (restarted, or begun under another leader) notes nothing.
+        """
+        node = msg.node_id
+        if msg.batch == 0:
+            self._gaps[node] = _ReportGap()
+        gap = self._gaps.get(node)
+        if gap is None or msg.batch != gap.next_batch:
+            self._gaps.pop(node, None)
+            return
+        listed = sorted(p for p in map(c.parse_shard_id, ids) if p is not None)
+        upto = None if msg.last else (listed[-1] if listed else gap.after)
+        if listed and gap.after is not None and listed[0] <= gap.after:
+            self._gaps.pop(node, None)  # not sorted as promised: no conclusion
+            return
+        gap.absent.update(set(self.state.committed_between(node, gap.after, upto)).difference(listed))
+        gap.after, gap.next_batch = upto, gap.next_batch + 1
+        if msg.last:
+            del self._gaps[node]
+            self.missing[node] = self._absent.get(node, set()) & gap.absent
+            self._absent[node] = gap.absent
+            if self.missing[node]:
+                log.warn("{node} no longer holds {n} shards the namespace places on it: repair "
+                         "rebuilds them elsewhere", node=node, n=len(self.missing[node]))
+
     def _answer_report(self, request: Request) -> Reply:
         msg: m.ShardReport = request.msg
         ids = [s for s in bytes(request.payload).decode("ascii", "replace").split("\n") if s]
@@ -445,6 +498,7 @@ class MetaHandlers:
             raise WireError("invalid_argument", f"a shard report batch holds at most {REPORT_BATCH} ids")
         status = self.state.shard_status(ids, msg.node_id)
         garbage = [sid for sid, s in status.items() if s == "garbage"]
+        self._find_gaps(msg, ids)
         if msg.last:
             self.reported.add(msg.node_id)
         return Reply(m.ShardReportReply(), "\n".join(garbage).encode("ascii"))
@@ -528,11 +582,12 @@ class MetaService(MultiService):
         self.registry.on_change(
             lambda node, old, new: self.handlers.emit("chunk_state", node=node, old=old, new=new)  # type: ignore[union-attr]
         )
+        handlers = self.handlers
         self.repair = RepairScheduler(
             self.reactor, self.state, self.registry, self.log.propose, self._chunk_pool,
             self.config.cell_size, repair_after=self.config.repair_after,
             interval=self.config.repair_interval, concurrency=self.config.repair_concurrency,
-            emit=self.handlers.emit,
+            emit=self.handlers.emit, missing=lambda: handlers.missing,
         )
         self.handlers.repair = self.repair
         if self.log.is_leader:
@@ -606,6 +661,7 @@ class MetaService(MultiService):
         self.registry.start()
         if self.handlers is not None:
             self.handlers.reported.clear()
+            self.handlers.forget_reports()
             me = next((mm for mm in self.log.members() if mm["id"] == self.config.id), {})
             # The dashboard's event log shows elections.
             self.handlers.emit("election", node=self.config.id, term=me.get("term"))

@@ -1090,6 +1090,35 @@ class NamespaceState:
                     out.append((bg_id, index, ec, nodes))
         return out, None, looked
 
+    def committed_between(
+        self, node_id: str, after: tuple[int, int] | None, upto: tuple[int, int] | None
+    ) -> builtins.list[tuple[int, int]]:
+        """(bg_id, index) of the committed shards placed on C{node_id} with C{after <
+        (bg_id, index) <= upto} (None: unbounded), in order: what a shard report batch
+        covering that range should list."""
+        out: builtins.list[tuple[int, int]] = []
+        node_key = _id_key(node_id)
+        if node_key is None:
+            return out
+        prefix = node_key + b"\x00"
+        start = prefix if after is None else _node_key(node_id, *after) + b"\x00"
+        with self._read() as txn:
+            bgroups = self._dbs[b"bgroups"]
+            cursor = txn.cursor(db=self._dbs[b"nodeshards"])
+            if not cursor.set_range(start):
+                return out
+            for raw_key in cursor.iternext(keys=True, values=False):
+                key = bytes(raw_key)
+                if not key.startswith(prefix) or len(key) != len(prefix) + 9:
+                    break
+                where = (_from_u64(key[-9:-1]), key[-1])
+                if upto is not None and where > upto:
+                    break
+                raw = txn.get(key[-9:-1], db=bgroups)
+                if raw is not None and _unpack(raw)[0]:
+                    out.append(where)
+        return out
+
     def count_on(self, node_id: str) -> tuple[int, int]:
         """(committed, pending) shards placed on C{node_id}: pending ones are of uploads in
         progress, which their clients write around failures (few, normally)."""
