@@ -74,6 +74,8 @@ class ChunkConfig:
     log_format: str = "text"
     tls: TLSFiles | None = None
     direct_io: bool | None = None  # write (and stream) shards with O_DIRECT; None: where the disk allows it
+    scrub_interval: float = 604800.0  # seconds from the start of one scrub pass over every shard to the next
+    scrub_rate: int = 4 << 20  # bytes per second the scrubber reads at most; 0: no scrubbing
 
 
 @frozen
@@ -289,10 +291,21 @@ def load_chunk(path: str) -> ChunkConfig:
         log_format=log_format,
         tls=tls,
         direct_io=_direct_io(s),
+        scrub_interval=s.positive("scrub_interval", float, 604800.0),
+        scrub_rate=_scrub_rate(s),
     )
     s.done()
     _tables(path, data, ("chunk", "tls"))
     return config
+
+
+def _scrub_rate(s: _Section) -> int:
+    value: int = s.get("scrub_rate", int, 4 << 20)
+    if value < 0:
+        raise s._fail(
+            "scrub_rate", f"must be a number of bytes per second, or 0 for no scrubbing, not {value!r}"
+        )
+    return value
 
 
 def _direct_io(s: _Section) -> bool | None:

@@ -139,3 +139,50 @@ class RepairProcessTests(SynchronousTestCase):
         self.assertNotEqual(gone.returncode, 0)
         self.assertIn("is not registered", gone.stderr)
         self.reads_back()
+
+
+class ScrubRepairProcessTests(SynchronousTestCase):
+    def test_damaged_shard_found_by_the_scrubber_is_rebuilt(self) -> None:
+        """A byte flipped in a shard file on a running chunk server: its scrubber finds the
+        bad cell, its shard reports leave the shard out, and the leader rebuilds it on the
+        server that held none of its group; the file then survives two more servers killed."""
+        cluster = self.cluster = Cluster()
+        self.addCleanup(cluster.destroy)
+        cluster.create(1)
+        cluster.run("cluster", "down")
+        for name in os.listdir(os.path.join(cluster.home, "nodes")):
+            path = os.path.join(cluster.home, "nodes", name, f"{name.split('-')[0]}.toml")
+            with open(path) as f:
+                text = f.read()
+            if name.startswith("meta"):
+                text = text.replace("[meta]\n", "[meta]\nrepair_interval = 0.5\n", 1)
+            else:
+                text = text.replace("[chunk]\n", "[chunk]\nreport_interval = 1.0\nscrub_interval = 1.0\n"
+                                    "scrub_rate = 1073741824\n", 1)
+            with open(path, "w") as f:
+                f.write(text)
+        cluster.up()
+        local = cluster.local("data", 2 * (1 << 20) + 99, 13)  # one RS-3-2 block group (1 MiB blocks)
+        cluster.run("put", "--ec", "RS-3-2", local, "/f")
+        [group] = cluster.json("stat", "/f")["block_groups"]
+        victim = group["shards"][0]
+        path = cluster.shard_file(victim["chunk_server"], victim["shard_id"])
+        with open(path, "r+b") as f:
+            f.seek(os.path.getsize(path) // 2)
+            byte = f.read(1)
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        moved = until(
+            lambda: (s := cluster.json("stat", "/f")["block_groups"][0]["shards"][0])["chunk_server"]
+            != victim["chunk_server"] and s,
+            60, f"the damaged shard {victim['shard_id']} rebuilt off {victim['chunk_server']}",
+        )
+        holders = {s["chunk_server"] for s in cluster.json("stat", "/f")["block_groups"][0]["shards"]}
+        self.assertNotIn(victim["chunk_server"], holders)
+        self.assertEqual(len(holders), 5)
+        self.assertEqual(cluster.json("admin", "repair", "status")["rebuilt"], 1)
+        for node in sorted(holders - {moved["chunk_server"]})[:2]:
+            cluster.run("cluster", "kill", node)
+        out = os.path.join(cluster.work, "out")
+        cluster.run("get", "/f", out, "--timeout", "30")
+        self.assertEqual(sha256(out), sha256(local))

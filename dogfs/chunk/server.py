@@ -20,9 +20,16 @@ Error codes a client can see:
     no_space            the disk (or quota) is full
     storage_error       any other failure of the local disk, or of the server's means to use
                         it (out of file descriptors or memory for now): the shard is fine
-    not_found           no such shard here
+    not_found           no such shard here (one the server thought it held is forgotten:
+                        see `file_gone`)
     corrupt             a stored cell or header failed its checksum, or the disk lost its
                         bytes (EIO: see `shard_damaged`); logged, remembered
+
+A shard found damaged (by a read, or by the background scrubber of `dogfs.chunk.scrub`) stays
+in `shard_ids`, and its file stays on the disk for whoever wants to see what happened to it,
+but it is left out of shard reports (`held_ids`): the metadata leader, missing it from two
+reports in a row, rebuilds it elsewhere. A fresh copy written here (an upload or a rebuild)
+replaces the file and clears the mark.
 """
 
 from __future__ import annotations
@@ -151,6 +158,7 @@ class _ByteBudget:
 #: The counters `ShardServer.load` always reports, as "<name>_s" rates.
 LOAD_COUNTERS = (
     "put_bytes", "put_ops", "get_bytes", "get_ops", "rebuild_bytes", "rebuild_ops", "errors",
+    "scrub_bytes", "scrub_errors",
 )
 
 
@@ -205,7 +213,8 @@ class ShardServer:
         self.read_ahead_bytes = 0
         #: Ids of the shards held here; filled by `load`, kept up to date by the handlers.
         self.shard_ids: set[str] = set()
-        #: Ids of shards found corrupt on disk since start (repair comes later).
+        #: Ids of shards found damaged on disk since start (a subset of `shard_ids`): kept
+        #: on disk, left out of shard reports so that the metadata leader rebuilds them.
         self.corrupt: set[str] = set()
         #: Shard id -> when the metadata first named it unreferenced (as of the last report):
         #: the grace before deleting it runs from then (see `collect_garbage`).
@@ -437,6 +446,7 @@ class ShardServer:
             # (_send_cells; ShardStore.open decides from the header whether they are large).
             reader: ShardReader = await self.executor(self.store.open, shard_id, msg.count != 1)
         except ShardNotFound:
+            self.file_gone(shard_id)
             raise self._error("not_found", f"{self.node_id} has no shard {shard_id}") from None
         except ShardCorrupt as e:
             raise self._corrupt(e) from None
@@ -573,6 +583,37 @@ class ShardServer:
             message = f"shard {e.shard_id} cell {e.cell} on {self.node_id} failed its checksum"
         return self._damaged(e.shard_id, message, str(e))
 
+    def file_gone(self, shard_id: str) -> bool:
+        """Forget ``shard_id``, which the disk turned out not to have (an operator deleted its
+        file, a broken disk lost it): the next shard report leaves it out, and the metadata
+        leader rebuilds it elsewhere. Returns whether it was held.
+
+        A shard with a fresh copy being written here (an upload, a rebuild) is kept: the miss
+        may predate that copy, which is about to take its place.
+        """
+        if shard_id not in self.shard_ids or self.writing(shard_id):
+            return False
+        self.shard_ids.discard(shard_id)
+        self.corrupt.discard(shard_id)
+        self.unreferenced_since.pop(shard_id, None)
+        log.warn(
+            "{node} no longer has shard {shard}: its file is gone from the disk; it is left "
+            "out of shard reports from now on",
+            node=self.node_id, shard=shard_id,
+        )
+        return True
+
+    def writing(self, shard_id: str) -> bool:
+        """Whether a copy of ``shard_id`` is being written here now (an upload or a rebuild,
+        not yet answered)."""
+        if self.rebuilder is not None and shard_id in self.rebuilder.running:
+            return True
+        return any(
+            request.msg.shard_id == shard_id
+            for streams in self.uploads.values()
+            for request in streams
+        )
+
     def _damaged(self, shard_id: str, message: str, detail: str) -> WireError:
         """Remember ``shard_id`` as damaged (reported for repair) and say so to the client."""
         self.corrupt.add(shard_id)
@@ -650,11 +691,22 @@ class ShardServer:
         return self._unlink(old)
 
     def held_ids(self) -> list[str]:
-        """The ids of the shards held here, sorted (for shard reports)."""
-        return sorted(self.shard_ids)
+        """The ids of the shards held here and fit to serve, sorted (for shard reports).
+
+        Those known damaged (`corrupt`) are left out, though their files stay on the disk:
+        the metadata leader takes a shard missing from its server's reports for lost, and
+        rebuilds it elsewhere. Nor can a damaged shard be collected as garbage, since only
+        reported shards are (see `HeartbeatService`): its file stays until a fresh copy
+        replaces it, a DeleteShards names it, or an operator removes it.
+        """
+        return sorted(self.shard_ids - self.corrupt)
 
     def status(self) -> defer.Deferred[tuple[int, int, int]]:
         """``(filesystem capacity, bytes used by shards, shard count)``.
+
+        The count is of every shard file held, damaged ones included (they take room in the
+        bytes used too; the load's ``corrupt_shards`` says how many of them are damaged), so
+        it can exceed the length of a shard report.
 
         The first call scans the store in the executor; later ones need only a statvfs and a
         running total, and are answered at once: behind the queue of disk work (a busy

@@ -3,7 +3,8 @@
 
 `ChunkService` does nothing when built (twistd forks after `makeService`); `startService`
 opens the shard store, starts its own thread pool, scans the store, listens, and starts the
-`HeartbeatService` child. `stopService` undoes all of it and returns a Deferred.
+`HeartbeatService` and `ShardScrubber` children. `stopService` undoes all of it and returns a
+Deferred.
 
 Security (docs/security.md): the service's `DaemonSecurity` child holds the TLS of the
 listener and of the connections to the metadata (from the config's [tls]; plaintext, with a
@@ -33,6 +34,7 @@ from twisted.python.failure import Failure
 
 from dogfs.chunk.heartbeat import HeartbeatService
 from dogfs.chunk.load import LoadMeter
+from dogfs.chunk.scrub import ShardScrubber
 from dogfs.chunk.server import Executor, ShardServer
 from dogfs.config import ChunkConfig
 from dogfs.plugins.common import client_endpoints, server_endpoint
@@ -188,6 +190,7 @@ class ChunkService(MultiService):
         self.store: ShardStore | None = None
         self.server: ShardServer | None = None
         self.heartbeat: HeartbeatService | None = None
+        self.scrubber: ShardScrubber | None = None
         self.factory: ConnectionFactory | None = None
         self.port: IListeningPort | None = None
         self._threadpool: WorkerPool | None = None
@@ -206,8 +209,9 @@ class ChunkService(MultiService):
 
         tune_malloc()
         config = self.config
-        if self.heartbeat is not None and self.heartbeat.parent is self:
-            self.removeService(self.heartbeat)  # a restart builds a fresh one
+        for child in (self.heartbeat, self.scrubber):
+            if child is not None and child.parent is self:
+                self.removeService(child)  # a restart builds fresh ones
         self._outcome = None
         super().startService()
         try:
@@ -250,6 +254,9 @@ class ChunkService(MultiService):
         self.heartbeat = HeartbeatService(
             self.reactor, self.server, config, RevocationTap(self._meta_pool, self.security)
         )
+        self.scrubber = ShardScrubber(
+            self.reactor, self.server, interval=config.scrub_interval, rate=config.scrub_rate
+        )
         self._starting = defer.Deferred.fromCoroutine(self._start(executor))
         self._starting.addErrback(self._failed_to_start)
 
@@ -277,8 +284,10 @@ class ChunkService(MultiService):
             damaged=f" ({corrupt} with damaged headers)" if corrupt else "",
         )
         # Heartbeats start once there is something true to report: the first goes out now.
-        assert self.heartbeat is not None
+        assert self.heartbeat is not None and self.scrubber is not None
         self.heartbeat.setServiceParent(self)
+        # Scrubbing reads only shards the scan found or that were written since.
+        self.scrubber.setServiceParent(self)
         self._settle(True)
 
     def _failed_to_start(self, failure: Failure) -> None:
@@ -321,7 +330,8 @@ class ChunkService(MultiService):
         return f"{host.host}:{host.port}"  # type: ignore[attr-defined]
 
     def stopService(self) -> defer.Deferred[None]:
-        """Stop heartbeats, listening and connections, then the thread pool."""
+        """Stop heartbeats, scrubbing, listening and connections, then the thread pool (which
+        waits for a scrub's read in flight; its result is dropped)."""
         stopping = super().stopService()
         steps: list[defer.Deferred[Any]] = [stopping]
         if self.port is not None:

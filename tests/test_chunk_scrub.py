@@ -1,0 +1,568 @@
+# -*- test-case-name: tests.test_chunk_scrub -*-
+"""Tests for dogfs.chunk.scrub (the background scrubber) and for what the chunk server reports
+of shards found damaged or gone.
+
+A ShardServer over a real ShardStore in a temporary directory, with a synchronous executor
+(or one that holds its calls until the test runs them) and a task.Clock: every pass runs on
+simulated time, so its pacing is exact.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import LogEvent, LogLevel, capturedLogs, formatEvent
+from twisted.trial.unittest import SynchronousTestCase
+
+from dogfs import config
+from dogfs.chunk.load import LoadMeter
+from dogfs.chunk.scrub import (
+    CHANGED,
+    DAMAGED,
+    GONE,
+    HEALTHY,
+    UNREADABLE,
+    ShardScrubber,
+    check_shard,
+)
+from dogfs.chunk.server import ShardServer, synchronous_executor
+from dogfs.chunk.service import ChunkService
+from dogfs.config import ChunkConfig
+from dogfs.storage.shards import (
+    HEADER_SIZE,
+    RECORD_OVERHEAD,
+    ShardInfo,
+    ShardReader,
+    ShardStore,
+)
+from dogfs.wire.messages import GetShard, PutShard
+from dogfs.wire.protocol import WireError
+from tests.test_chunk_service import pair
+
+A = "000000000000000a-00"
+B = "000000000000000b-01"
+C = "000000000000000c-02"
+FRAGMENT = 1000
+
+
+def write_shard(store: ShardStore, shard_id: str, cells: int, seed: int = 1) -> int:
+    """Store a shard of ``cells`` cells of FRAGMENT bytes; returns its file's size."""
+    index = int(shard_id[17:])
+    fragments = [bytes([(seed + i) % 256]) * FRAGMENT for i in range(cells)]
+    store.write(ShardInfo(shard_id, "RS-4-2", index, FRAGMENT), fragments)
+    return os.path.getsize(store.path(shard_id))
+
+
+def flip_byte(store: ShardStore, shard_id: str, cell: int) -> None:
+    """Damage one byte of cell ``cell``'s fragment on disk."""
+    offset = HEADER_SIZE + cell * (RECORD_OVERHEAD + FRAGMENT) + RECORD_OVERHEAD + 10
+    with open(store.path(shard_id), "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def messages(events: list[LogEvent], level: LogLevel) -> list[str]:
+    """The text of the captured events of ``level``."""
+    return [formatEvent(e) for e in events if e["log_level"] == level]
+
+
+class Scrubbed:
+    """A ShardServer on a temp dir and a scrubber for it, reading through a recording executor."""
+
+    def __init__(self, root: str, *, interval: float = 1000.0, rate: int = 1000) -> None:
+        self.clock = Clock()
+        self.store = ShardStore(root)
+        #: Shard ids checked by the scrubber, in order.
+        self.checked: list[str] = []
+        #: When set, calls wait here until the test runs them (a busy disk thread).
+        self.held: list[tuple[Any, tuple[Any, ...], defer.Deferred[Any]]] | None = None
+        self.server = ShardServer(self.store, "chunk-3", self.executor, LoadMeter(self.clock))
+        self.scrubber = ShardScrubber(self.clock, self.server, interval=interval, rate=rate)
+
+    def executor(self, f: Any, *args: Any) -> defer.Deferred[Any]:
+        if f is check_shard:
+            self.checked.append(args[1])
+        if self.held is not None:
+            d: defer.Deferred[Any] = defer.Deferred()
+            self.held.append((f, args, d))
+            return d
+        return synchronous_executor(f, *args)
+
+    def scan(self) -> None:
+        """List the store into the server, as ChunkService does before scrubbing starts."""
+        self.server.scan()
+
+    def advance(self, seconds: float) -> None:
+        """Move the clock on by ``seconds``, firing each timer at its time, as a punctual
+        reactor would (`Clock.advance` fires them all at the end, late)."""
+        end = self.clock.seconds() + seconds
+        while True:
+            due = [call.getTime() for call in self.clock.getDelayedCalls()]
+            if not due or min(due) > end:
+                break
+            self.clock.advance(max(0.0, min(due) - self.clock.seconds()))
+        self.clock.advance(end - self.clock.seconds())
+
+    def run_pass(self) -> None:
+        """Start the scrubber and run its first pass to the end."""
+        self.scrubber.startService()
+        while self.scrubber.passes == 0:
+            self.advance(0.01)
+
+
+class PacingTests(SynchronousTestCase):
+    """Healthy passes: every shard read in id order, at most `rate` bytes per second."""
+
+    def test_healthy_pass_is_paced(self) -> None:
+        """A pass reads every held shard in id order, one after another, waiting after each
+        as long as its bytes take at `scrub_rate`: a pass over shards of known sizes takes
+        their sum divided by the rate, on the clock; nothing is marked; the bytes are counted
+        in the load."""
+        s = Scrubbed(self.mktemp(), rate=1000)
+        sizes = {
+            C: write_shard(s.store, C, 3),
+            A: write_shard(s.store, A, 1),
+            B: write_shard(s.store, B, 2),
+        }
+        s.scan()
+        s.scrubber.startService()
+        # The first read starts at once; each next one once the bytes before it allow.
+        self.assertEqual(s.checked, [A])
+        s.clock.advance(sizes[A] / 1000 - 0.001)
+        self.assertEqual(s.checked, [A])
+        s.clock.advance(0.001)
+        self.assertEqual(s.checked, [A, B])
+        s.clock.advance(sizes[B] / 1000)
+        self.assertEqual(s.checked, [A, B, C])
+        self.assertEqual(s.scrubber.passes, 0)
+        s.clock.advance(sizes[C] / 1000 - 0.001)
+        self.assertEqual(s.scrubber.passes, 0)
+        s.clock.advance(0.001)
+        self.assertEqual(s.scrubber.passes, 1)
+        scrub = s.scrubber.last_pass
+        assert scrub is not None and scrub.finished is not None
+        total = sum(sizes.values())
+        self.assertAlmostEqual(scrub.finished - scrub.started, total / 1000)
+        self.assertEqual((scrub.shards, scrub.bytes, scrub.damaged, scrub.gone, scrub.unreadable), (3, total, [], 0, 0))
+        self.assertEqual(s.server.corrupt, set())
+        self.assertEqual(s.server.held_ids(), [A, B, C])
+        self.assertEqual(s.server.meter.totals["scrub_bytes"], total)
+        self.assertEqual(s.server.meter.totals["scrub_errors"], 0)
+        self.assertIn("scrub_bytes_s", s.server.load())
+        s.scrubber.stopService()
+
+    def test_passes_repeat_after_interval(self) -> None:
+        """The next pass starts `scrub_interval` after the previous one started; shards
+        stored meanwhile are read by it."""
+        s = Scrubbed(self.mktemp(), interval=100.0, rate=1 << 30)
+        write_shard(s.store, A, 1)
+        s.scan()
+        s.scrubber.startService()
+        s.advance(1)
+        self.assertEqual((s.checked, s.scrubber.passes), ([A], 1))
+        write_shard(s.store, B, 1)
+        s.server.shard_ids.add(B)  # as a PutShard does
+        s.advance(98.5)
+        self.assertEqual(s.checked, [A])
+        s.advance(0.5)  # 100 s after the first pass started
+        self.assertEqual(s.checked, [A, A])
+        s.advance(0.01)
+        self.assertEqual((s.checked, s.scrubber.passes), ([A, A, B], 2))
+        s.advance(99.99)
+        self.assertEqual(s.checked, [A, A, B, A])
+        s.scrubber.stopService()
+
+    def test_pass_longer_than_interval(self) -> None:
+        """A pass that takes longer than `scrub_interval` is followed by the next at once."""
+        s = Scrubbed(self.mktemp(), interval=1.0, rate=1000)
+        size = write_shard(s.store, A, 5)
+        s.scan()
+        s.scrubber.startService()
+        s.clock.advance(size / 1000 - 0.001)
+        self.assertEqual(s.checked, [A])
+        s.clock.advance(0.001)
+        self.assertEqual((s.checked, s.scrubber.passes), ([A, A], 1))
+        s.scrubber.stopService()
+
+    def test_rate_zero_disables(self) -> None:
+        """A `scrub_rate` of 0 reads nothing, ever, and schedules nothing."""
+        s = Scrubbed(self.mktemp(), rate=0)
+        write_shard(s.store, A, 1)
+        s.scan()
+        with capturedLogs() as events:
+            s.scrubber.startService()
+        self.assertEqual(s.clock.getDelayedCalls(), [])
+        s.clock.advance(10**7)
+        self.assertEqual((s.checked, s.scrubber.passes), ([], 0))
+        self.assertIn("background scrubbing is off", messages(events, LogLevel.info)[0])
+        s.scrubber.stopService()
+
+    def test_bad_settings_refused(self) -> None:
+        """A scrubber needs a positive interval and a rate of 0 or more."""
+        server = ShardServer(ShardStore(self.mktemp()), "chunk-3", synchronous_executor, LoadMeter(Clock()))
+        for interval, rate in ((0.0, 1), (-1.0, 1), (1.0, -1)):
+            self.assertRaises(ValueError, ShardScrubber, Clock(), server, interval=interval, rate=rate)
+
+
+class FindingTests(SynchronousTestCase):
+    """What the scrubber does with damaged, gone and unreadable shards."""
+
+    def test_flipped_byte(self) -> None:
+        """A flipped byte in a cell makes the shard damaged: in `corrupt`, left out of the
+        shard report (`held_ids`) but still counted in the heartbeat's shard count, its file
+        kept, one error line naming the shard and the bad cell, counted in the load. The
+        next pass does not read it again; a fresh upload of it would clear the mark."""
+        s = Scrubbed(self.mktemp(), rate=1 << 30)
+        write_shard(s.store, A, 1)
+        write_shard(s.store, B, 4)
+        write_shard(s.store, C, 1)
+        flip_byte(s.store, B, 2)
+        s.scan()
+        with capturedLogs() as events:
+            s.run_pass()
+        self.assertEqual(s.server.corrupt, {B})
+        self.assertEqual(s.server.held_ids(), [A, C])
+        self.assertEqual(s.server.shard_ids, {A, B, C})
+        self.assertTrue(os.path.exists(s.store.path(B)))
+        [error] = messages(events, LogLevel.error)
+        self.assertIn(f"shard {B} damaged (bad cells 2)", error)
+        self.assertIn("left out of shard reports", error)
+        [event] = [e for e in events if e["log_level"] == LogLevel.error]
+        self.assertEqual(event["cells"], [2])
+        self.assertEqual(s.scrubber.last_pass.damaged if s.scrubber.last_pass else None, [B])
+        self.assertEqual(s.server.meter.totals["scrub_errors"], 1)
+        load = s.server.load()
+        self.assertEqual(load["corrupt_shards"], 1.0)
+        self.assertGreater(load["scrub_errors_s"], 0.0)
+        _capacity, _used, shards = self.successResultOf(s.server.status())
+        self.assertEqual(shards, 3)
+        s.checked.clear()
+        s.advance(1000)
+        self.assertEqual(s.checked, [A, C])
+        s.scrubber.stopService()
+
+    def test_bad_header(self) -> None:
+        """A shard whose header fails its checksum is damaged too, the log saying so."""
+        s = Scrubbed(self.mktemp(), rate=1 << 30)
+        write_shard(s.store, A, 2)
+        s.scan()
+        with open(s.store.path(A), "r+b") as f:
+            f.seek(20)
+            f.write(b"\xee")
+        with capturedLogs() as events:
+            s.run_pass()
+        self.assertEqual(s.server.corrupt, {A})
+        self.assertEqual(s.server.held_ids(), [])
+        [error] = messages(events, LogLevel.error)
+        self.assertIn(f"shard {A} damaged (its header", error)
+        s.scrubber.stopService()
+
+    def test_disk_read_error(self) -> None:
+        """A read the disk fails (EIO) makes the shard damaged, as on the read path; one
+        failing for a passing reason of the server's (ENOMEM) leaves it alone, with a
+        warning, to be read again next pass."""
+        s = Scrubbed(self.mktemp(), rate=1 << 30)
+        write_shard(s.store, A, 2)
+        write_shard(s.store, B, 2)
+        s.scan()
+        real = ShardReader.read_record
+
+        def read_record(reader: ShardReader, i: int) -> Any:
+            if reader.shard_id == A:
+                raise OSError(errno.EIO, "Input/output error")
+            if reader.shard_id == B:
+                raise OSError(errno.ENOMEM, "Cannot allocate memory")
+            return real(reader, i)
+
+        self.patch(ShardReader, "read_record", read_record)
+        with capturedLogs() as events:
+            s.run_pass()
+        self.assertEqual(s.server.corrupt, {A})
+        self.assertEqual(s.server.held_ids(), [B])
+        [error] = messages(events, LogLevel.error)
+        self.assertIn(f"shard {A} damaged (the disk cannot read it: [Errno 5] Input/output error)", error)
+        [warning] = messages(events, LogLevel.warn)
+        self.assertIn(f"could not scrub shard {B}: [Errno 12] Cannot allocate memory", warning)
+        scrub = s.scrubber.last_pass
+        assert scrub is not None
+        self.assertEqual((scrub.damaged, scrub.unreadable), ([A], 1))
+        self.assertEqual(s.server.meter.totals["scrub_errors"], 2)
+        s.scrubber.stopService()
+
+    def test_deleted_file(self) -> None:
+        """A shard whose file vanished (an operator deleted it) is dropped from `shard_ids`,
+        so the next shard report omits it; a warning says so."""
+        s = Scrubbed(self.mktemp(), rate=1 << 30)
+        write_shard(s.store, A, 1)
+        write_shard(s.store, B, 1)
+        s.scan()
+        os.unlink(s.store.path(A))
+        with capturedLogs() as events:
+            s.run_pass()
+        self.assertEqual(s.server.shard_ids, {B})
+        self.assertEqual(s.server.held_ids(), [B])
+        self.assertEqual(s.server.corrupt, set())
+        [warning] = messages(events, LogLevel.warn)
+        self.assertIn(f"no longer has shard {A}: its file is gone", warning)
+        scrub = s.scrubber.last_pass
+        assert scrub is not None
+        self.assertEqual(scrub.gone, 1)
+        s.scrubber.stopService()
+
+    def test_removed_damaged_file_is_forgotten(self) -> None:
+        """Once an operator removes a damaged shard's file, the end of the next pass forgets
+        it: it no longer counts as held or damaged."""
+        s = Scrubbed(self.mktemp(), interval=10.0, rate=1 << 30)
+        write_shard(s.store, A, 2)
+        write_shard(s.store, B, 1)
+        flip_byte(s.store, A, 0)
+        s.scan()
+        s.run_pass()
+        self.assertEqual(s.server.corrupt, {A})
+        os.unlink(s.store.path(A))
+        s.advance(10)
+        self.assertEqual((s.server.shard_ids, s.server.corrupt), ({B}, set()))
+        self.assertEqual(self.successResultOf(s.server.status())[2], 1)
+        s.scrubber.stopService()
+
+    def test_replaced_during_scrub(self) -> None:
+        """A damaged file replaced by a fresh copy while it was being read is not marked:
+        what the read found is about a file no longer there."""
+        s = Scrubbed(self.mktemp(), rate=1 << 30)
+        write_shard(s.store, A, 2)
+        flip_byte(s.store, A, 1)
+        s.scan()
+        real = s.store.verify
+
+        def verify(shard_id: str) -> list[int]:
+            bad = real(shard_id)
+            self.assertEqual(bad, [1])
+            write_shard(s.store, A, 2)  # a commit renames a new file over it
+            return bad
+
+        s.store.verify = verify  # type: ignore[method-assign]
+        with capturedLogs() as events:
+            s.run_pass()
+        self.assertEqual(s.server.corrupt, set())
+        self.assertEqual(s.server.held_ids(), [A])
+        self.assertEqual(messages(events, LogLevel.error), [])
+        s.store.verify = real  # type: ignore[method-assign]
+        self.assertEqual(check_shard(s.store, A).outcome, HEALTHY)
+        s.scrubber.stopService()
+
+    def test_deleted_during_scrub(self) -> None:
+        """A shard deleted while it is read is skipped: neither marked nor complained of."""
+        s = Scrubbed(self.mktemp(), rate=1 << 30)
+        write_shard(s.store, A, 2)
+        flip_byte(s.store, A, 1)
+        s.scan()
+        real = s.store.verify
+
+        def verify(shard_id: str) -> list[int]:
+            bad = real(shard_id)
+            s.store.delete(shard_id)
+            return bad
+
+        s.store.verify = verify  # type: ignore[method-assign]
+        self.assertEqual(check_shard(s.store, A).outcome, CHANGED)
+        write_shard(s.store, A, 2)
+        flip_byte(s.store, A, 1)
+        with capturedLogs() as events:
+            s.run_pass()
+        self.assertEqual(s.server.corrupt, set())
+        self.assertEqual([e for e in events if e["log_level"] >= LogLevel.warn], [])
+        s.scrubber.stopService()
+
+    def test_fresh_copy_being_written(self) -> None:
+        """Damage found while a fresh copy of the shard is being uploaded is not marked: the
+        upload is about to replace the file."""
+        s = Scrubbed(self.mktemp(), rate=1 << 30)
+        write_shard(s.store, A, 2)
+        flip_byte(s.store, A, 1)
+        s.scan()
+
+        class Upload:
+            msg = PutShard(A, "RS-4-2", 0, FRAGMENT)
+
+        class Connection:
+            pass
+
+        connection = Connection()
+        s.server.uploads[connection] = {Upload()}  # type: ignore[index]
+        self.assertTrue(s.server.writing(A))
+        s.run_pass()
+        self.assertEqual(s.server.corrupt, set())
+        s.scrubber.stopService()
+
+    def test_check_outcomes(self) -> None:
+        """check_shard tells a healthy shard, a damaged one and a missing one apart, with the
+        file's size."""
+        store = ShardStore(self.mktemp())
+        size = write_shard(store, A, 3)
+        write_shard(store, B, 3)
+        flip_byte(store, B, 0)
+        flip_byte(store, B, 2)
+        self.assertEqual(check_shard(store, A).outcome, HEALTHY)
+        self.assertEqual(check_shard(store, A).size, size)
+        damaged = check_shard(store, B)
+        self.assertEqual((damaged.outcome, damaged.bad_cells), (DAMAGED, (0, 2)))
+        self.assertEqual(check_shard(store, C).outcome, GONE)
+        self.assertNotIn(UNREADABLE, {check_shard(store, x).outcome for x in (A, B, C)})
+
+
+class StopTests(SynchronousTestCase):
+    """stopService leaves nothing behind."""
+
+    def test_stop_while_sleeping(self) -> None:
+        """Stopping between shards cancels the pacing timer: nothing is left scheduled,
+        and nothing more is read."""
+        s = Scrubbed(self.mktemp(), rate=1000)
+        write_shard(s.store, A, 1)
+        write_shard(s.store, B, 1)
+        s.scan()
+        s.scrubber.startService()
+        self.assertEqual(len(s.clock.getDelayedCalls()), 1)
+        s.scrubber.stopService()
+        self.assertEqual(s.clock.getDelayedCalls(), [])
+        s.clock.advance(10**6)
+        self.assertEqual(s.checked, [A])
+
+    def test_stop_while_reading(self) -> None:
+        """Stopping while a read runs in the executor drops its result when it comes: a
+        damaged shard found after the stop is not marked, no timer is started, no error is
+        left unhandled."""
+        s = Scrubbed(self.mktemp(), rate=1000)
+        write_shard(s.store, A, 2)
+        flip_byte(s.store, A, 0)
+        s.scan()
+        s.held = []
+        s.scrubber.startService()
+        [(f, args, d)] = s.held
+        s.scrubber.stopService()
+        d.callback(f(*args))  # the thread finishes after the stop
+        self.assertEqual(s.server.corrupt, set())
+        self.assertEqual(s.clock.getDelayedCalls(), [])
+        self.assertEqual(s.scrubber.passes, 0)
+
+    def test_stop_between_passes_and_restart(self) -> None:
+        """Stopped while waiting for the next pass, the scrubber leaves no timer; started
+        again, it begins a pass at once."""
+        s = Scrubbed(self.mktemp(), interval=100.0, rate=1 << 30)
+        write_shard(s.store, A, 1)
+        s.scan()
+        s.run_pass()
+        self.assertEqual(len(s.clock.getDelayedCalls()), 1)
+        s.scrubber.stopService()
+        self.assertEqual(s.clock.getDelayedCalls(), [])
+        s.scrubber.startService()
+        self.assertEqual(s.checked, [A, A])
+        s.scrubber.stopService()
+
+
+class ReportTests(SynchronousTestCase):
+    """What the server reports of shards it cannot serve."""
+
+    def test_held_ids_leave_out_damaged(self) -> None:
+        """held_ids (the shard report) leaves out the damaged, sorted; a fresh upload clears
+        the mark (PutShard and RebuildShard discard it) and reports the shard again."""
+        store = ShardStore(self.mktemp())
+        server = ShardServer(store, "chunk-3", synchronous_executor, LoadMeter(Clock()))
+        for shard_id in (C, A, B):
+            write_shard(store, shard_id, 1)
+        server.scan()
+        server.corrupt.add(B)
+        self.assertEqual(server.held_ids(), [A, C])
+        server.corrupt.discard(B)
+        self.assertEqual(server.held_ids(), [A, B, C])
+
+    def test_get_of_vanished_file(self) -> None:
+        """A GetShard that finds the file of a held shard gone answers not_found and drops
+        the id, so that the next shard report omits it; a damaged shard's mark goes with it."""
+        clock = Clock()
+        store = ShardStore(self.mktemp())
+        server = ShardServer(store, "chunk-3", synchronous_executor, LoadMeter(clock))
+        write_shard(store, A, 1)
+        write_shard(store, B, 1)
+        server.scan()
+        server.corrupt.add(B)
+        client, pump = pair(dict(server.handlers()), clock)
+        for shard_id in (A, B):
+            os.unlink(store.path(shard_id))
+            with capturedLogs() as events:
+                d = client.call(GetShard(shard_id, 0, -1))
+                pump.flush()
+            error = self.failureResultOf(d, WireError).value
+            self.assertEqual((error.code, error.message), ("not_found", f"chunk-3 has no shard {shard_id}"))
+            self.assertIn(f"no longer has shard {shard_id}", messages(events, LogLevel.warn)[0])
+        self.assertEqual((server.shard_ids, server.corrupt, server.held_ids()), (set(), set(), []))
+        # A shard never held is only not_found: nothing is logged.
+        with capturedLogs() as events:
+            d = client.call(GetShard(C, 0, -1))
+            pump.flush()
+        self.assertEqual(self.failureResultOf(d, WireError).value.code, "not_found")
+        self.assertEqual(messages(events, LogLevel.warn), [])
+
+
+class ServiceTests(SynchronousTestCase):
+    """The scrubber in the chunk server's service tree, and its configuration."""
+
+    def test_service_scrubs_and_stops_cleanly(self) -> None:
+        """ChunkService starts a scrubber with the config's settings once the store is
+        scanned; stopping the service leaves no scrub timer behind."""
+        root = os.path.abspath(self.mktemp())
+        store = ShardStore(root)
+        write_shard(store, A, 2)
+        write_shard(store, B, 2)
+        flip_byte(store, B, 1)
+        reactor = MemoryReactorClock()
+        cfg = ChunkConfig(
+            id="chunk-3", listen="tcp:7103:interface=127.0.0.1", address="127.0.0.1:7103",
+            data_dir=root, meta=("127.0.0.1:1",), scrub_interval=50.0, scrub_rate=1000,
+        )
+        service = ChunkService(reactor, cfg, executor=synchronous_executor)
+        with capturedLogs():
+            service.startService()
+            self.successResultOf(service.when_ready())
+            assert service.scrubber is not None and service.server is not None
+            self.assertEqual((service.scrubber.interval, service.scrubber.rate), (50.0, 1000))
+            self.assertTrue(service.scrubber.running)
+            reactor.advance(100)
+            self.assertEqual(service.server.corrupt, {B})
+            self.assertEqual(service.server.held_ids(), [A])
+            self.successResultOf(service.stopService())
+        self.assertFalse(service.scrubber.running)
+        # What is left is the first heartbeat's connection attempt, which the memory reactor
+        # never completes; no scrub timer.
+        left = [c for c in reactor.getDelayedCalls() if c.active()]
+        self.assertEqual([c for c in left if "timeItOut" not in repr(c)], [])
+
+    def write(self, text: str) -> str:
+        path = self.mktemp() + ".toml"
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def test_config(self) -> None:
+        """[chunk] scrub_interval defaults to a week and must be positive; scrub_rate
+        defaults to 4 MiB/s, may be 0 (no scrubbing), and may not be negative or a float."""
+        base = '[chunk]\nid = "c"\nlisten = "tcp:1"\naddress = "a:1"\ndata_dir = "d"\nmeta = ["m:1"]\n'
+        chunk = config.load_chunk(self.write(base))
+        self.assertEqual((chunk.scrub_interval, chunk.scrub_rate), (604800.0, 4 << 20))
+        chunk = config.load_chunk(self.write(base + "scrub_interval = 3600\nscrub_rate = 0\n"))
+        self.assertEqual((chunk.scrub_interval, chunk.scrub_rate), (3600.0, 0))
+        for line, expected in (
+            ("scrub_interval = 0", "[chunk] scrub_interval must be positive, not 0.0"),
+            ("scrub_interval = -5.0", "[chunk] scrub_interval must be positive"),
+            ("scrub_rate = -1", "[chunk] scrub_rate must be a number of bytes per second, or 0 for no scrubbing, not -1"),
+            ("scrub_rate = 1.5", "[chunk] scrub_rate must be a int, not 1.5"),
+            ('scrub_rate = "fast"', "[chunk] scrub_rate must be a int"),
+        ):
+            e = self.assertRaises(config.ConfigError, config.load_chunk, self.write(base + line + "\n"))
+            self.assertIn(expected, str(e))
