@@ -22,6 +22,7 @@ from dogfs.meta.commands import (
     ErrorCode,
     ExpireAllocations,
     MetaError,
+    MoveShard,
     Ok,
     RegisterChunkServer,
     RemoveChunkServer,
@@ -796,6 +797,13 @@ class ReportGapTests(StateTestCase):
         for n, batch in enumerate(batches):
             self.h.ok(m.ShardReport(node, n, n == len(batches) - 1), "\n".join(batch).encode("ascii"))
 
+    def move_away(self, bg_id: int, index: int) -> None:
+        """Move shard ``index`` of the group from chunk-1 to a server holding none of it."""
+        holders = {s.node_id for s in self.h.state.block_group(bg_id)[0].shards}
+        to = min({f"chunk-{i}" for i in range(2, 7)} - holders)
+        result = self.successResultOf(self.h.log.propose(MoveShard(bg_id, index, "chunk-1", to)))
+        self.assertEqual(result, Ok())
+
     def test_left_out_twice_is_missing(self) -> None:
         """A shard left out of one report is not yet missing (it may be newer than the
         server's list); left out of two in a row, it is. Found wherever it falls: between
@@ -843,3 +851,45 @@ class ReportGapTests(StateTestCase):
         group = self.h.state.block_group(bg_id)[0]
         self.assertNotEqual(group.shards[index].node_id, "chunk-1")
         self.assertEqual(scheduler.stats.rebuilt, 1)
+
+    def test_missing_of_a_server_gone_since_cost_nothing(self) -> None:
+        """A server whose many missing shards were all moved away by a repair, and which
+        reports no more, does not take the planning budget from another server's missing
+        shard: its keys are dropped once looked at."""
+        from dogfs.meta import repair as repair_module
+
+        self.patch(repair_module, "MISSING_BATCH", 3)
+        for bg_id, index in sorted(map(parse_shard_id, self.ids)):
+            self.move_away(bg_id, index)
+        self.h.handlers.missing["chunk-1"] = {parse_shard_id(i) for i in self.ids}  # as reported before
+        alloc = self.h.result(Allocate("/victim", "RS-2-1", ()))
+        self.h.result(CommitFile("/victim", 1, ((alloc.bg_id, 1),)))
+        node, index = alloc.shards[0].node_id, 0
+        self.h.handlers.missing[node] = {(alloc.bg_id, index)}
+        scheduler = RepairScheduler(
+            self.h.clock, self.h.state, self.h.registry, self.h.log.propose, _Pool([]), 4096,
+            missing=lambda: self.h.handlers.missing, rng=random.Random(3),
+        )
+        for _ in range(4):
+            scheduler.plan_slice()
+        self.assertIn((alloc.bg_id, index), scheduler.tasks)
+        self.assertEqual(self.h.handlers.missing["chunk-1"], set())
+
+    def test_a_large_gap_is_found_a_slice_per_report(self) -> None:
+        """A server that left out very many shards (a disk replaced under the same id) costs
+        the leader a bounded amount per report: the first MAX_ABSENT are found, and the next
+        ones by later reports once those have moved."""
+        from dogfs.meta import service as service_module
+
+        self.patch(service_module, "MAX_ABSENT", 2)
+        self.patch(service_module, "GAP_BATCH", 5)
+        placed = sorted(map(parse_shard_id, self.ids))
+        self.report("chunk-1", [])
+        self.report("chunk-1", [])
+        first = self.h.handlers.missing["chunk-1"]
+        self.assertEqual(first, set(placed[:2]))
+        for bg_id, index in first:
+            self.move_away(bg_id, index)
+        self.report("chunk-1", [])
+        self.report("chunk-1", [])
+        self.assertEqual(self.h.handlers.missing["chunk-1"], set(placed[2:4]))

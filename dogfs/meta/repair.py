@@ -189,6 +189,7 @@ class RepairScheduler:
         self._rounds: dict[str, float] = {}  # lost server -> when its current round began
         self._usable: frozenset[str] = frozenset()
         self._draining: set[str] = set()
+        self._registered: set[str] = set()
         self._turn = 0
         self._dispatch_pending = False
 
@@ -274,11 +275,15 @@ class RepairScheduler:
                     del self.tasks[key]
             elif lost.get(task.from_node) != task.reason:
                 del self.tasks[key]
-        self.blocked = {key: b for key, b in self.blocked.items() if b.node in lost}
+        self.blocked = {
+            key: b for key, b in self.blocked.items() if b.node in lost or key in missing.get(b.node, ())
+        }
         self._cursors = {node: at for node, at in self._cursors.items() if node in lost}
         # A server newly able to take shards or serve them (back, registered, undrained):
         # whatever waited for one may go now.
-        self._draining = {r.node_id for r in self.state.chunk_servers() if r.draining}
+        servers = self.state.chunk_servers()
+        self._draining = {r.node_id for r in servers if r.draining}
+        self._registered = {r.node_id for r in servers}
         usable = frozenset(
             load.node_id for load in self.registry.live() if load.node_id not in self._draining
         )
@@ -329,12 +334,20 @@ class RepairScheduler:
     def _plan_missing(
         self, missing: dict[str, set[tuple[int, int]]], lost: dict[str, str], alive: set[str], now: float
     ) -> None:
-        """Tasks for the shards live servers no longer hold (their shard reports say so)."""
+        """Tasks for the shards live servers no longer hold (their shard reports say so).
+
+        ``missing`` is the handlers' own record: keys no longer placed on their server
+        (moved, deleted) are dropped from it here, as are those of servers lost or removed
+        (which report no more), so that they cost a planning budget once, not every tick."""
         gone = {(node, key) for node, keys in missing.items() for key in keys}
         budget = MISSING_BATCH
-        for node, keys in sorted(missing.items()):
-            if node in lost:
-                continue  # its every shard is planned already
+        nodes = sorted(missing)
+        start = self._turn % max(1, len(nodes))
+        for node in nodes[start:] + nodes[:start]:
+            keys = missing[node]
+            if node in lost or node not in self._registered:
+                keys.clear()  # planned with the rest of its shards, or no longer reporting
+                continue
             for key in sorted(keys):
                 if budget <= 0:
                     return
@@ -343,14 +356,16 @@ class RepairScheduler:
                 budget -= 1
                 found = self.state.block_group(key[0])
                 if found is None or not found[1]:
+                    keys.discard(key)  # deleted since
                     continue
                 info = found[0]
                 if key[1] >= len(info.shards) or info.shards[key[1]].node_id != node:
+                    keys.discard(key)  # moved since
                     continue
                 k = c.parse_policy(info.ec)[0]
                 readable = sum(1 for s in info.shards if s.node_id in alive and (s.node_id, (info.id, s.index)) not in gone)
-                nodes = tuple(s.node_id for s in info.shards)
-                self.tasks[key] = RepairTask(info.id, key[1], node, MISSING, readable - k, info.ec, nodes)
+                holders = tuple(s.node_id for s in info.shards)
+                self.tasks[key] = RepairTask(info.id, key[1], node, MISSING, readable - k, info.ec, holders)
 
     # --- running ---
 

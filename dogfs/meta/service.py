@@ -50,6 +50,10 @@ CLIENT_COMMANDS = (
 # Client commands that need the admin role.
 ADMIN_COMMANDS = (c.SetDefaultPolicy, c.DrainChunkServer, c.RemoveChunkServer)
 REPORT_BATCH = 20_000
+# Shards found absent from one report at most, and placements looked at per batch beyond the
+# ids it lists: what bounds the leader's work on a report that leaves out very many.
+MAX_ABSENT = 20_000
+GAP_BATCH = 5_000
 
 
 def _check_heartbeat(msg: m.Heartbeat) -> None:
@@ -83,6 +87,7 @@ class _ReportGap:
     after: tuple[int, int] | None = None
     next_batch: int = 0
     absent: set[tuple[int, int]] = attrs.field(factory=set)
+    truncated: bool = False  # found as many as one report looks for: the rest next time
 
 
 class MetaHandlers:
@@ -481,7 +486,15 @@ class MetaHandlers:
         if listed and gap.after is not None and listed[0] <= gap.after:
             self._gaps.pop(node, None)  # not sorted as promised: no conclusion
             return
-        gap.absent.update(set(self.state.committed_between(node, gap.after, upto)).difference(listed))
+        if not gap.truncated:
+            # Bounded work per batch: a server that lost thousands of shards (a disk replaced
+            # under the same id) has its first MAX_ABSENT found now, the next ones by later
+            # reports as repair moves these away.
+            room = min(len(listed) + GAP_BATCH, MAX_ABSENT - len(gap.absent) + len(listed))
+            placed = self.state.committed_between(node, gap.after, upto, limit=room)
+            gap.absent.update(set(placed).difference(listed))
+            if len(placed) >= room:
+                gap.truncated = True
         gap.after, gap.next_batch = upto, gap.next_batch + 1
         if msg.last:
             del self._gaps[node]

@@ -1091,11 +1091,12 @@ class NamespaceState:
         return out, None, looked
 
     def committed_between(
-        self, node_id: str, after: tuple[int, int] | None, upto: tuple[int, int] | None
+        self, node_id: str, after: tuple[int, int] | None, upto: tuple[int, int] | None,
+        limit: int | None = None,
     ) -> builtins.list[tuple[int, int]]:
         """(bg_id, index) of the committed shards placed on C{node_id} with C{after <
-        (bg_id, index) <= upto} (None: unbounded), in order: what a shard report batch
-        covering that range should list."""
+        (bg_id, index) <= upto} (None: unbounded), in order, at most C{limit}: what a shard
+        report batch covering that range should list."""
         out: builtins.list[tuple[int, int]] = []
         node_key = _id_key(node_id)
         if node_key is None:
@@ -1117,6 +1118,8 @@ class NamespaceState:
                 raw = txn.get(key[-9:-1], db=bgroups)
                 if raw is not None and _unpack(raw)[0]:
                     out.append(where)
+                    if limit is not None and len(out) >= limit:
+                        break
         return out
 
     def count_on(self, node_id: str) -> tuple[int, int]:
