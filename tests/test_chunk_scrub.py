@@ -10,6 +10,8 @@ simulated time, so its pacing is exact.
 from __future__ import annotations
 
 import errno
+import json
+import math
 import os
 from typing import Any
 
@@ -26,9 +28,17 @@ from dogfs.chunk.scrub import (
     DAMAGED,
     GONE,
     HEALTHY,
+    MAX_LOST_IN_A_ROW,
+    MIN_SHARD_COST,
+    PROGRESS_FILE,
+    SAVE_SECONDS,
+    SAVE_SHARDS,
     UNREADABLE,
+    ScrubProgress,
     ShardScrubber,
     check_shard,
+    load_progress,
+    save_progress,
 )
 from dogfs.chunk.server import ShardServer, synchronous_executor
 from dogfs.chunk.service import ChunkService
@@ -76,11 +86,14 @@ def messages(events: list[LogEvent], level: LogLevel) -> list[str]:
 class Scrubbed:
     """A ShardServer on a temp dir and a scrubber for it, reading through a recording executor."""
 
-    def __init__(self, root: str, *, interval: float = 1000.0, rate: int = 1000) -> None:
+    def __init__(self, root: str, *, interval: float = 1000.0, rate: int = 1000, now: float = 0.0) -> None:
         self.clock = Clock()
+        self.clock.advance(now)  # a restarted server's clock goes on from where it was
         self.store = ShardStore(root)
         #: Shard ids checked by the scrubber, in order.
         self.checked: list[str] = []
+        #: How many times the scrubber saved its progress.
+        self.saves = 0
         #: When set, calls wait here until the test runs them (a busy disk thread).
         self.held: list[tuple[Any, tuple[Any, ...], defer.Deferred[Any]]] | None = None
         self.server = ShardServer(self.store, "chunk-3", self.executor, LoadMeter(self.clock))
@@ -89,6 +102,8 @@ class Scrubbed:
     def executor(self, f: Any, *args: Any) -> defer.Deferred[Any]:
         if f is check_shard:
             self.checked.append(args[1])
+        if f is save_progress:
+            self.saves += 1
         if self.held is not None:
             d: defer.Deferred[Any] = defer.Deferred()
             self.held.append((f, args, d))
@@ -453,7 +468,7 @@ class StopTests(SynchronousTestCase):
 
     def test_stop_between_passes_and_restart(self) -> None:
         """Stopped while waiting for the next pass, the scrubber leaves no timer; started
-        again, it begins a pass at once."""
+        again, it begins the next pass when it is due, not at once."""
         s = Scrubbed(self.mktemp(), interval=100.0, rate=1 << 30)
         write_shard(s.store, A, 1)
         s.scan()
@@ -462,7 +477,342 @@ class StopTests(SynchronousTestCase):
         s.scrubber.stopService()
         self.assertEqual(s.clock.getDelayedCalls(), [])
         s.scrubber.startService()
+        self.assertEqual(s.checked, [A])
+        s.advance(100)
         self.assertEqual(s.checked, [A, A])
+        s.scrubber.stopService()
+
+
+def shard_ids(count: int) -> list[str]:
+    """``count`` shard ids, in id order."""
+    return [f"{i:016x}-00" for i in range(1, count + 1)]
+
+
+class ProgressTests(SynchronousTestCase):
+    """How far a pass got survives restarts (PROGRESS_FILE under the data directory)."""
+
+    def test_restarts_resume_the_pass(self) -> None:
+        """A server restarted more often than a pass lasts still scrubs every shard: each
+        start goes on after the last shard the one before scrubbed (saved at stop), keeping
+        the pass's start time, until the pass ends; each shard is read once."""
+        root = self.mktemp()
+        s = Scrubbed(root, rate=1000)
+        ids = shard_ids(6)
+        size = 0
+        for shard_id in ids:
+            size = write_shard(s.store, shard_id, 3)
+        flip_byte(s.store, ids[-1], 1)
+        checked: list[str] = []
+        now = 0.0
+        found: set[str] = set()
+        for _restart in range(10):
+            # A new process: a fresh server scans the store; a fresh scrubber starts.
+            s = Scrubbed(root, rate=1000, now=now)
+            s.scan()
+            s.scrubber.startService()
+            s.advance(1.6 * size / 1000)  # two shards' worth, less than a third of a pass
+            now = s.clock.seconds()
+            passes = s.scrubber.passes
+            found |= s.server.corrupt
+            self.successResultOf(defer.maybeDeferred(s.scrubber.stopService))
+            checked += s.checked
+            if passes:
+                break
+            progress = load_progress(os.path.join(s.store.root, PROGRESS_FILE))
+            self.assertEqual(progress, ScrubProgress(0.0, checked[-1]))
+        self.assertEqual(checked, ids)
+        self.assertEqual(found, {ids[-1]})
+        scrub = s.scrubber.last_pass
+        assert scrub is not None and scrub.finished is not None
+        # The last shard was read before the last restart; the pass ended after it.
+        self.assertEqual((scrub.started, scrub.resumed_after, scrub.shards), (0.0, ids[-1], 0))
+        progress = load_progress(s.scrubber.progress_path)
+        self.assertEqual(progress, ScrubProgress(0.0, ids[-1], scrub.finished))
+
+    def test_crash_resumes_from_the_last_save(self) -> None:
+        """The progress is saved every SAVE_SECONDS (not per shard): a server that dies
+        without stopping goes on after the last shard saved, rereading the few since."""
+        root = self.mktemp()
+        s = Scrubbed(root, rate=1000)
+        ids = shard_ids(30)
+        size = 0
+        for shard_id in ids:
+            size = write_shard(s.store, shard_id, 3)
+        s.scan()
+        s.scrubber.startService()
+        s.advance(80)  # 26 shards read, then the process dies: no stopService
+        self.assertEqual(len(s.checked), 26)
+        self.assertEqual(s.saves, 1)
+        # The first shard done 60 s or more after the pass began.
+        saved = ids[math.ceil(60 / (size / 1000))]
+        self.assertEqual(load_progress(s.scrubber.progress_path), ScrubProgress(0.0, saved))
+        s = Scrubbed(root, rate=1000, now=80)
+        s.scan()
+        s.scrubber.startService()
+        self.assertEqual(s.checked, [ids[ids.index(saved) + 1]])
+        s.scrubber.stopService()
+
+    def test_saved_every_so_many_shards(self) -> None:
+        """A fast pass saves its progress every SAVE_SHARDS shards (and at its end), however
+        little time they take: not once per shard."""
+        s = Scrubbed(self.mktemp(), rate=1 << 30)
+        ids = shard_ids(SAVE_SHARDS + 1)
+        for shard_id in ids:
+            write_shard(s.store, shard_id, 1)
+        s.scan()
+        saved: list[ScrubProgress] = []
+        real = s.executor
+
+        def executor(f: Any, *args: Any) -> defer.Deferred[Any]:
+            if f is save_progress:
+                saved.append(args[1])
+            return real(f, *args)
+
+        s.server.executor = executor
+        s.run_pass()
+        self.assertLess(s.clock.seconds(), SAVE_SECONDS)
+        [first, last] = saved
+        self.assertEqual(first, ScrubProgress(0.0, ids[SAVE_SHARDS - 1]))
+        self.assertEqual((last.last, last.finished is not None), (ids[-1], True))
+        s.scrubber.stopService()
+
+    def test_finished_pass_not_repeated_early(self) -> None:
+        """A restart after a finished pass waits until `scrub_interval` after that pass
+        started; one long after starts the next pass at once; a pass start in the future (a
+        clock set back) puts the next pass off by no more than the interval."""
+        root = self.mktemp()
+        s = Scrubbed(root, interval=1000.0, rate=1 << 30)
+        write_shard(s.store, A, 1)
+        s.scan()
+        s.run_pass()
+        s.scrubber.stopService()
+        s = Scrubbed(root, interval=1000.0, rate=1 << 30, now=400)
+        s.scan()
+        s.scrubber.startService()
+        s.advance(599.9)
+        self.assertEqual(s.checked, [])
+        s.advance(0.1)
+        self.assertEqual(s.checked, [A])
+        s.scrubber.stopService()
+        s = Scrubbed(root, interval=1000.0, rate=1 << 30, now=5000)
+        s.scan()
+        s.scrubber.startService()
+        self.assertEqual(s.checked, [A])
+        s.scrubber.stopService()
+        save_progress(s.scrubber.progress_path, ScrubProgress(1e9, A, 1e9))
+        s = Scrubbed(root, interval=1000.0, rate=1 << 30, now=6000)
+        s.scan()
+        s.scrubber.startService()
+        s.advance(999.9)
+        self.assertEqual(s.checked, [])
+        s.advance(0.1)
+        self.assertEqual(s.checked, [A])
+        s.scrubber.stopService()
+
+    def test_garbled_file_ignored(self) -> None:
+        """A progress file that is not sane is ignored with a warning naming it: a new pass
+        starts at once from the first shard, and its end writes a sane file again."""
+        garbage = [
+            b"\x00\xff\xfe",
+            b"{",
+            b"[]",
+            b'{"version": 2, "started": 1.0, "last": null, "finished": null}',
+            b'{"version": 1, "started": "yesterday", "last": null, "finished": null}',
+            b'{"version": 1, "started": NaN, "last": null, "finished": null}',
+            b'{"version": 1, "started": true, "last": null, "finished": null}',
+            b'{"version": 1, "started": 10.0, "last": null, "finished": 5.0}',
+            b'{"version": 1, "started": 1.0, "last": "../../../etc/passwd", "finished": null}',
+            b'{"version": 1, "started": 1.0, "last": null, "finished": null, "x": "' + b"x" * 5000 + b'"}',
+        ]
+        for data in garbage:
+            root = self.mktemp()
+            s = Scrubbed(root, rate=1 << 30)
+            write_shard(s.store, A, 1)
+            write_shard(s.store, B, 1)
+            s.scan()
+            with open(s.scrubber.progress_path, "wb") as f:
+                f.write(data)
+            with capturedLogs() as events:
+                s.scrubber.startService()
+                s.advance(1)
+            [warning] = messages(events, LogLevel.warn)
+            self.assertIn(f"chunk-3 ignores its scrub progress file {s.scrubber.progress_path}, which makes no sense", warning)
+            self.assertIn("a new pass starts from the first shard", warning)
+            self.assertEqual((s.checked, s.scrubber.passes), ([A, B], 1), data)
+            progress = load_progress(s.scrubber.progress_path)
+            assert progress is not None
+            self.assertEqual((progress.started, progress.last), (0.0, B))
+            s.scrubber.stopService()
+
+    def test_unreadable_file_ignored(self) -> None:
+        """A progress file that cannot be read (here a directory in its place) is ignored
+        with a warning, and one that cannot be written is warned of; scrubbing goes on."""
+        s = Scrubbed(self.mktemp(), rate=1 << 30)
+        write_shard(s.store, A, 1)
+        s.scan()
+        os.mkdir(s.scrubber.progress_path)
+        with capturedLogs() as events:
+            s.run_pass()
+        first, second = messages(events, LogLevel.warn)
+        self.assertIn("ignores its scrub progress file", first)
+        self.assertIn("which cannot be read", first)
+        self.assertIn(f"could not save its scrub progress to {s.scrubber.progress_path}", second)
+        self.assertEqual(s.checked, [A])
+        s.scrubber.stopService()
+
+    def test_file_layout(self) -> None:
+        """The progress is one small JSON file in the data directory, next to shards/ and
+        tmp/, replaced by a rename (no temporary file is left); the store's listing of its
+        shards does not see it."""
+        s = Scrubbed(self.mktemp(), rate=1 << 30)
+        write_shard(s.store, A, 1)
+        s.scan()
+        s.clock.advance(1234.5)
+        s.run_pass()
+        self.assertEqual(s.scrubber.progress_path, os.path.join(s.store.root, "scrub.json"))
+        self.assertEqual(sorted(os.listdir(s.store.root)), ["scrub.json", "shards", "tmp"])
+        with open(s.scrubber.progress_path, encoding="ascii") as f:
+            record = json.load(f)
+        self.assertEqual((record["version"], record["started"], record["last"]), (1, 1234.5, A))
+        self.assertAlmostEqual(record["finished"], 1234.5, places=3)
+        self.assertEqual([stat.shard_id for stat in s.store.list()], [A])
+        s.scrubber.stopService()
+
+
+class LostDirectoryTests(SynchronousTestCase):
+    """A shards directory gone or remounted, and runs of shards with nothing to read, do not
+    have the server forget or mark its shards wholesale."""
+
+    def setUp(self) -> None:
+        self.s = Scrubbed(self.mktemp(), interval=1000.0, rate=1000)
+        self.ids = shard_ids(5)
+        for shard_id in self.ids:
+            write_shard(self.s.store, shard_id, 2)
+        self.s.scan()
+        self.away = self.s.store.shards_dir + ".away"
+
+    def test_vanished_shards_dir(self) -> None:
+        """With the shards directory gone (an unmounted disk), the first shard found missing
+        forgets nothing: one critical line, the pass stops, and goes on one interval later;
+        by then the directory is back, and every shard is still held and scrubbed."""
+        s = self.s
+        os.rename(s.store.shards_dir, self.away)
+        with capturedLogs() as events:
+            s.scrubber.startService()
+            s.advance(999)
+        [critical] = messages(events, LogLevel.critical)
+        self.assertIn(f"the shards directory of chunk-3 is gone or was remounted: {s.store.shards_dir}: No such file", critical)
+        [warning] = messages(events, LogLevel.warn)
+        self.assertIn("chunk-3 stopped its scrub pass after 0 shards", warning)
+        self.assertIn("it goes on from the first shard in 1000s", warning)
+        self.assertEqual(s.checked, [self.ids[0]])
+        self.assertEqual((s.server.held_ids(), s.server.corrupt), (self.ids, set()))
+        scrub = s.scrubber.last_pass
+        assert scrub is not None
+        self.assertIn("gone or was remounted", scrub.stopped)
+        self.assertEqual(s.scrubber.passes, 0)
+        os.rename(self.away, s.store.shards_dir)
+        s.advance(1 + 5 * 3)
+        # (A pass that ends more than an interval after it started is followed at once.)
+        self.assertEqual(s.checked[:6], [self.ids[0]] + self.ids)
+        self.assertEqual((s.scrubber.passes, s.server.held_ids()), (1, self.ids))
+        s.scrubber.stopService()
+
+    def test_directory_in_its_place(self) -> None:
+        """Another directory where the scanned one was (a remount, one made anew) is taken
+        for a lost one too: its missing files forget nothing."""
+        s = self.s
+        os.rename(s.store.shards_dir, self.away)
+        os.mkdir(s.store.shards_dir)
+        with capturedLogs() as events:
+            s.scrubber.startService()
+        [critical] = messages(events, LogLevel.critical)
+        self.assertIn("is not the directory scanned at start", critical)
+        self.assertEqual(s.server.held_ids(), self.ids)
+        s.scrubber.stopService()
+
+    def test_read_with_shards_dir_gone(self) -> None:
+        """A GetShard of a held shard while the shards directory is gone answers
+        storage_error and forgets nothing; the critical line is said once, not per read.
+        Once the directory is back, a file really missing is not_found, and forgotten."""
+        s = self.s
+        client, pump = pair(dict(s.server.handlers()), s.clock)
+        os.rename(s.store.shards_dir, self.away)
+        with capturedLogs() as events:
+            for shard_id in self.ids[:2]:
+                d = client.call(GetShard(shard_id, 0, -1))
+                pump.flush()
+                error = self.failureResultOf(d, WireError).value
+                self.assertEqual(error.code, "storage_error")
+                self.assertIn(f"chunk-3 cannot read shard {shard_id}: the shards directory of chunk-3 is gone", error.message)
+            d = client.call(GetShard(A, 0, -1))  # never held: not_found as ever
+            pump.flush()
+            self.assertEqual(self.failureResultOf(d, WireError).value.code, "not_found")
+        self.assertEqual(len(messages(events, LogLevel.critical)), 1)
+        self.assertEqual(s.server.held_ids(), self.ids)
+        os.rename(self.away, s.store.shards_dir)
+        d = client.call(GetShard(self.ids[0], 0, -1), on_part=lambda message, payload: None)
+        pump.flush()
+        self.successResultOf(d)
+        os.unlink(s.store.path(self.ids[1]))
+        d = client.call(GetShard(self.ids[1], 0, -1))
+        pump.flush()
+        self.assertEqual(self.failureResultOf(d, WireError).value.code, "not_found")
+        self.assertNotIn(self.ids[1], s.server.shard_ids)
+
+    def test_run_of_lost_shards_stops_the_pass(self) -> None:
+        """Shards gone or damaged with no bytes to read (files missing, or empty) are paced
+        as MIN_SHARD_COST each, and more than MAX_LOST_IN_A_ROW of them in a row stop the
+        pass with an error line: at most that many are forgotten or marked, and the pass
+        goes on, after the last one acted on, one interval later."""
+        rate = 1 << 20
+        s = Scrubbed(self.mktemp(), interval=10000.0, rate=rate)
+        ids = shard_ids(MAX_LOST_IN_A_ROW + 10)
+        for shard_id in ids:
+            write_shard(s.store, shard_id, 1)
+        s.scan()
+        lost = ids[2:]
+        for i, shard_id in enumerate(lost):
+            if i % 2:
+                os.unlink(s.store.path(shard_id))
+            else:
+                open(s.store.path(shard_id), "w").close()  # a file emptied by a broken file system
+        with capturedLogs() as events:
+            s.scrubber.startService()
+            s.advance(3600)
+        [error] = [m for m in messages(events, LogLevel.error) if "stopped its scrub pass" in m]
+        self.assertIn(f"{MAX_LOST_IN_A_ROW} shards in a row were gone or could not even be looked at", error)
+        self.assertIn(f"and so is shard {lost[MAX_LOST_IN_A_ROW]}", error)
+        self.assertIn(f"it goes on after shard {lost[MAX_LOST_IN_A_ROW - 1]} in 10000s", error)
+        acted = lost[:MAX_LOST_IN_A_ROW]
+        self.assertEqual(s.checked, ids[:2] + acted + [lost[MAX_LOST_IN_A_ROW]])
+        self.assertEqual(s.server.corrupt, set(acted[0::2]))
+        self.assertEqual(s.server.shard_ids, set(ids) - set(acted[1::2]))
+        scrub = s.scrubber.last_pass
+        assert scrub is not None
+        self.assertEqual((scrub.shards, len(scrub.damaged), scrub.gone), (2 + MAX_LOST_IN_A_ROW, 50, 50))
+        # Each of those took at least MIN_SHARD_COST of the rate's time.
+        self.assertGreaterEqual(s.clock.seconds(), 3600)
+        self.assertEqual(len(s.checked), 2 + MAX_LOST_IN_A_ROW + 1)
+        s.scrubber.stopService()
+
+    def test_lost_shards_are_paced(self) -> None:
+        """A shard with no file costs MIN_SHARD_COST of the rate's time, as if that much had
+        been read: a run of them cannot sweep the store in no time."""
+        s = Scrubbed(self.mktemp(), rate=MIN_SHARD_COST)  # one second per empty shard
+        for shard_id in (A, B, C):
+            write_shard(s.store, shard_id, 1)
+        s.scan()
+        os.unlink(s.store.path(A))
+        os.unlink(s.store.path(B))
+        s.scrubber.startService()
+        self.assertEqual(s.checked, [A])
+        s.advance(0.99)
+        self.assertEqual(s.checked, [A])
+        s.advance(0.01)
+        self.assertEqual(s.checked, [A, B])
+        s.advance(1.0)
+        self.assertEqual(s.checked, [A, B, C])
         s.scrubber.stopService()
 
 

@@ -6,14 +6,30 @@ when a reader (or a repair that needs it as a source) meets it at last.
 `ShardScrubber` walks the held shards in id order, one at a time, each verified with
 `ShardStore.verify` (every cell against its CRC32C, and the header) in the server's executor,
 never on the reactor. Between shards it sleeps on the injected clock, so that it reads at most
-``rate`` bytes per second on average; a pass starts every ``interval`` seconds after the one
-before it started (at once if that one took longer). What it finds:
+``rate`` bytes per second on average (a shard with no bytes to read counts as `MIN_SHARD_COST`);
+a pass starts every ``interval`` seconds after the one before it started (at once if that one
+took longer).
+
+How far the pass got is kept in ``DATA/scrub.json`` (`ScrubProgress`: when the pass started on
+the clock, which is wall time in the daemon, the last shard id scrubbed, and when it finished),
+saved every `SAVE_SECONDS` or `SAVE_SHARDS` shards, at the end of a pass and at stop, by a
+rename over the old file (no fsync: a crash costs a few minutes of rereading). A restart goes on
+with the interrupted pass after that id, or, if the last pass finished, waits until ``interval``
+after it started: a server restarted more often than a pass lasts still reaches its highest ids.
+A file that cannot be read or makes no sense is ignored (a warning), and a new pass begins.
+
+What it finds:
 
 - bad cells or a bad header, or a read the disk fails (EIO and its kin: `shard_damaged`): the
   shard is damaged. It joins the server's `corrupt` set, so the next shard report leaves it out
   and the metadata leader rebuilds it elsewhere; its file is kept. One error line names the
   shard and its bad cells.
 - no file: the shard is gone, and the server forgets it (`ShardServer.file_gone`).
+- no file, or no bytes to read, because the shards directory itself is gone or is another one
+  (the disk's mount dropped, a remount: `ShardServer.check_shards_dir`): nothing is forgotten or
+  marked, one critical line says so, and the pass stops, to go on ``interval`` later. After
+  `MAX_LOST_IN_A_ROW` shards in a row gone or damaged with no bytes read, the pass stops too,
+  with an error line: that is the disk's trouble, not so many shards'.
 - any other read error (EMFILE, ENOMEM, EACCES): the server's trouble, not the shard's. A
   warning, and the shard is read again next pass.
 - a file replaced or deleted while it was read (an upload or a rebuild committing a fresh copy,
@@ -32,6 +48,9 @@ May import dogfs.chunk.server and dogfs.storage.
 
 from __future__ import annotations
 
+import bisect
+import json
+import math
 import os
 from typing import Any
 
@@ -43,13 +62,14 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from dogfs.chunk.server import ShardServer
+from dogfs.chunk.server import ShardsDirLost, ShardServer
 from dogfs.storage.shards import (
     ShardCorrupt,
     ShardNotFound,
     ShardStore,
     ShardStoreError,
     shard_damaged,
+    validate_shard_id,
 )
 
 log = Logger()
@@ -60,6 +80,25 @@ DEFAULT_INTERVAL = 7 * 24 * 3600.0
 #: Bytes per second the scrubber reads at most, on average: a small share of one disk's
 #: bandwidth (about 2.4 TB a week).
 DEFAULT_RATE = 4 << 20
+
+#: Bytes a shard counts as at least in the pacing: a run of shards with nothing to read (gone,
+#: or not even stat-able) must not sweep the whole store in no time.
+MIN_SHARD_COST = 64 << 10
+
+#: Shards in a row found gone, or damaged with no bytes read, that stop a pass: past this many
+#: the disk is in trouble, not the shards.
+MAX_LOST_IN_A_ROW = 100
+
+#: The file under the data directory (next to shards/ and tmp/) holding a `ScrubProgress`.
+PROGRESS_FILE = "scrub.json"
+
+#: How often the progress of a pass is saved: after this many seconds or shards, whichever
+#: comes first (and at the end of a pass, and at stop).
+SAVE_SECONDS = 60.0
+SAVE_SHARDS = 1000
+
+_PROGRESS_VERSION = 1
+_PROGRESS_MAX_BYTES = 4096
 
 #: What `check_shard` can find.
 HEALTHY = "healthy"
@@ -131,6 +170,66 @@ def _read_error(shard_id: str, size: int, e: OSError) -> ShardCheck:
     return ShardCheck(shard_id, UNREADABLE, size, detail=str(e))
 
 
+@frozen
+class ScrubProgress:
+    """How far a pass got: what `PROGRESS_FILE` keeps across restarts."""
+
+    #: When the pass started, on the scrubber's clock (wall time in the daemon).
+    started: float
+    #: The last shard id scrubbed, None before the first.
+    last: str | None = None
+    #: When the pass finished; None while it is under way (or was interrupted).
+    finished: float | None = None
+
+
+def _is_time(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
+def load_progress(path: str) -> ScrubProgress | None:
+    """Blocking: the progress kept at ``path``; None if there is no such file.
+
+    @raise ValueError: the file makes no sense (not JSON, values out of place, too large).
+    @raise OSError: it cannot be read.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read(_PROGRESS_MAX_BYTES + 1)
+    except FileNotFoundError:
+        return None
+    if len(data) > _PROGRESS_MAX_BYTES:
+        raise ValueError(f"it is larger than {_PROGRESS_MAX_BYTES} bytes")
+    try:
+        record = json.loads(data)
+    except ValueError:
+        raise ValueError("it is not JSON") from None
+    if not isinstance(record, dict) or record.get("version") != _PROGRESS_VERSION:
+        raise ValueError(f"it is not a version {_PROGRESS_VERSION} scrub progress record")
+    started, last, finished = record.get("started"), record.get("last"), record.get("finished")
+    if not (_is_time(started) and (finished is None or (_is_time(finished) and finished >= started))):
+        raise ValueError(f"its times make no sense (started {started!r}, finished {finished!r})")
+    if last is not None:
+        validate_shard_id(last)  # an InvalidShardId is a ValueError
+    assert isinstance(started, (int, float))
+    return ScrubProgress(float(started), last, None if finished is None else float(finished))
+
+
+def save_progress(path: str, progress: ScrubProgress) -> None:
+    """Blocking: replace ``path`` with ``progress``, atomically (a temporary file renamed over
+    it), not durably: a crash may lose the last save, which costs rereading a few shards."""
+    record = {
+        "version": _PROGRESS_VERSION,
+        "started": progress.started,
+        "last": progress.last,
+        "finished": progress.finished,
+    }
+    temp = path + ".tmp"
+    with open(temp, "w", encoding="ascii") as f:
+        json.dump(record, f)
+        f.write("\n")
+    os.replace(temp, path)
+
+
 def _removed(store: ShardStore, ids: list[str]) -> list[str]:
     """Blocking: those of ``ids`` that have no file any more."""
     return [shard_id for shard_id in ids if not os.path.lexists(store.path(shard_id))]
@@ -140,9 +239,14 @@ def _removed(store: ShardStore, ids: list[str]) -> list[str]:
 class ScrubPass:
     """What one pass over the held shards found."""
 
-    #: When it started, on the scrubber's clock; `finished` once it has.
+    #: When it started, on the scrubber's clock (before a restart, for a pass resumed);
+    #: `finished` once it has.
     started: float
     finished: float | None = None
+    #: The shard id it went on after, for a pass resumed (after a restart or a stop).
+    resumed_after: str | None = None
+    #: Why it stopped short of the end ("" while it runs, or once it finished).
+    stopped: str = ""
     #: Shards read, and their bytes.
     shards: int = 0
     bytes: int = 0
@@ -151,6 +255,10 @@ class ScrubPass:
     #: Shards whose files were gone, and shards that could not be read for a passing reason.
     gone: int = 0
     unreadable: int = 0
+
+
+class _PassStopped(Exception):
+    """The pass cannot go on sensibly now (see `MAX_LOST_IN_A_ROW`)."""
 
 
 class ShardScrubber(Service):
@@ -165,99 +273,212 @@ class ShardScrubber(Service):
         rate: int = DEFAULT_RATE,
     ) -> None:
         """Scrub ``server``'s shards on ``clock``: a pass every ``interval`` seconds, at most
-        ``rate`` bytes read per second; a ``rate`` of 0 scrubs nothing."""
+        ``rate`` bytes read per second; a ``rate`` of 0 scrubs nothing. The progress is kept
+        in `PROGRESS_FILE` under the server's data directory."""
         if interval <= 0 or rate < 0:
             raise ValueError(f"scrub interval {interval!r} must be positive and rate {rate!r} not negative")
         self._clock: Any = clock
         self.server = server
         self.interval = interval
         self.rate = rate
+        #: Where the progress is kept.
+        self.progress_path = os.path.join(server.store.root, PROGRESS_FILE)
         self._loop: defer.Deferred[None] | None = None
-        #: The pass under way, if one is; the last one finished.
+        #: The pass under way, if one is; the last one that ended (finished or stopped).
         self.current: ScrubPass | None = None
         self.last_pass: ScrubPass | None = None
         #: Passes finished since start.
         self.passes = 0
+        #: How far the pass under way (or the last one) got; what was last saved of it, when,
+        #: and shards scrubbed since.
+        self.progress: ScrubProgress | None = None
+        self._saved: ScrubProgress | None = None
+        self._saved_at = 0.0
+        self._unsaved = 0
+        self._lost_in_a_row = 0
 
     # --- service ---------------------------------------------------------------------
 
     def startService(self) -> None:
-        """Start the first pass at once (unless ``rate`` is 0)."""
+        """Go on with the pass the last run left unfinished, or start the next pass once it is
+        due (at once if none is known); unless ``rate`` is 0."""
         super().startService()
         if self.rate == 0:
             log.info("{node}: background scrubbing is off (scrub_rate = 0)", node=self.server.node_id)
             return
+        # A small local file, read once at start (as the node-id file is).
+        try:
+            self.progress = load_progress(self.progress_path)
+        except (OSError, ValueError) as e:
+            log.warn(
+                "{node} ignores its scrub progress file {path}, which {problem}: a new pass starts "
+                "from the first shard",
+                node=self.server.node_id, path=self.progress_path,
+                problem=f"cannot be read ({e})" if isinstance(e, OSError) else f"makes no sense ({e})",
+            )
+            self.progress = None
+        self._saved = self.progress
         self._loop = defer.Deferred.fromCoroutine(self._run())
         self._loop.addErrback(self._ended)
 
-    def stopService(self) -> None:
+    def stopService(self) -> defer.Deferred[None] | None:
         """Stop at once: a sleep's timer is cancelled, and the result of a read still running
-        in the executor is dropped when it comes."""
+        in the executor is dropped when it comes. The progress is saved (in the executor; the
+        Deferred fires once it is) if it moved since the last save."""
         super().stopService()
         loop, self._loop = self._loop, None
         if loop is not None:
             loop.cancel()
         self.current = None
+        progress = self.progress
+        if progress is None or progress == self._saved:
+            return None
+        self._saved = progress
+        d: defer.Deferred[None] = self.server.executor(save_progress, self.progress_path, progress)
+        return d.addErrback(self._not_saved)
 
     def _ended(self, failure: Failure) -> None:
         if not failure.check(defer.CancelledError):
             log.failure("{node}: the scrubber stopped", failure, node=self.server.node_id)
 
+    def _not_saved(self, failure: Failure) -> None:
+        failure.trap(OSError)
+        log.warn(
+            "{node} could not save its scrub progress to {path}: {error}",
+            node=self.server.node_id, path=self.progress_path, error=failure.getErrorMessage(),
+        )
+
+    async def _save(self) -> None:
+        """Save the progress, if it moved since the last save."""
+        progress = self.progress
+        self._saved_at, self._unsaved = self._clock.seconds(), 0
+        if progress is None or progress == self._saved:
+            return
+        # Marked saved before the write: stopService must not start a second one meanwhile.
+        self._saved = progress
+        try:
+            await self.server.executor(save_progress, self.progress_path, progress)
+        except OSError:
+            self._not_saved(Failure())
+
     # --- passes ----------------------------------------------------------------------
 
     async def _run(self) -> None:
         while True:
-            started = self._clock.seconds()
+            progress = self.progress
+            if progress is None or progress.finished is not None:
+                if progress is not None:
+                    # Due `interval` after the last pass started; never more than `interval`
+                    # from now, should the clock have been set back.
+                    wait = min(progress.started + self.interval - self._clock.seconds(), self.interval)
+                    if wait > 0:
+                        await deferLater(self._clock, wait)
+                progress = self.progress = ScrubProgress(self._clock.seconds())
             try:
-                await self._pass(started)
+                stopped = await self._pass(progress)
             except defer.CancelledError:
                 raise
             except Exception:
                 # A bug must not end scrubbing for good: say so, and try again next time.
                 log.failure("{node}: a scrub pass failed", node=self.server.node_id)
-            wait = started + self.interval - self._clock.seconds()
-            if wait > 0:
-                await deferLater(self._clock, wait)
+                self.current = None
+                self.progress = ScrubProgress(progress.started, finished=self._clock.seconds())
+                continue
+            if stopped:
+                # Go on with it (after the last shard scrubbed) one interval from now.
+                await deferLater(self._clock, self.interval)
 
-    async def _pass(self, started: float) -> None:
+    async def _pass(self, progress: ScrubProgress) -> bool:
+        """Run the pass of ``progress`` from after its last shard; return whether it stopped
+        short of the end."""
         server = self.server
-        scrub = self.current = ScrubPass(started)
-        for shard_id in server.held_ids():
-            if shard_id not in server.shard_ids or shard_id in server.corrupt:
-                continue  # deleted, or found damaged, since the pass began
-            began = self._clock.seconds()
-            check: ShardCheck = await server.executor(check_shard, server.store, shard_id)
-            self._found(check, scrub)
-            # Pace: the next read starts no sooner than this one's bytes allow.
-            wait = began + check.size / self.rate - self._clock.seconds()
-            if wait > 0:
-                await deferLater(self._clock, wait)
-        damaged = sorted(server.corrupt)
-        if damaged:
-            for shard_id in await server.executor(_removed, server.store, damaged):
-                server.file_gone(shard_id)
+        started = progress.started
+        scrub = self.current = ScrubPass(started, resumed_after=progress.last)
+        self._saved_at, self._unsaved, self._lost_in_a_row = self._clock.seconds(), 0, 0
+        ids = server.held_ids()
+        if progress.last is not None:
+            ids = ids[bisect.bisect_right(ids, progress.last):]
+        try:
+            for shard_id in ids:
+                if shard_id not in server.shard_ids or shard_id in server.corrupt:
+                    continue  # deleted, or found damaged, since the pass began
+                began = self._clock.seconds()
+                check: ShardCheck = await server.executor(check_shard, server.store, shard_id)
+                await self._found(check, scrub)
+                self.progress = ScrubProgress(started, shard_id)
+                self._unsaved += 1
+                if self._unsaved >= SAVE_SHARDS or self._clock.seconds() - self._saved_at >= SAVE_SECONDS:
+                    await self._save()
+                # Pace: the next read starts no sooner than this one's bytes allow.
+                cost = check.size or MIN_SHARD_COST
+                wait = began + cost / self.rate - self._clock.seconds()
+                if wait > 0:
+                    await deferLater(self._clock, wait)
+            damaged = sorted(server.corrupt)
+            if damaged:
+                for shard_id in await server.executor(_removed, server.store, damaged):
+                    await server.file_gone(shard_id)
+        except ShardsDirLost as e:
+            # The server said so in a critical line; the pass says where it stopped.
+            return await self._stopped(scrub, str(e), log.warn)
+        except _PassStopped as e:
+            return await self._stopped(scrub, str(e), log.error)
         scrub.finished = self._clock.seconds()
+        self.progress = ScrubProgress(started, self.progress.last if self.progress else None, scrub.finished)
+        await self._save()
         self.current, self.last_pass = None, scrub
         self.passes += 1
         log.info(
-            "{node} scrubbed {shards} shards ({bytes} bytes) in {seconds:.0f}s: {damaged} found "
-            "damaged, {gone} gone, {unreadable} unreadable",
+            "{node} scrubbed {shards} shards ({bytes} bytes) in {seconds:.0f}s{resumed}: {damaged} "
+            "found damaged, {gone} gone, {unreadable} unreadable",
             node=server.node_id, shards=scrub.shards, bytes=scrub.bytes,
             seconds=scrub.finished - started, damaged=len(scrub.damaged), gone=scrub.gone,
             unreadable=scrub.unreadable,
+            resumed="" if scrub.resumed_after is None else f" (since shard {scrub.resumed_after})",
         )
+        return False
 
-    def _found(self, check: ShardCheck, scrub: ScrubPass) -> None:
+    async def _stopped(self, scrub: ScrubPass, reason: str, say: Any) -> bool:
+        scrub.stopped = reason
+        self.current, self.last_pass = None, scrub
+        await self._save()
+        last = self.progress.last if self.progress else None
+        say(
+            "{node} stopped its scrub pass after {shards} shards: {reason}; it goes on "
+            "{after} in {interval:.0f}s",
+            node=self.server.node_id, shards=scrub.shards, reason=reason, interval=self.interval,
+            after="from the first shard" if last is None else f"after shard {last}",
+        )
+        return True
+
+    async def _found(self, check: ShardCheck, scrub: ScrubPass) -> None:
         """Act on what reading one shard found (on the reactor thread, where the server's sets
-        are changed)."""
+        are changed).
+
+        @raise ShardsDirLost: the shard has no file, or no bytes to read, because the shards
+            directory itself is gone or is another one: nothing is done.
+        @raise _PassStopped: it is one shard too many in a row with none.
+        """
         server = self.server
         shard_id = check.shard_id
+        if check.outcome == GONE or (check.outcome == DAMAGED and not check.size):
+            # An unmounted or remounted disk has every file missing or unreadable at once.
+            await server.check_shards_dir()
+            self._lost_in_a_row += 1
+            if self._lost_in_a_row > MAX_LOST_IN_A_ROW:
+                raise _PassStopped(
+                    f"{MAX_LOST_IN_A_ROW} shards in a row were gone or could not even be looked at, "
+                    f"and so is shard {shard_id} ({check.detail or 'no file'}): the disk is in "
+                    "trouble, not the shards"
+                )
+        else:
+            self._lost_in_a_row = 0
         scrub.shards += 1
         scrub.bytes += check.size
         if check.size:
             server.meter.add("scrub_bytes", check.size)
         if check.outcome == GONE:
-            if server.file_gone(shard_id):
+            if await server.file_gone(shard_id):
                 scrub.gone += 1
                 server.meter.add("scrub_errors")
         elif check.outcome == UNREADABLE:

@@ -21,7 +21,8 @@ Error codes a client can see:
     storage_error       any other failure of the local disk, or of the server's means to use
                         it (out of file descriptors or memory for now): the shard is fine
     not_found           no such shard here (one the server thought it held is forgotten:
-                        see `file_gone`)
+                        see `file_gone`; while the shards directory itself is gone or was
+                        remounted, such a read is a storage_error and nothing is forgotten)
     corrupt             a stored cell or header failed its checksum, or the disk lost its
                         bytes (EIO: see `shard_damaged`); logged, remembered
 
@@ -30,6 +31,10 @@ in `shard_ids`, and its file stays on the disk for whoever wants to see what hap
 but it is left out of shard reports (`held_ids`): the metadata leader, missing it from two
 reports in a row, rebuilds it elsewhere. A fresh copy written here (an upload or a rebuild)
 replaces the file and clears the mark.
+
+A shard whose file is missing is forgotten (`file_gone`) only while the store's shards directory
+is the one scanned at start (same device and inode): an unmounted or remounted disk has every
+file missing at once, which says nothing of the shards (`ShardsDirLost`).
 """
 
 from __future__ import annotations
@@ -162,6 +167,11 @@ LOAD_COUNTERS = (
 )
 
 
+class ShardsDirLost(Exception):
+    """The store's shards directory is gone, or another one is in its place (the disk's mount
+    dropped, a remount, a directory made anew): a file missing from it says nothing of its shard."""
+
+
 def synchronous_executor(f: Callable[..., _T], *args: Any, **kwargs: Any) -> defer.Deferred[_T]:
     """Run `f` at once on the calling thread (unit tests: deterministic, no threads)."""
     return defer.maybeDeferred(f, *args, **kwargs)
@@ -221,6 +231,11 @@ class ShardServer:
         self.unreferenced_since: dict[str, float] = {}
         #: True once `scan` has listed the store.
         self.ready = False
+        #: (st_dev, st_ino) of the store's shards directory when `scan` listed it: a file
+        #: missing from another directory in its place is not a lost shard.
+        self.shards_dir_id: tuple[int, int] | None = None
+        # Whether the shards directory was last found gone: it is said once, not per read.
+        self._shards_dir_lost = False
         #: Serves RebuildShard; None without `peers`.
         self.rebuilder: ShardRebuilder | None = None
         if peers is not None:
@@ -235,18 +250,19 @@ class ShardServer:
         """
         return self.executor(self._scan).addCallback(self._scanned)
 
-    def _scan(self) -> tuple[set[str], set[str]]:
+    def _scan(self) -> tuple[set[str], set[str], tuple[int, int]]:
         ids: set[str] = set()
         corrupt: set[str] = set()
+        st = os.stat(self.store.shards_dir)
         for stat in self.store.list():
             ids.add(stat.shard_id)
             if stat.corrupt:
                 corrupt.add(stat.shard_id)
         self.store.usage()
-        return ids, corrupt
+        return ids, corrupt, (st.st_dev, st.st_ino)
 
-    def _scanned(self, found: tuple[set[str], set[str]]) -> int:
-        self.shard_ids, self.corrupt = found
+    def _scanned(self, found: tuple[set[str], set[str], tuple[int, int]]) -> int:
+        self.shard_ids, self.corrupt, self.shards_dir_id = found
         self.ready = True
         return len(self.shard_ids)
 
@@ -446,7 +462,10 @@ class ShardServer:
             # (_send_cells; ShardStore.open decides from the header whether they are large).
             reader: ShardReader = await self.executor(self.store.open, shard_id, msg.count != 1)
         except ShardNotFound:
-            self.file_gone(shard_id)
+            try:
+                await self.file_gone(shard_id)
+            except ShardsDirLost as e:
+                raise self._error("storage_error", f"{self.node_id} cannot read shard {shard_id}: {e}") from None
             raise self._error("not_found", f"{self.node_id} has no shard {shard_id}") from None
         except ShardCorrupt as e:
             raise self._corrupt(e) from None
@@ -583,16 +602,24 @@ class ShardServer:
             message = f"shard {e.shard_id} cell {e.cell} on {self.node_id} failed its checksum"
         return self._damaged(e.shard_id, message, str(e))
 
-    def file_gone(self, shard_id: str) -> bool:
+    def file_gone(self, shard_id: str) -> defer.Deferred[bool]:
         """Forget ``shard_id``, which the disk turned out not to have (an operator deleted its
         file, a broken disk lost it): the next shard report leaves it out, and the metadata
-        leader rebuilds it elsewhere. Returns whether it was held.
+        leader rebuilds it elsewhere. Fires with whether it was held.
 
         A shard with a fresh copy being written here (an upload, a rebuild) is kept: the miss
-        may predate that copy, which is about to take its place.
+        may predate that copy, which is about to take its place. So is every shard while the
+        shards directory is not the one scanned (`check_shards_dir`): the Deferred fails with
+        `ShardsDirLost`.
         """
+        return defer.Deferred.fromCoroutine(self._file_gone(shard_id))
+
+    async def _file_gone(self, shard_id: str) -> bool:
         if shard_id not in self.shard_ids or self.writing(shard_id):
             return False
+        await self.check_shards_dir()
+        if shard_id not in self.shard_ids or self.writing(shard_id):
+            return False  # deleted, or a fresh copy begun, while we looked
         self.shard_ids.discard(shard_id)
         self.corrupt.discard(shard_id)
         self.unreferenced_since.pop(shard_id, None)
@@ -602,6 +629,45 @@ class ShardServer:
             node=self.node_id, shard=shard_id,
         )
         return True
+
+    def check_shards_dir(self) -> defer.Deferred[None]:
+        """Make sure (with a stat, in the executor) that the store's shards directory is the
+        one `scan` listed: there, on the same device, the same directory.
+
+        @raise ShardsDirLost: it is not. The first time since it was last found well, one
+        critical line says so.
+        """
+        return defer.Deferred.fromCoroutine(self._check_shards_dir())
+
+    async def _check_shards_dir(self) -> None:
+        trouble = await self.executor(self._shards_dir_trouble)
+        if trouble is None:
+            self._shards_dir_lost = False
+            return
+        message = f"the shards directory of {self.node_id} is gone or was remounted: {trouble}"
+        if not self._shards_dir_lost:
+            self._shards_dir_lost = True
+            log.critical(
+                "{lost}; no shard is forgotten for a missing file meanwhile (reads of them "
+                "answer storage_error, scrubbing stops); if another disk or file system is "
+                "there now, restart the server once the right one is mounted",
+                lost=message,
+            )
+        raise ShardsDirLost(message)
+
+    def _shards_dir_trouble(self) -> str | None:
+        """Blocking: what is wrong with the store's shards directory, or None."""
+        path = self.store.shards_dir
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            return f"{path}: {e.strerror or e}"
+        if self.shards_dir_id is not None and (st.st_dev, st.st_ino) != self.shards_dir_id:
+            return (
+                f"{path} is not the directory scanned at start (device and inode "
+                f"{self.shards_dir_id[0]}:{self.shards_dir_id[1]} then, {st.st_dev}:{st.st_ino} now)"
+            )
+        return None
 
     def writing(self, shard_id: str) -> bool:
         """Whether a copy of ``shard_id`` is being written here now (an upload or a rebuild,
