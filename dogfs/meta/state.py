@@ -1019,6 +1019,25 @@ class NamespaceState:
                     break
         return out
 
+    def _placements(
+        self, txn: lmdb.Transaction, node_id: str, after: tuple[int, int] | None
+    ) -> Iterator[tuple[int, int, bytes]]:
+        """(bg_id, index, block group key) of each shard placed on C{node_id} past C{after}
+        (None: from the first), in id order, read within C{txn}."""
+        node_key = _id_key(node_id)
+        if node_key is None:
+            return
+        prefix = node_key + b"\x00"
+        start = prefix if after is None else _node_key(node_id, *after) + b"\x00"
+        cursor = txn.cursor(db=self._dbs[b"nodeshards"])
+        if not cursor.set_range(start):
+            return
+        for raw_key in cursor.iternext(keys=True, values=False):
+            key = bytes(raw_key)
+            if not key.startswith(prefix) or len(key) != len(prefix) + 9:
+                return
+            yield _from_u64(key[-9:-1]), key[-1], key[-9:-1]
+
     def shards_on(
         self,
         node_id: str,
@@ -1032,21 +1051,9 @@ class NamespaceState:
         (id, index) seen. This is how repair finds what a dead chunk server held.
         """
         out: builtins.list[tuple[int, int, bool]] = []
-        node_key = _id_key(node_id)
-        if node_key is None:
-            return out
-        prefix = node_key + b"\x00"
-        start = prefix if start_after is None else _node_key(node_id, *start_after) + b"\x00"
         with self._read() as txn:
             ctx = _Ctx(txn, self._dbs)
-            cursor = txn.cursor(db=ctx.nodeshards)
-            if not cursor.set_range(start):
-                return out
-            for raw_key in cursor.iternext(keys=True, values=False):
-                key = bytes(raw_key)
-                if not key.startswith(prefix) or len(key) != len(prefix) + 9:
-                    break
-                bg_id, index = _from_u64(key[-9:-1]), key[-1]
+            for bg_id, index, _ in self._placements(txn, node_id, start_after):
                 rec = ctx.bgroup(bg_id)
                 out.append((bg_id, index, bool(rec is not None and rec[0])))
                 if limit is not None and len(out) >= limit:
@@ -1061,28 +1068,16 @@ class NamespaceState:
         at the end), and how many placements were looked at (at most C{limit}, committed or
         not): what the repair planner reads a slice of per tick, from one read transaction."""
         out: builtins.list[tuple[int, int, str, builtins.list[str]]] = []
-        node_key = _id_key(node_id)
-        if node_key is None:
-            return out, None, 0
-        prefix = node_key + b"\x00"
-        start = prefix if start_after is None else _node_key(node_id, *start_after) + b"\x00"
         looked = 0
         last: tuple[int, int] | None = None
         with self._read() as txn:
             bgroups = self._dbs[b"bgroups"]
-            cursor = txn.cursor(db=self._dbs[b"nodeshards"])
-            if not cursor.set_range(start):
-                return out, None, looked
-            for raw_key in cursor.iternext(keys=True, values=False):
-                key = bytes(raw_key)
-                if not key.startswith(prefix) or len(key) != len(prefix) + 9:
-                    return out, None, looked
+            for bg_id, index, bg_key in self._placements(txn, node_id, start_after):
                 if looked >= limit:
                     return out, last, looked
                 looked += 1
-                bg_id, index = _from_u64(key[-9:-1]), key[-1]
                 last = (bg_id, index)
-                raw = txn.get(key[-9:-1], db=bgroups)
+                raw = txn.get(bg_key, db=bgroups)
                 if raw is None:
                     continue
                 committed, ec, _size, _at, nodes = _unpack(raw)
@@ -1098,26 +1093,14 @@ class NamespaceState:
         (bg_id, index) <= upto} (None: unbounded), in order, at most C{limit}: what a shard
         report batch covering that range should list."""
         out: builtins.list[tuple[int, int]] = []
-        node_key = _id_key(node_id)
-        if node_key is None:
-            return out
-        prefix = node_key + b"\x00"
-        start = prefix if after is None else _node_key(node_id, *after) + b"\x00"
         with self._read() as txn:
             bgroups = self._dbs[b"bgroups"]
-            cursor = txn.cursor(db=self._dbs[b"nodeshards"])
-            if not cursor.set_range(start):
-                return out
-            for raw_key in cursor.iternext(keys=True, values=False):
-                key = bytes(raw_key)
-                if not key.startswith(prefix) or len(key) != len(prefix) + 9:
+            for bg_id, index, bg_key in self._placements(txn, node_id, after):
+                if upto is not None and (bg_id, index) > upto:
                     break
-                where = (_from_u64(key[-9:-1]), key[-1])
-                if upto is not None and where > upto:
-                    break
-                raw = txn.get(key[-9:-1], db=bgroups)
+                raw = txn.get(bg_key, db=bgroups)
                 if raw is not None and _unpack(raw)[0]:
-                    out.append(where)
+                    out.append((bg_id, index))
                     if limit is not None and len(out) >= limit:
                         break
         return out
@@ -1131,6 +1114,7 @@ class NamespaceState:
         prefix = node_key + b"\x00"
         total = pending = 0
         with self._read() as txn:
+            # Keys only (not _placements): `drain --wait` asks every second.
             cursor = txn.cursor(db=self._dbs[b"nodeshards"])
             if cursor.set_range(prefix):
                 for raw_key in cursor.iternext(keys=True, values=False):
