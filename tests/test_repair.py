@@ -598,6 +598,8 @@ class RepairRegressionTests(_SchedulerCase):
         test, seen = self, []
 
         class Client:
+            clock = test.clock
+
             async def repair_status(self) -> dict[str, Any]:
                 seen.append(1)
                 if len(seen) > polls:
@@ -612,7 +614,7 @@ class RepairRegressionTests(_SchedulerCase):
 
         left, pending = admin_chunk._left(self.scheduler.status(), node)
         d = defer.Deferred.fromCoroutine(
-            admin_chunk._wait_drained(Client(), node, left, pending, True, clock=self.clock)
+            admin_chunk._wait_drained(Client(), node, left, pending, True)
         )
         for _ in range(polls + 1):
             if d.called:

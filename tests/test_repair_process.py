@@ -11,11 +11,11 @@ some groups; after a repair, no two are enough to.
 from __future__ import annotations
 
 import os
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet import defer, reactor, task
+from twisted.trial.unittest import TestCase
 
 from tests.test_datapath_process import Cluster, sha256
 
@@ -23,45 +23,57 @@ DEAD_AFTER = 2.0
 REPAIR_AFTER = 3.0
 
 
-def until(condition: Callable[[], Any], within: float, what: str) -> Any:
-    """Re-check ``condition()`` (every 0.2 s) until it is true, and return it; fail naming
-    ``what`` past ``within`` seconds."""
-    deadline = time.monotonic() + within
+async def until(condition: Callable[[], Any], within: float, what: str) -> Any:
+    """Re-check ``condition()`` every 0.2 s of the reactor's clock until it is true, and
+    return it; fail naming ``what`` past ``within`` seconds."""
+    deadline = reactor.seconds() + within
     while True:
         result = condition()
         if result:
             return result
-        if time.monotonic() > deadline:
+        if reactor.seconds() > deadline:
             raise AssertionError(f"not within {within:g}s: {what}")
-        time.sleep(0.2)
+        await task.deferLater(reactor, 0.2, lambda: None)
 
 
-class RepairProcessTests(SynchronousTestCase):
+def configure(cluster: Cluster, meta: str, chunk: str = "") -> None:
+    """Stop ``cluster`` and add ``meta`` to every meta.toml's [meta] table and ``chunk`` to
+    every chunk.toml's [chunk] table; `cluster.up()` starts it again with them."""
+    cluster.run("cluster", "down")
+    for name in os.listdir(os.path.join(cluster.home, "nodes")):
+        kind = name.split("-")[0]
+        path = os.path.join(cluster.home, "nodes", name, f"{kind}.toml")
+        with open(path) as f:
+            text = f.read()
+        extra = meta if kind == "meta" else chunk
+        with open(path, "w") as f:
+            f.write(text.replace(f"[{kind}]\n", f"[{kind}]\n{extra}", 1))
+
+
+def run(test: Callable[[], Coroutine[Any, Any, None]]) -> Callable[[Any], defer.Deferred[None]]:
+    """A trial test method from a coroutine method."""
+    return lambda self: defer.Deferred.fromCoroutine(test(self))  # type: ignore[call-arg]
+
+
+class RepairProcessTests(TestCase):
+    timeout = 300  # clusters start, servers die and shards are rebuilt
+
     def setUp(self) -> None:
         self.cluster = Cluster()
         self.addCleanup(self.cluster.destroy)
 
     def start(self, metas: int) -> None:
         self.cluster.create(metas)
-        self.cluster.run("cluster", "down")
-        settings = (f"chunk_dead_after = {DEAD_AFTER}\nrepair_after = {REPAIR_AFTER}\n"
-                    "repair_interval = 0.5\n")
-        for i in range(1, metas + 1):
-            config = os.path.join(self.cluster.home, "nodes", f"meta-{i}", "meta.toml")
-            with open(config) as f:
-                text = f.read()
-            with open(config, "w") as f:
-                f.write(text.replace("[meta]\n", "[meta]\n" + settings, 1))
+        configure(self.cluster, f"chunk_dead_after = {DEAD_AFTER}\nrepair_after = {REPAIR_AFTER}\n"
+                                "repair_interval = 0.5\n")
         self.cluster.up()
         self.local = self.cluster.local("data", 7 * (1 << 20) + 4321, 11)  # 3 block groups
         self.cluster.run("put", "--ec", "RS-3-2", self.local, "/f")
 
-    def meta_leader(self) -> str:
-        return until(
-            lambda: next((n for n, v in self.cluster.nodes().items()
-                          if v.get("kind") == "meta" and v.get("role") == "leader"), None),
-            30, "a metadata leader",
-        )
+    def meta_leader(self) -> str | None:
+        """The metadata node that says it leads, if one does now."""
+        return next((n for n, v in self.cluster.nodes().items()
+                     if v.get("kind") == "meta" and v.get("role") == "leader"), None)
 
     def holders(self) -> dict[str, int]:
         """Chunk server -> how many shards of /f the namespace places on it."""
@@ -77,7 +89,8 @@ class RepairProcessTests(SynchronousTestCase):
         self.assertEqual(sha256(out), sha256(self.local))
         os.unlink(out)
 
-    def test_dead_server_shards_rebuilt_elsewhere(self) -> None:
+    @run
+    async def test_dead_server_shards_rebuilt_elsewhere(self) -> None:
         """kill -9 of a chunk server, then of the metadata leader (3 members): once the server
         has been dead for repair_after, the new leader rebuilds its shards on the server that
         held none of their group, the status says so, and the file then survives two more
@@ -86,10 +99,10 @@ class RepairProcessTests(SynchronousTestCase):
         before = self.holders()
         victim = max(sorted(before), key=lambda n: before[n])
         self.cluster.run("cluster", "kill", victim)
-        old_leader = self.meta_leader()
+        old_leader = await until(self.meta_leader, 30, "a metadata leader")
         self.cluster.run("cluster", "kill", old_leader)
-        until(lambda: self.meta_leader() != old_leader, 30, "a new metadata leader")
-        after = until(
+        await until(lambda: self.meta_leader() not in (None, old_leader), 30, "a new metadata leader")
+        after = await until(
             lambda: (h := self.holders()) and victim not in h and h,
             90, f"the shards of {victim} rebuilt elsewhere",
         )
@@ -106,7 +119,8 @@ class RepairProcessTests(SynchronousTestCase):
             self.cluster.run("cluster", "kill", node)
         self.reads_back()
 
-    def test_drain_then_remove(self) -> None:
+    @run
+    async def test_drain_then_remove(self) -> None:
         """drain --wait moves every shard off a running server while the file stays readable;
         remove refuses it while it runs and forgets it once stopped."""
         self.start(metas=1)
@@ -130,8 +144,8 @@ class RepairProcessTests(SynchronousTestCase):
         self.assertEqual(refused.returncode, 1, refused.stderr)
         self.assertIn(f"{node} is running: stop it first", refused.stderr)
         self.cluster.run("cluster", "stop", node)
-        until(lambda: self.cluster.nodes()[node].get("state") != "running", 30, f"{node} stopped")
-        until(
+        await until(lambda: self.cluster.nodes()[node].get("state") != "running", 30, f"{node} stopped")
+        await until(
             lambda: self.cluster.run("admin", "chunk", "remove", node, check=False).returncode == 0,
             30, f"{node} removed once the metadata calls it dead",
         )
@@ -141,26 +155,19 @@ class RepairProcessTests(SynchronousTestCase):
         self.reads_back()
 
 
-class ScrubRepairProcessTests(SynchronousTestCase):
-    def test_damaged_shard_found_by_the_scrubber_is_rebuilt(self) -> None:
+class ScrubRepairProcessTests(TestCase):
+    timeout = 300
+
+    @run
+    async def test_damaged_shard_found_by_the_scrubber_is_rebuilt(self) -> None:
         """A byte flipped in a shard file on a running chunk server: its scrubber finds the
         bad cell, its shard reports leave the shard out, and the leader rebuilds it on the
         server that held none of its group; the file then survives two more servers killed."""
         cluster = self.cluster = Cluster()
         self.addCleanup(cluster.destroy)
         cluster.create(1)
-        cluster.run("cluster", "down")
-        for name in os.listdir(os.path.join(cluster.home, "nodes")):
-            path = os.path.join(cluster.home, "nodes", name, f"{name.split('-')[0]}.toml")
-            with open(path) as f:
-                text = f.read()
-            if name.startswith("meta"):
-                text = text.replace("[meta]\n", "[meta]\nrepair_interval = 0.5\n", 1)
-            else:
-                text = text.replace("[chunk]\n", "[chunk]\nreport_interval = 1.0\nscrub_interval = 1.0\n"
-                                    "scrub_rate = 1073741824\n", 1)
-            with open(path, "w") as f:
-                f.write(text)
+        configure(cluster, "repair_interval = 0.5\n",
+                  "report_interval = 1.0\nscrub_interval = 1.0\nscrub_rate = 1073741824\n")
         cluster.up()
         local = cluster.local("data", 2 * (1 << 20) + 99, 13)  # one RS-3-2 block group (1 MiB blocks)
         cluster.run("put", "--ec", "RS-3-2", local, "/f")
@@ -172,7 +179,7 @@ class ScrubRepairProcessTests(SynchronousTestCase):
             byte = f.read(1)
             f.seek(-1, os.SEEK_CUR)
             f.write(bytes([byte[0] ^ 0xFF]))
-        moved = until(
+        moved = await until(
             lambda: (s := cluster.json("stat", "/f")["block_groups"][0]["shards"][0])["chunk_server"]
             != victim["chunk_server"] and s,
             60, f"the damaged shard {victim['shard_id']} rebuilt off {victim['chunk_server']}",

@@ -110,17 +110,15 @@ def _left(status: dict[str, Any], node: str) -> tuple[int, int]:
     return int(entry.get("shards", 0)), int(entry.get("pending", 0))
 
 
-async def _wait_drained(
-    client: Any, node: str, left: int, pending: int, quiet: bool, clock: Any = None
-) -> tuple[int, int]:
+async def _wait_drained(client: Any, node: str, left: int, pending: int, quiet: bool) -> tuple[int, int]:
     """Poll the repair status until ``node`` holds no shard, committed or of an upload in
     progress; show the count as it falls, and each new failure of a move off it. Stop with an
     error once every committed shard left has been blocked (no server may take it, or too few
-    of its group are readable) for three planning intervals: waiting would not end."""
+    of its group are readable) for three planning intervals: waiting would not end. Waits on
+    the client's clock."""
     from twisted.internet import task
 
-    if clock is None:
-        from twisted.internet import reactor as clock
+    clock = client.clock
     shown = None
     told: set[tuple[str, int, float]] = set()
     stuck_since: float | None = None
