@@ -53,8 +53,6 @@ from dogfs.codec.policy import ECPolicy, UnknownPolicy
 from dogfs.storage.shards import (
     InvalidShardId,
     ShardInfo,
-    ShardStoreError,
-    ShardStoreFull,
     ShardWriter,
     make_shard_id,
     parse_shard_id,
@@ -318,23 +316,15 @@ class ShardRebuilder:
         plan = reading.plan
         shard_id = plan.shard_id
         info = ShardInfo(shard_id, plan.policy, plan.index, plan.fragment_size)
-        try:
+        with server.storing(shard_id):
             # A short page-cache operation, as for PutShard: not worth a thread hop.
             writer = server.store.begin(info)
-        except ShardStoreFull:
-            raise server._no_space(shard_id) from None
-        except (ShardStoreError, OSError) as e:
-            raise server._storage_error(shard_id, e) from None
         committed = False
         try:
             size = await self._write_cells(reading, writer)
             self._check_running(shard_id)
-            try:
+            with server.storing(shard_id):
                 await server.executor(writer.commit)  # fsync: never on the reactor
-            except ShardStoreFull:
-                raise server._no_space(shard_id) from None
-            except (ShardStoreError, OSError) as e:
-                raise server._storage_error(shard_id, e) from None
             committed = True
         finally:
             if not committed:
@@ -358,13 +348,9 @@ class ShardRebuilder:
             # The sources' cells (receive buffers) are let go before the next batch is read.
             del cells, stripe
             self._check_running(plan.shard_id)
-            try:
+            with server.storing(plan.shard_id):
                 # No CRC to check against: the store computes the one it keeps.
                 await server.executor(writer.append_cells, [(f, None) for f in rebuilt])
-            except ShardStoreFull:
-                raise server._no_space(plan.shard_id) from None
-            except (ShardStoreError, OSError) as e:
-                raise server._storage_error(plan.shard_id, e) from None
             size += sum(len(f) for f in rebuilt)
         return size
 

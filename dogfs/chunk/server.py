@@ -42,7 +42,8 @@ from __future__ import annotations
 import os
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from functools import partial
 from typing import Any, TypeVar
 
@@ -334,16 +335,13 @@ class ShardServer:
     async def _store_upload(self, request: Request, info: ShardInfo) -> int:
         """Write the upload's cells into a new shard and commit it; returns its fragment bytes."""
         shard_id = info.shard_id
-        try:
-            # Creating the temporary file and writing its 128-byte placeholder is a short
-            # page-cache operation: not worth a thread hop.
-            writer = self.store.begin(info)
-        except ShardStoreFull:
-            raise self._no_space(shard_id) from None
-        except ValueError as e:  # policy name or index not matching the id
-            raise self._error("invalid_argument", str(e)) from None
-        except (ShardStoreError, OSError) as e:
-            raise self._storage_error(shard_id, e) from None
+        with self.storing(shard_id):
+            try:
+                # Creating the temporary file and writing its 128-byte placeholder is a short
+                # page-cache operation: not worth a thread hop.
+                writer = self.store.begin(info)
+            except ValueError as e:  # policy name or index not matching the id
+                raise self._error("invalid_argument", str(e)) from None
         committed = False
         try:
             _stat, data_bytes = await self._receive(request, writer)
@@ -409,31 +407,34 @@ class ShardServer:
                 f"the upload of shard {shard_id} announced {msg.cells} cells but sent "
                 f"{writer.cells}",
             )
-        try:
+        with self.storing(shard_id):
             stat: ShardStat = await self.executor(writer.commit)  # fsync: never on the reactor
-        except ShardStoreFull:
-            raise self._no_space(shard_id) from None
-        except (ShardStoreError, OSError) as e:
-            raise self._storage_error(shard_id, e) from None
         return stat, data_bytes
 
     async def _append(self, writer: ShardWriter, cells: list[tuple[memoryview, int]]) -> None:
         shard_id = writer.shard_id
         # The sizes are checked by the caller, so a ValueError from append means the CRC.
+        with self.storing(shard_id):
+            try:
+                if self.append_in_executor:
+                    await self.executor(writer.append_cells, cells)
+                else:
+                    writer.append_cells(cells)
+            except ValueError:
+                raise self._error(
+                    "corrupt_in_transit", f"cell {writer.cells} of shard {shard_id} arrived corrupted"
+                ) from None
+
+    @contextmanager
+    def storing(self, shard_id: str) -> Iterator[None]:
+        """Answer a failure of the store while writing ``shard_id`` as the wire does: a full
+        store is `no_space`; any other store or disk error (OSError too) is this server's
+        storage failing, `storage_error`, and the client writes elsewhere."""
         try:
-            if self.append_in_executor:
-                await self.executor(writer.append_cells, cells)
-            else:
-                writer.append_cells(cells)
-        except ValueError:
-            raise self._error(
-                "corrupt_in_transit", f"cell {writer.cells} of shard {shard_id} arrived corrupted"
-            ) from None
+            yield
         except ShardStoreFull:
             raise self._no_space(shard_id) from None
         except (ShardStoreError, OSError) as e:
-            # Any disk error (OSError too) is this server's storage failing: the client then
-            # writes the block group on other servers, as for storage_error.
             raise self._storage_error(shard_id, e) from None
 
     def _no_space(self, shard_id: str) -> WireError:

@@ -91,17 +91,15 @@ _ERRORS_KEPT = 20
 
 @frozen
 class RepairTask:
-    """Shard ``index`` of block group ``bg_id`` (policy ``ec``, placed on ``nodes``) must
-    leave ``from_node`` (``reason``). ``margin`` is the group's readable shards minus ``k``
-    when planned: 0 means one more loss makes it unreadable."""
+    """Shard ``index`` of block group ``bg_id`` must leave ``from_node`` (``reason``).
+    ``margin`` is the group's readable shards minus ``k`` when planned: 0 means one more loss
+    makes it unreadable. The group itself is read again when the task runs."""
 
     bg_id: int
     index: int
     from_node: str
     reason: str
     margin: int
-    ec: str = ""
-    nodes: tuple[str, ...] = ()
 
     def key(self) -> tuple[int, int, int, int]:
         """Sort key: most endangered first, then lost before draining, then id order."""
@@ -317,7 +315,7 @@ class RepairScheduler:
                 if k is None:
                     k = widths[ec] = c.parse_policy(ec)[0]
                 readable = sum(1 for n in nodes if n in alive)
-                self.tasks[(bg_id, index)] = RepairTask(bg_id, index, node, lost[node], readable - k, ec, tuple(nodes))
+                self.tasks[(bg_id, index)] = RepairTask(bg_id, index, node, lost[node], readable - k)
             if resume is None:
                 # A whole round read: a blocked shard it did not find is gone (deleted).
                 began = self._rounds.get(node, now)
@@ -364,8 +362,7 @@ class RepairScheduler:
                     continue
                 k = c.parse_policy(info.ec)[0]
                 readable = sum(1 for s in info.shards if s.node_id in alive and (s.node_id, (info.id, s.index)) not in gone)
-                holders = tuple(s.node_id for s in info.shards)
-                self.tasks[key] = RepairTask(info.id, key[1], node, MISSING, readable - k, info.ec, holders)
+                self.tasks[key] = RepairTask(info.id, key[1], node, MISSING, readable - k)
 
     # --- running ---
 
