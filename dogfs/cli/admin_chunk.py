@@ -27,11 +27,6 @@ WAIT_POLL = 1.0
 def register(admin_subparsers: Any) -> None:
     """Add `admin chunk` and `admin repair`."""
 
-    def common(p: Any) -> None:
-        p.add_argument("--timeout", type=output.seconds, default=None, metavar="SECONDS",
-                       help="fail if the cluster cannot serve within this time")
-        p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
-
     chunk = admin_subparsers.add_parser(
         "chunk", help="drain or remove chunk servers",
         description="Take chunk servers out of the cluster without losing redundancy.",
@@ -48,7 +43,7 @@ def register(admin_subparsers: Any) -> None:
     drain.add_argument("--undo", action="store_true", help="stop draining it")
     drain.add_argument("--wait", action="store_true",
                        help="wait until it holds no shard the namespace uses, showing progress")
-    common(drain)
+    output.admin_options(drain)
     drain.set_defaults(func=cmd_drain)
     remove = sub.add_parser(
         "remove", help="forget a stopped chunk server",
@@ -59,7 +54,7 @@ def register(admin_subparsers: Any) -> None:
     remove.add_argument("node", help="the chunk server's id")
     remove.add_argument("--force", action="store_true",
                         help="remove it although block groups still place shards on it")
-    common(remove)
+    output.admin_options(remove)
     remove.set_defaults(func=cmd_remove)
 
     repair = admin_subparsers.add_parser(
@@ -72,7 +67,7 @@ def register(admin_subparsers: Any) -> None:
         description="Show the lost, dead and draining chunk servers, the repairs under way and "
         "queued, and the latest failures, as the metadata leader sees them.",
     )
-    common(status)
+    output.admin_options(status)
     status.set_defaults(func=cmd_repair_status)
 
 

@@ -35,11 +35,6 @@ def register(admin_subparsers: Any) -> None:
     sub = meta.add_subparsers(dest="meta_command", metavar="META_COMMAND", parser_class=type(meta))
     sub.required = True
 
-    def common(p: Any) -> None:
-        p.add_argument("--timeout", type=output.seconds, default=None, metavar="SECONDS",
-                       help="fail if the cluster cannot serve within this time")
-        p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
-
     add = sub.add_parser(
         "add", help="add a metadata node (learner, caught up, then voter)",
         description="Add a metadata node: it joins as a learner, catches up, then votes.",
@@ -51,14 +46,14 @@ def register(admin_subparsers: Any) -> None:
                      help="in a `dogfs cluster` home: create the next meta-N, start it and add it")
     add.add_argument("--catch-up", type=output.seconds, default=120.0, metavar="SECONDS",
                      help="how long the new node may take to catch up before promotion (default 120)")
-    common(add)
+    output.admin_options(add)
     add.set_defaults(func=cmd_add)
     remove = sub.add_parser(
         "remove", help="remove a metadata node from the group",
         description="Remove a member; removing the leader hands leadership to another member first.",
     )
     remove.add_argument("node", help="the member's id (as `cluster status` shows it)")
-    common(remove)
+    output.admin_options(remove)
     remove.set_defaults(func=cmd_remove)
 
 

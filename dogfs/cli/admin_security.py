@@ -26,9 +26,7 @@ def register(admin_subparsers: Any) -> None:
             "--serial", default=None, metavar="N",
             help="only the certificate with this serial number (decimal, or hex with 0x)",
         )
-        p.add_argument("--timeout", type=output.seconds, default=None, metavar="SECONDS",
-                       help="fail if the cluster cannot serve within this time")
-        p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
+        output.admin_options(p)
         p.set_defaults(func=fn)
 
 

@@ -152,6 +152,13 @@ def seconds(text: str) -> float:
     return value
 
 
+def admin_options(parser: argparse.ArgumentParser) -> None:
+    """The options every `dogfs admin` command takes: --timeout and --json."""
+    parser.add_argument("--timeout", type=seconds, default=None, metavar="SECONDS",
+                        help="fail if the cluster cannot serve within this time")
+    parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
+
+
 class ProgressBar:
     """A one-line transfer progress bar that draws only on a terminal.
 
