@@ -49,6 +49,8 @@ class MetaConfig:
     repair_after: float = 600.0  # a chunk server dead this long has its shards rebuilt elsewhere
     repair_interval: float = 10.0  # how often the leader plans repairs and moves
     repair_concurrency: int = 4  # shards rebuilt or moved at once over the cluster
+    balance: bool = True  # move shards from the fullest chunk servers to the emptiest
+    balance_threshold: float = 0.10  # balanced: every server within this of the average utilization
     peers: Mapping[str, str] = field(factory=dict)  # Raft members: id -> address (self included)
     http_peers: Mapping[str, str] = field(factory=dict)  # members' dashboards: id -> host:port
     tick_interval: float = 0.05
@@ -163,6 +165,13 @@ def _tables(path: str, data: dict[str, Any], allowed: tuple[str, ...]) -> None:
         )
 
 
+def _fraction(section: _Section, key: str, default: float) -> float:
+    value = float(section.get(key, float, default))
+    if not 0 < value < 1:
+        raise section._fail(key, f"must be between 0 and 1 (a fraction), not {value!r}")
+    return value
+
+
 def _tls(path: str, data: dict[str, Any]) -> TLSFiles | None:
     if "tls" not in data:
         return None
@@ -253,6 +262,8 @@ def load_meta(path: str) -> MetaConfig:
         repair_after=s.positive("repair_after", float, 600.0),
         repair_interval=s.positive("repair_interval", float, 10.0),
         repair_concurrency=s.positive("repair_concurrency", int, 4),
+        balance=s.get("balance", bool, True),
+        balance_threshold=_fraction(s, "balance_threshold", 0.10),
         peers=peers or {node_id: address},
         http_peers=http_peers,
         tick_interval=raft.positive("tick_interval", float, 0.05),

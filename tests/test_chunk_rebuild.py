@@ -20,8 +20,9 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from dogfs.chunk import rebuild as rebuild_module
 from dogfs.chunk.load import LoadMeter
-from dogfs.chunk.rebuild import REBUILD_BATCH, InvalidRebuild, plan_rebuild
+from dogfs.chunk.rebuild import REBUILD_BATCH, InvalidRebuild, Source, plan_rebuild
 from dogfs.chunk.server import ShardServer, synchronous_executor
 from dogfs.chunk.service import CHUNK_PERMISSIONS, ChunkService
 from dogfs.codec.checksum import crc32c
@@ -169,6 +170,32 @@ class SilentSource:
         for d in self.held:
             if not d.called:
                 d.errback(WireError("not_found", "this server lost its shards"))
+
+
+def damage_on_disk(peer: Peer, shard_id: str, cell: int) -> None:
+    """Flip a byte of cell `cell` in `peer`'s shard file (past the header): rot on the disk,
+    which the peer's GetShard finds by its checksum."""
+    with open(peer.store.path(shard_id), "r+b") as f:
+        f.seek(HEADER_SIZE + cell * (RECORD_OVERHEAD + FRAGMENT_HEADER_SIZE + CELL) + 100)
+        [byte] = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte ^ 0xFF]))
+
+
+def record_fetches(target: Peer) -> list[tuple[int, int]]:
+    """(source index, first cell) of every GetShard the target's rebuilder sends from now on,
+    in order."""
+    rebuilder = target.server.rebuilder
+    assert rebuilder is not None
+    fetch = rebuilder._fetch
+    fetched: list[tuple[int, int]] = []
+
+    def recording(plan: Any, source: Source, first: int, count: int) -> Any:
+        fetched.append((source.index, first))
+        return fetch(plan, source, first, count)
+
+    rebuilder._fetch = recording  # type: ignore[method-assign]
+    return fetched
 
 
 class RebuildCase(TestCase):
@@ -437,6 +464,185 @@ class SourceFailureTests(RebuildCase):
         return deferred(run())
 
 
+class CopyTests(RebuildCase):
+    """A shard still readable elsewhere (named among the sources as itself) is copied as it
+    is: one source, no decoding; if the copy fails, the others decode the rest."""
+
+    def no_decoding(self) -> None:
+        """Fail the test if the rebuilder decodes anything."""
+
+        def decode(*args: Any) -> bytes:
+            self.fail("a copy called the codec")
+
+        self.patch(rebuild_module, "_rebuild_fragment", decode)
+
+    def count_decoding(self) -> list[int]:
+        """The shard index of every fragment the rebuilder decodes, in order."""
+        decode = rebuild_module._rebuild_fragment
+        decoded: list[int] = []
+
+        def counting(codec: StripeCodec, fragments: dict[int, Any], index: int) -> bytes:
+            decoded.append(index)
+            return decode(codec, fragments, index)
+
+        self.patch(rebuild_module, "_rebuild_fragment", counting)
+        return decoded
+
+    def test_copy_without_other_sources(self) -> defer.Deferred[None]:
+        """RS-3-2, 21 stripes (three batches, the last stripe short): shard 1 is copied to a
+        sixth server from its holder, the only source named; the file is the one the upload
+        made, nothing is decoded, one info line says "copied" and the meter counts it."""
+
+        async def run() -> None:
+            *holders, target = self.peers(6)
+            size = 20 * 3 * CELL + 1000
+            shards = await self.write_group(holders, "RS-3-2", group_bytes(size, 11))
+            shard_id = make_shard_id(GROUP, 1)
+            original = holders[1].file_bytes(shard_id)
+            self.no_decoding()
+            fetched = record_fetches(target)
+            with capturedLogs() as events:
+                stored = await self.rebuild(target, "RS-3-2", 1, size, [(1, holders[1])])
+            self.assertEqual(stored, ShardStored(shard_id, sum(map(len, shards[1]))))
+            await self.assert_rebuilt(target, 1, shards, original)
+            self.assertEqual(fetched, [(1, 0), (1, REBUILD_BATCH), (1, 2 * REBUILD_BATCH)])
+            self.assertEqual(target.server.meter.totals["rebuild_ops"], 1)
+            self.assertEqual(target.server.meter.totals["rebuild_bytes"], stored.size)
+            lines = [e for e in events if e["log_level"] == LogLevel.info and e.get("shard") == shard_id]
+            [line] = lines
+            self.assertIn("copied", line["log_format"])
+            self.assertNotIn("rebuilt", line["log_format"])
+            self.assertEqual((line["address"], line["size"]), (holders[1].address, stored.size))
+
+        return deferred(run())
+
+    def test_copy_reads_no_other_source(self) -> defer.Deferred[None]:
+        """Named after k others, the copy source is still the only one read: the others are
+        not asked for a cell."""
+
+        async def run() -> None:
+            *holders, target = self.peers(7)
+            size = 10 * 4 * CELL + 5000
+            shards = await self.write_group(holders, "RS-4-2", group_bytes(size, 12))
+            original = holders[5].file_bytes(make_shard_id(GROUP, 5))
+            self.no_decoding()
+            fetched = record_fetches(target)
+            await self.rebuild(target, "RS-4-2", 5, size, [*[(i, holders[i]) for i in range(5)], (5, holders[5])])
+            await self.assert_rebuilt(target, 5, shards, original)
+            self.assertEqual(fetched, [(5, 0), (5, REBUILD_BATCH)])
+
+        return deferred(run())
+
+    def test_copy_damaged_midway_falls_back_to_decoding(self) -> defer.Deferred[None]:
+        """Batches of 2 cells: the copy source's cell 5 rots on its disk, so its third batch
+        fails (`corrupt`). The cells of the first two batches stay as copied, the rest are
+        decoded from the three others from that batch on, the copy source is not read again,
+        and the file is still the one the upload made; the info line says "rebuilt" and
+        names the failed copy source."""
+
+        async def run() -> None:
+            *holders, target = self.peers(6)
+            size = 9 * 3 * CELL + 100  # 10 stripes, the last short: 5 batches of 2
+            shards = await self.write_group(holders, "RS-3-2", group_bytes(size, 13))
+            shard_id = make_shard_id(GROUP, 1)
+            original = holders[1].file_bytes(shard_id)
+            damage_on_disk(holders[1], shard_id, 5)
+            assert target.server.rebuilder is not None
+            target.server.rebuilder.batch = 2
+            decoded = self.count_decoding()
+            fetched = record_fetches(target)
+            with capturedLogs() as events:
+                stored = await self.rebuild(target, "RS-3-2", 1, size, [(1, holders[1]), *[(i, holders[i]) for i in (0, 2, 3, 4)]])
+            self.assertEqual(stored, ShardStored(shard_id, sum(map(len, shards[1]))))
+            await self.assert_rebuilt(target, 1, shards, original)
+            self.assertEqual(decoded, [1] * 6)  # stripes 4 to 9
+            self.assertEqual(fetched[:3], [(1, 0), (1, 2), (1, 4)])
+            self.assertEqual(sorted(fetched[3:]), [(i, first) for i in (0, 2, 3) for first in (4, 6, 8)])
+            [line] = [e for e in events if e["log_level"] == LogLevel.info and e.get("shard") == shard_id]
+            self.assertIn("rebuilt", line["log_format"])
+            self.assertEqual(
+                line["dropped"],
+                f", without failed sources (shard 1 at {holders[1].address}: shard {shard_id} cell 5 "
+                f"on chunk-1 failed its checksum (corrupt))",
+            )
+
+        return deferred(run())
+
+    def test_copy_source_without_the_shard(self) -> defer.Deferred[None]:
+        """A copy source that answers not_found at once: the whole shard is decoded from the
+        others, and the copy source is named among the failed."""
+
+        async def run() -> None:
+            *holders, target = self.peers(6)
+            size = 5 * 3 * CELL
+            shards = await self.write_group(holders, "RS-3-2", group_bytes(size, 14))
+            shard_id = make_shard_id(GROUP, 0)
+            original = holders[0].file_bytes(shard_id)
+            decoded = self.count_decoding()
+            with capturedLogs() as events:
+                await self.rebuild(target, "RS-3-2", 0, size, [(0, holders[4]), *[(i, holders[i]) for i in (1, 2, 3)]])
+            await self.assert_rebuilt(target, 0, shards, original)
+            self.assertEqual(len(decoded), 5)
+            [line] = [e for e in events if e["log_level"] == LogLevel.info and e.get("shard") == shard_id]
+            self.assertIn("rebuilt", line["log_format"])
+            self.assertIn(f"shard 0 at {holders[4].address}: chunk-4 has no shard {shard_id} (not_found)", line["dropped"])
+
+        return deferred(run())
+
+    def test_copy_source_down_and_too_few_others(self) -> defer.Deferred[None]:
+        """A copy source that cannot be reached, and one other source of the three a rebuild
+        needs: `unavailable`, naming the copy source's failure; nothing is left on the
+        target."""
+
+        async def run() -> None:
+            *holders, target = self.peers(6)
+            size = 5 * 3 * CELL
+            await self.write_group(holders, "RS-3-2", group_bytes(size, 15))
+            shard_id = make_shard_id(GROUP, 2)
+            await holders[2].stop()
+            with capturedLogs() as events:
+                error = await self.rebuild_fails(target, "RS-3-2", 2, size, [(2, holders[2]), (0, holders[0])])
+            self.assertEqual(error.code, "unavailable")
+            self.assertIn(
+                f"cannot copy or rebuild shard {shard_id}: its copy at {holders[2].address} could not be "
+                f"read, and rebuilding it needs 3 other shards of its block group but only 1 of the 1 others "
+                f"named could be read",
+                error.message,
+            )
+            self.assertIn(f"(shard 2 at {holders[2].address}: cannot connect", error.message)
+            self.assertEqual(target.tmp_files(), [])
+            self.assertFalse(os.path.exists(target.store.path(shard_id)))
+            self.assertEqual(target.server.shard_ids, set())
+            [warning] = [e for e in events if e["log_level"] == LogLevel.warn]
+            self.assertEqual(warning["error"], error.message)
+
+        return deferred(run())
+
+    def test_copy_fails_after_cells_were_written(self) -> defer.Deferred[None]:
+        """The copy source's second batch fails and only two others are named: `unavailable`
+        after the first batch was written; the partial file is removed."""
+
+        async def run() -> None:
+            *holders, target = self.peers(6)
+            size = 20 * 3 * CELL
+            await self.write_group(holders, "RS-3-2", group_bytes(size, 16))
+            shard_id = make_shard_id(GROUP, 3)
+            damage_on_disk(holders[3], shard_id, REBUILD_BATCH + 1)
+            fetched = record_fetches(target)
+            error = await self.rebuild_fails(target, "RS-3-2", 3, size, [(3, holders[3]), (0, holders[0]), (1, holders[1])])
+            self.assertEqual(error.code, "unavailable")
+            self.assertIn(
+                f"shard 3 at {holders[3].address}: shard {shard_id} cell {REBUILD_BATCH + 1} on chunk-3 "
+                f"failed its checksum (corrupt)",
+                error.message,
+            )
+            self.assertEqual(fetched, [(3, 0), (3, REBUILD_BATCH)])
+            self.assertEqual(target.tmp_files(), [])
+            self.assertFalse(os.path.exists(target.store.path(shard_id)))
+
+        return deferred(run())
+
+
 class LimitTests(RebuildCase):
     """Rebuilds are bounded per server, refused when the request is wrong, and stop with the
     server."""
@@ -487,11 +693,11 @@ class LimitTests(RebuildCase):
                 ({"group_size": 0}, "block group size 0 is not between"),
                 ({"group_size": 1 << 62}, "is not between 1 byte and"),
                 ({"sources": [(1, make_shard_id(7, 1), a), (2, make_shard_id(7, 2), a)]},
-                 "rebuilt from 3 others of its block group, but 2 were named"),
+                 "copied from itself or rebuilt from 3 others of its block group, but only 2 others were named"),
                 ({"sources": [(1, make_shard_id(7, 1), a), (1, make_shard_id(7, 1), a), (2, make_shard_id(7, 2), a)]},
                  "shard 1 is named twice"),
-                ({"sources": [(0, make_shard_id(7, 0), a), (1, make_shard_id(7, 1), a), (2, make_shard_id(7, 2), a)]},
-                 "cannot be rebuilt from itself"),
+                ({"sources": [(0, make_shard_id(7, 0), a), (0, make_shard_id(7, 0), a)]}, "shard 0 is named twice"),
+                ({"sources": [(0, make_shard_id(7, 1), a)]}, "is not shard 0 of block group 0000000000000007"),
                 ({"sources": [(1, make_shard_id(7, 1), a), (2, make_shard_id(7, 2), a), (9, make_shard_id(7, 9), a)]},
                  "source index 9 is out of range"),
                 ({"sources": [(1, make_shard_id(8, 1), a), (2, make_shard_id(7, 2), a), (3, make_shard_id(7, 3), a)]},
@@ -590,6 +796,40 @@ class PlanTests(SynchronousTestCase):
         self.assertEqual([plan.stripe_length(s) for s in (0, 5)], [4 * CELL, 1])
         small = plan_rebuild(RebuildShard(make_shard_id(3, 0), "RS-4-2", 0, 10, CELL, sources), 16 << 20)
         self.assertEqual((small.fragment_size, small.stripes), (FRAGMENT_HEADER_SIZE + CELL, 1))
+
+    def test_copy_source(self) -> None:
+        """The shard itself among the sources is the copy source, kept apart from the others
+        (in their order); alone, it is enough."""
+        copy = (1, make_shard_id(3, 1), "127.0.0.1:9")
+        others = [(i, make_shard_id(3, i), "127.0.0.1:1") for i in (4, 0, 2)]
+        plan = plan_rebuild(RebuildShard(make_shard_id(3, 1), "RS-3-2", 1, 10, CELL, [others[0], copy, *others[1:]]), 16 << 20)
+        self.assertEqual(plan.copy_from, Source(*copy))
+        self.assertEqual(plan.sources, tuple(Source(*s) for s in others))
+        alone = plan_rebuild(RebuildShard(make_shard_id(3, 1), "RS-3-2", 1, 10, CELL, [copy]), 16 << 20)
+        self.assertEqual((alone.copy_from, alone.sources), (Source(*copy), ()))
+        without = plan_rebuild(RebuildShard(make_shard_id(3, 1), "RS-3-2", 1, 10, CELL, others), 16 << 20)
+        self.assertIsNone(without.copy_from)
+
+    def test_copy_source_refused(self) -> None:
+        """A copy source named twice, or with another shard's id, is refused as another source
+        would be; so is a request naming neither the shard itself nor k others."""
+        copy = (1, make_shard_id(3, 1), "127.0.0.1:9")
+        others = [(i, make_shard_id(3, i), "127.0.0.1:1") for i in (0, 2)]
+        cases: list[tuple[list[tuple[int, str, str]], str]] = [
+            ([copy, *others, copy], "shard 1 is named twice among the sources"),
+            ([(1, make_shard_id(3, 2), "127.0.0.1:9"), *others],
+             f"source {make_shard_id(3, 2)!r} is not shard 1 of block group 0000000000000003"),
+            ([(1, make_shard_id(4, 1), "127.0.0.1:9")],
+             f"source {make_shard_id(4, 1)!r} is not shard 1 of block group 0000000000000003"),
+            ([(1, make_shard_id(3, 1), "nowhere")], "bad address 'nowhere'"),
+            (others, f"shard {make_shard_id(3, 1)} is copied from itself or rebuilt from 3 others of its "
+                     f"block group, but only 2 others were named"),
+            ([], "but only 0 others were named"),
+        ]
+        for sources, expected in cases:
+            with self.assertRaises(InvalidRebuild) as raised:
+                plan_rebuild(RebuildShard(make_shard_id(3, 1), "RS-3-2", 1, 10, CELL, sources), 16 << 20)
+            self.assertIn(expected, str(raised.exception))
 
     def test_cell_must_fit_a_frame(self) -> None:
         """A cell whose fragment is larger than the frame limit is refused."""

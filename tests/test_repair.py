@@ -273,7 +273,8 @@ class RepairSchedulerTests(_SchedulerCase):
 
     def test_draining_server_moves_its_shards(self) -> None:
         """A draining server's shards move at once (it need not die): to a server that is not
-        draining, with the draining one's shard read last."""
+        draining, copied from the draining server itself (one shard's traffic), with the
+        group's other shards as the fallback, the draining one's read last."""
         self.upload("/a", [100])  # chunk-0..2
         self.ok(DrainChunkServer("chunk-0"))
         self.ok(DrainChunkServer("chunk-3"))
@@ -283,9 +284,11 @@ class RepairSchedulerTests(_SchedulerCase):
         self.scheduler.tick()
         [(address, msg, _)] = self.calls
         self.assertIn(address, [self.addresses["chunk-4"], self.addresses["chunk-5"]])
-        self.assertEqual([s[0] for s in msg.sources], [1, 2])
+        self.assertEqual([s[0] for s in msg.sources], [0, 1, 2])
+        self.assertEqual(msg.sources[0][1:], (msg.shard_id, self.addresses["chunk-0"]))
         self.answer(self.calls[0])
         self.assertEqual(self.plan(), [])
+        self.assertEqual(self.scheduler.status()["copied"], 1)
         self.ok(RemoveChunkServer("chunk-0"))
 
     def test_undrained_server_leaves_nothing_blocked(self) -> None:

@@ -1,17 +1,27 @@
 # -*- test-case-name: tests.test_chunk_rebuild -*-
 """Shard repair on the chunk server: RebuildShard makes one lost shard of a block group again
-from the others, and stores it here.
+from the others, or copies one still readable elsewhere, and stores it here.
 
 The metadata leader names the shard to make, the group's size and cell size, and where the
-other shards are (`dogfs.wire.messages.RebuildShard`). `ShardRebuilder` then:
+other shards are (`dogfs.wire.messages.RebuildShard`). Among them it may name, once, the
+shard itself on a server that still holds it (a *copy source*: same index, same id), to move
+a shard (draining a server, rebalancing) at the cost of one shard's bytes on the network
+instead of ``k``. `ShardRebuilder` then:
 
 - checks the request (`plan_rebuild`): a well-formed id matching the index, a known policy,
-  sizes a client could have written, and at least ``k`` sources, each another shard of the
-  same group;
-- reads ``k`` sources, `REBUILD_BATCH` cells at a time with ``GetShard(id, first, count)``
-  over connections of its own pool (as a client's read leases its own), so that memory stays
-  at about ``k * REBUILD_BATCH`` cells whatever the shard's size, and checks every cell as a
-  client's read does: order, CRC32C, and a fragment header naming this shard and stripe;
+  sizes a client could have written, and a copy source or at least ``k`` other sources,
+  each a shard of the same group named once;
+- with a copy source, reads its cells `REBUILD_BATCH` at a time, checks each as below (its
+  fragment header naming this very shard and the stripe) and appends them as they are, each
+  with the CRC32C it was checked against (the store checks the bytes it writes against it):
+  no decoding. If the copy source fails at some batch, it is dropped and the rebuild goes on
+  from that batch as below, from the other sources (the cells already copied stay: decoding
+  gives the same bytes);
+- otherwise (or from the batch where the copy failed) reads ``k`` other sources,
+  `REBUILD_BATCH` cells at a time with ``GetShard(id, first, count)`` over connections of
+  its own pool (as a client's read leases its own), so that memory stays at about
+  ``k * REBUILD_BATCH`` cells whatever the shard's size, and checks every cell as a client's
+  read does: order, CRC32C, and a fragment header naming this shard and stripe;
 - rebuilds each stripe's missing fragment with the codec, one stripe per call in the
   server's executor (pyeclib holds the GIL for a call: short calls keep the reactor
   responsive);
@@ -21,16 +31,18 @@ other shards are (`dogfs.wire.messages.RebuildShard`). `ShardRebuilder` then:
   replaces one; readers of the old file keep reading it.
 
 A source that fails (unreachable, closed, an error reply, no answer within
-`SOURCE_TIMEOUT`, a cell failing its checks, too few cells) is dropped and the next unused
-one reads the stripes still to do, from the batch where the other failed. A failed rebuild
-leaves nothing behind: the temporary file is removed.
+`SOURCE_TIMEOUT`, a cell failing its checks, too few cells) is dropped for the rest of the
+rebuild and the next unused one reads the stripes still to do, from the batch where the other
+failed; a copy source that fails is never read again either. A failed rebuild leaves
+nothing behind: the temporary file is removed.
 
 Error codes:
     invalid_argument    the request cannot be right (see `plan_rebuild`)
     busy                `MAX_REBUILDS` rebuilds are running here already, or this very shard
                         is being rebuilt
-    unavailable         fewer than ``k`` sources could be read; the message names why each
-                        one failed
+    unavailable         no copy source could be read and fewer than ``k`` other sources
+                        could; the message names why each one failed, the copy source
+                        included
     no_space            the disk (or quota) is full
     storage_error       any other failure of the local disk
     aborted             the server stopped during the rebuild
@@ -99,13 +111,18 @@ class Source:
 
 @frozen(eq=False)
 class RebuildPlan:
-    """A checked RebuildShard: what to make and what to make it from."""
+    """A checked RebuildShard: what to make and what to make it from.
+
+    ``sources`` are the other shards of the group, the preferred first; ``copy_from`` the
+    shard itself on another server, read first and copied as it is, if the request named it.
+    """
 
     shard_id: str
     index: int
     group_size: int
     codec: StripeCodec
     sources: tuple[Source, ...]
+    copy_from: Source | None = None
 
     @property
     def policy(self) -> str:
@@ -166,20 +183,13 @@ def plan_rebuild(msg: RebuildShard, max_payload: int) -> RebuildPlan:
             f"block group size {msg.group_size} is not between 1 byte and {MAX_SHARD_CELLS} "
             f"stripes of {codec.stripe_size} bytes"
         )
-    if len(msg.sources) < policy.k:
-        raise InvalidRebuild(
-            f"shard {shard_id} is rebuilt from {policy.k} others of its block group, but "
-            f"{len(msg.sources)} {'was' if len(msg.sources) == 1 else 'were'} named"
-        )
-    sources: list[Source] = []
+    named: list[Source] = []
     for source_index, source_id, address in msg.sources:
-        if source_index == index:
-            raise InvalidRebuild(f"shard {shard_id} cannot be rebuilt from itself")
         if not 0 <= source_index < policy.width:
             raise InvalidRebuild(
                 f"source index {source_index} is out of range for an {policy} block group"
             )
-        if any(s.index == source_index for s in sources):
+        if any(s.index == source_index for s in named):
             raise InvalidRebuild(f"shard {source_index} is named twice among the sources")
         if source_id != make_shard_id(group, source_index):
             raise InvalidRebuild(
@@ -189,8 +199,17 @@ def plan_rebuild(msg: RebuildShard, max_payload: int) -> RebuildPlan:
             split_address(address)
         except ValueError as e:
             raise InvalidRebuild(f"source {source_id} has a {e}") from None
-        sources.append(Source(source_index, source_id, address))
-    return RebuildPlan(shard_id, index, msg.group_size, codec, tuple(sources))
+        named.append(Source(source_index, source_id, address))
+    # The shard itself (at most once, checked above) is a copy source; the others decode.
+    copy_from = next((s for s in named if s.index == index), None)
+    sources = tuple(s for s in named if s.index != index)
+    if copy_from is None and len(sources) < policy.k:
+        raise InvalidRebuild(
+            f"shard {shard_id} is copied from itself or rebuilt from {policy.k} others of its "
+            f"block group, but only {len(sources)} "
+            f"{'other was' if len(sources) == 1 else 'others were'} named"
+        )
+    return RebuildPlan(shard_id, index, msg.group_size, codec, sources, copy_from)
 
 
 class _BadCell(Exception):
@@ -199,18 +218,27 @@ class _BadCell(Exception):
 
 @define(eq=False)
 class _Reading:
-    """The sources of one rebuild: those in use, those left, and why others failed."""
+    """The sources of one rebuild: the copy source while it serves, the other sources in
+    use, those left, and why others failed."""
 
     plan: RebuildPlan
+    copying: Source | None = field(init=False)
     active: list[Source] = field(init=False)
     unused: deque[Source] = field(init=False)
     failures: list[tuple[Source, str]] = field(factory=list, init=False)
 
     def __attrs_post_init__(self) -> None:
         k = self.plan.codec.k
-        # The preferred first, as the leader ordered them.
+        self.copying = self.plan.copy_from
+        # The preferred first, as the leader ordered them (read only once a copy fails).
         self.active = list(self.plan.sources[:k])
         self.unused = deque(self.plan.sources[k:])
+
+    def drop_copy(self, reason: str) -> None:
+        """Drop the copy source for good: the rest is decoded from the other sources."""
+        assert self.copying is not None
+        self.failures.append((self.copying, reason))
+        self.copying = None
 
     def replace(self, source: Source, reason: str) -> Source | None:
         """Drop ``source`` for good; the next unused one in its place, or None if none is left."""
@@ -301,6 +329,13 @@ class ShardRebuilder:
         server.meter.add("rebuild_bytes", size)
         # Sources that failed are worth an operator's look (a cell damaged on its way here is
         # logged nowhere else), in the same line.
+        if reading.copying is not None:
+            log.info(
+                "{node} copied shard {shard} from {address}: {size} bytes in {seconds:.3f}s",
+                node=server.node_id, shard=shard_id, address=reading.copying.address, size=size,
+                seconds=self.clock.seconds() - started,
+            )
+            return ShardStored(shard_id, size)
         dropped = "; ".join(f"shard {s.index} at {s.address}: {why}" for s, why in reading.failures)
         log.info(
             "{node} rebuilt shard {shard}: {size} bytes in {seconds:.3f}s{dropped}",
@@ -332,16 +367,26 @@ class ShardRebuilder:
         return size
 
     async def _write_cells(self, reading: _Reading, writer: ShardWriter) -> int:
-        """Read, rebuild and append every cell, batch by batch; returns the fragment bytes."""
+        """Copy or read and rebuild, then append, every cell, batch by batch; returns the
+        fragment bytes."""
         server = self.server
         plan = reading.plan
         size = 0
         for first in range(0, plan.stripes, self.batch):
             count = min(self.batch, plan.stripes - first)
+            if reading.copying is not None:
+                copied = await self._copy_batch(reading, first, count)
+                if copied is not None:
+                    with server.storing(plan.shard_id):
+                        # The CRC32C checked on receipt: the store checks what it writes.
+                        await server.executor(writer.append_cells, copied)
+                    size += sum(len(f) for f, _ in copied)
+                    del copied
+                    continue
             cells = await self._read_batch(reading, first, count)
             rebuilt = []
             for j in range(count):
-                stripe = {index: got[j] for index, got in cells.items()}
+                stripe = {index: got[j][0] for index, got in cells.items()}
                 rebuilt.append(
                     await server.executor(_rebuild_fragment, plan.codec, stripe, plan.index)
                 )
@@ -360,15 +405,35 @@ class ShardRebuilder:
                 "aborted", f"{self.server.node_id} stopped while rebuilding shard {shard_id}"
             )
 
+    async def _copy_batch(
+        self, reading: _Reading, first: int, count: int
+    ) -> list[tuple[memoryview, int]] | None:
+        """Cells ``first .. first + count - 1`` of the copy source, each with its checked
+        CRC32C; or None once it failed (it is dropped, and the rebuild decodes from here).
+
+        @raise WireError: ``unavailable`` if fewer than ``k`` other sources are named.
+        """
+        plan = reading.plan
+        assert reading.copying is not None
+        result = await self._fetch(plan, reading.copying, first, count)
+        # Stopping closes the connections: the failure that follows is not the source's.
+        self._check_running(plan.shard_id)
+        if isinstance(result, list):
+            return result
+        reading.drop_copy(result)
+        if len(reading.active) < plan.codec.k:
+            raise self._unavailable(reading)
+        return None
+
     async def _read_batch(
         self, reading: _Reading, first: int, count: int
-    ) -> dict[int, list[memoryview]]:
+    ) -> dict[int, list[tuple[memoryview, int]]]:
         """Cells ``first .. first + count - 1`` of ``k`` sources, by source index. A source
         that fails is dropped, and an unused one reads the whole batch in its place.
 
         @raise WireError: ``unavailable`` once fewer than ``k`` sources are left.
         """
-        got: dict[int, list[memoryview]] = {}
+        got: dict[int, list[tuple[memoryview, int]]] = {}
         todo = list(reading.active)
         while todo:
             results = await defer.gatherResults(
@@ -394,6 +459,14 @@ class ShardRebuilder:
             f"shard {source.index} at {source.address}: {reason}"
             for source, reason in reading.failures
         )
+        if plan.copy_from is not None:
+            return self.server._error(
+                "unavailable",
+                f"cannot copy or rebuild shard {plan.shard_id}: its copy at "
+                f"{plan.copy_from.address} could not be read, and rebuilding it needs "
+                f"{plan.codec.k} other shards of its block group but only {len(reading.active)} "
+                f"of the {len(plan.sources)} others named could be read ({reasons})",
+            )
         return self.server._error(
             "unavailable",
             f"cannot rebuild shard {plan.shard_id}: it needs {plan.codec.k} other shards of its "
@@ -403,8 +476,9 @@ class ShardRebuilder:
 
     async def _fetch(
         self, plan: RebuildPlan, source: Source, first: int, count: int
-    ) -> list[memoryview] | str:
-        """Cells ``first .. first + count - 1`` of ``source``, each checked; or why not.
+    ) -> list[tuple[memoryview, int]] | str:
+        """Cells ``first .. first + count - 1`` of ``source``, each checked, with its CRC32C;
+        or why not.
 
         The connection is leased, ours alone for the read, as a client's read leases its
         own; it is kept for the next batch when the source answered in full (or with an
@@ -417,11 +491,11 @@ class ShardRebuilder:
         if self.stopped:  # dialled while the pool was being closed: not the pool's any more
             connection.close()
             return "the rebuild was stopped"
-        cells: list[memoryview] = []
+        cells: list[tuple[memoryview, int]] = []
 
         def part(msg: Any, payload: memoryview) -> None:
             self._check_cell(plan, source, first + len(cells), first + count, msg, payload)
-            cells.append(payload)
+            cells.append((payload, msg.crc))
 
         answered = False
         try:

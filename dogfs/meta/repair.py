@@ -46,6 +46,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from dogfs.meta import commands as c
+from dogfs.meta.balance import BALANCE, Balancer, domains_of, may_take
 from dogfs.meta.placement import choose_placement, domain_key
 from dogfs.meta.registry import ChunkServerRegistry
 from dogfs.wire import messages as m
@@ -57,9 +58,10 @@ __all__ = ["RepairScheduler", "RepairTask"]
 
 #: Why a shard must be made again elsewhere, in the order they are served at equal risk:
 #: its server is dead, its server no longer holds it (left out of two shard reports: lost
-#: or damaged), its server was removed, or its server is draining.
+#: or damaged), its server was removed, or its server is draining. Balancing moves
+#: (`dogfs.meta.balance`) come after all of them.
 DEAD, MISSING, REMOVED, DRAINING = "dead", "missing", "removed", "draining"
-_REASON_ORDER = {DEAD: 0, MISSING: 1, REMOVED: 2, DRAINING: 3}
+_REASON_ORDER = {DEAD: 0, MISSING: 1, REMOVED: 2, DRAINING: 3, BALANCE: 4}
 
 #: Missing shards planned per tick (they are few: a disk's bad sectors, a deleted file).
 MISSING_BATCH = 1000
@@ -93,17 +95,20 @@ _ERRORS_KEPT = 20
 class RepairTask:
     """Shard ``index`` of block group ``bg_id`` must leave ``from_node`` (``reason``).
     ``margin`` is the group's readable shards minus ``k`` when planned: 0 means one more loss
-    makes it unreadable. The group itself is read again when the task runs."""
+    makes it unreadable. The group itself is read again when the task runs. ``to_node`` is
+    where a balancing move goes (repairs pick their target when they run)."""
 
     bg_id: int
     index: int
     from_node: str
     reason: str
     margin: int
+    to_node: str | None = None
 
-    def key(self) -> tuple[int, int, int, int]:
-        """Sort key: most endangered first, then lost before draining, then id order."""
-        return (self.margin, _REASON_ORDER[self.reason], self.bg_id, self.index)
+    def key(self) -> tuple[bool, int, int, int, int]:
+        """Sort key: repairs before balancing, most endangered first, then lost before
+        draining, then id order."""
+        return (self.reason == BALANCE, self.margin, _REASON_ORDER[self.reason], self.bg_id, self.index)
 
 
 @define
@@ -124,6 +129,7 @@ class _Blocked:
 @define
 class _Stats:
     rebuilt: int = 0
+    copied: int = 0
     failed: int = 0
     stale: int = 0
     errors: deque[dict[str, Any]] = field(factory=lambda: deque(maxlen=_ERRORS_KEPT))
@@ -158,6 +164,7 @@ class RepairScheduler:
         rng: random.Random | None = None,
         emit: Callable[..., object] = lambda kind, **fields: None,
         missing: Callable[[], dict[str, set[tuple[int, int]]]] = dict,
+        balancer: Balancer | None = None,
     ) -> None:
         self.clock = clock
         self.state = state
@@ -166,6 +173,7 @@ class RepairScheduler:
         self.pool = pool
         self.emit = emit
         self.missing = missing
+        self.balancer = balancer
         self.cell_size = cell_size
         self.repair_after = repair_after
         self.interval = interval
@@ -222,6 +230,8 @@ class RepairScheduler:
         if loop is not None and loop.running:
             loop.stop()
         self.tasks, self._order, self._cursors, self.blocked, self._rounds = {}, [], {}, {}, {}
+        if self.balancer is not None:
+            self.balancer.reset()
 
     # --- planning ---
 
@@ -267,8 +277,12 @@ class RepairScheduler:
         lost = self.lost_servers()
         # A server back alive, or no longer draining: its tasks go (those running finish).
         missing = self.missing()
+        repairing = bool(lost) or any(missing.values())
         for key, task in list(self.tasks.items()):
-            if task.reason == MISSING:
+            if task.reason == BALANCE:
+                if repairing:
+                    del self.tasks[key]  # repair first; the balancer plans again afterwards
+            elif task.reason == MISSING:
                 if task.from_node in lost or key not in missing.get(task.from_node, ()):
                     del self.tasks[key]
             elif lost.get(task.from_node) != task.reason:
@@ -305,7 +319,7 @@ class RepairScheduler:
             page, resume, looked = self.state.placed_on(node, start_after=start, limit=budget)
             budget -= max(1, looked)
             self._cursors[node] = resume  # None: start again from the first next time
-            for bg_id, index, ec, nodes in page:
+            for bg_id, index, ec, _size, nodes in page:
                 seen = self.blocked.get((bg_id, index))
                 if seen is not None:  # still there: kept past the end of this round
                     self.blocked[(bg_id, index)] = attrs.evolve(seen, at=now)
@@ -323,6 +337,8 @@ class RepairScheduler:
                     key: b for key, b in self.blocked.items() if b.node != node or b.at >= began
                 }
         self._plan_missing(missing, lost, alive, now)
+        if self.balancer is not None and not repairing:
+            self._plan_balance(servers, now)
         self._order = sorted(self.tasks, key=lambda key: self.tasks[key].key())
         blocked = Counter(b.kind for b in self.blocked.values())
         if blocked:
@@ -364,6 +380,24 @@ class RepairScheduler:
                 readable = sum(1 for s in info.shards if s.node_id in alive and (s.node_id, (info.id, s.index)) not in gone)
                 self.tasks[key] = RepairTask(info.id, key[1], node, MISSING, readable - k)
 
+    def _plan_balance(self, servers: list[Any], now: float) -> None:
+        """The balancer's next step (nothing needs repair): a census slice, and a round of
+        moves when the last one is over."""
+        assert self.balancer is not None
+        draining = {r.node_id for r in servers if r.draining}
+        registered = {r.node_id for r in servers}
+        eligible = [
+            load for load in self.registry.live() if load.node_id in registered and load.node_id not in draining
+        ]
+        idle = not any(t.reason == BALANCE for t in self.tasks.values()) and not any(
+            r.task.reason == BALANCE for r in self.running.values()
+        )
+        for move in self.balancer.step(now, eligible, domains_of(servers), idle):
+            key = (move.bg_id, move.index)
+            if key in self.tasks or self._retry_at.get(key, 0.0) > now:
+                continue
+            self.tasks[key] = RepairTask(move.bg_id, move.index, move.from_node, BALANCE, move.margin, move.to_node)
+
     # --- running ---
 
     def _dispatch_soon(self) -> None:
@@ -403,7 +437,10 @@ class RepairScheduler:
             if prepared is None:
                 continue
             message, holders = prepared
-            target = self._target(task, holders, live, busy)
+            if task.reason == BALANCE:
+                target = self._balance_target(task, holders, live, busy, servers)
+            else:
+                target = self._target(task, holders, live, busy)
             if target is None:
                 continue
             self.blocked.pop(key, None)
@@ -429,20 +466,25 @@ class RepairScheduler:
         k = c.parse_policy(info.ec)[0]
         alive = {load.node_id for load in live}
         missing = self.missing()
-        readable = [
-            s for s in info.shards
-            if s.index != task.index and s.node_id in alive and (info.id, s.index) not in missing.get(s.node_id, ())
-        ]
-        if len(readable) < k:
-            self._block(task, UNREADABLE, f"only {len(readable)} of its other shards are readable, "
+
+        def readable(s: Any) -> bool:
+            return s.node_id in alive and (info.id, s.index) not in missing.get(s.node_id, ())
+
+        own = info.shards[task.index]
+        # A shard still readable where it is (draining, balancing) is copied from there: one
+        # shard's traffic instead of k. The others are the fallback if the copy fails.
+        copy = readable(own)
+        others = [s for s in info.shards if s.index != task.index and readable(s)]
+        if len(others) < k and not copy:
+            self._block(task, UNREADABLE, f"only {len(others)} of its other shards are readable, "
                         f"{k} are needed: it waits for chunk servers to return")
             return None
         # Data shards of servers staying in the cluster first: the target reads k of them.
-        readable.sort(key=lambda s: (s.node_id in self._draining, s.index >= k, s.index))
+        others.sort(key=lambda s: (s.node_id in self._draining, s.index >= k, s.index))
         message = m.RebuildShard(
             c.shard_id(task.bg_id, task.index), info.ec, task.index, info.size, self.cell_size,
             tuple((s.index, s.shard_id, servers[s.node_id].address if s.node_id in servers else s.address)
-                  for s in readable),
+                  for s in ([own] if copy else []) + others),
         )
         return message, {s.node_id for s in info.shards}
 
@@ -469,6 +511,23 @@ class RepairScheduler:
         spread = [s for s in candidates if held[domain_key(s)] == least]
         return str(choose_placement(1, spread, self.rng)[0])
 
+    def _balance_target(
+        self, task: RepairTask, holders: set[str], live: list[Any], busy: Counter[str], servers: dict[str, Any]
+    ) -> str | None:
+        """The target the balancer chose for ``task``, if it may still take the shard (the
+        group as it is now); None when it is busy (the task waits) or may not (it goes)."""
+        target = task.to_node
+        loads = {load.node_id: load for load in live}
+        load = loads.get(target) if target is not None else None
+        if target is None or load is None or target in self._draining or load.is_full or not may_take(
+            task.from_node, target, holders, domains_of(servers.values())
+        ):
+            self._gone(task)  # the balancer plans again from the new figures
+            return None
+        if busy[target] >= self.per_target:
+            return None
+        return target
+
     def _block(self, task: RepairTask, kind: str, why: str) -> None:
         key = (task.bg_id, task.index)
         self.blocked[key] = _Blocked(kind, why, task.from_node, self._now())
@@ -478,6 +537,7 @@ class RepairScheduler:
     async def _run(self, task: RepairTask, target: str, message: m.RebuildShard, address: str) -> None:
         started = self._now()
         key = (task.bg_id, task.index)
+        moved = False
         try:
             try:
                 connection = await self.pool.lease(address)
@@ -499,6 +559,7 @@ class RepairScheduler:
                 self._failed(task, f"{target} could not rebuild it: {e}")
                 return
             self.pool.give_back(address, connection)
+            copied = bool(message.sources) and message.sources[0][0] == task.index
             result = await self.propose(c.MoveShard(task.bg_id, task.index, task.from_node, target))
             if isinstance(result, c.MetaError):
                 if result.code in (c.ErrorCode.STALE_ALLOCATION, c.ErrorCode.NOT_FOUND):
@@ -508,21 +569,36 @@ class RepairScheduler:
                     return
                 self._failed(task, f"the metadata refused the move: {result.message}")
                 return
-            self.stats.rebuilt += 1
             self.tasks.pop(key, None)
+            how = "copied to" if copied else "rebuilt on"
+            if task.reason == BALANCE:
+                assert self.balancer is not None
+                self.balancer.ended(self._now(), reply.msg.size)
+                moved = True
+                log.info(
+                    "balancing: shard {shard} {how} {new} from {old} ({size} bytes in {seconds:.1f}s)",
+                    shard=message.shard_id, how=how, new=target, old=task.from_node,
+                    size=reply.msg.size, seconds=self._now() - started,
+                )
+                return
+            self.stats.rebuilt += 1
+            self.stats.copied += copied
             self.emit(
                 "repair", level="info", node=task.from_node,
-                message=f"shard {message.shard_id} of {task.from_node} ({task.reason}) rebuilt on {target}",
+                message=f"shard {message.shard_id} of {task.from_node} ({task.reason}) {how} {target}",
             )
             log.info(
-                "repaired shard {shard} ({reason} on {old}): rebuilt on {new} with {size} bytes "
+                "repaired shard {shard} ({reason} on {old}): {how} {new} with {size} bytes "
                 "in {seconds:.1f}s", shard=message.shard_id, reason=task.reason, old=task.from_node,
-                new=target, size=reply.msg.size, seconds=self._now() - started,
+                how=how, new=target, size=reply.msg.size, seconds=self._now() - started,
             )
         except Exception as e:
             self._failed(task, str(e))
         finally:
             self.running.pop(task.bg_id, None)
+            if task.reason == BALANCE and not moved:
+                assert self.balancer is not None
+                self.balancer.ended(self._now(), None)
             self._dispatch_soon()
 
     def _gone(self, task: RepairTask) -> None:
@@ -569,7 +645,10 @@ class RepairScheduler:
             "lost_servers": lost,
             "missing_shards": {node: len(keys) for node, keys in sorted(self.missing().items()) if keys},
             "waiting_servers": {node: round(left, 1) for node, left in self.waiting().items()},
-            "queued": max(0, len(self.tasks) - len(self.running)),
+            "queued": sum(
+                1 for key, t in self.tasks.items()
+                if t.reason != BALANCE and not (t.bg_id in self.running and self.running[t.bg_id].task.index == key[1])
+            ),
             "blocked": {kind: {"shards": n, "why": examples[kind]} for kind, n in sorted(blocked.items())},
             "interval": self.interval,
             "planned_s_ago": None if self.planned_at is None else round(now - self.planned_at, 1),
@@ -582,7 +661,13 @@ class RepairScheduler:
                 for r in self.running.values()
             ],
             "rebuilt": self.stats.rebuilt,
+            "copied": self.stats.copied,
             "failed": self.stats.failed,
             "stale": self.stats.stale,
             "errors": [{**e, "s_ago": round(now - e["at"], 1)} for e in self.stats.errors],
+            "balance": None if self.balancer is None else {
+                **self.balancer.status(now),
+                "queued": sum(1 for t in self.tasks.values() if t.reason == BALANCE),
+                "running": sum(1 for r in self.running.values() if r.task.reason == BALANCE),
+            },
         }

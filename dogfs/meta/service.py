@@ -29,6 +29,7 @@ from dogfs.codec.policy import ECPolicy, UnknownPolicy
 from dogfs.config import MetaConfig
 from dogfs.interfaces import ICommandLog
 from dogfs.meta import commands as c
+from dogfs.meta.balance import Balancer
 from dogfs.meta.placement import NotEnoughChunkServers, choose_placement
 from dogfs.meta.registry import ALIVE, UNKNOWN, ChunkServerRegistry
 from dogfs.meta.repair import RepairScheduler
@@ -601,6 +602,7 @@ class MetaService(MultiService):
             self.config.cell_size, repair_after=self.config.repair_after,
             interval=self.config.repair_interval, concurrency=self.config.repair_concurrency,
             emit=self.handlers.emit, missing=lambda: handlers.missing,
+            balancer=Balancer(self.state, threshold=self.config.balance_threshold) if self.config.balance else None,
         )
         self.handlers.repair = self.repair
         if self.log.is_leader:

@@ -1062,12 +1062,13 @@ class NamespaceState:
 
     def placed_on(
         self, node_id: str, *, start_after: tuple[int, int] | None = None, limit: int = 1000
-    ) -> tuple[builtins.list[tuple[int, int, str, builtins.list[str]]], tuple[int, int] | None, int]:
+    ) -> tuple[builtins.list[tuple[int, int, str, int, builtins.list[str]]], tuple[int, int] | None, int]:
         """A page of the committed block groups with a shard on C{node_id}, raw and cheap
-        (no addresses): C{(bg_id, index, ec, nodes)} each, where the next page starts (None
+        (no addresses): C{(bg_id, index, ec, size, nodes)} each, where the next page starts (None
         at the end), and how many placements were looked at (at most C{limit}, committed or
-        not): what the repair planner reads a slice of per tick, from one read transaction."""
-        out: builtins.list[tuple[int, int, str, builtins.list[str]]] = []
+        not): what the repair planner and the balancer read a slice of per tick, from one read
+        transaction."""
+        out: builtins.list[tuple[int, int, str, int, builtins.list[str]]] = []
         looked = 0
         last: tuple[int, int] | None = None
         with self._read() as txn:
@@ -1080,9 +1081,9 @@ class NamespaceState:
                 raw = txn.get(bg_key, db=bgroups)
                 if raw is None:
                     continue
-                committed, ec, _size, _at, nodes = _unpack(raw)
+                committed, ec, size, _at, nodes = _unpack(raw)
                 if committed:
-                    out.append((bg_id, index, ec, nodes))
+                    out.append((bg_id, index, ec, size, nodes))
         return out, None, looked
 
     def committed_between(
@@ -1141,6 +1142,40 @@ class NamespaceState:
                 out.append(node.decode("utf-8"))
                 found = cursor.set_range(node + b"\x01")
         return out
+
+    def placed_bytes(
+        self, *, start_after: int | None = None, limit: int = 10_000
+    ) -> tuple[dict[str, int], int | None, int]:
+        """A slice of the census of bytes each chunk server holds for committed block groups:
+        C{(node -> bytes, where the next slice starts or None at the end, groups looked
+        at)}. A shard counts as a data shard's share of its group (C{ceil(size / k)}: parity
+        shards are as large), so the figure is what the namespace places on a server, free of
+        the garbage its disk still holds. Raw and cheap: the balancer sums one slice per tick.
+        """
+        out: dict[str, int] = {}
+        widths: dict[str, int] = {}
+        looked = 0
+        last: int | None = None
+        with self._read() as txn:
+            cursor = txn.cursor(db=self._dbs[b"bgroups"])
+            start = b"" if start_after is None else _u64(start_after + 1)
+            if not cursor.set_range(start):
+                return out, None, 0
+            for key, raw in cursor.iternext():
+                if looked >= limit:
+                    return out, last, looked
+                looked += 1
+                last = _from_u64(bytes(key))
+                committed, ec, size, _at, nodes = _unpack(raw)
+                if not committed:
+                    continue
+                k = widths.get(ec)
+                if k is None:
+                    k = widths[ec] = parse_policy(ec)[0]
+                share = -(-size // k)
+                for node in nodes:
+                    out[node] = out.get(node, 0) + share
+        return out, None, looked
 
     def redundancy(self, alive: Iterable[str]) -> dict[int, int]:
         """Committed block groups by margin: live shards minus k, given the alive servers.

@@ -340,13 +340,19 @@ class DeleteShards:
 @message(36)
 @frozen
 class RebuildShard:
-    """Repair (node role only): rebuild shard `index` of a block group from the others and
-    store it on this chunk server; answered with ShardStored once it is durable.
+    """Repair (node role only): rebuild shard `index` of a block group from the others, or
+    copy it from a server that still holds it, and store it on this chunk server; answered
+    with ShardStored once it is durable.
 
     `shard_id` is the id of the shard to make. `group_size` is the block group's byte size and
     `cell_size` the cell its stripes were cut with (the cluster's), which together give every
-    stripe's length. `sources` are the other shards as (index, shard id, address), the
-    preferred first: the server reads `k` of them and falls back on the rest when one fails.
+    stripe's length. `sources` are shards of the group as (index, shard id, address), the
+    preferred first: the server reads `k` of the others and falls back on the rest when one
+    fails. `sources` may also name, once, the shard itself (`index`, `shard_id`) at another
+    server (a copy source, to move a shard still readable): it is read first and its cells
+    copied as they are (one shard's bytes on the network, no decoding); the others are used,
+    from the batch where it failed, only if it fails. Either the shard itself or at least `k`
+    others must be named.
     """
 
     shard_id: str
