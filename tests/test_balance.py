@@ -206,7 +206,7 @@ class SchedulerBalanceTests(_SchedulerCase):
         """A round's moves go out as RebuildShard to the chosen target with the source's own
         shard first (a copy), and MoveShard is committed once each is stored; the next round
         waits for a census that began after the last move ended, then finds it balanced."""
-        self.live_for(3, SERVERS[:6])
+        self.live_for(DEAD_AFTER + 1, SERVERS[:6])  # past the leader's grace
         self.scheduler.tick()
         self.assertTrue(self.calls)
         self.assertLessEqual(len(self.calls), 4)
@@ -239,10 +239,21 @@ class SchedulerBalanceTests(_SchedulerCase):
         self.assertEqual(self.calls, [])
         self.assertTrue(self.scheduler.status()["balance"]["balanced"])
 
+    def test_not_during_a_new_leaders_grace(self) -> None:
+        """A new leader has not heard every server yet: it balances nothing until its grace
+        period is over."""
+        self.live_for(3, SERVERS[:6])
+        self.assertGreater(self.registry.grace_left(), 0)
+        self.scheduler.tick()
+        self.assertEqual((self.calls, self.scheduler.tasks), ([], {}))
+        self.live_for(DEAD_AFTER, SERVERS[:6])
+        self.scheduler.tick()
+        self.assertTrue(self.calls)
+
     def test_repair_comes_first(self) -> None:
         """Balancing plans nothing while a server is lost, and its queued moves are dropped
         when one is: here chunk-1 starts draining."""
-        self.live_for(3, SERVERS[:6])
+        self.live_for(DEAD_AFTER + 1, SERVERS[:6])  # past the leader's grace
         self.scheduler.plan_slice()
         self.assertTrue(any(t.reason == BALANCE for t in self.scheduler.tasks.values()))
         self.ok(DrainChunkServer("chunk-1"))
@@ -253,7 +264,7 @@ class SchedulerBalanceTests(_SchedulerCase):
     def test_target_changed_drops_the_move(self) -> None:
         """A move whose target now drains (or is dead, or full) is dropped at dispatch, not
         sent: the balancer plans again from new figures."""
-        self.live_for(3, SERVERS[:6])
+        self.live_for(DEAD_AFTER + 1, SERVERS[:6])  # past the leader's grace
         self.scheduler.plan_slice()
         targets = {t.to_node for t in self.scheduler.tasks.values()}
         self.assertTrue(targets)
@@ -266,7 +277,7 @@ class SchedulerBalanceTests(_SchedulerCase):
     def test_failed_copy_is_retried_later(self) -> None:
         """A move the target could not make is counted failed and let go; the balancer's
         next round plans from the figures then."""
-        self.live_for(3, SERVERS[:6])
+        self.live_for(DEAD_AFTER + 1, SERVERS[:6])  # past the leader's grace
         self.scheduler.tick()
         _, msg, d = self.calls.pop(0)
         from dogfs.wire.protocol import WireError

@@ -136,6 +136,38 @@ class LayoutTests(SynchronousTestCase):
                 self.assertTrue(os.path.isfile(path), path)
         self.assertEqual(os.stat(os.path.join(home, "client.toml")).st_mode & 0o777, 0o600)
 
+    def test_add_chunks(self) -> None:
+        """add_chunks names the new servers after the highest chunk-N, on ports of their own,
+        with the given capacity and a node certificate from the cluster's CA; cluster.toml
+        lists them after the others, and the existing configs are untouched."""
+        home = _home(self)
+        spec = _spec(tls=True)
+        layout.write_cluster(home, spec)
+        before = open(layout.config_path(home, spec.chunks[0])).read()
+        grown, new = layout.add_chunks(home, spec, 2, capacity=1 << 30)
+        self.assertEqual([n.id for n in new], ["chunk-4", "chunk-5"])
+        self.assertEqual(layout.load_spec(home), grown)
+        self.assertEqual(grown.nodes, spec.nodes + tuple(new))
+        ports = [n.port for n in grown.nodes] + [int(m.http_address.rpartition(":")[2]) for m in grown.metas]
+        self.assertEqual(len(set(ports)), len(ports))
+        for node in new:
+            chunk = load_chunk(layout.config_path(home, node))
+            self.assertEqual((chunk.id, chunk.address, chunk.capacity_bytes), (node.id, node.address, 1 << 30))
+            self.assertEqual(chunk.meta, tuple(m.address for m in spec.metas))
+            assert chunk.tls is not None
+            from cryptography import x509
+
+            with open(chunk.tls.cert, "rb") as f:
+                cert = x509.load_pem_x509_certificate(f.read())
+            with open(chunk.tls.ca, "rb") as f:
+                ca = x509.load_pem_x509_certificate(f.read())
+            self.assertEqual(cert.issuer, ca.subject)
+            self.assertIn(node.id, cert.subject.rfc4514_string())
+        self.assertEqual(open(layout.config_path(home, spec.chunks[0])).read(), before)
+        _, more = layout.add_chunks(home, grown, 1)
+        self.assertEqual(more[0].id, "chunk-6")
+        self.assertEqual(load_chunk(layout.config_path(home, more[0])).capacity_bytes, 0)
+
     def test_no_cluster(self) -> None:
         """An empty HOME holds no cluster."""
         self.assertIsNone(layout.load_spec(_home(self)))
@@ -448,6 +480,24 @@ class CommandLineTests(SynchronousTestCase):
         text = _cli(home, "cluster", "status")
         self.assertEqual(text.returncode, 0, text.stderr)
         self.assertNotIn("dashboard:", text.stdout)  # no meta runs to serve one
+
+    def test_add_chunk_to_stopped_cluster(self) -> None:
+        """add-chunk on a cluster that is not running only writes the new servers' files (up
+        starts them with the rest); a count out of range is a usage error."""
+        home = _home(self)
+        layout.write_cluster(home, _spec())
+        result = _cli(home, "--json", "cluster", "add-chunk", "2", "--capacity", "1GiB")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual([(n["id"], n["outcome"]) for n in json.loads(result.stdout)["nodes"]],
+                         [("chunk-4", "added"), ("chunk-5", "added")])
+        self.assertIn("the cluster is not running", result.stderr)
+        spec = layout.load_spec(home)
+        assert spec is not None
+        self.assertEqual([c.id for c in spec.chunks], ["chunk-1", "chunk-2", "chunk-3", "chunk-4", "chunk-5"])
+        self.assertEqual(load_chunk(layout.config_path(home, spec.chunks[-1])).capacity_bytes, 1 << 30)
+        bad = _cli(home, "cluster", "add-chunk", "0")
+        self.assertEqual(bad.returncode, USAGE, bad.stderr)
+        self.assertIn("between 1 and 100", bad.stderr)
 
     def test_json_of_process_commands(self) -> None:
         """stop, kill, start and down honour --json (global or after the command): stdout is

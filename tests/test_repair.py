@@ -568,7 +568,7 @@ class RepairStatusTextTests(StateTestCase):
         """`dogfs admin repair status` says what is lost, waiting, running and failing."""
         from dogfs.cli.admin_chunk import _describe
 
-        self.assertEqual(_describe({"active": True, "concurrency": 4}).splitlines()[0], "nothing to repair or move")
+        self.assertEqual(_describe({"active": True, "concurrency": 4}).splitlines()[0], "nothing to repair")
         text = _describe({
             "active": True, "concurrency": 4, "repair_after": 600.0, "queued": 7, "rebuilt": 3, "failed": 1,
             "lost_servers": {"chunk-2": {"reason": "dead", "shards": 9}},
@@ -587,6 +587,30 @@ class RepairStatusTextTests(StateTestCase):
         self.assertIn("block group 00000000000000a1 shard 2: chunk-2 -> chunk-6", text)
         self.assertIn("rebuilt 3, failed 1, queued 7, running 1 (at most 4 at once)", text)
         self.assertIn("only 1 of its shards are readable", text)
+        self.assertIn("balancing: off ([meta] balance = false)", text)
+
+    def test_describe_balance(self) -> None:
+        """The balancer's lines: what it does (waiting for repair, moving, balanced), the
+        fullest and emptiest servers, and what it has moved."""
+        from dogfs.cli.admin_chunk import _describe
+
+        balance = {"threshold": 0.1, "balanced": False, "average": 0.26, "queued": 5, "running": 2,
+                   "utilization": {"chunk-1": 0.4, "chunk-2": 0.3, "chunk-7": 0.0},
+                   "moved": 3, "moved_bytes": 3 << 20, "rounds": 1}
+        base = {"active": True, "concurrency": 4, "copied": 2, "rebuilt": 2,
+                "running": [{"block_group": "00000000000000a1", "index": 2, "from": "chunk-1",
+                             "to": "chunk-7", "reason": "balance", "margin": 2, "seconds": 0.5}]}
+        text = _describe({**base, "balance": balance})
+        self.assertEqual(text.splitlines()[0], "nothing to repair")
+        self.assertIn("rebuilt 2 (2 copied from where they were)", text)
+        self.assertIn("balancing: moving shards (5 queued, 2 running) until every server is within 10 points", text)
+        self.assertIn("utilization: average 26.0%, fullest chunk-1 40.0%, emptiest chunk-7 0.0%", text)
+        self.assertIn("moved 3 shards (3.0 MiB) in 1 round", text)
+        text = _describe({**base, "lost_servers": {"chunk-2": {"reason": "draining", "shards": 1}}, "balance": balance})
+        self.assertIn("balancing: waits until nothing needs repair", text)
+        done = {**balance, "balanced": True, "queued": 0, "running": 0}
+        self.assertIn("balancing: balanced: every server within 10 points of the average",
+                      _describe({**base, "running": [], "balance": done}))
 
 
 class RepairRegressionTests(_SchedulerCase):

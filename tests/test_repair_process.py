@@ -10,6 +10,7 @@ some groups; after a repair, no two are enough to.
 
 from __future__ import annotations
 
+import glob
 import os
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -193,3 +194,66 @@ class ScrubRepairProcessTests(TestCase):
         out = os.path.join(cluster.work, "out")
         cluster.run("get", "/f", out, "--timeout", "30")
         self.assertEqual(sha256(out), sha256(local))
+
+
+class BalanceProcessTests(TestCase):
+    timeout = 300
+
+    @run
+    async def test_added_servers_take_their_share_while_files_read(self) -> None:
+        """Two chunk servers added (`cluster add-chunk`, TLS certificates from the cluster's
+        CA) to four that are half full: the balancer copies shards onto them, over TLS, while
+        every file keeps reading back; it stops once every server is within the threshold of
+        the average; the old servers' garbage collection then deletes the moved copies, so the
+        space is really freed."""
+        cluster = self.cluster = Cluster()
+        self.addCleanup(cluster.destroy)
+        capacity = 16 << 20
+        cluster.up("--meta", "1", "--chunk", "4", "--ec", "RS-2-2", "--block-size", str(1 << 20))
+        configure(cluster, "repair_interval = 0.5\n",
+                  f"capacity_bytes = {capacity}\nreport_interval = 1.0\ngc_grace = 2.0\n")
+        cluster.up()
+        files = {f"/f{i}": cluster.local(f"f{i}", 3 << 20, 20 + i) for i in range(6)}  # 2 groups each
+        for name, local in files.items():
+            cluster.run("put", local, name)
+        digests = {name: sha256(local) for name, local in files.items()}
+        out = os.path.join(cluster.work, "out")
+
+        def reads(name: str) -> None:
+            cluster.run("get", name, out, "--timeout", "30")
+            self.assertEqual(sha256(out), digests[name], name)
+
+        added = cluster.json("cluster", "add-chunk", "2", "--capacity", str(capacity))
+        self.assertEqual([n["id"] for n in added["nodes"]], ["chunk-5", "chunk-6"])
+        reads_done = 0
+
+        def balanced() -> dict[str, Any] | None:
+            nonlocal reads_done
+            reads(sorted(files)[reads_done % len(files)])  # a read between every look
+            reads_done += 1
+            b = cluster.json("admin", "repair", "status")["balance"]
+            return b if b["moved"] and b["balanced"] and not b["queued"] and not b["running"] else None
+
+        balance = await until(balanced, 120, "the balancer moving shards onto chunk-5 and chunk-6")
+        self.assertGreaterEqual(reads_done, 1)
+        util = balance["utilization"]
+        self.assertEqual(sorted(util), [f"chunk-{i}" for i in range(1, 7)])
+        self.assertLessEqual(max(util.values()) - min(util.values()), 2 * balance["threshold"])
+        self.assertGreater(min(util["chunk-5"], util["chunk-6"]), 0)
+        placed: dict[str, int] = {}
+        for name in files:
+            for group in cluster.json("stat", name)["block_groups"]:
+                for shard in group["shards"]:
+                    placed[shard["chunk_server"]] = placed.get(shard["chunk_server"], 0) + 1
+        self.assertEqual(sum(placed.values()), 6 * 2 * 4)
+        self.assertEqual(placed["chunk-5"] + placed["chunk-6"], balance["moved"])
+        logs = "".join(open(os.path.join(cluster.home, "nodes", n, "twistd.log")).read() for n in ("chunk-5", "chunk-6"))
+        self.assertIn("copied shard", logs)
+
+        def on_disk(node: str) -> int:
+            return len(glob.glob(os.path.join(cluster.home, "nodes", node, "data", "shards", "*", "*.shard")))
+
+        await until(lambda: all(on_disk(n) == placed.get(n, 0) for n in placed), 60,
+                    "the old servers deleting the shards moved away")
+        for name in files:
+            reads(name)

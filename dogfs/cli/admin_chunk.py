@@ -184,8 +184,10 @@ def _describe(status: dict[str, Any]) -> str:
     lines = []
     lost = status.get("lost_servers", {})
     waiting = status.get("waiting_servers", {})
-    if not lost and not waiting and not status.get("running") and not status.get("missing_shards"):
-        lines.append("nothing to repair or move")
+    if not lost and not waiting and not status.get("missing_shards") and not any(
+        r["reason"] != "balance" for r in status.get("running", [])
+    ):
+        lines.append("nothing to repair")
     if status.get("grace_left"):
         lines.append(f"this leader took over recently: it calls no chunk server dead for "
                      f"{status['grace_left']:.0f}s more")
@@ -201,8 +203,9 @@ def _describe(status: dict[str, Any]) -> str:
     for r in status.get("running", []):
         lines.append(f"  {r['reason']:8} block group {r['block_group']} shard {r['index']}: "
                      f"{r['from']} -> {r['to']} ({r['seconds']:.0f}s)")
+    copied = f" ({status['copied']} copied from where they were)" if status.get("copied") else ""
     lines.append(
-        f"rebuilt {status.get('rebuilt', 0)}, failed {status.get('failed', 0)}, "
+        f"rebuilt {status.get('rebuilt', 0)}{copied}, failed {status.get('failed', 0)}, "
         f"queued {status.get('queued', 0)}, running {len(status.get('running', []))} "
         f"(at most {status.get('concurrency', 0)} at once)"
     )
@@ -211,6 +214,35 @@ def _describe(status: dict[str, Any]) -> str:
     for e in list(status.get("errors", []))[-5:]:
         lines.append(f"  failed {e['s_ago']:.0f}s ago: block group {e['block_group']} shard "
                      f"{e['index']} ({e['from']}): {e['error']}")
+    lines.extend(_describe_balance(status))
     if not status.get("active", True):
         lines.append("the repair scheduler is not running on this member")
     return "\n".join(lines) + "\n"
+
+
+def _describe_balance(status: dict[str, Any]) -> list[str]:
+    """The balancer's lines of `repair status`."""
+    balance = status.get("balance")
+    if balance is None:
+        return ["balancing: off ([meta] balance = false)"]
+    threshold = 100 * balance["threshold"]
+    util = balance.get("utilization") or {}
+    if status.get("lost_servers") or status.get("missing_shards"):
+        state = "waits until nothing needs repair"
+    elif balance.get("balanced") is None:
+        state = "counts what each chunk server holds" if not util else "needs two servers with a capacity"
+    elif balance["balanced"] and not balance.get("queued") and not balance.get("running"):
+        state = f"balanced: every server within {threshold:g} points of the average"
+    else:
+        state = (f"moving shards ({balance.get('queued', 0)} queued, {balance.get('running', 0)} running) "
+                 f"until every server is within {threshold:g} points of the average")
+    lines = [f"balancing: {state}"]
+    if util:
+        fullest = max(util, key=lambda n: (util[n], n))
+        emptiest = min(util, key=lambda n: (util[n], n))
+        lines.append(f"  utilization: average {100 * balance['average']:.1f}%, fullest {fullest} "
+                     f"{100 * util[fullest]:.1f}%, emptiest {emptiest} {100 * util[emptiest]:.1f}%")
+    if balance.get("moved"):
+        lines.append(f"  moved {_n(balance['moved'], 'shard')} ({output.format_bytes(balance['moved_bytes'])}) "
+                     f"in {_n(balance['rounds'], 'round')}")
+    return lines

@@ -5,6 +5,7 @@
                      [--block-size BYTES] [--base-port P] [--wait SECONDS] [--json]
     dogfs cluster status [--json]
     dogfs cluster stop NODE | start NODE [--wait SECONDS] | kill NODE   [--json]
+    dogfs cluster add-chunk [N] [--capacity BYTES] [--wait SECONDS] [--json]
     dogfs cluster down [--json]
 
 `up` creates the cluster on first use (see `dogfs.cli.cluster_layout` for the files under
@@ -14,11 +15,12 @@ query until then. `start` waits until a metadata node answers that query itself 
 chunk server, until the leader has heard it since it started; a node that exits meanwhile
 fails it with the end of its log. Without `--detach` `up` stays in the foreground and stops
 every node on Ctrl-C or SIGTERM. `kill` sends SIGKILL (for tests and chaos drills); `stop` is
-SIGTERM, then SIGKILL after 10 s.
+SIGTERM, then SIGKILL after 10 s. `add-chunk` adds chunk servers to the cluster (and starts
+them, if it runs): the metadata's balancer then moves shards onto them.
 
 With `--json` (global, or after the command) `up` prints `{"nodes": [...], "started": [...]}`
-(the objects of `status --json`) once the cluster serves, and `stop`, `start`, `kill` and
-`down` print `{"nodes": [{"id", "pid", "outcome"}, ...]}` for the nodes they acted on; their
+(the objects of `status --json`) once the cluster serves, and `stop`, `start`, `kill`,
+`add-chunk` and `down` print `{"nodes": [{"id", "pid", "outcome"}, ...]}` for the nodes they acted on; their
 progress lines then go to stderr.
 
 Each handler is `fn(args) -> int`; `dogfs.cli.main` sets `args.home`, `args.config` and
@@ -174,6 +176,37 @@ def register(subparsers: Any) -> None:
         _json_option(p)
         p.set_defaults(func={"stop": cmd_stop, "start": cmd_start, "kill": cmd_kill}[name])
         del func
+
+    add = sub.add_parser(
+        "add-chunk",
+        help="add chunk servers to the cluster and start them",
+        description="Add chunk servers to the local cluster (new ids after the highest, free "
+        "ports, node certificates from the cluster's CA) and start them if the cluster runs. "
+        "The metadata leader places new block groups on them at once, and its balancer moves "
+        "existing shards onto them until every server is within [meta] balance_threshold of "
+        "the average utilization (`dogfs admin repair status` shows it).",
+    )
+    add.add_argument(
+        "count", type=int, nargs="?", default=1, metavar="N", help="how many (default 1)"
+    )
+    add.add_argument(
+        "--capacity",
+        type=_size,
+        default=None,
+        metavar="BYTES",
+        help="the most each new server may hold, e.g. 1GiB ([chunk] capacity_bytes; default: "
+        "its disk's size). On one disk shared by every local server, utilization means "
+        "something only with capacities set",
+    )
+    add.add_argument(
+        "--wait",
+        type=seconds,
+        default=DEFAULT_WAIT,
+        metavar="SECONDS",
+        help=f"how long to wait for them to report to the leader (default {DEFAULT_WAIT:g})",
+    )
+    _json_option(add)
+    add.set_defaults(func=cmd_add_chunk)
 
     down = sub.add_parser("down", help="stop every node; data is kept")
     _json_option(down)
@@ -843,6 +876,35 @@ def cmd_start(args: argparse.Namespace) -> int:
         )
     _say(f"started {node.id} (pid {process.pid}) on {node.address}", out)
     return _report(args, [_acted(node.id, process.pid, "started", address=node.address)])
+
+
+def cmd_add_chunk(args: argparse.Namespace) -> int:
+    """`dogfs cluster add-chunk [N]`: add N chunk servers; start them if the cluster runs and
+    wait until the leader has heard them."""
+    home = _home(args)
+    out = _chatter(args)
+    if not 1 <= args.count <= 100:
+        raise CLIError(f"add between 1 and 100 chunk servers at a time, not {args.count}", USAGE)
+    spec = _require_spec(home)
+    running = any(layout.node_pid(home, m) is not None for m in spec.metas)
+    spec, new = layout.add_chunks(home, spec, args.count, capacity=args.capacity)
+    ids = [n.id for n in new]
+    _say("added " + ", ".join(f"{n.id} on {n.address}" for n in new), out)
+    if not running:
+        _say(f"the cluster is not running: `dogfs --home {home} cluster up` starts them with the rest", out)
+        return _report(args, [_acted(n.id, None, "added", address=n.address) for n in new])
+    started = {n.id: layout.start_node(home, n) for n in new}
+    try:
+        run_deferred(lambda reactor: _wait_ready(reactor, home, spec, started, args.wait, ids), args.reactor())
+    except CLIError:
+        layout.stop_pids([p.pid for p in started.values()])
+        raise
+    _say(
+        "started " + ", ".join(ids) + f"; the balancer moves shards onto {'it' if len(ids) == 1 else 'them'} "
+        f"(`dogfs --home {home} admin repair status` shows how far it is)",
+        out,
+    )
+    return _report(args, [_acted(n.id, started[n.id].pid, "started", address=n.address) for n in new])
 
 
 def cmd_down(args: argparse.Namespace) -> int:

@@ -59,6 +59,7 @@ __all__ = [
     "daemon_argv",
     "start_node",
     "stop_pids",
+    "add_chunks",
     "log_tail",
 ]
 
@@ -249,41 +250,9 @@ def write_cluster(
 ) -> None:
     """Create a new cluster's files: cluster.toml, node configs, TLS material, client.toml."""
     os.makedirs(home, exist_ok=True)
-    peers = {m.id: m.address for m in spec.metas}
-    http_peers = {m.id: m.http_address for m in spec.metas if m.http_address}
-    meta_addresses = [m.address for m in spec.metas]
     for node in spec.nodes:
-        os.makedirs(os.path.join(node_dir(home, node), "data"), exist_ok=True)
-        table: dict[str, object]
-        if node.kind == "meta":
-            table = {
-                "meta": {
-                    "id": node.id,
-                    "listen": _listen(node.address),
-                    "address": node.address,
-                    "data_dir": "data",
-                    "http": _listen(node.http_address),
-                    "http_address": node.http_address,
-                    "default_ec": spec.ec,
-                    "log_format": "text",
-                }
-                | ({"block_size": block_size} if block_size else {}),
-                "raft": {"peers": peers, "http_peers": http_peers},
-            }
-        else:
-            table = {
-                "chunk": {
-                    "id": node.id,
-                    "listen": _listen(node.address),
-                    "address": node.address,
-                    "data_dir": "data",
-                    "meta": meta_addresses,
-                    "log_format": "text",
-                }
-            }
-        if spec.tls:
-            table["tls"] = _tls_table(home, node)
-        write_toml(config_path(home, node), table)
+        _write_node(home, spec, node, block_size)
+    meta_addresses = [m.address for m in spec.metas]
     client: dict[str, object] = {"client": {"meta": meta_addresses, "timeout": timeout}}
     if spec.tls:
         _make_tls(home, spec)
@@ -294,6 +263,78 @@ def write_cluster(
         }
     write_toml(os.path.join(home, CLIENT_FILE), client, 0o600)
     # Last: a HOME with cluster.toml is a complete cluster; a crash before leaves none.
+    _write_spec(home, spec)
+
+
+def add_chunks(
+    home: str, spec: ClusterSpec, count: int, capacity: int | None = None
+) -> tuple[ClusterSpec, list[NodeSpec]]:
+    """Add ``count`` chunk servers to the cluster in HOME: their configs (and node
+    certificates, from the cluster's CA), then cluster.toml naming them. Ids follow the
+    highest ``chunk-N``; ports are free ones now; ``capacity`` is their ``capacity_bytes``.
+    Returns the new spec and the new nodes."""
+    taken = [int(n.id.rpartition("-")[2]) for n in spec.chunks if n.id.rpartition("-")[2].isdigit()]
+    first = max(taken, default=0) + 1
+    ports = pick_ports(count)
+    new = [NodeSpec(f"chunk-{first + i}", "chunk", f"{LOOPBACK}:{p}") for i, p in enumerate(ports)]
+    grown = ClusterSpec(nodes=spec.nodes + tuple(new), ec=spec.ec, tls=spec.tls)
+    if spec.tls:
+        from dogfs.security.ca import load_ca
+        from dogfs.security.roles import Role
+
+        ca = load_ca(os.path.join(home, "ca"))
+        for node in new:
+            ca.issue(node.id, Role.NODE, os.path.join(node_dir(home, node), "tls"), hosts=[LOOPBACK, "localhost"])
+    for node in new:
+        _write_node(home, grown, node, None, capacity)
+    _write_spec(home, grown)
+    return grown, new
+
+
+def _write_node(
+    home: str, spec: ClusterSpec, node: NodeSpec, block_size: int | None, capacity: int | None = None
+) -> None:
+    """A node's directory and config file."""
+    os.makedirs(os.path.join(node_dir(home, node), "data"), exist_ok=True)
+    meta_addresses = [m.address for m in spec.metas]
+    table: dict[str, object]
+    if node.kind == "meta":
+        table = {
+            "meta": {
+                "id": node.id,
+                "listen": _listen(node.address),
+                "address": node.address,
+                "data_dir": "data",
+                "http": _listen(node.http_address),
+                "http_address": node.http_address,
+                "default_ec": spec.ec,
+                "log_format": "text",
+            }
+            | ({"block_size": block_size} if block_size else {}),
+            "raft": {
+                "peers": {m.id: m.address for m in spec.metas},
+                "http_peers": {m.id: m.http_address for m in spec.metas if m.http_address},
+            },
+        }
+    else:
+        table = {
+            "chunk": {
+                "id": node.id,
+                "listen": _listen(node.address),
+                "address": node.address,
+                "data_dir": "data",
+                "meta": meta_addresses,
+                "log_format": "text",
+            }
+            | ({"capacity_bytes": capacity} if capacity else {})
+        }
+    if spec.tls:
+        table["tls"] = _tls_table(home, node)
+    write_toml(config_path(home, node), table)
+
+
+def _write_spec(home: str, spec: ClusterSpec) -> None:
+    """HOME/cluster.toml for ``spec``."""
     write_toml(
         os.path.join(home, CLUSTER_FILE),
         {

@@ -384,6 +384,8 @@ class RepairScheduler:
         """The balancer's next step (nothing needs repair): a census slice, and a round of
         moves when the last one is over."""
         assert self.balancer is not None
+        if self.registry.grace_left() > 0:
+            return  # a new leader has not heard every server yet: it would balance a part
         draining = {r.node_id for r in servers if r.draining}
         registered = {r.node_id for r in servers}
         eligible = [
