@@ -1095,6 +1095,41 @@ class HeartbeatTests(SynchronousTestCase):
         self.assertEqual(self.server.shard_ids, {young, kept})
         self.assertEqual(set(self.server.unreferenced_since), {young})
 
+    def test_damaged_shards_named_apart_and_collected(self) -> None:
+        """A shard known damaged stays out of the report's ids but is named in the last
+        batch's `damaged`; once the leader names it unreferenced (rebuilt elsewhere) it is
+        collected after gc_grace like any garbage, and forgotten as damaged; one the leader
+        still places here is kept."""
+        moved, placed, good = "0000000000000001-00", "0000000000000002-01", "0000000000000003-02"
+        for shard_id in (moved, placed, good):
+            self.store_shard(shard_id, 700)
+        ask = [False]
+
+        def report(request: Request) -> Reply:
+            named = [d for d in request.msg.damaged if d == moved]
+            return Reply(ShardReportReply(), "\n".join(named).encode())
+
+        def heartbeat(request: Request) -> HeartbeatReply:
+            return HeartbeatReply("m1:1", want_report=ask[0])
+
+        self.net.add("m1:1", heartbeat, report)
+        self.start(["m1:1"], report_interval=10_000.0)
+        self.server.corrupt.update({moved, placed})  # as the scrubber or a read finds them
+        ask[0] = True
+        self.beat()
+        ask[0] = False
+        [(_, msg, payload)] = self.net.reports()
+        self.assertEqual((msg.last, msg.damaged, bytes(payload)), (True, (moved, placed), good.encode()))
+        self.assertEqual(set(self.server.unreferenced_since), {moved})
+        for _ in range(6):
+            self.beat(100.0)
+        ask[0] = True
+        self.beat()
+        self.assertFalse(os.path.exists(self.store.path(moved)))
+        self.assertTrue(os.path.exists(self.store.path(placed)))
+        self.assertEqual(self.server.corrupt, {placed})
+        self.assertEqual(self.server.shard_ids, {placed, good})
+
     def test_periodic_report(self) -> None:
         """Without being asked, a report goes out every report_interval."""
         self.net.add("m1:1", ok, lambda r: Reply(ShardReportReply(), b""))

@@ -354,6 +354,22 @@ class MetaHandlerTests(SynchronousTestCase):
         self.assertEqual(bytes(reply.payload).decode().split("\n"), ["00000000000000ff-00"])
         self.assertFalse(h.heartbeat("chunk-1").want_report)
 
+    def test_shard_report_names_damaged_garbage(self) -> None:
+        """Damaged shards named apart in the last batch: those the namespace no longer
+        places on the reporting server are named unreferenced with the rest, those it still
+        places there are not (the server keeps them until repair moves them); more than
+        MAX_DAMAGED is refused (and fits in a frame's header)."""
+        h = Harness(self)
+        alloc = h.result(c.Allocate("/f", None, ()))
+        mine = next(s for s in alloc.shards if s.node_id == "chunk-1")
+        moved = next(s for s in alloc.shards if s.node_id == "chunk-2")  # not chunk-1's
+        reply = h.ok(m.ShardReport("chunk-1", 0, True, (mine.shard_id, moved.shard_id)), b"")
+        self.assertEqual(bytes(reply.payload).decode(), moved.shard_id)
+        self.assertEqual(h.ok(m.ShardReport("chunk-1", 0, True, (mine.shard_id,)), b"").payload, b"")
+        error = h.error(m.ShardReport("chunk-1", 0, True, ("00000000000000ff-00",) * (m.MAX_DAMAGED + 1)))
+        self.assertEqual(error.code, "invalid_argument")
+        self.assertIn("damaged", error.message)
+
     def test_status(self) -> None:
         """Status lists the metadata member and every chunk server with the contract fields."""
         h = Harness(self)

@@ -163,12 +163,13 @@ class ScrubRepairProcessTests(TestCase):
     async def test_damaged_shard_found_by_the_scrubber_is_rebuilt(self) -> None:
         """A byte flipped in a shard file on a running chunk server: its scrubber finds the
         bad cell, its shard reports leave the shard out, and the leader rebuilds it on the
-        server that held none of its group; the file then survives two more servers killed."""
+        server that held none of its group; the damaged file is then collected, and the file
+        survives two more servers killed."""
         cluster = self.cluster = Cluster()
         self.addCleanup(cluster.destroy)
         cluster.create(1)
         configure(cluster, "repair_interval = 0.5\n",
-                  "report_interval = 1.0\nscrub_interval = 1.0\nscrub_rate = 1073741824\n")
+                  "report_interval = 1.0\nscrub_interval = 1.0\nscrub_rate = 1073741824\ngc_grace = 2.0\n")
         cluster.up()
         local = cluster.local("data", 2 * (1 << 20) + 99, 13)  # one RS-3-2 block group (1 MiB blocks)
         cluster.run("put", "--ec", "RS-3-2", local, "/f")
@@ -189,6 +190,8 @@ class ScrubRepairProcessTests(TestCase):
         self.assertNotIn(victim["chunk_server"], holders)
         self.assertEqual(len(holders), 5)
         self.assertEqual(cluster.json("admin", "repair", "status")["rebuilt"], 1)
+        # The damaged copy, no longer placed there, is collected as garbage (gc_grace 2 s).
+        await until(lambda: not os.path.exists(path), 30, f"the damaged copy on {victim['chunk_server']} deleted")
         for node in sorted(holders - {moved["chunk_server"]})[:2]:
             cluster.run("cluster", "kill", node)
         out = os.path.join(cluster.work, "out")

@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 
 from dogfs.chunk.server import ShardServer
 from dogfs.config import ChunkConfig
-from dogfs.wire.messages import Heartbeat, HeartbeatReply, ShardReport
+from dogfs.wire.messages import MAX_DAMAGED, Heartbeat, HeartbeatReply, ShardReport
 from dogfs.wire.pool import split_address
 from dogfs.wire.protocol import Connection, Reply, WireError
 
@@ -215,12 +215,15 @@ class HeartbeatService(Service):
 
     async def _report(self) -> None:
         ids = self.server.held_ids()
+        # Damaged copies kept on disk: the leader says which it no longer places here.
+        damaged = sorted(self.server.corrupt)[:MAX_DAMAGED]
         batches: Sequence[list[str]] = [
             ids[i : i + self.report_batch] for i in range(0, len(ids), self.report_batch)
         ] or [[]]
         unreferenced: list[str] = []
         for n, batch in enumerate(batches):
-            message = ShardReport(self.config.id, n, n == len(batches) - 1)
+            last = n == len(batches) - 1
+            message = ShardReport(self.config.id, n, last, damaged if last else ())
             payload = "\n".join(batch).encode("ascii")
             reply = await self._call(message, payload, self.report_timeout)
             if reply is None:
@@ -231,7 +234,7 @@ class HeartbeatService(Service):
         self._last_report = self._clock.seconds()
         self.reports += 1
         # Only what we reported: a confused leader must not make us delete anything else.
-        reported = set(ids)
+        reported = set(ids).union(damaged)
         doomed = [x for x in unreferenced if x in reported]
         if not doomed:
             return

@@ -762,9 +762,10 @@ class ShardServer:
 
         Those known damaged (`corrupt`) are left out, though their files stay on the disk:
         the metadata leader takes a shard missing from its server's reports for lost, and
-        rebuilds it elsewhere. Nor can a damaged shard be collected as garbage, since only
-        reported shards are (see `HeartbeatService`): its file stays until a fresh copy
-        replaces it, a DeleteShards names it, or an operator removes it.
+        rebuilds it elsewhere. The reports name them apart (`ShardReport.damaged`): once the
+        leader no longer places one here (rebuilt elsewhere), it names it unreferenced and
+        it is collected as garbage; until then its file stays, for inspection, unless a fresh
+        copy replaces it or a DeleteShards names it.
         """
         return sorted(self.shard_ids - self.corrupt)
 

@@ -510,8 +510,15 @@ class MetaHandlers:
         ids = [s for s in bytes(request.payload).decode("ascii", "replace").split("\n") if s]
         if len(ids) > REPORT_BATCH:
             raise WireError("invalid_argument", f"a shard report batch holds at most {REPORT_BATCH} ids")
+        if len(msg.damaged) > m.MAX_DAMAGED:
+            raise WireError("invalid_argument", f"a shard report names at most {m.MAX_DAMAGED} damaged shards")
         status = self.state.shard_status(ids, msg.node_id)
         garbage = [sid for sid, s in status.items() if s == "garbage"]
+        if msg.damaged:
+            # Damaged copies the namespace no longer places here (rebuilt elsewhere, or their
+            # file deleted): the server may collect them like any unreferenced shard.
+            damaged = self.state.shard_status(msg.damaged, msg.node_id)
+            garbage += [sid for sid, s in damaged.items() if s == "garbage"]
         self._find_gaps(msg, ids)
         if msg.last:
             self.reported.add(msg.node_id)

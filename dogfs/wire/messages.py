@@ -261,14 +261,26 @@ class HeartbeatReply:
     revoked: tuple[str, ...] | None = field(default=None, converter=_optional_tuple)
 
 
+#: Damaged shard ids one ShardReport names at most: they travel in the header (64 KiB at
+#: most), about 20 bytes each. More wait for later reports, as these are collected.
+MAX_DAMAGED = 1000
+
+
 @message(22)
 @frozen
 class ShardReport:
-    """Part of a chunk server's list of held shards; the payload is newline-separated ids."""
+    """Part of a chunk server's list of held shards; the payload is newline-separated ids.
+
+    `damaged` (the last batch only; at most `MAX_DAMAGED`) names shards the server still has
+    files of but found damaged, which the payload leaves out (so the leader rebuilds them
+    elsewhere): the reply names those no longer placed on the server unreferenced too, and
+    they are collected.
+    """
 
     node_id: str
     batch: int
     last: bool
+    damaged: tuple[str, ...] = field(default=(), converter=_tuple)
 
 
 @message(23)
