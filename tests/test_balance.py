@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from typing import Any
 
 from dogfs.config import ConfigError, load_meta
-from dogfs.meta.balance import BALANCE, Balancer, domains_of, may_take
+from dogfs.meta.balance import BALANCE, Balancer, domains_of, evens_out, may_take
 from dogfs.meta.commands import Allocate, CommitFile, Delete, DrainChunkServer, MoveShard
 from dogfs.meta.placement import ChunkServerLoad
 from dogfs.meta.repair import RepairScheduler
@@ -164,6 +165,71 @@ class PlanTests(StateTestCase):
     def test_threshold_must_be_a_fraction(self) -> None:
         for bad in (0.0, 1.0, -0.1, 2.0):
             self.assertRaises(ValueError, Balancer, self.state, threshold=bad)
+
+
+
+class ConvergenceTests(StateTestCase):
+    """Rounds end: every move makes the servers more even, so none goes back and forth."""
+
+    def fresh(self, groups: list[tuple[str, int, tuple[str, ...]]]) -> Balancer:
+        """A new namespace with eight servers and one committed file per group, and a
+        balancer over it."""
+        self.state, self.index = self.make_state(), 0
+        self.register(len(SERVERS))
+        for i, (ec, size, nodes) in enumerate(groups):
+            alloc = self.ok(Allocate(f"/g{i}", ec, nodes, 1.0))
+            self.ok(CommitFile(f"/g{i}", size, ((alloc.bg_id, size),), 1.0))
+        return Balancer(self.state)
+
+    def rounds(self, balancer: Balancer, loads: list[ChunkServerLoad], limit: int = 30) -> list[Any]:
+        """Plan and apply rounds until one plans nothing; every move made (fails the test
+        past ``limit`` rounds)."""
+        made: list[Any] = []
+        for r in range(limit):
+            while not balancer.census_step(float(r)):
+                pass
+            moves = balancer.plan(loads, {})
+            if not moves:
+                return made
+            for m in moves:
+                self.ok(MoveShard(m.bg_id, m.index, m.from_node, m.to_node))
+            made += moves
+        self.fail(f"still moving after {limit} rounds: {[(m.from_node, m.to_node) for m in made[-6:]]}")
+
+    def test_a_shard_too_large_does_not_go_back_and_forth(self) -> None:
+        """One RS-1-1 group of 400 bytes on chunk-0 and chunk-3 of four 1000-byte servers:
+        moving a shard to an empty server would only swap which server is above the average
+        (the review's case: it went back and forth every round), so nothing moves, and the
+        status says settled, not balanced."""
+        balancer = self.fresh([("RS-1-1", 400, ("chunk-0", "chunk-3"))])
+        self.assertEqual(self.rounds(balancer, [load(n) for n in SERVERS[:4]]), [])
+        self.assertEqual((balancer.balanced, balancer.settled), (False, True))
+        self.assertTrue(balancer.status(0.0)["settled"])
+
+    def test_rounds_always_end(self) -> None:
+        """Random small clusters (seeded): whatever the shard sizes and policies, rounds end
+        within a few."""
+        rng = random.Random(4)
+        for trial in range(60):
+            ec = rng.choice(["RS-1-1", "RS-2-1", "RS-2-2", "RS-3-2"])
+            k, m = (int(x) for x in ec.split("-")[1:])
+            servers = SERVERS[: rng.randint(k + m + 1, min(len(SERVERS), k + m + 4))]
+            groups = [(ec, rng.choice([20, 50, 100, 200, 400, 600]) * k, tuple(rng.sample(servers, k + m)))
+                      for _ in range(rng.randint(1, 8))]
+            balancer = self.fresh(groups)
+            made = self.rounds(balancer, [load(n) for n in servers])
+            self.assertLessEqual(len(made), 4 * len(groups) * (k + m), (trial, groups))
+            self.assertTrue(balancer.balanced or balancer.settled, (trial, groups))
+
+    def test_evens_out(self) -> None:
+        """The rule itself, with equal capacities: a move of s from a server g above the
+        average to one r below evens them out when s < g + r."""
+        self.assertTrue(evens_out(50, 40, 1000, 20, 1000))
+        self.assertFalse(evens_out(60, 40, 1000, 20, 1000))  # swaps their distances
+        self.assertFalse(evens_out(400, 200, 1000, 200, 1000))  # the review's case
+        self.assertTrue(evens_out(300, 200, 1000, 200, 1000))
+        # A large target may take more than a small source gives.
+        self.assertTrue(evens_out(60, 40, 1000, 20, 100_000))
 
 
 class ConfigTests(StateTestCase):

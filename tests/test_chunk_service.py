@@ -1130,6 +1130,28 @@ class HeartbeatTests(SynchronousTestCase):
         self.assertEqual(self.server.corrupt, {placed})
         self.assertEqual(self.server.shard_ids, {placed, good})
 
+    def test_collected_shard_put_back_meanwhile_is_kept(self) -> None:
+        """A shard the collector deleted, but which a commit put back before the collection
+        ended on the reactor (a move brought it here again), stays known here; one being
+        written is not collected at all."""
+        old, back = "0000000000000001-00", "0000000000000002-01"
+        self.store_shard(old, 1000)
+        self.store_shard(back, 1000)
+        self.server.scan()
+        self.server.unreferenced_since = {old: 0.0, back: 0.0}
+        real = self.server._collect
+
+        def collect_then_commit(ids: list[str], written_before: float) -> list[str]:
+            deleted = real(ids, written_before)
+            self.store_shard(back, 0)  # a fresh copy committed right after the unlink
+            return deleted
+
+        self.server._collect = collect_then_commit  # type: ignore[method-assign]
+        deleted = self.successResultOf(self.server.collect_garbage([old, back], self.clock.seconds(), 600.0))
+        self.assertEqual(deleted, [old])
+        self.assertEqual(self.server.shard_ids, {back})
+        self.assertTrue(os.path.exists(self.store.path(back)))
+
     def test_periodic_report(self) -> None:
         """Without being asked, a report goes out every report_interval."""
         self.net.add("m1:1", ok, lambda r: Reply(ShardReportReply(), b""))

@@ -168,6 +168,41 @@ class LayoutTests(SynchronousTestCase):
         self.assertEqual(more[0].id, "chunk-6")
         self.assertEqual(load_chunk(layout.config_path(home, more[0])).capacity_bytes, 0)
 
+    def test_add_chunks_keeps_the_base_port_layout(self) -> None:
+        """A cluster made with --base-port P gets its new chunk servers on P+100+N.., so that
+        `cluster up --base-port P` still matches it; a taken port there is a clear error."""
+        home = _home(self)
+        for base in range(23000, 60000, 211):
+            try:
+                spec = layout.new_spec(1, 3, "RS-2-1", False, base)
+                break
+            except CLIError:
+                continue
+        layout.write_cluster(home, spec)
+        grown, new = layout.add_chunks(home, spec, 2)
+        self.assertEqual([n.port for n in new], [base + 103, base + 104])
+        args = argparse.Namespace(meta=None, chunk=None, ec=None, insecure=False, block_size=None, base_port=base)
+        cluster._check_matches(grown, args, home)  # no error
+        with socket.socket() as busy:
+            busy.bind(("127.0.0.1", base + 105))
+            e = self.assertRaises(CLIError, layout.add_chunks, home, grown, 1)
+        self.assertIn(f"port {base + 105}", e.message)
+        self.assertIn(f"--base-port {base}", e.message)
+
+    def test_add_chunks_never_reuses_a_nodes_port(self) -> None:
+        """A stopped cluster's ports are free, but the kernel's pick is checked against them."""
+        home = _home(self)
+        spec = _spec()
+        layout.write_cluster(home, spec)
+        picks = iter([[spec.chunks[0].port], [spec.metas[0].port], [1234]])
+        original = layout.pick_ports
+        layout.pick_ports = lambda count: next(picks)  # type: ignore[assignment]
+        try:
+            _, [node] = layout.add_chunks(home, spec, 1)
+        finally:
+            layout.pick_ports = original
+        self.assertEqual(node.port, 1234)
+
     def test_no_cluster(self) -> None:
         """An empty HOME holds no cluster."""
         self.assertIsNone(layout.load_spec(_home(self)))

@@ -291,6 +291,27 @@ class RepairSchedulerTests(_SchedulerCase):
         self.assertEqual(self.scheduler.status()["copied"], 1)
         self.ok(RemoveChunkServer("chunk-0"))
 
+    def test_chunk_server_that_refuses_copies_gets_rebuilds(self) -> None:
+        """A chunk server of a release before copies answers invalid_argument to a copy
+        source: the task goes again at once, without it (a rebuild from the others), counted
+        as no failure; copies are tried on that server again only after NO_COPY_FOR."""
+        from dogfs.meta.repair import NO_COPY_FOR
+
+        self.upload("/a", [100])  # chunk-0..2
+        self.ok(DrainChunkServer("chunk-0"))
+        self.live_for(3, SERVERS[:6])
+        self.scheduler.tick()
+        [(address, msg, d)] = self.calls
+        self.assertEqual(msg.sources[0][0], 0)
+        d.errback(WireError("invalid_argument", f"shard {msg.shard_id} cannot be rebuilt from itself"))
+        self.clock.advance(0)
+        [_, (again_address, again, _)] = self.calls
+        self.assertEqual((again_address, [s[0] for s in again.sources]), (address, [1, 2]))
+        self.answer(self.calls[1])
+        status = self.scheduler.status()
+        self.assertEqual((status["failed"], status["rebuilt"], status["copied"]), (0, 1, 0))
+        self.assertEqual(self.scheduler._no_copy, {SERVERS[[self.addresses[n] for n in SERVERS].index(address)]: NO_COPY_FOR + self.clock.seconds()})
+
     def test_undrained_server_leaves_nothing_blocked(self) -> None:
         """A drain that cannot move a shard (every other server holds one of its group) shows
         it blocked for that server; once the drain is undone, nothing is left of it."""

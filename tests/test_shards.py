@@ -486,6 +486,21 @@ class ManagementTests(StoreTestCase):
         self.assertRaises(ShardNotFound, self.store.open, SHARD_ID)
         self.assertRaises(ShardNotFound, self.store.read_cells, SHARD_ID, 0, 1)
 
+    def test_delete_unless_newer(self) -> None:
+        """delete_unless_newer removes a shard last written at the given time or before, and
+        keeps a newer one (a fresh copy committed since the garbage collector looked); the
+        store's usage follows."""
+        self.write(fragments_for(12, 2))
+        mtime = os.stat(self.store.path(SHARD_ID)).st_mtime
+        used = self.store.usage()[1]
+        self.assertFalse(self.store.delete_unless_newer(SHARD_ID, mtime - 1))
+        self.assertTrue(os.path.exists(self.store.path(SHARD_ID)))
+        self.assertEqual(self.store.usage()[1], used)
+        self.assertTrue(self.store.delete_unless_newer(SHARD_ID, mtime))
+        self.assertFalse(os.path.exists(self.store.path(SHARD_ID)))
+        self.assertEqual(self.store.usage()[1], 0)
+        self.assertFalse(self.store.delete_unless_newer(SHARD_ID, mtime))
+
     def test_unreadable_shard_does_not_stop_the_scan(self) -> None:
         """A shard the disk cannot read (EIO) is listed as damaged; the others are listed as
         they are (one bad sector must not keep a whole server from starting)."""

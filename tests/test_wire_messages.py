@@ -47,9 +47,22 @@ class MessageTests(SynchronousTestCase):
         self.assertRaises(UnknownMessageType, messages.decode, 65000, msgpack.packb([]))
 
     def test_wrong_field_count(self) -> None:
-        """Too few or too many fields are refused."""
+        """Too few (of those without defaults) or too many fields are refused."""
         header = msgpack.packb(["only-one"])
         self.assertRaises(MalformedMessage, messages.decode, PutShard.TYPE, header)  # type: ignore[attr-defined]
+
+    def test_fields_added_at_the_end_may_be_missing(self) -> None:
+        """A header of an earlier release, without the trailing fields added since (each with
+        a default), decodes with the defaults; fewer than the fields without defaults, or a
+        wrong type among those present, is still refused, and so is one field too many."""
+        from dogfs.wire.messages import ShardReport
+
+        old = msgpack.packb(["chunk-1", 0, True])
+        self.assertEqual(messages.decode(ShardReport.TYPE, old), ShardReport("chunk-1", 0, True, ()))  # type: ignore[attr-defined]
+        new = messages.encode(ShardReport("chunk-1", 0, True, ("0000000000000001-00",)))
+        self.assertEqual(messages.decode(ShardReport.TYPE, new).damaged, ("0000000000000001-00",))  # type: ignore[attr-defined]
+        for bad in (["chunk-1", 0], ["chunk-1", "0", True], ["chunk-1", 0, True, (), "more"]):
+            self.assertRaises(MalformedMessage, messages.decode, ShardReport.TYPE, msgpack.packb(bad))  # type: ignore[attr-defined]
 
     def test_wrong_field_type(self) -> None:
         """A string where an int belongs is refused, and so is a bool for an int."""

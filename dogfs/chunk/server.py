@@ -742,20 +742,26 @@ class ShardServer:
         named = list(ids)
         since = self.unreferenced_since
         self.unreferenced_since = {i: since.get(i, now) for i in named}
-        due = [i for i in named if now - self.unreferenced_since[i] >= grace]
-        return self.executor(self._collect, due, now, grace).addCallback(self._forget)
+        # Not one being written here now: its commit would put a fresh copy in place.
+        due = [i for i in named if now - self.unreferenced_since[i] >= grace and not self.writing(i)]
+        return self.executor(self._collect, due, now - grace).addCallback(self._forget_collected)
 
-    def _collect(self, ids: list[str], now: float, grace: float) -> list[str]:
-        old = []
+    def _collect(self, ids: list[str], written_before: float) -> list[str]:
+        deleted = []
         for shard_id in ids:
             try:
-                mtime = os.stat(self.store.path(shard_id)).st_mtime
-            except (InvalidShardId, FileNotFoundError):
+                if self.store.delete_unless_newer(shard_id, written_before):
+                    deleted.append(shard_id)
+            except InvalidShardId:
                 continue
-            # Checked and unlinked in one pass, so the window for a re-upload is tiny.
-            if now - mtime >= grace:
-                old.append(shard_id)
-        return self._unlink(old)
+        return deleted
+
+    def _forget_collected(self, deleted: list[str]) -> list[str]:
+        """`_forget` the collected shards, but for one a commit has put back since (a
+        rebuild or move that brought it here again while its old copy was being deleted)."""
+        back = {i for i in deleted if self.writing(i) or os.path.exists(self.store.path(i))}
+        self._forget([i for i in deleted if i not in back])
+        return [i for i in deleted if i not in back]
 
     def held_ids(self) -> list[str]:
         """The ids of the shards held here and fit to serve, sorted (for shard reports).

@@ -212,7 +212,8 @@ def _describe(status: dict[str, Any]) -> str:
     for kind, entry in sorted(status.get("blocked", {}).items()):
         lines.append(f"  {_n(entry['shards'], 'shard')} wait ({kind}): {entry['why']}")
     for e in list(status.get("errors", []))[-5:]:
-        lines.append(f"  failed {e['s_ago']:.0f}s ago: block group {e['block_group']} shard "
+        what = "balancing move " if e.get("reason") == "balance" else ""
+        lines.append(f"  {what}failed {e['s_ago']:.0f}s ago: block group {e['block_group']} shard "
                      f"{e['index']} ({e['from']}): {e['error']}")
     lines.extend(_describe_balance(status))
     if not status.get("active", True):
@@ -230,9 +231,12 @@ def _describe_balance(status: dict[str, Any]) -> list[str]:
     if status.get("lost_servers") or status.get("missing_shards"):
         state = "waits until nothing needs repair"
     elif balance.get("balanced") is None:
-        state = "counts what each chunk server holds" if not util else "needs two servers with a capacity"
+        state = "counts what each chunk server holds, or waits for two to take shards"
     elif balance["balanced"] and not balance.get("queued") and not balance.get("running"):
         state = f"balanced: every server within {threshold:g} points of the average"
+    elif balance.get("settled") and not balance.get("queued") and not balance.get("running"):
+        state = (f"as even as it gets: some servers are more than {threshold:g} points from the "
+                 "average, but no shard move would bring them closer (shards too large for so few servers)")
     else:
         state = (f"moving shards ({balance.get('queued', 0)} queued, {balance.get('running', 0)} running) "
                  f"until every server is within {threshold:g} points of the average")

@@ -275,7 +275,7 @@ def add_chunks(
     Returns the new spec and the new nodes."""
     taken = [int(n.id.rpartition("-")[2]) for n in spec.chunks if n.id.rpartition("-")[2].isdigit()]
     first = max(taken, default=0) + 1
-    ports = pick_ports(count)
+    ports = _new_chunk_ports(spec, count)
     new = [NodeSpec(f"chunk-{first + i}", "chunk", f"{LOOPBACK}:{p}") for i, p in enumerate(ports)]
     grown = ClusterSpec(nodes=spec.nodes + tuple(new), ec=spec.ec, tls=spec.tls)
     if spec.tls:
@@ -289,6 +289,50 @@ def add_chunks(
         _write_node(home, grown, node, None, capacity)
     _write_spec(home, grown)
     return grown, new
+
+
+def _base_port(spec: ClusterSpec) -> int | None:
+    """P, if the cluster's ports follow `--base-port P`'s layout; else None."""
+    metas = [m.port for m in spec.metas]
+    if not metas:
+        return None
+    base = metas[0]
+    http = [int(m.http_address.rpartition(":")[2]) if m.http_address else -1 for m in spec.metas]
+    chunks = [c.port for c in spec.chunks]
+    if (
+        metas == list(range(base, base + len(metas)))
+        and http == list(range(base + HTTP_OFFSET, base + HTTP_OFFSET + len(metas)))
+        and chunks == list(range(base + CHUNK_OFFSET, base + CHUNK_OFFSET + len(chunks)))
+    ):
+        return base
+    return None
+
+
+def _new_chunk_ports(spec: ClusterSpec, count: int) -> list[int]:
+    """Ports for ``count`` new chunk servers: the next ones of a `--base-port` layout (which
+    must be free), else free ones the kernel picks, never one a node of the cluster has (a
+    stopped cluster's ports are free, but not for the taking)."""
+    base = _base_port(spec)
+    if base is not None:
+        start = base + CHUNK_OFFSET + len(spec.chunks)
+        ports = list(range(start, start + count))
+        if ports[-1] > 65535:
+            raise CLIError(f"no room for {count} more chunk servers after port {start - 1}", USAGE)
+        busy = [p for p in ports if not _port_free(p)]
+        if busy:
+            raise CLIError(
+                f"port {busy[0]} on {LOOPBACK}, the next chunk server's in this cluster's "
+                f"--base-port {base} layout, is in use",
+            )
+        return ports
+    own = {n.port for n in spec.nodes} | {
+        int(m.http_address.rpartition(":")[2]) for m in spec.metas if m.http_address
+    }
+    for _ in range(20):
+        ports = pick_ports(count)
+        if not own.intersection(ports):
+            return ports
+    raise CLIError("could not find free ports apart from the cluster's own; try again")
 
 
 def _write_node(

@@ -17,11 +17,15 @@ percentage points by default) of the average utilization. Otherwise the balancer
 - sources are the servers above ``average + threshold``, and the servers above average when
   some server is below ``average - threshold``; targets are the servers below ``average -
   threshold``, and those below average when some server is above ``average + threshold``;
-- each source gives at most its excess over the average, each target takes at most its
-  shortfall; at most ``max_moves`` shards in a round;
+- a shard moves only if that brings its source and target closer to the average (`evens_out`:
+  the capacity-weighted sum of squared distances from the average falls), counting the moves
+  already planned: so no source gives much more than its excess, no target takes much more
+  than its shortfall, no shard goes back and forth, and rounds end even where shards are too
+  large for every server to come within the threshold (the status then says *settled*); at
+  most ``max_moves`` shards in a round;
 - a shard goes to a target that holds no shard of its block group, whose failure domain holds
   no more of the group's other shards than the source's does (a move never narrows the
-  group's spread over failure domains), and which has room for it, the emptiest first.
+  group's spread over failure domains), and which has the free space, the emptiest first.
 
 `RepairScheduler` runs the moves as it runs repairs (a copy of the shard from its source,
 then ``MoveShard`` once it is durable), after every repair: the balancer plans only while
@@ -43,7 +47,7 @@ from attrs import frozen
 from dogfs.meta import commands as c
 from dogfs.meta.placement import ChunkServerLoad, domain_key
 
-__all__ = ["BALANCE", "Balancer", "Move", "domains_of", "may_take"]
+__all__ = ["BALANCE", "Balancer", "Move", "domains_of", "evens_out", "may_take"]
 
 #: The reason of a balancing move (as the repair scheduler's tasks have theirs).
 BALANCE = "balance"
@@ -53,6 +57,10 @@ CENSUS_BATCH = 20_000
 
 #: Placements of one source read per round when looking for shards to move.
 LOOK_PER_SOURCE = 5_000
+
+#: Placements read per round over all sources (bounds the time a round's planning holds
+#: the reactor, whatever the number of sources).
+LOOK_PER_ROUND = 20_000
 
 #: Shards moved in one round at most.
 MAX_MOVES = 1_000
@@ -90,6 +98,7 @@ class Balancer:
         census_batch: int = CENSUS_BATCH,
         max_moves: int = MAX_MOVES,
         look_per_source: int = LOOK_PER_SOURCE,
+        look_per_round: int = LOOK_PER_ROUND,
     ) -> None:
         if not 0 < threshold < 1:
             raise ValueError(f"the balance threshold must be between 0 and 1, not {threshold!r}")
@@ -98,6 +107,7 @@ class Balancer:
         self.census_batch = census_batch
         self.max_moves = max_moves
         self.look_per_source = look_per_source
+        self.look_per_round = look_per_round
         #: The last complete census (node -> bytes), and when its pass began.
         self.census: dict[str, int] | None = None
         self.census_began: float | None = None
@@ -113,6 +123,8 @@ class Balancer:
         self.utilization: dict[str, float] = {}
         self.average: float | None = None
         self.balanced: bool | None = None
+        #: Not balanced, but no move would bring the servers closer (shards too large).
+        self.settled = False
         self.moved = 0
         self.moved_bytes = 0
         self.rounds = 0
@@ -137,6 +149,7 @@ class Balancer:
         """Forget the census (a new leader, or a leader stepping down)."""
         self.census = self.census_began = self._pass_began = self._last_ended = None
         self._partial, self._cursor, self._source_cursors = {}, None, {}
+        self.utilization, self.average, self.balanced, self.settled = {}, None, None, False
 
     # --- rounds ---
 
@@ -165,6 +178,7 @@ class Balancer:
         servers that may give and take shards (live, registered, not draining), ``domains``
         the failure domain (`domain_key`) of every registered server."""
         census = self.census or {}
+        self.settled = False
         servers = {s.node_id: s for s in live if s.capacity_bytes > 0}
         if len(servers) < 2:
             self.utilization, self.average, self.balanced = {}, None, None
@@ -181,22 +195,33 @@ class Balancer:
             return []
         sources = over | ({n for n, u in util.items() if u > average} if under else set())
         targets = under | ({n for n, u in util.items() if u < average} if over else set())
+        # One full on its disk (garbage not collected yet, other files) takes nothing now.
+        targets = {n for n in targets if not servers[n].is_full}
+        if not targets:
+            return []
         give = {n: (util[n] - average) * capacity[n] for n in sources}
         room = {n: (average - util[n]) * capacity[n] for n in targets}
         moves: list[Move] = []
         widths: dict[str, int] = {}
         # One move per block group a round: the next is planned from where the first went.
         groups: set[int] = set()
+        whole = True  # every source's placements read to the end in this round
+        budget = self.look_per_round
         # The fullest source first; each gives what it has in excess, as long as a target
         # can take its shards.
         for source in sorted(sources, key=lambda n: (-util[n], n)):
-            if len(moves) >= self.max_moves:
+            if len(moves) >= self.max_moves or max(room.values()) <= 0 or budget <= 0:
+                whole = False
                 break
             start = self._source_cursors.get(source)
-            page, resume, _looked = self.state.placed_on(source, start_after=start, limit=self.look_per_source)
+            page, resume, looked = self.state.placed_on(
+                source, start_after=start, limit=min(self.look_per_source, budget)
+            )
+            budget -= looked
             self._source_cursors[source] = resume
+            whole = whole and start is None and resume is None
             for bg_id, index, ec, size, nodes in page:
-                if give[source] <= 0 or len(moves) >= self.max_moves:
+                if give[source] <= 0 or len(moves) >= self.max_moves or max(room.values()) <= 0:
                     break
                 if bg_id in groups:
                     continue
@@ -204,9 +229,9 @@ class Balancer:
                 if k is None:
                     k = widths[ec] = c.parse_policy(ec)[0]
                 share = -(-size // k)
-                if share > give[source] * 2:
-                    continue  # moving it would overshoot by more than it helps
-                target = self._target(source, nodes, share, servers, room, domains)
+                if share >= 2 * give[source]:
+                    continue  # it would leave the source further below the average than above
+                target = self._target(source, nodes, share, servers, give[source], room, domains)
                 if target is None:
                     continue
                 give[source] -= share
@@ -216,15 +241,22 @@ class Balancer:
                 moves.append(Move(bg_id, index, source, target, share, margin))
         if moves:
             self.rounds += 1
+        # Nothing to move over a whole read of the sources: as even as shards this size allow.
+        self.settled = not moves and whole
         return moves
 
     def _target(
         self, source: str, nodes: list[str], share: int, servers: dict[str, ChunkServerLoad],
-        room: dict[str, float], domains: dict[str, str],
+        give: float, room: dict[str, float], domains: dict[str, str],
     ) -> str | None:
-        """The emptiest target with room for ``share`` that may take a shard of a group on
-        ``nodes`` from ``source`` (see `may_take`)."""
-        fitting = [n for n, left in room.items() if left >= share / 2 and servers[n].free_bytes >= share]
+        """The emptiest target that may take a ``share``-byte shard of a group on ``nodes``
+        from ``source`` (see `may_take`), has the free space, and for which the move brings
+        the two servers' utilizations closer to the average (see `evens_out`); or None."""
+        fitting = [
+            n for n, left in room.items()
+            if servers[n].free_bytes >= share
+            and evens_out(share, give, servers[source].capacity_bytes, left, servers[n].capacity_bytes)
+        ]
         for target in sorted(fitting, key=lambda n: (-room[n], n)):
             if may_take(source, target, nodes, domains):
                 return target
@@ -236,6 +268,7 @@ class Balancer:
         return {
             "threshold": self.threshold,
             "balanced": self.balanced,
+            "settled": self.settled,
             "average": None if self.average is None else round(self.average, 4),
             "utilization": {node: round(u, 4) for node, u in sorted(util.items())},
             "spread": round(max(util.values()) - min(util.values()), 4) if util else None,
@@ -244,6 +277,17 @@ class Balancer:
             "moved": self.moved,
             "moved_bytes": self.moved_bytes,
         }
+
+
+def evens_out(share: float, give: float, source_capacity: float, room: float, target_capacity: float) -> bool:
+    """Whether moving ``share`` bytes from a server ``give`` bytes above the average to one
+    with ``room`` bytes below it lowers the sum over servers of capacity times squared
+    distance from the average utilization. Every move must: that sum then falls with every
+    round, so rounds end, and no shard goes back and forth (one twice the excess, say, that
+    would only make the target as far above the average as the source was)."""
+    before = give * give / source_capacity + room * room / target_capacity
+    after = (give - share) ** 2 / source_capacity + (room - share) ** 2 / target_capacity
+    return after < before * (1 - 1e-9)
 
 
 def may_take(source: str, target: str, nodes: Iterable[str], domains: dict[str, str]) -> bool:

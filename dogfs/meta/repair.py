@@ -90,6 +90,10 @@ PER_TARGET = 2
 #: Errors kept for the status.
 _ERRORS_KEPT = 20
 
+#: Seconds a chunk server that refused a copy source gets rebuilds instead, before a copy is
+#: tried on it again (it may have been upgraded meanwhile).
+NO_COPY_FOR = 600.0
+
 
 @frozen
 class RepairTask:
@@ -198,6 +202,9 @@ class RepairScheduler:
         self._registered: set[str] = set()
         self._turn = 0
         self._dispatch_pending = False
+        #: Chunk servers that refused a copy source (a release before copies), until when:
+        #: they are sent rebuilds from the other shards meanwhile.
+        self._no_copy: dict[str, float] = {}
 
     def _now(self) -> float:
         return float(self.clock.seconds())  # type: ignore[misc] # zope method without self
@@ -445,6 +452,10 @@ class RepairScheduler:
                 target = self._target(task, holders, live, busy)
             if target is None:
                 continue
+            if message.sources and message.sources[0][0] == task.index and self._no_copy.get(target, 0.0) > now:
+                if len(message.sources) - 1 < c.parse_policy(message.policy)[0]:
+                    continue  # it can only rebuild, and too few other shards are readable
+                message = attrs.evolve(message, sources=message.sources[1:])
             self.blocked.pop(key, None)
             busy[target] += 1
             self.running[task.bg_id] = _Running(task, target, now)
@@ -558,6 +569,17 @@ class RepairScheduler:
                     # Its rebuild slots are taken (by another leader's tasks, say): next tick.
                     self._retry_at[key] = self._now() + self.interval
                     return
+                if (
+                    isinstance(e, WireError) and e.code == "invalid_argument"
+                    and message.sources and message.sources[0][0] == task.index
+                ):
+                    # A chunk server of a release before copies refuses the shard itself as a
+                    # source: send it rebuilds from the other shards for a while, at once.
+                    log.info("{node} does not copy shards (an older release?): it gets rebuilds "
+                             "instead for {s:.0f}s", node=target, s=NO_COPY_FOR)
+                    self._no_copy[target] = self._now() + NO_COPY_FOR
+                    self._retry_at.pop(key, None)
+                    return
                 self._failed(task, f"{target} could not rebuild it: {e}")
                 return
             self.pool.give_back(address, connection)
@@ -616,13 +638,14 @@ class RepairScheduler:
         self.tasks.pop(key, None)  # found again by a later round
         self.stats.errors.append({
             "block_group": f"{task.bg_id:016x}", "index": task.index, "from": task.from_node,
-            "error": why, "at": self._now(),
+            "reason": task.reason, "error": why, "at": self._now(),
         })
+        what = "balancing move" if task.reason == BALANCE else "repair"
         self.emit(
             "repair", level="warn", node=task.from_node,
-            message=f"repair of shard {c.shard_id(task.bg_id, task.index)} of {task.from_node} failed: {why}",
+            message=f"{what} of shard {c.shard_id(task.bg_id, task.index)} of {task.from_node} failed: {why}",
         )
-        log.warn("repair of shard {shard} ({reason} on {node}) failed: {why}",
+        log.warn("{what} of shard {shard} ({reason} on {node}) failed: {why}", what=what,
                  shard=c.shard_id(task.bg_id, task.index), reason=task.reason, node=task.from_node, why=why)
 
     # --- status ---
@@ -648,8 +671,8 @@ class RepairScheduler:
             "missing_shards": {node: len(keys) for node, keys in sorted(self.missing().items()) if keys},
             "waiting_servers": {node: round(left, 1) for node, left in self.waiting().items()},
             "queued": sum(
-                1 for key, t in self.tasks.items()
-                if t.reason != BALANCE and not (t.bg_id in self.running and self.running[t.bg_id].task.index == key[1])
+                1 for t in self.tasks.values()
+                if t.reason != BALANCE and not (t.bg_id in self.running and self.running[t.bg_id].task == t)
             ),
             "blocked": {kind: {"shards": n, "why": examples[kind]} for kind, n in sorted(blocked.items())},
             "interval": self.interval,
@@ -669,7 +692,10 @@ class RepairScheduler:
             "errors": [{**e, "s_ago": round(now - e["at"], 1)} for e in self.stats.errors],
             "balance": None if self.balancer is None else {
                 **self.balancer.status(now),
-                "queued": sum(1 for t in self.tasks.values() if t.reason == BALANCE),
+                "queued": sum(
+                    1 for t in self.tasks.values()
+                    if t.reason == BALANCE and not (t.bg_id in self.running and self.running[t.bg_id].task == t)
+                ),
                 "running": sum(1 for r in self.running.values() if r.task.reason == BALANCE),
             },
         }

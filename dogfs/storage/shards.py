@@ -767,8 +767,9 @@ class ShardWriter:
             store._fsync(fd)
             st = os.fstat(fd)
             directory = store._bucket(self.shard_id)
-            old_size = store._file_size(final)
-            os.rename(self._tmp_path, final)
+            with store._names:
+                old_size = store._file_size(final)
+                os.rename(self._tmp_path, final)
         except OSError as e:
             raise self._fail("commit", e) from e
         self._fd = None
@@ -862,6 +863,9 @@ class ShardStore:
         self.direct_io = direct_io
         self._buckets: set[str] = set()
         self._lock = threading.Lock()
+        # Held while a name changes hands: a commit's rename, and delete_unless_newer's
+        # look-then-unlink (which must never remove the copy a commit just put in place).
+        self._names = threading.Lock()
         self._used: int | None = None
         self.staging_budget = staging_budget
         #: Bytes of staging buffers held by this store's direct writers now.
@@ -1071,6 +1075,22 @@ class ShardStore:
         except FileNotFoundError:
             return False
         self._account(-size)
+        return True
+
+    def delete_unless_newer(self, shard_id: str, written_before: float) -> bool:
+        """Remove a shard whose file was last written at ``written_before`` or earlier;
+        return whether it did. The look and the unlink are one step as far as commits go: a
+        fresh copy a commit renames into place meanwhile is never the one removed."""
+        path = self.path(shard_id)
+        with self._names:
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                return False
+            if st.st_mtime > written_before:
+                return False
+            os.unlink(path)
+        self._account(-st.st_size)
         return True
 
     def stat(self, shard_id: str) -> ShardStat:

@@ -5,7 +5,9 @@ A message is a frozen attrs class registered with `@message(TYPE_ID)`. Its heade
 is the msgpack array of its fields in declaration order; bulk bytes travel in the frame's
 payload, never in the header. Decoding checks the field count and every field's type against
 the class's annotations, so a malformed header becomes `MalformedMessage`, never a crash
-deeper in the daemon.
+deeper in the daemon. Fields are only ever added at the end, with a default: a header of an
+earlier release, without them, decodes with the defaults (so chunk servers and clients may be
+upgraded after the metadata group).
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ _REGISTRY: dict[int, type] = {}
 _CHECKERS: dict[type, list[tuple[str, Callable[[Any], bool]]]] = {}
 _CHECKS: dict[type, tuple[Callable[[Any], bool], ...]] = {}
 _GETTERS: dict[type, Callable[[Any], tuple[Any, ...]]] = {}
+#: Fields a header must carry at least: up to the last one without a default.
+_REQUIRED: dict[type, int] = {}
 
 
 def message(type_id: int) -> Callable[[type[_M]], type[_M]]:
@@ -91,7 +95,17 @@ def decode(type_id: int, header: bytes) -> Any:
         raise MalformedMessage(f"{cls.__name__}: header is not valid msgpack ({e})") from None
     checkers = _checkers(cls)
     if type(values) is not tuple or len(values) != len(checkers):
-        raise MalformedMessage(f"{cls.__name__}: expected {len(checkers)} fields")
+        if type(values) is not tuple or not _REQUIRED[cls] <= len(values) < len(checkers):
+            raise MalformedMessage(f"{cls.__name__}: expected {len(checkers)} fields")
+        # A peer of an earlier release, which knew only the fields before the last ones it
+        # leaves out: those have defaults (fields are only ever added at the end, with one).
+        for (name, check), value in zip(checkers, values, strict=False):
+            if not check(value):
+                raise MalformedMessage(f"{cls.__name__}: field {name!r} has the wrong type")
+        try:
+            return cls(*values)
+        except (TypeError, ValueError) as e:
+            raise MalformedMessage(f"{cls.__name__}: {e}") from None
     # Every field through its check in one pass of C (map), not a Python loop: every frame
     # of every connection is decoded here.
     if not all(map(operator.call, _CHECKS[cls], values)):
@@ -108,9 +122,13 @@ def _checkers(cls: type) -> list[tuple[str, Callable[[Any], bool]]]:
     found = _CHECKERS.get(cls)
     if found is None:
         hints = typing.get_type_hints(cls)
-        found = [(a.name, _checker(hints[a.name])) for a in attrs.fields(cls)]
+        fields = attrs.fields(cls)
+        found = [(a.name, _checker(hints[a.name])) for a in fields]
         _CHECKERS[cls] = found
         _CHECKS[cls] = tuple(check for _, check in found)
+        # How many fields a header must carry: those up to the last one without a default.
+        required = [i for i, a in enumerate(fields) if a.default is attrs.NOTHING]
+        _REQUIRED[cls] = required[-1] + 1 if required else 0
     return found
 
 
