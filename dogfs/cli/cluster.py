@@ -143,13 +143,7 @@ def register(subparsers: Any) -> None:
         help="ports of a new cluster: metas P.., their HTTP P+80.., chunk servers "
         "P+100.. (default: free ports chosen now, kept forever)",
     )
-    up.add_argument(
-        "--wait",
-        type=seconds,
-        default=DEFAULT_WAIT,
-        metavar="SECONDS",
-        help=f"how long to wait for the cluster to serve (default {DEFAULT_WAIT:g})",
-    )
+    _wait_option(up, f"how long to wait for the cluster to serve (default {DEFAULT_WAIT:g})")
     _json_option(up)
     up.set_defaults(func=cmd_up)
 
@@ -165,14 +159,8 @@ def register(subparsers: Any) -> None:
         p = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
         p.add_argument("node", metavar="NODE", help="a node id, e.g. chunk-2 or meta-1")
         if name == "start":
-            p.add_argument(
-                "--wait",
-                type=seconds,
-                default=DEFAULT_WAIT,
-                metavar="SECONDS",
-                help="how long to wait for it to serve (a metadata node: to answer a status "
-                "query; a chunk server: to report to the leader)",
-            )
+            _wait_option(p, "how long to wait for it to serve (a metadata node: to answer a status "
+                         "query; a chunk server: to report to the leader)")
         _json_option(p)
         p.set_defaults(func={"stop": cmd_stop, "start": cmd_start, "kill": cmd_kill}[name])
         del func
@@ -198,19 +186,17 @@ def register(subparsers: Any) -> None:
         "its disk's size). On one disk shared by every local server, utilization means "
         "something only with capacities set",
     )
-    add.add_argument(
-        "--wait",
-        type=seconds,
-        default=DEFAULT_WAIT,
-        metavar="SECONDS",
-        help=f"how long to wait for them to report to the leader (default {DEFAULT_WAIT:g})",
-    )
+    _wait_option(add, f"how long to wait for them to report to the leader (default {DEFAULT_WAIT:g})")
     _json_option(add)
     add.set_defaults(func=cmd_add_chunk)
 
     down = sub.add_parser("down", help="stop every node; data is kept")
     _json_option(down)
     down.set_defaults(func=cmd_down)
+
+
+def _wait_option(parser: Any, text: str) -> None:
+    parser.add_argument("--wait", type=seconds, default=DEFAULT_WAIT, metavar="SECONDS", help=text)
 
 
 def _json_option(parser: Any) -> None:
