@@ -1143,7 +1143,8 @@ class HeartbeatTests(SynchronousTestCase):
 
         def collect_then_commit(ids: list[str], written_before: float) -> list[str]:
             deleted = real(ids, written_before)
-            self.store_shard(back, 0)  # a fresh copy committed right after the unlink
+            self.store_shard(back, 0)  # a fresh copy committed right after the unlink,
+            self.server.stored(back)  # and noted on the reactor before the collection ends
             return deleted
 
         self.server._collect = collect_then_commit  # type: ignore[method-assign]
@@ -1151,6 +1152,7 @@ class HeartbeatTests(SynchronousTestCase):
         self.assertEqual(deleted, [old])
         self.assertEqual(self.server.shard_ids, {back})
         self.assertTrue(os.path.exists(self.store.path(back)))
+        self.assertEqual((self.server._collecting, self.server._stored_while_collecting), (0, set()))
 
     def test_periodic_report(self) -> None:
         """Without being asked, a report goes out every report_interval."""

@@ -447,7 +447,13 @@ class MatchTests(SynchronousTestCase):
         cluster._check_matches(based, _up_args(base_port=20000), "/h")
         e = self.assertRaises(CLIError, cluster._check_matches, based, _up_args(base_port=21000), "/h")
         self.assertEqual(e.exit_code, USAGE)
-        self.assertIn("--base-port 21000 (its metadata nodes listen on 20000)", e.message)
+        self.assertIn("--base-port 21000 (its metadata nodes listen on 20000, its chunk servers on 20100, 20101)", e.message)
+        # A cluster made before metadata nodes served HTTP has no HTTP addresses: still P's.
+        old = layout.ClusterSpec(
+            nodes=(layout.NodeSpec("meta-1", "meta", "127.0.0.1:20000"),) + based.chunks, ec="RS-1-1", tls=False
+        )
+        cluster._check_matches(old, _up_args(base_port=20000), "/h")
+        self.assertTrue(layout.follows_base_port(old, 20000))
 
     def test_too_few_chunks(self) -> None:
         """A policy wider than the chunk servers is refused before anything is written."""

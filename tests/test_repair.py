@@ -312,6 +312,27 @@ class RepairSchedulerTests(_SchedulerCase):
         self.assertEqual((status["failed"], status["rebuilt"], status["copied"]), (0, 1, 0))
         self.assertEqual(self.scheduler._no_copy, {SERVERS[[self.addresses[n] for n in SERVERS].index(address)]: NO_COPY_FOR + self.clock.seconds()})
 
+    def test_a_refusal_for_another_reason_is_not_held_against_copies(self) -> None:
+        """A target that refuses the copy and then the rebuild too (a request it cannot
+        take, not an older release) is not marked as one that cannot copy: the task fails
+        as any, and the next try copies again."""
+        self.upload("/a", [100])  # chunk-0..2
+        self.ok(DrainChunkServer("chunk-0"))
+        self.live_for(3, SERVERS[:6])
+        self.scheduler.tick()
+        _, msg, d = self.calls[0]
+        d.errback(WireError("invalid_argument", "cells too large"))
+        self.clock.advance(0)
+        _, again, d2 = self.calls[1]
+        self.assertNotEqual(again.sources[0][0], msg.index)
+        d2.errback(WireError("invalid_argument", "cells too large"))
+        self.assertEqual(self.scheduler._no_copy, {})
+        self.assertEqual(self.scheduler.status()["failed"], 1)
+        self.clock.advance(31)  # retry_after
+        self.live_for(1, SERVERS[:6])
+        self.scheduler.tick()
+        self.assertEqual(self.calls[-1][1].sources[0][0], msg.index)  # a copy again
+
     def test_undrained_server_leaves_nothing_blocked(self) -> None:
         """A drain that cannot move a shard (every other server holds one of its group) shows
         it blocked for that server; once the drain is undone, nothing is left of it."""

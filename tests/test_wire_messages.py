@@ -64,6 +64,19 @@ class MessageTests(SynchronousTestCase):
         for bad in (["chunk-1", 0], ["chunk-1", "0", True], ["chunk-1", 0, True, (), "more"]):
             self.assertRaises(MalformedMessage, messages.decode, ShardReport.TYPE, msgpack.packb(bad))  # type: ignore[attr-defined]
 
+    def test_every_default_passes_its_wire_check(self) -> None:
+        """A header may leave out trailing fields that have defaults (a peer of an earlier
+        release): each default must then be a value the peer could have sent, so leaving a
+        field out can reach no state an explicit value could not."""
+        import attrs
+
+        for cls in set(messages._REGISTRY.values()):
+            for (name, check), a in zip(messages._checkers(cls), attrs.fields(cls), strict=True):
+                if a.default is attrs.NOTHING:
+                    continue
+                value = a.default.factory() if isinstance(a.default, attrs.Factory) else a.default  # type: ignore[attr-defined]
+                self.assertTrue(check(value), f"{cls.__name__}.{name} defaults to {value!r}")
+
     def test_wrong_field_type(self) -> None:
         """A string where an int belongs is refused, and so is a bool for an int."""
         bad = msgpack.packb(["id", "RS-4-2", "3", 10])

@@ -323,8 +323,7 @@ class ShardRebuilder:
                 node=server.node_id, shard=shard_id, error=e.message,
             )
             raise
-        server.shard_ids.add(shard_id)
-        server.corrupt.discard(shard_id)  # a fresh copy replaces a damaged one
+        server.stored(shard_id)
         server.meter.add("rebuild_ops")
         server.meter.add("rebuild_bytes", size)
         # Sources that failed are worth an operator's look (a cell damaged on its way here is

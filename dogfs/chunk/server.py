@@ -230,6 +230,10 @@ class ShardServer:
         #: Shard id -> when the metadata first named it unreferenced (as of the last report):
         #: the grace before deleting it runs from then (see `collect_garbage`).
         self.unreferenced_since: dict[str, float] = {}
+        # Garbage collections in flight, and the shards committed here meanwhile: a copy
+        # put back while its old file is deleted must stay known (`_forget_collected`).
+        self._collecting = 0
+        self._stored_while_collecting: set[str] = set()
         #: True once `scan` has listed the store.
         self.ready = False
         #: (st_dev, st_ino) of the store's shards directory when `scan` listed it: a file
@@ -320,8 +324,7 @@ class ShardServer:
             data_bytes = await self._store_upload(request, info)
         finally:
             streams.discard(request)
-        self.shard_ids.add(shard_id)
-        self.corrupt.discard(shard_id)  # a fresh copy replaces a damaged one
+        self.stored(shard_id)
         self.meter.add("put_ops")
         self.meter.add("put_bytes", data_bytes)
         return ShardStored(shard_id, data_bytes)
@@ -670,6 +673,20 @@ class ShardServer:
             )
         return None
 
+    def stored(self, shard_id: str) -> None:
+        """A fresh copy of ``shard_id`` is committed here (an upload or a rebuild)."""
+        self.shard_ids.add(shard_id)
+        self.corrupt.discard(shard_id)  # a fresh copy replaces a damaged one
+        if self._collecting:
+            self._stored_while_collecting.add(shard_id)
+
+    def writing_ids(self) -> set[str]:
+        """The ids of the shards being written here now (uploads and rebuilds not answered)."""
+        ids = {request.msg.shard_id for streams in self.uploads.values() for request in streams}
+        if self.rebuilder is not None:
+            ids.update(self.rebuilder.running)
+        return ids
+
     def writing(self, shard_id: str) -> bool:
         """Whether a copy of ``shard_id`` is being written here now (an upload or a rebuild,
         not yet answered)."""
@@ -743,8 +760,18 @@ class ShardServer:
         since = self.unreferenced_since
         self.unreferenced_since = {i: since.get(i, now) for i in named}
         # Not one being written here now: its commit would put a fresh copy in place.
-        due = [i for i in named if now - self.unreferenced_since[i] >= grace and not self.writing(i)]
-        return self.executor(self._collect, due, now - grace).addCallback(self._forget_collected)
+        busy = self.writing_ids()
+        due = [i for i in named if now - self.unreferenced_since[i] >= grace and i not in busy]
+        self._collecting += 1
+        d = self.executor(self._collect, due, now - grace).addCallback(self._forget_collected)
+
+        def ended(result: Any) -> Any:
+            self._collecting -= 1
+            if not self._collecting:
+                self._stored_while_collecting.clear()
+            return result
+
+        return d.addBoth(ended)
 
     def _collect(self, ids: list[str], written_before: float) -> list[str]:
         deleted = []
@@ -757,11 +784,13 @@ class ShardServer:
         return deleted
 
     def _forget_collected(self, deleted: list[str]) -> list[str]:
-        """`_forget` the collected shards, but for one a commit has put back since (a
-        rebuild or move that brought it here again while its old copy was being deleted)."""
-        back = {i for i in deleted if self.writing(i) or os.path.exists(self.store.path(i))}
-        self._forget([i for i in deleted if i not in back])
-        return [i for i in deleted if i not in back]
+        """`_forget` the collected shards, but for one a commit has put back since the
+        collection began, or that is being written again (a rebuild or move that brings it
+        here while its old copy is deleted): all known on the reactor, no disk access."""
+        back = self._stored_while_collecting | self.writing_ids()
+        gone = [i for i in deleted if i not in back]
+        self._forget(gone)
+        return gone
 
     def held_ids(self) -> list[str]:
         """The ids of the shards held here and fit to serve, sorted (for shard reports).

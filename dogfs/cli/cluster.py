@@ -568,15 +568,13 @@ def _check_matches(spec: ClusterSpec, args: argparse.Namespace, home: str) -> No
             )
     if args.base_port is not None:
         # The addresses that base would give, against those cluster.toml keeps.
-        metas = [m.port for m in spec.metas]
-        chunks = [c.port for c in spec.chunks]
         base = args.base_port
-        if metas != list(range(base, base + len(metas))) or chunks != list(
-            range(base + layout.CHUNK_OFFSET, base + layout.CHUNK_OFFSET + len(chunks))
-        ):
+        if not layout.follows_base_port(spec, base):
             differ.append(
                 f"--base-port {base} (its metadata nodes listen on "
-                + ", ".join(str(p) for p in metas)
+                + ", ".join(str(m.port) for m in spec.metas)
+                + ", its chunk servers on "
+                + ", ".join(str(c.port) for c in spec.chunks)
                 + ")"
             )
     if differ:

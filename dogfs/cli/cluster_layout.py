@@ -60,6 +60,7 @@ __all__ = [
     "start_node",
     "stop_pids",
     "add_chunks",
+    "follows_base_port",
     "log_tail",
 ]
 
@@ -291,20 +292,24 @@ def add_chunks(
     return grown, new
 
 
+def follows_base_port(spec: ClusterSpec, base: int) -> bool:
+    """Whether the cluster's ports are `--base-port base`'s layout: metas on base.., their
+    HTTP on base+80.. (or none, as clusters made before the metas served it), chunk servers
+    on base+100..."""
+    metas = [m.port for m in spec.metas]
+    http = [int(m.http_address.rpartition(":")[2]) for m in spec.metas if m.http_address]
+    chunks = [c.port for c in spec.chunks]
+    return (
+        metas == list(range(base, base + len(metas)))
+        and http in ([], list(range(base + HTTP_OFFSET, base + HTTP_OFFSET + len(metas))))
+        and chunks == list(range(base + CHUNK_OFFSET, base + CHUNK_OFFSET + len(chunks)))
+    )
+
+
 def _base_port(spec: ClusterSpec) -> int | None:
     """P, if the cluster's ports follow `--base-port P`'s layout; else None."""
-    metas = [m.port for m in spec.metas]
-    if not metas:
-        return None
-    base = metas[0]
-    http = [int(m.http_address.rpartition(":")[2]) if m.http_address else -1 for m in spec.metas]
-    chunks = [c.port for c in spec.chunks]
-    if (
-        metas == list(range(base, base + len(metas)))
-        and http == list(range(base + HTTP_OFFSET, base + HTTP_OFFSET + len(metas)))
-        and chunks == list(range(base + CHUNK_OFFSET, base + CHUNK_OFFSET + len(chunks)))
-    ):
-        return base
+    if spec.metas and follows_base_port(spec, spec.metas[0].port):
+        return spec.metas[0].port
     return None
 
 

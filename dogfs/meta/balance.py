@@ -62,6 +62,9 @@ LOOK_PER_SOURCE = 5_000
 #: the reactor, whatever the number of sources).
 LOOK_PER_ROUND = 20_000
 
+#: Placements each source reads per round at least, however many sources there are.
+MIN_LOOK = 500
+
 #: Shards moved in one round at most.
 MAX_MOVES = 1_000
 
@@ -125,6 +128,11 @@ class Balancer:
         self.balanced: bool | None = None
         #: Not balanced, but no move would bring the servers closer (shards too large).
         self.settled = False
+        #: Sources read all the way round with no move planned from them, and those with a
+        #: move in their current round of reading.
+        self._fruitless: set[str] = set()
+        self._cycle_moved: set[str] = set()
+        self.rounds_planned = 0
         self.moved = 0
         self.moved_bytes = 0
         self.rounds = 0
@@ -150,6 +158,7 @@ class Balancer:
         self.census = self.census_began = self._pass_began = self._last_ended = None
         self._partial, self._cursor, self._source_cursors = {}, None, {}
         self.utilization, self.average, self.balanced, self.settled = {}, None, None, False
+        self._fruitless, self._cycle_moved = set(), set()
 
     # --- rounds ---
 
@@ -205,21 +214,21 @@ class Balancer:
         widths: dict[str, int] = {}
         # One move per block group a round: the next is planned from where the first went.
         groups: set[int] = set()
-        whole = True  # every source's placements read to the end in this round
-        budget = self.look_per_round
-        # The fullest source first; each gives what it has in excess, as long as a target
-        # can take its shards.
-        for source in sorted(sources, key=lambda n: (-util[n], n)):
-            if len(moves) >= self.max_moves or max(room.values()) <= 0 or budget <= 0:
-                whole = False
+        # Each source reads its share of the round's placements, from where it stopped last
+        # time: sources whose shards cannot move take no reading from the others.
+        ordered = sorted(sources, key=lambda n: (-util[n], n))
+        share_of_budget = max(MIN_LOOK, self.look_per_round // len(ordered))
+        turn = self.rounds_planned % len(ordered)
+        self.rounds_planned += 1
+        for source in ordered[turn:] + ordered[:turn]:
+            if len(moves) >= self.max_moves or max(room.values()) <= 0:
                 break
             start = self._source_cursors.get(source)
-            page, resume, looked = self.state.placed_on(
-                source, start_after=start, limit=min(self.look_per_source, budget)
+            page, resume, _looked = self.state.placed_on(
+                source, start_after=start, limit=min(self.look_per_source, share_of_budget)
             )
-            budget -= looked
             self._source_cursors[source] = resume
-            whole = whole and start is None and resume is None
+            planned = len(moves)
             for bg_id, index, ec, size, nodes in page:
                 if give[source] <= 0 or len(moves) >= self.max_moves or max(room.values()) <= 0:
                     break
@@ -239,10 +248,18 @@ class Balancer:
                 groups.add(bg_id)
                 margin = sum(1 for n in nodes if n in servers) - k
                 moves.append(Move(bg_id, index, source, target, share, margin))
+            # A source read all the way round without a move is fruitless (until one).
+            if len(moves) > planned:
+                self._fruitless.discard(source)
+                self._cycle_moved.add(source)
+            if resume is None:
+                if source not in self._cycle_moved:
+                    self._fruitless.add(source)
+                self._cycle_moved.discard(source)
         if moves:
             self.rounds += 1
-        # Nothing to move over a whole read of the sources: as even as shards this size allow.
-        self.settled = not moves and whole
+        # Every source read all the way round without a move: as even as shards allow.
+        self.settled = not moves and sources <= self._fruitless
         return moves
 
     def _target(

@@ -203,8 +203,10 @@ class RepairScheduler:
         self._turn = 0
         self._dispatch_pending = False
         #: Chunk servers that refused a copy source (a release before copies), until when:
-        #: they are sent rebuilds from the other shards meanwhile.
+        #: they are sent rebuilds from the other shards meanwhile. Unconfirmed until one such
+        #: rebuild has worked there: a refusal for another reason is not held against it.
         self._no_copy: dict[str, float] = {}
+        self._no_copy_unconfirmed: set[str] = set()
 
     def _now(self) -> float:
         return float(self.clock.seconds())  # type: ignore[misc] # zope method without self
@@ -454,7 +456,11 @@ class RepairScheduler:
                 continue
             if message.sources and message.sources[0][0] == task.index and self._no_copy.get(target, 0.0) > now:
                 if len(message.sources) - 1 < c.parse_policy(message.policy)[0]:
-                    continue  # it can only rebuild, and too few other shards are readable
+                    # It can only rebuild, and too few other shards are readable: a repair
+                    # may go elsewhere next time; a balancing move is planned again.
+                    if task.reason == BALANCE:
+                        self._gone(task)
+                    continue
                 message = attrs.evolve(message, sources=message.sources[1:])
             self.blocked.pop(key, None)
             busy[target] += 1
@@ -574,16 +580,20 @@ class RepairScheduler:
                     and message.sources and message.sources[0][0] == task.index
                 ):
                     # A chunk server of a release before copies refuses the shard itself as a
-                    # source: send it rebuilds from the other shards for a while, at once.
-                    log.info("{node} does not copy shards (an older release?): it gets rebuilds "
-                             "instead for {s:.0f}s", node=target, s=NO_COPY_FOR)
+                    # source: try it at once with a rebuild from the other shards instead.
                     self._no_copy[target] = self._now() + NO_COPY_FOR
+                    self._no_copy_unconfirmed.add(target)
                     self._retry_at.pop(key, None)
                     return
                 self._failed(task, f"{target} could not rebuild it: {e}")
                 return
             self.pool.give_back(address, connection)
             copied = bool(message.sources) and message.sources[0][0] == task.index
+            if not copied and target in self._no_copy_unconfirmed:
+                # It rebuilt what it would not copy: an older release. Rebuilds it gets.
+                self._no_copy_unconfirmed.discard(target)
+                log.info("{node} does not copy shards (an older release?): it gets rebuilds "
+                         "from the other shards instead for {s:.0f}s", node=target, s=NO_COPY_FOR)
             result = await self.propose(c.MoveShard(task.bg_id, task.index, task.from_node, target))
             if isinstance(result, c.MetaError):
                 if result.code in (c.ErrorCode.STALE_ALLOCATION, c.ErrorCode.NOT_FOUND):
@@ -620,6 +630,10 @@ class RepairScheduler:
             self._failed(task, str(e))
         finally:
             self.running.pop(task.bg_id, None)
+            if target in self._no_copy_unconfirmed and not (message.sources and message.sources[0][0] == task.index):
+                # The rebuild failed too: the refusal was for another reason; copies again.
+                self._no_copy_unconfirmed.discard(target)
+                self._no_copy.pop(target, None)
             if task.reason == BALANCE and not moved:
                 assert self.balancer is not None
                 self.balancer.ended(self._now(), None)
