@@ -832,6 +832,40 @@ class ReportTests(SynchronousTestCase):
         server.corrupt.discard(B)
         self.assertEqual(server.held_ids(), [A, B, C])
 
+    def test_damage_is_remembered_across_restarts(self) -> None:
+        """A shard found damaged stays damaged for a server started again on the same data
+        (bad cells the start-up scan cannot see); a fresh copy, or the file's removal,
+        clears the record; a record of a shard no longer there, or an unreadable record, is
+        ignored (with a warning for the latter)."""
+        from dogfs.chunk.server import DAMAGE_FILE
+
+        root = self.mktemp()
+        store = ShardStore(root)
+        for shard_id in (A, B, C):
+            write_shard(store, shard_id, 1)
+
+        def restarted() -> ShardServer:
+            server = ShardServer(ShardStore(root), "chunk-3", synchronous_executor, LoadMeter(Clock()))
+            server.scan()
+            return server
+
+        server = restarted()
+        server.mark_damaged(B)
+        server.mark_damaged(C)
+        self.assertEqual(restarted().corrupt, {B, C})
+        server.stored(C)  # a fresh copy of C
+        self.assertEqual(restarted().corrupt, {B})
+        os.unlink(store.path(B))
+        self.assertEqual(restarted().corrupt, set())  # B is gone: nothing to remember
+        server._forget([B])
+        with open(os.path.join(root, DAMAGE_FILE)) as f:
+            self.assertEqual(f.read().strip(), "[]")
+        with open(os.path.join(root, DAMAGE_FILE), "w") as f:
+            f.write("{not json")
+        with capturedLogs() as events:
+            self.assertEqual(restarted().corrupt, set())
+        self.assertIn("ignores its record of damaged shards", messages(events, LogLevel.warn)[0])
+
     def test_get_of_vanished_file(self) -> None:
         """A GetShard that finds the file of a held shard gone answers not_found and drops
         the id, so that the next shard report omits it; a damaged shard's mark goes with it."""

@@ -492,7 +492,7 @@ class ShardScrubber(Service):
             # Deleted meanwhile, or a fresh copy on its way in: the damage is no more.
             if shard_id not in server.shard_ids or server.writing(shard_id):
                 return
-            server.corrupt.add(shard_id)
+            server.mark_damaged(shard_id)
             scrub.damaged.append(shard_id)
             server.meter.add("scrub_errors")
             if check.bad_cells:

@@ -39,6 +39,7 @@ file missing at once, which says nothing of the shards (`ShardsDirLost`).
 
 from __future__ import annotations
 
+import json
 import os
 import weakref
 from collections import deque
@@ -49,6 +50,7 @@ from typing import Any, TypeVar
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from dogfs.chunk.rebuild import MAX_REBUILDS, ShardRebuilder
 from dogfs.storage.shards import (
@@ -178,6 +180,38 @@ def synchronous_executor(f: Callable[..., _T], *args: Any, **kwargs: Any) -> def
     return defer.maybeDeferred(f, *args, **kwargs)
 
 
+#: The file, in the data directory, naming the shards found damaged (JSON list of ids).
+DAMAGE_FILE = "damaged.json"
+
+
+def save_damage(path: str, ids: list[str]) -> None:
+    """Blocking: replace ``path`` with ``ids``, atomically, not durably (a crash may lose the
+    last change: a damaged shard then reports as held until a read or a scrub finds it
+    again; a fresh copy shows as damaged and is rebuilt elsewhere, once)."""
+    temp = path + ".tmp"
+    with open(temp, "w", encoding="ascii") as f:
+        json.dump(ids, f)
+        f.write("\n")
+    os.replace(temp, path)
+
+
+def load_damage(path: str, node_id: str) -> set[str]:
+    """Blocking: the ids ``save_damage`` wrote; none if there is no record, and none, with a
+    warning, if it is unreadable (the scrubber finds the damage again)."""
+    try:
+        with open(path, encoding="ascii") as f:
+            ids = json.load(f)
+    except FileNotFoundError:
+        return set()
+    except (OSError, ValueError) as e:
+        log.warn("{node} ignores its record of damaged shards {path}: {error}", node=node_id, path=path, error=e)
+        return set()
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        log.warn("{node} ignores its record of damaged shards {path}: not a list of ids", node=node_id, path=path)
+        return set()
+    return set(ids)
+
+
 class ShardServer:
     """Serves one ShardStore's shards over the DogFS wire protocol."""
 
@@ -206,6 +240,9 @@ class ShardServer:
         `max_rebuilds` bounds the rebuilds running at once.
         """
         self.store = store
+        #: Where the ids of the shards known damaged are kept across restarts.
+        self.damage_path = os.path.join(store.root, DAMAGE_FILE)
+        self._damage_saved: defer.Deferred[Any] = defer.succeed(None)
         self.node_id = node_id
         self.executor = executor
         self.meter = meter
@@ -263,6 +300,8 @@ class ShardServer:
             ids.add(stat.shard_id)
             if stat.corrupt:
                 corrupt.add(stat.shard_id)
+        # Shards found damaged before the restart (bad cells the header check cannot see).
+        corrupt |= load_damage(self.damage_path, self.node_id) & ids
         self.store.usage()
         return ids, corrupt, (st.st_dev, st.st_ino)
 
@@ -625,7 +664,7 @@ class ShardServer:
         if shard_id not in self.shard_ids or self.writing(shard_id):
             return False  # deleted, or a fresh copy begun, while we looked
         self.shard_ids.discard(shard_id)
-        self.corrupt.discard(shard_id)
+        self._undamaged(shard_id)
         self.unreferenced_since.pop(shard_id, None)
         log.warn(
             "{node} no longer has shard {shard}: its file is gone from the disk; it is left "
@@ -676,7 +715,7 @@ class ShardServer:
     def stored(self, shard_id: str) -> None:
         """A fresh copy of ``shard_id`` is committed here (an upload or a rebuild)."""
         self.shard_ids.add(shard_id)
-        self.corrupt.discard(shard_id)  # a fresh copy replaces a damaged one
+        self._undamaged(shard_id)  # a fresh copy replaces a damaged one
         if self._collecting:
             self._stored_while_collecting.add(shard_id)
 
@@ -698,9 +737,36 @@ class ShardServer:
             for request in streams
         )
 
+    def mark_damaged(self, shard_id: str) -> None:
+        """Remember ``shard_id`` as damaged: left out of shard reports (so the leader has it
+        rebuilt elsewhere) and named in their `damaged`, across restarts too (`DAMAGE_FILE`)."""
+        if shard_id not in self.corrupt:
+            self.corrupt.add(shard_id)
+            self._save_damage()
+
+    def _undamaged(self, shard_id: str) -> None:
+        """``shard_id`` is damaged no more here (a fresh copy, or no copy at all)."""
+        if shard_id in self.corrupt:
+            self.corrupt.discard(shard_id)
+            self._save_damage()
+
+    def _save_damage(self) -> None:
+        """Write the damaged ids to `DAMAGE_FILE` in the executor, one save after another
+        (each writes the set as it is when it starts, so the last one is the latest)."""
+
+        def save(_: object) -> defer.Deferred[None]:
+            return self.executor(save_damage, self.damage_path, sorted(self.corrupt))
+
+        def failed(failure: Failure) -> None:
+            failure.trap(OSError)
+            log.warn("{node} could not record its damaged shards in {path}: {error}",
+                     node=self.node_id, path=self.damage_path, error=failure.getErrorMessage())
+
+        self._damage_saved = self._damage_saved.addBoth(save).addErrback(failed)
+
     def _damaged(self, shard_id: str, message: str, detail: str) -> WireError:
         """Remember ``shard_id`` as damaged (reported for repair) and say so to the client."""
-        self.corrupt.add(shard_id)
+        self.mark_damaged(shard_id)
         log.error("{message}: {detail}", message=message, detail=detail)
         return self._error("corrupt", message)
 
@@ -738,7 +804,7 @@ class ShardServer:
         # On the reactor thread: the sets are only ever changed there.
         for shard_id in deleted:
             self.shard_ids.discard(shard_id)
-            self.corrupt.discard(shard_id)
+            self._undamaged(shard_id)
             self.unreferenced_since.pop(shard_id, None)
         return deleted
 
