@@ -260,6 +260,7 @@ class SchedulerBalanceTests(_SchedulerCase):
             self.clock, self.state, self.registry, self.propose, self.pool, cell_size=4096,
             repair_after=REPAIR_AFTER, interval=INTERVAL, concurrency=4, retry_after=30.0,
             rng=random.Random(7), balancer=Balancer(self.state),
+            emit=lambda kind, **fields: self.events.append((kind, fields)),
         )
         for i in range(6):  # chunk-0..3 hold 300 bytes each; chunk-4 and chunk-5 nothing
             self.place(f"/f{i}", SERVERS[:4])
@@ -298,6 +299,10 @@ class SchedulerBalanceTests(_SchedulerCase):
         status = self.scheduler.status()["balance"]
         self.assertEqual((status["moved"], status["moved_bytes"], status["queued"], status["running"]),
                          (total, 50 * total, 0, 0))
+        # The dashboard hears of each (folded there to a line a second).
+        said = [f["message"] for kind, f in self.events if kind == "repair"]
+        self.assertEqual(len(said), total)
+        self.assertTrue(all(m.startswith("balancing: shard ") and " copied to " in m for m in said), said)
         # The next tick counts again, from after the last move ended, and finds the cluster
         # balanced: no more moves.
         self.live_for(1, SERVERS[:6])

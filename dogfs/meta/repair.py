@@ -609,6 +609,10 @@ class RepairScheduler:
                 assert self.balancer is not None
                 self.balancer.ended(self._now(), reply.msg.size)
                 moved = True
+                self.emit(
+                    "repair", level="info", node=task.from_node,
+                    message=f"balancing: shard {message.shard_id} {how} {target} from {task.from_node}",
+                )
                 log.info(
                     "balancing: shard {shard} {how} {new} from {old} ({size} bytes in {seconds:.1f}s)",
                     shard=message.shard_id, how=how, new=target, old=task.from_node,
