@@ -63,9 +63,11 @@ def register(admin_subparsers: Any) -> None:
     rsub = repair.add_subparsers(dest="repair_command", metavar="REPAIR_COMMAND", parser_class=type(repair))
     rsub.required = True
     status = rsub.add_parser(
-        "status", help="what the metadata leader is repairing or moving",
+        "status", help="what the metadata leader is repairing, moving or balancing",
         description="Show the lost, dead and draining chunk servers, the repairs under way and "
-        "queued, and the latest failures, as the metadata leader sees them.",
+        "queued, and the latest failures, as the metadata leader sees them; then the "
+        "balancer: whether every chunk server is within [meta] balance_threshold of the "
+        "average utilization, the fullest and emptiest, and what it has moved.",
     )
     output.admin_options(status)
     status.set_defaults(func=cmd_repair_status)
