@@ -1078,7 +1078,8 @@ class HeartbeatTests(SynchronousTestCase):
         service = self.start(["m1:1"], report_interval=10_000.0)  # reports when asked only
         ask[0] = False
         reports = self.net.reports()
-        self.assertEqual([(m.node_id, m.batch, m.last) for _, m, _ in reports], [("chunk-3", 0, False), ("chunk-3", 1, True)])
+        self.assertEqual([(m.node_id, m.batch, m.last, m.report) for _, m, _ in reports],
+                         [("chunk-3", 0, False, 1), ("chunk-3", 1, True, 1)])  # one report, numbered
         self.assertEqual(b"\n".join(p for _, _, p in reports).split(b"\n"), [old.encode(), young.encode(), kept.encode()])
         self.assertEqual(service.collected, 0)  # named just now: old files, but kept for readers
         self.assertEqual(set(self.server.unreferenced_since), {old, young})
@@ -1088,6 +1089,7 @@ class HeartbeatTests(SynchronousTestCase):
         ask[0] = True
         self.beat()
         ask[0] = False
+        self.assertEqual({m.report for _, m, _ in self.net.reports()[2:]}, {2})  # the next one
         self.assertEqual(service.collected, 1)
         self.assertFalse(os.path.exists(self.store.path(old)))
         self.assertTrue(os.path.exists(self.store.path(young)))

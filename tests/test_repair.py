@@ -901,6 +901,28 @@ class ReportGapTests(StateTestCase):
         self.report("chunk-1", list(reversed(held)))
         self.assertEqual(self.h.handlers.missing["chunk-1"], set())
 
+    def test_a_late_batch_of_another_report_concludes_nothing(self) -> None:
+        """A late batch 0 of a report the server gave up on, arriving after the first batch
+        of its next report, is not taken for part of it (the report numbers differ). Taken
+        for it, it would call a shard missing that the server holds: here ids[1], left out
+        of the first report (just committed, say) and of the stale batch, but listed in the
+        real one."""
+        ids = self.ids
+        self.report("chunk-1", [ids[0]] + ids[2:])
+        self.h.ok(m.ShardReport("chunk-1", 0, False, (), 8), "\n".join(ids[:2]).encode("ascii"))
+        self.h.ok(m.ShardReport("chunk-1", 0, False, (), 7), ids[0].encode("ascii"))  # late
+        self.h.ok(m.ShardReport("chunk-1", 1, True, (), 8), "\n".join(ids[2:]).encode("ascii"))
+        self.assertEqual(self.h.handlers.missing["chunk-1"], set())
+        # The next whole report is heard as usual, and finds nothing missing.
+        for n, batch in enumerate([ids[:2], ids[2:]]):
+            self.h.ok(m.ShardReport("chunk-1", n, n == 1, (), 9), "\n".join(batch).encode("ascii"))
+        self.assertEqual(self.h.handlers.missing["chunk-1"], set())
+        # While one left out of two whole reports is.
+        for number in (10, 11):
+            for n, batch in enumerate([ids[:2], ids[3:]]):
+                self.h.ok(m.ShardReport("chunk-1", n, n == 1, (), number), "\n".join(batch).encode("ascii"))
+        self.assertEqual(len(self.h.handlers.missing["chunk-1"]), 1)
+
     def test_scheduler_rebuilds_missing_shards(self) -> None:
         """A missing shard of a live server is rebuilt elsewhere like a lost one, from the
         group's other shards."""

@@ -88,6 +88,8 @@ class HeartbeatService(Service):
         #: Successful heartbeats, shard reports, and shards collected (for tests and logs).
         self.beats = 0
         self.reports = 0
+        #: Numbers this server's shard reports (every batch of one carries it), from 1.
+        self.report_number = 0
         self.collected = 0
 
     # --- service ---------------------------------------------------------------------
@@ -221,9 +223,10 @@ class HeartbeatService(Service):
             ids[i : i + self.report_batch] for i in range(0, len(ids), self.report_batch)
         ] or [[]]
         unreferenced: list[str] = []
+        self.report_number += 1
         for n, batch in enumerate(batches):
             last = n == len(batches) - 1
-            message = ShardReport(self.config.id, n, last, damaged if last else ())
+            message = ShardReport(self.config.id, n, last, damaged if last else (), self.report_number)
             payload = "\n".join(batch).encode("ascii")
             reply = await self._call(message, payload, self.report_timeout)
             if reply is None:

@@ -85,6 +85,7 @@ def encode_status(status: dict[str, Any]) -> bytes:
 class _ReportGap:
     """A shard report in progress: the batches seen and the shards found absent so far."""
 
+    report: int = 0  # the chunk server's number for it (ShardReport.report)
     after: tuple[int, int] | None = None
     next_batch: int = 0
     absent: set[tuple[int, int]] = attrs.field(factory=set)
@@ -473,13 +474,16 @@ class MetaHandlers:
         batch: to the end). A shard left out of two full reports in a row is ``missing``: one
         left out of a single report may have been written after the server listed its
         shards, and committed since; by its next report it is listed. A report out of
-        sequence (restarted, or begun under another leader) notes nothing.
+        sequence (restarted, or begun under another leader), or with a batch of another
+        report (`ShardReport.report`) in it, notes nothing.
         """
         node = msg.node_id
         if msg.batch == 0:
-            self._gaps[node] = _ReportGap()
+            self._gaps[node] = _ReportGap(report=msg.report)
         gap = self._gaps.get(node)
-        if gap is None or msg.batch != gap.next_batch:
+        if gap is None or msg.batch != gap.next_batch or msg.report != gap.report:
+            # Out of sequence, or a batch of another report (a late one of a report the
+            # server gave up on): nothing is concluded from this report.
             self._gaps.pop(node, None)
             return
         listed = sorted(p for p in map(c.parse_shard_id, ids) if p is not None)

@@ -284,13 +284,15 @@ class ShardReport:
     `damaged` (the last batch only; at most `MAX_DAMAGED`) names shards the server still has
     files of but found damaged, which the payload leaves out (so the leader rebuilds them
     elsewhere): the reply names those no longer placed on the server unreferenced too, and
-    they are collected.
+    they are collected. `report` numbers the server's reports: every batch of one carries the
+    same, so that a late batch of an abandoned report is never taken for part of the next.
     """
 
     node_id: str
     batch: int
     last: bool
     damaged: tuple[str, ...] = field(default=(), converter=_tuple)
+    report: int = 0
 
 
 @message(23)
