@@ -17,7 +17,6 @@ The metadata node plans every 0.5 s here (`repair_interval`, 10 s by default).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -26,17 +25,10 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import MiB, dogfs, make_file  # noqa: E402
+from common import MiB, dogfs, make_file, sha256_file  # noqa: E402
 
 FILE_MIB = 8
 
-
-def sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(MiB), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def status(home: str) -> dict:
@@ -74,7 +66,7 @@ def main() -> None:
         for i in range(args.size_mib // FILE_MIB):
             make_file(local, FILE_MIB * MiB, 100 + i)
             dogfs(home, "put", local, f"/f{i}")
-            digests[f"/f{i}"] = sha256(local)
+            digests[f"/f{i}"] = sha256_file(local)
         before = status(home)["balance"]
         added = time.monotonic()
         dogfs(home, "cluster", "add-chunk", str(args.add), "--capacity", str(capacity))
@@ -104,7 +96,11 @@ def main() -> None:
               f"{'balanced' if b['balanced'] else 'settled'}, spread {100 * b['spread']:.1f} points, "
               f"failed {s['failed']}")
         out = os.path.join(base, "back")
-        bad = [name for name, digest in digests.items() if (dogfs(home, "get", name, out), sha256(out))[1] != digest]
+        bad = []
+        for name, digest in digests.items():
+            dogfs(home, "get", name, out)
+            if sha256_file(out) != digest:
+                bad.append(name)
         print("read back:", "every SHA-256 matches" if not bad else f"DIFFERS: {bad}")
     finally:
         try:

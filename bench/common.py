@@ -27,6 +27,14 @@ def dogfs(home: str, *args: str) -> str:
     return result.stdout
 
 
+def sha256_file(path: str) -> str:
+    """The SHA-256 of a file's bytes, hex."""
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def make_file(path: str, size: int, seed: int) -> None:
     """A file of `size` pseudo-random bytes."""
     rnd = random.Random(seed)

@@ -21,7 +21,6 @@ their ratio. Then reads the file back and checks its SHA-256.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -30,7 +29,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import MiB, dogfs, make_file  # noqa: E402
+from common import MiB, dogfs, make_file, sha256_file  # noqa: E402
 
 
 def holders(home: str, path: str) -> dict[str, int]:
@@ -41,13 +40,6 @@ def holders(home: str, path: str) -> dict[str, int]:
             out[shard["chunk_server"]] = out.get(shard["chunk_server"], 0) + 1
     return out
 
-
-def sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(MiB), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def main() -> None:
@@ -107,22 +99,27 @@ def main() -> None:
         assert victim not in after and sum(after.values()) == sum(before.values()), after
         out = os.path.join(base, "back")
         dogfs(home, "get", "/f", out)
-        print("read back:", "SHA-256 matches" if sha256(out) == sha256(local) else "DIFFERS")
+        print("read back:", "SHA-256 matches" if sha256_file(out) == sha256_file(local) else "DIFFERS")
     finally:
         subprocess_down(home)
         shutil.rmtree(base, ignore_errors=True)
 
 
 def wait_moves(home: str, began: float, counter: str, already: int = 0) -> tuple[float, float, dict]:
-    """Poll `repair status` until nothing is lost or running: (when the first move was seen,
-    when the last ended, the status then). ``counter`` past ``already`` counts as a move."""
+    """Poll `repair status` until nothing is lost or running: (when the poll before the one
+    that first saw a move began, when the last ended, the status then). ``counter`` past
+    ``already`` counts as a move. Moves all done within one poll still take a poll's time:
+    they began after the poll before began, and no earlier is known."""
     first = None
+    previous = began
     while True:
+        asked = time.monotonic()
         status = json.loads(dogfs(home, "--json", "admin", "repair", "status"))
         if first is None and (status["running"] or status[counter] > already):
-            first = time.monotonic()
+            first = previous
         if first is not None and not status["lost_servers"] and not status["running"]:
             return first, time.monotonic(), status
+        previous = asked
         if time.monotonic() - began > 600:
             raise SystemExit(f"the moves did not finish within 600 s: {status}")
         time.sleep(0.1)

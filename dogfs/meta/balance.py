@@ -211,7 +211,6 @@ class Balancer:
         give = {n: (util[n] - average) * capacity[n] for n in sources}
         room = {n: (average - util[n]) * capacity[n] for n in targets}
         moves: list[Move] = []
-        widths: dict[str, int] = {}
         # One move per block group a round: the next is planned from where the first went.
         groups: set[int] = set()
         # Each source reads its share of the round's placements, from where it stopped last
@@ -234,9 +233,7 @@ class Balancer:
                     break
                 if bg_id in groups:
                     continue
-                k = widths.get(ec)
-                if k is None:
-                    k = widths[ec] = c.parse_policy(ec)[0]
+                k = c.parse_policy(ec)[0]
                 share = -(-size // k)
                 if share >= 2 * give[source]:
                     continue  # it would leave the source further below the average than above

@@ -16,6 +16,7 @@ This module imports nothing of ours but L{dogfs.meta.paths}'s siblings' conventi
 from __future__ import annotations
 
 import enum
+import functools
 import math
 import operator
 import re
@@ -42,9 +43,16 @@ def parse_policy(name: str) -> tuple[int, int]:
 
     Accepts what L{dogfs.codec.policy.ECPolicy.parse} accepts (any case, surrounding spaces):
     k >= 1, m >= 1, k + m <= 32. Raise C{ValueError} with a one-sentence message otherwise.
+    Cached (a few policies are named per cluster, and the passes over every block group ask
+    for each group's): callers need no cache of their own.
     """
     if not isinstance(name, str):
         raise ValueError(f"EC policy {name!r} is not a string.")
+    return _parse_policy(name)
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_policy(name: str) -> tuple[int, int]:
     match = _POLICY_RE.fullmatch(name.strip())
     if match is None:
         raise ValueError(f"EC policy {name!r} is not of the form RS-K-M (for example RS-4-2).")

@@ -95,6 +95,11 @@ _ERRORS_KEPT = 20
 NO_COPY_FOR = 600.0
 
 
+def _copying(message: m.RebuildShard) -> bool:
+    """Whether ``message`` names the shard itself as its first source (a copy)."""
+    return bool(message.sources) and message.sources[0][0] == message.index
+
+
 @frozen
 class RepairTask:
     """Shard ``index`` of block group ``bg_id`` must leave ``from_node`` (``reason``).
@@ -314,7 +319,6 @@ class RepairScheduler:
             self.blocked.clear()
         self._usable = usable
         alive = {load.node_id for load in self.registry.live()}
-        widths: dict[str, int] = {}
         budget = min(self.plan_batch, MAX_TASKS - len(self.tasks))
         # Each tick starts with the next lost server: none can be starved by those before it.
         order = sorted(lost, key=lambda n: (_REASON_ORDER[lost[n]], n))
@@ -334,11 +338,8 @@ class RepairScheduler:
                     self.blocked[(bg_id, index)] = attrs.evolve(seen, at=now)
                 if self._retry_at.get((bg_id, index), 0.0) > now:
                     continue  # failed or blocked lately: a later round brings it back
-                k = widths.get(ec)
-                if k is None:
-                    k = widths[ec] = c.parse_policy(ec)[0]
                 readable = sum(1 for n in nodes if n in alive)
-                self.tasks[(bg_id, index)] = RepairTask(bg_id, index, node, lost[node], readable - k)
+                self.tasks[(bg_id, index)] = RepairTask(bg_id, index, node, lost[node], readable - c.parse_policy(ec)[0])
             if resume is None:
                 # A whole round read: a blocked shard it did not find is gone (deleted).
                 began = self._rounds.get(node, now)
@@ -433,6 +434,8 @@ class RepairScheduler:
         # Only registered servers: one whose registration is still in flight has no address.
         live = [load for load in self.registry.live() if load.node_id in servers]
         busy = Counter(r.to_node for r in self.running.values())
+        loads = {load.node_id: load for load in live}
+        domains = domains_of(servers.values())
         looked = 0
         for key in self._order:
             if len(self.running) >= self.concurrency:
@@ -449,12 +452,12 @@ class RepairScheduler:
                 continue
             message, holders = prepared
             if task.reason == BALANCE:
-                target = self._balance_target(task, holders, live, busy, servers)
+                target = self._balance_target(task, holders, loads, busy, domains)
             else:
                 target = self._target(task, holders, live, busy)
             if target is None:
                 continue
-            if message.sources and message.sources[0][0] == task.index and self._no_copy.get(target, 0.0) > now:
+            if _copying(message) and self._no_copy.get(target, 0.0) > now:
                 if len(message.sources) - 1 < c.parse_policy(message.policy)[0]:
                     # It can only rebuild, and too few other shards are readable: a repair
                     # may go elsewhere next time; a balancing move is planned again.
@@ -531,15 +534,16 @@ class RepairScheduler:
         return str(choose_placement(1, spread, self.rng)[0])
 
     def _balance_target(
-        self, task: RepairTask, holders: set[str], live: list[Any], busy: Counter[str], servers: dict[str, Any]
+        self, task: RepairTask, holders: set[str], loads: dict[str, Any], busy: Counter[str],
+        domains: dict[str, str],
     ) -> str | None:
         """The target the balancer chose for ``task``, if it may still take the shard (the
-        group as it is now); None when it is busy (the task waits) or may not (it goes)."""
+        group as it is now); None when it is busy (the task waits) or may not (it goes).
+        ``loads`` are the live registered servers by id, ``domains`` every server's."""
         target = task.to_node
-        loads = {load.node_id: load for load in live}
         load = loads.get(target) if target is not None else None
         if target is None or load is None or target in self._draining or load.is_full or not may_take(
-            task.from_node, target, holders, domains_of(servers.values())
+            task.from_node, target, holders, domains
         ):
             self._gone(task)  # the balancer plans again from the new figures
             return None
@@ -575,10 +579,7 @@ class RepairScheduler:
                     # Its rebuild slots are taken (by another leader's tasks, say): next tick.
                     self._retry_at[key] = self._now() + self.interval
                     return
-                if (
-                    isinstance(e, WireError) and e.code == "invalid_argument"
-                    and message.sources and message.sources[0][0] == task.index
-                ):
+                if isinstance(e, WireError) and e.code == "invalid_argument" and _copying(message):
                     # A chunk server of a release before copies refuses the shard itself as a
                     # source: try it at once with a rebuild from the other shards instead.
                     self._no_copy[target] = self._now() + NO_COPY_FOR
@@ -588,7 +589,7 @@ class RepairScheduler:
                 self._failed(task, f"{target} could not rebuild it: {e}")
                 return
             self.pool.give_back(address, connection)
-            copied = bool(message.sources) and message.sources[0][0] == task.index
+            copied = _copying(message)
             if not copied and target in self._no_copy_unconfirmed:
                 # It rebuilt what it would not copy: an older release. Rebuilds it gets.
                 self._no_copy_unconfirmed.discard(target)
@@ -634,7 +635,7 @@ class RepairScheduler:
             self._failed(task, str(e))
         finally:
             self.running.pop(task.bg_id, None)
-            if target in self._no_copy_unconfirmed and not (message.sources and message.sources[0][0] == task.index):
+            if target in self._no_copy_unconfirmed and not _copying(message):
                 # The rebuild failed too: the refusal was for another reason; copies again.
                 self._no_copy_unconfirmed.discard(target)
                 self._no_copy.pop(target, None)
@@ -668,6 +669,11 @@ class RepairScheduler:
 
     # --- status ---
 
+    def _queued(self, balancing: bool) -> int:
+        """Tasks waiting to run: balancing moves, or repairs."""
+        running = {r.task for r in self.running.values()}
+        return sum(1 for t in self.tasks.values() if (t.reason == BALANCE) == balancing and t not in running)
+
     def status(self) -> dict[str, Any]:
         """What ``dogfs admin repair status`` shows."""
         now = self._now()
@@ -688,10 +694,7 @@ class RepairScheduler:
             "lost_servers": lost,
             "missing_shards": {node: len(keys) for node, keys in sorted(self.missing().items()) if keys},
             "waiting_servers": {node: round(left, 1) for node, left in self.waiting().items()},
-            "queued": sum(
-                1 for t in self.tasks.values()
-                if t.reason != BALANCE and not (t.bg_id in self.running and self.running[t.bg_id].task == t)
-            ),
+            "queued": self._queued(balancing=False),
             "blocked": {kind: {"shards": n, "why": examples[kind]} for kind, n in sorted(blocked.items())},
             "interval": self.interval,
             "planned_s_ago": None if self.planned_at is None else round(now - self.planned_at, 1),
@@ -710,10 +713,7 @@ class RepairScheduler:
             "errors": [{**e, "s_ago": round(now - e["at"], 1)} for e in self.stats.errors],
             "balance": None if self.balancer is None else {
                 **self.balancer.status(now),
-                "queued": sum(
-                    1 for t in self.tasks.values()
-                    if t.reason == BALANCE and not (t.bg_id in self.running and self.running[t.bg_id].task == t)
-                ),
+                "queued": self._queued(balancing=True),
                 "running": sum(1 for r in self.running.values() if r.task.reason == BALANCE),
             },
         }

@@ -1153,7 +1153,6 @@ class NamespaceState:
         the garbage its disk still holds. Raw and cheap: the balancer sums one slice per tick.
         """
         out: dict[str, int] = {}
-        widths: dict[str, int] = {}
         looked = 0
         last: int | None = None
         with self._read() as txn:
@@ -1169,10 +1168,7 @@ class NamespaceState:
                 committed, ec, size, _at, nodes = _unpack(raw)
                 if not committed:
                     continue
-                k = widths.get(ec)
-                if k is None:
-                    k = widths[ec] = parse_policy(ec)[0]
-                share = -(-size // k)
+                share = -(-size // parse_policy(ec)[0])
                 for node in nodes:
                     out[node] = out.get(node, 0) + share
         return out, None, looked
@@ -1186,16 +1182,12 @@ class NamespaceState:
         """
         live = set(alive)
         margins: dict[int, int] = {}
-        widths: dict[str, int] = {}
         with self._read() as txn:
             for _, raw in txn.cursor(db=self._dbs[b"bgroups"]):
                 committed, ec, _size, _at, nodes = _unpack(raw)
                 if not committed:
                     continue
-                k = widths.get(ec)
-                if k is None:
-                    k = widths[ec] = parse_policy(ec)[0]
-                margin = sum(1 for node in nodes if node in live) - k
+                margin = sum(1 for node in nodes if node in live) - parse_policy(ec)[0]
                 margins[margin] = margins.get(margin, 0) + 1
         return dict(sorted(margins.items()))
 
