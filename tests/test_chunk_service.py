@@ -921,7 +921,7 @@ class HeartbeatTests(SynchronousTestCase):
         self.server = ShardServer(self.store, "chunk-3", synchronous_executor, LoadMeter(self.clock))
         self.net = FakeMetaNetwork(self.clock)
 
-    def start(self, meta: Sequence[str], **config: Any) -> HeartbeatService:
+    def start(self, meta: Sequence[str], cluster_id: str | None = None, **config: Any) -> HeartbeatService:
         self.server.scan()
         settings: dict[str, Any] = dict(heartbeat_interval=1.0, report_interval=30.0, gc_grace=600.0, capacity_bytes=10**12)
         settings.update(config)
@@ -929,6 +929,7 @@ class HeartbeatTests(SynchronousTestCase):
             id="chunk-3", listen="tcp:0", address="127.0.0.1:7103", data_dir=self.root, meta=tuple(meta), **settings
         )
         service = HeartbeatService(self.clock, self.server, cfg, self.net, report_batch=2)
+        service.cluster_id = cluster_id  # as ChunkService sets it, from the data directory
         service.startService()
         self.addCleanup(service.stopService)
         self.net.flush()
@@ -1096,6 +1097,66 @@ class HeartbeatTests(SynchronousTestCase):
         self.assertTrue(os.path.exists(self.store.path(kept)))
         self.assertEqual(self.server.shard_ids, {young, kept})
         self.assertEqual(set(self.server.unreferenced_since), {young})
+
+    def test_cluster_id_kept_and_sent(self) -> None:
+        """The first cluster a leader names is kept in the data directory (before any
+        report) and sent with every heartbeat and report from then on; a server that starts
+        with one keeps it."""
+        from dogfs.chunk.heartbeat import CLUSTER_ID_FILE, load_cluster_id
+
+        named: list[str | None] = [None]
+
+        def heartbeat(request: Request) -> HeartbeatReply:
+            return HeartbeatReply("m1:1", want_report=True, cluster_id=named[0])
+
+        self.net.add("m1:1", heartbeat, lambda r: Reply(ShardReportReply(), b""))
+        service = self.start(["m1:1"], report_interval=10_000.0)
+        path = os.path.join(self.root, CLUSTER_ID_FILE)
+        # No cluster named yet (a new namespace): reports go on as before.
+        self.assertEqual([m.cluster_id for _, m, _ in self.net.reports()], [None])
+        self.assertFalse(os.path.exists(path))
+        named[0] = "cid-a"
+        self.beat()
+        self.assertEqual(service.cluster_id, "cid-a")
+        self.assertEqual(load_cluster_id(path), "cid-a")
+        self.beat()
+        self.assertEqual(self.net.heartbeats()[-1][1].cluster_id, "cid-a")
+        self.assertEqual(self.net.reports()[-1][1].cluster_id, "cid-a")
+        with open(path, "w") as f:
+            f.write("not a cluster id!\n")
+        with self.assertRaises(ValueError) as raised:
+            load_cluster_id(path)
+        self.assertIn(path, str(raised.exception))
+
+    def test_no_report_to_another_cluster(self) -> None:
+        """A server keeping cluster A's id sends no shard report to a leader naming cluster
+        B, or naming none: such a leader would call every shard garbage. Nothing is
+        collected, however long it goes on, and it reports again once a leader of A answers."""
+        shard = "0000000000000001-00"
+        self.store_shard(shard, 10_000)
+        named: list[str | None] = ["cid-b"]
+
+        def heartbeat(request: Request) -> HeartbeatReply:
+            return HeartbeatReply("m1:1", want_report=True, cluster_id=named[0])
+
+        def report(request: Request) -> Reply:
+            return Reply(ShardReportReply(), shard.encode())  # "all garbage"
+
+        self.net.add("m1:1", heartbeat, report)
+        service = self.start(["m1:1"], "cid-a", report_interval=1.0, gc_grace=0.0)
+        for cluster in ("cid-b", None):
+            named[0] = cluster
+            for _ in range(5):
+                self.beat(2.0)
+        self.assertGreater(service.beats, 10)
+        self.assertEqual(self.net.reports(), [])
+        self.assertEqual(service.collected, 0)
+        self.assertTrue(os.path.exists(self.store.path(shard)))
+        self.assertEqual(service.cluster_id, "cid-a")
+        self.assertEqual({m.cluster_id for _, m in self.net.heartbeats()}, {"cid-a"})
+        named[0] = "cid-a"
+        self.beat(2.0)
+        self.assertEqual([m.cluster_id for _, m, _ in self.net.reports()], ["cid-a"])
 
     def test_damaged_shards_named_apart_and_collected(self) -> None:
         """A shard known damaged stays out of the report's ids but is named in the last
@@ -1268,6 +1329,32 @@ class ChunkServiceTests(SynchronousTestCase):
         again.startService()
         self.successResultOf(again.when_ready())
         self.successResultOf(again.stopService())
+
+    def test_cluster_id_read_at_start(self) -> None:
+        """The cluster id kept in the data directory is what heartbeats carry from the first;
+        a cluster_id file that holds no valid id stops the server, naming the file (whose
+        shards they are is unknown, and a guess could have them all collected)."""
+        root = os.path.abspath(self.mktemp())
+        ShardStore(root)
+        config = ChunkConfig(id="chunk-3", listen="tcp:7103", address="127.0.0.1:7103", data_dir=root, meta=("127.0.0.1:1",))
+        path = os.path.join(root, "cluster_id")
+        with open(path, "w") as f:
+            f.write("cid-a\n")
+        service = ChunkService(MemoryReactorClock(), config, executor=synchronous_executor)
+        service.startService()
+        self.successResultOf(service.when_ready())
+        assert service.heartbeat is not None
+        self.assertEqual(service.heartbeat.cluster_id, "cid-a")
+        self.successResultOf(service.stopService())
+        with open(path, "w") as f:
+            f.write("cid a\n")
+        fatal: list[bool] = []
+        broken = ChunkService(MemoryReactorClock(), config, executor=synchronous_executor, on_fatal=lambda: fatal.append(True))
+        broken.startService()
+        message = str(self.failureResultOf(broken.when_ready()).value)
+        self.assertIn(f"{path} does not hold a cluster id", message)
+        self.assertEqual(fatal, [True])
+        self.successResultOf(broken.stopService())
 
     def test_data_dir_in_use(self) -> None:
         """A second server on a data directory that one already serves refuses to start,

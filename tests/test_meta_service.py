@@ -370,6 +370,38 @@ class MetaHandlerTests(SynchronousTestCase):
         self.assertEqual(error.code, "invalid_argument")
         self.assertIn("damaged", error.message)
 
+    def test_heartbeat_reply_names_the_cluster(self) -> None:
+        """Heartbeat replies name the cluster once its id is set (None before), and so does
+        cluster_info."""
+        h = Harness(self, chunks=1)
+        self.assertIsNone(h.heartbeat("chunk-1").cluster_id)
+        self.successResultOf(h.log.propose(c.SetClusterId("cid-a")))
+        self.assertEqual(h.heartbeat("chunk-1").cluster_id, "cid-a")
+        self.assertEqual(h.handlers.cluster_info()["cluster_id"], "cid-a")
+
+    def test_other_clusters_chunk_server_refused(self) -> None:
+        """A chunk server holding another cluster's shards is refused, its heartbeat and its
+        shard report alike, naming both clusters: it is never registered, and none of its
+        shards is called garbage (this namespace references none of them). One of this
+        cluster, or one that has no cluster yet (a new data directory), is served."""
+        h = Harness(self, chunks=0)
+        self.successResultOf(h.log.propose(c.SetClusterId("cid-a")))
+        error = h.error(m.Heartbeat("chunk-9", "127.0.0.1:7109", 10**12, 0, 3, {}, None, "cid-b"))
+        self.assertEqual(error.code, "permission_denied")
+        self.assertIn("cluster cid-b", error.message)
+        self.assertIn("cluster cid-a", error.message)
+        self.assertEqual(h.handlers.registry.view(), [])
+        error = h.error(m.ShardReport("chunk-9", 0, True, (), 1, "cid-b"), b"00000000000000ff-00")
+        self.assertEqual(error.code, "permission_denied")
+        self.assertNotIn("chunk-9", h.handlers.reported)
+        self.assertEqual(h.state.chunk_servers(), [])
+        for node, cluster in (("chunk-1", "cid-a"), ("chunk-2", None)):
+            reply = h.ok(m.Heartbeat(node, "127.0.0.1:7101", 10**12, 0, 0, {}, None, cluster)).msg
+            self.assertEqual(reply.cluster_id, "cid-a")
+            reply = h.ok(m.ShardReport(node, 0, True, (), 1, cluster), b"00000000000000ff-00")
+            self.assertEqual(bytes(reply.payload), b"00000000000000ff-00")
+        self.assertEqual([r.node_id for r in h.state.chunk_servers()], ["chunk-1", "chunk-2"])
+
     def test_status(self) -> None:
         """Status lists the metadata member and every chunk server with the contract fields."""
         h = Harness(self)
@@ -511,6 +543,39 @@ class DefaultPolicyTests(TestCase):
         service._leadership_changed(True)
         await service.stopService()
         self.assertIn(("election", {"node": "meta-1", "term": 1}), heard)
+
+    async def _cluster_id_chosen_once(self) -> None:
+        from twisted.internet import reactor
+
+        from dogfs.meta.service import MetaService
+
+        config = MetaConfig(id="meta-1", listen="tcp:0", address="127.0.0.1:1", data_dir=self.mktemp())
+
+        class Port:
+            def stopListening(self) -> None:
+                pass
+
+        async def start() -> MetaService:
+            service = MetaService(reactor, config, listen=lambda handlers: defer.succeed(Port()))
+            service.startService()
+            await _until(lambda: service.state.cluster_id() is not None)
+            return service
+
+        service = await start()
+        first = service.state.cluster_id()
+        self.assertTrue(m.valid_cluster_id(first), first)
+        service._leadership_changed(True)  # a new term: nothing new to name
+        assert service.handlers is not None
+        self.assertEqual(service.handlers.cluster_info()["cluster_id"], first)
+        await service.stopService()
+        service = await start()
+        self.assertEqual(service.state.cluster_id(), first)
+        await service.stopService()
+
+    def test_cluster_id_chosen_once(self) -> defer.Deferred[None]:
+        """A new namespace's leader names the cluster with a random id; restarts and new
+        leaders keep it."""
+        return defer.Deferred.fromCoroutine(self._cluster_id_chosen_once())
 
     def test_election_event(self) -> defer.Deferred[None]:
         """A node that becomes leader tells its listeners (the dashboard's event log)."""

@@ -40,6 +40,7 @@ from dogfs.meta.commands import (
     RenewAllocations,
     Revoke,
     Sessioned,
+    SetClusterId,
     SetDefaultPolicy,
     ShardLocation,
     Summary,
@@ -155,6 +156,7 @@ def _command_strategy(_names: Any, _ints: Any) -> Any:
         st.builds(MoveShard, _ints, _ints, _names, _names),
         st.builds(DrainChunkServer, _names, st.booleans()),
         st.builds(RemoveChunkServer, _names, st.booleans()),
+        st.builds(SetClusterId, _names),
     )
 
 
@@ -493,6 +495,24 @@ class NamespaceTests(StateTestCase):
         # An empty file takes its directory's policy.
         info = self.ok(CommitFile("/p/q/empty", 0, (), 2.0))
         self.assertEqual((info.ec, info.size, info.block_groups), ("RS-3-2", 0, ()))
+
+    def test_cluster_id_set_once(self) -> None:
+        """The first SetClusterId applied names the cluster for good, later ones change
+        nothing (chunk servers keep the first); an id that is not 1 to 64 letters, digits,
+        '-', '_' or '.' is refused; the id travels in snapshots."""
+        self.assertIsNone(self.state.cluster_id())
+        for bad in ("", "x" * 65, "a b", "é", "a/b"):
+            self.error(SetClusterId(bad), ErrorCode.INVALID_ARGUMENT)
+        self.assertIsNone(self.state.cluster_id())
+        self.ok(SetClusterId("5f0c2a9e-1b7d-4c3e-9a1f-0d2b3c4e5f60"))
+        self.ok(SetClusterId("another-one"))
+        self.assertEqual(self.state.cluster_id(), "5f0c2a9e-1b7d-4c3e-9a1f-0d2b3c4e5f60")
+        fresh = self.make_state()
+        self.assertEqual(fresh.apply_batch([(1, SetClusterId("first")), (2, SetClusterId("second"))]), [Ok(), Ok()])
+        self.assertEqual(fresh.cluster_id(), "first")
+        restored = self.make_state()
+        restored.load(self.state.dump())
+        self.assertEqual(restored.cluster_id(), "5f0c2a9e-1b7d-4c3e-9a1f-0d2b3c4e5f60")
 
     def test_seeded_default_policy_never_replaces_a_chosen_one(self) -> None:
         """A seed (a new leader's config default) sets the default only if none was ever

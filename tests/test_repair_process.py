@@ -260,3 +260,76 @@ class BalanceProcessTests(TestCase):
                     "the old servers deleting the shards moved away")
         for name in files:
             reads(name)
+
+
+class ClusterIdProcessTests(TestCase):
+    timeout = 240
+
+    @run
+    async def test_chunk_server_pointed_at_another_cluster_keeps_its_shards(self) -> None:
+        """A chunk server of cluster A started against cluster B's metadata (plaintext, or
+        one CA for both, so TLS does not stop it), with garbage collection cut to nothing:
+        B refuses it, naming both clusters, so B, whose namespace references none of its
+        shards, never has them collected. Pointed back at A, it serves A's file again."""
+        import signal
+        import subprocess
+
+        from dogfs.cli import cluster_layout as layout
+
+        a, b = Cluster(), Cluster()
+        self.addCleanup(a.destroy)
+        self.addCleanup(b.destroy)
+        for cluster in (a, b):
+            cluster.up("--insecure", "--meta", "1", "--chunk", "3", "--ec", "RS-2-1")
+        local = a.local("f", (3 << 20) + 7, 31)
+        a.run("put", local, "/f")
+        ids = [await until(lambda c=c: c.json("cluster", "status")["cluster_id"], 30, "a cluster id")
+               for c in (a, b)]
+        self.assertNotEqual(ids[0], ids[1])
+        node_dir = os.path.join(a.home, "nodes", "chunk-1")
+        kept = os.path.join(node_dir, "data", "cluster_id")
+
+        def kept_id() -> str | None:
+            try:
+                with open(kept) as f:
+                    return f.read().strip()
+            except FileNotFoundError:
+                return None
+
+        await until(lambda: kept_id() == ids[0], 30, "chunk-1 keeping cluster A's id")
+        a.run("cluster", "stop", "chunk-1")
+
+        def shard_files() -> list[str]:
+            return sorted(glob.glob(os.path.join(node_dir, "data", "shards", "**", "*"), recursive=True))
+
+        before = shard_files()
+        self.assertTrue(before)
+        config = os.path.join(node_dir, "chunk.toml")
+        with open(config) as f:
+            original = f.read()
+        spec_a, spec_b = layout.load_spec(a.home), layout.load_spec(b.home)
+        assert spec_a is not None and spec_b is not None
+        meta_a, meta_b = f'"{spec_a.metas[0].address}"', f'"{spec_b.metas[0].address}"'
+        self.assertIn(meta_a, original)
+        with open(config, "w") as f:
+            f.write(original.replace("[chunk]\n", "[chunk]\ngc_grace = 0.001\nreport_interval = 1.0\n", 1)
+                    .replace(meta_a, meta_b))
+        stray: subprocess.Popen[bytes] = layout.start_node(a.home, spec_a.node("chunk-1"))
+        log = os.path.join(node_dir, "twistd.log")
+
+        def refused() -> bool:
+            with open(log, errors="replace") as f:
+                return f"holds the shards of cluster {ids[0]}, and this is cluster {ids[1]}" in f.read()
+
+        await until(refused, 30, "cluster B refusing chunk-1 of cluster A")
+        self.assertEqual(shard_files(), before)
+        stray.send_signal(signal.SIGTERM)
+        stray.wait(30)
+        with open(config, "w") as f:
+            f.write(original)
+        a.run("cluster", "start", "chunk-1")
+        a.run("cluster", "stop", "chunk-2")  # /f now needs chunk-1's shards
+        out = os.path.join(a.work, "out")
+        a.run("get", "/f", out, "--timeout", "30")
+        self.assertEqual(sha256(out), sha256(local))
+        self.assertEqual(shard_files(), before)

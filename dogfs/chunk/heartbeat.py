@@ -9,10 +9,17 @@ leader asks (`want_report`) or every `report_interval`, the server sends its sha
 only those it has named so for `gc_grace` seconds (a read of a file just replaced still uses
 them) and whose file is as old (an upload in flight is not yet referenced). Nothing here ever
 stops the loop: failures are logged and retried next beat.
+
+The first heartbeat reply that names the cluster (`HeartbeatReply.cluster_id`) has the id
+kept in `CLUSTER_ID_FILE` in the data directory, and sent with every heartbeat and report from
+then on. Shards are reported (and so collected) only to a leader naming that same cluster: a
+server pointed at another cluster's metadata, whose namespace would call every shard it holds
+garbage, is refused by that cluster and reports nothing to it.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -25,7 +32,14 @@ from twisted.python.failure import Failure
 
 from dogfs.chunk.server import ShardServer
 from dogfs.config import ChunkConfig
-from dogfs.wire.messages import MAX_DAMAGED, Heartbeat, HeartbeatReply, ShardReport
+from dogfs.storage.files import replace_file
+from dogfs.wire.messages import (
+    MAX_DAMAGED,
+    Heartbeat,
+    HeartbeatReply,
+    ShardReport,
+    valid_cluster_id,
+)
 from dogfs.wire.pool import split_address
 from dogfs.wire.protocol import Connection, Reply, WireError
 
@@ -38,6 +52,22 @@ REPORT_BATCH = 20_000
 _MOVE_ON = frozenset({"unreachable", "connection_closed", "timeout", "bad_address", "no_quorum"})
 #: Seconds between repeats of the same complaint in the log.
 _COMPLAIN_EVERY = 60.0
+#: The file, in the data directory, that keeps the id of the cluster the shards belong to.
+CLUSTER_ID_FILE = "cluster_id"
+def load_cluster_id(path: str) -> str | None:
+    """Blocking: the cluster id kept at ``path``; None if there is none yet. A file that does
+    not hold a valid id raises ``ValueError``: the server must not guess whose shards it has."""
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            text = f.read(1024).strip()
+    except FileNotFoundError:
+        return None
+    if not valid_cluster_id(text):
+        raise ValueError(
+            f"{path} does not hold a cluster id ({text[:80]!r}): restore it, or remove it if "
+            "this data directory's shards belong to the cluster its metadata nodes serve"
+        )
+    return text
 
 
 class MetaConnections(Protocol):
@@ -91,6 +121,10 @@ class HeartbeatService(Service):
         #: Numbers this server's shard reports (every batch of one carries it), from 1.
         self.report_number = 0
         self.collected = 0
+        #: The cluster whose shards this server holds (`CLUSTER_ID_FILE`); None until a leader
+        #: names one. Set `load_cluster_id` before the service starts.
+        self.cluster_id: str | None = None
+        self.cluster_id_path = os.path.join(server.store.root, CLUSTER_ID_FILE)
 
     # --- service ---------------------------------------------------------------------
 
@@ -133,6 +167,7 @@ class HeartbeatService(Service):
             shards=shards,
             load=server.load(),
             domain=self.config.domain or None,
+            cluster_id=self.cluster_id,
         )
         reply = await self._call(heartbeat, b"", self.call_timeout)
         if reply is None:
@@ -143,6 +178,8 @@ class HeartbeatService(Service):
             self._follow_hint(msg.leader_hint)
             if msg.want_report:
                 self._report_due = True
+            if not await self._same_cluster(msg.cluster_id):
+                return
         if self._clock.seconds() - self._last_report >= self.config.report_interval:
             self._report_due = True
         if self._report_due and not self._reporting:
@@ -150,6 +187,37 @@ class HeartbeatService(Service):
             d = defer.Deferred.fromCoroutine(self._report())
             d.addErrback(self._unexpected, "shard report")
             d.addBoth(self._report_finished)
+
+    async def _same_cluster(self, named: str | None) -> bool:
+        """Whether shards may be reported to the leader that named cluster ``named``.
+
+        The first cluster named is kept (durably, before any report); a server that keeps
+        one reports to no leader naming another, or none (a leader that has not applied its
+        cluster's id yet, or of a release before ids).
+        """
+        mine = self.cluster_id
+        if named == mine:
+            return True
+        if named is None:
+            self._complain(
+                f"the metadata leader {self.current} names no cluster, and this server holds "
+                f"the shards of cluster {mine}: no shard report until it does"
+            )
+            return False
+        if mine is not None or not valid_cluster_id(named):
+            self._complain(
+                f"the metadata leader {self.current} serves cluster {named!r}, and this server "
+                f"holds the shards of cluster {mine}: no shard report, nothing collected"
+            )
+            return False
+        try:
+            await self.server.executor(replace_file, self.cluster_id_path, named.encode("ascii") + b"\n")
+        except OSError as e:
+            self._complain(f"cannot keep the cluster id in {self.cluster_id_path}: {e.strerror or e}")
+            return False
+        self.cluster_id = named
+        log.info("{node} holds the shards of cluster {cluster}", node=self.config.id, cluster=named)
+        return True
 
     def _follow_hint(self, hint: str | None) -> None:
         """Adopt a leader address the reply names (ignoring node ids and garbage)."""
@@ -226,7 +294,9 @@ class HeartbeatService(Service):
         self.report_number += 1
         for n, batch in enumerate(batches):
             last = n == len(batches) - 1
-            message = ShardReport(self.config.id, n, last, damaged if last else (), self.report_number)
+            message = ShardReport(
+                self.config.id, n, last, damaged if last else (), self.report_number, self.cluster_id
+            )
             payload = "\n".join(batch).encode("ascii")
             reply = await self._call(message, payload, self.report_timeout)
             if reply is None:

@@ -32,7 +32,7 @@ from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from dogfs.chunk.heartbeat import HeartbeatService
+from dogfs.chunk.heartbeat import HeartbeatService, load_cluster_id
 from dogfs.chunk.load import LoadMeter
 from dogfs.chunk.scrub import ShardScrubber
 from dogfs.chunk.server import Executor, ShardServer
@@ -267,6 +267,8 @@ class ChunkService(MultiService):
         if removed:
             log.info("{node} removed {n} unfinished uploads from {dir}", node=config.id, n=removed, dir=store.tmp_dir)
         count = await self.server.scan()
+        assert self.heartbeat is not None
+        self.heartbeat.cluster_id = await executor(load_cluster_id, self.heartbeat.cluster_id_path)
         if self._make_listen_endpoint is listen_endpoint:
             endpoint = server_endpoint(self.reactor, config.listen, self.security.server)
         else:

@@ -781,10 +781,16 @@ def cmd_status(args: argparse.Namespace) -> int:
 
         answers = run_deferred(ask, args.reactor())
     views = node_views(home, spec, answers)
+    # The id the metadata gave the cluster (None before it has one, or none answered).
+    cluster_id = next(
+        (cid for a in answers.values() if (cid := (a.get("cluster") or {}).get("cluster_id"))), None
+    )
     if _want_json(args):
-        print_json({"nodes": views})
+        print_json({"cluster_id": cluster_id, "nodes": views})
     else:
         _print_summary(home, views)
+        if cluster_id:
+            _say(f"cluster id: {cluster_id}")
         if running and not answers:
             _say("no metadata node answered a status query: roles and health are unknown")
         leaders = [v["id"] for v in views if v.get("role") == "leader"]

@@ -148,6 +148,16 @@ class SetDefaultPolicy:
 
 
 @frozen
+class SetClusterId:
+    """Name the cluster, once: the first such command applied sets it, later ones change
+    nothing. A new leader proposes one (a random id) while the state has none. Chunk servers
+    keep the id and report their shards to no other cluster. Result: L{Ok}.
+    """
+
+    cluster_id: str
+
+
+@frozen
 class RegisterChunkServer:
     """Record a chunk server in the persistent registry (re-registering updates it).
 
@@ -324,6 +334,7 @@ Command = Union[
     RemoveChunkServer,
     Revoke,
     Reinstate,
+    SetClusterId,
 ]
 
 
@@ -609,6 +620,7 @@ _SCHEMAS: dict[int, tuple[type, tuple[_Check, ...]]] = {
     13: (Revoke, (_str, _opt(_str))),
     14: (Reinstate, (_str, _opt(_str))),
     15: (RenewAllocations, (_seq(_int), _float)),
+    16: (SetClusterId, (_str,)),
     64: (Ok, ()),
     65: (Count, (_int,)),
     66: (MetaError, (_code, _str)),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -370,6 +371,7 @@ class MetaHandlers:
     def cluster_info(self) -> dict[str, Any]:
         """What a client needs to encode: the default policy and the cell and block sizes."""
         return {
+            "cluster_id": self.state.cluster_id(),
             "default_ec": self.state.default_policy(),
             "cell_size": self.config.cell_size,
             "block_size": self.config.block_size,
@@ -436,6 +438,7 @@ class MetaHandlers:
                 "on it; they are being rebuilt elsewhere: start it under another id, or once "
                 "`dogfs admin repair status` lists no shards left on it",
             )
+        cluster_id = self._check_cluster(msg.node_id, msg.cluster_id)
         self.registry.heartbeat(
             msg.node_id, msg.address, msg.capacity_bytes, msg.used_bytes, msg.shards,
             dict(msg.load), msg.domain or None,
@@ -447,7 +450,23 @@ class MetaHandlers:
             d = self.log.propose(c.RegisterChunkServer(msg.node_id, msg.address, msg.domain or None))
             d.addErrback(lambda f: log.failure("registering {node} failed", f, node=msg.node_id))
             d.addBoth(lambda _: self.registering.discard(msg.node_id))
-        return m.HeartbeatReply(self.log.leader_address(), msg.node_id not in self.reported)
+        return m.HeartbeatReply(
+            self.log.leader_address(), msg.node_id not in self.reported, cluster_id=cluster_id
+        )
+
+    def _check_cluster(self, node_id: str, theirs: str | None) -> str | None:
+        """This cluster's id; ``permission_denied`` if chunk server ``node_id`` holds another's."""
+        ours = self.state.cluster_id()
+        if theirs and ours and theirs != ours:
+            # Its shards belong to another cluster's files: every one of them would look
+            # unreferenced here, and be collected. Refused before it counts as a server.
+            raise WireError(
+                "permission_denied",
+                f"chunk server {node_id} holds the shards of cluster {theirs}, and this is "
+                f"cluster {ours}: point it at its own cluster's metadata nodes, or give it an "
+                "empty data directory to join this one",
+            )
+        return ours
 
     def shard_report(self, request: Request) -> defer.Deferred[Reply]:
         """Part of a chunk server's shard list; answered with the ids no longer referenced.
@@ -511,6 +530,8 @@ class MetaHandlers:
 
     def _answer_report(self, request: Request) -> Reply:
         msg: m.ShardReport = request.msg
+        # After the barrier: this state holds the cluster id if one was ever committed.
+        self._check_cluster(msg.node_id, msg.cluster_id)
         ids = [s for s in bytes(request.payload).decode("ascii", "replace").split("\n") if s]
         if len(ids) > REPORT_BATCH:
             raise WireError("invalid_argument", f"a shard report batch holds at most {REPORT_BATCH} ids")
@@ -618,6 +639,7 @@ class MetaService(MultiService):
         self.handlers.repair = self.repair
         if self.log.is_leader:
             self._seed_default_policy()
+            self._seed_cluster_id()
             self.repair.start()
         self._expiry = LoopingCall(self._expire_allocations)
         self._expiry.clock = self.reactor
@@ -693,6 +715,7 @@ class MetaService(MultiService):
             self.handlers.emit("election", node=self.config.id, term=me.get("term"))
         log.info("{node} leads the metadata group", node=self.config.id)
         self._seed_default_policy()
+        self._seed_cluster_id()
         if self.repair is not None:
             self.repair.start()
 
@@ -708,6 +731,18 @@ class MetaService(MultiService):
             def failed(failure: Failure) -> None:
                 if self.running:  # stopping: the next start seeds it again
                     log.failure("setting the default policy failed", failure)
+
+            d.addErrback(failed)
+
+    def _seed_cluster_id(self) -> None:
+        # A namespace without an id (new, or from a release before ids) gets a random one.
+        # Several leaders in turn may propose one each: the state keeps the first applied.
+        if self.log is not None and self.state.cluster_id() is None:
+            d = self.log.propose(c.SetClusterId(str(uuid.uuid4())))
+
+            def failed(failure: Failure) -> None:
+                if self.running:  # stopping: the next start names it
+                    log.failure("naming the cluster failed", failure)
 
             d.addErrback(failed)
 

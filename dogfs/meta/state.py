@@ -79,6 +79,7 @@ from dogfs.meta.commands import (
     Result,
     Revoke,
     Sessioned,
+    SetClusterId,
     SetDefaultPolicy,
     ShardLocation,
     Summary,
@@ -92,6 +93,7 @@ from dogfs.meta.commands import (
 )
 from dogfs.raft.driver import IRaftStateMachine
 from dogfs.storage.files import fsync_dir, replace_file
+from dogfs.wire.messages import valid_cluster_id
 from dogfs.wire.packing import packb
 
 log = Logger()
@@ -151,6 +153,7 @@ _DEFAULT_EC = b"default_ec"
 _STATS = b"stats"
 _FORMAT = b"format"
 _REVOKED = b"revoked"
+_CLUSTER_ID = b"cluster_id"
 _FORMAT_VERSION = 1
 
 _DUMP_MAGIC = "dogfs-meta-dump"
@@ -1210,6 +1213,12 @@ class NamespaceState:
         with self._read() as txn:
             return txn.get(_DEFAULT_EC, db=self._dbs[b"meta"]) is not None
 
+    def cluster_id(self) -> str | None:
+        """The cluster's id (L{SetClusterId}), or None while none was set."""
+        with self._read() as txn:
+            raw = txn.get(_CLUSTER_ID, db=self._dbs[b"meta"])
+        return None if raw is None else bytes(raw).decode("ascii")
+
     def revocations(self) -> tuple[frozenset[str], frozenset[int]]:
         """The revoked identity names and certificate serial numbers (see L{Revoke})."""
         with self._read() as txn:
@@ -1469,6 +1478,18 @@ def _set_default(ctx: _Ctx, index: int, cmd: SetDefaultPolicy) -> Ok:
     ec = _check_policy(cmd.ec)
     if not (cmd.seed and ctx.default_ec_set()):
         ctx.set_default_ec(ec)
+    return Ok()
+
+
+def _set_cluster_id(ctx: _Ctx, index: int, cmd: SetClusterId) -> Ok:
+    if not valid_cluster_id(cmd.cluster_id):
+        raise _Abort(
+            ErrorCode.INVALID_ARGUMENT,
+            f"Cluster id {cmd.cluster_id!r} is not 1 to 64 letters, digits, '-', '_' or '.'.",
+        )
+    # The first one stands: chunk servers keep it, and a second would disown them all.
+    if ctx.txn.get(_CLUSTER_ID, db=ctx.meta) is None:
+        ctx.txn.put(_CLUSTER_ID, cmd.cluster_id.encode("ascii"), db=ctx.meta)
     return Ok()
 
 
@@ -1823,6 +1844,7 @@ _HANDLERS: dict[type, Any] = {
     RemoveChunkServer: _remove_server,
     Revoke: _revoke,
     Reinstate: _reinstate,
+    SetClusterId: _set_cluster_id,
 }
 
 __all__ = ["NamespaceState", "RaftStateMachine", "ROOT", "MAX_SESSIONS", "SESSION_HARD_LIMIT", "SESSION_MIN_AGE"]

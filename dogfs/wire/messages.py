@@ -253,6 +253,9 @@ class Heartbeat:
     shards: int
     load: dict[str, float] = field(factory=dict)
     domain: str | None = None
+    #: The cluster whose shards this server holds (`HeartbeatReply.cluster_id`, as first
+    #: named to it and kept in its data directory); None before any was named.
+    cluster_id: str | None = None
 
 
 @message(21)
@@ -264,11 +267,25 @@ class HeartbeatReply:
     certificates), so chunk servers refuse and cut the same identities as the metadata. None
     means "no news": a leader not yet sure its state holds every committed revocation sends
     None, and the chunk server keeps the list it has.
+
+    `cluster_id` names the cluster (chosen once, when its namespace is new): a chunk server
+    keeps the first one it is told, and reports its shards to no other cluster, which would
+    call them all garbage. None: not chosen yet (or an older release).
     """
 
     leader_hint: str | None = None
     want_report: bool = False
     revoked: tuple[str, ...] | None = field(default=None, converter=_optional_tuple)
+    cluster_id: str | None = None
+
+
+#: What a cluster id (`HeartbeatReply.cluster_id`) is made of: 1 to 64 of these.
+CLUSTER_ID_CHARS = frozenset("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ-_.")
+
+
+def valid_cluster_id(value: object) -> bool:
+    """Whether ``value`` may name a cluster: 1 to 64 letters, digits, ``-``, ``_`` or ``.``."""
+    return isinstance(value, str) and 0 < len(value) <= 64 and CLUSTER_ID_CHARS.issuperset(value)
 
 
 #: Damaged shard ids one ShardReport names at most: they travel in the header (64 KiB at
@@ -286,6 +303,8 @@ class ShardReport:
     elsewhere): the reply names those no longer placed on the server unreferenced too, and
     they are collected. `report` numbers the server's reports: every batch of one carries the
     same, so that a late batch of an abandoned report is never taken for part of the next.
+    `cluster_id` is the server's (see `Heartbeat`): a leader of another cluster refuses the
+    report rather than call every shard in it garbage.
     """
 
     node_id: str
@@ -293,6 +312,7 @@ class ShardReport:
     last: bool
     damaged: tuple[str, ...] = field(default=(), converter=_tuple)
     report: int = 0
+    cluster_id: str | None = None
 
 
 @message(23)
