@@ -311,6 +311,30 @@ class FindingTests(SynchronousTestCase):
         self.assertEqual(s.server.meter.totals["scrub_errors"], 2)
         s.scrubber.stopService()
 
+    def test_file_the_server_may_not_read(self) -> None:
+        """A shard file the server may not open (EACCES: chmod 000 by hand) is damaged, so
+        its block group is repaired instead of staying a shard short until someone notices;
+        the error line says why."""
+        s = Scrubbed(self.mktemp(), rate=1 << 30)
+        write_shard(s.store, A, 2)
+        write_shard(s.store, B, 2)
+        s.scan()
+        real = os.open
+
+        def open_(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+            if str(path).endswith(".shard") and A in str(path):
+                raise OSError(errno.EACCES, "Permission denied")
+            return real(path, flags, *args, **kwargs)
+
+        self.patch(os, "open", open_)
+        with capturedLogs() as events:
+            s.run_pass()
+        self.assertEqual(s.server.corrupt, {A})
+        self.assertEqual(s.server.held_ids(), [B])
+        [error] = messages(events, LogLevel.error)
+        self.assertIn(f"shard {A} damaged (this server may not read it: [Errno 13] Permission denied)", error)
+        s.scrubber.stopService()
+
     def test_deleted_file(self) -> None:
         """A shard whose file vanished (an operator deleted it) is dropped from `shard_ids`,
         so the next shard report omits it; a warning says so."""

@@ -568,6 +568,27 @@ class ReadErrorTests(SynchronousTestCase):
         self.assertEqual([m.index for m, _ in parts], [0, 1])
         self.assertEqual(self.h.server.corrupt, {SHARD})
 
+    def test_file_the_server_may_not_read(self) -> None:
+        """A shard file the server may not open (EACCES) is damaged, not a passing
+        storage_error: it stays unreadable until someone notices, so it is remembered as
+        damaged (left out of reports, so its block group is repaired)."""
+        frags = fragments(4)
+        self.successResultOf(self.h.put(SHARD, frags))
+        real = os.open
+
+        def open_(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+            if str(path).endswith(".shard"):
+                raise OSError(errno.EACCES, "Permission denied")
+            return real(path, flags, *args, **kwargs)
+
+        self.patch(os, "open", open_)
+        d, parts = self.h.get(SHARD)
+        error = self.failureResultOf(d, WireError).value
+        self.assertEqual(error.code, "corrupt")
+        self.assertIn("Permission denied", error.message)
+        self.assertEqual(parts, [])
+        self.assertEqual(self.h.server.corrupt, {SHARD})
+
     def test_out_of_descriptors(self) -> None:
         """A shard the server cannot open for want of file descriptors (EMFILE) is
         storage_error, which the client answers by reading another shard; it is not marked

@@ -20,8 +20,8 @@ A file that cannot be read or makes no sense is ignored (a warning), and a new p
 
 What it finds:
 
-- bad cells or a bad header, or a read the disk fails (EIO and its kin: `shard_damaged`): the
-  shard is damaged. It joins the server's `corrupt` set, so the next shard report leaves it out
+- bad cells or a bad header, a read the disk fails (EIO and its kin), or a file the server
+  may not read (EACCES, EPERM; see `shard_damaged`): the shard is damaged. It joins the server's `corrupt` set, so the next shard report leaves it out
   and the metadata leader rebuilds it elsewhere; its file is kept. One error line names the
   shard and its bad cells.
 - no file: the shard is gone, and the server forgets it (`ShardServer.file_gone`).
@@ -30,7 +30,7 @@ What it finds:
   marked, one critical line says so, and the pass stops, to go on ``interval`` later. After
   `MAX_LOST_IN_A_ROW` shards in a row gone or damaged with no bytes read, the pass stops too,
   with an error line: that is the disk's trouble, not so many shards'.
-- any other read error (EMFILE, ENOMEM, EACCES): the server's trouble, not the shard's. A
+- any other read error (EMFILE, ENOMEM): the server's passing trouble, not the shard's. A
   warning, and the shard is read again next pass.
 - a file replaced or deleted while it was read (an upload or a rebuild committing a fresh copy,
   a DeleteShards): what was found is about a file no longer there, and goes unheeded.
@@ -49,6 +49,7 @@ May import dogfs.chunk.server and dogfs.storage.
 from __future__ import annotations
 
 import bisect
+import errno
 import json
 import math
 import os
@@ -166,7 +167,8 @@ def check_shard(store: ShardStore, shard_id: str) -> ShardCheck:
 
 def _read_error(shard_id: str, size: int, e: OSError) -> ShardCheck:
     if shard_damaged(e):
-        return ShardCheck(shard_id, DAMAGED, size, detail=f"the disk cannot read it: {e}")
+        who = "this server may not" if e.errno in (errno.EACCES, errno.EPERM) else "the disk cannot"
+        return ShardCheck(shard_id, DAMAGED, size, detail=f"{who} read it: {e}")
     return ShardCheck(shard_id, UNREADABLE, size, detail=str(e))
 
 

@@ -91,7 +91,9 @@ _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 #: Errors of a read that say the data is lost: the medium failed (EIO under a bad sector) or
 #: the file system's own checks did (EBADMSG, EUCLEAN: ext4's and XFS's checksums; ENODATA).
 _DAMAGE_ERRNOS = frozenset(
-    getattr(errno, name) for name in ("EIO", "ENODATA", "EBADMSG", "EUCLEAN") if hasattr(errno, name)
+    getattr(errno, name)
+    for name in ("EIO", "ENODATA", "EBADMSG", "EUCLEAN", "EACCES", "EPERM")
+    if hasattr(errno, name)
 )
 _MAX_FRAGMENT_SIZE = 1 << 32
 
@@ -142,10 +144,13 @@ class ShardStoreFull(ShardStoreError):
 def shard_damaged(error: OSError) -> bool:
     """Whether ``error``, met reading a shard, means the shard itself is damaged.
 
-    Only errors that say its bytes are lost do. Any other (EMFILE, ENFILE, ENOMEM, EAGAIN: the
-    process or the kernel short of something for a moment; EACCES: a file the server may not
-    read) is the server's trouble, not the shard's: marking the shard damaged for it would
-    have a healthy copy repaired, and reported as lost, for good.
+    Errors that say its bytes are lost do (EIO and its kin), and so do EACCES and EPERM: a file
+    the server may not read (a chown or chmod by hand, a security label) stays unreadable
+    until someone notices, and reporting it held would leave its block group a shard short
+    for that long, with nobody told; marked, it is rebuilt elsewhere and this copy collected.
+    Any other (EMFILE, ENFILE, ENOMEM, EAGAIN: the process or the kernel short of something
+    for a moment) is the server's passing trouble, not the shard's: marking the shard damaged
+    for it would have a healthy copy repaired for nothing.
     """
     return error.errno in _DAMAGE_ERRNOS
 
