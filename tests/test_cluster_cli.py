@@ -181,7 +181,7 @@ class LayoutTests(SynchronousTestCase):
         layout.write_cluster(home, spec)
         grown, new = layout.add_chunks(home, spec, 2)
         self.assertEqual([n.port for n in new], [base + 103, base + 104])
-        args = argparse.Namespace(meta=None, chunk=None, ec=None, insecure=False, block_size=None, base_port=base)
+        args = argparse.Namespace(meta=None, chunk=None, ec=None, insecure=False, block_size=None, base_port=base, capacity=None)
         cluster._check_matches(grown, args, home)  # no error
         with socket.socket() as busy:
             busy.bind(("127.0.0.1", base + 105))
@@ -411,7 +411,8 @@ class ViewTests(SynchronousTestCase):
 
 
 def _up_args(**kw: Any) -> argparse.Namespace:
-    values = {"meta": None, "chunk": None, "ec": None, "insecure": False, "block_size": None, "base_port": None}
+    values = {"meta": None, "chunk": None, "ec": None, "insecure": False, "block_size": None, "base_port": None,
+              "capacity": None}
     values.update(kw)
     return argparse.Namespace(**values)
 
@@ -424,6 +425,23 @@ class MatchTests(SynchronousTestCase):
         e = self.assertRaises(CLIError, cluster._check_matches, spec, _up_args(chunk=6), "/h")
         self.assertEqual(e.exit_code, USAGE)
         self.assertIn("--chunk 6 (it has 3)", e.message)
+
+    def test_capacity(self) -> None:
+        """`up --capacity` writes every chunk server's capacity_bytes in a new cluster; a
+        different one for an existing cluster is refused like the other options."""
+        home = _home(self)
+        spec = _spec()
+        layout.write_cluster(home, spec, capacity=1 << 30)
+        self.assertEqual({load_chunk(layout.config_path(home, n)).capacity_bytes for n in spec.chunks}, {1 << 30})
+        cluster._check_matches(spec, _up_args(capacity=1 << 30), home)
+        e = self.assertRaises(CLIError, cluster._check_matches, spec, _up_args(capacity=2 << 30), home)
+        self.assertEqual(e.exit_code, USAGE)
+        self.assertIn("--capacity 2.0 GiB (it has chunk-1 1.0 GiB", e.message)
+        plain = _home(self)
+        layout.write_cluster(plain, spec)
+        self.assertEqual({load_chunk(layout.config_path(plain, n)).capacity_bytes for n in spec.chunks}, {0})
+        e = self.assertRaises(CLIError, cluster._check_matches, spec, _up_args(capacity=1 << 30), plain)
+        self.assertIn("(it has chunk-1 its disk", e.message)
 
     def test_block_size_and_base_port(self) -> None:
         """--block-size and --base-port that differ from an existing cluster's are refused

@@ -128,6 +128,15 @@ def register(subparsers: Any) -> None:
         help="bytes of each shard of a block group in a new cluster, e.g. 64MiB (default 64MiB)",
     )
     up.add_argument(
+        "--capacity",
+        type=_size,
+        default=None,
+        metavar="BYTES",
+        help="the most each chunk server of a new cluster may hold, e.g. 1GiB ([chunk] "
+        "capacity_bytes; default: its disk's size). Local servers share one disk: only with "
+        "capacities set does their utilization, which balancing evens out, mean anything",
+    )
+    up.add_argument(
         "--detach",
         action="store_true",
         help="return once the cluster serves, leaving the daemons running",
@@ -566,6 +575,11 @@ def _check_matches(spec: ClusterSpec, args: argparse.Namespace, home: str) -> No
             differ.append(
                 f"--block-size {format_bytes(args.block_size)} (it has {format_bytes(block_size)})"
             )
+    if args.capacity is not None:
+        capacities = _capacities(home, spec)
+        if any(c != args.capacity for c in capacities.values()):
+            have = ", ".join(f"{node} {format_bytes(c) if c else 'its disk'}" for node, c in capacities.items())
+            differ.append(f"--capacity {format_bytes(args.capacity)} (it has {have})")
     if args.base_port is not None:
         # The addresses that base would give, against those cluster.toml keeps.
         base = args.base_port
@@ -584,6 +598,19 @@ def _check_matches(spec: ClusterSpec, args: argparse.Namespace, home: str) -> No
             + "; restart it without those options, or use another --home",
             USAGE,
         )
+
+
+def _capacities(home: str, spec: ClusterSpec) -> dict[str, int]:
+    """Each chunk server's configured capacity_bytes (0: its disk's size)."""
+    from dogfs.config import ConfigError, load_chunk
+
+    out = {}
+    for node in spec.chunks:
+        try:
+            out[node.id] = load_chunk(layout.config_path(home, node)).capacity_bytes
+        except ConfigError as e:
+            raise CLIError(f"cannot start {node.id}: {e}") from None
+    return out
 
 
 def _block_size(home: str, spec: ClusterSpec) -> int:
@@ -661,7 +688,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     spec = layout.load_spec(home)
     if spec is None:
         spec = _new_spec(args)
-        layout.write_cluster(home, spec, block_size=args.block_size)
+        layout.write_cluster(home, spec, block_size=args.block_size, capacity=args.capacity)
         _say(
             f"created a cluster in {home}: {len(spec.metas)} metadata node(s), "
             f"{len(spec.chunks)} chunk servers, {spec.ec}"

@@ -247,12 +247,17 @@ def _tls_table(home: str, node: NodeSpec) -> dict[str, str]:
 
 
 def write_cluster(
-    home: str, spec: ClusterSpec, timeout: float = 30.0, block_size: int | None = None
+    home: str,
+    spec: ClusterSpec,
+    timeout: float = 30.0,
+    block_size: int | None = None,
+    capacity: int | None = None,
 ) -> None:
-    """Create a new cluster's files: cluster.toml, node configs, TLS material, client.toml."""
+    """Create a new cluster's files: cluster.toml, node configs, TLS material, client.toml.
+    ``capacity`` is every chunk server's ``capacity_bytes`` (None: its disk's size)."""
     os.makedirs(home, exist_ok=True)
     for node in spec.nodes:
-        _write_node(home, spec, node, block_size)
+        _write_node(home, spec, node, block_size, capacity)
     meta_addresses = [m.address for m in spec.metas]
     client: dict[str, object] = {"client": {"meta": meta_addresses, "timeout": timeout}}
     if spec.tls:
