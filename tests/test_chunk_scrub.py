@@ -312,17 +312,18 @@ class FindingTests(SynchronousTestCase):
         s.scrubber.stopService()
 
     def test_file_the_server_may_not_read(self) -> None:
-        """A shard file the server may not open (EACCES: chmod 000 by hand) is damaged, so
-        its block group is repaired instead of staying a shard short until someone notices;
-        the error line says why."""
+        """A shard file the server may not open (EACCES: a chmod 000 by hand) is damaged
+        once a shard after it reads, so its block group is repaired instead of staying a
+        shard short until someone notices; the error line says why. One the pass ends on
+        (nothing read after it) is not marked, and is read again next pass."""
         s = Scrubbed(self.mktemp(), rate=1 << 30)
-        write_shard(s.store, A, 2)
-        write_shard(s.store, B, 2)
+        for shard_id in (A, B, C):
+            write_shard(s.store, shard_id, 2)
         s.scan()
         real = os.open
 
         def open_(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
-            if str(path).endswith(".shard") and A in str(path):
+            if str(path).endswith(".shard") and (A in str(path) or C in str(path)):
                 raise OSError(errno.EACCES, "Permission denied")
             return real(path, flags, *args, **kwargs)
 
@@ -330,10 +331,58 @@ class FindingTests(SynchronousTestCase):
         with capturedLogs() as events:
             s.run_pass()
         self.assertEqual(s.server.corrupt, {A})
-        self.assertEqual(s.server.held_ids(), [B])
+        self.assertEqual(s.server.held_ids(), [B, C])
         [error] = messages(events, LogLevel.error)
         self.assertIn(f"shard {A} damaged (this server may not read it: [Errno 13] Permission denied)", error)
+        [warning] = messages(events, LogLevel.warn)
+        self.assertIn(f"may not read 1 shards at the end of its scrub pass (the first: {C}", warning)
+        scrub = s.scrubber.last_pass
+        assert scrub is not None
+        self.assertEqual((scrub.damaged, scrub.unreadable), ([A], 1))
         s.scrubber.stopService()
+
+    def _no_file_may_be_read(self, stat_too: bool) -> None:
+        s = Scrubbed(self.mktemp(), rate=1 << 30, interval=10**7)
+        ids = [f"{i:016x}-00" for i in range(1, MAX_LOST_IN_A_ROW + 51)]
+        for shard_id in ids:
+            write_shard(s.store, shard_id, 1)
+        s.scan()
+        real_open, real_stat = os.open, os.stat
+
+        def open_(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+            if str(path).endswith(".shard"):
+                raise OSError(errno.EACCES, "Permission denied")
+            return real_open(path, flags, *args, **kwargs)
+
+        def stat(path: Any, *args: Any, **kwargs: Any) -> Any:
+            if stat_too and str(path).endswith(".shard"):
+                raise OSError(errno.EACCES, "Permission denied")
+            return real_stat(path, *args, **kwargs)
+
+        self.patch(os, "open", open_)
+        self.patch(os, "stat", stat)
+        with capturedLogs() as events:
+            s.scrubber.startService()
+            s.advance(3600)
+        scrub = s.scrubber.last_pass
+        assert scrub is not None
+        self.assertIn("shards in a row were files this server may not read", scrub.stopped)
+        self.assertEqual(s.server.corrupt, set())
+        [error] = messages(events, LogLevel.error)
+        self.assertIn("none is marked damaged", error)
+        s.scrubber.stopService()
+        self.assertEqual([listed.corrupt for listed in s.store.list()], [False] * len(ids))
+
+    def test_no_file_may_be_read(self) -> None:
+        """Every shard file forbidden at once (a security relabel, a `chown -R` under the
+        running server): the server's permissions, not the shards', so nothing is marked
+        damaged; a long run of them stops the pass, saying so, and it goes on one interval
+        later. The start-up scan does not mark them either."""
+        self._no_file_may_be_read(stat_too=False)
+
+    def test_no_file_may_even_be_looked_at(self) -> None:
+        """The same when stat is refused too (a bucket directory without its x bit)."""
+        self._no_file_may_be_read(stat_too=True)
 
     def test_deleted_file(self) -> None:
         """A shard whose file vanished (an operator deleted it) is dropped from `shard_ids`,

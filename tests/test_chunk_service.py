@@ -569,9 +569,10 @@ class ReadErrorTests(SynchronousTestCase):
         self.assertEqual(self.h.server.corrupt, {SHARD})
 
     def test_file_the_server_may_not_read(self) -> None:
-        """A shard file the server may not open (EACCES) is damaged, not a passing
-        storage_error: it stays unreadable until someone notices, so it is remembered as
-        damaged (left out of reports, so its block group is repaired)."""
+        """A shard file the server may not open (EACCES) is storage_error on a read, not
+        damage: a relabel or a chown under a running server forbids every file at once, and
+        marking them all would have the whole disk rebuilt. The scrubber tells one file's own
+        permissions from that (tests.test_chunk_scrub)."""
         frags = fragments(4)
         self.successResultOf(self.h.put(SHARD, frags))
         real = os.open
@@ -584,10 +585,10 @@ class ReadErrorTests(SynchronousTestCase):
         self.patch(os, "open", open_)
         d, parts = self.h.get(SHARD)
         error = self.failureResultOf(d, WireError).value
-        self.assertEqual(error.code, "corrupt")
+        self.assertEqual(error.code, "storage_error")
         self.assertIn("Permission denied", error.message)
         self.assertEqual(parts, [])
-        self.assertEqual(self.h.server.corrupt, {SHARD})
+        self.assertEqual(self.h.server.corrupt, set())
 
     def test_out_of_descriptors(self) -> None:
         """A shard the server cannot open for want of file descriptors (EMFILE) is

@@ -371,13 +371,43 @@ class MetaHandlerTests(SynchronousTestCase):
         self.assertIn("damaged", error.message)
 
     def test_heartbeat_reply_names_the_cluster(self) -> None:
-        """Heartbeat replies name the cluster once its id is set (None before), and so does
-        cluster_info."""
+        """Heartbeat replies name the cluster once its id is set (None before) to a chunk
+        server that knows ids (it sends "" while it keeps none), and so does cluster_info. A
+        server of the release before ids (no such field) gets the 3-field reply it can read."""
         h = Harness(self, chunks=1)
-        self.assertIsNone(h.heartbeat("chunk-1").cluster_id)
+
+        def beat(cluster_id: str | None) -> Any:
+            return h.ok(m.Heartbeat("chunk-1", "127.0.0.1:7101", 10**12, 0, 0, {}, None, cluster_id)).msg
+
+        self.assertIsNone(beat("").cluster_id)
         self.successResultOf(h.log.propose(c.SetClusterId("cid-a")))
-        self.assertEqual(h.heartbeat("chunk-1").cluster_id, "cid-a")
+        self.assertEqual(beat("").cluster_id, "cid-a")
+        self.assertEqual(beat("cid-a").cluster_id, "cid-a")
         self.assertEqual(h.handlers.cluster_info()["cluster_id"], "cid-a")
+        old = beat(None)
+        self.assertIsNone(old.cluster_id)
+        self.assertEqual(len(msgpack.unpackb(m.encode(old))), 3)
+        # ... and its 7-field heartbeat is read (fields are only ever added at the end).
+        header = msgpack.packb(list(msgpack.unpackb(m.encode(m.Heartbeat("chunk-1", "a:1", 1, 0, 0))))[:7])
+        self.assertIsNone(m.decode(m.Heartbeat.TYPE, header).cluster_id)  # type: ignore[attr-defined]
+
+    def test_no_answer_before_the_cluster_id_is_known(self) -> None:
+        """A leader whose state has no cluster id yet (a new cluster's first entries not
+        applied, or a leader behind its log) answers a chunk server keeping an id with
+        not_ready, and registers it not: it may be another cluster's. Its report is refused
+        the same way. A server keeping no id is served."""
+        h = Harness(self, chunks=0)
+        error = h.error(m.Heartbeat("chunk-9", "127.0.0.1:7109", 10**12, 0, 3, {}, None, "cid-b"))
+        self.assertEqual(error.code, "not_ready")
+        self.assertIn("cluster cid-b", error.message)
+        self.assertEqual(h.handlers.registry.view(), [])
+        error = h.error(m.ShardReport("chunk-9", 0, True, (), 1, "cid-b"), b"00000000000000ff-00")
+        self.assertEqual(error.code, "not_ready")
+        self.assertEqual(h.state.chunk_servers(), [])
+        self.assertIsNone(h.ok(m.Heartbeat("chunk-1", "127.0.0.1:7101", 10**12, 0, 0, {}, None, "")).msg.cluster_id)
+        self.successResultOf(h.log.propose(c.SetClusterId("cid-b")))
+        self.assertEqual(h.ok(m.Heartbeat("chunk-9", "127.0.0.1:7109", 10**12, 0, 3, {}, None, "cid-b")).msg.cluster_id, "cid-b")
+        self.assertEqual([r.node_id for r in h.state.chunk_servers()], ["chunk-1", "chunk-9"])
 
     def test_other_clusters_chunk_server_refused(self) -> None:
         """A chunk server holding another cluster's shards is refused, its heartbeat and its
@@ -395,7 +425,7 @@ class MetaHandlerTests(SynchronousTestCase):
         self.assertEqual(error.code, "permission_denied")
         self.assertNotIn("chunk-9", h.handlers.reported)
         self.assertEqual(h.state.chunk_servers(), [])
-        for node, cluster in (("chunk-1", "cid-a"), ("chunk-2", None)):
+        for node, cluster in (("chunk-1", "cid-a"), ("chunk-2", "")):
             reply = h.ok(m.Heartbeat(node, "127.0.0.1:7101", 10**12, 0, 0, {}, None, cluster)).msg
             self.assertEqual(reply.cluster_id, "cid-a")
             reply = h.ok(m.ShardReport(node, 0, True, (), 1, cluster), b"00000000000000ff-00")

@@ -523,8 +523,8 @@ class ManagementTests(StoreTestCase):
 
     def test_passing_errors_do_not_mark_shards_damaged(self) -> None:
         """A shard the scan cannot open for a reason of the server's own (out of descriptors
-        or memory) is listed as held, not damaged; errors saying its bytes are lost mark it,
-        and so does a file the server may not read (EACCES, EPERM)."""
+        or memory, or a file it may not read: a relabel forbids them all at once) is listed
+        as held, not damaged; only errors saying its bytes are lost mark it."""
         shard_id = make_shard_id(1, 7)
         self.write(fragments_for(1, 2), ShardInfo(shard_id, "RS-6-3", 7, FRAGMENT))
         failure: list[int] = []
@@ -536,14 +536,12 @@ class ManagementTests(StoreTestCase):
             return real(path, flags, *args, **kwargs)
 
         self.patch(os, "open", open_)
-        for error in (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN):
+        for error in (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN, errno.EACCES, errno.EPERM):
             failure[:] = [error]
             [listed] = self.store.list()
             self.assertEqual((listed.shard_id, listed.corrupt), (shard_id, False))
             self.assertFalse(shard_damaged(OSError(error, os.strerror(error))))
-        # A file the server may not read stays so until someone notices: damaged too, so
-        # that its block group is repaired meanwhile.
-        for error in (errno.EIO, errno.ENODATA, errno.EBADMSG, errno.EUCLEAN, errno.EACCES, errno.EPERM):
+        for error in (errno.EIO, errno.ENODATA, errno.EBADMSG, errno.EUCLEAN):
             failure[:] = [error]
             [listed] = self.store.list()
             self.assertEqual((listed.shard_id, listed.corrupt), (shard_id, True))

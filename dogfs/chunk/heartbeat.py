@@ -167,7 +167,8 @@ class HeartbeatService(Service):
             shards=shards,
             load=server.load(),
             domain=self.config.domain or None,
-            cluster_id=self.cluster_id,
+            # "": this server knows cluster ids and keeps none yet (so it is told the id).
+            cluster_id=self.cluster_id or "",
         )
         reply = await self._call(heartbeat, b"", self.call_timeout)
         if reply is None:

@@ -20,8 +20,8 @@ A file that cannot be read or makes no sense is ignored (a warning), and a new p
 
 What it finds:
 
-- bad cells or a bad header, a read the disk fails (EIO and its kin), or a file the server
-  may not read (EACCES, EPERM; see `shard_damaged`): the shard is damaged. It joins the server's `corrupt` set, so the next shard report leaves it out
+- bad cells or a bad header, or a read the disk fails (EIO and its kin: `shard_damaged`): the
+  shard is damaged. It joins the server's `corrupt` set, so the next shard report leaves it out
   and the metadata leader rebuilds it elsewhere; its file is kept. One error line names the
   shard and its bad cells.
 - no file: the shard is gone, and the server forgets it (`ShardServer.file_gone`).
@@ -30,6 +30,11 @@ What it finds:
   marked, one critical line says so, and the pass stops, to go on ``interval`` later. After
   `MAX_LOST_IN_A_ROW` shards in a row gone or damaged with no bytes read, the pass stops too,
   with an error line: that is the disk's trouble, not so many shards'.
+- a file the server may not read (EACCES, EPERM: `shard_forbidden`): damaged too, once a
+  shard after it reads (that file's own permissions: a chmod by hand, which would otherwise
+  leave its block group a shard short with nobody told). A run of `MAX_LOST_IN_A_ROW` such
+  files stops the pass with nothing marked (a relabel or a `chown -R`: the server's
+  permissions, not so many shards'); so does a run the pass ends on.
 - any other read error (EMFILE, ENOMEM): the server's passing trouble, not the shard's. A
   warning, and the shard is read again next pass.
 - a file replaced or deleted while it was read (an upload or a rebuild committing a fresh copy,
@@ -49,7 +54,6 @@ May import dogfs.chunk.server and dogfs.storage.
 from __future__ import annotations
 
 import bisect
-import errno
 import json
 import math
 import os
@@ -70,6 +74,7 @@ from dogfs.storage.shards import (
     ShardStore,
     ShardStoreError,
     shard_damaged,
+    shard_forbidden,
     validate_shard_id,
 )
 
@@ -106,6 +111,7 @@ HEALTHY = "healthy"
 DAMAGED = "damaged"
 GONE = "gone"
 UNREADABLE = "unreadable"
+FORBIDDEN = "forbidden"
 CHANGED = "changed"
 
 
@@ -114,7 +120,8 @@ class ShardCheck:
     """What reading one shard whole found."""
 
     shard_id: str
-    #: HEALTHY, DAMAGED, GONE, UNREADABLE or CHANGED (replaced or deleted during the read).
+    #: HEALTHY, DAMAGED, GONE, UNREADABLE, FORBIDDEN (the server may not read it) or CHANGED
+    #: (replaced or deleted during the read).
     outcome: str
     #: Bytes of the file, which the read cost (0 when there was no file).
     size: int = 0
@@ -167,8 +174,9 @@ def check_shard(store: ShardStore, shard_id: str) -> ShardCheck:
 
 def _read_error(shard_id: str, size: int, e: OSError) -> ShardCheck:
     if shard_damaged(e):
-        who = "this server may not" if e.errno in (errno.EACCES, errno.EPERM) else "the disk cannot"
-        return ShardCheck(shard_id, DAMAGED, size, detail=f"{who} read it: {e}")
+        return ShardCheck(shard_id, DAMAGED, size, detail=f"the disk cannot read it: {e}")
+    if shard_forbidden(e):
+        return ShardCheck(shard_id, FORBIDDEN, size, detail=f"this server may not read it: {e}")
     return ShardCheck(shard_id, UNREADABLE, size, detail=str(e))
 
 
@@ -298,6 +306,8 @@ class ShardScrubber(Service):
         self._saved_at = 0.0
         self._unsaved = 0
         self._lost_in_a_row = 0
+        #: Files the server may not read since the last shard it could (see `_found`).
+        self._forbidden: list[ShardCheck] = []
 
     # --- service ---------------------------------------------------------------------
 
@@ -397,6 +407,7 @@ class ShardScrubber(Service):
         started = progress.started
         scrub = self.current = ScrubPass(started, resumed_after=progress.last)
         self._saved_at, self._unsaved, self._lost_in_a_row = self._clock.seconds(), 0, 0
+        self._forbidden = []
         ids = server.held_ids()
         if progress.last is not None:
             ids = ids[bisect.bisect_right(ids, progress.last):]
@@ -416,6 +427,7 @@ class ShardScrubber(Service):
                 wait = began + cost / self.rate - self._clock.seconds()
                 if wait > 0:
                     await deferLater(self._clock, wait)
+            self._forbidden_unconfirmed(scrub)
             damaged = sorted(server.corrupt)
             if damaged:
                 for shard_id in await server.executor(_removed, server.store, damaged):
@@ -463,6 +475,24 @@ class ShardScrubber(Service):
         """
         server = self.server
         shard_id = check.shard_id
+        if check.outcome == FORBIDDEN:
+            # Marked only once a shard after it reads: a relabel or a `chown -R` under a
+            # running server forbids every file, and that is no shard's damage.
+            scrub.shards += 1
+            self._forbidden.append(check)
+            if len(self._forbidden) > MAX_LOST_IN_A_ROW:
+                self._forbidden = []
+                raise _PassStopped(
+                    f"{MAX_LOST_IN_A_ROW} shards in a row were files this server may not read, and "
+                    f"so is shard {shard_id} ({check.detail}): its permissions (owner, mode, "
+                    "security label) are wrong, not the shards, and none is marked damaged"
+                )
+            return
+        if self._forbidden and check.outcome in (HEALTHY, DAMAGED) and check.size:
+            # A shard read: the files before it that it may not read are their own trouble.
+            forbidden, self._forbidden = self._forbidden, []
+            for earlier in forbidden:
+                self._mark(earlier, scrub)
         if check.outcome == GONE or (check.outcome == DAMAGED and not check.size):
             # An unmounted or remounted disk has every file missing or unreadable at once.
             await server.check_shards_dir()
@@ -491,18 +521,37 @@ class ShardScrubber(Service):
                 node=server.node_id, shard=shard_id, detail=check.detail,
             )
         elif check.outcome == DAMAGED:
-            # Deleted meanwhile, or a fresh copy on its way in: the damage is no more.
-            if shard_id not in server.shard_ids or server.writing(shard_id):
-                return
-            server.mark_damaged(shard_id)
-            scrub.damaged.append(shard_id)
-            server.meter.add("scrub_errors")
-            if check.bad_cells:
-                what = "bad cells " + ", ".join(str(i) for i in check.bad_cells)
-            else:
-                what = check.detail
-            log.error(
-                "{node} scrub found shard {shard} damaged ({what}): it is left out of shard "
-                "reports from now on, for the metadata leader to rebuild elsewhere; its file is kept",
-                node=server.node_id, shard=shard_id, what=what, cells=list(check.bad_cells),
+            self._mark(check, scrub)
+
+    def _mark(self, check: ShardCheck, scrub: ScrubPass) -> None:
+        """Mark the shard ``check`` found damaged (or forbidden, and confirmed), and say so."""
+        server, shard_id = self.server, check.shard_id
+        # Deleted meanwhile, or a fresh copy on its way in: the damage is no more.
+        if shard_id not in server.shard_ids or server.writing(shard_id):
+            return
+        server.mark_damaged(shard_id)
+        scrub.damaged.append(shard_id)
+        server.meter.add("scrub_errors")
+        if check.bad_cells:
+            what = "bad cells " + ", ".join(str(i) for i in check.bad_cells)
+        else:
+            what = check.detail
+        log.error(
+            "{node} scrub found shard {shard} damaged ({what}): it is left out of shard "
+            "reports from now on, for the metadata leader to rebuild elsewhere; its file is kept",
+            node=server.node_id, shard=shard_id, what=what, cells=list(check.bad_cells),
+        )
+
+    def _forbidden_unconfirmed(self, scrub: ScrubPass) -> None:
+        """The pass ends on files the server may not read, with no shard read after them:
+        nothing tells their own trouble from the server's, so none is marked."""
+        forbidden, self._forbidden = self._forbidden, []
+        if forbidden:
+            scrub.unreadable += len(forbidden)
+            self.server.meter.add("scrub_errors", len(forbidden))
+            log.warn(
+                "{node} may not read {n} shards at the end of its scrub pass (the first: {shard}, "
+                "{detail}); they are read again next pass",
+                node=self.server.node_id, n=len(forbidden), shard=forbidden[0].shard_id,
+                detail=forbidden[0].detail,
             )

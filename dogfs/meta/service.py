@@ -451,20 +451,34 @@ class MetaHandlers:
             d.addErrback(lambda f: log.failure("registering {node} failed", f, node=msg.node_id))
             d.addBoth(lambda _: self.registering.discard(msg.node_id))
         return m.HeartbeatReply(
-            self.log.leader_address(), msg.node_id not in self.reported, cluster_id=cluster_id
+            self.log.leader_address(),
+            msg.node_id not in self.reported,
+            # A server of the release before ids (no field: None) reads no fourth field.
+            cluster_id=None if msg.cluster_id is None else cluster_id,
         )
 
     def _check_cluster(self, node_id: str, theirs: str | None) -> str | None:
         """This cluster's id; ``permission_denied`` if chunk server ``node_id`` holds another's."""
         ours = self.state.cluster_id()
-        if theirs and ours and theirs != ours:
+        if not theirs:
+            return ours  # a server that keeps no id yet (a new data directory), or of an older release
+        if ours is None:
+            # A new cluster whose id is not applied here yet, or a leader behind its log: the
+            # server may be another cluster's, so it is neither registered nor answered yet.
+            raise WireError(
+                "not_ready",
+                f"this metadata leader does not know its cluster's id yet, and chunk server "
+                f"{node_id} keeps cluster {theirs}'s: try again in a moment",
+            )
+        if theirs != ours:
             # Its shards belong to another cluster's files: every one of them would look
             # unreferenced here, and be collected. Refused before it counts as a server.
             raise WireError(
                 "permission_denied",
                 f"chunk server {node_id} holds the shards of cluster {theirs}, and this is "
-                f"cluster {ours}: point it at its own cluster's metadata nodes, or give it an "
-                "empty data directory to join this one",
+                f"cluster {ours}: point it at its own cluster's metadata nodes (if this "
+                "cluster's namespace was recreated or restored from a backup taken before it "
+                "had an id, remove the server's data_dir/cluster_id instead)",
             )
         return ours
 
@@ -638,8 +652,6 @@ class MetaService(MultiService):
         )
         self.handlers.repair = self.repair
         if self.log.is_leader:
-            self._seed_default_policy()
-            self._seed_cluster_id()
             self.repair.start()
         self._expiry = LoopingCall(self._expire_allocations)
         self._expiry.clock = self.reactor
@@ -647,6 +659,9 @@ class MetaService(MultiService):
             lambda f: log.failure("allocation expiry stopped", f)
         )
         super().startService()
+        if self.log.is_leader:
+            self._seed_default_policy()
+            self._seed_cluster_id()
         d = self.listen(self.handlers)
 
         def listening(port: Any) -> None:
@@ -737,12 +752,15 @@ class MetaService(MultiService):
     def _seed_cluster_id(self) -> None:
         # A namespace without an id (new, or from a release before ids) gets a random one.
         # Several leaders in turn may propose one each: the state keeps the first applied.
-        if self.log is not None and self.state.cluster_id() is None:
+        # Until it is named, chunk servers that keep an id are not answered: so a proposal
+        # that fails (a lost quorum, say) is tried again while this member leads.
+        if self.log is not None and self.running and self.log.is_leader and self.state.cluster_id() is None:
             d = self.log.propose(c.SetClusterId(str(uuid.uuid4())))
 
             def failed(failure: Failure) -> None:
                 if self.running:  # stopping: the next start names it
-                    log.failure("naming the cluster failed", failure)
+                    log.failure("naming the cluster failed; trying again", failure)
+                    self.reactor.callLater(1.0, self._seed_cluster_id)
 
             d.addErrback(failed)
 

@@ -91,10 +91,10 @@ _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 #: Errors of a read that say the data is lost: the medium failed (EIO under a bad sector) or
 #: the file system's own checks did (EBADMSG, EUCLEAN: ext4's and XFS's checksums; ENODATA).
 _DAMAGE_ERRNOS = frozenset(
-    getattr(errno, name)
-    for name in ("EIO", "ENODATA", "EBADMSG", "EUCLEAN", "EACCES", "EPERM")
-    if hasattr(errno, name)
+    getattr(errno, name) for name in ("EIO", "ENODATA", "EBADMSG", "EUCLEAN") if hasattr(errno, name)
 )
+#: A file the server may not read: see `shard_forbidden`.
+_FORBIDDEN_ERRNOS = frozenset({errno.EACCES, errno.EPERM})
 _MAX_FRAGMENT_SIZE = 1 << 32
 
 
@@ -144,15 +144,23 @@ class ShardStoreFull(ShardStoreError):
 def shard_damaged(error: OSError) -> bool:
     """Whether ``error``, met reading a shard, means the shard itself is damaged.
 
-    Errors that say its bytes are lost do (EIO and its kin), and so do EACCES and EPERM: a file
-    the server may not read (a chown or chmod by hand, a security label) stays unreadable
-    until someone notices, and reporting it held would leave its block group a shard short
-    for that long, with nobody told; marked, it is rebuilt elsewhere and this copy collected.
-    Any other (EMFILE, ENFILE, ENOMEM, EAGAIN: the process or the kernel short of something
-    for a moment) is the server's passing trouble, not the shard's: marking the shard damaged
-    for it would have a healthy copy repaired for nothing.
+    Only errors that say its bytes are lost do. Any other (EMFILE, ENFILE, ENOMEM, EAGAIN: the
+    process or the kernel short of something for a moment; EACCES: see `shard_forbidden`) is
+    the server's trouble, not the shard's: marking the shard damaged for it would have a
+    healthy copy repaired, and reported as lost, for good.
     """
     return error.errno in _DAMAGE_ERRNOS
+
+
+def shard_forbidden(error: OSError) -> bool:
+    """Whether ``error`` says the server may not read the shard's file (EACCES, EPERM).
+
+    Not damage on a read or at start-up: a relabel or a ``chown -R`` under a running server
+    forbids every file at once. The scrubber tells that from one file's own permissions (a
+    ``chmod`` by hand), which would leave its block group a shard short with nobody told:
+    see `dogfs.chunk.scrub`.
+    """
+    return error.errno in _FORBIDDEN_ERRNOS
 
 
 def validate_shard_id(shard_id: object) -> str:

@@ -64,8 +64,16 @@ def type_of(msg: object) -> int:
 
 
 def encode(msg: object) -> bytes:
-    """The msgpack header of a message."""
-    return packb(_values(type(msg))(msg))
+    """The msgpack header of a message.
+
+    A field added in this release (`_NEW_LAST`) is left out while it is None, so that a peer
+    of the release before, whose decoder knows one field fewer, still reads the message.
+    """
+    cls = type(msg)
+    values = _values(cls)(msg)
+    if cls in _NEW_LAST and values[-1] is None:
+        values = values[:-1]
+    return packb(values)
 
 
 def _values(cls: type) -> Callable[[Any], tuple[Any, ...]]:
@@ -254,7 +262,8 @@ class Heartbeat:
     load: dict[str, float] = field(factory=dict)
     domain: str | None = None
     #: The cluster whose shards this server holds (`HeartbeatReply.cluster_id`, as first
-    #: named to it and kept in its data directory); None before any was named.
+    #: named to it and kept in its data directory); "" before any was named, and None
+    #: (left out) from a server of a release before cluster ids.
     cluster_id: str | None = None
 
 
@@ -319,6 +328,13 @@ class ShardReport:
 @frozen
 class ShardReportReply:
     """Shard ids (newline-separated, in the payload) that the metadata no longer references."""
+
+
+#: Messages whose last field is new in this release and is left out of the header while it
+#: is None (see `encode`). A chunk server of this release always sends `Heartbeat.cluster_id`
+#: ("" while it keeps none), and only such a server is told the cluster's id: a server of
+#: the release before gets the 3-field `HeartbeatReply` it can read.
+_NEW_LAST: frozenset[type] = frozenset({Heartbeat, HeartbeatReply, ShardReport})
 
 
 # --- client to chunk server -------------------------------------------------------------
