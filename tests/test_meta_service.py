@@ -528,22 +528,11 @@ class DefaultPolicyTests(TestCase):
     """The config's default_ec seeds a new namespace; it never overrides an admin's choice."""
 
     async def _restart_keeps_admin_choice(self) -> None:
-        from twisted.internet import reactor
-
-        from dogfs.meta.service import MetaService
-
         data_dir = self.mktemp()
         config = MetaConfig(id="meta-1", listen="tcp:0", address="127.0.0.1:1", data_dir=data_dir, default_ec="RS-6-3")
 
-        class Port:
-            def stopListening(self) -> None:
-                pass
-
-        async def start() -> MetaService:
-            service = MetaService(reactor, config, listen=lambda handlers: defer.succeed(Port()))
-            service.startService()
-            await _until(lambda: service.state.default_policy_set())
-            return service
+        async def start() -> Any:
+            return await _started(config, lambda service: service.state.default_policy_set())
 
         service = await start()
         self.assertEqual(service.state.default_policy(), "RS-6-3")
@@ -575,21 +564,10 @@ class DefaultPolicyTests(TestCase):
         self.assertIn(("election", {"node": "meta-1", "term": 1}), heard)
 
     async def _cluster_id_chosen_once(self) -> None:
-        from twisted.internet import reactor
-
-        from dogfs.meta.service import MetaService
-
         config = MetaConfig(id="meta-1", listen="tcp:0", address="127.0.0.1:1", data_dir=self.mktemp())
 
-        class Port:
-            def stopListening(self) -> None:
-                pass
-
-        async def start() -> MetaService:
-            service = MetaService(reactor, config, listen=lambda handlers: defer.succeed(Port()))
-            service.startService()
-            await _until(lambda: service.state.cluster_id() is not None)
-            return service
+        async def start() -> Any:
+            return await _started(config, lambda service: service.state.cluster_id() is not None)
 
         service = await start()
         first = service.state.cluster_id()
@@ -614,6 +592,23 @@ class DefaultPolicyTests(TestCase):
     def test_restart_keeps_admin_choice(self) -> defer.Deferred[None]:
         """A restart (or a new leader) does not put back the config's default over an admin's."""
         return defer.Deferred.fromCoroutine(self._restart_keeps_admin_choice())
+
+
+class _Port:
+    def stopListening(self) -> None:
+        pass
+
+
+async def _started(config: MetaConfig, ready: Any) -> Any:
+    """A MetaService of ``config`` on the real reactor (listening nowhere), once ``ready(it)``."""
+    from twisted.internet import reactor
+
+    from dogfs.meta.service import MetaService
+
+    service = MetaService(reactor, config, listen=lambda handlers: defer.succeed(_Port()))
+    service.startService()
+    await _until(lambda: ready(service))
+    return service
 
 
 async def _until(condition: Any, deadline_s: float = 10.0) -> None:
