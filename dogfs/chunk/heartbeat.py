@@ -54,6 +54,8 @@ _MOVE_ON = frozenset({"unreachable", "connection_closed", "timeout", "bad_addres
 _COMPLAIN_EVERY = 60.0
 #: The file, in the data directory, that keeps the id of the cluster the shards belong to.
 CLUSTER_ID_FILE = "cluster_id"
+
+
 def load_cluster_id(path: str) -> str | None:
     """Blocking: the cluster id kept at ``path``; None if there is none yet. A file that does
     not hold a valid id raises ``ValueError``: the server must not guess whose shards it has."""
