@@ -843,6 +843,32 @@ class DirectReadTests(SynchronousTestCase):
             _, again = reader.read_record_into(2, buffers)
             self.assertIsInstance(again, memoryview)
 
+    def test_verify_reads_around_the_page_cache(self) -> None:
+        """A scrub (`verify`) of a shard of large cells reads them with direct I/O: none of
+        its pages enters the page cache, so it evicts nothing clients read there either (it
+        used to read through the cache and drop the whole file's pages after). A bad cell is
+        still found."""
+        self.assertEqual(self.store.verify(SHARD_ID), [])
+        advised: list[int] = []
+        self.patch(os, "posix_fadvise", lambda fd, offset, length, advice: advised.append(advice))
+        self.assertEqual(self.store.verify(SHARD_ID), [])
+        self.assertEqual(advised, [])  # nothing to drop: no read went through the cache
+        reads: list[int] = []
+        real = os.pread
+
+        def pread(fd: int, size: int, offset: int) -> bytes:
+            if size > 4096:  # a cell (the header is read once at open)
+                reads.append(offset)
+            return real(fd, size, offset)
+
+        self.patch(os, "pread", pread)
+        path = self.store.path(SHARD_ID)
+        with open(path, "r+b") as f:
+            f.seek(os.path.getsize(path) - 3000)
+            f.write(b"\xff" * 8)
+        self.assertEqual(self.store.verify(SHARD_ID), [8])  # the last cell (9) has 123 bytes
+        self.assertEqual(reads, [])  # every cell read with preadv on the O_DIRECT descriptor
+
     def test_not_opened_direct(self) -> None:
         """A reader opened without ``direct`` (or on a store without direct I/O) reads
         through the page cache."""

@@ -547,12 +547,17 @@ class ShardReader:
             )
         return [self.read_cell(i) for i in range(first, first + count)]
 
-    def bad_cells(self) -> list[int]:
-        """Read every cell; return the indexes of those that are missing or corrupt."""
+    def bad_cells(self, buffers: AlignedBuffers | None = None) -> list[int]:
+        """Read every cell; return the indexes of those that are missing or corrupt. With
+        ``buffers``, cells are read with direct I/O where this reader can
+        (`read_record_into`)."""
         bad = []
         for i in range(self.cells):
             try:
-                self.read_record(i)
+                if buffers is None:
+                    self.read_record(i)
+                else:
+                    self.read_record_into(i, buffers)
             except ShardCorrupt:
                 bad.append(i)
         return bad
@@ -886,6 +891,8 @@ class ShardStore:
         # Its own lock: begin takes it on the reactor thread, where usage's first scan under
         # _lock must not hold it up.
         self._staging_lock = threading.Lock()
+        # verify's direct reads: a scrub reads one cell at a time (made as needed).
+        self._scrub_buffers = AlignedBuffers(max_bytes=64 << 20)
 
     def __repr__(self) -> str:
         return f"<ShardStore {self.root}>"
@@ -1064,10 +1071,15 @@ class ShardStore:
         @raise ShardCorrupt: the header itself is bad.
         @raise ShardNotFound: no such shard.
         """
-        with self.open(shard_id) as reader:
-            bad = reader.bad_cells()
+        with self.open(shard_id, direct=True) as reader:
+            bad = reader.bad_cells(self._scrub_buffers)
+            if reader.reads_direct:
+                # Nothing came through the page cache: what clients read there stays.
+                return bad
             try:
-                # A scrub reads everything once: keep it from evicting hot data.
+                # Read through the page cache (small cells, a file system without O_DIRECT):
+                # a scrub reads everything once, so keep it from filling the cache, at the
+                # price of evicting this file's pages that were there before.
                 os.posix_fadvise(reader._fd, 0, 0, os.POSIX_FADV_DONTNEED)
             except (AttributeError, OSError):
                 pass
