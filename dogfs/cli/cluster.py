@@ -600,28 +600,24 @@ def _check_matches(spec: ClusterSpec, args: argparse.Namespace, home: str) -> No
         )
 
 
+def _node_config(home: str, node: NodeSpec) -> Any:
+    """The node's config file, loaded; CLIError naming the node if it does not load."""
+    from dogfs.config import ConfigError, load_chunk, load_meta
+
+    try:
+        return (load_meta if node.kind == "meta" else load_chunk)(layout.config_path(home, node))
+    except ConfigError as e:
+        raise CLIError(f"cannot start {node.id}: {e}") from None
+
+
 def _capacities(home: str, spec: ClusterSpec) -> dict[str, int]:
     """Each chunk server's configured capacity_bytes (0: its disk's size)."""
-    from dogfs.config import ConfigError, load_chunk
-
-    out = {}
-    for node in spec.chunks:
-        try:
-            out[node.id] = load_chunk(layout.config_path(home, node)).capacity_bytes
-        except ConfigError as e:
-            raise CLIError(f"cannot start {node.id}: {e}") from None
-    return out
+    return {node.id: _node_config(home, node).capacity_bytes for node in spec.chunks}
 
 
 def _block_size(home: str, spec: ClusterSpec) -> int:
     """The block size the cluster's metas are configured with (meta-1's, as they agree)."""
-    from dogfs.config import ConfigError, load_meta
-
-    node = spec.metas[0]
-    try:
-        return load_meta(layout.config_path(home, node)).block_size
-    except ConfigError as e:
-        raise CLIError(f"cannot start {node.id}: {e}") from None
+    return int(_node_config(home, spec.metas[0]).block_size)
 
 
 def _new_spec(args: argparse.Namespace) -> ClusterSpec:
