@@ -47,21 +47,37 @@ class MessageTests(SynchronousTestCase):
         self.assertRaises(UnknownMessageType, messages.decode, 65000, msgpack.packb([]))
 
     def test_wrong_field_count(self) -> None:
-        """Too few (of those without defaults) or too many fields are refused."""
-        header = msgpack.packb(["only-one"])
-        self.assertRaises(MalformedMessage, messages.decode, PutShard.TYPE, header)  # type: ignore[attr-defined]
+        """Too few fields (of those without defaults) are refused, and so is a header that is
+        not an array of fields."""
+        for bad in (["only-one"], [], {"shard_id": "x"}, "x"):
+            header = msgpack.packb(bad)
+            self.assertRaises(MalformedMessage, messages.decode, PutShard.TYPE, header)  # type: ignore[attr-defined]
+
+    def test_fields_of_a_later_release_are_ignored(self) -> None:
+        """A header of a later release, with fields added after this release's last, decodes
+        to this release's message with them ignored, whatever they hold; the fields this
+        release knows are still checked."""
+        shard = PutShard("000000000000002a-03", "RS-4-2", 3, 1048656)
+        later = msgpack.packb([*msgpack.unpackb(messages.encode(shard)), "token", {"a": [1, 2]}, None])
+        self.assertEqual(messages.decode(PutShard.TYPE, later), shard)  # type: ignore[attr-defined]
+        # A message with trailing defaults: the later fields follow all of this release's.
+        beat = Heartbeat("chunk-1", "127.0.0.1:1", 10, 5, 3, {"put": 1.5}, None, "c1")
+        later = msgpack.packb([*msgpack.unpackb(messages.encode(beat)), 7])
+        self.assertEqual(messages.decode(Heartbeat.TYPE, later), beat)  # type: ignore[attr-defined]
+        bad = msgpack.packb(["000000000000002a-03", "RS-4-2", "3", 1048656, "token"])
+        self.assertRaises(MalformedMessage, messages.decode, PutShard.TYPE, bad)  # type: ignore[attr-defined]
 
     def test_fields_added_at_the_end_may_be_missing(self) -> None:
         """A header of an earlier release, without the trailing fields added since (each with
         a default), decodes with the defaults; fewer than the fields without defaults, or a
-        wrong type among those present, is still refused, and so is one field too many."""
+        wrong type among those present, is still refused."""
         from dogfs.wire.messages import ShardReport
 
         old = msgpack.packb(["chunk-1", 0, True])
         self.assertEqual(messages.decode(ShardReport.TYPE, old), ShardReport("chunk-1", 0, True, ()))  # type: ignore[attr-defined]
         new = messages.encode(ShardReport("chunk-1", 0, True, ("0000000000000001-00",)))
         self.assertEqual(messages.decode(ShardReport.TYPE, new).damaged, ("0000000000000001-00",))  # type: ignore[attr-defined]
-        for bad in (["chunk-1", 0], ["chunk-1", "0", True], ["chunk-1", 0, True, (), "more"]):
+        for bad in (["chunk-1", 0], ["chunk-1", "0", True], ["chunk-1", 0, True, "damaged"]):
             self.assertRaises(MalformedMessage, messages.decode, ShardReport.TYPE, msgpack.packb(bad))  # type: ignore[attr-defined]
 
     def test_every_default_passes_its_wire_check(self) -> None:

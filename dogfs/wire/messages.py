@@ -5,9 +5,14 @@ A message is a frozen attrs class registered with `@message(TYPE_ID)`. Its heade
 is the msgpack array of its fields in declaration order; bulk bytes travel in the frame's
 payload, never in the header. Decoding checks the field count and every field's type against
 the class's annotations, so a malformed header becomes `MalformedMessage`, never a crash
-deeper in the daemon. Fields are only ever added at the end, with a default: a header of an
-earlier release, without them, decodes with the defaults (so chunk servers and clients may be
-upgraded after the metadata group).
+deeper in the daemon.
+
+Compatibility between releases (docs/protocol.md, "Compatibility"): fields are only ever added
+at the end, with a default. A header of an earlier release, without them, decodes with the
+defaults; a header of a later release, with fields this release does not know, decodes with
+those fields ignored. So either side of a connection may be upgraded first, as long as a
+sender relies on a new field's meaning only once its peer has shown that it knows the field.
+Releases before forward compatibility refuse extra fields, which `_NEW_LAST` works around.
 """
 
 from __future__ import annotations
@@ -102,8 +107,12 @@ def decode(type_id: int, header: bytes) -> Any:
     except Exception as e:  # msgpack raises several unrelated types on garbage
         raise MalformedMessage(f"{cls.__name__}: header is not valid msgpack ({e})") from None
     checkers = _checkers(cls)
-    if type(values) is not tuple or not _REQUIRED[cls] <= len(values) <= len(checkers):
+    if type(values) is not tuple or len(values) < _REQUIRED[cls]:
         raise MalformedMessage(f"{cls.__name__}: expected {len(checkers)} fields")
+    if len(values) > len(checkers):
+        # A peer of a later release: the fields it added are ignored, whatever they hold (a
+        # header is at most FrameLimits.max_header bytes, so they cost no more than that).
+        values = values[: len(checkers)]
     # Every field through its check in one pass of C (map), not a Python loop: every frame
     # of every connection is decoded here. A header short of the last fields (a peer of an
     # earlier release: fields are only ever added at the end, with a default) has the
