@@ -31,6 +31,8 @@ from dogfs.chunk.service import ChunkService
 from dogfs.codec.checksum import crc32c
 from dogfs.config import ChunkConfig
 from dogfs.plugins import chunk as chunk_plugin
+from dogfs.security.roles import Identity, Role
+from dogfs.security.tokens import block_token
 from dogfs.storage.shards import (
     DIRECT_ALIGN,
     DIRECT_READ_MIN,
@@ -68,9 +70,14 @@ def fragments(count: int, last: int = 300, seed: int = 1) -> list[bytes]:
     return out
 
 
-def pair(handlers: dict[type, Any], clock: Clock, server_id: str = "chunk-3") -> tuple[Connection, IOPump]:
-    """A client Connection wired in memory to a server Connection serving `handlers`."""
+def pair(
+    handlers: dict[type, Any], clock: Clock, server_id: str = "chunk-3", identity: Any = None
+) -> tuple[Connection, IOPump]:
+    """A client Connection wired in memory to a server Connection serving `handlers`; the
+    server side takes the client for `identity` (as its TLS handshake would have it)."""
     server = Connection(clock, handlers, node_id=server_id)
+    if identity is not None:
+        server.identity = identity  # type: ignore[attr-defined]
     client = Connection(clock, {}, node_id="client")
     pump = connect(server, FakeTransport(server, True), client, FakeTransport(client, False), clock=None)
     return client, pump
@@ -114,7 +121,9 @@ def run_held(calls: HeldCalls, pump: IOPump, limit: int | None = None) -> list[i
 class Harness:
     """A ShardServer on a temp dir, and a client connected to it in memory."""
 
-    def __init__(self, root: str, *, writev: Any = os.writev, append_in_executor: bool = True) -> None:
+    def __init__(
+        self, root: str, *, writev: Any = os.writev, append_in_executor: bool = True, identity: Any = None
+    ) -> None:
         self.clock = Clock()
         self.store = ShardStore(root, writev=writev)
         self.server = ShardServer(
@@ -122,7 +131,7 @@ class Harness:
             append_in_executor=append_in_executor,
         )
         self.server.scan()
-        self.client, self.pump = pair(dict(self.server.handlers()), self.clock)
+        self.client, self.pump = pair(dict(self.server.handlers()), self.clock, identity=identity)
 
     def put(
         self,
@@ -133,9 +142,10 @@ class Harness:
         indexes: Sequence[int] | None = None,
         announced: int | None = None,
         fragment_size: int = FRAGMENT,
+        token: str | None = None,
     ) -> defer.Deferred[Reply]:
         """Upload a shard cell by cell, optionally with wrong CRCs, order or count."""
-        upload = self.client.open_stream(PutShard(shard_id, "RS-4-2", int(shard_id[17:]), fragment_size))
+        upload = self.client.open_stream(PutShard(shard_id, "RS-4-2", int(shard_id[17:]), fragment_size, token))
         for i, fragment in enumerate(frags):
             crc = crcs[i] if crcs is not None else crc32c(fragment)
             index = indexes[i] if indexes is not None else i
@@ -380,6 +390,85 @@ class PutErrorTests(SynchronousTestCase):
         self.assertEqual(error.message, f"chunk-3 has no space left for shard {SHARD}")
         self.assertEqual(h.tmp_files(), [])
         self.assertFalse(os.path.exists(h.store.path(SHARD)))
+
+
+class BlockTokenTests(SynchronousTestCase):
+    """With tokens checked (TLS), an upload needs its block group's token unless a node
+    sends it (dogfs.security.tokens)."""
+
+    KEY = "6d" * 32
+
+    def harness(self, role: Role, key: str | None = KEY) -> Harness:
+        h = Harness(self.mktemp(), identity=Identity("alice" if role is not Role.NODE else "chunk-1", role, 7))
+        h.server.check_tokens = True
+        h.server.block_key = key
+        return h
+
+    def test_upload_needs_its_block_groups_token(self) -> None:
+        """A user's upload without a token, with another block group's, or with a token under
+        another key is refused (permission_denied, naming the identity and the shard) and
+        leaves nothing; with its own token it is stored."""
+        h = self.harness(Role.USER)
+        bg = int(SHARD[:16], 16)
+        for token in (None, block_token(self.KEY, bg + 1), block_token("d6" * 32, bg), "x" * 32):
+            error = self.failureResultOf(h.put(SHARD, fragments(2), token=token), WireError).value
+            self.assertEqual(error.code, "permission_denied")
+            self.assertIn("identity 'alice'", error.message)
+            self.assertIn(SHARD, error.message)
+            self.assertEqual(h.server.shard_ids, set())
+            self.assertEqual(h.tmp_files(), [])
+        self.successResultOf(h.put(SHARD, fragments(2), token=block_token(self.KEY, bg)))
+        self.assertEqual(h.server.shard_ids, {SHARD})
+
+    def test_nodes_need_no_token(self) -> None:
+        """A node (a repair, a move) writes without a token."""
+        h = self.harness(Role.NODE)
+        self.successResultOf(h.put(SHARD, fragments(2)))
+        self.assertEqual(h.server.shard_ids, {SHARD})
+
+    def test_no_key_yet_is_not_ready(self) -> None:
+        """A server that has not been sent the key yet cannot check a token: "not ready"."""
+        h = self.harness(Role.ADMIN, key=None)
+        error = self.failureResultOf(h.put(SHARD, fragments(1), token=block_token(self.KEY, 1)), WireError).value
+        self.assertEqual(error.code, "not_ready")
+        self.assertEqual(h.server.shard_ids, set())
+
+    def test_no_key_yet_is_asked_for(self) -> None:
+        """A server without the key asks for it (an extra heartbeat) before it answers: the
+        upload waits, counted among the connection's open ones, and goes on once the key
+        comes; if the reply brings none, "not ready"."""
+        h = self.harness(Role.USER, key=None)
+        asked: list[defer.Deferred[str | None]] = []
+
+        def fetch() -> defer.Deferred[str | None]:
+            asked.append(defer.Deferred())
+            return asked[-1]
+
+        h.server.fetch_block_key = fetch
+        bg = int(SHARD[:16], 16)
+        stored = h.put(SHARD, fragments(2), token=block_token(self.KEY, bg))
+        self.assertNoResult(stored)
+        self.assertEqual(len(asked), 1)
+        self.assertEqual([h.server.open_uploads(c) for c in list(h.server.uploads)], [1])
+        h.server.block_key = self.KEY
+        asked[0].callback(self.KEY)
+        h.pump.flush()
+        self.successResultOf(stored)
+        self.assertEqual(h.server.shard_ids, {SHARD})
+
+        h.server.block_key = None
+        other = f"{bg + 1:016x}" + SHARD[16:]
+        refused = h.put(other, fragments(1), token=block_token(self.KEY, bg + 1))
+        asked[1].callback(None)
+        h.pump.flush()
+        self.assertEqual(self.failureResultOf(refused, WireError).value.code, "not_ready")
+        self.assertEqual(h.server.shard_ids, {SHARD})
+
+    def test_unchecked_without_tls(self) -> None:
+        """Without TLS (no identities) nothing is checked, as for every permission."""
+        h = Harness(self.mktemp())
+        self.successResultOf(h.put(SHARD, fragments(1)))
+        self.assertEqual(h.server.shard_ids, {SHARD})
 
 
 class UploadLimitTests(SynchronousTestCase):
@@ -1150,6 +1239,54 @@ class HeartbeatTests(SynchronousTestCase):
             load_cluster_id(path)
         self.assertIn(path, str(raised.exception))
 
+    def test_block_key_kept(self) -> None:
+        """Heartbeats ask for the block key; the first one sent is kept in the data directory
+        (readable by the server's user alone) and given to the shard server; a malformed one
+        is ignored, and a damaged key file is refused naming it."""
+        from dogfs.chunk.heartbeat import BLOCK_KEY_FILE, load_block_key
+
+        sent: list[str | None] = [None]
+
+        def heartbeat(request: Request) -> HeartbeatReply:
+            return HeartbeatReply("m1:1", cluster_id="cid-a", block_key=sent[0])
+
+        self.net.add("m1:1", heartbeat)
+        self.start(["m1:1"])
+        path = os.path.join(self.root, BLOCK_KEY_FILE)
+        self.assertTrue(self.net.heartbeats()[0][1].wants_block_key)
+        self.assertIsNone(self.server.block_key)
+        sent[0] = "not a key"
+        self.beat()
+        self.assertIsNone(self.server.block_key)
+        self.assertFalse(os.path.exists(path))
+        sent[0] = "ab" * 32
+        self.beat()
+        self.assertEqual(self.server.block_key, "ab" * 32)
+        self.assertEqual(load_block_key(path), "ab" * 32)
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+        with open(path, "w") as f:
+            f.write("ab" * 31 + "\n")
+        with self.assertRaises(ValueError) as raised:
+            load_block_key(path)
+        self.assertIn(path, str(raised.exception))
+
+    def test_block_key_fetched_out_of_turn(self) -> None:
+        """`fetch_block_key` sends one heartbeat at once, shared by the callers waiting, and
+        fires each with the key its reply brought (None when it brought none)."""
+        sent: list[str | None] = [None]
+        self.net.add("m1:1", lambda request: HeartbeatReply("m1:1", cluster_id="cid-a", block_key=sent[0]))
+        service = self.start(["m1:1"])
+        before = len(self.net.heartbeats())
+        first = service.fetch_block_key()
+        self.assertNoResult(first)
+        sent[0] = "ef" * 32
+        second = service.fetch_block_key()
+        self.net.flush()
+        self.assertEqual(len(self.net.heartbeats()), before + 1)
+        self.assertEqual(self.successResultOf(first), "ef" * 32)
+        self.assertEqual(self.successResultOf(second), "ef" * 32)
+        self.assertEqual(self.server.block_key, "ef" * 32)
+
     def test_no_report_to_another_cluster(self) -> None:
         """A server keeping cluster A's id sends no shard report to a leader naming cluster
         B, or naming none: such a leader would call every shard garbage. Nothing is
@@ -1377,6 +1514,23 @@ class ChunkServiceTests(SynchronousTestCase):
         self.assertIn(f"{path} does not hold a cluster id", message)
         self.assertEqual(fatal, [True])
         self.successResultOf(broken.stopService())
+
+    def test_block_key_read_at_start(self) -> None:
+        """The block key kept in the data directory is the shard server's from the start
+        (uploads need not wait for a heartbeat), and the service checks tokens only with
+        TLS."""
+        root = os.path.abspath(self.mktemp())
+        ShardStore(root)
+        config = ChunkConfig(id="chunk-3", listen="tcp:7103", address="127.0.0.1:7103", data_dir=root, meta=("127.0.0.1:1",))
+        with open(os.path.join(root, "block_key"), "w") as f:
+            f.write("cd" * 32 + "\n")
+        service = ChunkService(MemoryReactorClock(), config, executor=synchronous_executor)
+        service.startService()
+        self.successResultOf(service.when_ready())
+        assert service.server is not None
+        self.assertEqual(service.server.block_key, "cd" * 32)
+        self.assertFalse(service.server.check_tokens)
+        self.successResultOf(service.stopService())
 
     def test_data_dir_in_use(self) -> None:
         """A second server on a data directory that one already serves refuses to start,

@@ -21,6 +21,7 @@ from dogfs.meta.registry import ChunkServerRegistry
 from dogfs.meta.service import MetaHandlers
 from dogfs.meta.state import NamespaceState
 from dogfs.raft.worker import SerialWorker
+from dogfs.security.tokens import block_token, valid_block_key
 from dogfs.wire import messages as m
 from dogfs.wire.protocol import Connection, WireError
 
@@ -28,7 +29,11 @@ from dogfs.wire.protocol import Connection, WireError
 class Harness:
     """A metadata node's handlers on a simulated clock, reached over an in-memory connection."""
 
-    def __init__(self, case: SynchronousTestCase, chunks: int = 6) -> None:
+    #: The block key the harness's namespace starts with (a real one is chosen by the first
+    #: leader: MetaService._seed_secrets).
+    BLOCK_KEY = "0123456789abcdef" * 4
+
+    def __init__(self, case: SynchronousTestCase, chunks: int = 6, block_key: bool = True) -> None:
         self.clock = Clock()
         self.clock.advance(1000)
         self.config = MetaConfig(
@@ -39,6 +44,8 @@ class Harness:
         self.state.open()
         case.addCleanup(self.state.close)
         self.log = LocalCommandLog(self.clock, self.state, None, node_id="meta-1", address="127.0.0.1:7000")
+        if block_key:
+            case.successResultOf(self.log.propose(c.SetBlockKey(self.BLOCK_KEY)))
         self.registry = ChunkServerRegistry(self.clock, 10.0)
         self.handlers = MetaHandlers(
             self.clock, self.config, self.state, self.log, self.registry, rng=random.Random(7)
@@ -391,6 +398,35 @@ class MetaHandlerTests(SynchronousTestCase):
         header = msgpack.packb(list(msgpack.unpackb(m.encode(m.Heartbeat("chunk-1", "a:1", 1, 0, 0))))[:7])
         self.assertIsNone(m.decode(m.Heartbeat.TYPE, header).cluster_id)  # type: ignore[attr-defined]
 
+    def test_block_key_goes_only_to_servers_that_ask(self) -> None:
+        """A heartbeat reply carries the block key to a chunk server that asks for it (one of
+        this release), and to no other; a server of the release before ids or before block
+        tokens gets the reply of its release's size."""
+        h = Harness(self, chunks=1)
+        self.successResultOf(h.log.propose(c.SetClusterId("cid-a")))
+
+        def beat(**fields: Any) -> Any:
+            return h.ok(m.Heartbeat("chunk-1", "127.0.0.1:7101", 10**12, 0, 0, {}, None, **fields)).msg
+
+        asked = beat(cluster_id="cid-a", wants_block_key=True)
+        self.assertEqual(asked.block_key, Harness.BLOCK_KEY)
+        self.assertEqual(len(msgpack.unpackb(m.encode(asked))), 5)
+        ids_only = beat(cluster_id="cid-a")
+        self.assertIsNone(ids_only.block_key)
+        self.assertEqual(len(msgpack.unpackb(m.encode(ids_only))), 4)
+        self.assertEqual(len(msgpack.unpackb(m.encode(beat()))), 3)
+
+    def test_no_allocation_before_the_block_key(self) -> None:
+        """Until the new cluster's block key is applied, an Allocate is answered "not ready"
+        (the client retries), and so has no token-less allocation to write with."""
+        h = Harness(self, block_key=False)
+        error = h.error(m.MetaCommand("client-a", 1), c.encode_command(c.Allocate("/f", None, ())))
+        self.assertEqual(error.code, "not_ready")
+        self.assertIn("block key", error.message)
+        self.successResultOf(h.log.propose(c.SetBlockKey(Harness.BLOCK_KEY)))
+        alloc = h.result(c.Allocate("/f", None, ()))
+        self.assertEqual(alloc.token, block_token(Harness.BLOCK_KEY, alloc.bg_id))
+
     def test_no_answer_before_the_cluster_id_is_known(self) -> None:
         """A leader whose state has no cluster id yet (a new cluster's first entries not
         applied, or a leader behind its log) answers a chunk server keeping an id with
@@ -572,17 +608,22 @@ class DefaultPolicyTests(TestCase):
         service = await start()
         first = service.state.cluster_id()
         self.assertTrue(m.valid_cluster_id(first), first)
+        await _until(lambda: service.state.block_key() is not None)
+        key = service.state.block_key()
+        self.assertTrue(valid_block_key(key), key)
         service._leadership_changed(True)  # a new term: nothing new to name
         assert service.handlers is not None
         self.assertEqual(service.handlers.cluster_info()["cluster_id"], first)
+        self.assertNotIn(key, repr(service.handlers.cluster_info()))
         await service.stopService()
         service = await start()
         self.assertEqual(service.state.cluster_id(), first)
+        self.assertEqual(service.state.block_key(), key)
         await service.stopService()
 
     def test_cluster_id_chosen_once(self) -> defer.Deferred[None]:
-        """A new namespace's leader names the cluster with a random id; restarts and new
-        leaders keep it."""
+        """A new namespace's leader names the cluster with a random id and chooses a random
+        block key; restarts and new leaders keep both, and cluster_info shows no key."""
         return defer.Deferred.fromCoroutine(self._cluster_id_chosen_once())
 
     def test_election_event(self) -> defer.Deferred[None]:

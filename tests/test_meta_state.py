@@ -40,6 +40,7 @@ from dogfs.meta.commands import (
     RenewAllocations,
     Revoke,
     Sessioned,
+    SetBlockKey,
     SetClusterId,
     SetDefaultPolicy,
     ShardLocation,
@@ -56,6 +57,7 @@ from dogfs.meta.commands import (
 from dogfs.meta.state import SESSION_HARD_LIMIT, SESSION_MIN_AGE, NamespaceState, RaftStateMachine
 from dogfs.raft.core import Configuration, Entry, EntryKind, Snapshot, SnapshotMeta
 from dogfs.raft.driver import IRaftStateMachine
+from dogfs.security.tokens import block_token, valid_block_token
 
 SERVERS = tuple(f"chunk-{i}" for i in range(8))
 
@@ -157,6 +159,7 @@ def _command_strategy(_names: Any, _ints: Any) -> Any:
         st.builds(DrainChunkServer, _names, st.booleans()),
         st.builds(RemoveChunkServer, _names, st.booleans()),
         st.builds(SetClusterId, _names),
+        st.builds(SetBlockKey, st.sampled_from(["0f" * 32, "x" * 64, ""]) | _names),
     )
 
 
@@ -495,6 +498,29 @@ class NamespaceTests(StateTestCase):
         # An empty file takes its directory's policy.
         info = self.ok(CommitFile("/p/q/empty", 0, (), 2.0))
         self.assertEqual((info.ec, info.size, info.block_groups), ("RS-3-2", 0, ()))
+
+    def test_block_key_set_once_and_allocations_carry_tokens(self) -> None:
+        """The first SetBlockKey applied stands (later ones change nothing: tokens given out
+        use it); a key that is not 64 lower-case hex digits is refused. An allocation carries
+        its block group's token under the key (None before there is one), the same on every
+        member, and the key travels in snapshots."""
+        self.register(6)
+        before = self.ok(Allocate("/f", None, SERVERS[:6], 1.0))
+        self.assertIsNone(before.token)
+        self.assertIsNone(self.state.block_key())
+        for bad in ("", "0f" * 31, "0F" * 32, "g" * 64, "0f" * 33):
+            self.error(SetBlockKey(bad), ErrorCode.INVALID_ARGUMENT)
+        key = "5a" * 32
+        self.ok(SetBlockKey(key))
+        self.ok(SetBlockKey("0f" * 32))
+        self.assertEqual(self.state.block_key(), key)
+        after = self.ok(Allocate("/f", None, SERVERS[:6], 2.0))
+        self.assertEqual(after.token, block_token(key, after.bg_id))
+        self.assertTrue(valid_block_token(key, after.bg_id, after.token))
+        self.assertFalse(valid_block_token(key, before.bg_id, after.token))
+        restored = self.make_state()
+        restored.load(self.state.dump())
+        self.assertEqual(restored.block_key(), key)
 
     def test_cluster_id_set_once(self) -> None:
         """The first SetClusterId applied names the cluster for good, later ones change

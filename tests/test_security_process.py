@@ -290,6 +290,34 @@ class RoleTests(SynchronousTestCase):
         self.assertNotIn("chunk-evil", status)
         sock.close()
 
+    def test_user_cannot_write_shards_it_was_not_allocated(self) -> None:
+        """A user identity that sends PutShard for a shard of another file, with no block
+        token or a forged one, is refused (permission_denied) by the chunk server, and the
+        file reads back unchanged; the user's own puts carry the allocation's token and work
+        (test_user_not_admin)."""
+        cl = cluster()
+        cl.ok("put", __file__, "/victim")
+        info = json.loads(cl.ok("--json", "stat", "/victim"))
+        shard = info["block_groups"][0]["shards"][0]
+        cl.issue("mallory", "user")
+        ca, cert, key = cl.files("mallory")
+        sock = tls_socket(shard["address"], ca, cert, key)
+        dogfs_session(sock)
+        forged = m.encode(m.PutShard(shard["shard_id"], info["ec"], shard["index"], 4096, "0" * 32))
+        unsigned = m.encode(m.PutShard(shard["shard_id"], info["ec"], shard["index"], 4096))
+        for request_id, header in ((1, unsigned), (2, forged)):
+            sock.sendall(encode_frame(1, Flags.MORE, m.PutShard.TYPE, request_id, header, 0) + header)  # type: ignore[attr-defined]
+            [(answer, _flags, rid)] = read_frames(sock, 1)
+            self.assertEqual(rid, request_id)
+            self.assertIsInstance(answer, m.Error)
+            self.assertEqual(answer.code, "permission_denied", answer.message)
+            self.assertIn("identity 'mallory' may not write shard", answer.message)
+        sock.close()
+        target = os.path.join(cl.home, "victim")
+        cl.ok("get", "/victim", target)
+        with open(__file__, "rb") as a, open(target, "rb") as b:
+            self.assertEqual(a.read(), b.read())
+
     def test_bad_paths_refused(self) -> None:
         """'..', empty components, over-long paths (CLI) and NUL (wire) are invalid paths."""
         cl = cluster()

@@ -57,14 +57,14 @@ class MessageTests(SynchronousTestCase):
         """A header of a later release, with fields added after this release's last, decodes
         to this release's message with them ignored, whatever they hold; the fields this
         release knows are still checked."""
-        shard = PutShard("000000000000002a-03", "RS-4-2", 3, 1048656)
-        later = msgpack.packb([*msgpack.unpackb(messages.encode(shard)), "token", {"a": [1, 2]}, None])
+        shard = PutShard("000000000000002a-03", "RS-4-2", 3, 1048656, "0f" * 16)
+        later = msgpack.packb([*msgpack.unpackb(messages.encode(shard)), "ticket", {"a": [1, 2]}, None])
         self.assertEqual(messages.decode(PutShard.TYPE, later), shard)  # type: ignore[attr-defined]
         # A message with trailing defaults: the later fields follow all of this release's.
         beat = Heartbeat("chunk-1", "127.0.0.1:1", 10, 5, 3, {"put": 1.5}, None, "c1")
         later = msgpack.packb([*msgpack.unpackb(messages.encode(beat)), 7])
         self.assertEqual(messages.decode(Heartbeat.TYPE, later), beat)  # type: ignore[attr-defined]
-        bad = msgpack.packb(["000000000000002a-03", "RS-4-2", "3", 1048656, "token"])
+        bad = msgpack.packb(["000000000000002a-03", "RS-4-2", "3", 1048656, None, "ticket"])
         self.assertRaises(MalformedMessage, messages.decode, PutShard.TYPE, bad)  # type: ignore[attr-defined]
 
     def test_fields_added_at_the_end_may_be_missing(self) -> None:

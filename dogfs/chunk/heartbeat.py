@@ -15,6 +15,10 @@ kept in `CLUSTER_ID_FILE` in the data directory, and sent with every heartbeat a
 then on. Shards are reported (and so collected) only to a leader naming that same cluster: a
 server pointed at another cluster's metadata, whose namespace would call every shard it holds
 garbage, is refused by that cluster and reports nothing to it.
+
+The cluster's block key (`HeartbeatReply.block_key`, see dogfs.security.tokens) is kept the
+same way, in `BLOCK_KEY_FILE` (readable by the server's user alone), for the server to check
+the block token of each upload it takes; a restart has it before the first heartbeat.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from twisted.python.failure import Failure
 
 from dogfs.chunk.server import ShardServer
 from dogfs.config import ChunkConfig
+from dogfs.security.tokens import valid_block_key
 from dogfs.storage.files import replace_file
 from dogfs.wire.messages import (
     MAX_DAMAGED,
@@ -54,6 +59,8 @@ _MOVE_ON = frozenset({"unreachable", "connection_closed", "timeout", "bad_addres
 _COMPLAIN_EVERY = 60.0
 #: The file, in the data directory, that keeps the id of the cluster the shards belong to.
 CLUSTER_ID_FILE = "cluster_id"
+#: The file, in the data directory, that keeps the cluster's block key.
+BLOCK_KEY_FILE = "block_key"
 
 
 def load_cluster_id(path: str) -> str | None:
@@ -68,6 +75,22 @@ def load_cluster_id(path: str) -> str | None:
         raise ValueError(
             f"{path} does not hold a cluster id ({text[:80]!r}): restore it, or remove it if "
             "this data directory's shards belong to the cluster its metadata nodes serve"
+        )
+    return text
+
+
+def load_block_key(path: str) -> str | None:
+    """Blocking: the block key kept at ``path``; None if there is none yet (the first
+    heartbeat brings it). A file that does not hold a valid key raises ``ValueError``."""
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            text = f.read(1024).strip()
+    except FileNotFoundError:
+        return None
+    if not valid_block_key(text):
+        raise ValueError(
+            f"{path} does not hold a block key: remove it, and the metadata leader's next "
+            "heartbeat reply brings the key again"
         )
     return text
 
@@ -127,6 +150,9 @@ class HeartbeatService(Service):
         #: names one. Set `load_cluster_id` before the service starts.
         self.cluster_id: str | None = None
         self.cluster_id_path = os.path.join(server.store.root, CLUSTER_ID_FILE)
+        #: Where the block key is kept (`load_block_key`); the key itself is the server's.
+        self.block_key_path = os.path.join(server.store.root, BLOCK_KEY_FILE)
+        self._key_waiters: list[defer.Deferred[str | None]] = []
 
     # --- service ---------------------------------------------------------------------
 
@@ -171,6 +197,7 @@ class HeartbeatService(Service):
             domain=self.config.domain or None,
             # "": this server knows cluster ids and keeps none yet (so it is told the id).
             cluster_id=self.cluster_id or "",
+            wants_block_key=True,
         )
         reply = await self._call(heartbeat, b"", self.call_timeout)
         if reply is None:
@@ -183,6 +210,7 @@ class HeartbeatService(Service):
                 self._report_due = True
             if not await self._same_cluster(msg.cluster_id):
                 return
+            await self._keep_block_key(msg.block_key)
         if self._clock.seconds() - self._last_report >= self.config.report_interval:
             self._report_due = True
         if self._report_due and not self._reporting:
@@ -221,6 +249,38 @@ class HeartbeatService(Service):
         self.cluster_id = named
         log.info("{node} holds the shards of cluster {cluster}", node=self.config.id, cluster=named)
         return True
+
+    async def _keep_block_key(self, key: str | None) -> None:
+        """Keep the block key the leader of this server's cluster sent (durably first)."""
+        server = self.server
+        if key is None or key == server.block_key:
+            return
+        if not valid_block_key(key):
+            self._complain(f"the metadata leader {self.current} sent a malformed block key")
+            return
+        try:
+            await server.executor(replace_file, self.block_key_path, key.encode("ascii") + b"\n", 0o600)
+        except OSError as e:
+            self._complain(f"cannot keep the block key in {self.block_key_path}: {e.strerror or e}")
+            return
+        server.block_key = key
+        log.info("{node} has the cluster's block key", node=self.config.id)
+
+    def fetch_block_key(self) -> defer.Deferred[str | None]:
+        """One heartbeat now, out of turn, for the block key (`ShardServer.fetch_block_key`):
+        fires with the server's key once the reply is in (None if it brought none). Callers
+        waiting at the same time share one heartbeat."""
+        d: defer.Deferred[str | None] = defer.Deferred()
+        self._key_waiters.append(d)
+        if len(self._key_waiters) == 1:
+
+            def answer(_: object) -> None:
+                waiters, self._key_waiters = self._key_waiters, []
+                for waiter in waiters:
+                    waiter.callback(self.server.block_key)
+
+            self.beat().addBoth(answer)
+        return d
 
     def _follow_hint(self, hint: str | None) -> None:
         """Adopt a leader address the reply names (ignoring node ids and garbage)."""

@@ -53,6 +53,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from dogfs.chunk.rebuild import MAX_REBUILDS, ShardRebuilder
+from dogfs.security.roles import Role
+from dogfs.security.tokens import valid_block_token
 from dogfs.storage.shards import (
     AlignedBuffers,
     CellOutOfRange,
@@ -240,6 +242,15 @@ class ShardServer:
         `max_rebuilds` bounds the rebuilds running at once.
         """
         self.store = store
+        #: Whether an upload must carry its block group's block token, unless a node sends it
+        #: (dogfs.security.tokens; set with TLS, where callers have identities).
+        self.check_tokens = False
+        #: The cluster's block key, from the metadata (see `HeartbeatService`); None until
+        #: the first heartbeat reply brings it.
+        self.block_key: str | None = None
+        #: Asks the metadata for the block key out of turn (the chunk service sets it: one
+        #: extra heartbeat); fires with the key, or None if the reply did not bring it.
+        self.fetch_block_key: Callable[[], defer.Deferred[str | None]] | None = None
         #: Where the ids of the shards known damaged are kept across restarts.
         self.damage_path = os.path.join(store.root, DAMAGE_FILE)
         self._damage_saved: defer.Deferred[Any] = defer.succeed(None)
@@ -335,6 +346,35 @@ class ShardServer:
         """Receive a streamed upload; answer ShardStored once the shard is durable."""
         return defer.Deferred.fromCoroutine(self._put_shard(request))
 
+    async def _check_token(self, request: Request, msg: PutShard) -> None:
+        """Refuse an upload that does not carry its block group's token (see
+        dogfs.security.tokens), unless tokens are not checked here or a node sends it."""
+        if not self.check_tokens:
+            return
+        identity = getattr(request.connection, "identity", None)
+        if identity is not None and identity.role is Role.NODE:
+            return  # a repair or a move between chunk servers: a cluster member
+        key = self.block_key
+        if key is None and self.fetch_block_key is not None:
+            # The key was chosen after this server's last heartbeat (a new cluster's first
+            # second): ask for it now rather than fail the upload.
+            key = await self.fetch_block_key()
+        if key is None:
+            raise self._error(
+                "not_ready",
+                f"{self.node_id} has not yet been sent the cluster's block key by the metadata "
+                f"leader, so it cannot check the upload of shard {msg.shard_id}: try again",
+            )
+        # The id is valid (checked before): its first 16 hex digits are the block group's.
+        if not valid_block_token(key, int(msg.shard_id[:16], 16), msg.token):
+            who = f"identity '{identity.name}'" if identity is not None else "this connection"
+            raise self._error(
+                "permission_denied",
+                f"{who} may not write shard {msg.shard_id}: the upload does not carry its block "
+                f"group's block token, which only the metadata's allocation of that block group "
+                f"gives (a client of a release before block tokens sends none)",
+            )
+
     async def _put_shard(self, request: Request) -> ShardStored:
         msg: PutShard = request.msg
         shard_id = msg.shard_id
@@ -360,6 +400,8 @@ class ShardServer:
         streams = self.uploads.setdefault(connection, set())
         streams.add(request)
         try:
+            # Counted among the open uploads meanwhile: it may wait for the block key.
+            await self._check_token(request, msg)
             data_bytes = await self._store_upload(request, info)
         finally:
             streams.discard(request)

@@ -32,7 +32,7 @@ from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from dogfs.chunk.heartbeat import HeartbeatService, load_cluster_id
+from dogfs.chunk.heartbeat import HeartbeatService, load_block_key, load_cluster_id
 from dogfs.chunk.load import LoadMeter
 from dogfs.chunk.scrub import ShardScrubber
 from dogfs.chunk.server import Executor, ShardServer
@@ -238,6 +238,8 @@ class ChunkService(MultiService):
             self.store, config.id, executor, meter, append_in_executor=self._append_in_executor,
             peers=self._peer_pool,
         )
+        # With TLS, an upload from an identity but a node must show it was allocated.
+        self.server.check_tokens = self.security.tls_enabled
         self.factory = ConnectionFactory(
             self.reactor,
             guard(self.server.handlers(), self.security.authorize, CHUNK_PERMISSIONS),
@@ -269,6 +271,8 @@ class ChunkService(MultiService):
         count = await self.server.scan()
         assert self.heartbeat is not None
         self.heartbeat.cluster_id = await executor(load_cluster_id, self.heartbeat.cluster_id_path)
+        self.server.block_key = await executor(load_block_key, self.heartbeat.block_key_path)
+        self.server.fetch_block_key = self.heartbeat.fetch_block_key
         if self._make_listen_endpoint is listen_endpoint:
             endpoint = server_endpoint(self.reactor, config.listen, self.security.server)
         else:

@@ -807,7 +807,9 @@ async def _upload_group(
     try:
         for i, (conn, s) in enumerate(zip(connections, shards, strict=True)):
             try:
-                uploads.append(conn.open_stream(m.PutShard(s.shard_id, allocation.ec, s.index, fragment_size)))
+                uploads.append(
+                    conn.open_stream(m.PutShard(s.shard_id, allocation.ec, s.index, fragment_size, allocation.token))
+                )
             except WireError as e:  # closed while the others were being dialled
                 raise failed(i, e) from None
         stripe = head + await source.read_full(stripe_size - len(head)) if len(head) < stripe_size else head

@@ -158,6 +158,16 @@ class SetClusterId:
 
 
 @frozen
+class SetBlockKey:
+    """Set the cluster's block key, once (64 hex digits: see L{dogfs.security.tokens}): the
+    first such command applied sets it, later ones change nothing. A new leader proposes one
+    (random) while the state has none. Result: L{Ok}.
+    """
+
+    key: str
+
+
+@frozen
 class RegisterChunkServer:
     """Record a chunk server in the persistent registry (re-registering updates it).
 
@@ -335,6 +345,7 @@ Command = Union[
     Revoke,
     Reinstate,
     SetClusterId,
+    SetBlockKey,
 ]
 
 
@@ -465,11 +476,13 @@ class Listing:
 
 @frozen
 class Allocation:
-    """A pending block group reserved by L{Allocate}: write shard i to C{shards[i]}."""
+    """A pending block group reserved by L{Allocate}: write shard i to C{shards[i]}, with
+    C{token} (the block group's block token, None while the cluster has no block key)."""
 
     bg_id: int
     ec: str
     shards: tuple[ShardLocation, ...]
+    token: str | None = None
 
 
 @frozen
@@ -621,6 +634,7 @@ _SCHEMAS: dict[int, tuple[type, tuple[_Check, ...]]] = {
     14: (Reinstate, (_str, _opt(_str))),
     15: (RenewAllocations, (_seq(_int), _float)),
     16: (SetClusterId, (_str,)),
+    17: (SetBlockKey, (_str,)),
     64: (Ok, ()),
     65: (Count, (_int,)),
     66: (MetaError, (_code, _str)),
@@ -630,7 +644,7 @@ _SCHEMAS: dict[int, tuple[type, tuple[_Check, ...]]] = {
     70: (DirInfo, (_str, _str, _float, _str)),
     71: (EntryInfo, (_str, _str, _str, _int, _str, _float, _int)),
     72: (Listing, (_str, _seq(_obj(EntryInfo)), _bool)),
-    73: (Allocation, (_int, _str, _seq(_obj(ShardLocation)))),
+    73: (Allocation, (_int, _str, _seq(_obj(ShardLocation)), _opt(_str))),
     74: (ChunkServerRecord, (_str, _str, _opt(_str), _bool)),
     75: (Summary, (_int, _int, _int, _int, _int, _int, _seq(_pair(_int, _int)))),
 }

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import secrets
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -250,6 +251,14 @@ class MetaHandlers:
                 policy = ECPolicy.parse(ec)
             except UnknownPolicy as e:
                 raise WireError("invalid_argument", str(e)) from None
+            if self.state.block_key() is None:
+                # A new cluster's first moments: its first leader is choosing the key that
+                # the allocation's token needs (MetaService._seed_secrets).
+                raise WireError(
+                    "not_ready",
+                    f"cannot write {command.path} yet: the new cluster's block key is still being "
+                    "chosen (the client retries)",
+                )
             draining = {r.node_id for r in self.state.chunk_servers() if r.draining}
             try:
                 placement = choose_placement(
@@ -453,8 +462,10 @@ class MetaHandlers:
         return m.HeartbeatReply(
             self.log.leader_address(),
             msg.node_id not in self.reported,
-            # A server of the release before ids (no field: None) reads no fourth field.
+            # A server of the release before ids (no field: None) reads no fourth field, nor
+            # one of the release before block tokens a fifth.
             cluster_id=None if msg.cluster_id is None else cluster_id,
+            block_key=self.state.block_key() if msg.wants_block_key else None,
         )
 
     def _check_cluster(self, node_id: str, theirs: str | None) -> str | None:
@@ -661,7 +672,7 @@ class MetaService(MultiService):
         super().startService()
         if self.log.is_leader:
             self._seed_default_policy()
-            self._seed_cluster_id()
+            self._seed_secrets()
         d = self.listen(self.handlers)
 
         def listening(port: Any) -> None:
@@ -730,7 +741,7 @@ class MetaService(MultiService):
             self.handlers.emit("election", node=self.config.id, term=me.get("term"))
         log.info("{node} leads the metadata group", node=self.config.id)
         self._seed_default_policy()
-        self._seed_cluster_id()
+        self._seed_secrets()
         if self.repair is not None:
             self.repair.start()
 
@@ -749,18 +760,29 @@ class MetaService(MultiService):
 
             d.addErrback(failed)
 
-    def _seed_cluster_id(self) -> None:
-        # A namespace without an id (new, or from a release before ids) gets a random one.
-        # Several leaders in turn may propose one each: the state keeps the first applied.
-        # Until it is named, chunk servers that keep an id are not answered: so a proposal
-        # that fails (a lost quorum, say) is tried again while this member leads.
-        if self.log is not None and self.running and self.log.is_leader and self.state.cluster_id() is None:
-            d = self.log.propose(c.SetClusterId(str(uuid.uuid4())))
+    def _seed_secrets(self) -> None:
+        """Give a namespace without them a cluster id and a block key (random ones).
 
-            def failed(failure: Failure) -> None:
-                if self.running:  # stopping: the next start names it
-                    log.failure("naming the cluster failed; trying again", failure)
-                    self.reactor.callLater(1.0, self._seed_cluster_id)
+        A new namespace, or one from a release before them, has neither. Several leaders in
+        turn may propose each: the state keeps the first applied. Until the cluster is named,
+        chunk servers that keep an id are not answered, and until it has a block key no
+        upload is allocated: so a proposal that fails (a lost quorum, say) is tried again
+        while this member leads.
+        """
+        if self.log is None or not self.running or not self.log.is_leader:
+            return
+        wanted: list[tuple[Any, str]] = []
+        if self.state.cluster_id() is None:
+            wanted.append((c.SetClusterId(str(uuid.uuid4())), "naming the cluster"))
+        if self.state.block_key() is None:
+            wanted.append((c.SetBlockKey(secrets.token_hex(32)), "choosing the block key"))
+        for command, what in wanted:
+            d = self.log.propose(command)
+
+            def failed(failure: Failure, what: str = what) -> None:
+                if self.running:  # stopping: the next start chooses it
+                    log.failure("{what} failed; trying again", failure, what=what)
+                    self.reactor.callLater(1.0, self._seed_secrets)
 
             d.addErrback(failed)
 

@@ -79,6 +79,7 @@ from dogfs.meta.commands import (
     Result,
     Revoke,
     Sessioned,
+    SetBlockKey,
     SetClusterId,
     SetDefaultPolicy,
     ShardLocation,
@@ -92,6 +93,7 @@ from dogfs.meta.commands import (
     shard_id,
 )
 from dogfs.raft.driver import IRaftStateMachine
+from dogfs.security.tokens import block_token, valid_block_key
 from dogfs.storage.files import fsync_dir, replace_file
 from dogfs.wire.messages import valid_cluster_id
 from dogfs.wire.packing import packb
@@ -154,6 +156,7 @@ _STATS = b"stats"
 _FORMAT = b"format"
 _REVOKED = b"revoked"
 _CLUSTER_ID = b"cluster_id"
+_BLOCK_KEY = b"block_key"
 _FORMAT_VERSION = 1
 
 _DUMP_MAGIC = "dogfs-meta-dump"
@@ -1219,6 +1222,12 @@ class NamespaceState:
             raw = txn.get(_CLUSTER_ID, db=self._dbs[b"meta"])
         return None if raw is None else bytes(raw).decode("ascii")
 
+    def block_key(self) -> str | None:
+        """The cluster's block key (L{SetBlockKey}), or None while none was set."""
+        with self._read() as txn:
+            raw = txn.get(_BLOCK_KEY, db=self._dbs[b"meta"])
+        return None if raw is None else bytes(raw).decode("ascii")
+
     def revocations(self) -> tuple[frozenset[str], frozenset[int]]:
         """The revoked identity names and certificate serial numbers (see L{Revoke})."""
         with self._read() as txn:
@@ -1493,6 +1502,15 @@ def _set_cluster_id(ctx: _Ctx, index: int, cmd: SetClusterId) -> Ok:
     return Ok()
 
 
+def _set_block_key(ctx: _Ctx, index: int, cmd: SetBlockKey) -> Ok:
+    if not valid_block_key(cmd.key):
+        raise _Abort(ErrorCode.INVALID_ARGUMENT, "A block key is 64 lower-case hex digits.")
+    # The first one stands: chunk servers keep it, and tokens already given out use it.
+    if ctx.txn.get(_BLOCK_KEY, db=ctx.meta) is None:
+        ctx.txn.put(_BLOCK_KEY, cmd.key.encode("ascii"), db=ctx.meta)
+    return Ok()
+
+
 def _register(ctx: _Ctx, index: int, cmd: RegisterChunkServer) -> Ok:
     node = cmd.node_id
     if _id_key(node) is None:
@@ -1577,7 +1595,9 @@ def _allocate(ctx: _Ctx, index: int, cmd: Allocate) -> Allocation:
     ctx.put_bgroup(bg_id, [False, ec, 0, now, list(placement)])
     ctx.txn.put(_u64(bg_id), b"", db=ctx.pending)
     ctx.index_shards(bg_id, placement, add=True)
-    return Allocation(bg_id, ec, ctx.shards(bg_id, placement))
+    key = ctx.txn.get(_BLOCK_KEY, db=ctx.meta)
+    token = None if key is None else block_token(bytes(key).decode("ascii"), bg_id)
+    return Allocation(bg_id, ec, ctx.shards(bg_id, placement), token)
 
 
 def _commit(ctx: _Ctx, index: int, cmd: CommitFile) -> FileInfo:
@@ -1845,6 +1865,7 @@ _HANDLERS: dict[type, Any] = {
     Revoke: _revoke,
     Reinstate: _reinstate,
     SetClusterId: _set_cluster_id,
+    SetBlockKey: _set_block_key,
 }
 
 __all__ = ["NamespaceState", "RaftStateMachine", "ROOT", "MAX_SESSIONS", "SESSION_HARD_LIMIT", "SESSION_MIN_AGE"]

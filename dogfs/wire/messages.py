@@ -71,13 +71,18 @@ def type_of(msg: object) -> int:
 def encode(msg: object) -> bytes:
     """The msgpack header of a message.
 
-    A field added in this release (`_NEW_LAST`) is left out while it is None, so that a peer
-    of the release before, whose decoder knows one field fewer, still reads the message.
+    The last fields of a message in `_NEW_LAST` are left out while they are None, so that a
+    peer of a release before them, whose decoder refuses fields it does not know, still reads
+    the message.
     """
     cls = type(msg)
     values = _values(cls)(msg)
-    if cls in _NEW_LAST and values[-1] is None:
-        values = values[:-1]
+    new = _NEW_LAST.get(cls)
+    if new:
+        end = len(values)
+        while end > len(values) - new and values[end - 1] is None:
+            end -= 1
+        values = values[:end]
     return packb(values)
 
 
@@ -274,6 +279,9 @@ class Heartbeat:
     #: named to it and kept in its data directory); "" before any was named, and None
     #: (left out) from a server of a release before cluster ids.
     cluster_id: str | None = None
+    #: True from a server that checks block tokens (dogfs.security.tokens): the reply then
+    #: carries the cluster's block key.
+    wants_block_key: bool = False
 
 
 @message(21)
@@ -289,12 +297,17 @@ class HeartbeatReply:
     `cluster_id` names the cluster (chosen once, when its namespace is new): a chunk server
     keeps the first one it is told, and reports its shards to no other cluster, which would
     call them all garbage. None: not chosen yet (or an older release).
+
+    `block_key` is the cluster's block key (dogfs.security.tokens), sent to a server whose
+    heartbeat asks for it (`wants_block_key`): with it the server checks that each upload
+    it takes was allocated. None: not chosen yet, or not asked for.
     """
 
     leader_hint: str | None = None
     want_report: bool = False
     revoked: tuple[str, ...] | None = field(default=None, converter=_optional_tuple)
     cluster_id: str | None = None
+    block_key: str | None = None
 
 
 #: What a cluster id (`HeartbeatReply.cluster_id`) is made of: 1 to 64 of these.
@@ -339,25 +352,24 @@ class ShardReportReply:
     """Shard ids (newline-separated, in the payload) that the metadata no longer references."""
 
 
-#: Messages whose last field is new in this release and is left out of the header while it
-#: is None (see `encode`). A chunk server of this release always sends `Heartbeat.cluster_id`
-#: ("" while it keeps none), and only such a server is told the cluster's id: a server of
-#: the release before gets the 3-field `HeartbeatReply` it can read.
-_NEW_LAST: frozenset[type] = frozenset({Heartbeat, HeartbeatReply, ShardReport})
-
-
 # --- client to chunk server -------------------------------------------------------------
 
 
 @message(30)
 @frozen
 class PutShard:
-    """Opens a streamed shard upload; Cell frames follow, then PutShardEnd."""
+    """Opens a streamed shard upload; Cell frames follow, then PutShardEnd.
+
+    `token` is the block token of the shard's block group, from its `Allocation`
+    (dogfs.security.tokens): with TLS, a chunk server takes an upload from an identity other
+    than a node only with the right one.
+    """
 
     shard_id: str
     policy: str
     index: int
     fragment_size: int
+    token: str | None = None
 
 
 @message(31)
@@ -441,3 +453,14 @@ class RaftEnvelope:
     """A Raft message for group `group`; the payload is dogfs.raft's own encoding."""
 
     group: str
+
+
+#: Messages whose last fields (how many) were added since releases whose decoders refuse
+#: fields they do not know: they are left out of the header while they are None (see
+#: `encode`). A chunk server sends `Heartbeat.cluster_id` ("" while it keeps none) and
+#: `wants_block_key`, and only such a server is told the cluster's id and block key: a
+#: server of a release before gets the 3- or 4-field `HeartbeatReply` it can read. A
+#: `PutShard` without a token (a cluster without TLS) reads on a chunk server of such a
+#: release. (`Heartbeat` is not here: its last field is never None, and metadata nodes are
+#: upgraded first, docs/operations.md.)
+_NEW_LAST: dict[type, int] = {HeartbeatReply: 2, ShardReport: 1, PutShard: 1}
