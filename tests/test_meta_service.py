@@ -69,11 +69,13 @@ class Harness:
     def error(self, msg: Any, payload: bytes = b"") -> WireError:
         return self.case.failureResultOf(self.call(msg, payload), WireError).value
 
-    def command(self, command: Any, client_id: str = "client-a", seq: int | None = None) -> Any:
+    def command(
+        self, command: Any, client_id: str = "client-a", seq: int | None = None, wants_tokens: bool = True
+    ) -> Any:
         if seq is None:
             self.seq += 1
             seq = self.seq
-        return self.call(m.MetaCommand(client_id, seq), c.encode_command(command))
+        return self.call(m.MetaCommand(client_id, seq, wants_tokens), c.encode_command(command))
 
     def result(self, command: Any, **kw: Any) -> Any:
         reply = self.case.successResultOf(self.command(command, **kw))
@@ -427,6 +429,20 @@ class MetaHandlerTests(SynchronousTestCase):
         alloc = h.result(c.Allocate("/f", None, ()))
         self.assertEqual(alloc.token, block_token(Harness.BLOCK_KEY, alloc.bg_id))
 
+    def test_allocation_without_token_for_a_client_before_tokens(self) -> None:
+        """A client of the release before block tokens (its MetaCommand does not say it reads
+        them) gets the 3-field Allocation its decoder knows, first try and retry alike."""
+        h = Harness(self)
+        reply = self.successResultOf(h.command(c.Allocate("/f", None, ()), seq=7, wants_tokens=False))
+        raw = msgpack.unpackb(bytes(reply.payload))
+        self.assertEqual(len(raw) - 1, 3)  # tag, then bg_id, ec, shards
+        self.assertIsNone(c.decode_result(bytes(reply.payload)).token)
+        retry = self.successResultOf(h.command(c.Allocate("/f", None, ()), seq=7, wants_tokens=False))
+        self.assertEqual(bytes(retry.payload), bytes(reply.payload))
+        # The same session's answer, to a client that reads tokens, carries it.
+        again = c.decode_result(bytes(self.successResultOf(h.command(c.Allocate("/f", None, ()), seq=7)).payload))
+        self.assertEqual(again.token, block_token(Harness.BLOCK_KEY, again.bg_id))
+
     def test_no_answer_before_the_cluster_id_is_known(self) -> None:
         """A leader whose state has no cluster id yet (a new cluster's first entries not
         applied, or a leader behind its log) answers a chunk server keeping an id with
@@ -620,6 +636,36 @@ class DefaultPolicyTests(TestCase):
         self.assertEqual(service.state.cluster_id(), first)
         self.assertEqual(service.state.block_key(), key)
         await service.stopService()
+
+    def test_failed_seeding_tries_again_once_per_round(self) -> None:
+        """Proposals of the cluster id and block key that fail (no quorum) are tried again a
+        second later, once for the round however many failed: retries never multiply."""
+        from dogfs.meta.service import MetaService
+
+        clock = Clock()
+        config = MetaConfig(id="meta-1", listen="tcp:0", address="127.0.0.1:1", data_dir=self.mktemp())
+        service = MetaService(clock, config, listen=lambda handlers: defer.succeed(_Port()))
+        service.state.open()
+        self.addCleanup(service.state.close)
+        proposed: list[Any] = []
+
+        class FailingLog:
+            is_leader = True
+
+            def propose(self, command: Any) -> defer.Deferred[Any]:
+                proposed.append(command)
+                return defer.fail(WireError("no_quorum", "no majority"))
+
+        service.log = FailingLog()  # type: ignore[assignment]
+        service.running = True
+        service._seed_secrets()
+        self.assertEqual([type(p) for p in proposed], [c.SetClusterId, c.SetBlockKey])
+        for _ in range(10):
+            clock.advance(1.0)
+        self.assertEqual(len(proposed), 22)
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        self.flushLoggedErrors(WireError)
+        service.running = False
 
     def test_cluster_id_chosen_once(self) -> defer.Deferred[None]:
         """A new namespace's leader names the cluster with a random id and chooses a random

@@ -28,7 +28,9 @@ class BlockTokenTests(SynchronousTestCase):
         are refused, never raised on."""
         token = block_token(KEY, 7)
         changed = ("0" if token[0] != "0" else "1") + token[1:]
-        for bad in (None, 7, b"x" * 32, "", token[:-1], token + "0", changed, token.upper()):
+        # Not ASCII: compare_digest would raise TypeError on it (an internal error, logged
+        # with a traceback per request, for any writer to provoke).
+        for bad in (None, 7, b"x" * 32, "", token[:-1], token + "0", changed, token.upper(), "\u00e9" * 32):
             self.assertFalse(valid_block_token(KEY, 7, bad), repr(bad))
         self.assertFalse(valid_block_token(KEY, -1, token))
         self.assertFalse(valid_block_token(KEY, 1 << 64, token))

@@ -5,6 +5,10 @@
     dogfs admin meta add --local             (a `dogfs cluster` home) create meta-N, start it, add it
     dogfs admin meta remove NODE             remove a member (the leader hands over first); in a
                                              `dogfs cluster` home its process is stopped too
+    dogfs admin meta backup FILE             a consistent copy of the namespace, online
+    dogfs admin meta restore FILE (--meta-config TOML | --local)
+                                             a stopped node's empty data directory from a backup
+                                             (dogfs.meta.backup)
 
 A new member joins as a learner (it votes on nothing while it catches up, from a snapshot if the
 log was compacted), and is promoted to voter once it holds everything the leader had committed
@@ -30,7 +34,8 @@ from dogfs.cli.output import CLIError
 def register(admin_subparsers: Any) -> None:
     """Add the metadata membership commands."""
     meta = admin_subparsers.add_parser(
-        "meta", help="add or remove metadata nodes", description="Change the metadata Raft group online."
+        "meta", help="add or remove metadata nodes; back up and restore the namespace",
+        description="Change the metadata Raft group online; back its namespace up, and restore one."
     )
     sub = meta.add_subparsers(dest="meta_command", metavar="META_COMMAND", parser_class=type(meta))
     sub.required = True
@@ -55,6 +60,30 @@ def register(admin_subparsers: Any) -> None:
     remove.add_argument("node", help="the member's id (as `cluster status` shows it)")
     output.admin_options(remove)
     remove.set_defaults(func=cmd_remove)
+
+    backup = sub.add_parser(
+        "backup", help="copy the namespace, consistently and online, into a file",
+        description="Write a consistent copy of the namespace (every write acknowledged before "
+        "the command is in it) to FILE, made by the leader while it goes on serving. The file "
+        "holds the cluster's block key: it is written readable by its owner alone.",
+    )
+    backup.add_argument("file", help="where to write the backup (replaced only once it is complete)")
+    output.admin_options(backup)
+    backup.set_defaults(func=cmd_backup)
+    restore = sub.add_parser(
+        "restore", help="make a stopped node's empty data directory hold a backup (offline)",
+        description="Offline, on the node's host: load backup FILE into the empty data directory "
+        "of the metadata node that --meta-config describes. To restore a group, do this for every "
+        "member (same FILE, each with its own meta.toml, whose [raft] peers are the new group), "
+        "then start them. In a `dogfs cluster` home, `--local` does it for every metadata node "
+        "(the cluster must be down).",
+    )
+    restore.add_argument("file", help="a backup written by `dogfs admin meta backup`")
+    where = restore.add_mutually_exclusive_group(required=True)
+    where.add_argument("--meta-config", metavar="META_TOML", help="the metadata node's config file")
+    where.add_argument("--local", action="store_true", help="every metadata node of the `dogfs cluster` home")
+    restore.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
+    restore.set_defaults(func=cmd_restore)
 
 
 async def _member_op(client: Any, op: str, args: dict[str, Any]) -> dict[str, Any]:
@@ -157,6 +186,87 @@ def cmd_remove(args: argparse.Namespace) -> int:
     else:
         sentence = f"{args.node} left the metadata group (stop its process: it no longer serves)"
     _show(args, result, sentence)
+    return output.OK
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    """dogfs admin meta backup FILE"""
+    from dogfs.cli.main import run_client
+    from dogfs.meta.backup import BackupError, BackupInfo, BackupWriter
+
+    target = os.path.abspath(args.file)
+    if os.path.isdir(target):
+        raise CLIError(f"{args.file} is a directory: name the backup file", output.USAGE)
+    try:
+        writer = BackupWriter(target)
+    except OSError as e:
+        raise CLIError(f"cannot write {target}.partial: {e.strerror or e}", output.FAILED) from None
+    bar = output.ProgressBar(None, "backup")
+
+    def sink(data: memoryview) -> None:
+        writer.write(data)
+        bar.update(len(data))
+
+    try:
+        answer = run_client(args, lambda client: client.backup(sink))
+        bar.finish()
+        try:
+            info = BackupInfo.from_dict(answer)
+        except ValueError as e:
+            raise BackupError(f"the metadata member's account of the backup is malformed: {e}") from None
+        writer.finish(info)
+    except BackupError as e:
+        raise CLIError(str(e), output.FAILED) from None
+    except BaseException:
+        writer.abort()
+        raise
+    if getattr(args, "json", False):
+        output.print_json({"file": target, **info.as_dict()})
+    else:
+        print(
+            f"{args.file}: the namespace of cluster {info.cluster_id} at index {info.index} "
+            f"({output.format_bytes(info.size)}, from {info.node})"
+        )
+    return output.OK
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    """dogfs admin meta restore FILE (--meta-config META_TOML | --local)"""
+    from dogfs.config import ConfigError, load_meta
+    from dogfs.meta.backup import BackupError, read_backup, restore_data_dir
+    from dogfs.meta.service import NAMESPACE_MAP_SIZE
+
+    if args.local:
+        from dogfs.cli import cluster_layout as layout
+
+        home = os.path.abspath(args.home)
+        spec = layout.load_spec(home)
+        if spec is None:
+            raise CLIError(f"{home} is not a `dogfs cluster` home", output.USAGE)
+        metas = [n for n in spec.nodes if n.kind == "meta"]
+        running = [n.id for n in metas if layout.node_pid(home, n) is not None]
+        if running:
+            raise CLIError(f"stop the cluster first (`dogfs cluster down`): {', '.join(running)} running",
+                           output.FAILED)
+        paths = [layout.config_path(home, n) for n in metas]
+    else:
+        paths = [args.meta_config]
+    try:
+        configs = [load_meta(p) for p in paths]
+    except (ConfigError, OSError) as e:
+        raise CLIError(str(e), output.USAGE) from None
+    try:
+        info, data = read_backup(args.file)
+        for config in configs:
+            restore_data_dir(config, info, data, map_size=NAMESPACE_MAP_SIZE)
+    except BackupError as e:
+        raise CLIError(str(e), output.FAILED) from None
+    ids = [c.id for c in configs]
+    if getattr(args, "json", False):
+        output.print_json({"restored": ids, **info.as_dict()})
+    else:
+        print(f"{', '.join(ids)}: restored the namespace of cluster {info.cluster_id} at index {info.index} "
+              f"(backup taken by {info.node}); start {'them' if len(ids) > 1 else 'it'} now")
     return output.OK
 
 

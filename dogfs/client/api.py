@@ -94,6 +94,9 @@ class DogFSClient:
         self.clock: IReactorTime = reactor
         self.config = config
         self.timeout = timeout if timeout is not None else config.timeout
+        #: Whether uploads carry their block tokens: with TLS, where chunk servers check them.
+        #: Without, a chunk server of a release before block tokens must still read them.
+        self.sends_tokens = config.tls is not None
         self.pool = ConnectionPool(
             reactor,
             endpoints or client_endpoints(reactor, config.tls, timeout=min(5.0, self.timeout)),
@@ -277,7 +280,7 @@ class DogFSClient:
             self._sessions_made += 1
             session, seq = f"{self._session_prefix}.{self._sessions_made}", 0
         seq += 1
-        d = self._meta_call(m.MetaCommand(session, seq), c.encode_command(command))
+        d = self._meta_call(m.MetaCommand(session, seq, wants_tokens=True), c.encode_command(command))
 
         def done(result: Any) -> Any:
             self._idle_sessions.append((session, seq, self.clock.seconds()))
@@ -350,6 +353,45 @@ class DogFSClient:
             return msgpack.unpackb(bytes(reply.payload), raw=False)  # type: ignore[no-any-return]
 
         return defer.Deferred.fromCoroutine(run())
+
+    def backup(self, sink: Callable[[memoryview], object]) -> defer.Deferred[dict[str, Any]]:
+        """A consistent copy of the namespace (admin role; see dogfs.meta.backup): its bytes
+        go to ``sink`` in parts as they arrive; fires with the member's account of them
+        (``index``, ``size``, ``sha256``, ``cluster_id``, ``node``, ``taken``).
+
+        Served by the member that leads (found as for any request); not retried once parts
+        have arrived. Fails with ``timeout`` if no part comes for the client's timeout.
+        """
+        return defer.Deferred.fromCoroutine(self._backup(sink))
+
+    async def _backup(self, sink: Callable[[memoryview], object]) -> dict[str, Any]:
+        await self._query("cluster_info")  # finds the leader, and checks that we may read
+        address = self._leader or self.config.meta[0]
+        connection = await self.pool.get(address)
+        stalled: list[Any] = []
+
+        def watchdog() -> None:
+            stalled.append(True)
+            connection.transport.abortConnection()
+
+        timer = self.clock.callLater(self.timeout, watchdog)
+
+        def part(_msg: Any, payload: memoryview) -> None:
+            timer.reset(self.timeout)
+            sink(payload)
+
+        try:
+            reply = await connection.call(m.MetaQuery("backup", "", {}), on_part=part)
+        except WireError as e:
+            if stalled:
+                raise DogFSError(
+                    "timeout", f"the backup from {address} stalled: nothing arrived for {self.timeout:g}s"
+                ) from None
+            raise _error(e, f"backup from {address}") from None
+        finally:
+            if timer.active():
+                timer.cancel()
+        return msgpack.unpackb(bytes(reply.payload), raw=False)  # type: ignore[no-any-return]
 
     def drain(self, node_id: str, draining: bool = True) -> defer.Deferred[Any]:
         """Mark a chunk server draining (its shards move elsewhere, it gets no new ones), or

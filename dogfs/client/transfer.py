@@ -790,6 +790,7 @@ async def _upload_group(
             frozenset({shard.node_id}),
         ) from None
     fragment_size = codec.fragment_size(stripe_size)
+    token = allocation.token if client.sends_tokens else None
     uploads: list[Upload] = []
     cells = 0
     size = 0
@@ -808,7 +809,7 @@ async def _upload_group(
         for i, (conn, s) in enumerate(zip(connections, shards, strict=True)):
             try:
                 uploads.append(
-                    conn.open_stream(m.PutShard(s.shard_id, allocation.ec, s.index, fragment_size, allocation.token))
+                    conn.open_stream(m.PutShard(s.shard_id, allocation.ec, s.index, fragment_size, token))
                 )
             except WireError as e:  # closed while the others were being dialled
                 raise failed(i, e) from None

@@ -673,6 +673,8 @@ _ADDED_FIELDS: dict[type, tuple[str, Any]] = {
     Allocate: ("avoid", ()),
     Sessioned: ("now", 0.0),
     SetDefaultPolicy: ("seed", False),
+    # A result, not a command: left out for a client that does not read it (MetaCommand).
+    Allocation: ("token", None),
 }
 
 

@@ -118,6 +118,15 @@ class MemberBook:
         replace_file(self.path, json.dumps(self.dump()).encode())
 
 
+def machine_snapshot(peers: dict[str, str], dump: bytes) -> bytes:
+    """A `NamespaceMachine` snapshot of namespace ``dump`` whose address book holds
+    ``peers`` (node id -> address): what a group restored from a backup starts from."""
+    book = MemberBook(None, peers)
+    return msgpack.packb(  # type: ignore[no-any-return]
+        [_SNAPSHOT_MAGIC, _SNAPSHOT_VERSION, book.dump(), dump], use_bin_type=True
+    )
+
+
 @implementer(IRaftStateMachine)
 class NamespaceMachine:
     """The state machine a metadata member's driver applies: namespace and address book.

@@ -10,18 +10,20 @@ shard reports here; liveness is soft state in a `ChunkServerRegistry`.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import random
 import secrets
 import uuid
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import attrs
 import msgpack
 from twisted.application.service import MultiService
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -42,6 +44,8 @@ from dogfs.wire.protocol import Reply, Request, WireError
 
 #: LMDB map size of a metadata node's namespace (see MetaService).
 NAMESPACE_MAP_SIZE = 1 << 38
+#: Bytes of namespace per frame of a backup (`MetaHandlers._backup`).
+BACKUP_PART = 4 << 20
 
 log = Logger()
 
@@ -134,6 +138,9 @@ class MetaHandlers:
         self._in_flight: dict[tuple[str, int], list[defer.Deferred[Any]]] = {}
         # The leader's repair scheduler (MetaService sets it), for `repair_status`.
         self.repair: Any = None
+        # Runs a blocking function off the reactor (MetaService gives it a worker thread):
+        # a backup's dump of a large namespace.
+        self.in_thread: Callable[[Callable[[], Any]], defer.Deferred[Any]] = defer.maybeDeferred
 
     def handlers(self) -> dict[type, Callable[[Request], Any]]:
         """The wire handler table."""
@@ -186,7 +193,7 @@ class MetaHandlers:
             # first): it gets the first try's answer, without a second entry in the log.
             resent: defer.Deferred[Any] = defer.Deferred()
             waiting.append(resent)
-            return resent.addCallback(self._answer, None)
+            return resent.addCallback(self._answer, None, msg.wants_tokens)
         try:
             command = self.prepare(command)
         except WireError as e:
@@ -196,7 +203,7 @@ class MetaHandlers:
         # A session makes a retried command take effect once, remembered in the replicated
         # state itself (so it survives restarts and leader changes).
         if not msg.client_id:
-            return self.log.propose(command).addCallback(self._answer, command)
+            return self.log.propose(command).addCallback(self._answer, command, msg.wants_tokens)
         d = self.log.propose(c.Sessioned(msg.client_id, msg.seq, command, self.clock.seconds()))
         waiters: list[defer.Deferred[Any]] = []
         self._in_flight[key] = waiters
@@ -211,12 +218,16 @@ class MetaHandlers:
                     waiter.callback(result)
             return result
 
-        return d.addBoth(decided).addCallback(self._answer, command)
+        return d.addBoth(decided).addCallback(self._answer, command, msg.wants_tokens)
 
-    def _answer(self, result: Any, command: Any) -> Reply:
-        """The reply to a command (None: a resend, whose first try emitted its events)."""
+    def _answer(self, result: Any, command: Any, tokens: bool = True) -> Reply:
+        """The reply to a command (None: a resend, whose first try emitted its events);
+        without ``tokens``, an `Allocation` goes without its block token (the client's
+        release would not read it)."""
         if isinstance(result, c.MetaError):
             raise error_from_result(result)
+        if not tokens and isinstance(result, c.Allocation) and result.token is not None:
+            result = attrs.evolve(result, token=None)
         if isinstance(command, c.CommitFile):
             self.emit("commit", path=command.path, size=command.size)
         elif isinstance(command, c.RemoveChunkServer):
@@ -240,7 +251,7 @@ class MetaHandlers:
                     error.details,
                 )
             raise error
-        return defer.succeed(self._answer(cached, None))
+        return defer.succeed(self._answer(cached, None, msg.wants_tokens))
 
     def prepare(self, command: Any) -> Any:
         """Fill in what only the leader decides: placement and timestamps."""
@@ -343,11 +354,43 @@ class MetaHandlers:
             if self.repair is None:
                 raise WireError("unsupported", f"{self.config.id} runs no repair scheduler")
             return defer.succeed(Reply(m.MetaReply(self.log.leader_address()), encode_status(self.repair.status())))
+        if msg.op == "backup":
+            self.authorize(request, "admin")
+            barrier = self.log.read_barrier()
+            barrier.addCallback(lambda _: defer.Deferred.fromCoroutine(self._backup(request)))
+            return barrier
         if msg.op not in ("stat", "list", "cluster_info"):
             raise WireError("invalid_argument", f"unknown query {msg.op!r}")
         d = self.log.read_barrier()
         d.addCallback(self._read_allowed, request, msg)
         return d
+
+    async def _backup(self, request: Request) -> Reply:
+        """Stream the namespace as of now (after the read barrier: every write acknowledged
+        before the request is in it) in parts, then its size and checksum (dogfs.meta.backup).
+
+        The dump is an LMDB read transaction serialised on a worker thread, so this member
+        goes on applying and serving meanwhile; it is held in memory, as a Raft snapshot is.
+        """
+        self.authorize_fresh(request, "admin")
+        index = self.state.applied_index
+        dump = self.state.dump_later()
+
+        def dump_and_hash() -> tuple[bytes, str]:
+            data = dump()
+            return data, hashlib.sha256(data).hexdigest()
+
+        data, digest = await self.in_thread(dump_and_hash)
+        view = memoryview(data)
+        for start in range(0, len(data), BACKUP_PART):
+            await request.send_part(m.MetaReply(None), view[start : start + BACKUP_PART])
+        info = {
+            "index": index, "size": len(data), "sha256": digest, "cluster_id": self.state.cluster_id(),
+            "node": self.config.id, "taken": self.clock.seconds(),
+        }
+        log.info("{node} sent a backup of the namespace at index {index} ({size} bytes)",
+                 node=self.config.id, index=index, size=len(data))
+        return Reply(m.MetaReply(self.log.leader_address()), encode_status(info))
 
     def _read_allowed(self, _: object, request: Request, msg: m.MetaQuery) -> Reply:
         # Nothing a revoked identity asks after its revocation was acknowledged is served,
@@ -622,6 +665,8 @@ class MetaService(MultiService):
         # cluster has TLS (the plugin passes it), plain TCP otherwise.
         self._chunk_pool = ConnectionPool(reactor, dial or tcp_endpoints(reactor), node_id=config.id)
         self.repair: RepairScheduler | None = None
+        # Whether _seed_secrets has proposals in flight (a failed round tries again once).
+        self._seeding = False
 
     def startService(self) -> None:
         from dogfs.codec.stripe import tune_malloc
@@ -644,6 +689,7 @@ class MetaService(MultiService):
         self.registry.known_all(self.state.chunk_servers())
         self.registry.start()
         self.handlers = MetaHandlers(self.reactor, self.config, self.state, self.log, self.registry)
+        self.handlers.in_thread = partial(self._in_thread, self.reactor)
         replicated: Any = self.log
         if getattr(replicated, "service", None) is not None:
             replicated.service.setServiceParent(self)
@@ -760,6 +806,10 @@ class MetaService(MultiService):
 
             d.addErrback(failed)
 
+    @staticmethod
+    def _in_thread(reactor: Any, f: Callable[[], Any]) -> defer.Deferred[Any]:
+        return threads.deferToThreadPool(reactor, reactor.getThreadPool(), f)
+
     def _seed_secrets(self) -> None:
         """Give a namespace without them a cluster id and a block key (random ones).
 
@@ -776,15 +826,25 @@ class MetaService(MultiService):
             wanted.append((c.SetClusterId(str(uuid.uuid4())), "naming the cluster"))
         if self.state.block_key() is None:
             wanted.append((c.SetBlockKey(secrets.token_hex(32)), "choosing the block key"))
-        for command, what in wanted:
-            d = self.log.propose(command)
+        if not wanted or self._seeding:
+            return
+        self._seeding = True
 
-            def failed(failure: Failure, what: str = what) -> None:
-                if self.running:  # stopping: the next start chooses it
-                    log.failure("{what} failed; trying again", failure, what=what)
-                    self.reactor.callLater(1.0, self._seed_secrets)
+        def failed(failure: Failure, what: str) -> bool:
+            if self.running:
+                log.failure("{what} failed; trying again", failure, what=what)
+            return False
 
-            d.addErrback(failed)
+        def done(results: list[bool]) -> None:
+            self._seeding = False
+            # One try again for the round, however many of its proposals failed; stopping:
+            # the next start chooses them.
+            if not all(results) and self.running:
+                self.reactor.callLater(1.0, self._seed_secrets)
+
+        rounds = [self.log.propose(command).addCallbacks(lambda _: True, failed, errbackArgs=(what,))
+                  for command, what in wanted]
+        defer.gatherResults(rounds).addCallback(done)
 
     def _member_failed(self, failure: Any) -> None:
         # The Raft member halted (its disk or state failed): it must not keep answering as if

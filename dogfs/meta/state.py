@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import builtins
 import hashlib
+import hmac
 import itertools
 import math
 import os
@@ -158,6 +159,9 @@ _REVOKED = b"revoked"
 _CLUSTER_ID = b"cluster_id"
 _BLOCK_KEY = b"block_key"
 _FORMAT_VERSION = 1
+#: How far block group ids move on in a namespace restored from a backup (see
+#: NamespaceState.start_over_from_backup): past any the old cluster allocated after it.
+RESTORE_BG_GAP = 1 << 32
 
 _DUMP_MAGIC = "dogfs-meta-dump"
 #: Records packed per call while a dump is made (see NamespaceState._dump).
@@ -1227,6 +1231,25 @@ class NamespaceState:
         with self._read() as txn:
             raw = txn.get(_BLOCK_KEY, db=self._dbs[b"meta"])
         return None if raw is None else bytes(raw).decode("ascii")
+
+    def start_over_from_backup(self, seed: bytes) -> None:
+        """Make a namespace just loaded from a backup safe to serve (dogfs.meta.backup).
+
+        The cluster it was taken from went on after the backup: it allocated block groups
+        (whose shards are still on the chunk servers, until collected) and gave out block
+        tokens for them. So block group ids move on by L{RESTORE_BG_GAP}, and the block key
+        becomes one derived from it and ``seed`` (the backup's checksum): a new upload never
+        lands on a shard id the old cluster used, and no token the old one gave out after
+        the backup is valid. Every member restored from the same file computes the same.
+        """
+        with self.env.begin(write=True) as txn:
+            meta = self._dbs[b"meta"]
+            next_bg = _decode_counter(txn.get(_NEXT_BG, db=meta))
+            txn.put(_NEXT_BG, _u64(next_bg + RESTORE_BG_GAP), db=meta)
+            key = txn.get(_BLOCK_KEY, db=meta)
+            if key is not None:
+                derived = hmac.new(bytes.fromhex(bytes(key).decode("ascii")), b"dogfs restored\0" + seed, hashlib.sha256)
+                txn.put(_BLOCK_KEY, derived.hexdigest().encode("ascii"), db=meta)
 
     def revocations(self) -> tuple[frozenset[str], frozenset[int]]:
         """The revoked identity names and certificate serial numbers (see L{Revoke})."""

@@ -55,4 +55,6 @@ def valid_block_token(key: str, bg_id: int, token: object) -> bool:
     """Whether ``token`` is block group ``bg_id``'s under ``key`` (in constant time)."""
     if not isinstance(token, str) or len(token) != _TOKEN_HEX or not 0 <= bg_id < 1 << 64:
         return False
+    if not _HEX.issuperset(token):  # compare_digest refuses a str that is not ASCII
+        return False
     return hmac.compare_digest(block_token(key, bg_id), token)

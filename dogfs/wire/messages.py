@@ -239,10 +239,13 @@ class MetaCommand:
     """A namespace mutation; the payload is a command encoded by dogfs.meta.commands.
 
     `client_id` and `seq` make a retried command take effect once (Raft client sessions).
+    `wants_tokens`: the client reads an `Allocation`'s block token (a client of a release
+    before block tokens reads a 3-field `Allocation` only, and is sent one).
     """
 
     client_id: str
     seq: int
+    wants_tokens: bool = False
 
 
 @message(11)
@@ -460,7 +463,7 @@ class RaftEnvelope:
 #: `encode`). A chunk server sends `Heartbeat.cluster_id` ("" while it keeps none) and
 #: `wants_block_key`, and only such a server is told the cluster's id and block key: a
 #: server of a release before gets the 3- or 4-field `HeartbeatReply` it can read. A
-#: `PutShard` without a token (a cluster without TLS) reads on a chunk server of such a
-#: release. (`Heartbeat` is not here: its last field is never None, and metadata nodes are
-#: upgraded first, docs/operations.md.)
+#: client sends `PutShard.token` only with TLS, so without TLS its uploads read on a chunk
+#: server of such a release. (`Heartbeat` and `MetaCommand` are not here: their last fields
+#: are never None, and metadata nodes are upgraded first, docs/operations.md.)
 _NEW_LAST: dict[type, int] = {HeartbeatReply: 2, ShardReport: 1, PutShard: 1}

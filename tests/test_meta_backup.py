@@ -1,0 +1,294 @@
+# -*- test-case-name: tests.test_meta_backup -*-
+"""Metadata backups (dogfs.meta.backup): the file, the metadata member's side, the restore of
+a data directory, and the whole round trip on a real cluster."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from typing import Any
+
+import msgpack
+from twisted.trial.unittest import SynchronousTestCase
+
+from dogfs.config import MetaConfig
+from dogfs.meta import commands as c
+from dogfs.meta.backup import (
+    MAGIC,
+    BackupError,
+    BackupInfo,
+    BackupWriter,
+    read_backup,
+    restore_data_dir,
+)
+from dogfs.meta.state import RESTORE_BG_GAP, NamespaceState
+from dogfs.security.tokens import block_token, valid_block_token
+from dogfs.wire import messages as m
+from tests.test_meta_state import SERVERS, StateTestCase
+
+KEY = "4b" * 32
+
+
+def write_backup(path: str, data: bytes, index: int = 9, parts: int = 3) -> BackupInfo:
+    """A backup of ``data`` at ``path``, arriving in ``parts`` pieces as from the wire."""
+    info = BackupInfo(index, len(data), hashlib.sha256(data).hexdigest(), "cid-a", "meta-2", 1.5)
+    writer = BackupWriter(path)
+    step = max(1, len(data) // parts)
+    for start in range(0, len(data), step):
+        writer.write(memoryview(data)[start : start + step])
+    writer.finish(info)
+    return info
+
+
+class BackupFileTests(SynchronousTestCase):
+    def test_round_trip(self) -> None:
+        """What arrives in parts is read back whole with its trailer; the file is its
+        owner's alone (it holds the block key) and no .partial is left."""
+        path = os.path.join(self.mktemp(), "ns.bak")
+        os.makedirs(os.path.dirname(path))
+        data = os.urandom(10_000)
+        info = write_backup(path, data)
+        self.assertEqual(read_backup(path), (info, data))
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+        self.assertEqual(os.listdir(os.path.dirname(path)), ["ns.bak"])
+
+    def test_damage_arriving_is_refused(self) -> None:
+        """Bytes that do not match the member's size or checksum leave no file at all."""
+        path = os.path.join(self.mktemp(), "ns.bak")
+        os.makedirs(os.path.dirname(path))
+        writer = BackupWriter(path)
+        writer.write(b"abc")
+        info = BackupInfo(1, 3, hashlib.sha256(b"abd").hexdigest(), None, "meta-1", 0.0)
+        with self.assertRaises(BackupError) as raised:
+            writer.finish(info)
+        self.assertIn("arrived damaged", str(raised.exception))
+        self.assertEqual(os.listdir(os.path.dirname(path)), [])
+
+    def test_what_is_not_a_backup(self) -> None:
+        """A changed byte, a cut file, another file, a missing one: each refused, named."""
+        base = self.mktemp()
+        os.makedirs(base)
+        good = os.path.join(base, "good.bak")
+        data = os.urandom(5_000)
+        write_backup(good, data)
+        raw = open(good, "rb").read()
+        cases = {
+            "flipped": (raw[:100] + bytes([raw[100] ^ 1]) + raw[101:], "damaged"),
+            "cut": (raw[:-3], "not a DogFS metadata backup"),
+            "headless": (raw[4000:], "namespace bytes"),
+            "other": (b"hello, world\n" * 10, "not a DogFS metadata backup"),
+            "tiny": (b"x", "too short"),
+            "trailer": (raw[:5000] + b"\xc1" * 20 + len(b"\xc1" * 20).to_bytes(4, "big") + MAGIC, "trailer"),
+        }
+        for name, (content, expected) in cases.items():
+            path = os.path.join(base, name)
+            with open(path, "wb") as f:
+                f.write(content)
+            with self.assertRaises(BackupError, msg=name) as raised:
+                read_backup(path)
+            self.assertIn(expected, str(raised.exception), name)
+            self.assertIn(path, str(raised.exception), name)
+        with self.assertRaises(BackupError) as raised:
+            read_backup(os.path.join(base, "missing"))
+        self.assertIn("cannot read", str(raised.exception))
+
+
+class RestoreTests(StateTestCase):
+    """`restore_data_dir`: an empty data directory made to hold a backup."""
+
+    def namespace(self) -> bytes:
+        self.register(6)
+        self.ok(c.SetClusterId("cid-a"))
+        self.ok(c.SetBlockKey(KEY))
+        self.upload("/f", [100])
+        self.ok(c.Mkdir("/d"))
+        return self.state.dump()
+
+    def config(self, node: str = "meta-1", peers: int = 3) -> MetaConfig:
+        return MetaConfig(
+            id=node, listen="tcp:0", address="127.0.0.1:1", data_dir=self.mktemp(),
+            peers={f"meta-{i}": f"127.0.0.1:{i}" for i in range(1, peers + 1)},
+        )
+
+    def test_restored_member(self) -> None:
+        """A member's data directory gets the namespace and a Raft snapshot at the backup's
+        index (term 1, voters from its config) holding exactly that namespace; members
+        restored from the same file agree byte for byte. Block group ids move on, and the
+        key changes, so no token given out by the old cluster after the backup is valid."""
+        from dogfs.meta.raftlog import NamespaceMachine
+        from dogfs.raft.storage import LMDBRaftStorage
+
+        data = self.namespace()
+        info = BackupInfo(self.state.applied_index, len(data), hashlib.sha256(data).hexdigest(), "cid-a", "m", 0.0)
+        digests = []
+        for node in ("meta-1", "meta-2"):
+            config = self.config(node)
+            restore_data_dir(config, info, data, map_size=1 << 26)
+            state = NamespaceState(os.path.join(config.data_dir, "namespace"), map_size=1 << 26)
+            state.open()
+            self.addCleanup(state.close)
+            self.assertEqual(state.applied_index, info.index)
+            self.assertIsInstance(state.stat("/f"), c.FileInfo)
+            self.assertEqual(state.cluster_id(), "cid-a")
+            new_key = state.block_key()
+            assert new_key is not None
+            self.assertNotEqual(new_key, KEY)
+            digests.append((state.digest(), new_key))
+            # The next allocation: past every id the old cluster could have used since.
+            self.index = info.index
+            alloc = self.run_(c.Allocate("/g", "RS-2-1", SERVERS[:3], 2.0), state)
+            self.assertGreater(alloc.bg_id, RESTORE_BG_GAP)
+            self.assertFalse(valid_block_token(new_key, 2, block_token(KEY, 2)))
+            storage = LMDBRaftStorage(os.path.join(config.data_dir, "raft", "log"))
+            loaded = storage.load()
+            snapshot = storage.snapshot_data()
+            storage.close()
+            assert loaded.snapshot is not None and snapshot is not None
+            self.assertEqual((loaded.snapshot.index, loaded.snapshot.term), (info.index, 1))
+            self.assertEqual(loaded.snapshot.config.voters, frozenset({"meta-1", "meta-2", "meta-3"}))
+            self.assertEqual(loaded.hard_state.commit, info.index)
+            # A member whose namespace is lost restores it from the snapshot: the same one.
+            twin = self.make_state()
+            from dogfs.meta.raftlog import MemberBook
+
+            NamespaceMachine(twin, MemberBook(None, {})).restore(snapshot)
+            self.assertEqual(twin.block_key(), new_key)
+            self.assertIsInstance(twin.stat("/d"), c.DirInfo)
+        self.assertEqual(digests[0], digests[1])
+
+    def test_single_node(self) -> None:
+        """A metadata node without Raft peers gets the namespace alone."""
+        data = self.namespace()
+        info = BackupInfo(self.state.applied_index, len(data), hashlib.sha256(data).hexdigest(), None, "m", 0.0)
+        config = self.config(peers=1)
+        restore_data_dir(config, info, data, map_size=1 << 26)
+        self.assertEqual(sorted(os.listdir(config.data_dir)), ["namespace"])
+
+    def test_refuses_a_data_directory_in_use(self) -> None:
+        """Nothing is overwritten: a data directory holding a namespace or a Raft log is
+        refused, naming it; so is a node its own config leaves out of the group, and a
+        backup whose namespace does not load."""
+        data = self.namespace()
+        info = BackupInfo(self.state.applied_index, len(data), hashlib.sha256(data).hexdigest(), None, "m", 0.0)
+        config = self.config()
+        held = os.path.join(config.data_dir, "raft")
+        os.makedirs(held)
+        with open(os.path.join(held, "members.json"), "w") as f:
+            f.write("{}")
+        with self.assertRaises(BackupError) as raised:
+            restore_data_dir(config, info, data, map_size=1 << 26)
+        self.assertIn(held, str(raised.exception))
+        self.assertEqual(os.listdir(held), ["members.json"])
+        outsider = MetaConfig(id="meta-9", listen="tcp:0", address="127.0.0.1:9", data_dir=self.mktemp(),
+                              peers={"meta-1": "127.0.0.1:1", "meta-2": "127.0.0.1:2"})
+        with self.assertRaises(BackupError) as raised:
+            restore_data_dir(outsider, info, data, map_size=1 << 26)
+        self.assertIn("not among", str(raised.exception))
+        with self.assertRaises(BackupError) as raised:
+            restore_data_dir(self.config(), info, b"\x93junk", map_size=1 << 26)
+        self.assertIn("cannot be loaded", str(raised.exception))
+
+
+class BackupQueryTests(SynchronousTestCase):
+    """The metadata member's side: `MetaQuery("backup")`."""
+
+    def test_streams_the_namespace(self) -> None:
+        """After the read barrier the namespace comes in parts, then its index, size and
+        checksum; the parts are exactly a dump of the state."""
+        from dogfs.meta import service
+        from tests.test_meta_service import Harness
+
+        self.patch(service, "BACKUP_PART", 100)
+        h = Harness(self)
+        h.result(c.Mkdir("/a"))
+        parts: list[bytes] = []
+        d = h.client.call(m.MetaQuery("backup", "", {}), on_part=lambda msg, payload: parts.append(bytes(payload)))
+        h.pump.flush()
+        reply = self.successResultOf(d)
+        info = BackupInfo.from_dict(msgpack.unpackb(bytes(reply.payload), raw=False))
+        data = b"".join(parts)
+        self.assertGreater(len(parts), 2)
+        self.assertEqual((info.size, info.sha256), (len(data), hashlib.sha256(data).hexdigest()))
+        self.assertEqual(info.index, h.state.applied_index)
+        self.assertEqual(data, h.state.dump())
+
+    def test_admins_only(self) -> None:
+        """A backup holds the block key: anyone but an admin is refused."""
+        from dogfs.wire.protocol import WireError
+        from tests.test_meta_service import Harness
+
+        h = Harness(self)
+        asked: list[str] = []
+
+        def authorize(request: Any, permission: str) -> None:
+            asked.append(permission)
+            if permission == "admin":
+                raise WireError("permission_denied", "identity 'bob' (role user) may not run admin commands")
+
+        h.handlers.authorize = authorize
+        error = h.error(m.MetaQuery("backup", "", {}))
+        self.assertEqual(error.code, "permission_denied")
+        self.assertIn("admin", asked)
+
+
+class BackupProcessTests(SynchronousTestCase):
+    """A real 3-member cluster: backup, more writes, down, restore, up."""
+
+    def test_backup_and_restore(self) -> None:
+        """The restored cluster has what was acknowledged before the backup (file content
+        included: the chunk servers kept the shards) and nothing written after it; it takes
+        new files, on block group ids past the old cluster's. A restore over a data directory
+        in use, or of a damaged backup, is refused and changes nothing."""
+        from tests.test_meta_raft_process import RealCluster
+
+        cluster = RealCluster(metas=3, chunks=3, ec="RS-2-1")
+        self.addCleanup(cluster.destroy)
+        cluster.up()
+        local = os.path.join(cluster.home, "local")
+        os.makedirs(local)
+        before, after = os.path.join(local, "before"), os.path.join(local, "after")
+        with open(before, "wb") as f:
+            f.write(b"acknowledged before the backup\n" * 1000)
+        with open(after, "wb") as f:
+            f.write(b"written after the backup\n")
+        cluster.run("mkdir", "/d")
+        cluster.run("put", before, "/d/kept")
+        backup = os.path.join(cluster.home, "ns.bak")
+        out = json.loads(cluster.run("admin", "meta", "backup", backup, "--json").stdout)
+        self.assertEqual(out["file"], backup)
+        self.assertEqual(os.stat(backup).st_mode & 0o777, 0o600)
+        cluster.run("put", after, "/d/later")
+        cluster.run("mkdir", "/e")
+        refused = cluster.run("admin", "meta", "restore", backup, "--local", check=False)
+        self.assertEqual(refused.returncode, 1, refused.stderr)
+        self.assertIn("stop the cluster first", refused.stderr)
+        cluster.down()
+        refused = cluster.run("admin", "meta", "restore", backup, "--local", check=False)
+        self.assertEqual(refused.returncode, 1)
+        self.assertIn("already holds metadata", refused.stderr)
+        for node in cluster.meta_ids():
+            data_dir = os.path.join(cluster.home, "nodes", node, "data")
+            os.rename(data_dir, data_dir + ".old")
+        damaged = os.path.join(cluster.home, "damaged.bak")
+        raw = open(backup, "rb").read()
+        with open(damaged, "wb") as f:
+            f.write(raw[:50] + bytes([raw[50] ^ 0xFF]) + raw[51:])
+        refused = cluster.run("admin", "meta", "restore", damaged, "--local", check=False)
+        self.assertEqual(refused.returncode, 1)
+        self.assertIn("damaged", refused.stderr)
+        self.assertFalse(os.path.exists(os.path.join(cluster.home, "nodes", "meta-1", "data", "namespace")))
+        cluster.run("admin", "meta", "restore", backup, "--local")
+        cluster.up()
+        copy = os.path.join(local, "copy")
+        cluster.run("get", "/d/kept", copy)
+        self.assertEqual(open(copy, "rb").read(), open(before, "rb").read())
+        missing = cluster.run("get", "/d/later", copy, check=False)
+        self.assertEqual(missing.returncode, 3, missing.stderr)
+        self.assertEqual(cluster.run("stat", "/e", check=False).returncode, 3)
+        cluster.run("put", after, "/d/new")
+        stat = json.loads(cluster.run("--json", "stat", "/d/new").stdout)
+        self.assertGreater(stat["block_groups"][0]["id"], 1 << 32)
+        cluster.run("get", "/d/new", copy)
+        self.assertEqual(open(copy, "rb").read(), io.BytesIO(b"written after the backup\n").getvalue())
