@@ -420,9 +420,25 @@ class BlockTokenTests(SynchronousTestCase):
         self.successResultOf(h.put(SHARD, fragments(2), token=block_token(self.KEY, bg)))
         self.assertEqual(h.server.shard_ids, {SHARD})
 
+    def test_a_shard_is_written_once(self) -> None:
+        """With its token still in hand, a user cannot rewrite a shard once stored (the
+        shards of a committed file, behind the namespace's back): "exists", and the shard
+        reads back as first written."""
+        h = self.harness(Role.USER)
+        token = block_token(self.KEY, int(SHARD[:16], 16))
+        first = fragments(2)
+        self.successResultOf(h.put(SHARD, first, token=token))
+        error = self.failureResultOf(h.put(SHARD, [b"\xee" * FRAGMENT] * 2, token=token), WireError).value
+        self.assertEqual(error.code, "exists")
+        self.assertIn(SHARD, error.message)
+        d, parts = h.get(SHARD)
+        self.successResultOf(d)
+        self.assertEqual([payload for _, payload in parts], first)
+
     def test_nodes_need_no_token(self) -> None:
-        """A node (a repair, a move) writes without a token."""
+        """A node (a repair, a move) writes without a token, and may write a shard again."""
         h = self.harness(Role.NODE)
+        self.successResultOf(h.put(SHARD, fragments(2)))
         self.successResultOf(h.put(SHARD, fragments(2)))
         self.assertEqual(h.server.shard_ids, {SHARD})
 

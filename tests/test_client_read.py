@@ -865,6 +865,7 @@ class _PutClient:
         self.commands: list[Any] = []
         self.pool = self
         self.group_uploads = defer.DeferredSemaphore(1)
+        self.sends_tokens = False
 
     def get(self, address: str) -> defer.Deferred[_UploadConnection]:
         return defer.succeed(_UploadConnection(self.log))

@@ -17,6 +17,7 @@ from dogfs.config import MetaConfig
 from dogfs.meta import commands as c
 from dogfs.meta.backup import (
     MAGIC,
+    RESTORE_TERM_GAP,
     BackupError,
     BackupInfo,
     BackupWriter,
@@ -114,15 +115,17 @@ class RestoreTests(StateTestCase):
 
     def test_restored_member(self) -> None:
         """A member's data directory gets the namespace and a Raft snapshot at the backup's
-        index (term 1, voters from its config) holding exactly that namespace; members
-        restored from the same file agree byte for byte. Block group ids move on, and the
-        key changes, so no token given out by the old cluster after the backup is valid."""
+        index (its term 2^32 above the backup's, voters from its config) holding exactly that
+        namespace; members restored from the same file agree byte for byte. Block group ids
+        move on, and the key is gone (the first leader chooses a new one), so no token the
+        old cluster gave out is valid."""
         from dogfs.meta.raftlog import NamespaceMachine
         from dogfs.raft.storage import LMDBRaftStorage
 
         data = self.namespace()
-        info = BackupInfo(self.state.applied_index, len(data), hashlib.sha256(data).hexdigest(), "cid-a", "m", 0.0)
+        info = BackupInfo(self.state.applied_index, len(data), hashlib.sha256(data).hexdigest(), "cid-a", "m", 0.0, 7)
         digests = []
+        jumps: list[int] = []
         for node in ("meta-1", "meta-2"):
             config = self.config(node)
             restore_data_dir(config, info, data, map_size=1 << 26)
@@ -132,21 +135,30 @@ class RestoreTests(StateTestCase):
             self.assertEqual(state.applied_index, info.index)
             self.assertIsInstance(state.stat("/f"), c.FileInfo)
             self.assertEqual(state.cluster_id(), "cid-a")
-            new_key = state.block_key()
-            assert new_key is not None
-            self.assertNotEqual(new_key, KEY)
-            digests.append((state.digest(), new_key))
+            self.assertIsNone(state.block_key())
+            digests.append(state.digest())
             # The next allocation: past every id the old cluster could have used since.
             self.index = info.index
             alloc = self.run_(c.Allocate("/g", "RS-2-1", SERVERS[:3], 2.0), state)
             self.assertGreater(alloc.bg_id, RESTORE_BG_GAP)
-            self.assertFalse(valid_block_token(new_key, 2, block_token(KEY, 2)))
+            self.assertIsNone(alloc.token)
+            # The restored group's leader chooses a key: ids jump again, by a random amount
+            # taken from it (the same on every member), once.
+            self.run_(c.SetBlockKey(f"{node[-1]}0" + "e5" * 31), state)
+            jumped = self.run_(c.Allocate("/g", "RS-2-1", SERVERS[:3], 2.0), state)
+            self.assertGreaterEqual(jumped.bg_id - alloc.bg_id, 1 << 32)
+            self.run_(c.SetBlockKey("77" * 32), state)
+            after = self.run_(c.Allocate("/g", "RS-2-1", SERVERS[:3], 2.0), state)
+            self.assertEqual(after.bg_id, jumped.bg_id + 1)
+            jumps.append(jumped.bg_id)
+            self.assertFalse(valid_block_token(state.block_key(), 2, block_token(KEY, 2)))
             storage = LMDBRaftStorage(os.path.join(config.data_dir, "raft", "log"))
             loaded = storage.load()
             snapshot = storage.snapshot_data()
             storage.close()
             assert loaded.snapshot is not None and snapshot is not None
-            self.assertEqual((loaded.snapshot.index, loaded.snapshot.term), (info.index, 1))
+            self.assertEqual((loaded.snapshot.index, loaded.snapshot.term), (info.index, 7 + RESTORE_TERM_GAP))
+            self.assertEqual(loaded.hard_state.term, 7 + RESTORE_TERM_GAP)
             self.assertEqual(loaded.snapshot.config.voters, frozenset({"meta-1", "meta-2", "meta-3"}))
             self.assertEqual(loaded.hard_state.commit, info.index)
             # A member whose namespace is lost restores it from the snapshot: the same one.
@@ -154,9 +166,12 @@ class RestoreTests(StateTestCase):
             from dogfs.meta.raftlog import MemberBook
 
             NamespaceMachine(twin, MemberBook(None, {})).restore(snapshot)
-            self.assertEqual(twin.block_key(), new_key)
+            self.assertIsNone(twin.block_key())
             self.assertIsInstance(twin.stat("/d"), c.DirInfo)
+            self.assertEqual([n for n in os.listdir(config.data_dir) if n.endswith(".restoring")], [])
         self.assertEqual(digests[0], digests[1])
+        # Two keys (two restores of one backup, say): two ranges of ids.
+        self.assertGreater(abs(jumps[0] - jumps[1]), 1 << 32)
 
     def test_single_node(self) -> None:
         """A metadata node without Raft peers gets the namespace alone."""
@@ -186,9 +201,28 @@ class RestoreTests(StateTestCase):
         with self.assertRaises(BackupError) as raised:
             restore_data_dir(outsider, info, data, map_size=1 << 26)
         self.assertIn("not among", str(raised.exception))
+        empty = self.config()
         with self.assertRaises(BackupError) as raised:
-            restore_data_dir(self.config(), info, b"\x93junk", map_size=1 << 26)
+            restore_data_dir(empty, info, b"\x93junk", map_size=1 << 26)
         self.assertIn("cannot be loaded", str(raised.exception))
+        self.assertEqual(os.listdir(empty.data_dir), [])  # a failed restore leaves nothing
+
+    def test_voters_given(self) -> None:
+        """The voters may come from elsewhere than the config (a `dogfs cluster` home's
+        metadata nodes): a node added at run time, absent from its own peers, is restored."""
+        from dogfs.raft.storage import LMDBRaftStorage
+
+        data = self.namespace()
+        info = BackupInfo(self.state.applied_index, len(data), hashlib.sha256(data).hexdigest(), None, "m", 0.0)
+        joined = MetaConfig(id="meta-4", listen="tcp:0", address="127.0.0.1:4", data_dir=self.mktemp(),
+                            peers={"meta-1": "127.0.0.1:1"})
+        voters = {"meta-1": "127.0.0.1:1", "meta-4": "127.0.0.1:4"}
+        restore_data_dir(joined, info, data, map_size=1 << 26, voters=voters)
+        storage = LMDBRaftStorage(os.path.join(joined.data_dir, "raft", "log"))
+        loaded = storage.load()
+        storage.close()
+        assert loaded.snapshot is not None
+        self.assertEqual(loaded.snapshot.config.voters, frozenset(voters))
 
 
 class BackupQueryTests(SynchronousTestCase):
@@ -281,6 +315,8 @@ class BackupProcessTests(SynchronousTestCase):
         self.assertFalse(os.path.exists(os.path.join(cluster.home, "nodes", "meta-1", "data", "namespace")))
         cluster.run("admin", "meta", "restore", backup, "--local")
         cluster.up()
+        terms = [n["term"] for n in cluster.nodes().values() if n.get("kind") == "meta"]
+        self.assertTrue(terms and all(t > out["term"] + (1 << 32) for t in terms), terms)
         copy = os.path.join(local, "copy")
         cluster.run("get", "/d/kept", copy)
         self.assertEqual(open(copy, "rb").read(), open(before, "rb").read())
@@ -292,3 +328,30 @@ class BackupProcessTests(SynchronousTestCase):
         self.assertGreater(stat["block_groups"][0]["id"], 1 << 32)
         cluster.run("get", "/d/new", copy)
         self.assertEqual(open(copy, "rb").read(), io.BytesIO(b"written after the backup\n").getvalue())
+
+
+class SecretFilesTests(SynchronousTestCase):
+    """The metadata's LMDB files hold the block key: their owner's alone, even when an
+    earlier release made them readable by others."""
+
+    def test_owner_only(self) -> None:
+        from dogfs.raft.storage import LMDBRaftStorage
+
+        root = self.mktemp()
+        state = NamespaceState(os.path.join(root, "namespace"), map_size=1 << 24)
+        state.open()
+        state.close()
+        storage = LMDBRaftStorage(os.path.join(root, "log"), map_size=1 << 24)
+        storage.load()
+        storage.close()
+        for env in ("namespace", "log"):
+            for name in ("data.mdb", "lock.mdb"):
+                path = os.path.join(root, env, name)
+                self.assertEqual(os.stat(path).st_mode & 0o777, 0o600, path)
+                os.chmod(path, 0o644)
+        state.open()
+        state.close()
+        storage.load()
+        storage.close()
+        for env in ("namespace", "log"):
+            self.assertEqual(os.stat(os.path.join(root, env, "data.mdb")).st_mode & 0o777, 0o600)

@@ -348,7 +348,8 @@ class ShardServer:
 
     async def _check_token(self, request: Request, msg: PutShard) -> None:
         """Refuse an upload that does not carry its block group's token (see
-        dogfs.security.tokens), unless tokens are not checked here or a node sends it."""
+        dogfs.security.tokens), or that would rewrite a shard held here, unless tokens are
+        not checked here or a node sends it."""
         if not self.check_tokens:
             return
         identity = getattr(request.connection, "identity", None)
@@ -373,6 +374,15 @@ class ShardServer:
                 f"{who} may not write shard {msg.shard_id}: the upload does not carry its block "
                 f"group's block token, which only the metadata's allocation of that block group "
                 f"gives (a client of a release before block tokens sends none)",
+            )
+        if msg.shard_id in self.shard_ids:
+            # A client writes each shard once (a failed group is written again under a new
+            # block group id), so this would be its holder's token reused to rewrite the
+            # shards of a committed file behind the namespace's back.
+            raise self._error(
+                "exists",
+                f"{self.node_id} already holds shard {msg.shard_id}: a client writes a shard once, "
+                "and a failed upload is written again under a new block group",
             )
 
     async def _put_shard(self, request: Request) -> ShardStored:

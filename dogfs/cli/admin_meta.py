@@ -215,16 +215,19 @@ def cmd_backup(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise BackupError(f"the metadata member's account of the backup is malformed: {e}") from None
         writer.finish(info)
-    except BackupError as e:
-        raise CLIError(str(e), output.FAILED) from None
-    except BaseException:
-        writer.abort()
+    except BaseException as e:
+        writer.abort()  # the partial copy holds the block key: never left behind
+        if isinstance(e, BackupError):
+            raise CLIError(str(e), output.FAILED) from None
+        if isinstance(e, OSError):  # the disk the backup goes to: full, gone, read-only
+            raise CLIError(f"cannot write {target}.partial: {e.strerror or e}; nothing was written",
+                           output.FAILED) from None
         raise
     if getattr(args, "json", False):
         output.print_json({"file": target, **info.as_dict()})
     else:
         print(
-            f"{args.file}: the namespace of cluster {info.cluster_id} at index {info.index} "
+            f"{args.file}: the namespace of cluster {info.cluster_id or '(unnamed)'} at index {info.index} "
             f"({output.format_bytes(info.size)}, from {info.node})"
         )
     return output.OK
@@ -233,7 +236,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
 def cmd_restore(args: argparse.Namespace) -> int:
     """dogfs admin meta restore FILE (--meta-config META_TOML | --local)"""
     from dogfs.config import ConfigError, load_meta
-    from dogfs.meta.backup import BackupError, read_backup, restore_data_dir
+    from dogfs.meta.backup import BackupError, check_restorable, read_backup, restore_data_dir
     from dogfs.meta.service import NAMESPACE_MAP_SIZE
 
     if args.local:
@@ -249,23 +252,31 @@ def cmd_restore(args: argparse.Namespace) -> int:
             raise CLIError(f"stop the cluster first (`dogfs cluster down`): {', '.join(running)} running",
                            output.FAILED)
         paths = [layout.config_path(home, n) for n in metas]
+        # The group is the home's metadata nodes, whatever each config's peers say (a node
+        # added with `admin meta add --local` is not among its own).
+        voters: dict[str, str] | None = {n.id: n.address for n in metas}
     else:
         paths = [args.meta_config]
+        voters = None
     try:
         configs = [load_meta(p) for p in paths]
     except (ConfigError, OSError) as e:
         raise CLIError(str(e), output.USAGE) from None
     try:
         info, data = read_backup(args.file)
+        for config in configs:  # every one checked before any is written
+            check_restorable(config, dict(config.peers) if voters is None else voters)
         for config in configs:
-            restore_data_dir(config, info, data, map_size=NAMESPACE_MAP_SIZE)
+            restore_data_dir(config, info, data, map_size=NAMESPACE_MAP_SIZE, voters=voters)
     except BackupError as e:
         raise CLIError(str(e), output.FAILED) from None
+    except OSError as e:
+        raise CLIError(f"restoring failed: {e}", output.FAILED) from None
     ids = [c.id for c in configs]
     if getattr(args, "json", False):
         output.print_json({"restored": ids, **info.as_dict()})
     else:
-        print(f"{', '.join(ids)}: restored the namespace of cluster {info.cluster_id} at index {info.index} "
+        print(f"{', '.join(ids)}: restored the namespace of cluster {info.cluster_id or '(unnamed)'} at index {info.index} "
               f"(backup taken by {info.node}); start {'them' if len(ids) > 1 else 'it'} now")
     return output.OK
 

@@ -5,7 +5,7 @@ What etcd's ``snapshot save`` / ``snapshot restore`` and HDFS's ``dfsadmin -fetc
 their operators. ``dogfs admin meta backup FILE`` asks a metadata member for the namespace
 as of a linearizable read (every write acknowledged before the command is in it); the member
 dumps it from an LMDB read transaction, off the reactor, while it goes on serving, and
-streams it. ``dogfs admin meta restore FILE --config meta.toml`` turns a backup into a
+streams it. ``dogfs admin meta restore FILE --meta-config meta.toml`` turns a backup into a
 metadata node's data directory, offline: run it for every member of the new group, with the
 same file, then start them.
 
@@ -18,14 +18,16 @@ dogfs.security.tokens):
   ``cluster_id``, ``node`` (the member that made it) and ``taken`` (Unix time);
 - the trailer's length (4 bytes, big-endian) and the magic ``DOGFSBK1``.
 
-A restored group starts at term 1 with a snapshot at the backup's index, so its members agree
-from the first election; its membership is the ``[raft] peers`` of the configs. Chunk servers
+A restored group starts with a snapshot at the backup's index, at a term 2^32 above the
+backup's, so its members agree from the first election and a member started with its old
+state by mistake cannot lead it; its membership is the ``[raft] peers`` of the configs (with
+``--local``, the metadata nodes of the `dogfs cluster` home). Chunk servers
 keep their shards and are taken back (the cluster id is in the backup): shards of files
 written after the backup are garbage to the restored namespace and are collected after
 ``gc_grace``, as HDFS does with blocks an older fsimage does not know. Block group ids move
-on by 2^32 and the block key is replaced by one derived from it
-(`NamespaceState.start_over_from_backup`), so no new upload reuses a shard id the old cluster
-used after the backup, and no block token it gave out then is valid. Files removed after the
+on by 2^32 and the block key is dropped, for the first leader to choose a new one
+(`NamespaceState.start_over_from_backup`), so a new upload does not reuse a shard id the old
+cluster used after the backup, and no block token it gave out is valid. Files removed after the
 backup are back in the namespace, but their shards may have been collected: a ``get`` of one
 fails naming the missing shards.
 
@@ -36,14 +38,17 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import struct
-from collections.abc import Callable
 from typing import IO, Any
 
 import msgpack
 from attrs import frozen
 
-__all__ = ["BackupError", "BackupInfo", "BackupWriter", "MAGIC", "read_backup", "restore_data_dir"]
+__all__ = [
+    "BackupError", "BackupInfo", "BackupWriter", "MAGIC", "RESTORE_TERM_GAP", "check_restorable", "read_backup",
+    "restore_data_dir",
+]
 
 #: The last 8 bytes of every backup file.
 MAGIC = b"DOGFSBK1"
@@ -52,6 +57,8 @@ VERSION = 1
 _LENGTH = struct.Struct(">I")
 #: A trailer is a few hundred bytes: anything much longer is not one.
 _MAX_TRAILER = 64 << 10
+#: How far above the backup's Raft term a restored group starts (see `restore_data_dir`).
+RESTORE_TERM_GAP = 1 << 32
 
 
 class BackupError(Exception):
@@ -68,12 +75,14 @@ class BackupInfo:
     cluster_id: str | None
     node: str
     taken: float
+    #: The Raft term of the member that made it (0 for a metadata node without Raft).
+    term: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """The trailer's fields, as ``--json`` prints them."""
         return {
             "index": self.index, "size": self.size, "sha256": self.sha256,
-            "cluster_id": self.cluster_id, "node": self.node, "taken": self.taken,
+            "cluster_id": self.cluster_id, "node": self.node, "taken": self.taken, "term": self.term,
         }
 
     @classmethod
@@ -85,11 +94,11 @@ class BackupInfo:
             info = cls(
                 index=int(d["index"]), size=int(d["size"]), sha256=str(d["sha256"]),
                 cluster_id=None if d.get("cluster_id") is None else str(d["cluster_id"]),
-                node=str(d.get("node", "")), taken=float(d.get("taken", 0.0)),
+                node=str(d.get("node", "")), taken=float(d.get("taken", 0.0)), term=int(d.get("term", 0)),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"a field is missing or malformed ({e})") from None
-        if info.index < 0 or info.size < 0 or len(info.sha256) != 64:
+        if info.index < 0 or info.size < 0 or not 0 <= info.term < 1 << 62 or len(info.sha256) != 64:
             raise ValueError("its index, size or checksum is out of range")
         return info
 
@@ -182,62 +191,94 @@ def read_backup(path: str) -> tuple[BackupInfo, bytes]:
     return info, data
 
 
-def restore_data_dir(
-    config: Any, info: BackupInfo, data: bytes, *, map_size: int, progress: Callable[[str], None] = lambda s: None
-) -> None:
-    """Make ``config``'s (a ``MetaConfig``) empty data directory hold the namespace ``data``.
-
-    Behind Raft (several peers), the node's Raft storage gets a snapshot at ``info.index``,
-    term 1, whose voters are the config's peers, and the namespace is loaded as of that index
-    (so the node does not load it again at start). A single node gets the namespace alone.
-    Raises `BackupError` if the directory already holds a metadata node's state: nothing is
-    overwritten.
-    """
-    from dogfs.meta.raftlog import machine_snapshot, raft_mode
-    from dogfs.meta.state import NamespaceState
+def check_restorable(config: Any, voters: dict[str, str]) -> None:
+    """Refuse (`BackupError`) to restore into ``config``'s data directory if it holds a
+    metadata node's state, or if the node is not among ``voters`` of a Raft group: nothing
+    is written. Check every member before restoring any."""
+    from dogfs.meta.raftlog import raft_mode
 
     data_dir = config.data_dir
-    namespace_dir = os.path.join(data_dir, "namespace")
-    raft_dir = os.path.join(data_dir, "raft")
-    for held in (namespace_dir, raft_dir):
+    for held in (os.path.join(data_dir, "namespace"), os.path.join(data_dir, "raft")):
         if os.path.exists(held) and os.listdir(held):
             raise BackupError(
                 f"{held} already holds metadata: restore only into an empty data directory "
                 f"(stop the node and move {data_dir} aside first)"
             )
-    in_raft = raft_mode(config)
-    if in_raft and config.id not in config.peers:
+    if raft_mode(config) and config.id not in voters:
         raise BackupError(
-            f"{config.id} is not among its config's [raft] peers: a restored group is made of the "
-            "members its configs list (add others later with `dogfs admin meta add`)"
+            f"{config.id} is not among the voters of the restored group ({', '.join(sorted(voters))}): a "
+            "restored group is made of the members its configs' [raft] peers list (add others later "
+            "with `dogfs admin meta add`)"
         )
-    os.makedirs(data_dir, exist_ok=True)
-    state = NamespaceState(namespace_dir, durable=True, map_size=map_size)
-    state.open()
-    try:
-        try:
-            state.load(data, applied_index=info.index)
-        except ValueError as e:
-            raise BackupError(f"the backup's namespace cannot be loaded: {e}") from None
-        state.start_over_from_backup(bytes.fromhex(info.sha256))
-        state.sync()
-        # The Raft snapshot holds exactly what the namespace does (a member whose namespace
-        # is lost restores it from there).
-        data = state.dump()
-        progress(f"namespace loaded into {namespace_dir} as of index {info.index}")
-    finally:
-        state.close()
-    if not in_raft:
-        return
-    from dogfs.raft.core import Configuration, HardState, Snapshot, SnapshotMeta
-    from dogfs.raft.storage import LMDBRaftStorage
 
-    os.makedirs(raft_dir, exist_ok=True)
-    storage = LMDBRaftStorage(os.path.join(raft_dir, "log"))
+
+def restore_data_dir(
+    config: Any,
+    info: BackupInfo,
+    data: bytes,
+    *,
+    map_size: int,
+    voters: dict[str, str] | None = None,
+) -> None:
+    """Make ``config``'s (a ``MetaConfig``) empty data directory hold the namespace ``data``.
+
+    Behind Raft, the node's Raft storage gets a snapshot at ``info.index`` whose voters are
+    ``voters`` (node id -> address; by default the config's ``[raft] peers``), at term
+    ``info.term + RESTORE_TERM_GAP``: above any term the group the backup came from reached
+    since, so a member started with its old state by mistake can never be elected in the
+    restored group (its term and last log term are lower). The namespace is loaded as of that index (so the node does not
+    load it again at start). A single node gets the namespace alone.
+
+    Everything is written beside its place and renamed into it at the end: a restore that
+    fails leaves the directory as it was. Raises `BackupError` (see `check_restorable`).
+    """
+    from dogfs.meta.raftlog import machine_snapshot, raft_mode
+    from dogfs.meta.state import NamespaceState
+    from dogfs.storage.files import fsync_dir
+
+    voters = dict(config.peers) if voters is None else voters
+    check_restorable(config, voters)
+    data_dir = config.data_dir
+    os.makedirs(data_dir, exist_ok=True)
+    made = {name: os.path.join(data_dir, name + ".restoring") for name in ("namespace", "raft")}
+    for path in made.values():
+        shutil.rmtree(path, ignore_errors=True)  # an earlier restore's, cut short
     try:
-        meta = SnapshotMeta(index=info.index, term=1, config=Configuration(voters=frozenset(config.peers)))
-        snapshot = Snapshot(meta=meta, data=machine_snapshot(dict(config.peers), data))
-        storage.save(HardState(term=1, vote=None, commit=info.index), [], snapshot)
-    finally:
-        storage.close()
-    progress(f"Raft snapshot at index {info.index} (voters {', '.join(sorted(config.peers))}) in {raft_dir}")
+        state = NamespaceState(made["namespace"], durable=True, map_size=map_size)
+        state.open()
+        try:
+            try:
+                state.load(data, applied_index=info.index)
+            except ValueError as e:
+                raise BackupError(f"the backup's namespace cannot be loaded: {e}") from None
+            state.start_over_from_backup()
+            state.sync()
+            # The Raft snapshot holds exactly what the namespace does (a member whose
+            # namespace is lost restores it from there).
+            data = state.dump()
+        finally:
+            state.close()
+        if raft_mode(config):
+            from dogfs.raft.core import Configuration, HardState, Snapshot, SnapshotMeta
+            from dogfs.raft.storage import LMDBRaftStorage
+
+            term = info.term + RESTORE_TERM_GAP
+            os.makedirs(made["raft"])
+            storage = LMDBRaftStorage(os.path.join(made["raft"], "log"))
+            try:
+                meta = SnapshotMeta(index=info.index, term=term, config=Configuration(voters=frozenset(voters)))
+                storage.save(HardState(term=term, vote=None, commit=info.index), [],
+                             Snapshot(meta=meta, data=machine_snapshot(voters, data)))
+            finally:
+                storage.close()
+        for name, path in made.items():
+            if os.path.exists(path):
+                final = os.path.join(data_dir, name)
+                if os.path.isdir(final):
+                    os.rmdir(final)  # empty (checked above)
+                os.rename(path, final)
+        fsync_dir(data_dir)
+    except BaseException:
+        for path in made.values():
+            shutil.rmtree(path, ignore_errors=True)
+        raise

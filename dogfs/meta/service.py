@@ -141,6 +141,8 @@ class MetaHandlers:
         # Runs a blocking function off the reactor (MetaService gives it a worker thread):
         # a backup's dump of a large namespace.
         self.in_thread: Callable[[Callable[[], Any]], defer.Deferred[Any]] = defer.maybeDeferred
+        #: Backups' dumps running (on other threads, from read transactions of the state).
+        self.dumping: set[defer.Deferred[Any]] = set()
 
     def handlers(self) -> dict[type, Callable[[Request], Any]]:
         """The wire handler table."""
@@ -374,19 +376,26 @@ class MetaHandlers:
         """
         self.authorize_fresh(request, "admin")
         index = self.state.applied_index
+        term = getattr(getattr(self.log, "driver", None), "term", 0)
         dump = self.state.dump_later()
 
         def dump_and_hash() -> tuple[bytes, str]:
             data = dump()
             return data, hashlib.sha256(data).hexdigest()
 
-        data, digest = await self.in_thread(dump_and_hash)
+        # The node closes the namespace only once this is done (MetaService.stopService).
+        dumping = self.in_thread(dump_and_hash)
+        self.dumping.add(dumping)
+        try:
+            data, digest = await dumping
+        finally:
+            self.dumping.discard(dumping)
         view = memoryview(data)
         for start in range(0, len(data), BACKUP_PART):
             await request.send_part(m.MetaReply(None), view[start : start + BACKUP_PART])
         info = {
-            "index": index, "size": len(data), "sha256": digest, "cluster_id": self.state.cluster_id(),
-            "node": self.config.id, "taken": self.clock.seconds(),
+            "index": index, "term": term, "size": len(data), "sha256": digest,
+            "cluster_id": self.state.cluster_id(), "node": self.config.id, "taken": self.clock.seconds(),
         }
         log.info("{node} sent a backup of the namespace at index {index} ({size} bytes)",
                  node=self.config.id, index=index, size=len(data))
@@ -886,6 +895,8 @@ class MetaService(MultiService):
         d.addCallback(stop_listening)
 
         d.addCallback(lambda _: self._chunk_pool.close_all())
+        # A backup's dump reads the namespace on another thread: let it finish first.
+        d.addCallback(lambda _: defer.DeferredList(list(self.handlers.dumping) if self.handlers else []))
 
         def close(_: Any) -> None:
             if self._pool is not None:

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import builtins
 import hashlib
-import hmac
 import itertools
 import math
 import os
@@ -95,7 +94,7 @@ from dogfs.meta.commands import (
 )
 from dogfs.raft.driver import IRaftStateMachine
 from dogfs.security.tokens import block_token, valid_block_key
-from dogfs.storage.files import fsync_dir, replace_file
+from dogfs.storage.files import fsync_dir, owner_only, replace_file
 from dogfs.wire.messages import valid_cluster_id
 from dogfs.wire.packing import packb
 
@@ -158,10 +157,14 @@ _FORMAT = b"format"
 _REVOKED = b"revoked"
 _CLUSTER_ID = b"cluster_id"
 _BLOCK_KEY = b"block_key"
+#: Set in a namespace restored from a backup until its new block key is applied.
+_RESTORED = b"restored"
 _FORMAT_VERSION = 1
 #: How far block group ids move on in a namespace restored from a backup (see
 #: NamespaceState.start_over_from_backup): past any the old cluster allocated after it.
 RESTORE_BG_GAP = 1 << 32
+#: Block group ids restores do not move past (shard ids name up to 2^64).
+_MAX_RESTORED_BG = 1 << 62
 
 _DUMP_MAGIC = "dogfs-meta-dump"
 #: Records packed per call while a dump is made (see NamespaceState._dump).
@@ -718,7 +721,9 @@ class NamespaceState:
             sync=self.durable,
             metasync=self.durable,
             readahead=False,
+            mode=0o600,  # it holds the cluster's block key
         )
+        owner_only(self.path)
         self._env = env
         with env.begin(write=True) as txn:
             self._dbs = {name: env.open_db(name, txn=txn) for name in _DB_NAMES}
@@ -1232,24 +1237,26 @@ class NamespaceState:
             raw = txn.get(_BLOCK_KEY, db=self._dbs[b"meta"])
         return None if raw is None else bytes(raw).decode("ascii")
 
-    def start_over_from_backup(self, seed: bytes) -> None:
+    def start_over_from_backup(self) -> None:
         """Make a namespace just loaded from a backup safe to serve (dogfs.meta.backup).
 
         The cluster it was taken from went on after the backup: it allocated block groups
         (whose shards are still on the chunk servers, until collected) and gave out block
         tokens for them. So block group ids move on by L{RESTORE_BG_GAP}, and the block key
-        becomes one derived from it and ``seed`` (the backup's checksum): a new upload never
-        lands on a shard id the old cluster used, and no token the old one gave out after
-        the backup is valid. Every member restored from the same file computes the same.
+        is dropped: the restored group's first leader chooses a new, random one (as for a
+        new cluster; no upload is allocated until it is applied), and applying it moves the
+        ids on again by a random 2^32 to 2^48 taken from the key (L{_set_block_key}). So
+        a new upload does not land on a shard id the old cluster used after the backup (nor
+        one a group restored from the same backup before used), and no token either gave
+        out is valid. Every member restored from the same file computes the same.
         """
         with self.env.begin(write=True) as txn:
             meta = self._dbs[b"meta"]
             next_bg = _decode_counter(txn.get(_NEXT_BG, db=meta))
-            txn.put(_NEXT_BG, _u64(next_bg + RESTORE_BG_GAP), db=meta)
-            key = txn.get(_BLOCK_KEY, db=meta)
-            if key is not None:
-                derived = hmac.new(bytes.fromhex(bytes(key).decode("ascii")), b"dogfs restored\0" + seed, hashlib.sha256)
-                txn.put(_BLOCK_KEY, derived.hexdigest().encode("ascii"), db=meta)
+            if next_bg + RESTORE_BG_GAP < _MAX_RESTORED_BG:
+                txn.put(_NEXT_BG, _u64(next_bg + RESTORE_BG_GAP), db=meta)
+            txn.delete(_BLOCK_KEY, db=meta)
+            txn.put(_RESTORED, b"", db=meta)
 
     def revocations(self) -> tuple[frozenset[str], frozenset[int]]:
         """The revoked identity names and certificate serial numbers (see L{Revoke})."""
@@ -1531,6 +1538,14 @@ def _set_block_key(ctx: _Ctx, index: int, cmd: SetBlockKey) -> Ok:
     # The first one stands: chunk servers keep it, and tokens already given out use it.
     if ctx.txn.get(_BLOCK_KEY, db=ctx.meta) is None:
         ctx.txn.put(_BLOCK_KEY, cmd.key.encode("ascii"), db=ctx.meta)
+        if ctx.txn.pop(_RESTORED, db=ctx.meta) is not None:
+            # A group restored from a backup (NamespaceState.start_over_from_backup): its
+            # ids jump by a random 2^32 to 2^48, the same on every member (the key is in
+            # the log), so two groups restored from one backup do not share ids (while ids
+            # stay far from the 2^64 that shard ids can name).
+            jumped = ctx._value(_NEXT_BG) + ((1 + int(cmd.key[:4], 16)) << 32)
+            if jumped < _MAX_RESTORED_BG:
+                ctx._set_value(_NEXT_BG, jumped)
     return Ok()
 
 

@@ -233,7 +233,7 @@ def _put_part(txn: Any, db: Any, index: int, data: memoryview, part: int) -> Non
 
 
 def _open_env(path: str, map_size: int) -> lmdb.Environment:
-    return lmdb.open(
+    env = lmdb.open(
         path,
         map_size=map_size,
         max_dbs=4,
@@ -243,7 +243,12 @@ def _open_env(path: str, map_size: int) -> lmdb.Environment:
         # One writer thread (the driver's pool) and readers on the reactor thread.
         lock=True,
         readahead=False,
+        # The log holds the metadata's commands, and snapshots its block key.
+        mode=0o600,
     )
+    for name in ("data.mdb", "lock.mdb"):  # made by a release that left them to the umask
+        os.chmod(os.path.join(path, name), 0o600)
+    return env
 
 
 @implementer(IRaftStorage)
