@@ -63,13 +63,20 @@ CLUSTER_ID_FILE = "cluster_id"
 BLOCK_KEY_FILE = "block_key"
 
 
+def _read_kept(path: str) -> str | None:
+    """Blocking: the (short, one-line) text kept at ``path``, or None if there is no file."""
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            return f.read(1024).strip()
+    except FileNotFoundError:
+        return None
+
+
 def load_cluster_id(path: str) -> str | None:
     """Blocking: the cluster id kept at ``path``; None if there is none yet. A file that does
     not hold a valid id raises ``ValueError``: the server must not guess whose shards it has."""
-    try:
-        with open(path, encoding="ascii", errors="replace") as f:
-            text = f.read(1024).strip()
-    except FileNotFoundError:
+    text = _read_kept(path)
+    if text is None:
         return None
     if not valid_cluster_id(text):
         raise ValueError(
@@ -82,10 +89,8 @@ def load_cluster_id(path: str) -> str | None:
 def load_block_key(path: str) -> str | None:
     """Blocking: the block key kept at ``path``; None if there is none yet (the first
     heartbeat brings it). A file that does not hold a valid key raises ``ValueError``."""
-    try:
-        with open(path, encoding="ascii", errors="replace") as f:
-            text = f.read(1024).strip()
-    except FileNotFoundError:
+    text = _read_kept(path)
+    if text is None:
         return None
     if not valid_block_key(text):
         raise ValueError(
