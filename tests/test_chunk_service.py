@@ -26,7 +26,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from dogfs.chunk.heartbeat import HeartbeatService
 from dogfs.chunk.load import LoadMeter
-from dogfs.chunk.server import READ_AHEAD, ShardServer, synchronous_executor
+from dogfs.chunk.server import KEY_FRESH_FOR, READ_AHEAD, ShardServer, synchronous_executor
 from dogfs.chunk.service import ChunkService
 from dogfs.codec.checksum import crc32c
 from dogfs.config import ChunkConfig
@@ -456,7 +456,7 @@ class BlockTokenTests(SynchronousTestCase):
         h = self.harness(Role.USER, key=None)
         asked: list[defer.Deferred[str | None]] = []
 
-        def fetch() -> defer.Deferred[str | None]:
+        def fetch(max_age: float) -> defer.Deferred[str | None]:
             asked.append(defer.Deferred())
             return asked[-1]
 
@@ -478,6 +478,29 @@ class BlockTokenTests(SynchronousTestCase):
         asked[1].callback(None)
         h.pump.flush()
         self.assertEqual(self.failureResultOf(refused, WireError).value.code, "not_ready")
+        self.assertEqual(h.server.shard_ids, {SHARD})
+
+    def test_changed_key_is_asked_for(self) -> None:
+        """A token the server's key refuses makes it ask for the key (it may have changed: a
+        restored namespace chooses a new one), with the freshness it may skip asking for;
+        under the new key the upload is stored, and a bad token is still refused."""
+        new = "e7" * 32
+        h = self.harness(Role.USER)
+        asked: list[float] = []
+
+        def fetch(max_age: float) -> defer.Deferred[str | None]:
+            asked.append(max_age)
+            h.server.block_key = new
+            return defer.succeed(new)
+
+        h.server.fetch_block_key = fetch
+        bg = int(SHARD[:16], 16)
+        self.successResultOf(h.put(SHARD, fragments(1), token=block_token(new, bg)))
+        self.assertEqual(asked, [KEY_FRESH_FOR])
+        other = f"{bg + 1:016x}" + SHARD[16:]
+        error = self.failureResultOf(h.put(other, fragments(1), token=block_token(self.KEY, bg + 1)), WireError)
+        self.assertEqual(error.value.code, "permission_denied")
+        self.assertEqual(len(asked), 2)
         self.assertEqual(h.server.shard_ids, {SHARD})
 
     def test_unchecked_without_tls(self) -> None:
@@ -1302,6 +1325,18 @@ class HeartbeatTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(first), "ef" * 32)
         self.assertEqual(self.successResultOf(second), "ef" * 32)
         self.assertEqual(self.server.block_key, "ef" * 32)
+        # Asked again within max_age of that reply: the key as it is, no heartbeat.
+        self.assertEqual(self.successResultOf(service.fetch_block_key(1.0)), "ef" * 32)
+        self.assertEqual(len(self.net.heartbeats()), before + 1)
+        self.clock.advance(1.5)
+        self.net.flush()  # the loop's own beat, a reply with the key
+        beats = len(self.net.heartbeats())
+        self.clock.advance(1.1)  # past max_age since that reply, before the next beat
+        sent[0] = "fe" * 32
+        fresh = service.fetch_block_key(1.0)
+        self.net.flush()
+        self.assertEqual(self.successResultOf(fresh), "fe" * 32)
+        self.assertGreater(len(self.net.heartbeats()), beats)
 
     def test_no_report_to_another_cluster(self) -> None:
         """A server keeping cluster A's id sends no shard report to a leader naming cluster

@@ -158,6 +158,8 @@ class HeartbeatService(Service):
         #: Where the block key is kept (`load_block_key`); the key itself is the server's.
         self.block_key_path = os.path.join(server.store.root, BLOCK_KEY_FILE)
         self._key_waiters: list[defer.Deferred[str | None]] = []
+        # When the last reply of this server's cluster was taken in (its key with it).
+        self._key_heard: float | None = None
 
     # --- service ---------------------------------------------------------------------
 
@@ -216,6 +218,7 @@ class HeartbeatService(Service):
             if not await self._same_cluster(msg.cluster_id):
                 return
             await self._keep_block_key(msg.block_key)
+            self._key_heard = self._clock.seconds()
         if self._clock.seconds() - self._last_report >= self.config.report_interval:
             self._report_due = True
         if self._report_due and not self._reporting:
@@ -271,10 +274,14 @@ class HeartbeatService(Service):
         server.block_key = key
         log.info("{node} has the cluster's block key", node=self.config.id)
 
-    def fetch_block_key(self) -> defer.Deferred[str | None]:
+    def fetch_block_key(self, max_age: float = 0.0) -> defer.Deferred[str | None]:
         """One heartbeat now, out of turn, for the block key (`ShardServer.fetch_block_key`):
         fires with the server's key once the reply is in (None if it brought none). Callers
-        waiting at the same time share one heartbeat."""
+        waiting at the same time share one heartbeat. With ``max_age``, the key as it is if a
+        reply brought it within that many seconds (so refusals cannot make heartbeats)."""
+        heard = self._key_heard
+        if max_age > 0 and heard is not None and self._clock.seconds() - heard < max_age:
+            return defer.succeed(self.server.block_key)
         d: defer.Deferred[str | None] = defer.Deferred()
         self._key_waiters.append(d)
         if len(self._key_waiters) == 1:

@@ -89,6 +89,9 @@ from dogfs.wire.protocol import Handler, Request, WireError
 log = Logger()
 
 _T = TypeVar("_T")
+#: Seconds a block key just heard from the metadata is taken as current: a token it refuses
+#: within them is refused without asking again (see `ShardServer._check_token`).
+KEY_FRESH_FOR = 1.0
 #: Runs a blocking function off the reactor: ``executor(f, *args) -> Deferred[f's result]``.
 Executor = Callable[..., "defer.Deferred[Any]"]
 
@@ -249,8 +252,9 @@ class ShardServer:
         #: the first heartbeat reply brings it.
         self.block_key: str | None = None
         #: Asks the metadata for the block key out of turn (the chunk service sets it: one
-        #: extra heartbeat); fires with the key, or None if the reply did not bring it.
-        self.fetch_block_key: Callable[[], defer.Deferred[str | None]] | None = None
+        #: extra heartbeat, none if a reply came within the seconds given); fires with the
+        #: key, or None if the reply did not bring it.
+        self.fetch_block_key: Callable[[float], defer.Deferred[str | None]] | None = None
         #: Where the ids of the shards known damaged are kept across restarts.
         self.damage_path = os.path.join(store.root, DAMAGE_FILE)
         self._damage_saved: defer.Deferred[Any] = defer.succeed(None)
@@ -359,7 +363,7 @@ class ShardServer:
         if key is None and self.fetch_block_key is not None:
             # The key was chosen after this server's last heartbeat (a new cluster's first
             # second): ask for it now rather than fail the upload.
-            key = await self.fetch_block_key()
+            key = await self.fetch_block_key(0.0)
         if key is None:
             raise self._error(
                 "not_ready",
@@ -367,7 +371,13 @@ class ShardServer:
                 f"leader, so it cannot check the upload of shard {msg.shard_id}: try again",
             )
         # The id is valid (checked before): its first 16 hex digits are the block group's.
-        if not valid_block_token(key, int(msg.shard_id[:16], 16), msg.token):
+        bg_id = int(msg.shard_id[:16], 16)
+        if not valid_block_token(key, bg_id, msg.token) and self.fetch_block_key is not None:
+            # The key may have changed since the last heartbeat (a namespace restored from a
+            # backup chooses a new one): ask, unless a reply came within the last second.
+            fresh = await self.fetch_block_key(KEY_FRESH_FOR)
+            key = fresh if fresh is not None else key
+        if not valid_block_token(key, bg_id, msg.token):
             who = f"identity '{identity.name}'" if identity is not None else "this connection"
             raise self._error(
                 "permission_denied",
