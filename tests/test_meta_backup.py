@@ -248,6 +248,34 @@ class BackupQueryTests(SynchronousTestCase):
         self.assertEqual(info.index, h.state.applied_index)
         self.assertEqual(data, h.state.dump())
 
+    def test_one_at_a_time(self) -> None:
+        """A second backup while one is being made is refused as busy (each holds the
+        namespace in memory); once the first is sent, the next one is served."""
+        from twisted.internet import defer
+
+        from tests.test_meta_service import Harness
+
+        h = Harness(self)
+        release: defer.Deferred[Any] = defer.Deferred()
+
+        def held(f: Any) -> defer.Deferred[Any]:
+            return release.addCallback(lambda _: f())
+
+        h.handlers.in_thread = held
+        first = h.client.call(m.MetaQuery("backup", "", {}), on_part=lambda msg, payload: None)
+        h.pump.flush()
+        self.assertNoResult(first)
+        error = h.error(m.MetaQuery("backup", "", {}))
+        self.assertEqual(error.code, "busy")
+        self.assertIn("already making a backup", error.message)
+        release.callback(None)
+        h.pump.flush()
+        self.successResultOf(first)
+        h.handlers.in_thread = lambda f: defer.maybeDeferred(f)
+        again = h.client.call(m.MetaQuery("backup", "", {}), on_part=lambda msg, payload: None)
+        h.pump.flush()
+        self.successResultOf(again)
+
     def test_admins_only(self) -> None:
         """A backup holds the block key: anyone but an admin is refused."""
         from dogfs.wire.protocol import WireError

@@ -375,9 +375,11 @@ class MetaHandlers:
         goes on applying and serving meanwhile; it is held in memory, as a Raft snapshot is.
         """
         self.authorize_fresh(request, "admin")
-        index = self.state.applied_index
+        if self.dumping:
+            # Each holds the namespace in memory, twice at its peak: one at a time.
+            raise WireError("busy", f"{self.config.id} is already making a backup: try again once it is sent")
         term = getattr(getattr(self.log, "driver", None), "term", 0)
-        dump = self.state.dump_later()
+        index, dump = self.state.dump_later_at()
 
         def dump_and_hash() -> tuple[bytes, str]:
             data = dump()

@@ -1348,6 +1348,20 @@ class NamespaceState:
         with self._read() as txn:
             return self._dump(txn)
 
+    def dump_later_at(self) -> tuple[int, Callable[[], bytes]]:
+        """L{dump_later}, with the applied index of the state it fixes (read in the same
+        transaction, so the two agree even while another thread applies)."""
+        txn = self._read()
+        index = _decode_counter(txn.get(_APPLIED, db=self._dbs[b"meta"]))
+
+        def dump() -> bytes:
+            try:
+                return self._dump(txn)
+            finally:
+                txn.abort()
+
+        return index, dump
+
     def dump_later(self) -> Callable[[], bytes]:
         """Fix the state as it is now; return a function giving its L{dump}, once.
 
@@ -1356,15 +1370,7 @@ class NamespaceState:
         opens environments with MDB_NOTLS, so a read transaction may move between threads).
         Do not close the state before it has run.
         """
-        txn = self._read()
-
-        def dump() -> bytes:
-            try:
-                return self._dump(txn)
-            finally:
-                txn.abort()
-
-        return dump
+        return self.dump_later_at()[1]
 
     def _dump(self, txn: lmdb.Transaction) -> bytes:
         # The cursor yields (key, value) tuples of bytes (read transactions here are opened
