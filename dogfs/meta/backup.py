@@ -14,8 +14,9 @@ dogfs.security.tokens):
 
 - the namespace, as `NamespaceState.dump` makes it (the Raft snapshot payload);
 - a trailer, a msgpack map: ``format`` ("dogfs-meta-backup"), ``version`` (1), ``index`` (the
-  Raft index the namespace is as of), ``size`` and ``sha256`` of the namespace bytes,
-  ``cluster_id``, ``node`` (the member that made it) and ``taken`` (Unix time);
+  Raft index the namespace is as of), ``term`` (the member's Raft term then), ``size`` and
+  ``sha256`` of the namespace bytes, ``cluster_id``, ``node`` (the member that made it) and
+  ``taken`` (Unix time);
 - the trailer's length (4 bytes, big-endian) and the magic ``DOGFSBK1``.
 
 A restored group starts with a snapshot at the backup's index, at a term 2^32 above the
@@ -31,7 +32,8 @@ cluster used after the backup, and no block token it gave out is valid. Files re
 backup are back in the namespace, but their shards may have been collected: a ``get`` of one
 fails naming the missing shards.
 
-Depends on dogfs.meta.state and dogfs.raft (for the restore), nothing of the daemons.
+Depends on dogfs.storage.files, and for the restore on dogfs.meta.state and dogfs.raft; nothing
+of the daemons.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ from typing import IO, Any
 
 import msgpack
 from attrs import frozen
+
+from dogfs.storage.files import fsync_dir
 
 __all__ = [
     "BackupError", "BackupInfo", "BackupWriter", "MAGIC", "RESTORE_TERM_GAP", "check_restorable", "read_backup",
@@ -138,8 +142,6 @@ class BackupWriter:
         os.fsync(self._file.fileno())
         self._file.close()
         os.replace(self.partial, self.path)
-        from dogfs.storage.files import fsync_dir
-
         fsync_dir(os.path.dirname(os.path.abspath(self.path)))
 
     def abort(self) -> None:
@@ -226,15 +228,15 @@ def restore_data_dir(
     ``voters`` (node id -> address; by default the config's ``[raft] peers``), at term
     ``info.term + RESTORE_TERM_GAP``: above any term the group the backup came from reached
     since, so a member started with its old state by mistake can never be elected in the
-    restored group (its term and last log term are lower). The namespace is loaded as of that index (so the node does not
-    load it again at start). A single node gets the namespace alone.
+    restored group (its term and last log term are lower). The namespace is loaded as of
+    that index (so the node does not load it again at start). A single node gets the
+    namespace alone.
 
     Everything is written beside its place and renamed into it at the end: a restore that
     fails leaves the directory as it was. Raises `BackupError` (see `check_restorable`).
     """
     from dogfs.meta.raftlog import machine_snapshot, raft_mode
     from dogfs.meta.state import NamespaceState
-    from dogfs.storage.files import fsync_dir
 
     voters = dict(config.peers) if voters is None else voters
     check_restorable(config, voters)

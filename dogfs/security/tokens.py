@@ -18,8 +18,9 @@ HDFS closes the same hole with block access tokens, and so does DogFS:
 Node identities (repair, moves between chunk servers) need no token: a node may already act
 as a cluster member. Without TLS nothing is checked, as for every other permission.
 
-A token names a block group, not a time: block group ids are never reused, so a token lets
-its holder write only the shards of the upload it was given for (which a retry may rewrite).
+A token names a block group, not a time: block group ids are never reused, and a chunk server
+takes a client's shard once, so a token lets its holder write only the shards of the upload it
+was given for, once each.
 
 Depends on nothing of DogFS.
 """

@@ -43,11 +43,11 @@ def make_dirs(path: str) -> None:
         fsync_dir(os.path.dirname(directory))
 
 
-def owner_only(directory: str, names: tuple[str, ...] = ("data.mdb", "lock.mdb")) -> None:
-    """Make the files ``names`` in ``directory`` (an LMDB environment's, by default) readable
-    by their owner alone, as a data directory holding secrets must be: an environment made by
-    a release that left them to the umask is tightened when it is next opened."""
-    for name in names:
+def owner_only(directory: str) -> None:
+    """Make the files of the LMDB environment in ``directory`` readable by their owner alone,
+    as a data directory holding secrets must be: an environment made by a release that left
+    them to the umask is tightened when it is next opened."""
+    for name in ("data.mdb", "lock.mdb"):
         try:
             os.chmod(os.path.join(directory, name), 0o600)
         except FileNotFoundError:
