@@ -1278,8 +1278,17 @@ class HeartbeatTests(SynchronousTestCase):
             load_cluster_id(path)
         self.assertIn(path, str(raised.exception))
 
+    def test_block_key_not_asked_for_in_the_clear(self) -> None:
+        """A server that checks no tokens (plaintext: --insecure) does not ask for the block
+        key, so it never crosses a wire in the clear."""
+        self.net.add("m1:1", lambda request: HeartbeatReply("m1:1", cluster_id="cid-a"))
+        self.assertFalse(self.server.check_tokens)
+        self.start(["m1:1"])
+        self.beat()
+        self.assertEqual([hb.wants_block_key for _, hb in self.net.heartbeats()], [False, False])
+
     def test_block_key_kept(self) -> None:
-        """Heartbeats ask for the block key; the first one sent is kept in the data directory
+        """A server that checks tokens (TLS) asks for the block key in its heartbeats; the first one sent is kept in the data directory
         (readable by the server's user alone) and given to the shard server; a malformed one
         is ignored, and a damaged key file is refused naming it."""
         from dogfs.chunk.heartbeat import BLOCK_KEY_FILE, load_block_key
@@ -1290,6 +1299,7 @@ class HeartbeatTests(SynchronousTestCase):
             return HeartbeatReply("m1:1", cluster_id="cid-a", block_key=sent[0])
 
         self.net.add("m1:1", heartbeat)
+        self.server.check_tokens = True  # as with TLS
         self.start(["m1:1"])
         path = os.path.join(self.root, BLOCK_KEY_FILE)
         self.assertTrue(self.net.heartbeats()[0][1].wants_block_key)

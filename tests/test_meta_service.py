@@ -21,6 +21,7 @@ from dogfs.meta.registry import ChunkServerRegistry
 from dogfs.meta.service import MetaHandlers
 from dogfs.meta.state import NamespaceState
 from dogfs.raft.worker import SerialWorker
+from dogfs.security.roles import Identity, Role
 from dogfs.security.tokens import block_token, valid_block_key
 from dogfs.wire import messages as m
 from dogfs.wire.protocol import Connection, WireError
@@ -402,14 +403,19 @@ class MetaHandlerTests(SynchronousTestCase):
 
     def test_block_key_goes_only_to_servers_that_ask(self) -> None:
         """A heartbeat reply carries the block key to a chunk server that asks for it (one of
-        this release), and to no other; a server of the release before ids or before block
-        tokens gets the reply of its release's size."""
+        this release) over an authenticated connection, and to no other; a server of the
+        release before ids or before block tokens gets the reply of its release's size."""
         h = Harness(self, chunks=1)
         self.successResultOf(h.log.propose(c.SetClusterId("cid-a")))
 
         def beat(**fields: Any) -> Any:
             return h.ok(m.Heartbeat("chunk-1", "127.0.0.1:7101", 10**12, 0, 0, {}, None, **fields)).msg
 
+        # In the clear (no identity: an --insecure cluster) the key is never sent.
+        in_clear = beat(cluster_id="cid-a", wants_block_key=True)
+        self.assertIsNone(in_clear.block_key)
+        self.assertEqual(in_clear.cluster_id, "cid-a")
+        h.server.identity = Identity("chunk-1", Role.NODE, 7)
         asked = beat(cluster_id="cid-a", wants_block_key=True)
         self.assertEqual(asked.block_key, Harness.BLOCK_KEY)
         self.assertEqual(len(msgpack.unpackb(m.encode(asked))), 5)

@@ -780,7 +780,8 @@ class NamespaceTests(StateTestCase):
         self.assertEqual(self.state.stat("/g").size, 3)  # type: ignore[union-attr]
         self.upload("/h", [1])
         self.error(Rename("/g", "/h"), ErrorCode.EXISTS)  # no silent replacement
-        self.error(Rename("/g", "/g"), ErrorCode.EXISTS)
+        same = self.error(Rename("/g", "/g"), ErrorCode.EXISTS)
+        self.assertIn("same path", same.message)
         self.error(Rename("/g", "/c"), ErrorCode.EXISTS)
         self.error(Rename("/c", "/c/b2/x"), ErrorCode.INVALID_ARGUMENT)
         self.error(Rename("/c", "/c/x"), ErrorCode.INVALID_ARGUMENT)

@@ -204,7 +204,9 @@ class HeartbeatService(Service):
             domain=self.config.domain or None,
             # "": this server knows cluster ids and keeps none yet (so it is told the id).
             cluster_id=self.cluster_id or "",
-            wants_block_key=True,
+            # Only a server that checks tokens (TLS) needs the key; one on plaintext does not
+            # ask, so the key never crosses a wire an eavesdropper can read.
+            wants_block_key=server.check_tokens,
         )
         reply = await self._call(heartbeat, b"", self.call_timeout)
         if reply is None:

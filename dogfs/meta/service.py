@@ -519,7 +519,13 @@ class MetaHandlers:
             # A server of the release before ids (no field: None) reads no fourth field, nor
             # one of the release before block tokens a fifth.
             cluster_id=None if msg.cluster_id is None else cluster_id,
-            block_key=self.state.block_key() if msg.wants_block_key else None,
+            # Only over an authenticated (TLS) connection: never in the clear, where anyone on
+            # the wire could keep it for the day the cluster turns TLS on.
+            block_key=(
+                self.state.block_key()
+                if msg.wants_block_key and getattr(request.connection, "identity", None) is not None
+                else None
+            ),
         )
 
     def _check_cluster(self, node_id: str, theirs: str | None) -> str | None:

@@ -1749,6 +1749,9 @@ def _rename(ctx: _Ctx, index: int, cmd: Rename) -> Ok:
     ino, rec = ctx.resolve(src, src_parts)
     if not dst_parts:
         raise _Abort(ErrorCode.EXISTS, "'/' already exists.")
+    if dst_parts == src_parts:
+        # As coreutils' mv says it (HDFS's rename with options refuses it too).
+        raise _Abort(ErrorCode.EXISTS, f"{_q(src)} and {_q(dst)} are the same path; nothing was moved.")
     parent, _ = ctx.resolve_parent(dst, dst_parts)
     if ctx.child(parent, dst_parts[-1]) is not None:
         raise _Abort(ErrorCode.EXISTS, f"{_q(dst)} already exists; DogFS does not replace it.")
