@@ -289,6 +289,20 @@ class MetaRaftProcessTests(TestCase):
                 self.assertIn(path[3:], names)
         await self._check_files(fresh, acked, tried)
 
+        # Log versions (rolling upgrades): the leader raised the group's to this release's,
+        # and every member says so in `cluster status --json`.
+        from dogfs.meta.commands import LOG_VERSION
+
+        deadline = time.monotonic() + 30.0
+        while True:
+            nodes = await threads.deferToThread(cluster.nodes)
+            seen = [(nodes.get(m, {}).get("log_version"), nodes.get(m, {}).get("group_log_version"))
+                    for m in cluster.meta_ids()]
+            if seen == [(LOG_VERSION, LOG_VERSION)] * len(seen):
+                break
+            self.assertLess(time.monotonic(), deadline, f"log versions (release, group) per member: {seen}")
+            await sleep(0.2)
+
 
 class MembershipProcessTests(TestCase):
     """`dogfs admin meta add` / `remove` on a running group of real processes."""

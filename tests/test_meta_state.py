@@ -43,6 +43,7 @@ from dogfs.meta.commands import (
     SetBlockKey,
     SetClusterId,
     SetDefaultPolicy,
+    SetLogVersion,
     ShardLocation,
     Summary,
     canonical_policy,
@@ -160,6 +161,8 @@ def _command_strategy(_names: Any, _ints: Any) -> Any:
         st.builds(RemoveChunkServer, _names, st.booleans()),
         st.builds(SetClusterId, _names),
         st.builds(SetBlockKey, st.sampled_from(["0f" * 32, "x" * 64, ""]) | _names),
+        # Only versions this release applies: a higher one halts the member (test_meta_versions).
+        st.builds(SetLogVersion, st.integers(0, commands.LOG_VERSION)),
     )
 
 

@@ -324,11 +324,13 @@ def node_views(
     metas said (a meta's own answer for its role; the leader's for chunk servers)."""
     by_address = {m.address: m for m in spec.metas}
     own: dict[str, dict[str, Any]] = {}
+    group_version: dict[str, Any] = {}
     for address, answer in answers.items():
         me = by_address.get(address)
         for m in answer.get("meta") or []:
             if me is not None and m.get("id") == me.id:
                 own[me.id] = m
+                group_version[me.id] = (answer.get("cluster") or {}).get("log_version")
     best = _leader_answer(spec, answers) or {}
     best_meta = {m.get("id"): m for m in best.get("meta") or []}
     chunk_info = {c.get("id"): c for c in best.get("chunks") or []}
@@ -355,6 +357,10 @@ def node_views(
                 term=info.get("term"),
                 commit_index=info.get("commit_index"),
                 http_address=info.get("http_address") or node.http_address or None,
+                # What its release applies, and what the group uses as its state says (a
+                # rolling upgrade is done when every member shows the same; operations.md).
+                log_version=mine.get("log_version") if mine else None,
+                group_log_version=group_version.get(node.id),
             )
         else:
             info = chunk_info.get(node.id) or {}
@@ -378,6 +384,10 @@ def _detail(view: dict[str, Any]) -> str:
             facts.append(f"term {view['term']}")
         if view.get("commit_index") is not None:
             facts.append(f"commit {view['commit_index']}")
+        own, group = view.get("log_version"), view.get("group_log_version")
+        if own is not None and group is not None and own != group:
+            # Mid-upgrade: its release applies a later log version than the group uses yet.
+            facts.append(f"log version {group} (release: {own})")
         return ", ".join(facts)
     if view.get("health") is None:
         return "unknown to the metadata" if view["state"] == "running" else ""

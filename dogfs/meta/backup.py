@@ -236,7 +236,7 @@ def restore_data_dir(
     fails leaves the directory as it was. Raises `BackupError` (see `check_restorable`).
     """
     from dogfs.meta.raftlog import machine_snapshot, raft_mode
-    from dogfs.meta.state import NamespaceState
+    from dogfs.meta.state import LogVersionError, NamespaceState
 
     voters = dict(config.peers) if voters is None else voters
     check_restorable(config, voters)
@@ -251,7 +251,7 @@ def restore_data_dir(
         try:
             try:
                 state.load(data, applied_index=info.index)
-            except ValueError as e:
+            except (ValueError, LogVersionError) as e:
                 raise BackupError(f"the backup's namespace cannot be loaded: {e}") from None
             state.start_over_from_backup()
             state.sync()

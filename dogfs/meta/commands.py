@@ -168,6 +168,17 @@ class SetBlockKey:
 
 
 @frozen
+class SetLogVersion:
+    """Raise the metadata group's log version to C{version} (never lower it): from then on the
+    leader may propose the commands of that version (L{since}). The leader proposes it once
+    every member says it applies that version (dogfs.meta.versions). A member whose release
+    applies less halts rather than apply it. Result: L{Ok}.
+    """
+
+    version: int
+
+
+@frozen
 class RegisterChunkServer:
     """Record a chunk server in the persistent registry (re-registering updates it).
 
@@ -346,6 +357,7 @@ Command = Union[
     Reinstate,
     SetClusterId,
     SetBlockKey,
+    SetLogVersion,
 ]
 
 
@@ -635,6 +647,7 @@ _SCHEMAS: dict[int, tuple[type, tuple[_Check, ...]]] = {
     15: (RenewAllocations, (_seq(_int), _float)),
     16: (SetClusterId, (_str,)),
     17: (SetBlockKey, (_str,)),
+    18: (SetLogVersion, (_int,)),
     64: (Ok, ()),
     65: (Count, (_int,)),
     66: (MetaError, (_code, _str)),
@@ -651,6 +664,24 @@ _SCHEMAS: dict[int, tuple[type, tuple[_Check, ...]]] = {
 _TAGS: dict[type, int] = {cls: tag for tag, (cls, _) in _SCHEMAS.items()}
 _COMMAND_TAGS = frozenset(range(1, 64))
 _PLAIN_COMMAND_TAGS = _COMMAND_TAGS - {_TAGS[Sessioned]}
+
+#: The highest log version this release applies. A release that adds a command, or changes
+#: what one does to the state, raises it and records the command in L{_SINCE}: members of a
+#: group may then run two releases at once (a rolling upgrade), and the leader proposes the
+#: new command only once every member applies it (dogfs.meta.versions). Releases before
+#: log versions count as 0.
+LOG_VERSION = 1
+#: The log version that introduced a command; 0 (every release) when not listed.
+_SINCE: dict[type, int] = {SetLogVersion: 1}
+
+
+def since(cls: type) -> int:
+    """The group log version a command needs before a leader may propose it."""
+    return _SINCE.get(cls, 0)
+
+
+class UnknownCommand(ValueError):
+    """An encoded command whose type this release does not know: one of a later release."""
 
 
 def _required(cls: type) -> int:
@@ -806,6 +837,10 @@ def _decode_value(raw: Any, allowed: frozenset[int] | None = None) -> Any:
     tag = raw[0]
     plan = _PLANS.get(tag) if type(tag) is int else None
     if plan is None or (allowed is not None and tag not in allowed):
+        if plan is None and allowed is not None and tag in allowed:
+            raise UnknownCommand(
+                f"Command type {tag} is not one this release knows (a command of a later release?)."
+            )
         raise _bad("tag", tag)
     try:
         value = _FAST_DECODERS[tag](raw)

@@ -18,6 +18,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from dogfs.interfaces import ICommandLog
+from dogfs.meta.commands import LOG_VERSION
 from dogfs.meta.state import NamespaceState
 from dogfs.raft.worker import SerialWorker
 from dogfs.wire.protocol import WireError
@@ -134,5 +135,6 @@ class LocalCommandLog:
                 "commit_index": applied,
                 "applied_index": applied,
                 "last_contact_s": 0.0,
+                "log_version": LOG_VERSION,
             }
         ]

@@ -41,6 +41,7 @@ from dogfs.raft.driver import (
     RaftTimeoutError,
 )
 from dogfs.storage.files import replace_file
+from dogfs.wire import messages as m
 from dogfs.wire.frame import FrameLimits
 from dogfs.wire.protocol import WireError
 
@@ -408,6 +409,7 @@ class RaftCommandLog:
                 "voter": member in voters,
             })
             if member == self.node_id:
+                out[-1]["log_version"] = c.LOG_VERSION
                 out[-1]["snapshot_index"] = status.get("snapshot_index")
                 # Durable writes so far: commit_index / raft_writes is the group-commit factor.
                 out[-1]["raft_writes"] = self.driver.batches
@@ -533,7 +535,7 @@ class RaftCommandLog:
 
         def query(request: Any) -> Any:
             msg = request.msg
-            if msg.op == "status":
+            if msg.op in ("status", "version"):
                 return plain_query(request)
             if msg.op in MEMBER_OPS:
                 handlers.authorize(request, "admin")
@@ -688,6 +690,39 @@ class RaftCommandLog:
 
     # --- membership -------------------------------------------------------------------------
 
+    def other_members(self) -> list[str]:
+        """The ids of the group's other members, voters and learners."""
+        cfg = self.driver.config
+        return [] if cfg is None else sorted(set(cfg.members()) - {self.node_id})
+
+    def member_version(self, node_id: str) -> defer.Deferred[int]:
+        """The metadata log version member ``node_id``'s release applies (0: a release before
+        log versions), asked over the connection Raft keeps to it (dogfs.meta.versions)."""
+
+        address = self.book.address(node_id)
+        if address is None:
+            return defer.fail(WireError("unavailable", f"no address known for {node_id}"))
+        return defer.Deferred.fromCoroutine(self._ask_version(address))
+
+    async def _ask_version(self, address: str) -> int:
+        if self.transport is None:
+            raise WireError("unavailable", "this member has no Raft transport")
+        conn = await self.transport.pool.get(address)
+        try:
+            reply = await conn.call(m.MetaQuery("version"), timeout=self.VERSION_TIMEOUT)
+        except WireError as e:
+            if e.code == "invalid_argument" and "unknown query" in e.message:
+                return 0  # a release before log versions
+            raise
+        answer = msgpack.unpackb(bytes(reply.payload), raw=False)
+        version = answer.get("log_version") if isinstance(answer, dict) else None
+        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+            raise WireError("invalid_argument", f"{address} answered a malformed log version {version!r}")
+        return version
+
+    #: Seconds a member has to say its log version.
+    VERSION_TIMEOUT = 5.0
+
     def require_leader(self) -> None:
         """Raise the wire error that sends a client to the leader, unless this member leads."""
         if not self.driver.is_leader:
@@ -711,6 +746,7 @@ class RaftCommandLog:
             )
 
         async def run() -> str:
+            await self._check_release(node_id, address)
             if self.book.address(node_id) != address or self.book.http_address(node_id) != http_address:
                 await self.propose(member_record(node_id, address, http_address))
             if node_id in cfg.voters:
@@ -721,6 +757,22 @@ class RaftCommandLog:
             return "added"
 
         return defer.Deferred.fromCoroutine(run())
+
+    async def _check_release(self, node_id: str, address: str) -> None:
+        """Refuse to add a node whose release cannot apply the group's log (it would halt)."""
+        group = self.machine.state.log_version()
+        if not group:
+            return
+        try:
+            theirs = await self._ask_version(address)
+        except Exception:
+            return  # not answering yet: were it too old, it halts at the first entry it cannot apply
+        if theirs < group:
+            raise WireError(
+                "invalid_argument",
+                f"{node_id} at {address} runs a release that applies metadata log version {theirs}, "
+                f"below this group's {group}: upgrade it before adding it",
+            )
 
     def promote(self, node_id: str) -> defer.Deferred[Any]:
         """Make learner ``node_id`` a voter."""

@@ -37,7 +37,8 @@ from dogfs.meta.balance import Balancer
 from dogfs.meta.placement import NotEnoughChunkServers, choose_placement
 from dogfs.meta.registry import ALIVE, UNKNOWN, ChunkServerRegistry
 from dogfs.meta.repair import RepairScheduler
-from dogfs.meta.state import NamespaceState
+from dogfs.meta.state import LogVersionError, NamespaceState
+from dogfs.meta.versions import LogVersionKeeper
 from dogfs.wire import messages as m
 from dogfs.wire.pool import ConnectionPool, EndpointMaker, tcp_endpoints
 from dogfs.wire.protocol import Reply, Request, WireError
@@ -80,6 +81,10 @@ def _check_heartbeat(msg: m.Heartbeat) -> None:
 def error_from_result(result: c.MetaError) -> WireError:
     """The wire error for a state machine's MetaError (code names are lower-case)."""
     return WireError(result.code.name.lower(), result.message)
+
+
+def _nobody_to_ask(member: str) -> defer.Deferred[int]:
+    return defer.fail(WireError("unavailable", f"no way to ask {member} its log version"))
 
 
 def encode_status(status: dict[str, Any]) -> bytes:
@@ -187,6 +192,14 @@ class MetaHandlers:
         if not isinstance(command, CLIENT_COMMANDS):
             raise WireError("permission_denied", f"{type(command).__name__} is not a client command")
         self.authorize(request, "admin" if isinstance(command, ADMIN_COMMANDS) else "write")
+        needed = c.since(type(command))
+        if needed and needed > (group := self.state.log_version()):
+            raise WireError(
+                "unsupported",
+                f"{type(command).__name__} needs metadata log version {needed}, and the group is at "
+                f"{group}: it is raised once every metadata member runs a release that applies it "
+                "(`dogfs cluster status --json` shows each member's log_version)",
+            )
         self._require_leader()
         key = (msg.client_id, msg.seq)
         waiting = self._in_flight.get(key) if msg.client_id else None
@@ -349,6 +362,10 @@ class MetaHandlers:
         if msg.op == "status":
             # Status answers from any member, leader or not, without a barrier: it is a view.
             return defer.succeed(Reply(m.MetaReply(self.log.leader_address()), encode_status(self.status())))
+        if msg.op == "version":
+            # Any member answers, for the leader's LogVersionKeeper: what its release applies.
+            answer = {"log_version": c.LOG_VERSION, "group_log_version": self.state.log_version()}
+            return defer.succeed(Reply(m.MetaReply(self.log.leader_address()), encode_status(answer)))
         if msg.op == "repair_status":
             # Repair runs on the leader: its view only, no barrier.
             self.authorize(request, "admin")
@@ -468,7 +485,10 @@ class MetaHandlers:
         members = self.log.members()
         leader_id = next((mm["id"] for mm in members if mm.get("role") == "leader"), None)
         return {
-            "cluster": {**info, "leader": leader_id, "leader_address": info["leader"]},
+            "cluster": {
+                **info, "leader": leader_id, "leader_address": info["leader"],
+                "log_version": self.state.log_version(),
+            },
             "meta": members,
             "chunks": chunks,
             "namespace": {
@@ -684,6 +704,7 @@ class MetaService(MultiService):
         self.repair: RepairScheduler | None = None
         # Whether _seed_secrets has proposals in flight (a failed round tries again once).
         self._seeding = False
+        self.versions: LogVersionKeeper | None = None
 
     def startService(self) -> None:
         from dogfs.codec.stripe import tune_malloc
@@ -692,7 +713,13 @@ class MetaService(MultiService):
 
         tune_malloc()
         os.makedirs(self.config.data_dir, exist_ok=True)
-        self.state.open()
+        try:
+            self.state.open()
+        except LogVersionError as e:
+            # A later release wrote it (a downgrade): one sentence, not a traceback.
+            log.critical("{node} cannot start: {error}", node=self.config.id, error=str(e))
+            self._stop_failed()
+            return
         if self.make_log is not None:
             self.log = self.make_log(self.state)
         else:
@@ -727,6 +754,14 @@ class MetaService(MultiService):
         self.handlers.repair = self.repair
         if self.log.is_leader:
             self.repair.start()
+        log_ = self.log
+        self.versions = LogVersionKeeper(
+            self.reactor, self.state.log_version,
+            getattr(log_, "other_members", list), getattr(log_, "member_version", _nobody_to_ask),
+            log_.propose, lambda: log_.is_leader,
+        )
+        if log_.is_leader:
+            self.versions.start()
         self._expiry = LoopingCall(self._expire_allocations)
         self._expiry.clock = self.reactor
         self._expiry.start(max(1.0, self.config.allocation_ttl / 4), now=False).addErrback(
@@ -788,6 +823,11 @@ class MetaService(MultiService):
         """A Raft member became leader (or stopped leading): rebuild the soft state."""
         if not leading and self.repair is not None:
             self.repair.stop()
+        if self.versions is not None:
+            if leading:
+                self.versions.start()
+            else:
+                self.versions.stop()
         if not leading or self.log is None:
             return
         # Liveness is soft state, known here from heartbeats the previous leader relayed (see
@@ -894,6 +934,8 @@ class MetaService(MultiService):
             self._expiry.stop()
         if self.repair is not None:
             self.repair.stop()
+        if self.versions is not None:
+            self.versions.stop()
         self.registry.stop()
         ports, self._ports = self._ports, []
 

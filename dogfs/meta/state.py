@@ -52,6 +52,7 @@ from zope.interface import implementer
 from dogfs.meta import paths
 from dogfs.meta.commands import (
     DEFAULT_POLICY,
+    LOG_VERSION,
     Allocate,
     Allocation,
     BlockGroupInfo,
@@ -82,8 +83,10 @@ from dogfs.meta.commands import (
     SetBlockKey,
     SetClusterId,
     SetDefaultPolicy,
+    SetLogVersion,
     ShardLocation,
     Summary,
+    UnknownCommand,
     canonical_policy,
     decode_command,
     decode_result,
@@ -91,6 +94,7 @@ from dogfs.meta.commands import (
     parse_policy,
     parse_shard_id,
     shard_id,
+    since,
 )
 from dogfs.raft.driver import IRaftStateMachine
 from dogfs.security.tokens import block_token, valid_block_key
@@ -157,6 +161,8 @@ _FORMAT = b"format"
 _REVOKED = b"revoked"
 _CLUSTER_ID = b"cluster_id"
 _BLOCK_KEY = b"block_key"
+#: The group's log version (L{SetLogVersion}); absent: 0.
+_LOG_VERSION = b"log_version"
 #: Set in a namespace restored from a backup until its new block key is applied.
 _RESTORED = b"restored"
 _FORMAT_VERSION = 1
@@ -167,6 +173,22 @@ RESTORE_BG_GAP = 1 << 32
 _MAX_RESTORED_BG = 1 << 62
 
 _DUMP_MAGIC = "dogfs-meta-dump"
+
+
+class LogVersionError(Exception):
+    """The group's log needs a later release than this one: this member must not go on.
+
+    Raised by apply (which makes the Raft member halt, rather than diverge from members that
+    apply what it cannot) and by opening or loading a state a later release wrote.
+    """
+
+
+def _beyond_this_release(version: int, where: str) -> LogVersionError:
+    return LogVersionError(
+        f"{where} uses metadata log version {version}, and this release of DogFS applies up to "
+        f"{LOG_VERSION}: run this member with the release the rest of its group runs "
+        "(docs/operations.md, \"Upgrading\")"
+    )
 #: Records packed per call while a dump is made (see NamespaceState._dump).
 _DUMP_STEP = 4096
 
@@ -438,6 +460,10 @@ class _Ctx:
     def default_ec_set(self) -> bool:
         """Whether a default policy was ever set (this batch's commands included)."""
         return _DEFAULT_EC in self._dirty or self.txn.get(_DEFAULT_EC, db=self.meta) is not None
+
+    def log_version(self) -> int:
+        """The group's log version (L{SetLogVersion}), this batch's commands included."""
+        return _decode_counter(self.txn.get(_LOG_VERSION, db=self.meta))
 
     def bgroup(self, bg_id: int) -> list[Any] | None:
         if not 0 <= bg_id < 1 << 64:
@@ -728,6 +754,12 @@ class NamespaceState:
         with env.begin(write=True) as txn:
             self._dbs = {name: env.open_db(name, txn=txn) for name in _DB_NAMES}
             self._initialise(txn)
+            version = _decode_counter(txn.get(_LOG_VERSION, db=self._dbs[b"meta"]))
+        if version > LOG_VERSION:
+            env.close()
+            self._env = None
+            self._dbs = {}
+            raise _beyond_this_release(version, f"The namespace at {self.path}")
         if not self.durable:
             replace_file(os.path.join(self.path, _UNSYNCED), (_boot_id() or "unknown").encode())
 
@@ -854,6 +886,14 @@ class NamespaceState:
         if isinstance(command, bytes | bytearray | memoryview):
             try:
                 command = decode_command(bytes(command))
+            except UnknownCommand as e:
+                # A leader of a later release proposed it: applying anything else here would
+                # leave this member's state unlike the others'. Halt (LogVersionError).
+                raise LogVersionError(
+                    f"Entry {index} of the metadata log holds a command this release cannot apply "
+                    f"({e}): run this member with the release the rest of its group runs "
+                    "(docs/operations.md, \"Upgrading\")"
+                ) from None
             except ValueError as e:
                 return MetaError(ErrorCode.INVALID_ARGUMENT, f"Undecodable command: {e}")
         if isinstance(command, Sessioned):
@@ -866,6 +906,20 @@ class NamespaceState:
             return MetaError(
                 ErrorCode.INVALID_ARGUMENT, f"{type(command).__name__} is not a metadata command."
             )
+        needed = since(type(command))
+        if needed:
+            if type(command) is SetLogVersion:
+                if command.version > LOG_VERSION:
+                    # Outside ctx.run, so it halts this member (see LogVersionError).
+                    raise _beyond_this_release(command.version, f"The metadata group (entry {index})")
+            elif needed > (group := ctx.log_version()):
+                # A leader checks this before it proposes (MetaHandlers.command): this is the
+                # same check, made alike on every member, should a leader not have.
+                return MetaError(
+                    ErrorCode.VERSION_MISMATCH,
+                    f"{type(command).__name__} needs metadata log version {needed}, and the group "
+                    f"is at {group}: upgrade every member first.",
+                )
         return ctx.run(self.env, handler, index, command)
 
     def _apply_sessioned(self, ctx: _Ctx, index: int, cmd: Sessioned) -> Result:
@@ -1237,6 +1291,11 @@ class NamespaceState:
             raw = txn.get(_BLOCK_KEY, db=self._dbs[b"meta"])
         return None if raw is None else bytes(raw).decode("ascii")
 
+    def log_version(self) -> int:
+        """The group's log version (L{SetLogVersion}; 0 until one is applied)."""
+        with self._read() as txn:
+            return _decode_counter(txn.get(_LOG_VERSION, db=self._dbs[b"meta"]))
+
     def start_over_from_backup(self) -> None:
         """Make a namespace just loaded from a backup safe to serve (dogfs.meta.backup).
 
@@ -1425,6 +1484,10 @@ class NamespaceState:
                     txn.put(bytes(key), bytes(value), db=db)
             if applied_index is not None:
                 txn.put(_APPLIED, _u64(applied_index), db=self._dbs[b"meta"])
+            version = _decode_counter(txn.get(_LOG_VERSION, db=self._dbs[b"meta"]))
+            if version > LOG_VERSION:
+                # Raised inside the transaction: it aborts, and the state is as it was.
+                raise _beyond_this_release(version, "The metadata snapshot")
 
 
 @implementer(IRaftStateMachine)
@@ -1552,6 +1615,14 @@ def _set_block_key(ctx: _Ctx, index: int, cmd: SetBlockKey) -> Ok:
             jumped = ctx._value(_NEXT_BG) + ((1 + int(cmd.key[:4], 16)) << 32)
             if jumped < _MAX_RESTORED_BG:
                 ctx._set_value(_NEXT_BG, jumped)
+    return Ok()
+
+
+def _set_log_version(ctx: _Ctx, index: int, cmd: SetLogVersion) -> Ok:
+    # Never lower: what a later version allowed may be in the state already. (One beyond this
+    # release halted the member before it came here: _execute.)
+    if cmd.version > ctx.log_version():
+        ctx.txn.put(_LOG_VERSION, _u64(cmd.version), db=ctx.meta)
     return Ok()
 
 
@@ -1913,6 +1984,7 @@ _HANDLERS: dict[type, Any] = {
     Reinstate: _reinstate,
     SetClusterId: _set_cluster_id,
     SetBlockKey: _set_block_key,
+    SetLogVersion: _set_log_version,
 }
 
 __all__ = ["NamespaceState", "RaftStateMachine", "ROOT", "MAX_SESSIONS", "SESSION_HARD_LIMIT", "SESSION_MIN_AGE"]

@@ -495,10 +495,13 @@ def decode_message(data: bytes) -> Message:
         raise ValueError(f"unknown raft message type {code!r}")
     cls = _MESSAGE_TYPES[code]
     names = _FIELD_NAMES[cls]
-    if len(raw) != len(names) + 1:
+    if len(raw) < len(names) + 1:
         raise ValueError(f"{cls.__name__}: expected {len(names)} fields, got {len(raw) - 1}")
+    # Fields after the ones this release knows are a later release's, added at the end:
+    # ignored (as the wire messages do, docs/protocol.md), so that the members of a group
+    # may run two releases during a rolling upgrade.
     kwargs = {
-        name: _from_wire(_FIELD_KINDS[name], v) for name, v in zip(names, raw[1:], strict=True)
+        name: _from_wire(_FIELD_KINDS[name], v) for name, v in zip(names, raw[1 : len(names) + 1], strict=True)
     }
     msg: Message = cls(**kwargs)
     return msg
