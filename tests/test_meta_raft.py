@@ -327,6 +327,21 @@ class RaftCommandLogTests(SynchronousTestCase):
         self.assertNotIn(leader.node_id, cfg.members())
         group.settle(new.propose(c.Mkdir("/after", False, None, now=1.0)))
 
+    def test_lead_hands_leadership_over(self) -> None:
+        """`admin meta lead`: the leader hands over to the voter named, says so when it leads
+        already, and refuses a node that is not a voter; the group serves under the new one."""
+        group = Group(self)
+        leader = group.leader()
+        target = next(i for i in IDS if i != leader.node_id)
+        self.assertEqual(group.settle(leader.lead(leader.node_id)), "leader")
+        with self.assertRaises(WireError) as raised:
+            leader.lead("m9")
+        self.assertEqual(raised.exception.code, "invalid_argument")
+        self.assertIn("not a voter", raised.exception.message)
+        self.assertEqual(group.settle(leader.lead(target)), "moved")
+        self.assertEqual(group.leader().node_id, target)
+        group.settle(group.logs[target].propose(c.Mkdir("/under-new", False, None, now=1.0)))
+
     def test_removed_member_says_so_at_once(self) -> None:
         """A member removed from the group but still running (restarted on its old config,
         say) answers commands and reads at once that it is no longer a member, sending the

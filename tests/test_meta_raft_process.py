@@ -20,6 +20,7 @@ import tempfile
 import time
 from typing import Any
 
+import attrs
 from twisted.internet import defer, threads
 from twisted.trial.unittest import SkipTest, TestCase
 
@@ -374,3 +375,122 @@ class MembershipProcessTests(TestCase):
         self.assertNotIn(leader, voters)
         names = {e.name for e in await fresh.ls("/many")}
         self.assertEqual(len(names), 32 * 70)
+
+
+# Loaded by a daemon's Python at start (PYTHONPATH): makes it a release that applies metadata
+# log version 0, as every release before log versions does. Only the version number differs
+# from the code under test, which is what a rolling upgrade's mixed group hinges on.
+_OLDER_RELEASE = """\
+import dogfs.meta.commands, dogfs.meta.log, dogfs.meta.state, dogfs.meta.versions
+for module in (dogfs.meta.commands, dogfs.meta.log, dogfs.meta.state, dogfs.meta.versions):
+    module.LOG_VERSION = 0
+"""
+
+
+class RollingUpgradeProcessTests(TestCase):
+    """A metadata group upgraded one member at a time, serving throughout."""
+
+    timeout = 300
+
+    def test_rolling_upgrade_and_refused_downgrade(self) -> defer.Deferred[None]:
+        """A group whose members all apply log version 0 (an older release) is upgraded one
+        member at a time: puts work after each step. The first member upgraded is made leader
+        (`admin meta lead`); it hears the others apply 0 and leaves the group's version at 0.
+        Once the last member runs the new release, the version rises to 1 by itself. Every
+        file reads back. A member then started with the older release exits, saying why, and
+        the others serve."""
+        return defer.Deferred.fromCoroutine(self._rolling())
+
+    async def _rolling(self) -> None:
+        overlay = tempfile.mkdtemp(prefix="dogfs-older-")
+        self.addCleanup(shutil.rmtree, overlay, True)
+        with open(os.path.join(overlay, "sitecustomize.py"), "w") as f:
+            f.write(_OLDER_RELEASE)
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        older = os.pathsep.join(p for p in (overlay, root, os.environ.get("PYTHONPATH")) if p)
+        cluster = RealCluster(env={"PYTHONPATH": older})
+        self.addCleanup(cluster.destroy)
+        await threads.deferToThread(cluster.up)
+        client = cluster.client()
+        self.addCleanup(client.close)
+        written = {"/before": content("/before")}
+        await client.put("/before", io.BytesIO(written["/before"]))
+
+        def versions() -> list[tuple[Any, Any]]:
+            nodes = cluster.nodes()
+            return [(nodes.get(m, {}).get("log_version"), nodes.get(m, {}).get("group_log_version"))
+                    for m in cluster.meta_ids()]
+
+        self.assertEqual(await threads.deferToThread(versions), [(0, 0)] * 3)
+        leader = await wait_for_leader(cluster)
+        first = next(m for m in cluster.meta_ids() if m != leader)
+        cluster.env = dict(ENV)  # the release under test
+
+        async def upgrade(member: str) -> None:
+            await threads.deferToThread(cluster.run, "cluster", "stop", member)
+            await threads.deferToThread(cluster.start, member)
+            await wait_for_leader(cluster)
+            path = f"/after-upgrading-{member}"
+            written[path] = content(path)
+            await client.put(path, io.BytesIO(written[path]))
+
+        # One member upgraded, and made the leader (`admin meta lead`): it asks the others,
+        # hears that they apply 0, and must not raise the group's version.
+        await upgrade(first)
+        await threads.deferToThread(cluster.run, "admin", "meta", "lead", first)
+        self.assertEqual(await wait_for_leader(cluster), first)
+        address = (await threads.deferToThread(cluster.nodes))[first]["address"]
+
+        async def leader_view() -> dict[str, Any]:
+            from dogfs.client.api import DogFSClient
+            from dogfs.config import load_client
+
+            config = attrs.evolve(load_client(os.path.join(cluster.home, "client.toml")), meta=(address,))
+            direct = DogFSClient(_reactor(), config, timeout=10.0)
+            try:
+                return await direct.status()  # type: ignore[no-any-return]
+            finally:
+                await direct.close()
+
+        expected = {m: (1 if m == first else 0) for m in cluster.meta_ids()}
+        deadline = time.monotonic() + 30.0
+        while True:
+            view = await leader_view()
+            if {mm["id"]: mm.get("log_version") for mm in view["meta"]} == expected:
+                break
+            self.assertLess(time.monotonic(), deadline, f"the new leader's view of the members: {view['meta']}")
+            await sleep(0.2)
+        # A put commits after anything that round proposed: the leader has applied it by then.
+        await client.put("/under-new-leader", io.BytesIO(content("/under-new-leader")))
+        written["/under-new-leader"] = content("/under-new-leader")
+        self.assertEqual((await leader_view())["cluster"]["log_version"], 0)
+        for member in cluster.meta_ids():
+            if member != first:
+                await upgrade(member)
+        deadline = time.monotonic() + 30.0
+        while (seen := await threads.deferToThread(versions)) != [(1, 1)] * 3:
+            self.assertLess(time.monotonic(), deadline, f"log versions (release, group) per member: {seen}")
+            await sleep(0.2)
+        for path, body in written.items():
+            sink = io.BytesIO()
+            await client.get(path, sink)
+            self.assertEqual(sink.getvalue(), body, path)
+
+        # A downgrade after the group moved on: the member refuses to start, in one sentence.
+        leader = await wait_for_leader(cluster)
+        follower = next(m for m in cluster.meta_ids() if m != leader)
+        await threads.deferToThread(cluster.run, "cluster", "stop", follower)
+        cluster.env = dict(ENV, PYTHONPATH=older)
+        await threads.deferToThread(cluster.run, "cluster", "start", follower, check=False)
+        from dogfs.cli import cluster_layout as layout
+
+        spec = layout.load_spec(cluster.home)
+        assert spec is not None
+        node = next(n for n in spec.nodes if n.id == follower)
+        deadline = time.monotonic() + 30.0
+        while layout.node_pid(cluster.home, node) is not None:
+            self.assertLess(time.monotonic(), deadline, f"{follower} of the older release kept running")
+            await sleep(0.2)
+        with open(layout.log_path(cluster.home, node)) as f:
+            self.assertIn("uses metadata log version 1, and this release of DogFS applies up to 0", f.read())
+        await client.put("/after", io.BytesIO(content("/after")))

@@ -60,6 +60,14 @@ def register(admin_subparsers: Any) -> None:
     remove.add_argument("node", help="the member's id (as `cluster status` shows it)")
     output.admin_options(remove)
     remove.set_defaults(func=cmd_remove)
+    lead = sub.add_parser(
+        "lead", help="hand leadership to another metadata node",
+        description="Make member NODE the leader (as etcd's move-leader): do it before restarting "
+        "the leader (an upgrade, say), so the group does not wait out an election.",
+    )
+    lead.add_argument("node", help="the voter to lead (as `cluster status` shows it)")
+    output.admin_options(lead)
+    lead.set_defaults(func=cmd_lead)
 
     backup = sub.add_parser(
         "backup", help="copy the namespace, consistently and online, into a file",
@@ -186,6 +194,18 @@ def cmd_remove(args: argparse.Namespace) -> int:
     else:
         sentence = f"{args.node} left the metadata group (stop its process: it no longer serves)"
     _show(args, result, sentence)
+    return output.OK
+
+
+def cmd_lead(args: argparse.Namespace) -> int:
+    """dogfs admin meta lead NODE"""
+    from dogfs.cli.main import run_client
+
+    result = run_client(args, lambda client: _member_op(client, "member_lead", {"id": args.node}))
+    if result.get("outcome") == "leader":
+        _show(args, result, f"{args.node} leads already")
+    else:
+        _show(args, result, f"{args.node} leads the metadata group now")
     return output.OK
 
 

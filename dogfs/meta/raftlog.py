@@ -51,7 +51,7 @@ log = Logger()
 
 _MEMBER_TAG = b"\x00"
 #: The ``MetaQuery`` ops of ``dogfs admin meta`` (served by the leader, admin permission).
-MEMBER_OPS = ("member_add_learner", "member_promote", "member_remove")
+MEMBER_OPS = ("member_add_learner", "member_promote", "member_remove", "member_lead")
 _SNAPSHOT_MAGIC = "dogfs-meta-raft"
 #: The largest command the log takes: half a frame's payload, so that the AppendEntries that
 #: carries it, alone if need be, always fits in one frame.
@@ -661,7 +661,8 @@ class RaftCommandLog:
 
     def member_query(self, op: str, args: dict[str, Any]) -> defer.Deferred[Any]:
         """Serve a membership query: ``member_add_learner`` {id, address, http_address},
-        ``member_promote`` {id}, ``member_remove`` {id}; replies carry the members' list."""
+        ``member_promote`` {id}, ``member_remove`` {id}, ``member_lead`` {id}; replies carry
+        the members' list."""
         from dogfs.meta.service import encode_status
         from dogfs.wire import messages as m
         from dogfs.wire.protocol import Reply
@@ -677,6 +678,8 @@ class RaftCommandLog:
             d = self.add_learner(node_id, address, http)
         elif op == "member_promote":
             d = self.promote(node_id)
+        elif op == "member_lead":
+            d = self.lead(node_id)
         else:
             d = self.remove(node_id)
 
@@ -786,6 +789,26 @@ class RaftCommandLog:
                 raise WireError("not_ready", f"{node_id} is not a learner here yet (this leader took over recently)")
             raise WireError("invalid_argument", f"{node_id} is not a learner: add it first")
         return defer.Deferred.fromCoroutine(self._change(self.driver.promote, node_id))
+
+    def lead(self, node_id: str) -> defer.Deferred[str]:
+        """Hand leadership to voter ``node_id`` (etcd's move-leader): before a planned restart
+        of the leader, so the group does not wait out an election timeout. Fires with "moved",
+        or "leader" when it leads already."""
+        self.require_leader()
+        if node_id == self.node_id:
+            return defer.succeed("leader")
+        cfg = self.driver.config
+        if cfg is None or node_id not in cfg.voters:
+            raise WireError("invalid_argument", f"{node_id} is not a voter of this metadata group: only a voter can lead")
+
+        async def hand_over() -> str:
+            try:
+                await self.driver.transfer_leadership(node_id)
+            except Exception as e:
+                raise WireError("timeout", f"handing leadership to {node_id} failed: {e}") from None
+            return "moved"
+
+        return defer.Deferred.fromCoroutine(hand_over())
 
     def remove(self, node_id: str) -> defer.Deferred[Any]:
         """Remove ``node_id``; when it is this leader, hand leadership over first.

@@ -132,6 +132,8 @@ class MetaHandlers:
         self.reported: set[str] = set()
         self.registering: set[str] = set()
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
+        #: The leader's LogVersionKeeper (MetaService sets it): what each member last said.
+        self.versions: LogVersionKeeper | None = None
         # Shard report gaps (see _find_gaps): the report in progress of each chunk server,
         # the shards absent from its last full report, and those absent from its last two:
         # missing, for repair to rebuild elsewhere.
@@ -484,6 +486,11 @@ class MetaHandlers:
         info = self.cluster_info()
         members = self.log.members()
         leader_id = next((mm["id"] for mm in members if mm.get("role") == "leader"), None)
+        if self.versions is not None and self.log.is_leader:
+            # The log version each member's release applies, as it last told this leader.
+            for mm in members:
+                if "log_version" not in mm and mm["id"] in self.versions.known:
+                    mm["log_version"] = self.versions.known[mm["id"]]
         return {
             "cluster": {
                 **info, "leader": leader_id, "leader_address": info["leader"],
@@ -760,6 +767,7 @@ class MetaService(MultiService):
             getattr(log_, "other_members", list), getattr(log_, "member_version", _nobody_to_ask),
             log_.propose, lambda: log_.is_leader,
         )
+        self.handlers.versions = self.versions
         if log_.is_leader:
             self.versions.start()
         self._expiry = LoopingCall(self._expire_allocations)
