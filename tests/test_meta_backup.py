@@ -229,14 +229,20 @@ class BackupQueryTests(SynchronousTestCase):
     """The metadata member's side: `MetaQuery("backup")`."""
 
     def test_streams_the_namespace(self) -> None:
-        """After the read barrier the namespace comes in parts, then its index, size and
-        checksum; the parts are exactly a dump of the state."""
+        """After the read barrier the namespace comes in parts, each read (on the worker) only
+        once the one before is sent, then its index, size and checksum; the parts are exactly
+        a dump of the state, and the read transaction ends with the stream."""
+        from twisted.internet import defer
+
         from dogfs.meta import service
         from tests.test_meta_service import Harness
 
         self.patch(service, "BACKUP_PART", 100)
         h = Harness(self)
         h.result(c.Mkdir("/a"))
+        steps: list[int] = []
+        ended = self.record_end(h)
+        h.handlers.in_thread = lambda f: steps.append(len(steps)) or defer.maybeDeferred(f)
         parts: list[bytes] = []
         d = h.client.call(m.MetaQuery("backup", "", {}), on_part=lambda msg, payload: parts.append(bytes(payload)))
         h.pump.flush()
@@ -244,22 +250,45 @@ class BackupQueryTests(SynchronousTestCase):
         info = BackupInfo.from_dict(msgpack.unpackb(bytes(reply.payload), raw=False))
         data = b"".join(parts)
         self.assertGreater(len(parts), 2)
+        self.assertEqual(len(steps), len(parts) + 1)  # one read per part, and the last finds the end
+        self.assertLessEqual(max(map(len, parts)), 100)
         self.assertEqual((info.size, info.sha256), (len(data), hashlib.sha256(data).hexdigest()))
         self.assertEqual(info.index, h.state.applied_index)
         self.assertEqual(data, h.state.dump())
+        self.assertEqual(ended, [True])
+        self.assertEqual((h.handlers.dumping, h.handlers.backups), (set(), set()))
+
+    def record_end(self, h: Any) -> list[bool]:
+        """Note each time a backup's read transaction is ended."""
+        ended: list[bool] = []
+        real = h.state.dump_parts_at
+
+        def dump_parts_at() -> Any:
+            index, pieces, end = real()
+
+            def noted() -> None:
+                ended.append(True)
+                end()
+
+            return index, pieces, noted
+
+        h.state.dump_parts_at = dump_parts_at
+        return ended
 
     def test_one_at_a_time(self) -> None:
-        """A second backup while one is being made is refused as busy (each holds the
-        namespace in memory); once the first is sent, the next one is served."""
+        """A second backup while one is being sent is refused as busy (each holds a read
+        transaction open); once the first is sent, the next one is served."""
         from twisted.internet import defer
 
         from tests.test_meta_service import Harness
 
         h = Harness(self)
-        release: defer.Deferred[Any] = defer.Deferred()
+        gates: list[defer.Deferred[Any]] = []
 
         def held(f: Any) -> defer.Deferred[Any]:
-            return release.addCallback(lambda _: f())
+            gate: defer.Deferred[Any] = defer.Deferred()
+            gates.append(gate)
+            return gate.addCallback(lambda _: f())
 
         h.handlers.in_thread = held
         first = h.client.call(m.MetaQuery("backup", "", {}), on_part=lambda msg, payload: None)
@@ -268,13 +297,48 @@ class BackupQueryTests(SynchronousTestCase):
         error = h.error(m.MetaQuery("backup", "", {}))
         self.assertEqual(error.code, "busy")
         self.assertIn("already making a backup", error.message)
-        release.callback(None)
-        h.pump.flush()
+        while not first.called:
+            gates[-1].callback(None)
+            h.pump.flush()
         self.successResultOf(first)
         h.handlers.in_thread = lambda f: defer.maybeDeferred(f)
         again = h.client.call(m.MetaQuery("backup", "", {}), on_part=lambda msg, payload: None)
         h.pump.flush()
         self.successResultOf(again)
+
+    def test_connection_lost_mid_stream(self) -> None:
+        """A backup whose connection is lost (the client went away, or the node stopped and
+        cut it) ends: its read transaction is ended and the member can make the next one."""
+        from twisted.internet import defer
+
+        from dogfs.meta import service
+        from tests.test_meta_service import Harness
+
+        self.patch(service, "BACKUP_PART", 100)
+        h = Harness(self)
+        ended = self.record_end(h)
+        gates: list[defer.Deferred[Any]] = []
+
+        def held(f: Any) -> defer.Deferred[Any]:
+            gate: defer.Deferred[Any] = defer.Deferred()
+            gates.append(gate)
+            return gate.addCallback(lambda _: f())
+
+        h.handlers.in_thread = held
+        parts: list[bytes] = []
+        d = h.client.call(m.MetaQuery("backup", "", {}), on_part=lambda msg, payload: parts.append(bytes(payload)))
+        h.pump.flush()
+        gates[-1].callback(None)
+        h.pump.flush()
+        self.assertEqual(len(parts), 1)
+        self.assertEqual(len(h.handlers.backups), 1)
+        h.server.transport.abortConnection()
+        h.pump.flush()
+        gates[-1].callback(None)
+        h.pump.flush()
+        self.failureResultOf(d)
+        self.assertEqual(ended, [True])
+        self.assertEqual((h.handlers.dumping, h.handlers.backups), (set(), set()))
 
     def test_admins_only(self) -> None:
         """A backup holds the block key: anyone but an admin is refused."""

@@ -494,3 +494,71 @@ class RollingUpgradeProcessTests(TestCase):
         with open(layout.log_path(cluster.home, node)) as f:
             self.assertIn("uses metadata log version 1, and this release of DogFS applies up to 0", f.read())
         await client.put("/after", io.BytesIO(content("/after")))
+
+
+class UpgradeFromPreviousReleaseTests(TestCase):
+    """The upgrade from the release before log versions, run from its own code."""
+
+    timeout = 300
+    #: The last commit before log versions (its daemons answer "unknown query" when asked
+    #: their log version, and decode Raft messages strictly).
+    PREVIOUS = "0b2d6b6"
+
+    def test_rolling_upgrade_from_the_previous_release(self) -> defer.Deferred[None]:
+        """A group of the previous release's daemons is upgraded to this one, leader first,
+        one member at a time: every step keeps serving puts, the group's log version stays 0
+        while a member of the previous release is left, then rises to 1; every file reads
+        back."""
+        return defer.Deferred.fromCoroutine(self._upgrade())
+
+    def previous_release(self) -> str:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        git = shutil.which("git")
+        if git is None:
+            raise SkipTest("git is not installed")
+        archive = subprocess.run([git, "-C", root, "archive", self.PREVIOUS], capture_output=True)
+        if archive.returncode != 0:
+            raise SkipTest(f"commit {self.PREVIOUS} is not in this clone: {archive.stderr.decode().strip()}")
+        tree = tempfile.mkdtemp(prefix="dogfs-previous-")
+        self.addCleanup(shutil.rmtree, tree, True)
+        subprocess.run(["tar", "-x", "-C", tree], input=archive.stdout, check=True)
+        return tree
+
+    async def _upgrade(self) -> None:
+        tree = await threads.deferToThread(self.previous_release)
+        cluster = RealCluster(env={"PYTHONPATH": tree})
+        self.addCleanup(cluster.destroy)
+        await threads.deferToThread(cluster.up)  # the previous release's CLI and daemons
+        cluster.env = dict(ENV)  # from here on, this release
+        client = cluster.client()
+        self.addCleanup(client.close)
+        written = {"/before": content("/before")}
+        await client.put("/before", io.BytesIO(written["/before"]))
+
+        def versions() -> list[tuple[Any, Any]]:
+            nodes = cluster.nodes()
+            return [(nodes.get(m, {}).get("log_version"), nodes.get(m, {}).get("group_log_version"))
+                    for m in cluster.meta_ids()]
+
+        # The previous release says nothing of log versions.
+        self.assertEqual(await threads.deferToThread(versions), [(None, None)] * 3)
+        leader = await wait_for_leader(cluster)
+        order = [leader] + [m for m in cluster.meta_ids() if m != leader]
+        for step, member in enumerate(order, 1):
+            await threads.deferToThread(cluster.run, "cluster", "stop", member)
+            await threads.deferToThread(cluster.start, member)
+            await wait_for_leader(cluster)
+            path = f"/after-upgrading-{member}"
+            written[path] = content(path)
+            await client.put(path, io.BytesIO(written[path]))
+            if step < len(order):
+                seen = await threads.deferToThread(versions)
+                self.assertEqual({group for _, group in seen} - {None}, {0}, seen)
+        deadline = time.monotonic() + 30.0
+        while (seen := await threads.deferToThread(versions)) != [(1, 1)] * 3:
+            self.assertLess(time.monotonic(), deadline, f"log versions (release, group) per member: {seen}")
+            await sleep(0.2)
+        for path, body in written.items():
+            sink = io.BytesIO()
+            await client.get(path, sink)
+            self.assertEqual(sink.getvalue(), body, path)

@@ -783,8 +783,11 @@ class NamespaceTests(StateTestCase):
         self.assertEqual(self.state.stat("/g").size, 3)  # type: ignore[union-attr]
         self.upload("/h", [1])
         self.error(Rename("/g", "/h"), ErrorCode.EXISTS)  # no silent replacement
-        same = self.error(Rename("/g", "/g"), ErrorCode.EXISTS)
-        self.assertIn("same path", same.message)
+        # Onto itself: said plainly from log version 1 (a result the session table keeps, so
+        # a group still at 0 answers as the release before did).
+        self.assertIn("already exists", self.error(Rename("/g", "/g"), ErrorCode.EXISTS).message)
+        self.ok(SetLogVersion(1))
+        self.assertIn("same path", self.error(Rename("/g", "/g"), ErrorCode.EXISTS).message)
         self.error(Rename("/g", "/c"), ErrorCode.EXISTS)
         self.error(Rename("/c", "/c/b2/x"), ErrorCode.INVALID_ARGUMENT)
         self.error(Rename("/c", "/c/x"), ErrorCode.INVALID_ARGUMENT)

@@ -202,6 +202,25 @@ class KeeperTests(SynchronousTestCase):
         self.assertIsNone(self.successResultOf(d))
         self.assertEqual(self.proposed, [])
 
+    def test_round_dropped_when_membership_or_leadership_changes(self) -> None:
+        """A member added while a round asks (it was not asked), or a stop meanwhile, drops the
+        round: nothing is proposed from answers that no longer cover the group."""
+        slow: defer.Deferred[int] = defer.Deferred()
+        self.answers["meta-3"] = slow
+        d = defer.Deferred.fromCoroutine(self.keeper.check())
+        self.answers["meta-4"] = 0
+        slow.callback(LOG_VERSION)
+        self.assertIsNone(self.successResultOf(d))
+        del self.answers["meta-4"]
+        slow = defer.Deferred()
+        self.answers["meta-3"] = slow
+        d = defer.Deferred.fromCoroutine(self.keeper.check())
+        self.keeper.stop()
+        slow.callback(LOG_VERSION)
+        self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(self.proposed, [])
+        self.assertEqual(self.check(), LOG_VERSION)  # a whole round, undisturbed
+
     def test_stopped_loop_asks_no_more(self) -> None:
         """After stop, the loop asks nobody."""
         self.answers["meta-2"] = 0
@@ -313,3 +332,22 @@ class AddMemberTests(SynchronousTestCase):
         leader._ask_version = unreachable  # type: ignore[method-assign]
         group.start("m4")
         self.assertEqual(group.settle(leader.add_learner("m4", group.address("m4"))), "added")
+
+
+class LaterFieldsTests(SynchronousTestCase):
+    """A known command with fields this release does not know is a later release's."""
+
+    def test_extra_fields_halt(self) -> None:
+        """In the log, a command of a known type with more fields than this release knows
+        halts the member (a leader of this release re-encodes what it proposes, so only a
+        later release's leader writes such an entry); from a client it is a clear refusal."""
+        state = NamespaceState(self.mktemp(), durable=False, map_size=1 << 26)
+        state.open()
+        self.addCleanup(state.close)
+        later = msgpack.packb([c.tag_of(SetLogVersion), 1, "a later field"])
+        with self.assertRaises(LogVersionError):
+            state.apply(1, later)
+        with self.assertRaises(c.UnknownCommand) as raised:
+            c.decode_command(msgpack.packb([c.tag_of(Mkdir), "/a", False, None, 0.0, "x", "y"]))
+        self.assertIn("more than this release knows", str(raised.exception))
+        self.assertEqual((state.applied_index, state.log_version()), (0, 0))

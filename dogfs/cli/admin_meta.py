@@ -201,7 +201,21 @@ def cmd_lead(args: argparse.Namespace) -> int:
     """dogfs admin meta lead NODE"""
     from dogfs.cli.main import run_client
 
-    result = run_client(args, lambda client: _member_op(client, "member_lead", {"id": args.node}))
+    async def lead(client: Any) -> dict[str, Any]:
+        from dogfs.client.api import DogFSError
+
+        try:
+            return await _member_op(client, "member_lead", {"id": args.node})
+        except DogFSError as e:
+            if "unknown query" in str(e):
+                raise DogFSError(
+                    "unsupported",
+                    "the metadata leader runs a release without `admin meta lead`: restart it "
+                    "instead (the others elect a leader among themselves)",
+                ) from None
+            raise
+
+    result = run_client(args, lead)
     if result.get("outcome") == "leader":
         _show(args, result, f"{args.node} leads already")
     else:

@@ -681,7 +681,8 @@ def since(cls: type) -> int:
 
 
 class UnknownCommand(ValueError):
-    """An encoded command whose type this release does not know: one of a later release."""
+    """An encoded command of a type, or with fields, this release does not know: one of a
+    later release (a member halts rather than apply the entry: NamespaceState)."""
 
 
 def _required(cls: type) -> int:
@@ -837,7 +838,7 @@ def _decode_value(raw: Any, allowed: frozenset[int] | None = None) -> Any:
     tag = raw[0]
     plan = _PLANS.get(tag) if type(tag) is int else None
     if plan is None or (allowed is not None and tag not in allowed):
-        if plan is None and allowed is not None and tag in allowed:
+        if plan is None and type(tag) is int and allowed is not None and tag in allowed:
             raise UnknownCommand(
                 f"Command type {tag} is not one this release knows (a command of a later release?)."
             )
@@ -854,6 +855,12 @@ def _decode_value(raw: Any, allowed: frozenset[int] | None = None) -> Any:
 def _decode_fields(plan: tuple[type, tuple[_Check, ...], int, int], raw: list[Any]) -> Any:
     """The generic decoding of ``raw`` (a tag and its fields) by ``plan``."""
     cls, checks, least, most = plan
+    if len(raw) - 1 > most:
+        # This release's leaders encode what they propose, so in the log only a later
+        # release's could have written fields this one does not know.
+        raise UnknownCommand(
+            f"{cls.__name__} with {len(raw) - 1} fields, more than this release knows (one of a later release?)."
+        )
     if not least <= len(raw) - 1 <= most:
         raise ValueError(f"Malformed {cls.__name__}: {len(raw) - 1} fields.")
     try:

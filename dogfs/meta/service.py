@@ -150,6 +150,8 @@ class MetaHandlers:
         self.in_thread: Callable[[Callable[[], Any]], defer.Deferred[Any]] = defer.maybeDeferred
         #: Backups' dumps running (on other threads, from read transactions of the state).
         self.dumping: set[defer.Deferred[Any]] = set()
+        #: The connections backups are being sent on (cut when the node stops).
+        self.backups: set[Any] = set()
 
     def handlers(self) -> dict[type, Callable[[Request], Any]]:
         """The wire handler table."""
@@ -194,15 +196,17 @@ class MetaHandlers:
         if not isinstance(command, CLIENT_COMMANDS):
             raise WireError("permission_denied", f"{type(command).__name__} is not a client command")
         self.authorize(request, "admin" if isinstance(command, ADMIN_COMMANDS) else "write")
+        self._require_leader()
         needed = c.since(type(command))
         if needed and needed > (group := self.state.log_version()):
+            caught_up = getattr(self.log, "caught_up", None)
             raise WireError(
-                "unsupported",
+                # A leader that took over recently may not have applied the version yet.
+                "not_ready" if caught_up is not None and not caught_up() else "unsupported",
                 f"{type(command).__name__} needs metadata log version {needed}, and the group is at "
                 f"{group}: it is raised once every metadata member runs a release that applies it "
                 "(`dogfs cluster status --json` shows each member's log_version)",
             )
-        self._require_leader()
         key = (msg.client_id, msg.seq)
         waiting = self._in_flight.get(key) if msg.client_id else None
         if waiting is not None:
@@ -390,36 +394,55 @@ class MetaHandlers:
         """Stream the namespace as of now (after the read barrier: every write acknowledged
         before the request is in it) in parts, then its size and checksum (dogfs.meta.backup).
 
-        The dump is an LMDB read transaction serialised on a worker thread, so this member
-        goes on applying and serving meanwhile; it is held in memory, as a Raft snapshot is.
+        The namespace is read from an LMDB read transaction, a part at a time on a worker
+        thread, and each part is sent before the next is read: this member goes on applying
+        and serving meanwhile, and holds one part in memory, not the namespace (as etcd's
+        snapshot save streams from a read transaction). The client's flow control paces it.
         """
         self.authorize_fresh(request, "admin")
         if self.dumping:
-            # Each holds the namespace in memory, twice at its peak: one at a time.
+            # Each holds a read transaction open (pages LMDB cannot reuse meanwhile).
             raise WireError("busy", f"{self.config.id} is already making a backup: try again once it is sent")
         term = getattr(getattr(self.log, "driver", None), "term", 0)
-        index, dump = self.state.dump_later_at()
+        index, pieces, end = self.state.dump_parts_at()
+        hasher = hashlib.sha256()
+        pending = bytearray()
+        finished = [False]
 
-        def dump_and_hash() -> tuple[bytes, str]:
-            data = dump()
-            return data, hashlib.sha256(data).hexdigest()
+        def next_part() -> bytes:
+            # On a worker thread: read on until a part's worth (or the end), and hash it.
+            while len(pending) < BACKUP_PART and not finished[0]:
+                piece = next(pieces, None)
+                if piece is None:
+                    finished[0] = True
+                else:
+                    pending.extend(piece)
+            part = bytes(pending[:BACKUP_PART])
+            del pending[:BACKUP_PART]
+            hasher.update(part)
+            return part
 
-        # The node closes the namespace only once this is done (MetaService.stopService).
-        dumping = self.in_thread(dump_and_hash)
-        self.dumping.add(dumping)
+        # The node closes the namespace only once this is done (MetaService.stopService),
+        # and cuts the connection of a backup still being sent when it stops.
+        done: defer.Deferred[None] = defer.Deferred()
+        self.dumping.add(done)
+        self.backups.add(request.connection)
+        size = 0
         try:
-            data, digest = await dumping
+            while part := await self.in_thread(next_part):
+                size += len(part)
+                await request.send_part(m.MetaReply(None), part)
         finally:
-            self.dumping.discard(dumping)
-        view = memoryview(data)
-        for start in range(0, len(data), BACKUP_PART):
-            await request.send_part(m.MetaReply(None), view[start : start + BACKUP_PART])
+            end()  # no thread is reading: each step was awaited
+            self.backups.discard(request.connection)
+            self.dumping.discard(done)
+            done.callback(None)
         info = {
-            "index": index, "term": term, "size": len(data), "sha256": digest,
+            "index": index, "term": term, "size": size, "sha256": hasher.hexdigest(),
             "cluster_id": self.state.cluster_id(), "node": self.config.id, "taken": self.clock.seconds(),
         }
         log.info("{node} sent a backup of the namespace at index {index} ({size} bytes)",
-                 node=self.config.id, index=index, size=len(data))
+                 node=self.config.id, index=index, size=size)
         return Reply(m.MetaReply(self.log.leader_address()), encode_status(info))
 
     def _read_allowed(self, _: object, request: Request, msg: m.MetaQuery) -> Reply:
@@ -775,7 +798,12 @@ class MetaService(MultiService):
         self._expiry.start(max(1.0, self.config.allocation_ttl / 4), now=False).addErrback(
             lambda f: log.failure("allocation expiry stopped", f)
         )
-        super().startService()
+        try:
+            super().startService()  # the Raft member restores its snapshot, replays its log
+        except LogVersionError as e:
+            log.critical("{node} cannot start: {error}", node=self.config.id, error=str(e))
+            self._stop_failed()
+            return
         if self.log.is_leader:
             self._seed_default_policy()
             self._seed_secrets()
@@ -914,10 +942,13 @@ class MetaService(MultiService):
     def _member_failed(self, failure: Any) -> None:
         # The Raft member halted (its disk or state failed): it must not keep answering as if
         # it could lead or serve reads, so the daemon exits and its peers carry on.
-        log.critical(
-            "{node} halts: its Raft log or namespace failed ({error}); restart it once its disk is fixed",
-            node=self.config.id, error=failure.getErrorMessage(),
-        )
+        if failure.check(LogVersionError):
+            log.critical("{node} halts: {error}", node=self.config.id, error=failure.getErrorMessage())
+        else:
+            log.critical(
+                "{node} halts: its Raft log or namespace failed ({error}); restart it once its disk is fixed",
+                node=self.config.id, error=failure.getErrorMessage(),
+            )
         self._stop_failed()
 
     def _stop_failed(self) -> None:
@@ -953,8 +984,18 @@ class MetaService(MultiService):
         d.addCallback(stop_listening)
 
         d.addCallback(lambda _: self._chunk_pool.close_all())
-        # A backup's dump reads the namespace on another thread: let it finish first.
-        d.addCallback(lambda _: defer.DeferredList(list(self.handlers.dumping) if self.handlers else []))
+        # A backup reads the namespace on another thread: cut the connections backups are
+        # sent on (a client that stopped reading would hold the stop up), and let it end.
+        def end_backups(_: Any) -> defer.Deferred[Any]:
+            if self.handlers is None:
+                return defer.succeed(None)
+            for connection in list(self.handlers.backups):
+                transport = getattr(connection, "transport", None)
+                if transport is not None:
+                    transport.abortConnection()
+            return defer.DeferredList(list(self.handlers.dumping))
+
+        d.addCallback(end_backups)
 
         def close(_: Any) -> None:
             if self._pool is not None:

@@ -96,7 +96,7 @@ from dogfs.meta.commands import (
     shard_id,
     since,
 )
-from dogfs.raft.driver import IRaftStateMachine
+from dogfs.raft.driver import CannotApply, IRaftStateMachine
 from dogfs.security.tokens import block_token, valid_block_key
 from dogfs.storage.files import fsync_dir, owner_only, replace_file
 from dogfs.wire.messages import valid_cluster_id
@@ -175,7 +175,7 @@ _MAX_RESTORED_BG = 1 << 62
 _DUMP_MAGIC = "dogfs-meta-dump"
 
 
-class LogVersionError(Exception):
+class LogVersionError(CannotApply):
     """The group's log needs a later release than this one: this member must not go on.
 
     Raised by apply (which makes the Raft member halt, rather than diverge from members that
@@ -1421,6 +1421,30 @@ class NamespaceState:
 
         return index, dump
 
+    def dump_parts_at(self) -> tuple[int, Iterator[bytes | memoryview], Callable[[], None]]:
+        """The state as it is now, as L{dump_later_at} fixes it, but given piece by piece as
+        it is read (the pieces joined are its L{dump}): a backup need not hold the namespace
+        in memory. Returns the applied index, an iterator of the pieces and a function that
+        ends the read transaction (once the iterator is exhausted, or to stop early). Each
+        step of the iterator may run on any thread, one at a time.
+        """
+        txn = self._read()
+        index = _decode_counter(txn.get(_APPLIED, db=self._dbs[b"meta"]))
+        ended = [False]
+
+        def end() -> None:
+            if not ended[0]:
+                ended[0] = True
+                txn.abort()
+
+        def pieces() -> Iterator[bytes | memoryview]:
+            try:
+                yield from self._dump_pieces(txn)
+            finally:
+                end()
+
+        return index, pieces(), end
+
     def dump_later(self) -> Callable[[], bytes]:
         """Fix the state as it is now; return a function giving its L{dump}, once.
 
@@ -1432,6 +1456,9 @@ class NamespaceState:
         return self.dump_later_at()[1]
 
     def _dump(self, txn: lmdb.Transaction) -> bytes:
+        return b"".join(self._dump_pieces(txn))
+
+    def _dump_pieces(self, txn: lmdb.Transaction) -> Iterator[bytes | memoryview]:
         # The cursor yields (key, value) tuples of bytes (read transactions here are opened
         # without buffers), which msgpack writes as the [key, value] arrays of the format:
         # no per-record Python work, which made snapshots of large namespaces costly. But
@@ -1440,26 +1467,21 @@ class NamespaceState:
         # namespace, long enough for an election). So _DUMP_STEP records per call, each
         # packed as an array whose header is then left out; the bytes are the same.
         packer = msgpack.Packer(use_bin_type=True)
-        out: builtins.list[Any] = [
-            packer.pack_array_header(3),
-            packer.pack(_DUMP_MAGIC),
-            packer.pack(_FORMAT_VERSION),
-            packer.pack_array_header(len(_DB_NAMES)),
-        ]
+        yield packer.pack_array_header(3) + packer.pack(_DUMP_MAGIC) + packer.pack(_FORMAT_VERSION)
+        yield packer.pack_array_header(len(_DB_NAMES))
         for name in _DB_NAMES:
             db = self._dbs[name]
             count = txn.stat(db)["entries"]
-            out += [packer.pack_array_header(2), packer.pack(name.decode()), packer.pack_array_header(count)]
+            yield packer.pack_array_header(2) + packer.pack(name.decode()) + packer.pack_array_header(count)
             records = iter(txn.cursor(db=db))
             while count > 0:
                 step = builtins.list(itertools.islice(records, min(count, _DUMP_STEP)))
                 if not step:
                     raise RuntimeError(f"the {name.decode()} table ended early while it was dumped")
                 count -= len(step)
-                out.append(memoryview(packer.pack(step))[len(packer.pack_array_header(len(step))):])
+                yield memoryview(packer.pack(step))[len(packer.pack_array_header(len(step))):]
             if next(records, None) is not None:
                 raise RuntimeError(f"the {name.decode()} table grew while it was dumped")
-        return b"".join(out)
 
     def load(self, data: bytes, applied_index: int | None = None) -> None:
         """Replace the whole state with a L{dump} in one transaction (C{ValueError} if bad).
@@ -1820,8 +1842,10 @@ def _rename(ctx: _Ctx, index: int, cmd: Rename) -> Ok:
     ino, rec = ctx.resolve(src, src_parts)
     if not dst_parts:
         raise _Abort(ErrorCode.EXISTS, "'/' already exists.")
-    if dst_parts == src_parts:
-        # As coreutils' mv says it (HDFS's rename with options refuses it too).
+    if dst_parts == src_parts and ctx.log_version() >= 1:
+        # As coreutils' mv says it (HDFS's rename with options refuses it too). A result is
+        # kept in the session table, so it changed with log version 1 (dogfs.meta.versions):
+        # a group with members of the release before answers as that release did.
         raise _Abort(ErrorCode.EXISTS, f"{_q(src)} and {_q(dst)} are the same path; nothing was moved.")
     parent, _ = ctx.resolve_parent(dst, dst_parts)
     if ctx.child(parent, dst_parts[-1]) is not None:

@@ -64,6 +64,8 @@ class LogVersionKeeper:
         self.known: dict[str, int | None] = {}
         self._loop: LoopingCall | None = None
         self._checking = False
+        # Bumped by stop: a round begun before it proposes nothing.
+        self._generation = 0
 
     def start(self) -> None:
         """Check now and every ``interval`` seconds (while this member leads)."""
@@ -74,6 +76,7 @@ class LogVersionKeeper:
         self._loop.start(self.interval, now=True)
 
     def stop(self) -> None:
+        self._generation += 1
         if self._loop is not None:
             if self._loop.running:
                 self._loop.stop()
@@ -95,6 +98,7 @@ class LogVersionKeeper:
         """One round: ask every other member; if all answered and the lowest version they
         and this member apply is above the group's, propose it. Fires with the version
         proposed, or None."""
+        generation = self._generation
         if not self.is_leader() or self.state_version() >= LOG_VERSION:
             return None  # nothing higher that this member could apply
         members = sorted(self.members())
@@ -105,9 +109,11 @@ class LogVersionKeeper:
         versions = [a for a in answers if a is not None]
         if len(versions) < len(answers):
             return None  # a member's release is unknown: it might apply less
+        if generation != self._generation or not self.is_leader() or sorted(self.members()) != members:
+            return None  # stopped, deposed, or the membership changed meanwhile: ask again
         target = min([LOG_VERSION, *versions])
         group = self.state_version()
-        if target <= group or not self.is_leader():
+        if target <= group:
             return None
         log.info(
             "every metadata member applies log version {target}: raising the group's from {group}",

@@ -69,6 +69,12 @@ T = TypeVar("T")
 Executor = Callable[[Callable[[], Any]], "Deferred[Any]"]
 
 
+
+class CannotApply(Exception):
+    """Raised by a state machine for a committed entry it must not apply (one of a later
+    release, say): the member halts, as for a failing disk, rather than diverge; its message
+    says why in a sentence."""
+
 class RaftError(Exception):
     """Base of the errors the driver's Deferreds fail with."""
 
@@ -720,7 +726,11 @@ class RaftDriver(Service):
     def _loop_failed(self, failure: Failure) -> None:
         # Storage failing (disk full, I/O error) or a core bug: this member can no longer keep
         # its promises, so it stops taking part rather than acknowledge what it may not keep.
-        _log.failure("Raft {id}: the Ready loop failed; member halted", failure, id=self.node_id)
+        if failure.check(CannotApply):
+            # Said in a sentence by the state machine: no traceback to read.
+            _log.error("Raft {id}: {error}; member halted", id=self.node_id, error=str(failure.value))
+        else:
+            _log.failure("Raft {id}: the Ready loop failed; member halted", failure, id=self.node_id)
         if self._failure is not None:
             return
         self._failure = failure
