@@ -297,10 +297,14 @@ class BackupQueryTests(SynchronousTestCase):
         error = h.error(m.MetaQuery("backup", "", {}))
         self.assertEqual(error.code, "busy")
         self.assertIn("already making a backup", error.message)
+        # What MetaService.stopService waits for before it closes the namespace.
+        (running,) = h.handlers.dumping
+        self.assertNoResult(running)
         while not first.called:
             gates[-1].callback(None)
             h.pump.flush()
         self.successResultOf(first)
+        self.successResultOf(running)
         h.handlers.in_thread = lambda f: defer.maybeDeferred(f)
         again = h.client.call(m.MetaQuery("backup", "", {}), on_part=lambda msg, payload: None)
         h.pump.flush()
