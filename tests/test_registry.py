@@ -67,6 +67,17 @@ class RegistryTests(SynchronousTestCase):
         self.assertEqual(registry.state("b"), "alive")
         self.assertEqual(self.changes, [("b", "unknown", "alive"), ("a", "unknown", "dead")])
 
+    def test_new_leader_forgets_servers_removed_before(self) -> None:
+        """known_only keeps (and updates) the servers of the persistent registry and forgets
+        the rest: one removed while another member led, whose relayed heartbeats left it here."""
+        registry = self.registry()
+        self.beat(registry, "a")
+        self.beat(registry, "gone")
+        registry.known_only([ChunkServerRecord("a", "a:2", "r2"), ChunkServerRecord("b", "b:1")])
+        self.assertEqual([(v.node_id, v.address, v.state) for v in registry.view()],
+                         [("a", "a:2", "alive"), ("b", "b:1", "unknown")])
+        self.assertIsNone(registry.state("gone"))
+
     def test_new_leader_does_not_trust_old_silence(self) -> None:
         """A server last heard long ago (when nobody led, its heartbeats had nowhere to go) is
         "unknown" again when the registry restarts for a new leader, then dead if it stays

@@ -131,6 +131,17 @@ class ChunkServerRegistry:
         for record in records:
             self.known(record.node_id, record.address, getattr(record, "domain", None))
 
+    def known_only(self, records: Iterable[Any]) -> None:
+        """L{known_all}, and forget every server that is not among ``records``: a new leader
+        does so with the persistent registry, since a server removed under the leader before
+        was forgotten only there (L{forget}), while the heartbeats relayed before its removal
+        left it here. A server heard but not yet registered is heard again within a heartbeat."""
+        records = list(records)
+        keep = {record.node_id for record in records}
+        for node_id in [n for n in self._entries if n not in keep]:
+            self.forget(node_id)
+        self.known_all(records)
+
     def forget(self, node_id: str) -> None:
         """Drop a server entirely (it was removed from the cluster); no change is reported."""
         self._entries.pop(node_id, None)

@@ -870,7 +870,7 @@ class MetaService(MultiService):
         # RaftCommandLog.wire_handlers); a chunk server not heard from gets a fresh grace period
         # to heartbeat here before it is called dead.
         self.registry.stop()
-        self.registry.known_all(self.state.chunk_servers())
+        self.registry.known_only(self.state.chunk_servers())
         self.registry.start()
         if self.handlers is not None:
             self.handlers.reported.clear()
