@@ -310,6 +310,32 @@ class BackupQueryTests(SynchronousTestCase):
         h.pump.flush()
         self.successResultOf(again)
 
+    def test_slow_backup_stopped(self) -> None:
+        """A backup still being sent after BACKUP_MAX_SECONDS is stopped with a clear error,
+        and its read transaction ended."""
+        from twisted.internet import defer
+
+        from dogfs.meta import service
+        from tests.test_meta_service import Harness
+
+        self.patch(service, "BACKUP_PART", 100)
+        h = Harness(self)
+        ended = self.record_end(h)
+
+        def slow(f: Any) -> defer.Deferred[Any]:
+            h.clock.advance(service.BACKUP_MAX_SECONDS / 2)
+            return defer.maybeDeferred(f)
+
+        h.handlers.in_thread = slow
+        parts: list[bytes] = []
+        d = h.client.call(m.MetaQuery("backup", "", {}), on_part=lambda msg, payload: parts.append(bytes(payload)))
+        h.pump.flush()
+        error = self.failureResultOf(d).value
+        self.assertEqual(error.code, "timeout")
+        self.assertIn("faster link", error.message)
+        self.assertEqual(len(parts), 3)  # sent at 0.5, 1 and 1.5 times the limit: stopped after the third
+        self.assertEqual((ended, h.handlers.dumping), ([True], set()))
+
     def test_connection_lost_mid_stream(self) -> None:
         """A backup whose connection is lost (the client went away, or the node stopped and
         cut it) ends: its read transaction is ended and the member can make the next one."""

@@ -47,6 +47,9 @@ from dogfs.wire.protocol import Reply, Request, WireError
 NAMESPACE_MAP_SIZE = 1 << 38
 #: Bytes of namespace per frame of a backup (`MetaHandlers._backup`).
 BACKUP_PART = 4 << 20
+#: Seconds a backup may take to send: its read transaction keeps LMDB from reusing the pages
+#: later writes free, so a client that reads slowly must not hold it open for good.
+BACKUP_MAX_SECONDS = 3600.0
 
 log = Logger()
 
@@ -428,10 +431,18 @@ class MetaHandlers:
         self.dumping.add(done)
         self.backups.add(request.connection)
         size = 0
+        began = self.clock.seconds()
         try:
             while part := await self.in_thread(next_part):
                 size += len(part)
                 await request.send_part(m.MetaReply(None), part)
+                if self.clock.seconds() - began > BACKUP_MAX_SECONDS:
+                    raise WireError(
+                        "timeout",
+                        f"the backup took more than {BACKUP_MAX_SECONDS:g}s to send ({size} bytes so far) and "
+                        "was stopped: while it runs the leader cannot reuse freed pages; take it from a "
+                        "host with a faster link to the leader",
+                    )
         finally:
             end()  # no thread is reading: each step was awaited
             self.backups.discard(request.connection)
