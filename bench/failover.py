@@ -34,17 +34,12 @@ from common import run_reactor  # noqa: E402
 from twisted.internet import defer, threads  # noqa: E402
 
 
-async def one_try(cluster: Any, clients: list[Any], kind: str, tag: str) -> float:
-    """Kill the leader under load; seconds to the first write begun after it and acknowledged."""
-    from twisted.internet import reactor
-
-    from dogfs.client.api import sleep
-    from tests.test_meta_raft_process import wait_for_leader
-
+def start_writers(
+    clients: list[Any], kind: str, tag: str, stop: list[bool], acknowledged: Any
+) -> list[defer.Deferred[None]]:
+    """One writer per client, each making mkdirs or 4 KiB puts until ``stop[0]``; each write
+    acknowledged calls ``acknowledged(time it began)``."""
     payload = os.urandom(4096)
-    killed_at: list[float] = []
-    first: list[float] = []
-    stop = [False]
 
     async def writer(w: int, client: Any) -> None:
         n = 0
@@ -58,12 +53,29 @@ async def one_try(cluster: Any, clients: list[Any], kind: str, tag: str) -> floa
                     await client.put(f"/f/{tag}-w{w}-{n}", io.BytesIO(payload))
             except Exception:
                 continue
-            if killed_at and began >= killed_at[0]:
-                first.append(time.monotonic())
-                stop[0] = True
+            acknowledged(began)
+
+    return [defer.Deferred.fromCoroutine(writer(w, c)) for w, c in enumerate(clients)]
+
+
+async def one_try(cluster: Any, clients: list[Any], kind: str, tag: str) -> float:
+    """Kill the leader under load; seconds to the first write begun after it and acknowledged."""
+    from twisted.internet import reactor
+
+    from dogfs.client.api import sleep
+    from tests.test_meta_raft_process import wait_for_leader
+
+    killed_at: list[float] = []
+    first: list[float] = []
+    stop = [False]
+
+    def acknowledged(began: float) -> None:
+        if killed_at and began >= killed_at[0]:
+            first.append(time.monotonic())
+            stop[0] = True
 
     leader = await wait_for_leader(cluster)
-    writers = [defer.Deferred.fromCoroutine(writer(w, c)) for w, c in enumerate(clients)]
+    writers = start_writers(clients, kind, tag, stop, acknowledged)
     await sleep(reactor, 1.0)
     killed_at.append(time.monotonic())
     cluster.kill(leader)
@@ -87,22 +99,8 @@ async def planned_try(cluster: Any, clients: list[Any], kind: str, tag: str) -> 
     from dogfs.client.api import sleep
     from tests.test_meta_raft_process import wait_for_leader
 
-    payload = os.urandom(4096)
     acks: list[float] = []
     stop = [False]
-
-    async def writer(w: int, client: Any) -> None:
-        n = 0
-        while not stop[0]:
-            n += 1
-            try:
-                if kind == "mkdir":
-                    await client.mkdir(f"/f/{tag}-w{w}-{n}")
-                else:
-                    await client.put(f"/f/{tag}-w{w}-{n}", io.BytesIO(payload))
-            except Exception:
-                continue
-            acks.append(time.monotonic())
 
     def longest_pause(start: float, end: float) -> float:
         times = sorted(t for t in acks if start <= t <= end)
@@ -111,7 +109,7 @@ async def planned_try(cluster: Any, clients: list[Any], kind: str, tag: str) -> 
 
     leader = await wait_for_leader(cluster)
     target = next(m for m in cluster.meta_ids() if m != leader)
-    writers = [defer.Deferred.fromCoroutine(writer(w, c)) for w, c in enumerate(clients)]
+    writers = start_writers(clients, kind, tag, stop, lambda began: acks.append(time.monotonic()))
     await sleep(reactor, 2.0)
     issued = time.monotonic()
     await clients[0]._query("member_lead", "", {"id": target})

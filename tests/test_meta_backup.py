@@ -275,14 +275,11 @@ class BackupQueryTests(SynchronousTestCase):
         h.state.dump_parts_at = dump_parts_at
         return ended
 
-    def test_one_at_a_time(self) -> None:
-        """A second backup while one is being sent is refused as busy (each holds a read
-        transaction open); once the first is sent, the next one is served."""
+    def hold_steps(self, h: Any) -> list[Any]:
+        """Make each step of a backup (a part read on the worker) wait for its gate: a
+        Deferred appended to the list returned, fired to let the step run."""
         from twisted.internet import defer
 
-        from tests.test_meta_service import Harness
-
-        h = Harness(self)
         gates: list[defer.Deferred[Any]] = []
 
         def held(f: Any) -> defer.Deferred[Any]:
@@ -291,6 +288,17 @@ class BackupQueryTests(SynchronousTestCase):
             return gate.addCallback(lambda _: f())
 
         h.handlers.in_thread = held
+        return gates
+
+    def test_one_at_a_time(self) -> None:
+        """A second backup while one is being sent is refused as busy (each holds a read
+        transaction open); once the first is sent, the next one is served."""
+        from twisted.internet import defer
+
+        from tests.test_meta_service import Harness
+
+        h = Harness(self)
+        gates = self.hold_steps(h)
         first = h.client.call(m.MetaQuery("backup", "", {}), on_part=lambda msg, payload: None)
         h.pump.flush()
         self.assertNoResult(first)
@@ -339,7 +347,6 @@ class BackupQueryTests(SynchronousTestCase):
     def test_connection_lost_mid_stream(self) -> None:
         """A backup whose connection is lost (the client went away, or the node stopped and
         cut it) ends: its read transaction is ended and the member can make the next one."""
-        from twisted.internet import defer
 
         from dogfs.meta import service
         from tests.test_meta_service import Harness
@@ -347,14 +354,7 @@ class BackupQueryTests(SynchronousTestCase):
         self.patch(service, "BACKUP_PART", 100)
         h = Harness(self)
         ended = self.record_end(h)
-        gates: list[defer.Deferred[Any]] = []
-
-        def held(f: Any) -> defer.Deferred[Any]:
-            gate: defer.Deferred[Any] = defer.Deferred()
-            gates.append(gate)
-            return gate.addCallback(lambda _: f())
-
-        h.handlers.in_thread = held
+        gates = self.hold_steps(h)
         parts: list[bytes] = []
         d = h.client.call(m.MetaQuery("backup", "", {}), on_part=lambda msg, payload: parts.append(bytes(payload)))
         h.pump.flush()

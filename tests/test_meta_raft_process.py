@@ -387,10 +387,55 @@ for module in (dogfs.meta.commands, dogfs.meta.log, dogfs.meta.state, dogfs.meta
 """
 
 
-class RollingUpgradeProcessTests(TestCase):
-    """A metadata group upgraded one member at a time, serving throughout."""
+class _Upgrades(TestCase):
+    """Helpers: a group started from another release's code, upgraded member by member."""
 
     timeout = 300
+
+    async def older_group(self, pythonpath: str) -> tuple[RealCluster, Any, dict[str, bytes]]:
+        """A cluster whose CLI and daemons run the code on ``pythonpath`` (then switched to
+        this release for what follows), a client, and the files written so far."""
+        cluster = RealCluster(env={"PYTHONPATH": pythonpath})
+        self.addCleanup(cluster.destroy)
+        await threads.deferToThread(cluster.up)
+        cluster.env = dict(ENV)  # from here on, the release under test
+        client = cluster.client()
+        self.addCleanup(client.close)
+        written = {"/before": content("/before")}
+        await client.put("/before", io.BytesIO(written["/before"]))
+        return cluster, client, written
+
+    @staticmethod
+    def versions(cluster: RealCluster) -> list[tuple[Any, Any]]:
+        """(log version its release applies, its group's) per member, from `cluster status`."""
+        nodes = cluster.nodes()
+        return [(nodes.get(m, {}).get("log_version"), nodes.get(m, {}).get("group_log_version"))
+                for m in cluster.meta_ids()]
+
+    async def upgrade(self, cluster: RealCluster, client: Any, member: str, written: dict[str, bytes]) -> None:
+        """Restart ``member`` with the release under test, then put a file."""
+        await threads.deferToThread(cluster.run, "cluster", "stop", member)
+        await threads.deferToThread(cluster.start, member)
+        await wait_for_leader(cluster)
+        path = f"/after-upgrading-{member}"
+        written[path] = content(path)
+        await client.put(path, io.BytesIO(written[path]))
+
+    async def all_upgraded(self, cluster: RealCluster, client: Any, written: dict[str, bytes]) -> None:
+        """Wait until every member applies, and its group uses, log version 1; then check
+        that every file written reads back."""
+        deadline = time.monotonic() + 30.0
+        while (seen := await threads.deferToThread(self.versions, cluster)) != [(1, 1)] * 3:
+            self.assertLess(time.monotonic(), deadline, f"log versions (release, group) per member: {seen}")
+            await sleep(0.2)
+        for path, body in written.items():
+            sink = io.BytesIO()
+            await client.get(path, sink)
+            self.assertEqual(sink.getvalue(), body, path)
+
+
+class RollingUpgradeProcessTests(_Upgrades):
+    """A metadata group upgraded one member at a time, serving throughout."""
 
     def test_rolling_upgrade_and_refused_downgrade(self) -> defer.Deferred[None]:
         """A group whose members all apply log version 0 (an older release) is upgraded one
@@ -408,35 +453,14 @@ class RollingUpgradeProcessTests(TestCase):
             f.write(_OLDER_RELEASE)
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         older = os.pathsep.join(p for p in (overlay, root, os.environ.get("PYTHONPATH")) if p)
-        cluster = RealCluster(env={"PYTHONPATH": older})
-        self.addCleanup(cluster.destroy)
-        await threads.deferToThread(cluster.up)
-        client = cluster.client()
-        self.addCleanup(client.close)
-        written = {"/before": content("/before")}
-        await client.put("/before", io.BytesIO(written["/before"]))
-
-        def versions() -> list[tuple[Any, Any]]:
-            nodes = cluster.nodes()
-            return [(nodes.get(m, {}).get("log_version"), nodes.get(m, {}).get("group_log_version"))
-                    for m in cluster.meta_ids()]
-
-        self.assertEqual(await threads.deferToThread(versions), [(0, 0)] * 3)
+        cluster, client, written = await self.older_group(older)
+        self.assertEqual(await threads.deferToThread(self.versions, cluster), [(0, 0)] * 3)
         leader = await wait_for_leader(cluster)
         first = next(m for m in cluster.meta_ids() if m != leader)
-        cluster.env = dict(ENV)  # the release under test
-
-        async def upgrade(member: str) -> None:
-            await threads.deferToThread(cluster.run, "cluster", "stop", member)
-            await threads.deferToThread(cluster.start, member)
-            await wait_for_leader(cluster)
-            path = f"/after-upgrading-{member}"
-            written[path] = content(path)
-            await client.put(path, io.BytesIO(written[path]))
 
         # One member upgraded, and made the leader (`admin meta lead`): it asks the others,
         # hears that they apply 0, and must not raise the group's version.
-        await upgrade(first)
+        await self.upgrade(cluster, client, first, written)
         await threads.deferToThread(cluster.run, "admin", "meta", "lead", first)
         self.assertEqual(await wait_for_leader(cluster), first)
         address = (await threads.deferToThread(cluster.nodes))[first]["address"]
@@ -466,15 +490,8 @@ class RollingUpgradeProcessTests(TestCase):
         self.assertEqual((await leader_view())["cluster"]["log_version"], 0)
         for member in cluster.meta_ids():
             if member != first:
-                await upgrade(member)
-        deadline = time.monotonic() + 30.0
-        while (seen := await threads.deferToThread(versions)) != [(1, 1)] * 3:
-            self.assertLess(time.monotonic(), deadline, f"log versions (release, group) per member: {seen}")
-            await sleep(0.2)
-        for path, body in written.items():
-            sink = io.BytesIO()
-            await client.get(path, sink)
-            self.assertEqual(sink.getvalue(), body, path)
+                await self.upgrade(cluster, client, member, written)
+        await self.all_upgraded(cluster, client, written)
 
         # A downgrade after the group moved on: the member refuses to start, in one sentence.
         leader = await wait_for_leader(cluster)
@@ -496,10 +513,9 @@ class RollingUpgradeProcessTests(TestCase):
         await client.put("/after", io.BytesIO(content("/after")))
 
 
-class UpgradeFromPreviousReleaseTests(TestCase):
+class UpgradeFromPreviousReleaseTests(_Upgrades):
     """The upgrade from the release before log versions, run from its own code."""
 
-    timeout = 300
     #: The last commit before log versions (its daemons answer "unknown query" when asked
     #: their log version, and decode Raft messages strictly).
     PREVIOUS = "0b2d6b6"
@@ -526,39 +542,14 @@ class UpgradeFromPreviousReleaseTests(TestCase):
 
     async def _upgrade(self) -> None:
         tree = await threads.deferToThread(self.previous_release)
-        cluster = RealCluster(env={"PYTHONPATH": tree})
-        self.addCleanup(cluster.destroy)
-        await threads.deferToThread(cluster.up)  # the previous release's CLI and daemons
-        cluster.env = dict(ENV)  # from here on, this release
-        client = cluster.client()
-        self.addCleanup(client.close)
-        written = {"/before": content("/before")}
-        await client.put("/before", io.BytesIO(written["/before"]))
-
-        def versions() -> list[tuple[Any, Any]]:
-            nodes = cluster.nodes()
-            return [(nodes.get(m, {}).get("log_version"), nodes.get(m, {}).get("group_log_version"))
-                    for m in cluster.meta_ids()]
-
+        cluster, client, written = await self.older_group(tree)
         # The previous release says nothing of log versions.
-        self.assertEqual(await threads.deferToThread(versions), [(None, None)] * 3)
+        self.assertEqual(await threads.deferToThread(self.versions, cluster), [(None, None)] * 3)
         leader = await wait_for_leader(cluster)
         order = [leader] + [m for m in cluster.meta_ids() if m != leader]
         for step, member in enumerate(order, 1):
-            await threads.deferToThread(cluster.run, "cluster", "stop", member)
-            await threads.deferToThread(cluster.start, member)
-            await wait_for_leader(cluster)
-            path = f"/after-upgrading-{member}"
-            written[path] = content(path)
-            await client.put(path, io.BytesIO(written[path]))
+            await self.upgrade(cluster, client, member, written)
             if step < len(order):
-                seen = await threads.deferToThread(versions)
+                seen = await threads.deferToThread(self.versions, cluster)
                 self.assertEqual({group for _, group in seen} - {None}, {0}, seen)
-        deadline = time.monotonic() + 30.0
-        while (seen := await threads.deferToThread(versions)) != [(1, 1)] * 3:
-            self.assertLess(time.monotonic(), deadline, f"log versions (release, group) per member: {seen}")
-            await sleep(0.2)
-        for path, body in written.items():
-            sink = io.BytesIO()
-            await client.get(path, sink)
-            self.assertEqual(sink.getvalue(), body, path)
+        await self.all_upgraded(cluster, client, written)
