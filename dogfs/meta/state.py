@@ -174,6 +174,9 @@ _MAX_RESTORED_BG = 1 << 62
 
 _DUMP_MAGIC = "dogfs-meta-dump"
 
+#: Records packed per call while a dump is made (see NamespaceState._dump).
+_DUMP_STEP = 4096
+
 
 class LogVersionError(CannotApply):
     """The group's log needs a later release than this one: this member must not go on.
@@ -189,8 +192,6 @@ def _beyond_this_release(version: int, where: str) -> LogVersionError:
         f"{LOG_VERSION}: run this member with the release the rest of its group runs "
         "(docs/operations.md, \"Upgrading\")"
     )
-#: Records packed per call while a dump is made (see NamespaceState._dump).
-_DUMP_STEP = 4096
 
 
 def _u64(n: int) -> bytes:

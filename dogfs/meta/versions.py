@@ -76,6 +76,8 @@ class LogVersionKeeper:
         self._loop.start(self.interval, now=True)
 
     def stop(self) -> None:
+        """Stop checking (this member no longer leads, or stops); a round under way proposes
+        nothing."""
         self._generation += 1
         if self._loop is not None:
             if self._loop.running:

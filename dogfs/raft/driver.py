@@ -69,11 +69,11 @@ T = TypeVar("T")
 Executor = Callable[[Callable[[], Any]], "Deferred[Any]"]
 
 
-
 class CannotApply(Exception):
     """Raised by a state machine for a committed entry it must not apply (one of a later
     release, say): the member halts, as for a failing disk, rather than diverge; its message
     says why in a sentence."""
+
 
 class RaftError(Exception):
     """Base of the errors the driver's Deferreds fail with."""
