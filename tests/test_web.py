@@ -87,6 +87,8 @@ class MetricsTests(SynchronousTestCase):
         self.assertEqual(sample(text, "dogfs_raft_term"), 3.0)
         self.assertEqual(sample(text, "dogfs_raft_commit_index"), 1207.0)
         self.assertEqual(sample(text, "dogfs_raft_log_writes"), 96.0)
+        self.assertEqual(sample(text, "dogfs_meta_log_version"), 1.0)
+        self.assertEqual(sample(text, "dogfs_meta_group_log_version"), 1.0)
         self.assertEqual(sample(text, "dogfs_meta_is_leader"), 1.0)
         self.assertEqual(sample(text, "dogfs_files"), 1342.0)
         self.assertEqual(sample(text, "dogfs_block_groups_at_risk", survivable_losses="0"), 3.0)

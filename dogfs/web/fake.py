@@ -31,7 +31,7 @@ def demo_status(meta: int = 3, chunks: int = 6, http_base: int = 9100) -> dict[s
             "applied_index": 1207 if i == 1 else 1205,
             "last_contact_s": 0.0 if i == 1 else 0.1 * i,
             # A member reports its own durable log writes only (meta-1 answers here).
-            **({"raft_writes": 96} if i == 1 else {}),
+            **({"raft_writes": 96, "log_version": 1} if i == 1 else {}),
         }
         for i in range(1, meta + 1)
     ]
@@ -55,6 +55,7 @@ def demo_status(meta: int = 3, chunks: int = 6, http_base: int = 9100) -> dict[s
             "cell_size": 1 << 20,
             "block_size": 64 << 20,
             "leader": "meta-1",
+            "log_version": 1,
         },
         "meta": members,
         "chunks": servers,

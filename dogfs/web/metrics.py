@@ -185,6 +185,18 @@ class _SnapshotCollector(Collector):
             ):
                 yield GaugeMetricFamily(f"dogfs_raft_{key}", help_text, value=_num(me.get(key)))
             yield GaugeMetricFamily(
+                "dogfs_meta_log_version",
+                "The metadata log version this node's release applies (rolling upgrades: "
+                "docs/operations.md).",
+                value=_num(me.get("log_version")),
+            )
+            yield GaugeMetricFamily(
+                "dogfs_meta_group_log_version",
+                "The log version this node's metadata group uses; below dogfs_meta_log_version "
+                "while a member of an older release is left.",
+                value=_num((snap.get("cluster") or {}).get("log_version")),
+            )
+            yield GaugeMetricFamily(
                 "dogfs_raft_log_writes",
                 "Durable Raft log writes (each one fsync) by this metadata node since it started: "
                 "entries written over it is the group-commit factor.",
