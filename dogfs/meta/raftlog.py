@@ -693,6 +693,9 @@ class RaftCommandLog:
 
     # --- membership -------------------------------------------------------------------------
 
+    #: Seconds a member has to say its log version.
+    VERSION_TIMEOUT = 5.0
+
     def other_members(self) -> list[str]:
         """The ids of the group's other members, voters and learners."""
         cfg = self.driver.config
@@ -701,7 +704,6 @@ class RaftCommandLog:
     def member_version(self, node_id: str) -> defer.Deferred[int]:
         """The metadata log version member ``node_id``'s release applies (0: a release before
         log versions), asked over the connection Raft keeps to it (dogfs.meta.versions)."""
-
         address = self.book.address(node_id)
         if address is None:
             return defer.fail(WireError("unavailable", f"no address known for {node_id}"))
@@ -722,9 +724,6 @@ class RaftCommandLog:
         if isinstance(version, bool) or not isinstance(version, int) or version < 0:
             raise WireError("invalid_argument", f"{address} answered a malformed log version {version!r}")
         return version
-
-    #: Seconds a member has to say its log version.
-    VERSION_TIMEOUT = 5.0
 
     def require_leader(self) -> None:
         """Raise the wire error that sends a client to the leader, unless this member leads."""
