@@ -29,6 +29,9 @@ class TLSFiles:
     ca: str
     cert: str
     key: str
+    # After a TLS 1.3 handshake, carry the bytes in sealed frames (dogfs.security.sealed)
+    # when the peer agrees; false keeps every byte in TLS records.
+    sealed: bool = True
 
 
 @frozen
@@ -181,7 +184,9 @@ def _tls(path: str, data: dict[str, Any]) -> TLSFiles | None:
     def resolve(key: str) -> str:
         return os.path.join(base, section.get(key, str))
 
-    files = TLSFiles(ca=resolve("ca"), cert=resolve("cert"), key=resolve("key"))
+    files = TLSFiles(
+        ca=resolve("ca"), cert=resolve("cert"), key=resolve("key"), sealed=section.get("sealed", bool, True)
+    )
     section.done()
     return files
 

@@ -95,6 +95,16 @@ class ConfigTests(SynchronousTestCase):
         tls = config.load_client(path).tls
         assert tls is not None
         self.assertEqual(tls.ca, os.path.join(os.path.dirname(os.path.abspath(path)), "ca.pem"))
+        self.assertTrue(tls.sealed)
+
+    def test_tls_sealed(self) -> None:
+        """[tls] sealed = false keeps TLS records for every byte; it must be a boolean."""
+        text = '[client]\nmeta = ["a:1"]\n[tls]\nca = "ca.pem"\ncert = "c.pem"\nkey = "k.pem"\n'
+        tls = config.load_client(self.write(text + "sealed = false\n")).tls
+        assert tls is not None
+        self.assertFalse(tls.sealed)
+        e = str(self.assertRaises(config.ConfigError, config.load_client, self.write(text + 'sealed = "no"\n')))
+        self.assertIn("sealed", e)
 
     def test_bad_default_ec(self) -> None:
         """[meta] default_ec must be a policy the metadata can parse: a bad one is refused

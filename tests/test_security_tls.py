@@ -19,7 +19,7 @@ from twisted.internet import ssl
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
-from twisted.internet.error import ConnectionDone
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
@@ -51,8 +51,8 @@ reactor: Any = _reactor
 WAIT = 10.0  # seconds any single step may take before the test fails
 
 
-def _config(ca: CertificateAuthority, issued: IssuedIdentity) -> TLSConfig:
-    return TLSConfig(ca_cert=ca.cert_path, cert=issued.cert_path, key=issued.key_path)
+def _config(ca: CertificateAuthority, issued: IssuedIdentity, sealed: bool = True) -> TLSConfig:
+    return TLSConfig(ca_cert=ca.cert_path, cert=issued.cert_path, key=issued.key_path, sealed=sealed)
 
 
 @implementer(IHandshakeListener)
@@ -610,6 +610,14 @@ class TLSConfigTests(SynchronousTestCase):
             config, TLSConfig("/etc/dogfs/ca.pem", "/etc/dogfs/n/cert.pem", "/abs/key.pem")
         )
 
+    def test_sealed(self) -> None:
+        """``sealed`` defaults to true; false turns sealed frames off; it must be a boolean."""
+        section = {"ca": "a", "cert": "b", "key": "c"}
+        self.assertTrue(TLSConfig.from_section(section, "/").sealed)
+        self.assertFalse(TLSConfig.from_section({**section, "sealed": False}, "/").sealed)
+        e = self.assertRaises(ValueError, TLSConfig.from_section, {**section, "sealed": "no"}, "/")
+        self.assertIn("'sealed'", str(e))
+
     def test_missing_key(self) -> None:
         """A missing entry is named in the error."""
         e = self.assertRaises(ValueError, TLSConfig.from_section, {"ca": "a", "cert": "b"}, "/")
@@ -675,15 +683,19 @@ class _DirectCollector(_Collector):
 
 class BulkTransferTests(SynchronousTestCase):
     """The bulk TLS layer (used by every DogFS endpoint) delivers exactly the bytes written, in
-    order, whatever the write sizes, pieces and timing; in memory, pumped by hand."""
+    order, whatever the write sizes, pieces and timing; in memory, pumped by hand. Here with
+    TLS records for every byte (``sealed = false``); SealedTransferTests runs the same with
+    sealed frames."""
+
+    sealed = False
 
     def setUp(self) -> None:
         base = os.path.abspath(self.mktemp())
         ca = init_ca(os.path.join(base, "ca"))
         node = ca.issue("meta-1", Role.NODE, os.path.join(base, "n"), hosts=["127.0.0.1"])
         alice = ca.issue("alice", Role.USER, os.path.join(base, "a"))
-        self.server_tls = ServerTLS(_config(ca, node), handshake_timeout=None)
-        self.client_tls = ClientTLS(_config(ca, alice))
+        self.server_tls = ServerTLS(_config(ca, node, self.sealed), handshake_timeout=None)
+        self.client_tls = ClientTLS(_config(ca, alice, self.sealed))
 
     def pair(self, server_protocol: Protocol) -> tuple[Any, Any, Any, Any]:
         """(client TLS protocol, server TLS protocol, client TCP, server TCP), not yet pumped."""
@@ -718,9 +730,12 @@ class BulkTransferTests(SynchronousTestCase):
                     data = data[size:]
 
     def handshaken(self, receiver: Protocol, rng: random.Random) -> tuple[Any, Any, Any, Any]:
-        """``pair(receiver)`` pumped past its handshake."""
+        """``pair(receiver)`` pumped past its handshake, each end in the mode under test."""
         connected = self.pair(receiver)
         self.pump(*connected, rng)
+        for end in connected[:2]:
+            self.assertEqual(end._sealed_in, self.sealed)
+            self.assertEqual(end.negotiatedProtocol, b"dogfs-sealed/1" if self.sealed else None)
         return connected
 
     @staticmethod
@@ -825,3 +840,183 @@ class BulkTransferTests(SynchronousTestCase):
         assert receiver.reason is not None
         self.assertNotIsInstance(receiver.reason.value, SSL.Error)
         self.assertEqual(bytes(receiver.body), payload)
+
+
+class _Ending(_Collector):
+    """A collector that also keeps why its connection ended."""
+
+    reason: Failure | None = None
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        self.reason = reason
+
+
+class SealedTransferTests(BulkTransferTests):
+    """BulkTransferTests with sealed frames after the handshake (the default), and what only
+    sealed frames do: keys per connection, tampering, close frames, rekeying."""
+
+    sealed = True
+
+    def test_one_transport_write_per_frame(self) -> None:
+        """A 1 MiB frame goes to the transport in one writeSequence: its prefix and header
+        sealed together, its payload in a frame of its own (which the peer opens straight
+        into its read target)."""
+        rng = random.Random(8)
+        payload = rng.randbytes(1 << 20)
+        receiver = _DirectCollector(len(payload))
+        client, server, client_tcp, server_tcp = self.handshaken(receiver, rng)
+        writes: list[list[int]] = []
+        original = client_tcp.writeSequence
+        client_tcp.writeSequence = lambda seq: (writes.append([len(p) for p in seq]), original(seq))
+        client.writeSequence(self.frame(payload, 100))
+        self.assertEqual(writes, [[4, 100 + 16, 4, len(payload) - 100 + 16]])
+        self.pump(client, server, client_tcp, server_tcp, rng)
+        self.assertEqual(bytes(receiver.body), payload)
+        self.assertEqual(receiver.direct, len(payload) - 100)
+
+    def test_unread_bytes_outlive_the_callers_buffer(self) -> None:
+        """A partly received frame is kept in a buffer of its own: the caller's buffer is
+        reused before the rest arrives, and the frame still opens whole."""
+        rng = random.Random(9)
+        payload = rng.randbytes(1 << 20)
+        receiver = _DirectCollector(len(payload))
+        client, server, client_tcp, server_tcp = self.handshaken(receiver, rng)
+        client.writeSequence(self.frame(payload, 100))
+        chunk = bytearray(client_tcp.value())
+        client_tcp.clear()
+        half = len(chunk) // 2
+        server.dataReceived(memoryview(chunk)[:half])
+        chunk[:half] = bytes(half)  # the caller's buffer is reused
+        server.dataReceived(memoryview(chunk)[half:])
+        self.assertEqual(bytes(receiver.body), payload)
+
+    def test_application_error_ends_the_connection_as_over_tcp(self) -> None:
+        """An application raising while frames are delivered gets what plain TCP gives: the
+        exception reaches the transport (which drops the connection)."""
+
+        class Raising(_Collector):
+            def dataReceived(self, data: bytes) -> None:
+                raise RuntimeError("the application failed")
+
+        rng = random.Random(10)
+        client, server, client_tcp, server_tcp = self.handshaken(Raising(), rng)
+        client.write(b"x" * 100)
+        self.assertRaises(RuntimeError, server.dataReceived, client_tcp.value())
+
+    def sealed_bytes(self, client: Any, client_tcp: Any, data: bytes) -> bytearray:
+        """What the client sends for ``data`` (one frame), taken off its transport."""
+        client.write(data)
+        sent = bytearray(client_tcp.value())
+        client_tcp.clear()
+        self.assertEqual(len(sent), 4 + len(data) + 16)
+        return sent
+
+    def assert_refused(self, server: Any, server_tcp: Any, receiver: _Ending, says: str) -> None:
+        """The server dropped the connection, delivered nothing, and says why."""
+        self.assertTrue(server_tcp.disconnecting)
+        self.assertEqual(bytes(receiver.received), b"")
+        server.connectionLost(Failure(ConnectionDone()))
+        assert receiver.reason is not None
+        self.assertIn(says, str(receiver.reason.value))
+
+    def test_tampered_frame_is_refused(self) -> None:
+        """A frame with one flipped bit fails its tag: nothing of it reaches the application,
+        and the connection is dropped."""
+        receiver = _Ending()
+        rng = random.Random(11)
+        client, server, client_tcp, server_tcp = self.handshaken(receiver, rng)
+        sent = self.sealed_bytes(client, client_tcp, b"pay me" * 100)
+        sent[40] ^= 0x20
+        server.dataReceived(bytes(sent))
+        self.assert_refused(server, server_tcp, receiver, "integrity check")
+
+    def test_replayed_frame_is_refused(self) -> None:
+        """The same frame sent twice opens once."""
+        receiver = _Ending()
+        rng = random.Random(12)
+        client, server, client_tcp, server_tcp = self.handshaken(receiver, rng)
+        sent = bytes(self.sealed_bytes(client, client_tcp, b"once"))
+        server.dataReceived(sent)
+        self.assertEqual(bytes(receiver.received), b"once")
+        receiver.received.clear()
+        server.dataReceived(sent)
+        self.assert_refused(server, server_tcp, receiver, "integrity check")
+
+    def test_oversized_frame_is_refused(self) -> None:
+        """A header announcing more than the limit is refused at once, before any buffer is
+        made for it."""
+        receiver = _Ending()
+        rng = random.Random(13)
+        client, server, client_tcp, server_tcp = self.handshaken(receiver, rng)
+        server.dataReceived(b"\xff\xff\xff\xff" + b"\0" * 100)
+        self.assertIsNone(server._seal_body)
+        self.assert_refused(server, server_tcp, receiver, "the most is")
+
+    def test_garbage_after_the_handshake(self) -> None:
+        """Random bytes where sealed frames belong: the connection is dropped, nothing is
+        delivered, and nothing raises out of the TLS layer (hypothesis-style, seeded)."""
+        for seed in range(20):
+            rng = random.Random(100 + seed)
+            receiver = _Ending()
+            client, server, client_tcp, server_tcp = self.handshaken(receiver, rng)
+            garbage = rng.randbytes(rng.choice((5, 100, 70000)))
+            garbage = bytes([0, 0, garbage[2] & 0x3F]) + garbage[3:]  # a length under the limit
+            server.dataReceived(garbage)
+            server.connectionLost(Failure(ConnectionDone()))
+            self.assertEqual(bytes(receiver.received), b"", f"seed {seed}")
+            assert receiver.reason is not None
+            self.assertNotIsInstance(receiver.reason.value, ConnectionDone)
+
+    def test_close_frames(self) -> None:
+        """loseConnection sends a close frame; the peer answers with its own and both close
+        TCP: the application sees a clean end. A stream cut without one is reported lost."""
+        receiver = _Ending()
+        rng = random.Random(14)
+        client, server, client_tcp, server_tcp = self.handshaken(receiver, rng)
+        client.write(b"last words")
+        client.loseConnection()
+        self.assertFalse(client_tcp.disconnecting)  # waits for the server's close frame
+        self.pump(client, server, client_tcp, server_tcp, rng)
+        self.assertTrue(server_tcp.disconnecting)
+        self.assertTrue(client_tcp.disconnecting)
+        self.assertEqual(bytes(receiver.received), b"last words")
+        server.connectionLost(Failure(ConnectionDone()))
+        assert receiver.reason is not None
+        self.assertIsInstance(receiver.reason.value, ConnectionDone)
+
+        cut = _Ending()
+        client, server, client_tcp, server_tcp = self.handshaken(cut, rng)
+        client.write(b"half a conversation")
+        self.pump(client, server, client_tcp, server_tcp, rng)
+        server.connectionLost(Failure(ConnectionDone()))  # FIN, no close frame
+        assert cut.reason is not None
+        self.assertIsInstance(cut.reason.value, ConnectionLost)
+
+    def test_rekeying_mid_stream(self) -> None:
+        """With a small rekey threshold, a transfer crosses many keys and arrives intact."""
+        from dogfs.security.tls import _BulkTLSProtocol
+
+        self.patch(_BulkTLSProtocol, "rekey_bytes", 100_000)
+        receiver = _Collector()
+        sent = self.transfer(receiver, 15)
+        self.assertEqual(bytes(receiver.received), sent)
+
+    def test_negotiation(self) -> None:
+        """Sealed frames only when both ends offer them: a client or a server configured with
+        ``sealed = false`` keeps TLS records, and the bytes still arrive."""
+        base = os.path.abspath(self.mktemp())
+        ca = init_ca(os.path.join(base, "ca"))
+        node = ca.issue("meta-1", Role.NODE, os.path.join(base, "n"), hosts=["127.0.0.1"])
+        alice = ca.issue("alice", Role.USER, os.path.join(base, "a"))
+        for server_sealed, client_sealed in ((True, False), (False, True), (True, True)):
+            self.server_tls = ServerTLS(_config(ca, node, server_sealed), handshake_timeout=None)
+            self.client_tls = ClientTLS(_config(ca, alice, client_sealed))
+            receiver = _Collector()
+            rng = random.Random(16)
+            client, server, client_tcp, server_tcp = self.pair(receiver)
+            self.pump(client, server, client_tcp, server_tcp, rng)
+            both = server_sealed and client_sealed
+            self.assertEqual((client._sealed_in, server._sealed_in), (both, both))
+            client.write(b"hello")
+            self.pump(client, server, client_tcp, server_tcp, rng)
+            self.assertEqual(bytes(receiver.received), b"hello")

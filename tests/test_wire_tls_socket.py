@@ -38,15 +38,18 @@ def deferred(coroutine: Any) -> defer.Deferred[Any]:
 
 class TLSSocketTests(SocketPairMixin, TestCase):
     """Frames over a real TLS connection between two wire Connections (the plain tests'
-    pair, with TLS endpoints: see connect)."""
+    pair, with TLS endpoints: see connect), in sealed frames after the handshake (the
+    default); TLSRecordSocketTests runs the same with TLS records for every byte."""
+
+    sealed = True
 
     def setUp(self) -> None:
         base = os.path.abspath(self.mktemp())
         ca = init_ca(os.path.join(base, "ca"))
         node = ca.issue("chunk-1", Role.NODE, os.path.join(base, "node"), hosts=["127.0.0.1"])
         alice = ca.issue("alice", Role.USER, os.path.join(base, "alice"))
-        self.server_tls = ServerTLS(TLSConfig(ca.cert_path, node.cert_path, node.key_path))
-        self.client_config = TLSConfig(ca.cert_path, alice.cert_path, alice.key_path)
+        self.server_tls = ServerTLS(TLSConfig(ca.cert_path, node.cert_path, node.key_path, self.sealed))
+        self.client_config = TLSConfig(ca.cert_path, alice.cert_path, alice.key_path, self.sealed)
 
     async def connect(self, handlers: dict[type, Any]) -> Connection:
         """A client Connection to a server Connection serving `handlers`, handshake done."""
@@ -99,6 +102,7 @@ class TLSSocketTests(SocketPairMixin, TestCase):
                 tcp = tls.transport
                 self.assertEqual(tcp.doRead, tls._read_socket)
                 self.assertTrue(tcp.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                self.assertEqual(tls._sealed_in, self.sealed)
             upload = client.open_stream(PutShard(SHARD, "RS-4-2", 3, MiB))
             for i, fragment in enumerate(fragments):
                 await upload.send(Cell(i, crc32c(fragment)), fragment)
@@ -207,3 +211,8 @@ class TLSSocketTests(SocketPairMixin, TestCase):
 
         return deferred(go())
 
+
+class TLSRecordSocketTests(TLSSocketTests):
+    """TLSSocketTests with ``sealed = false``: TLS records for every byte."""
+
+    sealed = False

@@ -82,7 +82,7 @@ def tls_config(tls: TLSFiles | TLSConfig) -> TLSConfig:
     """The security library's view of a config's ``[tls]`` files."""
     if isinstance(tls, TLSConfig):
         return tls
-    return TLSConfig(ca_cert=tls.ca, cert=tls.cert, key=tls.key)
+    return TLSConfig(ca_cert=tls.ca, cert=tls.cert, key=tls.key, sealed=tls.sealed)
 
 
 def server_tls(tls: TLSFiles | None, revocations: RevocationSet | None = None) -> ServerTLS | None:

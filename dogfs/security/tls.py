@@ -60,6 +60,7 @@ from twisted.internet.endpoints import (
     serverFromString,
 )
 from twisted.internet.interfaces import (
+    IHandshakeListener,
     IListeningPort,
     IOpenSSLClientConnectionCreator,
     IOpenSSLServerConnectionCreator,
@@ -76,6 +77,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from dogfs.security import sealed
 from dogfs.security.roles import Identity, InvalidIdentity, identity_from_certificate
 from dogfs.wire.protocol import nothing_queued
 
@@ -129,11 +131,14 @@ class TLSConfig:
     :ivar ca_cert: the cluster CA's certificate (``ca.pem``), the only root trusted.
     :ivar cert: this process's certificate (``cert.pem``).
     :ivar key: its private key (``key.pem``).
+    :ivar sealed: offer (as a client) and accept (as a server) sealed frames after a TLS 1.3
+        handshake (:mod:`dogfs.security.sealed`); False keeps every byte in TLS records.
     """
 
     ca_cert: str
     cert: str
     key: str
+    sealed: bool = True
 
     @classmethod
     def from_section(cls, section: Mapping[str, Any], relative_to: str) -> TLSConfig:
@@ -150,7 +155,10 @@ class TLSConfig:
             if not isinstance(value, str) or not value:
                 raise ValueError(f"the [tls] section needs a '{key}' path")
             paths.append(os.path.join(os.path.abspath(relative_to), os.path.expanduser(value)))
-        return cls(ca_cert=paths[0], cert=paths[1], key=paths[2])
+        sealed_frames = section.get("sealed", True)
+        if not isinstance(sealed_frames, bool):
+            raise ValueError("the [tls] section's 'sealed' must be true or false")
+        return cls(ca_cert=paths[0], cert=paths[1], key=paths[2], sealed=sealed_frames)
 
 
 def _read(path: str) -> bytes:
@@ -335,7 +343,20 @@ def _build_server_context(config: TLSConfig) -> SSL.Context:
         SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT | SSL.VERIFY_CLIENT_ONCE,
         lambda conn, cert, errno, depth, ok: bool(ok),
     )
+    if config.sealed and _can_seal():
+        ctx.set_alpn_select_callback(_select_sealed)
     return ctx
+
+
+def _can_seal() -> bool:
+    """Whether this process can switch a connection to sealed frames (it needs pyOpenSSL's
+    private bindings to take the bytes that follow the peer's marker out of OpenSSL)."""
+    return _lib is not None
+
+
+def _select_sealed(connection: SSL.Connection, offered: list[bytes]) -> Any:
+    """The server's ALPN choice: sealed frames if the client offers them, else nothing."""
+    return sealed.ALPN if sealed.ALPN in offered else SSL.NO_OVERLAPPING_PROTOCOLS
 
 
 @implementer(IOpenSSLServerConnectionCreator)
@@ -490,6 +511,11 @@ _FILL_MIN = 1 << 12
 # Bytes read from the socket per doRead once the handshake is done (Twisted's 64 KiB reads
 # cost a reactor turn and a Python call chain each).
 _SOCKET_READ = 1 << 20
+# Sealed frames: a write piece at least this large is sealed in a frame of its own.
+_SEAL_ALONE = 1 << 16
+# Sealed frames: bytes read per doRead when no frame is partly received. The rest of a large
+# frame is then read straight into its own buffer, so only this much of it is ever copied.
+_SEALED_READ = 1 << 16
 
 
 class _ReceivePool:
@@ -546,9 +572,29 @@ class _BulkTLSProtocol(TLSMemoryBIOProtocol):
 
     Same bytes, same order, a fraction of the calls and copies (bench/tls.py measures it).
     Each fast path needs pyOpenSSL's private cffi handles and falls back to the public API.
+
+    When both ends negotiated sealed frames (ALPN :data:`~dogfs.security.sealed.ALPN` over
+    TLS 1.3), none of that is used after the handshake: each end sends its marker as its
+    last TLS record, and from then on seals what it writes (one AES-GCM call per frame,
+    sent with one ``sendmsg``) and opens what it reads, a large frame straight into the
+    application's buffer. See :mod:`dogfs.security.sealed`.
     """
 
     _read_buffer: Any = None
+    # Sealed frames: this end's sealer (set once its marker is sent) and opener (set then
+    # too; used once the peer's marker has been read, which sets _sealed_in).
+    _sealer: sealed.Sealer | None = None
+    _opener: sealed.Opener | None = None
+    _sealed_in = False
+    _close_sent = False
+    _peer_closed = False
+    # A sealed frame partly received: its header, its body buffer and how much is filled.
+    _seal_partial = b""
+    _seal_header = b""
+    _seal_body: memoryview | None = None
+    _seal_have = 0
+    #: Plaintext bytes under one key before moving to the next (tests lower it).
+    rekey_bytes = sealed.REKEY_BYTES
     # Received bytes reach OpenSSL through read-only BIOs over the caller's buffer (_feed),
     # from the end of the handshake on.
     _feeding = False
@@ -563,9 +609,42 @@ class _BulkTLSProtocol(TLSMemoryBIOProtocol):
             _lib.SSL_clear_mode(ssl_ptr, _lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
 
     def _checkHandshakeStatus(self) -> None:
-        super()._checkHandshakeStatus()
-        if self._handshakeDone and not self._feeding and not self._aborted:
+        """Twisted's, with sealed frames set up between the handshake's end and the
+        application hearing of it (which may write at once)."""
+        if self._aborted:
+            return
+        try:
+            self._tlsConnection.do_handshake()
+        except SSL.WantReadError:
+            self._flushSendBIO()
+            return
+        except SSL.Error:
+            self._tlsShutdownFinished(Failure())
+            return
+        self._handshakeDone = True
+        self._start_sealing()
+        if IHandshakeListener.providedBy(self.wrappedProtocol):
+            self.wrappedProtocol.handshakeCompleted()
+        if not self._feeding and not self._aborted:
             self._start_bulk_reads()
+
+    def _start_sealing(self) -> None:
+        """If sealed frames were negotiated: derive the keys, send our marker, and seal
+        every write from now on."""
+        connection: Any = self._tlsConnection
+        if (
+            not _can_seal()
+            or connection.get_alpn_proto_negotiated() != sealed.ALPN
+            or connection.get_protocol_version_name() != "TLSv1.3"
+        ):
+            return
+        exported = connection.export_keying_material(sealed.EXPORTER_LABEL, 64)
+        is_client = bool(getattr(self.factory, "is_client", False))
+        sealer, opener = sealed.directions(exported, is_client, self.rekey_bytes)
+        if self._write_direct(memoryview(sealed.MARKER), connection._ssl) != len(sealed.MARKER):
+            return  # TLS failed under us: _write_direct ended the connection
+        self._flushSendBIO()
+        self._sealer, self._opener = sealer, opener
 
     def _start_bulk_reads(self) -> None:
         """After the handshake: feed OpenSSL without copies, and read a TCP socket ourselves."""
@@ -591,6 +670,8 @@ class _BulkTLSProtocol(TLSMemoryBIOProtocol):
         sock = self._socket
         if sock is None:  # pragma: no cover - doRead is put back before this is cleared
             return None
+        if self._sealed_in:
+            return self._read_sealed(sock)
         view, pointer = _ReceivePool.get()
         try:
             count = sock.recv_into(view)
@@ -604,7 +685,11 @@ class _BulkTLSProtocol(TLSMemoryBIOProtocol):
         return None
 
     def dataReceived(self, data: bytes) -> None:
-        """Bytes from the transport: Twisted's path during the handshake, then ``_feed``."""
+        """Bytes from the transport: Twisted's path during the handshake, then ``_feed``
+        (or, once the peer's marker is read, the sealed frames' reader)."""
+        if self._sealed_in:
+            self._sealed_received(memoryview(data))
+            return
         if not self._feeding:
             super().dataReceived(data)
             return
@@ -667,7 +752,13 @@ class _BulkTLSProtocol(TLSMemoryBIOProtocol):
         super()._tlsShutdownFinished(reason)
 
     def connectionLost(self, reason: Failure = Failure(error.ConnectionDone())) -> None:
-        """Give the transport its own doRead back (breaking the cycle with us), then close."""
+        """Give the transport its own doRead back (breaking the cycle with us), then close.
+
+        A sealed stream that ends without the peer's close frame was cut (as a TLS stream
+        without close_notify is): the application hears of a lost connection, not a done one.
+        """
+        if self._sealed_in and not self._peer_closed and self._reason is None:
+            self._reason = Failure(main.CONNECTION_LOST)
         if self._socket is not None:
             self._socket = None
             self.transport.__dict__.pop("doRead", None)
@@ -737,6 +828,9 @@ class _BulkTLSProtocol(TLSMemoryBIOProtocol):
         """Encrypt ``views`` in order and send the result (or buffer it until the handshake)."""
         if self._lostTLSConnection:
             return
+        if self._sealer is not None:
+            self._write_sealed(views)
+            return
         ssl_ptr = getattr(self._tlsConnection, "_ssl", None)
         for i, view in enumerate(views):
             if not len(view):
@@ -798,6 +892,10 @@ class _BulkTLSProtocol(TLSMemoryBIOProtocol):
         if self.disconnecting and self._producer is None:
             return
         pieces = [memoryview(p).cast("B") for p in iovec]
+        if self._sealer is not None and not self._appSendBuffer:
+            if not self._lostTLSConnection:
+                self._write_sealed(pieces)
+            return
         if self._appSendBuffer:
             # Earlier writes wait for the handshake: queue behind them, in order.
             self._appSendBuffer.extend(bytes(p) for p in pieces if len(p))
@@ -858,6 +956,207 @@ class _BulkTLSProtocol(TLSMemoryBIOProtocol):
         deliver()
         self._flushSendBIO()
 
+    # -- sealed frames ------------------------------------------------------------------
+
+    def _write_sealed(self, views: list[memoryview]) -> None:
+        """Seal ``views`` and send them: small pieces (a frame's prefix and header) together
+        in one frame, each large one (a payload) in frames of its own, so that the peer
+        opens a payload straight into the buffer its application reads it into."""
+        sealer = self._sealer
+        assert sealer is not None
+        out: list[bytes] = []
+        small: list[memoryview] = []
+        small_size = 0
+        limit = sealed.MAX_PLAINTEXT
+        for view in views:
+            size = len(view)
+            if not size:
+                continue
+            if size < _SEAL_ALONE and small_size + size <= limit:
+                small.append(view)
+                small_size += size
+                continue
+            if small:
+                out.extend(sealer.seal(small[0] if len(small) == 1 else b"".join(small)))
+                small, small_size = [], 0
+            if size < _SEAL_ALONE:
+                small, small_size = [view], size
+                continue
+            for start in range(0, size, limit):
+                out.extend(sealer.seal(view[start : start + limit]))
+        if small:
+            out.extend(sealer.seal(small[0] if len(small) == 1 else b"".join(small)))
+        self._send_sealed(out)
+
+    def _send_sealed(self, pieces: list[bytes]) -> None:
+        """Send ``pieces`` with one ``sendmsg`` if the socket takes them now; queue the rest
+        with the transport (its flow control applies)."""
+        transport: Any = self.transport
+        sock = self._socket
+        if sock is not None and not self._aborted and _can_send_now(transport):
+            try:
+                sent = sock.sendmsg(pieces)
+            except OSError:
+                sent = 0  # full or broken: Twisted sends it or reports the loss
+            while pieces and sent >= len(pieces[0]):
+                sent -= len(pieces.pop(0))
+            if pieces and sent:
+                pieces[0] = pieces[0][sent:]
+        if pieces:
+            transport.writeSequence(pieces)
+
+    def _shutdownTLS(self) -> None:
+        """Once sealed, end the stream with a close frame, not a TLS alert (the peer reads
+        sealed frames now). As with TLS's close_notify, TCP is closed once the peer's close
+        frame has come too (or at once when aborting)."""
+        if self._sealer is None:
+            super()._shutdownTLS()
+            return
+        if not self._close_sent and not self._aborted:
+            self._close_sent = True
+            self._send_sealed([self._sealer.close()])
+        if self._peer_closed or self._aborted:
+            transport: Any = self.transport
+            transport.loseConnection()
+
+    def _receive_marker(self, ssl_ptr: Any) -> None:
+        """Read TLS records until the peer's marker; then hand what follows it, still in
+        OpenSSL's read BIO, to the sealed frames' reader."""
+        connection: Any = self._tlsConnection
+        size = len(sealed.MARKER)
+        buffer = _alloc("char[]", size + 1)
+        got = _lib.SSL_read(ssl_ptr, buffer, size + 1)
+        if got <= 0:
+            try:
+                connection._raise_ssl_error(ssl_ptr, got)
+            except SSL.WantReadError:
+                return
+            except SSL.Error as e:
+                self._read_ended(e, lambda: None)
+            return
+        if _ffi.buffer(buffer, got)[:] != sealed.MARKER:
+            self._sealed_failed(sealed.SealedFrameError("the peer sent data before its sealed-frames marker"))
+            return
+        self._sealed_in = True
+        rbio = connection._into_ssl
+        left = _lib.BIO_get_mem_data(rbio, _ffi.NULL)
+        if left > 0:
+            rest = _alloc("char[]", left)
+            left = _lib.BIO_read(rbio, rest, left)
+            self._sealed_received(memoryview(_ffi.buffer(rest, max(left, 0))))
+
+    def _read_sealed(self, sock: socket.socket) -> Any:
+        """doRead once sealed: the rest of a large frame's body straight into its buffer,
+        else up to ``_SEALED_READ`` bytes into the shared buffer, then open what came."""
+        body = self._seal_body
+        try:
+            if body is not None:
+                count = sock.recv_into(body[self._seal_have :])
+            else:
+                view, _ = _ReceivePool.get()
+                count = sock.recv_into(view[:_SEALED_READ])
+        except OSError as e:
+            if e.errno == errno.EWOULDBLOCK:
+                return None
+            return main.CONNECTION_LOST
+        if not count:
+            return main.CONNECTION_DONE
+        if body is None:
+            self._sealed_received(view[:count])
+            return None
+        self._seal_have += count
+        if self._seal_have == len(body):
+            self._seal_body = None
+            self._open_frame(self._seal_header, body)
+        return None
+
+    def _sealed_received(self, data: memoryview) -> None:
+        """Open the sealed frames in ``data`` (valid only during this call), keeping a
+        partial frame's bytes for the next read."""
+        position, end = 0, len(data)
+        while position < end and not self._lostTLSConnection:
+            body = self._seal_body
+            if body is not None:
+                take = min(end - position, len(body) - self._seal_have)
+                body[self._seal_have : self._seal_have + take] = data[position : position + take]
+                self._seal_have += take
+                position += take
+                if self._seal_have == len(body):
+                    self._seal_body = None
+                    self._open_frame(self._seal_header, body)
+                continue
+            if self._peer_closed:
+                self._sealed_failed(sealed.SealedFrameError("data after the peer's close frame"))
+                return
+            need = sealed.HEADER.size - len(self._seal_partial)
+            header = self._seal_partial + bytes(data[position : position + need])
+            position += len(header) - len(self._seal_partial)
+            if len(header) < sealed.HEADER.size:
+                self._seal_partial = header
+                return
+            self._seal_partial = b""
+            try:
+                size = sealed.Opener.body_size(header)
+            except sealed.SealedFrameError as e:
+                self._sealed_failed(e)
+                return
+            if end - position >= size:
+                self._open_frame(header, data[position : position + size])
+                position += size
+                continue
+            self._seal_header = header
+            self._seal_body = memoryview(_ffi.buffer(_alloc("char[]", size)))
+            self._seal_have = 0
+
+    def _open_frame(self, header: bytes, body: memoryview) -> None:
+        """Check and decrypt one frame and deliver its plaintext: straight into the
+        application's read target when the whole frame fits there."""
+        opener = self._opener
+        assert opener is not None
+        size = len(body) - sealed.TAG
+        app = self.wrappedProtocol
+        read_target = getattr(app, "read_target", None)
+        received_into = getattr(app, "received_into", None)
+        try:
+            target = read_target() if size and read_target is not None and received_into is not None else None
+            if target is not None and len(target) >= size:
+                opener.open_into(header, body, target[:size])
+                received_into(size)  # type: ignore[misc]
+                return
+            data = opener.open(header, body)
+        except sealed.SealedFrameError as e:
+            self._sealed_failed(e)
+            return
+        if not size:
+            self._peer_closed = True
+            self._shutdownTLS()
+            self._tlsShutdownFinished(None)
+            return
+        self._deliver_opened(memoryview(data), read_target, received_into)
+
+    def _deliver_opened(self, view: memoryview, read_target: Any, received_into: Any) -> None:
+        """Hand decrypted bytes to the application: into its read targets while it offers
+        them, the rest through dataReceived."""
+        while len(view) and not self._aborted and not self._lostTLSConnection:
+            target = read_target() if read_target is not None and received_into is not None else None
+            if target is None or not len(target):
+                ProtocolWrapper.dataReceived(self, bytes(view))
+                return
+            take = min(len(target), len(view))
+            target[:take] = view[:take]
+            view = view[take:]
+            received_into(take)
+
+    def _sealed_failed(self, failure: sealed.SealedFrameError) -> None:
+        """A frame that does not open: nothing more is read or written on this connection."""
+        _log.info("closing TLS connection from {peer}: {reason}", peer=_describe_peer(self), reason=str(failure))
+        self._aborted = True
+        if self._reason is None:
+            self._reason = Failure(failure)
+        self._tlsShutdownFinished(None)
+        transport: Any = self.transport
+        transport.abortConnection()
+
     def _receive_direct(self, ssl_ptr: Any) -> None:
         """``_flushReceiveBIO`` through ``SSL_read``.
 
@@ -867,6 +1166,11 @@ class _BulkTLSProtocol(TLSMemoryBIOProtocol):
         for plain sockets, the records of a large frame are decrypted straight into its
         buffer: no copy out of ours, and no join of the pieces by the frame decoder.
         """
+        if self._opener is not None:
+            if not self._sealed_in:
+                self._receive_marker(ssl_ptr)
+            self._flushSendBIO()
+            return
         connection: Any = self._tlsConnection
         buffer = self._read_buffer
         if buffer is None:
@@ -941,6 +1245,13 @@ class _BulkTLSFactory(TLSMemoryBIOFactory):
     """``TLSMemoryBIOFactory`` building :class:`_BulkTLSProtocol`."""
 
     protocol = _BulkTLSProtocol
+
+    def __init__(
+        self, contextFactory: Any, isClient: bool, wrappedFactory: Any, clock: Any = None  # noqa: N803
+    ) -> None:
+        super().__init__(contextFactory, isClient, wrappedFactory, clock)
+        #: Whether the protocols are TLS clients (which sealed frames' keys they seal with).
+        self.is_client = isClient
 
 
 class _RegisteringTLSFactory(_BulkTLSFactory):
@@ -1040,6 +1351,7 @@ class ClientTLS:
                 trustRoot=self._trust_root,
                 clientCertificate=self._client_cert,
                 extraCertificateOptions={"raiseMinimumTo": ssl.TLSVersion.TLSv1_2},
+                acceptableProtocols=[sealed.ALPN] if self.config.sealed and _can_seal() else None,
             )
             if self.revocations is not None:
                 creator = _RevocationChecking(creator, self, host)
