@@ -21,6 +21,11 @@ It also counts CPU seconds (this process plus every daemon of the cluster, from 
 operation: on a shared machine wall-clock throughput follows whatever else runs, while the
 CPU cost does not, and where the data path is CPU-bound (2 cores for client and 7 daemons)
 the CPU ratio (plaintext CPU / TLS CPU) is what the throughput ratio tends to.
+
+TLS connections carry their bytes in sealed frames after the handshake (the default,
+docs/security.md). Both modes also run a third client, configured `[tls] sealed = false`,
+against the same TLS servers: TLS records for every byte, the baseline sealed frames
+replace, measured in the same run ("records" in the output).
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ import sys
 import tempfile
 import time
 from typing import Any
+
+import attrs
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import ENV, MiB, dogfs, make_file, process_cpu_seconds, react_for, settle_memory  # noqa: E402
@@ -88,21 +95,22 @@ async def measure(reactor: Any, args: argparse.Namespace, homes: dict[str, str],
     from dogfs.client.api import DogFSClient
     from dogfs.config import load_client
 
-    clients = {
-        kind: DogFSClient(reactor, load_client(os.path.join(home, "client.toml")), timeout=120)
-        for kind, home in homes.items()
-    }
+    configs = {kind: load_client(os.path.join(home, "client.toml")) for kind, home in homes.items()}
+    configs["records"] = attrs.evolve(configs["tls"], tls=attrs.evolve(configs["tls"].tls, sealed=False))
+    clients = {kind: DogFSClient(reactor, config, timeout=120) for kind, config in configs.items()}
     size = args.size_mib * MiB
     source = os.path.join(work, "source")
     make_file(source, size, 1)
     out = os.path.join(work, "out")
     pids = {kind: daemon_pids(home) for kind, home in homes.items()}
+    pids["records"] = pids["tls"]
     for kind, client in clients.items():  # warm-up (first large writes are slow)
         await one_run(client, "/warmup", source, out, pids[kind])
     ops = ("put", "get", "put_cpu", "get_cpu", "put_client", "get_client")
     times: dict[str, dict[str, list[float]]] = {k: {op: [] for op in ops} for k in clients}
+    kinds = list(clients)
     for i in range(args.repeats):
-        for kind in (("tls", "insecure") if i % 2 == 0 else ("insecure", "tls")):
+        for kind in kinds[i % len(kinds) :] + kinds[: i % len(kinds)]:  # each goes first in turn
             measured = await one_run(clients[kind], f"/big-{i}", source, out, pids[kind])
             for op, value in zip(ops, measured, strict=True):
                 times[kind][op].append(value)
@@ -119,10 +127,11 @@ async def measure(reactor: Any, args: argparse.Namespace, homes: dict[str, str],
                 statistics.median(times[kind][f"{op}_client"]) * 1024 / args.size_mib
             )
     for op in ("put", "get"):
-        results[f"{op}_ratio"] = results[f"tls_{op}_mib_s"] / results[f"insecure_{op}_mib_s"]
-        results[f"{op}_cpu_ratio"] = (
-            results[f"insecure_{op}_cpu_s_per_gib"] / results[f"tls_{op}_cpu_s_per_gib"]
-        )
+        for kind, prefix in (("tls", ""), ("records", "records_")):
+            results[f"{prefix}{op}_ratio"] = results[f"{kind}_{op}_mib_s"] / results[f"insecure_{op}_mib_s"]
+            results[f"{prefix}{op}_cpu_ratio"] = (
+                results[f"insecure_{op}_cpu_s_per_gib"] / results[f"{kind}_{op}_cpu_s_per_gib"]
+            )
     results["load_average"] = os.getloadavg()
     return results
 
@@ -231,12 +240,15 @@ async def wire_measure(
     cells = args.size_mib * MiB // WIRE_CELL
     payload = os.urandom(WIRE_CELL)
     connections = {}
-    for kind, port in ports.items():
-        tls = _wire_config(root, "client") if kind == "tls" else None
+    sealed_config = _wire_config(root, "client")
+    configs = {"tls": sealed_config, "records": attrs.evolve(sealed_config, sealed=False), "insecure": None}
+    for kind, tls in configs.items():
+        port = ports["insecure" if kind == "insecure" else "tls"]
         endpoint = client_endpoint(reactor, f"127.0.0.1:{port}", tls)
         connection = await connectProtocol(endpoint, Connection(reactor, {}, node_id="client"))
         await connection.ready
         connections[kind] = connection
+    pids = {**pids, "records": pids["tls"]}
 
     async def put(connection: Any) -> None:
         upload = connection.open_stream(PutShard("000000000000002a-00", "RS-4-2", 0, WIRE_CELL))
@@ -248,8 +260,9 @@ async def wire_measure(
         await connection.call(GetShard("000000000000002a-00", 0, cells), on_part=lambda m, p: None)
 
     figures: dict[str, dict[str, list[float]]] = {k: {"put": [], "get": []} for k in connections}
+    kinds = list(connections)
     for i in range(args.repeats + 1):  # the first round warms up
-        for kind in (("tls", "insecure") if i % 2 == 0 else ("insecure", "tls")):
+        for kind in kinds[i % len(kinds) :] + kinds[: i % len(kinds)]:
             for op, run in (("put", put), ("get", get)):
                 before = time.process_time() + process_cpu_seconds(pids[kind])
                 await run(connections[kind])
@@ -264,7 +277,10 @@ async def wire_measure(
         for op, values in ops.items():
             results[f"{kind}_{op}_cpu_s_per_gib"] = statistics.median(values)
     for op in ("put", "get"):
-        results[f"{op}_cpu_ratio"] = results[f"insecure_{op}_cpu_s_per_gib"] / results[f"tls_{op}_cpu_s_per_gib"]
+        for kind, prefix in (("tls", ""), ("records", "records_")):
+            results[f"{prefix}{op}_cpu_ratio"] = (
+                results[f"insecure_{op}_cpu_s_per_gib"] / results[f"{kind}_{op}_cpu_s_per_gib"]
+            )
     return results
 
 
@@ -290,6 +306,7 @@ def main() -> None:
             print(
                 f"  {op.upper():3}  CPU s/GiB (client + server): TLS {wire[f'tls_{op}_cpu_s_per_gib']:5.2f}"
                 f"   plaintext {wire[f'insecure_{op}_cpu_s_per_gib']:5.2f}   ratio {wire[f'{op}_cpu_ratio']:.2f}"
+                f"   (TLS records {wire[f'records_{op}_cpu_s_per_gib']:5.2f}, ratio {wire[f'records_{op}_cpu_ratio']:.2f})"
             )
         return
     from dogfs.codec.stripe import tune_malloc
@@ -323,6 +340,11 @@ def main() -> None:
             f"{r[f'insecure_{op}_cpu_s_per_gib']:5.2f}   ratio {r[f'{op}_cpu_ratio']:.2f}"
             f"   (client alone: TLS {r[f'tls_{op}_client_cpu_s_per_gib']:.2f}, plaintext "
             f"{r[f'insecure_{op}_client_cpu_s_per_gib']:.2f})"
+        )
+        print(
+            f"       TLS records (sealed = false): {r[f'records_{op}_mib_s']:7.0f} MiB/s   ratio "
+            f"{r[f'records_{op}_ratio']:.2f}   CPU s/GiB {r[f'records_{op}_cpu_s_per_gib']:5.2f}   ratio "
+            f"{r[f'records_{op}_cpu_ratio']:.2f}"
         )
     print(f"  load average at the end: {' '.join(f'{x:.1f}' for x in r['load_average'])}")
 

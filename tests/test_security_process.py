@@ -334,6 +334,37 @@ class RoleTests(SynchronousTestCase):
         sock.close()
 
 
+class SealedFramesTests(TestCase):
+    """Connections to the daemons of a cluster from `cluster up` carry sealed frames after the
+    handshake; a client configured `sealed = false` still gets TLS records from each."""
+
+    def test_every_daemon_seals(self) -> defer.Deferred[None]:
+        """Each daemon negotiates sealed frames with a client offering them and answers its
+        Hello in them; with `sealed = false` the same exchange runs in TLS records."""
+        return defer.Deferred.fromCoroutine(self._every_daemon_seals())
+
+    async def _every_daemon_seals(self) -> None:
+        from twisted.internet.endpoints import connectProtocol
+
+        from dogfs.security.sealed import ALPN
+        from dogfs.security.tls import TLSConfig, client_endpoint
+        from dogfs.wire.protocol import Connection
+
+        cl = cluster()
+        ca, cert, key = cl.files("admin")
+        for sealed in (True, False):
+            config = TLSConfig(ca, cert, key, sealed)
+            for node, address in cl.nodes.items():
+                connection = Connection(reactor, {}, node_id="probe")
+                await connectProtocol(client_endpoint(reactor, address, config), connection)
+                await connection.ready.addTimeout(10, reactor)  # the daemon's Hello came back
+                tls: Any = connection.transport
+                self.assertEqual(tls.negotiatedProtocol, ALPN if sealed else None, node)
+                self.assertEqual(tls._sealed_in, sealed, node)
+                connection.close()
+                await connection.closed.addTimeout(10, reactor)
+
+
 class RevocationTests(TestCase):
     """Revocation refuses new connections and cuts open ones, on every daemon."""
 
