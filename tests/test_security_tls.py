@@ -24,6 +24,7 @@ from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
@@ -697,8 +698,11 @@ class BulkTransferTests(SynchronousTestCase):
         self.server_tls = ServerTLS(_config(ca, node, self.sealed), handshake_timeout=None)
         self.client_tls = ClientTLS(_config(ca, alice, self.sealed))
 
-    def pair(self, server_protocol: Protocol) -> tuple[Any, Any, Any, Any]:
-        """(client TLS protocol, server TLS protocol, client TCP, server TCP), not yet pumped."""
+    def pair(
+        self, server_protocol: Protocol, client_protocol: Protocol | None = None, *, plain_end: str = ""
+    ) -> tuple[Any, Any, Any, Any]:
+        """(client TLS protocol, server TLS protocol, client TCP, server TCP), not yet pumped.
+        ``plain_end`` ("client" or "server") puts Twisted's own TLS layer at that end."""
         from twisted.internet.address import IPv4Address
         from twisted.internet.task import Clock
         from twisted.internet.testing import StringTransport
@@ -707,10 +711,19 @@ class BulkTransferTests(SynchronousTestCase):
 
         clock = Clock()
         address = IPv4Address("TCP", "127.0.0.1", 7000)
-        server_factory = self.server_tls.wrap_factory(Factory.forProtocol(lambda: server_protocol), clock)
-        client_factory = _BulkTLSFactory(
-            self.client_tls.creator("127.0.0.1"), True, Factory.forProtocol(Protocol), clock
-        )
+        server_app = Factory.forProtocol(lambda: server_protocol)
+        client_app = Factory.forProtocol(lambda: client_protocol or Protocol())
+        creator = self.client_tls.creator("127.0.0.1")
+        if plain_end == "server":
+            server_factory: Any = TLSMemoryBIOFactory(self.server_tls, False, server_app, clock)
+        else:
+            server_factory = self.server_tls.wrap_factory(server_app, clock)
+        if plain_end == "client":
+            client_factory: Any = TLSMemoryBIOFactory(creator, True, client_app, clock)
+        else:
+            client_factory = _BulkTLSFactory(
+                creator, True, client_app, clock, offer_sealed=self.client_tls.config.sealed
+            )
         server = server_factory.buildProtocol(address)
         client = client_factory.buildProtocol(address)
         client_tcp, server_tcp = StringTransport(), StringTransport()
@@ -1020,3 +1033,74 @@ class SealedTransferTests(BulkTransferTests):
             client.write(b"hello")
             self.pump(client, server, client_tcp, server_tcp, rng)
             self.assertEqual(bytes(receiver.received), b"hello")
+
+    def test_plain_twisted_peers_keep_tls_records(self) -> None:
+        """Only DogFS's TLS layer offers or accepts sealed frames: a ServerTLS or a client
+        creator used under Twisted's own TLS layer (which cannot switch) keeps TLS records,
+        and the bytes arrive both ways."""
+        for plain_end in ("client", "server"):
+            receiver = _Collector()
+            talker = _Collector()
+            rng = random.Random(17)
+            client, server, client_tcp, server_tcp = self.pair(receiver, talker, plain_end=plain_end)
+            self.pump(client, server, client_tcp, server_tcp, rng)
+            bulk = server if plain_end == "client" else client
+            self.assertFalse(bulk._sealed_in, plain_end)
+            self.assertIsNone(bulk.negotiatedProtocol, plain_end)
+            client.write(b"to the server")
+            server.write(b"to the client")
+            for end in (client, server):  # Twisted's layer sends small writes a turn later
+                if hasattr(end, "_aggregator"):
+                    end._aggregator.flush()
+            self.pump(client, server, client_tcp, server_tcp, rng)
+            self.assertEqual(bytes(receiver.received), b"to the server", plain_end)
+            self.assertEqual(bytes(talker.received), b"to the client", plain_end)
+
+    def test_nothing_delivered_after_an_abort(self) -> None:
+        """An application that aborts its connection on one frame is not handed the frames
+        that came in the same read, into its buffer or otherwise."""
+
+        class Aborting(_DirectCollector):
+            def dataReceived(self, data: bytes) -> None:
+                super().dataReceived(data)
+                assert self.transport is not None
+                self.transport.abortConnection()
+
+        rng = random.Random(18)
+        payload = rng.randbytes(1 << 20)
+        receiver = Aborting(len(payload) + 200)
+        client, server, client_tcp, server_tcp = self.handshaken(receiver, rng)
+        client.write(payload[:200])
+        client.writeSequence([memoryview(payload)])
+        server.dataReceived(client_tcp.value())
+        self.assertEqual(bytes(receiver.received), payload[:200])
+        self.assertEqual(receiver.direct, 0)
+
+    def test_writes_before_the_handshake_go_first(self) -> None:
+        """Bytes written before the handshake reach the peer before those the application
+        writes on hearing the handshake is done."""
+
+        @implementer(IHandshakeListener)
+        class Eager(Protocol):
+            def handshakeCompleted(self) -> None:
+                assert self.transport is not None
+                self.transport.write(b"after")
+
+        receiver = _Collector()
+        rng = random.Random(19)
+        client, server, client_tcp, server_tcp = self.pair(receiver, Eager())
+        client.write(b"before ")
+        self.pump(client, server, client_tcp, server_tcp, rng)
+        self.assertEqual(bytes(receiver.received), b"before after")
+
+    def test_no_tls_bytes_after_the_marker(self) -> None:
+        """Once our marker is sent, what OpenSSL still writes (an alert when TLS fails under
+        us) is dropped, not sent where the peer reads sealed frames."""
+        receiver = _Collector()
+        rng = random.Random(20)
+        client, server, client_tcp, server_tcp = self.handshaken(receiver, rng)
+        from OpenSSL._util import lib
+
+        lib.BIO_write(client._tlsConnection._from_ssl, b"\x15\x03\x03\x00\x02\x02\x50", 7)
+        client._flushSendBIO()
+        self.assertEqual(client_tcp.value(), b"")

@@ -355,8 +355,12 @@ def _can_seal() -> bool:
 
 
 def _select_sealed(connection: SSL.Connection, offered: list[bytes]) -> Any:
-    """The server's ALPN choice: sealed frames if the client offers them, else nothing."""
-    return sealed.ALPN if sealed.ALPN in offered else SSL.NO_OVERLAPPING_PROTOCOLS
+    """The server's ALPN choice: sealed frames if the client offers them and this connection
+    runs over DogFS's TLS layer (ServerTLS may also serve Twisted's own, which cannot switch),
+    else nothing."""
+    if sealed.ALPN in offered and isinstance(connection.get_app_data(), _BulkTLSProtocol):
+        return sealed.ALPN
+    return SSL.NO_OVERLAPPING_PROTOCOLS
 
 
 @implementer(IOpenSSLServerConnectionCreator)
@@ -418,6 +422,7 @@ class ServerTLS:
     def serverConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
         """Create the OpenSSL connection for one accepted TCP connection (Twisted calls this)."""
         connection = SSL.Connection(self._context, None)
+        connection.set_app_data(tlsProtocol)  # for _select_sealed
         connection.set_verify(
             SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT | SSL.VERIFY_CLIENT_ONCE,
             self._verifier(tlsProtocol),
@@ -623,6 +628,10 @@ class _BulkTLSProtocol(TLSMemoryBIOProtocol):
             return
         self._handshakeDone = True
         self._start_sealing()
+        if self._appSendBuffer:
+            # Writes made before the handshake go first, before any the application makes
+            # on hearing of it (Twisted's layer would send those first).
+            self._unbufferPendingWrites()
         if IHandshakeListener.providedBy(self.wrappedProtocol):
             self.wrappedProtocol.handshakeCompleted()
         if not self._feeding and not self._aborted:
@@ -766,6 +775,9 @@ class _BulkTLSProtocol(TLSMemoryBIOProtocol):
 
     def _flushSendBIO(self) -> None:
         connection: Any = self._tlsConnection
+        if self._sealer is not None:
+            self._discard_tls_output(connection)
+            return
         bio = getattr(connection, "_from_ssl", None)
         if _lib is None or bio is None:
             self._flush_send_bio_public()
@@ -786,6 +798,15 @@ class _BulkTLSProtocol(TLSMemoryBIOProtocol):
             data = data[: max(got, 0)]
         if data:
             self._send_encrypted(data)
+
+    @staticmethod
+    def _discard_tls_output(connection: Any) -> None:
+        """Once our marker is sent the peer reads sealed frames only: whatever OpenSSL still
+        writes (an alert on a failure) would be misread as a frame, so it is dropped."""
+        bio = connection._from_ssl
+        pending = _lib.BIO_get_mem_data(bio, _ffi.NULL)
+        if pending > 0:
+            _lib.BIO_read(bio, _alloc("char[]", pending), pending)
 
     def _send_encrypted(self, data: bytes) -> None:
         """Send ``data`` at once if the socket takes it; queue the rest with the transport.
@@ -964,6 +985,8 @@ class _BulkTLSProtocol(TLSMemoryBIOProtocol):
         opens a payload straight into the buffer its application reads it into."""
         sealer = self._sealer
         assert sealer is not None
+        if self._close_sent:
+            return  # after our close frame the peer reads nothing more (TLS drops them too)
         out: list[bytes] = []
         small: list[memoryview] = []
         small_size = 0
@@ -1074,7 +1097,7 @@ class _BulkTLSProtocol(TLSMemoryBIOProtocol):
         """Open the sealed frames in ``data`` (valid only during this call), keeping a
         partial frame's bytes for the next read."""
         position, end = 0, len(data)
-        while position < end and not self._lostTLSConnection:
+        while position < end and not self._lostTLSConnection and not self._aborted:
             body = self._seal_body
             if body is not None:
                 take = min(end - position, len(body) - self._seal_have)
@@ -1113,6 +1136,8 @@ class _BulkTLSProtocol(TLSMemoryBIOProtocol):
         application's read target when the whole frame fits there."""
         opener = self._opener
         assert opener is not None
+        if self._aborted or self._lostTLSConnection:
+            return
         size = len(body) - sealed.TAG
         app = self.wrappedProtocol
         read_target = getattr(app, "read_target", None)
@@ -1132,15 +1157,16 @@ class _BulkTLSProtocol(TLSMemoryBIOProtocol):
             self._shutdownTLS()
             self._tlsShutdownFinished(None)
             return
-        self._deliver_opened(memoryview(data), read_target, received_into)
+        self._deliver_opened(data, read_target, received_into)
 
-    def _deliver_opened(self, view: memoryview, read_target: Any, received_into: Any) -> None:
+    def _deliver_opened(self, data: bytes, read_target: Any, received_into: Any) -> None:
         """Hand decrypted bytes to the application: into its read targets while it offers
         them, the rest through dataReceived."""
+        view = memoryview(data)
         while len(view) and not self._aborted and not self._lostTLSConnection:
             target = read_target() if read_target is not None and received_into is not None else None
             if target is None or not len(target):
-                ProtocolWrapper.dataReceived(self, bytes(view))
+                ProtocolWrapper.dataReceived(self, data if len(view) == len(data) else bytes(view))
                 return
             take = min(len(target), len(view))
             target[:take] = view[:take]
@@ -1247,11 +1273,28 @@ class _BulkTLSFactory(TLSMemoryBIOFactory):
     protocol = _BulkTLSProtocol
 
     def __init__(
-        self, contextFactory: Any, isClient: bool, wrappedFactory: Any, clock: Any = None  # noqa: N803
+        self,
+        contextFactory: Any,  # noqa: N803
+        isClient: bool,  # noqa: N803
+        wrappedFactory: Any,  # noqa: N803
+        clock: Any = None,
+        *,
+        offer_sealed: bool = False,
     ) -> None:
         super().__init__(contextFactory, isClient, wrappedFactory, clock)
         #: Whether the protocols are TLS clients (which sealed frames' keys they seal with).
         self.is_client = isClient
+        if isClient and offer_sealed and _can_seal():
+            # Offered here, by the only protocol that speaks sealed frames, not by the
+            # connection creator: a creator may also serve Twisted's own TLS layer.
+            create = self._creatorCallable
+
+            def offering_sealed(protocol: Any) -> SSL.Connection:
+                connection: SSL.Connection = create(protocol)
+                connection.set_alpn_protos([sealed.ALPN])
+                return connection
+
+            self._creatorCallable = offering_sealed
 
 
 class _RegisteringTLSFactory(_BulkTLSFactory):
@@ -1351,7 +1394,6 @@ class ClientTLS:
                 trustRoot=self._trust_root,
                 clientCertificate=self._client_cert,
                 extraCertificateOptions={"raiseMinimumTo": ssl.TLSVersion.TLSv1_2},
-                acceptableProtocols=[sealed.ALPN] if self.config.sealed and _can_seal() else None,
             )
             if self.revocations is not None:
                 creator = _RevocationChecking(creator, self, host)
@@ -1504,14 +1546,18 @@ class _TLSClientEndpoint:
         wrapped: IStreamClientEndpoint,
         creator: IOpenSSLClientConnectionCreator,
         clock: IReactorTime | None,
+        offer_sealed: bool = True,
     ) -> None:
         self._wrapped: Any = wrapped
         self._creator = creator
         self._clock = clock
+        self._offer_sealed = offer_sealed
 
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
         """Connect; fires with the application protocol once TCP is up (before the handshake)."""
-        factory = _BulkTLSFactory(self._creator, True, protocolFactory, self._clock)
+        factory = _BulkTLSFactory(
+            self._creator, True, protocolFactory, self._clock, offer_sealed=self._offer_sealed
+        )
         d = self._wrapped.connect(factory)
         return d.addCallback(lambda proto: proto.wrappedProtocol)
 
@@ -1584,7 +1630,8 @@ def client_endpoint(
     client = tls if isinstance(tls, ClientTLS) else ClientTLS(tls)
     clock = reactor if IReactorTime.providedBy(reactor) else None
     return cast(
-        IStreamClientEndpoint, _TLSClientEndpoint(endpoint, client.creator(host), cast(Any, clock))
+        IStreamClientEndpoint,
+        _TLSClientEndpoint(endpoint, client.creator(host), cast(Any, clock), client.config.sealed),
     )
 
 
