@@ -809,8 +809,9 @@ class BulkTransferTests(SynchronousTestCase):
         rng = random.Random(8)
         client, server, client_tcp, server_tcp = self.handshaken(receiver, rng)
         writes: list[int] = []
-        original = client_tcp.write
-        client_tcp.write = lambda data: (writes.append(len(data)), original(data))
+        original = client_tcp.writeSequence
+        client_tcp.writeSequence = lambda seq: (writes.append(sum(map(len, seq))), original(seq))
+        client_tcp.write = lambda data: self.fail("a write per record")
         payload = rng.randbytes(1 << 20)
         client.writeSequence(self.frame(payload, 80))
         self.assertEqual(len(writes), 1, writes)

@@ -809,7 +809,12 @@ class _BulkTLSProtocol(TLSMemoryBIOProtocol):
             _lib.BIO_read(bio, _alloc("char[]", pending), pending)
 
     def _send_encrypted(self, data: bytes) -> None:
-        """Send ``data`` at once if the socket takes it; queue the rest with the transport.
+        """Send ``data`` (TLS records) at once if the socket takes it; see ``_send_now``."""
+        self._send_now([data])
+
+    def _send_now(self, pieces: list[bytes]) -> None:
+        """Send ``pieces`` with one ``sendmsg`` if the socket takes them now; queue the rest
+        with the transport.
 
         Queued bytes keep Twisted's flow control (past its buffer size the transport pauses
         the producer). An aborted connection sends nothing more: its bytes are queued, and
@@ -819,15 +824,16 @@ class _BulkTLSProtocol(TLSMemoryBIOProtocol):
         sock = self._socket
         if sock is not None and not self._aborted and _can_send_now(transport):
             try:
-                sent = sock.send(data)
+                sent = sock.sendmsg(pieces)
             except OSError:
                 # Full (EWOULDBLOCK, ENOBUFS) or broken: Twisted sends it or reports the loss.
                 sent = 0
-            if sent >= len(data):
-                return
-            if sent:
-                data = data[sent:]
-        transport.write(data)
+            while pieces and sent >= len(pieces[0]):
+                sent -= len(pieces.pop(0))
+            if pieces and sent:
+                pieces[0] = pieces[0][sent:]
+        if pieces:
+            transport.writeSequence(pieces)
 
     def _flush_send_bio_public(self) -> None:
         chunks = []
@@ -1009,24 +1015,7 @@ class _BulkTLSProtocol(TLSMemoryBIOProtocol):
                 out.extend(sealer.seal(view[start : start + limit]))
         if small:
             out.extend(sealer.seal(small[0] if len(small) == 1 else b"".join(small)))
-        self._send_sealed(out)
-
-    def _send_sealed(self, pieces: list[bytes]) -> None:
-        """Send ``pieces`` with one ``sendmsg`` if the socket takes them now; queue the rest
-        with the transport (its flow control applies)."""
-        transport: Any = self.transport
-        sock = self._socket
-        if sock is not None and not self._aborted and _can_send_now(transport):
-            try:
-                sent = sock.sendmsg(pieces)
-            except OSError:
-                sent = 0  # full or broken: Twisted sends it or reports the loss
-            while pieces and sent >= len(pieces[0]):
-                sent -= len(pieces.pop(0))
-            if pieces and sent:
-                pieces[0] = pieces[0][sent:]
-        if pieces:
-            transport.writeSequence(pieces)
+        self._send_now(out)
 
     def _shutdownTLS(self) -> None:
         """Once sealed, end the stream with a close frame, not a TLS alert (the peer reads
@@ -1037,7 +1026,7 @@ class _BulkTLSProtocol(TLSMemoryBIOProtocol):
             return
         if not self._close_sent and not self._aborted:
             self._close_sent = True
-            self._send_sealed([self._sealer.close()])
+            self._send_now([self._sealer.close()])
         if self._peer_closed or self._aborted:
             transport: Any = self.transport
             transport.loseConnection()
