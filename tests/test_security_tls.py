@@ -1105,3 +1105,43 @@ class SealedTransferTests(BulkTransferTests):
         lib.BIO_write(client._tlsConnection._from_ssl, b"\x15\x03\x03\x00\x02\x02\x50", 7)
         client._flushSendBIO()
         self.assertEqual(client_tcp.value(), b"")
+
+    def test_marker_not_sent(self) -> None:
+        """An end that cannot send its marker ends the connection instead of staying on TLS
+        records while its peer switches; its application never hears the handshake done."""
+        from dogfs.security.tls import _BulkTLSProtocol
+
+        @implementer(IHandshakeListener)
+        class Listening(_Ending):
+            completed = False
+
+            def handshakeCompleted(self) -> None:
+                self.completed = True
+
+        self.patch(_BulkTLSProtocol, "_write_direct", lambda protocol, view, ssl_ptr: 0)
+        talker = Listening()
+        client, server, client_tcp, server_tcp = self.pair(_Collector(), talker)
+        self.pump(client, server, client_tcp, server_tcp, random.Random(21))
+        self.assertFalse(talker.completed)
+        self.assertTrue(client_tcp.disconnecting)
+        client.connectionLost(Failure(ConnectionDone()))
+        assert talker.reason is not None
+        self.assertIn("could not send the sealed-frames marker", str(talker.reason.value))
+
+    def test_tls_closed_before_the_marker(self) -> None:
+        """A peer that negotiated sealed frames but closes TLS (close_notify) before its
+        marker is misbehaving: the connection is dropped and reported as failed, not as a
+        clean end."""
+        talker = _Ending()
+        client, server, client_tcp, server_tcp = self.pair(_Collector(), talker)
+        server._start_sealing = lambda: None  # the server never switches
+        rng = random.Random(22)
+        self.pump(client, server, client_tcp, server_tcp, rng)
+        self.assertFalse(client._sealed_in)
+        server._tlsConnection.shutdown()
+        server._flushSendBIO()
+        self.pump(client, server, client_tcp, server_tcp, rng)
+        self.assertTrue(client_tcp.disconnecting)
+        client.connectionLost(Failure(ConnectionDone()))
+        assert talker.reason is not None
+        self.assertIn("TLS closed before the peer's sealed-frames marker", str(talker.reason.value))

@@ -88,6 +88,8 @@ class _Direction:
 
     def __init__(self, secret: bytes, rekey_bytes: int) -> None:
         self._rekey_bytes = rekey_bytes
+        #: How many times this direction has moved to a new key.
+        self.generation = -1
         self._use(secret)
 
     def _use(self, secret: bytes) -> None:
@@ -96,8 +98,7 @@ class _Direction:
         self._iv = int.from_bytes(_expand(secret, b"dogfs sealed iv", _IV), "big")
         self.sequence = 0
         self._sealed = 0
-        #: How many times this direction has moved to a new key.
-        self.generation = getattr(self, "generation", -1) + 1
+        self.generation += 1
 
     def _next(self, size: int) -> tuple[AESGCM, bytes]:
         """The cipher and nonce for the next frame of ``size`` bytes; advances the schedule."""

@@ -516,6 +516,8 @@ _FILL_MIN = 1 << 12
 # Bytes read from the socket per doRead once the handshake is done (Twisted's 64 KiB reads
 # cost a reactor turn and a Python call chain each).
 _SOCKET_READ = 1 << 20
+# Pieces handed to one sendmsg (the kernel takes at most IOV_MAX, 1024); more are queued.
+_SENDMSG_PIECES = 512
 # Sealed frames: a write piece at least this large is sealed in a frame of its own.
 _SEAL_ALONE = 1 << 16
 # Sealed frames: bytes read per doRead when no frame is partly received. The rest of a large
@@ -583,6 +585,9 @@ class _BulkTLSProtocol(TLSMemoryBIOProtocol):
     last TLS record, and from then on seals what it writes (one AES-GCM call per frame,
     sent with one ``sendmsg``) and opens what it reads, a large frame straight into the
     application's buffer. See :mod:`dogfs.security.sealed`.
+
+    Either way, what the socket does not take at once is queued with the TCP transport,
+    whose flow control then applies (``_send_pieces``).
     """
 
     _read_buffer: Any = None
@@ -614,8 +619,10 @@ class _BulkTLSProtocol(TLSMemoryBIOProtocol):
             _lib.SSL_clear_mode(ssl_ptr, _lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
 
     def _checkHandshakeStatus(self) -> None:
-        """Twisted's, with sealed frames set up between the handshake's end and the
-        application hearing of it (which may write at once)."""
+        """Twisted's, with two changes once the handshake is done, before the application
+        hears of it (it may write at once): sealed frames are set up, and writes buffered
+        before the handshake are sent first (in either mode; Twisted would send the
+        application's new ones ahead of them)."""
         if self._aborted:
             return
         try:
@@ -628,6 +635,8 @@ class _BulkTLSProtocol(TLSMemoryBIOProtocol):
             return
         self._handshakeDone = True
         self._start_sealing()
+        if self._lostTLSConnection or self._aborted:
+            return
         if self._appSendBuffer:
             # Writes made before the handshake go first, before any the application makes
             # on hearing of it (Twisted's layer would send those first).
@@ -647,11 +656,19 @@ class _BulkTLSProtocol(TLSMemoryBIOProtocol):
             or connection.get_protocol_version_name() != "TLSv1.3"
         ):
             return
-        exported = connection.export_keying_material(sealed.EXPORTER_LABEL, 64)
-        is_client = bool(getattr(self.factory, "is_client", False))
-        sealer, opener = sealed.directions(exported, is_client, self.rekey_bytes)
+        try:
+            exported = connection.export_keying_material(sealed.EXPORTER_LABEL, 64)
+        except SSL.Error:
+            self._tlsShutdownFinished(Failure())
+            return
+        # The factory knows which end this is (a server's is _RegisteringTLSFactory); the
+        # two ends must not seal with the same direction's key.
+        factory = cast(_BulkTLSFactory, self.factory)
+        sealer, opener = sealed.directions(exported, factory.is_client, self.rekey_bytes)
         if self._write_direct(memoryview(sealed.MARKER), connection._ssl) != len(sealed.MARKER):
-            return  # TLS failed under us: _write_direct ended the connection
+            if not self._lostTLSConnection:  # TLS wants to read first: it cannot switch now
+                self._sealed_failed(sealed.SealedFrameError("could not send the sealed-frames marker"))
+            return
         self._flushSendBIO()
         self._sealer, self._opener = sealer, opener
 
@@ -768,6 +785,8 @@ class _BulkTLSProtocol(TLSMemoryBIOProtocol):
         """
         if self._sealed_in and not self._peer_closed and self._reason is None:
             self._reason = Failure(main.CONNECTION_LOST)
+        self._seal_body = None  # a partly received frame, up to 4 MiB
+        self._read_buffer = None
         if self._socket is not None:
             self._socket = None
             self.transport.__dict__.pop("doRead", None)
@@ -797,7 +816,7 @@ class _BulkTLSProtocol(TLSMemoryBIOProtocol):
         if got != pending:  # pragma: no cover - a memory BIO returns all it holds
             data = data[: max(got, 0)]
         if data:
-            self._send_encrypted(data)
+            self._send_pieces([data])
 
     @staticmethod
     def _discard_tls_output(connection: Any) -> None:
@@ -808,11 +827,7 @@ class _BulkTLSProtocol(TLSMemoryBIOProtocol):
         if pending > 0:
             _lib.BIO_read(bio, _alloc("char[]", pending), pending)
 
-    def _send_encrypted(self, data: bytes) -> None:
-        """Send ``data`` (TLS records) at once if the socket takes it; see ``_send_now``."""
-        self._send_now([data])
-
-    def _send_now(self, pieces: list[bytes]) -> None:
+    def _send_pieces(self, pieces: list[bytes]) -> None:
         """Send ``pieces`` with one ``sendmsg`` if the socket takes them now; queue the rest
         with the transport.
 
@@ -822,7 +837,7 @@ class _BulkTLSProtocol(TLSMemoryBIOProtocol):
         """
         transport: Any = self.transport
         sock = self._socket
-        if sock is not None and not self._aborted and _can_send_now(transport):
+        if sock is not None and not self._aborted and len(pieces) <= _SENDMSG_PIECES and _can_send_now(transport):
             try:
                 sent = sock.sendmsg(pieces)
             except OSError:
@@ -919,7 +934,7 @@ class _BulkTLSProtocol(TLSMemoryBIOProtocol):
         if self.disconnecting and self._producer is None:
             return
         pieces = [memoryview(p).cast("B") for p in iovec]
-        if self._sealer is not None and not self._appSendBuffer:
+        if self._sealer is not None:
             if not self._lostTLSConnection:
                 self._write_sealed(pieces)
             return
@@ -1015,7 +1030,7 @@ class _BulkTLSProtocol(TLSMemoryBIOProtocol):
                 out.extend(sealer.seal(view[start : start + limit]))
         if small:
             out.extend(sealer.seal(small[0] if len(small) == 1 else b"".join(small)))
-        self._send_now(out)
+        self._send_pieces(out)
 
     def _shutdownTLS(self) -> None:
         """Once sealed, end the stream with a close frame, not a TLS alert (the peer reads
@@ -1026,7 +1041,7 @@ class _BulkTLSProtocol(TLSMemoryBIOProtocol):
             return
         if not self._close_sent and not self._aborted:
             self._close_sent = True
-            self._send_now([self._sealer.close()])
+            self._send_pieces([self._sealer.close()])
         if self._peer_closed or self._aborted:
             transport: Any = self.transport
             transport.loseConnection()
@@ -1043,11 +1058,22 @@ class _BulkTLSProtocol(TLSMemoryBIOProtocol):
                 connection._raise_ssl_error(ssl_ptr, got)
             except SSL.WantReadError:
                 return
+            except SSL.ZeroReturnError:
+                # A clean TLS close: the peer agreed to end its stream with a close frame,
+                # so one that closes before its marker is misbehaving (or was cut).
+                self._sealed_failed(sealed.SealedFrameError("TLS closed before the peer's sealed-frames marker"))
             except SSL.Error as e:
+                # An alert (the server refusing our certificate): the application hears of it
+                # as TLS's failure, which describe_tls_failure explains.
                 self._read_ended(e, lambda: None)
             return
         if _ffi.buffer(buffer, got)[:] != sealed.MARKER:
             self._sealed_failed(sealed.SealedFrameError("the peer sent data before its sealed-frames marker"))
+            return
+        # What follows the marker is still in the read BIO, because OpenSSL reads one record
+        # at a time (read-ahead is off); if it ever held some back, they would be lost here.
+        if connection.pending():
+            self._sealed_failed(sealed.SealedFrameError("OpenSSL read past the sealed-frames marker"))
             return
         self._sealed_in = True
         rbio = connection._into_ssl
@@ -1086,6 +1112,8 @@ class _BulkTLSProtocol(TLSMemoryBIOProtocol):
         """Open the sealed frames in ``data`` (valid only during this call), keeping a
         partial frame's bytes for the next read."""
         position, end = 0, len(data)
+        # After the peer's close frame (which sets _lostTLSConnection) the rest is ignored,
+        # as bytes after close_notify are.
         while position < end and not self._lostTLSConnection and not self._aborted:
             body = self._seal_body
             if body is not None:
@@ -1097,9 +1125,6 @@ class _BulkTLSProtocol(TLSMemoryBIOProtocol):
                     self._seal_body = None
                     self._open_frame(self._seal_header, body)
                 continue
-            if self._peer_closed:
-                self._sealed_failed(sealed.SealedFrameError("data after the peer's close frame"))
-                return
             need = sealed.HEADER.size - len(self._seal_partial)
             header = self._seal_partial + bytes(data[position : position + need])
             position += len(header) - len(self._seal_partial)
