@@ -62,6 +62,19 @@ class SlowPeerTests(SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
         self.assertEqual(sent_errors(transport)[0].code, "timeout")
 
+    def test_trickle_below_the_frames_closed(self) -> None:
+        """Bytes the transport holds of a frame it has not passed on yet (a sealed frame
+        partly received) count as a frame begun: trickled for too long, they close the
+        connection too."""
+        clock = Clock()
+        connection, transport = opened(clock, frame_timeout=30.0, idle_timeout=None)
+        transport.partly_received = 100  # type: ignore[attr-defined]
+        clock.advance(25)
+        self.assertFalse(transport.disconnecting)
+        clock.advance(15)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(sent_errors(transport)[0].code, "timeout")
+
     def test_idle_closed(self) -> None:
         """A connection with nothing in flight for the idle timeout is closed."""
         clock = Clock()

@@ -900,8 +900,10 @@ class SealedTransferTests(BulkTransferTests):
         client_tcp.clear()
         half = len(chunk) // 2
         server.dataReceived(memoryview(chunk)[:half])
+        self.assertEqual(server.partly_received, half - (4 + 100 + 16))  # the payload's frame
         chunk[:half] = bytes(half)  # the caller's buffer is reused
         server.dataReceived(memoryview(chunk)[half:])
+        self.assertEqual(server.partly_received, 0)
         self.assertEqual(bytes(receiver.body), payload)
 
     def test_application_error_ends_the_connection_as_over_tcp(self) -> None:

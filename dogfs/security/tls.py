@@ -1187,6 +1187,12 @@ class _BulkTLSProtocol(TLSMemoryBIOProtocol):
             view = view[take:]
             received_into(take)
 
+    @property
+    def partly_received(self) -> int:
+        """Bytes of a sealed frame received but not yet opened: the wire connection's
+        watchdog counts them as a frame begun (a peer trickling one is cut off)."""
+        return self._seal_have + len(self._seal_header) if self._seal_body is not None else len(self._seal_partial)
+
     def _sealed_failed(self, failure: sealed.SealedFrameError) -> None:
         """A frame that does not open: nothing more is read or written on this connection."""
         _log.info("closing TLS connection from {peer}: {reason}", peer=_describe_peer(self), reason=str(failure))

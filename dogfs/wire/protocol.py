@@ -784,7 +784,9 @@ class Connection(Protocol):
             # We stopped reading (flow control): the peer is not to blame for the silence.
             self._last_frame = self.clock.seconds()
         elif (
-            self.frame_timeout is not None and self._decoder.buffered and quiet > self.frame_timeout
+            self.frame_timeout is not None
+            and (self._decoder.buffered or getattr(self.transport, "partly_received", 0))
+            and quiet > self.frame_timeout
         ):
             self.protocol_error(
                 "timeout", f"a frame begun was not completed within {self.frame_timeout:g}s"
