@@ -548,6 +548,16 @@ class _ReceivePool:
         return cls._view, cls._pointer
 
 
+def _receive(sock: socket.socket, into: memoryview) -> tuple[int, Any]:
+    """``recv_into`` for a doRead: (bytes read, None), or (0, what doRead returns: None when
+    nothing is there yet, else CONNECTION_DONE or CONNECTION_LOST)."""
+    try:
+        count = sock.recv_into(into)
+    except OSError as e:
+        return 0, None if e.errno == errno.EWOULDBLOCK else main.CONNECTION_LOST
+    return count, None if count else main.CONNECTION_DONE
+
+
 def _can_send_now(transport: Any) -> bool:
     """Whether bytes may go to a plain TCP transport's socket at once: nothing is queued
     before them and the connection is not closing."""
@@ -699,14 +709,9 @@ class _BulkTLSProtocol(TLSMemoryBIOProtocol):
         if self._sealed_in:
             return self._read_sealed(sock)
         view, pointer = _ReceivePool.get()
-        try:
-            count = sock.recv_into(view)
-        except OSError as e:
-            if e.errno == errno.EWOULDBLOCK:
-                return None
-            return main.CONNECTION_LOST
+        count, ended = _receive(sock, view)
         if not count:
-            return main.CONNECTION_DONE
+            return ended
         self._feed(pointer, count)
         return None
 
@@ -1087,18 +1092,10 @@ class _BulkTLSProtocol(TLSMemoryBIOProtocol):
         """doRead once sealed: the rest of a large frame's body straight into its buffer,
         else up to ``_SEALED_READ`` bytes into the shared buffer, then open what came."""
         body = self._seal_body
-        try:
-            if body is not None:
-                count = sock.recv_into(body[self._seal_have :])
-            else:
-                view, _ = _ReceivePool.get()
-                count = sock.recv_into(view[:_SEALED_READ])
-        except OSError as e:
-            if e.errno == errno.EWOULDBLOCK:
-                return None
-            return main.CONNECTION_LOST
+        view = body[self._seal_have :] if body is not None else _ReceivePool.get()[0][:_SEALED_READ]
+        count, ended = _receive(sock, view)
         if not count:
-            return main.CONNECTION_DONE
+            return ended
         if body is None:
             self._sealed_received(view[:count])
             return None
